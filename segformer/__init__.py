@@ -1,0 +1,34 @@
+"""segformer: SegFormer semantic segmentation, checkpoint-compatible with Transformers.
+
+>>> from segformer import SegformerConfig, SegformerForSemanticSegmentation
+>>> model = SegformerForSemanticSegmentation(SegformerConfig.from_variant("b0", num_labels=150))
+"""
+
+from .config import VARIANTS, SegformerConfig
+from .hub import CheckpointError
+from .modeling import (
+    BaseModelOutput,
+    SegformerDecodeHead,
+    SegFormerImageClassifierOutput,
+    SegformerForImageClassification,
+    SegformerForSemanticSegmentation,
+    SegformerModel,
+    SegformerPreTrainedModel,
+    SemanticSegmenterOutput,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "VARIANTS",
+    "BaseModelOutput",
+    "CheckpointError",
+    "SegFormerImageClassifierOutput",
+    "SegformerConfig",
+    "SegformerDecodeHead",
+    "SegformerForImageClassification",
+    "SegformerForSemanticSegmentation",
+    "SegformerModel",
+    "SegformerPreTrainedModel",
+    "SemanticSegmenterOutput",
+]

@@ -1,0 +1,1 @@
+"""Sub-commands of the ``segformer`` program, one module each (see segformer/cli.py)."""

@@ -1,0 +1,308 @@
+"""SegformerConfig: the hyper-parameters of a SegFormer model, stored as Transformers' ``config.json``.
+
+The fields, names and defaults are those of the Transformers documentation page; the defaults describe
+``nvidia/segformer-b0-finetuned-ade-512-512`` (MiT-b0 with a 256-wide decode head). The b0–b5 variants of
+the paper are one table, :data:`VARIANTS`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .fileio import atomic_write_text
+
+# Variants of the paper (Table 6 / the docs page). All share heads (1, 2, 5, 8), sr ratios (8, 4, 2, 1),
+# mlp ratio 4, patch sizes (7, 3, 3, 3) and strides (4, 2, 2, 2). Parameter counts are those of
+# SegformerForSemanticSegmentation with 150 labels.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "b0": dict(depths=[2, 2, 2, 2], hidden_sizes=[32, 64, 160, 256], decoder_hidden_size=256),  # 3,752,694
+    "b1": dict(depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 320, 512], decoder_hidden_size=256),  # 13,715,798
+    "b2": dict(depths=[3, 4, 6, 3], hidden_sizes=[64, 128, 320, 512], decoder_hidden_size=768),  # 27,461,974
+    "b3": dict(depths=[3, 4, 18, 3], hidden_sizes=[64, 128, 320, 512], decoder_hidden_size=768),  # 47,337,814
+    "b4": dict(depths=[3, 8, 27, 3], hidden_sizes=[64, 128, 320, 512], decoder_hidden_size=768),  # 64,108,374
+    "b5": dict(depths=[3, 6, 40, 3], hidden_sizes=[64, 128, 320, 512], decoder_hidden_size=768),  # 84,708,694
+}
+
+ACTIVATIONS = ("gelu", "relu", "selu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "quick_gelu", "silu",
+               "swish", "mish", "tanh", "sigmoid")  # fmt: skip
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+_PER_STAGE = ("depths", "sr_ratios", "hidden_sizes", "patch_sizes", "strides", "num_attention_heads", "mlp_ratios")
+
+# Keys of config.json that belong to the file format rather than to the model; kept out of ``extra``.
+_FORMAT_KEYS = {"model_type", "transformers_version", "segformer_version"}
+
+
+class SegformerConfig:
+    """Configuration of a SegFormer model (encoder, decode head and task heads).
+
+    Every argument of Transformers' ``SegformerConfig`` is accepted with the same default. Beyond those:
+
+    - ``num_labels`` / ``id2label`` / ``label2id``: the label set (``num_labels`` defaults to 2, as in
+      Transformers, when neither is given); ``id2label`` keys may be ints or strings.
+    - ``problem_type``: for SegformerForImageClassification; inferred from the labels when None.
+    - ``output_hidden_states``, ``output_attentions``, ``return_dict``: defaults of the forward flags.
+    - ``reshape_last_stage``: return the last stage as (B, C, H, W) (True) or (B, H*W, C) (False).
+    - ``use_layer_norm_eps``: Transformers (and so the default here) gives every LayerNorm eps 1e-5 and stores
+      ``layer_norm_eps`` without using it. True applies ``layer_norm_eps`` to the block and stage norms, as
+      the original NVlabs code did (with 1e-6); logits then differ from Transformers by ~2e-4.
+    - unknown keyword arguments (keys of hub configs such as ``image_size``) are kept as attributes and
+      written back by :meth:`to_dict`.
+
+    Invalid values raise ValueError naming the field.
+    """
+
+    model_type = "segformer"
+
+    def __init__(
+        self,
+        num_channels: int = 3,
+        num_encoder_blocks: int = 4,
+        depths: list[int] = (2, 2, 2, 2),
+        sr_ratios: list[int] = (8, 4, 2, 1),
+        hidden_sizes: list[int] = (32, 64, 160, 256),
+        patch_sizes: list[int] = (7, 3, 3, 3),
+        strides: list[int] = (4, 2, 2, 2),
+        num_attention_heads: list[int] = (1, 2, 5, 8),
+        mlp_ratios: list[int] = (4, 4, 4, 4),
+        hidden_act: str | Callable = "gelu",
+        hidden_dropout_prob: float = 0.0,
+        attention_probs_dropout_prob: float = 0.0,
+        classifier_dropout_prob: float = 0.1,
+        initializer_range: float = 0.02,
+        drop_path_rate: float = 0.1,
+        layer_norm_eps: float = 1e-6,
+        decoder_hidden_size: int = 256,
+        is_encoder_decoder: bool = False,
+        semantic_loss_ignore_index: int = 255,
+        *,
+        reshape_last_stage: bool = True,
+        use_layer_norm_eps: bool = False,
+        num_labels: int | None = None,
+        id2label: Mapping[int | str, str] | None = None,
+        label2id: Mapping[str, int] | None = None,
+        problem_type: str | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        return_dict: bool = True,
+        architectures: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.num_channels = num_channels
+        self.num_encoder_blocks = num_encoder_blocks
+        self.depths = list(depths)
+        self.sr_ratios = list(sr_ratios)
+        self.hidden_sizes = list(hidden_sizes)
+        self.patch_sizes = list(patch_sizes)
+        self.strides = list(strides)
+        self.num_attention_heads = list(num_attention_heads)
+        self.mlp_ratios = list(mlp_ratios)
+        self.hidden_act = hidden_act
+        self.hidden_dropout_prob = hidden_dropout_prob
+        self.attention_probs_dropout_prob = attention_probs_dropout_prob
+        self.classifier_dropout_prob = classifier_dropout_prob
+        self.initializer_range = initializer_range
+        self.drop_path_rate = drop_path_rate
+        self.layer_norm_eps = layer_norm_eps
+        self.decoder_hidden_size = decoder_hidden_size
+        self.is_encoder_decoder = is_encoder_decoder
+        self.semantic_loss_ignore_index = semantic_loss_ignore_index
+        self.reshape_last_stage = reshape_last_stage
+        self.use_layer_norm_eps = use_layer_norm_eps
+        self.problem_type = problem_type
+        self.output_hidden_states = output_hidden_states
+        self.output_attentions = output_attentions
+        self.return_dict = return_dict
+        self.architectures = list(architectures) if architectures else None
+        for key in _FORMAT_KEYS:
+            kwargs.pop(key, None)
+        self.extra: dict[str, Any] = dict(kwargs)
+        self._set_labels(num_labels, id2label, label2id)
+        self.validate()
+
+    # ----------------------------------------------------------------------------------------- labels
+    def _set_labels(self, num_labels: int | None, id2label: Mapping | None, label2id: Mapping | None) -> None:
+        if id2label is not None:
+            try:
+                id2label = {int(k): str(v) for k, v in dict(id2label).items()}
+            except (TypeError, ValueError):
+                raise ValueError("id2label: keys must be integers (or strings of integers)") from None
+            if sorted(id2label) != list(range(len(id2label))):
+                raise ValueError(f"id2label: keys must be 0..{len(id2label) - 1}, got {sorted(id2label)}")
+            if num_labels is not None and num_labels != len(id2label):
+                raise ValueError(f"num_labels={num_labels} disagrees with id2label, which has {len(id2label)} entries")
+        else:
+            n = 2 if num_labels is None else num_labels
+            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                raise ValueError(f"num_labels must be a non-negative integer, got {num_labels!r}")
+            id2label = {i: f"LABEL_{i}" for i in range(n)}
+        self.id2label: dict[int, str] = id2label
+        if label2id is not None:
+            label2id = {str(k): int(v) for k, v in dict(label2id).items()}
+        self.label2id: dict[str, int] = label2id if label2id is not None else {v: k for k, v in id2label.items()}
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+    @num_labels.setter
+    def num_labels(self, value: int) -> None:
+        if value != self.num_labels:
+            self._set_labels(value, None, None)
+
+    # ------------------------------------------------------------------------------------- validation
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid field."""
+        n = self.num_encoder_blocks
+        if not _is_int(n) or n < 1:
+            raise ValueError(f"num_encoder_blocks must be a positive integer, got {n!r}")
+        for name in _PER_STAGE:
+            values = getattr(self, name)
+            if len(values) != n:
+                raise ValueError(f"{name} has {len(values)} entries but num_encoder_blocks is {n}")
+            if not all(_is_int(v) and v > 0 for v in values):
+                raise ValueError(f"{name} must hold positive integers, got {values}")
+        for i, (size, heads) in enumerate(zip(self.hidden_sizes, self.num_attention_heads, strict=True)):
+            if size % heads:
+                raise ValueError(
+                    f"hidden_sizes[{i}]={size} is not divisible by num_attention_heads[{i}]={heads}"
+                )
+        for name in ("num_channels", "decoder_hidden_size"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout_prob",
+                     "drop_path_rate"):  # fmt: skip
+            p = getattr(self, name)
+            if not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1), got {p!r}")
+        for name in ("initializer_range", "layer_norm_eps"):
+            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}")
+        if not callable(self.hidden_act) and self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is unknown; use one of {', '.join(ACTIVATIONS)}")
+        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(f"problem_type {self.problem_type!r} is unknown; use one of {', '.join(PROBLEM_TYPES)}")
+        if not _is_int(self.semantic_loss_ignore_index):
+            raise ValueError(f"semantic_loss_ignore_index must be an integer, got {self.semantic_loss_ignore_index!r}")
+
+    # --------------------------------------------------------------------------------------- variants
+    @classmethod
+    def from_variant(cls, variant: str, **kwargs: Any) -> SegformerConfig:
+        """The config of a paper variant: ``"b0"`` … ``"b5"`` (also ``"mit-b2"``, ``"segformer-b2"``)."""
+        key = variant.lower().removeprefix("nvidia/").removeprefix("segformer-").removeprefix("mit-")
+        if key not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+        return cls(**{**VARIANTS[key], **kwargs})
+
+    # ---------------------------------------------------------------------------------- serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """The config.json content (Transformers' layout: id2label keys are strings)."""
+        if callable(self.hidden_act):
+            raise ValueError("hidden_act is a function, which config.json cannot store; use its name")
+        out: dict[str, Any] = {"model_type": self.model_type}
+        if self.architectures:
+            out["architectures"] = list(self.architectures)
+        for key, value in self.__dict__.items():
+            if key in ("extra", "id2label", "label2id", "architectures"):
+                continue
+            out[key] = copy.deepcopy(value)
+        out["id2label"] = {str(k): v for k, v in self.id2label.items()}
+        out["label2id"] = dict(self.label2id)
+        for key, value in self.extra.items():
+            out.setdefault(key, copy.deepcopy(value))
+        return dict(sorted(out.items()))
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        """Write the config as JSON, atomically (a temporary file in the same directory, then a rename)."""
+        atomic_write_text(Path(path), self.to_json_string())
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], **overrides: Any) -> SegformerConfig:
+        """Build a config from a config.json mapping; ``overrides`` replace fields (num_labels resets labels)."""
+        data = dict(data)
+        model_type = data.get("model_type", cls.model_type)
+        if model_type != cls.model_type:
+            raise ValueError(f"model_type is {model_type!r}, not 'segformer'")
+        if "num_labels" in overrides and "id2label" not in overrides:
+            data.pop("id2label", None)
+            data.pop("label2id", None)
+        elif "id2label" in overrides and "label2id" not in overrides:
+            data.pop("label2id", None)
+        data.update(overrides)
+        if "id2label" in data and data.get("num_labels") is not None and "num_labels" not in overrides:
+            data.pop("num_labels")  # stored num_labels is derived from id2label; never let them fight
+        return cls(**data)
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike, **overrides: Any) -> SegformerConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ValueError(f"{path}: no such file") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object")
+        try:
+            return cls.from_dict(data, **overrides)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{path}: {exc}") from None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        **overrides: Any,
+    ) -> SegformerConfig:
+        """Read ``config.json`` from a directory, a config file, or a hub id (through the hub cache)."""
+        from .hub import resolve_file
+
+        if Path(name_or_path).is_file():
+            return cls.from_json_file(name_or_path, **overrides)
+        path = resolve_file(
+            name_or_path, "config.json", revision=revision, cache_dir=cache_dir,
+            local_files_only=local_files_only, token=token,
+        )  # fmt: skip
+        return cls.from_json_file(path, **overrides)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        directory = Path(save_directory)
+        if directory.exists() and not directory.is_dir():
+            raise ValueError(f"{directory}: exists and is not a directory")
+        directory.mkdir(parents=True, exist_ok=True)
+        self.to_json_file(directory / "config.json")
+        return directory / "config.json"
+
+    # ---------------------------------------------------------------------------------------- helpers
+    def __getattr__(self, name: str) -> Any:
+        # Unknown config.json keys read as attributes, as in Transformers (config.image_size).
+        extra = self.__dict__.get("extra")
+        if extra is not None and name in extra:
+            return extra[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SegformerConfig) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__} {self.to_json_string()}"
+
+    def copy(self, **changes: Any) -> SegformerConfig:
+        return type(self).from_dict(self.to_dict(), **changes)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -1,0 +1,737 @@
+"""SegFormer: the Mix Transformer (MiT) encoder, the all-MLP decode head and the task models.
+
+Xie et al., "SegFormer: Simple and Efficient Design for Semantic Segmentation with Transformers" (NeurIPS
+2021). Read top to bottom: patch embedding → efficient self-attention → Mix-FFN → block → encoder → decode
+head → task models. Module and attribute names are chosen so that ``state_dict()`` keys are exactly the
+on-disk names of Transformers' SegFormer checkpoints (``segformer.encoder.block.0.0.attention.self.query``
+…), so those checkpoints load with a plain ``load_state_dict``.
+
+Numerics follow Transformers (every LayerNorm uses eps 1e-5 unless ``config.use_layer_norm_eps``; softmax in
+fp32; exact GELU; bilinear resizing with align_corners=False). Tokens travel as (B, N, C) and are viewed as
+channels-last (B, C, H, W) for the convolutions, so no reshape copies them.
+
+The eval-mode fast path (``model.fast_path``, on by default) is exact algebra, not an approximation:
+PyTorch's fused attention kernel (never materialising the N×N' attention matrix), and a decode head whose
+per-stage Linear, upsampling, concatenation, 1×1 fuse conv and BatchNorm are folded into one D×C_i matrix
+per stage plus one bias (see :meth:`SegformerDecodeHead.folded`).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import SegformerConfig
+from .pretrained import PreTrainedMixin
+
+TRANSFORMERS_LAYER_NORM_EPS = 1e-5  # what Transformers uses for every SegFormer LayerNorm
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+class ModelOutput(OrderedDict):
+    """A model output: attribute access (``out.logits``), key access (``out["logits"]``) and index access
+    (``out[0]``, over the fields that are not None, as with ``return_dict=False``)."""
+
+    fields: tuple[str, ...] = ()
+
+    def __init__(self, **values: Any) -> None:
+        unknown = set(values) - set(self.fields)
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no field(s) {sorted(unknown)}")
+        super().__init__((k, values[k]) for k in self.fields if values.get(k) is not None)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in type(self).fields:
+            return self.get(name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def __getitem__(self, key: str | int | slice) -> Any:
+        if isinstance(key, str):
+            return super().__getitem__(key)
+        return self.to_tuple()[key]
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(self.values())
+
+
+class BaseModelOutput(ModelOutput):
+    """SegformerModel output: ``last_hidden_state`` (B, C, H/32, W/32) (or (B, N, C) when
+    ``reshape_last_stage=False``), ``hidden_states`` (the 4 stage outputs), ``attentions`` (one per block,
+    (B, heads, N, N_reduced))."""
+
+    fields = ("last_hidden_state", "hidden_states", "attentions")
+
+
+class SemanticSegmenterOutput(ModelOutput):
+    """``loss`` (with labels), ``logits`` (B, num_labels, H/4, W/4), ``hidden_states``, ``attentions``."""
+
+    fields = ("loss", "logits", "hidden_states", "attentions")
+
+
+class SegFormerImageClassifierOutput(ModelOutput):
+    """``loss`` (with labels), ``logits`` (B, num_labels), ``hidden_states``, ``attentions``."""
+
+    fields = ("loss", "logits", "hidden_states", "attentions")
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+class QuickGELU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def make_activation(act: Any) -> nn.Module:
+    if not isinstance(act, str):
+        return act() if isinstance(act, type) else _Lambda(act)
+    table = {
+        "gelu": lambda: nn.GELU(),
+        "gelu_new": lambda: nn.GELU(approximate="tanh"),
+        "gelu_fast": lambda: nn.GELU(approximate="tanh"),
+        "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
+        "quick_gelu": QuickGELU,
+        "relu": nn.ReLU,
+        "selu": nn.SELU,
+        "silu": nn.SiLU,
+        "swish": nn.SiLU,
+        "mish": nn.Mish,
+        "tanh": nn.Tanh,
+        "sigmoid": nn.Sigmoid,
+    }
+    return table[act]()
+
+
+class _Lambda(nn.Module):
+    def __init__(self, fn: Any) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero whole samples of a residual branch with probability p, rescale the rest."""
+    if p == 0.0 or not training:
+        return x
+    keep = 1.0 - p
+    mask = (keep + torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype, device=x.device)).floor_()
+    return x.div(keep) * mask
+
+
+class DropPath(nn.Module):
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return drop_path(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def tokens_to_map(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, H*W, C) tokens → (B, C, H, W) view in channels-last memory (no copy)."""
+    return x.unflatten(1, (height, width)).permute(0, 3, 1, 2)
+
+
+def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) → (B, H*W, C); free for channels-last maps."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def stage_sizes(config: SegformerConfig, height: int, width: int) -> list[tuple[int, int]]:
+    """Spatial size of every stage's tokens for an input of (height, width)."""
+    sizes = []
+    for k, s in zip(config.patch_sizes, config.strides, strict=True):
+        height, width = conv_out(height, k, s, k // 2), conv_out(width, k, s, k // 2)
+        sizes.append((height, width))
+    return sizes
+
+
+def min_input_size(config: SegformerConfig) -> int:
+    """The smallest height (and width) that every stage's patch embedding and reduction conv accept."""
+    size = 1
+    while True:
+        stages = stage_sizes(config, size, size)
+        if all(h >= 1 and h >= sr for (h, _), sr in zip(stages, config.sr_ratios, strict=True)):
+            return size
+        size += 1
+
+
+def check_pixel_values(pixel_values: Any, config: SegformerConfig) -> None:
+    """Raise a one-line ValueError for input the encoder cannot take."""
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+    if pixel_values.ndim != 4:
+        raise ValueError(
+            f"pixel_values must be 4-D (batch, channels, height, width), got shape {tuple(pixel_values.shape)}"
+        )
+    if pixel_values.shape[1] != config.num_channels:
+        raise ValueError(
+            f"pixel_values has {pixel_values.shape[1]} channels but the model expects {config.num_channels} "
+            f"(shape {tuple(pixel_values.shape)}; channels go in dimension 1)"
+        )
+    if not pixel_values.is_floating_point():
+        raise ValueError(
+            f"pixel_values must be floating point, got {pixel_values.dtype} (normalise images with "
+            "SegformerImageProcessor first)"
+        )
+    height, width = pixel_values.shape[-2:]
+    for (h, w), sr in zip(stage_sizes(config, height, width), config.sr_ratios, strict=True):
+        if min(h, w) < max(sr, 1):
+            raise ValueError(
+                f"pixel_values of size {height}x{width} is too small: this model needs at least "
+                f"{min_input_size(config)}x{min_input_size(config)} pixels"
+            )
+
+
+# --------------------------------------------------------------------------------------------- encoder
+class SegformerOverlapPatchEmbeddings(nn.Module):
+    """Overlapping patch embedding: strided conv (padding k//2) → tokens → LayerNorm. (OverlapPatchEmbed.)"""
+
+    def __init__(self, patch_size: int, stride: int, in_channels: int, hidden_size: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride, padding=patch_size // 2)
+        self.layer_norm = nn.LayerNorm(hidden_size, eps=TRANSFORMERS_LAYER_NORM_EPS)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        x = self.proj(x)  # (B, C, H', W')
+        height, width = x.shape[-2:]
+        return self.layer_norm(map_to_tokens(x)), height, width  # (B, H'*W', C)
+
+
+class SegformerEfficientSelfAttention(nn.Module):
+    """Multi-head attention whose keys and values come from a sequence shortened by ``sr_ratio``² with a
+    strided conv (sequence reduction). (Attention class of the original implementation.)"""
+
+    def __init__(self, hidden_size: int, num_heads: int, sr_ratio: int, attention_dropout: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.scale = self.head_dim**-0.5
+        self.attention_dropout = attention_dropout
+        self.query = nn.Linear(hidden_size, hidden_size)
+        self.key = nn.Linear(hidden_size, hidden_size)
+        self.value = nn.Linear(hidden_size, hidden_size)
+        self.sr_ratio = sr_ratio
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(hidden_size, hidden_size, kernel_size=sr_ratio, stride=sr_ratio)
+            self.layer_norm = nn.LayerNorm(hidden_size, eps=TRANSFORMERS_LAYER_NORM_EPS)
+        self.fused = True  # PyTorch's scaled_dot_product_attention unless attention maps are requested
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # (B, heads, N, hd)
+
+    def forward(
+        self, x: torch.Tensor, height: int, width: int, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        q = self.heads(self.query(x))
+        if self.sr_ratio > 1:
+            reduced = self.sr(tokens_to_map(x, height, width))  # (B, C, H/sr, W/sr)
+            x = self.layer_norm(map_to_tokens(reduced))  # (B, N', C)
+        k, v = self.heads(self.key(x)), self.heads(self.value(x))
+        dropout = self.attention_dropout if self.training else 0.0
+        if self.fused and not output_attentions:
+            context, probs = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout), None
+        else:
+            scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale  # (B, heads, N, N')
+            probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+            context = torch.matmul(F.dropout(probs, dropout, self.training), v)
+        return context.transpose(1, 2).flatten(2), probs  # (B, N, C)
+
+
+class SegformerSelfOutput(nn.Module):
+    def __init__(self, hidden_size: int, dropout: float) -> None:
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.dense(x))
+
+
+class SegformerAttention(nn.Module):
+    def __init__(self, config: SegformerConfig, hidden_size: int, num_heads: int, sr_ratio: int) -> None:
+        super().__init__()
+        self.self = SegformerEfficientSelfAttention(
+            hidden_size, num_heads, sr_ratio, config.attention_probs_dropout_prob
+        )
+        self.output = SegformerSelfOutput(hidden_size, config.hidden_dropout_prob)
+
+    def forward(
+        self, x: torch.Tensor, height: int, width: int, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        context, probs = self.self(x, height, width, output_attentions)
+        return self.output(context), probs
+
+
+class SegformerDWConv(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
+
+    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        return map_to_tokens(self.dwconv(tokens_to_map(x, height, width)))
+
+
+class SegformerMixFFN(nn.Module):
+    """Mix-FFN: Linear → depthwise 3×3 conv (the positional information) → GELU → Linear."""
+
+    def __init__(self, config: SegformerConfig, hidden_size: int, mlp_ratio: int) -> None:
+        super().__init__()
+        inner = hidden_size * mlp_ratio
+        self.dense1 = nn.Linear(hidden_size, inner)
+        self.dwconv = SegformerDWConv(inner)
+        self.intermediate_act_fn = make_activation(config.hidden_act)
+        self.dense2 = nn.Linear(inner, hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        x = self.dropout(self.intermediate_act_fn(self.dwconv(self.dense1(x), height, width)))
+        return self.dropout(self.dense2(x))
+
+
+class SegformerLayer(nn.Module):
+    """Pre-norm transformer block: x + DropPath(Attn(LN(x))), then x + DropPath(MixFFN(LN(x))). (Block.)"""
+
+    def __init__(self, config: SegformerConfig, stage: int, drop_path_rate: float) -> None:
+        super().__init__()
+        size = config.hidden_sizes[stage]
+        eps = config.layer_norm_eps if config.use_layer_norm_eps else TRANSFORMERS_LAYER_NORM_EPS
+        self.layer_norm_1 = nn.LayerNorm(size, eps=eps)
+        self.attention = SegformerAttention(
+            config, size, config.num_attention_heads[stage], config.sr_ratios[stage]
+        )
+        self.drop_path = DropPath(drop_path_rate)
+        self.layer_norm_2 = nn.LayerNorm(size, eps=eps)
+        self.mlp = SegformerMixFFN(config, size, config.mlp_ratios[stage])
+
+    def forward(
+        self, x: torch.Tensor, height: int, width: int, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn, probs = self.attention(self.layer_norm_1(x), height, width, output_attentions)
+        x = x + self.drop_path(attn)
+        x = x + self.drop_path(self.mlp(self.layer_norm_2(x), height, width))
+        return x, probs
+
+
+class SegformerEncoder(nn.Module):
+    """The hierarchical Mix Transformer: four stages of patch embedding → blocks → LayerNorm."""
+
+    def __init__(self, config: SegformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        total = sum(config.depths)
+        # Stochastic-depth rate grows linearly over all blocks: rate * n / (total - 1).
+        rates = [config.drop_path_rate * n / (total - 1) if total > 1 else 0.0 for n in range(total)]
+        self.patch_embeddings = nn.ModuleList(
+            SegformerOverlapPatchEmbeddings(
+                config.patch_sizes[i],
+                config.strides[i],
+                config.num_channels if i == 0 else config.hidden_sizes[i - 1],
+                config.hidden_sizes[i],
+            )
+            for i in range(config.num_encoder_blocks)
+        )
+        self.block = nn.ModuleList()
+        for i, depth in enumerate(config.depths):
+            start = sum(config.depths[:i])
+            self.block.append(nn.ModuleList(SegformerLayer(config, i, rates[start + j]) for j in range(depth)))
+        eps = config.layer_norm_eps if config.use_layer_norm_eps else TRANSFORMERS_LAYER_NORM_EPS
+        self.layer_norm = nn.ModuleList(nn.LayerNorm(size, eps=eps) for size in config.hidden_sizes)
+        self.gradient_checkpointing = False
+
+    def forward(
+        self, pixel_values: torch.Tensor, output_attentions: bool = False, reshape_last_stage: bool = True
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Return the stage outputs — (B, C_i, H_i, W_i) channels-last views; the last one (B, N, C) when
+        ``reshape_last_stage`` is False — and the attention maps (empty unless requested)."""
+        x = pixel_values.contiguous(memory_format=torch.channels_last)
+        stages, attentions = [], []
+        last = len(self.block) - 1
+        for i, (embed, blocks, norm) in enumerate(zip(self.patch_embeddings, self.block, self.layer_norm,
+                                                      strict=True)):  # fmt: skip
+            x, height, width = embed(x)  # (B, N, C)
+            for block in blocks:
+                if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                    x, probs = torch.utils.checkpoint.checkpoint(
+                        block, x, height, width, output_attentions, use_reentrant=False
+                    )
+                else:
+                    x, probs = block(x, height, width, output_attentions)
+                if output_attentions:
+                    attentions.append(probs)
+            x = norm(x)
+            if i < last or reshape_last_stage:
+                x = tokens_to_map(x, height, width)  # (B, C, H, W), channels-last
+            stages.append(x)
+        return stages, attentions
+
+
+# ---------------------------------------------------------------------------------------- decode head
+class SegformerMLP(nn.Module):
+    """Per-stage linear projection to the decoder width."""
+
+    def __init__(self, input_dim: int, output_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(input_dim, output_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class SegformerDecodeHead(nn.Module):
+    """The all-MLP decoder: project each stage to D channels, upsample to 1/4 resolution, concatenate
+    (stage 4 first), fuse with a 1×1 conv + BatchNorm + ReLU, classify with a 1×1 conv.
+
+    ``forward(encoder_hidden_states)`` takes the stage outputs ((B, C_i, H_i, W_i); the last may be (B, N, C)
+    when ``reshape_last_stage=False``, whose size is then derived from the previous stage) and returns logits
+    (B, num_labels, H_1, W_1).
+    """
+
+    def __init__(self, config: SegformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.decoder_hidden_size
+        self.linear_c = nn.ModuleList(SegformerMLP(size, d) for size in config.hidden_sizes)
+        self.linear_fuse = nn.Conv2d(d * config.num_encoder_blocks, d, kernel_size=1, bias=False)
+        self.batch_norm = nn.BatchNorm2d(d)
+        self.activation = nn.ReLU()
+        self.dropout = nn.Dropout(config.classifier_dropout_prob)
+        self.classifier = nn.Conv2d(d, config.num_labels, kernel_size=1)
+        self.fast_path = True
+        self._fold_cache: tuple[tuple, list[torch.Tensor], torch.Tensor] | None = None
+
+    def _maps(self, hidden_states: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+        """Every stage as a (B, C, H, W) map; a token-shaped last stage gets its size from the stage before."""
+        maps: list[torch.Tensor] = []
+        for i, x in enumerate(hidden_states):
+            if x.ndim == 3:
+                h, w = maps[-1].shape[-2:]
+                k, s = self.config.patch_sizes[i], self.config.strides[i]
+                x = tokens_to_map(x, conv_out(h, k, s, k // 2), conv_out(w, k, s, k // 2))
+            maps.append(x)
+        return maps
+
+    def forward(self, encoder_hidden_states: Iterable[torch.Tensor]) -> torch.Tensor:
+        maps = self._maps(encoder_hidden_states)
+        if self.fast_path and not self.training:
+            return self._forward_folded(maps)
+        size = maps[0].shape[-2:]
+        projected = []
+        for mlp, x in zip(self.linear_c, maps, strict=True):
+            y = tokens_to_map(mlp(map_to_tokens(x)), *x.shape[-2:])  # (B, D, H_i, W_i)
+            projected.append(F.interpolate(y, size=size, mode="bilinear", align_corners=False))
+        x = self.linear_fuse(torch.cat(projected[::-1], dim=1))  # stage 4 first, as in the original
+        x = self.dropout(self.activation(self.batch_norm(x)))
+        return self.classifier(x).contiguous()
+
+    # The folded head. In eval mode everything between the stage outputs and the ReLU is linear, and bilinear
+    # resizing commutes with per-pixel channel maps (its weights sum to one), so
+    #   BN(fuse(cat_i up(W_i x_i + b_i))) = sum_i up(M_i x_i) + c,
+    #   M_i = g * F_i W_i,  c = g * (sum_i F_i b_i - mean) + beta,  g = gamma / sqrt(var + eps),
+    # with F_i the fuse-conv columns of stage i. The 4D-channel concatenation and the big 1×1 conv vanish.
+    def folded(self) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The folded per-stage matrices M_i (D, C_i) and the bias c (D,), recomputed when weights change."""
+        tensors = [p for p in self.linear_c.parameters()] + [self.linear_fuse.weight]
+        tensors += [self.batch_norm.weight, self.batch_norm.bias]
+        tensors += [self.batch_norm.running_mean, self.batch_norm.running_var]
+        differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        if differentiable or torch.compiler.is_compiling():
+            return self._fold()
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors) + (self.batch_norm.eps,)
+        if self._fold_cache is None or self._fold_cache[0] != key:
+            with torch.no_grad():
+                self._fold_cache = (key, *self._fold())
+        return self._fold_cache[1], self._fold_cache[2]
+
+    def _fold(self) -> tuple[list[torch.Tensor], torch.Tensor]:
+        bn, weight = self.batch_norm, self.linear_fuse.weight
+        dtype = weight.dtype
+        # Fold in float64 where the device has it; the result is rounded once.
+        acc = torch.float64 if weight.device.type in ("cpu", "cuda") else torch.float32
+        d, n = self.config.decoder_hidden_size, len(self.linear_c)
+        fuse = weight.reshape(d, n, d).to(acc)  # (D, stage slot, D); slot 0 holds stage n-1
+        mean = bn.running_mean if bn.track_running_stats and bn.running_mean is not None else None
+        if mean is None:
+            raise RuntimeError("the folded decode head needs BatchNorm running statistics")
+        gain = bn.weight.to(acc) / torch.sqrt(bn.running_var.to(acc) + bn.eps)
+        bias = bn.bias.to(acc) - gain * mean.to(acc)
+        matrices = []
+        for i, mlp in enumerate(self.linear_c):
+            f_i = fuse[:, n - 1 - i, :]  # (D, D)
+            matrices.append((gain[:, None] * (f_i @ mlp.proj.weight.to(acc))).to(dtype))  # (D, C_i)
+            bias = bias + gain * (f_i @ mlp.proj.bias.to(acc))
+        return matrices, bias.to(dtype)
+
+    def _forward_folded(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        matrices, bias = self.folded()
+        size = maps[0].shape[-2:]
+        out = None
+        for x, m in zip(maps[::-1], matrices[::-1], strict=True):  # deepest (smallest) stage first
+            y = F.linear(map_to_tokens(x), m)  # (B, H_i*W_i, D)
+            y = tokens_to_map(y, *x.shape[-2:])
+            if y.shape[-2:] != size:
+                y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+            out = y if out is None else out.add_(y)
+        out = out + bias.to(out.dtype)[:, None, None]
+        out = self.dropout(self.activation(out))
+        logits = F.linear(out.permute(0, 2, 3, 1), self.classifier.weight.flatten(1), self.classifier.bias)
+        return logits.permute(0, 3, 1, 2).contiguous()  # (B, num_labels, H_1, W_1)
+
+
+# ----------------------------------------------------------------------------------------- task models
+class SegformerPreTrainedModel(PreTrainedMixin, nn.Module):
+    """Common base: config handling, weight initialisation, from_pretrained / save_pretrained."""
+
+    config_class = SegformerConfig
+    base_model_prefix = "segformer"
+
+    def __init__(self, config: SegformerConfig) -> None:
+        super().__init__()
+        if not isinstance(config, SegformerConfig):
+            raise TypeError(f"config must be a SegformerConfig, got {type(config).__name__}")
+        config.validate()
+        self.config = config
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, (nn.LayerNorm, nn.BatchNorm2d)):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+            if isinstance(module, nn.BatchNorm2d):
+                module.reset_running_stats()
+
+    def init_weights(self) -> None:
+        """(Re-)initialise every weight: N(0, initializer_range) for Linear/Conv, 0 biases, unit norms."""
+        with torch.no_grad():
+            self.apply(self._init_weights)
+
+    @property
+    def fast_path(self) -> bool:
+        """Exact eval-mode fast math (fused attention kernel, folded decode head). Set False for the plain path."""
+        flags = [m.fused for m in self.modules() if isinstance(m, SegformerEfficientSelfAttention)]
+        flags += [m.fast_path for m in self.modules() if isinstance(m, SegformerDecodeHead)]
+        return all(flags)
+
+    @fast_path.setter
+    def fast_path(self, value: bool) -> None:
+        for module in self.modules():
+            if isinstance(module, SegformerEfficientSelfAttention):
+                module.fused = bool(value)
+            elif isinstance(module, SegformerDecodeHead):
+                module.fast_path = bool(value)
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each block's activations in the backward pass (less memory for large crops)."""
+        for module in self.modules():
+            if isinstance(module, SegformerEncoder):
+                module.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        for module in self.modules():
+            if isinstance(module, SegformerEncoder):
+                module.gradient_checkpointing = False
+
+    def _flags(self, output_attentions: bool | None, output_hidden_states: bool | None,
+               return_dict: bool | None) -> tuple[bool, bool, bool]:  # fmt: skip
+        c = self.config
+        return (
+            c.output_attentions if output_attentions is None else output_attentions,
+            c.output_hidden_states if output_hidden_states is None else output_hidden_states,
+            c.return_dict if return_dict is None else return_dict,
+        )
+
+
+class SegformerModel(SegformerPreTrainedModel):
+    """The bare MiT encoder, returning the raw hidden states of its four stages."""
+
+    def __init__(self, config: SegformerConfig) -> None:
+        super().__init__(config)
+        self.encoder = SegformerEncoder(config)
+        self.init_weights()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutput | tuple[torch.Tensor, ...]:
+        """pixel_values: (B, num_channels, H, W) float. Returns :class:`BaseModelOutput` (or a tuple)."""
+        output_attentions, output_hidden_states, return_dict = self._flags(
+            output_attentions, output_hidden_states, return_dict
+        )
+        check_pixel_values(pixel_values, self.config)
+        stages, attentions = self.encoder(pixel_values, output_attentions, self.config.reshape_last_stage)
+        stages = [s.contiguous() for s in stages] if output_hidden_states else [stages[-1].contiguous()]
+        out = BaseModelOutput(
+            last_hidden_state=stages[-1],
+            hidden_states=tuple(stages) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+        )
+        return out if return_dict else out.to_tuple()
+
+
+class SegformerForSemanticSegmentation(SegformerPreTrainedModel):
+    """MiT encoder + all-MLP decode head; logits at 1/4 of the input resolution."""
+
+    def __init__(self, config: SegformerConfig) -> None:
+        super().__init__(config)
+        self.segformer = SegformerModel(config)
+        self.decode_head = SegformerDecodeHead(config)
+        self.init_weights()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> SemanticSegmenterOutput | tuple[torch.Tensor, ...]:
+        """pixel_values: (B, C, H, W) float; labels: optional (B, h, w) class ids of any size (ignore index
+        ``config.semantic_loss_ignore_index``). Returns loss (with labels), logits (B, num_labels, H/4, W/4),
+        hidden_states and attentions when asked."""
+        output_attentions, output_hidden_states, return_dict = self._flags(
+            output_attentions, output_hidden_states, return_dict
+        )
+        check_pixel_values(pixel_values, self.config)
+        stages, attentions = self.segformer.encoder(
+            pixel_values, output_attentions, self.config.reshape_last_stage
+        )
+        logits = self.decode_head(stages)
+        loss = semantic_loss(logits, labels, self.config) if labels is not None else None
+        out = SemanticSegmenterOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=tuple(s.contiguous() for s in stages) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+        )
+        return out if return_dict else out.to_tuple()
+
+
+class SegformerForImageClassification(SegformerPreTrainedModel):
+    """MiT encoder + a linear classifier on the mean of the last stage's tokens (ImageNet pre-training)."""
+
+    def __init__(self, config: SegformerConfig) -> None:
+        super().__init__(config)
+        self.segformer = SegformerModel(config)
+        self.classifier = nn.Linear(config.hidden_sizes[-1], config.num_labels)
+        self.init_weights()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> SegFormerImageClassifierOutput | tuple[torch.Tensor, ...]:
+        """pixel_values: (B, C, H, W); labels: (B,) class ids, (B,) or (B, num_labels) regression targets, or
+        (B, num_labels) multi-label targets. Returns loss (with labels), logits (B, num_labels), …"""
+        output_attentions, output_hidden_states, return_dict = self._flags(
+            output_attentions, output_hidden_states, return_dict
+        )
+        check_pixel_values(pixel_values, self.config)
+        stages, attentions = self.segformer.encoder(
+            pixel_values, output_attentions, self.config.reshape_last_stage
+        )
+        last = stages[-1]
+        tokens = map_to_tokens(last) if last.ndim == 4 else last  # (B, N, C)
+        logits = self.classifier(tokens.mean(dim=1))
+        loss = classification_loss(logits, labels, self.config) if labels is not None else None
+        out = SegFormerImageClassifierOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=tuple(s.contiguous() for s in stages) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+        )
+        return out if return_dict else out.to_tuple()
+
+
+# ---------------------------------------------------------------------------------------------- losses
+def semantic_loss(logits: torch.Tensor, labels: torch.Tensor, config: SegformerConfig) -> torch.Tensor:
+    """Loss of (B, K, h, w) logits against (B, H, W) labels of any size: the logits are upsampled bilinearly
+    (align_corners=False) to the labels. K > 1: cross-entropy over the pixels that are not
+    ``semantic_loss_ignore_index``. K == 1: binary cross-entropy with logits, zeroed on invalid pixels (label < 0
+    or the ignore index) and averaged over all pixels."""
+    ignore = config.semantic_loss_ignore_index
+    if config.num_labels < 1:
+        raise ValueError(f"a loss needs num_labels >= 1, the config has {config.num_labels}")
+    if labels.ndim == 4 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 3 or labels.shape[0] != logits.shape[0]:
+        raise ValueError(
+            f"labels must have shape (batch={logits.shape[0]}, height, width), got {tuple(labels.shape)}"
+        )
+    if labels.is_floating_point() and config.num_labels > 1:
+        raise ValueError(f"labels must hold integer class ids, got {labels.dtype}")
+    labels = labels.to(logits.device)
+    upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    if config.num_labels == 1:
+        valid = ((labels >= 0) & (labels != ignore)).to(upsampled.dtype)
+        loss = F.binary_cross_entropy_with_logits(upsampled[:, 0], labels.to(upsampled.dtype), reduction="none")
+        return (loss * valid).mean()
+    labels = labels.long()
+    bad = (labels != ignore) & ((labels < 0) | (labels >= config.num_labels))
+    if bad.any():
+        value = labels[bad][0].item()
+        raise ValueError(
+            f"labels hold {value}, outside 0..{config.num_labels - 1} and not the ignore index {ignore}"
+        )
+    if not (labels != ignore).any():
+        return upsampled.sum() * 0.0  # every pixel ignored: a zero loss that still has a graph, not NaN
+    return F.cross_entropy(upsampled, labels, ignore_index=ignore)
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: SegformerConfig) -> torch.Tensor:
+    """MSE (regression), cross-entropy (single label) or BCE-with-logits (multi-label); the problem type is
+    ``config.problem_type`` or, when unset, inferred: regression for one label, single-label for integer
+    labels, multi-label otherwise."""
+    labels = labels.to(logits.device)
+    problem = config.problem_type
+    if problem is None:
+        if config.num_labels == 1:
+            problem = "regression"
+        elif labels.dtype in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
+            problem = "single_label_classification"
+        else:
+            problem = "multi_label_classification"
+    if problem == "regression":
+        if config.num_labels == 1:
+            return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
+        return F.mse_loss(logits, labels.to(logits.dtype))
+    if problem == "single_label_classification":
+        return F.cross_entropy(logits.view(-1, config.num_labels), labels.view(-1).long())
+    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = [
+    "BaseModelOutput",
+    "SegFormerImageClassifierOutput",
+    "SegformerDecodeHead",
+    "SegformerForImageClassification",
+    "SegformerForSemanticSegmentation",
+    "SegformerModel",
+    "SegformerPreTrainedModel",
+    "SemanticSegmenterOutput",
+]
