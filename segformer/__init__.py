@@ -9,9 +9,9 @@ from .hub import CheckpointError
 from .modeling import (
     BaseModelOutput,
     SegformerDecodeHead,
-    SegFormerImageClassifierOutput,
     SegformerForImageClassification,
     SegformerForSemanticSegmentation,
+    SegFormerImageClassifierOutput,
     SegformerModel,
     SegformerPreTrainedModel,
     SemanticSegmenterOutput,

@@ -31,7 +31,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
 ACTIVATIONS = ("gelu", "relu", "selu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "quick_gelu", "silu",
                "swish", "mish", "tanh", "sigmoid")  # fmt: skip
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
-_PER_STAGE = ("depths", "sr_ratios", "hidden_sizes", "patch_sizes", "strides", "num_attention_heads", "mlp_ratios")
+_PER_STAGE = (
+    "depths",
+    "sr_ratios",
+    "hidden_sizes",
+    "patch_sizes",
+    "strides",
+    "num_attention_heads",
+    "mlp_ratios",
+)
 
 # Keys of config.json that belong to the file format rather than to the model; kept out of ``extra``.
 _FORMAT_KEYS = {"model_type", "transformers_version", "segformer_version"}
@@ -168,9 +176,7 @@ class SegformerConfig:
                 raise ValueError(f"{name} must hold positive integers, got {values}")
         for i, (size, heads) in enumerate(zip(self.hidden_sizes, self.num_attention_heads, strict=True)):
             if size % heads:
-                raise ValueError(
-                    f"hidden_sizes[{i}]={size} is not divisible by num_attention_heads[{i}]={heads}"
-                )
+                raise ValueError(f"hidden_sizes[{i}]={size} is not divisible by num_attention_heads[{i}]={heads}")
         for name in ("num_channels", "decoder_hidden_size"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")

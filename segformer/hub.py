@@ -64,17 +64,17 @@ def resolve_file(
                 token=token,
             )
         )
-    except EntryNotFoundError:
-        if required:
-            raise CheckpointError(f"{name}: the hub repo has no {filename}") from None
-        return None
-    except LocalEntryNotFoundError:
+    except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: test it first
         if not required and _repo_cached(name, revision, cache_dir):
             return None
         raise CheckpointError(
             f"{name}: {filename} is not in the local hub cache and the hub cannot be reached "
             "(hub ids need network or a populated cache; pass a local directory made by save_pretrained instead)"
         ) from None
+    except EntryNotFoundError:
+        if required:
+            raise CheckpointError(f"{name}: the hub repo has no {filename}") from None
+        return None
     except Exception as exc:  # RepositoryNotFoundError, RevisionNotFoundError, HTTP errors, ...
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{name}: cannot get {filename} from the hub: {reason}") from None
@@ -86,7 +86,11 @@ def _repo_cached(name: str, revision: str | None, cache_dir: str | os.PathLike |
         import huggingface_hub
 
         huggingface_hub.snapshot_download(
-            name, revision=revision, cache_dir=cache_dir, local_files_only=True, allow_patterns=["config.json"]
+            name,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=True,
+            allow_patterns=["config.json"],
         )
         return True
     except Exception:

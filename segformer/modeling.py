@@ -309,9 +309,7 @@ class SegformerLayer(nn.Module):
         size = config.hidden_sizes[stage]
         eps = config.layer_norm_eps if config.use_layer_norm_eps else TRANSFORMERS_LAYER_NORM_EPS
         self.layer_norm_1 = nn.LayerNorm(size, eps=eps)
-        self.attention = SegformerAttention(
-            config, size, config.num_attention_heads[stage], config.sr_ratios[stage]
-        )
+        self.attention = SegformerAttention(config, size, config.num_attention_heads[stage], config.sr_ratios[stage])
         self.drop_path = DropPath(drop_path_rate)
         self.layer_norm_2 = nn.LayerNorm(size, eps=eps)
         self.mlp = SegformerMixFFN(config, size, config.mlp_ratios[stage])
@@ -611,9 +609,9 @@ class SegformerForSemanticSegmentation(SegformerPreTrainedModel):
             output_attentions, output_hidden_states, return_dict
         )
         check_pixel_values(pixel_values, self.config)
-        stages, attentions = self.segformer.encoder(
-            pixel_values, output_attentions, self.config.reshape_last_stage
-        )
+        if self.config.num_labels < 1:
+            raise ValueError(f"semantic segmentation needs num_labels >= 1, the config has {self.config.num_labels}")
+        stages, attentions = self.segformer.encoder(pixel_values, output_attentions, self.config.reshape_last_stage)
         logits = self.decode_head(stages)
         loss = semantic_loss(logits, labels, self.config) if labels is not None else None
         out = SemanticSegmenterOutput(
@@ -648,9 +646,7 @@ class SegformerForImageClassification(SegformerPreTrainedModel):
             output_attentions, output_hidden_states, return_dict
         )
         check_pixel_values(pixel_values, self.config)
-        stages, attentions = self.segformer.encoder(
-            pixel_values, output_attentions, self.config.reshape_last_stage
-        )
+        stages, attentions = self.segformer.encoder(pixel_values, output_attentions, self.config.reshape_last_stage)
         last = stages[-1]
         tokens = map_to_tokens(last) if last.ndim == 4 else last  # (B, N, C)
         logits = self.classifier(tokens.mean(dim=1))
@@ -676,9 +672,7 @@ def semantic_loss(logits: torch.Tensor, labels: torch.Tensor, config: SegformerC
     if labels.ndim == 4 and labels.shape[1] == 1:
         labels = labels[:, 0]
     if labels.ndim != 3 or labels.shape[0] != logits.shape[0]:
-        raise ValueError(
-            f"labels must have shape (batch={logits.shape[0]}, height, width), got {tuple(labels.shape)}"
-        )
+        raise ValueError(f"labels must have shape (batch={logits.shape[0]}, height, width), got {tuple(labels.shape)}")
     if labels.is_floating_point() and config.num_labels > 1:
         raise ValueError(f"labels must hold integer class ids, got {labels.dtype}")
     labels = labels.to(logits.device)
@@ -691,9 +685,7 @@ def semantic_loss(logits: torch.Tensor, labels: torch.Tensor, config: SegformerC
     bad = (labels != ignore) & ((labels < 0) | (labels >= config.num_labels))
     if bad.any():
         value = labels[bad][0].item()
-        raise ValueError(
-            f"labels hold {value}, outside 0..{config.num_labels - 1} and not the ignore index {ignore}"
-        )
+        raise ValueError(f"labels hold {value}, outside 0..{config.num_labels - 1} and not the ignore index {ignore}")
     if not (labels != ignore).any():
         return upsampled.sum() * 0.0  # every pixel ignored: a zero loss that still has a graph, not NaN
     return F.cross_entropy(upsampled, labels, ignore_index=ignore)

@@ -80,9 +80,7 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def find_weights(
-    name_or_path: str | os.PathLike, *, use_safetensors: bool | None = None, **hub: Any
-) -> list[Path]:
+def find_weights(name_or_path: str | os.PathLike, *, use_safetensors: bool | None = None, **hub: Any) -> list[Path]:
     """The weight files of a model directory or hub repo: one file, or every shard of an index."""
     order = []
     if use_safetensors is not False:
@@ -160,7 +158,7 @@ def adapt_prefix(state: dict[str, torch.Tensor], model_keys: set[str], prefix: s
         heads = {k.split(".", 1)[0] for k in model_keys if not k.startswith(dotted)}
         return {(k if k.split(".", 1)[0] in heads else dotted + k): v for k, v in state.items()}
     if ckpt_has and not model_has:
-        return {(k[len(dotted):] if k.startswith(dotted) else k): v for k, v in state.items()}
+        return {(k[len(dotted) :] if k.startswith(dotted) else k): v for k, v in state.items()}
     return state
 
 
@@ -269,7 +267,11 @@ class PreTrainedMixin:
         return (model, info.as_dict()) if output_loading_info else model
 
     def load_checkpoint_state(
-        self, state: Mapping[str, torch.Tensor], *, ignore_mismatched_sizes: bool = False, source: Any = "state dict"
+        self,
+        state: Mapping[str, torch.Tensor],
+        *,
+        ignore_mismatched_sizes: bool = False,
+        source: Any = "state dict",
     ) -> LoadingInfo:
         """Load canonical-name tensors, adapting the base-model prefix, and report what did not fit."""
         own = self.state_dict()
@@ -304,7 +306,10 @@ class PreTrainedMixin:
             )  # fmt: skip
         if info.unexpected_keys:
             logger.warning(
-                "Some weights of %s are not used by %s: %s.", source, name, ", ".join(_summarise(info.unexpected_keys))
+                "Some weights of %s are not used by %s: %s.",
+                source,
+                name,
+                ", ".join(_summarise(info.unexpected_keys)),
             )
         if info.mismatched_keys:
             logger.warning(

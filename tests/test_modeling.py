@@ -1,0 +1,297 @@
+"""The model family on tiny configs: shapes, outputs, losses, the fast path and clear errors.
+Needs no transformers; the oracle comparisons live in test_oracle.py."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from conftest import randomize_, rel_err, tiny_config
+
+from segformer import (
+    SegformerConfig,
+    SegformerDecodeHead,
+    SegformerForImageClassification,
+    SegformerForSemanticSegmentation,
+    SegformerModel,
+)
+from segformer.modeling import min_input_size
+
+
+def fixture_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """FACTS.md §8: every tensor defined by its key and shape."""
+    state = {}
+    for key, ref in model.state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            state[key] = torch.zeros_like(ref)
+            continue
+        seed = zlib.crc32(key.encode()) % 1000
+        t = np.sin(np.arange(ref.numel(), dtype=np.float64) * 0.731 + seed * 0.01) * 0.3
+        if key.endswith("running_var"):
+            t = 1 + 0.5 * np.abs(t)
+        elif key.endswith(".weight") and ref.ndim == 1:
+            t = 1 + t
+        state[key] = torch.from_numpy(t).reshape(ref.shape).float()
+    return state
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_deterministic_fixture(fast_path):
+    config = SegformerConfig(depths=[1, 2, 1, 1], hidden_sizes=[8, 16, 24, 32], num_attention_heads=[1, 2, 3, 4],
+                             decoder_hidden_size=16, num_labels=5)  # fmt: skip
+    model = SegformerForSemanticSegmentation(config).eval()
+    model.load_state_dict(fixture_weights(model))
+    model.fast_path = fast_path
+    x = torch.from_numpy(np.sin(np.arange(1 * 3 * 64 * 80, dtype=np.float64) * 0.05).reshape(1, 3, 64, 80)).float() * 2
+    labels = torch.arange(64 * 80).reshape(1, 64, 80) % 5
+    labels[0, :4, :4] = 255
+    with torch.no_grad():
+        out = model(x, labels=labels)
+    expected = torch.tensor(
+        [[[0.410919, -0.141263, -0.597029], [-0.527464, -0.224237, -0.481014]],
+         [[1.644349, 1.182533, 0.896957], [1.055781, 1.184547, 0.955705]],
+         [[1.657301, 1.614164, 1.701797], [1.836970, 1.699735, 1.661513]]]
+    )  # fmt: skip
+    assert out.logits.shape == (1, 5, 16, 20)
+    torch.testing.assert_close(out.logits[0, :3, :2, :3], expected, atol=2e-6, rtol=0)
+    assert out.logits.sum().item() == pytest.approx(1199.877, abs=2e-3)
+    assert out.loss.item() == pytest.approx(2.103478, abs=2e-6)
+
+
+def test_parameter_counts_of_the_variants():
+    expected = {"b0": 3_752_694, "b1": 13_715_798, "b2": 27_461_974, "b3": 47_337_814, "b4": 64_108_374,
+                "b5": 84_708_694}  # fmt: skip
+    with torch.device("meta"):
+        for variant, count in expected.items():
+            model = SegformerForSemanticSegmentation(SegformerConfig.from_variant(variant, num_labels=150))
+            assert model.num_parameters() == count, variant
+
+
+@pytest.mark.parametrize("size", [(29, 29), (64, 80), (77, 101), (130, 45)])
+def test_shapes_at_odd_sizes(tiny, size):
+    model = randomize_(SegformerForSemanticSegmentation(tiny)).eval()
+    x = torch.randn(2, 3, *size)
+    out = model(x, output_hidden_states=True, output_attentions=True)
+    h, w = size
+    sizes = [(-(-h // 4), -(-w // 4))]
+    for _ in range(3):
+        sizes.append((-(-sizes[-1][0] // 2), -(-sizes[-1][1] // 2)))
+    assert out.logits.shape == (2, 5, *sizes[0])
+    assert [tuple(s.shape) for s in out.hidden_states] == [(2, c, *hw) for c, hw in zip(tiny.hidden_sizes, sizes)]
+    assert len(out.attentions) == sum(tiny.depths)
+    n1, r1 = sizes[0][0] * sizes[0][1], (sizes[0][0] // 8) * (sizes[0][1] // 8)
+    assert out.attentions[0].shape == (2, 1, n1, r1)
+    torch.testing.assert_close(out.attentions[0].sum(-1), torch.ones(2, 1, n1))
+    assert torch.isfinite(out.logits).all()
+
+
+def test_outputs_index_access_and_tuples(tiny):
+    model = randomize_(SegformerForSemanticSegmentation(tiny)).eval()
+    x, labels = torch.randn(1, 3, 64, 64), torch.randint(0, 5, (1, 64, 64))
+    out = model(x, labels=labels)
+    assert out[0] is out.loss and out["logits"] is out.logits and out.hidden_states is None
+    plain = model(x, return_dict=False)
+    assert isinstance(plain, tuple) and len(plain) == 1 and torch.equal(plain[0], out.logits)
+    full = model(x, labels=labels, output_hidden_states=True, output_attentions=True, return_dict=False)
+    assert len(full) == 4 and len(full[2]) == 4 and len(full[3]) == 4
+    model.config.return_dict = False
+    assert isinstance(model(x), tuple)
+    base = randomize_(SegformerModel(tiny_config())).eval()
+    out = base(x, output_hidden_states=True)
+    assert out.last_hidden_state.shape == (1, 32, 2, 2) and out.last_hidden_state.is_contiguous()
+    assert torch.equal(out.hidden_states[-1], out.last_hidden_state) and out.attentions is None
+
+
+@pytest.mark.parametrize("cls", [SegformerModel, SegformerForSemanticSegmentation, SegformerForImageClassification])
+def test_reshape_last_stage_false_works_with_every_head(cls):
+    torch.manual_seed(0)
+    flat = randomize_(cls(tiny_config(reshape_last_stage=False))).eval()
+    square = cls(tiny_config())
+    square.load_state_dict(flat.state_dict())
+    square.eval()
+    x = torch.randn(2, 3, 77, 101)
+    a, b = flat(x), square(x)
+    if cls is SegformerModel:
+        assert a.last_hidden_state.shape == (2, 12, 32)  # (B, N, C) with N = 3 * 4
+        torch.testing.assert_close(a.last_hidden_state, b.last_hidden_state.flatten(2).transpose(1, 2))
+    else:
+        torch.testing.assert_close(a.logits, b.logits)
+
+
+def test_image_classification_losses(tiny):
+    x = torch.randn(3, 3, 64, 64)
+    model = randomize_(SegformerForImageClassification(tiny)).eval()
+    single = model(x, labels=torch.tensor([0, 4, 2]))
+    expected = torch.nn.functional.cross_entropy(single.logits, torch.tensor([0, 4, 2]))
+    torch.testing.assert_close(single.loss, expected)
+    multi = model(x, labels=torch.tensor([[0, 1, 0, 1, 1.0]] * 3))
+    torch.testing.assert_close(
+        multi.loss,
+        torch.nn.functional.binary_cross_entropy_with_logits(multi.logits, torch.tensor([[0, 1, 0, 1, 1.0]] * 3)),
+    )
+    model.config.problem_type = "regression"
+    target = torch.randn(3, 5)
+    torch.testing.assert_close(model(x, labels=target).loss, torch.nn.functional.mse_loss(multi.logits, target))
+    reg = randomize_(SegformerForImageClassification(tiny_config(num_labels=1))).eval()
+    out = reg(x, labels=torch.tensor([0.5, -1.0, 2.0]))
+    torch.testing.assert_close(
+        out.loss, torch.nn.functional.mse_loss(out.logits.squeeze(), torch.tensor([0.5, -1.0, 2.0]))
+    )
+
+
+def test_segmentation_losses(tiny):
+    model = randomize_(SegformerForSemanticSegmentation(tiny)).eval()
+    x = torch.randn(2, 3, 64, 72)
+    labels = torch.randint(0, 5, (2, 100, 90))
+    labels[:, :10] = 255
+    out = model(x, labels=labels)
+    up = torch.nn.functional.interpolate(out.logits, size=(100, 90), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(up, labels, ignore_index=255))
+    with pytest.raises(ValueError, match="labels hold 7"):
+        model(x, labels=torch.full((2, 64, 72), 7))
+    all_ignored = model(x, labels=torch.full((2, 64, 72), 255))
+    assert all_ignored.loss.item() == 0.0
+    binary = randomize_(SegformerForSemanticSegmentation(tiny_config(num_labels=1))).eval()
+    labels = torch.randint(0, 2, (2, 30, 40))
+    labels[0, 0] = 255
+    out = binary(x, labels=labels)
+    up = torch.nn.functional.interpolate(out.logits, size=(30, 40), mode="bilinear", align_corners=False)[:, 0]
+    per_pixel = torch.nn.functional.binary_cross_entropy_with_logits(up, labels.float(), reduction="none")
+    torch.testing.assert_close(out.loss, (per_pixel * (labels != 255)).mean())
+    headless = SegformerForSemanticSegmentation(tiny_config(num_labels=0))
+    with pytest.raises(ValueError, match="num_labels >= 1"):
+        headless(x, labels=labels)
+
+
+@pytest.mark.parametrize(
+    "x, message",
+    [
+        (torch.randn(3, 64, 64), "must be 4-D"),
+        (torch.randn(1, 4, 64, 64), "has 4 channels but the model expects 3"),
+        (torch.randn(1, 3, 28, 64), "too small: this model needs at least 29x29"),
+        (torch.zeros(1, 3, 64, 64, dtype=torch.uint8), "floating point"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(tiny, x, message):
+    model = SegformerForSemanticSegmentation(tiny).eval()
+    with pytest.raises(ValueError, match=message):
+        model(x)
+
+
+def test_min_input_size_is_exact(tiny):
+    model = SegformerModel(tiny).eval()
+    assert min_input_size(tiny) == 29
+    model(torch.randn(1, 3, 29, 29))
+
+
+def test_drop_path_schedule_and_init():
+    config = SegformerConfig.from_variant("b2", drop_path_rate=0.3)
+    model = SegformerModel(config)
+    rates = [layer.drop_path.p for stage in model.encoder.block for layer in stage]
+    assert len(rates) == 16
+    np.testing.assert_allclose(rates, [0.3 * n / 15 for n in range(16)])
+    q = model.encoder.block[0][0].attention.self.query
+    assert abs(q.weight.std().item() - 0.02) < 0.002 and q.bias.abs().max() == 0
+    assert model.encoder.layer_norm[0].weight.eq(1).all()
+
+
+def test_train_mode_drop_path_and_dropout_are_active():
+    model = SegformerForSemanticSegmentation(tiny_config(drop_path_rate=0.5, hidden_dropout_prob=0.2)).train()
+    x = torch.randn(2, 3, 64, 64)
+    assert not torch.equal(model(x).logits, model(x).logits)
+    model.eval()
+    assert torch.equal(model(x).logits, model(x).logits)
+
+
+# ------------------------------------------------------------------------------------------ fast path
+@pytest.mark.parametrize("config", [tiny_config(), tiny_config(decoder_hidden_size=24, num_labels=3),
+                                    tiny_config(depths=[2, 1, 2, 1], num_labels=1)])  # fmt: skip
+@pytest.mark.parametrize("size", [(64, 64), (77, 101), (33, 130)])
+def test_fast_path_equals_plain_path(config, size):
+    model = randomize_(SegformerForSemanticSegmentation(config), seed=size[0]).eval()
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        fast = model(x).logits
+        model.fast_path = False
+        plain = model(x).logits
+        model.fast_path = True
+    assert rel_err(fast, plain) < 1e-5
+    assert model.fast_path
+
+
+def test_folded_head_follows_weight_changes():
+    model = randomize_(SegformerForSemanticSegmentation(tiny_config())).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x).logits
+        model.decode_head.batch_norm.running_mean.add_(0.5)  # in-place change
+        changed = model(x).logits
+        model.load_state_dict(randomize_(SegformerForSemanticSegmentation(tiny_config()), seed=3).state_dict())
+        reloaded = model(x).logits
+        model.fast_path = False
+        plain = model(x).logits
+    assert not torch.allclose(before, changed)
+    assert rel_err(reloaded, plain) < 1e-5
+
+
+def test_training_mode_never_folds():
+    head = SegformerDecodeHead(tiny_config())
+    calls = []
+    head._forward_folded = lambda maps: calls.append(1)  # a spy, not a mock: the real head runs
+    head.train()
+    head([torch.randn(2, c, s, s) for c, s in zip([8, 16, 24, 32], [16, 8, 4, 2])])
+    assert calls == []
+    head.eval()
+    head([torch.randn(2, c, s, s) for c, s in zip([8, 16, 24, 32], [16, 8, 4, 2])])
+    assert calls == [1]
+
+
+def test_fast_path_gradients_in_eval_mode_match_plain():
+    model = randomize_(SegformerForSemanticSegmentation(tiny_config())).eval()
+    x = torch.randn(1, 3, 64, 64)
+    grads = []
+    for fast in (True, False):
+        model.fast_path = fast
+        model.zero_grad()
+        model(x).logits.square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    # key biases have an exactly-zero gradient (softmax ignores a per-query constant), so compare every
+    # tensor against the model's largest gradient as well as its own.
+    scale = max(g.abs().max().item() for g in grads[1].values())
+    for name in grads[0]:
+        diff = (grads[0][name] - grads[1][name]).abs().max().item()
+        assert diff <= 1e-4 * max(grads[1][name].abs().max().item(), 1e-2 * scale), name
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = randomize_(
+        SegformerForSemanticSegmentation(tiny_config(drop_path_rate=0.0, classifier_dropout_prob=0.0))
+    ).train()
+    x, labels = torch.randn(2, 3, 64, 64), torch.randint(0, 5, (2, 64, 64))
+    model(x, labels=labels).loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    model(x, labels=labels).loss.backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, plain[name], rtol=1e-5, atol=1e-7)
+
+
+def test_bfloat16_agrees_with_float32_where_fp32_is_confident():
+    model = randomize_(SegformerForSemanticSegmentation(tiny_config())).eval()
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        ref = model(x).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x).logits.float()
+        half_model = model.to(torch.bfloat16)
+        cast = half_model(x.bfloat16()).logits.float()
+    top2 = ref.topk(2, dim=1).values
+    confident = (top2[:, 0] - top2[:, 1]) > 0.1 * ref.abs().amax()
+    assert confident.float().mean() > 0.3
+    for other in (low, cast):
+        agree = (other.argmax(1) == ref.argmax(1))[confident].float().mean()
+        assert agree >= 0.99

@@ -1,0 +1,159 @@
+"""Oracle tests: our models against Transformers (a test-only dependency) with random weights.
+
+fp32 outputs, hidden states, attentions, losses and train-mode gradients agree to 1e-5 relative, and
+checkpoints move both ways through save_pretrained / from_pretrained.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import randomize_, rel_err, tiny_config
+
+import segformer
+from segformer import SegformerConfig
+from segformer.pretrained import canonical_keys
+
+transformers = pytest.importorskip("transformers", reason="the oracle tests need the dev extra (transformers)")
+pytestmark = pytest.mark.oracle
+
+TOL = 1e-5
+
+
+def hf_config(config: SegformerConfig):
+    data = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "use_layer_norm_eps")}
+    return transformers.SegformerConfig(**data)
+
+
+def pair(cls_name: str, config: SegformerConfig, seed: int = 0):
+    """The same random weights in a Transformers model (eager attention, to get attention maps) and ours."""
+    hf = getattr(transformers, cls_name)._from_config(hf_config(config), attn_implementation="eager")
+    ours = getattr(segformer, cls_name)(config)
+    randomize_(hf, seed)
+    info = ours.load_checkpoint_state(canonical_keys(hf.state_dict()))
+    assert not info.missing_keys and not info.unexpected_keys and not info.mismatched_keys
+    return hf.eval(), ours.eval()
+
+
+@pytest.mark.parametrize("variant", ["b0", "b1", "b2", "b3", "b4", "b5"])
+def test_semantic_segmentation_matches_transformers(variant):
+    torch.manual_seed(0)
+    hf, ours = pair("SegformerForSemanticSegmentation", SegformerConfig.from_variant(variant, num_labels=13))
+    x = torch.randn(2, 3, 67, 93)
+    labels = torch.randint(0, 13, (2, 67, 93))
+    labels[:, :7] = 255
+    with torch.no_grad():
+        ref = hf(x, labels=labels, output_hidden_states=True, output_attentions=True)
+        got = ours(x, labels=labels, output_hidden_states=True, output_attentions=True)
+        ours.fast_path = False
+        plain = ours(x).logits
+    assert rel_err(got.logits, ref.logits) <= TOL
+    assert rel_err(plain, ref.logits) <= TOL
+    assert abs(got.loss.item() - ref.loss.item()) <= TOL * abs(ref.loss.item())
+    assert len(got.hidden_states) == len(ref.hidden_states) == 4
+    for a, b in zip(got.hidden_states, ref.hidden_states):
+        assert a.shape == b.shape and rel_err(a, b) <= TOL
+    assert len(got.attentions) == len(ref.attentions) == sum(ours.config.depths)
+    for a, b in zip(got.attentions, ref.attentions):
+        assert a.shape == b.shape and rel_err(a, b) <= TOL
+
+
+def test_base_model_and_classifier_match_transformers():
+    config = SegformerConfig.from_variant("b0", num_labels=10)
+    x = torch.randn(2, 3, 45, 71)
+    hf, ours = pair("SegformerModel", config)
+    with torch.no_grad():
+        ref, got = hf(x, output_hidden_states=True), ours(x, output_hidden_states=True)
+    assert rel_err(got.last_hidden_state, ref.last_hidden_state) <= TOL
+    assert [tuple(h.shape) for h in got.hidden_states] == [tuple(h.shape) for h in ref.hidden_states]
+    for labels in (torch.tensor([3, 7]), torch.randint(0, 2, (2, 10)).float()):
+        # a fresh pair each time: Transformers stores the first inferred problem_type in its config
+        hf, ours = pair("SegformerForImageClassification", config)
+        with torch.no_grad():
+            ref, got = hf(x, labels=labels), ours(x, labels=labels)
+        assert rel_err(got.logits, ref.logits) <= TOL
+        assert got.loss.item() == pytest.approx(ref.loss.item(), rel=TOL)
+    hf, ours = pair("SegformerForImageClassification", config.copy(num_labels=1))
+    labels = torch.tensor([0.3, -1.2])
+    with torch.no_grad():
+        assert ours(x, labels=labels).loss.item() == pytest.approx(hf(x, labels=labels).loss.item(), rel=TOL)
+
+
+@pytest.mark.parametrize("label_size", [(40, 50), (67, 93), (150, 121)])
+def test_segmentation_losses_match_for_any_label_size(label_size):
+    x = torch.randn(2, 3, 67, 93)
+    hf, ours = pair("SegformerForSemanticSegmentation", tiny_config(num_labels=6))
+    labels = torch.randint(0, 6, (2, *label_size))
+    labels[0, :5, :9] = 255
+    with torch.no_grad():
+        assert ours(x, labels=labels).loss.item() == pytest.approx(hf(x, labels=labels).loss.item(), rel=TOL)
+    hf, ours = pair("SegformerForSemanticSegmentation", tiny_config(num_labels=1))
+    labels = torch.randint(0, 2, (2, *label_size))
+    labels[1, -3:] = 255
+    with torch.no_grad():
+        assert ours(x, labels=labels).loss.item() == pytest.approx(hf(x, labels=labels).loss.item(), rel=TOL)
+
+
+@pytest.mark.parametrize(
+    "config", [tiny_config(), SegformerConfig.from_variant("b0", num_labels=4)], ids=["tiny", "b0"]
+)
+def test_train_mode_gradients_match(config):
+    config = config.copy(drop_path_rate=0.0, classifier_dropout_prob=0.0)
+    hf, ours = pair("SegformerForSemanticSegmentation", config, seed=5)
+    hf.train(), ours.train()
+    x = torch.randn(2, 3, 61, 75)
+    labels = torch.randint(0, config.num_labels, (2, 61, 75))
+    labels[:, :3] = 255
+    ref, got = hf(x, labels=labels), ours(x, labels=labels)
+    ref.loss.backward()
+    got.loss.backward()
+    assert got.loss.item() == pytest.approx(ref.loss.item(), rel=TOL)
+    ref_grads = canonical_keys({n: p.grad for n, p in hf.named_parameters()})
+    scale = max(g.abs().max().item() for g in ref_grads.values())
+    for name, p in ours.named_parameters():
+        # Some gradients are exactly zero in exact arithmetic (key biases: softmax ignores a per-query
+        # constant; biases before the train-mode BatchNorm: it removes constants), so both sides hold
+        # rounding noise there; an absolute floor of 1e-2 * TOL of the largest gradient covers it.
+        diff = (p.grad - ref_grads[name]).abs().max().item()
+        assert diff <= TOL * ref_grads[name].abs().max().item() + 1e-2 * TOL * scale, name
+
+
+def test_checkpoints_move_both_ways(tmp_path):
+    config = tiny_config(num_labels=4, id2label={0: "road", 1: "car", 2: "sky", 3: "tree"})
+    x = torch.randn(1, 3, 70, 90)
+    hf = randomize_(transformers.SegformerForSemanticSegmentation(hf_config(config))).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    ours = segformer.SegformerForSemanticSegmentation.from_pretrained(tmp_path / "hf")
+    assert not ours.training and ours.config.id2label[3] == "tree"
+    with torch.no_grad():
+        assert rel_err(ours(x).logits, hf(x).logits) <= TOL
+    ours.save_pretrained(tmp_path / "ours")
+    back = transformers.SegformerForSemanticSegmentation.from_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert rel_err(back(x).logits, hf(x).logits) <= TOL
+    assert back.config.id2label[1] == "car"
+    # a pickled pytorch_model.bin (older hub repos) and a sharded safetensors checkpoint load too
+    ours.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    ours.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    for sub in ("bin", "sharded"):
+        again = segformer.SegformerForSemanticSegmentation.from_pretrained(tmp_path / sub)
+        with torch.no_grad():
+            assert torch.equal(again(x).logits, ours(x).logits)
+        hf_again = transformers.SegformerForSemanticSegmentation.from_pretrained(tmp_path / sub).eval()
+        with torch.no_grad():
+            assert rel_err(hf_again(x).logits, hf(x).logits) <= TOL
+
+
+def test_transformers_base_checkpoint_into_our_task_model(tmp_path):
+    config = tiny_config(num_labels=3)
+    hf = randomize_(transformers.SegformerModel(hf_config(config))).eval()
+    hf.save_pretrained(tmp_path)
+    ours, info = segformer.SegformerForSemanticSegmentation.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] and all(k.startswith("decode_head.") for k in info["missing_keys"])
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        got = ours.segformer(x, output_hidden_states=True).hidden_states
+        ref = hf(x, output_hidden_states=True).hidden_states
+    for a, b in zip(got, ref):
+        assert rel_err(a, b) <= TOL
