@@ -49,3 +49,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture
 def tiny() -> SegformerConfig:
     return tiny_config()
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same random state, whatever ran before it in this worker."""
+    torch.manual_seed(0)

@@ -239,7 +239,8 @@ def test_folded_head_follows_weight_changes():
 def test_training_mode_never_folds():
     head = SegformerDecodeHead(tiny_config())
     calls = []
-    head._forward_folded = lambda maps: calls.append(1)  # a spy, not a mock: the real head runs
+    real = head._forward_folded
+    head._forward_folded = lambda maps: calls.append(1) or real(maps)  # a spy around the real method
     head.train()
     head([torch.randn(2, c, s, s) for c, s in zip([8, 16, 24, 32], [16, 8, 4, 2])])
     assert calls == []
@@ -295,3 +296,24 @@ def test_bfloat16_agrees_with_float32_where_fp32_is_confident():
     for other in (low, cast):
         agree = (other.argmax(1) == ref.argmax(1))[confident].float().mean()
         assert agree >= 0.99
+
+
+def test_training_fast_path_equals_plain_path():
+    """The factored train-mode head: same loss, gradients and BatchNorm running statistics as the plain head."""
+    config = tiny_config(drop_path_rate=0.0, classifier_dropout_prob=0.0)
+    x, labels = torch.randn(2, 3, 70, 90), torch.randint(0, 5, (2, 70, 90))
+    results = []
+    for fast in (True, False):
+        model = randomize_(SegformerForSemanticSegmentation(config)).train()
+        model.fast_path = fast
+        loss = model(x, labels=labels).loss
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        results.append((loss, grads, model.decode_head.batch_norm.running_mean.clone()))
+    (loss_a, grads_a, mean_a), (loss_b, grads_b, mean_b) = results
+    assert abs(loss_a.item() - loss_b.item()) <= 1e-6 * loss_b.item()
+    torch.testing.assert_close(mean_a, mean_b, rtol=1e-5, atol=1e-6)
+    scale = max(g.abs().max().item() for g in grads_b.values())
+    for name in grads_a:
+        diff = (grads_a[name] - grads_b[name]).abs().max().item()
+        assert diff <= 1e-4 * grads_b[name].abs().max().item() + 1e-7 * scale, name

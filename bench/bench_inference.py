@@ -1,0 +1,212 @@
+"""Inference and training-step benchmark: segformer against Transformers, interleaved in one process.
+
+Both libraries get the same random weights. For every case the script prints the median latency of each,
+their ratio (Transformers / ours: > 1 means we are faster), the peak memory each forward adds (peak RSS on
+the CPU, measured by resetting the kernel's high-water mark; peak allocated memory on CUDA) and the maximum
+relative difference of the logits.
+
+    python bench/bench_inference.py                       # the default cases (a few minutes on 2 cores)
+    python bench/bench_inference.py --cases b0:512x512:fp32:1 --repeats 10
+    python bench/bench_inference.py --device cuda --cases b2:1024x2048:bf16:1 --compile
+
+A case is VARIANT:HxW:DTYPE:BATCH (DTYPE fp32, bf16 (autocast) or fp16 (autocast, CUDA)), or
+train:VARIANT:HxW:BATCH for a training step (forward + backward, fp32, train mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from segformer import SegformerConfig, SegformerForSemanticSegmentation  # noqa: E402
+from segformer.pretrained import canonical_keys  # noqa: E402
+
+DEFAULT_CASES = [
+    "b0:512x512:fp32:1",
+    "b2:512x512:fp32:1",
+    "b0:512x512:bf16:1",
+    "b2:512x512:bf16:1",
+    "b0:512x512:fp32:8",
+    "b2:512x512:fp32:8",
+    "b0:1024x2048:fp32:1",
+    "b2:1024x2048:fp32:1",
+    "b0:1024x2048:bf16:1",
+    "train:b0:512x512:8",
+]
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ----------------------------------------------------------------------------------------------- memory
+class PeakMemory:
+    """Peak memory added by a block: CUDA allocator peak, or the process's peak RSS (Linux VmHWM)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    @staticmethod
+    def _rss_kib(field: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        return 0
+
+    def __enter__(self) -> PeakMemory:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+            self.base = self._rss_kib("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.peak = self._rss_kib("VmHWM") * 1024 - self.base
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ------------------------------------------------------------------------------------------------ models
+def build_pair(variant: str, device: torch.device, num_labels: int = 150):
+    import transformers
+
+    config = SegformerConfig.from_variant(variant, num_labels=num_labels)
+    hf_config = transformers.SegformerConfig(
+        **{k: v for k, v in config.to_dict().items() if k not in ("model_type", "use_layer_norm_eps")}
+    )
+    torch.manual_seed(0)
+    theirs = transformers.SegformerForSemanticSegmentation(hf_config)
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so the folded head is really exercised
+        theirs.decode_head.batch_norm.running_mean.normal_(0, 0.1)
+        theirs.decode_head.batch_norm.running_var.uniform_(0.5, 1.5)
+    ours = SegformerForSemanticSegmentation(config)
+    info = ours.load_checkpoint_state(canonical_keys(theirs.state_dict()))
+    assert not (info.missing_keys or info.unexpected_keys or info.mismatched_keys)
+    return theirs.to(device).eval(), ours.to(device).eval()
+
+
+def timed(fn, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def run_inference_case(case: str, args: argparse.Namespace, device: torch.device) -> dict:
+    variant, size, dtype_name, batch = case.split(":")
+    height, width = (int(v) for v in size.split("x"))
+    dtype = DTYPES[dtype_name]
+    theirs, ours = build_pair(variant, device)
+    if args.compile:
+        ours = torch.compile(ours)
+    x = torch.randn(int(batch), 3, height, width, device=device)
+    autocast = (
+        (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else contextlib.nullcontext
+    )
+    outputs, times, peaks = {}, {"transformers": [], "segformer": []}, {}
+
+    def forward(name, model):
+        with torch.inference_mode(), autocast():
+            outputs[name] = model(x).logits.float()
+
+    for name, model in (("transformers", theirs), ("segformer", ours)):  # warm-up + peak memory
+        with PeakMemory(device) as mem:
+            forward(name, model)
+        peaks[name] = mem.peak
+    for _ in range(args.repeats):  # interleaved, so both see the same machine state
+        for name, model in (("transformers", theirs), ("segformer", ours)):
+            times[name].append(timed(lambda n=name, m=model: forward(n, m), device))
+    ref, got = outputs["transformers"], outputs["segformer"]
+    rel = ((got - ref).abs().max() / ref.abs().max()).item()
+    agree = (got.argmax(1) == ref.argmax(1)).float().mean().item()
+    return _row(case, times, peaks, rel, agree)
+
+
+def run_train_case(case: str, args: argparse.Namespace, device: torch.device) -> dict:
+    _, variant, size, batch = case.split(":")
+    height, width = (int(v) for v in size.split("x"))
+    theirs, ours = build_pair(variant, device)
+    for model in (theirs, ours):
+        model.config.drop_path_rate = 0.0
+        model.train()
+    # dropout stays at its defaults in both; the comparison below uses a dropout-free loss check
+    x = torch.randn(int(batch), 3, height, width, device=device)
+    labels = torch.randint(0, 150, (int(batch), height, width), device=device)
+    times, peaks, losses = {"transformers": [], "segformer": []}, {}, {}
+
+    def step(name, model):
+        model.zero_grad(set_to_none=True)
+        loss = model(x, labels=labels).loss
+        loss.backward()
+        losses[name] = loss.item()
+
+    for name, model in (("transformers", theirs), ("segformer", ours)):
+        with PeakMemory(device) as mem:
+            step(name, model)
+        peaks[name] = mem.peak
+    for _ in range(args.repeats):
+        for name, model in (("transformers", theirs), ("segformer", ours)):
+            times[name].append(timed(lambda n=name, m=model: step(n, m), device))
+    # accuracy: the same eval-mode loss (no dropout) through both
+    for model in (theirs, ours):
+        model.eval()
+    with torch.no_grad():
+        ref, got = theirs(x, labels=labels).loss, ours(x, labels=labels).loss
+    rel = abs(got.item() - ref.item()) / abs(ref.item())
+    return _row(case, times, peaks, rel, float("nan"))
+
+
+def _row(case, times, peaks, rel, agree) -> dict:
+    t_theirs, t_ours = statistics.median(times["transformers"]), statistics.median(times["segformer"])
+    return dict(case=case, theirs=t_theirs, ours=t_ours, ratio=t_theirs / t_ours,
+                mem_theirs=peaks["transformers"], mem_ours=peaks["segformer"], rel=rel, agree=agree)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="cases to run (see above)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per case (default 5)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or mps (default cpu)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile our model (inference cases)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    import transformers
+
+    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
+          f"{torch.__version__}, transformers {transformers.__version__}, device {device}")  # fmt: skip
+    header = f"{'case':<24}{'transformers':>14}{'segformer':>12}{'speed-up':>10}{'peak MB (T / ours)':>22}{'max rel diff':>14}"
+    print(header + f"{'argmax agree':>14}")
+    for case in args.cases:
+        row = (run_train_case if case.startswith("train:") else run_inference_case)(case, args, device)
+        mem = f"{row['mem_theirs'] / 2**20:,.0f} / {row['mem_ours'] / 2**20:,.0f}"
+        agree = "" if row["agree"] != row["agree"] else f"{row['agree']:.4f}"
+        print(f"{row['case']:<24}{row['theirs']:>13.3f}s{row['ours']:>11.3f}s{row['ratio']:>9.2f}x{mem:>22}"
+              f"{row['rel']:>14.1e}{agree:>14}", flush=True)  # fmt: skip
+        gc.collect()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
