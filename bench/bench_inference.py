@@ -2,8 +2,8 @@
 
 Both libraries get the same random weights. For every case the script prints the median latency of each,
 their ratio (Transformers / ours: > 1 means we are faster), the peak memory each forward adds (peak RSS on
-the CPU, measured by resetting the kernel's high-water mark; peak allocated memory on CUDA) and the maximum
-relative difference of the logits.
+the CPU, read from the kernel's high-water mark in a fresh process per library and case; peak allocated
+memory on CUDA) and the maximum relative difference of the logits (or of the loss, for training steps).
 
     python bench/bench_inference.py                       # the default cases (a few minutes on 2 cores)
     python bench/bench_inference.py --cases b0:512x512:fp32:1 --repeats 10
@@ -128,10 +128,9 @@ def run_inference_case(case: str, args: argparse.Namespace, device: torch.device
         with torch.inference_mode(), autocast():
             outputs[name] = model(x).logits.float()
 
-    for name, model in (("transformers", theirs), ("segformer", ours)):  # warm-up + peak memory
-        with PeakMemory(device) as mem:
-            forward(name, model)
-        peaks[name] = mem.peak
+    for name, model in (("transformers", theirs), ("segformer", ours)):  # warm-up
+        forward(name, model)
+        peaks[name] = measure_in_child(name, case, args) if args.memory else float("nan")
     for _ in range(args.repeats):  # interleaved, so both see the same machine state
         for name, model in (("transformers", theirs), ("segformer", ours)):
             times[name].append(timed(lambda n=name, m=model: forward(n, m), device))
@@ -159,10 +158,9 @@ def run_train_case(case: str, args: argparse.Namespace, device: torch.device) ->
         loss.backward()
         losses[name] = loss.item()
 
-    for name, model in (("transformers", theirs), ("segformer", ours)):
-        with PeakMemory(device) as mem:
-            step(name, model)
-        peaks[name] = mem.peak
+    for name, model in (("transformers", theirs), ("segformer", ours)):  # warm-up
+        step(name, model)
+        peaks[name] = measure_in_child(name, case, args) if args.memory else float("nan")
     for _ in range(args.repeats):
         for name, model in (("transformers", theirs), ("segformer", ours)):
             times[name].append(timed(lambda n=name, m=model: step(n, m), device))
@@ -173,6 +171,42 @@ def run_train_case(case: str, args: argparse.Namespace, device: torch.device) ->
         ref, got = theirs(x, labels=labels).loss, ours(x, labels=labels).loss
     rel = abs(got.item() - ref.item()) / abs(ref.item())
     return _row(case, times, peaks, rel, float("nan"))
+
+
+def measure_in_child(name: str, case: str, args: argparse.Namespace) -> float:
+    """Peak memory of one forward (or training step) of one library, in a fresh process, so that neither
+    library's allocator caches hide or inflate the other's peak."""
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--memory-child", name, "--cases", case, "--device", args.device]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def memory_child(name: str, case: str, device: torch.device) -> float:
+    theirs, ours = build_pair(case.split(":")[1] if case.startswith("train:") else case.split(":")[0], device)
+    model = theirs if name == "transformers" else ours
+    del theirs, ours
+    gc.collect()
+    if case.startswith("train:"):
+        _, _, size, batch = case.split(":")
+        height, width = (int(v) for v in size.split("x"))
+        x = torch.randn(int(batch), 3, height, width, device=device)
+        labels = torch.randint(0, 150, (int(batch), height, width), device=device)
+        model.train()
+        with PeakMemory(device) as mem:
+            model(x, labels=labels).loss.backward()
+    else:
+        _, size, dtype_name, batch = case.split(":")
+        height, width = (int(v) for v in size.split("x"))
+        x = torch.randn(int(batch), 3, height, width, device=device)
+        dtype = DTYPES[dtype_name]
+        autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+        with PeakMemory(device) as mem, torch.inference_mode(), autocast:
+            model(x)
+    return mem.peak
 
 
 def _row(case, times, peaks, rel, agree) -> dict:
@@ -188,10 +222,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or mps (default cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--compile", action="store_true", help="torch.compile our model (inference cases)")
+    parser.add_argument("--no-memory", dest="memory", action="store_false",
+                        help="skip the peak-memory measurements (each runs in a fresh process)")  # fmt: skip
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.memory_child:
+        print(memory_child(args.memory_child, args.cases[0], device))
+        return 0
     import transformers
 
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "

@@ -16,6 +16,7 @@ from .modeling import (
     SegformerPreTrainedModel,
     SemanticSegmenterOutput,
 )
+from .processing import SegformerBatch, SegformerFeatureExtractor, SegformerImageProcessor
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,9 @@ __all__ = [
     "BaseModelOutput",
     "CheckpointError",
     "SegFormerImageClassifierOutput",
+    "SegformerBatch",
+    "SegformerFeatureExtractor",
+    "SegformerImageProcessor",
     "SegformerConfig",
     "SegformerDecodeHead",
     "SegformerForImageClassification",
