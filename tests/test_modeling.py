@@ -317,3 +317,16 @@ def test_training_fast_path_equals_plain_path():
     for name in grads_a:
         diff = (grads_a[name] - grads_b[name]).abs().max().item()
         assert diff <= 1e-4 * grads_b[name].abs().max().item() + 1e-7 * scale, name
+
+
+def test_torch_compile_full_graph():
+    """The eval fast path (fold included) traces as one graph; aot_eager keeps the test free of a C++ build."""
+    model = randomize_(SegformerForSemanticSegmentation(tiny_config())).eval()
+    x = torch.randn(2, 3, 64, 80)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert rel_err(compiled(x).logits, model(x).logits) < 1e-5
+    model.train()
+    loss = compiled(x, labels=torch.randint(0, 5, (2, 64, 80))).loss
+    loss.backward()
+    assert model.decode_head.linear_fuse.weight.grad is not None
