@@ -137,7 +137,8 @@ class DropPath(nn.Module):
 
 def tokens_to_map(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """(B, H*W, C) tokens → (B, C, H, W) view in channels-last memory (no copy)."""
-    return x.unflatten(1, (height, width)).permute(0, 3, 1, 2)
+    # view (not unflatten): the ONNX tracer keeps view sizes symbolic, so exported graphs stay size-dynamic
+    return x.view(x.shape[0], height, width, x.shape[-1]).permute(0, 3, 1, 2)
 
 
 def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -245,7 +246,7 @@ class SegformerEfficientSelfAttention(nn.Module):
             context, probs = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout), None
         else:
             scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale  # (B, heads, N, N')
-            probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+            probs = scores.float().softmax(dim=-1).to(q.dtype)  # fp32 softmax (also in exported fp16 graphs)
             context = torch.matmul(F.dropout(probs, dropout, self.training), v)
         return context.transpose(1, 2).flatten(2), probs  # (B, N, C)
 

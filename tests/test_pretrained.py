@@ -202,11 +202,13 @@ def test_save_is_atomic_and_replaces_stale_weights(saved):
 
 
 # ------------------------------------------------------------------------------------ hub ids, offline
-def populate_hub_cache(cache, repo_id: str, files: dict[str, bytes], commit: str = "0" * 40) -> None:
+def populate_hub_cache(
+    cache, repo_id: str, files: dict[str, bytes], commit: str = "0" * 40, ref: str = "main"
+) -> None:
     """Lay files out as huggingface_hub's cache does: models--org--name/{refs/main, snapshots/<commit>/...}."""
     root = cache / ("models--" + repo_id.replace("/", "--"))
-    (root / "refs").mkdir(parents=True)
-    (root / "refs" / "main").write_text(commit)
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / ref).write_text(commit)
     snapshot = root / "snapshots" / commit
     snapshot.mkdir(parents=True)
     for name, data in files.items():
@@ -219,6 +221,7 @@ from segformer import SegformerForSemanticSegmentation, SegformerConfig, Checkpo
 model = SegformerForSemanticSegmentation.from_pretrained("acme/tiny-seg")
 print("labels", model.config.num_labels, "training", model.training)
 print("config", SegformerConfig.from_pretrained("acme/tiny-seg").num_labels)
+print("revision", SegformerForSemanticSegmentation.from_pretrained("acme/tiny-seg", revision="v1").config.num_labels)
 try:
     SegformerForSemanticSegmentation.from_pretrained("acme/not-cached")
 except CheckpointError as e:
@@ -230,9 +233,14 @@ def test_hub_id_from_a_populated_cache_offline(saved, tmp_path):
     model, path = saved
     cache = tmp_path / "hub"
     populate_hub_cache(cache, "acme/tiny-seg", {p.name: p.read_bytes() for p in path.iterdir()})
+    older = randomize_(SegformerForSemanticSegmentation(tiny_config(num_labels=6)))
+    older.save_pretrained(tmp_path / "older")
+    populate_hub_cache(
+        cache, "acme/tiny-seg", {p.name: p.read_bytes() for p in (tmp_path / "older").iterdir()}, "1" * 40, "v1"
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "home")}
     out = subprocess.run([sys.executable, "-c", HUB_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "labels 4 training False" in out.stdout and "config 4" in out.stdout
+    assert "labels 4 training False" in out.stdout and "config 4" in out.stdout and "revision 6" in out.stdout
     assert "error acme/not-cached: config.json is not in the local hub cache" in out.stdout
     assert "pass a local directory" in out.stdout

@@ -1,47 +1,89 @@
-"""``segformer demo``: an end-to-end run that needs no download."""
+"""``segformer demo``: synthetic data → train a small SegFormer on the CPU → evaluate → overlays, no download."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+# b0's widths with one block per stage and a narrower decoder: it learns the synthetic textures in a few
+# minutes on two CPU cores.
+DEMO_MODEL = dict(
+    depths=[1, 1, 1, 1],
+    hidden_sizes=[32, 64, 128, 256],
+    num_attention_heads=[1, 2, 4, 8],
+    decoder_hidden_size=128,
+)
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="end-to-end demo without downloads",
-        description="Build a SegFormer-b0, save and reload it, segment a generated image and write an overlay.",
+        help="end-to-end demo without downloads: synth → train → eval → overlays",
+        description="Write the procedural data set (segformer synth), fine-tune a small SegFormer on it on the "
+        "CPU with the paper's recipe (higher lr, fewer steps), evaluate it on the validation split, write "
+        "overlays and print the mIoU. About 3-4 minutes on two CPU cores.",
     )
     p.add_argument("--output", type=Path, default=Path("demo_out"), help="output folder (default: demo_out)")
+    p.add_argument("--steps", type=int, default=1200, help="training steps (default 1200)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--device", help="cpu, cuda, mps (default: cuda when available)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import shutil
+    import time
+
     import numpy as np
-    import torch
     from PIL import Image
 
-    from segformer import SegformerConfig, SegformerForSemanticSegmentation
+    from segformer import SegformerConfig
+    from segformer.data import build_dataset, write_synthetic_dataset
+    from segformer.data.synthetic import CLASSES
+    from segformer.evaluate import evaluate
+    from segformer.fileio import atomic_write
+    from segformer.inference import predict_labels
+    from segformer.metrics import format_table
+    from segformer.modeling import SegformerForSemanticSegmentation
+    from segformer.train import TrainConfig, train
     from segformer.visualize import make_palette, overlay
 
-    torch.manual_seed(args.seed)
+    start = time.perf_counter()
     out = Path(args.output)
-    model = SegformerForSemanticSegmentation(SegformerConfig.from_variant("b0", num_labels=8)).eval()
-    model.save_pretrained(out / "model")
-    model = SegformerForSemanticSegmentation.from_pretrained(out / "model")
-    print(f"saved and reloaded {out / 'model'} ({model.num_parameters():,} parameters)")
+    data = write_synthetic_dataset(out / "data", num_train=400, num_val=100, size=96, seed=args.seed)
+    print(f"wrote the synthetic data set to {data} (400 train, 100 val, classes: {', '.join(CLASSES)})")
 
-    yy, xx = np.mgrid[0:240, 0:320]
-    image = np.stack([(xx * 0.8) % 256, (yy * 1.0) % 256, ((xx + yy) * 0.4) % 256], -1).astype(np.uint8)
-    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
-    x = torch.from_numpy(((image / 255.0 - mean) / std).transpose(2, 0, 1)).float()[None]
-    with torch.no_grad():
-        logits = model(x).logits
-    up = torch.nn.functional.interpolate(logits, size=image.shape[:2], mode="bilinear", align_corners=False)
-    mask = up.argmax(1)[0].numpy().astype(np.uint8)
-    Image.fromarray(image).save(out / "image.png")
-    Image.fromarray(mask).save(out / "mask.png")
-    overlay(image, mask, make_palette(8)).save(out / "overlay.png")
-    print(f"wrote {out / 'image.png'}, {out / 'mask.png'} and {out / 'overlay.png'}")
+    cfg = TrainConfig(
+        data=str(data), dataset="folder", model=SegformerConfig(**DEMO_MODEL, num_labels=len(CLASSES)),
+        output=str(out / "run"), steps=args.steps, batch_size=16, crop=(64, 64), scale=(0, 0),
+        ratio_range=(0.75, 1.5), photometric=False, lr=2e-3, warmup_steps=50, drop_path_rate=0.0,
+        eval_every=max(args.steps // 4, 1), save_every=args.steps, log_every=50, workers=1, seed=args.seed,
+        device=args.device,
+    )  # fmt: skip
+    shutil.rmtree(out / "run", ignore_errors=True)  # a demo always starts afresh
+    result = train(cfg)
+    best = result["best"] or result["last"]
+
+    model = SegformerForSemanticSegmentation.from_pretrained(best)
+    val, _ = build_dataset(data, "val")
+    metrics = evaluate(model, val)
+    print(format_table(metrics))
+
+    palette = make_palette(len(CLASSES))
+    overlays = out / "overlays"
+    overlays.mkdir(parents=True, exist_ok=True)
+    for i in range(6):
+        image, truth = val.read(i)
+        pixels, _ = val[i]
+        pred = predict_labels(model, pixels[None])[0].numpy().astype(np.uint8)
+        panel = Image.new("RGB", (image.shape[1] * 3 + 8, image.shape[0]), (255, 255, 255))
+        for j, picture in enumerate(
+            (Image.fromarray(image), overlay(image, truth, palette), overlay(image, pred, palette))
+        ):
+            panel.paste(picture, (j * (image.shape[1] + 4), 0))
+        big = panel.resize((panel.width * 2, panel.height * 2), Image.NEAREST)
+        atomic_write(overlays / f"val_{i:02d}.png", lambda tmp, im=big: im.save(tmp, "PNG"))
+    print(f"wrote {overlays}/val_00.png … val_05.png (image | ground truth | prediction)")
+    print(f"demo: mIoU {100 * metrics['mIoU']:.1f} on {len(val)} validation images "
+          f"({time.perf_counter() - start:.0f} s); model in {best}")  # fmt: skip
     return 0

@@ -1,0 +1,460 @@
+"""Conversion of original NVlabs/SegFormer (mmseg 0.x) checkpoints into our ``save_pretrained`` layout.
+
+Two kinds of file are understood:
+
+- segmentation checkpoints ``{"meta": {..., "CLASSES", "config"}, "state_dict": {...}}`` with keys
+  ``backbone.patch_embed1.proj.weight``, ``backbone.block1.0.attn.kv.weight``, ``decode_head.linear_c1.proj``,
+  ``decode_head.linear_fuse.conv.weight``, ``decode_head.linear_pred`` … → SegformerForSemanticSegmentation;
+- ImageNet backbones ``mit_b*.pth``: the same encoder keys without ``backbone.`` plus a ``head`` classifier
+  → SegformerForImageClassification (which also loads into SegformerForSemanticSegmentation as a base).
+
+The renames (stage indices are 1-based there, 0-based here; block indices are 0-based in both):
+
+    patch_embed{i}.proj / .norm          → encoder.patch_embeddings.{i-1}.proj / .layer_norm
+    block{i}.{j}.norm1 / .norm2          → encoder.block.{i-1}.{j}.layer_norm_1 / .layer_norm_2
+    block{i}.{j}.attn.q                  → ….attention.self.query
+    block{i}.{j}.attn.kv                 → ….attention.self.key (rows [:C]) and .value (rows [C:])
+    block{i}.{j}.attn.sr / .norm         → ….attention.self.sr / .layer_norm
+    block{i}.{j}.attn.proj               → ….attention.output.dense
+    block{i}.{j}.mlp.fc1 / .dwconv.dwconv / .fc2 → ….mlp.dense1 / .dwconv.dwconv / .dense2
+    norm{i}                              → encoder.layer_norm.{i-1}
+    decode_head.linear_c{i}.proj         → decode_head.linear_c.{i-1}.proj
+    decode_head.linear_fuse.conv / .bn   → decode_head.linear_fuse / decode_head.batch_norm
+    decode_head.linear_pred              → decode_head.classifier
+    decode_head.conv_seg                 → dropped (unused by the original SegFormer head)
+    head                                 → classifier (ImageNet backbones)
+
+The architecture is read from the tensor shapes (hidden sizes, depths, sr ratios, MLP ratios, patch sizes,
+decoder width, label count) and mapped to b0…b5 where it matches :data:`segformer.config.VARIANTS`.
+Attention head counts are not visible in the weights: the MiT value (1, 2, 5, 8) is used unless given.
+Unknown keys, missing keys and shape conflicts raise :class:`ConversionError` naming the original key.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import VARIANTS, SegformerConfig
+from .hub import CheckpointError
+from .labels import ADE20K_CLASSES, CITYSCAPES_CLASSES
+
+DATASETS: dict[str, tuple[str, ...]] = {"ade20k": ADE20K_CLASSES, "cityscapes": CITYSCAPES_CLASSES}
+MIT_HEADS = (1, 2, 5, 8)
+_ARCH_FIELDS = ("num_channels", "num_encoder_blocks", "hidden_sizes", "patch_sizes", "strides", "depths",
+                "sr_ratios", "mlp_ratios")  # fmt: skip
+ORIGINAL_LAYER_NORM_EPS = 1e-6  # the original code's block and stage norms
+_IGNORED_TOP_LEVEL = ("meta", "optimizer")  # besides "state_dict" in an mmcv checkpoint
+
+
+class ConversionError(CheckpointError):
+    """An original checkpoint that cannot be converted (one line naming the file or key)."""
+
+
+@dataclass
+class ConversionResult:
+    """What :func:`convert_checkpoint` produced: the output directory, the model class written, the config,
+    the variant name (None when the shapes match no b0–b5) and the keys dropped on purpose."""
+
+    output_dir: Path
+    architecture: str
+    config: SegformerConfig
+    variant: str | None
+    dropped_keys: list[str]
+
+    def summary(self) -> str:
+        variant = f"MiT-{self.variant}" if self.variant else "a custom MiT"
+        return (
+            f"wrote {self.output_dir} ({self.architecture}, {variant}, {self.config.num_labels} labels"
+            f"{', dropped ' + ', '.join(self.dropped_keys) if self.dropped_keys else ''})"
+        )
+
+
+# ------------------------------------------------------------------------------------------ reading
+def load_original_checkpoint(
+    path: str | os.PathLike, *, unsafe_pickle: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read an original ``.pth`` file → (state dict, meta dict; empty when the file has none).
+
+    Files are read with ``torch.load(weights_only=True)``, which executes no code. Some original files keep
+    numpy or mmcv objects in ``meta``, which that refuses; ``unsafe_pickle=True`` then loads the full pickle
+    — it can run arbitrary code, so use it only for files from a source you trust.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"{path}: no such file")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):  # torch's zip format or a pickle
+        raise ConversionError(
+            f"{path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)"
+        )
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=not unsafe_pickle)
+    except pickle.UnpicklingError as exc:
+        if unsafe_pickle or "weights only load failed" not in str(exc).lower():
+            raise ConversionError(f"{path}: not a PyTorch checkpoint ({_first_line(exc)})") from None
+        reason = next((line.strip() for line in str(exc).splitlines() if "Unsupported" in line), "")
+        reason = reason.split(" was not an allowed global")[0].removeprefix("WeightsUnpickler error: ")
+        reason = reason or "it holds Python objects"
+        raise ConversionError(
+            f"{path}: cannot be read with torch.load(weights_only=True) ({reason}); if the file comes from "
+            "a source you trust (original checkpoints may keep numpy/mmcv objects in 'meta'), pass "
+            "--unsafe-pickle (Python: unsafe_pickle=True), which can run code stored in the file"
+        ) from None
+    except Exception as exc:  # truncated archives, EOF, bad magic numbers
+        raise ConversionError(f"{path}: not a PyTorch checkpoint ({_first_line(exc)})") from None
+    meta: dict[str, Any] = {}
+    if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
+        meta = dict(data["meta"]) if isinstance(data.get("meta"), Mapping) else {}
+        data = data["state_dict"]
+    elif isinstance(data, Mapping) and isinstance(data.get("model"), Mapping):
+        data = data["model"]  # the classification code saves {"model", "optimizer", ...}
+    if not isinstance(data, Mapping) or not data:
+        raise ConversionError(f"{path}: does not hold a state dict")
+    bad = [k for k, v in data.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ConversionError(f"{path}: entry {bad[0]!r} of the state dict is not a tensor")
+    state = dict(data)
+    if all(k.startswith("module.") for k in state):  # saved from a DistributedDataParallel wrapper
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state, meta
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# ------------------------------------------------------------------------------------------ renaming
+# One rename table: original module path → ours, inside a block, a stage and the decode head.
+_BLOCK = {
+    "norm1": "layer_norm_1",
+    "norm2": "layer_norm_2",
+    "attn.q": "attention.self.query",
+    "attn.kv": "attention.self.{kv}",  # split into key and value
+    "attn.sr": "attention.self.sr",
+    "attn.norm": "attention.self.layer_norm",
+    "attn.proj": "attention.output.dense",
+    "mlp.fc1": "mlp.dense1",
+    "mlp.dwconv.dwconv": "mlp.dwconv.dwconv",
+    "mlp.fc2": "mlp.dense2",
+}
+_HEAD = {
+    "linear_fuse.conv.weight": "linear_fuse.weight",
+    **{f"linear_fuse.bn.{t}": f"batch_norm.{t}"
+       for t in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")},
+    "linear_pred.weight": "classifier.weight",
+    "linear_pred.bias": "classifier.bias",
+}  # fmt: skip
+_PARAM = r"(weight|bias)"
+_BLOCK_KEY = re.compile(rf"block(\d+)\.(\d+)\.({'|'.join(map(re.escape, _BLOCK))})\.{_PARAM}")
+_PATCH_KEY = re.compile(rf"patch_embed(\d+)\.(proj|norm)\.{_PARAM}")
+_NORM_KEY = re.compile(rf"norm(\d+)\.{_PARAM}")
+_LINEAR_C_KEY = re.compile(rf"linear_c(\d+)\.proj\.{_PARAM}")
+_DROPPED = re.compile(r"decode_head\.conv_seg\.(weight|bias)")
+
+
+def original_layout(state: Mapping[str, torch.Tensor]) -> str:
+    """``"segmentation"`` (backbone. + decode_head.), ``"encoder"`` (backbone. only) or ``"backbone"``
+    (an ImageNet ``mit_b*.pth``: bare encoder keys, maybe a ``head``); ConversionError otherwise."""
+    if "backbone.patch_embed1.proj.weight" in state:
+        return "segmentation" if any(k.startswith("decode_head.") for k in state) else "encoder"
+    if "patch_embed1.proj.weight" in state:
+        return "backbone"
+    if any(k.startswith(("segformer.", "encoder.")) for k in state):
+        raise ConversionError(
+            "this checkpoint is already in the Transformers layout; load it with from_pretrained"
+        )
+    if any(k.startswith("backbone.layers.") for k in state):
+        raise ConversionError(
+            "this is an mmsegmentation 1.x MixVisionTransformer checkpoint (backbone.layers.*); only the "
+            "original NVlabs/mmseg 0.x layout (backbone.patch_embed1.*) is supported"
+        )
+    raise ConversionError("not an original SegFormer checkpoint: no 'backbone.patch_embed1.proj.weight' key")
+
+
+def convert_state_dict(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Rename original keys to ours (see the module docstring) → (converted state, dropped keys).
+
+    The fused ``attn.kv`` matrix is split into ``key`` (first C rows) and ``value`` (last C rows). The task
+    prefix follows the layout: ``segformer.`` for a segmentation checkpoint and for an ImageNet backbone
+    (whose ``head`` becomes ``classifier``), none for a bare ``backbone.`` encoder. Raises ConversionError
+    naming the first key that is not part of the original layout or whose kv matrix cannot be split.
+    """
+    converted, dropped, _ = _convert(state)
+    return converted, dropped
+
+
+def _convert(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str], dict[str, str]]:
+    """convert_state_dict, plus our key → the original key it came from (for error messages)."""
+    layout = original_layout(state)
+    prefix = "segformer." if layout in ("segmentation", "backbone") else ""
+    out: dict[str, torch.Tensor] = {}
+    sources: dict[str, str] = {}
+    dropped: list[str] = []
+    for key, tensor in state.items():
+        if _DROPPED.fullmatch(key):
+            dropped.append(key)
+            continue
+        new = _rename(key, layout, prefix)
+        if new is None:
+            raise ConversionError(f"unknown key {key!r}: not part of the original SegFormer {layout} layout")
+        if "{kv}" in new:
+            if tensor.ndim == 0 or tensor.shape[0] % 2:
+                raise ConversionError(
+                    f"{key}: shape {tuple(tensor.shape)} cannot be split into key and value halves"
+                )
+            c = tensor.shape[0] // 2
+            out[new.replace("{kv}", "key")] = tensor[:c].clone()  # rows [:C] are the key projection
+            out[new.replace("{kv}", "value")] = tensor[c:].clone()
+            sources[new.replace("{kv}", "key")] = sources[new.replace("{kv}", "value")] = key
+        else:
+            out[new] = tensor
+            sources[new] = key
+    return out, dropped, sources
+
+
+def _rename(key: str, layout: str, prefix: str) -> str | None:
+    """Our name for one original key (None when it is not part of the layout). Stage and linear_c
+    indices go from 1-based to 0-based; block indices inside a stage are 0-based in both."""
+    if key.startswith("decode_head."):
+        if layout != "segmentation":
+            return None
+        rest = key[len("decode_head.") :]
+        if rest in _HEAD:
+            return "decode_head." + _HEAD[rest]
+        m = _LINEAR_C_KEY.fullmatch(rest)
+        return f"decode_head.linear_c.{int(m[1]) - 1}.proj.{m[2]}" if m and int(m[1]) >= 1 else None
+    if layout == "backbone":
+        if key in ("head.weight", "head.bias"):
+            return "classifier." + key.split(".", 1)[1]
+    elif key.startswith("backbone."):
+        key = key[len("backbone.") :]
+    else:
+        return None
+    if m := _BLOCK_KEY.fullmatch(key):
+        name = f"encoder.block.{int(m[1]) - 1}.{m[2]}.{_BLOCK[m[3]]}.{m[4]}"
+    elif m := _PATCH_KEY.fullmatch(key):
+        name = f"encoder.patch_embeddings.{int(m[1]) - 1}.{'proj' if m[2] == 'proj' else 'layer_norm'}.{m[3]}"
+    elif m := _NORM_KEY.fullmatch(key):
+        name = f"encoder.layer_norm.{int(m[1]) - 1}.{m[2]}"
+    else:
+        return None
+    return prefix + name if int(m[1]) >= 1 else None
+
+
+# -------------------------------------------------------------------------------------- architecture
+def infer_config(
+    state: Mapping[str, torch.Tensor],
+    *,
+    meta: Mapping[str, Any] | None = None,
+    variant: str | None = None,
+    num_labels: int | None = None,
+    dataset: str | None = None,
+    num_attention_heads: list[int] | None = None,
+    original_eps: bool = False,
+) -> tuple[SegformerConfig, str | None]:
+    """The SegformerConfig of an original state dict → (config, matching variant name or None).
+
+    Reads hidden sizes and patch sizes (patch_embed convs), depths (block counts), sr ratios (attn.sr
+    kernels), MLP ratios (fc1), the decoder width (linear_c) and the label count (linear_pred, or the
+    ImageNet ``head``). ``variant`` ("b0"…"b5") fixes the architecture instead; the weights must then fit
+    it (checked by :func:`convert_checkpoint`). ``num_labels`` must agree with the classifier when given.
+    Label names: ``dataset`` ("ade20k" / "cityscapes"), else ``meta["CLASSES"]``, else ADE20K for 150 and
+    Cityscapes for 19 labels, else ``LABEL_i``. ``original_eps`` uses the original LayerNorm eps 1e-6 in
+    the block and stage norms (``use_layer_norm_eps=True``); the default 1e-5 matches Transformers.
+    """
+    layout = original_layout(state)
+    pre = "" if layout == "backbone" else "backbone."
+    stages = []
+    while f"{pre}patch_embed{len(stages) + 1}.proj.weight" in state:
+        stages.append(state[f"{pre}patch_embed{len(stages) + 1}.proj.weight"])
+    hidden = [int(w.shape[0]) for w in stages]
+    fields: dict[str, Any] = dict(
+        num_channels=int(stages[0].shape[1]),
+        num_encoder_blocks=len(stages),
+        hidden_sizes=hidden,
+        patch_sizes=[int(w.shape[-1]) for w in stages],
+        strides=[4] + [2] * (len(stages) - 1),  # not visible in the weights; every MiT uses these
+        depths=[_count_blocks(state, f"{pre}block{i + 1}.") for i in range(len(stages))],
+        sr_ratios=[_sr_ratio(state, f"{pre}block{i + 1}.0.attn.sr.weight") for i in range(len(stages))],
+        mlp_ratios=[
+            _mlp_ratio(state, f"{pre}block{i + 1}.0.mlp.fc1.weight", h) for i, h in enumerate(hidden)
+        ],
+    )
+    if "decode_head.linear_c1.proj.weight" in state:
+        fields["decoder_hidden_size"] = int(state["decode_head.linear_c1.proj.weight"].shape[0])
+    found = _classifier_labels(state, layout)
+    if num_labels is not None and found is not None and num_labels != found[1]:
+        raise ConversionError(f"{found[0]}: holds {found[1]} classes but num_labels={num_labels} was given")
+    labels = num_labels if num_labels is not None else (found[1] if found else None)
+
+    if variant is not None:
+        key = variant.lower().removeprefix("mit-").removeprefix("mit_")
+        if key not in VARIANTS:
+            raise ConversionError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+        # The variant replaces what the shapes said; a checkpoint that does not fit fails the shape check.
+        fields = {**fields, **SegformerConfig().to_dict(), **VARIANTS[key]}
+        fields = {k: fields[k] for k in (*_ARCH_FIELDS, "decoder_hidden_size")}
+        matched: str | None = key
+    else:
+        matched = _match_variant(fields)
+    if num_attention_heads is not None:
+        heads = list(num_attention_heads)
+    elif len(fields["hidden_sizes"]) == len(MIT_HEADS) and all(
+        h % n == 0 for h, n in zip(fields["hidden_sizes"], MIT_HEADS, strict=True)
+    ):
+        heads = list(MIT_HEADS)
+    else:
+        raise ConversionError(
+            f"hidden sizes {fields['hidden_sizes']} are not those of a MiT variant, and the number of "
+            "attention heads is not stored in the weights; pass num_attention_heads (CLI: --num-heads)"
+        )
+    fields["num_attention_heads"] = heads
+    if original_eps:
+        fields.update(use_layer_norm_eps=True, layer_norm_eps=ORIGINAL_LAYER_NORM_EPS)
+    id2label = _id2label(labels, dataset, meta or {}) if labels is not None else None
+    try:
+        config = SegformerConfig(**fields, id2label=id2label, num_labels=None if id2label else labels)
+    except ValueError as exc:
+        raise ConversionError(f"the checkpoint's shapes give an invalid config: {exc}") from None
+    return config, matched
+
+
+def _count_blocks(state: Mapping[str, torch.Tensor], prefix: str) -> int:
+    indices = {int(k[len(prefix) :].split(".", 1)[0]) for k in state if k.startswith(prefix)}
+    if not indices or indices != set(range(len(indices))):
+        raise ConversionError(f"{prefix}*: block indices {sorted(indices)} are not 0..n-1")
+    return len(indices)
+
+
+def _sr_ratio(state: Mapping[str, torch.Tensor], key: str) -> int:
+    return int(state[key].shape[-1]) if key in state else 1
+
+
+def _mlp_ratio(state: Mapping[str, torch.Tensor], key: str, hidden: int) -> int:
+    if key not in state:
+        raise ConversionError(f"missing key {key!r}")
+    inner = int(state[key].shape[0])
+    if inner % hidden:
+        raise ConversionError(f"{key}: {inner} hidden units is not a multiple of the stage width {hidden}")
+    return inner // hidden
+
+
+def _classifier_labels(state: Mapping[str, torch.Tensor], layout: str) -> tuple[str, int] | None:
+    key = "head.weight" if layout == "backbone" else "decode_head.linear_pred.weight"
+    return (key, int(state[key].shape[0])) if key in state else None
+
+
+def _match_variant(fields: Mapping[str, Any]) -> str | None:
+    if fields["num_encoder_blocks"] != 4 or fields["sr_ratios"] != [8, 4, 2, 1]:
+        return None
+    if fields["patch_sizes"] != [7, 3, 3, 3] or fields["mlp_ratios"] != [4, 4, 4, 4]:
+        return None
+    for name, spec in VARIANTS.items():
+        if fields["depths"] == spec["depths"] and fields["hidden_sizes"] == spec["hidden_sizes"]:
+            if fields.get("decoder_hidden_size", spec["decoder_hidden_size"]) == spec["decoder_hidden_size"]:
+                return name
+    return None
+
+
+def _id2label(num_labels: int, dataset: str | None, meta: Mapping[str, Any]) -> dict[int, str]:
+    if dataset is not None:
+        names = DATASETS.get(dataset.lower())
+        if names is None:
+            raise ConversionError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+        if len(names) != num_labels:
+            raise ConversionError(
+                f"dataset {dataset} has {len(names)} classes but the model has {num_labels} labels"
+            )
+        return dict(enumerate(names))
+    classes = meta.get("CLASSES")
+    if (
+        isinstance(classes, (list, tuple))
+        and len(classes) == num_labels
+        and all(isinstance(c, str) for c in classes)
+    ):
+        return {i: c.strip() for i, c in enumerate(classes)}
+    if num_labels == len(ADE20K_CLASSES):
+        return dict(enumerate(ADE20K_CLASSES))
+    if num_labels == len(CITYSCAPES_CLASSES):
+        return dict(enumerate(CITYSCAPES_CLASSES))
+    return {i: f"LABEL_{i}" for i in range(num_labels)}
+
+
+# ------------------------------------------------------------------------------------------- driver
+def convert_checkpoint(
+    checkpoint: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    variant: str | None = None,
+    num_labels: int | None = None,
+    dataset: str | None = None,
+    num_attention_heads: list[int] | None = None,
+    original_eps: bool = False,
+    unsafe_pickle: bool = False,
+    safe_serialization: bool = True,
+) -> ConversionResult:
+    """Convert an original ``.pth`` file into a ``save_pretrained`` directory (config.json +
+    model.safetensors) that ``from_pretrained`` loads. Arguments as in :func:`infer_config` and
+    :func:`load_original_checkpoint`. Every tensor must land on a model weight of the same shape and every
+    model weight must be covered (BatchNorm's ``num_batches_tracked`` excepted); otherwise ConversionError
+    names the original key. The output directory is written only after all checks passed."""
+    from .modeling import SegformerForImageClassification, SegformerForSemanticSegmentation, SegformerModel
+
+    path = Path(checkpoint)
+    state, meta = load_original_checkpoint(path, unsafe_pickle=unsafe_pickle)
+    try:
+        layout = original_layout(state)
+        config, matched = infer_config(
+            state, meta=meta, variant=variant, num_labels=num_labels, dataset=dataset,
+            num_attention_heads=num_attention_heads, original_eps=original_eps,
+        )  # fmt: skip
+        converted, dropped, sources = _convert(state)
+    except ConversionError as exc:
+        raise ConversionError(f"{path}: {exc}") from None
+    if layout == "segmentation":
+        cls = SegformerForSemanticSegmentation
+    elif layout == "backbone" and "head.weight" in state:
+        cls = SegformerForImageClassification
+    else:
+        cls = SegformerModel
+    model = cls(config)
+    _check_against_model(path, converted, model.state_dict(), sources)
+    model.load_state_dict(converted, strict=False)  # num_batches_tracked may be absent: keeps its 0
+    model.eval()
+    out = Path(output_dir)
+    model.save_pretrained(out, safe_serialization=safe_serialization)
+    return ConversionResult(out, cls.__name__, config, matched, dropped)
+
+
+def _check_against_model(
+    path: Path,
+    converted: Mapping[str, torch.Tensor],
+    expected: Mapping[str, torch.Tensor],
+    names: Mapping[str, str],
+) -> None:
+    for key, tensor in converted.items():
+        source = names.get(key, key)
+        if key not in expected:
+            raise ConversionError(f"{path}: unknown key {source!r} (no {key} in the inferred architecture)")
+        if tensor.shape != expected[key].shape:
+            shape = tuple(tensor.shape)
+            raise ConversionError(
+                f"{path}: shape conflict at {source!r}: {shape} where the architecture needs "
+                f"{tuple(expected[key].shape)} (as {key})"
+            )
+    missing = [k for k in expected if k not in converted and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise ConversionError(
+            f"{path}: missing weights for {missing[0]}"
+            + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+        )

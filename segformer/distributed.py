@@ -1,0 +1,186 @@
+"""Tiny rank-aware helpers over ``torch.distributed``; every one of them also works in a single process.
+
+A run started by ``torchrun`` has RANK / WORLD_SIZE / LOCAL_RANK (and MASTER_ADDR / MASTER_PORT) in its
+environment; :func:`init_distributed` reads them and joins the process group (nccl on CUDA, gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands: its global rank, the number of processes, its rank on this node and the
+    device it should use."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_distributed(device: str | torch.device | None = None) -> DistInfo:
+    """Join the process group when launched by torchrun and pick this process's device.
+
+    ``device``: None picks ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU; a string forces one
+    ("cpu" runs a multi-process job on gloo even on a GPU machine). Without torchrun this returns rank 0 of 1.
+    """
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device is None:
+        dev = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device(f"cuda:{local_rank}")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+        return DistInfo(device=dev)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def _comm_device() -> torch.device:
+    """nccl only reduces CUDA tensors; gloo takes CPU ones."""
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over all processes (a no-op in one process). Returns the sum on ``tensor``'s device."""
+    if not is_distributed():
+        return tensor
+    t = tensor.to(_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.to(tensor.device)
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Average ``tensor`` over all processes. Returns the mean on ``tensor``'s device."""
+    return all_reduce_sum(tensor) / get_world_size() if is_distributed() else tensor
+
+
+def broadcast_flag(flag: bool, src: int = 0) -> bool:
+    """``flag`` as decided by rank ``src`` (so that every rank takes the same branch, e.g. to stop together)."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int64, device=_comm_device())
+    dist.broadcast(t, src)
+    return bool(t.item())
+
+
+class SyncBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are those of the global batch (all processes), on any device.
+
+    torch.nn.SyncBatchNorm only runs on GPUs; this one uses a differentiable all_reduce (gloo on CPU, nccl on
+    CUDA), so N processes normalise exactly as one process with the whole batch would (to float rounding),
+    gradients included. Outside training or a process group it is a plain BatchNorm2d; its state-dict keys
+    are BatchNorm2d's.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and is_distributed()):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        dims = [0, *range(2, x.ndim)]
+        xf = x.float()
+        # Two passes (mean, then the squared deviations) for the numerical stability of the variance.
+        count = torch.tensor([x.numel() // x.shape[1]], device=x.device, dtype=torch.float32)
+        sums = all_reduce(torch.cat([xf.sum(dims), count]))
+        n = sums[-1]
+        mean = sums[:-1] / n  # (C,)
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        centred = xf - mean.view(shape)
+        var = all_reduce((centred * centred).sum(dims)) / n  # biased, as BatchNorm normalises with
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * n / max(float(n) - 1, 1.0), alpha=m)
+        y = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+    @classmethod
+    def convert(cls, module: nn.Module) -> nn.Module:
+        """Replace every BatchNorm2d in ``module`` (in place where nested) by a SyncBatchNorm holding the same
+        parameters and buffers. Returns the converted module."""
+        if isinstance(module, nn.BatchNorm2d) and not isinstance(module, cls):
+            new = cls(
+                module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+            )
+            new.to(device=module.weight.device if module.affine else None)
+            new.load_state_dict(module.state_dict())
+            if module.affine:
+                new.weight, new.bias = module.weight, module.bias  # keep the very Parameters
+            new.train(module.training)
+            return new
+        for name, child in module.named_children():
+            converted = cls.convert(child)
+            if converted is not child:
+                setattr(module, name, converted)
+        return module
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+__all__ = [
+    "DistInfo",
+    "SyncBatchNorm",
+    "all_reduce_mean",
+    "all_reduce_sum",
+    "barrier",
+    "broadcast_flag",
+    "cleanup",
+    "get_rank",
+    "get_world_size",
+    "init_distributed",
+    "is_distributed",
+    "is_main_process",
+    "launched_by_torchrun",
+]

@@ -1,0 +1,371 @@
+"""ONNX export of SegformerForSemanticSegmentation, checked against onnxruntime.
+
+>>> from segformer.export import export_onnx
+>>> report = export_onnx(model, "segformer.onnx")       # dynamic batch / height / width, opset 17
+>>> print(report.summary())
+
+The graph has one input ``pixel_values`` (B, C, H, W) float32 (normalised as for the PyTorch model) and one
+output ``logits`` (B, num_labels, ceil(H/4), ceil(W/4)) float32. It is the model's eval fast path: fused
+attention (ONNX opset >= 14) and the folded decode head (per-stage D×C_i matrices, no 4D-channel
+concatenation and no 1×1 fuse conv; see ``SegformerDecodeHead.folded``). Exporting is exact algebra, so the
+file is verified numerically: onnxruntime runs random input at a size other than the export size (batch 2
+when the axes are dynamic) and the largest difference relative to the largest PyTorch logit must stay
+within 1e-4 in fp32. The file is written atomically and only after it passed, so a failed export leaves
+nothing behind.
+
+``fp16=True`` stores the weights in float16 for GPU runtimes while LayerNorm and the attention softmax are
+computed in float32 (casts inside the graph), the guard against the float16 overflow that TensorRT-style
+engines otherwise hit in the variance and in exp(). Input and output stay float32. It is verified against
+the float32 PyTorch model with a looser tolerance (:data:`FP16_TOLERANCE`) where onnxruntime's CPU provider
+can run it; otherwise only its structure is checked and the report says so.
+
+Needs the ``onnx`` and ``onnxruntime`` packages (``pip install 'segformer[onnx]'``); uses PyTorch's
+TorchScript-based exporter (``dynamo=False``), which needs no further packages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import modeling
+from .fileio import atomic_write
+from .modeling import SegformerEfficientSelfAttention, SegformerForSemanticSegmentation, min_input_size
+
+DEFAULT_OPSET = 17  # the first opset with a LayerNormalization op
+MIN_OPSET = 14  # scaled_dot_product_attention (the fused path) exports from here; below, explicit attention
+FP32_TOLERANCE = 1e-4
+# fp16 weights and activations against the fp32 PyTorch model: 3 significant digits of every matmul, summed
+# over ~20 layers, give ~1e-3 of the largest logit; 1e-2 leaves room without hiding a broken graph.
+FP16_TOLERANCE = 1e-2
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_onnx` wrote and how it was checked.
+
+    ``max_rel_diff``: max |onnxruntime - PyTorch| / max |PyTorch| over the verification input, None when the
+    file was checked structurally only (``verified == "structure"``, with ``note`` saying why).
+    """
+
+    path: Path
+    opset: int
+    dynamic: bool
+    fp16: bool
+    export_size: tuple[int, int]
+    verify_shape: tuple[int, int, int, int] | None
+    max_rel_diff: float | None
+    tolerance: float
+    verified: str  # "numeric", "structure" or "no" (verify=False)
+    note: str = ""
+
+    def summary(self) -> str:
+        axes = (
+            "dynamic batch/height/width"
+            if self.dynamic
+            else f"static {self.export_size[0]}x{self.export_size[1]}"
+        )
+        kind = "fp16 weights (LayerNorm/softmax in fp32)" if self.fp16 else "fp32"
+        head = f"wrote {self.path} (opset {self.opset}, {axes}, {kind})"
+        if self.verified == "numeric":
+            b, _, h, w = self.verify_shape
+            return (
+                f"{head}; onnxruntime vs PyTorch at batch {b}, {h}x{w}: max relative difference "
+                f"{self.max_rel_diff:.2e} (limit {self.tolerance:.0e})"
+            )
+        if self.verified == "structure":
+            return f"{head}; structure checked only: {self.note}"
+        return f"{head}; not verified"
+
+
+class _LogitsGraph(nn.Module):
+    """What gets traced: pixel_values (B, C, H, W) float32 → logits (B, K, H/4, W/4) float32."""
+
+    def __init__(self, model: SegformerForSemanticSegmentation, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        logits = self.model(pixel_values.to(self.dtype), return_dict=True).logits
+        return logits.float()
+
+
+class _Float32LayerNorm(nn.Module):
+    """LayerNorm over float16 tokens computed in float32 (mean/variance of fp16 activations overflow)."""
+
+    def __init__(self, norm: nn.LayerNorm) -> None:
+        super().__init__()
+        self.normalized_shape = norm.normalized_shape
+        self.eps = norm.eps
+        self.weight = nn.Parameter(norm.weight.detach().float(), requires_grad=False)
+        self.bias = nn.Parameter(norm.bias.detach().float(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps)
+        return y.to(x.dtype)
+
+
+class _Float32SoftmaxAttention(SegformerEfficientSelfAttention):
+    """The explicit attention path with the scores cast to float32 before the softmax.
+
+    (The model's own ``softmax(dtype=float32)`` loses its dtype in the TorchScript exporter, which then
+    emits a float16 Softmax.) Installed by swapping ``__class__`` on the export copy, so the weights stay.
+    """
+
+    def forward(
+        self, x: torch.Tensor, height: int, width: int, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, None]:
+        q = self.heads(self.query(x) * self.scale)  # scaled first: smaller float16 scores
+        if self.sr_ratio > 1:
+            reduced = self.sr(modeling.tokens_to_map(x, height, width))  # (B, C, H/sr, W/sr)
+            x = self.layer_norm(modeling.map_to_tokens(reduced))  # (B, N', C)
+        k, v = self.heads(self.key(x)), self.heads(self.value(x))
+        scores = torch.matmul(q, k.transpose(-1, -2))  # (B, heads, N, N')
+        probs = scores.float().softmax(dim=-1).to(q.dtype)
+        return torch.matmul(probs, v).transpose(1, 2).flatten(2), None  # (B, N, C)
+
+
+@contextlib.contextmanager
+def _export_mode() -> Iterator[None]:
+    """Silence the tracer's warnings about Python checks (input validation, branch conditions) whose outcome
+    does not depend on the input size."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        yield
+
+
+def _require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeError(
+            f"ONNX export needs the onnx and onnxruntime packages ({exc.name} is missing): "
+            "pip install 'segformer[onnx]'"
+        ) from None
+
+
+def _prepare(model: SegformerForSemanticSegmentation, *, fp16: bool, opset: int) -> _LogitsGraph:
+    """A private eval-mode copy of the model set up for tracing (the caller's model is left as it was)."""
+    model = copy.deepcopy(model).eval()
+    model.fast_path = True
+    if opset < MIN_OPSET or fp16:
+        # Below opset 14 there is no exporter for the fused kernel; in fp16 the explicit path is the one
+        # whose softmax runs in float32. Both are exact rewrites of the same attention.
+        for module in model.modules():
+            if isinstance(module, SegformerEfficientSelfAttention):
+                module.fused = False
+    if fp16:
+        model.half()
+        for module in model.modules():
+            if isinstance(module, SegformerEfficientSelfAttention):
+                module.__class__ = _Float32SoftmaxAttention
+        for name, module in list(model.named_modules()):
+            if isinstance(module, nn.LayerNorm):
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child, _Float32LayerNorm(module))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return _LogitsGraph(model, torch.float16 if fp16 else torch.float32)
+
+
+def _verify_shape(config, size: tuple[int, int], dynamic: bool) -> tuple[int, int, int, int]:
+    """Batch 2 at a size other than the export size when the axes are dynamic (odd sizes on purpose, to
+    exercise ceil-mode strides and uneven resizing), else the export shape."""
+    h, w = size
+    if not dynamic:
+        return (1, config.num_channels, h, w)
+    lo = min_input_size(config)
+    vh = h + 13 if h < 256 else h - 51
+    vw = w + 29 if w < 256 else w - 77
+    return (2, config.num_channels, max(vh, lo), max(vw, lo))
+
+
+def check_folded_head(onnx_path: str | os.PathLike, decoder_hidden_size: int, num_stages: int = 4) -> None:
+    """Raise RuntimeError if the graph holds the unfolded decode head: the (D, num_stages*D, 1, 1) weight of
+    the 1×1 fuse conv over the 4D-channel concatenation, which the folded head replaces (the encoder has no
+    1×1 convolutions, so the shape is unambiguous)."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    d = decoder_hidden_size
+    shapes = [tuple(t.dims) for t in graph.initializer]
+    shapes += [
+        tuple(a.t.dims)
+        for n in graph.node
+        if n.op_type == "Constant"
+        for a in n.attribute
+        if a.name == "value"
+    ]
+    if (d, num_stages * d, 1, 1) in shapes:
+        raise RuntimeError(
+            f"{onnx_path}: the exported decode head is not the folded one (found the fuse conv)"
+        )
+
+
+def verify_onnx(
+    onnx_path: str | os.PathLike,
+    model: SegformerForSemanticSegmentation,
+    shape: tuple[int, int, int, int],
+    *,
+    seed: int = 0,
+) -> float:
+    """Run the ONNX file with onnxruntime (CPU) and the PyTorch model on the same random (B, C, H, W) input;
+    return max |onnx - torch| / max |torch| over the logits. Raises RuntimeError if the shapes differ."""
+    import onnxruntime as ort
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen)
+    param = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ref = model(x.to(device=param.device, dtype=param.dtype)).logits.float().cpu()
+    finally:
+        model.train(was_training)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # shape-hint warnings for dynamic axes are expected
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    out = torch.from_numpy(session.run(["logits"], {"pixel_values": x.numpy()})[0])
+    if out.shape != ref.shape:
+        raise RuntimeError(
+            f"{onnx_path}: onnxruntime gave logits {tuple(out.shape)}, PyTorch {tuple(ref.shape)}"
+        )
+    return ((out.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()
+
+
+def export_onnx(
+    model: SegformerForSemanticSegmentation,
+    path: str | os.PathLike,
+    *,
+    size: tuple[int, int] = (512, 512),
+    opset: int = DEFAULT_OPSET,
+    dynamic: bool = True,
+    fp16: bool = False,
+    verify: bool = True,
+    tolerance: float | None = None,
+) -> ExportReport:
+    """Export ``model`` (eval mode, fast path) to ONNX at ``path`` and verify it with onnxruntime.
+
+    ``size``: (height, width) traced; with ``dynamic`` (default) batch, height and width are free axes of
+    the graph, else the graph only takes (1, C, height, width). ``opset``: ONNX opset (>= 11; 17 default).
+    ``fp16``: float16 weights with LayerNorm and softmax in float32 (float32 input and output).
+    ``verify``: run onnxruntime and compare (see the module docstring); raises RuntimeError when the
+    difference exceeds ``tolerance`` (default 1e-4 fp32, :data:`FP16_TOLERANCE` fp16), in which case no
+    file is written. Returns an :class:`ExportReport`.
+    """
+    _require_onnx()
+    if not isinstance(model, SegformerForSemanticSegmentation):
+        raise TypeError(f"export_onnx needs a SegformerForSemanticSegmentation, got {type(model).__name__}")
+    if not isinstance(opset, int) or opset < 11:
+        raise ValueError(f"opset must be an integer >= 11, got {opset!r}")
+    config = model.config
+    h, w = (int(s) for s in size)
+    if min(h, w) < min_input_size(config):
+        lo = min_input_size(config)
+        raise ValueError(f"export size {h}x{w} is too small: this model needs at least {lo}x{lo}")
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory; give the .onnx file to write")
+    if not path.parent.is_dir():
+        raise ValueError(f"{path.parent}: no such directory")
+    tolerance = tolerance if tolerance is not None else (FP16_TOLERANCE if fp16 else FP32_TOLERANCE)
+
+    graph = _prepare(model, fp16=fp16, opset=opset)
+    device = next(model.parameters()).device
+    graph.to(device)
+    with torch.no_grad():
+        # Fold the decode head now, so that the trace records the folded matrices as constants rather than
+        # the float64 folding arithmetic.
+        graph.model.decode_head.folded()
+    if fp16 and device.type == "cpu" and not _cpu_half_ok():
+        raise RuntimeError(
+            "this PyTorch build cannot run float16 on the CPU; export with fp16 from a GPU model"
+        )
+    example = torch.randn(1, config.num_channels, h, w, device=device)
+    axes = None
+    if dynamic:
+        axes = {
+            "pixel_values": {0: "batch", 2: "height", 3: "width"},
+            "logits": {0: "batch", 2: "logits_height", 3: "logits_width"},
+        }
+    report = ExportReport(path, opset, dynamic, fp16, (h, w), None, None, tolerance, "no")
+
+    def write(tmp: str) -> None:
+        with _export_mode(), torch.no_grad():
+            torch.onnx.export(
+                graph, (example,), tmp, dynamo=False, opset_version=opset, input_names=["pixel_values"],
+                output_names=["logits"], dynamic_axes=axes, do_constant_folding=True,
+            )  # fmt: skip
+        import onnx
+
+        onnx.checker.check_model(tmp)
+        check_folded_head(tmp, config.decoder_hidden_size, config.num_encoder_blocks)
+        if fp16:
+            _check_fp16_structure(tmp)
+        if not verify:
+            return
+        shape = _verify_shape(config, (h, w), dynamic)
+        report.verify_shape = shape
+        try:
+            diff = verify_onnx(tmp, model, shape)
+        except Exception as exc:
+            if not fp16 or "NOT_IMPLEMENTED" not in str(exc):
+                raise
+            report.verified = "structure"
+            report.note = (
+                "onnxruntime's CPU provider has no float16 kernel for part of the graph; run it on a GPU"
+            )
+            return
+        report.max_rel_diff = diff
+        report.verified = "numeric"
+        if not diff <= tolerance:  # also catches NaN
+            raise RuntimeError(
+                f"ONNX export failed verification: max relative difference {diff:.3e} between onnxruntime "
+                f"and PyTorch at shape {shape} exceeds {tolerance:.0e}"
+            )
+
+    atomic_write(path, write)
+    return report
+
+
+def _cpu_half_ok() -> bool:
+    try:
+        torch.nn.functional.conv2d(
+            torch.ones(1, 1, 3, 3, dtype=torch.half), torch.ones(1, 1, 1, 1, dtype=torch.half)
+        )
+        return True
+    except RuntimeError:
+        return False
+
+
+def _check_fp16_structure(onnx_path: str) -> None:
+    """Raise RuntimeError unless the weights are float16 while every LayerNormalization and Softmax runs on
+    float32 tensors."""
+    import onnx
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(onnx_path))
+    graph = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    f16, f32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    big = [t for t in graph.initializer if len(t.dims) >= 2]
+    if not big or any(t.data_type != f16 for t in big):
+        raise RuntimeError(f"{onnx_path}: fp16 export left weight matrices in another precision")
+    for node in graph.node:
+        if node.op_type in ("LayerNormalization", "Softmax") and types.get(node.input[0]) not in (f32, None):
+            raise RuntimeError(f"{onnx_path}: {node.op_type} node {node.name} does not run in float32")

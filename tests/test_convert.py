@@ -1,0 +1,231 @@
+"""Conversion of original NVlabs/mmseg SegFormer checkpoints (segformer.convert, `segformer convert`).
+
+The original files are built here from our own models with the original key layout written out by hand
+(1-based stage indices, fused kv as [k; v], an unused conv_seg), so conversion can be checked end to end:
+the converted directory must give exactly the outputs of the model the weights came from.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import randomize_, tiny_config
+
+from segformer import (
+    SegformerConfig,
+    SegformerForImageClassification,
+    SegformerForSemanticSegmentation,
+    SegformerModel,
+)
+from segformer.convert import ConversionError, convert_checkpoint, infer_config, load_original_checkpoint
+from segformer.labels import ADE20K_CLASSES, CITYSCAPES_CLASSES
+
+HEADS = [1, 2, 3, 4]  # the tiny config's heads: not visible in the weights, so passed explicitly
+
+
+def original_encoder(state: dict[str, torch.Tensor], config: SegformerConfig, src: str, dst: str) -> dict:
+    """Our encoder tensors (under ``src``) in the original layout (under ``dst``)."""
+    out = {}
+    for i in range(config.num_encoder_blocks):
+        s, o = f"{src}encoder.", f"{dst}"
+        for t in ("weight", "bias"):
+            out[f"{o}patch_embed{i + 1}.proj.{t}"] = state[f"{s}patch_embeddings.{i}.proj.{t}"]
+            out[f"{o}patch_embed{i + 1}.norm.{t}"] = state[f"{s}patch_embeddings.{i}.layer_norm.{t}"]
+            out[f"{o}norm{i + 1}.{t}"] = state[f"{s}layer_norm.{i}.{t}"]
+            for j in range(config.depths[i]):
+                b, ob = f"{s}block.{i}.{j}.", f"{o}block{i + 1}.{j}."
+                a = b + "attention.self."
+                out[ob + f"norm1.{t}"] = state[b + f"layer_norm_1.{t}"]
+                out[ob + f"norm2.{t}"] = state[b + f"layer_norm_2.{t}"]
+                out[ob + f"attn.q.{t}"] = state[a + f"query.{t}"]
+                out[ob + f"attn.kv.{t}"] = torch.cat([state[a + f"key.{t}"], state[a + f"value.{t}"]])
+                out[ob + f"attn.proj.{t}"] = state[b + f"attention.output.dense.{t}"]
+                if config.sr_ratios[i] > 1:
+                    out[ob + f"attn.sr.{t}"] = state[a + f"sr.{t}"]
+                    out[ob + f"attn.norm.{t}"] = state[a + f"layer_norm.{t}"]
+                out[ob + f"mlp.fc1.{t}"] = state[b + f"mlp.dense1.{t}"]
+                out[ob + f"mlp.dwconv.dwconv.{t}"] = state[b + f"mlp.dwconv.dwconv.{t}"]
+                out[ob + f"mlp.fc2.{t}"] = state[b + f"mlp.dense2.{t}"]
+    return out
+
+
+def original_segmentation(model: SegformerForSemanticSegmentation) -> dict[str, torch.Tensor]:
+    state, config = model.state_dict(), model.config
+    out = original_encoder(state, config, "segformer.", "backbone.")
+    for i in range(config.num_encoder_blocks):
+        for t in ("weight", "bias"):
+            out[f"decode_head.linear_c{i + 1}.proj.{t}"] = state[f"decode_head.linear_c.{i}.proj.{t}"]
+    out["decode_head.linear_fuse.conv.weight"] = state["decode_head.linear_fuse.weight"]
+    for t in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        out[f"decode_head.linear_fuse.bn.{t}"] = state[f"decode_head.batch_norm.{t}"]
+    out["decode_head.linear_pred.weight"] = state["decode_head.classifier.weight"]
+    out["decode_head.linear_pred.bias"] = state["decode_head.classifier.bias"]
+    # mmseg's BaseDecodeHead always builds conv_seg; SegFormer's head never uses it.
+    out["decode_head.conv_seg.weight"] = torch.randn(config.num_labels, config.decoder_hidden_size, 1, 1)
+    out["decode_head.conv_seg.bias"] = torch.randn(config.num_labels)
+    return {k: v.clone() for k, v in out.items()}
+
+
+@pytest.fixture
+def seg_model() -> SegformerForSemanticSegmentation:
+    return randomize_(SegformerForSemanticSegmentation(tiny_config(depths=[1, 2, 1, 1]))).eval()
+
+
+def save_original(path, state, meta=None) -> None:
+    torch.save({"meta": meta or {}, "state_dict": state}, path)
+
+
+def test_segmentation_checkpoint_converts_to_the_same_model(tmp_path, seg_model):
+    classes = tuple(f"class {i} " for i in range(5))  # mmseg names may carry spaces (ADE20K's "bed ")
+    save_original(
+        tmp_path / "orig.pth", original_segmentation(seg_model), {"CLASSES": classes, "config": "x"}
+    )
+
+    result = convert_checkpoint(tmp_path / "orig.pth", tmp_path / "out", num_attention_heads=HEADS)
+
+    assert result.architecture == "SegformerForSemanticSegmentation"
+    assert result.variant is None and result.dropped_keys == [
+        "decode_head.conv_seg.weight",
+        "decode_head.conv_seg.bias",
+    ]
+    loaded, info = SegformerForSemanticSegmentation.from_pretrained(
+        tmp_path / "out", output_loading_info=True
+    )
+    assert info == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
+    assert loaded.config.depths == [1, 2, 1, 1] and loaded.config.hidden_sizes == [8, 16, 24, 32]
+    assert loaded.config.decoder_hidden_size == 16 and loaded.config.num_attention_heads == HEADS
+    assert loaded.config.id2label == {i: f"class {i}" for i in range(5)}
+    x = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, seg_model(x).logits)
+    for key, value in seg_model.state_dict().items():  # every tensor, kv halves included, landed in place
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_original_eps_option(tmp_path, seg_model):
+    save_original(tmp_path / "orig.pth", original_segmentation(seg_model))
+    convert_checkpoint(tmp_path / "orig.pth", tmp_path / "out", num_attention_heads=HEADS, original_eps=True)
+    loaded = SegformerForSemanticSegmentation.from_pretrained(tmp_path / "out")
+    assert loaded.config.use_layer_norm_eps and loaded.config.layer_norm_eps == 1e-6
+    assert loaded.segformer.encoder.block[0][0].layer_norm_1.eps == 1e-6
+
+
+def test_imagenet_backbone_converts_to_a_classifier_and_a_segmentation_base(tmp_path):
+    model = randomize_(SegformerForImageClassification(tiny_config(num_labels=7))).eval()
+    state = original_encoder(model.state_dict(), model.config, "segformer.", "")  # mit_b*.pth: no prefix
+    state["head.weight"], state["head.bias"] = model.classifier.weight.clone(), model.classifier.bias.clone()
+    torch.save(state, tmp_path / "mit_tiny.pth")
+
+    result = convert_checkpoint(tmp_path / "mit_tiny.pth", tmp_path / "out", num_attention_heads=HEADS)
+
+    assert result.architecture == "SegformerForImageClassification" and result.config.num_labels == 7
+    loaded = SegformerForImageClassification.from_pretrained(tmp_path / "out")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model(x).logits)
+    seg, info = SegformerForSemanticSegmentation.from_pretrained(
+        tmp_path / "out", num_labels=3, output_loading_info=True
+    )
+    assert info["missing_keys"] and all(k.startswith("decode_head.") for k in info["missing_keys"])
+    assert torch.equal(seg.segformer.encoder.block[3][0].attention.self.value.weight,
+                       model.segformer.encoder.block[3][0].attention.self.value.weight)  # fmt: skip
+
+
+def test_bare_backbone_prefix_converts_to_an_encoder(tmp_path):
+    model = randomize_(SegformerModel(tiny_config())).eval()
+    torch.save(
+        {"state_dict": original_encoder(model.state_dict(), model.config, "", "backbone.")},
+        tmp_path / "e.pth",
+    )
+    result = convert_checkpoint(tmp_path / "e.pth", tmp_path / "out", num_attention_heads=HEADS)
+    assert result.architecture == "SegformerModel"
+    loaded = SegformerModel.from_pretrained(tmp_path / "out")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).last_hidden_state, model(x).last_hidden_state)
+
+
+@pytest.mark.parametrize(
+    ("variant", "labels", "dataset", "first"),
+    [("b0", 150, None, "wall"), ("b2", 19, None, "road"), ("b0", 19, "cityscapes", "road")],
+)
+def test_variant_and_labels_inferred_from_shapes(variant, labels, dataset, first):
+    model = SegformerForSemanticSegmentation(SegformerConfig.from_variant(variant, num_labels=labels))
+    state = original_segmentation(model)
+    config, matched = infer_config(state, dataset=dataset)
+    assert matched == variant
+    assert config.depths == SegformerConfig.from_variant(variant).depths
+    assert config.decoder_hidden_size == SegformerConfig.from_variant(variant).decoder_hidden_size
+    assert config.num_attention_heads == [1, 2, 5, 8] and config.sr_ratios == [8, 4, 2, 1]
+    assert config.num_labels == labels and config.id2label[0] == first
+    names = ADE20K_CLASSES if labels == 150 else CITYSCAPES_CLASSES
+    assert tuple(config.id2label.values()) == names
+
+
+def test_errors_name_the_problem(tmp_path, seg_model):
+    text = tmp_path / "notes.pth"
+    text.write_text("not a checkpoint")
+    with pytest.raises(ConversionError, match="notes.pth: not a PyTorch checkpoint"):
+        convert_checkpoint(text, tmp_path / "o1")
+    with pytest.raises(ConversionError, match="no such file"):
+        convert_checkpoint(tmp_path / "missing.pth", tmp_path / "o1")
+
+    good = original_segmentation(seg_model)
+    save_original(tmp_path / "extra.pth", {**good, "backbone.block1.0.attn.rel_pos": torch.zeros(3)})
+    with pytest.raises(ConversionError, match=r"unknown key 'backbone\.block1\.0\.attn\.rel_pos'"):
+        convert_checkpoint(tmp_path / "extra.pth", tmp_path / "o2", num_attention_heads=HEADS)
+
+    bad = dict(good)
+    bad["backbone.block2.1.attn.kv.weight"] = bad["backbone.block2.1.attn.kv.weight"][:, :-1]
+    save_original(tmp_path / "shape.pth", bad)
+    with pytest.raises(ConversionError, match=r"shape conflict at 'backbone\.block2\.1\.attn\.kv\.weight'"):
+        convert_checkpoint(tmp_path / "shape.pth", tmp_path / "o3", num_attention_heads=HEADS)
+
+    save_original(tmp_path / "good.pth", good)
+    with pytest.raises(ConversionError, match=r"'backbone\.patch_embed1\.proj\.weight'.*\(8, 3, 7, 7\)"):
+        convert_checkpoint(tmp_path / "good.pth", tmp_path / "o4", variant="b0")
+    with pytest.raises(ConversionError, match="linear_pred.weight: holds 5 classes but num_labels=6"):
+        convert_checkpoint(tmp_path / "good.pth", tmp_path / "o5", num_labels=6, num_attention_heads=HEADS)
+    with pytest.raises(ConversionError, match="--num-heads"):
+        convert_checkpoint(tmp_path / "good.pth", tmp_path / "o6")  # widths 8..32 are no MiT: heads unknown
+    missing = {k: v for k, v in good.items() if not k.startswith("backbone.norm3.")}
+    save_original(tmp_path / "missing_norm.pth", missing)
+    with pytest.raises(
+        ConversionError, match=r"missing weights for segformer\.encoder\.layer_norm\.2\.weight"
+    ):
+        convert_checkpoint(tmp_path / "missing_norm.pth", tmp_path / "o7", num_attention_heads=HEADS)
+    for name in ("o1", "o2", "o3", "o4", "o5", "o6", "o7"):
+        assert not (tmp_path / name).exists()  # nothing is written for a failed conversion
+
+
+class MmcvLikeObject:
+    """Stands for the numpy/mmcv objects some original files keep in their meta."""
+
+
+def test_pickled_objects_need_an_explicit_opt_in(tmp_path, seg_model):
+    save_original(tmp_path / "orig.pth", original_segmentation(seg_model), {"env": MmcvLikeObject()})
+    with pytest.raises(ConversionError, match="--unsafe-pickle"):
+        load_original_checkpoint(tmp_path / "orig.pth")
+    state, meta = load_original_checkpoint(tmp_path / "orig.pth", unsafe_pickle=True)
+    assert isinstance(meta["env"], MmcvLikeObject) and "backbone.block2.1.attn.kv.weight" in state
+
+
+def test_cli_converts_and_reports_errors_in_one_line(tmp_path, seg_model):
+    save_original(tmp_path / "orig.pth", original_segmentation(seg_model), {"CLASSES": tuple("abcde")})
+    cmd = [sys.executable, "-m", "segformer", "convert", str(tmp_path / "orig.pth"), str(tmp_path / "out")]
+    done = subprocess.run(
+        [*cmd, "--num-heads", "1", "2", "3", "4"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "SegformerForSemanticSegmentation" in done.stdout and "5 labels" in done.stdout
+    assert SegformerConfig.from_pretrained(tmp_path / "out").id2label[4] == "e"
+
+    (tmp_path / "junk.pth").write_bytes(b"\x00junk")
+    bad = subprocess.run([*cmd[:4], str(tmp_path / "junk.pth"), str(tmp_path / "o")], capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("segformer convert: error: ") and "junk.pth" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1

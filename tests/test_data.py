@@ -1,0 +1,194 @@
+"""Data-set layouts on generated fixtures, the pre-training check, paired transforms, synthetic data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from segformer.data import build_dataset, check_dataset, detect_kind, write_synthetic_dataset
+from segformer.data.synthetic import CLASSES
+from segformer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def _pair(rng, h=24, w=32, k=3):
+    return rng.integers(0, 256, (h, w, 3), dtype=np.uint8), rng.integers(0, k, (h, w), dtype=np.uint8)
+
+
+def test_folder_layout_pairs_by_stem_and_reads_labels(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n in (("training", 3), ("val", 2)):  # ADE20K-style and plain split names both work
+        for i in range(n):
+            image, mask = _pair(rng)
+            _save(tmp_path / "images" / split / f"img{i}.jpg", image)
+            _save(tmp_path / "annotations" / split / f"img{i}.png", mask)
+    (tmp_path / "labels.json").write_text(json.dumps(["sky", "road", "car"]))
+    assert detect_kind(tmp_path) == "folder"
+    train, listing = build_dataset(tmp_path, "train")
+    val, _ = build_dataset(tmp_path, "validation")
+    assert len(train) == 3 and len(val) == 2 and train.id2label == {0: "sky", 1: "road", 2: "car"}
+    assert (
+        [p[0].stem for p in listing.pairs] == [p[1].stem for p in listing.pairs] == ["img0", "img1", "img2"]
+    )
+    pixels, labels = train[1]
+    assert pixels.shape == (3, 24, 32) and pixels.dtype == torch.float32
+    assert torch.equal(labels, torch.from_numpy(np.asarray(Image.open(listing.pairs[1][1])).astype(np.int64)))
+    with pytest.raises(ValueError, match="no test split"):
+        build_dataset(tmp_path, "test")
+
+
+def test_ade20k_layout_reduces_labels(tmp_path):
+    root = tmp_path / "ADEChallengeData2016"
+    image = np.zeros((8, 8, 3), np.uint8)
+    mask = np.array([[0, 1, 150, 255] * 2] * 8, np.uint8)
+    for split in ("training", "validation"):
+        _save(root / "images" / split / "ADE_x_001.jpg", image)
+        _save(root / "annotations" / split / "ADE_x_001.png", mask)
+    assert detect_kind(root) == "ade20k"
+    ds, _ = build_dataset(root, "val")
+    assert ds.num_labels == 150 and ds.id2label[0] == "wall" and ds.id2label[149] == "flag"
+    _, labels = ds[0]
+    assert labels[0, :4].tolist() == [255, 0, 149, 255]  # 0 → ignore, k → k - 1, 255 stays
+    assert check_dataset(ds).ok
+
+
+def test_cityscapes_layout(tmp_path):
+    rng = np.random.default_rng(1)
+    for split, city in (("train", "aachen"), ("train", "bonn"), ("val", "lindau")):
+        image, mask = _pair(rng, k=19)
+        _save(tmp_path / "leftImg8bit" / split / city / f"{city}_000000_000019_leftImg8bit.png", image)
+        _save(tmp_path / "gtFine" / split / city / f"{city}_000000_000019_gtFine_labelTrainIds.png", mask)
+        _save(tmp_path / "gtFine" / split / city / f"{city}_000000_000019_gtFine_labelIds.png", mask + 7)
+    assert detect_kind(tmp_path) == "cityscapes"
+    train, listing = build_dataset(tmp_path, "train")
+    assert len(train) == 2 and train.num_labels == 19 and train.id2label[18] == "bicycle"
+    assert all(m.name.endswith("_gtFine_labelTrainIds.png") for _, m in listing.pairs)
+    assert check_dataset(train, listing).ok
+
+
+def test_check_reports_every_problem_with_its_file(tmp_path):
+    rng = np.random.default_rng(2)
+    img_dir, ann_dir = tmp_path / "images" / "train", tmp_path / "annotations" / "train"
+    for name in ("good", "bigger", "badvalue"):
+        image, mask = _pair(rng)
+        _save(img_dir / f"{name}.png", image)
+        _save(ann_dir / f"{name}.png", mask)
+    _save(img_dir / "bigger.png", _pair(rng, h=30)[0])  # size mismatch with its mask
+    _save(ann_dir / "badvalue.png", np.full((24, 32), 7, np.uint8))  # 7 >= 3 classes, not 255
+    _save(img_dir / "lonely.png", _pair(rng)[0])  # no mask
+    _save(ann_dir / "orphan.png", _pair(rng)[1])  # no image
+    _save(ann_dir / "broken.png", _pair(rng)[1])
+    (img_dir / "broken.png").write_bytes(b"not a png at all")  # unreadable
+    (tmp_path / "labels.json").write_text(json.dumps({"0": "a", "1": "b", "2": "c"}))
+    ds, listing = build_dataset(tmp_path, "train")
+    report = check_dataset(ds, listing)
+    text = report.format()
+    assert not report.ok and len(report.problems) == 5, text
+    assert f"{img_dir / 'lonely.png'}: image without a mask" in text
+    assert f"{ann_dir / 'orphan.png'}: mask without an image" in text
+    assert f"{img_dir / 'broken.png'}: unreadable image" in text
+    assert f"{img_dir / 'bigger.png'}: image is 32x30 but its mask bigger.png is 32x24" in text
+    assert f"{ann_dir / 'badvalue.png'}: label value(s) 7 outside 0..2" in text
+
+
+def _denormalise(pixels: torch.Tensor) -> np.ndarray:
+    mean, std = np.array(IMAGENET_MEAN) * 255, np.array(IMAGENET_STD) * 255
+    return pixels.numpy().transpose(1, 2, 0) * std + mean
+
+
+def _block_scene(rng):
+    """An image whose colour is a function of its mask (palette[mask]) in blocks of 6-12 pixels."""
+    palette = np.array(
+        [[250, 10, 10], [10, 250, 10], [10, 10, 250], [200, 200, 20], [255, 255, 255]], np.uint8
+    )
+    mask = np.kron(rng.integers(0, 5, (6, 8)), np.ones((8, 9), np.int64)).astype(np.uint8)  # 48 x 72
+    mask[:3, :5] = 255  # some ignored pixels
+    return palette, palette[np.where(mask == 255, 4, mask)], mask
+
+
+def test_train_transform_keeps_image_and_mask_aligned_exactly(tmp_path):
+    """Without resizing, crop + flip + pad must move image and mask identically, pixel for pixel."""
+    rng = np.random.default_rng(3)
+    palette, image, mask = _block_scene(rng)
+    t = train_transform(
+        (40, 90), scale=None, ratio_range=(1.0, 1.0), photometric=False
+    )  # wider than the image
+    flips = 0
+    for seed in range(8):
+        pixels, labels = t(image, mask, np.random.default_rng(seed))
+        assert pixels.shape == (3, 40, 90) and labels.shape == (40, 90)
+        got, lab = _denormalise(pixels), labels.numpy()
+        valid = lab != 255
+        expected = palette[np.where(lab == 255, 4, lab)].astype(np.float64)
+        assert np.abs(got - expected)[valid].max() < 1e-3
+        assert (lab[:, 72:] == 255).all() and np.abs(pixels.numpy()[:, :, 72:]).max() == 0  # padding
+        flips += int(np.abs(got[:, :72] - image[:40].astype(float)).max() > 1e-3 if lab[0, 0] != 255 else 0)
+    assert flips > 0  # some of the 8 draws flipped (and stayed aligned)
+
+
+def test_train_transform_with_resize_keeps_alignment_inside_regions():
+    """Bilinear image and NEAREST mask: away from region borders, every pixel keeps its class colour."""
+    rng = np.random.default_rng(4)
+    palette, image, mask = _block_scene(rng)
+    t = train_transform((32, 32), scale=None, ratio_range=(0.6, 1.8), photometric=False)
+    checked = 0
+    for seed in range(8):
+        pixels, labels = t(image, mask, np.random.default_rng(seed))
+        got, lab = _denormalise(pixels), labels.numpy()
+        for y in range(2, 30):
+            for x in range(2, 30):
+                window = lab[y - 2 : y + 3, x - 2 : x + 3]
+                if lab[y, x] != 255 and (window == lab[y, x]).all():
+                    assert np.abs(got[y, x] - palette[lab[y, x]]).max() < 1.5, (seed, y, x)
+                    checked += 1
+    assert checked > 1000
+
+
+def test_augmentation_is_a_function_of_the_seed():
+    rng = np.random.default_rng(5)
+    image, mask = (
+        rng.integers(0, 256, (60, 80, 3), dtype=np.uint8),
+        rng.integers(0, 3, (60, 80), dtype=np.uint8),
+    )
+    t = train_transform((32, 32), scale=None)
+    a, b, c = (t(image, mask, np.random.default_rng(s)) for s in (7, 7, 8))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+    # photometric distortion changes the image, never the mask
+    t_photo = train_transform((60, 80), scale=None, ratio_range=(1, 1), flip_prob=0, cat_max_ratio=1.0)
+    t_plain = train_transform((60, 80), scale=None, ratio_range=(1, 1), flip_prob=0, cat_max_ratio=1.0,
+                              photometric=False)  # fmt: skip
+    changed = 0
+    for s in range(4):
+        p1, l1 = t_photo(image, mask, np.random.default_rng(s))
+        p2, l2 = t_plain(image, mask, np.random.default_rng(s))
+        assert torch.equal(l1, l2)
+        changed += int(not torch.equal(p1, p2))
+    assert changed > 0
+
+
+def test_synthetic_dataset_is_reproducible_and_not_a_colour_lookup(tmp_path):
+    a = write_synthetic_dataset(tmp_path / "a", num_train=6, num_val=2, size=64, seed=3)
+    b = write_synthetic_dataset(tmp_path / "b", num_train=6, num_val=2, size=64, seed=3)
+    for rel in ("images/train/00004.png", "annotations/val/00001.png", "labels.json"):
+        assert (a / rel).read_bytes() == (b / rel).read_bytes()
+    ds, listing = build_dataset(a, "train")
+    assert ds.num_labels == len(CLASSES) and check_dataset(ds, listing).ok
+    colours = {k: [] for k in range(len(CLASSES))}
+    for i in range(len(ds)):
+        image, mask = ds.read(i)
+        for k in colours:
+            colours[k].append(image[mask == k])
+    for k, parts in colours.items():
+        pixels = np.concatenate(parts)
+        assert len(pixels) > 0, f"class {k} never drawn"
+        assert pixels.std(0).min() > 30, f"class {CLASSES[k]} has a narrow colour range: colour would tell it"

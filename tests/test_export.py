@@ -1,0 +1,116 @@
+"""ONNX export (segformer.export, `segformer export`) checked against onnxruntime."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import randomize_, rel_err, tiny_config
+
+from segformer import SegformerForSemanticSegmentation
+from segformer.export import FP16_TOLERANCE, check_folded_head, export_onnx
+
+
+@pytest.fixture(scope="module")
+def model() -> SegformerForSemanticSegmentation:
+    torch.manual_seed(0)
+    return randomize_(SegformerForSemanticSegmentation(tiny_config(depths=[1, 2, 1, 1]))).eval()
+
+
+def run_onnx(path, x: torch.Tensor) -> torch.Tensor:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(["logits"], {"pixel_values": x.numpy()})[0])
+
+
+def test_dynamic_export_matches_pytorch_at_other_sizes_and_batch_2(tmp_path, model):
+    path = tmp_path / "m.onnx"
+    report = export_onnx(model, path, size=(64, 96))
+
+    assert report.verified == "numeric" and report.max_rel_diff < 1e-4
+    assert report.verify_shape[0] == 2 and report.verify_shape[2:] != (64, 96)
+    assert "max relative difference" in report.summary()
+    for shape in [(2, 3, 64, 96), (2, 3, 97, 61)]:  # the export size, and an odd one of another aspect
+        x = torch.randn(shape)
+        with torch.no_grad():
+            ref = model(x).logits
+        out = run_onnx(path, x)
+        assert out.shape == ref.shape and rel_err(out, ref) < 1e-4
+    graph = onnx.load(str(path)).graph
+    assert [i.name for i in graph.input] == ["pixel_values"] and [o.name for o in graph.output] == ["logits"]
+    dims = [d.dim_param for d in graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", "", "height", "width"]
+    check_folded_head(path, 16)  # raises if the unfolded fuse conv were in the graph
+    assert model.fast_path and not model.training  # the caller's model is left as it was
+
+
+def test_unfolded_head_is_detected(tmp_path, model):
+    model.fast_path = False  # the plain head: a (D, 4D, 1, 1) fuse conv over the 4D-channel concatenation
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice and tracer notes
+            torch.onnx.export(model, (torch.randn(1, 3, 64, 64),), str(tmp_path / "plain.onnx"), dynamo=False,
+                              input_names=["pixel_values"], output_names=["logits"])  # fmt: skip
+    finally:
+        model.fast_path = True
+    with pytest.raises(RuntimeError, match="not the folded one"):
+        check_folded_head(tmp_path / "plain.onnx", 16)
+
+
+def test_static_export_and_old_opset(tmp_path, model):
+    report = export_onnx(model, tmp_path / "s.onnx", size=(64, 64), dynamic=False, opset=13)
+    assert (
+        report.verified == "numeric" and report.max_rel_diff < 1e-4 and report.verify_shape == (1, 3, 64, 64)
+    )
+    dims = [
+        d.dim_value for d in onnx.load(str(tmp_path / "s.onnx")).graph.input[0].type.tensor_type.shape.dim
+    ]
+    assert dims == [1, 3, 64, 64]
+
+
+def test_fp16_export_keeps_layernorm_and_softmax_in_fp32(tmp_path, model):
+    path = tmp_path / "h.onnx"
+    report = export_onnx(model, path, size=(64, 64), fp16=True)
+    assert report.verified == "numeric" and report.max_rel_diff < FP16_TOLERANCE  # onnxruntime CPU runs fp16
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(path))).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in graph.value_info}
+    weights = [t for t in graph.initializer if len(t.dims) >= 2]
+    assert weights and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
+    norms = [n for n in graph.node if n.op_type in ("LayerNormalization", "Softmax")]
+    assert {n.op_type for n in norms} == {"LayerNormalization", "Softmax"}
+    assert all(types[n.input[0]] == onnx.TensorProto.FLOAT for n in norms)
+    x = torch.randn(1, 3, 80, 72)
+    with torch.no_grad():
+        assert rel_err(run_onnx(path, x), model(x).logits) < FP16_TOLERANCE  # float32 in and out
+
+
+def test_failed_verification_is_loud_and_writes_nothing(tmp_path, model):
+    with pytest.raises(RuntimeError, match="failed verification: max relative difference"):
+        export_onnx(model, tmp_path / "x.onnx", size=(64, 64), tolerance=1e-12)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="too small"):
+        export_onnx(model, tmp_path / "x.onnx", size=(16, 16))
+    with pytest.raises(ValueError, match="no such directory"):
+        export_onnx(model, tmp_path / "nowhere" / "x.onnx", size=(64, 64))
+
+
+def test_cli_export(tmp_path, model):
+    model.save_pretrained(tmp_path / "model")
+    cmd = [sys.executable, "-m", "segformer", "export"]
+    args = [str(tmp_path / "model"), "--onnx", str(tmp_path / "m.onnx"), "--size", "64", "64"]
+    done = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert "max relative difference" in done.stdout
+    x = torch.randn(1, 3, 96, 64)
+    with torch.no_grad():
+        np.testing.assert_allclose(run_onnx(tmp_path / "m.onnx", x), model(x).logits, rtol=0, atol=1e-4)
+
+    bad = subprocess.run([*cmd, str(tmp_path / "nope"), "--onnx", str(tmp_path / "n.onnx")],
+                         capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert bad.returncode == 2 and bad.stderr.startswith("segformer export: error: ")
+    assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "n.onnx").exists()

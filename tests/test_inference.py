@@ -1,0 +1,139 @@
+"""Whole / aligned / sliding-window / multi-scale + flip inference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import randomize_, tiny_config
+from torch import nn
+
+from segformer import SegformerForSemanticSegmentation
+from segformer.inference import aligned_size, infer, predict_labels
+
+
+class PerPixel(nn.Module):
+    """Logits that depend on each pixel alone, at full resolution: any window gives the same values, so a
+    sliding window must reproduce the whole-image result exactly, whatever the tiling."""
+
+    def __init__(self, k: int = 4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, k, 1)
+
+    def forward(self, x: torch.Tensor):
+        return (torch.sin(3 * self.conv(x)) * 4,)  # a tuple, like return_dict=False
+
+
+@pytest.fixture(scope="module")
+def seg() -> SegformerForSemanticSegmentation:
+    return randomize_(SegformerForSemanticSegmentation(tiny_config(num_labels=4))).eval()
+
+
+@pytest.mark.parametrize(
+    "size, crop, stride",
+    [((20, 30), (32, 32), (16, 16)),  # smaller than the crop: padded, padding cropped away
+     ((64, 96), (32, 32), (32, 32)),  # larger, divisible
+     ((70, 45), (32, 32), (20, 24))],  # larger, not divisible: the last windows are shifted back
+)  # fmt: skip
+def test_slide_tiles_the_image_exactly(size, crop, stride):
+    x = torch.randn(2, 3, *size)
+    model = PerPixel()
+    whole = infer(model, x, mode="whole")
+    slide = infer(model, x, mode="slide", crop_size=crop, stride=stride)
+    assert slide.shape == (2, 4, *size)
+    torch.testing.assert_close(slide, whole, atol=1e-6, rtol=0)
+
+
+def _hand_slide(model, x, crop, stride):
+    """An independent sliding window: every window position listed explicitly, logits averaged."""
+    _, _, h, w = x.shape
+    ys = sorted({min(y, h - crop[0]) for y in range(0, h - crop[0] + stride[0], stride[0])})
+    xs = sorted({min(v, w - crop[1]) for v in range(0, w - crop[1] + stride[1], stride[1])})
+    total, count = 0, torch.zeros(h, w)
+    with torch.no_grad():
+        for y in ys:
+            for v in xs:
+                logits = model(x[:, :, y : y + crop[0], v : v + crop[1]]).logits
+                up = F.interpolate(logits, size=crop, mode="bilinear", align_corners=False)
+                total = total + F.pad(up, (v, w - v - crop[1], y, h - y - crop[0]))
+                count[y : y + crop[0], v : v + crop[1]] += 1
+    return (total / count).softmax(1)
+
+
+def test_slide_matches_a_hand_written_window_loop(seg):
+    x = torch.randn(1, 3, 75, 101)
+    got = infer(seg, x, mode="slide", crop_size=(64, 64), stride=(40, 48))
+    torch.testing.assert_close(got, _hand_slide(seg, x, (64, 64), (40, 48)), atol=1e-5, rtol=1e-5)
+
+
+def test_multiscale_and_flip_average_softmax_over_all_passes(seg):
+    x = torch.randn(1, 3, 64, 80)
+    got = infer(seg, x, scales=[0.75, 1.0, 1.5], flip=True)
+    expected = 0
+    with torch.no_grad():
+        for s in (0.75, 1.0, 1.5):
+            xs = x if s == 1.0 else F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
+            for flip in (False, True):
+                inp = xs.flip(-1) if flip else xs
+                logits = F.interpolate(
+                    seg(inp).logits, size=inp.shape[-2:], mode="bilinear", align_corners=False
+                )
+                logits = logits.flip(-1) if flip else logits
+                logits = F.interpolate(logits, size=(64, 80), mode="bilinear", align_corners=False)
+                expected = expected + logits.softmax(1) / 6
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # flipping a per-pixel model changes nothing: flip passes are flipped back before averaging
+    pp = PerPixel()
+    torch.testing.assert_close(infer(pp, x, flip=True), infer(pp, x), atol=1e-6, rtol=0)
+
+
+def test_aligned_resize_sizes_and_output():
+    assert aligned_size(480, 640) == (512, 704)  # scale 512/480: 512 x 682.7 → 683 → rounded up to 704
+    assert aligned_size(1024, 2048) == (512, 1024)
+    assert aligned_size(100, 3000, short_side=512, long_side=2048) == (
+        96,
+        2048,
+    )  # long side limits: 68.3 → 96
+    model = PerPixel()
+    x = torch.randn(1, 3, 50, 70)
+    probs = infer(model, x, mode="aligned", short_side=64, long_side=128)
+    assert probs.shape == (1, 4, 50, 70)
+
+
+def test_probabilities_labels_dtypes_and_sizes(seg):
+    x = torch.randn(2, 3, 40, 56)
+    probs = infer(seg, x, output_size=(13, 17))
+    assert probs.shape == (2, 4, 13, 17) and probs.dtype == torch.float32
+    torch.testing.assert_close(probs.sum(1), torch.ones(2, 13, 17))
+    labels = predict_labels(seg, x)
+    assert labels.shape == (2, 40, 56) and labels.dtype == torch.int64
+    assert torch.equal(labels, infer(seg, x).argmax(1))
+    # a bf16 model gives float32 probabilities close to the fp32 ones
+    half = randomize_(SegformerForSemanticSegmentation(tiny_config(num_labels=4))).eval().to(torch.bfloat16)
+    assert infer(half, x).dtype == torch.float32
+    # an image below the model's minimum size is padded, not an error; train mode is restored afterwards
+    seg.train()
+    assert infer(seg, torch.randn(1, 3, 9, 12)).shape == (1, 4, 9, 12)
+    assert seg.training
+    seg.eval()
+
+
+def test_one_label_model_uses_sigmoid():
+    model = randomize_(SegformerForSemanticSegmentation(tiny_config(num_labels=1))).eval()
+    x = torch.randn(1, 3, 64, 64)
+    probs = infer(model, x)
+    with torch.no_grad():
+        logits = F.interpolate(model(x).logits, size=(64, 64), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(probs, logits.sigmoid())
+    assert torch.equal(predict_labels(model, x), (probs[:, 0] > 0.5).long())
+
+
+def test_bad_arguments():
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(ValueError, match="mode must be"):
+        infer(PerPixel(), x, mode="tiles")
+    with pytest.raises(ValueError, match="larger than crop_size"):
+        infer(PerPixel(), x, mode="slide", crop_size=(16, 16), stride=(32, 32))
+    with pytest.raises(ValueError, match="batch, 3, height, width"):
+        infer(PerPixel(), x[0])

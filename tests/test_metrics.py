@@ -1,0 +1,77 @@
+"""Confusion-matrix metrics against matrices and values computed by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from segformer.metrics import (
+    ConfusionMatrix,
+    compute_metrics,
+    confusion_matrix,
+    format_table,
+    metrics_to_json,
+)
+
+
+def test_confusion_matrix_counts_by_hand_and_skips_ignore():
+    target = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 255]])
+    pred = torch.tensor([[0, 1, 1, 1], [2, 0, 2, 0]])
+    # valid pixels: (0→0) (0→1) (1→1) (1→1) (2→2) (2→0); the two 255 pixels are not counted at all
+    expected = torch.tensor([[1, 1, 0], [0, 2, 0], [1, 0, 1]])
+    assert torch.equal(confusion_matrix(pred, target, 3), expected)
+
+
+def test_metrics_of_a_hand_computed_matrix():
+    conf = torch.tensor([[1, 1, 0], [0, 2, 0], [1, 0, 1]])
+    m = compute_metrics(conf, ["a", "b", "c"])
+    # IoU = TP / (TP + FP + FN): a 1/(1+1+1), b 2/(2+1+0), c 1/(1+0+1)
+    assert m["IoU"] == pytest.approx({"a": 1 / 3, "b": 2 / 3, "c": 1 / 2})
+    assert m["mIoU"] == pytest.approx((1 / 3 + 2 / 3 + 1 / 2) / 3)
+    assert m["aAcc"] == pytest.approx(4 / 6)
+    assert m["Acc"] == pytest.approx({"a": 1 / 2, "b": 1.0, "c": 1 / 2})
+    assert m["mAcc"] == pytest.approx(2 / 3)
+    assert m["num_pixels"] == 6
+
+
+def test_absent_class_is_nan_and_left_out_of_the_means():
+    # class 2 appears neither in the targets nor in the predictions; class 1 is predicted but never true
+    conf = torch.tensor([[3, 1, 0], [0, 0, 0], [0, 0, 0]])
+    m = compute_metrics(conf)
+    assert m["IoU"]["2"] is None  # 0 / 0
+    assert m["IoU"]["1"] == 0.0  # a false positive class counts, with IoU 0
+    assert m["mIoU"] == pytest.approx((3 / 4 + 0.0) / 2)
+    assert m["Acc"]["1"] is None and m["mAcc"] == pytest.approx(3 / 4)
+    text = json.dumps(metrics_to_json(m))  # null, never NaN, in JSON
+    assert "NaN" not in text and json.loads(text)["IoU"]["2"] is None
+    assert "n/a" in format_table(m)
+
+
+def test_all_pixels_ignored_gives_nan_metrics():
+    cm = ConfusionMatrix(2)
+    cm.update(torch.zeros(2, 2, dtype=torch.long), torch.full((2, 2), 255))
+    m = cm.compute()
+    assert m["num_pixels"] == 0 and math.isnan(m["mIoU"]) and math.isnan(m["aAcc"])
+    assert metrics_to_json(m)["mIoU"] is None
+
+
+def test_accumulation_equals_one_matrix_of_the_whole_set():
+    gen = torch.Generator().manual_seed(0)
+    preds = [torch.randint(0, 4, (2, 5, 7), generator=gen) for _ in range(3)]
+    targets = [torch.randint(0, 4, (2, 5, 7), generator=gen) for _ in range(3)]
+    cm = ConfusionMatrix(4)
+    for p, t in zip(preds, targets):
+        cm.update(p, t)
+    cm.reduce()  # a no-op outside a process group
+    whole = confusion_matrix(torch.cat(preds), torch.cat(targets), 4)
+    assert torch.equal(cm.mat, whole) and int(cm.mat.sum()) == 3 * 2 * 5 * 7
+
+
+def test_out_of_range_labels_are_an_error():
+    with pytest.raises(ValueError, match="target holds class 7"):
+        confusion_matrix(torch.zeros(3, dtype=torch.long), torch.tensor([0, 7, 255]), 3)
+    with pytest.raises(ValueError, match="differ in shape"):
+        confusion_matrix(torch.zeros(3, dtype=torch.long), torch.zeros(4, dtype=torch.long), 3)

@@ -1,0 +1,189 @@
+"""The training recipe: schedule, parameter groups, exact resume, DDP (torchrun, gloo) = one process, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config
+from safetensors.torch import load_file
+
+from segformer import SegformerForSemanticSegmentation
+from segformer.data import write_synthetic_dataset
+from segformer.train import TrainConfig, TrainingDivergedError, lr_factor, param_groups, train
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_synthetic_dataset(tmp_path_factory.mktemp("synth"), num_train=12, num_val=3, size=64, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_json(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cfg") / "tiny.json"
+    tiny_config(num_labels=4).to_json_file(path)
+    return path
+
+
+def _cfg(data: Path, model: Path, output: Path, **changes) -> TrainConfig:
+    base = dict(data=str(data), model=str(model), output=str(output), steps=4, batch_size=4, crop=(48, 48),
+                scale=(0, 0), ratio_range=(0.75, 1.25), lr=1e-3, warmup_steps=2, eval_every=0, save_every=100,
+                log_every=1, workers=0, progress=False)  # fmt: skip
+    return TrainConfig(**{**base, **changes})
+
+
+def _weights(run: Path, name: str = "last") -> dict[str, torch.Tensor]:
+    return load_file(str(run / name / "model.safetensors"))
+
+
+def test_schedule_warmup_then_poly():
+    cfg = TrainConfig(steps=100, warmup_steps=10, warmup_ratio=1e-6, lr=6e-5, poly_power=1.0)
+    assert lr_factor(0, cfg) == pytest.approx(1e-6)  # warm-up starts at the ratio
+    assert lr_factor(5, cfg) == pytest.approx(0.95 * (1 - 0.5 * (1 - 1e-6)))  # poly × linear warm-up
+    assert lr_factor(10, cfg) == pytest.approx(0.9)  # warm-up over: poly alone
+    assert lr_factor(100, cfg) == 0.0
+    cfg2 = TrainConfig(steps=100, warmup_steps=0, lr=1e-3, min_lr=1e-4, poly_power=2.0)
+    assert lr_factor(50, cfg2) * cfg2.lr == pytest.approx((1e-3 - 1e-4) * 0.25 + 1e-4)
+
+
+def test_param_groups_head_lr_and_no_decay_on_norms():
+    model = SegformerForSemanticSegmentation(tiny_config())
+    groups = {g["name"]: g for g in param_groups(model, TrainConfig(lr=6e-5, weight_decay=0.01))}
+    assert set(groups) == {"encoder", "encoder/norm", "head", "head/norm"}
+    assert groups["head"]["lr"] == pytest.approx(6e-4) and groups["encoder"]["lr"] == pytest.approx(6e-5)
+    assert groups["encoder/norm"]["weight_decay"] == 0.0 and groups["head/norm"]["weight_decay"] == 0.0
+    assert groups["encoder"]["weight_decay"] == 0.01
+    named = {id(p): n for n, p in model.named_parameters()}
+    norm_names = {named[id(p)] for p in groups["encoder/norm"]["params"] + groups["head/norm"]["params"]}
+    assert (
+        "decode_head.batch_norm.weight" in norm_names and "segformer.encoder.layer_norm.0.bias" in norm_names
+    )
+    assert all("norm" in n for n in norm_names)
+    assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))
+
+
+def test_resume_continues_exactly(data, tiny_json, tmp_path):
+    """4 steps straight == 2 steps, stop, resume, 2 more: every weight and buffer bit-identical (CPU). Dropout
+    and drop-path stay on, so the restored RNG states matter."""
+    straight = tmp_path / "straight"
+    train(_cfg(data, tiny_json, straight, drop_path_rate=0.2, dropout=0.1))
+    split = tmp_path / "split"
+    train(_cfg(data, tiny_json, split, drop_path_rate=0.2, dropout=0.1, stop_at=2))
+    assert json.loads((split / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+    train(_cfg(data, tiny_json, split, drop_path_rate=0.2, dropout=0.1, resume="auto"))
+    a, b = _weights(straight), _weights(split)
+    assert a.keys() == b.keys()
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, f"weights differ after resume: {diff[:5]}"
+    state_a = torch.load(straight / "last" / "training_state.pt", weights_only=True)
+    state_b = torch.load(split / "last" / "training_state.pt", weights_only=True)
+    assert state_a["step"] == state_b["step"] == 4
+    for ga, gb in zip(state_a["optimizer"]["state"].values(), state_b["optimizer"]["state"].values()):
+        assert torch.equal(ga["exp_avg_sq"], gb["exp_avg_sq"])
+    # the finished run does not silently start over
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(_cfg(data, tiny_json, split))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tiny_json, tmp_path):
+    out = tmp_path / "nan"
+    with pytest.raises(TrainingDivergedError, match=r"loss is (nan|inf) at step \d+.*last good checkpoint"):
+        train(_cfg(data, tiny_json, out, lr=1e30, warmup_steps=0, steps=20, save_every=1))
+    weights = _weights(out)
+    assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
+
+
+def test_torchrun_two_processes_match_one_process(data, tiny_json, tmp_path):
+    """2 gloo processes × batch 2 == 1 process × batch 4 (the same global batches, SyncBatchNorm on, dropout and
+    drop-path off). Tolerance: 1e-5 of each tensor's largest value + 1e-7 (1e-4 of the lr): the gradients are
+    the same sums in another order (float32 rounding ~1e-7 relative), which Adam passes on to the weights."""
+    common = [
+        "--data", str(data), "--model", str(tiny_json), "--steps", "3", "--batch-size", "4", "--crop", "48", "48",
+        "--scale", "0", "0", "--ratio-range", "0.75", "1.25", "--lr", "1e-3", "--warmup-steps", "1",
+        "--eval-every", "0", "--workers", "0", "--dropout", "0", "--drop-path-rate", "0", "--sync-bn",
+        "--device", "cpu", "--log-every", "1",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([PY, "-m", "segformer.train", *common, "--output", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(
+        [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "segformer.train", *common,
+         "--output", str(tmp_path / "two")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 process(es)" in two.stderr and "global batch 4 = 2 × 1 × 2" in two.stderr
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    # Parameters whose effect a normalisation cancels (biases right before BatchNorm, the key bias before the
+    # softmax) have a true gradient of 0; they get Adam steps of rounding noise (~1e-9 / (1e-9 + eps)) that
+    # cannot match between any two summation orders, and BatchNorm's running mean tracks them. They are
+    # checked through the function they compute (train-mode logits) instead.
+    cancelled = re.compile(
+        r"linear_c\.\d\.proj\.bias|encoder\.layer_norm\.3\.bias|self\.key\.bias|running_mean"
+    )
+    checked = 0
+    for k in a:
+        if not a[k].is_floating_point():
+            assert torch.equal(a[k], b[k]), k  # num_batches_tracked
+        elif not cancelled.search(k):
+            assert (a[k] - b[k]).abs().max() <= 1e-5 * a[k].abs().max() + 1e-7, k
+            checked += 1
+    assert checked > 50
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    logits = []
+    for run in ("one", "two"):
+        model = SegformerForSemanticSegmentation.from_pretrained(tmp_path / run / "last").train()
+        with torch.no_grad():
+            logits.append(model(x).logits)
+    assert (logits[0] - logits[1]).abs().max() <= 1e-4 * logits[0].abs().max()
+    losses = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    losses_one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    two_losses, one_losses = (
+        [r["loss"] for r in losses if "loss" in r],
+        [r["loss"] for r in losses_one if "loss" in r],
+    )
+    assert len(one_losses) == 3 and one_losses[0] != one_losses[-1]  # it trained
+    assert two_losses == pytest.approx(one_losses, rel=1e-5)
+
+
+def test_cli_train_then_eval(data, tiny_json, tmp_path):
+    out, report = tmp_path / "run", tmp_path / "eval.json"
+    train_cmd = [PY, "-m", "segformer", "train", "--data", str(data), "--model", str(tiny_json),
+                 "--output", str(out), "--steps", "2", "--batch-size", "2", "--crop", "48", "48",
+                 "--scale", "0", "0", "--workers", "0"]  # fmt: skip
+    done = subprocess.run(train_cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["step"] == 2 and 0.0 <= summary["mIoU"] <= 1.0
+    assert (out / "best" / "config.json").is_file() and (out / "best" / "eval.json").is_file()
+    assert (out / "last" / "training_state.pt").is_file()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [2] and any("eval/mIoU" in r for r in records)
+    ev = subprocess.run([PY, "-m", "segformer", "eval", "--data", str(data), "--model", str(out / "best"),
+                         "--mode", "slide", "--crop", "48", "48", "--stride", "32", "32", "--json", str(report)],
+                        capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    metrics = json.loads(report.read_text())
+    assert set(metrics) >= {"mIoU", "aAcc", "mAcc", "IoU"}
+    assert set(metrics["IoU"]) == {"background", "stripes", "checkerboard", "dots"}
+    assert "mIoU" in ev.stdout and "checkerboard" in ev.stdout
+    # clear one-line errors, no tracebacks
+    bad = subprocess.run([PY, "-m", "segformer", "train", "--data", str(tmp_path / "nowhere")],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert bad.returncode == 2 and "segformer train: error:" in bad.stderr and "Traceback" not in bad.stderr
+    bad = subprocess.run([PY, "-m", "segformer", "train", "--data", str(data), "--amp", "fp16", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert bad.returncode == 2 and "fp16 needs a CUDA device" in bad.stderr
+    bad = subprocess.run([PY, "-m", "segformer", "eval", "--data", str(data), "--model", str(tmp_path / "none")],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert bad.returncode == 2 and "segformer eval: error:" in bad.stderr and "Traceback" not in bad.stderr
