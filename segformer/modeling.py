@@ -477,9 +477,11 @@ class SegformerDecodeHead(nn.Module):
         matrices, bias = self.folded()
         size = maps[0].shape[-2:]
         out = None
-        for i in reversed(range(len(maps))):  # deepest (smallest) stage first; it carries the bias
+        # The bias rides on stage 1, which is already at the output size: added before an upsampling it would
+        # be scaled by that upsampling's weight sum, which is 1 only up to the rounding of its coefficients.
+        for i in reversed(range(len(maps))):
             x = maps[i]
-            y = _linear(map_to_tokens(x), matrices[i], bias if out is None else None)  # (B, H_i*W_i, D)
+            y = _linear(map_to_tokens(x), matrices[i], bias if i == 0 else None)  # (B, H_i*W_i, D)
             y = tokens_to_map(y, *x.shape[-2:])
             if y.shape[-2:] != size:
                 y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)

@@ -1,0 +1,200 @@
+"""``segformer predict``: segment files, folders and globs into label PNGs, overlays and a summary.
+
+segformer predict photos/ --recursive --output masks/
+segformer predict 'frames/*.png' --model ./my-model --mode slide --crop-size 1024 --stride 768
+torchrun --nproc_per_node=4 -m segformer predict photos/ -r --output masks/ --skip-existing
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _ints(text: str) -> tuple[int, int]:
+    parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or H,W, got {text!r}") from None
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected one or two positive integers (N or H,W), got {text!r}")
+    return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
+
+
+def _scales(text: str) -> list[float]:
+    try:
+        values = [float(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"scales must be positive numbers, got {text!r}")
+    return values
+
+
+def _alpha(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"alpha must be in [0, 1], got {text}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text}")
+    return value
+
+
+# The same values as segformer.predict's (a test checks): importing it here would load torch for --help.
+DEFAULT_MODEL = "nvidia/segformer-b0-finetuned-ade-512-512"
+DEFAULT_MAX_PIXELS = 89_478_485
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="segment images: files, folders or globs → label PNGs, overlays, summary",
+        description=(
+            "Segment images and write, per image, NAME.png (palette PNG, pixel value = class id; 16-bit "
+            "grayscale with more than 256 classes) and NAME_overlay.jpg (colours over the image), optionally "
+            "NAME_side.jpg and NAME_probs.npy; for the run summary.csv, summary.json (class areas in pixels "
+            "and percent per image) and legend.png. Unreadable, truncated, non-image, too small or too large "
+            "files are reported and skipped; the exit code is then 1. Under torchrun the images are shared "
+            "out across the processes."
+        ),
+        epilog=(
+            "examples:\n"
+            "  segformer predict photo.jpg --output out/\n"
+            "  segformer predict photos/ --recursive --model ./my-checkpoint --output out/ --skip-existing\n"
+            "  segformer predict 'city/*.png' --model nvidia/segformer-b0-finetuned-cityscapes-1024-1024 \\\n"
+            "      --mode slide --crop-size 1024 --stride 768 --output out/\n"
+            "  torchrun --nproc_per_node=2 -m segformer predict photos/ -r --output out/"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
+    p.add_argument(
+        "--model",
+        "-m",
+        default=DEFAULT_MODEL,
+        help="checkpoint directory (from save_pretrained or `segformer convert`) or hub id "
+        f"(default: {DEFAULT_MODEL})",
+    )
+    p.add_argument("--output", "-o", type=Path, required=True, help="output folder (created if missing)")
+    p.add_argument(
+        "--recursive", "-r", action="store_true", help="descend into sub-folders (mirrored in output)"
+    )
+    p.add_argument(
+        "--mode",
+        choices=("aligned", "whole", "slide"),
+        default="aligned",
+        help="aligned: resize to fit --long-side x --short-side, sides a multiple of 32 (ADE20K protocol, "
+        "default); whole: the image as is; slide: sliding window (Cityscapes protocol)",
+    )
+    p.add_argument("--crop-size", type=_ints, default=(512, 512), metavar="N|H,W", help="slide window (512)")
+    p.add_argument("--stride", type=_ints, default=(341, 341), metavar="N|H,W", help="slide stride (341)")
+    p.add_argument("--short-side", type=_positive, default=512, help="aligned mode: short side (512)")
+    p.add_argument("--long-side", type=_positive, default=2048, help="aligned mode: long side limit (2048)")
+    p.add_argument(
+        "--scales", type=_scales, default=None, metavar="S,S,...", help="multi-scale, e.g. 0.75,1,1.25 (off)"
+    )
+    p.add_argument("--flip", action="store_true", help="add horizontally flipped passes (averaged)")
+    p.add_argument("--batch-size", "-b", type=_positive, default=1, help="images per forward pass (1)")
+    p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps")
+    p.add_argument(
+        "--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="model dtype (float32)"
+    )
+    p.add_argument("--alpha", type=_alpha, default=0.5, help="overlay opacity of the colours, 0 … 1 (0.5)")
+    p.add_argument("--overlay-format", choices=("jpg", "png"), default="jpg", help="overlay file type (jpg)")
+    p.add_argument("--side-by-side", action="store_true", help="also write NAME_side.jpg: image | colour map")
+    p.add_argument("--save-probs", action="store_true", help="also write NAME_probs.npy: float16 (K, H, W)")
+    p.add_argument(
+        "--skip-existing", action="store_true", help="skip images whose outputs all exist (resume)"
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=_non_negative,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"refuse larger images as possible decompression bombs; 0 = no limit ({DEFAULT_MAX_PIXELS:,})",
+    )
+    p.add_argument(
+        "--min-size", type=_positive, default=None, help="refuse images with a shorter side (model minimum)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from segformer.distributed import cleanup, init_distributed, launched_by_torchrun
+    from segformer.predict import SegformerPredictor, collect_images, predict_to_folder
+
+    collect_images(args.inputs, recursive=args.recursive)  # usage errors before any model is loaded
+    device = None if args.device == "auto" else args.device
+    distributed = launched_by_torchrun()
+    info = init_distributed(device) if distributed else None
+    try:
+        # A checkpoint that cannot be found raises CheckpointError (a ValueError): one line, exit code 2.
+        predictor = SegformerPredictor(
+            args.model,
+            device=info.device if info is not None else device,
+            dtype=args.dtype,
+            mode=args.mode,
+            crop_size=args.crop_size,
+            stride=args.stride,
+            short_side=args.short_side,
+            long_side=args.long_side,
+            scales=args.scales,
+            flip=args.flip,
+            batch_size=args.batch_size,
+            max_pixels=args.max_pixels or None,
+            min_size=args.min_size,
+        )
+        report = predict_to_folder(
+            predictor,
+            args.inputs,
+            args.output,
+            recursive=args.recursive,
+            alpha=args.alpha,
+            overlay_format=args.overlay_format,
+            side_by_side_image=args.side_by_side,
+            save_probs=args.save_probs,
+            skip_existing=args.skip_existing,
+            progress=not args.no_progress,
+            rank=info.rank if info is not None else 0,
+            world_size=info.world_size if info is not None else 1,
+        )
+    finally:
+        if distributed:
+            cleanup()
+    if info is None or info.is_main:
+        records = report.records
+        done = sum(r.status == "ok" for r in records)
+        skipped = sum(r.status == "skipped" for r in records)
+        print(
+            f"segmented {done} image(s), skipped {skipped} existing, {len(report.failures)} failed; "
+            f"outputs in {report.output} (summary.csv, summary.json, legend.png)",
+            file=sys.stderr,
+        )
+        if report.failures:
+            print(f"{len(report.failures)} of {len(records)} images failed:", file=sys.stderr)
+            for r in report.failures:
+                print(f"{r.image}: {r.error}", file=sys.stderr)
+    return 1 if report.failures else 0

@@ -1,0 +1,362 @@
+"""Prediction from Python and from `segformer predict`: real image files of every kind, a tiny checkpoint,
+real subprocesses and a real 2-process torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import randomize_, tiny_config
+from PIL import Image
+
+from segformer import SegformerForSemanticSegmentation
+from segformer.predict import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MODEL,
+    ImageError,
+    SegformerPredictor,
+    collect_images,
+    load_image,
+    predict_to_folder,
+    segment,
+)
+
+K = 5
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _noise(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A smooth-ish colourful picture (so that a random model predicts several classes)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (h + w)], -1)
+    return np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def _png_bomb(path: Path, side: int = 20000) -> None:
+    """A valid PNG header claiming side x side gray pixels, with almost no data: a decompression bomb."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    names = {0: "sky", 1: "road", 2: "tree", 3: "car", 4: "person"}
+    randomize_(
+        SegformerForSemanticSegmentation(tiny_config(num_labels=K, id2label=names)), seed=3
+    ).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> tuple[Path, dict[str, tuple[int, int]], list[str]]:
+    """A folder of good images (name → upright (width, height)) and bad ones (names)."""
+    d = tmp_path_factory.mktemp("images")
+    (d / "sub").mkdir()
+    good: dict[str, tuple[int, int]] = {}
+    Image.fromarray(_noise(48, 64, 1)).save(d / "photo.jpg", quality=90)
+    good["photo.jpg"] = (64, 48)
+    Image.fromarray(_noise(40, 56, 2)).save(d / "sub" / "nested.png")
+    good["sub/nested.png"] = (56, 40)
+    Image.fromarray(_noise(36, 52, 3)).save(d / "web.webp")
+    good["web.webp"] = (52, 36)
+    rotated = Image.fromarray(_noise(40, 64, 4))  # stored 64 wide, 40 high; EXIF says turn it upright
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated.save(d / "exif.jpg", exif=exif)
+    good["exif.jpg"] = (40, 64)
+    Image.fromarray(_noise(44, 44, 5)[..., 0]).save(d / "gray.png")
+    good["gray.png"] = (44, 44)
+    Image.fromarray(np.dstack([_noise(33, 45, 6), np.full((33, 45), 128, np.uint8)])).save(d / "alpha.png")
+    good["alpha.png"] = (45, 33)
+    Image.fromarray(_noise(38, 50, 7)[..., 1].astype(np.uint16) * 257).save(d / "deep16.png")  # "I;16"
+    good["deep16.png"] = (50, 38)
+    Image.fromarray(_noise(10, 12, 8)).save(d / "tiny.png")  # below the model's minimum of 29 px
+    _png_bomb(d / "bomb.png")
+    buf = d / "full.jpg"
+    Image.fromarray(np.random.default_rng(9).integers(0, 255, (120, 160, 3), dtype=np.uint8)).save(buf)
+    (d / "truncated.jpg").write_bytes(buf.read_bytes()[: len(buf.read_bytes()) // 2])
+    buf.unlink()
+    (d / "notes.jpg").write_text("this is not an image\n")
+    (d / "readme.txt").write_text("ignored: not an image extension\n")
+    return d, good, ["tiny.png", "bomb.png", "truncated.jpg", "notes.jpg"]
+
+
+def _cli(
+    *args: str | os.PathLike, env: dict | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "segformer", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        cwd=ROOT,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def test_load_image_modes_orientation_and_bad_files(images):
+    d, good, _ = images
+    for name, size in good.items():
+        img = load_image(d / name)
+        assert img.mode == "RGB" and img.size == size, name
+    deep = np.asarray(load_image(d / "deep16.png"))[..., 0]  # 16-bit values scaled by 1/257, not clipped
+    assert np.array_equal(deep, _noise(38, 50, 7)[..., 1])
+    cmyk = load_image(Image.new("CMYK", (30, 30), (0, 255, 0, 0)))
+    assert cmyk.mode == "RGB" and cmyk.getpixel((0, 0))[0] > 200 and cmyk.getpixel((0, 0))[1] < 50
+    assert load_image(Image.new("P", (30, 30))).mode == "RGB"
+    assert load_image(np.ones((30, 31), np.float32)).getpixel((0, 0)) == (255, 255, 255)  # floats in [0, 1]
+    assert load_image(torch.zeros(3, 30, 31)).size == (31, 30)  # channels first
+    pixels_before = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(ImageError, match="truncated"):
+        load_image(d / "truncated.jpg")
+    with pytest.raises(ImageError, match="decompression bomb"):
+        load_image(d / "bomb.png")
+    with pytest.raises(ImageError, match="decompression bomb"):
+        load_image(d / "photo.jpg", max_pixels=1000)  # our limit, not Pillow's 2x-before-raising
+    with pytest.raises(ImageError, match="not an image"):
+        load_image(d / "notes.jpg")
+    with pytest.raises(ImageError, match="no such file"):
+        load_image(d / "missing.png")
+    with pytest.raises(ImageError, match="shape"):
+        load_image(np.zeros((5, 5, 7)))
+    assert Image.MAX_IMAGE_PIXELS == pixels_before  # Pillow's global is restored
+    assert load_image(d / "photo.jpg", max_pixels=None).size == (64, 48)
+
+
+def test_collect_images_folders_globs_and_name_clashes(images, tmp_path):
+    d, good, bad = images
+    flat = [rel.as_posix() for _, rel in collect_images([d])]
+    assert "sub/nested.png" not in flat and "readme.txt" not in flat and "photo.jpg" in flat
+    deep = [rel.as_posix() for _, rel in collect_images([d], recursive=True)]
+    assert sorted(deep) == sorted([*good, *bad])
+    globbed = [rel.as_posix() for _, rel in collect_images([str(d / "**" / "*.png")])]
+    assert "sub/nested.png" in globbed and "photo.jpg" not in globbed
+    named = [rel.as_posix() for _, rel in collect_images([d / "notes.jpg", d / "nope.png"])]
+    assert sorted(named) == ["nope.png", "notes.jpg"]  # named files are taken whatever they hold
+    with pytest.raises(ValueError, match="no images found"):
+        collect_images([str(tmp_path / "*.png")])
+
+
+def test_predict_to_folder_keeps_clashing_names_apart(checkpoint, tmp_path):
+    src = tmp_path / "in"
+    (src / "b").mkdir(parents=True)
+    for name in ("a.jpg", "a.png", "b/c.png"):
+        Image.fromarray(_noise(32, 32)).save(src / name)
+    predictor = SegformerPredictor(checkpoint, device="cpu", mode="whole")
+    report = predict_to_folder(predictor, [src], tmp_path / "out", recursive=True, progress=False)
+    assert [r.status for r in report.records] == ["ok"] * 3
+    written = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.png"))
+    assert written == ["a_jpg.png", "a_png.png", "b/c.png", "legend.png"]
+    Image.fromarray(_noise(32, 32)).save(tmp_path / "c.png")  # same relative name from a second input
+    with pytest.raises(ValueError, match="would both be written as c.png"):
+        predict_to_folder(predictor, [src / "b", tmp_path / "c.png"], tmp_path / "out2", progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- Python API
+def test_predictor_from_python(checkpoint, images):
+    d, good, _ = images
+    model = SegformerForSemanticSegmentation.from_pretrained(checkpoint)
+    predictor = SegformerPredictor(model, device="cpu", mode="whole", batch_size=4)
+    assert predictor.class_names == ["sky", "road", "tree", "car", "person"] and predictor.min_size == 29
+    sources = [d / n for n in good] + [Image.open(d / "photo.jpg"), _noise(30, 41), _noise(30, 41)[..., 0]]
+    results = predictor.predict(sources, return_probs=True)
+    sizes = [*good.values(), (64, 48), (41, 30), (41, 30)]
+    for res, size in zip(results, sizes):
+        assert res.size == size and res.labels.dtype == np.uint8 and res.labels.max() < K
+        assert res.probs.shape == (K, size[1], size[0])
+        np.testing.assert_allclose(res.probs.sum(0), 1.0, atol=1e-4)
+        assert np.array_equal(res.probs.argmax(0), res.labels)
+        assert res.areas(K).sum() == size[0] * size[1]
+    assert len(np.unique(np.concatenate([r.labels.ravel() for r in results]))) > 1  # not a constant map
+    # Batching same-size images together changes nothing.
+    one_by_one = SegformerPredictor(model, device="cpu", mode="whole", batch_size=1).predict(sources)
+    for a, b in zip(results, one_by_one):
+        assert np.array_equal(a.labels, b.labels)
+    with pytest.raises(ImageError, match=r"tiny\.png: image is 12x10, smaller than the minimum of 29"):
+        predictor.predict(d / "tiny.png")
+    # predict_iter reports bad files in order and goes on.
+    out = list(predictor.predict_iter([d / "notes.jpg", d / "photo.jpg", d / "bomb.png"]))
+    assert [type(r).__name__ for _, r in out] == ["ImageError", "Segmentation", "ImageError"]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(mode="aligned", short_side=64, long_side=128),
+        dict(mode="slide", crop_size=32, stride=24),
+        dict(mode="whole", scales=[0.75, 1.0], flip=True),
+        dict(mode="whole", dtype="bfloat16"),
+    ],
+    ids=["aligned", "slide", "multiscale-flip", "bf16"],
+)
+def test_segment_modes_give_labels_at_the_original_size(checkpoint, options):
+    image = _noise(70, 90, 11)
+    labels, probs = segment(image, checkpoint, return_probs=True, device="cpu", **options)
+    assert labels.shape == (70, 90) and labels.max() < K and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-3)
+
+
+def test_large_image_in_aligned_mode(checkpoint, tmp_path):
+    path = tmp_path / "large.jpg"
+    Image.fromarray(_noise(1200, 1600, 12)).save(path, quality=80)
+    predictor = SegformerPredictor(checkpoint, device="cpu", mode="aligned", short_side=256, long_side=512)
+    full = predictor.predict(path).labels
+    predictor.chunk_threshold = 0  # as for a huge photo with many classes: upsampled in row chunks
+    chunked = predictor.predict(path).labels
+    assert full.shape == chunked.shape == (1200, 1600) and full.max() < K
+    assert (full == chunked).mean() > 0.999  # the same argmax, up to float rounding at exact ties
+
+
+def test_bad_options_are_value_errors(checkpoint):
+    for options in (
+        dict(mode="tiles"),
+        dict(batch_size=0),
+        dict(crop_size=32, stride=64),
+        dict(dtype="int8"),
+    ):
+        with pytest.raises(ValueError):
+            SegformerPredictor(checkpoint, device="cpu", **options)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def test_cli_folder_run_outputs_summary_failures_and_resume(checkpoint, images, tmp_path):
+    d, good, bad = images
+    out = tmp_path / "out"
+    args = [d, "--recursive", "--model", checkpoint, "--output", out, "--mode", "whole", "--batch-size", "3",
+            "--side-by-side", "--save-probs", "--no-progress"]  # fmt: skip
+    proc = _cli("predict", *args)
+    assert proc.returncode == 1, proc.stderr
+    assert f"{len(bad)} of {len(good) + len(bad)} images failed" in proc.stderr
+    for name, reason in [("tiny.png", "smaller than the minimum"), ("bomb.png", "decompression bomb"),
+                         ("truncated.jpg", "truncated"), ("notes.jpg", "not an image")]:  # fmt: skip
+        assert any(line.startswith(str(d / name)) and reason in line for line in proc.stderr.splitlines()), (
+            name
+        )
+    assert "Traceback" not in proc.stderr
+
+    summary = json.loads((out / "summary.json").read_text())
+    by_image = {Path(e["image"]).relative_to(d).as_posix(): e for e in summary["images"]}
+    assert summary["totals"] == {"images": 11, "ok": 7, "skipped": 0, "failed": 4}
+    for name, (w, h) in good.items():
+        stem = name.rsplit(".", 1)[0]
+        label = Image.open(out / f"{stem}.png")
+        assert label.mode == "P" and label.size == (w, h), name
+        ids = np.asarray(label)
+        assert ids.max() < K
+        over = Image.open(out / f"{stem}_overlay.jpg")
+        assert over.mode == "RGB" and over.size == (w, h)
+        assert Image.open(out / f"{stem}_side.jpg").size[1] == h
+        probs = np.load(out / f"{stem}_probs.npy")
+        assert probs.dtype == np.float16 and probs.shape == (K, h, w)
+        entry = by_image[name]
+        assert entry["status"] == "ok" and (entry["width"], entry["height"]) == (w, h)
+        assert sum(c["pixels"] for c in entry["classes"]) == w * h
+        assert sum(c["percent"] for c in entry["classes"]) == pytest.approx(100.0)
+        assert {c["id"]: c["pixels"] for c in entry["classes"]} == dict(
+            zip(*np.unique(ids, return_counts=True), strict=True)
+        )  # the summary agrees with the PNG
+    for name in bad:
+        assert by_image[name]["status"] == "failed" and by_image[name]["error"]
+        assert (
+            not (out / name.replace(".", "_")).exists()
+            and not (out / f"{name.rsplit('.', 1)[0]}.png").exists()
+        )
+    rows = (out / "summary.csv").read_text().splitlines()
+    assert rows[0].startswith("image,label,status,width,height,class_id,class_name,pixels,percent")
+    assert sum(",failed," in r for r in rows) == len(bad)
+    assert Image.open(out / "legend.png").mode == "RGB"
+    assert not list(out.rglob("*.tmp"))  # atomic writes leave no temporary files
+
+    # --skip-existing: nothing is rewritten, the summary still has every image's areas.
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.png") if p.name != "legend.png"}
+    os.utime(out / "photo.png", ns=(1, 1))  # an old timestamp that a rewrite would replace
+    proc = _cli("predict", *args, "--skip-existing")
+    assert proc.returncode == 1 and "4 of 11 images failed" in proc.stderr
+    assert (out / "photo.png").stat().st_mtime_ns == 1
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p.name != "photo.png")
+    again = json.loads((out / "summary.json").read_text())
+    assert again["totals"] == {"images": 11, "ok": 0, "skipped": 7, "failed": 4}
+    assert [e.get("classes") for e in again["images"]] == [e.get("classes") for e in summary["images"]]
+
+
+def test_cli_all_good_exits_zero_with_png_overlays(checkpoint, images, tmp_path):
+    d, _, _ = images
+    proc = _cli("predict", d / "photo.jpg", d / "gray.png", "--model", checkpoint, "--output", tmp_path,
+                "--mode", "whole", "--overlay-format", "png", "--alpha", "1", "--no-progress")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    ids = np.asarray(Image.open(tmp_path / "photo.png"))
+    over = np.asarray(Image.open(tmp_path / "photo_overlay.png"))
+    palette = np.asarray(Image.open(tmp_path / "photo.png").getpalette(), np.uint8).reshape(-1, 3)
+    assert np.array_equal(over, palette[ids])  # alpha 1: the overlay is exactly the class colours
+
+
+def test_cli_usage_errors_exit_2(checkpoint, tmp_path):
+    from segformer.cli import main
+    from segformer.commands import predict as command
+
+    assert (command.DEFAULT_MODEL, command.DEFAULT_MAX_PIXELS) == (DEFAULT_MODEL, DEFAULT_MAX_PIXELS)
+    assert (
+        main(["predict", str(tmp_path / "*.jpg"), "--model", str(checkpoint), "--output", str(tmp_path)]) == 2
+    )
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", "x.jpg", "--output", str(tmp_path), "--alpha", "2"])
+    assert exc.value.code == 2
+
+
+def test_cli_model_not_found_says_what_to_do(images, tmp_path):
+    d, _, _ = images
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    proc = _cli("predict", d / "photo.jpg", "--output", tmp_path / "out", env=env)  # the default hub model
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("segformer predict: error: cannot load model")
+    for words in (DEFAULT_MODEL, "local checkpoint directory", "save_pretrained", "network", "cache"):
+        assert words in lines[0]
+    proc = _cli(
+        "predict", d / "photo.jpg", "--model", tmp_path / "nope", "--output", tmp_path / "out", env=env
+    )
+    assert proc.returncode == 2 and "nope" in proc.stderr and "local checkpoint directory" in proc.stderr
+
+
+def test_torchrun_two_processes_write_each_image_once(checkpoint, images, tmp_path):
+    d, good, bad = images
+    out = tmp_path / "out"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    launcher = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
+    proc = subprocess.run(
+        [*launcher, "--nproc_per_node=2", "--standalone", "-m", "segformer", "predict", str(d), "--recursive",
+         "--model", str(checkpoint), "--output", str(out), "--mode", "whole", "--device", "cpu",
+         "--no-progress"],
+        capture_output=True, text=True, timeout=180, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode != 0  # the bad files make it fail, on every rank
+    assert proc.stderr.count(f"{len(bad)} of {len(good) + len(bad)} images failed") == 1  # rank 0 reports
+    summary = json.loads((out / "summary.json").read_text())
+    names = [Path(e["image"]).relative_to(d).as_posix() for e in summary["images"]]
+    assert sorted(names) == sorted([*good, *bad]) and len(names) == len(set(names))
+    # The sorted inputs are dealt out in turn: each image was handled by exactly one rank.
+    order = [Path(p).relative_to(d).as_posix() for p, _ in collect_images([d], recursive=True)]
+    assert {e["rank"] for e in summary["images"]} == {0, 1}
+    for e in summary["images"]:
+        assert e["rank"] == order.index(Path(e["image"]).relative_to(d).as_posix()) % 2
+    labels = sorted(
+        p.relative_to(out).as_posix() for p in out.rglob("*.png") if not p.name.endswith("_overlay.png")
+    )
+    assert labels == sorted([f"{n.rsplit('.', 1)[0]}.png" for n in good] + ["legend.png"])
