@@ -424,8 +424,11 @@ class SegformerDecodeHead(nn.Module):
 
     def forward(self, encoder_hidden_states: Iterable[torch.Tensor]) -> torch.Tensor:
         maps = self._maps(encoder_hidden_states)
+        if self.fast_path and self.training:
+            self._fold_cache = None  # the running statistics are about to change
+            return self._forward_factored(maps)
         if self.fast_path:
-            return self._forward_folded(maps) if not self.training else self._forward_factored(maps)
+            return self._forward_folded(maps)
         size = maps[0].shape[-2:]
         projected = []
         for mlp, x in zip(self.linear_c, maps, strict=True):
@@ -444,11 +447,14 @@ class SegformerDecodeHead(nn.Module):
         """The folded per-stage matrices M_i (D, C_i) and the bias c (D,), recomputed when weights change."""
         tensors = [p for p in self.linear_c.parameters()] + [self.linear_fuse.weight]
         tensors += [self.batch_norm.weight, self.batch_norm.bias]
-        tensors += [self.batch_norm.running_mean, self.batch_norm.running_var]
-        differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        # num_batches_tracked too: a train-mode forward updates the running statistics inside the kernel,
+        # which does not bump their version counters, but it does increment this counter with add_.
+        tensors += [self.batch_norm.running_mean, self.batch_norm.running_var, self.batch_norm.num_batches_tracked]
+        differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in tensors if t is not None)
         if differentiable or torch.compiler.is_compiling():
             return self._fold()
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors) + (self.batch_norm.eps,)
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors if t is not None)
+        key += (self.batch_norm.eps,)
         if self._fold_cache is None or self._fold_cache[0] != key:
             with torch.no_grad():
                 self._fold_cache = (key, *self._fold())

@@ -236,6 +236,22 @@ def test_folded_head_follows_weight_changes():
     assert rel_err(reloaded, plain) < 1e-5
 
 
+def test_folded_head_follows_batchnorm_statistics_updated_in_training():
+    """A train-mode forward updates the BatchNorm running statistics inside the kernel (their version counters
+    do not move); the next eval forward must still use the new statistics."""
+    model = randomize_(SegformerForSemanticSegmentation(tiny_config())).eval()
+    x = torch.randn(2, 3, 64, 72)
+    with torch.no_grad():
+        model(x)  # fills the fold cache
+        model.train()
+        model(x * 3 + 1)  # moves the running statistics, no optimiser step
+        model.eval()
+        fast = model(x).logits
+        model.fast_path = False
+        plain = model(x).logits
+    assert rel_err(fast, plain) < 1e-5
+
+
 def test_training_mode_never_folds():
     head = SegformerDecodeHead(tiny_config())
     calls = []
