@@ -435,7 +435,7 @@ class SegformerDecodeHead(nn.Module):
             y = tokens_to_map(mlp(map_to_tokens(x)), *x.shape[-2:])  # (B, D, H_i, W_i)
             projected.append(F.interpolate(y, size=size, mode="bilinear", align_corners=False))
         x = self.linear_fuse(torch.cat(projected[::-1], dim=1))  # stage 4 first, as in the original
-        x = self.dropout(self.activation(self.batch_norm(x)))
+        x = self.dropout(self.activation(self.batch_norm(x.contiguous())))  # NCHW: see _forward_factored
         return self.classifier(x).contiguous()
 
     # The folded head. In eval mode everything between the stage outputs and the ReLU is linear, and bilinear
@@ -509,7 +509,9 @@ class SegformerDecodeHead(nn.Module):
             if y.shape[-2:] != size:
                 y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
             out = y if out is None else out + y
-        return self._classify(self.dropout(self.activation(self.batch_norm(out))))
+        # Batch statistics from an NCHW tensor: PyTorch's channels-last BatchNorm kernel accumulates them less
+        # accurately (up to ~30x the error on some weights), which would show in every gradient.
+        return self._classify(self.dropout(self.activation(self.batch_norm(out.contiguous()))))
 
     def _classify(self, x: torch.Tensor) -> torch.Tensor:
         """The 1×1 classifier conv as one batched matmul over channels-last pixels → (B, num_labels, H, W)."""

@@ -20,9 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data and model")
     g.add_argument("--data", required=True, help="data directory: folder layout (images/, annotations/, "
                    "labels.json), ADEChallengeData2016 or Cityscapes")  # fmt: skip
-    g.add_argument(
-        "--dataset", choices=["auto", "folder", "ade20k", "cityscapes"], help="layout (default: detected)"
-    )
+    g.add_argument("--dataset", choices=["auto", "folder", "ade20k", "cityscapes"], help="layout (default: detected)")
     g.add_argument("--model", help="variant b0..b5 (fresh weights), a config.json, or a checkpoint directory / hub "
                    "id: an ImageNet encoder (nvidia/mit-b0) or a fine-tuned model (its head is re-initialised "
                    "for a different label set). Default: b0")  # fmt: skip
@@ -31,53 +29,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--check-data", choices=["full", "headers", "off"],
                    help="before training, open every file and check pairs, sizes and label values (full, "
                         "default), only read headers, or skip")  # fmt: skip
-    g = p.add_argument_group("schedule and optimiser (FACTS §6 defaults)")
+    g = p.add_argument_group("schedule and optimiser (defaults: the paper's ADE20K recipe)")
     g.add_argument("--steps", type=int, help="optimiser steps (default 160000)")
-    g.add_argument(
-        "--batch-size", type=int, help="global batch: all processes and accumulation steps (default 16)"
-    )
-    g.add_argument(
-        "--accum-steps", type=int, help="gradient accumulation steps per optimiser step (default 1)"
-    )
+    g.add_argument("--batch-size", type=int, help="global batch: all processes and accumulation steps (default 16)")
+    g.add_argument("--accum-steps", type=int, help="gradient accumulation steps per optimiser step (default 1)")
     g.add_argument("--lr", type=float, help="base learning rate (default 6e-5)")
     g.add_argument("--head-lr-mult", type=float, help="decode-head lr multiplier (default 10)")
-    g.add_argument(
-        "--weight-decay", type=float, help="AdamW weight decay; none on norm layers (default 0.01)"
-    )
-    g.add_argument(
-        "--betas", type=float, nargs=2, metavar=("B1", "B2"), help="AdamW betas (default 0.9 0.999)"
-    )
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay; none on norm layers (default 0.01)")
+    g.add_argument("--betas", type=float, nargs=2, metavar=("B1", "B2"), help="AdamW betas (default 0.9 0.999)")
     g.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 1500)")
     g.add_argument("--warmup-ratio", type=float, help="warm-up start factor (default 1e-6)")
     g.add_argument("--poly-power", type=float, help="poly decay power (default 1.0)")
     g.add_argument("--min-lr", type=float, help="final learning rate (default 0)")
-    g = p.add_argument_group("augmentation (FACTS §6 defaults)")
+    g = p.add_argument_group("augmentation (defaults: the paper's train pipeline)")
     g.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), help="random crop size (default 512 512)")
     g.add_argument("--scale", type=int, nargs=2, metavar=("LONG", "SHORT"),
                    help="resize target before the random ratio (default 2048 512; Cityscapes 2048 1024; "
                         "0 0: the image's own size)")  # fmt: skip
-    g.add_argument(
-        "--ratio-range", type=float, nargs=2, metavar=("LO", "HI"), help="random ratio (default 0.5 2.0)"
-    )
+    g.add_argument("--ratio-range", type=float, nargs=2, metavar=("LO", "HI"), help="random ratio (default 0.5 2.0)")
     g.add_argument("--cat-max-ratio", type=float, help="crop retry threshold for one class (default 0.75)")
     g.add_argument("--flip-prob", type=float, help="horizontal flip probability (default 0.5)")
     g.add_argument("--no-photometric", dest="photometric", action="store_false", default=None,
                    help="turn the photometric distortion off")  # fmt: skip
     g = p.add_argument_group("model options")
     g.add_argument("--drop-path-rate", type=float, help="stochastic depth (default: the checkpoint's, 0.1)")
-    g.add_argument(
-        "--dropout", type=float, help="hidden, attention and classifier dropout (default: the checkpoint's)"
-    )
-    g.add_argument(
-        "--sync-bn", action="store_true", default=None, help="synchronise BatchNorm over processes"
-    )
+    g.add_argument("--dropout", type=float, help="hidden, attention and classifier dropout (default: the checkpoint's)")
+    g.add_argument("--sync-bn", action="store_true", default=None, help="synchronise BatchNorm over processes")
     g = p.add_argument_group("loop")
-    g.add_argument(
-        "--amp", choices=["none", "bf16", "fp16"], help="mixed precision (fp16 on CUDA only; default none)"
-    )
-    g.add_argument(
-        "--eval-every", type=int, help="evaluate every N steps, 0: only at the end (default 16000)"
-    )
+    g.add_argument("--amp", choices=["none", "bf16", "fp16"], help="mixed precision (fp16 on CUDA only; default none)")
+    g.add_argument("--eval-every", type=int, help="evaluate every N steps, 0: only at the end (default 16000)")
     g.add_argument("--save-every", type=int, help="write last/ every N steps (default 2000)")
     g.add_argument("--log-every", type=int, help="log the loss every N steps (default 50)")
     g.add_argument("--max-eval-images", type=int, help="evaluate on the first N validation images only")
@@ -85,9 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, help="data-loading processes per rank (default 2)")
     g.add_argument("--device", help="cpu, cuda, mps (default: cuda:LOCAL_RANK when available)")
     g.add_argument("--stop-at", type=int, help="stop after this step with a checkpoint, as if interrupted")
-    g.add_argument(
-        "--no-progress", dest="progress", action="store_false", default=None, help="no progress bar"
-    )
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     g = p.add_argument_group("evaluation during training (default: the data set's protocol)")
     add_eval_arguments(g, prefix="eval-")
 
