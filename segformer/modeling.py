@@ -18,6 +18,7 @@ per stage plus one bias (see :meth:`SegformerDecodeHead.folded`).
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
@@ -481,17 +482,25 @@ class SegformerDecodeHead(nn.Module):
 
     def _forward_folded(self, maps: list[torch.Tensor]) -> torch.Tensor:
         matrices, bias = self.folded()
-        size = maps[0].shape[-2:]
-        out = None
-        # The bias rides on stage 1, which is already at the output size: added before an upsampling it would
-        # be scaled by that upsampling's weight sum, which is 1 only up to the rounding of its coefficients.
+        b, _, height, width = maps[0].shape
+        tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
+        # Deepest (smallest) stage first: it carries the bias, cheapest there (an upsampling keeps constants,
+        # its weights summing to one up to the rounding of its coefficients, ~1e-7 relative in fp32).
+        acc = None  # (B, H_1, W_1, D), contiguous: tokens of stage 1's grid
         for i in reversed(range(len(maps))):
             x = maps[i]
-            y = _linear(map_to_tokens(x), matrices[i], bias if i == 0 else None)  # (B, H_i*W_i, D)
-            y = tokens_to_map(y, *x.shape[-2:])
-            if y.shape[-2:] != size:
-                y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
-            out = y if out is None else out.add_(y)
+            h, w = x.shape[-2:]
+            y = _linear(map_to_tokens(x), matrices[i], bias if i == len(maps) - 1 else None)  # (B, h*w, D)
+            if (h, w) == (height, width):
+                y = y.view(b, h, w, -1)
+                acc = y if acc is None else acc.add_(y)
+            elif tracing:  # exported / compiled graphs keep a size-generic op
+                up = F.interpolate(tokens_to_map(y, h, w), size=(height, width), mode="bilinear", align_corners=False)
+                up = up.permute(0, 2, 3, 1)
+                acc = up.contiguous() if acc is None else acc.add_(up)
+            else:
+                acc = _upsample_add(acc, y.view(b, h, w, -1), height, width)
+        out = acc.permute(0, 3, 1, 2)  # (B, D, H_1, W_1), channels-last
         return self._classify(self.dropout(F.relu(out, inplace=True)))
 
     # In training the BatchNorm needs the batch statistics of the fused map, so it cannot be folded, but the
@@ -520,6 +529,35 @@ class SegformerDecodeHead(nn.Module):
         # (K, D) @ (B, D, H*W): the result is already NCHW-contiguous, with no copy of the largest output
         logits = torch.baddbmm(bias[None, :, None], weight.expand(b, -1, -1), map_to_tokens(x).transpose(1, 2))
         return logits.view(b, -1, h, w)
+
+
+@functools.lru_cache(maxsize=64)
+def _resize_matrix(size_in: int, size_out: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(size_out, size_in) matrix of 1-D bilinear resizing with align_corners=False, PyTorch's convention:
+    source = (i + 0.5) * size_in / size_out - 0.5, clamped at 0, interpolating between floor and floor + 1."""
+    src = ((torch.arange(size_out, dtype=torch.float64) + 0.5) * (size_in / size_out) - 0.5).clamp_min(0)
+    i0 = src.floor().long().clamp(max=size_in - 1)
+    i1 = (i0 + 1).clamp(max=size_in - 1)
+    frac = src - i0
+    rows = torch.arange(size_out)
+    m = torch.zeros(size_out, size_in, dtype=torch.float64)
+    m.index_put_((rows, i0), 1 - frac, accumulate=True)
+    m.index_put_((rows, i1), frac, accumulate=True)
+    return m.to(device=device, dtype=dtype)
+
+
+def _upsample_add(acc: torch.Tensor | None, y: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """acc + bilinear_resize(y) for channels-last (B, h, w, D) maps, as two GEMMs with the separable resize
+    matrices; the second accumulates straight into ``acc`` (B, height, width, D). On the CPU this beats
+    F.interpolate followed by an add, which each make a full pass over the largest tensor of the head."""
+    b, h, w, d = y.shape
+    cols = _resize_matrix(w, width, y.dtype, y.device)  # (W, w)
+    rows = _resize_matrix(h, height, y.dtype, y.device)  # (H, h)
+    t = torch.matmul(cols, y.reshape(b * h, w, d)).view(b, h, width * d)  # resize along x: (B, h, W*D)
+    if acc is None:
+        return torch.matmul(rows, t).view(b, height, width, d)
+    acc.view(b, height, width * d).baddbmm_(rows.expand(b, -1, -1), t)  # resize along y, accumulated
+    return acc
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
