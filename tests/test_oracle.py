@@ -94,19 +94,21 @@ def test_segmentation_losses_match_for_any_label_size(label_size):
         assert ours(x, labels=labels).loss.item() == pytest.approx(hf(x, labels=labels).loss.item(), rel=TOL)
 
 
-# Gradient agreement, norm-wise over all parameters: tiny, b0, b1, b2 and b5 meet 1e-5 (measured 2e-6..6e-6).
-# On b3 and b4, with these random weights, every gradient below the train-mode BatchNorm is off by a near-uniform
-# ~1.7e-4 (our fp32 result against our own fp64 result; Transformers' fp32 sits ~5e-6 from fp64), while the
-# classifier's agree to 1e-6: the BatchNorm backward amplifies a forward difference we have not pinned down
-# yet. The looser bound keeps that measured gap visible instead of hiding it (see the foundation issue's note).
-GRAD_TOL = {"tiny": 1e-5, "b0": 1e-5, "b1": 1e-5, "b2": 1e-5, "b3": 5e-4, "b4": 5e-4, "b5": 1e-5}
-
-
-@pytest.mark.parametrize("variant", list(GRAD_TOL))
+# Gradients are compared norm-wise over all parameters. The decode head's ReLU is a kink: a pre-ReLU value
+# within rounding distance of zero (with ~3e5 of them, random weights produce one now and then: b3 and b4 did
+# here) flips its mask in one fp32 implementation and not in the other, and the train-mode BatchNorm backward
+# then spreads that one flip over every gradient below it (~2e-4 on b3/b4, in either library against its own
+# fp64 result). Shifting the BatchNorm bias to +-5 keeps every pre-ReLU value far from the kink, so the test
+# measures the arithmetic, not the luck of one rounding.
+@pytest.mark.parametrize("variant", ["tiny", "b0", "b1", "b2", "b3", "b4", "b5"])
 def test_train_mode_gradients_match(variant):
     config = tiny_config() if variant == "tiny" else SegformerConfig.from_variant(variant, num_labels=4)
     config = config.copy(drop_path_rate=0.0, classifier_dropout_prob=0.0)
     hf, ours = pair("SegformerForSemanticSegmentation", config, seed=5)
+    with torch.no_grad():
+        for model in (hf, ours):
+            bias = model.decode_head.batch_norm.bias
+            bias.copy_(5.0 * torch.where(torch.arange(bias.numel()) % 2 == 0, 1.0, -1.0))
     hf.train(), ours.train()
     x = torch.randn(2, 3, 45, 61)
     labels = torch.randint(0, config.num_labels, (2, 45, 61))
@@ -121,7 +123,7 @@ def test_train_mode_gradients_match(variant):
     ours_grads = dict(ours.named_parameters())
     a = torch.cat([ours_grads[n].grad.flatten() for n in names])
     b = torch.cat([ref_grads[n].flatten() for n in names])
-    assert ((a - b).norm() / b.norm()).item() <= GRAD_TOL[variant]
+    assert ((a - b).norm() / b.norm()).item() <= TOL
     # the head sees no deep amplification: its gradients agree tightly on every variant
     for name in ("decode_head.classifier.weight", "decode_head.classifier.bias"):
         diff = (ours_grads[name].grad - ref_grads[name]).norm() / ref_grads[name].norm()
