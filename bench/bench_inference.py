@@ -119,9 +119,7 @@ def run_inference_case(case: str, args: argparse.Namespace, device: torch.device
     if args.compile:
         ours = torch.compile(ours)
     x = torch.randn(int(batch), 3, height, width, device=device)
-    autocast = (
-        (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else contextlib.nullcontext
-    )
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else contextlib.nullcontext
     outputs, times, peaks = {}, {"transformers": [], "segformer": []}, {}
 
     def forward(name, model):
@@ -236,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}, transformers {transformers.__version__}, device {device}")  # fmt: skip
-    header = f"{'case':<24}{'transformers':>14}{'segformer':>12}{'speed-up':>10}{'peak MB (T / ours)':>22}{'max rel diff':>14}"
-    print(header + f"{'argmax agree':>14}")
+    header = f"{'case':<24}{'transformers':>14}{'segformer':>12}{'speed-up':>10}{'peak MB (T / ours)':>22}"
+    print(header + f"{'max rel diff':>14}{'argmax agree':>14}")
     for case in args.cases:
         row = (run_train_case if case.startswith("train:") else run_inference_case)(case, args, device)
         mem = f"{row['mem_theirs'] / 2**20:,.0f} / {row['mem_ours'] / 2**20:,.0f}"

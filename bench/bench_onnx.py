@@ -76,9 +76,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["b0", "b2"])
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument(
-        "--threads", type=int, default=torch.get_num_threads(), help="both runtimes (default: torch's)"
-    )
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="both runtimes (default: torch's)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, {args.threads} threads, "

@@ -69,9 +69,7 @@ def load_transformers() -> object | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=16, help="batch size")
     parser.add_argument("--height", type=int, default=768)
     parser.add_argument("--width", type=int, default=1024)

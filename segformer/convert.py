@@ -93,9 +93,7 @@ def load_original_checkpoint(
     with path.open("rb") as f:
         magic = f.read(4)
     if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):  # torch's zip format or a pickle
-        raise ConversionError(
-            f"{path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)"
-        )
+        raise ConversionError(f"{path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)")
     try:
         data = torch.load(path, map_location="cpu", weights_only=not unsafe_pickle)
     except pickle.UnpicklingError as exc:
@@ -170,9 +168,7 @@ def original_layout(state: Mapping[str, torch.Tensor]) -> str:
     if "patch_embed1.proj.weight" in state:
         return "backbone"
     if any(k.startswith(("segformer.", "encoder.")) for k in state):
-        raise ConversionError(
-            "this checkpoint is already in the Transformers layout; load it with from_pretrained"
-        )
+        raise ConversionError("this checkpoint is already in the Transformers layout; load it with from_pretrained")
     if any(k.startswith("backbone.layers.") for k in state):
         raise ConversionError(
             "this is an mmsegmentation 1.x MixVisionTransformer checkpoint (backbone.layers.*); only the "
@@ -209,9 +205,7 @@ def _convert(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
             raise ConversionError(f"unknown key {key!r}: not part of the original SegFormer {layout} layout")
         if "{kv}" in new:
             if tensor.ndim == 0 or tensor.shape[0] % 2:
-                raise ConversionError(
-                    f"{key}: shape {tuple(tensor.shape)} cannot be split into key and value halves"
-                )
+                raise ConversionError(f"{key}: shape {tuple(tensor.shape)} cannot be split into key and value halves")
             c = tensor.shape[0] // 2
             out[new.replace("{kv}", "key")] = tensor[:c].clone()  # rows [:C] are the key projection
             out[new.replace("{kv}", "value")] = tensor[c:].clone()
@@ -286,9 +280,7 @@ def infer_config(
         strides=[4] + [2] * (len(stages) - 1),  # not visible in the weights; every MiT uses these
         depths=[_count_blocks(state, f"{pre}block{i + 1}.") for i in range(len(stages))],
         sr_ratios=[_sr_ratio(state, f"{pre}block{i + 1}.0.attn.sr.weight") for i in range(len(stages))],
-        mlp_ratios=[
-            _mlp_ratio(state, f"{pre}block{i + 1}.0.mlp.fc1.weight", h) for i, h in enumerate(hidden)
-        ],
+        mlp_ratios=[_mlp_ratio(state, f"{pre}block{i + 1}.0.mlp.fc1.weight", h) for i, h in enumerate(hidden)],
     )
     if "decode_head.linear_c1.proj.weight" in state:
         fields["decoder_hidden_size"] = int(state["decode_head.linear_c1.proj.weight"].shape[0])
@@ -372,16 +364,10 @@ def _id2label(num_labels: int, dataset: str | None, meta: Mapping[str, Any]) -> 
         if names is None:
             raise ConversionError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
         if len(names) != num_labels:
-            raise ConversionError(
-                f"dataset {dataset} has {len(names)} classes but the model has {num_labels} labels"
-            )
+            raise ConversionError(f"dataset {dataset} has {len(names)} classes but the model has {num_labels} labels")
         return dict(enumerate(names))
     classes = meta.get("CLASSES")
-    if (
-        isinstance(classes, (list, tuple))
-        and len(classes) == num_labels
-        and all(isinstance(c, str) for c in classes)
-    ):
+    if isinstance(classes, (list, tuple)) and len(classes) == num_labels and all(isinstance(c, str) for c in classes):
         return {i: c.strip() for i, c in enumerate(classes)}
     if num_labels == len(ADE20K_CLASSES):
         return dict(enumerate(ADE20K_CLASSES))
@@ -455,6 +441,5 @@ def _check_against_model(
     missing = [k for k in expected if k not in converted and not k.endswith("num_batches_tracked")]
     if missing:
         raise ConversionError(
-            f"{path}: missing weights for {missing[0]}"
-            + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+            f"{path}: missing weights for {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
         )

@@ -78,11 +78,7 @@ def barrier() -> None:
 
 def _comm_device() -> torch.device:
     """nccl only reduces CUDA tensors; gloo takes CPU ones."""
-    return (
-        torch.device("cuda", torch.cuda.current_device())
-        if dist.get_backend() == "nccl"
-        else torch.device("cpu")
-    )
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -148,9 +144,7 @@ class SyncBatchNorm(nn.BatchNorm2d):
         """Replace every BatchNorm2d in ``module`` (in place where nested) by a SyncBatchNorm holding the same
         parameters and buffers. Returns the converted module."""
         if isinstance(module, nn.BatchNorm2d) and not isinstance(module, cls):
-            new = cls(
-                module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
-            )
+            new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
             new.to(device=module.weight.device if module.affine else None)
             new.load_state_dict(module.state_dict())
             if module.affine:

@@ -97,9 +97,7 @@ def evaluate(
                    align=align, scales=scales, flip=flip)  # fmt: skip
     from tqdm import tqdm
 
-    bar = tqdm(
-        loader, desc="eval", disable=not progress or get_rank() != 0 or not sys.stderr.isatty(), leave=False
-    )
+    bar = tqdm(loader, desc="eval", disable=not progress or get_rank() != 0 or not sys.stderr.isatty(), leave=False)
     for pixels, labels in bar:
         with _autocast(device, amp):
             probs = infer(net, pixels.to(device), output_size=tuple(labels.shape[-2:]), **options)

@@ -69,11 +69,7 @@ class ExportReport:
     note: str = ""
 
     def summary(self) -> str:
-        axes = (
-            "dynamic batch/height/width"
-            if self.dynamic
-            else f"static {self.export_size[0]}x{self.export_size[1]}"
-        )
+        axes = "dynamic batch/height/width" if self.dynamic else f"static {self.export_size[0]}x{self.export_size[1]}"
         kind = "fp16 weights (LayerNorm/softmax in fp32)" if self.fp16 else "fp32"
         head = f"wrote {self.path} (opset {self.opset}, {axes}, {kind})"
         if self.verified == "numeric":
@@ -203,17 +199,9 @@ def check_folded_head(onnx_path: str | os.PathLike, decoder_hidden_size: int, nu
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     d = decoder_hidden_size
     shapes = [tuple(t.dims) for t in graph.initializer]
-    shapes += [
-        tuple(a.t.dims)
-        for n in graph.node
-        if n.op_type == "Constant"
-        for a in n.attribute
-        if a.name == "value"
-    ]
+    shapes += [tuple(a.t.dims) for n in graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
     if (d, num_stages * d, 1, 1) in shapes:
-        raise RuntimeError(
-            f"{onnx_path}: the exported decode head is not the folded one (found the fuse conv)"
-        )
+        raise RuntimeError(f"{onnx_path}: the exported decode head is not the folded one (found the fuse conv)")
 
 
 def verify_onnx(
@@ -242,9 +230,7 @@ def verify_onnx(
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     out = torch.from_numpy(session.run(["logits"], {"pixel_values": x.numpy()})[0])
     if out.shape != ref.shape:
-        raise RuntimeError(
-            f"{onnx_path}: onnxruntime gave logits {tuple(out.shape)}, PyTorch {tuple(ref.shape)}"
-        )
+        raise RuntimeError(f"{onnx_path}: onnxruntime gave logits {tuple(out.shape)}, PyTorch {tuple(ref.shape)}")
     return ((out.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()
 
 
@@ -293,9 +279,7 @@ def export_onnx(
         # the float64 folding arithmetic.
         graph.model.decode_head.folded()
     if fp16 and device.type == "cpu" and not _cpu_half_ok():
-        raise RuntimeError(
-            "this PyTorch build cannot run float16 on the CPU; export with fp16 from a GPU model"
-        )
+        raise RuntimeError("this PyTorch build cannot run float16 on the CPU; export with fp16 from a GPU model")
     example = torch.randn(1, config.num_channels, h, w, device=device)
     axes = None
     if dynamic:
@@ -327,9 +311,7 @@ def export_onnx(
             if not fp16 or "NOT_IMPLEMENTED" not in str(exc):
                 raise
             report.verified = "structure"
-            report.note = (
-                "onnxruntime's CPU provider has no float16 kernel for part of the graph; run it on a GPU"
-            )
+            report.note = "onnxruntime's CPU provider has no float16 kernel for part of the graph; run it on a GPU"
             return
         report.max_rel_diff = diff
         report.verified = "numeric"
@@ -345,9 +327,7 @@ def export_onnx(
 
 def _cpu_half_ok() -> bool:
     try:
-        torch.nn.functional.conv2d(
-            torch.ones(1, 1, 3, 3, dtype=torch.half), torch.ones(1, 1, 1, 1, dtype=torch.half)
-        )
+        torch.nn.functional.conv2d(torch.ones(1, 1, 3, 3, dtype=torch.half), torch.ones(1, 1, 1, 1, dtype=torch.half))
         return True
     except RuntimeError:
         return False

@@ -58,9 +58,7 @@ def _whole(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return _forward_logits(model, padded)[..., :h, :w]
 
 
-def _slide(
-    model: nn.Module, x: torch.Tensor, crop_size: tuple[int, int], stride: tuple[int, int]
-) -> torch.Tensor:
+def _slide(model: nn.Module, x: torch.Tensor, crop_size: tuple[int, int], stride: tuple[int, int]) -> torch.Tensor:
     """Sliding-window logits (B, K, H, W): windows of crop_size at stride (the last row/column of windows is
     shifted back to end at the border), logits summed and divided by the number of windows per pixel."""
     ch, cw = crop_size
@@ -145,9 +143,7 @@ def infer(
         raise ValueError(f"pixel_values must be a (batch, 3, height, width) tensor, got {shape}")
     crop_size, stride = _check_pair(crop_size, "crop_size"), _check_pair(stride, "stride")
     if stride[0] > crop_size[0] or stride[1] > crop_size[1]:
-        raise ValueError(
-            f"stride {stride} is larger than crop_size {crop_size}: some pixels would be skipped"
-        )
+        raise ValueError(f"stride {stride} is larger than crop_size {crop_size}: some pixels would be skipped")
     scales = [1.0] if scales is None or len(scales) == 0 else [float(s) for s in scales]
     if min(scales) <= 0:
         raise ValueError(f"scales must be positive, got {scales}")
@@ -175,9 +171,7 @@ def infer(
                 )
             else:
                 size = (max(round(H * scale), 1), max(round(W * scale), 1))
-            scaled = (
-                x if size == (H, W) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-            )
+            scaled = x if size == (H, W) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
             for flipped in (False, True) if flip else (False,):
                 inp = scaled.flip(-1) if flipped else scaled
                 logits = _slide(net, inp, crop_size, stride) if mode == "slide" else _whole(net, inp)

@@ -80,9 +80,7 @@ def _nan_to_none(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-def compute_metrics(
-    conf: torch.Tensor, class_names: Sequence[str] | Mapping[int, str] | None = None
-) -> dict[str, Any]:
+def compute_metrics(conf: torch.Tensor, class_names: Sequence[str] | Mapping[int, str] | None = None) -> dict[str, Any]:
     """Metrics of a (K, K) confusion matrix (rows = target).
 
     Returns ``{"mIoU", "aAcc", "mAcc": float (NaN when no class counts), "IoU": {name: float | None},

@@ -138,9 +138,7 @@ def _array_to_image(array: np.ndarray | torch.Tensor) -> Image.Image:
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
-        raise ImageError(
-            f"array of shape {arr.shape} is not an image: expected (H, W), (H, W, 3|4) or (3, H, W)"
-        )
+        raise ImageError(f"array of shape {arr.shape} is not an image: expected (H, W), (H, W, 3|4) or (3, H, W)")
     if arr.dtype == np.bool_:
         arr = arr.astype(np.uint8) * 255
     elif arr.dtype == np.uint16:
@@ -341,9 +339,7 @@ class SegformerPredictor:
         return next(self.model.parameters()).device
 
     def _labels_dtype(self) -> np.dtype:
-        return np.dtype(
-            np.uint8 if self.num_classes <= 256 else np.uint16 if self.num_classes <= 65536 else np.int32
-        )
+        return np.dtype(np.uint8 if self.num_classes <= 256 else np.uint16 if self.num_classes <= 65536 else np.int32)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """RGB PIL image → (3, H, W) float32: /255, then ImageNet mean/std."""
@@ -378,12 +374,7 @@ class SegformerPredictor:
                        flip=self.flip)  # fmt: skip
         single_pass = (self.scales is None or self.scales == [1.0]) and not self.flip
         k = self.config.num_labels
-        if (
-            self.mode == "aligned"
-            and single_pass
-            and not return_probs
-            and b * k * h * w > self.chunk_threshold
-        ):
+        if self.mode == "aligned" and single_pass and not return_probs and b * k * h * w > self.chunk_threshold:
             # A huge photo would need (B, K, H, W) float32 probabilities at full size (7 GB for 150 classes
             # at 12 MP). Take them at the working size and upsample their logs in row chunks instead: log p
             # differs from the logits by a per-pixel constant, so the argmax is the same.
@@ -396,10 +387,7 @@ class SegformerPredictor:
             labels = (probs[:, 0] > 0.5).long() if probs.shape[1] == 1 else probs.argmax(dim=1)  # (B, H, W)
         labels_np = labels.cpu().numpy().astype(self._labels_dtype())
         probs_np = probs.float().cpu().numpy() if return_probs and probs is not None else None
-        return [
-            Segmentation(labels_np[i], probs_np[i] if probs_np is not None else None)
-            for i in range(len(images))
-        ]
+        return [Segmentation(labels_np[i], probs_np[i] if probs_np is not None else None) for i in range(len(images))]
 
     def predict_iter(
         self, images: Iterable[ImageInput], *, return_probs: bool = False
@@ -477,12 +465,8 @@ def _upsampled_argmax(probs: torch.Tensor, size: tuple[int, int], rows: int = 25
     for r0 in range(0, height, rows):
         r1 = min(r0 + rows, height)
         # Widen the needed source rows (same row count: the height is untouched), then blend rows.
-        top = F.interpolate(
-            values[:, :, y0[r0:r1]], size=(r1 - r0, width), mode="bilinear", align_corners=False
-        )
-        bottom = F.interpolate(
-            values[:, :, y1[r0:r1]], size=(r1 - r0, width), mode="bilinear", align_corners=False
-        )
+        top = F.interpolate(values[:, :, y0[r0:r1]], size=(r1 - r0, width), mode="bilinear", align_corners=False)
+        bottom = F.interpolate(values[:, :, y1[r0:r1]], size=(r1 - r0, width), mode="bilinear", align_corners=False)
         blend = top + (bottom - top) * wy[r0:r1].view(1, 1, -1, 1)  # (B, K, rows, W)
         out[:, r0:r1] = (blend[:, 0] > 0).long() if binary else blend.argmax(dim=1)
     return out
@@ -512,9 +496,7 @@ def _has_magic(text: str) -> bool:
     return any(c in text for c in "*?[")
 
 
-def collect_images(
-    inputs: Sequence[str | os.PathLike], *, recursive: bool = False
-) -> list[tuple[Path, Path]]:
+def collect_images(inputs: Sequence[str | os.PathLike], *, recursive: bool = False) -> list[tuple[Path, Path]]:
     """Files, folders and glob patterns → sorted, de-duplicated ``(path, relative output path)`` pairs.
 
     A file is taken whatever its name (and reported later if it is not an image). Folders give the files with
@@ -537,9 +519,7 @@ def collect_images(
             for m in sorted(glob.glob(text, recursive=True)):
                 f = Path(m)
                 if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
-                    found.setdefault(
-                        f.resolve(), f.relative_to(base) if f.is_relative_to(base) else Path(f.name)
-                    )
+                    found.setdefault(f.resolve(), f.relative_to(base) if f.is_relative_to(base) else Path(f.name))
         else:
             found.setdefault(path.resolve() if path.exists() else path, Path(path.name))
     if not found:
@@ -591,9 +571,7 @@ def _output_stems(items: list[tuple[Path, Path]]) -> list[Path]:
         if stem in reserved:
             raise ValueError(f"{src}: its output name would clash with the run's {stem}.* files; rename it")
         if stem in seen:
-            raise ValueError(
-                f"{seen[stem]} and {src} would both be written as {stem}.png; pass them separately"
-            )
+            raise ValueError(f"{seen[stem]} and {src} would both be written as {stem}.png; pass them separately")
         seen[stem] = src
     return stems
 
@@ -670,9 +648,7 @@ def predict_to_folder(
     stems = _output_stems(items)
     for (src, _), stem in zip(items, stems, strict=True):
         if (out / stem).with_suffix(".png").resolve() == src:
-            raise ValueError(
-                f"{src}: the label map would overwrite this input; choose another --output folder"
-            )
+            raise ValueError(f"{src}: the label map would overwrite this input; choose another --output folder")
     out.mkdir(parents=True, exist_ok=True)
     k, names, palette = predictor.num_classes, predictor.class_names, predictor.palette
 
@@ -700,9 +676,7 @@ def predict_to_folder(
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(
-        total=len(todo), unit="img", desc="segmenting", disable=not progress or rank != 0, file=sys.stderr
-    )
+    bar = tqdm(total=len(todo), unit="img", desc="segmenting", disable=not progress or rank != 0, file=sys.stderr)
     by_source = {src: (i, stem) for i, src, stem in todo}
     for src, image, result in predictor._iter([s for _, s, _ in todo], save_probs):
         i, stem = by_source[src]  # type: ignore[index]
@@ -713,9 +687,7 @@ def predict_to_folder(
                 rec = _write_outputs(src, image, result, paths(stem), k, palette, alpha, overlay_format)
                 rec.rank = rank
             except (OSError, ValueError) as exc:  # e.g. disk full: report it like a bad image and go on
-                rec = ImageRecord(
-                    str(src), None, "failed", error=f"cannot write outputs: {_reason(exc)}", rank=rank
-                )
+                rec = ImageRecord(str(src), None, "failed", error=f"cannot write outputs: {_reason(exc)}", rank=rank)
             records.append((i, rec))
         bar.update(1)
     bar.close()

@@ -165,9 +165,7 @@ def _normalize_size(size: Any) -> dict[str, int]:
             }
         if keys == {"shortest_edge"}:
             return {"shortest_edge": _positive_int(size["shortest_edge"], "size shortest_edge")}
-        raise ValueError(
-            f"size must have keys {{'height', 'width'}} or {{'shortest_edge'}}, got {sorted(keys)}"
-        )
+        raise ValueError(f"size must have keys {{'height', 'width'}} or {{'shortest_edge'}}, got {sorted(keys)}")
     if isinstance(size, (tuple, list)) and len(size) == 2:
         width, height = size
         return {"height": _positive_int(height, "size height"), "width": _positive_int(width, "size width")}
@@ -181,14 +179,8 @@ def _normalize_resample(resample: Any) -> int:
     """A PIL filter (int, ``Image.Resampling`` member or its name) → its int code."""
     if isinstance(resample, str) and resample.lower() in _RESAMPLE_NAMES:
         return _RESAMPLE_NAMES[resample.lower()]
-    if (
-        isinstance(resample, bool)
-        or not isinstance(resample, (int, np.integer))
-        or int(resample) not in range(6)
-    ):
-        raise ValueError(
-            f"resample must be a PIL filter (0-5 or one of {sorted(_RESAMPLE_NAMES)}), got {resample!r}"
-        )
+    if isinstance(resample, bool) or not isinstance(resample, (int, np.integer)) or int(resample) not in range(6):
+        raise ValueError(f"resample must be a PIL filter (0-5 or one of {sorted(_RESAMPLE_NAMES)}), got {resample!r}")
     return int(resample)
 
 
@@ -279,9 +271,7 @@ def _sixteen_to_eight(values: np.ndarray, what: str) -> np.ndarray:
     """16-bit values (0..65535) → 8 bits by round(v / 257), so 65535 → 255."""
     values = values.astype(np.int64)
     if values.size and (values.min() < 0 or values.max() > 65535):
-        raise ValueError(
-            f"{what}: 16-bit values must lie in [0, 65535], got [{values.min()}, {values.max()}]"
-        )
+        raise ValueError(f"{what}: 16-bit values must lie in [0, 65535], got [{values.min()}, {values.max()}]")
     return ((values * 2 + 257) // 514).astype(np.uint8)
 
 
@@ -332,9 +322,7 @@ def _array_to_hwc(array: np.ndarray, input_data_format: str | None, what: str) -
         axis = _channel_axis(array.shape, array.dtype == np.uint8, input_data_format, what)
         array = np.moveaxis(array, 0, -1) if axis == 0 else array
     else:
-        raise ValueError(
-            f"{what}: expected a 2-D or 3-D image (or a 4-D batch), got shape {tuple(array.shape)}"
-        )
+        raise ValueError(f"{what}: expected a 2-D or 3-D image (or a 4-D batch), got shape {tuple(array.shape)}")
     array = _pixels_dtype(array, what)
     if array.shape[-1] == 1:
         return np.repeat(array, 3, axis=-1)
@@ -352,8 +340,7 @@ def _image_to_rgb(image: Any, input_data_format: str | None, what: str) -> Image
     if isinstance(image, np.ndarray):
         return _array_to_hwc(image, input_data_format, what)
     raise TypeError(
-        f"{what}: unsupported type {type(image).__name__}; "
-        "expected a PIL image, numpy array, torch tensor or file path"
+        f"{what}: unsupported type {type(image).__name__}; expected a PIL image, numpy array, torch tensor or file path"
     )
 
 
@@ -363,18 +350,14 @@ def _label_array(seg: Any, what: str) -> np.ndarray:
         seg = _open_image(seg, what)
     if isinstance(seg, Image.Image):
         if len(seg.getbands()) != 1:
-            raise ValueError(
-                f"{what}: a {seg.mode} image has {len(seg.getbands())} bands; a label map needs one"
-            )
+            raise ValueError(f"{what}: a {seg.mode} image has {len(seg.getbands())} bands; a label map needs one")
         array = np.asarray(seg)
     elif isinstance(seg, torch.Tensor):
         array = _tensor_to_numpy(seg)
     elif isinstance(seg, np.ndarray):
         array = seg
     else:
-        raise TypeError(
-            f"{what}: unsupported type {type(seg).__name__}; expected a PIL image, array, tensor or path"
-        )
+        raise TypeError(f"{what}: unsupported type {type(seg).__name__}; expected a PIL image, array, tensor or path")
     if array.ndim == 3 and 1 in (array.shape[0], array.shape[-1]):
         array = array[0] if array.shape[0] == 1 else array[..., 0]
     if array.ndim != 2:
@@ -525,9 +508,7 @@ def _torch_eligible(images: list[Any], options: _Options) -> bool:
     """Whether the torch backend can take these images (all uint8/float tensors, a supported filter)."""
     if options.do_resize and options.resample not in (0, *_TORCH_FILTERS):
         return False
-    return all(
-        isinstance(im, torch.Tensor) and (im.dtype == torch.uint8 or im.is_floating_point()) for im in images
-    )
+    return all(isinstance(im, torch.Tensor) and (im.dtype == torch.uint8 or im.is_floating_point()) for im in images)
 
 
 def _tensor_batches(
@@ -546,9 +527,7 @@ def _tensor_batches(
         elif im.ndim == 3:
             items.append((im, _channel_axis(tuple(im.shape), False, input_data_format, f"image {i}")))
         else:
-            raise ValueError(
-                f"image {i}: expected a 2-D or 3-D tensor (or a 4-D batch), got shape {tuple(im.shape)}"
-            )
+            raise ValueError(f"image {i}: expected a 2-D or 3-D tensor (or a 4-D batch), got shape {tuple(im.shape)}")
     first, axis = items[0]
     same = all(
         im.shape == first.shape and im.dtype == first.dtype and im.device == first.device and ax == axis
@@ -664,9 +643,7 @@ def _torch_pipeline(
                 warned = _warn_if_prescaled(batch, options)
             out = _torch_pixels(batch, axis, options)
             in_hw = tuple(batch.shape[2:]) if axis == 0 else tuple(batch.shape[1:3])
-            out_hw = (
-                tuple(out.shape[2:]) if options.data_format == "channels_first" else tuple(out.shape[1:3])
-            )
+            out_hw = tuple(out.shape[2:]) if options.data_format == "channels_first" else tuple(out.shape[1:3])
             in_sizes += [in_hw] * batch.shape[0]
             out_sizes += [out_hw] * batch.shape[0]
             pixels.append(out)
@@ -706,9 +683,7 @@ def _convert(stacked: np.ndarray | torch.Tensor, kind: str) -> Any:
     try:
         framework = __import__(module, fromlist=["_"])
     except ImportError:
-        raise ValueError(
-            f"return_tensors={kind!r} needs {module.split('.')[0]}, which is not installed"
-        ) from None
+        raise ValueError(f"return_tensors={kind!r} needs {module.split('.')[0]}, which is not installed") from None
     return framework.convert_to_tensor(array) if kind == "tf" else framework.asarray(array)
 
 
@@ -817,9 +792,7 @@ class SegformerImageProcessor:
             do_reduce_labels=bool(get("do_reduce_labels")),
             backend=backend,
             data_format=_normalize_format(get("data_format"), "data_format", allow_none=False),
-            input_data_format=_normalize_format(
-                get("input_data_format"), "input_data_format", allow_none=True
-            ),
+            input_data_format=_normalize_format(get("input_data_format"), "input_data_format", allow_none=True),
         )
 
     # ------------------------------------------------------------------------------------ processing
@@ -860,9 +833,7 @@ class SegformerImageProcessor:
         kind = _tensor_type(return_tensors)
         image_list = _as_list(images, 4, "images")
         if isinstance(segmentation_maps, (np.ndarray, torch.Tensor)) and segmentation_maps.ndim == 4:
-            segmentation_maps = (
-                segmentation_maps[:, 0] if segmentation_maps.shape[1] == 1 else segmentation_maps
-            )
+            segmentation_maps = segmentation_maps[:, 0] if segmentation_maps.shape[1] == 1 else segmentation_maps
         maps = None if segmentation_maps is None else _as_list(segmentation_maps, 3, "segmentation maps")
         if maps is not None and len(maps) != len(image_list):
             raise ValueError(
@@ -910,11 +881,7 @@ class SegformerImageProcessor:
             raise TypeError("outputs must have .logits of shape (B, C, h, w), or be that tensor")
         if target_sizes is None:
             return list(logits.argmax(dim=1))
-        sizes = (
-            target_sizes.tolist()
-            if isinstance(target_sizes, (torch.Tensor, np.ndarray))
-            else list(target_sizes)
-        )
+        sizes = target_sizes.tolist() if isinstance(target_sizes, (torch.Tensor, np.ndarray)) else list(target_sizes)
         if len(sizes) != logits.shape[0]:
             raise ValueError(f"got {len(sizes)} target sizes for a batch of {logits.shape[0]} logits")
         maps = []

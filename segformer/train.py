@@ -139,9 +139,7 @@ NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     """AdamW groups: encoder / decode head (lr × head_lr_mult), each split into normalisation-layer parameters
     (no weight decay) and the rest (weight decay, biases included, as in mmseg)."""
-    norm_params = {
-        id(p) for m in model.modules() if isinstance(m, NORM_TYPES) for p in m.parameters(recurse=False)
-    }
+    norm_params = {id(p) for m in model.modules() if isinstance(m, NORM_TYPES) for p in m.parameters(recurse=False)}
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -165,9 +163,7 @@ class StreamSampler(torch.utils.data.Sampler):
     is seeded by (seed, g). Rank r takes blocks of ``block`` consecutive positions: r, r + world, …, so N ranks
     with micro-batch ``block`` cover exactly the positions one process with batch N × block would."""
 
-    def __init__(
-        self, size: int, *, seed: int, block: int, rank: int = 0, world_size: int = 1, start: int = 0
-    ):
+    def __init__(self, size: int, *, seed: int, block: int, rank: int = 0, world_size: int = 1, start: int = 0):
         self.size, self.seed, self.block = size, seed, block
         self.rank, self.world_size, self.start = rank, world_size, start
 
@@ -208,9 +204,7 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     n = state["numpy"]
-    np.random.set_state(
-        ("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
-    )
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -277,9 +271,7 @@ def find_resume_dir(output: Path, resume: str | None) -> Path | None:
         return None
     path = Path(resume)
     if not (path / TRAINING_STATE).is_file():
-        raise ValueError(
-            f"{path}: no {TRAINING_STATE} here (resume from a run's last/ folder, or --resume auto)"
-        )
+        raise ValueError(f"{path}: no {TRAINING_STATE} here (resume from a run's last/ folder, or --resume auto)")
     return path
 
 
@@ -346,15 +338,11 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     device, world, rank = info.device, info.world_size, info.rank
     micro = _check_config(cfg, world)
     if cfg.amp == "fp16" and device.type != "cuda":
-        raise ValueError(
-            "--amp fp16 needs a CUDA device (it relies on a gradient scaler); use --amp bf16 on CPU"
-        )
+        raise ValueError("--amp fp16 needs a CUDA device (it relies on a gradient scaler); use --amp bf16 on CPU")
     output = Path(cfg.output)
     resume_dir = find_resume_dir(output, cfg.resume)
     if resume_dir is None and (output / "last" / TRAINING_STATE).is_file():
-        raise ValueError(
-            f"{output} already holds a run; pass --resume auto to continue it, or another --output"
-        )
+        raise ValueError(f"{output} already holds a run; pass --resume auto to continue it, or another --output")
 
     # ---- data
     kind = detect_kind(cfg.data) if cfg.dataset == "auto" else cfg.dataset
@@ -380,9 +368,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
                     print(f"{ds.name}: {report.format()}", file=sys.stderr)
                     ok = False
         if not broadcast_flag(ok):
-            raise ValueError(
-                f"{cfg.data}: the data check failed (problems listed above; --check-data off skips it)"
-            )
+            raise ValueError(f"{cfg.data}: the data check failed (problems listed above; --check-data off skips it)")
 
     # ---- model, optimiser, schedule
     seed_everything(cfg.seed + rank)
@@ -395,9 +381,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         model = SyncBatchNorm.convert(model)  # torch's SyncBatchNorm is GPU-only; ours also runs on gloo
     net = model
     if world > 1:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(
         param_groups(net, cfg), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
     )
@@ -521,11 +505,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         loss_value = float(all_reduce_mean(loss_sum / cfg.accum_steps))
         if not math.isfinite(loss_value):  # every rank sees the same reduced value and stops together
             saved = output / "last"
-            where = (
-                f"the last good checkpoint is {saved}"
-                if (saved / TRAINING_STATE).exists()
-                else "no checkpoint yet"
-            )
+            where = f"the last good checkpoint is {saved}" if (saved / TRAINING_STATE).exists() else "no checkpoint yet"
             raise TrainingDivergedError(
                 f"loss is {loss_value} at step {step + 1} (lr {scheduler.get_last_lr()[0]:.3g}); stopped, {where}. "
                 "Try a lower --lr, a longer --warmup-steps or --amp none"

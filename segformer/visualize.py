@@ -107,9 +107,7 @@ def palette_for(id2label: Mapping[int, str] | Sequence[str] | int) -> np.ndarray
     return make_palette(len(_names_list(id2label)))
 
 
-def class_names(
-    id2label: Mapping[int, str] | Sequence[str] | None, num_labels: int | None = None
-) -> list[str]:
+def class_names(id2label: Mapping[int, str] | Sequence[str] | None, num_labels: int | None = None) -> list[str]:
     """Class names in id order, stripped; "class_k" where id2label has no name (or is None)."""
     names = _names_list(id2label) if id2label else []
     n = len(names) if num_labels is None else num_labels
@@ -125,9 +123,7 @@ def colorize(mask: np.ndarray, palette: np.ndarray) -> np.ndarray:
     return lut[mask]
 
 
-def overlay(
-    image: Image.Image | np.ndarray, mask: np.ndarray, palette: np.ndarray, alpha: float = 0.5
-) -> Image.Image:
+def overlay(image: Image.Image | np.ndarray, mask: np.ndarray, palette: np.ndarray, alpha: float = 0.5) -> Image.Image:
     """Blend the colourised mask over the RGB image: (1 - alpha) * image + alpha * colours. Returns RGB."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -149,10 +145,7 @@ def side_by_side(
     """Place RGB pictures left to right, ``gap`` pixels apart, top-aligned. Returns one RGB image."""
     if not images:
         raise ValueError("side_by_side needs at least one image")
-    pics = [
-        (im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im))).convert("RGB")
-        for im in images
-    ]
+    pics = [(im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im))).convert("RGB") for im in images]
     width = sum(p.width for p in pics) + gap * (len(pics) - 1)
     canvas = Image.new("RGB", (width, max(p.height for p in pics)), background)
     x = 0

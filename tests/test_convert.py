@@ -80,9 +80,7 @@ def save_original(path, state, meta=None) -> None:
 
 def test_segmentation_checkpoint_converts_to_the_same_model(tmp_path, seg_model):
     classes = tuple(f"class {i} " for i in range(5))  # mmseg names may carry spaces (ADE20K's "bed ")
-    save_original(
-        tmp_path / "orig.pth", original_segmentation(seg_model), {"CLASSES": classes, "config": "x"}
-    )
+    save_original(tmp_path / "orig.pth", original_segmentation(seg_model), {"CLASSES": classes, "config": "x"})
 
     result = convert_checkpoint(tmp_path / "orig.pth", tmp_path / "out", num_attention_heads=HEADS)
 
@@ -91,9 +89,7 @@ def test_segmentation_checkpoint_converts_to_the_same_model(tmp_path, seg_model)
         "decode_head.conv_seg.weight",
         "decode_head.conv_seg.bias",
     ]
-    loaded, info = SegformerForSemanticSegmentation.from_pretrained(
-        tmp_path / "out", output_loading_info=True
-    )
+    loaded, info = SegformerForSemanticSegmentation.from_pretrained(tmp_path / "out", output_loading_info=True)
     assert info == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
     assert loaded.config.depths == [1, 2, 1, 1] and loaded.config.hidden_sizes == [8, 16, 24, 32]
     assert loaded.config.decoder_hidden_size == 16 and loaded.config.num_attention_heads == HEADS
@@ -193,9 +189,7 @@ def test_errors_name_the_problem(tmp_path, seg_model):
         convert_checkpoint(tmp_path / "good.pth", tmp_path / "o6")  # widths 8..32 are no MiT: heads unknown
     missing = {k: v for k, v in good.items() if not k.startswith("backbone.norm3.")}
     save_original(tmp_path / "missing_norm.pth", missing)
-    with pytest.raises(
-        ConversionError, match=r"missing weights for segformer\.encoder\.layer_norm\.2\.weight"
-    ):
+    with pytest.raises(ConversionError, match=r"missing weights for segformer\.encoder\.layer_norm\.2\.weight"):
         convert_checkpoint(tmp_path / "missing_norm.pth", tmp_path / "o7", num_attention_heads=HEADS)
     for name in ("o1", "o2", "o3", "o4", "o5", "o6", "o7"):
         assert not (tmp_path / name).exists()  # nothing is written for a failed conversion
@@ -216,9 +210,7 @@ def test_pickled_objects_need_an_explicit_opt_in(tmp_path, seg_model):
 def test_cli_converts_and_reports_errors_in_one_line(tmp_path, seg_model):
     save_original(tmp_path / "orig.pth", original_segmentation(seg_model), {"CLASSES": tuple("abcde")})
     cmd = [sys.executable, "-m", "segformer", "convert", str(tmp_path / "orig.pth"), str(tmp_path / "out")]
-    done = subprocess.run(
-        [*cmd, "--num-heads", "1", "2", "3", "4"], capture_output=True, text=True, timeout=120
-    )
+    done = subprocess.run([*cmd, "--num-heads", "1", "2", "3", "4"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "SegformerForSemanticSegmentation" in done.stdout and "5 labels" in done.stdout
     assert SegformerConfig.from_pretrained(tmp_path / "out").id2label[4] == "e"

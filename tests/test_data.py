@@ -36,9 +36,7 @@ def test_folder_layout_pairs_by_stem_and_reads_labels(tmp_path):
     train, listing = build_dataset(tmp_path, "train")
     val, _ = build_dataset(tmp_path, "validation")
     assert len(train) == 3 and len(val) == 2 and train.id2label == {0: "sky", 1: "road", 2: "car"}
-    assert (
-        [p[0].stem for p in listing.pairs] == [p[1].stem for p in listing.pairs] == ["img0", "img1", "img2"]
-    )
+    assert [p[0].stem for p in listing.pairs] == [p[1].stem for p in listing.pairs] == ["img0", "img1", "img2"]
     pixels, labels = train[1]
     assert pixels.shape == (3, 24, 32) and pixels.dtype == torch.float32
     assert torch.equal(labels, torch.from_numpy(np.asarray(Image.open(listing.pairs[1][1])).astype(np.int64)))
@@ -107,9 +105,7 @@ def _denormalise(pixels: torch.Tensor) -> np.ndarray:
 
 def _block_scene(rng):
     """An image whose colour is a function of its mask (palette[mask]) in blocks of 6-12 pixels."""
-    palette = np.array(
-        [[250, 10, 10], [10, 250, 10], [10, 10, 250], [200, 200, 20], [255, 255, 255]], np.uint8
-    )
+    palette = np.array([[250, 10, 10], [10, 250, 10], [10, 10, 250], [200, 200, 20], [255, 255, 255]], np.uint8)
     mask = np.kron(rng.integers(0, 5, (6, 8)), np.ones((8, 9), np.int64)).astype(np.uint8)  # 48 x 72
     mask[:3, :5] = 255  # some ignored pixels
     return palette, palette[np.where(mask == 255, 4, mask)], mask
@@ -119,9 +115,7 @@ def test_train_transform_keeps_image_and_mask_aligned_exactly(tmp_path):
     """Without resizing, crop + flip + pad must move image and mask identically, pixel for pixel."""
     rng = np.random.default_rng(3)
     palette, image, mask = _block_scene(rng)
-    t = train_transform(
-        (40, 90), scale=None, ratio_range=(1.0, 1.0), photometric=False
-    )  # wider than the image
+    t = train_transform((40, 90), scale=None, ratio_range=(1.0, 1.0), photometric=False)  # wider than the image
     flips = 0
     for seed in range(8):
         pixels, labels = t(image, mask, np.random.default_rng(seed))

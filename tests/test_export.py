@@ -64,12 +64,8 @@ def test_unfolded_head_is_detected(tmp_path, model):
 
 def test_static_export_and_old_opset(tmp_path, model):
     report = export_onnx(model, tmp_path / "s.onnx", size=(64, 64), dynamic=False, opset=13)
-    assert (
-        report.verified == "numeric" and report.max_rel_diff < 1e-4 and report.verify_shape == (1, 3, 64, 64)
-    )
-    dims = [
-        d.dim_value for d in onnx.load(str(tmp_path / "s.onnx")).graph.input[0].type.tensor_type.shape.dim
-    ]
+    assert report.verified == "numeric" and report.max_rel_diff < 1e-4 and report.verify_shape == (1, 3, 64, 64)
+    dims = [d.dim_value for d in onnx.load(str(tmp_path / "s.onnx")).graph.input[0].type.tensor_type.shape.dim]
     assert dims == [1, 3, 64, 64]
 
 

@@ -76,9 +76,7 @@ def test_multiscale_and_flip_average_softmax_over_all_passes(seg):
             xs = x if s == 1.0 else F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
             for flip in (False, True):
                 inp = xs.flip(-1) if flip else xs
-                logits = F.interpolate(
-                    seg(inp).logits, size=inp.shape[-2:], mode="bilinear", align_corners=False
-                )
+                logits = F.interpolate(seg(inp).logits, size=inp.shape[-2:], mode="bilinear", align_corners=False)
                 logits = logits.flip(-1) if flip else logits
                 logits = F.interpolate(logits, size=(64, 80), mode="bilinear", align_corners=False)
                 expected = expected + logits.softmax(1) / 6

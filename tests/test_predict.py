@@ -57,9 +57,9 @@ def checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
     names = {0: "sky", 1: "road", 2: "tree", 3: "car", 4: "person"}
-    randomize_(
-        SegformerForSemanticSegmentation(tiny_config(num_labels=K, id2label=names)), seed=3
-    ).save_pretrained(path)
+    randomize_(SegformerForSemanticSegmentation(tiny_config(num_labels=K, id2label=names)), seed=3).save_pretrained(
+        path
+    )
     return path
 
 
@@ -97,9 +97,7 @@ def images(tmp_path_factory) -> tuple[Path, dict[str, tuple[int, int]], list[str
     return d, good, ["tiny.png", "bomb.png", "truncated.jpg", "notes.jpg"]
 
 
-def _cli(
-    *args: str | os.PathLike, env: dict | None = None, timeout: float = 120
-) -> subprocess.CompletedProcess:
+def _cli(*args: str | os.PathLike, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "segformer", *map(str, args)],
         capture_output=True,
@@ -246,9 +244,7 @@ def test_cli_folder_run_outputs_summary_failures_and_resume(checkpoint, images, 
     assert f"{len(bad)} of {len(good) + len(bad)} images failed" in proc.stderr
     for name, reason in [("tiny.png", "smaller than the minimum"), ("bomb.png", "decompression bomb"),
                          ("truncated.jpg", "truncated"), ("notes.jpg", "not an image")]:  # fmt: skip
-        assert any(line.startswith(str(d / name)) and reason in line for line in proc.stderr.splitlines()), (
-            name
-        )
+        assert any(line.startswith(str(d / name)) and reason in line for line in proc.stderr.splitlines()), name
     assert "Traceback" not in proc.stderr
 
     summary = json.loads((out / "summary.json").read_text())
@@ -274,10 +270,7 @@ def test_cli_folder_run_outputs_summary_failures_and_resume(checkpoint, images, 
         )  # the summary agrees with the PNG
     for name in bad:
         assert by_image[name]["status"] == "failed" and by_image[name]["error"]
-        assert (
-            not (out / name.replace(".", "_")).exists()
-            and not (out / f"{name.rsplit('.', 1)[0]}.png").exists()
-        )
+        assert not (out / name.replace(".", "_")).exists() and not (out / f"{name.rsplit('.', 1)[0]}.png").exists()
     rows = (out / "summary.csv").read_text().splitlines()
     assert rows[0].startswith("image,label,status,width,height,class_id,class_name,pixels,percent")
     assert sum(",failed," in r for r in rows) == len(bad)
@@ -312,9 +305,7 @@ def test_cli_usage_errors_exit_2(checkpoint, tmp_path):
     from segformer.commands import predict as command
 
     assert (command.DEFAULT_MODEL, command.DEFAULT_MAX_PIXELS) == (DEFAULT_MODEL, DEFAULT_MAX_PIXELS)
-    assert (
-        main(["predict", str(tmp_path / "*.jpg"), "--model", str(checkpoint), "--output", str(tmp_path)]) == 2
-    )
+    assert main(["predict", str(tmp_path / "*.jpg"), "--model", str(checkpoint), "--output", str(tmp_path)]) == 2
     with pytest.raises(SystemExit) as exc:
         main(["predict", "x.jpg", "--output", str(tmp_path), "--alpha", "2"])
     assert exc.value.code == 2
@@ -329,9 +320,7 @@ def test_cli_model_not_found_says_what_to_do(images, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("segformer predict: error: cannot load model")
     for words in (DEFAULT_MODEL, "local checkpoint directory", "save_pretrained", "network", "cache"):
         assert words in lines[0]
-    proc = _cli(
-        "predict", d / "photo.jpg", "--model", tmp_path / "nope", "--output", tmp_path / "out", env=env
-    )
+    proc = _cli("predict", d / "photo.jpg", "--model", tmp_path / "nope", "--output", tmp_path / "out", env=env)
     assert proc.returncode == 2 and "nope" in proc.stderr and "local checkpoint directory" in proc.stderr
 
 
@@ -356,7 +345,5 @@ def test_torchrun_two_processes_write_each_image_once(checkpoint, images, tmp_pa
     assert {e["rank"] for e in summary["images"]} == {0, 1}
     for e in summary["images"]:
         assert e["rank"] == order.index(Path(e["image"]).relative_to(d).as_posix()) % 2
-    labels = sorted(
-        p.relative_to(out).as_posix() for p in out.rglob("*.png") if not p.name.endswith("_overlay.png")
-    )
+    labels = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png") if not p.name.endswith("_overlay.png"))
     assert labels == sorted([f"{n.rsplit('.', 1)[0]}.png" for n in good] + ["legend.png"])

@@ -71,8 +71,8 @@ def test_base_checkpoint_into_task_model_and_back(tmp_path, caplog):
     base.save_pretrained(tmp_path / "base")
     with caplog.at_level("WARNING", logger="segformer"):
         task, info = SegformerForSemanticSegmentation.from_pretrained(tmp_path / "base", output_loading_info=True)
-    assert sorted(info["missing_keys"]) == sorted(k for k in task.state_dict()
-                                                  if k.startswith("decode_head.") and "num_batches" not in k)  # fmt: skip
+    head_keys = [k for k in task.state_dict() if k.startswith("decode_head.") and "num_batches" not in k]
+    assert sorted(info["missing_keys"]) == sorted(head_keys)
     assert "newly initialised" in caplog.text and "decode_head.linear_c.0.proj.weight" in caplog.text
     assert torch.equal(task.segformer.encoder.block[0][0].mlp.dense1.weight, base.encoder.block[0][0].mlp.dense1.weight)
     task.save_pretrained(tmp_path / "task")
@@ -202,9 +202,7 @@ def test_save_is_atomic_and_replaces_stale_weights(saved):
 
 
 # ------------------------------------------------------------------------------------ hub ids, offline
-def populate_hub_cache(
-    cache, repo_id: str, files: dict[str, bytes], commit: str = "0" * 40, ref: str = "main"
-) -> None:
+def populate_hub_cache(cache, repo_id: str, files: dict[str, bytes], commit: str = "0" * 40, ref: str = "main") -> None:
     """Lay files out as huggingface_hub's cache does: models--org--name/{refs/main, snapshots/<commit>/...}."""
     root = cache / ("models--" + repo_id.replace("/", "--"))
     (root / "refs").mkdir(parents=True, exist_ok=True)

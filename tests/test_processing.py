@@ -153,11 +153,7 @@ def test_save_pretrained_is_read_by_transformers(tmp_path, rng):
     assert path.name == "preprocessor_config.json"
     saved = json.loads(path.read_text())
     assert saved["image_processor_type"] == "SegformerImageProcessor" and saved["do_reduce_labels"] is True
-    assert (
-        saved["size"] == {"height": 40, "width": 56}
-        and saved["resample"] == 3
-        and "reduce_labels" not in saved
-    )
+    assert saved["size"] == {"height": 40, "width": 56} and saved["resample"] == 3 and "reduce_labels" not in saved
     theirs = hf_processor().from_pretrained(tmp_path / "proc")
     auto = transformers.AutoImageProcessor.from_pretrained(tmp_path / "proc")
     image, seg = random_image(rng, 61, 83), rng.integers(0, 9, (61, 83), dtype=np.uint8)
@@ -244,9 +240,7 @@ def test_return_types(rng):
     p = SegformerImageProcessor(size=8)
     out = p(images, maps)
     assert isinstance(out, SegformerBatch) and isinstance(out.pixel_values, list)
-    assert all(
-        isinstance(x, np.ndarray) and x.shape == (3, 8, 8) and x.dtype == np.float32 for x in out.pixel_values
-    )
+    assert all(isinstance(x, np.ndarray) and x.shape == (3, 8, 8) and x.dtype == np.float32 for x in out.pixel_values)
     assert all(isinstance(x, np.ndarray) and x.shape == (8, 8) and x.dtype == np.int64 for x in out.labels)
     stacked = p(images, maps, return_tensors="np")
     assert stacked.pixel_values.shape == (2, 3, 8, 8) and stacked["labels"].shape == (2, 8, 8)
@@ -255,9 +249,7 @@ def test_return_types(rng):
 
 
 def test_batch_attribute_access_and_to(rng):
-    out = SegformerImageProcessor(size=8)(
-        random_image(rng, 9, 9), np.ones((9, 9), np.uint8), return_tensors="pt"
-    )
+    out = SegformerImageProcessor(size=8)(random_image(rng, 9, 9), np.ones((9, 9), np.uint8), return_tensors="pt")
     assert out.pixel_values is out["pixel_values"]
     with pytest.raises(AttributeError, match="no field 'nope'"):
         _ = out.nope
@@ -293,9 +285,7 @@ def test_grayscale_modes_become_rgb(rng):
 
 def test_rgba_palette_cmyk_become_rgb(rng):
     rgba = random_image(rng, 10, 13, channels=4)
-    assert np.array_equal(
-        rgb_values(Image.fromarray(rgba, "RGBA")), rgba[..., :3]
-    )  # alpha dropped, not blended
+    assert np.array_equal(rgb_values(Image.fromarray(rgba, "RGBA")), rgba[..., :3])  # alpha dropped, not blended
     assert np.array_equal(rgb_values(rgba), rgba[..., :3])  # 4-channel array
     rgb = Image.fromarray(random_image(rng, 10, 13))
     palette = rgb.convert("P")
@@ -536,9 +526,7 @@ def test_batch_errors(rng):
     a, b = random_image(rng, 6, 6), random_image(rng, 7, 5)
     with pytest.raises(ValueError, match="got 2 images but 1 segmentation maps"):
         p([a, b], [np.zeros((6, 6), np.uint8)])
-    with pytest.raises(
-        ValueError, match=r"cannot stack pixel_values of different sizes .* return_tensors='pt'"
-    ):
+    with pytest.raises(ValueError, match=r"cannot stack pixel_values of different sizes .* return_tensors='pt'"):
         p([a, b], do_resize=False, return_tensors="pt")
     with pytest.raises(ValueError, match="segmentation map 0 has size"):
         p(a, np.zeros((5, 6), np.uint8), do_resize=False)
@@ -560,9 +548,7 @@ def test_missing_frameworks_are_a_clear_error(framework):
         pytest.skip(f"{module} is installed")
     except ImportError:
         pass
-    with pytest.raises(
-        ValueError, match=f"return_tensors='{framework}' needs {module}, which is not installed"
-    ):
+    with pytest.raises(ValueError, match=f"return_tensors='{framework}' needs {module}, which is not installed"):
         SegformerImageProcessor(size=4)(np.zeros((4, 4, 3), np.uint8), return_tensors=framework)
 
 
@@ -678,9 +664,7 @@ def test_torch_path_layouts_and_channels(rng):
     listed = p([torch.from_numpy(x).permute(2, 0, 1) for x in hwc], return_tensors="pt").pixel_values
     assert from_nhwc.shape == (3, 3, 12, 20) and torch.equal(from_nhwc, listed)
     rgba = torch.from_numpy(rng.integers(0, 256, (2, 4, 30, 25), dtype=np.uint8))
-    assert torch.equal(
-        p(rgba, return_tensors="pt").pixel_values, p(rgba[:, :3], return_tensors="pt").pixel_values
-    )
+    assert torch.equal(p(rgba, return_tensors="pt").pixel_values, p(rgba[:, :3], return_tensors="pt").pixel_values)
     gray = torch.from_numpy(rng.integers(0, 256, (2, 1, 30, 25), dtype=np.uint8))
     assert torch.equal(
         p(gray, return_tensors="pt").pixel_values,

@@ -64,9 +64,7 @@ def test_param_groups_head_lr_and_no_decay_on_norms():
     assert groups["encoder"]["weight_decay"] == 0.01
     named = {id(p): n for n, p in model.named_parameters()}
     norm_names = {named[id(p)] for p in groups["encoder/norm"]["params"] + groups["head/norm"]["params"]}
-    assert (
-        "decode_head.batch_norm.weight" in norm_names and "segformer.encoder.layer_norm.0.bias" in norm_names
-    )
+    assert "decode_head.batch_norm.weight" in norm_names and "segformer.encoder.layer_norm.0.bias" in norm_names
     assert all("norm" in n for n in norm_names)
     assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))
 
@@ -128,9 +126,7 @@ def test_torchrun_two_processes_match_one_process(data, tiny_json, tmp_path):
     # softmax) have a true gradient of 0; they get Adam steps of rounding noise (~1e-9 / (1e-9 + eps)) that
     # cannot match between any two summation orders, and BatchNorm's running mean tracks them. They are
     # checked through the function they compute (train-mode logits) instead.
-    cancelled = re.compile(
-        r"linear_c\.\d\.proj\.bias|encoder\.layer_norm\.3\.bias|self\.key\.bias|running_mean"
-    )
+    cancelled = re.compile(r"linear_c\.\d\.proj\.bias|encoder\.layer_norm\.3\.bias|self\.key\.bias|running_mean")
     checked = 0
     for k in a:
         if not a[k].is_floating_point():

@@ -78,11 +78,7 @@ def test_colorize_and_overlay():
     palette = np.array([[255, 0, 0], [0, 0, 255]], np.uint8)
     mask = np.array([[0, 1], [1, 255]])
     colours = colorize(mask, palette)
-    assert (
-        colours.shape == (2, 2, 3)
-        and colours[0, 0].tolist() == [255, 0, 0]
-        and colours[1, 1].tolist() == [0, 0, 0]
-    )
+    assert colours.shape == (2, 2, 3) and colours[0, 0].tolist() == [255, 0, 0] and colours[1, 1].tolist() == [0, 0, 0]
     image = np.full((2, 2, 3), 100, np.uint8)
     assert np.array_equal(np.asarray(overlay(image, mask, palette, alpha=0.0)), image)
     full = overlay(Image.fromarray(image).convert("L"), mask, palette, alpha=1.0)  # any PIL mode is made RGB

@@ -63,9 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "  segformer eval --data cityscapes --model runs/city/best --mode slide --scales 0.5 1.0 1.5 --flip",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--data", required=True, type=Path, help="data directory (folder layout, ADE20K or Cityscapes)"
-    )
+    p.add_argument("--data", required=True, type=Path, help="data directory (folder layout, ADE20K or Cityscapes)")
     p.add_argument("--model", required=True, help="checkpoint directory (save_pretrained layout) or hub id")
     p.add_argument(
         "--dataset",
@@ -76,9 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="val", help="split to evaluate (default: val)")
     add_eval_arguments(p)
     p.add_argument("--json", type=Path, help="write the metrics to this JSON file")
-    p.add_argument(
-        "--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast dtype (default none)"
-    )
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast dtype (default none)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda when available)")
     p.add_argument("--max-images", type=int, help="evaluate only the first N images (a quick check)")
     p.add_argument("--workers", type=int, default=2, help="data-loading processes (default 2)")

@@ -22,9 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", help="model directory (save_pretrained) or hub id")
     p.add_argument("--onnx", type=Path, required=True, metavar="OUT.onnx", help="the ONNX file to write")
-    p.add_argument(
-        "--opset", type=int, default=17, help="ONNX opset (default: 17; >= 14 keeps fused attention)"
-    )
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17; >= 14 keeps fused attention)")
     p.add_argument("--size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"),
                    help="input size to trace (the only size with --static; default: 512 512)")  # fmt: skip
     p.add_argument("--static", action="store_true", help="fixed (1, 3, H, W) input instead of dynamic axes")

@@ -95,13 +95,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--model",
         "-m",
         default=DEFAULT_MODEL,
-        help="checkpoint directory (from save_pretrained or `segformer convert`) or hub id "
-        f"(default: {DEFAULT_MODEL})",
+        help=f"checkpoint directory (from save_pretrained or `segformer convert`) or hub id (default: {DEFAULT_MODEL})",
     )
     p.add_argument("--output", "-o", type=Path, required=True, help="output folder (created if missing)")
-    p.add_argument(
-        "--recursive", "-r", action="store_true", help="descend into sub-folders (mirrored in output)"
-    )
+    p.add_argument("--recursive", "-r", action="store_true", help="descend into sub-folders (mirrored in output)")
     p.add_argument(
         "--mode",
         choices=("aligned", "whole", "slide"),
@@ -126,18 +123,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overlay-format", choices=("jpg", "png"), default="jpg", help="overlay file type (jpg)")
     p.add_argument("--side-by-side", action="store_true", help="also write NAME_side.jpg: image | colour map")
     p.add_argument("--save-probs", action="store_true", help="also write NAME_probs.npy: float16 (K, H, W)")
-    p.add_argument(
-        "--skip-existing", action="store_true", help="skip images whose outputs all exist (resume)"
-    )
+    p.add_argument("--skip-existing", action="store_true", help="skip images whose outputs all exist (resume)")
     p.add_argument(
         "--max-pixels",
         type=_non_negative,
         default=DEFAULT_MAX_PIXELS,
         help=f"refuse larger images as possible decompression bombs; 0 = no limit ({DEFAULT_MAX_PIXELS:,})",
     )
-    p.add_argument(
-        "--min-size", type=_positive, default=None, help="refuse images with a shorter side (model minimum)"
-    )
+    p.add_argument("--min-size", type=_positive, default=None, help="refuse images with a shorter side (model minimum)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 

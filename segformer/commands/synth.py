@@ -26,7 +26,5 @@ def run(args: argparse.Namespace) -> int:
     from segformer.data.synthetic import CLASSES, write_synthetic_dataset
 
     write_synthetic_dataset(args.dir, num_train=args.train, num_val=args.val, size=args.size, seed=args.seed)
-    print(
-        f"wrote {args.train} + {args.val} images of {args.size}x{args.size} ({', '.join(CLASSES)}) to {args.dir}"
-    )
+    print(f"wrote {args.train} + {args.val} images of {args.size}x{args.size} ({', '.join(CLASSES)}) to {args.dir}")
     return 0

@@ -92,9 +92,7 @@ def _pair_by_key(images: dict[str, Path], masks: dict[str, Path]) -> Listing:
 
 def _files(root: Path, suffixes: tuple[str, ...], recursive: bool = False) -> list[Path]:
     it = root.rglob("*") if recursive else root.iterdir()
-    return sorted(
-        p for p in it if p.is_file() and p.name.lower().endswith(suffixes) and not p.name.startswith(".")
-    )
+    return sorted(p for p in it if p.is_file() and p.name.lower().endswith(suffixes) and not p.name.startswith("."))
 
 
 def list_folder(root: str | os.PathLike, split: str) -> Listing:
@@ -150,9 +148,7 @@ def read_labels_json(path: str | os.PathLike) -> dict[int, str]:
     except (TypeError, ValueError):
         raise ValueError(f"{path}: id2label keys must be integer class ids") from None
     if sorted(id2label) != list(range(len(id2label))):
-        raise ValueError(
-            f"{path}: class ids must be 0..{len(id2label) - 1} without gaps, got {sorted(id2label)}"
-        )
+        raise ValueError(f"{path}: class ids must be 0..{len(id2label) - 1} without gaps, got {sorted(id2label)}")
     return id2label
 
 

@@ -62,11 +62,7 @@ def _shape(yy: np.ndarray, xx: np.ndarray, size: int, rng: np.random.Generator) 
 def make_sample(rng: np.random.Generator, size: int = 96) -> tuple[np.ndarray, np.ndarray]:
     """One (image (size, size, 3) uint8, mask (size, size) uint8) pair with classes 0..3 (see module doc)."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    a, b = (
-        _contrasting_colours(rng)
-        if rng.random() < 0.5
-        else (rng.integers(0, 256, 3), rng.integers(0, 256, 3))
-    )
+    a, b = _contrasting_colours(rng) if rng.random() < 0.5 else (rng.integers(0, 256, 3), rng.integers(0, 256, 3))
     u, _ = _rotated(yy, xx, rng.uniform(0, 2 * np.pi))
     t = (u - u.min()) / max(float(u.max() - u.min()), 1e-6)
     image = (1 - t)[..., None] * np.asarray(a, np.float32) + t[..., None] * np.asarray(b, np.float32)
@@ -88,9 +84,7 @@ def write_synthetic_dataset(
     """Write ``root/images/{train,val}/NNNNN.png``, ``root/annotations/{train,val}/NNNNN.png`` and
     ``root/labels.json``; the same seed gives the same files. Returns ``root``."""
     if num_train < 1 or num_val < 0 or size < 32:
-        raise ValueError(
-            f"need num_train >= 1, num_val >= 0 and size >= 32; got {num_train}, {num_val}, {size}"
-        )
+        raise ValueError(f"need num_train >= 1, num_val >= 0 and size >= 32; got {num_train}, {num_val}, {size}")
     root = Path(root)
     for split, count, split_seed in (("train", num_train, 0), ("val", num_val, 1)):
         image_dir, mask_dir = root / "images" / split, root / "annotations" / split
@@ -99,9 +93,7 @@ def write_synthetic_dataset(
         rng = np.random.default_rng([seed, split_seed])
         for i in range(count):
             image, mask = make_sample(rng, size)
-            atomic_write(
-                image_dir / f"{i:05d}.png", lambda tmp, im=image: Image.fromarray(im).save(tmp, "PNG")
-            )
+            atomic_write(image_dir / f"{i:05d}.png", lambda tmp, im=image: Image.fromarray(im).save(tmp, "PNG"))
             atomic_write(mask_dir / f"{i:05d}.png", lambda tmp, m=mask: Image.fromarray(m).save(tmp, "PNG"))
     atomic_write_text(root / "labels.json", json.dumps(dict(enumerate(CLASSES)), indent=2) + "\n")
     return root

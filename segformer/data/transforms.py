@@ -45,9 +45,7 @@ class RandomResize:
     """Resize keeping the ratio to ``scale`` (long, short) × a ratio drawn from ``ratio_range``. With
     ``scale=None`` the ratio multiplies the image's own size."""
 
-    def __init__(
-        self, scale: tuple[int, int] | None = (2048, 512), ratio_range: tuple[float, float] = (0.5, 2.0)
-    ):
+    def __init__(self, scale: tuple[int, int] | None = (2048, 512), ratio_range: tuple[float, float] = (0.5, 2.0)):
         self.scale, self.ratio_range = scale, ratio_range
 
     def __call__(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
