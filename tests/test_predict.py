@@ -347,3 +347,34 @@ def test_torchrun_two_processes_write_each_image_once(checkpoint, images, tmp_pa
         assert e["rank"] == order.index(Path(e["image"]).relative_to(d).as_posix()) % 2
     labels = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png") if not p.name.endswith("_overlay.png"))
     assert labels == sorted([f"{n.rsplit('.', 1)[0]}.png" for n in good] + ["legend.png"])
+
+
+def test_killed_run_leaves_no_half_written_file_and_resumes(checkpoint, tmp_path):
+    """SIGKILL a run in the middle: every output present is a complete file, and --skip-existing finishes it."""
+    import signal
+    import time
+
+    src = tmp_path / "many"
+    src.mkdir()
+    for i in range(40):
+        Image.fromarray(_noise(300, 400, 100 + i)).save(src / f"img{i:02d}.png")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "segformer", "predict", str(src), "--model", str(checkpoint), "--output", str(out),
+           "--mode", "whole", "--overlay-format", "png", "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(out.glob("*_overlay.png"))) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    written = sorted(out.glob("img*.png"))
+    assert 3 <= len([p for p in written if p.name.endswith("_overlay.png")]) < 40, "the kill came too late"
+    for path in written:  # complete files only: each decodes in full
+        with Image.open(path) as im:
+            im.load()
+    result = _cli("predict", src, "--model", checkpoint, "--output", out, "--mode", "whole", "--overlay-format",
+                  "png", "--skip-existing", "--no-progress")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert len(list(out.glob("img*_overlay.png"))) == 40 and len(list(out.glob("img??.png"))) == 40
+    # a write cut by SIGKILL can leave its hidden temporary (.NAME.xxxx.tmp), never a visible partial file
+    assert all(p.name.startswith(".") for p in out.rglob("*.tmp"))
