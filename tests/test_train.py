@@ -183,3 +183,25 @@ def test_cli_train_then_eval(data, tiny_json, tmp_path):
     bad = subprocess.run([PY, "-m", "segformer", "eval", "--data", str(data), "--model", str(tmp_path / "none")],
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert bad.returncode == 2 and "segformer eval: error:" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_eval_under_torchrun_equals_one_process(data, tmp_path):
+    """2 ranks split the images and all-reduce the confusion matrix: the metrics are those of one process."""
+    model = tmp_path / "model"
+    SegformerForSemanticSegmentation(tiny_config(num_labels=4)).save_pretrained(model)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["eval", "--data", str(data), "--model", str(model), "--device", "cpu", "--workers", "0"]
+    one = subprocess.run([PY, "-m", "segformer", *args, "--json", str(tmp_path / "one.json")],
+                         capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(
+        [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "segformer", *args,
+         "--json", str(tmp_path / "two.json")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
+    assert a["aAcc"] == pytest.approx(b["aAcc"], rel=1e-9) and a["mIoU"] == pytest.approx(b["mIoU"], rel=1e-9)
+    assert a["IoU"].keys() == b["IoU"].keys()
+    for name in a["IoU"]:
+        assert (a["IoU"][name] is None and b["IoU"][name] is None) or a["IoU"][name] == pytest.approx(b["IoU"][name])
