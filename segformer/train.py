@@ -544,6 +544,8 @@ def config_from_args(args: Any) -> TrainConfig:
     """A TrainConfig from the parsed ``segformer train`` arguments (see segformer/commands/train.py)."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if values.get("eval_scales") is not None:  # --eval-scales groups: "0.75 1.0" and/or "0.75,1.0"
+        values["eval_scales"] = [v for group in values["eval_scales"] for v in group]
     return TrainConfig(**values)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from . import flatten, scales_arg
+
 
 def add_eval_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
     """The evaluation-protocol options, shared with ``segformer train`` (which prefixes them with eval-)."""
@@ -38,10 +40,10 @@ def add_eval_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument(
         f"{dash}scales",
         dest=f"{prefix.replace('-', '_')}scales",
-        type=float,
+        type=scales_arg,
         nargs="+",
         metavar="S",
-        help="multi-scale test: size ratios, e.g. 0.75 0.875 1.0 1.125 1.25",
+        help="multi-scale test: size ratios, e.g. 0.75 0.875 1.0 1.125 1.25 (or 0.75,0.875,1.0,1.125,1.25)",
     )
     p.add_argument(
         f"{dash}flip",
@@ -96,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         model = load_model_for_eval(args.model, info.device)
         options = eval_options(
             kind, mode=args.mode, crop_size=args.crop and tuple(args.crop), stride=args.stride and tuple(args.stride),
-            short_side=args.short_side, long_side=args.long_side, scales=args.scales, flip=args.flip or None,
+            short_side=args.short_side, long_side=args.long_side, scales=flatten(args.scales), flip=args.flip or None,
         )  # fmt: skip
         metrics = evaluate(model, dataset, **options, amp=args.amp, max_images=args.max_images,
                            num_workers=args.workers, progress=True)  # fmt: skip

@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from . import flatten, scales_arg
+
 
 def _ints(text: str) -> tuple[int, int]:
     parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
@@ -21,16 +23,6 @@ def _ints(text: str) -> tuple[int, int]:
     if len(values) not in (1, 2) or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected one or two positive integers (N or H,W), got {text!r}")
     return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
-
-
-def _scales(text: str) -> list[float]:
-    try:
-        values = [float(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"scales must be positive numbers, got {text!r}")
-    return values
 
 
 def _alpha(text: str) -> float:
@@ -111,7 +103,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--short-side", type=_positive, default=512, help="aligned mode: short side (512)")
     p.add_argument("--long-side", type=_positive, default=2048, help="aligned mode: long side limit (2048)")
     p.add_argument(
-        "--scales", type=_scales, default=None, metavar="S,S,...", help="multi-scale, e.g. 0.75,1,1.25 (off)"
+        "--scales",
+        type=scales_arg,
+        nargs="+",
+        default=None,
+        metavar="S",
+        help="multi-scale, e.g. 0.75,1,1.25 or 0.75 1 1.25 (off)",
     )
     p.add_argument("--flip", action="store_true", help="add horizontally flipped passes (averaged)")
     p.add_argument("--batch-size", "-b", type=_positive, default=1, help="images per forward pass (1)")
@@ -154,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
             stride=args.stride,
             short_side=args.short_side,
             long_side=args.long_side,
-            scales=args.scales,
+            scales=flatten(args.scales),
             flip=args.flip,
             batch_size=args.batch_size,
             max_pixels=args.max_pixels or None,

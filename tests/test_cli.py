@@ -1,0 +1,48 @@
+"""The `segformer` program as a whole: every command has --help, and shared argument forms parse alike."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from segformer.cli import build_parser
+from segformer.commands import flatten
+from segformer.train import config_from_args
+
+COMMANDS = ["convert", "demo", "eval", "export", "predict", "synth", "train"]
+
+
+def test_top_level_help_lists_every_command():
+    out = subprocess.run([sys.executable, "-m", "segformer", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0
+    for name in COMMANDS:
+        assert f"    {name} " in out.stdout, name
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_command_has_help(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([name, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: segformer {name}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("form", [["0.5", "1.0", "1.5"], ["0.5,1.0,1.5"], ["0.5,1.0", "1.5"]])
+def test_scales_parse_alike_everywhere(form):
+    parser = build_parser()
+    assert flatten(parser.parse_args(["eval", "--data", "d", "--model", "m", "--scales", *form]).scales) == [
+        0.5,
+        1,
+        1.5,
+    ]
+    assert flatten(parser.parse_args(["predict", "x.png", "--output", "o", "--scales", *form]).scales) == [0.5, 1, 1.5]
+    train = parser.parse_args(["train", "--data", "d", "--eval-scales", *form])
+    assert config_from_args(train).eval_scales == [0.5, 1.0, 1.5]
+
+
+def test_bad_scales_are_a_usage_error():
+    out = subprocess.run([sys.executable, "-m", "segformer", "eval", "--data", "d", "--model", "m", "--scales", "0,1"],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 2 and "scales must be positive" in out.stderr and "Traceback" not in out.stderr
