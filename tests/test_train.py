@@ -205,3 +205,12 @@ def test_eval_under_torchrun_equals_one_process(data, tmp_path):
     assert a["IoU"].keys() == b["IoU"].keys()
     for name in a["IoU"]:
         assert (a["IoU"][name] is None and b["IoU"][name] is None) or a["IoU"][name] == pytest.approx(b["IoU"][name])
+
+
+def test_gradient_checkpointing_trains_to_the_same_weights(data, tiny_json, tmp_path):
+    train(_cfg(data, tiny_json, tmp_path / "plain", steps=2, dropout=0.0, drop_path_rate=0.0))
+    train(_cfg(data, tiny_json, tmp_path / "ckpt", steps=2, dropout=0.0, drop_path_rate=0.0,
+               gradient_checkpointing=True))  # fmt: skip
+    a, b = _weights(tmp_path / "plain"), _weights(tmp_path / "ckpt")
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), rtol=1e-4, atol=1e-6), key

@@ -55,6 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--drop-path-rate", type=float, help="stochastic depth (default: the checkpoint's, 0.1)")
     g.add_argument("--dropout", type=float, help="hidden, attention and classifier dropout (default: the checkpoint's)")
     g.add_argument("--sync-bn", action="store_true", default=None, help="synchronise BatchNorm over processes")
+    g.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                   help="recompute each block's activations in the backward pass: less memory for large crops, "
+                   "same gradients, slower")  # fmt: skip
     g = p.add_argument_group("loop")
     g.add_argument("--amp", choices=["none", "bf16", "fp16"], help="mixed precision (fp16 on CUDA only; default none)")
     g.add_argument("--eval-every", type=int, help="evaluate every N steps, 0: only at the end (default 16000)")
