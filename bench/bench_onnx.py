@@ -10,8 +10,8 @@ machine load hit both alike. Prints median latencies, the ratio onnxruntime / Py
 difference of the logits. On a machine that other jobs load, use --threads 1: multi-threaded PyTorch
 (OpenMP) degrades far more than onnxruntime under oversubscription, which turns the ratio into noise.
 
-Measured (2-core AVX-512 box under a load average of ~6, --threads 1, 8 rounds): b0 PyTorch 214 ms,
-onnxruntime 232 ms (1.08); b2 1087 ms vs 1045 ms (0.96); max relative difference 8e-7 / 1.1e-6.
+Measured 2026-11-23 (2-core AVX-512 box, quiet, 2 threads, 10 rounds): b0 PyTorch 88.5 ms, onnxruntime
+83.3 ms (0.94); b2 417 ms vs 343 ms (0.82); max relative difference 8.3e-7 / 1.1e-6.
 """
 
 from __future__ import annotations
@@ -45,6 +45,9 @@ def bench(variant: str, size: int, rounds: int, threads: int) -> dict[str, float
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # onnxruntime's worker threads spin after each run by default, stealing the cores from the PyTorch run
+        # that follows in this interleaved loop; without spinning each runtime gets the machine to itself.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     x = torch.randn(1, 3, size, size)
     feed = {"pixel_values": x.numpy()}
