@@ -18,9 +18,11 @@ per stage plus one bias (see :meth:`SegformerDecodeHead.folded`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -566,6 +568,20 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
 
 
 # ----------------------------------------------------------------------------------------- task models
+_init_state = threading.local()
+
+
+@contextlib.contextmanager
+def _init_deferred() -> Iterator[None]:
+    """Inside, models skip their weight initialisation: the enclosing model initialises everything once."""
+    previous = getattr(_init_state, "deferred", False)
+    _init_state.deferred = True
+    try:
+        yield
+    finally:
+        _init_state.deferred = previous
+
+
 class SegformerPreTrainedModel(PreTrainedMixin, nn.Module):
     """Common base: config handling, weight initialisation, from_pretrained / save_pretrained."""
 
@@ -595,6 +611,10 @@ class SegformerPreTrainedModel(PreTrainedMixin, nn.Module):
         """(Re-)initialise every weight: N(0, initializer_range) for Linear/Conv, 0 biases, unit norms."""
         with torch.no_grad():
             self.apply(self._init_weights)
+
+    def post_init(self) -> None:
+        if not getattr(_init_state, "deferred", False):
+            self.init_weights()
 
     @property
     def fast_path(self) -> bool:
@@ -638,7 +658,7 @@ class SegformerModel(SegformerPreTrainedModel):
     def __init__(self, config: SegformerConfig) -> None:
         super().__init__(config)
         self.encoder = SegformerEncoder(config)
-        self.init_weights()
+        self.post_init()
 
     def forward(
         self,
@@ -667,9 +687,10 @@ class SegformerForSemanticSegmentation(SegformerPreTrainedModel):
 
     def __init__(self, config: SegformerConfig) -> None:
         super().__init__(config)
-        self.segformer = SegformerModel(config)
+        with _init_deferred():
+            self.segformer = SegformerModel(config)
         self.decode_head = SegformerDecodeHead(config)
-        self.init_weights()
+        self.post_init()
 
     def forward(
         self,
@@ -705,9 +726,10 @@ class SegformerForImageClassification(SegformerPreTrainedModel):
 
     def __init__(self, config: SegformerConfig) -> None:
         super().__init__(config)
-        self.segformer = SegformerModel(config)
+        with _init_deferred():
+            self.segformer = SegformerModel(config)
         self.classifier = nn.Linear(config.hidden_sizes[-1], config.num_labels)
-        self.init_weights()
+        self.post_init()
 
     def forward(
         self,
@@ -797,10 +819,6 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: Segf
     if problem == "single_label_classification":
         return F.cross_entropy(logits.view(-1, config.num_labels), labels.view(-1).long())
     return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 __all__ = [

@@ -195,6 +195,10 @@ def test_drop_path_schedule_and_init():
     q = model.encoder.block[0][0].attention.self.query
     assert abs(q.weight.std().item() - 0.02) < 0.002 and q.bias.abs().max() == 0
     assert model.encoder.layer_norm[0].weight.eq(1).all()
+    task = SegformerForSemanticSegmentation(SegformerConfig.from_variant("b0"))  # initialised once, as a whole
+    for weight in (task.segformer.encoder.block[2][1].mlp.dense1.weight, task.decode_head.linear_fuse.weight):
+        assert abs(weight.std().item() - 0.02) < 0.002
+    assert task.decode_head.classifier.bias.abs().max() == 0
 
 
 def test_train_mode_drop_path_and_dropout_are_active():
