@@ -12,6 +12,7 @@ import pkgutil
 import sys
 
 from . import __version__, commands
+from .hub import first_line
 
 
 class UsageError(ValueError):
@@ -41,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (ValueError, TypeError, OSError, RuntimeError) as exc:
         # Library errors are written as one clear line; a traceback would bury it.
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"segformer {args.command}: error: {message}", file=sys.stderr)
+        print(f"segformer {args.command}: error: {first_line(exc)}", file=sys.stderr)
         return 2
 
 

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from .config import VARIANTS, SegformerConfig
-from .hub import CheckpointError
+from .hub import CheckpointError, first_line
 from .labels import ADE20K_CLASSES, CITYSCAPES_CLASSES
 
 DATASETS: dict[str, tuple[str, ...]] = {"ade20k": ADE20K_CLASSES, "cityscapes": CITYSCAPES_CLASSES}
@@ -98,7 +98,7 @@ def load_original_checkpoint(
         data = torch.load(path, map_location="cpu", weights_only=not unsafe_pickle)
     except pickle.UnpicklingError as exc:
         if unsafe_pickle or "weights only load failed" not in str(exc).lower():
-            raise ConversionError(f"{path}: not a PyTorch checkpoint ({_first_line(exc)})") from None
+            raise ConversionError(f"{path}: not a PyTorch checkpoint ({first_line(exc)})") from None
         reason = next((line.strip() for line in str(exc).splitlines() if "Unsupported" in line), "")
         reason = reason.split(" was not an allowed global")[0].removeprefix("WeightsUnpickler error: ")
         reason = reason or "it holds Python objects"
@@ -108,7 +108,7 @@ def load_original_checkpoint(
             "--unsafe-pickle (Python: unsafe_pickle=True), which can run code stored in the file"
         ) from None
     except Exception as exc:  # truncated archives, EOF, bad magic numbers
-        raise ConversionError(f"{path}: not a PyTorch checkpoint ({_first_line(exc)})") from None
+        raise ConversionError(f"{path}: not a PyTorch checkpoint ({first_line(exc)})") from None
     meta: dict[str, Any] = {}
     if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
         meta = dict(data["meta"]) if isinstance(data.get("meta"), Mapping) else {}
@@ -124,11 +124,6 @@ def load_original_checkpoint(
     if all(k.startswith("module.") for k in state):  # saved from a DistributedDataParallel wrapper
         state = {k[len("module.") :]: v for k, v in state.items()}
     return state, meta
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # ------------------------------------------------------------------------------------------ renaming

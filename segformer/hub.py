@@ -14,6 +14,12 @@ class CheckpointError(ValueError):
     """A checkpoint, config or preprocessing file that cannot be found or read (one clear line)."""
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception as one line: its message's first line, or its type's name when it has no message."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _looks_like_hub_id(name: str) -> bool:
     parts = name.split("/")
     return 1 <= len(parts) <= 2 and all(p and not p.startswith(".") for p in parts) and "\\" not in name
@@ -76,8 +82,7 @@ def resolve_file(
             raise CheckpointError(f"{name}: the hub repo has no {filename}") from None
         return None
     except Exception as exc:  # RepositoryNotFoundError, RevisionNotFoundError, HTTP errors, ...
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{name}: cannot get {filename} from the hub: {reason}") from None
+        raise CheckpointError(f"{name}: cannot get {filename} from the hub: {first_line(exc)}") from None
 
 
 def _repo_cached(name: str, revision: str | None, cache_dir: str | os.PathLike | None) -> bool:

@@ -47,7 +47,7 @@ from PIL import Image, ImageFile, ImageOps
 from torch import nn
 
 from .fileio import atomic_write, atomic_write_text
-from .hub import CheckpointError
+from .hub import CheckpointError, first_line
 from .visualize import class_names, colorize, label_image, legend, overlay, palette_for, side_by_side
 
 DEFAULT_MODEL = "nvidia/segformer-b0-finetuned-ade-512-512"
@@ -88,7 +88,7 @@ def _open_file(path: Path, max_pixels: int | None) -> Image.Image:
                 except Image.UnidentifiedImageError:
                     raise ImageError("not an image (Pillow cannot identify the format)") from None
                 except Exception as exc:
-                    raise ImageError(f"cannot open: {_reason(exc)}") from None
+                    raise ImageError(f"cannot open: {first_line(exc)}") from None
                 width, height = img.size
                 if max_pixels is not None and width * height > max_pixels:
                     img.close()
@@ -100,15 +100,10 @@ def _open_file(path: Path, max_pixels: int | None) -> Image.Image:
                     img.load()  # header-only until now: decode everything so that truncation shows here
                 except Exception as exc:
                     img.close()
-                    raise ImageError(f"cannot decode: {_reason(exc)}") from None
+                    raise ImageError(f"cannot decode: {first_line(exc)}") from None
         finally:
             Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
     return img
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return text or type(exc).__name__
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -687,7 +682,7 @@ def predict_to_folder(
                 rec = _write_outputs(src, image, result, paths(stem), k, palette, alpha, overlay_format)
                 rec.rank = rank
             except (OSError, ValueError) as exc:  # e.g. disk full: report it like a bad image and go on
-                rec = ImageRecord(str(src), None, "failed", error=f"cannot write outputs: {_reason(exc)}", rank=rank)
+                rec = ImageRecord(str(src), None, "failed", error=f"cannot write outputs: {first_line(exc)}", rank=rank)
             records.append((i, rec))
         bar.update(1)
     bar.close()

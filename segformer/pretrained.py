@@ -22,7 +22,7 @@ import torch
 
 from .config import SegformerConfig
 from .fileio import atomic_write, atomic_write_text
-from .hub import CheckpointError, resolve_file
+from .hub import CheckpointError, first_line, resolve_file
 
 logger = logging.getLogger("segformer")
 
@@ -63,21 +63,16 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path), device="cpu")
         except Exception as exc:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
+            raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(exc)})") from None
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first_line(exc)})") from None
     if isinstance(data, Mapping) and "state_dict" in data and isinstance(data["state_dict"], Mapping):
         data = data["state_dict"]  # {"meta", "state_dict"} files of the original code
     if not isinstance(data, Mapping) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise CheckpointError(f"{path}: does not hold a state dict of tensors")
     return dict(data)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def find_weights(name_or_path: str | os.PathLike, *, use_safetensors: bool | None = None, **hub: Any) -> list[Path]:

@@ -57,6 +57,7 @@ from .distributed import (
 )
 from .evaluate import eval_options, evaluate
 from .fileio import atomic_write, atomic_write_text
+from .hub import first_line
 from .metrics import format_table, metrics_to_json
 from .modeling import SegformerForSemanticSegmentation
 
@@ -565,8 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except (ValueError, OSError, RuntimeError) as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"segformer.train: error: {message}", file=sys.stderr)
+        print(f"segformer.train: error: {first_line(exc)}", file=sys.stderr)
         return 2
 
 
