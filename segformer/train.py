@@ -84,6 +84,7 @@ class TrainConfig:
     head_lr_mult: float = 10.0
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
     warmup_steps: int = 1500
     warmup_ratio: float = 1e-6
     poly_power: float = 1.0
@@ -387,7 +388,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(
-        param_groups(net, cfg), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
+        param_groups(net, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None

@@ -1,11 +1,14 @@
-"""Shared test helpers: tiny configs, seeded random weights, relative error."""
+"""Shared test helpers: tiny configs, seeded random weights, relative error, and the fp32 error model that every
+numerical tolerance in the suite is derived from."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
 import torch
+from torch import nn
 
 from segformer import SegformerConfig
 
@@ -44,6 +47,56 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| relative to max |b|."""
     a, b = a.detach().double(), b.detach().double()
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+# ------------------------------------------------------------------------------------------ fp32 error model
+U32 = 2.0**-24  # fp32 unit roundoff: one rounding moves a value by at most this fraction of it
+
+
+def series_depth(model: nn.Module, *args: torch.Tensor) -> int:
+    """How many rounded reductions a forward pass of ``model`` runs: every Linear, Conv2d and LayerNorm call,
+    plus the two reductions of each attention (query·key scores and the probability-weighted sum of values)."""
+    from segformer.modeling import SegformerEfficientSelfAttention
+
+    count, hooks = [0], []
+
+    def one(*_):
+        count[0] += 1
+
+    def two(*_):
+        count[0] += 2
+
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.LayerNorm)):
+            hooks.append(module.register_forward_hook(one))
+        elif isinstance(module, SegformerEfficientSelfAttention):
+            hooks.append(module.register_forward_hook(two))
+    try:
+        with torch.no_grad():
+            model(*args)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return count[0]
+
+
+def fp32_tol(depth: int) -> float:
+    """Error allowance of an fp32 forward pass with ``depth`` reductions in series, relative to its largest output.
+
+    Each reduction adds a relative error of order u (BLAS and oneDNN sum in short blocks, so the length of one
+    sum barely matters; LayerNorm keeps errors relative); independent errors add in quadrature, u·sqrt(depth);
+    the largest of thousands of such errors sits near 4 sigma; and kernel families that block differently
+    (AVX-512, AVX2, the portable kernels) were measured up to 2.4x apart: 2 x 4 = 8 u sqrt(depth).
+    """
+    return 8 * U32 * math.sqrt(depth)
+
+
+def cross_entropy_tol(logit_err: float, loss: float) -> float:
+    """|change of a mean cross-entropy| when no logit moves by more than ``logit_err``: the gradient of CE in the
+    logits (softmax minus one-hot) has an L1 norm <= 2 per pixel, bilinear upsampling is a convex combination
+    (it cannot grow the error) and the mean keeps the bound; plus the loss's own rounding (log-sum-exp and a
+    mean: a few u, 8u taken)."""
+    return 2 * logit_err + 8 * U32 * abs(loss)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_, rel_err, tiny_config
+from conftest import U32, cross_entropy_tol, randomize_, rel_err, tiny_config
 
 import segformer
 from segformer import SegformerConfig
@@ -17,7 +17,15 @@ from segformer.pretrained import canonical_keys
 transformers = pytest.importorskip("transformers", reason="the oracle tests need the dev extra (transformers)")
 pytestmark = pytest.mark.oracle
 
+# The product's promise (README): fp32 outputs within 1e-5 of Transformers', relative to the largest value. Our
+# error model (conftest.fp32_tol) gives each fp32 implementation 8u·sqrt(D) of its largest output, D = 112 (b0)
+# to 682 (b5) reductions in series: 5e-6 to 1.2e-5 as a 4-sigma bound padded for kernel families; measured
+# <= 1.6e-6 against float64 on AVX-512 and on the portable kernels. The promise is checked as stated.
 TOL = 1e-5
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.detach().double() - b.detach().double()).abs().max().item()
 
 
 def hf_config(config: SegformerConfig):
@@ -49,7 +57,8 @@ def test_semantic_segmentation_matches_transformers(variant):
         plain = ours(x).logits
     assert rel_err(got.logits, ref.logits) <= TOL
     assert rel_err(plain, ref.logits) <= TOL
-    assert abs(got.loss.item() - ref.loss.item()) <= TOL * abs(ref.loss.item())
+    loss_tol = cross_entropy_tol(max_diff(got.logits, ref.logits), ref.loss.item())
+    assert abs(got.loss.item() - ref.loss.item()) <= loss_tol
     assert len(got.hidden_states) == len(ref.hidden_states) == 4
     for a, b in zip(got.hidden_states, ref.hidden_states):
         assert a.shape == b.shape and rel_err(a, b) <= TOL
@@ -66,17 +75,24 @@ def test_base_model_and_classifier_match_transformers():
         ref, got = hf(x, output_hidden_states=True), ours(x, output_hidden_states=True)
     assert rel_err(got.last_hidden_state, ref.last_hidden_state) <= TOL
     assert [tuple(h.shape) for h in got.hidden_states] == [tuple(h.shape) for h in ref.hidden_states]
+    # single-label CE, then multi-label BCE (its gradient in the logits is at most 1/N per element, within the
+    # CE bound)
     for labels in (torch.tensor([3, 7]), torch.randint(0, 2, (2, 10)).float()):
         # a fresh pair each time: Transformers stores the first inferred problem_type in its config
         hf, ours = pair("SegformerForImageClassification", config)
         with torch.no_grad():
             ref, got = hf(x, labels=labels), ours(x, labels=labels)
         assert rel_err(got.logits, ref.logits) <= TOL
-        assert got.loss.item() == pytest.approx(ref.loss.item(), rel=TOL)
+        loss_tol = cross_entropy_tol(max_diff(got.logits, ref.logits), ref.loss.item())
+        assert abs(got.loss.item() - ref.loss.item()) <= loss_tol
     hf, ours = pair("SegformerForImageClassification", config.copy(num_labels=1))
     labels = torch.tensor([0.3, -1.2])
     with torch.no_grad():
-        assert ours(x, labels=labels).loss.item() == pytest.approx(hf(x, labels=labels).loss.item(), rel=TOL)
+        ref, got = hf(x, labels=labels), ours(x, labels=labels)
+    # MSE: its gradient in the logits is 2(z - y)/N, so |change| <= 2 max|z - y| max|dz| plus its own rounding
+    residual = (ref.logits.squeeze() - labels).abs().max().item()
+    loss_tol = 2 * residual * max_diff(got.logits, ref.logits) + 8 * U32 * ref.loss.item()
+    assert abs(got.loss.item() - ref.loss.item()) <= loss_tol
 
 
 @pytest.mark.parametrize("label_size", [(40, 50), (67, 93), (150, 121)])
@@ -85,13 +101,15 @@ def test_segmentation_losses_match_for_any_label_size(label_size):
     hf, ours = pair("SegformerForSemanticSegmentation", tiny_config(num_labels=6))
     labels = torch.randint(0, 6, (2, *label_size))
     labels[0, :5, :9] = 255
-    with torch.no_grad():
-        assert ours(x, labels=labels).loss.item() == pytest.approx(hf(x, labels=labels).loss.item(), rel=TOL)
-    hf, ours = pair("SegformerForSemanticSegmentation", tiny_config(num_labels=1))
-    labels = torch.randint(0, 2, (2, *label_size))
-    labels[1, -3:] = 255
-    with torch.no_grad():
-        assert ours(x, labels=labels).loss.item() == pytest.approx(hf(x, labels=labels).loss.item(), rel=TOL)
+    for num_labels in (6, 1):  # softmax cross-entropy, then the one-label BCE (within the same bound)
+        if num_labels == 1:
+            hf, ours = pair("SegformerForSemanticSegmentation", tiny_config(num_labels=1))
+            labels = torch.randint(0, 2, (2, *label_size))
+            labels[1, -3:] = 255
+        with torch.no_grad():
+            ref, got = hf(x, labels=labels), ours(x, labels=labels)
+        loss_tol = cross_entropy_tol(max_diff(got.logits, ref.logits), ref.loss.item())
+        assert abs(got.loss.item() - ref.loss.item()) <= loss_tol
 
 
 # Gradients are compared norm-wise over all parameters. The decode head's ReLU is a kink: a pre-ReLU value
@@ -116,11 +134,15 @@ def test_train_mode_gradients_match(variant):
     ref, got = hf(x, labels=labels), ours(x, labels=labels)
     ref.loss.backward()
     got.loss.backward()
-    assert got.loss.item() == pytest.approx(ref.loss.item(), rel=TOL)
+    assert abs(got.loss.item() - ref.loss.item()) <= cross_entropy_tol(
+        max_diff(got.logits, ref.logits), ref.loss.item()
+    )
     ref_grads = canonical_keys({n: p.grad for n, p in hf.named_parameters()})
     names = sorted(ref_grads)
     assert names == sorted(n for n, _ in ours.named_parameters())
     ours_grads = dict(ours.named_parameters())
+    # norm-wise (a root mean square: the 1-sigma size, fp32_tol / 4 of twice the depth, the backward pass
+    # repeats every reduction) is 8.8e-6 for b5 with two implementations; the promise is checked
     a = torch.cat([ours_grads[n].grad.flatten() for n in names])
     b = torch.cat([ref_grads[n].flatten() for n in names])
     assert ((a - b).norm() / b.norm()).item() <= TOL

@@ -37,6 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--head-lr-mult", type=float, help="decode-head lr multiplier (default 10)")
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay; none on norm layers (default 0.01)")
     g.add_argument("--betas", type=float, nargs=2, metavar=("B1", "B2"), help="AdamW betas (default 0.9 0.999)")
+    g.add_argument("--adam-eps", type=float, help="AdamW epsilon, added to the gradient RMS (default 1e-8)")
     g.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 1500)")
     g.add_argument("--warmup-ratio", type=float, help="warm-up start factor (default 1e-6)")
     g.add_argument("--poly-power", type=float, help="poly decay power (default 1.0)")
