@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install lint bench clean
+.PHONY: demo test test-fast test-portable install lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,20 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+
+# The edit loop: everything but the tests marked slow (subprocesses, torchrun, b3-b5), well under a minute.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" tests
+
+# The numerical tests again on the portable kernels, so that a tolerance tuned on one CPU fails here first.
+# torch 2.13's CPU wheel honours all three: ATEN_CPU_CAPABILITY picks ATen's own kernels (default = no
+# AVX2/AVX-512 code), MKL_ENABLE_INSTRUCTIONS caps MKL's GEMMs at AVX2, ONEDNN_MAX_CPU_ISA caps oneDNN's
+# convolutions at AVX2. The last two change the summation order on an AVX-512 machine; the first alone does not.
+PORTABLE := ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
+NUMERICAL := tests/test_modeling.py tests/test_oracle.py tests/test_processing.py tests/test_inference.py \
+	tests/test_export.py tests/test_train.py
+test-portable: $(STAMP)
+	$(PORTABLE) $(BIN)/python -m pytest -q -n 2 --dist loadfile $(NUMERICAL)
 
 lint: $(STAMP)
 	$(BIN)/ruff check segformer tests bench && $(BIN)/ruff format --check segformer tests bench

@@ -99,6 +99,19 @@ def cross_entropy_tol(logit_err: float, loss: float) -> float:
     return 2 * logit_err + 8 * U32 * abs(loss)
 
 
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """``segformer ARGV`` in this process (what the console script runs): exit code, stdout, stderr."""
+    from segformer.cli import main
+
+    capsys.readouterr()  # drop what earlier steps printed
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse's usage errors and --help
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.fixture
 def tiny() -> SegformerConfig:
     return tiny_config()

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import randomize_, tiny_config
+from conftest import randomize_, run_cli, tiny_config
 
 from segformer import (
     SegformerConfig,
@@ -207,7 +207,8 @@ def test_pickled_objects_need_an_explicit_opt_in(tmp_path, seg_model):
     assert isinstance(meta["env"], MmcvLikeObject) and "backbone.block2.1.attn.kv.weight" in state
 
 
-def test_cli_converts_and_reports_errors_in_one_line(tmp_path, seg_model):
+@pytest.mark.slow
+def test_cli_converts_and_reports_errors_in_one_line(tmp_path, seg_model, capsys):
     save_original(tmp_path / "orig.pth", original_segmentation(seg_model), {"CLASSES": tuple("abcde")})
     cmd = [sys.executable, "-m", "segformer", "convert", str(tmp_path / "orig.pth"), str(tmp_path / "out")]
     done = subprocess.run([*cmd, "--num-heads", "1", "2", "3", "4"], capture_output=True, text=True, timeout=120)
@@ -216,8 +217,7 @@ def test_cli_converts_and_reports_errors_in_one_line(tmp_path, seg_model):
     assert SegformerConfig.from_pretrained(tmp_path / "out").id2label[4] == "e"
 
     (tmp_path / "junk.pth").write_bytes(b"\x00junk")
-    bad = subprocess.run([*cmd[:4], str(tmp_path / "junk.pth"), str(tmp_path / "o")], capture_output=True,
-                         text=True, timeout=120)  # fmt: skip
-    assert bad.returncode == 2
-    assert bad.stderr.startswith("segformer convert: error: ") and "junk.pth" in bad.stderr
-    assert len(bad.stderr.strip().splitlines()) == 1
+    code, _, err = run_cli(capsys, "convert", tmp_path / "junk.pth", tmp_path / "o")
+    assert code == 2
+    assert err.startswith("segformer convert: error: ") and "junk.pth" in err
+    assert len(err.strip().splitlines()) == 1

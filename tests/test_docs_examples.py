@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from test_pretrained import populate_hub_cache
@@ -48,6 +49,7 @@ def run_offline(tmp_path, script: str) -> str:
     return out.stdout
 
 
+@pytest.mark.slow
 def test_model_and_classification_examples(tmp_path):
     id2label = {i: f"imagenet class {i}" for i in range(1000)}
     id2label[281] = "tabby, tabby cat"
@@ -79,6 +81,7 @@ print(model.config.id2label[predicted_label])
     assert stdout.splitlines() == ["[1, 256, 16, 16]", "tabby, tabby cat"]
 
 
+@pytest.mark.slow
 def test_semantic_segmentation_example(tmp_path):
     model = SegformerForSemanticSegmentation(SegformerConfig.from_variant("b0", num_labels=150))
     publish(

@@ -6,12 +6,9 @@ import subprocess
 import sys
 import warnings
 
-import numpy as np
-import onnx
-import onnxruntime as ort
 import pytest
 import torch
-from conftest import randomize_, rel_err, tiny_config
+from conftest import U32, fp32_tol, randomize_, rel_err, run_cli, series_depth, tiny_config
 
 from segformer import SegformerForSemanticSegmentation
 from segformer.export import FP16_TOLERANCE, check_folded_head, export_onnx
@@ -23,7 +20,22 @@ def model() -> SegformerForSemanticSegmentation:
     return randomize_(SegformerForSemanticSegmentation(tiny_config(depths=[1, 2, 1, 1]))).eval()
 
 
+# onnxruntime is the oracle here (the dev / onnx extras); imported where used, so that `-m "not oracle"` collects
+# this file without it.
+pytestmark = pytest.mark.oracle
+
+U16 = 2.0**-11  # fp16 unit roundoff
+
+
+def tol(model, x: torch.Tensor, unit: float = U32) -> float:
+    """Two implementations (onnxruntime's kernels and ours), each within fp32_tol of exact; fp16 graphs have
+    fp16's unit roundoff in place of fp32's."""
+    return 2 * fp32_tol(series_depth(model, x)) * unit / U32
+
+
 def run_onnx(path, x: torch.Tensor) -> torch.Tensor:
+    import onnxruntime as ort
+
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return torch.from_numpy(session.run(["logits"], {"pixel_values": x.numpy()})[0])
 
@@ -31,8 +43,9 @@ def run_onnx(path, x: torch.Tensor) -> torch.Tensor:
 def test_dynamic_export_matches_pytorch_at_other_sizes_and_batch_2(tmp_path, model):
     path = tmp_path / "m.onnx"
     report = export_onnx(model, path, size=(64, 96))
+    import onnx
 
-    assert report.verified == "numeric" and report.max_rel_diff < 1e-4
+    assert report.verified == "numeric" and report.max_rel_diff <= tol(model, torch.zeros(2, 3, 64, 96))
     assert report.verify_shape[0] == 2 and report.verify_shape[2:] != (64, 96)
     assert "max relative difference" in report.summary()
     for shape in [(2, 3, 64, 96), (2, 3, 97, 61)]:  # the export size, and an odd one of another aspect
@@ -40,7 +53,7 @@ def test_dynamic_export_matches_pytorch_at_other_sizes_and_batch_2(tmp_path, mod
         with torch.no_grad():
             ref = model(x).logits
         out = run_onnx(path, x)
-        assert out.shape == ref.shape and rel_err(out, ref) < 1e-4
+        assert out.shape == ref.shape and rel_err(out, ref) <= tol(model, x)
     graph = onnx.load(str(path)).graph
     assert [i.name for i in graph.input] == ["pixel_values"] and [o.name for o in graph.output] == ["logits"]
     dims = [d.dim_param for d in graph.input[0].type.tensor_type.shape.dim]
@@ -63,16 +76,23 @@ def test_unfolded_head_is_detected(tmp_path, model):
 
 
 def test_static_export_and_old_opset(tmp_path, model):
+    import onnx
+
     report = export_onnx(model, tmp_path / "s.onnx", size=(64, 64), dynamic=False, opset=13)
-    assert report.verified == "numeric" and report.max_rel_diff < 1e-4 and report.verify_shape == (1, 3, 64, 64)
+    assert report.verified == "numeric" and report.verify_shape == (1, 3, 64, 64)
+    assert report.max_rel_diff <= tol(model, torch.zeros(1, 3, 64, 64))
     dims = [d.dim_value for d in onnx.load(str(tmp_path / "s.onnx")).graph.input[0].type.tensor_type.shape.dim]
     assert dims == [1, 3, 64, 64]
 
 
 def test_fp16_export_keeps_layernorm_and_softmax_in_fp32(tmp_path, model):
     path = tmp_path / "h.onnx"
+    import onnx
+
     report = export_onnx(model, path, size=(64, 64), fp16=True)
-    assert report.verified == "numeric" and report.max_rel_diff < FP16_TOLERANCE  # onnxruntime CPU runs fp16
+    # onnxruntime's CPU provider runs the fp16 graph in fp16
+    assert report.verified == "numeric" and report.max_rel_diff <= FP16_TOLERANCE
+    assert report.max_rel_diff <= tol(model, torch.zeros(2, 3, 64, 64), U16)
     graph = onnx.shape_inference.infer_shapes(onnx.load(str(path))).graph
     types = {v.name: v.type.tensor_type.elem_type for v in graph.value_info}
     weights = [t for t in graph.initializer if len(t.dims) >= 2]
@@ -82,7 +102,7 @@ def test_fp16_export_keeps_layernorm_and_softmax_in_fp32(tmp_path, model):
     assert all(types[n.input[0]] == onnx.TensorProto.FLOAT for n in norms)
     x = torch.randn(1, 3, 80, 72)
     with torch.no_grad():
-        assert rel_err(run_onnx(path, x), model(x).logits) < FP16_TOLERANCE  # float32 in and out
+        assert rel_err(run_onnx(path, x), model(x).logits) <= tol(model, x, U16)  # float32 in and out
 
 
 def test_failed_verification_is_loud_and_writes_nothing(tmp_path, model):
@@ -95,7 +115,8 @@ def test_failed_verification_is_loud_and_writes_nothing(tmp_path, model):
         export_onnx(model, tmp_path / "nowhere" / "x.onnx", size=(64, 64))
 
 
-def test_cli_export(tmp_path, model):
+@pytest.mark.slow
+def test_cli_export(tmp_path, model, capsys):
     model.save_pretrained(tmp_path / "model")
     cmd = [sys.executable, "-m", "segformer", "export"]
     args = [str(tmp_path / "model"), "--onnx", str(tmp_path / "m.onnx"), "--size", "64", "64"]
@@ -104,9 +125,8 @@ def test_cli_export(tmp_path, model):
     assert "max relative difference" in done.stdout
     x = torch.randn(1, 3, 96, 64)
     with torch.no_grad():
-        np.testing.assert_allclose(run_onnx(tmp_path / "m.onnx", x), model(x).logits, rtol=0, atol=1e-4)
+        assert rel_err(run_onnx(tmp_path / "m.onnx", x), model(x).logits) <= tol(model, x)
 
-    bad = subprocess.run([*cmd, str(tmp_path / "nope"), "--onnx", str(tmp_path / "n.onnx")],
-                         capture_output=True, text=True, timeout=180)  # fmt: skip
-    assert bad.returncode == 2 and bad.stderr.startswith("segformer export: error: ")
-    assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "n.onnx").exists()
+    code, _, err = run_cli(capsys, "export", tmp_path / "nope", "--onnx", tmp_path / "n.onnx")
+    assert code == 2 and err.startswith("segformer export: error: ")
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "n.onnx").exists()

@@ -399,6 +399,7 @@ def test_training_fast_path_equals_plain_path():
             assert diff.item() <= 2 * fp32_tol(2 * depth), name
 
 
+@pytest.mark.slow
 def test_torch_compile_full_graph():
     """The eval fast path (fold included) traces as one graph; aot_eager keeps the test free of a C++ build."""
     model = randomize_(SegformerForSemanticSegmentation(tiny_config())).eval()

@@ -223,17 +223,18 @@ def test_large_image_in_aligned_mode(checkpoint, tmp_path):
 
 
 def test_bad_options_are_value_errors(checkpoint):
-    for options in (
-        dict(mode="tiles"),
-        dict(batch_size=0),
-        dict(crop_size=32, stride=64),
-        dict(dtype="int8"),
+    for options, message in (
+        (dict(mode="tiles"), "mode"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(crop_size=32, stride=64), "stride"),
+        (dict(dtype="int8"), "dtype"),
     ):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=message):
             SegformerPredictor(checkpoint, device="cpu", **options)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+@pytest.mark.slow
 def test_cli_folder_run_outputs_summary_failures_and_resume(checkpoint, images, tmp_path):
     d, good, bad = images
     out = tmp_path / "out"
@@ -289,6 +290,7 @@ def test_cli_folder_run_outputs_summary_failures_and_resume(checkpoint, images, 
     assert [e.get("classes") for e in again["images"]] == [e.get("classes") for e in summary["images"]]
 
 
+@pytest.mark.slow
 def test_cli_all_good_exits_zero_with_png_overlays(checkpoint, images, tmp_path):
     d, _, _ = images
     proc = _cli("predict", d / "photo.jpg", d / "gray.png", "--model", checkpoint, "--output", tmp_path,
@@ -311,6 +313,7 @@ def test_cli_usage_errors_exit_2(checkpoint, tmp_path):
     assert exc.value.code == 2
 
 
+@pytest.mark.slow
 def test_cli_model_not_found_says_what_to_do(images, tmp_path):
     d, _, _ = images
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
@@ -324,6 +327,7 @@ def test_cli_model_not_found_says_what_to_do(images, tmp_path):
     assert proc.returncode == 2 and "nope" in proc.stderr and "local checkpoint directory" in proc.stderr
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_write_each_image_once(checkpoint, images, tmp_path):
     d, good, bad = images
     out = tmp_path / "out"
@@ -349,6 +353,7 @@ def test_torchrun_two_processes_write_each_image_once(checkpoint, images, tmp_pa
     assert labels == sorted([f"{n.rsplit('.', 1)[0]}.png" for n in good] + ["legend.png"])
 
 
+@pytest.mark.slow
 def test_killed_run_leaves_no_half_written_file_and_resumes(checkpoint, tmp_path):
     """SIGKILL a run in the middle: every output present is a complete file, and --skip-existing finishes it."""
     import signal

@@ -227,6 +227,7 @@ except CheckpointError as e:
 """
 
 
+@pytest.mark.slow
 def test_hub_id_from_a_populated_cache_offline(saved, tmp_path):
     model, path = saved
     cache = tmp_path / "hub"

@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import U32
 from PIL import Image, ImageOps
 
 from segformer.hub import CheckpointError
@@ -24,6 +25,9 @@ from segformer.processing import (
 
 MIN_STD = 0.224
 ONE_LEVEL = 1 / 255 / MIN_STD  # one 8-bit step in normalised units: 0.01751
+# The same 8-bit pixels normalised in another order ((x / 255 - mean) / std, or one table lookup): a few fp32
+# roundings (u each) of values up to (1 - 0.406) / 0.225 = 2.64; 8u of 2.7 taken.
+PIXEL_TOL = 8 * U32 * 2.7
 
 
 @pytest.fixture
@@ -89,7 +93,7 @@ def test_matches_transformers(case, reduce, rng):
     a = ours(inputs, maps, return_tensors="np")
     b = theirs(inputs, [m.copy() for m in maps], return_tensors="np")
     assert a.pixel_values.shape == b["pixel_values"].shape and a.pixel_values.dtype == np.float32
-    assert np.abs(a.pixel_values - b["pixel_values"]).max() <= 1e-5
+    assert np.abs(a.pixel_values - b["pixel_values"]).max() <= PIXEL_TOL
     assert a.labels.dtype == np.int64 and np.array_equal(a.labels, b["labels"])
 
 
@@ -100,11 +104,11 @@ def test_matches_transformers_single_image_and_lists(rng):
     ours, theirs = SegformerImageProcessor(size=32), hf_processor(size={"height": 32, "width": 32})
     a, b = ours(image, seg), theirs(image, seg.copy())  # return_tensors=None: lists of arrays
     assert isinstance(a.pixel_values, list) and len(a.pixel_values) == 1
-    assert np.abs(a.pixel_values[0] - b["pixel_values"][0]).max() <= 1e-5
+    assert np.abs(a.pixel_values[0] - b["pixel_values"][0]).max() <= PIXEL_TOL
     assert np.array_equal(a.labels[0], b["labels"][0])
     a, b = ours(image, seg, return_tensors="pt"), theirs(image, seg.copy(), return_tensors="pt")
     assert a.pixel_values.dtype == torch.float32 and a.labels.dtype == torch.int64
-    assert torch.allclose(a.pixel_values, b["pixel_values"], atol=1e-5, rtol=0)
+    assert torch.allclose(a.pixel_values, b["pixel_values"], atol=PIXEL_TOL, rtol=0)
     assert torch.equal(a.labels, b["labels"])
 
 
@@ -115,7 +119,7 @@ def test_float_inputs_against_transformers(rng):
     ours = SegformerImageProcessor(size=30)
     # integral floats in [0, 255] take the 8-bit path, as in Transformers: same numbers
     a = ours(image.astype(np.float64), return_tensors="np").pixel_values
-    assert np.abs(a - theirs(image.astype(np.float64), return_tensors="np")["pixel_values"]).max() <= 1e-5
+    assert np.abs(a - theirs(image.astype(np.float64), return_tensors="np")["pixel_values"]).max() <= PIXEL_TOL
     # floats in [0, 1]: Transformers truncates them to 8 bits before resizing, we resize in float (documented)
     scaled = rng.random((40, 52, 3)).astype(np.float32)
     a = ours(scaled, return_tensors="np", do_rescale=False).pixel_values
@@ -161,7 +165,7 @@ def test_save_pretrained_is_read_by_transformers(tmp_path, rng):
     for other in (theirs, auto):
         b = other(image, seg.copy(), return_tensors="np")
         assert a.pixel_values.shape == (1, 3, 40, 56)
-        assert np.abs(a.pixel_values - b["pixel_values"]).max() <= 1e-5
+        assert np.abs(a.pixel_values - b["pixel_values"]).max() <= PIXEL_TOL
         assert np.array_equal(a.labels, b["labels"])
     # and back: a file Transformers wrote
     theirs.save_pretrained(tmp_path / "theirs")
@@ -644,6 +648,8 @@ def test_torch_path_tolerance_other_routes(rng):
         as_float = torch.from_numpy(images.astype(np.float32) / 255 * 0.98 + 0.01)
         kw = dict(size=size, return_tensors="pt", do_rescale=False)
         high, _ = tolerance(p(as_float, **kw).pixel_values, p(as_float, backend="pil", **kw).pixel_values)
+        # not rounding: PIL and torch compute the filter weights by different formulas (measured 4.4e-5
+        # over 150 size pairs, the same with the portable kernels); 2e-4 is still 1% of one 8-bit level
         assert high < 2e-4
         t = torch.from_numpy(images)
         for resample, max_bound, mean_bound in ((0, 1e-6, 1e-6), (3, 0.6, 0.012)):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import U32, cross_entropy_tol, fp32_tol, series_depth, tiny_config
+from conftest import U32, cross_entropy_tol, fp32_tol, run_cli, series_depth, tiny_config
 from safetensors.torch import load_file
 
 from segformer import SegformerForSemanticSegmentation
@@ -99,6 +99,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tiny_json, tmp_
     assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one_process(data, tmp_path):
     """2 gloo processes × batch 2 == 1 process × batch 4: the same global batches (SyncBatchNorm on, dropout and
     drop-path off), gradients equal up to the all-reduce's summation order.
@@ -159,7 +160,8 @@ def test_torchrun_two_processes_match_one_process(data, tmp_path):
     assert moved > 30  # it trained
 
 
-def test_cli_train_then_eval(data, tiny_json, tmp_path):
+@pytest.mark.slow
+def test_cli_train_then_eval(data, tiny_json, tmp_path, capsys):
     out, report = tmp_path / "run", tmp_path / "eval.json"
     train_cmd = [PY, "-m", "segformer", "train", "--data", str(data), "--model", str(tiny_json),
                  "--output", str(out), "--steps", "2", "--batch-size", "2", "--crop", "48", "48",
@@ -181,17 +183,15 @@ def test_cli_train_then_eval(data, tiny_json, tmp_path):
     assert set(metrics["IoU"]) == {"background", "stripes", "checkerboard", "dots"}
     assert "mIoU" in ev.stdout and "checkerboard" in ev.stdout
     # clear one-line errors, no tracebacks
-    bad = subprocess.run([PY, "-m", "segformer", "train", "--data", str(tmp_path / "nowhere")],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert bad.returncode == 2 and "segformer train: error:" in bad.stderr and "Traceback" not in bad.stderr
-    bad = subprocess.run([PY, "-m", "segformer", "train", "--data", str(data), "--amp", "fp16", "--device", "cpu"],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert bad.returncode == 2 and "fp16 needs a CUDA device" in bad.stderr
-    bad = subprocess.run([PY, "-m", "segformer", "eval", "--data", str(data), "--model", str(tmp_path / "none")],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert bad.returncode == 2 and "segformer eval: error:" in bad.stderr and "Traceback" not in bad.stderr
+    code, _, err = run_cli(capsys, "train", "--data", tmp_path / "nowhere")
+    assert code == 2 and "segformer train: error:" in err and "Traceback" not in err
+    code, _, err = run_cli(capsys, "train", "--data", data, "--amp", "fp16", "--device", "cpu")
+    assert code == 2 and "fp16 needs a CUDA device" in err
+    code, _, err = run_cli(capsys, "eval", "--data", data, "--model", tmp_path / "none")
+    assert code == 2 and "segformer eval: error:" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_eval_under_torchrun_equals_one_process(data, tmp_path):
     """2 ranks split the images and all-reduce the confusion matrix: the metrics are those of one process."""
     model = tmp_path / "model"

@@ -36,7 +36,7 @@ def test_builtin_palettes_have_the_standard_colours():
     assert CITYSCAPES_PALETTE[13].tolist() == [0, 0, 142]  # car
     assert CITYSCAPES_PALETTE[18].tolist() == [119, 11, 32]  # bicycle
     assert len(ADE20K_CLASSES) == 150 and len(CITYSCAPES_CLASSES) == 19
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="read-only"):
         ADE20K_PALETTE[0, 0] = 1  # module constants are read-only
 
 
