@@ -163,6 +163,16 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / DataParallel (``.module``) and torch.compile
+    (``._orig_mod``) wrappers, however deeply nested; any other module as is."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
 __all__ = [
     "DistInfo",
     "SyncBatchNorm",
@@ -177,4 +187,5 @@ __all__ = [
     "is_distributed",
     "is_main_process",
     "launched_by_torchrun",
+    "unwrap_model",
 ]

@@ -4,17 +4,17 @@ Works in one process and under torchrun (each rank takes every world_size-th ima
 are summed over ranks, so every rank returns the metrics of the whole set).
 
 >>> from segformer.evaluate import evaluate
->>> metrics = evaluate(model, dataset, mode="slide", crop_size=(1024, 1024), stride=(768, 768))
+>>> from segformer.inference import InferenceOptions
+>>> metrics = evaluate(model, dataset, InferenceOptions(mode="slide", crop_size=(1024, 1024), stride=(768, 768)))
+>>> metrics = evaluate(model, dataset, mode="slide", crop_size=(1024, 1024), stride=(768, 768))  # the same
 >>> metrics["mIoU"], metrics["IoU"]["road"]
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +22,13 @@ import torch
 from torch import nn
 
 from .data.datasets import SegmentationDataset
-from .distributed import get_rank, get_world_size
+from .distributed import get_rank, get_world_size, unwrap_model
 from .fileio import atomic_write_text
-from .inference import infer
+from .inference import InferenceOptions, autocast, infer, labels_from_probs, resolve_options
 from .metrics import ConfusionMatrix, metrics_to_json
 
 # FACTS §7: ADE20K whole-image after an aligned resize, Cityscapes sliding window; the plain folder layout
-# runs the image as it is.
+# runs the image as it is. Each entry: InferenceOptions fields that differ from the defaults.
 DEFAULT_EVAL = {
     "folder": {"mode": "whole"},
     "ade20k": {"mode": "aligned", "short_side": 512, "long_side": 2048},
@@ -36,50 +36,40 @@ DEFAULT_EVAL = {
 }
 
 
-def eval_options(kind: str, **overrides: Any) -> dict[str, Any]:
-    """The evaluation protocol of a data-set kind ("folder", "ade20k", "cityscapes"), with ``overrides``
-    (None values ignored) applied: keyword arguments for :func:`evaluate`."""
+def eval_options(kind: str, **overrides: Any) -> InferenceOptions:
+    """The evaluation protocol of a data-set kind ("folder", "ade20k", "cityscapes") as
+    :class:`InferenceOptions`, with ``overrides`` (InferenceOptions fields; None values ignored) applied."""
     options = dict(DEFAULT_EVAL.get(kind, DEFAULT_EVAL["folder"]))
     options.update({k: v for k, v in overrides.items() if v is not None})
-    return options
-
-
-def _autocast(device: torch.device, amp: str | None):
-    if amp in (None, "none", "fp32"):
-        return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    if dtype is None:
-        raise ValueError(f"amp must be none, bf16 or fp16, got {amp!r}")
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return InferenceOptions(**options)
 
 
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
     dataset: SegmentationDataset,
+    options: InferenceOptions | None = None,
     *,
-    mode: str = "whole",
-    crop_size: tuple[int, int] = (512, 512),
-    stride: tuple[int, int] = (341, 341),
-    short_side: int = 512,
-    long_side: int = 2048,
-    align: int = 32,
-    scales: Sequence[float] | None = None,
-    flip: bool = False,
     amp: str | None = None,
     max_images: int | None = None,
     num_workers: int = 0,
     progress: bool = False,
+    **keywords: Any,
 ) -> dict[str, Any]:
     """Metrics of ``model`` on ``dataset`` (whose items are (normalised image (3, H, W), labels (H, W))).
 
-    Each image is predicted with :func:`segformer.inference.infer` (``mode``, crop/stride, sizes, ``scales``,
-    ``flip``) at its label's size and counted in one confusion matrix over the whole set (summed over ranks
-    under torchrun). Returns :func:`segformer.metrics.compute_metrics`'s dict: ``mIoU``, ``aAcc``, ``mAcc``
-    (fractions), ``IoU`` and ``Acc`` per class name (None for a class absent from targets and predictions),
-    ``num_pixels``, plus ``num_images``. ``max_images`` evaluates only the first images (quick checks).
+    Each image is predicted with :func:`segformer.inference.infer` under ``options`` (an
+    :class:`~segformer.inference.InferenceOptions`, default whole image; its fields are also accepted as
+    keywords: ``mode=``, ``crop_size=``, ``stride=``, ``short_side=``, ``long_side=``, ``align=``, ``scales=``,
+    ``flip=``) at its label's size and counted in one confusion matrix over the whole set (summed over ranks
+    under torchrun). ``amp``: None / "none", "bf16" or "fp16" autocast.
+
+    Returns :func:`segformer.metrics.compute_metrics`'s dict: ``mIoU``, ``aAcc``, ``mAcc`` (fractions), ``IoU``
+    and ``Acc`` per class name (None for a class absent from targets and predictions), ``num_pixels``, plus
+    ``num_images``. ``max_images`` evaluates only the first images (quick checks).
     """
-    net = getattr(model, "module", model)
+    options = resolve_options(options, keywords)
+    net = unwrap_model(model)
     device = next(net.parameters()).device
     k = getattr(getattr(net, "config", None), "num_labels", dataset.num_labels)
     if k != dataset.num_labels:
@@ -93,15 +83,13 @@ def evaluate(
         torch.utils.data.Subset(dataset, indices), batch_size=1, num_workers=num_workers, shuffle=False
     )
     cm = ConfusionMatrix(dataset.num_labels, dataset.ignore_index, device=device)
-    options = dict(mode=mode, crop_size=crop_size, stride=stride, short_side=short_side, long_side=long_side,
-                   align=align, scales=scales, flip=flip)  # fmt: skip
     from tqdm import tqdm
 
     bar = tqdm(loader, desc="eval", disable=not progress or get_rank() != 0 or not sys.stderr.isatty(), leave=False)
     for pixels, labels in bar:
-        with _autocast(device, amp):
-            probs = infer(net, pixels.to(device), output_size=tuple(labels.shape[-2:]), **options)
-        pred = (probs[:, 0] > 0.5).long() if probs.shape[1] == 1 else probs.argmax(1)
+        with autocast(device, amp):
+            probs = infer(net, pixels.to(device), options, output_size=tuple(labels.shape[-2:]))
+        pred = labels_from_probs(probs)
         cm.update(pred, labels.to(device))
     cm.reduce()
     metrics = cm.compute(dataset.id2label)

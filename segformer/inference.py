@@ -5,29 +5,136 @@ input size (bilinear, align_corners=False), then resized to the output size, the
 the probabilities of all passes (scales × flips) are averaged. Logits are cast to float32 before any of this,
 so a bf16 or fp16 model gives float32 probabilities.
 
->>> probs = infer(model, pixel_values, mode="slide", crop_size=(1024, 1024), stride=(768, 768))  # (B, K, H, W)
+:class:`InferenceOptions` is the one definition of these options (mode, crop_size, stride, short_side,
+long_side, align, scales, flip): :func:`infer`, :func:`segformer.evaluate.evaluate`,
+:class:`segformer.predict.SegformerPredictor`, ``TrainConfig``'s eval_* fields and the command-line options
+(:func:`segformer.commands.add_inference_arguments`) all go through it.
+
+>>> options = InferenceOptions(mode="slide", crop_size=(1024, 1024), stride=(768, 768))
+>>> probs = infer(model, pixel_values, options)  # (B, K, H, W); infer(model, pixel_values, mode="slide", ...) too
 >>> labels = predict_labels(model, pixel_values, mode="aligned", scales=[0.75, 1.0, 1.25], flip=True)
+>>> InferenceOptions.from_dict(options.to_dict()) == options
+True
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import unwrap_model
+
 MODES = ("whole", "aligned", "slide")
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel / torch.compile wrappers (inference needs no gradient sync)."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
+def _check_pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        value = (value, value)
+    pair = tuple(int(v) for v in value)
+    if len(pair) != 2 or min(pair) < 1:
+        raise ValueError(f"{name} must be two positive integers (height, width), got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How to run a model over whole images (see :func:`infer` for what each mode does).
+
+    mode: "whole", "aligned" or "slide". crop_size, stride: the sliding window (an int N means (N, N); stored
+    as (height, width) tuples of ints; the stride may not exceed the crop). short_side, long_side, align: the
+    "aligned" resize target and rounding. scales: multi-scale ratios (None or empty: one pass at scale 1;
+    stored as a tuple of floats). flip: add horizontally flipped passes.
+
+    Frozen and validated on construction (ValueError). ``to_dict`` / ``from_dict`` give and take plain JSON
+    values, ``replace(**changes)`` a validated copy.
+    """
+
+    mode: str = "whole"
+    crop_size: tuple[int, int] = (512, 512)
+    stride: tuple[int, int] = (341, 341)
+    short_side: int = 512
+    long_side: int = 2048
+    align: int = 32
+    scales: tuple[float, ...] | None = None
+    flip: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        crop_size, stride = _check_pair(self.crop_size, "crop_size"), _check_pair(self.stride, "stride")
+        if stride[0] > crop_size[0] or stride[1] > crop_size[1]:
+            raise ValueError(f"stride {stride} is larger than crop_size {crop_size}: some pixels would be skipped")
+        sides = {"short_side": self.short_side, "long_side": self.long_side, "align": self.align}
+        for name, value in sides.items():
+            if int(value) != value or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        scales = None if self.scales is None or len(self.scales) == 0 else tuple(float(v) for v in self.scales)
+        if scales is not None and min(scales) <= 0:
+            raise ValueError(f"scales must be positive, got {list(scales)}")
+        for name, value in (("crop_size", crop_size), ("stride", stride), ("scales", scales),
+                            ("flip", bool(self.flip)), *((k, int(v)) for k, v in sides.items())):  # fmt: skip
+            object.__setattr__(self, name, value)
+
+    @property
+    def single_pass(self) -> bool:
+        """True when the options make one pass per image (no multi-scale, no flip)."""
+        return self.scales in (None, (1.0,)) and not self.flip
+
+    def replace(self, **changes: Any) -> InferenceOptions:
+        """A validated copy with ``changes`` applied (the dataclass fields' names)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON values: ``{"mode": ..., "crop_size": [h, w], "stride": [h, w], ..., "scales": [...] | None}``."""
+        d = dataclasses.asdict(self)
+        d["crop_size"], d["stride"] = list(self.crop_size), list(self.stride)
+        d["scales"] = None if self.scales is None else list(self.scales)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> InferenceOptions:
+        """The inverse of :meth:`to_dict`; missing keys take the defaults, unknown keys are a ValueError."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown inference option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        return cls(**data)
+
+
+def resolve_options(options: InferenceOptions | None, keywords: dict[str, Any]) -> InferenceOptions:
+    """``options`` (default: InferenceOptions()) with the keyword arguments of the older API applied."""
+    if options is not None and not isinstance(options, InferenceOptions):
+        raise TypeError(f"options must be an InferenceOptions, got {type(options).__name__}")
+    if options is None:
+        return InferenceOptions(**keywords)
+    return options.replace(**keywords) if keywords else options
+
+
+def autocast(device: torch.device, amp: str | None):
+    """The autocast context of an ``--amp`` value: None / "none" / "fp32" (a null context), "bf16", "fp16"."""
+    if amp in (None, "none", "fp32"):
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    if dtype is None:
+        raise ValueError(f"amp must be none, bf16 or fp16, got {amp!r}")
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def labels_from_probs(probs: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """(B, K, H, W) class probabilities → (B, H, W) int64 class ids: the argmax over K, or for a one-label
+    (binary, sigmoid) model 1 where the probability is above ``threshold`` (0.5), else 0. Logits work too with
+    ``threshold=0`` (the argmax is the same, and sigmoid(z) > 0.5 exactly when z > 0)."""
+    if probs.shape[1] == 1:
+        return (probs[:, 0] > threshold).long()
+    return probs.argmax(dim=1)
 
 
 def _forward_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -97,34 +204,23 @@ def aligned_size(
     return math.ceil(h / align) * align, math.ceil(w / align) * align
 
 
-def _check_pair(value: Sequence[int], name: str) -> tuple[int, int]:
-    if isinstance(value, int):
-        value = (value, value)
-    pair = tuple(int(v) for v in value)
-    if len(pair) != 2 or min(pair) < 1:
-        raise ValueError(f"{name} must be two positive integers (height, width), got {value!r}")
-    return pair  # type: ignore[return-value]
-
-
 @torch.no_grad()
 def infer(
     model: nn.Module,
     pixel_values: torch.Tensor,
+    options: InferenceOptions | None = None,
     *,
-    mode: str = "whole",
-    crop_size: tuple[int, int] = (512, 512),
-    stride: tuple[int, int] = (341, 341),
-    short_side: int = 512,
-    long_side: int = 2048,
-    align: int = 32,
-    scales: Sequence[float] | None = None,
-    flip: bool = False,
     output_size: tuple[int, int] | None = None,
+    **keywords: Any,
 ) -> torch.Tensor:
     """Class probabilities for a batch of normalised images.
 
     pixel_values: (B, 3, H, W) float, normalised (ImageNet mean/std). Returns float32 (B, K, H_out, W_out) at
     ``output_size`` (default (H, W)): softmax over the K classes, or sigmoid when K == 1.
+
+    ``options``: an :class:`InferenceOptions` (default: ``InferenceOptions()``, whole image). Its fields may
+    also be passed as keywords (``infer(model, x, mode="slide", crop_size=(1024, 1024), stride=(768, 768))``),
+    alone or as changes to ``options``; invalid values raise ValueError.
 
     Modes: ``"whole"`` runs the tensor as is; ``"aligned"`` first resizes it keeping the ratio to fit
     (long_side, short_side) and rounds each side up to a multiple of ``align`` (mmseg's ADE20K test pipeline);
@@ -136,21 +232,16 @@ def infer(
     Runs under torch.no_grad with the model in eval mode (its previous mode is restored), on the model's device
     and dtype; the logits are cast to float32 before resizing and softmax.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    opts = resolve_options(options, keywords)
     if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4:
         shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
         raise ValueError(f"pixel_values must be a (batch, 3, height, width) tensor, got {shape}")
-    crop_size, stride = _check_pair(crop_size, "crop_size"), _check_pair(stride, "stride")
-    if stride[0] > crop_size[0] or stride[1] > crop_size[1]:
-        raise ValueError(f"stride {stride} is larger than crop_size {crop_size}: some pixels would be skipped")
-    scales = [1.0] if scales is None or len(scales) == 0 else [float(s) for s in scales]
-    if min(scales) <= 0:
-        raise ValueError(f"scales must be positive, got {scales}")
+    mode, crop_size, stride, flip = opts.mode, opts.crop_size, opts.stride, opts.flip
+    scales = list(opts.scales) if opts.scales is not None else [1.0]
     H, W = pixel_values.shape[-2:]
     out_h, out_w = _check_pair(output_size, "output_size") if output_size is not None else (H, W)
 
-    net = _unwrap(model)
+    net = unwrap_model(model)
     was_training = net.training
     net.eval()
     try:
@@ -165,9 +256,9 @@ def infer(
                 size = aligned_size(
                     H,
                     W,
-                    short_side=round(short_side * scale),
-                    long_side=round(long_side * scale),
-                    align=align,
+                    short_side=round(opts.short_side * scale),
+                    long_side=round(opts.long_side * scale),
+                    align=opts.align,
                 )
             else:
                 size = (max(round(H * scale), 1), max(round(W * scale), 1))
@@ -188,13 +279,22 @@ def infer(
         net.train(was_training)
 
 
-def predict_labels(model: nn.Module, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
-    """(B, H_out, W_out) int64 class ids: ``infer(model, pixel_values, **kwargs).argmax(1)``; for a one-label
-    (binary) model, probability > 0.5. Takes the keyword arguments of :func:`infer`."""
-    probs = infer(model, pixel_values, **kwargs)
-    if probs.shape[1] == 1:
-        return (probs[:, 0] > 0.5).long()
-    return probs.argmax(dim=1)
+def predict_labels(
+    model: nn.Module, pixel_values: torch.Tensor, options: InferenceOptions | None = None, **kwargs: Any
+) -> torch.Tensor:
+    """(B, H_out, W_out) int64 class ids: :func:`labels_from_probs` of ``infer(model, pixel_values, options,
+    **kwargs)`` (the argmax; for a one-label (binary) model, probability > 0.5). Takes :func:`infer`'s
+    arguments."""
+    return labels_from_probs(infer(model, pixel_values, options, **kwargs))
 
 
-__all__ = ["MODES", "aligned_size", "infer", "predict_labels"]
+__all__ = [
+    "MODES",
+    "InferenceOptions",
+    "aligned_size",
+    "autocast",
+    "infer",
+    "labels_from_probs",
+    "predict_labels",
+    "resolve_options",
+]

@@ -1,4 +1,4 @@
-"""Class names of the two benchmark datasets SegFormer was trained on.
+"""Class names of the two benchmark datasets SegFormer was trained on, and ADE20K's label reduction.
 
 Plain data, no imports: the index of a name is its training id (ADE20K after label reduction, i.e. the
 150 SceneParse150 classes without "other"; Cityscapes ``labelTrainIds``).
@@ -42,3 +42,12 @@ CITYSCAPES_CLASSES: tuple[str, ...] = (
 
 assert len(ADE20K_CLASSES) == 150 and len(set(ADE20K_CLASSES)) == 150
 assert len(CITYSCAPES_CLASSES) == 19 and len(set(CITYSCAPES_CLASSES)) == 19
+
+
+def reduce_labels(labels, ignore_index: int = 255):
+    """ADE20K's label reduction on a numpy array or a torch tensor: 0 ("other") → ``ignore_index``, k → k - 1,
+    ``ignore_index`` stays. Returns a new int32 array / tensor; the input is untouched."""
+    wide = labels.int() if hasattr(labels, "int") else labels.astype("int32")  # torch / numpy; no uint8 wrap
+    out = wide - 1
+    out[(wide == 0) | (wide == ignore_index)] = ignore_index
+    return out

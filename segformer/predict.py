@@ -14,10 +14,10 @@ a summary and a legend out; each failure reported and skipped); it shards its in
 
 Choices worth knowing:
 
-- Images are read with Pillow: the EXIF orientation is applied, every mode (L, LA, P, RGBA, CMYK, I;16, …) is
-  turned into RGB (alpha is dropped; 16-bit values are scaled by 1/257), then /255 and ImageNet mean/std.
-- A truncated file is an error, never silently half-decoded; so is a file whose header claims more than
-  ``max_pixels`` pixels (a decompression bomb; Pillow's default limit, 89.5 million, unless told otherwise).
+- Images are read by :mod:`segformer.images`, the one input layer: EXIF orientation applied, every mode and
+  dtype turned into RGB by one documented rule, then /255 and ImageNet mean/std. A truncated file is an error,
+  never silently half-decoded; so is a file whose header claims more than ``max_pixels`` pixels (a
+  decompression bomb; Pillow's default limit, 89.5 million, unless told otherwise).
 - Images smaller than ``min_size`` on either side (default: the model's minimum input, 29 px for the published
   configs) are reported and skipped in every mode, including those that resize anyway: a handful of pixels
   carries too little to segment, and one rule for all modes is easier to reason about.
@@ -33,8 +33,6 @@ import io
 import json
 import os
 import sys
-import threading
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,132 +41,26 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image
 from torch import nn
 
 from .fileio import atomic_write, atomic_write_text
 from .hub import CheckpointError, first_line
+from .images import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageError,
+    ImageInput,
+    load_image,
+    normalize,
+    to_rgb,
+)
+from .inference import InferenceOptions, aligned_size, infer, labels_from_probs, resolve_options
 from .visualize import class_names, colorize, label_image, legend, overlay, palette_for, side_by_side
 
 DEFAULT_MODEL = "nvidia/segformer-b0-finetuned-ade-512-512"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default for Image.MAX_IMAGE_PIXELS
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pnm")
-MODES = ("whole", "aligned", "slide")
-
-ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
-
-
-class ImageError(ValueError):
-    """An input image that cannot be segmented; the message is the reason (one line)."""
-
-
-# ----------------------------------------------------------------------------------------------- loading
-# Pillow's bomb limit and truncation flag are process-wide; they are swapped only under this lock.
-_PIL_LOCK = threading.Lock()
-
-
-def _open_file(path: Path, max_pixels: int | None) -> Image.Image:
-    """Open and fully decode one file; every problem becomes an ImageError with the reason."""
-    if not path.exists():
-        raise ImageError("no such file")
-    if path.is_dir():
-        raise ImageError("is a directory")
-    with _PIL_LOCK:
-        saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
-        # Our own limit replaces Pillow's (which warns above 1x and raises only above 2x its limit); truncated
-        # data must raise instead of being padded with grey.
-        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = None, False
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                try:
-                    img = Image.open(path)
-                except Image.UnidentifiedImageError:
-                    raise ImageError("not an image (Pillow cannot identify the format)") from None
-                except Exception as exc:
-                    raise ImageError(f"cannot open: {first_line(exc)}") from None
-                width, height = img.size
-                if max_pixels is not None and width * height > max_pixels:
-                    img.close()
-                    raise ImageError(
-                        f"{width}x{height} = {width * height:,} pixels is over the limit of {max_pixels:,} "
-                        "(possible decompression bomb; raise max_pixels / --max-pixels to allow it)"
-                    )
-                try:
-                    img.load()  # header-only until now: decode everything so that truncation shows here
-                except Exception as exc:
-                    img.close()
-                    raise ImageError(f"cannot decode: {first_line(exc)}") from None
-        finally:
-            Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
-    return img
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode → RGB. Alpha is dropped (the colours under it are kept), palettes are expanded, CMYK
-    and YCbCr are converted, 16/32-bit integer grayscale is scaled by 1/257 (65535 → 255) and clipped, float
-    grayscale in [0, 1] is scaled by 255 (otherwise clipped to [0, 255])."""
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode.startswith("I"):  # "I", "I;16", "I;16B", "I;16L", ...: 16-bit PNG/TIFF grayscale
-        arr = np.asarray(image, dtype=np.float64) / 257.0
-        return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
-    if mode == "F":
-        arr = np.asarray(image, dtype=np.float64)
-        arr = arr * 255.0 if np.nanmax(arr, initial=0.0) <= 1.0 else arr
-        return Image.fromarray(np.clip(np.nan_to_num(arr) + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
-    if mode in ("P", "PA"):
-        return image.convert("RGBA").convert("RGB")  # via RGBA so palettes with transparency convert cleanly
-    return image.convert("RGB")  # L, LA, 1, RGBA, RGBa, CMYK, YCbCr, LAB, HSV
-
-
-def _array_to_image(array: np.ndarray | torch.Tensor) -> Image.Image:
-    """(H, W), (H, W, C) or (C, H, W) with C in 1/3/4; uint8 as is, uint16 / 257, floats in [0, 1] × 255."""
-    arr = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
-    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
-        arr = arr.transpose(1, 2, 0)  # (C, H, W) → (H, W, C)
-    if arr.ndim == 3 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
-    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
-        raise ImageError(f"array of shape {arr.shape} is not an image: expected (H, W), (H, W, 3|4) or (3, H, W)")
-    if arr.dtype == np.bool_:
-        arr = arr.astype(np.uint8) * 255
-    elif arr.dtype == np.uint16:
-        arr = np.clip(arr / 257.0 + 0.5, 0, 255).astype(np.uint8)
-    elif np.issubdtype(arr.dtype, np.floating):
-        arr = np.nan_to_num(arr.astype(np.float64))
-        arr = arr * 255.0 if arr.max(initial=0.0) <= 1.0 else arr
-        arr = np.clip(arr + 0.5, 0, 255).astype(np.uint8)
-    elif np.issubdtype(arr.dtype, np.integer):
-        arr = np.clip(arr, 0, 255).astype(np.uint8)
-    else:
-        raise ImageError(f"array of dtype {arr.dtype} is not an image")
-    return Image.fromarray(np.ascontiguousarray(arr))
-
-
-def load_image(source: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """A path, PIL image, numpy array or tensor → an RGB PIL image, upright (EXIF orientation applied).
-
-    Raises :class:`ImageError` with a one-line reason for a missing, unreadable, truncated or non-image file,
-    or one over ``max_pixels`` (None: no limit). Arrays follow :func:`to_rgb`'s rules for their dtype."""
-    if isinstance(source, (str, os.PathLike)):
-        img = _open_file(Path(source), max_pixels)
-    elif isinstance(source, Image.Image):
-        img = source
-    elif isinstance(source, (np.ndarray, torch.Tensor)):
-        return _array_to_image(source).convert("RGB")
-    else:
-        raise ImageError(f"cannot segment a {type(source).__name__}: pass a path, a PIL image or an array")
-    if max_pixels is not None and img.width * img.height > max_pixels:
-        raise ImageError(f"{img.width}x{img.height} pixels is over the limit of {max_pixels:,}")
-    try:
-        img = ImageOps.exif_transpose(img) or img
-    except Exception:  # a broken EXIF block should not cost the picture; keep the stored orientation
-        pass
-    return to_rgb(img)
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -257,13 +149,6 @@ class Segmentation:
         return np.bincount(self.labels.reshape(-1).astype(np.int64), minlength=num_classes)[:num_classes]
 
 
-def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(int(v) for v in value)
-    if len(pair) != 2 or min(pair) < 1:
-        raise ValueError(f"{name} must be one or two positive integers (height, width), got {value!r}")
-    return pair  # type: ignore[return-value]
-
-
 class SegformerPredictor:
     """Segments images with a SegFormer; numpy label maps at each image's original resolution out.
 
@@ -271,10 +156,14 @@ class SegformerPredictor:
         model: a checkpoint directory, a hub id (default: ADE20K b0) or a SegformerForSemanticSegmentation.
         device: "auto" / None (CUDA, else MPS, else CPU), "cpu", "cuda", "cuda:1", "mps" or a torch.device.
         dtype: "float32" (default), "float16" or "bfloat16"; probabilities are float32 whatever the dtype.
-        mode: "aligned" (default; resize keeping the ratio to fit (long_side, short_side), sides rounded up to
-            a multiple of 32 — the ADE20K protocol, and bounded work for huge images), "whole" (the image as
-            is) or "slide" (``crop_size`` windows at ``stride`` — the Cityscapes protocol).
-        scales, flip: multi-scale + flip test-time augmentation (e.g. scales=[0.75, 1.0, 1.25], flip=True).
+        options: the :class:`~segformer.inference.InferenceOptions` (default: :attr:`default_options`, the
+            aligned mode). Its fields may also be given as keywords (``mode=``, ``crop_size=``, ``stride=``,
+            ``short_side=``, ``long_side=``, ``align=``, ``scales=``, ``flip=``), alone or as changes to
+            ``options``. Modes: "aligned" (default; resize keeping the ratio to fit (long_side, short_side),
+            sides rounded up to a multiple of ``align`` (32) — the ADE20K protocol, and bounded work for huge
+            images), "whole" (the image as is) or "slide" (``crop_size`` windows at ``stride`` — the Cityscapes
+            protocol); scales, flip: multi-scale + flip test-time augmentation (e.g. scales=[0.75, 1.0, 1.25],
+            flip=True). Invalid values raise ValueError.
         batch_size: images per forward pass (only images of the same size share one).
         max_pixels: refuse images with more pixels than this (decompression bombs); None: no limit.
         min_size: refuse images with a side shorter than this (default: the model's minimum input size).
@@ -286,35 +175,20 @@ class SegformerPredictor:
         *,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
-        mode: str = "aligned",
-        crop_size: int | Sequence[int] = (512, 512),
-        stride: int | Sequence[int] = (341, 341),
-        short_side: int = 512,
-        long_side: int = 2048,
-        scales: Sequence[float] | None = None,
-        flip: bool = False,
+        options: InferenceOptions | None = None,
         batch_size: int = 1,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         min_size: int | None = None,
+        **keywords: Any,
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        self.options = resolve_options(self.default_options if options is None else options, keywords)
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if max_pixels is not None and max_pixels < 1:
             raise ValueError(f"max_pixels must be positive (or None for no limit), got {max_pixels}")
-        self.crop_size, self.stride = _pair(crop_size, "crop_size"), _pair(stride, "stride")
-        if self.stride[0] > self.crop_size[0] or self.stride[1] > self.crop_size[1]:
-            raise ValueError(f"stride {self.stride} is larger than crop_size {self.crop_size}")
-        if scales is not None and (len(scales) == 0 or min(scales) <= 0):
-            raise ValueError(f"scales must be positive numbers, got {list(scales)}")
-        if short_side < 1 or long_side < 1:
-            raise ValueError(f"short_side and long_side must be positive, got {short_side}, {long_side}")
         self.model = load_model(model, device=device, dtype=dtype)
         self.model_name = str(model) if not isinstance(model, nn.Module) else type(model).__name__
-        self.mode, self.short_side, self.long_side = mode, short_side, long_side
-        self.scales = [float(s) for s in scales] if scales is not None else None
-        self.flip, self.batch_size, self.max_pixels = flip, batch_size, max_pixels
+        self.batch_size, self.max_pixels = batch_size, max_pixels
         from .modeling import min_input_size
 
         self.min_size = int(min_size) if min_size is not None else min_input_size(self.config)
@@ -325,9 +199,21 @@ class SegformerPredictor:
         self.class_names: list[str] = ["background", names[0]] if k == 1 else names
         self.palette: np.ndarray = palette_for(self.class_names if k != 1 else 2)
 
+    # The options of a predictor built without ``options``: the ADE20K protocol, bounded work for huge images.
+    default_options = InferenceOptions(mode="aligned")
+
     @property
     def config(self) -> Any:
         return self.model.config
+
+    # Read-only views of self.options, as the attributes of earlier versions.
+    mode = property(lambda self: self.options.mode)
+    crop_size = property(lambda self: self.options.crop_size)
+    stride = property(lambda self: self.options.stride)
+    short_side = property(lambda self: self.options.short_side)
+    long_side = property(lambda self: self.options.long_side)
+    scales = property(lambda self: list(self.options.scales) if self.options.scales is not None else None)
+    flip = property(lambda self: self.options.flip)
 
     @property
     def device(self) -> torch.device:
@@ -337,10 +223,8 @@ class SegformerPredictor:
         return np.dtype(np.uint8 if self.num_classes <= 256 else np.uint16 if self.num_classes <= 65536 else np.int32)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """RGB PIL image → (3, H, W) float32: /255, then ImageNet mean/std."""
-        arr = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
-        arr = (arr - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
-        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # (3, H, W)
+        """RGB PIL image → (3, H, W) float32: /255, then ImageNet mean/std (:func:`segformer.images.normalize`)."""
+        return torch.from_numpy(normalize(image))  # (3, H, W)
 
     def _check(self, image: Image.Image) -> None:
         if min(image.size) < self.min_size:
@@ -360,26 +244,20 @@ class SegformerPredictor:
 
     def _run(self, images: list[Image.Image], return_probs: bool) -> list[Segmentation]:
         """Same-size RGB images → one forward pass (through segformer.inference)."""
-        from .inference import aligned_size, infer
-
         batch = torch.stack([self.preprocess(im) for im in images]).to(self.device)  # (B, 3, H, W)
         b, (h, w) = batch.shape[0], batch.shape[-2:]
-        options = dict(mode=self.mode, crop_size=self.crop_size, stride=self.stride,
-                       short_side=self.short_side, long_side=self.long_side, scales=self.scales,
-                       flip=self.flip)  # fmt: skip
-        single_pass = (self.scales is None or self.scales == [1.0]) and not self.flip
-        k = self.config.num_labels
-        if self.mode == "aligned" and single_pass and not return_probs and b * k * h * w > self.chunk_threshold:
+        opts, k = self.options, self.config.num_labels
+        if opts.mode == "aligned" and opts.single_pass and not return_probs and b * k * h * w > self.chunk_threshold:
             # A huge photo would need (B, K, H, W) float32 probabilities at full size (7 GB for 150 classes
             # at 12 MP). Take them at the working size and upsample their logs in row chunks instead: log p
             # differs from the logits by a per-pixel constant, so the argmax is the same.
-            work = aligned_size(h, w, short_side=self.short_side, long_side=self.long_side)
-            small = infer(self.model, batch, **options, output_size=work)  # (B, K, h', w')
+            work = aligned_size(h, w, short_side=opts.short_side, long_side=opts.long_side, align=opts.align)
+            small = infer(self.model, batch, opts, output_size=work)  # (B, K, h', w')
             labels = _upsampled_argmax(small, (h, w))
             probs = None
         else:
-            probs = infer(self.model, batch, **options)  # (B, K, H, W) float32 at the input size
-            labels = (probs[:, 0] > 0.5).long() if probs.shape[1] == 1 else probs.argmax(dim=1)  # (B, H, W)
+            probs = infer(self.model, batch, opts)  # (B, K, H, W) float32 at the input size
+            labels = labels_from_probs(probs)  # (B, H, W)
         labels_np = labels.cpu().numpy().astype(self._labels_dtype())
         probs_np = probs.float().cpu().numpy() if return_probs and probs is not None else None
         return [Segmentation(labels_np[i], probs_np[i] if probs_np is not None else None) for i in range(len(images))]
@@ -463,7 +341,7 @@ def _upsampled_argmax(probs: torch.Tensor, size: tuple[int, int], rows: int = 25
         top = F.interpolate(values[:, :, y0[r0:r1]], size=(r1 - r0, width), mode="bilinear", align_corners=False)
         bottom = F.interpolate(values[:, :, y1[r0:r1]], size=(r1 - r0, width), mode="bilinear", align_corners=False)
         blend = top + (bottom - top) * wy[r0:r1].view(1, 1, -1, 1)  # (B, K, rows, W)
-        out[:, r0:r1] = (blend[:, 0] > 0).long() if binary else blend.argmax(dim=1)
+        out[:, r0:r1] = labels_from_probs(blend, threshold=0.0)  # blend holds logits: > 0 is p > 0.5
     return out
 
 

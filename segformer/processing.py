@@ -68,12 +68,12 @@ from PIL import Image, ImageOps
 
 from .fileio import atomic_write_text
 from .hub import CheckpointError, resolve_file
+from .images import IMAGENET_MEAN, IMAGENET_STD, ImageError, normalize_table, open_image
+from .labels import reduce_labels
 
 __all__ = ["SegformerBatch", "SegformerFeatureExtractor", "SegformerImageProcessor"]
 
 CONFIG_NAME = "preprocessor_config.json"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 ImageLike = Image.Image | np.ndarray | torch.Tensor | str | os.PathLike
 ImageInput = ImageLike | Sequence[ImageLike]
@@ -207,7 +207,7 @@ def _normalize_format(value: Any, name: str, *, allow_none: bool) -> str | None:
     return value
 
 
-def _merge_reduce_labels(options: dict[str, Any]) -> dict[str, Any]:
+def _mergereduce_labels(options: dict[str, Any]) -> dict[str, Any]:
     """Fold the old spelling ``reduce_labels`` into ``do_reduce_labels`` (the new one wins)."""
     options = dict(options)
     if "reduce_labels" in options:
@@ -218,14 +218,15 @@ def _merge_reduce_labels(options: dict[str, Any]) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------- input reading
 def _open_image(path: str | os.PathLike, what: str) -> Image.Image:
-    """Open an image file with its EXIF orientation applied."""
+    """Open an image file through the one input layer (complete decode, pixel limit), EXIF orientation
+    applied; the mode is kept (the processor's own mode rules follow)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise ValueError(f"{what}: no such image file: {path}")
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             return ImageOps.exif_transpose(im)  # a loaded copy, upright
-    except (OSError, ValueError, SyntaxError) as exc:
+    except (ImageError, OSError, SyntaxError) as exc:
         raise ValueError(f"{what}: cannot read {path} as an image ({exc})") from None
 
 
@@ -389,26 +390,14 @@ def _output_size(height: int, width: int, size: Mapping[str, int]) -> tuple[int,
     return (new_long, target) if width <= height else (target, new_long)
 
 
-def _reduce_labels(labels: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
-    """0 → 255, x → x - 1, 255 stays 255 (a new array; the input is untouched)."""
-    reduced = labels - 1
-    reduced[(labels == 0) | (labels == 255)] = 255
-    return reduced
-
-
 def _uint8_lut(options: _Options) -> np.ndarray:
-    """(3, 256) float32: the rescaled and normalised value of every 8-bit level in each channel.
-
-    Computed with Transformers' arithmetic (rescale in float64 then cast, normalise in float32), so looking
-    values up gives the same bits as processing them.
-    """
-    levels = np.arange(256, dtype=np.float64)
-    levels = (levels * options.rescale_factor if options.do_rescale else levels).astype(np.float32)
-    table = np.repeat(levels[None, :], 3, axis=0)
-    if options.do_normalize:
-        mean, std = (np.asarray(v, np.float32)[:, None] for v in (options.image_mean, options.image_std))
-        table = (table - mean) / std
-    return np.ascontiguousarray(table, dtype=np.float32)
+    """(3, 256) float32: the value of every 8-bit level in each channel under these options
+    (:func:`segformer.images.normalize_table`, shared with the predictor and the data sets)."""
+    return normalize_table(
+        tuple(options.image_mean) if options.do_normalize else None,
+        tuple(options.image_std) if options.do_normalize else None,
+        float(options.rescale_factor) if options.do_rescale else None,
+    )
 
 
 def _rescale_normalize_float(hwc: np.ndarray, options: _Options) -> np.ndarray:
@@ -480,7 +469,7 @@ def _pil_pipeline(
         pixels.append(_pil_finish_pixels(hwc, options, lut))
         if maps is not None:
             seg = _label_array(maps[i], f"segmentation map {i}")
-            seg = _reduce_labels(seg) if options.do_reduce_labels else seg
+            seg = reduce_labels(seg) if options.do_reduce_labels else seg
             if options.do_resize:
                 seg = _pil_resize_labels(seg, height, width)
             else:
@@ -622,7 +611,7 @@ def _torch_labels(
     labels = []
     for i, seg in enumerate(maps):
         t = torch.from_numpy(_label_array(seg, f"segmentation map {i}")).to(device)
-        t = _reduce_labels(t) if options.do_reduce_labels else t
+        t = reduce_labels(t) if options.do_reduce_labels else t
         if options.do_resize:
             t = _nearest_resize(t, *out_sizes[i])
         else:
@@ -765,7 +754,7 @@ class SegformerImageProcessor:
     # ------------------------------------------------------------------------------------ options
     def _options(self, overrides: Mapping[str, Any]) -> _Options:
         """This processor's options with per-call ``overrides``, validated."""
-        overrides = _merge_reduce_labels(overrides)
+        overrides = _mergereduce_labels(overrides)
         known = set(_Options.__dataclass_fields__)
         unknown = sorted(set(overrides) - known)
         if unknown:
@@ -937,8 +926,8 @@ class SegformerImageProcessor:
     @classmethod
     def from_dict(cls: type[_P], config: Mapping[str, Any], **overrides: Any) -> _P:
         """Build from a config dict (old or new key spellings); ``overrides`` win over the config."""
-        config = _merge_reduce_labels({k: v for k, v in config.items() if k not in (*_TYPE_KEYS, "backend")})
-        return cls(**{**config, **_merge_reduce_labels(overrides)})
+        config = _mergereduce_labels({k: v for k, v in config.items() if k not in (*_TYPE_KEYS, "backend")})
+        return cls(**{**config, **_mergereduce_labels(overrides)})
 
     @classmethod
     def from_pretrained(

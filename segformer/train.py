@@ -58,6 +58,7 @@ from .distributed import (
 from .evaluate import eval_options, evaluate
 from .fileio import atomic_write, atomic_write_text
 from .hub import first_line
+from .inference import InferenceOptions, autocast
 from .metrics import format_table, metrics_to_json
 from .modeling import SegformerForSemanticSegmentation
 
@@ -106,11 +107,13 @@ class TrainConfig:
     eval_every: int = 16_000  # 0: only at the end
     save_every: int = 2_000
     log_every: int = 50
-    eval_mode: str | None = None  # None: the data set's protocol (FACTS §7)
+    # Evaluation protocol: InferenceOptions fields (see eval_inference_options); None: the data set's (FACTS §7)
+    eval_mode: str | None = None
     eval_crop: tuple[int, int] | None = None
     eval_stride: tuple[int, int] | None = None
     eval_short_side: int | None = None
     eval_long_side: int | None = None
+    eval_align: int | None = None
     eval_scales: list[float] | None = None
     eval_flip: bool = False
     max_eval_images: int | None = None
@@ -122,6 +125,15 @@ class TrainConfig:
     check_data: str = "full"  # full | headers | off
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def eval_inference_options(self, kind: str) -> InferenceOptions:
+        """The eval_* fields over the protocol of data-set kind ``kind`` (see segformer.evaluate.eval_options),
+        validated: the one place where they become InferenceOptions."""
+        return eval_options(
+            kind, mode=self.eval_mode, crop_size=self.eval_crop, stride=self.eval_stride,
+            short_side=self.eval_short_side, long_side=self.eval_long_side, align=self.eval_align,
+            scales=self.eval_scales, flip=self.eval_flip or None,
+        )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------- recipe parts
@@ -295,12 +307,6 @@ def _jsonable(cfg: TrainConfig) -> dict[str, Any]:
     return json.loads(json.dumps(d, default=str))
 
 
-def _autocast(device: torch.device, amp: str):
-    if amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
 def _check_config(cfg: TrainConfig, world_size: int) -> int:
     """Validate the options; return the per-process micro-batch size."""
     if not cfg.data:
@@ -349,6 +355,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
 
     # ---- data
     kind = detect_kind(cfg.data) if cfg.dataset == "auto" else cfg.dataset
+    ev_opts = cfg.eval_inference_options(kind)  # a bad --eval-* option fails here, before any work
     scale = cfg.scale if cfg.scale is not None else ((2048, 1024) if kind == "cityscapes" else (2048, 512))
     transform = train_transform(
         tuple(cfg.crop), scale=None if tuple(scale) == (0, 0) else tuple(scale), ratio_range=tuple(cfg.ratio_range),
@@ -424,11 +431,6 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
         generator=torch.Generator().manual_seed(cfg.seed),
     )  # fmt: skip
-    ev_opts = eval_options(
-        kind, mode=cfg.eval_mode, crop_size=cfg.eval_crop and tuple(cfg.eval_crop),
-        stride=cfg.eval_stride and tuple(cfg.eval_stride), short_side=cfg.eval_short_side,
-        long_side=cfg.eval_long_side, scales=cfg.eval_scales, flip=cfg.eval_flip or None,
-    )  # fmt: skip
 
     # ---- files
     writer = None
@@ -466,7 +468,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
 
     def run_eval(step: int) -> dict[str, Any]:
         nonlocal best, best_step
-        metrics = evaluate(net, val_set, **ev_opts, amp=cfg.amp, max_images=cfg.max_eval_images)
+        metrics = evaluate(net, val_set, ev_opts, amp=cfg.amp, max_images=cfg.max_eval_images)
         net.train()
         log({"step": step, "eval/mIoU": metrics["mIoU"], "eval/aAcc": metrics["aAcc"], "eval/mAcc": metrics["mAcc"],
              "eval/IoU": metrics["IoU"]})  # fmt: skip
@@ -502,7 +504,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
             # Gradients are all-reduced only on the last micro-batch of a step.
             sync = contextlib.nullcontext() if world == 1 or m == cfg.accum_steps - 1 else model.no_sync()
             with sync:
-                with _autocast(device, cfg.amp):
+                with autocast(device, cfg.amp):
                     loss = model(pixel_values=pixels, labels=labels).loss
                 scaled = loss / cfg.accum_steps
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
@@ -550,7 +552,9 @@ def config_from_args(args: Any) -> TrainConfig:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in names and v is not None}
     if values.get("eval_scales") is not None:  # --eval-scales groups: "0.75 1.0" and/or "0.75,1.0"
-        values["eval_scales"] = [v for group in values["eval_scales"] for v in group]
+        from .commands import flatten
+
+        values["eval_scales"] = flatten(values["eval_scales"])
     return TrainConfig(**values)
 
 

@@ -9,7 +9,7 @@ from conftest import U32, randomize_, tiny_config
 from torch import nn
 
 from segformer import SegformerForSemanticSegmentation
-from segformer.inference import aligned_size, infer, predict_labels
+from segformer.inference import InferenceOptions, aligned_size, infer, labels_from_probs, predict_labels
 
 
 class PerPixel(nn.Module):
@@ -157,3 +157,96 @@ def test_bad_arguments():
         infer(PerPixel(), x, mode="slide", crop_size=(16, 16), stride=(32, 32))
     with pytest.raises(ValueError, match="batch, 3, height, width"):
         infer(PerPixel(), x[0])
+
+
+# ---------------------------------------------------------------------------------------------- InferenceOptions
+def test_options_validate_with_the_messages_of_infer():
+    for kwargs, message in (
+        (dict(mode="tiles"), "mode must be one of whole, aligned, slide, got 'tiles'"),
+        (dict(crop_size=(16, 16), stride=(32, 8)), r"stride \(32, 8\) is larger than crop_size \(16, 16\)"),
+        (dict(scales=[1.0, 0.0]), "scales must be positive"),
+        (dict(crop_size=(0, 4)), "crop_size must be two positive integers"),
+        (dict(short_side=0), "short_side must be a positive integer"),
+        (dict(align=2.5), "align must be a positive integer"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            InferenceOptions(**kwargs)
+        with pytest.raises(ValueError, match=message):
+            infer(PerPixel(), torch.randn(1, 3, 32, 32), **kwargs)
+
+
+def test_options_normalise_and_round_trip_through_json():
+    import json
+
+    opts = InferenceOptions(mode="slide", crop_size=64, stride=[48, 40], scales=[0.5, 1], flip=1)
+    assert (opts.crop_size, opts.stride, opts.scales, opts.flip) == ((64, 64), (48, 40), (0.5, 1.0), True)
+    assert InferenceOptions(scales=[]).scales is None and InferenceOptions().single_pass
+    d = json.loads(json.dumps(opts.to_dict()))
+    assert d == {"mode": "slide", "crop_size": [64, 64], "stride": [48, 40], "short_side": 512,
+                 "long_side": 2048, "align": 32, "scales": [0.5, 1.0], "flip": True}  # fmt: skip
+    assert InferenceOptions.from_dict(d) == opts and hash(InferenceOptions.from_dict(d)) == hash(opts)
+    assert InferenceOptions.from_dict({}) == InferenceOptions()
+    with pytest.raises(ValueError, match="unknown inference option"):
+        InferenceOptions.from_dict({**d, "tile": 3})
+    assert opts.replace(flip=False) == InferenceOptions(mode="slide", crop_size=64, stride=(48, 40), scales=(0.5, 1))
+    with pytest.raises(ValueError, match="larger than crop_size"):
+        opts.replace(crop_size=32)
+    with pytest.raises(AttributeError):
+        opts.mode = "whole"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(),
+        dict(mode="slide", crop_size=(40, 48), stride=(24, 32)),
+        dict(mode="aligned", short_side=48, long_side=96, align=16, scales=[0.75, 1.25], flip=True),
+        dict(mode="whole", scales=[0.5, 1.0], flip=True),
+    ],
+)
+def test_infer_with_options_equals_infer_with_keywords(seg, kwargs):
+    x = torch.randn(2, 3, 56, 72, generator=torch.Generator().manual_seed(1))
+    by_keywords = infer(seg, x, **kwargs, output_size=(50, 60))
+    opts = InferenceOptions(**kwargs)
+    assert torch.equal(infer(seg, x, opts, output_size=(50, 60)), by_keywords)
+    assert torch.equal(predict_labels(seg, x, opts, output_size=(50, 60)), labels_from_probs(by_keywords))
+    # keywords on top of options are changes to them
+    assert torch.equal(infer(seg, x, InferenceOptions(), **kwargs, output_size=(50, 60)), by_keywords)
+
+
+def test_labels_from_probs_argmax_and_binary_threshold():
+    probs = torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.2, 0.3]]).T.reshape(1, 3, 1, 2)  # (B, K, H, W)
+    assert torch.equal(labels_from_probs(probs), torch.tensor([[[1, 0]]]))
+    one = torch.tensor([0.2, 0.5, 0.51, 0.9]).reshape(1, 1, 2, 2)
+    labels = labels_from_probs(one)
+    assert labels.dtype == torch.int64 and torch.equal(labels, torch.tensor([[[0, 0], [1, 1]]]))
+    logits = torch.tensor([-1.0, 0.0, 0.01, 3.0]).reshape(1, 1, 2, 2)  # threshold 0 for logits
+    assert torch.equal(labels_from_probs(logits, threshold=0.0), labels)
+
+
+def test_every_command_declares_the_same_inference_options():
+    from segformer.cli import build_parser
+    from segformer.commands import inference_options_from_args
+    from segformer.predict import SegformerPredictor
+    from segformer.train import config_from_args
+
+    parser = build_parser()
+    predict = parser.parse_args(["predict", "x.png", "-o", "o"])
+    assert inference_options_from_args(predict) == SegformerPredictor.default_options
+    predict = parser.parse_args(["predict", "x.png", "-o", "o", "--mode", "slide", "--crop-size", "64",
+                                 "--stride", "48,40", "--align", "16", "--scales", "0.5,1", "--flip"])  # fmt: skip
+    want = InferenceOptions(mode="slide", crop_size=64, stride=(48, 40), align=16, scales=(0.5, 1.0), flip=True)
+    assert inference_options_from_args(predict) == want
+    ev = parser.parse_args(["eval", "--data", "d", "--model", "m", "--mode", "slide", "--crop", "64", "64",
+                            "--stride", "48", "40", "--align", "16", "--scales", "0.5", "1", "--flip"])  # fmt: skip
+    assert inference_options_from_args(ev) == want
+    base = InferenceOptions(mode="aligned", short_side=100)
+    assert inference_options_from_args(parser.parse_args(["eval", "--data", "d", "--model", "m"]), base=base) == base
+    train = parser.parse_args(["train", "--data", "d", "--crop", "32", "32", "--eval-mode", "slide", "--eval-crop",
+                               "64", "64", "--eval-stride", "48", "40", "--eval-align", "16", "--eval-scales",
+                               "0.5,1", "--eval-flip"])  # fmt: skip
+    assert inference_options_from_args(train, "eval-") == want
+    assert config_from_args(train).eval_inference_options("folder") == want
+    assert config_from_args(parser.parse_args(["train", "--data", "d"])).eval_inference_options("cityscapes") == (
+        InferenceOptions(mode="slide", crop_size=1024, stride=768)
+    )

@@ -1,9 +1,14 @@
-"""Sub-commands of the ``segformer`` program, one module each (see segformer/cli.py), and the few argument
-types they share."""
+"""Sub-commands of the ``segformer`` program, one module each (see segformer/cli.py), the few argument types
+they share, and the inference options that ``segformer eval``, ``predict`` and ``train`` all declare
+(:func:`add_inference_arguments`, read back with :func:`inference_options_from_args`)."""
 
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from segformer.inference import InferenceOptions
 
 
 def scales_arg(text: str) -> list[float]:
@@ -20,3 +25,125 @@ def scales_arg(text: str) -> list[float]:
 
 def flatten(groups: list[list[float]] | None) -> list[float] | None:
     return None if groups is None else [v for group in groups for v in group]
+
+
+def pair_arg(text: str) -> tuple[int, int]:
+    """argparse type for one-word sizes: ``N`` (N, N), ``H,W`` or ``HxW``."""
+    parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or H,W, got {text!r}") from None
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected one or two positive integers (N or H,W), got {text!r}")
+    return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def _dests(prefix: str) -> dict[str, str]:
+    """InferenceOptions field → argparse dest (``crop_size`` is stored as ``crop``, as it always was)."""
+    from segformer.inference import InferenceOptions
+
+    p = prefix.replace("-", "_")
+    return {f: p + ("crop" if f == "crop_size" else f) for f in InferenceOptions.__dataclass_fields__}
+
+
+def add_inference_arguments(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    prefix: str = "",
+    *,
+    defaults: dict[str, Any] | None = None,
+    one_word_sizes: bool = False,
+) -> None:
+    """The options of :class:`segformer.inference.InferenceOptions`, each as ``--{prefix}NAME``: mode, crop,
+    stride, short-side, long-side, align, scales, flip; read them back with :func:`inference_options_from_args`.
+
+    ``defaults`` (InferenceOptions fields, e.g. {"mode": "aligned"}) over InferenceOptions' own become the
+    options' defaults; without it every option defaults to None ("not given": ``segformer eval`` and
+    ``segformer train`` then take the data set's protocol). ``one_word_sizes``: ``--crop-size N|H,W`` and
+    ``--stride N|H,W`` (``segformer predict``) instead of ``--crop H W`` and ``--stride H W``.
+    """
+    from segformer.inference import MODES, InferenceOptions
+
+    dash, dest = f"--{prefix}", _dests(prefix)
+    values = InferenceOptions(**defaults).to_dict() if defaults is not None else None
+
+    def default(name: str) -> Any:
+        value = None if values is None else values[name]
+        return tuple(value) if isinstance(value, list) else value
+
+    def shown(name: str, fallback: str) -> str:
+        value = default(name)
+        if value is None:
+            return fallback
+        if isinstance(value, tuple):
+            return ",".join(map(str, value)) if one_word_sizes else " ".join(map(str, value))
+        return str(value)
+
+    crop = f"{dash}crop-size" if one_word_sizes else f"{dash}crop"
+    parser.add_argument(
+        f"{dash}mode", dest=dest["mode"], choices=list(MODES), default=default("mode"),
+        help=f"whole: the image as is; aligned: resize keeping the ratio to fit {dash}long-side x {dash}short-side "
+        f"and round the sides up to multiples of {dash}align (ADE20K); slide: {crop} windows at {dash}stride "
+        f"(Cityscapes). Default: {shown('mode', 'the data set protocol (folder: whole)')}",
+    )  # fmt: skip
+    size: dict[str, Any] = (
+        dict(type=pair_arg, metavar="N|H,W") if one_word_sizes else dict(type=int, nargs=2, metavar=("H", "W"))
+    )
+    crop_default = shown("crop_size", "512 512; Cityscapes 1024 1024")
+    stride_default = shown("stride", "341 341; Cityscapes 768 768")
+    parser.add_argument(crop, dest=dest["crop_size"], default=default("crop_size"), **size,
+                        help=f"slide mode: window size (default {crop_default})")  # fmt: skip
+    parser.add_argument(f"{dash}stride", dest=dest["stride"], default=default("stride"), **size,
+                        help=f"slide mode: window stride (default {stride_default})")  # fmt: skip
+    parser.add_argument(f"{dash}short-side", dest=dest["short_side"], type=positive_int, default=default("short_side"),
+                        help=f"aligned mode: short-side target (default {shown('short_side', '512')})")  # fmt: skip
+    parser.add_argument(f"{dash}long-side", dest=dest["long_side"], type=positive_int, default=default("long_side"),
+                        help=f"aligned mode: long-side limit (default {shown('long_side', '2048')})")  # fmt: skip
+    parser.add_argument(
+        f"{dash}align",
+        dest=dest["align"],
+        type=positive_int,
+        default=default("align"),
+        help=f"aligned mode: sides rounded up to multiples of this (default {shown('align', '32')})",
+    )
+    parser.add_argument(f"{dash}scales", dest=dest["scales"], type=scales_arg, nargs="+", default=None, metavar="S",
+                        help="multi-scale test: size ratios, e.g. 0.75 1.0 1.25 or 0.75,1.0,1.25 (default: one pass "
+                        "at scale 1)")  # fmt: skip
+    parser.add_argument(f"{dash}flip", dest=dest["flip"], action="store_true", default=default("flip"),
+                        help="add horizontally flipped passes (probabilities averaged)")  # fmt: skip
+
+
+def inference_overrides(args: argparse.Namespace, prefix: str = "") -> dict[str, Any]:
+    """The options :func:`add_inference_arguments` put into ``args`` as InferenceOptions fields, those not
+    given (None) left out; ``scales`` flattened, sizes as tuples."""
+    out: dict[str, Any] = {}
+    for name, dest in _dests(prefix).items():
+        value = getattr(args, dest, None)
+        if name == "scales":
+            value = flatten(value) or None
+        elif isinstance(value, list):
+            value = tuple(value)
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def inference_options_from_args(
+    args: argparse.Namespace, prefix: str = "", *, base: InferenceOptions | None = None
+) -> InferenceOptions:
+    """``base`` (default: InferenceOptions()) with the options given on the command line applied
+    (see :func:`add_inference_arguments`); raises ValueError for an invalid combination."""
+    from segformer.inference import InferenceOptions
+
+    return (base if base is not None else InferenceOptions()).replace(**inference_overrides(args, prefix))

@@ -11,18 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import flatten, scales_arg
-
-
-def _ints(text: str) -> tuple[int, int]:
-    parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
-    try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N or H,W, got {text!r}") from None
-    if len(values) not in (1, 2) or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected one or two positive integers (N or H,W), got {text!r}")
-    return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
+from . import add_inference_arguments, inference_options_from_args
 
 
 def _alpha(text: str) -> float:
@@ -89,26 +78,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--output", "-o", type=Path, required=True, help="output folder (created if missing)")
     p.add_argument("--recursive", "-r", action="store_true", help="descend into sub-folders (mirrored in output)")
-    p.add_argument(
-        "--mode",
-        choices=("aligned", "whole", "slide"),
-        default="aligned",
-        help="aligned: resize to fit --long-side x --short-side, sides a multiple of 32 (ADE20K protocol, "
-        "default); whole: the image as is; slide: sliding window (Cityscapes protocol)",
-    )
-    p.add_argument("--crop-size", type=_ints, default=(512, 512), metavar="N|H,W", help="slide window (512)")
-    p.add_argument("--stride", type=_ints, default=(341, 341), metavar="N|H,W", help="slide stride (341)")
-    p.add_argument("--short-side", type=_positive, default=512, help="aligned mode: short side (512)")
-    p.add_argument("--long-side", type=_positive, default=2048, help="aligned mode: long side limit (2048)")
-    p.add_argument(
-        "--scales",
-        type=scales_arg,
-        nargs="+",
-        default=None,
-        metavar="S",
-        help="multi-scale, e.g. 0.75,1,1.25 or 0.75 1 1.25 (off)",
-    )
-    p.add_argument("--flip", action="store_true", help="add horizontally flipped passes (averaged)")
+    # --mode (default aligned), --crop-size N|H,W, --stride N|H,W, --short-side, --long-side, --align, --scales,
+    # --flip: SegformerPredictor.default_options (kept equal to these defaults by a test)
+    add_inference_arguments(p, defaults={"mode": "aligned"}, one_word_sizes=True)
     p.add_argument("--batch-size", "-b", type=_positive, default=1, help="images per forward pass (1)")
     p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps")
     p.add_argument(
@@ -144,13 +116,7 @@ def run(args: argparse.Namespace) -> int:
             args.model,
             device=info.device if info is not None else device,
             dtype=args.dtype,
-            mode=args.mode,
-            crop_size=args.crop_size,
-            stride=args.stride,
-            short_side=args.short_side,
-            long_side=args.long_side,
-            scales=flatten(args.scales),
-            flip=args.flip,
+            options=inference_options_from_args(args),
             batch_size=args.batch_size,
             max_pixels=args.max_pixels or None,
             min_size=args.min_size,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .eval import add_eval_arguments
+from . import add_inference_arguments
 
 EPILOG = """examples:
   segformer train --data ADEChallengeData2016 --model nvidia/mit-b0 --output runs/ade-b0
@@ -71,7 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stop-at", type=int, help="stop after this step with a checkpoint, as if interrupted")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     g = p.add_argument_group("evaluation during training (default: the data set's protocol)")
-    add_eval_arguments(g, prefix="eval-")
+    add_inference_arguments(g, prefix="eval-")  # --eval-mode, --eval-crop H W, ...: TrainConfig.eval_*
 
 
 def register(sub: argparse._SubParsersAction) -> None:

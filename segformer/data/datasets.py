@@ -29,34 +29,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..images import IMAGE_EXTENSIONS, open_image, to_rgb
+from ..labels import ADE20K_CLASSES, CITYSCAPES_CLASSES, reduce_labels
 from .transforms import eval_transform
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 SPLIT_ALIASES = (("train", "training"), ("val", "validation"), ("test", "testing"))
 KINDS = ("folder", "ade20k", "cityscapes")
-
-ADE20K_CLASSES = (
-    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
-    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
-    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
-    "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
-    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand",
-    "path", "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge",
-    "bookcase", "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove",
-    "palm", "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus",
-    "towel", "light", "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver",
-    "airplane", "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle",
-    "buffet", "poster", "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything",
-    "swimming pool", "stool", "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven",
-    "ball", "food", "step", "tank", "trade name", "microwave", "pot", "animal", "bicycle", "lake",
-    "dishwasher", "screen", "blanket", "sculpture", "hood", "sconce", "vase", "traffic light", "tray",
-    "ashcan", "fan", "pier", "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator",
-    "glass", "clock", "flag",
-)  # fmt: skip
-CITYSCAPES_CLASSES = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
-    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
-)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------- listing
@@ -165,9 +143,10 @@ def detect_kind(root: str | os.PathLike) -> str:
 
 # ------------------------------------------------------------------------------------------- data set
 def load_image(path: str | os.PathLike) -> np.ndarray:
-    """(H, W, 3) uint8 RGB."""
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    """(H, W, 3) uint8 RGB, as stored (no EXIF rotation: masks are drawn on the stored pixels), through the one
+    input layer's mode rules (:func:`segformer.images.to_rgb`); no pixel limit (training data is trusted)."""
+    with open_image(path, max_pixels=None) as im:
+        return np.asarray(to_rgb(im))
 
 
 def load_mask(path: str | os.PathLike) -> np.ndarray:
@@ -178,14 +157,6 @@ def load_mask(path: str | os.PathLike) -> np.ndarray:
         if im.mode in ("I", "I;16", "I;16B", "I;16L"):
             return np.asarray(im, dtype=np.int32)
         raise ValueError(f"{path}: a mask must be a one-band PNG of class ids, got mode {im.mode}")
-
-
-def reduce_labels(mask: np.ndarray, ignore_index: int = 255) -> np.ndarray:
-    """ADE20K's label reduction: 0 → ignore, k → k - 1 (the ignore index stays)."""
-    mask = mask.astype(np.int32)
-    out = mask - 1
-    out[(mask == 0) | (mask == ignore_index)] = ignore_index
-    return out
 
 
 Transform = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[torch.Tensor, torch.Tensor]]

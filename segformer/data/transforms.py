@@ -19,8 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ..images import IMAGENET_MEAN, IMAGENET_STD, normalize
 
 
 def rescale_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, int]:
@@ -143,14 +142,14 @@ class PhotoMetricDistortion:
 
 
 class Normalize:
-    """uint8 (H, W, 3) → float32 (H, W, 3): /255, minus ``mean``, divided by ``std``."""
+    """uint8 (H, W, 3) → float32 (H, W, 3): /255, minus ``mean``, divided by ``std``
+    (:func:`segformer.images.normalize`: the same bits as the predictor and the image processor)."""
 
     def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
-        self.mean = np.asarray(mean, np.float32) * 255
-        self.std = np.asarray(std, np.float32) * 255
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
     def __call__(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator | None = None):
-        return (image.astype(np.float32) - self.mean) / self.std, mask
+        return normalize(image, self.mean, self.std, channels_first=False), mask
 
 
 class Pad:
