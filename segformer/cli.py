@@ -2,17 +2,28 @@
 
 Each sub-command lives in ``segformer/commands/<name>.py`` with ``register(subparsers)``, which adds its
 parser and sets ``func``; heavy imports happen inside ``func`` so that ``--help`` is quick.
+
+Errors: what the library raises on purpose (ValueError and OSError, with their subclasses such as
+CheckpointError, ImageError, FileNotFoundError) is printed as one line, exit code 2. A TypeError or
+RuntimeError may be a bug: one line too, unless ``segformer --debug`` or SEGFORMER_DEBUG=1 asks for the
+full traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
+from collections.abc import Callable
 
 from . import __version__, commands
 from .hub import first_line
+
+DEBUG_ENV = "SEGFORMER_DEBUG"
+EXPECTED_ERRORS = (ValueError, OSError)  # raised on purpose, with a message meant for the user
+UNEXPECTED_ERRORS = (TypeError, RuntimeError)  # one line as well, but --debug shows their traceback
 
 
 class UsageError(ValueError):
@@ -25,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="SegFormer semantic segmentation: train, evaluate, predict, convert and export.",
     )
     parser.add_argument("--version", action="version", version=f"segformer {__version__}")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"show the full traceback of unexpected errors (TypeError, RuntimeError); also {DEBUG_ENV}=1",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         if not info.name.startswith("_"):
@@ -32,18 +48,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def debug_requested() -> bool:
+    """SEGFORMER_DEBUG is set to anything but "", "0", "false" or "no"."""
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def run_command(
+    func: Callable[[argparse.Namespace], int | None], args: argparse.Namespace, *, name: str, debug: bool = False
+) -> int:
+    """``func(args)`` as an exit code: its own, 130 on Ctrl-C, 2 with one line ``NAME: error: ...`` on stderr
+    for an error (the traceback of an unexpected one is re-raised under ``debug`` or SEGFORMER_DEBUG=1)."""
     try:
-        return int(args.func(args) or 0)
+        return int(func(args) or 0)
     except KeyboardInterrupt:
-        print(f"segformer {args.command}: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, OSError, RuntimeError) as exc:
-        # Library errors are written as one clear line; a traceback would bury it.
-        print(f"segformer {args.command}: error: {first_line(exc)}", file=sys.stderr)
+    except EXPECTED_ERRORS as exc:
+        print(f"{name}: error: {first_line(exc)}", file=sys.stderr)
         return 2
+    except UNEXPECTED_ERRORS as exc:
+        if debug or debug_requested():
+            raise
+        # One clear line by default: a traceback would bury the message of an error raised on purpose.
+        print(f"{name}: error: {first_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(args.func, args, name=f"segformer {args.command}", debug=args.debug)
 
 
 if __name__ == "__main__":

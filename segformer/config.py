@@ -28,8 +28,20 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "b5": dict(depths=[3, 6, 40, 3], hidden_sizes=[64, 128, 320, 512], decoder_hidden_size=768),  # 84,708,694
 }
 
-ACTIVATIONS = ("gelu", "relu", "selu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "quick_gelu", "silu",
-               "swish", "mish", "tanh", "sigmoid")  # fmt: skip
+ACTIVATIONS = (
+    "gelu",
+    "relu",
+    "selu",
+    "gelu_new",
+    "gelu_fast",
+    "gelu_pytorch_tanh",
+    "quick_gelu",
+    "silu",
+    "swish",
+    "mish",
+    "tanh",
+    "sigmoid",
+)
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 _PER_STAGE = (
     "depths",
@@ -180,8 +192,12 @@ class SegformerConfig:
         for name in ("num_channels", "decoder_hidden_size"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout_prob",
-                     "drop_path_rate"):  # fmt: skip
+        for name in (
+            "hidden_dropout_prob",
+            "attention_probs_dropout_prob",
+            "classifier_dropout_prob",
+            "drop_path_rate",
+        ):
             p = getattr(self, name)
             if not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1), got {p!r}")
@@ -279,9 +295,13 @@ class SegformerConfig:
         if Path(name_or_path).is_file():
             return cls.from_json_file(name_or_path, **overrides)
         path = resolve_file(
-            name_or_path, "config.json", revision=revision, cache_dir=cache_dir,
-            local_files_only=local_files_only, token=token,
-        )  # fmt: skip
+            name_or_path,
+            "config.json",
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
+        )
         return cls.from_json_file(path, **overrides)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:

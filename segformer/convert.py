@@ -48,8 +48,16 @@ from .labels import ADE20K_CLASSES, CITYSCAPES_CLASSES
 
 DATASETS: dict[str, tuple[str, ...]] = {"ade20k": ADE20K_CLASSES, "cityscapes": CITYSCAPES_CLASSES}
 MIT_HEADS = (1, 2, 5, 8)
-_ARCH_FIELDS = ("num_channels", "num_encoder_blocks", "hidden_sizes", "patch_sizes", "strides", "depths",
-                "sr_ratios", "mlp_ratios")  # fmt: skip
+_ARCH_FIELDS = (
+    "num_channels",
+    "num_encoder_blocks",
+    "hidden_sizes",
+    "patch_sizes",
+    "strides",
+    "depths",
+    "sr_ratios",
+    "mlp_ratios",
+)
 ORIGINAL_LAYER_NORM_EPS = 1e-6  # the original code's block and stage norms
 _IGNORED_TOP_LEVEL = ("meta", "optimizer")  # besides "state_dict" in an mmcv checkpoint
 
@@ -142,11 +150,13 @@ _BLOCK = {
 }
 _HEAD = {
     "linear_fuse.conv.weight": "linear_fuse.weight",
-    **{f"linear_fuse.bn.{t}": f"batch_norm.{t}"
-       for t in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")},
+    **{
+        f"linear_fuse.bn.{t}": f"batch_norm.{t}"
+        for t in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    },
     "linear_pred.weight": "classifier.weight",
     "linear_pred.bias": "classifier.bias",
-}  # fmt: skip
+}
 _PARAM = r"(weight|bias)"
 _BLOCK_KEY = re.compile(rf"block(\d+)\.(\d+)\.({'|'.join(map(re.escape, _BLOCK))})\.{_PARAM}")
 _PATCH_KEY = re.compile(rf"patch_embed(\d+)\.(proj|norm)\.{_PARAM}")
@@ -396,9 +406,14 @@ def convert_checkpoint(
     try:
         layout = original_layout(state)
         config, matched = infer_config(
-            state, meta=meta, variant=variant, num_labels=num_labels, dataset=dataset,
-            num_attention_heads=num_attention_heads, original_eps=original_eps,
-        )  # fmt: skip
+            state,
+            meta=meta,
+            variant=variant,
+            num_labels=num_labels,
+            dataset=dataset,
+            num_attention_heads=num_attention_heads,
+            original_eps=original_eps,
+        )
         converted, dropped, sources = _convert(state)
     except ConversionError as exc:
         raise ConversionError(f"{path}: {exc}") from None

@@ -67,10 +67,6 @@ def get_world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
-def is_main_process() -> bool:
-    return get_rank() == 0
-
-
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
@@ -127,7 +123,8 @@ class SyncBatchNorm(nn.BatchNorm2d):
         mean = sums[:-1] / n  # (C,)
         shape = (1, -1) + (1,) * (x.ndim - 2)
         centred = xf - mean.view(shape)
-        var = all_reduce((centred * centred).sum(dims)) / n  # biased, as BatchNorm normalises with
+        # The biased variance, as BatchNorm normalises with it; the running estimate below takes the unbiased one.
+        var = all_reduce((centred * centred).sum(dims)) / n
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
@@ -185,7 +182,6 @@ __all__ = [
     "get_world_size",
     "init_distributed",
     "is_distributed",
-    "is_main_process",
     "launched_by_torchrun",
     "unwrap_model",
 ]

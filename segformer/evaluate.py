@@ -27,8 +27,9 @@ from .fileio import atomic_write_text
 from .inference import InferenceOptions, autocast, infer, labels_from_probs, resolve_options
 from .metrics import ConfusionMatrix, metrics_to_json
 
-# FACTS §7: ADE20K whole-image after an aligned resize, Cityscapes sliding window; the plain folder layout
-# runs the image as it is. Each entry: InferenceOptions fields that differ from the defaults.
+# The published protocols (NVlabs/mmseg test configs): ADE20K whole-image after an aligned resize, Cityscapes
+# sliding window; the plain folder layout runs the image as it is. Each entry: the InferenceOptions fields
+# that differ from the defaults.
 DEFAULT_EVAL = {
     "folder": {"mode": "whole"},
     "ade20k": {"mode": "aligned", "short_side": 512, "long_side": 2048},

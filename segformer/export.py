@@ -163,7 +163,7 @@ def _prepare(model: SegformerForSemanticSegmentation, *, fp16: bool, opset: int)
         # whose softmax runs in float32. Both are exact rewrites of the same attention.
         for module in model.modules():
             if isinstance(module, SegformerEfficientSelfAttention):
-                module.fused = False
+                module.fast_path = False
     if fp16:
         model.half()
         for module in model.modules():
@@ -292,9 +292,16 @@ def export_onnx(
     def write(tmp: str) -> None:
         with _export_mode(), torch.no_grad():
             torch.onnx.export(
-                graph, (example,), tmp, dynamo=False, opset_version=opset, input_names=["pixel_values"],
-                output_names=["logits"], dynamic_axes=axes, do_constant_folding=True,
-            )  # fmt: skip
+                graph,
+                (example,),
+                tmp,
+                dynamo=False,
+                opset_version=opset,
+                input_names=["pixel_values"],
+                output_names=["logits"],
+                dynamic_axes=axes,
+                do_constant_folding=True,
+            )
         import onnx
 
         onnx.checker.check_model(tmp)

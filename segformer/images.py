@@ -6,11 +6,14 @@ command line) reads them through this module, so one picture gives the same pixe
 - Files are decoded with Pillow, completely (a truncated file is an error, never half-decoded), under a
   pixel limit against decompression bombs (``max_pixels``; Pillow's default, 89.5 million, unless told
   otherwise), and turned upright by their EXIF orientation.
-- Every Pillow mode becomes RGB (:func:`to_rgb`): alpha is dropped, palettes are expanded, 16/32-bit
-  grayscale is scaled by 1/257 (65535 → 255), float grayscale in [0, 1] is scaled by 255.
-- Arrays (:func:`array_to_image`): (H, W), (H, W, 3|4) or (3, H, W); uint8 as is, uint16 / 257, bool → 0/255,
-  floats whose maximum is <= 1 are taken as [0, 1] and scaled by 255, other floats and integers are rounded
-  and clipped to [0, 255].
+- Every Pillow mode becomes RGB (:func:`to_rgb`): alpha is dropped, palettes are expanded, 16-bit
+  grayscale is scaled by 1/257 (65535 → 255), float grayscale follows the float rule below.
+- Arrays and tensors (:func:`hwc_rgb`, :func:`pixel_values`): (H, W), (H, W, 1|3|4) or (1|3|4, H, W); uint8 as
+  is, bool → 0 / 255, uint16 → round(v / 257), other integers must lie in [0, 255] (an error otherwise,
+  never clipped), floats must be finite (integral floats in [0, 255] count as 8-bit).
+- Floats: the image processor follows its ``do_rescale`` flag, as Transformers does (the values are taken as
+  given and resized in float); everywhere else (the predictor, a future server) :func:`float_to_uint8` reads
+  a maximum <= 1 as [0, 1] and anything else as [0, 255], and values outside that range are an error.
 - Normalisation (:func:`normalize`): /255, minus the ImageNet mean, divided by the ImageNet std, with
   Transformers' arithmetic (rescale in float64, normalise in float32), so our pixels are theirs bit for bit.
 """
@@ -93,47 +96,129 @@ def open_image(source: str | os.PathLike | bytes, max_pixels: int | None = DEFAU
     return img
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
+def tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor on any device → a numpy array (bf16 / fp16 as float32)."""
+    tensor = tensor.detach().cpu()
+    if tensor.dtype in (torch.bfloat16, torch.float16):
+        tensor = tensor.float()
+    return tensor.numpy()
+
+
+def channel_axis(shape: tuple[int, ...], prefer_last: bool, given: str | None, what: str) -> int:
+    """0 (channels first) or -1 (channels last) for a 3-D image shape; ``given``: "channels_first" /
+    "channels_last" / None (guess: an axis of size 1, 3 or 4; ``prefer_last`` when both ends qualify)."""
+    if given is not None:
+        axis = 0 if given == "channels_first" else -1
+        if shape[axis] not in (1, 3, 4):
+            raise ImageError(f"{what}: {given} shape {shape} has {shape[axis]} channels; expected 1, 3 or 4")
+        return axis
+    first, last = shape[0] in (1, 3, 4), shape[-1] in (1, 3, 4)
+    if first and last:
+        return -1 if prefer_last else 0
+    if first or last:
+        return 0 if first else -1
+    raise ImageError(
+        f"{what}: shape {shape} has no channel axis of size 1, 3 or 4 at the front or the back "
+        "(supported: gray, RGB, RGBA); pass a list of 2-D arrays for a batch of gray images"
+    )
+
+
+def sixteen_to_eight(values: np.ndarray, what: str = "image") -> np.ndarray:
+    """16-bit values (0..65535) → 8 bits by round(v / 257), so 65535 → 255; other values are an error."""
+    values = values.astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise ImageError(f"{what}: 16-bit values must lie in [0, 65535], got [{values.min()}, {values.max()}]")
+    return ((values * 2 + 257) // 514).astype(np.uint8)
+
+
+def pixel_values(array: np.ndarray, what: str = "image", *, integral_floats: bool = True) -> np.ndarray:
+    """Pixel values → uint8, or float32 for a float image; the input is never modified. The dtype rules:
+    uint8 as is; bool → 0 / 255; uint16 → round(v / 257); other integers must lie in [0, 255]; floats must be
+    finite, and (``integral_floats``) integral floats in [0, 255] become uint8 (as Transformers does); other
+    floats stay float32."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    if array.dtype.kind == "u" and array.dtype.itemsize == 2:
+        return sixteen_to_eight(array, what)
+    if array.dtype.kind in "iu":
+        if array.size and (array.min() < 0 or array.max() > 255):
+            raise ImageError(
+                f"{what}: integer pixel values must lie in [0, 255], got [{array.min()}, {array.max()}] "
+                "(pass 16-bit images as uint16)"
+            )
+        return array.astype(np.uint8)
+    if array.dtype.kind == "f":
+        if not np.isfinite(array).all():
+            raise ImageError(f"{what}: the image contains NaN or infinite values")
+        integral = integral_floats and np.array_equal(array, np.round(array))
+        if integral and array.size and array.min() >= 0 and array.max() <= 255:
+            return array.astype(np.uint8)
+        return array.astype(np.float32, copy=False)
+    raise ImageError(f"{what}: unsupported pixel dtype {array.dtype}")
+
+
+def hwc_rgb(
+    array: np.ndarray | torch.Tensor,
+    input_data_format: str | None = None,
+    what: str = "image",
+    *,
+    integral_floats: bool = True,
+) -> np.ndarray:
+    """A 2-D or 3-D array or tensor → (H, W, 3) uint8 or float32 (:func:`pixel_values`): channels last, gray
+    replicated, alpha dropped. ``input_data_format``: "channels_first" / "channels_last" / None (guessed)."""
+    if isinstance(array, torch.Tensor):
+        array = tensor_to_numpy(array)
+    array = np.asarray(array)
+    if array.ndim == 2:
+        array = array[..., None]
+    elif array.ndim == 3:
+        axis = channel_axis(array.shape, array.dtype == np.uint8, input_data_format, what)
+        array = np.moveaxis(array, 0, -1) if axis == 0 else array
+    else:
+        raise ImageError(f"{what}: expected a 2-D or 3-D image (or a 4-D batch), got shape {tuple(array.shape)}")
+    array = pixel_values(array, what, integral_floats=integral_floats)
+    if array.shape[-1] == 1:
+        return np.repeat(array, 3, axis=-1)
+    return array[..., :3]
+
+
+def float_to_uint8(array: np.ndarray, what: str = "image") -> np.ndarray:
+    """Float pixels → uint8 where no rescale flag says what they mean: a maximum <= 1 reads as [0, 1] (x 255),
+    otherwise as [0, 255]; rounded. Values outside the range they read as are an error, never clipped."""
+    top = 1.0 if array.size == 0 or array.max() <= 1.0 else 255.0
+    if array.size and array.min() < 0:
+        raise ImageError(f"{what}: float pixel values must lie in [0, 1] or [0, 255], got min {array.min():.4g}")
+    if top == 255.0 and array.max() > 255:
+        raise ImageError(f"{what}: float pixel values must lie in [0, 1] or [0, 255], got max {array.max():.4g}")
+    return np.floor(array.astype(np.float64) * (255.0 / top) + 0.5).astype(np.uint8)
+
+
+def to_rgb(image: Image.Image, what: str = "image") -> Image.Image:
     """Any Pillow mode → RGB. Alpha is dropped (the colours under it are kept), palettes are expanded, CMYK
-    and YCbCr are converted, 16/32-bit integer grayscale is scaled by 1/257 (65535 → 255) and clipped, float
-    grayscale in [0, 1] is scaled by 255 (otherwise clipped to [0, 255])."""
+    and YCbCr are converted, 16/32-bit integer grayscale goes through :func:`sixteen_to_eight`, float
+    grayscale ("F") through :func:`float_to_uint8`."""
     mode = image.mode
     if mode == "RGB":
         return image
     if mode.startswith("I"):  # "I", "I;16", "I;16B", "I;16L", ...: 16-bit PNG/TIFF grayscale
-        arr = np.asarray(image, dtype=np.float64) / 257.0
-        return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+        return Image.fromarray(sixteen_to_eight(np.asarray(image), what)).convert("RGB")
     if mode == "F":
-        arr = np.asarray(image, dtype=np.float64)
-        arr = arr * 255.0 if np.nanmax(arr, initial=0.0) <= 1.0 else arr
-        return Image.fromarray(np.clip(np.nan_to_num(arr) + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+        floats = pixel_values(np.asarray(image), what, integral_floats=False)
+        return Image.fromarray(float_to_uint8(floats, what)).convert("RGB")
     if mode in ("P", "PA"):
         return image.convert("RGBA").convert("RGB")  # via RGBA so palettes with transparency convert cleanly
     return image.convert("RGB")  # L, LA, 1, RGBA, RGBa, CMYK, YCbCr, LAB, HSV
 
 
-def array_to_image(array: np.ndarray | torch.Tensor) -> Image.Image:
-    """(H, W), (H, W, C) or (C, H, W) with C in 1/3/4; uint8 as is, uint16 / 257, floats in [0, 1] × 255."""
-    arr = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
-    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
-        arr = arr.transpose(1, 2, 0)  # (C, H, W) → (H, W, C)
-    if arr.ndim == 3 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
-    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
-        raise ImageError(f"array of shape {arr.shape} is not an image: expected (H, W), (H, W, 3|4) or (3, H, W)")
-    if arr.dtype == np.bool_:
-        arr = arr.astype(np.uint8) * 255
-    elif arr.dtype == np.uint16:
-        arr = np.clip(arr / 257.0 + 0.5, 0, 255).astype(np.uint8)
-    elif np.issubdtype(arr.dtype, np.floating):
-        arr = np.nan_to_num(arr.astype(np.float64))
-        arr = arr * 255.0 if arr.max(initial=0.0) <= 1.0 else arr
-        arr = np.clip(arr + 0.5, 0, 255).astype(np.uint8)
-    elif np.issubdtype(arr.dtype, np.integer):
-        arr = np.clip(arr, 0, 255).astype(np.uint8)
-    else:
-        raise ImageError(f"array of dtype {arr.dtype} is not an image")
-    return Image.fromarray(np.ascontiguousarray(arr))
+def array_to_image(array: np.ndarray | torch.Tensor, what: str = "image") -> Image.Image:
+    """(H, W), (H, W, C) or (C, H, W) with C in 1/3/4 → an RGB PIL image: :func:`hwc_rgb`'s dtype rules, then
+    floats through :func:`float_to_uint8`."""
+    hwc = hwc_rgb(array, None, what, integral_floats=False)  # the float rule alone decides a float's range
+    if hwc.dtype != np.uint8:
+        hwc = float_to_uint8(hwc, what)
+    return Image.fromarray(np.ascontiguousarray(hwc), "RGB")
 
 
 def load_image(source: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -147,7 +232,7 @@ def load_image(source: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXEL
     elif isinstance(source, Image.Image):
         img = source
     elif isinstance(source, (np.ndarray, torch.Tensor)):
-        return array_to_image(source).convert("RGB")
+        return array_to_image(source)
     else:
         raise ImageError(f"cannot segment a {type(source).__name__}: pass a path, a PIL image or an array")
     if max_pixels is not None and img.width * img.height > max_pixels:
@@ -206,6 +291,12 @@ __all__ = [
     "ImageError",
     "ImageInput",
     "array_to_image",
+    "channel_axis",
+    "float_to_uint8",
+    "hwc_rgb",
+    "pixel_values",
+    "sixteen_to_eight",
+    "tensor_to_numpy",
     "load_image",
     "normalize",
     "normalize_table",

@@ -231,7 +231,7 @@ class SegformerEfficientSelfAttention(nn.Module):
         if sr_ratio > 1:
             self.sr = nn.Conv2d(hidden_size, hidden_size, kernel_size=sr_ratio, stride=sr_ratio)
             self.layer_norm = nn.LayerNorm(hidden_size, eps=TRANSFORMERS_LAYER_NORM_EPS)
-        self.fused = True  # PyTorch's scaled_dot_product_attention unless attention maps are requested
+        self.fast_path = True  # PyTorch's fused scaled_dot_product_attention unless attention maps are requested
 
     def heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # (B, heads, N, hd)
@@ -245,7 +245,7 @@ class SegformerEfficientSelfAttention(nn.Module):
             x = self.layer_norm(map_to_tokens(reduced))  # (B, N', C)
         k, v = self.heads(self.key(x)), self.heads(self.value(x))
         dropout = self.attention_dropout if self.training else 0.0
-        if self.fused and not output_attentions:
+        if self.fast_path and not output_attentions:
             context, probs = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout), None
         else:
             scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale  # (B, heads, N, N')
@@ -361,8 +361,7 @@ class SegformerEncoder(nn.Module):
         x = pixel_values.contiguous(memory_format=torch.channels_last)
         stages, attentions = [], []
         last = len(self.block) - 1
-        for i, (embed, blocks, norm) in enumerate(zip(self.patch_embeddings, self.block, self.layer_norm,
-                                                      strict=True)):  # fmt: skip
+        for i, (embed, blocks, norm) in enumerate(zip(self.patch_embeddings, self.block, self.layer_norm, strict=True)):
             x, height, width = embed(x)  # (B, N, C)
             for block in blocks:
                 if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -582,6 +581,10 @@ def _init_deferred() -> Iterator[None]:
         _init_state.deferred = previous
 
 
+# the modules with a fast path of their own; the model's fast_path switches them all
+_FAST_PATH_MODULES = (SegformerEfficientSelfAttention, SegformerDecodeHead)
+
+
 class SegformerPreTrainedModel(PreTrainedMixin, nn.Module):
     """Common base: config handling, weight initialisation, from_pretrained / save_pretrained."""
 
@@ -619,16 +622,12 @@ class SegformerPreTrainedModel(PreTrainedMixin, nn.Module):
     @property
     def fast_path(self) -> bool:
         """Exact eval-mode fast math (fused attention kernel, folded decode head). Set False for the plain path."""
-        flags = [m.fused for m in self.modules() if isinstance(m, SegformerEfficientSelfAttention)]
-        flags += [m.fast_path for m in self.modules() if isinstance(m, SegformerDecodeHead)]
-        return all(flags)
+        return all(m.fast_path for m in self.modules() if isinstance(m, _FAST_PATH_MODULES))
 
     @fast_path.setter
     def fast_path(self, value: bool) -> None:
         for module in self.modules():
-            if isinstance(module, SegformerEfficientSelfAttention):
-                module.fused = bool(value)
-            elif isinstance(module, SegformerDecodeHead):
+            if isinstance(module, _FAST_PATH_MODULES):
                 module.fast_path = bool(value)
 
     def gradient_checkpointing_enable(self) -> None:
@@ -642,8 +641,9 @@ class SegformerPreTrainedModel(PreTrainedMixin, nn.Module):
             if isinstance(module, SegformerEncoder):
                 module.gradient_checkpointing = False
 
-    def _flags(self, output_attentions: bool | None, output_hidden_states: bool | None,
-               return_dict: bool | None) -> tuple[bool, bool, bool]:  # fmt: skip
+    def _flags(
+        self, output_attentions: bool | None, output_hidden_states: bool | None, return_dict: bool | None
+    ) -> tuple[bool, bool, bool]:
         c = self.config
         return (
             c.output_attentions if output_attentions is None else output_attentions,
@@ -760,11 +760,14 @@ class SegformerForImageClassification(SegformerPreTrainedModel):
 
 
 # ---------------------------------------------------------------------------------------------- losses
-def semantic_loss(logits: torch.Tensor, labels: torch.Tensor, config: SegformerConfig) -> torch.Tensor:
+def semantic_loss(
+    logits: torch.Tensor, labels: torch.Tensor, config: SegformerConfig, class_weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Loss of (B, K, h, w) logits against (B, H, W) labels of any size: the logits are upsampled bilinearly
     (align_corners=False) to the labels. K > 1: cross-entropy over the pixels that are not
-    ``semantic_loss_ignore_index``. K == 1: binary cross-entropy with logits, zeroed on invalid pixels (label < 0
-    or the ignore index) and averaged over all pixels."""
+    ``semantic_loss_ignore_index`` (with ``class_weights`` (K,), the weighted mean: sum of w[y] · loss over
+    sum of w[y], as PyTorch's ``weight=``). K == 1: binary cross-entropy with logits, zeroed on invalid pixels
+    (label < 0 or the ignore index) and averaged over all pixels."""
     ignore = config.semantic_loss_ignore_index
     if config.num_labels < 1:
         raise ValueError(f"a loss needs num_labels >= 1, the config has {config.num_labels}")
@@ -795,6 +798,11 @@ def semantic_loss(logits: torch.Tensor, labels: torch.Tensor, config: SegformerC
     # without a data-dependent branch.
     rows = upsampled.permute(0, 2, 3, 1).reshape(-1, upsampled.shape[1])
     labels = labels.reshape(-1)
+    if class_weights is not None:
+        weights = class_weights.to(device=rows.device, dtype=rows.dtype)
+        total = F.cross_entropy(rows, labels, weight=weights, ignore_index=ignore, reduction="sum")
+        valid = labels != ignore
+        return total / weights[labels[valid]].sum().clamp_min(torch.finfo(total.dtype).tiny)
     total = F.cross_entropy(rows, labels, ignore_index=ignore, reduction="sum")
     return total / (labels != ignore).sum().clamp_min(1).to(total.dtype)
 

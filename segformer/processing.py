@@ -68,7 +68,18 @@ from PIL import Image, ImageOps
 
 from .fileio import atomic_write_text
 from .hub import CheckpointError, resolve_file
-from .images import IMAGENET_MEAN, IMAGENET_STD, ImageError, normalize_table, open_image
+from .images import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageError,
+    channel_axis,
+    hwc_rgb,
+    normalize_table,
+    open_image,
+    pixel_values,
+    tensor_to_numpy,
+    to_rgb,
+)
 from .labels import reduce_labels
 
 __all__ = ["SegformerBatch", "SegformerFeatureExtractor", "SegformerImageProcessor"]
@@ -207,7 +218,7 @@ def _normalize_format(value: Any, name: str, *, allow_none: bool) -> str | None:
     return value
 
 
-def _mergereduce_labels(options: dict[str, Any]) -> dict[str, Any]:
+def _merge_reduce_labels(options: dict[str, Any]) -> dict[str, Any]:
     """Fold the old spelling ``reduce_labels`` into ``do_reduce_labels`` (the new one wins)."""
     options = dict(options)
     if "reduce_labels" in options:
@@ -243,91 +254,12 @@ def _as_list(items: Any, batch_ndim: int, what: str) -> list[Any]:
     return [items]
 
 
-def _tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    tensor = tensor.detach().cpu()
-    if tensor.dtype in (torch.bfloat16, torch.float16):
-        tensor = tensor.float()
-    return tensor.numpy()
-
-
-def _channel_axis(shape: tuple[int, ...], prefer_last: bool, given: str | None, what: str) -> int:
-    """0 (channels first) or -1 (channels last) for a 3-D image shape."""
-    if given is not None:
-        axis = 0 if given == "channels_first" else -1
-        if shape[axis] not in (1, 3, 4):
-            raise ValueError(f"{what}: {given} shape {shape} has {shape[axis]} channels; expected 1, 3 or 4")
-        return axis
-    first, last = shape[0] in (1, 3, 4), shape[-1] in (1, 3, 4)
-    if first and last:
-        return -1 if prefer_last else 0
-    if first or last:
-        return 0 if first else -1
-    raise ValueError(
-        f"{what}: shape {shape} has no channel axis of size 1, 3 or 4 at the front or the back "
-        "(supported: gray, RGB, RGBA); pass a list of 2-D arrays for a batch of gray images"
-    )
-
-
-def _sixteen_to_eight(values: np.ndarray, what: str) -> np.ndarray:
-    """16-bit values (0..65535) → 8 bits by round(v / 257), so 65535 → 255."""
-    values = values.astype(np.int64)
-    if values.size and (values.min() < 0 or values.max() > 65535):
-        raise ValueError(f"{what}: 16-bit values must lie in [0, 65535], got [{values.min()}, {values.max()}]")
-    return ((values * 2 + 257) // 514).astype(np.uint8)
-
-
-def _pixels_dtype(array: np.ndarray, what: str) -> np.ndarray:
-    """Pixel values → uint8 (the reference) or float32 (a float image); the input is never modified."""
-    if array.dtype == np.uint8:
-        return array
-    if array.dtype == np.bool_:
-        return array.astype(np.uint8) * 255
-    if array.dtype.kind == "u" and array.dtype.itemsize == 2:
-        return _sixteen_to_eight(array, what)
-    if array.dtype.kind in "iu":
-        if array.size and (array.min() < 0 or array.max() > 255):
-            raise ValueError(
-                f"{what}: integer pixel values must lie in [0, 255], got [{array.min()}, {array.max()}] "
-                "(pass 16-bit images as uint16)"
-            )
-        return array.astype(np.uint8)
-    if array.dtype.kind == "f":
-        if not np.isfinite(array).all():
-            raise ValueError(f"{what}: the image contains NaN or infinite values")
-        if array.size and array.min() >= 0 and array.max() <= 255 and np.array_equal(array, np.round(array)):
-            return array.astype(np.uint8)  # integral floats: what Transformers does
-        return array.astype(np.float32, copy=False)
-    raise TypeError(f"{what}: unsupported pixel dtype {array.dtype}")
-
-
 def _pil_to_rgb(image: Image.Image, what: str) -> Image.Image | np.ndarray:
-    """A PIL image of any mode → an RGB PIL image, or (H, W, 3) uint8/float32 for 16-bit and F modes."""
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        gray = _sixteen_to_eight(np.asarray(image), what)
-        return np.repeat(gray[..., None], 3, axis=-1)
+    """A PIL image of any mode → an RGB PIL image (:func:`segformer.images.to_rgb`), or (H, W, 3) float32 for
+    float ("F") images, which keep their values for ``do_rescale`` as in Transformers."""
     if image.mode == "F":
-        return np.repeat(_pixels_dtype(np.asarray(image), what)[..., None], 3, axis=-1)
-    if image.mode == "RGB":
-        return image
-    try:
-        return image.convert("RGB")
-    except ValueError:
-        return image.convert("RGBA").convert("RGB")
-
-
-def _array_to_hwc(array: np.ndarray, input_data_format: str | None, what: str) -> np.ndarray:
-    """A 2-D or 3-D array → (H, W, 3) uint8 or float32: channels last, gray replicated, alpha dropped."""
-    if array.ndim == 2:
-        array = array[..., None]
-    elif array.ndim == 3:
-        axis = _channel_axis(array.shape, array.dtype == np.uint8, input_data_format, what)
-        array = np.moveaxis(array, 0, -1) if axis == 0 else array
-    else:
-        raise ValueError(f"{what}: expected a 2-D or 3-D image (or a 4-D batch), got shape {tuple(array.shape)}")
-    array = _pixels_dtype(array, what)
-    if array.shape[-1] == 1:
-        return np.repeat(array, 3, axis=-1)
-    return array[..., :3]
+        return np.repeat(pixel_values(np.asarray(image), what)[..., None], 3, axis=-1)
+    return to_rgb(image, what)
 
 
 def _image_to_rgb(image: Any, input_data_format: str | None, what: str) -> Image.Image | np.ndarray:
@@ -336,10 +268,8 @@ def _image_to_rgb(image: Any, input_data_format: str | None, what: str) -> Image
         image = _open_image(image, what)
     if isinstance(image, Image.Image):
         return _pil_to_rgb(image, what)
-    if isinstance(image, torch.Tensor):
-        return _array_to_hwc(_tensor_to_numpy(image), input_data_format, what)
-    if isinstance(image, np.ndarray):
-        return _array_to_hwc(image, input_data_format, what)
+    if isinstance(image, (torch.Tensor, np.ndarray)):
+        return hwc_rgb(image, input_data_format, what)
     raise TypeError(
         f"{what}: unsupported type {type(image).__name__}; expected a PIL image, numpy array, torch tensor or file path"
     )
@@ -354,7 +284,7 @@ def _label_array(seg: Any, what: str) -> np.ndarray:
             raise ValueError(f"{what}: a {seg.mode} image has {len(seg.getbands())} bands; a label map needs one")
         array = np.asarray(seg)
     elif isinstance(seg, torch.Tensor):
-        array = _tensor_to_numpy(seg)
+        array = tensor_to_numpy(seg)
     elif isinstance(seg, np.ndarray):
         array = seg
     else:
@@ -508,13 +438,13 @@ def _tensor_batches(
     The caller's 4-D tensor is used as is, equal tensors are stacked, others go one by one.
     """
     if isinstance(images, torch.Tensor) and images.ndim == 4:
-        return [(images, _channel_axis(tuple(images.shape[1:]), False, input_data_format, "images"))]
+        return [(images, channel_axis(tuple(images.shape[1:]), False, input_data_format, "images"))]
     items = []
     for i, im in enumerate(image_list):
         if im.ndim == 2:
             items.append((im[None], 0))
         elif im.ndim == 3:
-            items.append((im, _channel_axis(tuple(im.shape), False, input_data_format, f"image {i}")))
+            items.append((im, channel_axis(tuple(im.shape), False, input_data_format, f"image {i}")))
         else:
             raise ValueError(f"image {i}: expected a 2-D or 3-D tensor (or a 4-D batch), got shape {tuple(im.shape)}")
     first, axis = items[0]
@@ -665,7 +595,7 @@ def _convert(stacked: np.ndarray | torch.Tensor, kind: str) -> Any:
     """A stacked numpy array / torch tensor → the framework asked for."""
     if kind == "pt":
         return stacked if isinstance(stacked, torch.Tensor) else torch.from_numpy(stacked)
-    array = _tensor_to_numpy(stacked) if isinstance(stacked, torch.Tensor) else stacked
+    array = tensor_to_numpy(stacked) if isinstance(stacked, torch.Tensor) else stacked
     if kind == "np":
         return array
     module = {"tf": "tensorflow", "jax": "jax.numpy"}[kind]
@@ -682,7 +612,7 @@ def _pack(items: list[np.ndarray] | list[torch.Tensor], name: str, kind: str | N
         per_image = []
         for item in items:
             if isinstance(item, torch.Tensor):
-                item = _tensor_to_numpy(item)
+                item = tensor_to_numpy(item)
             per_image += list(item) if item.ndim == 4 else [item]
         return per_image
     if isinstance(items[0], torch.Tensor) and items[0].ndim == 4:  # torch pixel batches
@@ -754,7 +684,7 @@ class SegformerImageProcessor:
     # ------------------------------------------------------------------------------------ options
     def _options(self, overrides: Mapping[str, Any]) -> _Options:
         """This processor's options with per-call ``overrides``, validated."""
-        overrides = _mergereduce_labels(overrides)
+        overrides = _merge_reduce_labels(overrides)
         known = set(_Options.__dataclass_fields__)
         unknown = sorted(set(overrides) - known)
         if unknown:
@@ -926,8 +856,8 @@ class SegformerImageProcessor:
     @classmethod
     def from_dict(cls: type[_P], config: Mapping[str, Any], **overrides: Any) -> _P:
         """Build from a config dict (old or new key spellings); ``overrides`` win over the config."""
-        config = _mergereduce_labels({k: v for k, v in config.items() if k not in (*_TYPE_KEYS, "backend")})
-        return cls(**{**config, **_mergereduce_labels(overrides)})
+        config = _merge_reduce_labels({k: v for k, v in config.items() if k not in (*_TYPE_KEYS, "backend")})
+        return cls(**{**config, **_merge_reduce_labels(overrides)})
 
     @classmethod
     def from_pretrained(

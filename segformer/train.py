@@ -33,9 +33,8 @@ import os
 import random
 import shutil
 import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,8 @@ import torch
 from torch import nn
 
 from .config import VARIANTS, SegformerConfig
-from .data.datasets import build_dataset, check_dataset, detect_kind
+from .data.datasets import SegmentationDataset, build_dataset, check_dataset, detect_kind
+from .data.statistics import class_pixel_counts, median_frequency_weights
 from .data.transforms import eval_transform, train_transform
 from .distributed import (
     DistInfo,
@@ -57,10 +57,12 @@ from .distributed import (
 )
 from .evaluate import eval_options, evaluate
 from .fileio import atomic_write, atomic_write_text
-from .hub import first_line
-from .inference import InferenceOptions, autocast
-from .metrics import format_table, metrics_to_json
-from .modeling import SegformerForSemanticSegmentation
+from .inference import InferenceOptions, autocast, predict_labels
+from .metrics import metrics_to_json
+from .modeling import SegformerForSemanticSegmentation, semantic_loss
+from .run_files import INFERENCE_CONFIG, inference_json, model_card, preprocessor_json, processor_size
+from .train_log import RunLog
+from .visualize import palette_for
 
 TRAINING_STATE = "training_state.pt"
 
@@ -97,6 +99,10 @@ class TrainConfig:
     cat_max_ratio: float = 0.75
     flip_prob: float = 0.5
     photometric: bool = True
+    # labels
+    ignore_index: int | None = None  # a stored mask value meaning "unlabelled" (255 always is)
+    reduce_labels: bool | None = None  # ADE20K's 0 → ignored, k → k - 1; None: the data set's default
+    class_weights: str = "none"  # none | auto (median-frequency from the training masks) | labels (labels.json)
     # model
     drop_path_rate: float | None = None  # None keeps the checkpoint's / variant's value
     dropout: float | None = None  # hidden, attention and classifier dropout; None keeps them
@@ -124,7 +130,6 @@ class TrainConfig:
     stop_at: int | None = None  # stop after this step (with a checkpoint), as if interrupted
     check_data: str = "full"  # full | headers | off
     progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def eval_inference_options(self, kind: str) -> InferenceOptions:
         """The eval_* fields over the protocol of data-set kind ``kind`` (see segformer.evaluate.eval_options),
@@ -298,17 +303,9 @@ def _gather_objects(obj: Any, world_size: int) -> list[Any]:
     return out
 
 
-# ----------------------------------------------------------------------------------------- the run
-def _jsonable(cfg: TrainConfig) -> dict[str, Any]:
-    d = dataclasses.asdict(cfg) if not isinstance(cfg.model, SegformerConfig) else {
-        **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "model"},
-        "model": cfg.model.to_dict(),
-    }  # fmt: skip
-    return json.loads(json.dumps(d, default=str))
-
-
-def _check_config(cfg: TrainConfig, world_size: int) -> int:
-    """Validate the options; return the per-process micro-batch size."""
+# ----------------------------------------------------------------------------------------- set-up
+def check_config(cfg: TrainConfig, info: DistInfo) -> int:
+    """Validate the options for this launch; return the per-process micro-batch size."""
     if not cfg.data:
         raise ValueError("no data directory given (--data DIR)")
     if cfg.amp not in ("none", "bf16", "fp16"):
@@ -317,20 +314,344 @@ def _check_config(cfg: TrainConfig, world_size: int) -> int:
         raise ValueError("--steps, --batch-size and --accum-steps must be positive")
     if cfg.check_data not in ("full", "headers", "off"):
         raise ValueError(f"--check-data must be full, headers or off, got {cfg.check_data!r}")
-    per_step = world_size * cfg.accum_steps
+    per_step = info.world_size * cfg.accum_steps
     if cfg.batch_size % per_step:
         raise ValueError(
             f"--batch-size {cfg.batch_size} (the global batch) must be divisible by processes × accumulation "
-            f"steps = {world_size} × {cfg.accum_steps}"
+            f"steps = {info.world_size} × {cfg.accum_steps}"
         )
+    if cfg.amp == "fp16" and info.device.type != "cuda":
+        raise ValueError("--amp fp16 needs a CUDA device (it relies on a gradient scaler); use --amp bf16 on CPU")
     return cfg.batch_size // per_step
 
 
-def _log(msg: str, dist_info: DistInfo) -> None:
-    if dist_info.is_main:
+def _jsonable(cfg: TrainConfig) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg) if not isinstance(cfg.model, SegformerConfig) else {
+        **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "model"},
+        "model": cfg.model.to_dict(),
+    }  # fmt: skip
+    return json.loads(json.dumps(d, default=str))
+
+
+def _log(msg: str, info: DistInfo) -> None:
+    if info.is_main:
         print(msg, file=sys.stderr, flush=True)
 
 
+# ----------------------------------------------------------------------------------------- data
+@dataclass
+class TrainData:
+    """The data sets of a run and the evaluation protocol of their kind."""
+
+    kind: str  # folder | ade20k | cityscapes
+    train_set: SegmentationDataset
+    val_set: SegmentationDataset | None  # None: no validation split, so no evaluation and no best/
+    eval_options: InferenceOptions
+    class_weights: torch.Tensor | None = None  # (K,) loss weight per class, or None: plain cross-entropy
+
+
+def build_data(cfg: TrainConfig, info: DistInfo) -> TrainData:
+    """The training set with the paper's augmentation and the validation set, checked as ``cfg.check_data``
+    says (every rank gets the main rank's verdict)."""
+    kind = detect_kind(cfg.data) if cfg.dataset == "auto" else cfg.dataset
+    eval_opts = cfg.eval_inference_options(kind)  # a bad --eval-* option fails here, before any work
+    scale = cfg.scale if cfg.scale is not None else ((2048, 1024) if kind == "cityscapes" else (2048, 512))
+    transform = train_transform(
+        tuple(cfg.crop),
+        scale=None if tuple(scale) == (0, 0) else tuple(scale),
+        ratio_range=tuple(cfg.ratio_range),
+        cat_max_ratio=cfg.cat_max_ratio,
+        flip_prob=cfg.flip_prob,
+        photometric=cfg.photometric,
+    )
+    labels = dict(kind=kind, ignore_index=cfg.ignore_index, reduce_labels=cfg.reduce_labels)
+    train_set, train_listing = build_dataset(cfg.data, "train", transform=transform, **labels)
+    try:
+        val_set, val_listing = build_dataset(cfg.data, "val", transform=eval_transform(), **labels)
+    except ValueError as exc:
+        val_set, val_listing = None, None
+        _log(f"warning: no evaluation ({exc}); only last/ will be saved", info)
+    if cfg.check_data != "off":
+        ok = True
+        if info.is_main:  # one rank reads the files; the others follow its verdict
+            for ds, listing in ((train_set, train_listing), (val_set, val_listing)):
+                if ds is not None:
+                    report = check_dataset(ds, listing, check_values=cfg.check_data == "full")
+                    if not report.ok:
+                        print(f"{ds.name}: {report.format()}", file=sys.stderr)
+                        ok = False
+        if not broadcast_flag(ok):
+            raise ValueError(f"{cfg.data}: the data check failed (problems listed above; --check-data off skips it)")
+    return TrainData(kind, train_set, val_set, eval_opts, resolve_class_weights(cfg, train_set, info))
+
+
+def resolve_class_weights(cfg: TrainConfig, train_set: SegmentationDataset, info: DistInfo) -> torch.Tensor | None:
+    """``--class-weights``: none; labels (``class_weights`` in labels.json); auto (median-frequency balancing
+    over the training masks, counted once on the main rank and shared)."""
+    if cfg.class_weights == "none":
+        return None
+    if cfg.class_weights == "labels":
+        if train_set.spec.class_weights is None:
+            raise ValueError('--class-weights labels: labels.json has no "class_weights"')
+        return torch.tensor(train_set.spec.class_weights, dtype=torch.float32)
+    if cfg.class_weights != "auto":
+        raise ValueError(f"--class-weights must be none, auto or labels, got {cfg.class_weights!r}")
+    weights = None
+    if info.is_main:
+        weights = median_frequency_weights(class_pixel_counts(train_set)).tolist()
+    weights = _gather_objects(weights, info.world_size)[0]  # the main rank's, on every rank
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def build_loader(
+    train_set: SegmentationDataset, cfg: TrainConfig, info: DistInfo, *, micro: int, start_step: int
+) -> torch.utils.data.DataLoader:
+    """This rank's micro-batches of the training stream (see :class:`StreamSampler`) from optimiser step
+    ``start_step`` on: an endless loader."""
+    sampler = StreamSampler(
+        len(train_set),
+        seed=cfg.seed,
+        block=micro,
+        rank=info.rank,
+        world_size=info.world_size,
+        start=start_step * cfg.batch_size,
+    )
+    # A generator of its own keeps the DataLoader from drawing on the global torch RNG (resume equality).
+    return torch.utils.data.DataLoader(
+        train_set,
+        batch_size=micro,
+        sampler=sampler,
+        num_workers=cfg.workers,
+        drop_last=True,
+        pin_memory=info.device.type == "cuda",
+        persistent_workers=cfg.workers > 0,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+
+
+# ----------------------------------------------------------------------------------------- model and optimiser
+def prepare_model(model: nn.Module, cfg: TrainConfig, info: DistInfo) -> tuple[nn.Module, nn.Module]:
+    """``model`` on this rank's device in training mode, with gradient checkpointing and SyncBatchNorm as
+    configured. Returns (the module to train: DistributedDataParallel under torchrun; the bare module, which
+    is evaluated and saved)."""
+    model.to(info.device).train()
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if cfg.sync_bn and info.world_size > 1:
+        model = SyncBatchNorm.convert(model)  # torch's SyncBatchNorm is GPU-only; ours also runs on gloo
+    if info.world_size == 1:
+        return model, model
+    device_ids = [info.device.index] if info.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids), model
+
+
+@dataclass
+class Optimization:
+    """AdamW, its lr schedule and (fp16 only) the gradient scaler: what an optimiser step changes and
+    ``last/training_state.pt`` saves."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None = None
+
+    @property
+    def lr(self) -> float:
+        """The base lr of the next step (encoder group; the head's is ``head_lr_mult`` times this)."""
+        return self.scheduler.get_last_lr()[0]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def step(self) -> float:
+        """Update the weights (the fp16 scaler skips a step with inf/NaN gradients), advance the schedule, and
+        return the lr that the update used."""
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        lr = self.lr
+        self.scheduler.step()
+        return lr
+
+    def state_dict(self) -> dict[str, Any]:
+        scaler = self.scaler.state_dict() if self.scaler is not None else None
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "scaler": scaler}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> Optimization:
+    """AdamW over :func:`param_groups`, the warm-up + poly schedule of :func:`lr_factor`, a scaler for fp16."""
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    return Optimization(optimizer, scheduler, torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None)
+
+
+# ----------------------------------------------------------------------------------------- run state
+@dataclass
+class RunState:
+    """Where a run stands; ``last/training_state.pt`` holds it next to the optimiser and the RNG states."""
+
+    step: int = 0  # optimiser steps done
+    best_mIoU: float = -math.inf
+    best_step: int | None = None  # None: best/ not written yet
+
+
+def restore_state(resume_dir: Path, optim: Optimization, cfg: TrainConfig, info: DistInfo) -> RunState:
+    """Load ``resume_dir/training_state.pt`` into ``optim`` and this rank's RNGs; return where the run stood."""
+    state = torch.load(resume_dir / TRAINING_STATE, map_location="cpu", weights_only=True)
+    optim.load_state_dict(state)
+    best = state.get("best_mIoU")
+    run = RunState(int(state["step"]), float(best) if best is not None else -math.inf, state.get("best_step"))
+    rngs = state["rng"]
+    if len(rngs) == info.world_size:
+        rng = rngs[info.rank]
+        rng["python"] = _python_state_to_tuple(rng["python"])
+        set_rng_state(rng)
+    else:  # a different process count cannot continue the same dropout streams: reseed, say so
+        _log(f"warning: resuming {len(rngs)}-process state on {info.world_size} processes; RNG streams reseeded", info)
+        seed_everything(cfg.seed + info.rank + run.step)
+    _log(f"resumed from {resume_dir} at step {run.step}", info)
+    return run
+
+
+def save_last(
+    directory: Path, net: nn.Module, optim: Optimization, run: RunState, info: DistInfo, files: dict[str, str]
+) -> None:
+    """Write ``directory`` (last/): the weights, ``files`` (see :func:`shareable_files`) and all that an exact
+    resume needs. Every rank calls it."""
+    rngs = _gather_objects(rng_state(), info.world_size)  # every rank's streams, for an exact resume
+    if info.is_main:
+        state = {
+            "step": run.step,
+            **optim.state_dict(),
+            "rng": rngs,
+            "best_mIoU": run.best_mIoU if run.best_mIoU > -math.inf else None,
+            "best_step": run.best_step,
+            "world_size": info.world_size,
+        }
+        save_checkpoint(directory, net, {**files, TRAINING_STATE: state})
+    barrier()
+
+
+def shareable_files(cfg: TrainConfig, data: TrainData, step: int, metrics: dict[str, Any] | None) -> dict[str, str]:
+    """What makes a checkpoint folder complete (see :mod:`segformer.run_files`): the matching
+    ``preprocessor_config.json``, the evaluation protocol and a model card with ``metrics`` (None: not
+    evaluated)."""
+    name = str(cfg.model) if not isinstance(cfg.model, SegformerConfig) else "config"
+    fresh = (
+        isinstance(cfg.model, SegformerConfig)
+        or name.lower().removeprefix("mit-") in VARIANTS
+        or name.endswith(".json")
+    )
+    keys = ("model", "steps", "batch_size", "lr", "head_lr_mult", "weight_decay", "warmup_steps", "crop", "scale",
+            "ratio_range", "photometric", "drop_path_rate", "class_weights", "amp", "seed")  # fmt: skip
+    recipe = {k: v for k, v in _jsonable(cfg).items() if k in keys}
+    card = model_card(
+        model_name=Path(cfg.output).name or "segformer",
+        base_model=None if fresh else name,
+        dataset=Path(cfg.data).name,
+        metrics=metrics,
+        hyperparameters=recipe,
+        options=data.eval_options,
+        step=step,
+    )
+    reduce = data.train_set.spec.reduce_labels
+    return {
+        "preprocessor_config.json": preprocessor_json(size=processor_size(data.eval_options), reduce_labels=reduce),
+        INFERENCE_CONFIG: inference_json(data.eval_options),
+        "README.md": card,
+    }
+
+
+# ----------------------------------------------------------------------------------------- steps
+def train_step(
+    model: nn.Module,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    optim: Optimization,
+    cfg: TrainConfig,
+    info: DistInfo,
+    *,
+    step: int,
+    last_dir: Path,
+    class_weights: torch.Tensor | None = None,
+) -> tuple[float, float]:
+    """Optimiser step number ``step`` (1-based) over ``cfg.accum_steps`` micro-batches drawn from ``batches``.
+    Returns (the loss, averaged over micro-batches and ranks; the lr used). A NaN/inf loss raises
+    TrainingDivergedError on every rank before the weights change (``last_dir`` is named in the message)."""
+    optim.optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=info.device)
+    for m in range(cfg.accum_steps):
+        pixels, labels = next(batches)
+        pixels, labels = pixels.to(info.device, non_blocking=True), labels.to(info.device, non_blocking=True)
+        # Gradients are all-reduced only on the last micro-batch of a step.
+        sync = info.world_size == 1 or m == cfg.accum_steps - 1
+        with contextlib.nullcontext() if sync else model.no_sync():
+            with autocast(info.device, cfg.amp):
+                if class_weights is None:
+                    loss = model(pixel_values=pixels, labels=labels).loss
+                else:
+                    logits = model(pixel_values=pixels).logits
+                    loss = semantic_loss(logits, labels, _config_of(model), class_weights)
+            optim.backward(loss / cfg.accum_steps)
+        loss_sum += loss.detach().float()
+    loss_value = float(all_reduce_mean(loss_sum / cfg.accum_steps))
+    if not math.isfinite(loss_value):  # every rank sees the same reduced value and stops together
+        saved = (last_dir / TRAINING_STATE).exists()
+        where = f"the last good checkpoint is {last_dir}" if saved else "no checkpoint yet"
+        raise TrainingDivergedError(
+            f"loss is {loss_value} at step {step} (lr {optim.lr:.3g}); stopped, {where}. "
+            "Try a lower --lr, a longer --warmup-steps or --amp none"
+        )
+    return loss_value, optim.step()
+
+
+def evaluate_and_checkpoint(
+    net: nn.Module, data: TrainData, cfg: TrainConfig, info: DistInfo, run: RunState, log: RunLog, best_dir: Path
+) -> dict[str, Any]:
+    """Evaluate ``net`` on the validation set (the ranks share the images), log the metrics, and write
+    ``best_dir`` when the mIoU beats the best so far. Every rank calls it; returns the metrics."""
+    metrics = evaluate(net, data.val_set, data.eval_options, amp=cfg.amp, max_images=cfg.max_eval_images)
+    log.evaluation(run.step, metrics)
+    if info.is_main:
+        log.samples(run.step, validation_samples(net, data), palette_for(data.val_set.id2label))
+    net.train()
+    if not math.isnan(metrics["mIoU"]) and metrics["mIoU"] > run.best_mIoU:
+        run.best_mIoU, run.best_step = metrics["mIoU"], run.step
+        if info.is_main:
+            report = json.dumps({"step": run.step, **metrics_to_json(metrics)}, indent=2) + "\n"
+            files = shareable_files(cfg, data, run.step, metrics_to_json(metrics))
+            save_checkpoint(best_dir, net, {**files, "eval.json": report})
+        barrier()
+    return metrics
+
+
+def validation_samples(
+    net: nn.Module, data: TrainData, count: int = 4
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(image, ground truth, prediction) of the first ``count`` validation images, for a picture."""
+    rows = []
+    device = next(net.parameters()).device
+    for index in range(min(count, len(data.val_set))):
+        image, truth = data.val_set.read(index)
+        pixels, _ = data.val_set[index]
+        pred = predict_labels(net, pixels[None].to(device), options=data.eval_options)[0].cpu().numpy()
+        rows.append((image, truth, pred))
+    return rows
+
+
+def _config_of(model: nn.Module) -> SegformerConfig:
+    return getattr(model, "module", model).config
+
+
+# ----------------------------------------------------------------------------------------- the run
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run the recipe. Returns {"step", "last", "best", "best_mIoU", "metrics" (the final evaluation or None)}.
 
@@ -344,249 +665,84 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
-    device, world, rank = info.device, info.world_size, info.rank
-    micro = _check_config(cfg, world)
-    if cfg.amp == "fp16" and device.type != "cuda":
-        raise ValueError("--amp fp16 needs a CUDA device (it relies on a gradient scaler); use --amp bf16 on CPU")
+    micro = check_config(cfg, info)
     output = Path(cfg.output)
     resume_dir = find_resume_dir(output, cfg.resume)
     if resume_dir is None and (output / "last" / TRAINING_STATE).is_file():
         raise ValueError(f"{output} already holds a run; pass --resume auto to continue it, or another --output")
+    data = build_data(cfg, info)
 
-    # ---- data
-    kind = detect_kind(cfg.data) if cfg.dataset == "auto" else cfg.dataset
-    ev_opts = cfg.eval_inference_options(kind)  # a bad --eval-* option fails here, before any work
-    scale = cfg.scale if cfg.scale is not None else ((2048, 1024) if kind == "cityscapes" else (2048, 512))
-    transform = train_transform(
-        tuple(cfg.crop), scale=None if tuple(scale) == (0, 0) else tuple(scale), ratio_range=tuple(cfg.ratio_range),
-        cat_max_ratio=cfg.cat_max_ratio, flip_prob=cfg.flip_prob, photometric=cfg.photometric,
-    )  # fmt: skip
-    train_set, train_listing = build_dataset(cfg.data, "train", kind=kind, transform=transform)
-    try:
-        val_set, val_listing = build_dataset(cfg.data, "val", kind=kind, transform=eval_transform())
-    except ValueError as exc:
-        val_set, val_listing = None, None
-        _log(f"warning: no evaluation ({exc}); only last/ will be saved", info)
-    if cfg.check_data != "off":
-        ok = True
-        if info.is_main:  # one rank reads the files; the others follow its verdict
-            for ds, listing in ((train_set, train_listing), (val_set, val_listing)):
-                if ds is None:
-                    continue
-                report = check_dataset(ds, listing, check_values=cfg.check_data == "full")
-                if not report.ok:
-                    print(f"{ds.name}: {report.format()}", file=sys.stderr)
-                    ok = False
-        if not broadcast_flag(ok):
-            raise ValueError(f"{cfg.data}: the data check failed (problems listed above; --check-data off skips it)")
-
-    # ---- model, optimiser, schedule
-    seed_everything(cfg.seed + rank)
+    # ---- model, optimiser, where the run stands
+    seed_everything(cfg.seed + info.rank)
     if resume_dir is not None:
-        model = SegformerForSemanticSegmentation.from_pretrained(resume_dir)
+        net = SegformerForSemanticSegmentation.from_pretrained(resume_dir)
     else:
-        model = build_model(cfg, train_set.id2label)
-    model.to(device).train()
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    if cfg.sync_bn and world > 1:
-        model = SyncBatchNorm.convert(model)  # torch's SyncBatchNorm is GPU-only; ours also runs on gloo
-    net = model
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(
-        param_groups(net, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
-    start, best, best_step = 0, -math.inf, None
-    if resume_dir is not None:
-        state = torch.load(resume_dir / TRAINING_STATE, map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start, best_step = int(state["step"]), state.get("best_step")
-        best = float(state["best_mIoU"]) if state.get("best_mIoU") is not None else -math.inf
-        rngs = state["rng"]
-        if len(rngs) == world:
-            rng = rngs[rank]
-            rng["python"] = _python_state_to_tuple(rng["python"])
-            set_rng_state(rng)
-        else:  # a different process count cannot continue the same dropout streams: reseed, say so
-            _log(
-                f"warning: resuming {len(rngs)}-process state on {world} processes; RNG streams reseeded",
-                info,
-            )
-            seed_everything(cfg.seed + rank + start)
-        _log(f"resumed from {resume_dir} at step {start}", info)
-    if start >= cfg.steps:
-        raise ValueError(f"{resume_dir} is at step {start}, not before --steps {cfg.steps}: nothing to do")
-
-    sampler = StreamSampler(len(train_set), seed=cfg.seed, block=micro, rank=rank, world_size=world,
-                            start=start * cfg.batch_size)  # fmt: skip
-    # A generator of its own keeps the DataLoader from drawing on the global torch RNG (resume equality).
-    loader = torch.utils.data.DataLoader(
-        train_set, batch_size=micro, sampler=sampler, num_workers=cfg.workers, drop_last=True,
-        pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )  # fmt: skip
-
-    # ---- files
-    writer = None
-    if info.is_main:
-        output.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(output / "train_config.json", json.dumps(_jsonable(cfg), indent=2) + "\n")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(str(output / "tensorboard"))
-        except ImportError:  # tensorboard is optional
-            writer = None
-    log_file = output / "metrics.jsonl"
-
-    def log(record: dict[str, Any]) -> None:
-        if not info.is_main:
-            return
-        with open(log_file, "a", encoding="utf-8") as f:
-            f.write(json.dumps(metrics_to_json(record)) + "\n")
-        if writer is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    writer.add_scalar(key, value, record["step"])
-
-    def checkpoint(step: int) -> None:
-        rngs = _gather_objects(rng_state(), world)  # every rank's streams, for an exact resume
-        if info.is_main:
-            state = {
-                "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None, "rng": rngs,
-                "best_mIoU": best if best > -math.inf else None, "best_step": best_step, "world_size": world,
-            }  # fmt: skip
-            save_checkpoint(output / "last", net, {TRAINING_STATE: state})
-        barrier()
-
-    def run_eval(step: int) -> dict[str, Any]:
-        nonlocal best, best_step
-        metrics = evaluate(net, val_set, ev_opts, amp=cfg.amp, max_images=cfg.max_eval_images)
-        net.train()
-        log({"step": step, "eval/mIoU": metrics["mIoU"], "eval/aAcc": metrics["aAcc"], "eval/mAcc": metrics["mAcc"],
-             "eval/IoU": metrics["IoU"]})  # fmt: skip
-        _log(f"step {step}: mIoU {100 * metrics['mIoU']:.2f}  aAcc {100 * metrics['aAcc']:.2f}", info)
-        if not math.isnan(metrics["mIoU"]) and metrics["mIoU"] > best:
-            best, best_step = metrics["mIoU"], step
-            if info.is_main:
-                save_checkpoint(output / "best", net, {"eval.json": json.dumps(
-                    {"step": step, **metrics_to_json(metrics)}, indent=2) + "\n"})  # fmt: skip
-            barrier()
-        return metrics
+        net = build_model(cfg, data.train_set.id2label)
+    model, net = prepare_model(net, cfg, info)
+    optim = build_optimizer(net, cfg)
+    run = restore_state(resume_dir, optim, cfg, info) if resume_dir is not None else RunState()
+    if run.step >= cfg.steps:
+        raise ValueError(f"{resume_dir} is at step {run.step}, not before --steps {cfg.steps}: nothing to do")
+    loader = build_loader(data.train_set, cfg, info, micro=micro, start_step=run.step)
 
     # ---- the loop
     _log(
         f"training {type(net).__name__} ({sum(p.numel() for p in net.parameters()):,} parameters) on "
-        f"{len(train_set)} images, {train_set.num_labels} classes, {world} process(es) on {device}; global batch "
-        f"{cfg.batch_size} = {world} × {cfg.accum_steps} × {micro}, steps {start}→{cfg.steps}", info,
-    )  # fmt: skip
-    from tqdm import tqdm
-
+        f"{len(data.train_set)} images, {data.train_set.num_labels} classes, {info.world_size} process(es) on "
+        f"{info.device}; global batch {cfg.batch_size} = {info.world_size} × {cfg.accum_steps} × {micro}, "
+        f"steps {run.step}→{cfg.steps}",
+        info,
+    )
+    log = RunLog(output, _jsonable(cfg), is_main=info.is_main, steps=cfg.steps, start=run.step,
+                 batch_size=cfg.batch_size, device=info.device, progress=cfg.progress)  # fmt: skip
     end = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
-    bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True,
-               disable=not (cfg.progress and info.is_main and sys.stderr.isatty()))  # fmt: skip
-    batches = iter(loader)
-    last_metrics, tic = None, time.perf_counter()
-    step = start
-    while step < end:
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=device)
-        for m in range(cfg.accum_steps):
-            pixels, labels = next(batches)
-            pixels, labels = pixels.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            # Gradients are all-reduced only on the last micro-batch of a step.
-            sync = contextlib.nullcontext() if world == 1 or m == cfg.accum_steps - 1 else model.no_sync()
-            with sync:
-                with autocast(device, cfg.amp):
-                    loss = model(pixel_values=pixels, labels=labels).loss
-                scaled = loss / cfg.accum_steps
-                (scaler.scale(scaled) if scaler is not None else scaled).backward()
-            loss_sum += loss.detach().float()
-        loss_value = float(all_reduce_mean(loss_sum / cfg.accum_steps))
-        if not math.isfinite(loss_value):  # every rank sees the same reduced value and stops together
-            saved = output / "last"
-            where = f"the last good checkpoint is {saved}" if (saved / TRAINING_STATE).exists() else "no checkpoint yet"
-            raise TrainingDivergedError(
-                f"loss is {loss_value} at step {step + 1} (lr {scheduler.get_last_lr()[0]:.3g}); stopped, {where}. "
-                "Try a lower --lr, a longer --warmup-steps or --amp none"
-            )
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-        if step % cfg.log_every == 0 or step == end:
-            log({"step": step, "loss": loss_value, "lr": lr, "time": round(time.perf_counter() - tic, 3)})
-        if val_set is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
-            last_metrics = run_eval(step)
-        if step % cfg.save_every == 0 or step == end:
-            checkpoint(step)
-    bar.close()
-    if writer is not None:
-        writer.close()
-    if last_metrics is not None and info.is_main:
-        print(format_table(last_metrics), file=sys.stderr)
+    batches, metrics = iter(loader), None
+    while run.step < end:
+        loss, lr = train_step(
+            model, batches, optim, cfg, info, step=run.step + 1, last_dir=output / "last",
+            class_weights=data.class_weights,
+        )  # fmt: skip
+        run.step += 1
+        log.step(run.step, loss, lr, write=run.step % cfg.log_every == 0 or run.step == end)
+        if data.val_set is not None and ((cfg.eval_every and run.step % cfg.eval_every == 0) or run.step == cfg.steps):
+            metrics = evaluate_and_checkpoint(net, data, cfg, info, run, log, output / "best")
+        if run.step % cfg.save_every == 0 or run.step == end:
+            files = shareable_files(cfg, data, run.step, metrics_to_json(metrics) if metrics else None)
+            save_last(output / "last", net, optim, run, info, files)
+    log.close(metrics)
     return {
-        "step": step,
+        "step": run.step,
         "last": str(output / "last"),
-        "best": str(output / "best") if best_step is not None else None,
-        "best_mIoU": best if best_step is not None else None,
-        "metrics": last_metrics,
+        "best": str(output / "best") if run.best_step is not None else None,
+        "best_mIoU": run.best_mIoU if run.best_step is not None else None,
+        "metrics": metrics,
     }
 
 
-def config_from_args(args: Any) -> TrainConfig:
-    """A TrainConfig from the parsed ``segformer train`` arguments (see segformer/commands/train.py)."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    if values.get("eval_scales") is not None:  # --eval-scales groups: "0.75 1.0" and/or "0.75,1.0"
-        from .commands import flatten
-
-        values["eval_scales"] = flatten(values["eval_scales"])
-    return TrainConfig(**values)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m segformer.train`` (and ``torchrun -m segformer.train``): the ``segformer train`` command."""
-    import argparse
-
-    from .commands.train import add_arguments, run
-
-    parser = argparse.ArgumentParser(prog="python -m segformer.train", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, OSError, RuntimeError) as exc:
-        print(f"segformer.train: error: {first_line(exc)}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 __all__ = [
-    "TrainConfig",
-    "TrainingDivergedError",
+    "Optimization",
+    "RunLog",
+    "RunState",
     "StreamSampler",
+    "TrainConfig",
+    "TrainData",
+    "TrainingDivergedError",
+    "build_data",
+    "build_loader",
     "build_model",
-    "config_from_args",
+    "build_optimizer",
+    "evaluate_and_checkpoint",
     "lr_factor",
     "param_groups",
+    "prepare_model",
+    "restore_state",
     "save_checkpoint",
+    "save_last",
     "train",
+    "train_step",
 ]
+
+if __name__ == "__main__":  # python -m segformer.train, torchrun -m segformer.train: the `segformer train` command
+    from segformer.commands.train import main
+
+    sys.exit(main())

@@ -10,7 +10,7 @@ from conftest import run_cli
 
 from segformer.cli import build_parser
 from segformer.commands import flatten
-from segformer.train import config_from_args
+from segformer.commands.train import config_from_args
 
 COMMANDS = ["convert", "demo", "eval", "export", "predict", "synth", "train"]
 
@@ -48,3 +48,34 @@ def test_scales_parse_alike_everywhere(form):
 def test_bad_scales_are_a_usage_error(capsys):
     code, _, err = run_cli(capsys, "eval", "--data", "d", "--model", "m", "--scales", "0,1")
     assert code == 2 and "scales must be positive" in err and "Traceback" not in err
+
+
+def _broken_train(cfg):
+    raise RuntimeError("boom: a bug deep inside\nsecond line")
+
+
+def test_unexpected_errors_are_one_line_unless_debug(capsys, monkeypatch):
+    """A RuntimeError/TypeError is one line by default; `segformer --debug` or SEGFORMER_DEBUG=1 re-raises it
+    with its traceback."""
+    from segformer.cli import main
+
+    monkeypatch.setattr("segformer.train.train", _broken_train)
+    monkeypatch.delenv("SEGFORMER_DEBUG", raising=False)
+    code, _, err = run_cli(capsys, "train", "--data", "d")
+    assert code == 2 and err == "segformer train: error: boom: a bug deep inside\n"
+    with pytest.raises(RuntimeError, match="boom") as raised:
+        main(["--debug", "train", "--data", "d"])
+    assert raised.traceback[-1].name == "_broken_train"  # the whole traceback, down to where it was raised
+    monkeypatch.setenv("SEGFORMER_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="boom"):
+        main(["train", "--data", "d"])
+    monkeypatch.setenv("SEGFORMER_DEBUG", "0")
+    code, _, err = run_cli(capsys, "train", "--data", "d")
+    assert code == 2 and "Traceback" not in err
+
+
+def test_expected_errors_stay_one_line_under_debug(capsys, monkeypatch, tmp_path):
+    """ValueError/OSError are raised on purpose with a message for the user: one line even with --debug."""
+    monkeypatch.setenv("SEGFORMER_DEBUG", "1")
+    code, _, err = run_cli(capsys, "--debug", "eval", "--data", tmp_path, "--model", tmp_path / "none")
+    assert code == 2 and err.startswith("segformer eval: error:") and err.count("\n") == 1

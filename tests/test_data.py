@@ -192,3 +192,80 @@ def test_synthetic_dataset_is_reproducible_and_not_a_colour_lookup(tmp_path):
         pixels = np.concatenate(parts)
         assert len(pixels) > 0, f"class {k} never drawn"
         assert pixels.std(0).min() > 30, f"class {CLASSES[k]} has a narrow colour range: colour would tell it"
+
+
+# ------------------------------------------------------------------------------------------ label handling
+def _street(tmp_path: Path, masks: list[np.ndarray], labels: object, rgb: bool = False) -> Path:
+    """A folder data set whose masks are given as they are stored (ids, or colours with ``rgb``)."""
+    rng = np.random.default_rng(1)
+    for split in ("train", "val"):
+        for i, mask in enumerate(masks):
+            _save(tmp_path / "images" / split / f"{i}.png", rng.integers(0, 256, (*mask.shape[:2], 3), np.uint8))
+            _save(tmp_path / "annotations" / split / f"{i}.png", mask if rgb else mask.astype(np.uint8))
+    (tmp_path / "labels.json").write_text(json.dumps(labels))
+    return tmp_path
+
+
+def test_ignore_index_from_the_option_or_labels_json(tmp_path):
+    mask = np.array([[0, 1, 2, 11], [2, 11, 1, 0]], np.uint8).repeat(8, 0).repeat(8, 1)
+    root = _street(tmp_path, [mask], ["road", "car", "sky"])
+    dataset, listing = build_dataset(root, "train")
+    report = check_dataset(dataset, listing)
+    assert len(report.problems) == 1 and "label value(s) 11 outside 0..2" in report.problems[0]
+    assert "--ignore-index 11" in report.problems[0]  # the data check names the option to use
+    dataset, listing = build_dataset(root, "train", ignore_index=11)
+    assert check_dataset(dataset, listing).ok
+    _, labels = dataset[0]
+    expected = np.where(mask == 11, 255, mask)
+    assert np.array_equal(labels.numpy(), expected)  # 11 → 255, every other value as stored
+    (root / "labels.json").write_text(json.dumps({"id2label": ["road", "car", "sky"], "ignore_index": 11}))
+    dataset, listing = build_dataset(root, "val")
+    assert check_dataset(dataset, listing).ok and np.array_equal(dataset[0][1].numpy(), expected)
+
+
+def test_value_map_palette_and_reduce_labels(tmp_path):
+    mask = np.array([[0, 1, 7], [9, 1, 0]], np.uint8).repeat(8, 0).repeat(8, 1)
+    root = _street(tmp_path / "a", [mask], {"id2label": ["a", "b"], "map": {"7": 1, "9": 255}})
+    dataset, _ = build_dataset(root, "train")
+    assert np.array_equal(dataset.read_mask(0), np.array([[0, 1, 1], [255, 1, 0]]).repeat(8, 0).repeat(8, 1))
+
+    # 0 = "other", classes 1..2: the check suggests --reduce-labels, which gives 255, 0, 1
+    mask = np.array([[0, 1, 2]], np.uint8).repeat(8, 0).repeat(8, 1)
+    root = _street(tmp_path / "b", [mask], ["x", "y"])
+    dataset, listing = build_dataset(root, "train")
+    assert "--reduce-labels" in check_dataset(dataset, listing).problems[0]
+    dataset, listing = build_dataset(root, "train", reduce_labels=True)
+    assert check_dataset(dataset, listing).ok and dataset.read_mask(0)[0, ::8].tolist() == [255, 0, 1]
+
+    # colour-coded masks, as annotation tools export them
+    colours = np.array([[[128, 64, 128], [0, 0, 142], [0, 0, 0]]], np.uint8).repeat(8, 0).repeat(8, 1)
+    labels = {"id2label": ["road", "car"], "palette": {"0": [128, 64, 128], "1": [0, 0, 142], "255": [0, 0, 0]}}
+    root = _street(tmp_path / "c", [colours], labels, rgb=True)
+    dataset, listing = build_dataset(root, "train")
+    assert check_dataset(dataset, listing).ok and dataset.read_mask(0)[0, ::8].tolist() == [0, 1, 255]
+    colours[0, 0] = [1, 2, 3]
+    root = _street(tmp_path / "d", [colours], labels, rgb=True)
+    dataset, listing = build_dataset(root, "train")
+    assert 'colour(s) [1, 2, 3] not in the "palette"' in check_dataset(dataset, listing).problems[0]
+    # without a palette an RGB mask is refused with the reason
+    (root / "labels.json").write_text(json.dumps(["road", "car"]))
+    dataset, listing = build_dataset(root, "train")
+    assert 'need a "palette"' in check_dataset(dataset, listing).problems[0]
+
+
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        ({"id2label": ["a", "b"], "ignore_index": 1}, "ignore index 1 is also the class 'b'"),
+        ({"id2label": ["a", "b"], "ignore_index": -3}, "non-negative integer"),
+        ({"id2label": ["a", "b"], "map": {"7": 5}}, '"map" sends 7 to 5'),
+        ({"id2label": ["a", "b"], "map": {"x": 1}}, "keys must be integers"),
+        ({"id2label": ["a", "b"], "palette": {"0": [1, 2]}}, r"must be \[r, g, b\]"),
+        ({"id2label": ["a", "b"], "palette": {"0": [1, 2, 3], "1": [1, 2, 3]}}, "one colour"),
+        ({"id2label": ["a", "b"], "class_weights": [1.0]}, "2 non-negative numbers"),
+    ],
+)
+def test_bad_labels_json_says_what_is_wrong(tmp_path, labels, message):
+    root = _street(tmp_path, [np.zeros((8, 8), np.uint8)], labels)
+    with pytest.raises(ValueError, match=message):
+        build_dataset(root, "train")

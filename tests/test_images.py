@@ -82,13 +82,41 @@ def test_every_entry_point_gives_the_same_pixels(picture, tmp_path):
         (np.array([[False, True, True]]), [0, 255, 255]),
         (np.array([[0.0, 0.5, 1.0]], np.float32), [0, 128, 255]),  # floats up to 1: [0, 1], x 255
         (np.array([[0.0, 127.6, 255.0]], np.float64), [0, 128, 255]),  # other floats: [0, 255], rounded
-        (np.array([[-5, 100, 300]], np.int64), [0, 100, 255]),  # other integers: clipped
+        (np.array([[3, 100, 250]], np.int64), [3, 100, 250]),  # other integers: 0..255 as they are
+        (np.array([[0.0, 1.0, 1.0]], np.float32), [0, 255, 255]),  # integral, but max <= 1: [0, 1]
     ],
 )
 def test_array_dtype_policy(array, expected):
     image = array_to_image(array)
     assert np.asarray(image.convert("L"))[0].tolist() == expected
     assert np.asarray(load_image(array))[0, :, 0].tolist() == expected  # the predictor's path
+
+
+@pytest.mark.parametrize(
+    "array, message",
+    [
+        (np.array([[-5, 100, 300]], np.int64), r"integer pixel values must lie in \[0, 255\], got \[-5, 300\]"),
+        (np.array([[0, 70000]], np.int32), r"must lie in \[0, 255\]"),
+        (np.array([[0.5, np.nan]], np.float32), "NaN or infinite"),
+        (np.array([[-0.2, 0.5]], np.float32), "float pixel values must lie in"),
+        (np.array([[2.5, 300.0]], np.float32), "got max 300"),
+        (np.zeros((4, 4, 3), np.complex64), "unsupported pixel dtype"),
+        (np.zeros((5, 5, 7), np.uint8), "no channel axis"),
+    ],
+)
+def test_out_of_range_pixels_are_errors_never_clipped(array, message):
+    with pytest.raises(ImageError, match=message):
+        load_image(array)
+
+
+def test_the_processor_shares_the_integer_rules_and_keeps_floats_for_do_rescale():
+    processor = SegformerImageProcessor(do_resize=False, do_normalize=False)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 255\]"):
+        processor(np.array([[[-5, 100, 300]] * 3] * 3, np.int64).transpose(1, 2, 0))
+    wide = np.array([[0, 257 * 128, 65535]], np.uint16)
+    assert np.array_equal(processor(wide, return_tensors="np").pixel_values[0, 0, 0] * 255, [0, 128, 255])
+    floats = np.full((4, 4, 3), 0.5, np.float32)  # the processor takes floats as given (do_rescale decides)
+    assert np.allclose(processor(floats, do_rescale=False, return_tensors="np").pixel_values, 0.5)
 
 
 def test_bad_files_fail_with_one_reason(tmp_path, picture):

@@ -227,8 +227,8 @@ def test_labels_from_probs_argmax_and_binary_threshold():
 def test_every_command_declares_the_same_inference_options():
     from segformer.cli import build_parser
     from segformer.commands import inference_options_from_args
+    from segformer.commands.train import config_from_args
     from segformer.predict import SegformerPredictor
-    from segformer.train import config_from_args
 
     parser = build_parser()
     predict = parser.parse_args(["predict", "x.png", "-o", "o"])

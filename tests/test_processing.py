@@ -506,7 +506,7 @@ def test_bad_config_files(tmp_path):
         ),
         (torch.zeros(5, 8, 8), ValueError, r"shape \(5, 8, 8\) has no channel axis"),
         ({"not": "an image"}, TypeError, "image 0: unsupported type dict"),
-        (np.zeros((4, 4, 3), np.complex64), TypeError, "unsupported pixel dtype complex64"),
+        (np.zeros((4, 4, 3), np.complex64), ValueError, "unsupported pixel dtype complex64"),
         (np.full((4, 4, 3), 300, np.int32), ValueError, r"integer pixel values must lie in \[0, 255\]"),
         (np.full((4, 4, 3), np.nan, np.float32), ValueError, "NaN or infinite"),
     ],

@@ -50,6 +50,34 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def add_label_arguments(parser: argparse.ArgumentParser) -> None:
+    """--ignore-index and --reduce-labels: how a data set's stored mask values become classes."""
+    parser.add_argument(
+        "--ignore-index",
+        type=non_negative_int,
+        metavar="N",
+        help='mask value meaning "unlabelled", ignored by the loss and the metrics, besides 255 which always '
+        'is (also "ignore_index" in labels.json)',
+    )
+    parser.add_argument(
+        "--reduce-labels",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="ADE20K's label reduction: mask value 0 means 'other' (ignored) and value k is class k-1 "
+        '(default: on for ADE20K, else labels.json\'s "reduce_labels", else off)',
+    )
+
+
 def _dests(prefix: str) -> dict[str, str]:
     """InferenceOptions field → argparse dest (``crop_size`` is stored as ``crop``, as it always was)."""
     from segformer.inference import InferenceOptions
@@ -92,24 +120,47 @@ def add_inference_arguments(
 
     crop = f"{dash}crop-size" if one_word_sizes else f"{dash}crop"
     parser.add_argument(
-        f"{dash}mode", dest=dest["mode"], choices=list(MODES), default=default("mode"),
+        f"{dash}mode",
+        dest=dest["mode"],
+        choices=list(MODES),
+        default=default("mode"),
         help=f"whole: the image as is; aligned: resize keeping the ratio to fit {dash}long-side x {dash}short-side "
         f"and round the sides up to multiples of {dash}align (ADE20K); slide: {crop} windows at {dash}stride "
         f"(Cityscapes). Default: {shown('mode', 'the data set protocol (folder: whole)')}",
-    )  # fmt: skip
+    )
     size: dict[str, Any] = (
         dict(type=pair_arg, metavar="N|H,W") if one_word_sizes else dict(type=int, nargs=2, metavar=("H", "W"))
     )
     crop_default = shown("crop_size", "512 512; Cityscapes 1024 1024")
     stride_default = shown("stride", "341 341; Cityscapes 768 768")
-    parser.add_argument(crop, dest=dest["crop_size"], default=default("crop_size"), **size,
-                        help=f"slide mode: window size (default {crop_default})")  # fmt: skip
-    parser.add_argument(f"{dash}stride", dest=dest["stride"], default=default("stride"), **size,
-                        help=f"slide mode: window stride (default {stride_default})")  # fmt: skip
-    parser.add_argument(f"{dash}short-side", dest=dest["short_side"], type=positive_int, default=default("short_side"),
-                        help=f"aligned mode: short-side target (default {shown('short_side', '512')})")  # fmt: skip
-    parser.add_argument(f"{dash}long-side", dest=dest["long_side"], type=positive_int, default=default("long_side"),
-                        help=f"aligned mode: long-side limit (default {shown('long_side', '2048')})")  # fmt: skip
+    parser.add_argument(
+        crop,
+        dest=dest["crop_size"],
+        default=default("crop_size"),
+        **size,
+        help=f"slide mode: window size (default {crop_default})",
+    )
+    parser.add_argument(
+        f"{dash}stride",
+        dest=dest["stride"],
+        default=default("stride"),
+        **size,
+        help=f"slide mode: window stride (default {stride_default})",
+    )
+    parser.add_argument(
+        f"{dash}short-side",
+        dest=dest["short_side"],
+        type=positive_int,
+        default=default("short_side"),
+        help=f"aligned mode: short-side target (default {shown('short_side', '512')})",
+    )
+    parser.add_argument(
+        f"{dash}long-side",
+        dest=dest["long_side"],
+        type=positive_int,
+        default=default("long_side"),
+        help=f"aligned mode: long-side limit (default {shown('long_side', '2048')})",
+    )
     parser.add_argument(
         f"{dash}align",
         dest=dest["align"],
@@ -117,11 +168,22 @@ def add_inference_arguments(
         default=default("align"),
         help=f"aligned mode: sides rounded up to multiples of this (default {shown('align', '32')})",
     )
-    parser.add_argument(f"{dash}scales", dest=dest["scales"], type=scales_arg, nargs="+", default=None, metavar="S",
-                        help="multi-scale test: size ratios, e.g. 0.75 1.0 1.25 or 0.75,1.0,1.25 (default: one pass "
-                        "at scale 1)")  # fmt: skip
-    parser.add_argument(f"{dash}flip", dest=dest["flip"], action="store_true", default=default("flip"),
-                        help="add horizontally flipped passes (probabilities averaged)")  # fmt: skip
+    parser.add_argument(
+        f"{dash}scales",
+        dest=dest["scales"],
+        type=scales_arg,
+        nargs="+",
+        default=None,
+        metavar="S",
+        help="multi-scale test: size ratios, e.g. 0.75 1.0 1.25 or 0.75,1.0,1.25 (default: one pass at scale 1)",
+    )
+    parser.add_argument(
+        f"{dash}flip",
+        dest=dest["flip"],
+        action="store_true",
+        default=default("flip"),
+        help="add horizontally flipped passes (probabilities averaged)",
+    )
 
 
 def inference_overrides(args: argparse.Namespace, prefix: str = "") -> dict[str, Any]:

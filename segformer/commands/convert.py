@@ -22,18 +22,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("checkpoint", type=Path, help="the original .pth file")
     p.add_argument("output_dir", type=Path, help="directory to write (created if needed)")
-    p.add_argument("--variant", choices=["b0", "b1", "b2", "b3", "b4", "b5"],
-                   help="architecture to convert into (default: inferred from the shapes)")  # fmt: skip
+    p.add_argument(
+        "--variant",
+        choices=["b0", "b1", "b2", "b3", "b4", "b5"],
+        help="architecture to convert into (default: inferred from the shapes)",
+    )
     p.add_argument("--num-labels", type=int, help="number of classes; must match the checkpoint's classifier")
     p.add_argument("--dataset", choices=["ade20k", "cityscapes"], help="take the class names of this dataset")
-    p.add_argument("--num-heads", type=int, nargs="+", metavar="N",
-                   help="attention heads per stage, for non-MiT widths (default: 1 2 5 8)")  # fmt: skip
-    p.add_argument("--original-eps", action="store_true",
-                   help="use the original code's LayerNorm eps 1e-6 in block and stage norms "
-                        "(default: 1e-5 everywhere, as Transformers)")  # fmt: skip
-    p.add_argument("--unsafe-pickle", action="store_true",
-                   help="load with torch.load(weights_only=False), which can run code stored in the file: "
-                        "only for trusted files whose meta holds numpy/mmcv objects")  # fmt: skip
+    p.add_argument(
+        "--num-heads",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="attention heads per stage, for non-MiT widths (default: 1 2 5 8)",
+    )
+    p.add_argument(
+        "--original-eps",
+        action="store_true",
+        help="use the original code's LayerNorm eps 1e-6 in block and stage norms "
+        "(default: 1e-5 everywhere, as Transformers)",
+    )
+    p.add_argument(
+        "--unsafe-pickle",
+        action="store_true",
+        help="load with torch.load(weights_only=False), which can run code stored in the file: "
+        "only for trusted files whose meta holds numpy/mmcv objects",
+    )
     p.set_defaults(func=run)
 
 

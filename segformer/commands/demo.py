@@ -53,12 +53,26 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote the synthetic data set to {data} (400 train, 100 val, classes: {', '.join(CLASSES)})")
 
     cfg = TrainConfig(
-        data=str(data), dataset="folder", model=SegformerConfig(**DEMO_MODEL, num_labels=len(CLASSES)),
-        output=str(out / "run"), steps=args.steps, batch_size=16, crop=(64, 64), scale=(0, 0),
-        ratio_range=(0.75, 1.5), photometric=False, lr=2e-3, warmup_steps=50, drop_path_rate=0.0,
-        eval_every=max(args.steps // 4, 1), save_every=args.steps, log_every=50, workers=1, seed=args.seed,
+        data=str(data),
+        dataset="folder",
+        model=SegformerConfig(**DEMO_MODEL, num_labels=len(CLASSES)),
+        output=str(out / "run"),
+        steps=args.steps,
+        batch_size=16,
+        crop=(64, 64),
+        scale=(0, 0),
+        ratio_range=(0.75, 1.5),
+        photometric=False,
+        lr=2e-3,
+        warmup_steps=50,
+        drop_path_rate=0.0,
+        eval_every=max(args.steps // 4, 1),
+        save_every=args.steps,
+        log_every=50,
+        workers=1,
+        seed=args.seed,
         device=args.device,
-    )  # fmt: skip
+    )
     shutil.rmtree(out / "run", ignore_errors=True)  # a demo always starts afresh
     result = train(cfg)
     best = result["best"] or result["last"]
@@ -82,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
         big = panel.resize((panel.width * 2, panel.height * 2), Image.NEAREST)
         atomic_write(overlays / f"val_{i:02d}.png", lambda tmp, im=big: im.save(tmp, "PNG"))
     print(f"wrote {overlays}/val_00.png … val_05.png (image | ground truth | prediction)")
-    print(f"demo: mIoU {100 * metrics['mIoU']:.1f} on {len(val)} validation images "
-          f"({time.perf_counter() - start:.0f} s); model in {best}")  # fmt: skip
+    print(
+        f"demo: mIoU {100 * metrics['mIoU']:.1f} on {len(val)} validation images "
+        f"({time.perf_counter() - start:.0f} s); model in {best}"
+    )
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import add_inference_arguments, inference_options_from_args
+from . import add_inference_arguments, add_label_arguments, inference_options_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=["auto", "folder", "ade20k", "cityscapes"],
         help="data layout (default: detected)",
     )
-    p.add_argument("--split", default="val", help="split to evaluate (default: val)")
+    p.add_argument("--split", default="val", help="split to evaluate: train, val or test (default: val)")
+    add_label_arguments(p)  # --ignore-index N, --reduce-labels
     add_inference_arguments(p)  # --mode, --crop H W, --stride H W, --short-side, ..., --scales, --flip
     p.add_argument("--json", type=Path, help="write the metrics to this JSON file")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast dtype (default none)")
@@ -45,15 +46,22 @@ def run(args: argparse.Namespace) -> int:
     from segformer.distributed import cleanup, init_distributed
     from segformer.evaluate import eval_options, evaluate, load_model_for_eval, write_metrics_json
     from segformer.metrics import format_table
+    from segformer.run_files import load_inference_options
 
     info = init_distributed(args.device)
     try:
         kind = detect_kind(args.data) if args.dataset == "auto" else args.dataset
-        dataset, _ = build_dataset(args.data, args.split, kind=kind)
+        dataset, _ = build_dataset(
+            args.data, args.split, kind=kind, ignore_index=args.ignore_index, reduce_labels=args.reduce_labels
+        )
         model = load_model_for_eval(args.model, info.device)
-        options = inference_options_from_args(args, base=eval_options(kind))  # the data set's protocol + flags
-        metrics = evaluate(model, dataset, options, amp=args.amp, max_images=args.max_images,
-                           num_workers=args.workers, progress=True)  # fmt: skip
+        # the checkpoint's own protocol (inference_config.json, written by segformer train), else the data set's;
+        # then the flags
+        base = load_inference_options(args.model) or eval_options(kind)
+        options = inference_options_from_args(args, base=base)
+        metrics = evaluate(
+            model, dataset, options, amp=args.amp, max_images=args.max_images, num_workers=args.workers, progress=True
+        )
         if info.is_main:
             print(f"{dataset.name}: {metrics['num_images']} images, mode {options.mode}")
             print(format_table(metrics))

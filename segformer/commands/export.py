@@ -23,12 +23,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="model directory (save_pretrained) or hub id")
     p.add_argument("--onnx", type=Path, required=True, metavar="OUT.onnx", help="the ONNX file to write")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17; >= 14 keeps fused attention)")
-    p.add_argument("--size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"),
-                   help="input size to trace (the only size with --static; default: 512 512)")  # fmt: skip
+    p.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        default=[512, 512],
+        metavar=("H", "W"),
+        help="input size to trace (the only size with --static; default: 512 512)",
+    )
     p.add_argument("--static", action="store_true", help="fixed (1, 3, H, W) input instead of dynamic axes")
-    p.add_argument("--fp16", action="store_true",
-                   help="float16 weights for GPU runtimes; LayerNorm and softmax stay float32 "
-                        "(verified with tolerance 1e-2)")  # fmt: skip
+    p.add_argument(
+        "--fp16",
+        action="store_true",
+        help="float16 weights for GPU runtimes; LayerNorm and softmax stay float32 (verified with tolerance 1e-2)",
+    )
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
     p.set_defaults(func=run)
 
@@ -39,8 +47,13 @@ def run(args: argparse.Namespace) -> int:
 
     model = SegformerForSemanticSegmentation.from_pretrained(args.model)
     report = export_onnx(
-        model, args.onnx, size=tuple(args.size), opset=args.opset, dynamic=not args.static, fp16=args.fp16,
+        model,
+        args.onnx,
+        size=tuple(args.size),
+        opset=args.opset,
+        dynamic=not args.static,
+        fp16=args.fp16,
         verify=not args.no_verify,
-    )  # fmt: skip
+    )
     print(report.summary())
     return 0

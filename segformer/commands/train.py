@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+from typing import TYPE_CHECKING
 
-from . import add_inference_arguments
+from . import add_inference_arguments, add_label_arguments, flatten
+
+if TYPE_CHECKING:
+    from segformer.train import TrainConfig
+
+DESCRIPTION = (
+    "Fine-tune SegFormer (AdamW, head lr x10, warm-up + poly schedule, the paper's augmentation) on a "
+    "folder-layout, ADE20K or Cityscapes data set, on one process or under torchrun. Writes OUTPUT/last, "
+    "OUTPUT/best (save_pretrained layout), OUTPUT/metrics.jsonl."
+)
 
 EPILOG = """examples:
   segformer train --data ADEChallengeData2016 --model nvidia/mit-b0 --output runs/ade-b0
@@ -29,6 +41,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--check-data", choices=["full", "headers", "off"],
                    help="before training, open every file and check pairs, sizes and label values (full, "
                         "default), only read headers, or skip")  # fmt: skip
+    g = p.add_argument_group("labels")
+    add_label_arguments(g)  # --ignore-index N, --reduce-labels
+    g.add_argument(
+        "--class-weights",
+        choices=["none", "auto", "labels"],
+        help="loss weight per class: none (default), auto (median-frequency balancing computed once "
+        'from the training masks, for imbalanced data) or labels ("class_weights" in labels.json)',
+    )
     g = p.add_argument_group("schedule and optimiser (defaults: the paper's ADE20K recipe)")
     g.add_argument("--steps", type=int, help="optimiser steps (default 160000)")
     g.add_argument("--batch-size", type=int, help="global batch: all processes and accumulation steps (default 16)")
@@ -78,9 +98,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="fine-tune on a data set with the paper's recipe",
-        description="Fine-tune SegFormer (AdamW, head lr x10, warm-up + poly schedule, the paper's augmentation) "
-        "on a folder-layout, ADE20K or Cityscapes data set, on one process or under torchrun. Writes "
-        "OUTPUT/last, OUTPUT/best (save_pretrained layout), OUTPUT/metrics.jsonl.",
+        description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -88,20 +106,39 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """A TrainConfig from the parsed ``segformer train`` arguments: the options given, over its defaults."""
+    import dataclasses
+
+    from segformer.train import TrainConfig
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if values.get("eval_scales") is not None:  # --eval-scales groups: "0.75 1.0" and/or "0.75,1.0"
+        values["eval_scales"] = flatten(values["eval_scales"])
+    return TrainConfig(**values)
+
+
 def run(args: argparse.Namespace) -> int:
-    import json
+    from segformer.train import train
 
-    from segformer.train import config_from_args, train
-
-    cfg = config_from_args(args)
-    result = train(cfg)
-    if result["metrics"] is not None and not _is_worker():
-        print(json.dumps({"step": result["step"], "mIoU": result["metrics"]["mIoU"], "best": result["best"],
-                          "last": result["last"]}))  # fmt: skip
+    result = train(config_from_args(args))
+    if result["metrics"] is not None and int(os.environ.get("RANK", 0)) == 0:  # one summary line, from rank 0
+        summary = {"step": result["step"], "mIoU": result["metrics"]["mIoU"], "best": result["best"]}
+        print(json.dumps({**summary, "last": result["last"]}))
     return 0
 
 
-def _is_worker() -> bool:
-    import os
+def main(argv: list[str] | None = None) -> int:
+    """``python -m segformer.train`` and ``torchrun -m segformer.train``: this command on its own, with the
+    errors of ``segformer train`` (SEGFORMER_DEBUG=1 shows the traceback of unexpected ones)."""
+    from segformer.cli import run_command
 
-    return int(os.environ.get("RANK", 0)) != 0
+    parser = argparse.ArgumentParser(
+        prog="python -m segformer.train",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser)
+    return run_command(run, parser.parse_args(argv), name="segformer.train")

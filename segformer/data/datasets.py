@@ -4,7 +4,11 @@ Layouts (``split`` is "train" or "val"; ADE20K's "training" / "validation" folde
 
 - folder: ``DIR/images/SPLIT/*.{jpg,png,...}`` and ``DIR/annotations/SPLIT/*.png`` paired by file stem, and
   ``DIR/labels.json`` = id2label (``{"0": "background", ...}`` or a list of names). Mask pixels are class ids;
-  255 is ignored.
+  255 means "unlabelled" and is ignored by the loss and the metrics. ``labels.json`` may also be an object
+  ``{"id2label": ..., "ignore_index": 11, "map": {"12": 3, "13": 255}, "palette": {"0": [128, 64, 128], ...},
+  "reduce_labels": false, "class_weights": [...]}``: another "unlabelled" value, a value → class mapping,
+  colour-coded RGB masks (the colour of each class, as annotation tools export them), ADE20K's label reduction
+  and per-class loss weights (see :class:`LabelSpec`).
 - ade20k: ``ADEChallengeData2016/{images,annotations}/{training,validation}``; 150 classes, labels reduced
   (0 "other" → 255 ignored, k → k - 1).
 - cityscapes: ``leftImg8bit/SPLIT/CITY/*_leftImg8bit.png`` and ``gtFine/SPLIT/CITY/*_gtFine_labelTrainIds.png``
@@ -106,8 +110,85 @@ def list_cityscapes(root: str | os.PathLike, split: str) -> Listing:
     return _pair_by_key(images, masks)
 
 
-def read_labels_json(path: str | os.PathLike) -> dict[int, str]:
-    """id2label from ``labels.json``: ``{"0": "sky", ...}``, ``{"id2label": {...}}`` or ``["sky", ...]``."""
+IGNORE_INDEX = 255  # the value of an ignored pixel inside the library: loss, metrics, padding
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """How a data set's mask values become training ids (0..K-1, or :data:`IGNORE_INDEX`).
+
+    ``id2label``: the classes. ``ignore_values``: stored values meaning "unlabelled" (255 always counts).
+    ``value_map``: stored value → class id (or 255), for data sets whose values are not 0..K-1. ``palette``:
+    RGB colour → class id for colour-coded masks. ``reduce_labels``: ADE20K's 0 ("other") → ignored, k → k - 1
+    (applied to the stored values before ``value_map``). ``class_weights``: optional loss weight per class.
+    """
+
+    id2label: dict[int, str]
+    ignore_values: tuple[int, ...] = (IGNORE_INDEX,)
+    value_map: dict[int, int] = field(default_factory=dict)
+    palette: dict[tuple[int, int, int], int] | None = None
+    reduce_labels: bool = False
+    class_weights: tuple[float, ...] | None = None
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+    def to_train_ids(self, mask: np.ndarray) -> np.ndarray:
+        """(H, W) stored values (or (H, W, 3) colours with a palette) → (H, W) int64 training ids; values that
+        no rule covers are kept as they are, for :func:`check_dataset` to report."""
+        if mask.ndim == 3:
+            mask = self.colours_to_ids(mask)
+        values = mask.astype(np.int64)
+        if self.reduce_labels:
+            values = reduce_labels(values, IGNORE_INDEX).astype(np.int64)
+        if not self.value_map and self.ignore_values == (IGNORE_INDEX,):
+            return values
+        out = values.copy()
+        for value in self.ignore_values:
+            out[values == value] = IGNORE_INDEX
+        for value, target in self.value_map.items():
+            out[values == value] = target
+        return out
+
+    def colours_to_ids(self, rgb: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 colours → (H, W) ids by the palette; a colour not in it becomes -1 (reported by the
+        data check, ignored if it ever reaches the loss)."""
+        if self.palette is None:
+            raise ValueError('an RGB mask needs a "palette" in labels.json (class id → [r, g, b])')
+        keys = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
+        out = np.full(keys.shape, -1, np.int64)
+        for (r, g, b), class_id in self.palette.items():
+            out[keys == ((r << 16) | (g << 8) | b)] = class_id
+        return out
+
+    def describe(self) -> dict:
+        """The JSON-able summary stored with a run (``train_config.json``)."""
+        return {
+            "num_labels": self.num_labels,
+            "ignore_values": list(self.ignore_values),
+            "value_map": {str(k): v for k, v in self.value_map.items()},
+            "palette": None if self.palette is None else {str(v): list(k) for k, v in self.palette.items()},
+            "reduce_labels": self.reduce_labels,
+            "class_weights": None if self.class_weights is None else list(self.class_weights),
+        }
+
+
+def _int_keys(data: object, path: Path, what: str) -> dict[int, object]:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{path}: {what} must be an object keyed by integers")
+    try:
+        return {int(k): v for k, v in data.items()}
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: {what} keys must be integers, got {sorted(map(str, data))[:5]}") from None
+
+
+def read_label_spec(
+    path: str | os.PathLike, *, ignore_index: int | None = None, reduce: bool | None = None
+) -> LabelSpec:
+    """The :class:`LabelSpec` of ``labels.json``: ``{"0": "sky", ...}``, ``["sky", ...]``, or an object with
+    ``id2label`` and optional ``ignore_index`` (int or list), ``map``, ``palette``, ``reduce_labels``,
+    ``class_weights``. ``ignore_index`` / ``reduce`` (the command-line options) override the file."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -115,19 +196,64 @@ def read_labels_json(path: str | os.PathLike) -> dict[int, str]:
         raise ValueError(f"{path}: missing (the folder layout needs labels.json holding id2label)") from None
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: not readable JSON ({exc})") from None
+    extra: Mapping = {}
     if isinstance(data, Mapping) and "id2label" in data:
-        data = data["id2label"]
+        extra, data = data, data["id2label"]
     if isinstance(data, list):
         data = dict(enumerate(data))
     if not isinstance(data, Mapping) or not data:
         raise ValueError(f"{path}: expected id2label as a non-empty object or list of class names")
-    try:
-        id2label = {int(k): str(v) for k, v in data.items()}
-    except (TypeError, ValueError):
-        raise ValueError(f"{path}: id2label keys must be integer class ids") from None
-    if sorted(id2label) != list(range(len(id2label))):
-        raise ValueError(f"{path}: class ids must be 0..{len(id2label) - 1} without gaps, got {sorted(id2label)}")
-    return id2label
+    id2label = {k: str(v) for k, v in _int_keys(data, path, "id2label").items()}
+    num = len(id2label)
+    if sorted(id2label) != list(range(num)):
+        raise ValueError(f"{path}: class ids must be 0..{num - 1} without gaps, got {sorted(id2label)}")
+    if num > IGNORE_INDEX:
+        raise ValueError(f"{path}: {num} classes; at most {IGNORE_INDEX} (the value {IGNORE_INDEX} means ignored)")
+
+    stored_ignore = extra.get("ignore_index", [])
+    ignores = {IGNORE_INDEX, *(stored_ignore if isinstance(stored_ignore, list) else [stored_ignore])}
+    if ignore_index is not None:
+        ignores.add(ignore_index)
+    for value in ignores:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{path}: ignore_index must be a non-negative integer, got {value!r}")
+        if value < num and value != IGNORE_INDEX:
+            raise ValueError(
+                f"ignore index {value} is also the class {id2label[value]!r}: give unlabelled pixels a value "
+                f'outside 0..{num - 1}, or map it with "map" in {path}'
+            )
+    value_map = {}
+    for value, target in _int_keys(extra.get("map", {}), path, '"map"').items():
+        if not isinstance(target, int) or not (0 <= target < num or target == IGNORE_INDEX):
+            raise ValueError(f'{path}: "map" sends {value} to {target!r}; targets are 0..{num - 1} or 255')
+        value_map[value] = target
+    palette = None
+    if "palette" in extra:
+        raw = extra["palette"]
+        items = dict(enumerate(raw)) if isinstance(raw, list) else _int_keys(raw, path, '"palette"')
+        palette = {}
+        for class_id, colour in items.items():
+            if class_id not in id2label and class_id != IGNORE_INDEX:
+                raise ValueError(f'{path}: "palette" names class {class_id}, not one of 0..{num - 1} (or 255)')
+            ok = isinstance(colour, list) and len(colour) == 3 and all(isinstance(c, int) for c in colour)
+            if not ok or not all(0 <= c <= 255 for c in colour):
+                raise ValueError(f'{path}: "palette" colour of class {class_id} must be [r, g, b] in 0..255')
+            if tuple(colour) in palette:
+                raise ValueError(f'{path}: "palette" gives classes {palette[tuple(colour)]} and {class_id} one colour')
+            palette[tuple(colour)] = class_id
+    weights = extra.get("class_weights")
+    if weights is not None:
+        ok = isinstance(weights, list) and len(weights) == num
+        if not ok or not all(isinstance(w, (int, float)) and w >= 0 for w in weights):
+            raise ValueError(f'{path}: "class_weights" must be {num} non-negative numbers, one per class')
+        weights = tuple(float(w) for w in weights)
+    reduce_labels = bool(extra.get("reduce_labels", False)) if reduce is None else reduce
+    return LabelSpec(id2label, tuple(sorted(ignores)), value_map, palette, reduce_labels, weights)
+
+
+def read_labels_json(path: str | os.PathLike) -> dict[int, str]:
+    """id2label from ``labels.json`` (see :func:`read_label_spec` for the rest of the file)."""
+    return read_label_spec(path).id2label
 
 
 def detect_kind(root: str | os.PathLike) -> str:
@@ -149,14 +275,18 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
         return np.asarray(to_rgb(im))
 
 
-def load_mask(path: str | os.PathLike) -> np.ndarray:
-    """(H, W) class ids as stored (P or L PNGs hold ids, not colours); uint8, or int32 for 16-bit PNGs."""
+def load_mask(path: str | os.PathLike, *, colours: bool = False) -> np.ndarray:
+    """(H, W) values as stored (P or L PNGs hold ids, not colours); uint8, or int32 for 16-bit PNGs. With
+    ``colours`` (a palette in labels.json), RGB / RGBA masks come back as (H, W, 3) uint8 colours."""
     with Image.open(path) as im:
+        if colours and im.mode in ("RGB", "RGBA", "P"):
+            return np.asarray(im.convert("RGB"))
         if im.mode in ("P", "L", "1"):
             return np.asarray(im if im.mode != "1" else im.convert("L"), dtype=np.uint8)
         if im.mode in ("I", "I;16", "I;16B", "I;16L"):
             return np.asarray(im, dtype=np.int32)
-        raise ValueError(f"{path}: a mask must be a one-band PNG of class ids, got mode {im.mode}")
+        hint = ' (colour-coded masks need a "palette" in labels.json)' if im.mode in ("RGB", "RGBA") else ""
+        raise ValueError(f"{path}: a mask must be a one-band PNG of class ids, got mode {im.mode}{hint}")
 
 
 Transform = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[torch.Tensor, torch.Tensor]]
@@ -166,42 +296,40 @@ class SegmentationDataset(torch.utils.data.Dataset):
     """Image/mask pairs with a paired transform; ``dataset[i]`` or ``dataset[(i, seed)]`` →
     ``(pixel_values (3, H, W) float32, labels (H, W) int64)``.
 
-    ``pairs``: (image path, mask path); ``id2label``: class names; ``reduce_labels``: ADE20K's 0 → ignore,
-    k → k - 1; ``transform``: a paired transform ``(image, mask, rng) → tensors`` (default: normalise only).
-    Without a seed, sample i is augmented with seed i.
+    ``pairs``: (image path, mask path); ``labels``: a :class:`LabelSpec` (or plain id2label); ``transform``: a
+    paired transform ``(image, mask, rng) → tensors`` (default: normalise only). Without a seed, sample i is
+    augmented with seed i. Ignored pixels are :data:`IGNORE_INDEX` (255) in the labels it yields.
     """
 
     def __init__(
         self,
         pairs: list[tuple[Path, Path]],
-        id2label: Mapping[int, str],
+        labels: LabelSpec | Mapping[int, str],
         *,
         transform: Transform | None = None,
-        reduce_labels: bool = False,
-        ignore_index: int = 255,
         name: str = "dataset",
     ):
         self.pairs = list(pairs)
-        self.id2label = dict(id2label)
+        self.spec = labels if isinstance(labels, LabelSpec) else LabelSpec(dict(labels))
+        self.id2label = dict(self.spec.id2label)
         self.transform = transform or eval_transform()
-        self.reduce_labels = reduce_labels
-        self.ignore_index = ignore_index
+        self.ignore_index = IGNORE_INDEX
         self.name = name
 
     @property
     def num_labels(self) -> int:
         return len(self.id2label)
 
+    def read_mask(self, index: int) -> np.ndarray:
+        """(H, W) int64 training ids of sample ``index`` (0..K-1, or 255 for ignored pixels)."""
+        return self.spec.to_train_ids(load_mask(self.pairs[index][1], colours=self.spec.palette is not None))
+
     def __len__(self) -> int:
         return len(self.pairs)
 
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """The raw (image uint8 (H, W, 3), mask (H, W) ids after label reduction) of sample ``index``."""
-        image_path, mask_path = self.pairs[index]
-        image, mask = load_image(image_path), load_mask(mask_path)
-        if self.reduce_labels:
-            mask = reduce_labels(mask, self.ignore_index)
-        return image, mask
+        return load_image(self.pairs[index][0]), self.read_mask(index)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         index, seed = key if isinstance(key, tuple) else (key, key)
@@ -218,29 +346,32 @@ def build_dataset(
     *,
     kind: str = "auto",
     transform: Transform | None = None,
-    ignore_index: int = 255,
+    ignore_index: int | None = None,
+    reduce_labels: bool | None = None,
 ) -> tuple[SegmentationDataset, Listing]:
-    """The data set of one split of ``root`` and its listing (whose unpaired files
-    :func:`check_dataset` reports). ``kind``: "folder", "ade20k", "cityscapes" or "auto" (:func:`detect_kind`)."""
+    """The data set of one split of ``root`` and its listing (whose unpaired files :func:`check_dataset`
+    reports). ``kind``: "folder", "ade20k", "cityscapes" or "auto" (:func:`detect_kind`). ``ignore_index``:
+    another stored mask value meaning "unlabelled" (255 always does); ``reduce_labels``: ADE20K's label
+    reduction (None: the layout's default, or labels.json's ``reduce_labels``)."""
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"{root}: no such data directory")
     if kind == "auto":
         kind = detect_kind(root)
     if kind == "folder":
-        listing, id2label, reduce = list_folder(root, split), read_labels_json(root / "labels.json"), False
-    elif kind == "ade20k":
-        listing, id2label, reduce = list_folder(root, split), dict(enumerate(ADE20K_CLASSES)), True
-    elif kind == "cityscapes":
-        listing, id2label, reduce = list_cityscapes(root, split), dict(enumerate(CITYSCAPES_CLASSES)), False
+        listing = list_folder(root, split)
+        spec = read_label_spec(root / "labels.json", ignore_index=ignore_index, reduce=reduce_labels)
+    elif kind in ("ade20k", "cityscapes"):
+        listing = list_folder(root, split) if kind == "ade20k" else list_cityscapes(root, split)
+        names = ADE20K_CLASSES if kind == "ade20k" else CITYSCAPES_CLASSES
+        ignores = (IGNORE_INDEX,) if ignore_index is None else tuple(sorted({IGNORE_INDEX, ignore_index}))
+        reduce = (kind == "ade20k") if reduce_labels is None else reduce_labels
+        spec = LabelSpec(dict(enumerate(names)), ignore_values=ignores, reduce_labels=reduce)
     else:
         raise ValueError(f"dataset kind must be one of auto, {', '.join(KINDS)}, got {kind!r}")
     if not listing.pairs:
         raise ValueError(f"{root}: no image/mask pairs in the {split} split of this {kind} layout")
-    dataset = SegmentationDataset(
-        listing.pairs, id2label, transform=transform, reduce_labels=reduce, ignore_index=ignore_index,
-        name=f"{kind}:{root}:{split}",
-    )  # fmt: skip
+    dataset = SegmentationDataset(listing.pairs, spec, transform=transform, name=f"{kind}:{root}:{split}")
     return dataset, listing
 
 
@@ -278,17 +409,7 @@ def _check_pair(dataset: SegmentationDataset, index: int, check_values: bool) ->
         with Image.open(mask_path) as im:
             mask_size = im.size
         if check_values:
-            mask = load_mask(mask_path)
-            if dataset.reduce_labels:
-                mask = reduce_labels(mask, dataset.ignore_index)
-            values = np.unique(mask)
-            bad = values[(values != dataset.ignore_index) & ((values < 0) | (values >= dataset.num_labels))]
-            if len(bad):
-                shown = ", ".join(str(int(v)) for v in bad[:8])
-                problems.append(
-                    f"{mask_path}: label value(s) {shown} outside 0..{dataset.num_labels - 1} "
-                    f"(and not the ignore index {dataset.ignore_index})"
-                )
+            problems += _check_values(dataset, index)
     except Exception as exc:
         problems.append(f"{mask_path}: unreadable mask ({str(exc).strip() or type(exc).__name__})")
         mask_size = None
@@ -298,6 +419,31 @@ def _check_pair(dataset: SegmentationDataset, index: int, check_values: bool) ->
             f"{mask_size[0]}x{mask_size[1]}"
         )
     return problems
+
+
+def _check_values(dataset: SegmentationDataset, index: int) -> list[str]:
+    """Mask values no rule of the label spec covers, with the option that would cover them."""
+    mask_path = dataset.pairs[index][1]
+    ids = dataset.read_mask(index)
+    values = np.unique(ids)
+    bad = values[(values != IGNORE_INDEX) & ((values < 0) | (values >= dataset.num_labels))]
+    if not len(bad):
+        return []
+    last = dataset.num_labels - 1
+    if dataset.spec.palette is not None and -1 in bad:
+        raw = load_mask(mask_path, colours=True)
+        colours = np.unique(raw[ids == -1].reshape(-1, 3), axis=0)[:4]
+        shown = ", ".join(str(list(map(int, c))) for c in colours)
+        return [f'{mask_path}: colour(s) {shown} not in the "palette" of labels.json']
+    shown = ", ".join(str(int(v)) for v in bad[:8])
+    first = int(bad[0])
+    hint = (
+        f'if {first} marks unlabelled pixels, pass --ignore-index {first} (or "ignore_index": {first} in '
+        f'labels.json); to merge values into classes, add a "map" to labels.json'
+    )
+    if not dataset.spec.reduce_labels and int(bad.max()) == dataset.num_labels and 0 in values:
+        hint += "; if 0 means 'other' and the classes are 1..K (ADE20K style), pass --reduce-labels"
+    return [f"{mask_path}: label value(s) {shown} outside 0..{last}: {hint}"]
 
 
 def check_dataset(
@@ -324,6 +470,9 @@ def check_dataset(
 __all__ = [
     "ADE20K_CLASSES",
     "CITYSCAPES_CLASSES",
+    "IGNORE_INDEX",
+    "LabelSpec",
+    "read_label_spec",
     "KINDS",
     "DatasetReport",
     "Listing",

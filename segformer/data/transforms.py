@@ -4,7 +4,7 @@ Every transform takes and returns ``(image, mask)`` with ``image`` a (H, W, 3) u
 normalised after :class:`Normalize`) and ``mask`` a (H, W) integer array of class ids, and draws its random
 numbers from the ``rng`` (a ``numpy.random.Generator``) it is given. Geometric steps touch both arrays the
 same way; masks are resized with NEAREST and padded with the ignore index, so a mask pixel always labels the
-image pixel under it. The train pipeline (FACTS §6, mmseg's ADE20K/Cityscapes configs):
+image pixel under it. The train pipeline (the paper's, from the NVlabs/mmseg ADE20K and Cityscapes configs):
 
 resize keeping the ratio to ``scale`` × a random ratio in ``ratio_range`` → random crop to ``crop_size``
 (up to 10 tries so that no class covers more than ``cat_max_ratio`` of the valid pixels) → horizontal flip
@@ -215,7 +215,7 @@ def train_transform(
 
 def eval_transform(mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Compose:
     """Evaluation input: the image at its own size, normalised; the mask untouched. The test-time resizing
-    (whole / aligned / slide, FACTS §7) happens in :func:`segformer.inference.infer`, which returns
+    (whole / aligned / slide, the published protocols) happens in :func:`segformer.inference.infer`, which returns
     predictions at the mask's size."""
     return Compose([Normalize(mean, std)])
 

@@ -1,0 +1,185 @@
+"""What a training run adds to a checkpoint folder so that it is complete and shareable.
+
+Besides ``config.json`` and ``model.safetensors`` (:meth:`save_pretrained`), a checkpoint written by
+``segformer train`` holds:
+
+- ``preprocessor_config.json``: the image processor that matches how the model was trained (ImageNet
+  mean/std, the evaluation size, ``do_reduce_labels``), so that Transformers' ``AutoImageProcessor`` and
+  ``pipeline("image-segmentation", model=DIR)`` work on the folder as they do on a hub checkpoint;
+- ``inference_config.json``: the evaluation protocol the run reported its metrics with
+  (:class:`~segformer.inference.InferenceOptions`), which ``segformer predict``, ``segformer eval`` and
+  :class:`~segformer.predict.SegformerPredictor` take as their default, so that what a user sees is what
+  the metric measured;
+- ``README.md``: a model card in the Hugging Face convention (YAML metadata, how it was trained, the
+  evaluation table with per-class IoU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .fileio import atomic_write_text
+from .inference import InferenceOptions
+
+INFERENCE_CONFIG = "inference_config.json"
+
+
+def inference_json(options: InferenceOptions) -> str:
+    """The text of ``inference_config.json``."""
+    return json.dumps(options.to_dict(), indent=2) + "\n"
+
+
+def save_inference_options(directory: str | os.PathLike, options: InferenceOptions) -> Path:
+    """Write ``inference_config.json`` (atomically) and return its path."""
+    path = Path(directory) / INFERENCE_CONFIG
+    atomic_write_text(path, inference_json(options))
+    return path
+
+
+def load_inference_options(model: str | os.PathLike) -> InferenceOptions | None:
+    """The evaluation protocol stored with a local checkpoint, or None (a hub id, or no such file)."""
+    path = Path(model) / INFERENCE_CONFIG
+    if not path.is_file():
+        return None
+    try:
+        return InferenceOptions.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, json.JSONDecodeError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: not a valid inference config ({exc})") from None
+
+
+def preprocessor_json(*, size: tuple[int, int] | None, reduce_labels: bool = False) -> str:
+    """The ``preprocessor_config.json`` of a trained model: resize to ``size`` (height, width) or no resize
+    (None, for a model evaluated at each image's own size), ImageNet mean/std, ``do_reduce_labels``."""
+    from .processing import SegformerImageProcessor
+
+    if size is None:
+        processor = SegformerImageProcessor(do_resize=False, do_reduce_labels=reduce_labels)
+    else:
+        processor = SegformerImageProcessor(
+            size={"height": int(size[0]), "width": int(size[1])}, do_reduce_labels=reduce_labels
+        )
+    return processor.to_json_string()
+
+
+def processor_size(options: InferenceOptions) -> tuple[int, int] | None:
+    """The fixed size Transformers' processor should resize to for a model evaluated with ``options``: the
+    window of a sliding-window protocol, 512 x 512 for ADE20K's aligned protocol (what the published
+    checkpoints ship), none for whole-image evaluation."""
+    if options.mode == "slide":
+        return options.crop_size
+    if options.mode == "aligned":
+        return (options.short_side, options.short_side)
+    return None
+
+
+def save_preprocessor(
+    directory: str | os.PathLike, *, size: tuple[int, int] | None, reduce_labels: bool = False
+) -> Path:
+    """Write :func:`preprocessor_json` into ``directory`` atomically and return its path."""
+    path = Path(directory) / "preprocessor_config.json"
+    atomic_write_text(path, preprocessor_json(size=size, reduce_labels=reduce_labels))
+    return path
+
+
+def _yaml_list(items: list[str]) -> str:
+    return "".join(f"\n  - {json.dumps(item)}" for item in items) if items else " []"
+
+
+def model_card(
+    *,
+    model_name: str,
+    base_model: str | None,
+    dataset: str,
+    metrics: Mapping[str, Any] | None,
+    hyperparameters: Mapping[str, Any],
+    options: InferenceOptions,
+    step: int,
+) -> str:
+    """The README.md of a checkpoint: YAML metadata (library, tags, datasets, metrics, model-index), how it was
+    trained and how it scores (aggregate metrics and per-class IoU)."""
+    metrics = dict(metrics or {})
+    lines = [
+        "---",
+        "library_name: segformer",
+        "pipeline_tag: image-segmentation",
+        f"tags:{_yaml_list(['segformer', 'semantic-segmentation', 'vision'])}",
+        f"datasets:{_yaml_list([dataset])}",
+        f"metrics:{_yaml_list(['mean_iou'] if metrics else [])}",
+    ]
+    if base_model:
+        lines.append(f"base_model: {json.dumps(base_model)}")
+    if metrics.get("mIoU") is not None:
+        lines += [
+            "model-index:",
+            f"- name: {json.dumps(model_name)}",
+            "  results:",
+            "  - task:",
+            "      type: image-segmentation",
+            "      name: Semantic segmentation",
+            "    dataset:",
+            f"      name: {json.dumps(dataset)}",
+            f"      type: {json.dumps(dataset)}",
+            "    metrics:",
+            "    - type: mean_iou",
+            f"      value: {float(metrics['mIoU']):.4f}",
+            "      name: mIoU",
+        ]
+    lines += ["---", "", f"# {model_name}", ""]
+    origin = f"fine-tuned from `{base_model}`" if base_model else "trained from scratch"
+    lines += [
+        f"A SegFormer semantic-segmentation model {origin} on `{dataset}` for {step} steps with "
+        "[segformer](https://pypi.org/project/segformer/) (`segformer train`). The folder loads in segformer and "
+        "in Transformers alike:",
+        "",
+        "```python",
+        "from segformer import SegformerForSemanticSegmentation",
+        'model = SegformerForSemanticSegmentation.from_pretrained("PATH")',
+        '# or: transformers.pipeline("image-segmentation", model="PATH")',
+        "```",
+        "",
+        "## Evaluation",
+        "",
+        f"Protocol: `{json.dumps(options.to_dict())}` (also in `{INFERENCE_CONFIG}`, which `segformer predict` "
+        "and `segformer eval` use by default).",
+        "",
+    ]
+    if metrics:
+        lines += ["| metric | value |", "|---|---|"]
+        for key in ("mIoU", "aAcc", "mAcc"):
+            if metrics.get(key) is not None:
+                lines.append(f"| {key} | {100 * float(metrics[key]):.2f} |")
+        per_class = metrics.get("IoU") or {}
+        if per_class:
+            lines += ["", "| class | IoU |", "|---|---|"]
+            for name, value in per_class.items():
+                lines.append(f"| {name} | {'n/a' if value is None else f'{100 * float(value):.2f}'} |")
+    else:
+        lines.append("No evaluation was run.")
+    lines += ["", "## Training hyper-parameters", "", "| name | value |", "|---|---|"]
+    for key, value in hyperparameters.items():
+        lines.append(f"| {key} | `{json.dumps(value)}` |")
+    return "\n".join(lines) + "\n"
+
+
+def write_model_card(directory: str | os.PathLike, **fields: Any) -> Path:
+    """Write ``README.md`` (:func:`model_card`'s text) into ``directory`` atomically."""
+    path = Path(directory) / "README.md"
+    atomic_write_text(path, model_card(**fields))
+    return path
+
+
+__all__ = [
+    "INFERENCE_CONFIG",
+    "inference_json",
+    "preprocessor_json",
+    "processor_size",
+    "load_inference_options",
+    "model_card",
+    "save_inference_options",
+    "save_preprocessor",
+    "write_model_card",
+]
