@@ -32,6 +32,7 @@ from .metrics import ConfusionMatrix, metrics_to_json
 # that differ from the defaults.
 DEFAULT_EVAL = {
     "folder": {"mode": "whole"},
+    "hf": {"mode": "whole"},
     "ade20k": {"mode": "aligned", "short_side": 512, "long_side": 2048},
     "cityscapes": {"mode": "slide", "crop_size": (1024, 1024), "stride": (768, 768)},
 }

@@ -79,8 +79,13 @@ class InferenceOptions:
         scales = None if self.scales is None or len(self.scales) == 0 else tuple(float(v) for v in self.scales)
         if scales is not None and min(scales) <= 0:
             raise ValueError(f"scales must be positive, got {list(scales)}")
-        for name, value in (("crop_size", crop_size), ("stride", stride), ("scales", scales),
-                            ("flip", bool(self.flip)), *((k, int(v)) for k, v in sides.items())):  # fmt: skip
+        for name, value in (
+            ("crop_size", crop_size),
+            ("stride", stride),
+            ("scales", scales),
+            ("flip", bool(self.flip)),
+            *((k, int(v)) for k, v in sides.items()),
+        ):
             object.__setattr__(self, name, value)
 
     @property
@@ -135,6 +140,34 @@ def labels_from_probs(probs: torch.Tensor, threshold: float = 0.5) -> torch.Tens
     if probs.shape[1] == 1:
         return (probs[:, 0] > threshold).long()
     return probs.argmax(dim=1)
+
+
+def upsampled_argmax(probs: torch.Tensor, size: tuple[int, int], rows: int = 256) -> torch.Tensor:
+    """(B, K, h, w) probabilities → (B, H, W) int64 class ids at ``size`` = (H, W): the argmax of the bilinearly
+    upsampled (align_corners=False, as F.interpolate) logits, computed ``rows`` output rows at a time so that
+    only a slice ever exists at full size. K == 1 (sigmoid): logit > 0.
+
+    For huge images: (B, K, H, W) float32 probabilities of a 12 MP photo with 150 classes take 7 GB. log p
+    differs from the logits by a per-pixel constant, so upsampling log p gives the argmax of the logits."""
+    height, width = size
+    h = probs.shape[-2]
+    binary = probs.shape[1] == 1
+    p = probs.clamp(1e-30, 1 - 1e-7) if binary else probs.clamp_min(1e-30)
+    values = p.log() - (-p).log1p() if binary else p.log()  # the logits, up to a per-pixel constant
+    # Source row of every output row, as F.interpolate computes it: (i + 0.5) · h / H - 0.5, clamped at 0.
+    src = ((torch.arange(height, dtype=torch.float64) + 0.5) * (h / height) - 0.5).clamp_min(0)
+    y0 = src.floor().long().clamp_max(h - 1)
+    y1 = (y0 + 1).clamp_max(h - 1)
+    wy = (src - y0).to(device=probs.device, dtype=probs.dtype)
+    out = torch.empty((probs.shape[0], height, width), dtype=torch.long, device=probs.device)
+    for r0 in range(0, height, rows):
+        r1 = min(r0 + rows, height)
+        # Widen the needed source rows (same row count: the height is untouched), then blend rows.
+        top = F.interpolate(values[:, :, y0[r0:r1]], size=(r1 - r0, width), mode="bilinear", align_corners=False)
+        bottom = F.interpolate(values[:, :, y1[r0:r1]], size=(r1 - r0, width), mode="bilinear", align_corners=False)
+        blend = top + (bottom - top) * wy[r0:r1].view(1, 1, -1, 1)  # (B, K, rows, W)
+        out[:, r0:r1] = labels_from_probs(blend, threshold=0.0)  # blend holds logits: > 0 is p > 0.5
+    return out
 
 
 def _forward_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -297,4 +330,5 @@ __all__ = [
     "labels_from_probs",
     "predict_labels",
     "resolve_options",
+    "upsampled_argmax",
 ]

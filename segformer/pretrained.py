@@ -167,35 +167,57 @@ def _parse_size(size: int | str) -> int:
     return int(float(match.group(1)) * scale)
 
 
-def _resolve_dtype(dtype: Any, config: SegformerConfig, state: Mapping[str, torch.Tensor]) -> torch.dtype | None:
-    if dtype is None:
-        return None
-    if dtype == "auto":
-        name = config.extra.get("torch_dtype") or config.extra.get("dtype")
-        if name:
-            return _resolve_dtype(name, config, state)
-        floats = [t.dtype for t in state.values() if t.is_floating_point()]
-        return floats[0] if floats else None
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    value = getattr(torch, str(dtype).removeprefix("torch."), None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"torch_dtype {dtype!r} is not a torch dtype")
-    return value
+# ------------------------------------------------------------------------------------ device and dtype
+# The one reading of device and dtype names: from_pretrained, the predictor and the programs all use these.
+_DTYPE_ALIASES = {"fp32": torch.float32, "fp16": torch.float16, "half": torch.float16, "bf16": torch.bfloat16}
 
 
-def _resolve_device(device: Any) -> torch.device | None:
-    if device is None:
-        return None
-    if device == "auto":
+def select_device(device: str | torch.device | int | None = None) -> torch.device:
+    """None or "auto": CUDA when available, else Apple's MPS, else the CPU; an int N: cuda:N; anything else as
+    given. A CUDA or MPS device this machine lacks is a ValueError."""
+    if device is None or str(device) == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if isinstance(device, int):
-        return torch.device("cuda", device)
-    return torch.device(device)
+    dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available on this machine")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device {device!r}: MPS is not available on this machine")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """None → float32; a floating point torch dtype or its name: "float32"/"fp32", "float16"/"fp16"/"half",
+    "bfloat16"/"bf16" (also "torch.float16", "float64", ...). Anything else is a ValueError."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        value = dtype
+    else:
+        name = str(dtype).removeprefix("torch.")
+        value = _DTYPE_ALIASES.get(name, getattr(torch, name, None))
+        if not isinstance(value, torch.dtype):
+            raise ValueError(f"dtype {dtype!r} is not a torch dtype: use float32, float16 or bfloat16")
+    if not value.is_floating_point:
+        raise ValueError(f"dtype must be a floating point type, got {dtype}")
+    return value
+
+
+def _checkpoint_dtype(dtype: Any, config: SegformerConfig, state: Mapping[str, torch.Tensor]) -> torch.dtype | None:
+    """from_pretrained's dtype: None (keep the checkpoint's), "auto" (the config's torch_dtype, else the
+    weights' own) or a name / dtype for :func:`resolve_dtype`."""
+    if dtype is None:
+        return None
+    if dtype == "auto":
+        name = config.extra.get("torch_dtype") or config.extra.get("dtype")
+        if name:
+            return resolve_dtype(name)
+        floats = [t.dtype for t in state.values() if t.is_floating_point()]
+        return floats[0] if floats else None
+    return resolve_dtype(dtype)
 
 
 # ----------------------------------------------------------------------------------------------- mixin
@@ -254,8 +276,9 @@ class PreTrainedMixin:
             raise ValueError(f"attn_implementation {attn_implementation!r}: use 'sdpa' or 'eager'")
         if attn_implementation == "eager":
             model.fast_path = False
-        target_dtype = _resolve_dtype(torch_dtype if torch_dtype is not None else dtype, config, state)
-        target_device = _resolve_device(device if device is not None else device_map)
+        target_dtype = _checkpoint_dtype(torch_dtype if torch_dtype is not None else dtype, config, state)
+        place = device if device is not None else device_map
+        target_device = select_device(place) if place is not None else None
         if target_dtype is not None or target_device is not None:
             model.to(device=target_device, dtype=target_dtype)
         model.eval()
@@ -297,8 +320,10 @@ class PreTrainedMixin:
         if info.missing_keys:
             logger.warning(
                 "Some weights of %s were not in %s and are newly initialised: %s. Train the model before use.",
-                name, source, ", ".join(_summarise(info.missing_keys)),
-            )  # fmt: skip
+                name,
+                source,
+                ", ".join(_summarise(info.missing_keys)),
+            )
         if info.unexpected_keys:
             logger.warning(
                 "Some weights of %s are not used by %s: %s.",
@@ -309,8 +334,9 @@ class PreTrainedMixin:
         if info.mismatched_keys:
             logger.warning(
                 "Some weights of %s were re-initialised because their shapes differ: %s.",
-                name, ", ".join(f"{k} {a}->{b}" for k, a, b in info.mismatched_keys),
-            )  # fmt: skip
+                name,
+                ", ".join(f"{k} {a}->{b}" for k, a, b in info.mismatched_keys),
+            )
         return info
 
     def save_pretrained(

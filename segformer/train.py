@@ -76,7 +76,7 @@ class TrainConfig:
     """Everything a run depends on; the defaults are the paper's ADE20K recipe (FACTS §6)."""
 
     data: str = ""
-    dataset: str = "auto"  # folder | ade20k | cityscapes | auto
+    dataset: str = "auto"  # folder | ade20k | cityscapes | hf | auto
     model: str | SegformerConfig = "b0"  # variant b0..b5, config.json, or a checkpoint dir / hub id
     output: str = "runs/segformer"
     # schedule and optimiser
@@ -103,6 +103,9 @@ class TrainConfig:
     ignore_index: int | None = None  # a stored mask value meaning "unlabelled" (255 always is)
     reduce_labels: bool | None = None  # ADE20K's 0 → ignored, k → k - 1; None: the data set's default
     class_weights: str = "none"  # none | auto (median-frequency from the training masks) | labels (labels.json)
+    image_column: str | None = None  # Hugging Face datasets: the columns (None: detected) and a labels.json
+    label_column: str | None = None
+    labels: str | None = None
     # model
     drop_path_rate: float | None = None  # None keeps the checkpoint's / variant's value
     dropout: float | None = None  # hidden, attention and classifier dropout; None keeps them
@@ -135,10 +138,16 @@ class TrainConfig:
         """The eval_* fields over the protocol of data-set kind ``kind`` (see segformer.evaluate.eval_options),
         validated: the one place where they become InferenceOptions."""
         return eval_options(
-            kind, mode=self.eval_mode, crop_size=self.eval_crop, stride=self.eval_stride,
-            short_side=self.eval_short_side, long_side=self.eval_long_side, align=self.eval_align,
-            scales=self.eval_scales, flip=self.eval_flip or None,
-        )  # fmt: skip
+            kind,
+            mode=self.eval_mode,
+            crop_size=self.eval_crop,
+            stride=self.eval_stride,
+            short_side=self.eval_short_side,
+            long_side=self.eval_long_side,
+            align=self.eval_align,
+            scales=self.eval_scales,
+            flip=self.eval_flip or None,
+        )
 
 
 # ----------------------------------------------------------------------------------------- recipe parts
@@ -168,12 +177,14 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
         groups.setdefault((is_head, id(p) in norm_params), []).append(p)
     out = []
     for (is_head, is_norm), params in sorted(groups.items()):
-        out.append({
-            "params": params,
-            "lr": cfg.lr * (cfg.head_lr_mult if is_head else 1.0),
-            "weight_decay": 0.0 if is_norm else cfg.weight_decay,
-            "name": f"{'head' if is_head else 'encoder'}{'/norm' if is_norm else ''}",
-        })  # fmt: skip
+        out.append(
+            {
+                "params": params,
+                "lr": cfg.lr * (cfg.head_lr_mult if is_head else 1.0),
+                "weight_decay": 0.0 if is_norm else cfg.weight_decay,
+                "name": f"{'head' if is_head else 'encoder'}{'/norm' if is_norm else ''}",
+            }
+        )
     return out
 
 
@@ -212,10 +223,14 @@ def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "numpy": {
+            "key": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
         "torch": torch.get_rng_state(),
-    }  # fmt: skip
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -244,8 +259,11 @@ def build_model(cfg: TrainConfig, id2label: dict[int, str]) -> SegformerForSeman
     if cfg.drop_path_rate is not None:
         overrides["drop_path_rate"] = cfg.drop_path_rate
     if cfg.dropout is not None:
-        overrides.update(hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
-                         classifier_dropout_prob=cfg.dropout)  # fmt: skip
+        overrides.update(
+            hidden_dropout_prob=cfg.dropout,
+            attention_probs_dropout_prob=cfg.dropout,
+            classifier_dropout_prob=cfg.dropout,
+        )
     spec = cfg.model
     if isinstance(spec, SegformerConfig):
         return SegformerForSemanticSegmentation(spec.copy(**overrides))
@@ -326,10 +344,14 @@ def check_config(cfg: TrainConfig, info: DistInfo) -> int:
 
 
 def _jsonable(cfg: TrainConfig) -> dict[str, Any]:
-    d = dataclasses.asdict(cfg) if not isinstance(cfg.model, SegformerConfig) else {
-        **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "model"},
-        "model": cfg.model.to_dict(),
-    }  # fmt: skip
+    d = (
+        dataclasses.asdict(cfg)
+        if not isinstance(cfg.model, SegformerConfig)
+        else {
+            **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "model"},
+            "model": cfg.model.to_dict(),
+        }
+    )
     return json.loads(json.dumps(d, default=str))
 
 
@@ -364,7 +386,14 @@ def build_data(cfg: TrainConfig, info: DistInfo) -> TrainData:
         flip_prob=cfg.flip_prob,
         photometric=cfg.photometric,
     )
-    labels = dict(kind=kind, ignore_index=cfg.ignore_index, reduce_labels=cfg.reduce_labels)
+    labels = dict(
+        kind=kind,
+        ignore_index=cfg.ignore_index,
+        reduce_labels=cfg.reduce_labels,
+        image_column=cfg.image_column,
+        label_column=cfg.label_column,
+        labels=cfg.labels,
+    )
     train_set, train_listing = build_dataset(cfg.data, "train", transform=transform, **labels)
     try:
         val_set, val_listing = build_dataset(cfg.data, "val", transform=eval_transform(), **labels)
@@ -551,8 +580,23 @@ def shareable_files(cfg: TrainConfig, data: TrainData, step: int, metrics: dict[
         or name.lower().removeprefix("mit-") in VARIANTS
         or name.endswith(".json")
     )
-    keys = ("model", "steps", "batch_size", "lr", "head_lr_mult", "weight_decay", "warmup_steps", "crop", "scale",
-            "ratio_range", "photometric", "drop_path_rate", "class_weights", "amp", "seed")  # fmt: skip
+    keys = (
+        "model",
+        "steps",
+        "batch_size",
+        "lr",
+        "head_lr_mult",
+        "weight_decay",
+        "warmup_steps",
+        "crop",
+        "scale",
+        "ratio_range",
+        "photometric",
+        "drop_path_rate",
+        "class_weights",
+        "amp",
+        "seed",
+    )
     recipe = {k: v for k, v in _jsonable(cfg).items() if k in keys}
     card = model_card(
         model_name=Path(cfg.output).name or "segformer",
@@ -693,15 +737,29 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         f"steps {run.step}→{cfg.steps}",
         info,
     )
-    log = RunLog(output, _jsonable(cfg), is_main=info.is_main, steps=cfg.steps, start=run.step,
-                 batch_size=cfg.batch_size, device=info.device, progress=cfg.progress)  # fmt: skip
+    log = RunLog(
+        output,
+        _jsonable(cfg),
+        is_main=info.is_main,
+        steps=cfg.steps,
+        start=run.step,
+        batch_size=cfg.batch_size,
+        device=info.device,
+        progress=cfg.progress,
+    )
     end = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
     batches, metrics = iter(loader), None
     while run.step < end:
         loss, lr = train_step(
-            model, batches, optim, cfg, info, step=run.step + 1, last_dir=output / "last",
+            model,
+            batches,
+            optim,
+            cfg,
+            info,
+            step=run.step + 1,
+            last_dir=output / "last",
             class_weights=data.class_weights,
-        )  # fmt: skip
+        )
         run.step += 1
         log.step(run.step, loss, lr, write=run.step % cfg.log_every == 0 or run.step == end)
         if data.val_set is not None and ((cfg.eval_every and run.step % cfg.eval_every == 0) or run.step == cfg.steps):

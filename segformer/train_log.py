@@ -193,9 +193,11 @@ class RunLog:
         colours = np.concatenate([palette, np.zeros((256 - len(palette) % 256, 3), np.uint8)])
         for row, (image, truth, pred) in zip(axes, rows, strict=True):
             for axis, shown, title in zip(
-                row, (image, colours[truth % 256], colours[pred % 256]), ("image", "ground truth", "prediction"),
+                row,
+                (image, colours[truth % 256], colours[pred % 256]),
+                ("image", "ground truth", "prediction"),
                 strict=True,
-            ):  # fmt: skip
+            ):
                 axis.imshow(shown)
                 axis.set_title(title)
                 axis.axis("off")

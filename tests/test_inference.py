@@ -232,11 +232,12 @@ def test_every_command_declares_the_same_inference_options():
 
     parser = build_parser()
     predict = parser.parse_args(["predict", "x.png", "-o", "o"])
-    assert inference_options_from_args(predict) == SegformerPredictor.default_options
+    base = SegformerPredictor.default_options
+    assert inference_options_from_args(predict, base=base) == base  # nothing given: the predictor's defaults
     predict = parser.parse_args(["predict", "x.png", "-o", "o", "--mode", "slide", "--crop-size", "64",
                                  "--stride", "48,40", "--align", "16", "--scales", "0.5,1", "--flip"])  # fmt: skip
     want = InferenceOptions(mode="slide", crop_size=64, stride=(48, 40), align=16, scales=(0.5, 1.0), flip=True)
-    assert inference_options_from_args(predict) == want
+    assert inference_options_from_args(predict, base=base) == want
     ev = parser.parse_args(["eval", "--data", "d", "--model", "m", "--mode", "slide", "--crop", "64", "64",
                             "--stride", "48", "40", "--align", "16", "--scales", "0.5", "1", "--flip"])  # fmt: skip
     assert inference_options_from_args(ev) == want

@@ -23,11 +23,10 @@ from segformer.predict import (
     DEFAULT_MODEL,
     ImageError,
     SegformerPredictor,
-    collect_images,
     load_image,
-    predict_to_folder,
     segment,
 )
+from segformer.predict_folder import collect_images, predict_to_folder
 
 K = 5
 ROOT = Path(__file__).resolve().parents[1]

@@ -317,6 +317,11 @@ def test_checkpoints_are_complete_and_shareable(data, tiny_json, tmp_path):
         assert options.mode == "slide" and options.crop_size == (48, 48) and options.stride == (32, 32)
         processor = json.loads((folder / "preprocessor_config.json").read_text())
         assert processor["size"] == {"height": 48, "width": 48} and processor["do_reduce_labels"] is False
+    # predict and eval take the run's protocol by default
+    from segformer.predict import SegformerPredictor
+
+    assert SegformerPredictor(str(best), device="cpu").options == load_inference_options(best)
+    assert SegformerPredictor(str(best), device="cpu", mode="whole").options.mode == "whole"  # unless told
     card = (best / "README.md").read_text()
     miou = json.loads((best / "eval.json").read_text())["mIoU"]
     assert card.startswith("---\nlibrary_name: segformer") and f"value: {miou:.4f}" in card

@@ -61,7 +61,8 @@ def non_negative_int(text: str) -> int:
 
 
 def add_label_arguments(parser: argparse.ArgumentParser) -> None:
-    """--ignore-index and --reduce-labels: how a data set's stored mask values become classes."""
+    """--ignore-index, --reduce-labels (how stored mask values become classes) and, for Hugging Face datasets,
+    --image-column, --label-column, --labels."""
     parser.add_argument(
         "--ignore-index",
         type=non_negative_int,
@@ -75,6 +76,11 @@ def add_label_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="ADE20K's label reduction: mask value 0 means 'other' (ignored) and value k is class k-1 "
         '(default: on for ADE20K, else labels.json\'s "reduce_labels", else off)',
+    )
+    parser.add_argument("--image-column", help="Hugging Face dataset: the image column (default: detected)")
+    parser.add_argument("--label-column", help="Hugging Face dataset: the mask column (default: detected)")
+    parser.add_argument(
+        "--labels", help="Hugging Face dataset: a labels.json with the class names (default: one beside the data)"
     )
 
 
@@ -92,6 +98,7 @@ def add_inference_arguments(
     *,
     defaults: dict[str, Any] | None = None,
     one_word_sizes: bool = False,
+    protocol: str = "the data set protocol (folder: whole)",
 ) -> None:
     """The options of :class:`segformer.inference.InferenceOptions`, each as ``--{prefix}NAME``: mode, crop,
     stride, short-side, long-side, align, scales, flip; read them back with :func:`inference_options_from_args`.
@@ -99,7 +106,8 @@ def add_inference_arguments(
     ``defaults`` (InferenceOptions fields, e.g. {"mode": "aligned"}) over InferenceOptions' own become the
     options' defaults; without it every option defaults to None ("not given": ``segformer eval`` and
     ``segformer train`` then take the data set's protocol). ``one_word_sizes``: ``--crop-size N|H,W`` and
-    ``--stride N|H,W`` (``segformer predict``) instead of ``--crop H W`` and ``--stride H W``.
+    ``--stride N|H,W`` (``segformer predict``) instead of ``--crop H W`` and ``--stride H W``. ``protocol``:
+    what the mode defaults to when ``defaults`` is None (for the help text).
     """
     from segformer.inference import MODES, InferenceOptions
 
@@ -126,7 +134,7 @@ def add_inference_arguments(
         default=default("mode"),
         help=f"whole: the image as is; aligned: resize keeping the ratio to fit {dash}long-side x {dash}short-side "
         f"and round the sides up to multiples of {dash}align (ADE20K); slide: {crop} windows at {dash}stride "
-        f"(Cityscapes). Default: {shown('mode', 'the data set protocol (folder: whole)')}",
+        f"(Cityscapes). Default: {shown('mode', protocol)}",
     )
     size: dict[str, Any] = (
         dict(type=pair_arg, metavar="N|H,W") if one_word_sizes else dict(type=int, nargs=2, metavar=("H", "W"))

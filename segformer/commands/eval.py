@@ -20,12 +20,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "  segformer eval --data cityscapes --model runs/city/best --mode slide --scales 0.5 1.0 1.5 --flip",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--data", required=True, type=Path, help="data directory (folder layout, ADE20K or Cityscapes)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="data: a folder layout, ADE20K or Cityscapes directory, or a "
+        "Hugging Face dataset (save_to_disk folder, parquet folder, hub id)",
+    )
     p.add_argument("--model", required=True, help="checkpoint directory (save_pretrained layout) or hub id")
     p.add_argument(
         "--dataset",
         default="auto",
-        choices=["auto", "folder", "ade20k", "cityscapes"],
+        choices=["auto", "folder", "ade20k", "cityscapes", "hf"],
         help="data layout (default: detected)",
     )
     p.add_argument("--split", default="val", help="split to evaluate: train, val or test (default: val)")
@@ -52,7 +57,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         kind = detect_kind(args.data) if args.dataset == "auto" else args.dataset
         dataset, _ = build_dataset(
-            args.data, args.split, kind=kind, ignore_index=args.ignore_index, reduce_labels=args.reduce_labels
+            args.data,
+            args.split,
+            kind=kind,
+            ignore_index=args.ignore_index,
+            reduce_labels=args.reduce_labels,
+            image_column=args.image_column,
+            label_column=args.label_column,
+            labels=args.labels,
         )
         model = load_model_for_eval(args.model, info.device)
         # the checkpoint's own protocol (inference_config.json, written by segformer train), else the data set's;

@@ -78,9 +78,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--output", "-o", type=Path, required=True, help="output folder (created if missing)")
     p.add_argument("--recursive", "-r", action="store_true", help="descend into sub-folders (mirrored in output)")
-    # --mode (default aligned), --crop-size N|H,W, --stride N|H,W, --short-side, --long-side, --align, --scales,
-    # --flip: SegformerPredictor.default_options (kept equal to these defaults by a test)
-    add_inference_arguments(p, defaults={"mode": "aligned"}, one_word_sizes=True)
+    # --mode, --crop-size N|H,W, --stride N|H,W, --short-side, --long-side, --align, --scales, --flip: not given,
+    # they keep the checkpoint's protocol (inference_config.json), else SegformerPredictor.default_options
+    add_inference_arguments(
+        p,
+        one_word_sizes=True,
+        protocol="the checkpoint's own protocol (inference_config.json, written by segformer train), else aligned",
+    )
     p.add_argument("--batch-size", "-b", type=_positive, default=1, help="images per forward pass (1)")
     p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps")
     p.add_argument(
@@ -104,7 +108,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from segformer.distributed import cleanup, init_distributed, launched_by_torchrun
-    from segformer.predict import SegformerPredictor, collect_images, predict_to_folder
+    from segformer.predict import SegformerPredictor
+    from segformer.predict_folder import collect_images, predict_to_folder
 
     collect_images(args.inputs, recursive=args.recursive)  # usage errors before any model is loaded
     device = None if args.device == "auto" else args.device
@@ -116,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
             args.model,
             device=info.device if info is not None else device,
             dtype=args.dtype,
-            options=inference_options_from_args(args),
+            options=inference_options_from_args(args, base=SegformerPredictor.stored_options(args.model)),
             batch_size=args.batch_size,
             max_pixels=args.max_pixels or None,
             min_size=args.min_size,

@@ -30,17 +30,30 @@ EPILOG = """examples:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Every option of the recipe (segformer.train.TrainConfig); unset options keep the paper's defaults."""
     g = p.add_argument_group("data and model")
-    g.add_argument("--data", required=True, help="data directory: folder layout (images/, annotations/, "
-                   "labels.json), ADEChallengeData2016 or Cityscapes")  # fmt: skip
-    g.add_argument("--dataset", choices=["auto", "folder", "ade20k", "cityscapes"], help="layout (default: detected)")
-    g.add_argument("--model", help="variant b0..b5 (fresh weights), a config.json, or a checkpoint directory / hub "
-                   "id: an ImageNet encoder (nvidia/mit-b0) or a fine-tuned model (its head is re-initialised "
-                   "for a different label set). Default: b0")  # fmt: skip
+    g.add_argument(
+        "--data",
+        required=True,
+        help="data: a folder layout (images/, annotations/, labels.json), "
+        "ADEChallengeData2016, Cityscapes, or a Hugging Face dataset (save_to_disk folder, parquet "
+        "folder, hub id)",
+    )
+    g.add_argument(
+        "--dataset", choices=["auto", "folder", "ade20k", "cityscapes", "hf"], help="layout (default: detected)"
+    )
+    g.add_argument(
+        "--model",
+        help="variant b0..b5 (fresh weights), a config.json, or a checkpoint directory / hub "
+        "id: an ImageNet encoder (nvidia/mit-b0) or a fine-tuned model (its head is re-initialised "
+        "for a different label set). Default: b0",
+    )
     g.add_argument("--output", help="run directory (default: runs/segformer)")
     g.add_argument("--resume", help="'auto' (continue the run in --output) or a run's last/ directory")
-    g.add_argument("--check-data", choices=["full", "headers", "off"],
-                   help="before training, open every file and check pairs, sizes and label values (full, "
-                        "default), only read headers, or skip")  # fmt: skip
+    g.add_argument(
+        "--check-data",
+        choices=["full", "headers", "off"],
+        help="before training, open every file and check pairs, sizes and label values (full, "
+        "default), only read headers, or skip",
+    )
     g = p.add_argument_group("labels")
     add_label_arguments(g)  # --ignore-index N, --reduce-labels
     g.add_argument(
@@ -64,21 +77,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-lr", type=float, help="final learning rate (default 0)")
     g = p.add_argument_group("augmentation (defaults: the paper's train pipeline)")
     g.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), help="random crop size (default 512 512)")
-    g.add_argument("--scale", type=int, nargs=2, metavar=("LONG", "SHORT"),
-                   help="resize target before the random ratio (default 2048 512; Cityscapes 2048 1024; "
-                        "0 0: the image's own size)")  # fmt: skip
+    g.add_argument(
+        "--scale",
+        type=int,
+        nargs=2,
+        metavar=("LONG", "SHORT"),
+        help="resize target before the random ratio (default 2048 512; Cityscapes 2048 1024; "
+        "0 0: the image's own size)",
+    )
     g.add_argument("--ratio-range", type=float, nargs=2, metavar=("LO", "HI"), help="random ratio (default 0.5 2.0)")
     g.add_argument("--cat-max-ratio", type=float, help="crop retry threshold for one class (default 0.75)")
     g.add_argument("--flip-prob", type=float, help="horizontal flip probability (default 0.5)")
-    g.add_argument("--no-photometric", dest="photometric", action="store_false", default=None,
-                   help="turn the photometric distortion off")  # fmt: skip
+    g.add_argument(
+        "--no-photometric",
+        dest="photometric",
+        action="store_false",
+        default=None,
+        help="turn the photometric distortion off",
+    )
     g = p.add_argument_group("model options")
     g.add_argument("--drop-path-rate", type=float, help="stochastic depth (default: the checkpoint's, 0.1)")
     g.add_argument("--dropout", type=float, help="hidden, attention and classifier dropout (default: the checkpoint's)")
     g.add_argument("--sync-bn", action="store_true", default=None, help="synchronise BatchNorm over processes")
-    g.add_argument("--gradient-checkpointing", action="store_true", default=None,
-                   help="recompute each block's activations in the backward pass: less memory for large crops, "
-                   "same gradients, slower")  # fmt: skip
+    g.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        default=None,
+        help="recompute each block's activations in the backward pass: less memory for large crops, "
+        "same gradients, slower",
+    )
     g = p.add_argument_group("loop")
     g.add_argument("--amp", choices=["none", "bf16", "fp16"], help="mixed precision (fp16 on CUDA only; default none)")
     g.add_argument("--eval-every", type=int, help="evaluate every N steps, 0: only at the end (default 16000)")

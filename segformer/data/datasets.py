@@ -38,7 +38,7 @@ from ..labels import ADE20K_CLASSES, CITYSCAPES_CLASSES, reduce_labels
 from .transforms import eval_transform
 
 SPLIT_ALIASES = (("train", "training"), ("val", "validation"), ("test", "testing"))
-KINDS = ("folder", "ade20k", "cityscapes")
+KINDS = ("folder", "ade20k", "cityscapes", "hf")
 
 
 # ------------------------------------------------------------------------------------------- listing
@@ -258,7 +258,12 @@ def read_labels_json(path: str | os.PathLike) -> dict[int, str]:
 
 def detect_kind(root: str | os.PathLike) -> str:
     """ "cityscapes" when ``root`` has leftImg8bit/ and gtFine/, "ade20k" for ADEChallengeData2016 (no
-    labels.json, training/validation folders), else "folder"."""
+    labels.json, training/validation folders), "hf" for a Hugging Face dataset (a save_to_disk or parquet
+    folder, or a hub id), else "folder"."""
+    from .hf import looks_like_hf_dataset
+
+    if looks_like_hf_dataset(root):
+        return "hf"
     root = Path(root)
     if (root / "leftImg8bit").is_dir() and (root / "gtFine").is_dir():
         return "cityscapes"
@@ -320,9 +325,44 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def num_labels(self) -> int:
         return len(self.id2label)
 
+    def read_stored_mask(self, index: int) -> np.ndarray:
+        """The mask of sample ``index`` as stored: (H, W) values, or (H, W, 3) colours with a palette."""
+        return load_mask(self.pairs[index][1], colours=self.spec.palette is not None)
+
     def read_mask(self, index: int) -> np.ndarray:
         """(H, W) int64 training ids of sample ``index`` (0..K-1, or 255 for ignored pixels)."""
-        return self.spec.to_train_ids(load_mask(self.pairs[index][1], colours=self.spec.palette is not None))
+        return self.spec.to_train_ids(self.read_stored_mask(index))
+
+    def mask_name(self, index: int) -> str:
+        """How problems with sample ``index``'s mask are reported: its path."""
+        return str(self.pairs[index][1])
+
+    def check_item(self, index: int, check_values: bool) -> list[str]:
+        """Problems of sample ``index`` (one line each, naming the file): unreadable files, an image and a mask
+        of different sizes, and (``check_values``) mask values no label rule covers."""
+        image_path, mask_path = self.pairs[index]
+        problems = []
+        try:
+            with Image.open(image_path) as im:
+                image_size = im.size
+                im.verify() if not check_values else im.load()
+        except Exception as exc:
+            problems.append(f"{image_path}: unreadable image ({str(exc).strip() or type(exc).__name__})")
+            image_size = None
+        try:
+            with Image.open(mask_path) as im:
+                mask_size = im.size
+            if check_values:
+                problems += check_values_of(self, index)
+        except Exception as exc:
+            problems.append(f"{mask_path}: unreadable mask ({str(exc).strip() or type(exc).__name__})")
+            mask_size = None
+        if image_size and mask_size and image_size != mask_size:
+            problems.append(
+                f"{image_path}: image is {image_size[0]}x{image_size[1]} but its mask {mask_path.name} is "
+                f"{mask_size[0]}x{mask_size[1]}"
+            )
+        return problems
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -348,11 +388,30 @@ def build_dataset(
     transform: Transform | None = None,
     ignore_index: int | None = None,
     reduce_labels: bool | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    labels: str | os.PathLike | None = None,
 ) -> tuple[SegmentationDataset, Listing]:
     """The data set of one split of ``root`` and its listing (whose unpaired files :func:`check_dataset`
     reports). ``kind``: "folder", "ade20k", "cityscapes" or "auto" (:func:`detect_kind`). ``ignore_index``:
     another stored mask value meaning "unlabelled" (255 always does); ``reduce_labels``: ADE20K's label
-    reduction (None: the layout's default, or labels.json's ``reduce_labels``)."""
+    reduction (None: the layout's default, or labels.json's ``reduce_labels``). ``kind="hf"`` (detected for
+    ``save_to_disk`` folders, parquet folders and hub ids): a Hugging Face dataset (:mod:`segformer.data.hf`),
+    with ``image_column`` / ``label_column`` (default: detected) and ``labels`` (a labels.json)."""
+    from .hf import build_hf_dataset, looks_like_hf_dataset
+
+    if kind == "hf" or (kind == "auto" and looks_like_hf_dataset(root)):
+        dataset = build_hf_dataset(
+            root,
+            split,
+            transform=transform,
+            image_column=image_column,
+            label_column=label_column,
+            labels=labels,
+            ignore_index=ignore_index,
+            reduce_labels=reduce_labels,
+        )
+        return dataset, Listing()
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"{root}: no such data directory")
@@ -395,35 +454,9 @@ class DatasetReport:
         return "\n".join(lines)
 
 
-def _check_pair(dataset: SegmentationDataset, index: int, check_values: bool) -> list[str]:
-    image_path, mask_path = dataset.pairs[index]
-    problems = []
-    try:
-        with Image.open(image_path) as im:
-            image_size = im.size
-            im.verify() if not check_values else im.load()
-    except Exception as exc:
-        problems.append(f"{image_path}: unreadable image ({str(exc).strip() or type(exc).__name__})")
-        image_size = None
-    try:
-        with Image.open(mask_path) as im:
-            mask_size = im.size
-        if check_values:
-            problems += _check_values(dataset, index)
-    except Exception as exc:
-        problems.append(f"{mask_path}: unreadable mask ({str(exc).strip() or type(exc).__name__})")
-        mask_size = None
-    if image_size and mask_size and image_size != mask_size:
-        problems.append(
-            f"{image_path}: image is {image_size[0]}x{image_size[1]} but its mask {mask_path.name} is "
-            f"{mask_size[0]}x{mask_size[1]}"
-        )
-    return problems
-
-
-def _check_values(dataset: SegmentationDataset, index: int) -> list[str]:
-    """Mask values no rule of the label spec covers, with the option that would cover them."""
-    mask_path = dataset.pairs[index][1]
+def check_values_of(dataset: SegmentationDataset, index: int) -> list[str]:
+    """Mask values of sample ``index`` that no rule of the label spec covers, with the option that would."""
+    mask_path = dataset.mask_name(index)
     ids = dataset.read_mask(index)
     values = np.unique(ids)
     bad = values[(values != IGNORE_INDEX) & ((values < 0) | (values >= dataset.num_labels))]
@@ -431,7 +464,7 @@ def _check_values(dataset: SegmentationDataset, index: int) -> list[str]:
         return []
     last = dataset.num_labels - 1
     if dataset.spec.palette is not None and -1 in bad:
-        raw = load_mask(mask_path, colours=True)
+        raw = dataset.read_stored_mask(index)
         colours = np.unique(raw[ids == -1].reshape(-1, 3), axis=0)[:4]
         shown = ", ".join(str(list(map(int, c))) for c in colours)
         return [f'{mask_path}: colour(s) {shown} not in the "palette" of labels.json']
@@ -462,7 +495,7 @@ def check_dataset(
         report.problems += [f"{p}: mask without an image" for p in listing.unpaired_masks]
     # PIL decoding releases the GIL: threads make the check of a large set I/O-bound, not CPU-bound.
     with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
-        for problems in pool.map(lambda i: _check_pair(dataset, i, check_values), range(len(dataset))):
+        for problems in pool.map(lambda i: dataset.check_item(i, check_values), range(len(dataset))):
             report.problems += problems
     return report
 

@@ -1,0 +1,239 @@
+"""Hugging Face ``datasets`` as training and evaluation data (``pip install "segformer[datasets]"``).
+
+``--data`` (and :func:`build_hf_dataset`) accepts what the Transformers fine-tuning guides keep data in:
+
+- a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``;
+- a folder of parquet files (``train-00000-of-00001.parquet``, ``data/validation-*.parquet``, ... as the hub
+  stores them);
+- a hub id (``scene_parse_150``, ``owner/name``), resolved through the local cache (``HF_DATASETS_OFFLINE=1``
+  / ``HF_HUB_OFFLINE=1`` work as usual).
+
+Columns are detected (images: ``image``, ``pixel_values``, ``img``; masks: ``annotation``, ``label``,
+``mask``, ``semantic_map``, ``segmentation``, ...) or named (``image_column``, ``label_column``); splits map
+``train`` / ``val`` (``validation``, ``valid``, ``dev``) / ``test``. Class names come from a ``labels.json``
+(or ``id2label.json``) beside the data, or from ``labels=`` (the same formats as the folder layout's); without
+either, the classes are numbered 0..max mask value. Masks are the same as on disk: one-band images of class
+ids, or colour-coded with a ``palette``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ..images import to_rgb
+from .datasets import IGNORE_INDEX, LabelSpec, SegmentationDataset, Transform, check_values_of, read_label_spec
+
+IMAGE_COLUMNS = ("image", "pixel_values", "img", "images", "input_image")
+LABEL_COLUMNS = (
+    "annotation",
+    "label",
+    "mask",
+    "semantic_map",
+    "segmentation",
+    "seg_map",
+    "labels",
+    "semantic_segmentation",
+    "segmentation_mask",
+    "gt",
+    "target",
+)
+SPLITS = {"train": ("train", "training"), "val": ("validation", "val", "valid", "dev"), "test": ("test", "testing")}
+
+
+def _require_datasets() -> Any:
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(
+            'reading a Hugging Face dataset needs the datasets package: pip install "segformer[datasets]"'
+        ) from None
+    return datasets
+
+
+def looks_like_hf_dataset(source: str | os.PathLike) -> bool:
+    """A ``save_to_disk`` folder, a folder holding parquet files, or (not a path at all) a hub id."""
+    path = Path(source)
+    if not path.exists():
+        text = str(source)
+        return "/" not in text.strip("/") or (text.count("/") == 1 and not text.startswith((".", "/", "~")))
+    if not path.is_dir():
+        return False
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        return True
+    return any(path.glob("*.parquet")) or any(path.glob("*/*.parquet"))
+
+
+def _load(source: str | os.PathLike) -> Any:
+    """A DatasetDict (or a Dataset, for one saved split) from a save_to_disk folder, parquet files or a hub id.
+    A hub id is loaded by ``datasets``; when that cannot reach the hub (offline), its files are taken from the
+    local Hugging Face cache (``huggingface_hub`` snapshot) and loaded from there."""
+    datasets = _require_datasets()
+    path = Path(source)
+    try:
+        if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+            return datasets.load_from_disk(str(path))
+        if path.is_dir():
+            return datasets.load_dataset(str(path))
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        raise ValueError(f"{source}: cannot load as a Hugging Face dataset ({str(exc).splitlines()[0]})") from None
+    try:
+        return datasets.load_dataset(str(source))
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as exc:
+        first = str(exc).splitlines()[0]
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = snapshot_download(repo_id=str(source), repo_type="dataset", local_files_only=True)
+    except Exception:
+        raise ValueError(
+            f"{source}: not a local folder, and not loadable as a hub data set ({first}); offline, it must be in "
+            "the Hugging Face cache"
+        ) from None
+    return datasets.load_dataset(local)
+
+
+def _split(data: Any, split: str, source: str | os.PathLike) -> Any:
+    if not hasattr(data, "keys"):  # one Dataset: it is the training split
+        if split == "train":
+            return data
+        raise ValueError(f"{source}: a single saved split (no {split} split); save a DatasetDict with one")
+    for name in SPLITS.get(split, (split,)):
+        if name in data:
+            return data[name]
+    raise ValueError(f"{source}: no {split} split (it has {', '.join(data.keys())})")
+
+
+def _column(names: list[str], given: str | None, candidates: tuple[str, ...], what: str, source: Any) -> str:
+    if given is not None:
+        if given not in names:
+            raise ValueError(f"{source}: no column {given!r} ({what}); columns: {', '.join(names)}")
+        return given
+    found = next((c for c in candidates if c in names), None)
+    if found is None:
+        option = "--image-column" if what == "images" else "--label-column"
+        raise ValueError(f"{source}: no {what} column found among {', '.join(names)}; name it with {option}")
+    return found
+
+
+class HFSegmentationDataset(SegmentationDataset):
+    """A split of a Hugging Face dataset, as a :class:`SegmentationDataset` (same transforms, labels, check)."""
+
+    def __init__(
+        self,
+        table: Any,
+        image_column: str,
+        label_column: str,
+        labels: LabelSpec,
+        *,
+        transform: Transform | None,
+        name: str,
+    ):
+        super().__init__([], labels, transform=transform, name=name)
+        self.table, self.image_column, self.label_column = table, image_column, label_column
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def _cell(self, index: int, column: str) -> Image.Image | np.ndarray:
+        value = self.table[int(index)][column]
+        if isinstance(value, dict) and ("bytes" in value or "path" in value):  # an undecoded Image feature
+            import io
+
+            value = Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
+        return value if isinstance(value, Image.Image) else np.asarray(value)
+
+    def read_stored_mask(self, index: int) -> np.ndarray:
+        mask = self._cell(index, self.label_column)
+        if isinstance(mask, Image.Image):
+            if self.spec.palette is not None and mask.mode in ("RGB", "RGBA", "P"):
+                return np.asarray(mask.convert("RGB"))
+            if mask.mode not in ("P", "L", "1", "I", "I;16", "I;16B", "I;16L"):
+                hint = ' (colour-coded masks need a "palette")' if mask.mode in ("RGB", "RGBA") else ""
+                raise ValueError(f"a mask must be a one-band image of class ids, got mode {mask.mode}{hint}")
+            mask = np.asarray(mask if mask.mode != "1" else mask.convert("L"))
+        return np.asarray(mask)
+
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        image = self._cell(index, self.image_column)
+        rgb = np.asarray(to_rgb(image)) if isinstance(image, Image.Image) else np.asarray(image, dtype=np.uint8)
+        return rgb, self.read_mask(index)
+
+    def mask_name(self, index: int) -> str:
+        return f"{self.name}[{index}].{self.label_column}"
+
+    def check_item(self, index: int, check_values: bool) -> list[str]:
+        try:
+            image, mask = self.read(index)
+        except Exception as exc:
+            return [f"{self.name}[{index}]: unreadable ({str(exc).strip() or type(exc).__name__})"]
+        problems = []
+        if image.shape[:2] != mask.shape[:2]:
+            problems.append(
+                f"{self.name}[{index}]: image is {image.shape[1]}x{image.shape[0]} but its mask is "
+                f"{mask.shape[1]}x{mask.shape[0]}"
+            )
+        if check_values:
+            problems += check_values_of(self, index)
+        return problems
+
+
+def _labels(
+    source: str | os.PathLike,
+    labels: str | os.PathLike | None,
+    table: Any,
+    label_column: str,
+    ignore_index: int | None,
+    reduce_labels: bool | None,
+) -> LabelSpec:
+    """The label spec: ``labels`` (a labels.json), one beside the data, else numbered classes 0..max value."""
+    candidates = [Path(labels)] if labels is not None else []
+    if Path(source).is_dir():
+        candidates += [Path(source) / "labels.json", Path(source) / "id2label.json"]
+    for path in candidates:
+        if path.is_file() or labels is not None:
+            return read_label_spec(path, ignore_index=ignore_index, reduce=reduce_labels)
+    top = 0
+    ignored = {IGNORE_INDEX, *([] if ignore_index is None else [ignore_index])}
+    for index in range(len(table)):
+        values = np.unique(np.asarray(table[index][label_column]))
+        values = values[~np.isin(values, list(ignored))]
+        top = max(top, int(values.max()) if len(values) else 0)
+    reduce = bool(reduce_labels)
+    count = top if reduce else top + 1
+    ignores = tuple(sorted(ignored))
+    return LabelSpec({i: f"class_{i}" for i in range(count)}, ignore_values=ignores, reduce_labels=reduce)
+
+
+def build_hf_dataset(
+    source: str | os.PathLike,
+    split: str = "train",
+    *,
+    transform: Transform | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    labels: str | os.PathLike | None = None,
+    ignore_index: int | None = None,
+    reduce_labels: bool | None = None,
+) -> HFSegmentationDataset:
+    """One split of a Hugging Face dataset (see the module docstring) as a :class:`SegmentationDataset`."""
+    data = _load(source)
+    table = _split(data, split, source)
+    names = list(table.column_names)
+    image_col = _column(names, image_column, IMAGE_COLUMNS, "images", source)
+    label_col = _column(names, label_column, LABEL_COLUMNS, "masks", source)
+    if len(table) == 0:
+        raise ValueError(f"{source}: the {split} split is empty")
+    try:  # numbered classes are counted on the training split, so that every split agrees
+        counted = _split(data, "train", source)
+    except ValueError:
+        counted = table
+    spec = _labels(source, labels, counted, label_col, ignore_index, reduce_labels)
+    return HFSegmentationDataset(table, image_col, label_col, spec, transform=transform, name=f"hf:{source}:{split}")
+
+
+__all__ = ["HFSegmentationDataset", "IMAGE_COLUMNS", "LABEL_COLUMNS", "build_hf_dataset", "looks_like_hf_dataset"]

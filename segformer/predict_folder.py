@@ -1,0 +1,378 @@
+"""The ``segformer predict`` program: files, folders and globs in; label PNGs, overlays, a summary and a legend out.
+
+>>> from segformer.predict import SegformerPredictor
+>>> from segformer.predict_folder import predict_to_folder
+>>> report = predict_to_folder(SegformerPredictor("./my-checkpoint"), ["photos/"], "masks/", recursive=True)
+>>> [(r.image, r.error) for r in report.failures]                 # each one reported and skipped
+
+Built on :class:`~segformer.predict.SegformerPredictor` (its public ``predict_iter_with_images``). Every output
+is written atomically (a temporary name, then a rename), so a killed run leaves only complete files and
+``skip_existing`` resumes it. Under ``torchrun`` each rank takes every world_size-th image of the sorted list;
+the records are gathered over torch.distributed and rank 0 writes the summary and the legend.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .distributed import is_distributed
+from .fileio import atomic_write, atomic_write_text
+from .hub import first_line
+from .images import IMAGE_EXTENSIONS, ImageError
+from .predict import SegformerPredictor, Segmentation
+from .visualize import colorize, label_image, legend, overlay, side_by_side
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+def _has_magic(text: str) -> bool:
+    return any(c in text for c in "*?[")
+
+
+def collect_images(inputs: Sequence[str | os.PathLike], *, recursive: bool = False) -> list[tuple[Path, Path]]:
+    """Files, folders and glob patterns → sorted, de-duplicated ``(path, relative output path)`` pairs.
+
+    A file is taken whatever its name (and reported later if it is not an image). Folders give the files with
+    an image extension (:data:`IMAGE_EXTENSIONS`) directly inside them, or below them with ``recursive``; the
+    relative path keeps the sub-folders. Globs (``**`` allowed) are expanded here when the shell did not,
+    relative to the folder before the first wildcard. A path that matches nothing is kept, so that it is
+    reported as missing. Raises ValueError when nothing at all is found."""
+    found: dict[Path, Path] = {}
+    for item in inputs:
+        text = os.fspath(item)
+        path = Path(text).expanduser()
+        if path.is_dir():
+            pattern = "**/*" if recursive else "*"
+            for f in sorted(path.glob(pattern)):
+                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith("."):
+                    found.setdefault(f.resolve(), f.relative_to(path))
+        elif not path.exists() and _has_magic(text):
+            parts = Path(text).parts
+            base = Path(*[p for p in parts[: next(i for i, p in enumerate(parts) if _has_magic(p))]] or ["."])
+            for m in sorted(glob.glob(text, recursive=True)):
+                f = Path(m)
+                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
+                    found.setdefault(f.resolve(), f.relative_to(base) if f.is_relative_to(base) else Path(f.name))
+        else:
+            found.setdefault(path.resolve() if path.exists() else path, Path(path.name))
+    if not found:
+        raise ValueError(f"no images found in {', '.join(os.fspath(i) for i in inputs) or 'the inputs'}")
+    return sorted(found.items(), key=lambda kv: str(kv[0]))
+
+
+# ----------------------------------------------------------------------------------------------- records
+@dataclass
+class ImageRecord:
+    """One image of a folder run: where it came from and went, its status and its class areas."""
+
+    image: str
+    label: str | None
+    status: str  # "ok", "skipped" (outputs existed) or "failed"
+    width: int = 0
+    height: int = 0
+    pixels: list[int] = field(default_factory=list)  # (K,) pixel count per class id
+    error: str | None = None
+    rank: int = 0  # the torchrun rank that handled it
+
+
+@dataclass
+class RunReport:
+    """What :func:`predict_to_folder` did: one record per input (all ranks), the output folder and files."""
+
+    records: list[ImageRecord]
+    output: Path
+    class_names: list[str]
+
+    @property
+    def failures(self) -> list[ImageRecord]:
+        return [r for r in self.records if r.status == "failed"]
+
+
+# ----------------------------------------------------------------------------------------------- outputs
+def _output_stems(items: list[tuple[Path, Path]]) -> list[Path]:
+    """Relative output stems (no suffix). Inputs that share a stem (a.jpg, a.png) keep their extension
+    (a_jpg, a_png); a clash that remains is a ValueError naming both inputs."""
+    plain = [rel.with_suffix("") for _, rel in items]
+    counts: dict[Path, int] = {}
+    for s in plain:
+        counts[s] = counts.get(s, 0) + 1
+    stems = [
+        s if counts[s] == 1 else rel.with_name(rel.name.replace(".", "_"))
+        for s, (_, rel) in zip(plain, items, strict=True)
+    ]
+    seen: dict[Path, Path] = {}
+    reserved = {Path("summary"), Path("legend")}
+    for stem, (src, _) in zip(stems, items, strict=True):
+        if stem in reserved:
+            raise ValueError(f"{src}: its output name would clash with the run's {stem}.* files; rename it")
+        if stem in seen:
+            raise ValueError(f"{seen[stem]} and {src} would both be written as {stem}.png; pass them separately")
+        seen[stem] = src
+    return stems
+
+
+def _save(path: Path, image: Image.Image, fmt: str, **params: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: image.save(tmp, format=fmt, **params))
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.save would append ".npy" to the temporary name
+            np.save(fh, array)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, write)
+
+
+def _read_labels(path: Path) -> np.ndarray | None:
+    """A label PNG written earlier, or None if it is missing or unreadable (then it is predicted again)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return np.asarray(img)
+    except Exception:
+        return None
+
+
+@dataclass(frozen=True)
+class _Outputs:
+    """Where the files of one image go: ``paths(stem)`` names each file the run writes for it."""
+
+    folder: Path
+    overlay_format: str = "jpg"
+    side_by_side_image: bool = False
+    save_probs: bool = False
+
+    def paths(self, stem: Path) -> dict[str, Path]:
+        p = {"label": self.folder / f"{stem}.png", "overlay": self.folder / f"{stem}_overlay.{self.overlay_format}"}
+        if self.side_by_side_image:
+            p["side"] = self.folder / f"{stem}_side.jpg"
+        if self.save_probs:
+            p["probs"] = self.folder / f"{stem}_probs.npy"
+        return p
+
+
+def _gather(records: list[tuple[int, ImageRecord]]) -> list[tuple[int, ImageRecord]]:
+    """Every rank's records, on every rank (one process: unchanged)."""
+    if not is_distributed():
+        return records
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, [(i, asdict(r)) for i, r in records])
+    return [(i, ImageRecord(**r)) for part in parts for i, r in part]
+
+
+# ----------------------------------------------------------------------------------------------- the run
+def predict_to_folder(
+    predictor: SegformerPredictor,
+    inputs: Sequence[str | os.PathLike],
+    output: str | os.PathLike,
+    *,
+    recursive: bool = False,
+    alpha: float = 0.5,
+    overlay_format: str = "jpg",
+    side_by_side_image: bool = False,
+    save_probs: bool = False,
+    skip_existing: bool = False,
+    progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+) -> RunReport:
+    """Segment files / folders / globs and write, per image (sub-folders mirrored under ``output``):
+
+    - ``NAME.png``: the label map, palette PNG with pixel value = class id (16-bit grayscale PNG when the
+      model has more than 256 classes);
+    - ``NAME_overlay.jpg`` (or .png): the colours blended over the image with ``alpha``, RGB;
+    - ``NAME_side.jpg`` with ``side_by_side_image``: image | colour map; ``NAME_probs.npy`` with
+      ``save_probs``: float16 (K, H, W) probabilities;
+
+    and for the run: ``summary.csv`` / ``summary.json`` (each image's class areas in pixels and percent,
+    failures with their reason) and ``legend.png``. Every file is written atomically. With ``rank`` /
+    ``world_size`` (a torchrun job) each rank takes every world_size-th image of the sorted list and rank 0
+    writes the merged summary (gathered over torch.distributed, which must then be initialised).
+    Returns the :class:`RunReport` of all images (on every rank)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if overlay_format not in ("jpg", "png"):
+        raise ValueError(f"overlay_format must be 'jpg' or 'png', got {overlay_format!r}")
+    out = Path(output)
+    items = collect_images(inputs, recursive=recursive)
+    stems = _output_stems(items)
+    for (src, _), stem in zip(items, stems, strict=True):
+        if (out / stem).with_suffix(".png").resolve() == src:
+            raise ValueError(f"{src}: the label map would overwrite this input; choose another --output folder")
+    out.mkdir(parents=True, exist_ok=True)
+    outputs = _Outputs(out, overlay_format, side_by_side_image, save_probs)
+
+    mine = [(i, items[i][0], stems[i]) for i in range(len(items)) if i % world_size == rank]  # this rank's share
+    records, todo = _find_existing(mine, outputs, predictor.num_classes, rank) if skip_existing else ([], mine)
+    records += _segment_and_write(predictor, todo, outputs, alpha=alpha, progress=progress and rank == 0, rank=rank)
+
+    merged = sorted(_gather(records), key=lambda t: t[0])
+    report = RunReport([r for _, r in merged], out, predictor.class_names)
+    if rank == 0:
+        write_summary(report, predictor.palette)
+    return report
+
+
+def _find_existing(
+    items: list[tuple[int, Path, Path]], outputs: _Outputs, num_classes: int, rank: int
+) -> tuple[list[tuple[int, ImageRecord]], list[tuple[int, Path, Path]]]:
+    """Split (index, source, stem) items into records of those whose outputs all exist and hold a readable label
+    map ("skipped", with the class areas read back from it) and the items still to segment."""
+    records: list[tuple[int, ImageRecord]] = []
+    todo: list[tuple[int, Path, Path]] = []
+    for i, src, stem in items:
+        p = outputs.paths(stem)
+        existing = _read_labels(p["label"]) if all(q.exists() for q in p.values()) else None
+        if existing is None:
+            todo.append((i, src, stem))
+            continue
+        counts = np.bincount(existing.reshape(-1).astype(np.int64), minlength=num_classes)[:num_classes]
+        h, w = existing.shape
+        records.append((i, ImageRecord(str(src), str(p["label"]), "skipped", w, h, counts.tolist(), rank=rank)))
+    return records, todo
+
+
+def _segment_and_write(
+    predictor: SegformerPredictor,
+    todo: list[tuple[int, Path, Path]],
+    outputs: _Outputs,
+    *,
+    alpha: float,
+    progress: bool,
+    rank: int,
+) -> list[tuple[int, ImageRecord]]:
+    """Segment the (index, source, stem) items and write each one's outputs; a failure is recorded, not raised."""
+    from tqdm.auto import tqdm
+
+    records: list[tuple[int, ImageRecord]] = []
+    bar = tqdm(total=len(todo), unit="img", desc="segmenting", disable=not progress, file=sys.stderr)
+    by_source = {src: (i, stem) for i, src, stem in todo}
+    results = predictor.predict_iter_with_images([s for _, s, _ in todo], return_probs=outputs.save_probs)
+    for src, image, result in results:
+        i, stem = by_source[src]  # type: ignore[index]
+        if isinstance(result, ImageError) or image is None:
+            rec = ImageRecord(str(src), None, "failed", error=str(result))
+        else:
+            try:
+                rec = _write_outputs(
+                    src,
+                    image,
+                    result,
+                    outputs.paths(stem),
+                    predictor.num_classes,
+                    predictor.palette,
+                    alpha,
+                    outputs.overlay_format,
+                )
+            except (OSError, ValueError) as exc:  # e.g. disk full: report it like a bad image and go on
+                rec = ImageRecord(str(src), None, "failed", error=f"cannot write outputs: {first_line(exc)}")
+        rec.rank = rank
+        records.append((i, rec))
+        bar.update(1)
+    bar.close()
+    return records
+
+
+def _write_outputs(
+    src: Path,
+    image: Image.Image,
+    result: Segmentation,
+    p: dict[str, Path],
+    num_classes: int,
+    palette: np.ndarray,
+    alpha: float,
+    overlay_format: str,
+) -> ImageRecord:
+    labels = result.labels
+    _save(p["label"], label_image(labels, palette), "PNG")
+    blend = overlay(image, labels, palette, alpha)
+    if overlay_format == "jpg":
+        _save(p["overlay"], blend, "JPEG", quality=92)
+    else:
+        _save(p["overlay"], blend, "PNG")
+    if "side" in p:
+        _save(p["side"], side_by_side([image, colorize(labels, palette)]), "JPEG", quality=92)
+    if "probs" in p and result.probs is not None:
+        _save_npy(p["probs"], result.probs.astype(np.float16))
+    counts = result.areas(num_classes)
+    return ImageRecord(str(src), str(p["label"]), "ok", labels.shape[1], labels.shape[0], counts.tolist())
+
+
+def write_summary(report: RunReport, palette: np.ndarray) -> None:
+    """``summary.csv`` (one row per image and present class; failed images one row with the error),
+    ``summary.json`` (per image every present class with pixels and percent; run totals) and ``legend.png``
+    (every class of the model) in ``report.output``."""
+    names, out = report.class_names, report.output
+    images, rows = [], []
+    totals = np.zeros(len(names), np.int64)
+    for r in report.records:
+        entry: dict[str, Any] = {"image": r.image, "label": r.label, "status": r.status, "rank": r.rank}
+        if r.status == "failed":
+            entry["error"] = r.error
+            rows.append([r.image, "", r.status, "", "", "", "", "", "", r.error])
+        else:
+            px = np.asarray(r.pixels, np.int64)
+            totals[: len(px)] += px
+            total = int(px.sum())
+            classes = [
+                {"id": c, "name": names[c], "pixels": int(px[c]), "percent": 100.0 * int(px[c]) / total}
+                for c in np.flatnonzero(px).tolist()
+            ]
+            entry.update(width=r.width, height=r.height, classes=classes)
+            for c in classes:
+                rows.append(
+                    [
+                        r.image,
+                        r.label,
+                        r.status,
+                        r.width,
+                        r.height,
+                        c["id"],
+                        c["name"],
+                        c["pixels"],
+                        f"{c['percent']:.6f}",
+                        "",
+                    ]
+                )
+        images.append(entry)
+    counts = {s: sum(r.status == s for r in report.records) for s in ("ok", "skipped", "failed")}
+    all_px = int(totals.sum())
+    summary = {
+        "images": images,
+        "totals": {"images": len(report.records), **counts},
+        "classes": [
+            {
+                "id": c,
+                "name": n,
+                "pixels": int(totals[c]),
+                "percent": 100.0 * int(totals[c]) / all_px if all_px else 0.0,
+            }
+            for c, n in enumerate(names)
+        ],
+    }
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    header = ["image", "label", "status", "width", "height", "class_id", "class_name", "pixels", "percent"]
+    writer.writerow([*header, "error"])
+    writer.writerows(rows)
+    atomic_write_text(out / "summary.csv", buf.getvalue())
+    _save(out / "legend.png", legend(names, palette), "PNG")
+
+
+__all__ = ["ImageRecord", "RunReport", "collect_images", "predict_to_folder", "write_summary"]

@@ -1,0 +1,102 @@
+"""Hugging Face `datasets` as data: save_to_disk folders, parquet folders and hub ids (offline, from the
+cache), columns detected or named, and a run that trains and evaluates on one end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_cli, tiny_config
+from PIL import Image
+
+datasets = pytest.importorskip("datasets", reason="the Hugging Face datasets tests need the dev extra")
+
+from segformer.data.datasets import build_dataset, check_dataset, detect_kind  # noqa: E402
+
+
+def _split(rng: np.random.Generator, n: int, image: str = "image", label: str = "annotation", size=(48, 64)):
+    """Images whose left half is class 1 (bright) and right half class 2 (dark), with a class-0 border."""
+    images, masks = [], []
+    for _ in range(n):
+        mask = np.zeros(size, np.uint8)
+        mask[4:-4, 4 : size[1] // 2] = 1
+        mask[4:-4, size[1] // 2 : -4] = 2
+        levels = np.array([128, 230, 25], np.uint8)[mask]
+        pixels = np.clip(levels[..., None] + rng.integers(-20, 20, (*size, 3)), 0, 255).astype(np.uint8)
+        images.append(Image.fromarray(pixels))
+        masks.append(Image.fromarray(mask))
+    features = datasets.Features({image: datasets.Image(), label: datasets.Image()})
+    return datasets.Dataset.from_dict({image: images, label: masks}, features=features)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("hf") / "saved"
+    datasets.DatasetDict({"train": _split(rng, 8), "validation": _split(rng, 3)}).save_to_disk(str(root))
+    (root / "labels.json").write_text(json.dumps(["border", "bright", "dark"]))
+    return root
+
+
+def test_save_to_disk_folder_reads_like_a_folder_layout(saved):
+    assert detect_kind(saved) == "hf"
+    dataset, _ = build_dataset(saved, "val")
+    assert len(dataset) == 3 and dataset.id2label == {0: "border", 1: "bright", 2: "dark"}
+    pixels, labels = dataset[0]
+    assert pixels.shape == (3, 48, 64) and labels.shape == (48, 64)
+    assert set(labels.unique().tolist()) == {0, 1, 2} and check_dataset(dataset).ok
+
+
+def test_parquet_folder_named_columns_and_numbered_classes(tmp_path):
+    rng = np.random.default_rng(1)
+    for split in ("train", "validation"):
+        _split(rng, 2, image="pixel_values", label="semantic_map").to_parquet(
+            str(tmp_path / f"{split}-00000-of-00001.parquet")
+        )
+    dataset, _ = build_dataset(tmp_path, "train")
+    assert (dataset.image_column, dataset.label_column) == ("pixel_values", "semantic_map")
+    assert dataset.id2label == {0: "class_0", 1: "class_1", 2: "class_2"}  # no labels.json: numbered
+    with pytest.raises(ValueError, match="no column 'photo' .*columns: pixel_values, semantic_map"):
+        build_dataset(tmp_path, "train", image_column="photo")
+    with pytest.raises(ValueError, match="no test split"):
+        build_dataset(tmp_path, "test")
+
+
+def test_hub_id_resolves_through_the_local_cache_offline(tmp_path):
+    rng = np.random.default_rng(2)
+    repo = tmp_path / "hf" / "hub" / "datasets--someone--toy-seg"
+    snapshot = repo / "snapshots" / ("0" * 40) / "data"
+    snapshot.mkdir(parents=True)
+    for split in ("train", "validation"):
+        _split(rng, 2, label="label").to_parquet(str(snapshot / f"{split}-00000-of-00001.parquet"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    code = (
+        "from segformer.data.datasets import build_dataset; d, _ = build_dataset('someone/toy-seg', 'val'); "
+        "print(len(d), d.label_column, d.num_labels)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["2", "label", "3"]
+
+
+@pytest.mark.slow
+def test_trains_and_evaluates_end_to_end(saved, tmp_path, capsys):
+    config = tmp_path / "tiny.json"
+    tiny_config(num_labels=3).to_json_file(config)
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(capsys, "train", "--data", saved, "--model", config, "--output", out, "--steps",
+                                "3", "--batch-size", "2", "--crop", "48", "48", "--workers", "0")  # fmt: skip
+    assert code == 0, err[-2000:]
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["step"] == 3 and 0.0 <= summary["mIoU"] <= 1.0
+    assert json.loads((out / "best" / "config.json").read_text())["id2label"]["2"] == "dark"
+    code, stdout, err = run_cli(capsys, "eval", "--data", saved, "--model", out / "best", "--workers", "0")
+    assert code == 0, err[-2000:]
+    assert "bright" in stdout and "mIoU" in stdout
