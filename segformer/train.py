@@ -43,7 +43,8 @@ import torch
 from torch import nn
 
 from .config import VARIANTS, SegformerConfig
-from .data.datasets import SegmentationDataset, build_dataset, check_dataset, detect_kind
+from .data.build import build_dataset, detect_kind
+from .data.datasets import SegmentationDataset, check_dataset
 from .data.statistics import class_pixel_counts, median_frequency_weights
 from .data.transforms import eval_transform, train_transform
 from .distributed import (

@@ -16,7 +16,8 @@ from PIL import Image
 
 datasets = pytest.importorskip("datasets", reason="the Hugging Face datasets tests need the dev extra")
 
-from segformer.data.datasets import build_dataset, check_dataset, detect_kind  # noqa: E402
+from segformer.data.build import build_dataset, detect_kind  # noqa: E402
+from segformer.data.datasets import check_dataset  # noqa: E402
 
 
 def _split(rng: np.random.Generator, n: int, image: str = "image", label: str = "annotation", size=(48, 64)):
@@ -78,7 +79,7 @@ def test_hub_id_resolves_through_the_local_cache_offline(tmp_path):
     (repo / "refs" / "main").write_text("0" * 40)
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     code = (
-        "from segformer.data.datasets import build_dataset; d, _ = build_dataset('someone/toy-seg', 'val'); "
+        "from segformer.data.build import build_dataset; d, _ = build_dataset('someone/toy-seg', 'val'); "
         "print(len(d), d.label_column, d.num_labels)"
     )
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)

@@ -269,7 +269,7 @@ def _losses(run: Path) -> list[float]:
 
 
 def test_class_weights_auto_are_median_frequency_and_change_the_loss(data, tiny_json, tmp_path):
-    from segformer.data.datasets import build_dataset
+    from segformer.data.build import build_dataset
     from segformer.data.statistics import class_pixel_counts, median_frequency_weights
 
     dataset, _ = build_dataset(data, "train")

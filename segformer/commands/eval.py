@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from segformer.data.datasets import build_dataset, detect_kind
+    from segformer.data.build import build_dataset, detect_kind
     from segformer.distributed import cleanup, init_distributed
     from segformer.evaluate import eval_options, evaluate, load_model_for_eval, write_metrics_json
     from segformer.metrics import format_table

@@ -1,0 +1,91 @@
+"""Which data set a path (or hub id) holds, and the data set of one of its splits: the entry point that
+dispatches between the layouts on disk (:mod:`segformer.data.datasets`) and Hugging Face datasets
+(:mod:`segformer.data.hf`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..labels import ADE20K_CLASSES, CITYSCAPES_CLASSES
+from .datasets import (
+    IGNORE_INDEX,
+    KINDS,
+    LabelSpec,
+    Listing,
+    SegmentationDataset,
+    Transform,
+    list_cityscapes,
+    list_folder,
+    read_label_spec,
+)
+from .hf import build_hf_dataset, looks_like_hf_dataset
+
+
+def detect_kind(root: str | os.PathLike) -> str:
+    """ "cityscapes" when ``root`` has leftImg8bit/ and gtFine/, "ade20k" for ADEChallengeData2016 (no
+    labels.json, training/validation folders), "hf" for a Hugging Face dataset (a save_to_disk or parquet
+    folder, or a hub id), else "folder"."""
+    if looks_like_hf_dataset(root):
+        return "hf"
+    root = Path(root)
+    if (root / "leftImg8bit").is_dir() and (root / "gtFine").is_dir():
+        return "cityscapes"
+    if not (root / "labels.json").exists() and (root / "images" / "training").is_dir():
+        return "ade20k"
+    return "folder"
+
+
+def build_dataset(
+    root: str | os.PathLike,
+    split: str = "train",
+    *,
+    kind: str = "auto",
+    transform: Transform | None = None,
+    ignore_index: int | None = None,
+    reduce_labels: bool | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    labels: str | os.PathLike | None = None,
+) -> tuple[SegmentationDataset, Listing]:
+    """The data set of one split of ``root`` and its listing (whose unpaired files :func:`check_dataset`
+    reports). ``kind``: "folder", "ade20k", "cityscapes" or "auto" (:func:`detect_kind`). ``ignore_index``:
+    another stored mask value meaning "unlabelled" (255 always does); ``reduce_labels``: ADE20K's label
+    reduction (None: the layout's default, or labels.json's ``reduce_labels``). ``kind="hf"`` (detected for
+    ``save_to_disk`` folders, parquet folders and hub ids): a Hugging Face dataset (:mod:`segformer.data.hf`),
+    with ``image_column`` / ``label_column`` (default: detected) and ``labels`` (a labels.json)."""
+    if kind == "hf" or (kind == "auto" and looks_like_hf_dataset(root)):
+        dataset = build_hf_dataset(
+            root,
+            split,
+            transform=transform,
+            image_column=image_column,
+            label_column=label_column,
+            labels=labels,
+            ignore_index=ignore_index,
+            reduce_labels=reduce_labels,
+        )
+        return dataset, Listing()
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"{root}: no such data directory")
+    if kind == "auto":
+        kind = detect_kind(root)
+    if kind == "folder":
+        listing = list_folder(root, split)
+        spec = read_label_spec(root / "labels.json", ignore_index=ignore_index, reduce=reduce_labels)
+    elif kind in ("ade20k", "cityscapes"):
+        listing = list_folder(root, split) if kind == "ade20k" else list_cityscapes(root, split)
+        names = ADE20K_CLASSES if kind == "ade20k" else CITYSCAPES_CLASSES
+        ignores = (IGNORE_INDEX,) if ignore_index is None else tuple(sorted({IGNORE_INDEX, ignore_index}))
+        reduce = (kind == "ade20k") if reduce_labels is None else reduce_labels
+        spec = LabelSpec(dict(enumerate(names)), ignore_values=ignores, reduce_labels=reduce)
+    else:
+        raise ValueError(f"dataset kind must be one of auto, {', '.join(KINDS)}, got {kind!r}")
+    if not listing.pairs:
+        raise ValueError(f"{root}: no image/mask pairs in the {split} split of this {kind} layout")
+    dataset = SegmentationDataset(listing.pairs, spec, transform=transform, name=f"{kind}:{root}:{split}")
+    return dataset, listing
+
+
+__all__ = ["build_dataset", "detect_kind"]
