@@ -1,4 +1,4 @@
-"""Fine-tune SegFormer with the paper's recipe (FACTS §6), on one process or many.
+"""Fine-tune SegFormer with the paper's recipe (:mod:`segformer.recipe`), on one process or many.
 
     # one process (CPU or one GPU)
     segformer train --data ADEChallengeData2016 --dataset ade20k --model nvidia/mit-b0 --output runs/ade-b0
@@ -8,15 +8,9 @@
     # resume the run in --output where it stopped (same weights as if it had never stopped)
     segformer train ... --resume auto
 
-Recipe: AdamW (lr 6e-5, betas (0.9, 0.999), weight decay 0.01); decode-head parameters get lr × 10; the
-parameters of normalisation layers get no weight decay; linear warm-up over 1500 steps from ratio 1e-6, then
-poly decay (power 1) to 0; cross-entropy ignoring 255. Every constant is a field of :class:`TrainConfig`.
-
-Reproducibility: the training stream is a fixed function of (seed, position): epoch e visits the images in
-the order of a permutation seeded by (seed, e), and the augmentation of the sample at position g is seeded by
-(seed, g). A resumed run restarts the stream at step × global batch, and restores the optimizer, scheduler,
-gradient scaler and the python / numpy / torch RNG states of every rank, so it continues exactly. Under DDP
-rank r takes consecutive blocks of the stream, so N processes see the same global batches as one.
+Every constant of a run is a field of :class:`~segformer.recipe.TrainConfig`. Reproducibility (a resumed run
+continues exactly, N processes see the same global batches as one): :mod:`segformer.train_state`; reporting
+(progress, metrics.jsonl, curves, samples): :mod:`segformer.train_log`.
 
 Output folder: ``last/`` and ``best/`` (``save_pretrained`` layout; ``last/training_state.pt`` resumes the
 run; ``best/eval.json`` holds its metrics), ``metrics.jsonl`` (one JSON object per log line or evaluation),
@@ -29,9 +23,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
-import random
-import shutil
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -56,199 +47,28 @@ from .distributed import (
     cleanup,
     init_distributed,
 )
-from .evaluate import eval_options, evaluate
-from .fileio import atomic_write, atomic_write_text
+from .evaluate import evaluate
 from .inference import InferenceOptions, autocast, predict_labels
 from .metrics import metrics_to_json
 from .modeling import SegformerForSemanticSegmentation, semantic_loss
+from .recipe import TrainConfig, lr_factor, param_groups
 from .run_files import INFERENCE_CONFIG, inference_json, model_card, preprocessor_json, processor_size
 from .train_log import RunLog
+from .train_state import (
+    TRAINING_STATE,
+    StreamSampler,
+    find_resume_dir,
+    python_state_to_tuple,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
 from .visualize import palette_for
-
-TRAINING_STATE = "training_state.pt"
 
 
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; the run stopped without overwriting its last good checkpoint."""
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run depends on; the defaults are the paper's ADE20K recipe (FACTS §6)."""
-
-    data: str = ""
-    dataset: str = "auto"  # folder | ade20k | cityscapes | hf | auto
-    model: str | SegformerConfig = "b0"  # variant b0..b5, config.json, or a checkpoint dir / hub id
-    output: str = "runs/segformer"
-    # schedule and optimiser
-    steps: int = 160_000
-    batch_size: int = 16  # global: over all processes and accumulation steps
-    accum_steps: int = 1
-    lr: float = 6e-5
-    head_lr_mult: float = 10.0
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    warmup_steps: int = 1500
-    warmup_ratio: float = 1e-6
-    poly_power: float = 1.0
-    min_lr: float = 0.0
-    # augmentation
-    crop: tuple[int, int] = (512, 512)
-    scale: tuple[int, int] | None = None  # None: (2048, 512), Cityscapes (2048, 1024); (0, 0): own size
-    ratio_range: tuple[float, float] = (0.5, 2.0)
-    cat_max_ratio: float = 0.75
-    flip_prob: float = 0.5
-    photometric: bool = True
-    # labels
-    ignore_index: int | None = None  # a stored mask value meaning "unlabelled" (255 always is)
-    reduce_labels: bool | None = None  # ADE20K's 0 → ignored, k → k - 1; None: the data set's default
-    class_weights: str = "none"  # none | auto (median-frequency from the training masks) | labels (labels.json)
-    image_column: str | None = None  # Hugging Face datasets: the columns (None: detected) and a labels.json
-    label_column: str | None = None
-    labels: str | None = None
-    # model
-    drop_path_rate: float | None = None  # None keeps the checkpoint's / variant's value
-    dropout: float | None = None  # hidden, attention and classifier dropout; None keeps them
-    sync_bn: bool = False
-    gradient_checkpointing: bool = False  # recompute block activations in backward: less memory, ~30% slower
-    # loop
-    amp: str = "none"  # none | bf16 | fp16 (CUDA only)
-    eval_every: int = 16_000  # 0: only at the end
-    save_every: int = 2_000
-    log_every: int = 50
-    # Evaluation protocol: InferenceOptions fields (see eval_inference_options); None: the data set's (FACTS §7)
-    eval_mode: str | None = None
-    eval_crop: tuple[int, int] | None = None
-    eval_stride: tuple[int, int] | None = None
-    eval_short_side: int | None = None
-    eval_long_side: int | None = None
-    eval_align: int | None = None
-    eval_scales: list[float] | None = None
-    eval_flip: bool = False
-    max_eval_images: int | None = None
-    seed: int = 0
-    workers: int = 2
-    device: str | None = None
-    resume: str | None = None  # None, "auto" or a checkpoint folder written as last/
-    stop_at: int | None = None  # stop after this step (with a checkpoint), as if interrupted
-    check_data: str = "full"  # full | headers | off
-    progress: bool = True
-
-    def eval_inference_options(self, kind: str) -> InferenceOptions:
-        """The eval_* fields over the protocol of data-set kind ``kind`` (see segformer.evaluate.eval_options),
-        validated: the one place where they become InferenceOptions."""
-        return eval_options(
-            kind,
-            mode=self.eval_mode,
-            crop_size=self.eval_crop,
-            stride=self.eval_stride,
-            short_side=self.eval_short_side,
-            long_side=self.eval_long_side,
-            align=self.eval_align,
-            scales=self.eval_scales,
-            flip=self.eval_flip or None,
-        )
-
-
-# ----------------------------------------------------------------------------------------- recipe parts
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of the base lr at optimiser step ``step`` (0-based): poly decay to ``min_lr`` over
-    ``cfg.steps``, times mmcv's linear warm-up factor 1 - (1 - step / warmup) (1 - warmup_ratio)."""
-    progress = min(step / max(cfg.steps, 1), 1.0)
-    poly = (1 - progress) ** cfg.poly_power
-    factor = poly * (1 - cfg.min_lr / cfg.lr) + cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
-    if step < cfg.warmup_steps:
-        factor *= 1 - (1 - step / cfg.warmup_steps) * (1 - cfg.warmup_ratio)
-    return factor
-
-
-NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
-
-
-def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """AdamW groups: encoder / decode head (lr × head_lr_mult), each split into normalisation-layer parameters
-    (no weight decay) and the rest (weight decay, biases included, as in mmseg)."""
-    norm_params = {id(p) for m in model.modules() if isinstance(m, NORM_TYPES) for p in m.parameters(recurse=False)}
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        is_head = name.startswith("decode_head.")
-        groups.setdefault((is_head, id(p) in norm_params), []).append(p)
-    out = []
-    for (is_head, is_norm), params in sorted(groups.items()):
-        out.append(
-            {
-                "params": params,
-                "lr": cfg.lr * (cfg.head_lr_mult if is_head else 1.0),
-                "weight_decay": 0.0 if is_norm else cfg.weight_decay,
-                "name": f"{'head' if is_head else 'encoder'}{'/norm' if is_norm else ''}",
-            }
-        )
-    return out
-
-
-class StreamSampler(torch.utils.data.Sampler):
-    """An endless stream of ``(index, augmentation seed)`` pairs for one rank, starting at global position
-    ``start``. Epoch e visits the data set in a permutation seeded by (seed, e); position g's augmentation
-    is seeded by (seed, g). Rank r takes blocks of ``block`` consecutive positions: r, r + world, …, so N ranks
-    with micro-batch ``block`` cover exactly the positions one process with batch N × block would."""
-
-    def __init__(self, size: int, *, seed: int, block: int, rank: int = 0, world_size: int = 1, start: int = 0):
-        self.size, self.seed, self.block = size, seed, block
-        self.rank, self.world_size, self.start = rank, world_size, start
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        g = self.start + self.rank * self.block
-        epoch, perm = -1, np.arange(0)
-        while True:
-            for pos in range(g, g + self.block):
-                e = pos // self.size
-                if e != epoch:
-                    epoch, perm = e, np.random.default_rng([self.seed, e]).permutation(self.size)
-                # the augmentation seed is a pure function of (seed, position)
-                aug_seed = int(np.random.default_rng([self.seed, 1 << 20, pos]).integers(2**62))
-                yield int(perm[pos % self.size]), aug_seed
-            g += self.block * self.world_size
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    """The python, numpy and torch (CPU and CUDA) RNG states, in types torch.load(weights_only=True) reads."""
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {
-            "key": torch.from_numpy(np_state[1].astype(np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _python_state_to_tuple(state: Any) -> Any:
-    """random.setstate wants tuples; a state that went through torch.save/load may hold lists."""
-    return tuple(_python_state_to_tuple(s) for s in state) if isinstance(state, (list, tuple)) else state
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -276,42 +96,6 @@ def build_model(cfg: TrainConfig, id2label: dict[int, str]) -> SegformerForSeman
         return SegformerForSemanticSegmentation(SegformerConfig.from_json_file(name).copy(**overrides))
     # A different label set re-initialises the classifier (its shape changes); from_pretrained logs that.
     return SegformerForSemanticSegmentation.from_pretrained(name, ignore_mismatched_sizes=True, **overrides)
-
-
-# ----------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(directory: Path, model: nn.Module, files: dict[str, Any]) -> None:
-    """Write ``directory`` as a whole: save_pretrained + ``files`` (name → object for torch.save, or str for
-    text) into a temporary sibling, then swap it in. A crash leaves either the old folder or, between the two
-    renames, ``.NAME.old`` (which :func:`find_resume_dir` falls back on)."""
-    tmp, old = directory.parent / f".{directory.name}.tmp", directory.parent / f".{directory.name}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    for name, obj in files.items():
-        if isinstance(obj, str):
-            atomic_write_text(tmp / name, obj)
-        else:
-            atomic_write(tmp / name, lambda t, o=obj: torch.save(o, t))
-    shutil.rmtree(old, ignore_errors=True)
-    if directory.exists():
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def find_resume_dir(output: Path, resume: str | None) -> Path | None:
-    """The checkpoint folder to resume from: None, ``resume`` itself, or for "auto" ``output/last`` (or the
-    ``.last.old`` left by a crash during a checkpoint swap) when it exists."""
-    if resume is None:
-        return None
-    if resume == "auto":
-        for candidate in (output / "last", output / ".last.old"):
-            if (candidate / TRAINING_STATE).is_file():
-                return candidate
-        return None
-    path = Path(resume)
-    if not (path / TRAINING_STATE).is_file():
-        raise ValueError(f"{path}: no {TRAINING_STATE} here (resume from a run's last/ folder, or --resume auto)")
-    return path
 
 
 def _gather_objects(obj: Any, world_size: int) -> list[Any]:
@@ -543,7 +327,7 @@ def restore_state(resume_dir: Path, optim: Optimization, cfg: TrainConfig, info:
     rngs = state["rng"]
     if len(rngs) == info.world_size:
         rng = rngs[info.rank]
-        rng["python"] = _python_state_to_tuple(rng["python"])
+        rng["python"] = python_state_to_tuple(rng["python"])
         set_rng_state(rng)
     else:  # a different process count cannot continue the same dropout streams: reseed, say so
         _log(f"warning: resuming {len(rngs)}-process state on {info.world_size} processes; RNG streams reseeded", info)

@@ -10,7 +10,7 @@ LAYERS = {
     "model": {"config", "modeling", "pretrained", "hub", "fileio", "labels"},
     "library": {"images", "processing", "inference", "metrics", "distributed", "visualize", "data", "evaluate",
                 "predict", "convert", "export", "run_files"},
-    "programs": {"train", "train_log", "predict_folder"},
+    "programs": {"train", "train_log", "train_state", "recipe", "predict_folder"},
     "cli": {"cli", "commands", "__main__", "__init__"},
 }  # fmt: skip
 ORDER = list(LAYERS)

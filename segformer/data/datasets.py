@@ -16,7 +16,7 @@ Layouts (``split`` is "train" or "val"; ADE20K's "training" / "validation" folde
 
 A data set yields ``(pixel_values (3, H, W) float32, labels (H, W) int64)``. Indexing with an ``(index, seed)``
 pair seeds the random augmentation of that sample, which makes augmentation a function of the sample's
-position in the training stream (see :class:`segformer.train.StreamSampler`) and so reproducible across
+position in the training stream (see :class:`segformer.train_state.StreamSampler`) and so reproducible across
 resumes, data-loader workers and process counts.
 """
 

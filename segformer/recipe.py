@@ -1,0 +1,138 @@
+"""The training recipe as data: :class:`TrainConfig` (every constant of a run), the learning-rate schedule and
+the optimiser's parameter groups.
+
+The defaults are the paper's ADE20K fine-tuning recipe (the NVlabs / mmseg configs): AdamW (lr 6e-5, betas
+(0.9, 0.999), weight decay 0.01); decode-head parameters get lr × 10; normalisation layers get no weight decay;
+linear warm-up over 1500 steps from ratio 1e-6, then poly decay (power 1) to 0; crop 512, random resize ratio
+0.5–2.0 of a 2048×512 scale, flip, photometric distortion; cross-entropy ignoring 255.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from .config import SegformerConfig
+from .evaluate import eval_options
+from .inference import InferenceOptions
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; the defaults are the paper's ADE20K recipe (see the module docstring)."""
+
+    data: str = ""
+    dataset: str = "auto"  # folder | ade20k | cityscapes | hf | auto
+    model: str | SegformerConfig = "b0"  # variant b0..b5, config.json, or a checkpoint dir / hub id
+    output: str = "runs/segformer"
+    # schedule and optimiser
+    steps: int = 160_000
+    batch_size: int = 16  # global: over all processes and accumulation steps
+    accum_steps: int = 1
+    lr: float = 6e-5
+    head_lr_mult: float = 10.0
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    warmup_steps: int = 1500
+    warmup_ratio: float = 1e-6
+    poly_power: float = 1.0
+    min_lr: float = 0.0
+    # augmentation
+    crop: tuple[int, int] = (512, 512)
+    scale: tuple[int, int] | None = None  # None: (2048, 512), Cityscapes (2048, 1024); (0, 0): own size
+    ratio_range: tuple[float, float] = (0.5, 2.0)
+    cat_max_ratio: float = 0.75
+    flip_prob: float = 0.5
+    photometric: bool = True
+    # labels
+    ignore_index: int | None = None  # a stored mask value meaning "unlabelled" (255 always is)
+    reduce_labels: bool | None = None  # ADE20K's 0 → ignored, k → k - 1; None: the data set's default
+    class_weights: str = "none"  # none | auto (median-frequency from the training masks) | labels (labels.json)
+    image_column: str | None = None  # Hugging Face datasets: the columns (None: detected) and a labels.json
+    label_column: str | None = None
+    labels: str | None = None
+    # model
+    drop_path_rate: float | None = None  # None keeps the checkpoint's / variant's value
+    dropout: float | None = None  # hidden, attention and classifier dropout; None keeps them
+    sync_bn: bool = False
+    gradient_checkpointing: bool = False  # recompute block activations in backward: less memory, ~30% slower
+    # loop
+    amp: str = "none"  # none | bf16 | fp16 (CUDA only)
+    eval_every: int = 16_000  # 0: only at the end
+    save_every: int = 2_000
+    log_every: int = 50
+    # Evaluation protocol: InferenceOptions fields (see eval_inference_options); None: the data set's protocol
+    eval_mode: str | None = None
+    eval_crop: tuple[int, int] | None = None
+    eval_stride: tuple[int, int] | None = None
+    eval_short_side: int | None = None
+    eval_long_side: int | None = None
+    eval_align: int | None = None
+    eval_scales: list[float] | None = None
+    eval_flip: bool = False
+    max_eval_images: int | None = None
+    seed: int = 0
+    workers: int = 2
+    device: str | None = None
+    resume: str | None = None  # None, "auto" or a checkpoint folder written as last/
+    stop_at: int | None = None  # stop after this step (with a checkpoint), as if interrupted
+    check_data: str = "full"  # full | headers | off
+    progress: bool = True
+
+    def eval_inference_options(self, kind: str) -> InferenceOptions:
+        """The eval_* fields over the protocol of data-set kind ``kind`` (see segformer.evaluate.eval_options),
+        validated: the one place where they become InferenceOptions."""
+        return eval_options(
+            kind,
+            mode=self.eval_mode,
+            crop_size=self.eval_crop,
+            stride=self.eval_stride,
+            short_side=self.eval_short_side,
+            long_side=self.eval_long_side,
+            align=self.eval_align,
+            scales=self.eval_scales,
+            flip=self.eval_flip or None,
+        )
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of the base lr at optimiser step ``step`` (0-based): poly decay to ``min_lr`` over
+    ``cfg.steps``, times mmcv's linear warm-up factor 1 - (1 - step / warmup) (1 - warmup_ratio)."""
+    progress = min(step / max(cfg.steps, 1), 1.0)
+    poly = (1 - progress) ** cfg.poly_power
+    factor = poly * (1 - cfg.min_lr / cfg.lr) + cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
+    if step < cfg.warmup_steps:
+        factor *= 1 - (1 - step / cfg.warmup_steps) * (1 - cfg.warmup_ratio)
+    return factor
+
+
+NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW groups: encoder / decode head (lr × head_lr_mult), each split into normalisation-layer parameters
+    (no weight decay) and the rest (weight decay, biases included, as in mmseg)."""
+    norm_params = {id(p) for m in model.modules() if isinstance(m, NORM_TYPES) for p in m.parameters(recurse=False)}
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_head = name.startswith("decode_head.")
+        groups.setdefault((is_head, id(p) in norm_params), []).append(p)
+    out = []
+    for (is_head, is_norm), params in sorted(groups.items()):
+        out.append(
+            {
+                "params": params,
+                "lr": cfg.lr * (cfg.head_lr_mult if is_head else 1.0),
+                "weight_decay": 0.0 if is_norm else cfg.weight_decay,
+                "name": f"{'head' if is_head else 'encoder'}{'/norm' if is_norm else ''}",
+            }
+        )
+    return out
+
+
+__all__ = ["TrainConfig", "lr_factor", "param_groups"]

@@ -1,0 +1,134 @@
+"""What an exact resume needs: the training stream as a fixed function of (seed, position), the RNG states of
+every rank, and checkpoint folders written as a whole.
+
+The training stream: epoch e visits the images in the order of a permutation seeded by (seed, e), and the
+augmentation of the sample at position g is seeded by (seed, g). A resumed run restarts the stream at step ×
+global batch and restores the python / numpy / torch RNG states of every rank, so it continues exactly. Under
+DDP rank r takes consecutive blocks of the stream, so N processes see the same global batches as one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .fileio import atomic_write, atomic_write_text
+
+TRAINING_STATE = "training_state.pt"
+
+
+class StreamSampler(torch.utils.data.Sampler):
+    """An endless stream of ``(index, augmentation seed)`` pairs for one rank, starting at global position
+    ``start``. Epoch e visits the data set in a permutation seeded by (seed, e); position g's augmentation
+    is seeded by (seed, g). Rank r takes blocks of ``block`` consecutive positions: r, r + world, …, so N ranks
+    with micro-batch ``block`` cover exactly the positions one process with batch N × block would."""
+
+    def __init__(self, size: int, *, seed: int, block: int, rank: int = 0, world_size: int = 1, start: int = 0):
+        self.size, self.seed, self.block = size, seed, block
+        self.rank, self.world_size, self.start = rank, world_size, start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        g = self.start + self.rank * self.block
+        epoch, perm = -1, np.arange(0)
+        while True:
+            for pos in range(g, g + self.block):
+                e = pos // self.size
+                if e != epoch:
+                    epoch, perm = e, np.random.default_rng([self.seed, e]).permutation(self.size)
+                # the augmentation seed is a pure function of (seed, position)
+                aug_seed = int(np.random.default_rng([self.seed, 1 << 20, pos]).integers(2**62))
+                yield int(perm[pos % self.size]), aug_seed
+            g += self.block * self.world_size
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """The python, numpy and torch (CPU and CUDA) RNG states, in types torch.load(weights_only=True) reads."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {
+            "key": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def python_state_to_tuple(state: Any) -> Any:
+    """random.setstate wants tuples; a state that went through torch.save/load may hold lists."""
+    return tuple(python_state_to_tuple(s) for s in state) if isinstance(state, (list, tuple)) else state
+
+
+def save_checkpoint(directory: Path, model: nn.Module, files: dict[str, Any]) -> None:
+    """Write ``directory`` as a whole: save_pretrained + ``files`` (name → object for torch.save, or str for
+    text) into a temporary sibling, then swap it in. A crash leaves either the old folder or, between the two
+    renames, ``.NAME.old`` (which :func:`find_resume_dir` falls back on)."""
+    tmp, old = directory.parent / f".{directory.name}.tmp", directory.parent / f".{directory.name}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    for name, obj in files.items():
+        if isinstance(obj, str):
+            atomic_write_text(tmp / name, obj)
+        else:
+            atomic_write(tmp / name, lambda t, o=obj: torch.save(o, t))
+    shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_resume_dir(output: Path, resume: str | None) -> Path | None:
+    """The checkpoint folder to resume from: None, ``resume`` itself, or for "auto" ``output/last`` (or the
+    ``.last.old`` left by a crash during a checkpoint swap) when it exists."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        for candidate in (output / "last", output / ".last.old"):
+            if (candidate / TRAINING_STATE).is_file():
+                return candidate
+        return None
+    path = Path(resume)
+    if not (path / TRAINING_STATE).is_file():
+        raise ValueError(f"{path}: no {TRAINING_STATE} here (resume from a run's last/ folder, or --resume auto)")
+    return path
+
+
+__all__ = [
+    "TRAINING_STATE",
+    "StreamSampler",
+    "find_resume_dir",
+    "python_state_to_tuple",
+    "rng_state",
+    "save_checkpoint",
+    "seed_everything",
+    "set_rng_state",
+]
