@@ -234,6 +234,33 @@ def verify_onnx(
     return ((out.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()
 
 
+# batch, height and width free in the graph (the logits are a quarter of the input size, rounded up)
+DYNAMIC_AXES = {
+    "pixel_values": {0: "batch", 2: "height", 3: "width"},
+    "logits": {0: "batch", 2: "logits_height", 3: "logits_width"},
+}
+
+
+def _check_export_arguments(
+    model: SegformerForSemanticSegmentation, path: str | os.PathLike, size: tuple[int, int], opset: int
+) -> tuple[int, int, Path]:
+    """(height, width, path) of a valid export request; a clear error for anything else."""
+    if not isinstance(model, SegformerForSemanticSegmentation):
+        raise TypeError(f"export_onnx needs a SegformerForSemanticSegmentation, got {type(model).__name__}")
+    if not isinstance(opset, int) or opset < 11:
+        raise ValueError(f"opset must be an integer >= 11, got {opset!r}")
+    h, w = (int(s) for s in size)
+    lo = min_input_size(model.config)
+    if min(h, w) < lo:
+        raise ValueError(f"export size {h}x{w} is too small: this model needs at least {lo}x{lo}")
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory; give the .onnx file to write")
+    if not path.parent.is_dir():
+        raise ValueError(f"{path.parent}: no such directory")
+    return h, w, path
+
+
 def export_onnx(
     model: SegformerForSemanticSegmentation,
     path: str | os.PathLike,
@@ -255,20 +282,8 @@ def export_onnx(
     file is written. Returns an :class:`ExportReport`.
     """
     _require_onnx()
-    if not isinstance(model, SegformerForSemanticSegmentation):
-        raise TypeError(f"export_onnx needs a SegformerForSemanticSegmentation, got {type(model).__name__}")
-    if not isinstance(opset, int) or opset < 11:
-        raise ValueError(f"opset must be an integer >= 11, got {opset!r}")
+    h, w, path = _check_export_arguments(model, path, size, opset)
     config = model.config
-    h, w = (int(s) for s in size)
-    if min(h, w) < min_input_size(config):
-        lo = min_input_size(config)
-        raise ValueError(f"export size {h}x{w} is too small: this model needs at least {lo}x{lo}")
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{path}: is a directory; give the .onnx file to write")
-    if not path.parent.is_dir():
-        raise ValueError(f"{path.parent}: no such directory")
     tolerance = tolerance if tolerance is not None else (FP16_TOLERANCE if fp16 else FP32_TOLERANCE)
 
     graph = _prepare(model, fp16=fp16, opset=opset)
@@ -281,12 +296,7 @@ def export_onnx(
     if fp16 and device.type == "cpu" and not _cpu_half_ok():
         raise RuntimeError("this PyTorch build cannot run float16 on the CPU; export with fp16 from a GPU model")
     example = torch.randn(1, config.num_channels, h, w, device=device)
-    axes = None
-    if dynamic:
-        axes = {
-            "pixel_values": {0: "batch", 2: "height", 3: "width"},
-            "logits": {0: "batch", 2: "logits_height", 3: "logits_width"},
-        }
+    axes = DYNAMIC_AXES if dynamic else None
     report = ExportReport(path, opset, dynamic, fp16, (h, w), None, None, tolerance, "no")
 
     def write(tmp: str) -> None:

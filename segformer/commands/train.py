@@ -29,6 +29,16 @@ EPILOG = """examples:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Every option of the recipe (segformer.train.TrainConfig); unset options keep the paper's defaults."""
+    _data_and_model_arguments(p)
+    _labels_arguments(p)
+    _schedule_and_optimiser_arguments(p)
+    _augmentation_arguments(p)
+    _model_options_arguments(p)
+    _loop_arguments(p)
+    _evaluation_during_training_arguments(p)
+
+
+def _data_and_model_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data and model")
     g.add_argument(
         "--data",
@@ -54,6 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="before training, open every file and check pairs, sizes and label values (full, "
         "default), only read headers, or skip",
     )
+
+
+def _labels_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("labels")
     add_label_arguments(g)  # --ignore-index N, --reduce-labels
     g.add_argument(
@@ -62,6 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="loss weight per class: none (default), auto (median-frequency balancing computed once "
         'from the training masks, for imbalanced data) or labels ("class_weights" in labels.json)',
     )
+
+
+def _schedule_and_optimiser_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("schedule and optimiser (defaults: the paper's ADE20K recipe)")
     g.add_argument("--steps", type=int, help="optimiser steps (default 160000)")
     g.add_argument("--batch-size", type=int, help="global batch: all processes and accumulation steps (default 16)")
@@ -75,6 +91,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-ratio", type=float, help="warm-up start factor (default 1e-6)")
     g.add_argument("--poly-power", type=float, help="poly decay power (default 1.0)")
     g.add_argument("--min-lr", type=float, help="final learning rate (default 0)")
+
+
+def _augmentation_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("augmentation (defaults: the paper's train pipeline)")
     g.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), help="random crop size (default 512 512)")
     g.add_argument(
@@ -95,6 +114,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="turn the photometric distortion off",
     )
+
+
+def _model_options_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model options")
     g.add_argument("--drop-path-rate", type=float, help="stochastic depth (default: the checkpoint's, 0.1)")
     g.add_argument("--dropout", type=float, help="hidden, attention and classifier dropout (default: the checkpoint's)")
@@ -106,6 +128,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="recompute each block's activations in the backward pass: less memory for large crops, "
         "same gradients, slower",
     )
+
+
+def _loop_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("loop")
     g.add_argument("--amp", choices=["none", "bf16", "fp16"], help="mixed precision (fp16 on CUDA only; default none)")
     g.add_argument("--eval-every", type=int, help="evaluate every N steps, 0: only at the end (default 16000)")
@@ -117,6 +142,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="cpu, cuda, mps (default: cuda:LOCAL_RANK when available)")
     g.add_argument("--stop-at", type=int, help="stop after this step with a checkpoint, as if interrupted")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+
+
+def _evaluation_during_training_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation during training (default: the data set's protocol)")
     add_inference_arguments(g, prefix="eval-")  # --eval-mode, --eval-crop H W, ...: TrainConfig.eval_*
 
