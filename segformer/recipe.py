@@ -9,6 +9,7 @@ linear warm-up over 1500 steps from ratio 1e-6, then poly decay (power 1) to 0; 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,21 +33,21 @@ class TrainConfig:
     batch_size: int = 16  # global: over all processes and accumulation steps
     accum_steps: int = 1
     lr: float = 6e-5
-    head_lr_mult: float = 10.0
+    head_lr_mult: float | None = None  # None: resolved (resolve_recipe): 10 for the paper's data sets
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
-    warmup_steps: int = 1500
+    warmup_steps: int | None = None  # None: resolved: 1500 for the paper's data sets
     warmup_ratio: float = 1e-6
     poly_power: float = 1.0
     min_lr: float = 0.0
     # augmentation
     crop: tuple[int, int] = (512, 512)
-    scale: tuple[int, int] | None = None  # None: (2048, 512), Cityscapes (2048, 1024); (0, 0): own size
-    ratio_range: tuple[float, float] = (0.5, 2.0)
+    scale: tuple[int, int] | None = None  # None: resolved: (2048, 512), Cityscapes (2048, 1024); (0, 0): own size
+    ratio_range: tuple[float, float] | None = None  # None: resolved: (0.5, 2.0) for the paper's data sets
     cat_max_ratio: float = 0.75
     flip_prob: float = 0.5
-    photometric: bool = True
+    photometric: bool | None = None  # None: resolved: on for the paper's data sets
     # labels
     ignore_index: int | None = None  # a stored mask value meaning "unlabelled" (255 always is)
     reduce_labels: bool | None = None  # ADE20K's 0 → ignored, k → k - 1; None: the data set's default
@@ -98,14 +99,49 @@ class TrainConfig:
         )
 
 
+# The paper's ADE20K / Cityscapes recipe, for the fields a run resolves (see resolve_recipe).
+PAPER = {"head_lr_mult": 10.0, "warmup_steps": 1500, "ratio_range": (0.5, 2.0), "photometric": True}
+PAPER_SCALE = {"ade20k": (2048, 512), "cityscapes": (2048, 1024)}
+# Own data (a folder layout or a Hugging Face dataset): measured with bench/bench_training.py against the plain
+# PyTorch loop a user would write (README, "Training on your own data"); the reasons are in resolve_recipe.
+OWN_DATA = {"head_lr_mult": 1.0, "warmup_fraction": 0.1, "ratio_range": (1.0, 1.0), "photometric": False}
+
+
+def resolve_recipe(cfg: TrainConfig, kind: str) -> tuple[TrainConfig, list[str]]:
+    """``cfg`` with every field left None that depends on the data filled in, and one note per resolved field.
+
+    ADE20K and Cityscapes get the paper's recipe exactly. Own data (any other kind) gets a recipe derived from
+    the data and the run instead: the images at their own scale (``scale`` (0, 0): the paper's 2048×512 resize
+    is a 4x zoom of 128-pixel images, a zoom the model never sees at evaluation), a warm-up of 10% of the run
+    (at most the paper's 1500 steps: the paper's is longer than a short run), one lr for head and encoder
+    (the head's x10 is for a fresh head on a pretrained encoder), and neither the 0.5-2.0 random ratio nor the
+    photometric distortion, which regularise a 160k-step schedule and slow a short one. Every choice can still
+    be set explicitly.
+    """
+    paper = kind in PAPER_SCALE
+    changes: dict[str, Any] = {}
+    if cfg.scale is None:
+        changes["scale"] = PAPER_SCALE[kind] if paper else (0, 0)
+    if cfg.warmup_steps is None:
+        fraction = max(1, round(OWN_DATA["warmup_fraction"] * cfg.steps))
+        changes["warmup_steps"] = PAPER["warmup_steps"] if paper else min(PAPER["warmup_steps"], fraction)
+    for name in ("head_lr_mult", "ratio_range", "photometric"):
+        if getattr(cfg, name) is None:
+            changes[name] = PAPER[name] if paper else OWN_DATA[name]
+    source = "the paper's recipe" if paper else "own data"
+    notes = [f"{name} {value} ({source})" for name, value in changes.items()]
+    return dataclasses.replace(cfg, **changes), notes
+
+
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Multiplier of the base lr at optimiser step ``step`` (0-based): poly decay to ``min_lr`` over
     ``cfg.steps``, times mmcv's linear warm-up factor 1 - (1 - step / warmup) (1 - warmup_ratio)."""
     progress = min(step / max(cfg.steps, 1), 1.0)
     poly = (1 - progress) ** cfg.poly_power
     factor = poly * (1 - cfg.min_lr / cfg.lr) + cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
-    if step < cfg.warmup_steps:
-        factor *= 1 - (1 - step / cfg.warmup_steps) * (1 - cfg.warmup_ratio)
+    warmup = PAPER["warmup_steps"] if cfg.warmup_steps is None else cfg.warmup_steps  # None: unresolved, the paper's
+    if step < warmup:
+        factor *= 1 - (1 - step / warmup) * (1 - cfg.warmup_ratio)
     return factor
 
 
@@ -116,6 +152,7 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     """AdamW groups: encoder / decode head (lr × head_lr_mult), each split into normalisation-layer parameters
     (no weight decay) and the rest (weight decay, biases included, as in mmseg)."""
     norm_params = {id(p) for m in model.modules() if isinstance(m, NORM_TYPES) for p in m.parameters(recurse=False)}
+    head_mult = PAPER["head_lr_mult"] if cfg.head_lr_mult is None else cfg.head_lr_mult  # None: the paper's
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -127,7 +164,7 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
         out.append(
             {
                 "params": params,
-                "lr": cfg.lr * (cfg.head_lr_mult if is_head else 1.0),
+                "lr": cfg.lr * (head_mult if is_head else 1.0),
                 "weight_decay": 0.0 if is_norm else cfg.weight_decay,
                 "name": f"{'head' if is_head else 'encoder'}{'/norm' if is_norm else ''}",
             }
@@ -135,4 +172,4 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     return out
 
 
-__all__ = ["TrainConfig", "lr_factor", "param_groups"]
+__all__ = ["OWN_DATA", "PAPER", "TrainConfig", "lr_factor", "param_groups", "resolve_recipe"]

@@ -51,7 +51,7 @@ from .evaluate import evaluate
 from .inference import InferenceOptions, autocast, predict_labels
 from .metrics import metrics_to_json
 from .modeling import SegformerForSemanticSegmentation, semantic_loss
-from .recipe import TrainConfig, lr_factor, param_groups
+from .recipe import TrainConfig, lr_factor, param_groups, resolve_recipe
 from .run_files import INFERENCE_CONFIG, inference_json, model_card, preprocessor_json, processor_size
 from .train_log import RunLog
 from .train_state import (
@@ -157,15 +157,19 @@ class TrainData:
     class_weights: torch.Tensor | None = None  # (K,) loss weight per class, or None: plain cross-entropy
 
 
+def data_kind(cfg: TrainConfig) -> str:
+    return detect_kind(cfg.data) if cfg.dataset == "auto" else cfg.dataset
+
+
 def build_data(cfg: TrainConfig, info: DistInfo) -> TrainData:
-    """The training set with the paper's augmentation and the validation set, checked as ``cfg.check_data``
-    says (every rank gets the main rank's verdict)."""
-    kind = detect_kind(cfg.data) if cfg.dataset == "auto" else cfg.dataset
+    """The training set with the recipe's augmentation (``cfg`` resolved by :func:`resolve_recipe`) and the
+    validation set, checked as ``cfg.check_data`` says (every rank gets the main rank's verdict)."""
+    kind = data_kind(cfg)
+    cfg = resolve_recipe(cfg, kind)[0]  # a no-op for a resolved cfg
     eval_opts = cfg.eval_inference_options(kind)  # a bad --eval-* option fails here, before any work
-    scale = cfg.scale if cfg.scale is not None else ((2048, 1024) if kind == "cityscapes" else (2048, 512))
     transform = train_transform(
         tuple(cfg.crop),
-        scale=None if tuple(scale) == (0, 0) else tuple(scale),
+        scale=None if tuple(cfg.scale) == (0, 0) else tuple(cfg.scale),
         ratio_range=tuple(cfg.ratio_range),
         cat_max_ratio=cfg.cat_max_ratio,
         flip_prob=cfg.flip_prob,
@@ -495,6 +499,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     micro = check_config(cfg, info)
+    cfg, notes = resolve_recipe(cfg, data_kind(cfg))  # what the run uses, printed and kept in train_config.json
+    if notes:
+        _log("recipe: " + "; ".join(notes), info)
     output = Path(cfg.output)
     resume_dir = find_resume_dir(output, cfg.resume)
     if resume_dir is None and (output / "last" / TRAINING_STATE).is_file():

@@ -13,9 +13,12 @@ if TYPE_CHECKING:
     from segformer.train import TrainConfig
 
 DESCRIPTION = (
-    "Fine-tune SegFormer (AdamW, head lr x10, warm-up + poly schedule, the paper's augmentation) on a "
-    "folder-layout, ADE20K or Cityscapes data set, on one process or under torchrun. Writes OUTPUT/last, "
-    "OUTPUT/best (save_pretrained layout), OUTPUT/metrics.jsonl."
+    "Fine-tune SegFormer (AdamW, warm-up + poly schedule) on a folder-layout, ADE20K, Cityscapes or Hugging Face "
+    "data set, on one process or under torchrun. ADE20K and Cityscapes get the paper's recipe exactly; own data "
+    "gets one derived from the data and the run (images at their own scale, a warm-up of 10%% of --steps, one "
+    "lr for head and encoder, no random ratio or photometric distortion). The recipe in use is printed at the "
+    "start and stored in OUTPUT/train_config.json; every part of it can be set. Writes OUTPUT/last, OUTPUT/best "
+    "(complete checkpoints: weights, processor config, evaluation protocol, model card), OUTPUT/metrics.jsonl."
 )
 
 EPILOG = """examples:
@@ -83,11 +86,19 @@ def _schedule_and_optimiser_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, help="global batch: all processes and accumulation steps (default 16)")
     g.add_argument("--accum-steps", type=int, help="gradient accumulation steps per optimiser step (default 1)")
     g.add_argument("--lr", type=float, help="base learning rate (default 6e-5)")
-    g.add_argument("--head-lr-mult", type=float, help="decode-head lr multiplier (default 10)")
+    g.add_argument(
+        "--head-lr-mult",
+        type=float,
+        help="decode-head lr multiplier (default: 10 for ADE20K / Cityscapes, 1 for own data)",
+    )
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay; none on norm layers (default 0.01)")
     g.add_argument("--betas", type=float, nargs=2, metavar=("B1", "B2"), help="AdamW betas (default 0.9 0.999)")
     g.add_argument("--adam-eps", type=float, help="AdamW epsilon, added to the gradient RMS (default 1e-8)")
-    g.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 1500)")
+    g.add_argument(
+        "--warmup-steps",
+        type=int,
+        help="linear warm-up steps (default: 1500 for ADE20K / Cityscapes; own data: 10%% of --steps, at most 1500)",
+    )
     g.add_argument("--warmup-ratio", type=float, help="warm-up start factor (default 1e-6)")
     g.add_argument("--poly-power", type=float, help="poly decay power (default 1.0)")
     g.add_argument("--min-lr", type=float, help="final learning rate (default 0)")
@@ -101,18 +112,23 @@ def _augmentation_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         nargs=2,
         metavar=("LONG", "SHORT"),
-        help="resize target before the random ratio (default 2048 512; Cityscapes 2048 1024; "
-        "0 0: the image's own size)",
+        help="resize target before the random ratio (default 2048 512 for ADE20K, 2048 1024 for Cityscapes, "
+        "0 0 for own data: the image's own size)",
     )
-    g.add_argument("--ratio-range", type=float, nargs=2, metavar=("LO", "HI"), help="random ratio (default 0.5 2.0)")
+    g.add_argument(
+        "--ratio-range",
+        type=float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        help="random resize ratio (default: 0.5 2.0 for ADE20K / Cityscapes, 1 1 for own data)",
+    )
     g.add_argument("--cat-max-ratio", type=float, help="crop retry threshold for one class (default 0.75)")
     g.add_argument("--flip-prob", type=float, help="horizontal flip probability (default 0.5)")
     g.add_argument(
-        "--no-photometric",
-        dest="photometric",
-        action="store_false",
+        "--photometric",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="turn the photometric distortion off",
+        help="the paper's photometric distortion (default: on for ADE20K / Cityscapes, off for own data)",
     )
 
 
