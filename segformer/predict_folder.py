@@ -47,8 +47,9 @@ def collect_images(inputs: Sequence[str | os.PathLike], *, recursive: bool = Fal
     an image extension (:data:`IMAGE_EXTENSIONS`) directly inside them, or below them with ``recursive``; the
     relative path keeps the sub-folders. Globs (``**`` allowed) are expanded here when the shell did not,
     relative to the folder before the first wildcard. A path that matches nothing is kept, so that it is
-    reported as missing. Raises ValueError when nothing at all is found."""
-    found: dict[Path, Path] = {}
+    reported as missing. Raises ValueError when nothing at all is found. Paths are kept as the user wrote them
+    (a symlink stays the link: summaries show what was passed); files reached twice are taken once."""
+    found: dict[Path, tuple[Path, Path]] = {}  # resolved path → (the path as given, relative output path)
     for item in inputs:
         text = os.fspath(item)
         path = Path(text).expanduser()
@@ -56,19 +57,20 @@ def collect_images(inputs: Sequence[str | os.PathLike], *, recursive: bool = Fal
             pattern = "**/*" if recursive else "*"
             for f in sorted(path.glob(pattern)):
                 if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith("."):
-                    found.setdefault(f.resolve(), f.relative_to(path))
+                    found.setdefault(f.resolve(), (f, f.relative_to(path)))
         elif not path.exists() and _has_magic(text):
             parts = Path(text).parts
             base = Path(*[p for p in parts[: next(i for i, p in enumerate(parts) if _has_magic(p))]] or ["."])
             for m in sorted(glob.glob(text, recursive=True)):
                 f = Path(m)
                 if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
-                    found.setdefault(f.resolve(), f.relative_to(base) if f.is_relative_to(base) else Path(f.name))
+                    rel = f.relative_to(base) if f.is_relative_to(base) else Path(f.name)
+                    found.setdefault(f.resolve(), (f, rel))
         else:
-            found.setdefault(path.resolve() if path.exists() else path, Path(path.name))
+            found.setdefault(path.resolve() if path.exists() else path, (path, Path(path.name)))
     if not found:
         raise ValueError(f"no images found in {', '.join(os.fspath(i) for i in inputs) or 'the inputs'}")
-    return sorted(found.items(), key=lambda kv: str(kv[0]))
+    return sorted(found.values(), key=lambda pair: str(pair[0]))
 
 
 # ----------------------------------------------------------------------------------------------- records
@@ -212,7 +214,7 @@ def predict_to_folder(
     items = collect_images(inputs, recursive=recursive)
     stems = _output_stems(items)
     for (src, _), stem in zip(items, stems, strict=True):
-        if (out / stem).with_suffix(".png").resolve() == src:
+        if (out / stem).with_suffix(".png").resolve() == src.resolve():
             raise ValueError(f"{src}: the label map would overwrite this input; choose another --output folder")
     out.mkdir(parents=True, exist_ok=True)
     outputs = _Outputs(out, overlay_format, side_by_side_image, save_probs)

@@ -382,3 +382,15 @@ def test_killed_run_leaves_no_half_written_file_and_resumes(checkpoint, tmp_path
     assert len(list(out.glob("img*_overlay.png"))) == 40 and len(list(out.glob("img??.png"))) == 40
     # a write cut by SIGKILL can leave its hidden temporary (.NAME.xxxx.tmp), never a visible partial file
     assert all(p.name.startswith(".") for p in out.rglob("*.tmp"))
+
+
+def test_collected_paths_are_the_ones_the_user_passed(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    Image.new("RGB", (40, 40)).save(real / "a.png")
+    (tmp_path / "link.png").symlink_to(real / "a.png")
+    (tmp_path / "linked").symlink_to(real, target_is_directory=True)
+    assert collect_images([tmp_path / "link.png"]) == [(tmp_path / "link.png", Path("link.png"))]
+    assert collect_images([tmp_path / "linked"]) == [(tmp_path / "linked" / "a.png", Path("a.png"))]
+    # the same file reached twice is segmented once
+    assert len(collect_images([tmp_path / "linked", real / "a.png"])) == 1
