@@ -1,5 +1,5 @@
-"""The training recipe as data: :class:`TrainConfig` (every constant of a run), the learning-rate schedule and
-the optimiser's parameter groups.
+"""The training recipe as data: :class:`TrainConfig` (every constant of a run), the model a run starts from,
+the learning-rate schedule and the optimiser (AdamW over parameter groups).
 
 The defaults are the paper's ADE20K fine-tuning recipe (the NVlabs / mmseg configs): AdamW (lr 6e-5, betas
 (0.9, 0.999), weight decay 0.01); decode-head parameters get lr × 10; normalisation layers get no weight decay;
@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-from .config import SegformerConfig
+from .config import VARIANTS, SegformerConfig
 from .evaluate import eval_options
 from .inference import InferenceOptions
+from .modeling import SegformerForSemanticSegmentation
 
 
 @dataclass
@@ -172,4 +175,89 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     return out
 
 
-__all__ = ["OWN_DATA", "PAPER", "TrainConfig", "lr_factor", "param_groups", "resolve_recipe"]
+def build_model(cfg: TrainConfig, id2label: dict[int, str]) -> SegformerForSemanticSegmentation:
+    """The model to fine-tune, with the data set's labels: a fresh variant ("b0".."b5"), a fresh model from a
+    ``config.json`` or a SegformerConfig, or a checkpoint (ImageNet ``mit-b*`` encoder, or a segmentation
+    model with any label set: a different head is re-initialised, which is logged)."""
+    overrides: dict[str, Any] = {"num_labels": len(id2label), "id2label": id2label}
+    if cfg.drop_path_rate is not None:
+        overrides["drop_path_rate"] = cfg.drop_path_rate
+    if cfg.dropout is not None:
+        overrides.update(
+            hidden_dropout_prob=cfg.dropout,
+            attention_probs_dropout_prob=cfg.dropout,
+            classifier_dropout_prob=cfg.dropout,
+        )
+    spec = cfg.model
+    if isinstance(spec, SegformerConfig):
+        return SegformerForSemanticSegmentation(spec.copy(**overrides))
+    name = str(spec)
+    variant = name.lower().removeprefix("mit-")
+    if variant in VARIANTS and not Path(name).exists():
+        return SegformerForSemanticSegmentation(SegformerConfig.from_variant(variant, **overrides))
+    if Path(name).is_file() and Path(name).suffix == ".json":
+        return SegformerForSemanticSegmentation(SegformerConfig.from_json_file(name).copy(**overrides))
+    # A different label set re-initialises the classifier (its shape changes); from_pretrained logs that.
+    return SegformerForSemanticSegmentation.from_pretrained(name, ignore_mismatched_sizes=True, **overrides)
+
+
+@dataclass
+class Optimization:
+    """AdamW, its lr schedule and (fp16 only) the gradient scaler: what an optimiser step changes and
+    ``last/training_state.pt`` saves."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None = None
+
+    @property
+    def lr(self) -> float:
+        """The base lr of the next step (encoder group; the head's is ``head_lr_mult`` times this)."""
+        return self.scheduler.get_last_lr()[0]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def step(self) -> float:
+        """Update the weights (the fp16 scaler skips a step with inf/NaN gradients), advance the schedule, and
+        return the lr that the update used."""
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        lr = self.lr
+        self.scheduler.step()
+        return lr
+
+    def state_dict(self) -> dict[str, Any]:
+        scaler = self.scaler.state_dict() if self.scaler is not None else None
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "scaler": scaler}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> Optimization:
+    """AdamW over :func:`param_groups`, the warm-up + poly schedule of :func:`lr_factor`, a scaler for fp16."""
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    return Optimization(optimizer, scheduler, torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None)
+
+
+__all__ = [
+    "OWN_DATA",
+    "PAPER",
+    "Optimization",
+    "TrainConfig",
+    "build_model",
+    "build_optimizer",
+    "lr_factor",
+    "param_groups",
+    "resolve_recipe",
+]

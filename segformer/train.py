@@ -51,7 +51,7 @@ from .evaluate import evaluate
 from .inference import InferenceOptions, autocast, predict_labels
 from .metrics import metrics_to_json
 from .modeling import SegformerForSemanticSegmentation, semantic_loss
-from .recipe import TrainConfig, lr_factor, param_groups, resolve_recipe
+from .recipe import Optimization, TrainConfig, build_model, build_optimizer, lr_factor, param_groups, resolve_recipe
 from .run_files import INFERENCE_CONFIG, inference_json, model_card, preprocessor_json, processor_size
 from .train_log import RunLog
 from .train_state import (
@@ -72,32 +72,6 @@ class TrainingDivergedError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------- model
-def build_model(cfg: TrainConfig, id2label: dict[int, str]) -> SegformerForSemanticSegmentation:
-    """The model to fine-tune, with the data set's labels: a fresh variant ("b0".."b5"), a fresh model from a
-    ``config.json`` or a SegformerConfig, or a checkpoint (ImageNet ``mit-b*`` encoder, or a segmentation
-    model with any label set: a different head is re-initialised, which is logged)."""
-    overrides: dict[str, Any] = {"num_labels": len(id2label), "id2label": id2label}
-    if cfg.drop_path_rate is not None:
-        overrides["drop_path_rate"] = cfg.drop_path_rate
-    if cfg.dropout is not None:
-        overrides.update(
-            hidden_dropout_prob=cfg.dropout,
-            attention_probs_dropout_prob=cfg.dropout,
-            classifier_dropout_prob=cfg.dropout,
-        )
-    spec = cfg.model
-    if isinstance(spec, SegformerConfig):
-        return SegformerForSemanticSegmentation(spec.copy(**overrides))
-    name = str(spec)
-    variant = name.lower().removeprefix("mit-")
-    if variant in VARIANTS and not Path(name).exists():
-        return SegformerForSemanticSegmentation(SegformerConfig.from_variant(variant, **overrides))
-    if Path(name).is_file() and Path(name).suffix == ".json":
-        return SegformerForSemanticSegmentation(SegformerConfig.from_json_file(name).copy(**overrides))
-    # A different label set re-initialises the classifier (its shape changes); from_pretrained logs that.
-    return SegformerForSemanticSegmentation.from_pretrained(name, ignore_mismatched_sizes=True, **overrides)
-
-
 def _gather_objects(obj: Any, world_size: int) -> list[Any]:
     if world_size == 1:
         return [obj]
@@ -261,55 +235,6 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, info: DistInfo) -> tuple[n
         return model, model
     device_ids = [info.device.index] if info.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids), model
-
-
-@dataclass
-class Optimization:
-    """AdamW, its lr schedule and (fp16 only) the gradient scaler: what an optimiser step changes and
-    ``last/training_state.pt`` saves."""
-
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler | None = None
-
-    @property
-    def lr(self) -> float:
-        """The base lr of the next step (encoder group; the head's is ``head_lr_mult`` times this)."""
-        return self.scheduler.get_last_lr()[0]
-
-    def backward(self, loss: torch.Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-
-    def step(self) -> float:
-        """Update the weights (the fp16 scaler skips a step with inf/NaN gradients), advance the schedule, and
-        return the lr that the update used."""
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        lr = self.lr
-        self.scheduler.step()
-        return lr
-
-    def state_dict(self) -> dict[str, Any]:
-        scaler = self.scaler.state_dict() if self.scaler is not None else None
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "scaler": scaler}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> Optimization:
-    """AdamW over :func:`param_groups`, the warm-up + poly schedule of :func:`lr_factor`, a scaler for fp16."""
-    optimizer = torch.optim.AdamW(
-        param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    return Optimization(optimizer, scheduler, torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None)
 
 
 # ----------------------------------------------------------------------------------------- run state
