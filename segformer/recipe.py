@@ -105,23 +105,37 @@ class TrainConfig:
 # The paper's ADE20K / Cityscapes recipe, for the fields a run resolves (see resolve_recipe).
 PAPER = {"head_lr_mult": 10.0, "warmup_steps": 1500, "ratio_range": (0.5, 2.0), "photometric": True}
 PAPER_SCALE = {"ade20k": (2048, 512), "cityscapes": (2048, 1024)}
-# Own data (a folder layout or a Hugging Face dataset): measured with bench/bench_training.py against the plain
-# PyTorch loop a user would write (README, "Training on your own data"); the reasons are in resolve_recipe.
+# Own data (a folder layout or a Hugging Face dataset) trained from fresh weights: measured with
+# bench/bench_training.py against the plain PyTorch loop a user would write (README, "Training on your own
+# data"); the reasons are in resolve_recipe.
 OWN_DATA = {"head_lr_mult": 1.0, "warmup_fraction": 0.1, "ratio_range": (1.0, 1.0), "photometric": False}
+
+
+def starts_fresh(model: str | SegformerConfig) -> bool:
+    """Whether a run of ``model`` starts from fresh weights (a variant name, a config.json, a SegformerConfig)
+    rather than a checkpoint (a pretrained encoder or a fine-tuned model)."""
+    if isinstance(model, SegformerConfig):
+        return True
+    name = str(model)
+    if Path(name).is_file() and Path(name).suffix == ".json":
+        return True
+    return name.lower().removeprefix("mit-") in VARIANTS and not Path(name).exists()
 
 
 def resolve_recipe(cfg: TrainConfig, kind: str) -> tuple[TrainConfig, list[str]]:
     """``cfg`` with every field left None that depends on the data filled in, and one note per resolved field.
 
-    ADE20K and Cityscapes get the paper's recipe exactly. Own data (any other kind) gets a recipe derived from
-    the data and the run instead: the images at their own scale (``scale`` (0, 0): the paper's 2048×512 resize
-    is a 4x zoom of 128-pixel images, a zoom the model never sees at evaluation), a warm-up of 10% of the run
-    (at most the paper's 1500 steps: the paper's is longer than a short run), one lr for head and encoder
-    (the head's x10 is for a fresh head on a pretrained encoder), and neither the 0.5-2.0 random ratio nor the
-    photometric distortion, which regularise a 160k-step schedule and slow a short one. Every choice can still
-    be set explicitly.
+    ADE20K and Cityscapes get the paper's recipe exactly. Own data (any other kind) gets the images at their
+    own scale (``scale`` (0, 0): the paper's 2048×512 resize is a 4x zoom of 128-pixel images, one the model
+    never sees at evaluation) and a warm-up of 10% of the run (at most the paper's 1500 steps, which is longer
+    than a short run). From a pretrained checkpoint it keeps the paper's fine-tuning choices (head lr x10 for
+    the fresh head, the 0.5-2.0 random ratio, photometric distortion). From fresh weights, one lr for head and
+    encoder (both are new) and neither the random ratio nor the photometric distortion, which regularise a
+    160k-step schedule and, measured on short runs, cost more than they give. Every choice can be set
+    explicitly.
     """
     paper = kind in PAPER_SCALE
+    fresh = starts_fresh(cfg.model)
     changes: dict[str, Any] = {}
     if cfg.scale is None:
         changes["scale"] = PAPER_SCALE[kind] if paper else (0, 0)
@@ -130,8 +144,8 @@ def resolve_recipe(cfg: TrainConfig, kind: str) -> tuple[TrainConfig, list[str]]
         changes["warmup_steps"] = PAPER["warmup_steps"] if paper else min(PAPER["warmup_steps"], fraction)
     for name in ("head_lr_mult", "ratio_range", "photometric"):
         if getattr(cfg, name) is None:
-            changes[name] = PAPER[name] if paper else OWN_DATA[name]
-    source = "the paper's recipe" if paper else "own data"
+            changes[name] = OWN_DATA[name] if not paper and fresh else PAPER[name]
+    source = "the paper's recipe" if paper else ("own data, fresh weights" if fresh else "own data, pretrained")
     notes = [f"{name} {value} ({source})" for name, value in changes.items()]
     return dataclasses.replace(cfg, **changes), notes
 
@@ -252,6 +266,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> Optimization:
 
 __all__ = [
     "OWN_DATA",
+    "starts_fresh",
     "PAPER",
     "Optimization",
     "TrainConfig",

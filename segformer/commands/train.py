@@ -15,10 +15,11 @@ if TYPE_CHECKING:
 DESCRIPTION = (
     "Fine-tune SegFormer (AdamW, warm-up + poly schedule) on a folder-layout, ADE20K, Cityscapes or Hugging Face "
     "data set, on one process or under torchrun. ADE20K and Cityscapes get the paper's recipe exactly; own data "
-    "gets one derived from the data and the run (images at their own scale, a warm-up of 10%% of --steps, one "
-    "lr for head and encoder, no random ratio or photometric distortion). The recipe in use is printed at the "
-    "start and stored in OUTPUT/train_config.json; every part of it can be set. Writes OUTPUT/last, OUTPUT/best "
-    "(complete checkpoints: weights, processor config, evaluation protocol, model card), OUTPUT/metrics.jsonl."
+    "gets one derived from the data and the run (images at their own scale, a warm-up of 10% of --steps; from "
+    "fresh weights also one lr for head and encoder and no random ratio or photometric distortion). The recipe "
+    "in use is printed at the start and stored in OUTPUT/train_config.json; every part of it can be set. Writes "
+    "OUTPUT/last, OUTPUT/best (complete checkpoints: weights, processor config, evaluation protocol, model card), "
+    "OUTPUT/metrics.jsonl."
 )
 
 EPILOG = """examples:
@@ -89,7 +90,7 @@ def _schedule_and_optimiser_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--head-lr-mult",
         type=float,
-        help="decode-head lr multiplier (default: 10 for ADE20K / Cityscapes, 1 for own data)",
+        help="decode-head lr multiplier (default: 10; 1 for own data from fresh weights)",
     )
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay; none on norm layers (default 0.01)")
     g.add_argument("--betas", type=float, nargs=2, metavar=("B1", "B2"), help="AdamW betas (default 0.9 0.999)")
@@ -120,7 +121,7 @@ def _augmentation_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         nargs=2,
         metavar=("LO", "HI"),
-        help="random resize ratio (default: 0.5 2.0 for ADE20K / Cityscapes, 1 1 for own data)",
+        help="random resize ratio (default: 0.5 2.0; 1 1 for own data from fresh weights)",
     )
     g.add_argument("--cat-max-ratio", type=float, help="crop retry threshold for one class (default 0.75)")
     g.add_argument("--flip-prob", type=float, help="horizontal flip probability (default 0.5)")
@@ -128,7 +129,7 @@ def _augmentation_arguments(p: argparse.ArgumentParser) -> None:
         "--photometric",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="the paper's photometric distortion (default: on for ADE20K / Cityscapes, off for own data)",
+        help="the paper's photometric distortion (default: on; off for own data from fresh weights)",
     )
 
 
