@@ -272,7 +272,12 @@ class PreTrainedMixin:
         state = canonical_keys(load_state_dict(name, use_safetensors=use_safetensors, **hub))
         model = cls(config)
         info = model.load_checkpoint_state(state, ignore_mismatched_sizes=ignore_mismatched_sizes, source=name)
-        if attn_implementation not in (None, "sdpa", "eager", "flash_attention_2"):
+        if attn_implementation == "flash_attention_2":  # as Transformers answers for SegFormer
+            raise ValueError(
+                f"{cls.__name__} does not support flash_attention_2; use 'sdpa' (PyTorch's fused kernel, which "
+                "picks a flash kernel by itself where the GPU has one) or 'eager'"
+            )
+        if attn_implementation not in (None, "sdpa", "eager"):
             raise ValueError(f"attn_implementation {attn_implementation!r}: use 'sdpa' or 'eager'")
         if attn_implementation == "eager":
             model.fast_path = False

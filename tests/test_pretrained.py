@@ -111,6 +111,16 @@ def test_dtype_and_device(saved):
         SegformerForSemanticSegmentation.from_pretrained(path, torch_dtype="float77")
 
 
+def test_attention_implementations(saved):
+    _, path = saved
+    assert not SegformerForSemanticSegmentation.from_pretrained(path, attn_implementation="eager").fast_path
+    assert SegformerForSemanticSegmentation.from_pretrained(path, attn_implementation="sdpa").fast_path
+    with pytest.raises(ValueError, match="does not support flash_attention_2; use 'sdpa'"):
+        SegformerForSemanticSegmentation.from_pretrained(path, attn_implementation="flash_attention_2")
+    with pytest.raises(ValueError, match="attn_implementation 'xformers'"):
+        SegformerForSemanticSegmentation.from_pretrained(path, attn_implementation="xformers")
+
+
 def test_transformers_v5_in_memory_names_are_understood(saved):
     model, path = saved
     from segformer.pretrained import _V5_RENAMES  # noqa: F401  (the table under test)
