@@ -48,7 +48,7 @@ class TrainConfig:
     crop: tuple[int, int] = (512, 512)
     scale: tuple[int, int] | None = None  # None: resolved: (2048, 512), Cityscapes (2048, 1024); (0, 0): own size
     ratio_range: tuple[float, float] | None = None  # None: resolved: (0.5, 2.0) for the paper's data sets
-    cat_max_ratio: float = 0.75
+    cat_max_ratio: float | None = None  # None: resolved: 0.75 for the paper's data sets
     flip_prob: float = 0.5
     photometric: bool | None = None  # None: resolved: on for the paper's data sets
     # labels
@@ -103,12 +103,25 @@ class TrainConfig:
 
 
 # The paper's ADE20K / Cityscapes recipe, for the fields a run resolves (see resolve_recipe).
-PAPER = {"head_lr_mult": 10.0, "warmup_steps": 1500, "ratio_range": (0.5, 2.0), "photometric": True}
+PAPER = {
+    "head_lr_mult": 10.0,
+    "warmup_steps": 1500,
+    "ratio_range": (0.5, 2.0),
+    "photometric": True,
+    "cat_max_ratio": 0.75,
+}
 PAPER_SCALE = {"ade20k": (2048, 512), "cityscapes": (2048, 1024)}
 # Own data (a folder layout or a Hugging Face dataset) trained from fresh weights: measured with
 # bench/bench_training.py against the plain PyTorch loop a user would write (README, "Training on your own
 # data"); the reasons are in resolve_recipe.
-OWN_DATA = {"head_lr_mult": 1.0, "warmup_fraction": 0.1, "ratio_range": (1.0, 1.0), "photometric": False}
+FRESH_OWN_DATA = {
+    "head_lr_mult": 1.0,
+    "warmup_steps": 0,
+    "ratio_range": (1.0, 1.0),
+    "photometric": False,
+    "cat_max_ratio": 1.0,
+}
+PRETRAINED_WARMUP_FRACTION = 0.1  # own data from a pretrained checkpoint: warm-up 10% of the run, <= 1500
 
 
 def starts_fresh(model: str | SegformerConfig) -> bool:
@@ -127,24 +140,23 @@ def resolve_recipe(cfg: TrainConfig, kind: str) -> tuple[TrainConfig, list[str]]
 
     ADE20K and Cityscapes get the paper's recipe exactly. Own data (any other kind) gets the images at their
     own scale (``scale`` (0, 0): the paper's 2048×512 resize is a 4x zoom of 128-pixel images, one the model
-    never sees at evaluation) and a warm-up of 10% of the run (at most the paper's 1500 steps, which is longer
-    than a short run). From a pretrained checkpoint it keeps the paper's fine-tuning choices (head lr x10 for
-    the fresh head, the 0.5-2.0 random ratio, photometric distortion). From fresh weights, one lr for head and
-    encoder (both are new) and neither the random ratio nor the photometric distortion, which regularise a
-    160k-step schedule and, measured on short runs, cost more than they give. Every choice can be set
-    explicitly.
+    never sees at evaluation). From a pretrained checkpoint it keeps the paper's fine-tuning choices (head lr
+    x10 for the fresh head, the 0.5-2.0 random ratio, photometric distortion, the one-class crop retry) with a
+    warm-up of 10% of the run (at most the paper's 1500 steps, longer than a short run). From fresh weights it
+    trains as the plain loop does, which measured better on short runs (bench/bench_training.py): one lr for
+    head and encoder (both are new), no warm-up, uniform random crops, and neither the random ratio nor the
+    photometric distortion, which regularise a 160k-step schedule. Every choice can be set explicitly.
     """
     paper = kind in PAPER_SCALE
     fresh = starts_fresh(cfg.model)
     changes: dict[str, Any] = {}
     if cfg.scale is None:
         changes["scale"] = PAPER_SCALE[kind] if paper else (0, 0)
-    if cfg.warmup_steps is None:
-        fraction = max(1, round(OWN_DATA["warmup_fraction"] * cfg.steps))
-        changes["warmup_steps"] = PAPER["warmup_steps"] if paper else min(PAPER["warmup_steps"], fraction)
-    for name in ("head_lr_mult", "ratio_range", "photometric"):
+    for name in ("head_lr_mult", "warmup_steps", "ratio_range", "photometric", "cat_max_ratio"):
         if getattr(cfg, name) is None:
-            changes[name] = OWN_DATA[name] if not paper and fresh else PAPER[name]
+            changes[name] = FRESH_OWN_DATA[name] if not paper and fresh else PAPER[name]
+    if not paper and not fresh and cfg.warmup_steps is None:
+        changes["warmup_steps"] = min(PAPER["warmup_steps"], max(1, round(PRETRAINED_WARMUP_FRACTION * cfg.steps)))
     source = "the paper's recipe" if paper else ("own data, fresh weights" if fresh else "own data, pretrained")
     notes = [f"{name} {value} ({source})" for name, value in changes.items()]
     return dataclasses.replace(cfg, **changes), notes
@@ -265,7 +277,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> Optimization:
 
 
 __all__ = [
-    "OWN_DATA",
+    "FRESH_OWN_DATA",
     "starts_fresh",
     "PAPER",
     "Optimization",

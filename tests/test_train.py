@@ -334,26 +334,26 @@ def test_checkpoints_are_complete_and_shareable(data, tiny_json, tmp_path):
 def test_recipe_is_the_papers_for_ade_and_cityscapes_and_derived_for_own_data():
     from segformer.recipe import resolve_recipe
 
+    fields = ("scale", "warmup_steps", "head_lr_mult", "ratio_range", "photometric", "cat_max_ratio")
+
+    def values(cfg):
+        return tuple(getattr(cfg, f) for f in fields)
+
     for kind, scale in (("ade20k", (2048, 512)), ("cityscapes", (2048, 1024))):
         cfg, notes = resolve_recipe(TrainConfig(steps=600), kind)
-        assert (cfg.scale, cfg.warmup_steps, cfg.head_lr_mult, cfg.ratio_range, cfg.photometric) == (
-            scale, 1500, 10.0, (0.5, 2.0), True
-        )  # fmt: skip
-        assert all("the paper's recipe" in n for n in notes) and len(notes) == 5
+        assert values(cfg) == (scale, 1500, 10.0, (0.5, 2.0), True, 0.75)
+        assert all("the paper's recipe" in n for n in notes) and len(notes) == 6
     for kind in ("folder", "hf"):
-        cfg, notes = resolve_recipe(TrainConfig(steps=600), kind)  # "b0": fresh weights
-        assert (cfg.scale, cfg.warmup_steps, cfg.head_lr_mult, cfg.ratio_range, cfg.photometric) == (
-            (0, 0), 60, 1.0, (1.0, 1.0), False
-        )  # fmt: skip
+        cfg, notes = resolve_recipe(TrainConfig(steps=600), kind)  # "b0": fresh weights, as the plain loop
+        assert values(cfg) == ((0, 0), 0, 1.0, (1.0, 1.0), False, 1.0)
         assert all("own data, fresh weights" in n for n in notes)
-        # from a pretrained checkpoint: the paper's fine-tuning choices at the data's own scale
+        # from a pretrained checkpoint: the paper's fine-tuning choices at the data's own scale, 10% warm-up
         cfg, notes = resolve_recipe(TrainConfig(steps=600, model="nvidia/mit-b0"), kind)
-        assert (cfg.scale, cfg.warmup_steps, cfg.head_lr_mult, cfg.ratio_range, cfg.photometric) == (
-            (0, 0), 60, 10.0, (0.5, 2.0), True
-        )  # fmt: skip
-        assert resolve_recipe(TrainConfig(steps=160_000), kind)[0].warmup_steps == 1500  # bounded by the paper's
+        assert values(cfg) == ((0, 0), 60, 10.0, (0.5, 2.0), True, 0.75)
+        long = resolve_recipe(TrainConfig(steps=160_000, model="nvidia/mit-b0"), kind)[0]
+        assert long.warmup_steps == 1500  # bounded by the paper's
     explicit = TrainConfig(steps=600, scale=(1024, 256), warmup_steps=5, head_lr_mult=3.0, photometric=True,
-                           ratio_range=(0.8, 1.2))  # fmt: skip
+                           ratio_range=(0.8, 1.2), cat_max_ratio=0.5)  # fmt: skip
     resolved, notes = resolve_recipe(explicit, "folder")
     assert resolved == explicit and notes == []  # what the user set is kept
     assert resolve_recipe(resolved, "folder")[0] == resolved  # idempotent
@@ -365,7 +365,7 @@ def test_the_resolved_recipe_is_printed_and_stored(data, tiny_json, tmp_path, ca
     code, _, err = run_cli(capsys, "train", *args, "--crop", "48", "48", "--workers", "0", "--eval-every", "0")
     assert code == 0, err[-2000:]
     line = next(line for line in err.splitlines() if line.startswith("recipe: "))
-    assert "scale (0, 0) (own data, fresh weights)" in line and "warmup_steps 1 (own data" in line
+    assert "scale (0, 0) (own data, fresh weights)" in line and "warmup_steps 0 (own data" in line
     stored = json.loads((out / "train_config.json").read_text())
-    assert stored["scale"] == [0, 0] and stored["warmup_steps"] == 1 and stored["head_lr_mult"] == 1.0
-    assert stored["photometric"] is False and stored["ratio_range"] == [1.0, 1.0]
+    assert stored["scale"] == [0, 0] and stored["warmup_steps"] == 0 and stored["head_lr_mult"] == 1.0
+    assert stored["photometric"] is False and stored["ratio_range"] == [1.0, 1.0] and stored["cat_max_ratio"] == 1.0

@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
         ratio_range=(0.75, 1.5),
         photometric=False,
         lr=2e-3,
-        head_lr_mult=10.0,  # the demo's measured configuration (README); own data defaults to 1
+        head_lr_mult=10.0,  # the demo's measured configuration (README), set in full
+        cat_max_ratio=0.75,
         warmup_steps=50,
         drop_path_rate=0.0,
         eval_every=max(args.steps // 4, 1),

@@ -15,8 +15,9 @@ if TYPE_CHECKING:
 DESCRIPTION = (
     "Fine-tune SegFormer (AdamW, warm-up + poly schedule) on a folder-layout, ADE20K, Cityscapes or Hugging Face "
     "data set, on one process or under torchrun. ADE20K and Cityscapes get the paper's recipe exactly; own data "
-    "gets one derived from the data and the run (images at their own scale, a warm-up of 10% of --steps; from "
-    "fresh weights also one lr for head and encoder and no random ratio or photometric distortion). The recipe "
+    "gets one derived from the data and the run: images at their own scale; from fresh weights the plain loop's "
+    "choices (one lr for head and encoder, no warm-up, uniform crops, no random ratio or photometric "
+    "distortion); from a pretrained checkpoint the paper's, with a warm-up of 10% of --steps. The recipe "
     "in use is printed at the start and stored in OUTPUT/train_config.json; every part of it can be set. Writes "
     "OUTPUT/last, OUTPUT/best (complete checkpoints: weights, processor config, evaluation protocol, model card), "
     "OUTPUT/metrics.jsonl."
@@ -98,7 +99,8 @@ def _schedule_and_optimiser_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--warmup-steps",
         type=int,
-        help="linear warm-up steps (default: 1500 for ADE20K / Cityscapes; own data: 10%% of --steps, at most 1500)",
+        help="linear warm-up steps (default: 1500 for ADE20K / Cityscapes; own data: 0 from fresh weights, 10%% of "
+        "--steps (at most 1500) from a pretrained checkpoint)",
     )
     g.add_argument("--warmup-ratio", type=float, help="warm-up start factor (default 1e-6)")
     g.add_argument("--poly-power", type=float, help="poly decay power (default 1.0)")
@@ -123,7 +125,11 @@ def _augmentation_arguments(p: argparse.ArgumentParser) -> None:
         metavar=("LO", "HI"),
         help="random resize ratio (default: 0.5 2.0; 1 1 for own data from fresh weights)",
     )
-    g.add_argument("--cat-max-ratio", type=float, help="crop retry threshold for one class (default 0.75)")
+    g.add_argument(
+        "--cat-max-ratio",
+        type=float,
+        help="crop retry threshold for one class (default: 0.75; 1 (no retry) for own data from fresh weights)",
+    )
     g.add_argument("--flip-prob", type=float, help="horizontal flip probability (default 0.5)")
     g.add_argument(
         "--photometric",
