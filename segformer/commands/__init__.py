@@ -139,43 +139,24 @@ def add_inference_arguments(
     size: dict[str, Any] = (
         dict(type=pair_arg, metavar="N|H,W") if one_word_sizes else dict(type=int, nargs=2, metavar=("H", "W"))
     )
-    crop_default = shown("crop_size", "512 512; Cityscapes 1024 1024")
-    stride_default = shown("stride", "341 341; Cityscapes 768 768")
-    parser.add_argument(
-        crop,
-        dest=dest["crop_size"],
-        default=default("crop_size"),
-        **size,
-        help=f"slide mode: window size (default {crop_default})",
-    )
-    parser.add_argument(
-        f"{dash}stride",
-        dest=dest["stride"],
-        default=default("stride"),
-        **size,
-        help=f"slide mode: window stride (default {stride_default})",
-    )
-    parser.add_argument(
-        f"{dash}short-side",
-        dest=dest["short_side"],
-        type=positive_int,
-        default=default("short_side"),
-        help=f"aligned mode: short-side target (default {shown('short_side', '512')})",
-    )
-    parser.add_argument(
-        f"{dash}long-side",
-        dest=dest["long_side"],
-        type=positive_int,
-        default=default("long_side"),
-        help=f"aligned mode: long-side limit (default {shown('long_side', '2048')})",
-    )
-    parser.add_argument(
-        f"{dash}align",
-        dest=dest["align"],
-        type=positive_int,
-        default=default("align"),
-        help=f"aligned mode: sides rounded up to multiples of this (default {shown('align', '32')})",
-    )
+    for name, flag, what, fallback in (
+        ("crop_size", crop, "window size", "512 512; Cityscapes 1024 1024"),
+        ("stride", f"{dash}stride", "window stride", "341 341; Cityscapes 768 768"),
+    ):
+        help_text = f"slide mode: {what} (default {shown(name, fallback)})"
+        parser.add_argument(flag, dest=dest[name], default=default(name), **size, help=help_text)
+    for name, flag, what, fallback in (
+        ("short_side", "short-side", "short-side target", "512"),
+        ("long_side", "long-side", "long-side limit", "2048"),
+        ("align", "align", "sides rounded up to multiples of this", "32"),
+    ):
+        parser.add_argument(
+            f"{dash}{flag}",
+            dest=dest[name],
+            type=positive_int,
+            default=default(name),
+            help=f"aligned mode: {what} (default {shown(name, fallback)})",
+        )
     parser.add_argument(
         f"{dash}scales",
         dest=dest["scales"],
