@@ -354,10 +354,18 @@ class SegformerEncoder(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(
-        self, pixel_values: torch.Tensor, output_attentions: bool = False, reshape_last_stage: bool = True
+        self,
+        pixel_values: torch.Tensor,
+        output_attentions: bool = False,
+        reshape_last_stage: bool = True,
+        contiguous_stages: bool = False,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Return the stage outputs — (B, C_i, H_i, W_i) channels-last views; the last one (B, N, C) when
-        ``reshape_last_stage`` is False — and the attention maps (empty unless requested)."""
+        ``reshape_last_stage`` is False — and the attention maps (empty unless requested).
+
+        ``contiguous_stages`` (asked for hidden states): each stage map is made contiguous (NCHW, as
+        Transformers returns them) and that very tensor feeds the next stage and the head, so gradients reach
+        the hidden states a caller holds (Grad-CAM, attribution, distillation)."""
         x = pixel_values.contiguous(memory_format=torch.channels_last)
         stages, attentions = [], []
         last = len(self.block) - 1
@@ -375,6 +383,7 @@ class SegformerEncoder(nn.Module):
             x = norm(x)
             if i < last or reshape_last_stage:
                 x = tokens_to_map(x, height, width)  # (B, C, H, W), channels-last
+                x = x.contiguous() if contiguous_stages else x  # the returned tensor is the one used below
             stages.append(x)
         return stages, attentions
 
@@ -672,8 +681,10 @@ class SegformerModel(SegformerPreTrainedModel):
             output_attentions, output_hidden_states, return_dict
         )
         check_pixel_values(pixel_values, self.config)
-        stages, attentions = self.encoder(pixel_values, output_attentions, self.config.reshape_last_stage)
-        stages = [s.contiguous() for s in stages] if output_hidden_states else [stages[-1].contiguous()]
+        stages, attentions = self.encoder(
+            pixel_values, output_attentions, self.config.reshape_last_stage, contiguous_stages=output_hidden_states
+        )
+        stages = stages if output_hidden_states else [stages[-1].contiguous()]
         out = BaseModelOutput(
             last_hidden_state=stages[-1],
             hidden_states=tuple(stages) if output_hidden_states else None,
@@ -709,13 +720,15 @@ class SegformerForSemanticSegmentation(SegformerPreTrainedModel):
         check_pixel_values(pixel_values, self.config)
         if self.config.num_labels < 1:
             raise ValueError(f"semantic segmentation needs num_labels >= 1, the config has {self.config.num_labels}")
-        stages, attentions = self.segformer.encoder(pixel_values, output_attentions, self.config.reshape_last_stage)
+        stages, attentions = self.segformer.encoder(
+            pixel_values, output_attentions, self.config.reshape_last_stage, contiguous_stages=output_hidden_states
+        )
         logits = self.decode_head(stages)
         loss = semantic_loss(logits, labels, self.config) if labels is not None else None
         out = SemanticSegmenterOutput(
             loss=loss,
             logits=logits,
-            hidden_states=tuple(s.contiguous() for s in stages) if output_hidden_states else None,
+            hidden_states=tuple(stages) if output_hidden_states else None,
             attentions=tuple(attentions) if output_attentions else None,
         )
         return out if return_dict else out.to_tuple()
@@ -745,7 +758,9 @@ class SegformerForImageClassification(SegformerPreTrainedModel):
             output_attentions, output_hidden_states, return_dict
         )
         check_pixel_values(pixel_values, self.config)
-        stages, attentions = self.segformer.encoder(pixel_values, output_attentions, self.config.reshape_last_stage)
+        stages, attentions = self.segformer.encoder(
+            pixel_values, output_attentions, self.config.reshape_last_stage, contiguous_stages=output_hidden_states
+        )
         last = stages[-1]
         tokens = map_to_tokens(last) if last.ndim == 4 else last  # (B, N, C)
         logits = self.classifier(tokens.mean(dim=1))
@@ -753,7 +768,7 @@ class SegformerForImageClassification(SegformerPreTrainedModel):
         out = SegFormerImageClassifierOutput(
             loss=loss,
             logits=logits,
-            hidden_states=tuple(s.contiguous() for s in stages) if output_hidden_states else None,
+            hidden_states=tuple(stages) if output_hidden_states else None,
             attentions=tuple(attentions) if output_attentions else None,
         )
         return out if return_dict else out.to_tuple()

@@ -411,3 +411,26 @@ def test_torch_compile_full_graph():
     loss = compiled(x, labels=torch.randint(0, 5, (2, 64, 80))).loss
     loss.backward()
     assert model.decode_head.linear_fuse.weight.grad is not None
+
+
+@pytest.mark.parametrize("cls", [SegformerModel, SegformerForSemanticSegmentation, SegformerForImageClassification])
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_gradients_reach_every_hidden_state(cls, fast_path):
+    """Grad-CAM, attribution and feature distillation hold the returned hidden states: they are the tensors
+    the rest of the network used, so backward reaches each of them (and they are contiguous NCHW)."""
+    model = randomize_(cls(tiny_config())).eval()
+    model.fast_path = fast_path
+    x = torch.randn(1, 3, 64, 64)
+    out = model(x, output_hidden_states=True)
+    for h in out.hidden_states:
+        h.retain_grad()
+        assert h.is_contiguous()
+    target = out.last_hidden_state if cls is SegformerModel else out.logits
+    (target.square().sum() if cls is SegformerModel else target.sum()).backward()
+    for i, h in enumerate(out.hidden_states):
+        assert h.grad is not None and h.grad.abs().sum() > 0, i
+    # asking for hidden states changes the layout, not the result (two fp32 passes)
+    with torch.no_grad():
+        again = model(x)
+    key = "last_hidden_state" if cls is SegformerModel else "logits"
+    assert rel_err(out[key], again[key]) <= 2 * fp32_tol(series_depth(model, x))
