@@ -900,7 +900,31 @@ class SegformerFeatureExtractor(SegformerImageProcessor):
 
     Identical behaviour; ``save_pretrained`` writes ``image_processor_type: "SegformerFeatureExtractor"``,
     which Transformers' ``SegformerImageProcessor.from_pretrained`` reads but its ``AutoImageProcessor``
-    (5.x) does not recognise; save with :class:`SegformerImageProcessor` for AutoImageProcessor.
+    (5.x) does not recognise; save with :class:`SegformerImageProcessor` for AutoImageProcessor. Positional
+    arguments follow the documented order of this class: ``do_resize, size, resample, do_normalize,
+    image_mean, image_std, reduce_labels`` (the rescale options are keywords here).
     """
 
     _config_type_name = "SegformerFeatureExtractor"
+
+    def __init__(
+        self,
+        do_resize: bool = True,
+        size: int | tuple[int, int] | Mapping[str, int] = 512,
+        resample: int | Image.Resampling = Image.Resampling.BILINEAR,
+        do_normalize: bool = True,
+        image_mean: float | Sequence[float] | None = None,
+        image_std: float | Sequence[float] | None = None,
+        reduce_labels: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            do_resize=do_resize,
+            size=size,
+            resample=resample,
+            do_normalize=do_normalize,
+            image_mean=image_mean,
+            image_std=image_std,
+            reduce_labels=reduce_labels,
+            **kwargs,
+        )

@@ -680,3 +680,14 @@ def test_torch_path_layouts_and_channels(rng):
     assert p(mixed, return_tensors="pt").pixel_values.shape == (2, 3, 12, 20)  # different sizes, one by one
     auto_lanczos = p(gray, return_tensors="pt", resample=1).pixel_values  # LANCZOS: auto falls back to PIL
     assert torch.equal(auto_lanczos, p(gray, return_tensors="pt", resample=1, backend="pil").pixel_values)
+
+
+def test_feature_extractor_positional_arguments_follow_its_documented_order():
+    """docs: SegformerFeatureExtractor(do_resize, size, resample, do_normalize, image_mean, image_std,
+    reduce_labels); the rescale options stay keywords."""
+    fe = SegformerFeatureExtractor(True, 32, 2, False, [0.5] * 3, [0.2] * 3, True)
+    assert fe.do_resize and fe.size == {"height": 32, "width": 32} and fe.do_normalize is False
+    assert list(fe.image_mean) == [0.5] * 3 and list(fe.image_std) == [0.2] * 3 and fe.reduce_labels
+    assert fe.do_rescale is True  # not taken by the 4th positional argument
+    keyword = SegformerFeatureExtractor(do_rescale=False, rescale_factor=0.5)
+    assert keyword.do_rescale is False and keyword.rescale_factor == 0.5
