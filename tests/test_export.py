@@ -130,3 +130,12 @@ def test_cli_export(tmp_path, model, capsys):
     code, _, err = run_cli(capsys, "export", tmp_path / "nope", "--onnx", tmp_path / "n.onnx")
     assert code == 2 and err.startswith("segformer export: error: ")
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "n.onnx").exists()
+
+
+def test_cli_export_refuses_a_classification_checkpoint(tmp_path, capsys):
+    from segformer import SegformerForImageClassification
+
+    SegformerForImageClassification(tiny_config(num_labels=3)).save_pretrained(tmp_path / "cls")
+    code, _, err = run_cli(capsys, "export", tmp_path / "cls", "--onnx", tmp_path / "c.onnx", "--size", "64", "64")
+    assert code == 2 and "not a segmentation checkpoint (SegformerForImageClassification" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "c.onnx").exists()
