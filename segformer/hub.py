@@ -10,8 +10,10 @@ import os
 from pathlib import Path
 
 
-class CheckpointError(ValueError):
-    """A checkpoint, config or preprocessing file that cannot be found or read (one clear line)."""
+class CheckpointError(ValueError, OSError):
+    """A checkpoint, config or preprocessing file that cannot be found or read (one clear line). An OSError, as
+    Transformers raises for the same problems (``except OSError`` works as with Transformers), and a
+    ValueError, as this package raised it before."""
 
 
 def first_line(exc: BaseException) -> str:

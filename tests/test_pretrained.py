@@ -153,6 +153,8 @@ def test_transformers_v5_in_memory_names_are_understood(saved):
 def test_missing_directory(tmp_path):
     with pytest.raises(CheckpointError, match="no such directory"):
         SegformerForSemanticSegmentation.from_pretrained(tmp_path / "nope")
+    with pytest.raises(OSError, match="no such directory"):  # what Transformers raises, and callers catch
+        SegformerForSemanticSegmentation.from_pretrained(tmp_path / "nope")
 
 
 def test_directory_without_weights(saved):
