@@ -43,11 +43,14 @@ class LoadingInfo:
     unexpected_keys: list[str] = field(default_factory=list)
     mismatched_keys: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
 
-    def as_dict(self) -> dict[str, list]:
+    def as_dict(self) -> dict[str, set]:
+        """Transformers' ``output_loading_info`` format: sets of keys (mismatched: (key, checkpoint shape, model
+        shape) tuples) and ``error_msgs`` (always empty: a load that fails raises instead)."""
         return {
-            "missing_keys": self.missing_keys,
-            "unexpected_keys": self.unexpected_keys,
-            "mismatched_keys": self.mismatched_keys,
+            "missing_keys": set(self.missing_keys),
+            "unexpected_keys": set(self.unexpected_keys),
+            "mismatched_keys": {(k, tuple(a), tuple(b)) for k, a, b in self.mismatched_keys},
+            "error_msgs": [],
         }
 
 

@@ -90,7 +90,7 @@ def test_segmentation_checkpoint_converts_to_the_same_model(tmp_path, seg_model)
         "decode_head.conv_seg.bias",
     ]
     loaded, info = SegformerForSemanticSegmentation.from_pretrained(tmp_path / "out", output_loading_info=True)
-    assert info == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
+    assert info == {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set(), "error_msgs": []}
     assert loaded.config.depths == [1, 2, 1, 1] and loaded.config.hidden_sizes == [8, 16, 24, 32]
     assert loaded.config.decoder_hidden_size == 16 and loaded.config.num_attention_heads == HEADS
     assert loaded.config.id2label == {i: f"class {i}" for i in range(5)}

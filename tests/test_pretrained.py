@@ -77,9 +77,10 @@ def test_base_checkpoint_into_task_model_and_back(tmp_path, caplog):
     assert torch.equal(task.segformer.encoder.block[0][0].mlp.dense1.weight, base.encoder.block[0][0].mlp.dense1.weight)
     task.save_pretrained(tmp_path / "task")
     again, info = SegformerModel.from_pretrained(tmp_path / "task", output_loading_info=True)
-    assert info["missing_keys"] == [] and all(k.startswith("decode_head.") for k in info["unexpected_keys"])
+    assert info["missing_keys"] == set() and all(k.startswith("decode_head.") for k in info["unexpected_keys"])
+    assert isinstance(info["unexpected_keys"], set) and info["error_msgs"] == []  # Transformers' format
     classifier, info = SegformerForImageClassification.from_pretrained(tmp_path / "task", output_loading_info=True)
-    assert info["missing_keys"] == ["classifier.weight", "classifier.bias"]
+    assert info["missing_keys"] == {"classifier.weight", "classifier.bias"}
 
 
 def test_new_label_set_needs_the_opt_in(saved):
