@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import add_inference_arguments, inference_options_from_args
+from . import add_inference_arguments, inference_options_from_args, non_negative_int, positive_int
 
 
 def _alpha(text: str) -> float:
@@ -22,24 +22,6 @@ def _alpha(text: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"alpha must be in [0, 1], got {text}")
     return value
-
-
-def _int_at_least(minimum: int):
-    """argparse type: an integer >= minimum."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text}")
-        return value
-
-    return parse
-
-
-_positive, _non_negative = _int_at_least(1), _int_at_least(0)
 
 
 # The same values as segformer.predict's (a test checks): importing it here would load torch for --help.
@@ -85,7 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         one_word_sizes=True,
         protocol="the checkpoint's own protocol (inference_config.json, written by segformer train), else aligned",
     )
-    p.add_argument("--batch-size", "-b", type=_positive, default=1, help="images per forward pass (1)")
+    p.add_argument("--batch-size", "-b", type=positive_int, default=1, help="images per forward pass (1)")
     p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps")
     p.add_argument(
         "--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="model dtype (float32)"
@@ -97,11 +79,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-existing", action="store_true", help="skip images whose outputs all exist (resume)")
     p.add_argument(
         "--max-pixels",
-        type=_non_negative,
+        type=non_negative_int,
         default=DEFAULT_MAX_PIXELS,
         help=f"refuse larger images as possible decompression bombs; 0 = no limit ({DEFAULT_MAX_PIXELS:,})",
     )
-    p.add_argument("--min-size", type=_positive, default=None, help="refuse images with a shorter side (model minimum)")
+    p.add_argument(
+        "--min-size", type=positive_int, default=None, help="refuse images with a shorter side (model minimum)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
