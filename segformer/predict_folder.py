@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .distributed import is_distributed
+from .distributed import all_gather_objects, is_distributed
 from .fileio import atomic_write, atomic_write_text
 from .hub import first_line
 from .images import IMAGE_EXTENSIONS, ImageError
@@ -170,10 +170,7 @@ def _gather(records: list[tuple[int, ImageRecord]]) -> list[tuple[int, ImageReco
     """Every rank's records, on every rank (one process: unchanged)."""
     if not is_distributed():
         return records
-    import torch.distributed as dist
-
-    parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, [(i, asdict(r)) for i, r in records])
+    parts = all_gather_objects([(i, asdict(r)) for i, r in records])
     return [(i, ImageRecord(**r)) for part in parts for i, r in part]
 
 

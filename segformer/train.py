@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import VARIANTS, SegformerConfig
+from .config import SegformerConfig
 from .data.build import build_dataset, detect_kind
 from .data.datasets import SegmentationDataset, check_dataset
 from .data.statistics import class_pixel_counts, median_frequency_weights
@@ -41,6 +41,7 @@ from .data.transforms import eval_transform, train_transform
 from .distributed import (
     DistInfo,
     SyncBatchNorm,
+    all_gather_objects,
     all_reduce_mean,
     barrier,
     broadcast_flag,
@@ -51,7 +52,16 @@ from .evaluate import evaluate
 from .inference import InferenceOptions, autocast, predict_labels
 from .metrics import metrics_to_json
 from .modeling import SegformerForSemanticSegmentation, semantic_loss
-from .recipe import Optimization, TrainConfig, build_model, build_optimizer, lr_factor, param_groups, resolve_recipe
+from .recipe import (
+    Optimization,
+    TrainConfig,
+    build_model,
+    build_optimizer,
+    lr_factor,
+    param_groups,
+    resolve_recipe,
+    starts_fresh,
+)
 from .run_files import INFERENCE_CONFIG, inference_json, model_card, preprocessor_json, processor_size
 from .train_log import RunLog
 from .train_state import (
@@ -72,14 +82,6 @@ class TrainingDivergedError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------- model
-def _gather_objects(obj: Any, world_size: int) -> list[Any]:
-    if world_size == 1:
-        return [obj]
-    out: list[Any] = [None] * world_size
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
 # ----------------------------------------------------------------------------------------- set-up
 def check_config(cfg: TrainConfig, info: DistInfo) -> int:
     """Validate the options for this launch; return the per-process micro-batch size."""
@@ -191,7 +193,7 @@ def resolve_class_weights(cfg: TrainConfig, train_set: SegmentationDataset, info
     weights = None
     if info.is_main:
         weights = median_frequency_weights(class_pixel_counts(train_set)).tolist()
-    weights = _gather_objects(weights, info.world_size)[0]  # the main rank's, on every rank
+    weights = all_gather_objects(weights)[0]  # the main rank's, on every rank
     return torch.tensor(weights, dtype=torch.float32)
 
 
@@ -270,7 +272,7 @@ def save_last(
 ) -> None:
     """Write ``directory`` (last/): the weights, ``files`` (see :func:`shareable_files`) and all that an exact
     resume needs. Every rank calls it."""
-    rngs = _gather_objects(rng_state(), info.world_size)  # every rank's streams, for an exact resume
+    rngs = all_gather_objects(rng_state())  # every rank's streams, for an exact resume
     if info.is_main:
         state = {
             "step": run.step,
@@ -288,12 +290,7 @@ def shareable_files(cfg: TrainConfig, data: TrainData, step: int, metrics: dict[
     """What makes a checkpoint folder complete (see :mod:`segformer.run_files`): the matching
     ``preprocessor_config.json``, the evaluation protocol and a model card with ``metrics`` (None: not
     evaluated)."""
-    name = str(cfg.model) if not isinstance(cfg.model, SegformerConfig) else "config"
-    fresh = (
-        isinstance(cfg.model, SegformerConfig)
-        or name.lower().removeprefix("mit-") in VARIANTS
-        or name.endswith(".json")
-    )
+    fresh = starts_fresh(cfg.model)
     keys = (
         "model",
         "steps",
@@ -314,7 +311,7 @@ def shareable_files(cfg: TrainConfig, data: TrainData, step: int, metrics: dict[
     recipe = {k: v for k, v in _jsonable(cfg).items() if k in keys}
     card = model_card(
         model_name=Path(cfg.output).name or "segformer",
-        base_model=None if fresh else name,
+        base_model=None if fresh else str(cfg.model),
         dataset=Path(cfg.data).name,
         metrics=metrics,
         hyperparameters=recipe,

@@ -268,14 +268,20 @@ def load_mask(path: str | os.PathLike, *, colours: bool = False) -> np.ndarray:
     """(H, W) values as stored (P or L PNGs hold ids, not colours); uint8, or int32 for 16-bit PNGs. With
     ``colours`` (a palette in labels.json), RGB / RGBA masks come back as (H, W, 3) uint8 colours."""
     with Image.open(path) as im:
-        if colours and im.mode in ("RGB", "RGBA", "P"):
-            return np.asarray(im.convert("RGB"))
-        if im.mode in ("P", "L", "1"):
-            return np.asarray(im if im.mode != "1" else im.convert("L"), dtype=np.uint8)
-        if im.mode in ("I", "I;16", "I;16B", "I;16L"):
-            return np.asarray(im, dtype=np.int32)
-        hint = ' (colour-coded masks need a "palette" in labels.json)' if im.mode in ("RGB", "RGBA") else ""
-        raise ValueError(f"{path}: a mask must be a one-band PNG of class ids, got mode {im.mode}{hint}")
+        return mask_values(im, colours=colours, where=str(path))
+
+
+def mask_values(im: Image.Image, *, colours: bool = False, where: str = "mask") -> np.ndarray:
+    """A mask image → (H, W) values as stored (uint8, or int32 for 16-bit modes), or with ``colours`` and an
+    RGB / RGBA / P image, (H, W, 3) uint8 colours; any other mode is a ValueError naming ``where``."""
+    if colours and im.mode in ("RGB", "RGBA", "P"):
+        return np.asarray(im.convert("RGB"))
+    if im.mode in ("P", "L", "1"):
+        return np.asarray(im if im.mode != "1" else im.convert("L"), dtype=np.uint8)
+    if im.mode in ("I", "I;16", "I;16B", "I;16L"):
+        return np.asarray(im, dtype=np.int32)
+    hint = ' (colour-coded masks need a "palette" in labels.json)' if im.mode in ("RGB", "RGBA") else ""
+    raise ValueError(f"{where}: a mask must be a one-band image of class ids, got mode {im.mode}{hint}")
 
 
 Transform = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[torch.Tensor, torch.Tensor]]
@@ -445,6 +451,7 @@ __all__ = [
     "list_folder",
     "load_image",
     "load_mask",
+    "mask_values",
     "read_labels_json",
     "reduce_labels",
 ]

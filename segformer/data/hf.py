@@ -26,7 +26,15 @@ import numpy as np
 from PIL import Image
 
 from ..images import to_rgb
-from .datasets import IGNORE_INDEX, LabelSpec, SegmentationDataset, Transform, check_values_of, read_label_spec
+from .datasets import (
+    IGNORE_INDEX,
+    LabelSpec,
+    SegmentationDataset,
+    Transform,
+    check_values_of,
+    mask_values,
+    read_label_spec,
+)
 
 IMAGE_COLUMNS = ("image", "pixel_values", "img", "images", "input_image")
 LABEL_COLUMNS = (
@@ -150,12 +158,7 @@ class HFSegmentationDataset(SegmentationDataset):
     def read_stored_mask(self, index: int) -> np.ndarray:
         mask = self._cell(index, self.label_column)
         if isinstance(mask, Image.Image):
-            if self.spec.palette is not None and mask.mode in ("RGB", "RGBA", "P"):
-                return np.asarray(mask.convert("RGB"))
-            if mask.mode not in ("P", "L", "1", "I", "I;16", "I;16B", "I;16L"):
-                hint = ' (colour-coded masks need a "palette")' if mask.mode in ("RGB", "RGBA") else ""
-                raise ValueError(f"a mask must be a one-band image of class ids, got mode {mask.mode}{hint}")
-            mask = np.asarray(mask if mask.mode != "1" else mask.convert("L"))
+            return mask_values(mask, colours=self.spec.palette is not None, where=self.mask_name(index))
         return np.asarray(mask)
 
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
