@@ -143,12 +143,14 @@ class HFSegmentationDataset(SegmentationDataset):
     ):
         super().__init__([], labels, transform=transform, name=name)
         self.table, self.image_column, self.label_column = table, image_column, label_column
+        # one column each: reading a mask must not decode the image of its row, nor the image its mask
+        self._columns = {c: table.select_columns([c]) for c in (image_column, label_column)}
 
     def __len__(self) -> int:
         return len(self.table)
 
     def _cell(self, index: int, column: str) -> Image.Image | np.ndarray:
-        value = self.table[int(index)][column]
+        value = self._columns[column][int(index)][column]
         if isinstance(value, dict) and ("bytes" in value or "path" in value):  # an undecoded Image feature
             import io
 
@@ -202,8 +204,9 @@ def _labels(
             return read_label_spec(path, ignore_index=ignore_index, reduce=reduce_labels)
     top = 0
     ignored = {IGNORE_INDEX, *([] if ignore_index is None else [ignore_index])}
-    for index in range(len(table)):
-        values = np.unique(np.asarray(table[index][label_column]))
+    masks = table.select_columns([label_column])  # without decoding the images
+    for index in range(len(masks)):
+        values = np.unique(np.asarray(masks[index][label_column]))
         values = values[~np.isin(values, list(ignored))]
         top = max(top, int(values.max()) if len(values) else 0)
     reduce = bool(reduce_labels)
