@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .config import SegformerConfig
-from .data.build import build_dataset, detect_kind
+from .data.build import build_dataset, detect_kind, label_options
 from .data.datasets import SegmentationDataset, check_dataset
 from .data.statistics import class_pixel_counts, median_frequency_weights
 from .data.transforms import eval_transform, train_transform
@@ -151,14 +151,7 @@ def build_data(cfg: TrainConfig, info: DistInfo) -> TrainData:
         flip_prob=cfg.flip_prob,
         photometric=cfg.photometric,
     )
-    labels = dict(
-        kind=kind,
-        ignore_index=cfg.ignore_index,
-        reduce_labels=cfg.reduce_labels,
-        image_column=cfg.image_column,
-        label_column=cfg.label_column,
-        labels=cfg.labels,
-    )
+    labels = dict(kind=kind, **label_options(cfg))
     train_set, train_listing = build_dataset(cfg.data, "train", transform=transform, **labels)
     try:
         val_set, val_listing = build_dataset(cfg.data, "val", transform=eval_transform(), **labels)

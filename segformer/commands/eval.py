@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from segformer.data.build import build_dataset, detect_kind
+    from segformer.data.build import build_dataset, detect_kind, label_options
     from segformer.distributed import cleanup, init_distributed
     from segformer.evaluate import eval_options, evaluate, load_model_for_eval, write_metrics_json
     from segformer.metrics import format_table
@@ -60,11 +60,7 @@ def run(args: argparse.Namespace) -> int:
             args.data,
             args.split,
             kind=kind,
-            ignore_index=args.ignore_index,
-            reduce_labels=args.reduce_labels,
-            image_column=args.image_column,
-            label_column=args.label_column,
-            labels=args.labels,
+            **label_options(args),
         )
         model = load_model_for_eval(args.model, info.device)
         # the checkpoint's own protocol (inference_config.json, written by segformer train), else the data set's;

@@ -21,6 +21,15 @@ from .datasets import (
 )
 from .hf import build_hf_dataset, looks_like_hf_dataset
 
+# build_dataset's options for how a data set's masks and columns are read: the fields of the same names of a
+# TrainConfig and of `segformer eval`'s arguments
+LABEL_OPTIONS = ("ignore_index", "reduce_labels", "image_column", "label_column", "labels")
+
+
+def label_options(source: object) -> dict[str, object]:
+    """The :data:`LABEL_OPTIONS` of ``source`` (a TrainConfig, parsed arguments), as build_dataset keywords."""
+    return {name: getattr(source, name, None) for name in LABEL_OPTIONS}
+
 
 def detect_kind(root: str | os.PathLike) -> str:
     """ "cityscapes" when ``root`` has leftImg8bit/ and gtFine/, "ade20k" for ADEChallengeData2016 (no
@@ -88,4 +97,4 @@ def build_dataset(
     return dataset, listing
 
 
-__all__ = ["build_dataset", "detect_kind"]
+__all__ = ["LABEL_OPTIONS", "build_dataset", "detect_kind", "label_options"]
