@@ -35,7 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--split", default="val", help="split to evaluate: train, val or test (default: val)")
     add_label_arguments(p)  # --ignore-index N, --reduce-labels
-    add_inference_arguments(p)  # --mode, --crop H W, --stride H W, --short-side, ..., --scales, --flip
+    # --mode, --crop H W, --stride H W, --short-side, ..., --scales, --flip
+    add_inference_arguments(
+        p, protocol="the checkpoint's own (inference_config.json, from segformer train), else the data set's"
+    )
     p.add_argument("--json", type=Path, help="write the metrics to this JSON file")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast dtype (default none)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda when available)")
