@@ -4,7 +4,10 @@ the learning-rate schedule and the optimiser (AdamW over parameter groups).
 The defaults are the paper's ADE20K fine-tuning recipe (the NVlabs / mmseg configs): AdamW (lr 6e-5, betas
 (0.9, 0.999), weight decay 0.01); decode-head parameters get lr × 10; normalisation layers get no weight decay;
 linear warm-up over 1500 steps from ratio 1e-6, then poly decay (power 1) to 0; crop 512, random resize ratio
-0.5–2.0 of a 2048×512 scale, flip, photometric distortion; cross-entropy ignoring 255.
+0.5–2.0 of a 2048×512 scale, flip, photometric distortion; cross-entropy ignoring 255. The fields that depend
+on the data (scale, warm-up, head lr multiplier, random ratio, photometric distortion, one-class crop retry)
+default to None and are filled in by :func:`resolve_recipe`: the paper's values for ADE20K and Cityscapes,
+values derived from the data and the run for any other data set.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from .modeling import SegformerForSemanticSegmentation
 
 @dataclass
 class TrainConfig:
-    """Everything a run depends on; the defaults are the paper's ADE20K recipe (see the module docstring)."""
+    """Everything a run depends on: the paper's ADE20K recipe, with the data-dependent fields left None for
+    :func:`resolve_recipe` (see the module docstring)."""
 
     data: str = ""
     dataset: str = "auto"  # folder | ade20k | cityscapes | hf | auto
