@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-portable install lint bench clean
+.PHONY: demo test test-fast test-portable install browser lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/segformer demo
 
-test: $(STAMP)
+# The browser tests (web page, evaluation report) drive Debian's Chromium through Playwright with the system
+# binary (Playwright's own browser download needs the network). Installing it needs root (apt-get).
+browser:
+	@command -v chromium >/dev/null || { apt-get install -y -q chromium >/dev/null || \
+		{ apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; }
+	@command -v chromium >/dev/null || { echo "make: Chromium is needed for the browser tests: apt-get install chromium (as root)"; exit 1; }
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 # The edit loop: everything but the tests marked slow (subprocesses, torchrun, b3-b5), well under a minute.
