@@ -5,7 +5,7 @@
 """
 
 from .config import VARIANTS, SegformerConfig
-from .hub import CheckpointError
+from .hub import CheckpointError, HubError, ShapeMismatchError
 from .modeling import (
     BaseModelOutput,
     SegformerDecodeHead,
@@ -24,6 +24,8 @@ __all__ = [
     "VARIANTS",
     "BaseModelOutput",
     "CheckpointError",
+    "HubError",
+    "ShapeMismatchError",
     "SegFormerImageClassifierOutput",
     "SegformerBatch",
     "SegformerFeatureExtractor",

@@ -14,7 +14,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .fileio import atomic_write_text
+from .hub import first_line
 
 # Variants of the paper (Table 6 / the docs page). All share heads (1, 2, 5, 8), sr ratios (8, 4, 2, 1),
 # mlp ratio 4, patch sizes (7, 3, 3, 3) and strides (4, 2, 2, 2). Parameter counts are those of
@@ -56,6 +59,23 @@ _PER_STAGE = (
 # Keys of config.json that belong to the file format rather than to the model; kept out of ``extra``.
 _FORMAT_KEYS = {"model_type", "transformers_version", "segformer_version"}
 
+# The attributes every Transformers config has, with the defaults of its base class (Transformers 5.x). A config's
+# diff (``to_diff_dict``, what config.json holds) leaves these out where they keep that default; every SegFormer
+# field is always written.
+_COMMON_DEFAULTS: dict[str, Any] = {
+    "architectures": None,
+    "output_hidden_states": False,
+    "output_attentions": False,
+    "return_dict": True,
+    "dtype": None,
+    "chunk_size_feed_forward": 0,
+    "is_encoder_decoder": False,
+    "id2label": {0: "LABEL_0", 1: "LABEL_1"},
+    "label2id": {"LABEL_0": 0, "LABEL_1": 1},
+    "problem_type": None,
+}
+_TRUE_STRINGS, _FALSE_STRINGS = ("true", "1", "y", "yes"), ("false", "0", "n", "no")
+
 
 class SegformerConfig:
     """Configuration of a SegFormer model (encoder, decode head and task heads).
@@ -66,6 +86,11 @@ class SegformerConfig:
       Transformers, when neither is given); ``id2label`` keys may be ints or strings.
     - ``problem_type``: for SegformerForImageClassification; inferred from the labels when None.
     - ``output_hidden_states``, ``output_attentions``, ``return_dict``: defaults of the forward flags.
+    - ``dtype`` (or its older name ``torch_dtype``): the weights' dtype, a ``torch.dtype`` or its name
+      ("float32", "bfloat16", ...); kept as a ``torch.dtype`` and written as its name. ``save_pretrained`` of a
+      model records its own dtype here, and ``from_pretrained`` loads in it unless told otherwise.
+    - ``chunk_size_feed_forward``: stored and written back like every Transformers config; SegFormer (there and
+      here) does not use it.
     - ``reshape_last_stage``: return the last stage as (B, C, H, W) (True) or (B, H*W, C) (False).
     - ``use_layer_norm_eps``: Transformers (and so the default here) gives every LayerNorm eps 1e-5 and stores
       ``layer_norm_eps`` without using it. True applies ``layer_norm_eps`` to the block and stage norms, as
@@ -73,7 +98,9 @@ class SegformerConfig:
     - unknown keyword arguments (keys of hub configs such as ``image_size``) are kept as attributes and
       written back by :meth:`to_dict`.
 
-    Invalid values raise ValueError naming the field.
+    Invalid values raise ValueError naming the field. Serialisation follows Transformers' ``PretrainedConfig``:
+    :meth:`to_dict` (every field), :meth:`to_diff_dict` (what config.json holds), :meth:`to_json_string` and
+    :meth:`to_json_file` (``use_diff=True`` by default), :meth:`update` and :meth:`update_from_string`.
     """
 
     model_type = "segformer"
@@ -110,6 +137,8 @@ class SegformerConfig:
         output_attentions: bool = False,
         return_dict: bool = True,
         architectures: list[str] | None = None,
+        dtype: str | torch.dtype | None = None,
+        chunk_size_feed_forward: int = 0,
         **kwargs: Any,
     ) -> None:
         self.num_channels = num_channels
@@ -138,6 +167,10 @@ class SegformerConfig:
         self.output_attentions = output_attentions
         self.return_dict = return_dict
         self.architectures = list(architectures) if architectures else None
+        legacy_dtype = kwargs.pop("torch_dtype", None)  # the name before Transformers 4.56
+        self.dtype = parse_dtype(dtype if dtype is not None else legacy_dtype)
+        self.chunk_size_feed_forward = chunk_size_feed_forward
+        self._name_or_path = str(kwargs.pop("_name_or_path", kwargs.pop("name_or_path", "")) or "")
         for key in _FORMAT_KEYS:
             kwargs.pop(key, None)
         self.extra: dict[str, Any] = dict(kwargs)
@@ -168,6 +201,29 @@ class SegformerConfig:
     @property
     def num_labels(self) -> int:
         return len(self.id2label)
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        """The older name of :attr:`dtype`."""
+        return self.dtype
+
+    @torch_dtype.setter
+    def torch_dtype(self, value: str | torch.dtype | None) -> None:
+        self.dtype = parse_dtype(value)
+
+    @property
+    def use_return_dict(self) -> bool:
+        """Whether the models return output objects (``return_dict``), as Transformers' config answers it."""
+        return bool(self.return_dict)
+
+    @property
+    def name_or_path(self) -> str:
+        """The directory or hub id the model was loaded from (set by ``from_pretrained``; "" otherwise)."""
+        return self._name_or_path
+
+    @name_or_path.setter
+    def name_or_path(self, value: str | os.PathLike) -> None:
+        self._name_or_path = str(value)
 
     @num_labels.setter
     def num_labels(self, value: int) -> None:
@@ -210,6 +266,9 @@ class SegformerConfig:
             raise ValueError(f"problem_type {self.problem_type!r} is unknown; use one of {', '.join(PROBLEM_TYPES)}")
         if not _is_int(self.semantic_loss_ignore_index):
             raise ValueError(f"semantic_loss_ignore_index must be an integer, got {self.semantic_loss_ignore_index!r}")
+        if not _is_int(self.chunk_size_feed_forward) or self.chunk_size_feed_forward < 0:
+            raise ValueError(f"chunk_size_feed_forward must be an integer >= 0, got {self.chunk_size_feed_forward!r}")
+        parse_dtype(self.dtype)
 
     # --------------------------------------------------------------------------------------- variants
     @classmethod
@@ -222,28 +281,78 @@ class SegformerConfig:
 
     # ---------------------------------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:
-        """The config.json content (Transformers' layout: id2label keys are strings)."""
+        """Every field, as Transformers' ``to_dict`` gives it: id2label with int keys, ``dtype`` as its name (or
+        None), ``architectures`` and ``_name_or_path`` included; unknown keys of the file kept."""
         if callable(self.hidden_act):
             raise ValueError("hidden_act is a function, which config.json cannot store; use its name")
         out: dict[str, Any] = {"model_type": self.model_type}
-        if self.architectures:
-            out["architectures"] = list(self.architectures)
         for key, value in self.__dict__.items():
-            if key in ("extra", "id2label", "label2id", "architectures"):
+            if key in ("extra", "id2label", "label2id", "dtype"):
                 continue
             out[key] = copy.deepcopy(value)
-        out["id2label"] = {str(k): v for k, v in self.id2label.items()}
+        out["dtype"] = _dtype_name(self.dtype)
+        out["id2label"] = dict(self.id2label)
         out["label2id"] = dict(self.label2id)
         for key, value in self.extra.items():
             out.setdefault(key, copy.deepcopy(value))
         return dict(sorted(out.items()))
 
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+    def to_diff_dict(self) -> dict[str, Any]:
+        """What config.json holds: :meth:`to_dict` without ``_name_or_path`` and without the attributes common to
+        every Transformers config (``return_dict``, ``id2label`` of two labels, ``dtype`` None, ...) where they keep
+        their default. The SegFormer fields are always written, as Transformers does."""
+        return {
+            key: value
+            for key, value in self.to_dict().items()
+            if key != "_name_or_path" and not (key in _COMMON_DEFAULTS and value == _COMMON_DEFAULTS[key])
+        }
 
-    def to_json_file(self, path: str | os.PathLike) -> None:
-        """Write the config as JSON, atomically (a temporary file in the same directory, then a rename)."""
-        atomic_write_text(Path(path), self.to_json_string())
+    def to_json_string(self, use_diff: bool = True) -> str:
+        """:meth:`to_diff_dict` (or :meth:`to_dict` with ``use_diff=False``) as JSON: indented, keys sorted."""
+        return json.dumps(self.to_diff_dict() if use_diff else self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, json_file_path: str | os.PathLike, use_diff: bool = True) -> None:
+        """Write :meth:`to_json_string` atomically (a temporary file in the same directory, then a rename)."""
+        atomic_write_text(Path(json_file_path), self.to_json_string(use_diff=use_diff))
+
+    def update(self, config_dict: Mapping[str, Any]) -> None:
+        """Set the fields of ``config_dict`` (unknown keys are kept as extra attributes, written back by
+        :meth:`to_dict`). All or nothing: the result is validated first, and a bad value raises ValueError
+        naming the field with this config unchanged. ``num_labels`` resets the label names, as in the constructor."""
+        updated = type(self).from_dict({**self.to_dict(), "dtype": self.dtype}, **dict(config_dict))
+        self.__dict__.clear()
+        self.__dict__.update(updated.__dict__)
+
+    def update_from_string(self, update_str: str) -> None:
+        """Update from ``"key=value,key=value"`` (command-line style): each key must exist, and its value is read
+        as the type of the current one (bool: true/false/yes/no/1/0, int, float or str)."""
+        current = self.to_dict()
+        changes: dict[str, Any] = {}
+        for item in filter(None, (part.strip() for part in update_str.split(","))):
+            key, sep, text = item.partition("=")
+            key, text = key.strip(), text.strip()
+            if not sep or not key:
+                raise ValueError(f"update_from_string: {item!r} is not key=value")
+            if key not in current:
+                raise ValueError(f"update_from_string: {key!r} is not a field of this config")
+            old = current[key]
+            try:
+                if isinstance(old, bool):
+                    if text.lower() not in _TRUE_STRINGS + _FALSE_STRINGS:
+                        raise ValueError(f"{text!r} is not true or false")
+                    value: Any = text.lower() in _TRUE_STRINGS
+                elif isinstance(old, int):
+                    value = int(text)
+                elif isinstance(old, float):
+                    value = float(text)
+                elif isinstance(old, str):
+                    value = text
+                else:
+                    raise ValueError(f"only int, float, bool and str fields can be set from a string, it is {old!r}")
+            except ValueError as exc:
+                raise ValueError(f"update_from_string: {key}: {first_line(exc)}") from None
+            changes[key] = value
+        self.update(changes)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], **overrides: Any) -> SegformerConfig:
@@ -287,9 +396,11 @@ class SegformerConfig:
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool = False,
         token: str | bool | None = None,
+        subfolder: str = "",
         **overrides: Any,
     ) -> SegformerConfig:
-        """Read ``config.json`` from a directory, a config file, or a hub id (through the hub cache)."""
+        """Read ``config.json`` from a directory (or its ``subfolder``), a config file, or a hub id (through the
+        hub cache)."""
         from .hub import resolve_file
 
         if Path(name_or_path).is_file():
@@ -301,16 +412,50 @@ class SegformerConfig:
             cache_dir=cache_dir,
             local_files_only=local_files_only,
             token=token,
+            subfolder=subfolder,
         )
         return cls.from_json_file(path, **overrides)
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+    def save_pretrained(self, save_directory: str | os.PathLike, *, push_to_hub: bool = False, **hub: Any) -> Path:
+        """Write ``config.json`` (:meth:`to_json_file`) into ``save_directory`` and return its path. With
+        ``push_to_hub=True`` also upload it (``hub``: the arguments of :meth:`push_to_hub`; ``repo_id`` defaults
+        to the directory's name)."""
         directory = Path(save_directory)
         if directory.exists() and not directory.is_dir():
             raise ValueError(f"{directory}: exists and is not a directory")
+        if hub and not push_to_hub:
+            raise TypeError(f"save_pretrained got unexpected argument(s) {', '.join(sorted(hub))}")
         directory.mkdir(parents=True, exist_ok=True)
         self.to_json_file(directory / "config.json")
+        if push_to_hub:
+            self.push_to_hub(hub.pop("repo_id", directory.resolve().name), **hub)
         return directory / "config.json"
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+    ) -> Any:
+        """Upload ``config.json`` to the hub repo ``repo_id`` (created if needed) in one commit; see
+        :func:`segformer.hub.push_folder` for the arguments. Returns the commit's ``CommitInfo``."""
+        from .hub import push_folder
+
+        return push_folder(
+            repo_id,
+            lambda folder: [self.save_pretrained(folder)],
+            commit_message=commit_message or "Upload config",
+            commit_description=commit_description,
+            private=private,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+        )
 
     # ---------------------------------------------------------------------------------------- helpers
     def __getattr__(self, name: str) -> Any:
@@ -332,3 +477,20 @@ class SegformerConfig:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parse_dtype(value: str | torch.dtype | None, name: str = "dtype") -> torch.dtype | None:
+    """None, a floating point ``torch.dtype`` or its name ("float16", "torch.bfloat16") → the dtype or None."""
+    dtype = value
+    if isinstance(value, str):
+        attr = value.removeprefix("torch.")
+        dtype = getattr(torch, attr, None) if attr.isidentifier() else None
+    if value is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(
+            f"{name} must be a floating point torch dtype or its name (float32, bfloat16, ...), got {value!r}"
+        )
+    return dtype
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")

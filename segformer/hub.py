@@ -1,19 +1,32 @@
 """Finding files of a pretrained model: a local directory, or a Hugging Face hub id through its cache.
 
 Hub access goes through ``huggingface_hub`` and so honours its cache (``HF_HOME`` / ``HF_HUB_CACHE``),
-``revision`` and ``HF_HUB_OFFLINE=1``. Nothing here talks to the network when the files are cached.
+``revision``, ``subfolder`` and ``HF_HUB_OFFLINE=1``. Nothing here talks to the network when the files are cached.
+:func:`push_folder` uploads what ``save_pretrained`` wrote (the ``push_to_hub`` of models, configs and processors).
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 
 class CheckpointError(ValueError, OSError):
     """A checkpoint, config or preprocessing file that cannot be found or read (one clear line). An OSError, as
     Transformers raises for the same problems (``except OSError`` works as with Transformers), and a
     ValueError, as this package raised it before."""
+
+
+class ShapeMismatchError(CheckpointError, RuntimeError):
+    """Checkpoint tensors whose shapes differ from the model's (and ``ignore_mismatched_sizes`` was not given). A
+    RuntimeError, as Transformers raises for it, and a CheckpointError."""
+
+
+class HubError(OSError):
+    """An upload to the Hugging Face hub that cannot be done: offline mode, no network, no rights (one line)."""
 
 
 def first_line(exc: BaseException) -> str:
@@ -35,15 +48,20 @@ def resolve_file(
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
     token: str | bool | None = None,
+    subfolder: str = "",
     required: bool = True,
 ) -> Path | None:
-    """Return the local path of ``filename`` inside a model directory or hub repo.
+    """Return the local path of ``filename`` inside a model directory or hub repo (in its ``subfolder``).
 
     ``name_or_path`` is a directory (used as is) or a hub id such as ``nvidia/mit-b0`` (looked up in the
     huggingface_hub cache, downloaded when online). Returns None for a missing optional file
     (``required=False``); raises :class:`CheckpointError` with a one-line reason otherwise.
     """
     path = Path(name_or_path).expanduser()
+    if path.is_dir() and subfolder:
+        if not (path / subfolder).is_dir():
+            raise CheckpointError(f"{path}: no subfolder {subfolder!r}")
+        path = path / subfolder
     if path.is_dir():
         candidate = path / filename
         if candidate.is_file():
@@ -66,6 +84,7 @@ def resolve_file(
             huggingface_hub.hf_hub_download(
                 name,
                 filename,
+                subfolder=subfolder or None,
                 revision=revision,
                 cache_dir=cache_dir,
                 local_files_only=local_files_only,
@@ -75,12 +94,14 @@ def resolve_file(
     except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: test it first
         if not required and _repo_cached(name, revision, cache_dir):
             return None
+        filename = f"{subfolder}/{filename}" if subfolder else filename
         raise CheckpointError(
             f"{name}: {filename} is not in the local hub cache and the hub cannot be reached "
             "(hub ids need network or a populated cache; pass a local directory made by save_pretrained instead)"
         ) from None
     except EntryNotFoundError:
         if required:
+            filename = f"{subfolder}/{filename}" if subfolder else filename
             raise CheckpointError(f"{name}: the hub repo has no {filename}") from None
         return None
     except Exception as exc:  # RepositoryNotFoundError, RevisionNotFoundError, HTTP errors, ...
@@ -102,3 +123,80 @@ def _repo_cached(name: str, revision: str | None, cache_dir: str | os.PathLike |
         return True
     except Exception:
         return False
+
+
+# ------------------------------------------------------------------------------------------------ upload
+_TRUE = {"1", "on", "yes", "true"}
+
+
+def _offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub read it at import, or as the environment says now."""
+    import huggingface_hub.constants
+
+    return bool(huggingface_hub.constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").lower() in _TRUE
+
+
+def push_folder(
+    repo_id: str,
+    write: Callable[[Path], Iterable[str | os.PathLike]],
+    *,
+    commit_message: str,
+    commit_description: str | None = None,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+) -> Any:
+    """Create the hub repo ``repo_id`` if needed and upload, in one commit, the files that ``write(folder)`` writes
+    into a fresh temporary folder (it returns their paths). Returns huggingface_hub's ``CommitInfo`` (a str: the
+    commit URL; ``.pr_url`` with ``create_pr=True``).
+
+    As Transformers' ``push_to_hub``: ``private`` applies only when the repo is created; ``revision`` is the branch
+    to commit to (created from the default branch when missing); ``create_pr=True`` opens a pull request instead
+    of committing. Raises :class:`HubError` with one line naming the repo when offline (``HF_HUB_OFFLINE=1``) or
+    when the hub refuses.
+    """
+    if not isinstance(repo_id, str) or not repo_id.strip("/"):
+        raise ValueError(f"repo_id must be a hub repo name such as 'my-model' or 'org/my-model', got {repo_id!r}")
+    try:
+        import huggingface_hub
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        raise HubError(f"{repo_id}: pushing to the hub needs huggingface_hub (pip install huggingface_hub)") from None
+    if _offline():
+        raise HubError(f"{repo_id}: cannot push to the hub while HF_HUB_OFFLINE is set (unset it to upload)")
+    api = huggingface_hub.HfApi()
+    try:
+        repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory(prefix="segformer-push-") as tmp:
+            files = sorted(Path(f).resolve().relative_to(Path(tmp).resolve()).as_posix() for f in write(Path(tmp)))
+            if revision is not None and not revision.startswith("refs/pr"):
+                _ensure_branch(api, repo_id, revision, token, create_pr)
+            operations = [
+                huggingface_hub.CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(Path(tmp) / name))
+                for name in files
+            ]
+            return api.create_commit(
+                repo_id=repo_id,
+                operations=operations,
+                commit_message=commit_message,
+                commit_description=commit_description,
+                token=token,
+                revision=revision,
+                create_pr=create_pr,
+            )
+    except HubError:
+        raise
+    except Exception as exc:  # offline mode, HTTP errors (401, 403, 404, ...), connection errors
+        raise HubError(f"{repo_id}: push to the hub failed: {first_line(exc)}") from None
+
+
+def _ensure_branch(api: Any, repo_id: str, branch: str, token: str | bool | None, create_pr: bool) -> None:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        api.create_branch(repo_id=repo_id, branch=branch, token=token, exist_ok=True)
+    except HfHubHTTPError as exc:
+        # Without write access (a pull request to someone else's repo) the branch must already exist; the commit
+        # below says so if it does not.
+        if not (create_pr and exc.response is not None and exc.response.status_code == 403):
+            raise

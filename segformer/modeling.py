@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
@@ -28,19 +29,37 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from .config import SegformerConfig
-from .pretrained import PreTrainedMixin
+from .pretrained import PreTrainedMixin, checkpoint_kwargs
 
 TRANSFORMERS_LAYER_NORM_EPS = 1e-5  # what Transformers uses for every SegFormer LayerNorm
 
 
 # ------------------------------------------------------------------------------------------------ outputs
+# TorchScript would compile the output classes as script classes, and torch.jit.trace then refuses to return
+# them; left alone (ignored), a traced model returns them as plain dicts, as it does for Transformers' outputs.
+@torch.jit.ignore
 class ModelOutput(OrderedDict):
     """A model output: attribute access (``out.logits``), key access (``out["logits"]``) and index access
-    (``out[0]``, over the fields that are not None, as with ``return_dict=False``)."""
+    (``out[0]``, over the fields that are not None, as with ``return_dict=False``).
+
+    Every output class is a pytree node (the tensors of its present fields, their names as the context), so
+    ``torch.export.export`` and ``torch.compile`` take models that return them, and exported programs return them.
+    """
 
     fields: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        pytree.register_pytree_node(
+            cls,
+            _output_flatten,
+            functools.partial(_output_unflatten, cls),
+            serialized_type_name=f"{cls.__module__}.{cls.__qualname__}",
+            flatten_with_keys_fn=_output_flatten_with_keys,
+        )
 
     def __init__(self, **values: Any) -> None:
         unknown = set(values) - set(self.fields)
@@ -60,6 +79,18 @@ class ModelOutput(OrderedDict):
 
     def to_tuple(self) -> tuple[Any, ...]:
         return tuple(self.values())
+
+
+def _output_flatten(out: ModelOutput) -> tuple[list[Any], list[str]]:
+    return list(out.values()), list(out.keys())
+
+
+def _output_flatten_with_keys(out: ModelOutput) -> tuple[list[tuple[Any, Any]], list[str]]:
+    return [(pytree.MappingKey(k), v) for k, v in out.items()], list(out.keys())
+
+
+def _output_unflatten(cls: type[ModelOutput], values: Iterable[Any], context: list[str]) -> ModelOutput:
+    return cls(**dict(zip(context, values, strict=True)))
 
 
 class BaseModelOutput(ModelOutput):
@@ -352,6 +383,7 @@ class SegformerEncoder(nn.Module):
         eps = config.layer_norm_eps if config.use_layer_norm_eps else TRANSFORMERS_LAYER_NORM_EPS
         self.layer_norm = nn.ModuleList(nn.LayerNorm(size, eps=eps) for size in config.hidden_sizes)
         self.gradient_checkpointing = False
+        self.gradient_checkpointing_kwargs: dict[str, Any] = {"use_reentrant": False}
 
     def forward(
         self,
@@ -374,7 +406,7 @@ class SegformerEncoder(nn.Module):
             for block in blocks:
                 if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                     x, probs = torch.utils.checkpoint.checkpoint(
-                        block, x, height, width, output_attentions, use_reentrant=False
+                        block, x, height, width, output_attentions, **self.gradient_checkpointing_kwargs
                     )
                 else:
                     x, probs = block(x, height, width, output_attentions)
@@ -467,6 +499,8 @@ class SegformerDecodeHead(nn.Module):
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors if t is not None)
         key += (self.batch_norm.eps,)
         if self._fold_cache is None or self._fold_cache[0] != key:
+            if torch.jit.is_tracing():  # every trace of a model not run yet records the folding (jit.trace checks
+                return self._fold()  # that two traces agree); a folded model's trace keeps the constants (ONNX)
             with torch.no_grad():
                 self._fold_cache = (key, *self._fold())
         return self._fold_cache[1], self._fold_cache[2]
@@ -492,26 +526,49 @@ class SegformerDecodeHead(nn.Module):
 
     def _forward_folded(self, maps: list[torch.Tensor]) -> torch.Tensor:
         matrices, bias = self.folded()
+        batch = maps[0].shape[0]
+        if batch == 1 or torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return self._folded_logits(maps, matrices, bias)  # (a graph for autograd or export: one pass)
+        # One image at a time: the head's full-resolution maps (acc, each upsampled stage, the logits) are the
+        # largest tensors of the whole forward pass; per image they stay 1/B the size, in cache longer, and
+        # small enough for the C allocator to reuse instead of mapping fresh pages for each (see allocator.py).
+        first = self._folded_logits([x[:1] for x in maps], matrices, bias)
+        out = first.new_empty((batch, *first.shape[1:]))
+        out[:1] = first
+        for n in range(1, batch):
+            self._folded_logits([x[n : n + 1] for x in maps], matrices, bias, out, n)
+        return out
+
+    def _folded_logits(
+        self,
+        maps: list[torch.Tensor],
+        matrices: list[torch.Tensor],
+        bias: torch.Tensor,
+        out: torch.Tensor | None = None,
+        index: int = 0,
+    ) -> torch.Tensor:
+        """Logits of the folded head; with ``out`` (B, K, H_1, W_1), image ``index`` of it is written in place
+        and ``out`` returned, else the logits of the images in ``maps`` (which must then be all of them)."""
         b, _, height, width = maps[0].shape
-        tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
         # Deepest (smallest) stage first: it carries the bias, cheapest there (an upsampling keeps constants,
         # its weights summing to one up to the rounding of its coefficients, ~1e-7 relative in fp32).
-        acc = None  # (B, H_1, W_1, D), contiguous: tokens of stage 1's grid
+        acc = None  # (b, H_1, W_1, D), contiguous: tokens of stage 1's grid
         for i in reversed(range(len(maps))):
             x = maps[i]
             h, w = x.shape[-2:]
-            y = _linear(map_to_tokens(x), matrices[i], bias if i == len(maps) - 1 else None)  # (B, h*w, D)
+            y = _linear(map_to_tokens(x), matrices[i], bias if i == len(maps) - 1 else None)  # (b, h*w, D)
             if (h, w) == (height, width):
                 y = y.view(b, h, w, -1)
                 acc = y if acc is None else acc.add_(y)
-            elif tracing:  # exported / compiled graphs keep a size-generic op
+            else:  # PyTorch's channels-last bilinear kernel: two taps per axis, one pass over its output
                 up = F.interpolate(tokens_to_map(y, h, w), size=(height, width), mode="bilinear", align_corners=False)
                 up = up.permute(0, 2, 3, 1)
                 acc = up.contiguous() if acc is None else acc.add_(up)
-            else:
-                acc = _upsample_add(acc, y.view(b, h, w, -1), height, width)
-        out = acc.permute(0, 3, 1, 2)  # (B, D, H_1, W_1), channels-last
-        return self._classify(self.dropout(F.relu(out, inplace=True)))
+        features = self.dropout(F.relu(acc.permute(0, 3, 1, 2), inplace=True))  # (b, D, H_1, W_1), channels-last
+        if out is None:
+            return self._classify(features)
+        self._classify(features, out[index : index + 1])
+        return out
 
     # In training the BatchNorm needs the batch statistics of the fused map, so it cannot be folded, but the
     # concatenation and the 1×1 fuse conv still can: fuse(cat_i up(W_i x_i + b_i)) = sum_i up(F_i W_i x_i + F_i b_i).
@@ -532,42 +589,17 @@ class SegformerDecodeHead(nn.Module):
         # accurately (up to ~30x the error on some weights), which would show in every gradient.
         return self._classify(self.dropout(self.activation(self.batch_norm(out.contiguous()))))
 
-    def _classify(self, x: torch.Tensor) -> torch.Tensor:
-        """The 1×1 classifier conv as one batched matmul over channels-last pixels → (B, num_labels, H, W)."""
+    def _classify(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The 1×1 classifier conv as one batched matmul over channels-last pixels → (B, num_labels, H, W),
+        into ``out`` (a contiguous tensor of that shape) when given."""
         b, _, h, w = x.shape
         weight, bias = self.classifier.weight.flatten(1), self.classifier.bias  # (K, D), (K,)
         # (K, D) @ (B, D, H*W): the result is already NCHW-contiguous, with no copy of the largest output
-        logits = torch.baddbmm(bias[None, :, None], weight.expand(b, -1, -1), map_to_tokens(x).transpose(1, 2))
-        return logits.view(b, -1, h, w)
-
-
-@functools.lru_cache(maxsize=64)
-def _resize_matrix(size_in: int, size_out: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(size_out, size_in) matrix of 1-D bilinear resizing with align_corners=False, PyTorch's convention:
-    source = (i + 0.5) * size_in / size_out - 0.5, clamped at 0, interpolating between floor and floor + 1."""
-    src = ((torch.arange(size_out, dtype=torch.float64) + 0.5) * (size_in / size_out) - 0.5).clamp_min(0)
-    i0 = src.floor().long().clamp(max=size_in - 1)
-    i1 = (i0 + 1).clamp(max=size_in - 1)
-    frac = src - i0
-    rows = torch.arange(size_out)
-    m = torch.zeros(size_out, size_in, dtype=torch.float64)
-    m.index_put_((rows, i0), 1 - frac, accumulate=True)
-    m.index_put_((rows, i1), frac, accumulate=True)
-    return m.to(device=device, dtype=dtype)
-
-
-def _upsample_add(acc: torch.Tensor | None, y: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """acc + bilinear_resize(y) for channels-last (B, h, w, D) maps, as two GEMMs with the separable resize
-    matrices; the second accumulates straight into ``acc`` (B, height, width, D). On the CPU this beats
-    F.interpolate followed by an add, which each make a full pass over the largest tensor of the head."""
-    b, h, w, d = y.shape
-    cols = _resize_matrix(w, width, y.dtype, y.device)  # (W, w)
-    rows = _resize_matrix(h, height, y.dtype, y.device)  # (H, h)
-    t = torch.matmul(cols, y.reshape(b * h, w, d)).view(b, h, width * d)  # resize along x: (B, h, W*D)
-    if acc is None:
-        return torch.matmul(rows, t).view(b, height, width, d)
-    acc.view(b, height, width * d).baddbmm_(rows.expand(b, -1, -1), t)  # resize along y, accumulated
-    return acc
+        args = (bias[None, :, None], weight.expand(b, -1, -1), map_to_tokens(x).transpose(1, 2))
+        if out is not None:  # autocast does not cast for out= variants: in out's dtype, as autocast would
+            torch.baddbmm(*(a.to(out.dtype) for a in args), out=out.view(b, -1, h * w))
+            return out
+        return torch.baddbmm(*args).view(b, -1, h, w)
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -639,11 +671,14 @@ class SegformerPreTrainedModel(PreTrainedMixin, nn.Module):
             if isinstance(module, _FAST_PATH_MODULES):
                 module.fast_path = bool(value)
 
-    def gradient_checkpointing_enable(self) -> None:
-        """Recompute each block's activations in the backward pass (less memory for large crops)."""
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        """Recompute each block's activations in the backward pass (less memory for large crops).
+        ``gradient_checkpointing_kwargs`` go to ``torch.utils.checkpoint.checkpoint`` (default use_reentrant=False)."""
+        kwargs = checkpoint_kwargs(gradient_checkpointing_kwargs)
         for module in self.modules():
             if isinstance(module, SegformerEncoder):
                 module.gradient_checkpointing = True
+                module.gradient_checkpointing_kwargs = dict(kwargs)
 
     def gradient_checkpointing_disable(self) -> None:
         for module in self.modules():
@@ -720,10 +755,15 @@ class SegformerForSemanticSegmentation(SegformerPreTrainedModel):
         check_pixel_values(pixel_values, self.config)
         if self.config.num_labels < 1:
             raise ValueError(f"semantic segmentation needs num_labels >= 1, the config has {self.config.num_labels}")
-        stages, attentions = self.segformer.encoder(
-            pixel_values, output_attentions, self.config.reshape_last_stage, contiguous_stages=output_hidden_states
-        )
-        logits = self.decode_head(stages)
+        chunk = self._cpu_chunk(pixel_values) if not (output_attentions or output_hidden_states) else 0
+        if 0 < chunk < pixel_values.shape[0]:
+            stages, attentions = [], []
+            logits = torch.cat([self._logits(part) for part in pixel_values.split(chunk)])
+        else:
+            stages, attentions = self.segformer.encoder(
+                pixel_values, output_attentions, self.config.reshape_last_stage, contiguous_stages=output_hidden_states
+            )
+            logits = self.decode_head(stages)
         loss = semantic_loss(logits, labels, self.config) if labels is not None else None
         out = SemanticSegmenterOutput(
             loss=loss,
@@ -732,6 +772,33 @@ class SegformerForSemanticSegmentation(SegformerPreTrainedModel):
             attentions=tuple(attentions) if output_attentions else None,
         )
         return out if return_dict else out.to_tuple()
+
+    def _logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.decode_head(self.segformer.encoder(pixel_values, False, self.config.reshape_last_stage)[0])
+
+    def _cpu_chunk(self, pixel_values: torch.Tensor) -> int:
+        """Images per chunk for a CPU inference batch (0: no chunking). A batch runs in chunks whose largest
+        encoder activation (stage 1's Mix-FFN hidden map) stays within 32 MiB, glibc's largest block that its
+        heap reuses; above it every tensor is a fresh mapping, and page faults cost ~45% of a b0 forward at
+        batch 8, 512×512. Chunks of the encoder are exact: nothing mixes images in eval mode. (GPUs, training
+        and graphs being traced or compiled keep the whole batch.)"""
+        if (
+            self.training
+            or pixel_values.device.type != "cpu"
+            or torch.is_grad_enabled()
+            or not self.decode_head.fast_path
+            or torch.jit.is_tracing()
+            or torch.compiler.is_compiling()
+        ):
+            return 0
+        c = self.config
+        stride = c.strides[0]
+        tokens = math.ceil(pixel_values.shape[-2] / stride) * math.ceil(pixel_values.shape[-1] / stride)
+        per_image = tokens * c.hidden_sizes[0] * c.mlp_ratios[0] * pixel_values.element_size()
+        return max(1, _CHUNK_BYTES // per_image)
+
+
+_CHUNK_BYTES = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit systems
 
 
 class SegformerForImageClassification(SegformerPreTrainedModel):
@@ -764,6 +831,8 @@ class SegformerForImageClassification(SegformerPreTrainedModel):
         last = stages[-1]
         tokens = map_to_tokens(last) if last.ndim == 4 else last  # (B, N, C)
         logits = self.classifier(tokens.mean(dim=1))
+        if labels is not None and self.config.problem_type is None:  # the first labels decide, as in Transformers
+            self.config.problem_type = infer_problem_type(self.config.num_labels, labels)
         loss = classification_loss(logits, labels, self.config) if labels is not None else None
         out = SegFormerImageClassifierOutput(
             loss=loss,
@@ -794,23 +863,29 @@ def semantic_loss(
         raise ValueError(f"labels must hold integer class ids, got {labels.dtype}")
     labels = labels.to(logits.device)
     logits = logits.contiguous(memory_format=torch.channels_last)  # upsampled channels-last too
-    upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
     if config.num_labels == 1:
+        upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
         valid = ((labels >= 0) & (labels != ignore)).to(upsampled.dtype)
         loss = F.binary_cross_entropy_with_logits(upsampled[:, 0], labels.to(upsampled.dtype), reduction="none")
         return (loss * valid).mean()
     labels = labels.long()
-    if not torch.compiler.is_compiling():  # a data-dependent check; compiled graphs skip it
-        bad = (labels != ignore) & ((labels < 0) | (labels >= config.num_labels))
-        if bad.any():
-            value = labels[bad][0].item()
-            raise ValueError(
-                f"labels hold {value}, outside 0..{config.num_labels - 1} and not the ignore index {ignore}"
-            )
-    # Cross-entropy over (pixels, classes) rows: the class axis contiguous makes log-softmax and its backward
-    # ~2x faster on the CPU than over dim 1 of an NCHW tensor. The mean over valid pixels is written as
-    # sum / count, so a batch whose pixels are all ignored gives a zero loss (with a graph) instead of NaN,
-    # without a data-dependent branch.
+    if torch.compiler.is_compiling():  # the textbook composition, which the compiler fuses by itself
+        return _composed_cross_entropy(logits, labels, class_weights, ignore)
+    bad = (labels != ignore) & ((labels < 0) | (labels >= config.num_labels))
+    if bad.any():  # a data-dependent check; compiled graphs skip it
+        value = labels[bad][0].item()
+        raise ValueError(f"labels hold {value}, outside 0..{config.num_labels - 1} and not the ignore index {ignore}")
+    return _UpsampledCrossEntropy.apply(logits, labels, class_weights, ignore)
+
+
+def _composed_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor | None, ignore: int
+) -> torch.Tensor:
+    """semantic_loss's cross-entropy as autograd composes it (the reference for _UpsampledCrossEntropy).
+    Over (pixels, classes) rows: the class axis contiguous makes log-softmax and its backward ~2x faster on the
+    CPU than over dim 1 of an NCHW tensor. The mean over valid pixels is written as sum / count, so a batch
+    whose pixels are all ignored gives a zero loss (with a graph) instead of NaN, without a branch."""
+    upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
     rows = upsampled.permute(0, 2, 3, 1).reshape(-1, upsampled.shape[1])
     labels = labels.reshape(-1)
     if class_weights is not None:
@@ -822,19 +897,71 @@ def semantic_loss(
     return total / (labels != ignore).sum().clamp_min(1).to(total.dtype)
 
 
+class _UpsampledCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of (B, K, h, w) logits upsampled bilinearly to (B, H, W) labels, one image at a time.
+
+    Autograd's composition keeps the full-resolution (B, K, H, W) upsampled logits, their log-softmax and, in
+    the backward pass, the gradients of both: at 512×512, 150 classes and batch 8 that is 1.26 GB each, the
+    largest memory of a training step. The gradient of a mean cross-entropy in the upsampled logits z is known
+    in closed form as soon as z is, w·(softmax(z) − onehot(y)) / Σw, so this computes it during the forward
+    pass, per image, and maps it straight back through the upsampling (its adjoint, PyTorch's own
+    upsample_bilinear2d_backward) to the small logits: only one image's full-resolution tensor exists at a
+    time, and the backward pass is a scaling. Same math as the composition, in fp32 (as autocast runs
+    cross-entropy); the loss sums in float64 where the device has it. No double backward."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, class_weights, ignore):  # type: ignore[override]
+        b, k, h, w = logits.shape
+        height, width = labels.shape[-2:]
+        valid = labels != ignore
+        safe = labels.masked_fill(~valid, 0)
+        weights = valid.float() if class_weights is None else class_weights.to(logits.device).float()[safe] * valid
+        # all ignored: a zero loss and zero gradients, not NaN
+        denom = weights.sum().clamp_min(1.0 if class_weights is None else torch.finfo(torch.float32).tiny)
+        need_grad = ctx.needs_input_grad[0]
+        grad = torch.empty_like(logits, dtype=torch.float32, memory_format=torch.channels_last) if need_grad else None
+        total = logits.new_zeros((), dtype=torch.float32 if logits.device.type == "mps" else torch.float64)
+        with torch.autocast(logits.device.type, enabled=False):
+            for n in range(b):
+                small = logits[n : n + 1].float().contiguous(memory_format=torch.channels_last)
+                z = F.interpolate(small, size=(height, width), mode="bilinear", align_corners=False)
+                rows = z.permute(0, 2, 3, 1).reshape(-1, k)  # a view: (pixels, classes), classes contiguous
+                y, wy = safe[n].reshape(-1, 1), weights[n].reshape(-1)
+                lse = torch.logsumexp(rows, dim=1)
+                total += ((lse - rows.gather(1, y)[:, 0]) * wy).sum(dtype=total.dtype)
+                if need_grad:
+                    rows.sub_(lse[:, None]).exp_()  # softmax, in place of z
+                    rows.scatter_add_(1, y, torch.full_like(y, -1, dtype=rows.dtype))  # − onehot(y)
+                    rows.mul_(wy[:, None])  # weighted; ignored pixels zero
+                    grad[n : n + 1] = torch.ops.aten.upsample_bilinear2d_backward(
+                        z, [height, width], [1, k, h, w], False
+                    )
+        ctx.save_for_backward(grad, denom)
+        ctx.dtype = logits.dtype
+        return (total / denom).to(torch.float32)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):  # type: ignore[override]
+        grad, denom = ctx.saved_tensors
+        return (grad * (grad_loss / denom)).to(ctx.dtype), None, None, None
+
+
+def infer_problem_type(num_labels: int, labels: torch.Tensor) -> str:
+    """Regression for one label, single-label classification for integer labels, multi-label otherwise."""
+    if num_labels == 1:
+        return "regression"
+    if labels.dtype in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
+        return "single_label_classification"
+    return "multi_label_classification"
+
+
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: SegformerConfig) -> torch.Tensor:
     """MSE (regression), cross-entropy (single label) or BCE-with-logits (multi-label); the problem type is
     ``config.problem_type`` or, when unset, inferred: regression for one label, single-label for integer
     labels, multi-label otherwise."""
     labels = labels.to(logits.device)
-    problem = config.problem_type
-    if problem is None:
-        if config.num_labels == 1:
-            problem = "regression"
-        elif labels.dtype in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
-            problem = "single_label_classification"
-        else:
-            problem = "multi_label_classification"
+    problem = config.problem_type or infer_problem_type(config.num_labels, labels)
     if problem == "regression":
         if config.num_labels == 1:
             return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))

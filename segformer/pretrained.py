@@ -3,7 +3,8 @@
 Also reads ``pytorch_model.bin`` (with ``weights_only=True``), sharded checkpoints
 (``model.safetensors.index.json`` / ``pytorch_model.bin.index.json``) and hub ids through the
 huggingface_hub cache. Loading is loud: missing, unexpected and mis-shaped keys are reported by name, and
-nothing is silently re-initialised unless the caller opted in with ``ignore_mismatched_sizes=True``.
+nothing is silently re-initialised unless the caller opted in with ``ignore_mismatched_sizes=True``. The mixin also
+carries the small API that Transformers users reach for (``push_to_hub``, ``num_parameters``, ``base_model``, ...).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 from .config import SegformerConfig
 from .fileio import atomic_write, atomic_write_text
-from .hub import CheckpointError, first_line, resolve_file
+from .hub import CheckpointError, ShapeMismatchError, first_line, push_folder, resolve_file
 
 logger = logging.getLogger("segformer")
 
@@ -210,17 +211,36 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 
 def _checkpoint_dtype(dtype: Any, config: SegformerConfig, state: Mapping[str, torch.Tensor]) -> torch.dtype | None:
-    """from_pretrained's dtype: None (keep the checkpoint's), "auto" (the config's torch_dtype, else the
-    weights' own) or a name / dtype for :func:`resolve_dtype`."""
-    if dtype is None:
-        return None
-    if dtype == "auto":
-        name = config.extra.get("torch_dtype") or config.extra.get("dtype")
-        if name:
-            return resolve_dtype(name)
+    """from_pretrained's dtype: None or "auto" (the checkpoint's: the config's ``dtype``, else the weights' own,
+    as Transformers 5.x loads by default) or a name / dtype for :func:`resolve_dtype`."""
+    if dtype is None or dtype == "auto":
+        if config.dtype is not None:
+            return config.dtype
         floats = [t.dtype for t in state.values() if t.is_floating_point()]
         return floats[0] if floats else None
     return resolve_dtype(dtype)
+
+
+def checkpoint_kwargs(given: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The keyword arguments of ``torch.utils.checkpoint.checkpoint`` for gradient checkpointing: ``given``
+    (checked against what this torch accepts) over the default ``use_reentrant=False``."""
+    import torch.utils.checkpoint
+
+    given = dict(given or {})
+    params = inspect.signature(torch.utils.checkpoint.checkpoint).parameters
+    known = {n for n, p in params.items() if p.kind == p.KEYWORD_ONLY} | {"preserve_rng_state"}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ValueError(
+            f"gradient_checkpointing_kwargs: torch.utils.checkpoint.checkpoint takes no {', '.join(unknown)} "
+            f"(it takes {', '.join(sorted(known))})"
+        )
+    return {"use_reentrant": False, **given}
+
+
+def _default_device_is_meta() -> bool:
+    """Whether new tensors land on the meta device (``with torch.device("meta")`` or set_default_device)."""
+    return torch.empty(()).device.type == "meta"
 
 
 # ----------------------------------------------------------------------------------------------- mixin
@@ -233,18 +253,21 @@ class PreTrainedMixin:
     @classmethod
     def from_pretrained(
         cls,
-        pretrained_model_name_or_path: str | os.PathLike,
+        pretrained_model_name_or_path: str | os.PathLike | None,
         *,
         config: SegformerConfig | str | os.PathLike | None = None,
+        state_dict: Mapping[str, torch.Tensor] | None = None,
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool = False,
         token: str | bool | None = None,
+        subfolder: str = "",
         ignore_mismatched_sizes: bool = False,
         torch_dtype: torch.dtype | str | None = None,
         dtype: torch.dtype | str | None = None,
         device: str | torch.device | int | None = None,
         device_map: str | torch.device | int | None = None,
+        low_cpu_mem_usage: bool | None = None,
         use_safetensors: bool | None = None,
         attn_implementation: str | None = None,
         output_loading_info: bool = False,
@@ -253,12 +276,17 @@ class PreTrainedMixin:
         """Load a model from a directory written by ``save_pretrained`` (ours or Transformers') or a hub id.
 
         ``config_overrides`` replace config fields (``num_labels=…``, ``id2label=…``, ``drop_path_rate=…``);
-        a new label count needs ``ignore_mismatched_sizes=True``, which re-initialises the classifier. A base
+        a new label count needs ``ignore_mismatched_sizes=True``, which re-initialises the classifier (otherwise a
+        :class:`~segformer.hub.ShapeMismatchError`, a RuntimeError, names each key and both shapes). A base
         (encoder-only) checkpoint loads into a task model and the reverse; the keys that had to be
         initialised or were left unused are logged (and returned with ``output_loading_info=True``).
-        ``torch_dtype`` ("auto", a dtype or its name) and ``device`` / ``device_map`` ("auto", "cuda:0", …)
-        place the model. ``attn_implementation="eager"`` turns the fast path off. The model is returned in
-        eval mode.
+        ``state_dict`` replaces the weight files (``from_pretrained(None, config=config, state_dict=sd)`` needs
+        no directory); ``subfolder`` is a folder inside the directory or hub repo.
+        The dtype is the checkpoint's (its config's ``dtype``, else the weights' own), as Transformers 5.x loads;
+        ``torch_dtype`` / ``dtype`` (a dtype or its name) choose another. ``device`` / ``device_map`` ("auto",
+        "cpu", "cuda:0", …) place the model; ``low_cpu_mem_usage`` is accepted and changes nothing (loading
+        already holds one model plus one copy of the weights). ``attn_implementation="eager"`` turns the fast path
+        off. The model is returned in eval mode, with ``config.name_or_path`` set to where it came from.
         """
         hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
         name = pretrained_model_name_or_path
@@ -266,15 +294,29 @@ class PreTrainedMixin:
         unknown = sorted(set(config_overrides) - known)
         if unknown:
             raise TypeError(f"from_pretrained got unknown argument(s) {', '.join(unknown)}")
+        if _default_device_is_meta() or str(device_map) == "meta" or str(device) == "meta":
+            raise RuntimeError(
+                f"{cls.__name__}.from_pretrained loads weights, which the meta device cannot hold; for a model "
+                "without weights build it as `with torch.device('meta'): Model(config)`"
+            )
+        if name is None and (config is None or state_dict is None):
+            raise ValueError(
+                "from_pretrained(None, ...) needs both config= and state_dict= (or give a directory or hub id)"
+            )
         if isinstance(config, SegformerConfig):
             config = config.copy(**config_overrides)
         elif config is not None:
             config = SegformerConfig.from_pretrained(config, **hub, **config_overrides)
         else:
-            config = SegformerConfig.from_pretrained(name, **hub, **config_overrides)
-        state = canonical_keys(load_state_dict(name, use_safetensors=use_safetensors, **hub))
+            config = SegformerConfig.from_pretrained(name, subfolder=subfolder, **hub, **config_overrides)
+        if state_dict is None:
+            state_dict = load_state_dict(name, use_safetensors=use_safetensors, subfolder=subfolder, **hub)
+        state = canonical_keys(state_dict)
+        if name is not None:
+            config.name_or_path = str(name)
         model = cls(config)
-        info = model.load_checkpoint_state(state, ignore_mismatched_sizes=ignore_mismatched_sizes, source=name)
+        source = name if name is not None else "the state_dict"
+        info = model.load_checkpoint_state(state, ignore_mismatched_sizes=ignore_mismatched_sizes, source=source)
         if attn_implementation == "flash_attention_2":  # as Transformers answers for SegFormer
             raise ValueError(
                 f"{cls.__name__} does not support flash_attention_2; use 'sdpa' (PyTorch's fused kernel, which "
@@ -289,6 +331,7 @@ class PreTrainedMixin:
         target_device = select_device(place) if place is not None else None
         if target_dtype is not None or target_device is not None:
             model.to(device=target_device, dtype=target_dtype)
+        config.dtype = model.dtype  # the dtype it was loaded in, as Transformers records it
         model.eval()
         return (model, info.as_dict()) if output_loading_info else model
 
@@ -315,7 +358,7 @@ class PreTrainedMixin:
         if info.mismatched_keys and not ignore_mismatched_sizes:
             shown = "; ".join(f"{k}: checkpoint {a} vs model {b}" for k, a, b in info.mismatched_keys[:4])
             more = f" (+{len(info.mismatched_keys) - 4} more)" if len(info.mismatched_keys) > 4 else ""
-            raise CheckpointError(
+            raise ShapeMismatchError(
                 f"{source}: shapes differ from the model for {shown}{more}; pass ignore_mismatched_sizes=True "
                 "to re-initialise those weights (e.g. for a new num_labels)"
             )
@@ -354,23 +397,47 @@ class PreTrainedMixin:
         safe_serialization: bool = True,
         max_shard_size: int | str | None = None,
         state_dict: Mapping[str, torch.Tensor] | None = None,
+        push_to_hub: bool = False,
+        **hub: Any,
     ) -> Path:
         """Write ``config.json`` and ``model.safetensors`` (or ``pytorch_model.bin``; shards plus an index when
         the weights exceed ``max_shard_size``) in the layout Transformers reads. Every file is written under a
-        temporary name and renamed, so an interrupted save never leaves a half-written file."""
+        temporary name and renamed, so an interrupted save never leaves a half-written file. With
+        ``push_to_hub=True`` the same files are then uploaded (``hub``: the arguments of :meth:`push_to_hub`;
+        ``repo_id`` defaults to the directory's name). Returns the directory."""
         directory = Path(save_directory)
         if directory.exists() and not directory.is_dir():
             raise ValueError(f"{directory}: exists and is not a directory")
+        if hub and not push_to_hub:
+            raise TypeError(f"save_pretrained got unexpected argument(s) {', '.join(sorted(hub))}")
         directory.mkdir(parents=True, exist_ok=True)
+        written = self._write_checkpoint(directory, safe_serialization, max_shard_size, state_dict)
+        # Remove weights of an earlier save that would shadow or confuse these ones.
+        for stale in directory.iterdir():
+            if stale.name not in written and re.fullmatch(
+                r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?", stale.name
+            ):
+                stale.unlink()
+        if push_to_hub:
+            hub.setdefault("max_shard_size", max_shard_size)
+            hub.setdefault("safe_serialization", safe_serialization)
+            self.push_to_hub(hub.pop("repo_id", directory.resolve().name), **hub)
+        return directory
+
+    def _write_checkpoint(
+        self,
+        directory: Path,
+        safe_serialization: bool,
+        max_shard_size: int | str | None,
+        state_dict: Mapping[str, torch.Tensor] | None,
+    ) -> list[str]:
+        """Write the weights and config.json into ``directory``; return the names of the files written."""
         state = {k: v.detach().to("cpu").contiguous() for k, v in (state_dict or self.state_dict()).items()}
         config = self.config.copy()
         config.architectures = [type(self).__name__]
         floats = [t.dtype for t in state.values() if t.is_floating_point()]
         if floats:
-            dtype_name = str(floats[0]).removeprefix("torch.")
-            config.extra["torch_dtype"] = dtype_name
-            if "dtype" in config.extra:
-                config.extra["dtype"] = dtype_name
+            config.dtype = floats[0]
         base, index_name = (SAFE_WEIGHTS, SAFE_INDEX) if safe_serialization else (PT_WEIGHTS, PT_INDEX)
         shards = _shard(state, _parse_size(max_shard_size) if max_shard_size is not None else None)
         written = []
@@ -390,15 +457,44 @@ class PreTrainedMixin:
             atomic_write_text(directory / index_name, json.dumps(index, indent=2) + "\n")
             written.append(index_name)
         config.to_json_file(directory / "config.json")
-        # Remove weights of an earlier save that would shadow or confuse these ones.
-        for stale in directory.iterdir():
-            if stale.name not in written and re.fullmatch(
-                r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?", stale.name
-            ):
-                stale.unlink()
-        return directory
+        return [*written, "config.json"]
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str | None = "50GB",
+        safe_serialization: bool = True,
+    ) -> Any:
+        """Upload the model (what :meth:`save_pretrained` writes: config.json and the weights) to the hub repo
+        ``repo_id``, created if needed, in one commit. ``private`` applies when the repo is created; ``revision``
+        is the branch (created when missing); ``create_pr=True`` opens a pull request instead. Returns the
+        commit's ``CommitInfo``; offline (``HF_HUB_OFFLINE=1``) or refused, a :class:`~segformer.hub.HubError`."""
+        name = type(self).__name__
+        return push_folder(
+            repo_id,
+            lambda folder: [
+                folder / name for name in self._write_checkpoint(folder, safe_serialization, max_shard_size, None)
+            ],
+            # Transformers' default message: "Upload model" for SegformerModel, else "Upload <class name>"
+            commit_message=commit_message or ("Upload model" if "Model" in name else f"Upload {name}"),
+            commit_description=commit_description,
+            private=private,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+        )
 
     # Small conveniences that users of Transformers models reach for.
+    main_input_name = "pixel_values"
+    supports_gradient_checkpointing = True
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
@@ -407,8 +503,45 @@ class PreTrainedMixin:
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
-    def num_parameters(self, only_trainable: bool = False) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
+    @property
+    def base_model(self) -> torch.nn.Module:
+        """The encoder (``SegformerModel``) of a task model; a ``SegformerModel`` itself."""
+        return getattr(self, self.base_model_prefix, self)
+
+    @property
+    def name_or_path(self) -> str:
+        """Where the model was loaded from (``config.name_or_path``; "" for a model built from a config)."""
+        return self.config.name_or_path
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether :meth:`gradient_checkpointing_enable` is in effect."""
+        return any(getattr(m, "gradient_checkpointing", False) is True for m in self.modules())
+
+    is_activation_checkpointing = is_gradient_checkpointing  # Transformers 5.x's newer name
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        """Transformers 5.x's newer name of ``gradient_checkpointing_enable``."""
+        self.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        """Transformers 5.x's newer name of ``gradient_checkpointing_disable``."""
+        self.gradient_checkpointing_disable()
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """The number of parameters (only those with ``requires_grad`` when ``only_trainable``). SegFormer has no
+        ``nn.Embedding``, so ``exclude_embeddings`` changes nothing, as in Transformers."""
+        skip = {f"{n}.weight" for n, m in self.named_modules() if isinstance(m, torch.nn.Embedding)}
+        return sum(
+            p.numel()
+            for n, p in self.named_parameters()
+            if (p.requires_grad or not only_trainable) and not (exclude_embeddings and n in skip)
+        )
+
+    def get_memory_footprint(self, return_buffers: bool = True) -> int:
+        """Bytes held by the parameters (and the buffers: BatchNorm statistics, unless ``return_buffers=False``)."""
+        tensors = [*self.parameters(), *(self.buffers() if return_buffers else ())]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _summarise(keys: list[str], limit: int = 8) -> list[str]:

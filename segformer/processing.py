@@ -49,6 +49,14 @@ when resizing, it gets its image's output size.
 docs; note that Transformers >= 4.26 reads tuples as (height, width), so prefer dicts), ``{"height": h,
 "width": w}`` or ``{"shortest_edge": n}`` (the short side becomes n, the long one ``int(n * long / short)``).
 It is stored as a dict.
+
+Four channels: with four ``image_mean`` / ``image_std`` values (models with ``num_channels=4``) images keep all
+four channels instead of becoming RGB, as Transformers does: 4-band PIL images (RGBA, CMYK, RGBX) and (H, W, 4) /
+(4, H, W) arrays or tensors, resized as one RGBA image by PIL (which weights colours by the fourth channel, as
+Transformers' resize does); always on the PIL backend. Other channel counts are an error naming the image.
+
+The output is a :class:`SegformerBatch` (Transformers' ``BatchFeature``: a dict with attribute access, ``.data``,
+``.convert_to_tensors(...)`` and ``.to(...)``).
 """
 
 from __future__ import annotations
@@ -67,7 +75,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from .fileio import atomic_write_text
-from .hub import CheckpointError, resolve_file
+from .hub import CheckpointError, first_line, push_folder, resolve_file
 from .images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -102,10 +110,41 @@ _MAX_MODE_I = 2**31 - 1
 
 # ------------------------------------------------------------------------------------------- output
 class SegformerBatch(dict):
-    """The processor's output: a dict (``pixel_values``, optionally ``labels``) with attribute access.
+    """The processor's output: a dict (``pixel_values``, optionally ``labels``) with attribute access, as
+    Transformers' ``BatchFeature``.
 
-    ``out.pixel_values`` is ``out["pixel_values"]``; :meth:`to` moves/casts the torch tensors in place.
+    ``out.pixel_values`` is ``out["pixel_values"]``; ``out.data`` is the dict itself; :meth:`convert_to_tensors`
+    turns lists of arrays into one framework batch; :meth:`to` moves/casts the torch tensors in place.
     """
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """The fields as a dict (this batch itself, so changes show in both), as ``BatchFeature.data``."""
+        return self
+
+    def convert_to_tensors(
+        self, tensor_type: str | None = None, skip_tensor_conversion: Sequence[str] | None = None
+    ) -> SegformerBatch:
+        """Convert every field in place to ``tensor_type`` ("pt", "np", "tf", "jax"; None leaves them): a list of
+        per-image arrays is stacked into one batch (same sizes needed). Fields named in ``skip_tensor_conversion``
+        stay as they are. Returns self."""
+        kind = _tensor_type(tensor_type)
+        if kind is None:
+            return self
+        for key, value in list(self.items()):
+            if skip_tensor_conversion is not None and key in skip_tensor_conversion:
+                continue
+            if (
+                isinstance(value, (list, tuple))
+                and value
+                and all(isinstance(v, (np.ndarray, torch.Tensor)) for v in value)
+            ):
+                self[key] = _convert(_stack(list(value), key, kind), kind)
+            elif isinstance(value, (np.ndarray, torch.Tensor)):
+                self[key] = _convert(value, kind)
+            else:
+                raise ValueError(f"convert_to_tensors: field {key!r} holds {type(value).__name__}, not arrays")
+        return self
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -151,8 +190,8 @@ class _Options:
     do_rescale: bool
     rescale_factor: float
     do_normalize: bool
-    image_mean: tuple[float, float, float]
-    image_std: tuple[float, float, float]
+    image_mean: tuple[float, ...]  # 3 values (RGB) or 4 (four-channel images)
+    image_std: tuple[float, ...]
     do_reduce_labels: bool
     backend: str
     data_format: str
@@ -195,16 +234,21 @@ def _normalize_resample(resample: Any) -> int:
     return int(resample)
 
 
-def _normalize_stats(value: Any, default: tuple[float, ...], name: str) -> tuple[float, float, float]:
-    """None → default; a number → the same for the 3 channels; 3 numbers → a tuple."""
-    if value is None:
-        value = default
-    values = [value] * 3 if np.ndim(value) == 0 else list(value)
-    if len(values) == 1:
-        values = values * 3
-    if len(values) != 3:
-        raise ValueError(f"{name} needs 1 or 3 values (one per RGB channel), got {len(values)}")
-    return tuple(float(v) for v in values)  # type: ignore[return-value]
+def _normalize_stats(mean: Any, std: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """image_mean and image_std: None → ImageNet's; one number → the same for every channel; 3 values (RGB) or 4
+    (four-channel images), the same count in both."""
+    lists = []
+    for value, default, name in ((mean, IMAGENET_MEAN, "image_mean"), (std, IMAGENET_STD, "image_std")):
+        values = list(default) if value is None else [value] if np.ndim(value) == 0 else list(value)
+        if len(values) not in (1, 3, 4):
+            raise ValueError(f"{name} needs 1, 3 or 4 values (one per image channel), got {len(values)}")
+        lists.append([float(v) for v in values])
+    channels = max(len(values) for values in lists)
+    channels = 3 if channels == 1 else channels
+    mean_t, std_t = (tuple(values * channels if len(values) == 1 else values) for values in lists)
+    if len(mean_t) != len(std_t):
+        raise ValueError(f"image_mean has {len(mean_t)} values but image_std has {len(std_t)}; give one per channel")
+    return mean_t, std_t
 
 
 def _normalize_format(value: Any, name: str, *, allow_none: bool) -> str | None:
@@ -275,6 +319,41 @@ def _image_to_rgb(image: Any, input_data_format: str | None, what: str) -> Image
     )
 
 
+def _image_to_four(image: Any, input_data_format: str | None, what: str) -> np.ndarray:
+    """Any supported image with four channels → (H, W, 4) uint8 or float32, every channel kept."""
+    if isinstance(image, (str, os.PathLike)):
+        image = _open_image(image, what)
+    if isinstance(image, Image.Image):
+        if len(image.getbands()) != 4:
+            raise ValueError(
+                f"{what}: a {image.mode} image has {len(image.getbands())} channel(s), but image_mean and image_std "
+                "have 4 values (one per channel)"
+            )
+        return np.asarray(image)
+    if isinstance(image, torch.Tensor):
+        image = tensor_to_numpy(image)
+    if not isinstance(image, np.ndarray):
+        raise TypeError(
+            f"{what}: unsupported type {type(image).__name__}; expected a PIL image, numpy array, torch tensor or path"
+        )
+    if image.ndim != 3:
+        raise ValueError(f"{what}: a four-channel image must be 3-D, (H, W, 4) or (4, H, W), got {image.shape}")
+    axis = channel_axis(image.shape, image.dtype == np.uint8, input_data_format, what)
+    array = pixel_values(np.moveaxis(image, 0, -1) if axis == 0 else image, what)
+    if array.shape[-1] != 4:
+        raise ValueError(
+            f"{what}: has {array.shape[-1]} channel(s), but image_mean and image_std have 4 values (one per channel)"
+        )
+    return array
+
+
+def _image_pixels(image: Any, options: _Options, what: str) -> Image.Image | np.ndarray:
+    """RGB (:func:`_image_to_rgb`), or all four channels when the options normalise four."""
+    if len(options.image_mean) == 4:
+        return _image_to_four(image, options.input_data_format, what)
+    return _image_to_rgb(image, options.input_data_format, what)
+
+
 def _label_array(seg: Any, what: str) -> np.ndarray:
     """A segmentation map → (H, W) int64 copy, checked to hold non-negative integers."""
     if isinstance(seg, (str, os.PathLike)):
@@ -321,17 +400,26 @@ def _output_size(height: int, width: int, size: Mapping[str, int]) -> tuple[int,
 
 
 def _uint8_lut(options: _Options) -> np.ndarray:
-    """(3, 256) float32: the value of every 8-bit level in each channel under these options
+    """(C, 256) float32: the value of every 8-bit level in each channel under these options
     (:func:`segformer.images.normalize_table`, shared with the predictor and the data sets)."""
-    return normalize_table(
-        tuple(options.image_mean) if options.do_normalize else None,
-        tuple(options.image_std) if options.do_normalize else None,
-        float(options.rescale_factor) if options.do_rescale else None,
+    mean = tuple(options.image_mean) if options.do_normalize else None
+    std = tuple(options.image_std) if options.do_normalize else None
+    rescale = float(options.rescale_factor) if options.do_rescale else None
+    if len(options.image_mean) == 3:
+        return normalize_table(mean, std, rescale)
+    # the table is made for three channels: one row of a table per channel of a four-channel image
+    return np.stack(
+        [
+            normalize_table(None if mean is None else (mean[c],) * 3, None if std is None else (std[c],) * 3, rescale)[
+                0
+            ]
+            for c in range(len(options.image_mean))
+        ]
     )
 
 
 def _rescale_normalize_float(hwc: np.ndarray, options: _Options) -> np.ndarray:
-    """(H, W, 3) float → float32 with Transformers' arithmetic; always a new array."""
+    """(H, W, C) float → float32 with Transformers' arithmetic; always a new array."""
     out = (hwc.astype(np.float64) * options.rescale_factor).astype(np.float32) if options.do_rescale else hwc
     out = out.astype(np.float32)
     if options.do_normalize:
@@ -341,9 +429,11 @@ def _rescale_normalize_float(hwc: np.ndarray, options: _Options) -> np.ndarray:
 
 # -------------------------------------------------------------------------------------- PIL backend
 def _pil_resize_pixels(rgb: Image.Image | np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
-    """Resize an RGB image / (H, W, 3) uint8 array as one RGB image, float32 channel by channel in mode F."""
+    """Resize an RGB image / (H, W, 3) uint8 array as one RGB image ((H, W, 4): as one RGBA image, as Transformers
+    does), float32 channel by channel in mode F."""
     if isinstance(rgb, Image.Image) or rgb.dtype == np.uint8:
-        image = rgb if isinstance(rgb, Image.Image) else Image.fromarray(np.ascontiguousarray(rgb), "RGB")
+        mode = "RGBA" if not isinstance(rgb, Image.Image) and rgb.shape[-1] == 4 else "RGB"
+        image = rgb if isinstance(rgb, Image.Image) else Image.fromarray(np.ascontiguousarray(rgb), mode)
         return np.asarray(image.resize((width, height), resample))
     channels = [
         np.asarray(Image.fromarray(np.ascontiguousarray(rgb[..., c]), "F").resize((width, height), resample))
@@ -353,10 +443,10 @@ def _pil_resize_pixels(rgb: Image.Image | np.ndarray, height: int, width: int, r
 
 
 def _pil_finish_pixels(hwc: np.ndarray, options: _Options, lut: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8/float → float32 (3, H, W) or (H, W, 3), rescaled and normalised."""
+    """(H, W, C) uint8/float → float32 (C, H, W) or (H, W, C), rescaled and normalised."""
     if hwc.dtype == np.uint8:
-        out = np.empty((3, *hwc.shape[:2]), np.float32)
-        for c in range(3):
+        out = np.empty((hwc.shape[-1], *hwc.shape[:2]), np.float32)
+        for c in range(hwc.shape[-1]):
             np.take(lut[c], hwc[..., c], out=out[c], mode="clip")  # uint8 indices are always in range
         return np.ascontiguousarray(out.transpose(1, 2, 0)) if options.data_format == "channels_last" else out
     out = _rescale_normalize_float(hwc, options)
@@ -387,7 +477,7 @@ def _pil_pipeline(
     lut = _uint8_lut(options)
     pixels, labels, warned = [], [] if maps is not None else None, False
     for i, image in enumerate(images):
-        rgb = _image_to_rgb(image, options.input_data_format, f"image {i}")
+        rgb = _image_pixels(image, options, f"image {i}")
         if isinstance(rgb, np.ndarray) and rgb.dtype != np.uint8 and not warned:
             warned = _warn_if_prescaled(rgb, options)
         height, width = (rgb.height, rgb.width) if isinstance(rgb, Image.Image) else rgb.shape[:2]
@@ -425,7 +515,7 @@ def _warn_if_prescaled(values: np.ndarray | torch.Tensor, options: _Options) -> 
 # ------------------------------------------------------------------------------------ torch backend
 def _torch_eligible(images: list[Any], options: _Options) -> bool:
     """Whether the torch backend can take these images (all uint8/float tensors, a supported filter)."""
-    if options.do_resize and options.resample not in (0, *_TORCH_FILTERS):
+    if (options.do_resize and options.resample not in (0, *_TORCH_FILTERS)) or len(options.image_mean) != 3:
         return False
     return all(isinstance(im, torch.Tensor) and (im.dtype == torch.uint8 or im.is_floating_point()) for im in images)
 
@@ -664,8 +754,7 @@ class SegformerImageProcessor:
         self.do_rescale = bool(do_rescale)
         self.rescale_factor = float(rescale_factor)
         self.do_normalize = bool(do_normalize)
-        self.image_mean = list(_normalize_stats(image_mean, IMAGENET_MEAN, "image_mean"))
-        self.image_std = list(_normalize_stats(image_std, IMAGENET_STD, "image_std"))
+        self.image_mean, self.image_std = (list(v) for v in _normalize_stats(image_mean, image_std))
         self.do_reduce_labels = bool(reduce_labels if do_reduce_labels is None else do_reduce_labels)
         self.backend = backend
         self.data_format = data_format
@@ -696,7 +785,7 @@ class SegformerImageProcessor:
         backend = get("backend")
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-        std = _normalize_stats(get("image_std"), IMAGENET_STD, "image_std")
+        mean, std = _normalize_stats(get("image_mean"), get("image_std"))
         if 0.0 in std:
             raise ValueError(f"image_std must not contain zeros, got {std}")
         return _Options(
@@ -706,7 +795,7 @@ class SegformerImageProcessor:
             do_rescale=bool(get("do_rescale")),
             rescale_factor=float(get("rescale_factor")),
             do_normalize=bool(get("do_normalize")),
-            image_mean=_normalize_stats(get("image_mean"), IMAGENET_MEAN, "image_mean"),
+            image_mean=mean,
             image_std=std,
             do_reduce_labels=bool(get("do_reduce_labels")),
             backend=backend,
@@ -773,15 +862,15 @@ class SegformerImageProcessor:
         eligible = _torch_eligible(image_list, options)
         if options.backend == "torch" and not eligible:
             raise ValueError(
-                "backend='torch' needs every image to be a uint8 or floating torch tensor and resample to be "
-                "NEAREST, BILINEAR or BICUBIC; use backend='pil' or 'auto'"
+                "backend='torch' needs every image to be a uint8 or floating torch tensor, resample to be "
+                "NEAREST, BILINEAR or BICUBIC and three image_mean/image_std values; use backend='pil' or 'auto'"
             )
         return options.backend == "torch" or (options.backend == "auto" and eligible)
 
     # ------------------------------------------------------------------------------ post-processing
     def post_process_semantic_segmentation(
-        self, outputs: Any, target_sizes: TargetSizes | None = None
-    ) -> list[torch.Tensor]:
+        self, outputs: Any, target_sizes: TargetSizes | None = None, return_segmentation_scores: bool = False
+    ) -> list[torch.Tensor] | list[SegformerBatch]:
         """Logits → one int64 label map per image.
 
         Args:
@@ -789,28 +878,40 @@ class SegformerImageProcessor:
             target_sizes: one (height, width) per image (a list of pairs or a (B, 2) tensor/array); each
                 image's logits are resized to it bilinearly (align_corners=False) before the argmax. None →
                 argmax at the logits' resolution.
+            return_segmentation_scores: return, per image, ``segmentation`` (the map) and
+                ``segmentation_scores`` (the (C, height, width) logits it is the argmax of), as Transformers 5.x.
 
         Returns:
-            list of B int64 tensors of shape (height, width) (or (h, w)), on the logits' device.
+            list of B int64 tensors of shape (height, width) (or (h, w)), on the logits' device; with
+            ``return_segmentation_scores``, a list of B :class:`SegformerBatch` holding both.
         """
+        maps, scores = self._post_process(outputs, target_sizes)
+        if not return_segmentation_scores:
+            return maps
+        return [SegformerBatch(segmentation=m, segmentation_scores=s) for m, s in zip(maps, scores, strict=True)]
+
+    def _post_process(
+        self, outputs: Any, target_sizes: TargetSizes | None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         logits = outputs if isinstance(outputs, torch.Tensor) else getattr(outputs, "logits", None)
         if logits is None and isinstance(outputs, Mapping):
             logits = outputs.get("logits")
         if not isinstance(logits, torch.Tensor) or logits.ndim != 4:
             raise TypeError("outputs must have .logits of shape (B, C, h, w), or be that tensor")
         if target_sizes is None:
-            return list(logits.argmax(dim=1))
+            return list(logits.argmax(dim=1)), list(logits)
         sizes = target_sizes.tolist() if isinstance(target_sizes, (torch.Tensor, np.ndarray)) else list(target_sizes)
         if len(sizes) != logits.shape[0]:
             raise ValueError(f"got {len(sizes)} target sizes for a batch of {logits.shape[0]} logits")
-        maps = []
+        maps, scores = [], []
         for i, hw in enumerate(sizes):
             if len(hw) != 2:
                 raise ValueError(f"target size {i} must be (height, width), got {hw!r}")
             size = (_positive_int(hw[0], "target height"), _positive_int(hw[1], "target width"))
             resized = F.interpolate(logits[i : i + 1], size=size, mode="bilinear", align_corners=False)
             maps.append(resized[0].argmax(dim=0))
-        return maps
+            scores.append(resized[0])
+        return maps, scores
 
     # ----------------------------------------------------------------------------------- config I/O
     def to_dict(self) -> dict[str, Any]:
@@ -840,18 +941,69 @@ class SegformerImageProcessor:
     def __repr__(self) -> str:
         return f"{type(self).__name__} {self.to_json_string()}"
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+    def to_json_file(self, json_file_path: str | os.PathLike) -> None:
+        """Write :meth:`to_json_string` to ``json_file_path`` atomically."""
+        atomic_write_text(Path(json_file_path), self.to_json_string())
+
+    @classmethod
+    def from_json_file(cls: type[_P], json_file: str | os.PathLike) -> _P:
+        """Build from a preprocessor JSON file (either layout; see :meth:`from_pretrained`)."""
+        path = Path(json_file)
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path}: not a readable JSON preprocessor config ({first_line(exc)})") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{path}: a preprocessor config must be a JSON object")
+        try:
+            return cls.from_dict(config)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: invalid preprocessor config ({exc})") from None
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, push_to_hub: bool = False, **hub: Any) -> list[str]:
         """Write ``preprocessor_config.json`` into ``save_directory`` (created if needed) atomically.
 
-        Returns the path of the file. Transformers' ``SegformerImageProcessor.from_pretrained`` reads it.
+        Returns the list of files written (one path), as Transformers does; its
+        ``SegformerImageProcessor.from_pretrained`` and ``AutoImageProcessor`` read the file. With
+        ``push_to_hub=True`` it is then uploaded (``hub``: the arguments of :meth:`push_to_hub`; ``repo_id``
+        defaults to the directory's name).
         """
         directory = Path(save_directory)
         if directory.exists() and not directory.is_dir():
             raise ValueError(f"{directory}: save_pretrained needs a directory, found a file")
+        if hub and not push_to_hub:
+            raise TypeError(f"save_pretrained got unexpected argument(s) {', '.join(sorted(hub))}")
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / CONFIG_NAME
-        atomic_write_text(path, self.to_json_string())
-        return path
+        self.to_json_file(path)
+        if push_to_hub:
+            self.push_to_hub(hub.pop("repo_id", directory.resolve().name), **hub)
+        return [str(path)]
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+    ) -> Any:
+        """Upload ``preprocessor_config.json`` to the hub repo ``repo_id`` (created if needed) in one commit; see
+        :func:`segformer.hub.push_folder` for the arguments. Returns the commit's ``CommitInfo``."""
+        default = "Upload feature extractor" if "FeatureExtractor" in type(self).__name__ else "Upload processor"
+        return push_folder(
+            repo_id,
+            lambda folder: self.save_pretrained(folder),
+            commit_message=commit_message or default,
+            commit_description=commit_description,
+            private=private,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+        )
 
     @classmethod
     def from_dict(cls: type[_P], config: Mapping[str, Any], **overrides: Any) -> _P:
@@ -868,9 +1020,11 @@ class SegformerImageProcessor:
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool = False,
         token: str | bool | None = None,
+        subfolder: str = "",
         **overrides: Any,
     ) -> _P:
-        """Load ``preprocessor_config.json`` from a directory or a hub id (through the huggingface_hub cache).
+        """Load ``preprocessor_config.json`` from a directory or a hub id (through the huggingface_hub cache), or
+        from its ``subfolder``.
 
         Reads both the current layout and the legacy one (``feature_extractor_type``, ``reduce_labels``, an
         int ``size``). ``overrides`` replace options of the file. Raises CheckpointError (a ValueError).
@@ -882,6 +1036,7 @@ class SegformerImageProcessor:
             cache_dir=cache_dir,
             local_files_only=local_files_only,
             token=token,
+            subfolder=subfolder,
         )
         try:
             config = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -898,14 +1053,11 @@ class SegformerImageProcessor:
 class SegformerFeatureExtractor(SegformerImageProcessor):
     """:class:`SegformerImageProcessor` under its pre-4.26 Transformers name.
 
-    Identical behaviour; ``save_pretrained`` writes ``image_processor_type: "SegformerFeatureExtractor"``,
-    which Transformers' ``SegformerImageProcessor.from_pretrained`` reads but its ``AutoImageProcessor``
-    (5.x) does not recognise; save with :class:`SegformerImageProcessor` for AutoImageProcessor. Positional
-    arguments follow the documented order of this class: ``do_resize, size, resample, do_normalize,
-    image_mean, image_std, reduce_labels`` (the rescale options are keywords here).
+    Identical behaviour; ``save_pretrained`` writes ``image_processor_type: "SegformerImageProcessor"``, the
+    name Transformers writes (its 5.x ``AutoImageProcessor`` knows no SegformerFeatureExtractor); files naming
+    either class are read. Positional arguments follow the documented order of this class: ``do_resize, size,
+    resample, do_normalize, image_mean, image_std, reduce_labels`` (the rescale options are keywords here).
     """
-
-    _config_type_name = "SegformerFeatureExtractor"
 
     def __init__(
         self,

@@ -146,6 +146,8 @@ def test_image_classification_losses(tiny):
     single = model(x, labels=torch.tensor([0, 4, 2]))
     expected = torch.nn.functional.cross_entropy(single.logits, torch.tensor([0, 4, 2]))
     torch.testing.assert_close(single.loss, expected, rtol=LOSS_RTOL, atol=0)
+    assert model.config.problem_type == "single_label_classification"  # stored by the first loss, as Transformers
+    model.config.problem_type = None
     multi = model(x, labels=torch.tensor([[0, 1, 0, 1, 1.0]] * 3))
     torch.testing.assert_close(
         multi.loss,
@@ -193,6 +195,69 @@ def test_segmentation_losses(tiny):
         headless = SegformerForSemanticSegmentation(tiny_config(num_labels=0))
     with pytest.raises(ValueError, match="num_labels >= 1"):
         headless(x, labels=labels)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_per_image_cross_entropy_equals_the_composition(weighted):
+    """semantic_loss's one-image-at-a-time cross-entropy (gradient formed in the forward pass) against autograd
+    through upsample → cross-entropy: the same loss and the same gradient in the small logits, with ignored
+    pixels, class weights, an all-ignored image in the batch, and under bf16 autocast."""
+    from segformer.modeling import _composed_cross_entropy, _UpsampledCrossEntropy
+
+    torch.manual_seed(0)
+    k = 7
+    logits = (3 * torch.randn(3, k, 16, 20)).requires_grad_()
+    labels = torch.randint(0, k, (3, 61, 83))
+    labels[0, :20] = 255
+    labels[2] = 255  # one image all ignored: it adds nothing, and its gradient is zero
+    weights = torch.rand(k) + 0.5 if weighted else None
+    ref = _composed_cross_entropy(logits, labels, weights, 255)
+    (ref_grad,) = torch.autograd.grad(ref, logits)
+    got = _UpsampledCrossEntropy.apply(logits, labels, weights, 255)
+    (grad,) = torch.autograd.grad(got, logits)
+    # both fp32: log-sum-exp of k terms and a mean, a few u each side (8u); the gradient: one softmax and
+    # one upsampling adjoint (a sum of ≤ (61/16 + 1)·(83/20 + 1) ≈ 25 terms, sqrt-grown) per entry
+    assert abs(got.item() - ref.item()) <= 8 * U32 * abs(ref.item())
+    assert rel_err(grad, ref_grad) <= fp32_tol(2 + 25)
+    assert grad[2].abs().max().item() == 0.0
+    low = logits.detach().bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = _UpsampledCrossEntropy.apply(low, labels, weights, 255)
+    ref_low = _composed_cross_entropy(low.float(), labels, weights, 255)
+    # bf16 logits are upsampled and scored in fp32 (autograd's composition would upsample in bf16 first)
+    assert auto.dtype == torch.float32
+    assert abs(auto.item() - ref_low.item()) <= 8 * U32 * abs(ref_low.item())
+    with pytest.raises(RuntimeError, match="twice|does not require grad"):  # no silent second derivative
+        out = _UpsampledCrossEntropy.apply(logits, labels, weights, 255)
+        (g,) = torch.autograd.grad(out, logits, create_graph=True)
+        torch.autograd.grad(g.sum(), logits)
+
+
+def test_segmentation_loss_needs_no_full_resolution_batch():
+    """The training loss at 256×256 labels, 40 classes, batch 4: peak memory of forward + backward stays near
+    one image's full-resolution logits, not the batch's (autograd's composition holds several batch-sized ones)."""
+    from segformer.modeling import _composed_cross_entropy, _UpsampledCrossEntropy
+
+    logits = torch.randn(4, 40, 64, 64, requires_grad=True)
+    labels = torch.randint(0, 40, (4, 256, 256))
+    one_image = 40 * 256 * 256 * 4  # bytes of one image's upsampled fp32 logits
+
+    def peak(fn):
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn(logits, labels, None, 255).backward()
+        # the largest live total: the allocations and frees each op made itself, in the order they ran
+        events = sorted(prof.events(), key=lambda e: e.time_range.start)
+        live = top = 0
+        for e in events:
+            live += e.self_cpu_memory_usage
+            top = max(top, live)
+        return top
+
+    ours, composed = peak(_UpsampledCrossEntropy.apply), peak(_composed_cross_entropy)
+    assert composed >= 4 * one_image  # the batch's upsampled logits at least
+    assert ours <= 2.5 * one_image  # one image's z (reused in place for its gradient) + small tensors
 
 
 @pytest.mark.parametrize(
@@ -253,6 +318,28 @@ def test_fast_path_equals_plain_path(config, size):
         model.fast_path = True
     assert rel_err(fast, plain) <= 2 * fp32_tol(series_depth(model, x))  # two fp32 passes, each within fp32_tol
     assert model.fast_path
+
+
+def test_cpu_batch_chunks_equal_the_whole_batch(monkeypatch):
+    """CPU inference splits a batch into chunks (and the folded head runs image by image): same logits."""
+    from segformer import modeling
+
+    model = randomize_(SegformerForSemanticSegmentation(tiny_config()), seed=5).eval()
+    x = torch.randn(5, 3, 64, 96)
+    c = model.config
+    per_image = (64 // c.strides[0]) * (96 // c.strides[0]) * c.hidden_sizes[0] * c.mlp_ratios[0] * 4
+    monkeypatch.setattr(modeling, "_CHUNK_BYTES", 2 * per_image)  # two images per chunk: 2 + 2 + 1
+    with torch.no_grad():
+        assert model._cpu_chunk(x) == 2
+        chunked = model(x).logits
+    whole = model(x).logits.detach()  # gradients enabled: the whole batch in one pass
+    assert model._cpu_chunk(x) == 0
+    assert chunked.shape == whole.shape == (5, c.num_labels, 16, 24)
+    assert rel_err(chunked, whole) <= 2 * fp32_tol(series_depth(model, x))  # two fp32 passes
+    # each image is its own: a chunk boundary (images 1|2, 3|4) does not leak one image into another
+    with torch.no_grad():
+        single = model(x[3:4]).logits
+    assert rel_err(chunked[3:4], single) <= 2 * fp32_tol(series_depth(model, x[3:4]))
 
 
 def test_folded_head_follows_weight_changes():

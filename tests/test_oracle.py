@@ -81,10 +81,11 @@ def test_base_model_and_classifier_match_transformers():
     # single-label CE, then multi-label BCE (its gradient in the logits is at most 1/N per element, within the
     # CE bound)
     for labels in (torch.tensor([3, 7]), torch.randint(0, 2, (2, 10)).float()):
-        # a fresh pair each time: Transformers stores the first inferred problem_type in its config
-        hf, ours = pair("SegformerForImageClassification", config)
+        # a fresh pair and config each time: both libraries store the first inferred problem_type in the config
+        hf, ours = pair("SegformerForImageClassification", config.copy())
         with torch.no_grad():
             ref, got = hf(x, labels=labels), ours(x, labels=labels)
+        assert ours.config.problem_type == hf.config.problem_type  # both store the inferred type
         assert rel_err(got.logits, ref.logits) <= TOL
         loss_tol = cross_entropy_tol(max_diff(got.logits, ref.logits), ref.loss.item())
         assert abs(got.loss.item() - ref.loss.item()) <= loss_tol

@@ -104,7 +104,7 @@ def test_dtype_and_device(saved):
     model = SegformerForSemanticSegmentation.from_pretrained(path, torch_dtype=torch.bfloat16, device="cpu")
     assert model.dtype == torch.bfloat16 and model.device.type == "cpu"
     model.save_pretrained(path.parent / "bf16")
-    assert json.loads((path.parent / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert json.loads((path.parent / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
     auto = SegformerForSemanticSegmentation.from_pretrained(path.parent / "bf16", torch_dtype="auto")
     assert auto.dtype == torch.bfloat16
     assert SegformerForSemanticSegmentation.from_pretrained(path, dtype="float64").dtype == torch.float64
