@@ -4,6 +4,15 @@ Both libraries get the same random weights. For every case the script prints the
 their ratio (Transformers / ours: > 1 means we are faster), the peak memory each forward adds (peak RSS on
 the CPU, read from the kernel's high-water mark in a fresh process per library and case; peak allocated
 memory on CUDA) and the maximum relative difference of the logits (or of the loss, for training steps).
+On the CPU, fp32 inference cases also time onnxruntime on our own ONNX export (segformer.export, dynamic
+axes; the ratio onnxruntime / ours: > 1 means we are faster), interleaved with the other two, and every
+inference case prints its FLOPs (the architecture's, attention included: what the plain, unfolded model
+computes) and the share of the machine's measured fp32 GEMM peak that our time reaches.
+
+The process's allocator is tuned as the ``segformer`` command line tunes it (segformer.allocator; both
+libraries run in the same process, so both get it; ``--allocator system`` to compare without). The header
+prints the CPU capability torch picked (ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS and ONEDNN_MAX_CPU_ISA
+cap it, to approximate an AVX2 machine on an AVX-512 one) and the measured GEMM peak.
 
     python bench/bench_inference.py                       # the default cases (a few minutes on 2 cores)
     python bench/bench_inference.py --cases b0:512x512:fp32:1 --repeats 10
@@ -18,9 +27,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from segformer import SegformerConfig, SegformerForSemanticSegmentation  # noqa: E402
+from segformer.allocator import tune_allocator  # noqa: E402
 from segformer.pretrained import canonical_keys  # noqa: E402
 
 DEFAULT_CASES = [
@@ -111,6 +123,46 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def gemm_peak(repeats: int = 5) -> float:
+    """The machine's fp32 GEMM rate (FLOP/s) at the current thread count: best of a 2048³ matmul."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    torch.mm(a, b)
+    best = min(timed(lambda: torch.mm(a, b), torch.device("cpu")) for _ in range(repeats))
+    return 2 * 2048**3 / best
+
+
+def model_flops(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """FLOPs of one forward of the plain (unfolded) architecture, attention included: the explicit-matmul
+    attention and the concatenate-and-fuse head, which PyTorch's flop counter sees op by op."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    fast = model.fast_path
+    model.fast_path = False
+    try:
+        with FlopCounterMode(display=False) as counter, torch.inference_mode():
+            model(x)
+    finally:
+        model.fast_path = fast
+    return float(counter.get_total_flops())
+
+
+def ort_session(model: torch.nn.Module, height: int, width: int, workdir: str):
+    """onnxruntime on our export of ``model`` (dynamic axes), the thread count torch uses, no spinning."""
+    import onnxruntime as ort
+
+    from segformer.export import export_onnx
+
+    path = Path(workdir) / f"model-{height}x{width}.onnx"
+    export_onnx(model, path, size=(min(height, 512), min(width, 512)))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    # onnxruntime's worker threads spin after each run by default, stealing the cores from the PyTorch runs
+    # that follow in the interleaved loop; without spinning each runtime gets the machine to itself.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 def run_inference_case(case: str, args: argparse.Namespace, device: torch.device) -> dict:
     variant, size, dtype_name, batch = case.split(":")
     height, width = (int(v) for v in size.split("x"))
@@ -121,21 +173,37 @@ def run_inference_case(case: str, args: argparse.Namespace, device: torch.device
     x = torch.randn(int(batch), 3, height, width, device=device)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else contextlib.nullcontext
     outputs, times, peaks = {}, {"transformers": [], "segformer": []}, {}
+    runners = [("transformers", theirs), ("segformer", ours)]
+    flops = model_flops(ours, x) if device.type == "cpu" and not args.compile else float("nan")
+    with tempfile.TemporaryDirectory() as workdir:
+        if args.ort and device.type == "cpu" and dtype is None:
+            session = ort_session(ours, height, width, workdir)
+            feed = {"pixel_values": x.numpy()}
+            runners.append(("onnxruntime", lambda _: torch.from_numpy(session.run(["logits"], feed)[0])))
+            times["onnxruntime"] = []
 
-    def forward(name, model):
-        with torch.inference_mode(), autocast():
-            outputs[name] = model(x).logits.float()
+        def forward(name, model):
+            with torch.inference_mode(), autocast():
+                out = model(x)
+                outputs[name] = (out if isinstance(out, torch.Tensor) else out.logits).float()
 
-    for name, model in (("transformers", theirs), ("segformer", ours)):  # warm-up
-        forward(name, model)
-        peaks[name] = measure_in_child(name, case, args) if args.memory else float("nan")
-    for _ in range(args.repeats):  # interleaved, so both see the same machine state
-        for name, model in (("transformers", theirs), ("segformer", ours)):
-            times[name].append(timed(lambda n=name, m=model: forward(n, m), device))
+        for name, model in runners:  # warm-up
+            forward(name, model)
+            if name != "onnxruntime":
+                peaks[name] = measure_in_child(name, case, args) if args.memory else float("nan")
+        for _ in range(args.repeats):  # interleaved, so all see the same machine state
+            for name, model in runners:
+                times[name].append(timed(lambda n=name, m=model: forward(n, m), device))
     ref, got = outputs["transformers"], outputs["segformer"]
     rel = ((got - ref).abs().max() / ref.abs().max()).item()
     agree = (got.argmax(1) == ref.argmax(1)).float().mean().item()
-    return _row(case, times, peaks, rel, agree)
+    row = _row(case, times, peaks, rel, agree)
+    row["flops"] = flops
+    if "onnxruntime" in times:
+        row["ort"] = statistics.median(times["onnxruntime"])
+        ort_out = outputs["onnxruntime"]
+        row["ort_rel"] = ((ort_out - ref).abs().max() / ref.abs().max()).item()
+    return row
 
 
 def run_train_case(case: str, args: argparse.Namespace, device: torch.device) -> dict:
@@ -222,8 +290,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="torch.compile our model (inference cases)")
     parser.add_argument("--no-memory", dest="memory", action="store_false",
                         help="skip the peak-memory measurements (each runs in a fresh process)")  # fmt: skip
+    parser.add_argument("--no-ort", dest="ort", action="store_false", help="skip the onnxruntime column")
+    parser.add_argument(
+        "--allocator",
+        choices=["tuned", "system"],
+        default="tuned",
+        help="tuned: as the segformer command line (segformer.allocator); system: the C library's defaults",
+    )
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    tuned = tune_allocator() if args.allocator == "tuned" else False
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -232,16 +308,25 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import transformers
 
+    caps = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+            if k in os.environ}  # fmt: skip
+    peak = gemm_peak() if device.type == "cpu" else float("nan")
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}, transformers {transformers.__version__}, device {device}")  # fmt: skip
-    header = f"{'case':<24}{'transformers':>14}{'segformer':>12}{'speed-up':>10}{'peak MB (T / ours)':>22}"
-    print(header + f"{'max rel diff':>14}{'argmax agree':>14}")
+    print(f"# cpu capability {torch.backends.cpu.get_cpu_capability()}{' ' + str(caps) if caps else ''}, "
+          f"fp32 GEMM peak {peak / 1e9:.0f} GFLOP/s, allocator {'tuned' if tuned else 'system'}")  # fmt: skip
+    header = f"{'case':<24}{'transformers':>14}{'segformer':>12}{'speed-up':>10}{'onnxruntime':>13}{'ort/ours':>10}"
+    print(header + f"{'GFLOP':>8}{'% peak':>8}{'peak MB (T / ours)':>22}{'max rel diff':>14}{'argmax agree':>14}")
     for case in args.cases:
         row = (run_train_case if case.startswith("train:") else run_inference_case)(case, args, device)
         mem = f"{row['mem_theirs'] / 2**20:,.0f} / {row['mem_ours'] / 2**20:,.0f}"
         agree = "" if row["agree"] != row["agree"] else f"{row['agree']:.4f}"
-        print(f"{row['case']:<24}{row['theirs']:>13.3f}s{row['ours']:>11.3f}s{row['ratio']:>9.2f}x{mem:>22}"
-              f"{row['rel']:>14.1e}{agree:>14}", flush=True)  # fmt: skip
+        ort = f"{row['ort']:>12.3f}s{row['ort'] / row['ours']:>9.2f}x" if "ort" in row else f"{'':>13}{'':>10}"
+        flops = row.get("flops", float("nan"))
+        share = f"{100 * flops / row['ours'] / peak:>7.0f}%" if flops == flops else f"{'':>8}"
+        gflop = f"{flops / 1e9:>8.1f}" if flops == flops else f"{'':>8}"
+        print(f"{row['case']:<24}{row['theirs']:>13.3f}s{row['ours']:>11.3f}s{row['ratio']:>9.2f}x{ort}{gflop}"
+              f"{share}{mem:>22}{row['rel']:>14.1e}{agree:>14}", flush=True)  # fmt: skip
         gc.collect()
     return 0
 

@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable
 
 from . import __version__, commands
+from .allocator import tune_allocator
 from .hub import first_line
 
 DEBUG_ENV = "SEGFORMER_DEBUG"
@@ -57,7 +58,9 @@ def run_command(
     func: Callable[[argparse.Namespace], int | None], args: argparse.Namespace, *, name: str, debug: bool = False
 ) -> int:
     """``func(args)`` as an exit code: its own, 130 on Ctrl-C, 2 with one line ``NAME: error: ...`` on stderr
-    for an error (the traceback of an unexpected one is re-raised under ``debug`` or SEGFORMER_DEBUG=1)."""
+    for an error (the traceback of an unexpected one is re-raised under ``debug`` or SEGFORMER_DEBUG=1).
+    The process's allocator is tuned first (:mod:`segformer.allocator`; SEGFORMER_MALLOC=system keeps it)."""
+    tune_allocator()
     try:
         return int(func(args) or 0)
     except KeyboardInterrupt:

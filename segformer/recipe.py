@@ -228,7 +228,11 @@ def build_model(cfg: TrainConfig, id2label: dict[int, str]) -> SegformerForSeman
     if Path(name).is_file() and Path(name).suffix == ".json":
         return SegformerForSemanticSegmentation(SegformerConfig.from_json_file(name).copy(**overrides))
     # A different label set re-initialises the classifier (its shape changes); from_pretrained logs that.
-    return SegformerForSemanticSegmentation.from_pretrained(name, ignore_mismatched_sizes=True, **overrides)
+    # fp32 master weights whatever the checkpoint stores (a bf16/fp16 file would otherwise load as such, as in
+    # Transformers 5.x); reduced precision in training is --amp's job.
+    return SegformerForSemanticSegmentation.from_pretrained(
+        name, ignore_mismatched_sizes=True, dtype=torch.float32, **overrides
+    )
 
 
 @dataclass

@@ -426,7 +426,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     # ---- model, optimiser, where the run stands
     seed_everything(cfg.seed + info.rank)
     if resume_dir is not None:
-        net = SegformerForSemanticSegmentation.from_pretrained(resume_dir)
+        net = SegformerForSemanticSegmentation.from_pretrained(resume_dir, dtype=torch.float32)
     else:
         net = build_model(cfg, data.train_set.id2label)
     model, net = prepare_model(net, cfg, info)
