@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,9 @@ def evaluate(
     max_images: int | None = None,
     num_workers: int = 0,
     progress: bool = False,
+    on_image: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    backend: str = "pytorch",
+    compile: bool = False,
     **keywords: Any,
 ) -> dict[str, Any]:
     """Metrics of ``model`` on ``dataset`` (whose items are (normalised image (3, H, W), labels (H, W))).
@@ -64,14 +68,24 @@ def evaluate(
     :class:`~segformer.inference.InferenceOptions`, default whole image; its fields are also accepted as
     keywords: ``mode=``, ``crop_size=``, ``stride=``, ``short_side=``, ``long_side=``, ``align=``, ``scales=``,
     ``flip=``) at its label's size and counted in one confusion matrix over the whole set (summed over ranks
-    under torchrun). ``amp``: None / "none", "bf16" or "fp16" autocast.
+    under torchrun). ``amp``: None / "none", "bf16" or "fp16" autocast (float32 where the device would only
+    emulate it: :func:`segformer.inference.select_dtype`). ``backend`` ("pytorch" or "onnxruntime") and
+    ``compile`` run the forward pass through :func:`segformer.backends.runtime_model` (artefacts cached).
 
     Returns :func:`segformer.metrics.compute_metrics`'s dict: ``mIoU``, ``aAcc``, ``mAcc`` (fractions), ``IoU``
     and ``Acc`` per class name (None for a class absent from targets and predictions), ``num_pixels``, plus
-    ``num_images``. ``max_images`` evaluates only the first images (quick checks).
+    ``num_images``. ``max_images`` evaluates only the first images (quick checks). ``on_image(index, pred,
+    labels)`` is called for every image this rank evaluates, with its index in ``dataset`` and its (H, W)
+    predicted and true class ids (the evaluation report collects per-image results with it).
     """
     options = resolve_options(options, keywords)
     net = unwrap_model(model)
+    if backend != "pytorch" or compile:
+        from .backends import runtime_model
+
+        if amp not in (None, "none", "fp32"):
+            raise ValueError(f"amp {amp!r} (autocast) needs the eager pytorch backend, without compile")
+        net = runtime_model(net, backend, compile=compile)
     device = next(net.parameters()).device
     k = getattr(getattr(net, "config", None), "num_labels", dataset.num_labels)
     if k != dataset.num_labels:
@@ -88,11 +102,13 @@ def evaluate(
     from tqdm import tqdm
 
     bar = tqdm(loader, desc="eval", disable=not progress or get_rank() != 0 or not sys.stderr.isatty(), leave=False)
-    for pixels, labels in bar:
+    for position, (pixels, labels) in enumerate(bar):
         with autocast(device, amp):
             probs = infer(net, pixels.to(device), options, output_size=tuple(labels.shape[-2:]))
         pred = labels_from_probs(probs)
         cm.update(pred, labels.to(device))
+        if on_image is not None:
+            on_image(indices[position], pred[0], labels[0])
     cm.reduce()
     metrics = cm.compute(dataset.id2label)
     metrics["num_images"] = count

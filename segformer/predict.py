@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .backends import BACKENDS, quantize_int8, runtime_model
 from .hub import CheckpointError
 from .images import (
     DEFAULT_MAX_PIXELS,
@@ -55,6 +56,7 @@ from .inference import (
     infer,
     labels_from_probs,
     resolve_options,
+    select_dtype,
     upsampled_argmax,
 )
 from .pretrained import resolve_dtype, select_device
@@ -64,6 +66,10 @@ DEFAULT_MODEL = "nvidia/segformer-b0-finetuned-ade-512-512"
 
 
 # ----------------------------------------------------------------------------------------------- model
+def _is_int8(dtype: str | torch.dtype | None) -> bool:
+    return str(dtype).removeprefix("torch.") in ("int8", "qint8")
+
+
 def load_model(
     model: str | os.PathLike | nn.Module = DEFAULT_MODEL,
     *,
@@ -72,13 +78,20 @@ def load_model(
 ) -> nn.Module:
     """A SegformerForSemanticSegmentation from a checkpoint directory or hub id (or a model, passed through),
     in eval mode on ``device`` in ``dtype`` (read by :func:`segformer.pretrained.select_device` and
-    :func:`~segformer.pretrained.resolve_dtype`).
+    :func:`segformer.inference.select_dtype`: a reduced precision the device would only emulate becomes
+    float32, with one warning line). ``dtype="int8"``: float32 with the encoder's linear layers dynamically
+    quantised (:func:`segformer.backends.quantize_int8`; CPU only).
 
     A checkpoint that cannot be found raises :class:`CheckpointError` with one line that says how to point
     at a local checkpoint and that hub ids need network or a populated cache."""
-    dev, dt = select_device(device), resolve_dtype(dtype)
+    dev = select_device(device)
+    int8 = _is_int8(dtype)
+    if int8 and dev.type != "cpu":
+        raise ValueError(f"dtype int8 (dynamic quantisation) runs on the CPU; got device {dev}")
+    dt = torch.float32 if int8 else select_dtype(dtype, dev)
+    finish = quantize_int8 if int8 else (lambda net: net)
     if isinstance(model, nn.Module):
-        return model.to(device=dev, dtype=dt).eval()
+        return finish(model.to(device=dev, dtype=dt).eval())
     from .modeling import SegformerForSemanticSegmentation
 
     try:
@@ -92,7 +105,7 @@ def load_model(
             "nvidia/segformer-b0-finetuned-ade-512-512 need network access or a populated Hugging Face "
             "cache (HF_HOME)"
         ) from None
-    return net.to(device=dev, dtype=dt).eval()
+    return finish(net.to(device=dev, dtype=dt).eval())
 
 
 # ----------------------------------------------------------------------------------------------- predictor
@@ -123,7 +136,9 @@ class SegformerPredictor:
     Args:
         model: a checkpoint directory, a hub id (default: ADE20K b0) or a SegformerForSemanticSegmentation.
         device: "auto" / None (CUDA, else MPS, else CPU), "cpu", "cuda", "cuda:1", "mps" or a torch.device.
-        dtype: "float32" (default), "float16" or "bfloat16"; probabilities are float32 whatever the dtype.
+        dtype: "float32" (default), "float16" or "bfloat16" (where the device computes in it, else float32 with
+            a warning: :func:`segformer.inference.select_dtype`), or "int8" (CPU: the encoder's linear layers
+            dynamically quantised); probabilities are float32 whatever the dtype.
         options: the :class:`~segformer.inference.InferenceOptions` (default: the checkpoint's own protocol,
             ``inference_config.json`` as ``segformer train`` writes it, else :attr:`default_options`, the
             aligned mode). Its fields may also be given as keywords (``mode=``, ``crop_size=``, ``stride=``,
@@ -136,6 +151,10 @@ class SegformerPredictor:
         batch_size: images per forward pass (only images of the same size share one).
         max_pixels: refuse images with more pixels than this (decompression bombs); None: no limit.
         min_size: refuse images with a side shorter than this (default: the model's minimum input size).
+        backend: "pytorch" (default) or "onnxruntime" (the model exported once into the cache, verified and
+            reused; CPU only, so device "auto" means the CPU): see :func:`segformer.backends.runtime_model`.
+        compile: with the pytorch backend, compile the model ahead of time (AOTInductor), one package per input
+            shape, cached across runs (:class:`segformer.backends.CompiledModel`).
     """
 
     def __init__(
@@ -148,6 +167,8 @@ class SegformerPredictor:
         batch_size: int = 1,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         min_size: int | None = None,
+        backend: str = "pytorch",
+        compile: bool = False,
         **keywords: Any,
     ) -> None:
         self.options = resolve_options(self.stored_options(model) if options is None else options, keywords)
@@ -155,7 +176,14 @@ class SegformerPredictor:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if max_pixels is not None and max_pixels < 1:
             raise ValueError(f"max_pixels must be positive (or None for no limit), got {max_pixels}")
-        self.model = load_model(model, device=device, dtype=dtype)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if _is_int8(dtype) and (backend != "pytorch" or compile):
+            raise ValueError("dtype int8 runs on the eager pytorch backend (no onnxruntime, no compile)")
+        if (backend == "onnxruntime" or _is_int8(dtype)) and (device is None or str(device) == "auto"):
+            device = "cpu"  # onnxruntime and dynamic quantisation run on the CPU here
+        self.model = runtime_model(load_model(model, device=device, dtype=dtype), backend, compile=compile)
+        self.backend = backend
         self.model_name = str(model) if not isinstance(model, nn.Module) else type(model).__name__
         self.batch_size, self.max_pixels = batch_size, max_pixels
         from .modeling import min_input_size
@@ -227,10 +255,12 @@ class SegformerPredictor:
         batch = torch.stack([self.preprocess(im) for im in images]).to(self.device)  # (B, 3, H, W)
         b, (h, w) = batch.shape[0], batch.shape[-2:]
         opts, k = self.options, self.config.num_labels
-        if opts.mode == "aligned" and opts.single_pass and not return_probs and b * k * h * w > self.chunk_threshold:
+        work = aligned_size(h, w, short_side=opts.short_side, long_side=opts.long_side, align=opts.align)
+        # Only where the working size is smaller than the image: otherwise the chunks cost without saving memory.
+        big = b * k * h * w > self.chunk_threshold and work[0] * work[1] < h * w
+        if opts.mode == "aligned" and opts.single_pass and not return_probs and big:
             # A huge photo would need (B, K, H, W) float32 probabilities at full size (7 GB for 150 classes
             # at 12 MP): take them at the working size and upsample in row chunks instead.
-            work = aligned_size(h, w, short_side=opts.short_side, long_side=opts.long_side, align=opts.align)
             small = infer(self.model, batch, opts, output_size=work)  # (B, K, h', w')
             labels = upsampled_argmax(small, (h, w))
             probs = None

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import add_inference_arguments, add_label_arguments, inference_options_from_args
+from . import (
+    add_backend_arguments,
+    add_inference_arguments,
+    add_label_arguments,
+    backend_arguments,
+    inference_options_from_args,
+    non_negative_int,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -14,10 +21,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="evaluate a checkpoint: per-class IoU, mIoU, aAcc, mAcc",
         description="Evaluate a segmentation checkpoint on a data set's split. Prints a per-class table and, "
         'with --json, writes {"mIoU", "aAcc", "mAcc", "IoU": {class: value}} (null for classes absent '
-        "from both labels and predictions). Runs under torchrun too (images split over ranks).",
+        "from both labels and predictions). Runs under torchrun too (images split over ranks). "
+        "--corruptions adds a robustness study (the paper's Cityscapes-C: the images corrupted on the fly, "
+        "mIoU per corruption and severity, relative robustness, a heat map; resumable); --report DIR writes an "
+        "HTML report with the confusion matrix, per-class IoU and the worst images.",
         epilog="examples:\n"
         "  segformer eval --data ADEChallengeData2016 --model nvidia/segformer-b0-finetuned-ade-512-512\n"
-        "  segformer eval --data cityscapes --model runs/city/best --mode slide --scales 0.5 1.0 1.5 --flip",
+        "  segformer eval --data cityscapes --model runs/city/best --mode slide --scales 0.5 1.0 1.5 --flip\n"
+        "  segformer eval --data cityscapes --model runs/city/best --corruptions all --output city-c --report rep\n"
+        "  segformer eval --data my_data --model runs/x/best --corruptions noise,fog --severities 1,3,5 --json r.json\n"
+        "\n"
+        "corruptions (--corruptions all, a category or names):\n"
+        "  noise    gaussian_noise, shot_noise, impulse_noise, speckle_noise\n"
+        "  blur     defocus_blur, glass_blur, motion_blur, gaussian_blur\n"
+        "  weather  snow, spatter, fog, frost\n"
+        "  digital  brightness, contrast, saturate, jpeg_compression",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
@@ -39,22 +57,90 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_inference_arguments(
         p, protocol="the checkpoint's own (inference_config.json, from segformer train), else the data set's"
     )
-    p.add_argument("--json", type=Path, help="write the metrics to this JSON file")
-    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast dtype (default none)")
+    p.add_argument(
+        "--json",
+        type=Path,
+        help='write the metrics to this JSON file (with --corruptions, the study too, under "robustness")',
+    )
+    p.add_argument(
+        "--amp",
+        choices=["none", "bf16", "fp16"],
+        default="none",
+        help="autocast dtype (default none); only where the device computes in it (a GPU; a CPU with AVX-512-BF16 "
+        "or AMX for bf16), else one line says so and it runs in float32, which is faster there",
+    )
+    add_backend_arguments(p)  # --backend pytorch|onnxruntime, --compile
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda when available)")
     p.add_argument("--max-images", type=int, help="evaluate only the first N images (a quick check)")
-    p.add_argument("--workers", type=int, default=2, help="data-loading processes (default 2)")
+    p.add_argument(
+        "--workers", type=int, default=2, help="data-loading processes, which also corrupt the images (default 2)"
+    )
+    robust = p.add_argument_group("robustness study and report")
+    robust.add_argument(
+        "--corruptions",
+        metavar="all|NAME[,NAME...]",
+        help="also evaluate on corrupted copies of the images (made on the fly, never written): all 16 corruptions "
+        "of the paper's study, a category (noise, blur, weather, digital) or names, comma-separated",
+    )
+    robust.add_argument(
+        "--severities",
+        metavar="S[,S...]",
+        help="corruption severities 1-5 for every corruption (default: the paper's, noise 1,2,3 and the rest "
+        "1,2,3,4,5)",
+    )
+    robust.add_argument(
+        "--output",
+        type=Path,
+        metavar="DIR",
+        help="folder of the study: robustness_partial.json (every finished cell; a rerun resumes from it), "
+        "robustness.json and the heat map robustness.png (default: the --report folder, else ./robustness)",
+    )
+    robust.add_argument(
+        "--seed", type=int, default=0, help="seed of the corruptions' randomness (default 0; same seed, same images)"
+    )
+    robust.add_argument(
+        "--report",
+        type=Path,
+        metavar="DIR",
+        help="write an evaluation report to DIR: report.html (opens offline) with the normalised confusion "
+        "matrix, per-class IoU, the worst images (image | ground truth | prediction), metrics.json and, with "
+        "--corruptions, the robustness heat map; needs matplotlib",
+    )
+    robust.add_argument(
+        "--worst",
+        type=non_negative_int,
+        default=8,
+        metavar="K",
+        help="--report: how many of the lowest-mIoU images to show (default 8)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import json
     import sys
 
     from segformer.data.build import build_dataset, detect_kind, label_options
     from segformer.distributed import cleanup, init_distributed
-    from segformer.evaluate import eval_options, evaluate, load_model_for_eval, write_metrics_json
-    from segformer.metrics import format_table
+    from segformer.evaluate import eval_options, evaluate, load_model_for_eval
+    from segformer.fileio import atomic_write_text
+    from segformer.metrics import format_table, metrics_to_json
     from segformer.run_files import load_inference_options
+
+    # the study's and the report's arguments are checked before anything is loaded
+    corruptions = severities = None
+    if args.corruptions is not None:
+        from segformer.corruptions import parse_corruptions, parse_severities
+
+        corruptions = parse_corruptions(args.corruptions)
+        severities = None if args.severities is None else parse_severities(args.severities)
+    elif args.severities is not None or args.output is not None:
+        flag = "--severities" if args.severities is not None else "--output"
+        raise ValueError(f"{flag} belongs to the robustness study: add --corruptions all|NAME[,NAME...]")
+    if args.report is not None:
+        from segformer.report import require_plotting
+
+        require_plotting()
 
     info = init_distributed(args.device)
     try:
@@ -66,19 +152,63 @@ def run(args: argparse.Namespace) -> int:
             **label_options(args),
         )
         model = load_model_for_eval(args.model, info.device)
+        backend = backend_arguments(args)
+        if backend != {"backend": "pytorch", "compile": False}:
+            if args.amp != "none":
+                raise ValueError("--amp needs --backend pytorch without --compile")
+            from segformer.backends import runtime_model
+
+            model = runtime_model(model, **backend)
         # the checkpoint's own protocol (inference_config.json, written by segformer train), else the data set's;
         # then the flags
         base = load_inference_options(args.model) or eval_options(kind)
         options = inference_options_from_args(args, base=base)
-        metrics = evaluate(
-            model, dataset, options, amp=args.amp, max_images=args.max_images, num_workers=args.workers, progress=True
-        )
+        common = dict(amp=args.amp, max_images=args.max_images, num_workers=args.workers, progress=True)
+        details = result = None
+        if args.report is not None:
+            from segformer.report import evaluate_details
+
+            details = evaluate_details(model, dataset, options, worst=args.worst, **common)
+            metrics = details.metrics
+        elif corruptions is None:
+            metrics = evaluate(model, dataset, options, **common)
+        if corruptions is not None:
+            from segformer.robustness import run_study
+
+            output = args.output or args.report or Path("robustness")
+            result = run_study(
+                model,
+                dataset,
+                options,
+                corruptions=corruptions,
+                severities=severities,
+                output=output,
+                seed=args.seed,
+                clean_metrics=None if details is None else details.metrics,
+                **common,
+            )
+            metrics = result.clean if details is None else details.metrics
         if info.is_main:
             print(f"{dataset.name}: {metrics['num_images']} images, mode {options.mode}")
             print(format_table(metrics))
+            if result is not None:
+                print()
+                print(result.format_table())
+                heatmap = " and robustness.png" if (output / "robustness.png").is_file() else ""
+                print(f"wrote {output / 'robustness.json'}{heatmap}", file=sys.stderr)
             if args.json:
-                write_metrics_json(args.json, metrics)
+                saved = metrics_to_json(metrics)
+                if result is not None:
+                    saved["robustness"] = result.to_dict()
+                atomic_write_text(args.json, json.dumps(saved, indent=2) + "\n")
                 print(f"wrote {args.json}", file=sys.stderr)
+            if details is not None:
+                from segformer.report import write_report
+
+                path = write_report(
+                    args.report, details, dataset, model_name=str(args.model), options=options, robustness=result
+                )
+                print(f"wrote {path}", file=sys.stderr)
     finally:
         cleanup()
     return 0

@@ -1,0 +1,400 @@
+"""Where the forward pass runs: PyTorch (eager or compiled ahead of time) or onnxruntime, with the compiled
+artefacts cached across runs.
+
+>>> from segformer.backends import runtime_model
+>>> fast = runtime_model(model, backend="onnxruntime")   # exported once into the cache, verified, then reused
+>>> probs = infer(fast, pixel_values, mode="slide")      # every inference mode works unchanged
+>>> fast = runtime_model(model, compile=True)            # AOTInductor, one package per input shape, cached
+
+Every backend is an ``nn.Module`` whose ``forward(pixel_values)`` takes (B, 3, H, W) float32 normalised images and
+returns the logits (B, K, ceil(H/4), ceil(W/4)) as a torch tensor, with the model's ``config``: the inference
+modes of :mod:`segformer.inference` (whole, aligned, sliding window, multi-scale + flip) sit on top of it and do
+not know which one runs.
+
+The cache lives in ``$SEGFORMER_CACHE`` (default ``~/.cache/segformer``): ``onnx/KEY/`` and ``compiled/KEY/``.
+KEY is a hash of everything the artefact depends on (:func:`artefact_key`): the weights and config, the export
+options (dtype, opset, shape policy), the torch / onnxruntime versions and the source of the model file, so a
+new checkpoint, option or version never reuses a stale file. Each entry is a folder built under a temporary
+name and renamed into place, so two processes racing produce one complete entry (the loser discards its own).
+Each file's SHA-256 is stored beside it (``manifest.json``) and checked on every use; a damaged entry is
+reported, removed and rebuilt. Nothing here uses the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .fileio import atomic_write_text
+
+BACKENDS = ("pytorch", "onnxruntime")
+CACHE_ENV = "SEGFORMER_CACHE"
+logger = logging.getLogger("segformer")
+
+
+# ----------------------------------------------------------------------------------------------- cache
+def cache_root() -> Path:
+    """``$SEGFORMER_CACHE``, else ``$XDG_CACHE_HOME/segformer``, else ``~/.cache/segformer``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "segformer"
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's config (JSON) and every tensor of its state dict (name, dtype, shape, bytes)."""
+    h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None:
+        h.update(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _code_digest() -> str:
+    """The source of the modules that define the exported graph: a change to them is a new artefact."""
+    h = hashlib.sha256()
+    for name in ("modeling.py", "export.py", "backends.py"):
+        h.update((Path(__file__).parent / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def artefact_key(kind: str, weights: str, **options: Any) -> str:
+    """The cache key of an artefact of ``kind`` ("onnx", "compiled") built from a model whose
+    :func:`weights_digest` is ``weights``, with ``options`` (JSON values): 24 hex digits of SHA-256 over those,
+    the segformer and torch versions and the source of the model file."""
+    from . import __version__
+
+    parts = {"kind": kind, "weights": weights, "options": options, "segformer": __version__,
+             "torch": torch.__version__, "code": _code_digest()}  # fmt: skip
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_entry(folder: Path) -> dict[str, Any]:
+    """The manifest of a complete, undamaged cache entry; ValueError (the reason) otherwise."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"unreadable manifest ({exc})") from None
+    for name, digest in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise ValueError(f"{name} is missing")
+        if _file_sha256(path) != digest:
+            raise ValueError(f"{name} does not match its SHA-256")
+    return manifest
+
+
+def _discard(folder: Path) -> None:
+    """Remove a cache entry: renamed away first, so that no reader sees it half-deleted."""
+    trash = folder.with_name(f".{folder.name}.{os.getpid()}.{time.monotonic_ns()}.trash")
+    try:
+        os.rename(folder, trash)
+    except FileNotFoundError:
+        return  # another process removed it
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def cached_entry(folder: Path, build: Callable[[Path], dict[str, Any]]) -> tuple[Path, bool]:
+    """``(folder, hit)``: the cache entry ``folder``, built by ``build(tmp_folder)`` when it is missing or damaged.
+
+    ``build`` writes its files into an empty temporary folder beside ``folder`` and returns what the manifest
+    should record besides the files' SHA-256 (e.g. a verification report); the folder is then renamed into
+    place. When another process published the entry first, that one is kept and this build discarded. A damaged
+    entry (a file missing or not matching its SHA-256) is reported in one warning line, removed and rebuilt.
+    ``hit`` is True when an existing entry was used, False when this call built it."""
+    if folder.is_dir():
+        try:
+            _check_entry(folder)
+            return folder, True
+        except ValueError as exc:
+            logger.warning(f"segformer cache: {folder} is damaged ({exc}); rebuilding it")
+            _discard(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700 folders; give the usual permissions
+    try:
+        info = build(tmp)
+        files = {p.name: _file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        manifest = {"files": files, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info}
+        atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not folder.is_dir():
+                raise
+            # Another process published the same entry first: keep its (equally verified) files.
+            _check_entry(folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder, False
+
+
+# ----------------------------------------------------------------------------------------------- onnxruntime
+def _require_onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise RuntimeError(
+            "the onnxruntime backend (--backend onnxruntime) needs the onnx and onnxruntime packages: "
+            "pip install 'segformer[onnx]'"
+        ) from None
+    return onnxruntime
+
+
+class OnnxRuntimeModel(nn.Module):
+    """An onnxruntime session (CPU) behind a PyTorch module: ``forward(pixel_values)`` → logits tensor.
+
+    ``path``: the verified ONNX file; ``config``: the model's SegformerConfig; ``from_cache``: whether the file
+    came from the cache (False: exported by this call). The zero-size parameter tells :func:`infer`,
+    ``evaluate`` and the predictor where inputs go (the CPU) and in which dtype (float32): the graph takes
+    float32 whatever the precision of its weights.
+    """
+
+    def __init__(self, path: str | os.PathLike, config: Any, *, threads: int | None = None, from_cache: bool = False):
+        super().__init__()
+        ort = _require_onnxruntime()
+        self.path, self.config, self.from_cache = Path(path), config, from_cache
+        self.anchor = nn.Parameter(torch.empty(0), requires_grad=False)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()  # the threads PyTorch would use
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # shape-hint warnings for dynamic axes are expected
+        # Idle onnxruntime threads spin by default, taking the cores from the PyTorch resize and softmax that
+        # follow every forward pass here.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        self.eval()
+
+    def train(self, mode: bool = True) -> OnnxRuntimeModel:
+        """Inference only: stays in eval mode (:func:`infer` restores the mode it found)."""
+        return super().train(False)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) float → (B, K, ceil(H/4), ceil(W/4)) float32 logits on the CPU."""
+        x = pixel_values.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
+        return torch.from_numpy(self.session.run(["logits"], {"pixel_values": x})[0])
+
+    def extra_repr(self) -> str:
+        return f"path={str(self.path)!r}, from_cache={self.from_cache}"
+
+
+def onnxruntime_model(
+    model: nn.Module,
+    *,
+    fp16: bool = False,
+    opset: int | None = None,
+    export_size: tuple[int, int] = (512, 512),
+    cache_dir: str | os.PathLike | None = None,
+    threads: int | None = None,
+) -> OnnxRuntimeModel:
+    """``model`` (a SegformerForSemanticSegmentation) as an :class:`OnnxRuntimeModel`, exported on first use
+    into ``cache_dir`` (default :func:`cache_root`) ``/onnx/KEY/model.onnx`` and reused afterwards.
+
+    The graph has dynamic batch, height and width (traced at ``export_size``), so one file serves every input
+    size. The first export is verified by :func:`segformer.export.export_onnx`'s own check (onnxruntime against
+    PyTorch at another size and batch 2, at most 1e-4 relative in fp32). ``fp16``: float16 weights
+    (LayerNorm and softmax in float32). Needs onnx and onnxruntime (one-line RuntimeError otherwise)."""
+    _require_onnxruntime()
+    from .export import DEFAULT_OPSET, export_onnx
+    from .modeling import SegformerForSemanticSegmentation
+
+    if not isinstance(model, SegformerForSemanticSegmentation):
+        raise TypeError(f"the onnxruntime backend needs a SegformerForSemanticSegmentation, got {type(model).__name__}")
+    opset = DEFAULT_OPSET if opset is None else opset
+    import onnxruntime
+
+    options = {"fp16": fp16, "opset": opset, "axes": "dynamic", "export_size": list(export_size)}
+    key = artefact_key("onnx", weights_digest(model), **options)
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+
+    def build(tmp: Path) -> dict[str, Any]:
+        report = export_onnx(model, tmp / "model.onnx", size=export_size, opset=opset, fp16=fp16)
+        return {"export": report.summary().replace(f"{tmp}{os.sep}", ""), "onnxruntime": onnxruntime.__version__,
+                "options": options}  # fmt: skip
+
+    folder, hit = cached_entry(root / "onnx" / key, build)
+    return OnnxRuntimeModel(folder / "model.onnx", model.config, threads=threads, from_cache=hit)
+
+
+# ----------------------------------------------------------------------------------------------- compiled
+class _Logits(nn.Module):
+    """What gets compiled: pixel_values (B, C, H, W) → logits (B, K, H/4, W/4)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values, return_dict=True).logits
+
+
+def _load_package(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An AOTInductor package of ``_Logits`` as a function of the pixel values.
+
+    ``torch._inductor.aoti_load_package`` imports the whole of torch._inductor and reads the archive in Python
+    (about 5 s here, most of a second run's start-up); the C++ loader it ends in reads the same file in 0.15 s.
+    The public function remains the fallback should that loader's signature change."""
+    try:
+        loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+    except (AttributeError, TypeError):
+        from torch import _inductor
+
+        return _inductor.aoti_load_package(str(path))
+    return lambda x: loader.run([x])[0]  # one tensor in, one out (the call spec of _Logits)
+
+
+class CompiledModel(nn.Module):
+    """``model`` compiled ahead of time by AOTInductor (``torch.export`` + ``aoti_compile_and_package``), one
+    package per input shape, cached in ``cache_dir`` (default :func:`cache_root`) ``/compiled/KEY/model.pt2``.
+
+    A shape seen before, in this process or any earlier one, loads its package in well under a second; a new
+    shape is compiled first (30-40 s for b0 at 512x512 on two CPU cores; one warning line says so). The key holds
+    the weights, the shape, the device, the dtype, the thread count (the generated code is built for it) and
+    the torch version. ``model`` stays a submodule: its parameters tell :func:`infer` the device and dtype, and
+    ``compiled_shapes`` / ``cache_hits`` say what happened (for tests and logs). Inference only (no autograd).
+    """
+
+    def __init__(self, model: nn.Module, *, cache_dir: str | os.PathLike | None = None) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.config = model.config
+        self.root = Path(cache_dir) if cache_dir is not None else cache_root()
+        self.digest = weights_digest(model)
+        self.runners: dict[tuple[int, ...], Any] = {}
+        self.compiled_shapes: list[tuple[int, ...]] = []
+        self.cache_hits: list[tuple[int, ...]] = []
+        self.eval()
+
+    def train(self, mode: bool = True) -> CompiledModel:
+        """Inference only: the model stays in eval mode. (:func:`infer` restores the mode it found; a wrapper
+        left in training mode would put the model into it, whose next forward pass updates BatchNorm's running
+        statistics and so changes the weights the packages were compiled from.)"""
+        return super().train(False)
+
+    def package_folder(self, x: torch.Tensor) -> Path:
+        """The cache folder of the package for inputs like ``x`` (shape, dtype, device)."""
+        parts = {"shape": list(x.shape), "dtype": str(x.dtype), "device": x.device.type,
+                 "threads": torch.get_num_threads()}  # fmt: skip
+        return self.root / "compiled" / artefact_key("compiled", self.digest, **parts)
+
+    def _runner(self, x: torch.Tensor) -> Any:
+        import warnings
+
+        shape = tuple(x.shape)
+
+        def build(tmp: Path) -> dict[str, Any]:
+            logger.warning(
+                f"segformer --compile: compiling for input shape {shape} (once per shape, 30-40 s for b0 at "
+                f"512x512 on two CPU cores; cached in {self.root / 'compiled'})"
+            )
+            start = time.perf_counter()
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                from torch import _inductor
+
+                program = torch.export.export(_Logits(self.model), (x,))
+                _inductor.aoti_compile_and_package(program, package_path=str(tmp / "model.pt2"))
+            return {"shape": list(shape), "dtype": str(x.dtype), "compile_seconds": time.perf_counter() - start}
+
+        folder, hit = cached_entry(self.package_folder(x), build)
+        (self.cache_hits if hit else self.compiled_shapes).append(shape)
+        return _load_package(folder / "model.pt2")
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) in the model's dtype and device → (B, K, ceil(H/4), ceil(W/4)) logits."""
+        shape = tuple(pixel_values.shape)
+        if shape not in self.runners:
+            self.runners[shape] = self._runner(pixel_values)
+        return self.runners[shape](pixel_values.contiguous())
+
+
+# ----------------------------------------------------------------------------------------------- int8
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Dynamic int8 in place: every ``nn.Linear`` of the encoder (attention query/key/value/output, Mix-FFN
+    dense layers) stores int8 weights and quantises its input per batch
+    (``torch.ao.quantization.quantize_dynamic``); convolutions, LayerNorm and the folded decode head stay
+    float32. CPU only. Returns ``model``."""
+    import warnings
+
+    encoder = getattr(model, "segformer", None)
+    if not isinstance(encoder, nn.Module):
+        raise TypeError(f"int8 needs a SegFormer model with an encoder (.segformer), got {type(model).__name__}")
+    if next(model.parameters()).device.type != "cpu":
+        raise ValueError("dtype int8 (dynamic quantisation) runs on the CPU; use device cpu")
+    try:
+        from torch.ao.quantization import quantize_dynamic
+    except ImportError:
+        raise RuntimeError("dtype int8 needs torch.ao.quantization.quantize_dynamic, which this torch lacks") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch 2.10+ marks torch.ao.quantization deprecated (torchao replaces it)
+        quantize_dynamic(model.float().segformer, {nn.Linear}, dtype=torch.qint8, inplace=True)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------- choice
+def runtime_model(
+    model: nn.Module,
+    backend: str = "pytorch",
+    *,
+    compile: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+) -> nn.Module:
+    """``model`` as the backend runs it: "pytorch" (the model itself, or with ``compile`` a
+    :class:`CompiledModel`) or "onnxruntime" (an :class:`OnnxRuntimeModel` on the CPU, float32, or float16 for
+    a float16 model). Artefacts are cached in ``cache_dir`` (default :func:`cache_root`). Bad combinations
+    raise ValueError naming the argument."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "pytorch":
+        return CompiledModel(model, cache_dir=cache_dir) if compile else model
+    if compile:
+        raise ValueError("compile applies to the pytorch backend; onnxruntime optimises its graph itself")
+    param = next(model.parameters())
+    if param.device.type != "cpu":
+        raise ValueError(f"the onnxruntime backend runs on the CPU; got a model on {param.device} (use device cpu)")
+    if param.dtype not in (torch.float32, torch.float16):
+        name = str(param.dtype).removeprefix("torch.")
+        raise ValueError(f"dtype {name}: the onnxruntime backend runs float32 or float16 graphs")
+    return onnxruntime_model(model, fp16=param.dtype == torch.float16, cache_dir=cache_dir)
+
+
+__all__ = [
+    "BACKENDS",
+    "CACHE_ENV",
+    "CompiledModel",
+    "OnnxRuntimeModel",
+    "artefact_key",
+    "cache_root",
+    "cached_entry",
+    "onnxruntime_model",
+    "quantize_int8",
+    "runtime_model",
+    "weights_digest",
+]

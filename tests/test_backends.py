@@ -1,0 +1,276 @@
+"""Inference backends (segformer.backends): onnxruntime and AOT-compiled models below the inference modes, and the
+artefact cache they share."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import U32, fp32_tol, randomize_, rel_err, run_cli, series_depth, tiny_config
+from PIL import Image
+
+from segformer import SegformerForSemanticSegmentation
+from segformer.backends import (
+    CompiledModel,
+    OnnxRuntimeModel,
+    cache_root,
+    cached_entry,
+    onnxruntime_model,
+    runtime_model,
+)
+from segformer.inference import infer
+
+EXPORT_SIZE = (64, 64)  # a small trace keeps each export (and its verification) to a second or two
+
+
+@pytest.fixture(scope="module")
+def model() -> SegformerForSemanticSegmentation:
+    torch.manual_seed(0)
+    return randomize_(SegformerForSemanticSegmentation(tiny_config(depths=[1, 2, 1, 1]))).eval()
+
+
+@pytest.fixture(scope="module")
+def ort(model, tmp_path_factory) -> OnnxRuntimeModel:
+    pytest.importorskip("onnxruntime")
+    return onnxruntime_model(model, export_size=EXPORT_SIZE, cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+def logits_tol(model, x: torch.Tensor) -> float:
+    """Two implementations of the same graph (onnxruntime's kernels and PyTorch's), each within fp32_tol of the
+    exact logits relative to the largest one."""
+    return 2 * fp32_tol(series_depth(model, x))
+
+
+def probs_tol(model, inputs: list[torch.Tensor]) -> float:
+    """|Δ probability| of infer() when every pass's logits move by at most logits_tol x their largest value L:
+    resizing is a convex combination (it cannot grow the error), softmax passes at most half of a logit change
+    (the rows of its Jacobian have an L1 norm <= 1/2), averaging passes keeps the bound; plus both sides' own
+    rounding of the resize and softmax (a few u of L, 8u taken)."""
+    with torch.no_grad():
+        largest = max(model(x).logits.abs().max().item() for x in inputs)
+    return max(0.5 * logits_tol(model, x) * largest for x in inputs) + 8 * U32 * largest
+
+
+# ----------------------------------------------------------------------------------------------- onnxruntime
+def test_onnxruntime_logits_match_pytorch_at_any_batch_and_size(model, ort):
+    assert isinstance(ort, OnnxRuntimeModel) and ort.config is model.config
+    for shape in [(1, 3, 64, 64), (2, 3, 97, 61), (3, 3, 40, 130)]:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            ref = model(x).logits
+        out = ort(x)
+        assert isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.shape == ref.shape
+        assert rel_err(out, ref) <= logits_tol(model, x)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(mode="whole"),
+     dict(mode="slide", crop_size=(48, 48), stride=(32, 40)),
+     dict(mode="aligned", short_side=64, long_side=96),
+     dict(mode="whole", scales=[0.75, 1.0, 1.25], flip=True)],
+    ids=["whole", "slide", "aligned", "multiscale-flip"],
+)  # fmt: skip
+def test_every_inference_mode_runs_unchanged_on_onnxruntime(model, ort, options):
+    x = torch.randn(2, 3, 75, 101)
+    ref = infer(model, x, **options)
+    got = infer(ort, x, **options)
+    assert got.shape == ref.shape == (2, 5, 75, 101)
+    # the passes' inputs: the largest logits any of them gives bounds the error (see probs_tol)
+    scales = options.get("scales") or [1.0]
+    passes = [torch.nn.functional.interpolate(x, scale_factor=s, mode="bilinear") for s in scales]
+    assert (got - ref).abs().max().item() <= probs_tol(model, passes + [x])
+
+
+def test_second_use_is_a_cache_hit_and_new_weights_a_new_entry(model, ort):
+    path, stat = ort.path, ort.path.stat()
+    root = path.parents[2]
+    start = time.perf_counter()
+    again = onnxruntime_model(model, export_size=EXPORT_SIZE, cache_dir=root)
+    assert not ort.from_cache and again.from_cache  # built by the fixture, reused here
+    assert again.path == path and path.stat().st_mtime_ns == stat.st_mtime_ns and path.stat().st_ino == stat.st_ino
+    assert time.perf_counter() - start < 60  # a reload; an export would verify at another size too
+    changed = randomize_(SegformerForSemanticSegmentation(tiny_config(depths=[1, 2, 1, 1]))).eval()
+    with torch.no_grad():
+        changed.decode_head.classifier.bias[0] += 1e-3  # one weight, slightly
+    other = onnxruntime_model(changed, export_size=EXPORT_SIZE, cache_dir=root)
+    assert not other.from_cache and other.path.parent != path.parent
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_err(other(x), changed(x).logits) <= logits_tol(changed, x)
+    # other export options are other entries too
+    assert onnxruntime_model(model, export_size=(96, 64), cache_dir=root).path.parent not in (path.parent,)
+    entries = sorted(p.name for p in (root / "onnx").iterdir())
+    assert len(entries) == 3 and not any(name.startswith(".") for name in entries)  # no temporary left over
+
+
+def test_a_damaged_cache_file_is_detected_and_rebuilt(model, tmp_path, caplog):
+    pytest.importorskip("onnxruntime")
+    first = onnxruntime_model(model, export_size=EXPORT_SIZE, cache_dir=tmp_path)
+    data = bytearray(first.path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte: a file onnxruntime may still load, with wrong weights
+    first.path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="segformer"):
+        rebuilt = onnxruntime_model(model, export_size=EXPORT_SIZE, cache_dir=tmp_path)
+    assert not rebuilt.from_cache and rebuilt.path == first.path
+    assert any(
+        "is damaged (model.onnx does not match its SHA-256); rebuilding" in r.getMessage() for r in caplog.records
+    )
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_err(rebuilt(x), model(x).logits) <= logits_tol(model, x)
+    rebuilt.path.unlink()  # a missing file too
+    assert not onnxruntime_model(model, export_size=EXPORT_SIZE, cache_dir=tmp_path).from_cache
+
+
+def test_racing_builders_publish_one_complete_entry(tmp_path):
+    """Threads stand in for processes: the entry is published by a rename, whichever thread runs it."""
+    barrier = threading.Barrier(2)
+    results = []
+
+    def build(tmp):
+        (tmp / "a.bin").write_bytes(threading.current_thread().name.encode() * 1000)
+        barrier.wait(timeout=30)  # both have built before either publishes
+        return {"builder": threading.current_thread().name}
+
+    def worker():
+        results.append(cached_entry(tmp_path / "entry", build))
+
+    threads = [threading.Thread(target=worker, name=f"builder{i}") for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert [r[0] for r in results] == [tmp_path / "entry"] * 2
+    assert os.listdir(tmp_path) == ["entry"]  # the loser's temporary folder is gone
+    manifest = json.loads((tmp_path / "entry" / "manifest.json").read_text())
+    assert (tmp_path / "entry" / "a.bin").read_bytes() == manifest["builder"].encode() * 1000
+    assert cached_entry(tmp_path / "entry", build) == (tmp_path / "entry", True)
+
+
+def test_cache_root_follows_segformer_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("SEGFORMER_CACHE", str(tmp_path / "c"))
+    assert cache_root() == tmp_path / "c"
+    monkeypatch.delenv("SEGFORMER_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "segformer"
+
+
+def test_missing_onnxruntime_is_one_line_with_the_install_hint(model, monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what `import onnxruntime` meets when it is absent
+    with pytest.raises(RuntimeError) as info:
+        runtime_model(model, "onnxruntime", cache_dir=tmp_path)
+    message = str(info.value)
+    assert "\n" not in message and "pip install 'segformer[onnx]'" in message
+    model.save_pretrained(tmp_path / "m")
+    Image.new("RGB", (64, 64)).save(tmp_path / "x.png")
+    code, _, err = run_cli(capsys, "predict", tmp_path / "x.png", "--model", tmp_path / "m", "--output",
+                           tmp_path / "out", "--backend", "onnxruntime", "--no-progress")  # fmt: skip
+    assert code == 2 and err.strip().splitlines() == [f"segformer predict: error: {message}"]
+
+
+def test_bad_combinations_name_the_argument(model, tmp_path, capsys):
+    with pytest.raises(ValueError, match="backend must be one of pytorch, onnxruntime"):
+        runtime_model(model, "tensorrt")
+    with pytest.raises(ValueError, match="compile applies to the pytorch backend"):
+        runtime_model(model, "onnxruntime", compile=True)
+    with pytest.raises(ValueError, match="dtype bfloat16: the onnxruntime backend runs float32 or float16"):
+        runtime_model(SegformerForSemanticSegmentation(tiny_config()).to(torch.bfloat16), "onnxruntime")
+
+
+def test_predictor_and_evaluate_take_the_backend(model, tmp_path, monkeypatch):
+    from segformer.data import build_dataset, write_synthetic_dataset
+    from segformer.evaluate import evaluate
+    from segformer.predict import SegformerPredictor
+
+    monkeypatch.setenv("SEGFORMER_CACHE", str(tmp_path / "cache"))
+    image = np.random.default_rng(0).integers(0, 255, (70, 90, 3), dtype=np.uint8)
+    eager = SegformerPredictor(model, device="cpu", mode="whole").predict(image, return_probs=True)
+    fast = SegformerPredictor(model, mode="whole", backend="onnxruntime")  # device auto: the CPU
+    assert isinstance(fast.model, OnnxRuntimeModel) and fast.device.type == "cpu"
+    assert fast.model.path.is_relative_to(tmp_path / "cache" / "onnx")
+    result = fast.predict(image, return_probs=True)
+    x = fast.preprocess(Image.fromarray(image))[None]  # (1, 3, 70, 90) as both predictors ran it
+    assert np.abs(result.probs - eager.probs).max() <= probs_tol(model, [x])
+    data = write_synthetic_dataset(tmp_path / "data", num_train=1, num_val=3, size=64, seed=0)
+    val, _ = build_dataset(data, "val")
+    four = randomize_(SegformerForSemanticSegmentation(tiny_config(num_labels=val.num_labels)), seed=1).eval()
+    ref = evaluate(four, val, mode="whole")
+    got = evaluate(four, val, mode="whole", backend="onnxruntime")
+    # an argmax flips only at a near tie within probs_tol: at most a pixel or two among 3 x 4096
+    assert got["num_images"] == 3 and got["aAcc"] == pytest.approx(ref["aAcc"], abs=2 / (3 * 4096))
+    with pytest.raises(ValueError, match="amp 'bf16' .*needs the eager pytorch backend"):
+        evaluate(four, val, amp="bf16", backend="onnxruntime")
+
+
+def test_cli_rejects_compile_with_onnxruntime_in_one_line(tmp_path, capsys):
+    Image.new("RGB", (64, 64)).save(tmp_path / "x.png")
+    code, _, err = run_cli(capsys, "predict", tmp_path / "x.png", "--output", tmp_path / "out", "--backend",
+                           "onnxruntime", "--compile")  # fmt: skip
+    assert code == 2 and err.strip() == (
+        "segformer predict: error: --compile applies to --backend pytorch; onnxruntime optimises its graph itself"
+    )
+
+
+def test_cli_backend_choices_match_the_library():
+    from segformer import backends
+    from segformer.commands import BACKENDS
+
+    assert BACKENDS == backends.BACKENDS
+
+
+# ----------------------------------------------------------------------------------------------- compile
+@pytest.mark.slow
+def test_compiled_model_matches_eager_and_reuses_its_package(model, tmp_path):
+    x = torch.randn(1, 3, 64, 64)
+    compiled = runtime_model(model, compile=True, cache_dir=tmp_path)
+    assert isinstance(compiled, CompiledModel) and next(compiled.parameters()) is next(model.parameters())
+    got = infer(compiled, x, mode="whole")
+    assert compiled.compiled_shapes == [(1, 3, 64, 64)] and compiled.cache_hits == []
+    assert not model.training  # infer() restored the wrapper's eval mode, not a training mode
+    assert (got - infer(model, x, mode="whole")).abs().max().item() <= probs_tol(model, [x])
+    package = compiled.package_folder(x) / "model.pt2"
+    mtime = package.stat().st_mtime_ns
+    again = CompiledModel(model, cache_dir=tmp_path)  # as a new process would: same key, no compilation
+    assert torch.equal(infer(again, x, mode="whole"), got)
+    assert again.cache_hits == [(1, 3, 64, 64)] and again.compiled_shapes == []
+    assert package.stat().st_mtime_ns == mtime
+
+
+@pytest.mark.slow
+def test_cli_predict_compile_twice_compiles_once(model, tmp_path):
+    model.save_pretrained(tmp_path / "m")
+    rng = np.random.default_rng(1)
+    for name in ("a", "b"):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / f"{name}.png")
+    env = {**os.environ, "SEGFORMER_CACHE": str(tmp_path / "cache")}
+
+    def run(out: str, *extra: str) -> subprocess.CompletedProcess:
+        args = [sys.executable, "-m", "segformer", "predict", str(tmp_path / "a.png"), str(tmp_path / "b.png"),
+                "--model", str(tmp_path / "m"), "--mode", "whole", "--device", "cpu", "--output",
+                str(tmp_path / out), "--no-progress", *extra]  # fmt: skip
+        done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900)
+        assert done.returncode == 0, done.stderr
+        return done
+
+    first = run("one", "--compile")
+    assert first.stderr.count("compiling for input shape (1, 3, 64, 64)") == 1  # two images, one shape
+    packages = list((tmp_path / "cache" / "compiled").glob("*/model.pt2"))
+    assert len(packages) == 1
+    mtime = packages[0].stat().st_mtime_ns
+    second = run("two", "--compile")
+    assert "compiling" not in second.stderr and packages[0].stat().st_mtime_ns == mtime
+    run("eager")
+    for name in ("a", "b"):
+        one, two, eager = (np.asarray(Image.open(tmp_path / d / f"{name}.png")) for d in ("one", "two", "eager"))
+        assert np.array_equal(one, two)  # the same package, the same kernels
+        # eager and compiled kernels round differently: labels agree except at near ties
+        assert (one == eager).mean() >= 0.99

@@ -1,0 +1,158 @@
+"""Reduced precision only where the hardware computes in it (segformer.inference.select_dtype)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import U32, fp32_tol, randomize_, rel_err, run_cli, series_depth, tiny_config
+from PIL import Image
+from torch import nn
+
+from segformer import SegformerForSemanticSegmentation
+from segformer.backends import quantize_int8
+from segformer.inference import autocast, cpu_flags, reduced_precision_problem, select_dtype
+
+BF16, FP16 = torch.bfloat16, torch.float16
+# Machine facts of the CPUs that matter: what /proc/cpuinfo lists, which ATen kernels torch picked, oneDNN's answer.
+SAPPHIRE_RAPIDS = dict(cpu_capability="AVX512", flags={"sse2", "avx2", "avx512f", "avx512_bf16", "amx_bf16",
+                       "avx512_fp16", "amx_fp16"}, onednn_bf16=True, onednn_fp16=True)  # fmt: skip
+ZEN4 = dict(cpu_capability="AVX512", flags={"sse2", "avx2", "avx512f", "avx512_bf16"}, onednn_bf16=True,
+            onednn_fp16=False)  # fmt: skip
+SKYLAKE_X = dict(cpu_capability="AVX512", flags={"sse2", "avx2", "avx512f"}, onednn_bf16=True, onednn_fp16=False)
+HASWELL = dict(cpu_capability="AVX2", flags={"sse2", "avx2", "fma"}, onednn_bf16=False, onednn_fp16=False)
+GRAVITON3 = dict(cpu_capability="SVE256", flags={"fp", "asimd", "asimdhp", "sve", "bf16"}, onednn_bf16=True,
+                 onednn_fp16=True)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "machine, bf16, fp16",
+    [(SAPPHIRE_RAPIDS, None, None),
+     (ZEN4, None, "no float16 arithmetic (no amx_fp16/avx512_fp16)"),
+     (SKYLAKE_X, "no bfloat16 arithmetic (no amx_bf16/avx512_bf16)", "no float16 arithmetic"),
+     (HASWELL, "no bfloat16 arithmetic", "no float16 arithmetic"),
+     (GRAVITON3, None, None),
+     # Zen 4 with ATEN_CPU_CAPABILITY=avx2: the hardware has bf16, torch's kernels do not use it
+     ({**ZEN4, "cpu_capability": "AVX2"}, "PyTorch runs its AVX2 kernels", "no float16 arithmetic"),
+     # Zen 4 with ONEDNN_MAX_CPU_ISA=AVX2: oneDNN's convolutions and matmuls would emulate it
+     ({**ZEN4, "onednn_bf16": False}, "oneDNN has no native bfloat16 path", "no float16 arithmetic"),
+     ({**ZEN4, "flags": set()}, "cannot tell", "cannot tell")],
+    ids=["sapphire-rapids", "zen4", "skylake-x", "haswell", "graviton3", "zen4-aten-avx2", "zen4-onednn-avx2",
+         "no-cpuinfo"],
+)  # fmt: skip
+def test_cpu_reduced_precision_is_native_only_with_the_instructions_and_the_kernels(machine, bf16, fp16):
+    for dtype, expected in ((BF16, bf16), (FP16, fp16)):
+        problem = reduced_precision_problem(dtype, "cpu", **machine)
+        if expected is None:
+            assert problem is None, problem
+        else:
+            assert problem is not None and expected in problem and "\n" not in problem
+    assert reduced_precision_problem(torch.float32, "cpu", **HASWELL) is None
+
+
+def test_gpu_float16_is_native_and_bfloat16_needs_bf16_arithmetic():
+    assert reduced_precision_problem(FP16, "cuda", cuda_bf16=False) is None
+    assert reduced_precision_problem(BF16, "cuda", cuda_bf16=True) is None
+    assert "no bfloat16 arithmetic" in reduced_precision_problem(BF16, "cuda:1", cuda_bf16=False)
+
+
+def test_select_dtype_falls_back_to_float32_with_one_line_once(caplog):
+    assert select_dtype("bf16", "cpu", **ZEN4) == BF16
+    assert select_dtype(torch.bfloat16, "cpu", **SAPPHIRE_RAPIDS) == BF16
+    assert select_dtype(None, "cpu", **HASWELL) == torch.float32
+    machine = {**ZEN4, "cpu_capability": "avx2-test"}  # a reason no other test in this process logs
+    with caplog.at_level(logging.WARNING, logger="segformer"):
+        assert select_dtype("bfloat16", "cpu", **machine) == torch.float32
+        assert select_dtype("bf16", "cpu", **machine) == torch.float32
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "\n" not in lines[0]
+    assert lines[0].startswith("bfloat16 on cpu: PyTorch runs its AVX2-TEST kernels") and "using float32" in lines[0]
+    with pytest.raises(ValueError, match="dtype 'fp8' is not a torch dtype"):
+        select_dtype("fp8", "cpu")
+
+
+def test_cpu_flags_reads_x86_and_arm_cpuinfo(tmp_path):
+    x86, arm = tmp_path / "x86", tmp_path / "arm"
+    x86.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 avx512_bf16\n\nprocessor\t: 1\n")
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd asimdhp bf16\nCPU implementer\t: 0x41\n")
+    assert cpu_flags(str(x86)) == {"fpu", "sse2", "avx2", "avx512_bf16"}
+    assert cpu_flags(str(arm)) == {"fp", "asimd", "asimdhp", "bf16"}
+    assert cpu_flags(str(tmp_path / "missing")) == frozenset()
+
+
+def test_autocast_and_the_predictor_follow_this_machine():
+    native = reduced_precision_problem(BF16, "cpu") is None
+    with autocast(torch.device("cpu"), "bf16"):
+        assert torch.is_autocast_enabled("cpu") == native
+        if native:
+            assert torch.get_autocast_dtype("cpu") == BF16
+    with autocast(torch.device("cpu"), "none"):
+        assert not torch.is_autocast_enabled("cpu")
+    from segformer.predict import SegformerPredictor
+
+    model = randomize_(SegformerForSemanticSegmentation(tiny_config())).eval()
+    predictor = SegformerPredictor(model, device="cpu", dtype="bfloat16", mode="whole")
+    assert next(predictor.model.parameters()).dtype == (BF16 if native else torch.float32)
+    with pytest.raises(ValueError, match="amp must be none, bf16 or fp16"):
+        autocast(torch.device("cpu"), "int8")
+
+
+@pytest.mark.slow
+def test_capping_the_kernels_at_avx2_turns_bf16_off():
+    """What a user gets with ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA capped at AVX2 (as on an AVX2-only CPU)."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    code = "import torch; from segformer.inference import select_dtype; print(select_dtype('bf16', 'cpu'))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "torch.float32"
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bfloat16 on cpu: ") and "using float32" in lines[0]
+
+
+# ----------------------------------------------------------------------------------------------- int8
+U8 = 2.0**-8  # int8 / uint8 rounding: half a step of 255 levels over a tensor's range, relative to its largest value
+
+
+def test_int8_quantises_the_encoder_linears_only_and_stays_close():
+    model = randomize_(SegformerForSemanticSegmentation(tiny_config(depths=[1, 2, 1, 1]))).eval()
+    x = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        ref = model(x).logits
+        quantized = quantize_int8(copy.deepcopy(model))
+        got = quantized(x).logits
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    encoder = list(quantized.segformer.modules())
+    assert sum(isinstance(m, DynamicLinear) for m in encoder) == sum(
+        isinstance(m, nn.Linear) for m in model.segformer.modules()
+    )
+    assert not any(type(m) is nn.Linear for m in encoder)
+    assert all(type(m) is nn.Linear for m in quantized.decode_head.modules() if isinstance(m, nn.Linear))
+    # fp32_tol's error model with int8's unit (weights and activations each rounded to 2^-8 of their range)
+    assert rel_err(got, ref) <= fp32_tol(series_depth(model, x)) * U8 / U32
+
+
+def test_predictor_and_cli_take_dtype_int8(tmp_path, capsys):
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    from segformer.predict import SegformerPredictor
+
+    model = randomize_(SegformerForSemanticSegmentation(tiny_config())).eval()
+    model.save_pretrained(tmp_path / "m")
+    predictor = SegformerPredictor(tmp_path / "m", dtype="int8", mode="whole")  # device auto: the CPU
+    assert predictor.device.type == "cpu" and any(isinstance(m, DynamicLinear) for m in predictor.model.modules())
+    image = np.random.default_rng(0).integers(0, 255, (64, 72, 3), dtype=np.uint8)
+    assert predictor.predict(image).labels.shape == (64, 72)
+    with pytest.raises(ValueError, match="dtype int8 runs on the eager pytorch backend"):
+        SegformerPredictor(tmp_path / "m", dtype="int8", backend="onnxruntime")
+    Image.fromarray(image).save(tmp_path / "x.png")
+    code, _, err = run_cli(capsys, "predict", tmp_path / "x.png", "--model", tmp_path / "m", "--output",
+                           tmp_path / "out", "--dtype", "int8", "--mode", "whole", "--no-progress")  # fmt: skip
+    assert code == 0, err
+    assert np.asarray(Image.open(tmp_path / "out" / "x.png")).shape == (64, 72)
