@@ -44,7 +44,12 @@ ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray | torch.Tensor
 
 
 class ImageError(ValueError):
-    """An input image that cannot be segmented; the message is the reason (one line)."""
+    """An input image that cannot be segmented; the message is the reason (one line). ``too_large``: it has more
+    pixels than the limit (a possible decompression bomb), which a server answers differently (413)."""
+
+    def __init__(self, message: str = "", *, too_large: bool = False) -> None:
+        super().__init__(message)
+        self.too_large = too_large
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -84,7 +89,8 @@ def open_image(source: str | os.PathLike | bytes, max_pixels: int | None = DEFAU
                     img.close()
                     raise ImageError(
                         f"{width}x{height} = {width * height:,} pixels is over the limit of {max_pixels:,} "
-                        "(possible decompression bomb; raise max_pixels / --max-pixels to allow it)"
+                        "(possible decompression bomb; raise max_pixels / --max-pixels to allow it)",
+                        too_large=True,
                     )
                 try:
                     img.load()  # header-only until now: decode everything so that truncation shows here
@@ -236,7 +242,7 @@ def load_image(source: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXEL
     else:
         raise ImageError(f"cannot segment a {type(source).__name__}: pass a path, a PIL image or an array")
     if max_pixels is not None and img.width * img.height > max_pixels:
-        raise ImageError(f"{img.width}x{img.height} pixels is over the limit of {max_pixels:,}")
+        raise ImageError(f"{img.width}x{img.height} pixels is over the limit of {max_pixels:,}", too_large=True)
     try:
         img = ImageOps.exif_transpose(img) or img
     except Exception:  # a broken EXIF block should not cost the picture; keep the stored orientation

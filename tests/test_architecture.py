@@ -7,10 +7,11 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "segformer"
 LAYERS = {
-    "model": {"config", "modeling", "pretrained", "hub", "fileio", "labels"},
+    "model": {"config", "modeling", "pretrained", "hub", "fileio", "labels", "allocator"},
     "library": {"images", "processing", "inference", "metrics", "distributed", "visualize", "data", "evaluate",
-                "predict", "convert", "export", "run_files"},
-    "programs": {"train", "train_log", "train_state", "recipe", "predict_folder"},
+                "predict", "convert", "export", "run_files", "corruptions", "robustness", "report",
+                "backends"},
+    "programs": {"train", "train_log", "train_state", "recipe", "predict_folder", "serve"},
     "cli": {"cli", "commands", "__main__", "__init__"},
 }  # fmt: skip
 ORDER = list(LAYERS)
