@@ -78,8 +78,8 @@ def require_serve_dependencies() -> None:
     """Raise a one-line RuntimeError naming the install command when FastAPI, uvicorn or python-multipart is
     missing."""
     missing = []
-    for package, modules in (("fastapi", ["fastapi"]), ("uvicorn", ["uvicorn"]),
-                             ("python-multipart", ["python_multipart", "multipart"])):  # fmt: skip
+    packages = {"fastapi": ["fastapi"], "uvicorn": ["uvicorn"], "python-multipart": ["python_multipart", "multipart"]}
+    for package, modules in packages.items():
         for module in modules:
             try:
                 __import__(module)
@@ -209,19 +209,31 @@ class Metrics:
             out.extend([f"# HELP segformer_{name} {text}", f"# TYPE segformer_{name} {kind}", *samples])
 
         with self._lock:
-            requests = sorted(self.requests.items())
-            family("requests_total", "counter", "HTTP requests answered, by method, route and status.",
-                   [f'segformer_requests_total{{method="{m}",route="{r}",status="{s}"}} {n}'
-                    for (m, r, s), n in requests])  # fmt: skip
-            family("errors_total", "counter", "Requests answered with an error, by kind.",
-                   [f'segformer_errors_total{{kind="{k}"}} {n}' for k, n in sorted(self.errors.items())])  # fmt: skip
-            family("request_duration_seconds", "histogram", "Time from the request's arrival to the answer's end.",
-                   [line for route, hist in sorted(self.latency.items())
-                    for line in hist.lines("segformer_request_duration_seconds", f'route="{route}"')])  # fmt: skip
-            family("batch_size", "histogram", "Jobs an inference worker took at once.",
-                   self.batch_size.lines("segformer_batch_size"))  # fmt: skip
-            family("inference_duration_seconds", "histogram", "Time the model spent on one batch.",
-                   self.inference.lines("segformer_inference_duration_seconds"))  # fmt: skip
+            requests = [
+                f'segformer_requests_total{{method="{m}",route="{r}",status="{c}"}} {n}'
+                for (m, r, c), n in sorted(self.requests.items())
+            ]
+            errors = [f'segformer_errors_total{{kind="{k}"}} {n}' for k, n in sorted(self.errors.items())]
+            latency = [
+                line
+                for route, hist in sorted(self.latency.items())
+                for line in hist.lines("segformer_request_duration_seconds", f'route="{route}"')
+            ]
+            family("requests_total", "counter", "HTTP requests answered, by method, route and status.", requests)
+            family("errors_total", "counter", "Requests answered with an error, by kind.", errors)
+            family("request_duration_seconds", "histogram", "Time from arrival to the answer's end.", latency)
+            family(
+                "batch_size",
+                "histogram",
+                "Jobs an inference worker took at once.",
+                self.batch_size.lines("segformer_batch_size"),
+            )
+            family(
+                "inference_duration_seconds",
+                "histogram",
+                "Time the model spent on one batch.",
+                self.inference.lines("segformer_inference_duration_seconds"),
+            )
             family("images_total", "counter", "Images segmented.", [f"segformer_images_total {self.images}"])
         for name, (text, value) in gauges.items():
             family(name, "gauge", text, [f"segformer_{name} {_fmt(value)}"])
@@ -409,11 +421,13 @@ class Batcher:
             return [(group[0], exc)]
         done = time.perf_counter()
         sizes = Counter(j.image.size for j in group)
-        return [
-            (job, result if isinstance(result, ImageError) else
-             _Result(result, sizes[job.image.size], started - job.queued_at, done - started))
-            for job, result in zip(group, results, strict=True)
-        ]  # fmt: skip
+        outcomes: list[tuple[_Job, _Result | Exception]] = []
+        for job, result in zip(group, results, strict=True):
+            if isinstance(result, ImageError):
+                outcomes.append((job, result))
+            else:
+                outcomes.append((job, _Result(result, sizes[job.image.size], started - job.queued_at, done - started)))
+        return outcomes
 
 
 # ----------------------------------------------------------------------------------------------- answers

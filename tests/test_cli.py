@@ -12,7 +12,7 @@ from segformer.cli import build_parser
 from segformer.commands import flatten
 from segformer.commands.train import config_from_args
 
-COMMANDS = ["convert", "demo", "eval", "export", "predict", "synth", "train"]
+COMMANDS = ["convert", "demo", "eval", "export", "predict", "serve", "synth", "train"]
 
 
 @pytest.mark.slow
