@@ -582,6 +582,10 @@ def test_real_server_under_load_memory_and_graceful_shutdown(checkpoint, predict
         results = _hammer(server.url, round_of(200), clients=16)
         load_seconds = time.monotonic() - started
         rss_after = server.rss_mb()
+        if rss_after - rss_plateau > 8:  # one more round: a leak grows again, a heap still settling does not
+            rss_plateau = rss_after
+            results += _hammer(server.url, round_of(200), clients=16)
+            rss_after = server.rss_mb()
 
         for name, status, content in warm + results:
             assert status == expected[name], (name, status, content[:200])
@@ -595,7 +599,8 @@ def test_real_server_under_load_memory_and_graceful_shutdown(checkpoint, predict
         assert metric(text, "segformer_batch_size_sum") == metric(text, "segformer_images_total")
         assert metric(text, "segformer_batch_size_sum") > metric(text, "segformer_batch_size_count")  # batched
         # Slack: leaking only the decoded image of each good request (3/4 of 200, 83-97 KB each) would add 13 MB, while
-        # the allocator settles by at most ~2.5 MB in the round after a warm-up round (measured here): allow 8 MB.
+        # the allocator settles by at most ~2.5 MB in the round after a warm-up round (measured here; once 8.2 MB
+        # with the tuned allocator, which keeps up to 256 MiB of freed heap: hence the extra round): allow 8 MB.
         assert rss_after - rss_plateau <= 8, (rss_start, rss_plateau, rss_after, load_seconds)
 
         # Graceful shutdown: big images keep the worker busy; SIGTERM arrives while their batch runs.
@@ -616,7 +621,7 @@ def test_real_server_under_load_memory_and_graceful_shutdown(checkpoint, predict
         log = "".join(server.lines)
         assert "shutting down" in log and "stopped after" in log and "Traceback" not in log
         access = [json.loads(line) for line in server.lines if line.startswith("{")]
-        assert len([a for a in access if a["path"] == "/v1/segment"]) == 200 + 200 + 3
+        assert len([a for a in access if a["path"] == "/v1/segment"]) == 200 + len(results) + 3
         assert {a["status"] for a in access} >= {200, 400, 413}
     finally:
         server.stop()
