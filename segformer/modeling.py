@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from .allocator import MMAP_THRESHOLD
 from .config import SegformerConfig
 from .pretrained import PreTrainedMixin, checkpoint_kwargs
 
@@ -798,7 +799,7 @@ class SegformerForSemanticSegmentation(SegformerPreTrainedModel):
         return max(1, _CHUNK_BYTES // per_image)
 
 
-_CHUNK_BYTES = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit systems
+_CHUNK_BYTES = MMAP_THRESHOLD  # the largest block glibc's heap reuses (segformer.allocator)
 
 
 class SegformerForImageClassification(SegformerPreTrainedModel):
