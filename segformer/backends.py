@@ -17,7 +17,10 @@ options (dtype, opset, shape policy), the torch / onnxruntime versions and the s
 new checkpoint, option or version never reuses a stale file. Each entry is a folder built under a temporary
 name and renamed into place, so two processes racing produce one complete entry (the loser discards its own).
 Each file's SHA-256 is stored beside it (``manifest.json``) and checked on every use; a damaged entry is
-reported, removed and rebuilt. Nothing here uses the network.
+reported, removed and rebuilt. A temporary folder is named after its builder (``.KEY.PID@HOST.XXXX.tmp``): one
+left behind by a build that never finished (the process was killed) is removed by the next lookup or build in
+that cache folder once its process is gone from this host, or once it is a day old whatever the host (the cache
+may be shared by several machines); a folder of a live builder is never touched. Nothing here uses the network.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -40,6 +45,7 @@ from .fileio import atomic_write_text
 
 BACKENDS = ("pytorch", "onnxruntime")
 CACHE_ENV = "SEGFORMER_CACHE"
+STALE_AFTER = 24 * 3600  # seconds: a temporary folder this old is abandoned whoever made it
 logger = logging.getLogger("segformer")
 
 
@@ -108,14 +114,77 @@ def _check_entry(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def _discard(folder: Path) -> None:
-    """Remove a cache entry: renamed away first, so that no reader sees it half-deleted."""
-    trash = folder.with_name(f".{folder.name}.{os.getpid()}.{time.monotonic_ns()}.trash")
+def _owner() -> str:
+    """``PID@HOST``: who builds (or deletes) a temporary folder, as its name records it. HOST is the host name
+    and, on Linux, the PID namespace (``.nsINODE``): containers sharing a host name and a cache volume do not
+    see each other's processes, so their folders count as another host's."""
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "unknown"
+    try:
+        host += ".ns" + "".join(c for c in os.readlink("/proc/self/ns/pid") if c.isdigit())
+    except OSError:
+        pass
+    return f"{os.getpid()}@{host}"
+
+
+# .NAME.PID@HOST.XXXX.tmp (a build, XXXX from mkdtemp) or .NAME.PID@HOST.NANOSECONDS.trash (a removal)
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)@(?P<host>[^@/]*)\.[A-Za-z0-9_]+\.(?:tmp|trash)")
+_LEGACY_TEMPORARY = re.compile(r"\..+\.(?:tmp|trash)")  # folders of older versions: no owner recorded
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":
+        return True  # os.kill(pid, 0) would terminate it there; the age rule alone applies
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, as another user
+    except OSError:
+        return True  # cannot tell: keep its folder
+    return True
+
+
+def _abandoned(path: Path, host: str, now: float) -> bool:
+    """Whether the temporary folder ``path`` was left by a build or removal that will never finish."""
+    name = path.name
+    match = _TEMPORARY.fullmatch(name)
+    if match is None and _LEGACY_TEMPORARY.fullmatch(name) is None:
+        return False  # not ours
+    try:
+        if now - path.stat().st_mtime > STALE_AFTER:
+            return True
+    except OSError:
+        return False  # gone already
+    return match is not None and match["host"] == host and not _pid_alive(int(match["pid"]))
+
+
+def sweep_abandoned(directory: Path) -> list[Path]:
+    """Remove the temporary folders in the cache folder ``directory`` that builds (or removals) killed midway
+    left behind: those whose process is gone from this host, and any older than ``STALE_AFTER`` (a day). The
+    folder of a live process is kept. Returns what was removed; never raises."""
+    host, now, removed = _owner().partition("@")[2], time.time(), []
+    try:
+        candidates = [p for p in directory.iterdir() if p.name.startswith(".") and p.is_dir()]
+    except OSError:
+        return removed
+    for path in candidates:
+        if _abandoned(path, host, now) and _discard(path):
+            logger.info(f"segformer cache: removed {path}, left behind by a build that did not finish")
+            removed.append(path)
+    return removed
+
+
+def _discard(folder: Path) -> bool:
+    """Remove a cache entry (or an abandoned temporary folder): renamed away first, so that no reader sees it
+    half-deleted. False when it was gone already."""
+    trash = folder.with_name(f".{folder.name}.{_owner()}.{time.monotonic_ns()}.trash")
     try:
         os.rename(folder, trash)
     except FileNotFoundError:
-        return  # another process removed it
+        return False  # another process removed it
     shutil.rmtree(trash, ignore_errors=True)
+    return True
 
 
 def cached_entry(folder: Path, build: Callable[[Path], dict[str, Any]]) -> tuple[Path, bool]:
@@ -125,7 +194,9 @@ def cached_entry(folder: Path, build: Callable[[Path], dict[str, Any]]) -> tuple
     should record besides the files' SHA-256 (e.g. a verification report); the folder is then renamed into
     place. When another process published the entry first, that one is kept and this build discarded. A damaged
     entry (a file missing or not matching its SHA-256) is reported in one warning line, removed and rebuilt.
-    ``hit`` is True when an existing entry was used, False when this call built it."""
+    ``hit`` is True when an existing entry was used, False when this call built it. Temporary folders that
+    killed builds left beside ``folder`` are removed first (:func:`sweep_abandoned`)."""
+    sweep_abandoned(folder.parent)
     if folder.is_dir():
         try:
             _check_entry(folder)
@@ -134,7 +205,8 @@ def cached_entry(folder: Path, build: Callable[[Path], dict[str, Any]]) -> tuple
             logger.warning(f"segformer cache: {folder} is damaged ({exc}); rebuilding it")
             _discard(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    # The owner in the name lets a later sweep tell a killed build's folder from a live one's.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{_owner()}.", suffix=".tmp", dir=folder.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700 folders; give the usual permissions
@@ -396,5 +468,6 @@ __all__ = [
     "onnxruntime_model",
     "quantize_int8",
     "runtime_model",
+    "sweep_abandoned",
     "weights_digest",
 ]

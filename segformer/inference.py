@@ -211,30 +211,47 @@ def select_dtype(
     ``machine``'s keywords), else float32, with one warning line (logger "segformer", once per reason) saying
     why. The one precision rule of ``segformer predict --dtype``, ``segformer eval --amp``, ``segformer train
     --amp``, :class:`~segformer.predict.SegformerPredictor` and :func:`autocast`."""
+    return _select_dtype(dtype, device, warn=warn, machine=machine)[0]
+
+
+def _select_dtype(
+    dtype: str | torch.dtype | None, device: str | torch.device, *, warn: bool, machine: dict[str, Any]
+) -> tuple[torch.dtype, str | None]:
+    """:func:`select_dtype`'s (dtype, the fallback line or None: the dtype runs as asked)."""
     from .pretrained import resolve_dtype
 
     value = resolve_dtype(dtype)
     problem = reduced_precision_problem(value, device, **machine)
     if problem is None:
-        return value
+        return value, None
     message = f"{str(value).removeprefix('torch.')} on {torch.device(device).type}: {problem}; using float32"
     if warn and message not in _warned:
         _warned.add(message)
         logging.getLogger("segformer").warning(message + ", which is faster here")
-    return torch.float32
+    return torch.float32, message
+
+
+def effective_amp(amp: str | None, device: str | torch.device, **machine: Any) -> tuple[str, str | None]:
+    """The ``--amp`` value that runs on ``device`` and why it is not ``amp``: ("none", None) for None / "none" /
+    "fp32"; (``amp``, None) where the device computes in it natively; ("none", the one-line reason, e.g.
+    "bfloat16 on cpu: this CPU has no bfloat16 arithmetic (...); using float32") where it would only be emulated
+    (:func:`select_dtype`'s rule and warning; ``machine`` as :func:`reduced_precision_problem`)."""
+    if amp in (None, "none", "fp32"):
+        return "none", None
+    if amp not in ("bf16", "fp16"):
+        raise ValueError(f"amp must be none, bf16 or fp16, got {amp!r}")
+    dtype, reason = _select_dtype(amp, device, warn=True, machine=machine)
+    return ("none", reason) if dtype == torch.float32 else (amp, None)
 
 
 def autocast(device: torch.device, amp: str | None):
     """The autocast context of an ``--amp`` value: None / "none" / "fp32" (a null context), "bf16", "fp16".
     A reduced precision the device would only emulate becomes float32 (a null context) with one warning line
-    (:func:`select_dtype`)."""
-    if amp in (None, "none", "fp32"):
+    (:func:`effective_amp`)."""
+    amp = effective_amp(amp, device)[0]
+    if amp == "none":
         return contextlib.nullcontext()
-    if amp not in ("bf16", "fp16"):
-        raise ValueError(f"amp must be none, bf16 or fp16, got {amp!r}")
-    dtype = select_dtype(amp, device)
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
@@ -435,6 +452,7 @@ __all__ = [
     "aligned_size",
     "autocast",
     "cpu_flags",
+    "effective_amp",
     "infer",
     "labels_from_probs",
     "predict_labels",

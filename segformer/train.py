@@ -49,7 +49,7 @@ from .distributed import (
     init_distributed,
 )
 from .evaluate import evaluate
-from .inference import InferenceOptions, autocast, predict_labels
+from .inference import InferenceOptions, autocast, effective_amp, predict_labels
 from .metrics import metrics_to_json
 from .modeling import SegformerForSemanticSegmentation, semantic_loss
 from .recipe import (
@@ -114,6 +114,21 @@ def _jsonable(cfg: TrainConfig) -> dict[str, Any]:
         }
     )
     return json.loads(json.dumps(d, default=str))
+
+
+Precision = tuple[str, str | None]  # (the --amp value that runs, why it differs from the requested one or None)
+
+
+def run_record(cfg: TrainConfig, precision: Precision) -> dict[str, Any]:
+    """``cfg`` as JSON (``train_config.json``) with the precision that ran next to the requested ``amp``:
+    ``amp_effective`` ("none" where the device would only emulate ``amp``, see
+    :func:`segformer.inference.effective_amp`) and ``amp_fallback_reason`` (that one-line reason, or None)."""
+    record: dict[str, Any] = {}
+    for key, value in _jsonable(cfg).items():
+        record[key] = value
+        if key == "amp":
+            record["amp_effective"], record["amp_fallback_reason"] = precision
+    return record
 
 
 def _log(msg: str, info: DistInfo) -> None:
@@ -279,10 +294,13 @@ def save_last(
     barrier()
 
 
-def shareable_files(cfg: TrainConfig, data: TrainData, step: int, metrics: dict[str, Any] | None) -> dict[str, str]:
+def shareable_files(
+    cfg: TrainConfig, data: TrainData, step: int, metrics: dict[str, Any] | None, *, precision: Precision
+) -> dict[str, str]:
     """What makes a checkpoint folder complete (see :mod:`segformer.run_files`): the matching
     ``preprocessor_config.json``, the evaluation protocol and a model card with ``metrics`` (None: not
-    evaluated)."""
+    evaluated) and the hyper-parameters, the precision that ran (``precision``, see :func:`run_record`)
+    included."""
     fresh = starts_fresh(cfg.model)
     keys = (
         "model",
@@ -299,9 +317,13 @@ def shareable_files(cfg: TrainConfig, data: TrainData, step: int, metrics: dict[
         "drop_path_rate",
         "class_weights",
         "amp",
+        "amp_effective",
+        "amp_fallback_reason",
         "seed",
     )
-    recipe = {k: v for k, v in _jsonable(cfg).items() if k in keys}
+    recipe = {k: v for k, v in run_record(cfg, precision).items() if k in keys}
+    if recipe["amp_fallback_reason"] is None:
+        del recipe["amp_fallback_reason"]  # no fallback: the card shows amp and amp_effective alike
     card = model_card(
         model_name=Path(cfg.output).name or "segformer",
         base_model=None if fresh else str(cfg.model),
@@ -330,8 +352,10 @@ def train_step(
     step: int,
     last_dir: Path,
     class_weights: torch.Tensor | None = None,
+    amp: str | None = None,
 ) -> tuple[float, float]:
-    """Optimiser step number ``step`` (1-based) over ``cfg.accum_steps`` micro-batches drawn from ``batches``.
+    """Optimiser step number ``step`` (1-based) over ``cfg.accum_steps`` micro-batches drawn from ``batches``,
+    under ``amp`` autocast (default ``cfg.amp``; either way float32 where the device would only emulate it).
     Returns (the loss, averaged over micro-batches and ranks; the lr used). A NaN/inf loss raises
     TrainingDivergedError on every rank before the weights change (``last_dir`` is named in the message)."""
     optim.optimizer.zero_grad(set_to_none=True)
@@ -342,7 +366,7 @@ def train_step(
         # Gradients are all-reduced only on the last micro-batch of a step.
         sync = info.world_size == 1 or m == cfg.accum_steps - 1
         with contextlib.nullcontext() if sync else model.no_sync():
-            with autocast(info.device, cfg.amp):
+            with autocast(info.device, cfg.amp if amp is None else amp):
                 if class_weights is None:
                     loss = model(pixel_values=pixels, labels=labels).loss
                 else:
@@ -362,11 +386,21 @@ def train_step(
 
 
 def evaluate_and_checkpoint(
-    net: nn.Module, data: TrainData, cfg: TrainConfig, info: DistInfo, run: RunState, log: RunLog, best_dir: Path
+    net: nn.Module,
+    data: TrainData,
+    cfg: TrainConfig,
+    info: DistInfo,
+    run: RunState,
+    log: RunLog,
+    best_dir: Path,
+    *,
+    precision: Precision | None = None,
 ) -> dict[str, Any]:
-    """Evaluate ``net`` on the validation set (the ranks share the images), log the metrics, and write
-    ``best_dir`` when the mIoU beats the best so far. Every rank calls it; returns the metrics."""
-    metrics = evaluate(net, data.val_set, data.eval_options, amp=cfg.amp, max_images=cfg.max_eval_images)
+    """Evaluate ``net`` on the validation set (the ranks share the images) under ``precision`` (see
+    :func:`run_record`; default :func:`~segformer.inference.effective_amp` of ``cfg.amp``), log the metrics,
+    and write ``best_dir`` when the mIoU beats the best so far. Every rank calls it; returns the metrics."""
+    precision = effective_amp(cfg.amp, info.device) if precision is None else precision
+    metrics = evaluate(net, data.val_set, data.eval_options, amp=precision[0], max_images=cfg.max_eval_images)
     log.evaluation(run.step, metrics)
     if info.is_main:
         log.samples(run.step, validation_samples(net, data), palette_for(data.val_set.id2label))
@@ -375,7 +409,7 @@ def evaluate_and_checkpoint(
         run.best_mIoU, run.best_step = metrics["mIoU"], run.step
         if info.is_main:
             report = json.dumps({"step": run.step, **metrics_to_json(metrics)}, indent=2) + "\n"
-            files = shareable_files(cfg, data, run.step, metrics_to_json(metrics))
+            files = shareable_files(cfg, data, run.step, metrics_to_json(metrics), precision=precision)
             save_checkpoint(best_dir, net, {**files, "eval.json": report})
         barrier()
     return metrics
@@ -415,6 +449,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     micro = check_config(cfg, info)
     cfg, notes = resolve_recipe(cfg, data_kind(cfg))  # what the run uses, printed and kept in train_config.json
+    # --amp as it runs here: a precision the device would only emulate becomes float32 (one warning line), and
+    # train_config.json and the model cards say so next to what was asked for.
+    precision = effective_amp(cfg.amp, info.device)
     if notes:
         _log("recipe: " + "; ".join(notes), info)
     output = Path(cfg.output)
@@ -446,7 +483,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     )
     log = RunLog(
         output,
-        _jsonable(cfg),
+        run_record(cfg, precision),
         is_main=info.is_main,
         steps=cfg.steps,
         start=run.step,
@@ -466,13 +503,16 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
             step=run.step + 1,
             last_dir=output / "last",
             class_weights=data.class_weights,
+            amp=precision[0],
         )
         run.step += 1
         log.step(run.step, loss, lr, write=run.step % cfg.log_every == 0 or run.step == end)
         if data.val_set is not None and ((cfg.eval_every and run.step % cfg.eval_every == 0) or run.step == cfg.steps):
-            metrics = evaluate_and_checkpoint(net, data, cfg, info, run, log, output / "best")
+            metrics = evaluate_and_checkpoint(net, data, cfg, info, run, log, output / "best", precision=precision)
         if run.step % cfg.save_every == 0 or run.step == end:
-            files = shareable_files(cfg, data, run.step, metrics_to_json(metrics) if metrics else None)
+            files = shareable_files(
+                cfg, data, run.step, metrics_to_json(metrics) if metrics else None, precision=precision
+            )
             save_last(output / "last", net, optim, run, info, files)
     log.close(metrics)
     return {
@@ -501,6 +541,7 @@ __all__ = [
     "param_groups",
     "prepare_model",
     "restore_state",
+    "run_record",
     "save_checkpoint",
     "save_last",
     "train",

@@ -20,6 +20,28 @@ TINY = dict(depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 24, 32], num_attention_hea
             decoder_hidden_size=16)  # fmt: skip
 
 
+# Machine facts of the CPUs that matter: what /proc/cpuinfo lists, which ATen kernels torch picked, oneDNN's answer.
+SAPPHIRE_RAPIDS = dict(cpu_capability="AVX512", flags={"sse2", "avx2", "avx512f", "avx512_bf16", "amx_bf16",
+                       "avx512_fp16", "amx_fp16"}, onednn_bf16=True, onednn_fp16=True)  # fmt: skip
+ZEN4 = dict(cpu_capability="AVX512", flags={"sse2", "avx2", "avx512f", "avx512_bf16"}, onednn_bf16=True,
+            onednn_fp16=False)  # fmt: skip
+SKYLAKE_X = dict(cpu_capability="AVX512", flags={"sse2", "avx2", "avx512f"}, onednn_bf16=True, onednn_fp16=False)
+HASWELL = dict(cpu_capability="AVX2", flags={"sse2", "avx2", "fma"}, onednn_bf16=False, onednn_fp16=False)
+GRAVITON3 = dict(cpu_capability="SVE256", flags={"fp", "asimd", "asimdhp", "sve", "bf16"}, onednn_bf16=True,
+                 onednn_fp16=True)  # fmt: skip
+
+
+def pretend_machine(monkeypatch: pytest.MonkeyPatch, facts: dict) -> None:
+    """Make every precision decision (select_dtype, autocast, effective_amp, ...) see the machine ``facts``
+    (:func:`segformer.inference.reduced_precision_problem`'s keywords, e.g. ``HASWELL``) instead of this one's."""
+    import functools
+
+    from segformer import inference
+
+    problem = functools.partial(inference.reduced_precision_problem, **facts)
+    monkeypatch.setattr(inference, "reduced_precision_problem", problem)
+
+
 def tiny_config(**changes) -> SegformerConfig:
     """A SegFormer small enough for fast tests, with every code path of the real ones (sr ratios 8,4,2,1)."""
     return SegformerConfig(**{**TINY, "num_labels": 5, **changes})

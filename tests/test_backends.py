@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,12 +20,14 @@ from PIL import Image
 
 from segformer import SegformerForSemanticSegmentation
 from segformer.backends import (
+    STALE_AFTER,
     CompiledModel,
     OnnxRuntimeModel,
     cache_root,
     cached_entry,
     onnxruntime_model,
     runtime_model,
+    sweep_abandoned,
 )
 from segformer.inference import infer
 
@@ -154,6 +157,83 @@ def test_racing_builders_publish_one_complete_entry(tmp_path):
     manifest = json.loads((tmp_path / "entry" / "manifest.json").read_text())
     assert (tmp_path / "entry" / "a.bin").read_bytes() == manifest["builder"].encode() * 1000
     assert cached_entry(tmp_path / "entry", build) == (tmp_path / "entry", True)
+
+
+# A process that starts building a cache entry and never finishes: it waits in its build until killed.
+_STUCK_BUILD = """
+import sys, time
+from pathlib import Path
+from segformer.backends import cached_entry
+
+def build(tmp):
+    (tmp / "half.bin").write_bytes(b"half")
+    Path(sys.argv[2]).write_text(str(tmp))
+    time.sleep(600)
+
+cached_entry(Path(sys.argv[1]), build)
+"""
+
+
+def test_a_killed_build_is_swept_and_a_live_one_is_not(tmp_path):
+    """SIGKILL midway leaves a temporary folder; the next build in that cache folder removes it, while the
+    folder of a build still running (a thread of this process) stays and that build completes."""
+    cache, ready = tmp_path / "cache", tmp_path / "ready"
+    child = subprocess.Popen([sys.executable, "-c", _STUCK_BUILD, str(cache / "killed"), str(ready)],
+                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), child.stderr.read() if child.poll() is not None else "the child never built"
+    finally:
+        child.kill()
+        child.wait(timeout=30)  # reaped: its pid is gone, not a zombie
+    abandoned = Path(ready.read_text())
+    assert abandoned.parent == cache and abandoned.name.startswith(".killed.") and (abandoned / "half.bin").is_file()
+
+    started, release, live, results = threading.Event(), threading.Event(), [], []
+
+    def slow_build(tmp):
+        live.append(tmp)
+        started.set()
+        release.wait(timeout=60)
+        (tmp / "a.bin").write_bytes(b"live")
+        return {}
+
+    def quick_build(tmp):
+        (tmp / "b.bin").write_bytes(b"other")
+        return {}
+
+    builder = threading.Thread(target=lambda: results.append(cached_entry(cache / "live", slow_build)))
+    builder.start()
+    try:
+        assert started.wait(timeout=30)
+        assert cached_entry(cache / "other", quick_build) == (cache / "other", False)
+        assert not abandoned.exists()  # its owner is dead
+        assert live[0].is_dir()  # its owner is running
+    finally:
+        release.set()
+        builder.join(timeout=60)
+    assert results == [(cache / "live", False)] and (cache / "live" / "a.bin").read_bytes() == b"live"
+    assert sorted(os.listdir(cache)) == ["live", "other"]
+
+
+def test_other_hosts_and_old_versions_temporary_folders_go_after_a_day(tmp_path):
+    """Whether another host's builder lives cannot be told: its folder is kept for STALE_AFTER (a day), as are
+    the owner-less folders of older versions; anything else in the cache folder is never touched."""
+    other_host = tmp_path / ".k1.123@elsewhere.ns4026531836.ab_c9.tmp"
+    old_version = tmp_path / ".k2.x7z_q2.tmp"
+    other_trash = tmp_path / ".k3.55@elsewhere.12345678.trash"
+    unrelated = [tmp_path / ".k4", tmp_path / "entry", tmp_path / "k5.tmp"]
+    for folder in (other_host, old_version, other_trash, *unrelated):
+        folder.mkdir()
+    assert sweep_abandoned(tmp_path) == []  # fresh: their builders may be running
+    day_old = time.time() - STALE_AFTER - 60
+    for folder in (other_host, old_version, other_trash, *unrelated):
+        os.utime(folder, (day_old, day_old))
+    assert sorted(sweep_abandoned(tmp_path)) == sorted([other_host, old_version, other_trash])
+    assert sorted(os.listdir(tmp_path)) == [".k4", "entry", "k5.tmp"]
+    assert sweep_abandoned(tmp_path / "missing") == []
 
 
 def test_cache_root_follows_segformer_cache(monkeypatch, tmp_path):

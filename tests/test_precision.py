@@ -11,24 +11,28 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import U32, fp32_tol, randomize_, rel_err, run_cli, series_depth, tiny_config
+from conftest import (
+    GRAVITON3,
+    HASWELL,
+    SAPPHIRE_RAPIDS,
+    SKYLAKE_X,
+    U32,
+    ZEN4,
+    fp32_tol,
+    randomize_,
+    rel_err,
+    run_cli,
+    series_depth,
+    tiny_config,
+)
 from PIL import Image
 from torch import nn
 
 from segformer import SegformerForSemanticSegmentation
 from segformer.backends import quantize_int8
-from segformer.inference import autocast, cpu_flags, reduced_precision_problem, select_dtype
+from segformer.inference import autocast, cpu_flags, effective_amp, reduced_precision_problem, select_dtype
 
 BF16, FP16 = torch.bfloat16, torch.float16
-# Machine facts of the CPUs that matter: what /proc/cpuinfo lists, which ATen kernels torch picked, oneDNN's answer.
-SAPPHIRE_RAPIDS = dict(cpu_capability="AVX512", flags={"sse2", "avx2", "avx512f", "avx512_bf16", "amx_bf16",
-                       "avx512_fp16", "amx_fp16"}, onednn_bf16=True, onednn_fp16=True)  # fmt: skip
-ZEN4 = dict(cpu_capability="AVX512", flags={"sse2", "avx2", "avx512f", "avx512_bf16"}, onednn_bf16=True,
-            onednn_fp16=False)  # fmt: skip
-SKYLAKE_X = dict(cpu_capability="AVX512", flags={"sse2", "avx2", "avx512f"}, onednn_bf16=True, onednn_fp16=False)
-HASWELL = dict(cpu_capability="AVX2", flags={"sse2", "avx2", "fma"}, onednn_bf16=False, onednn_fp16=False)
-GRAVITON3 = dict(cpu_capability="SVE256", flags={"fp", "asimd", "asimdhp", "sve", "bf16"}, onednn_bf16=True,
-                 onednn_fp16=True)  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -75,6 +79,17 @@ def test_select_dtype_falls_back_to_float32_with_one_line_once(caplog):
     assert lines[0].startswith("bfloat16 on cpu: PyTorch runs its AVX2-TEST kernels") and "using float32" in lines[0]
     with pytest.raises(ValueError, match="dtype 'fp8' is not a torch dtype"):
         select_dtype("fp8", "cpu")
+
+
+def test_effective_amp_is_what_runs_and_says_why():
+    assert effective_amp("bf16", "cpu", **ZEN4) == ("bf16", None)
+    assert effective_amp("fp16", "cuda", cuda_bf16=False) == ("fp16", None)
+    assert effective_amp(None, "cpu") == effective_amp("fp32", "cpu") == ("none", None)
+    amp, reason = effective_amp("bf16", "cpu", **HASWELL)
+    assert amp == "none" and reason.startswith("bfloat16 on cpu: this CPU has no bfloat16") and "\n" not in reason
+    assert effective_amp("fp16", "cpu", **ZEN4)[0] == "none"
+    with pytest.raises(ValueError, match="amp must be none, bf16 or fp16"):
+        effective_amp("int8", "cpu")
 
 
 def test_cpu_flags_reads_x86_and_arm_cpuinfo(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -12,7 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import U32, cross_entropy_tol, fp32_tol, run_cli, series_depth, tiny_config
+from conftest import (
+    HASWELL,
+    SAPPHIRE_RAPIDS,
+    U32,
+    cross_entropy_tol,
+    fp32_tol,
+    pretend_machine,
+    run_cli,
+    series_depth,
+    tiny_config,
+)
 from safetensors.torch import load_file
 
 from segformer import SegformerForSemanticSegmentation
@@ -329,6 +340,41 @@ def test_checkpoints_are_complete_and_shareable(data, tiny_json, tmp_path):
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "run" / "curves.png").is_file()
         assert (tmp_path / "run" / "val_samples" / "step_2.png").is_file()
+
+
+@pytest.mark.parametrize("machine, runs", [(HASWELL, "none"), (SAPPHIRE_RAPIDS, "bf16")], ids=["no-bf16", "bf16"])
+def test_the_run_records_the_precision_that_ran(data, tiny_json, tmp_path, monkeypatch, machine, runs):
+    """--amp bf16 on a CPU without bf16 arithmetic trains in fp32; train_config.json and the model cards keep the
+    request and say what ran and why, and autocast (training and evaluation) used what they say."""
+    import segformer.evaluate
+    import segformer.train
+
+    pretend_machine(monkeypatch, machine)
+    seen = []  # the autocast dtype inside every autocast block of the run (False: fp32)
+    for module in (segformer.train, segformer.evaluate):
+        real = module.autocast
+
+        @contextlib.contextmanager
+        def spy(device, amp, real=real):
+            with real(device, amp):
+                seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
+                yield
+
+        monkeypatch.setattr(module, "autocast", spy)
+    out = tmp_path / "run"
+    train(_cfg(data, tiny_json, out, steps=2, amp="bf16"))
+    stored = json.loads((out / "train_config.json").read_text())
+    assert stored["amp"] == "bf16" and stored["amp_effective"] == runs
+    assert set(seen) == ({False} if runs == "none" else {torch.bfloat16}) and len(seen) > 2  # steps and eval
+    reason = stored["amp_fallback_reason"]
+    if runs == "none":
+        assert reason.startswith("bfloat16 on cpu: this CPU has no bfloat16 arithmetic") and "float32" in reason
+    else:
+        assert reason is None
+    for folder in ("best", "last"):
+        card = (out / folder / "README.md").read_text()
+        assert '| amp | `"bf16"` |' in card and f'| amp_effective | `"{runs}"` |' in card
+        assert ("| amp_fallback_reason | `" in card and "no bfloat16 arithmetic" in card) == (runs == "none")
 
 
 def test_recipe_is_the_papers_for_ade_and_cityscapes_and_derived_for_own_data():
