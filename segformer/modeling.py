@@ -13,7 +13,10 @@ channels-last (B, C, H, W) for the convolutions, so no reshape copies them.
 The eval-mode fast path (``model.fast_path``, on by default) is exact algebra, not an approximation:
 PyTorch's fused attention kernel (never materialising the N×N' attention matrix), and a decode head whose
 per-stage Linear, upsampling, concatenation, 1×1 fuse conv and BatchNorm are folded into one D×C_i matrix
-per stage plus one bias (see :meth:`SegformerDecodeHead.folded`).
+per stage plus one bias (see :meth:`SegformerDecodeHead.folded`). On the CPU in fp32 inference, also the
+depthwise conv and GELU of each Mix-FFN in one oneDNN kernel, the head's power-of-two upsamplings as blends
+of shifted copies added in place, and stage 1's projection accumulated inside its GEMM (same formulas, other
+rounding order: agreement within fp32 rounding, tested against the plain path).
 """
 
 from __future__ import annotations
@@ -319,6 +322,14 @@ class SegformerDWConv(nn.Module):
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         return map_to_tokens(self.dwconv(tokens_to_map(x, height, width)))
 
+    def forward_gelu(self, x: torch.Tensor, height: int, width: int, approximate: str) -> torch.Tensor:
+        """GELU(dwconv(x)) in one oneDNN pass (the activation applied as the convolution writes its output):
+        no second pass over the largest activation of the block, and one full-size tensor fewer."""
+        conv, x = self.dwconv, tokens_to_map(x, height, width)
+        geometry = (conv.padding, conv.stride, conv.dilation, conv.groups)
+        y = torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, *geometry, "gelu", [], approximate)
+        return map_to_tokens(y)
+
 
 class SegformerMixFFN(nn.Module):
     """Mix-FFN: Linear → depthwise 3×3 conv (the positional information) → GELU → Linear."""
@@ -331,9 +342,15 @@ class SegformerMixFFN(nn.Module):
         self.intermediate_act_fn = make_activation(config.hidden_act)
         self.dense2 = nn.Linear(inner, hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.fast_path = True  # the depthwise conv and an exact GELU in one oneDNN kernel where it can run
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        x = self.dropout(self.intermediate_act_fn(self.dwconv(self.dense1(x), height, width)))
+        x = self.dense1(x)
+        act = self.intermediate_act_fn
+        if self.fast_path and type(act) is nn.GELU and _onednn_inference(x, self.dwconv.dwconv.weight):
+            x = self.dwconv.forward_gelu(x, height, width, act.approximate)  # dropout: identity here
+        else:
+            x = self.dropout(act(self.dwconv(x, height, width)))
         return self.dropout(self.dense2(x))
 
 
@@ -528,7 +545,7 @@ class SegformerDecodeHead(nn.Module):
     def _forward_folded(self, maps: list[torch.Tensor]) -> torch.Tensor:
         matrices, bias = self.folded()
         batch = maps[0].shape[0]
-        if batch == 1 or torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        if batch == 1 or torch.is_grad_enabled() or _capturing_graph():
             return self._folded_logits(maps, matrices, bias)  # (a graph for autograd or export: one pass)
         # One image at a time: the head's full-resolution maps (acc, each upsampled stage, the logits) are the
         # largest tensors of the whole forward pass; per image they stay 1/B the size, in cache longer, and
@@ -551,18 +568,26 @@ class SegformerDecodeHead(nn.Module):
         """Logits of the folded head; with ``out`` (B, K, H_1, W_1), image ``index`` of it is written in place
         and ``out`` returned, else the logits of the images in ``maps`` (which must then be all of them)."""
         b, _, height, width = maps[0].shape
+        # In place (phase resizing, GEMM accumulation) unless a graph is being recorded for autograd or export.
+        eager = not (_capturing_graph() or (torch.is_grad_enabled() and any(m.requires_grad for m in matrices)))
         # Deepest (smallest) stage first: it carries the bias, cheapest there (an upsampling keeps constants,
         # its weights summing to one up to the rounding of its coefficients, ~1e-7 relative in fp32).
         acc = None  # (b, H_1, W_1, D), contiguous: tokens of stage 1's grid
         for i in reversed(range(len(maps))):
             x = maps[i]
             h, w = x.shape[-2:]
-            y = _linear(map_to_tokens(x), matrices[i], bias if i == len(maps) - 1 else None)  # (b, h*w, D)
+            tokens = map_to_tokens(x)
+            same_dtype = acc is not None and acc.dtype == tokens.dtype == matrices[i].dtype  # (autocast: no)
+            if (h, w) == (height, width) and same_dtype and eager:  # acc += x W^T in the GEMM itself
+                acc.view(-1, acc.shape[-1]).addmm_(tokens.reshape(-1, tokens.shape[-1]), matrices[i].t())
+                continue
+            y = _linear(tokens, matrices[i], bias if i == len(maps) - 1 else None).view(b, h, w, -1)
             if (h, w) == (height, width):
-                y = y.view(b, h, w, -1)
                 acc = y if acc is None else acc.add_(y)
+            elif eager and x.device.type == "cpu" and _power_of_two(height, h) and _power_of_two(width, w):
+                acc = _upsample_by_phases(y, height // h, width // w, acc)
             else:  # PyTorch's channels-last bilinear kernel: two taps per axis, one pass over its output
-                up = F.interpolate(tokens_to_map(y, h, w), size=(height, width), mode="bilinear", align_corners=False)
+                up = F.interpolate(y.permute(0, 3, 1, 2), size=(height, width), mode="bilinear", align_corners=False)
                 up = up.permute(0, 2, 3, 1)
                 acc = up.contiguous() if acc is None else acc.add_(up)
         features = self.dropout(F.relu(acc.permute(0, 3, 1, 2), inplace=True))  # (b, D, H_1, W_1), channels-last
@@ -603,6 +628,69 @@ class SegformerDecodeHead(nn.Module):
         return torch.baddbmm(*args).view(b, -1, h, w)
 
 
+def _capturing_graph() -> bool:
+    """Whether a graph is being recorded (jit.trace, ONNX export, torch.compile / torch.export): in-place and
+    out= shortcuts and private kernels stay out of such graphs, which keep one op per step for their own
+    compilers."""
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.5
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or exporting()
+
+
+_CONV_POINTWISE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+def _onednn_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether oneDNN's fused convolution + activation may stand in for the two ops: fp32 CPU tensors, no
+    autograd graph to record, no graph capture (the op is a private one of PyTorch's compiler backend)."""
+    return (
+        _CONV_POINTWISE
+        and x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and not _capturing_graph()
+    )
+
+
+def _power_of_two(size: int, source: int) -> bool:
+    """Whether ``size`` is ``source`` times a power of two: the kernel's source coordinates (o + 0.5)/s - 0.5
+    are then exact in floating point, and so are the blending weights of :func:`_upsample_by_phases`."""
+    factor, rest = divmod(size, source)
+    return rest == 0 and factor & (factor - 1) == 0
+
+
+def _upsample_by_phases(y: torch.Tensor, sh: int, sw: int, acc: torch.Tensor | None) -> torch.Tensor:
+    """Bilinear upsampling (align_corners=False) of ``y`` (B, h, w, D) by the integer factors ``sh``, ``sw``
+    (powers of two, where the weights equal the kernel's exactly), added into ``acc`` ((B, sh*h, sw*w, D),
+    contiguous) in place, or into a new tensor when ``acc`` is None.
+
+    With an integer factor s, output pixel s*i + p lies at source coordinate i + o_p, o_p = (p + 0.5)/s - 0.5,
+    the same offset for every i: each output phase p is one blend of two shifted copies of the input (edge
+    pixels repeated, which is the kernel's clamping). Axis by axis, horizontal on the small map first, then
+    vertical phases, each a whole-row slice of the output — streaming passes that run 2–4× faster than
+    PyTorch's generic kernel (whose per-pixel index arithmetic dominates) and add into ``acc`` directly."""
+    b, h, w, d = y.shape
+    padded = y.new_empty(b, h + 2, w + 2, d)  # edge pixels repeated: the kernel's clamp at the borders
+    padded[:, 1:-1, 1:-1] = y
+    padded[:, 0, 1:-1], padded[:, -1, 1:-1] = y[:, 0], y[:, -1]
+    padded[:, :, 0], padded[:, :, -1] = padded[:, :, 1], padded[:, :, -2]
+    wide = y.new_empty(b, h + 2, w, sw, d)  # (B, h + 2, W, D): rows still padded for the vertical pass
+    for p in range(sw):
+        offset = (p + 0.5) / sw - 0.5
+        neighbour = padded[:, :, 0:w] if offset < 0 else padded[:, :, 2 : w + 2]
+        torch.lerp(padded[:, :, 1 : w + 1], neighbour, abs(offset), out=wide[:, :, :, p])
+    wide = wide.view(b, h + 2, w * sw, d)
+    out = y.new_empty(b, h * sh, w * sw, d) if acc is None else acc
+    rows = out.view(b, h, sh, w * sw, d)
+    for p in range(sh):
+        offset = (p + 0.5) / sh - 0.5
+        centre, neighbour = wide[:, 1 : h + 1], wide[:, 0:h] if offset < 0 else wide[:, 2 : h + 2]
+        if acc is None:
+            torch.lerp(centre, neighbour, abs(offset), out=rows[:, :, p])
+        else:
+            rows[:, :, p].add_(centre, alpha=1 - abs(offset)).add_(neighbour, alpha=abs(offset))
+    return out
+
+
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear over the last axis as one 2-D GEMM (3-D input without bias would take the slower bmm)."""
     return F.linear(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
@@ -624,7 +712,7 @@ def _init_deferred() -> Iterator[None]:
 
 
 # the modules with a fast path of their own; the model's fast_path switches them all
-_FAST_PATH_MODULES = (SegformerEfficientSelfAttention, SegformerDecodeHead)
+_FAST_PATH_MODULES = (SegformerEfficientSelfAttention, SegformerMixFFN, SegformerDecodeHead)
 
 
 class SegformerPreTrainedModel(PreTrainedMixin, nn.Module):

@@ -9,6 +9,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import U32, cross_entropy_tol, fp32_tol, randomize_, rel_err, series_depth, tiny_config
 
 from segformer import (
@@ -17,8 +18,9 @@ from segformer import (
     SegformerForImageClassification,
     SegformerForSemanticSegmentation,
     SegformerModel,
+    modeling,
 )
-from segformer.modeling import min_input_size
+from segformer.modeling import SegformerDWConv, min_input_size
 
 
 def fixture_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -318,6 +320,51 @@ def test_fast_path_equals_plain_path(config, size):
         model.fast_path = True
     assert rel_err(fast, plain) <= 2 * fp32_tol(series_depth(model, x))  # two fp32 passes, each within fp32_tol
     assert model.fast_path
+
+
+@pytest.mark.parametrize("factors", [(2, 2), (4, 4), (8, 8), (16, 16), (2, 4), (1, 2)])
+@pytest.mark.parametrize("size", [(5, 7), (1, 3), (2, 1)])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_upsampling_by_phases_equals_the_bilinear_kernel(factors, size, accumulate):
+    """The folded head's power-of-two upsampling (blends of shifted copies, added in place) against
+    F.interpolate(bilinear, align_corners=False), edges included."""
+    from segformer.modeling import _upsample_by_phases
+
+    (sh, sw), (h, w) = factors, size
+    gen = torch.Generator().manual_seed(sh * 10 + sw)
+    y = torch.randn(2, h, w, 6, generator=gen)
+    acc = torch.randn(2, h * sh, w * sw, 6, generator=gen) if accumulate else None
+    ref = F.interpolate(y.permute(0, 3, 1, 2), size=(h * sh, w * sw), mode="bilinear", align_corners=False)
+    ref = ref.permute(0, 2, 3, 1) + (acc if accumulate else 0)
+    scale = y.abs().max() + (acc.abs().max() if accumulate else 0)
+    out = _upsample_by_phases(y, sh, sw, None if acc is None else acc.clone())
+    # each side: a two-tap blend per axis and the add into acc, <= 4 roundings of values <= scale: 8u for both
+    assert (out - ref).abs().max() <= 8 * U32 * scale
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_pytorch_tanh", "relu"])
+def test_fused_depthwise_conv_and_gelu_equal_the_two_ops(act):
+    """Mix-FFN's fused oneDNN conv + GELU where it can run (fp32 CPU inference), the two modules elsewhere."""
+    model = randomize_(SegformerForSemanticSegmentation(tiny_config(hidden_act=act)), seed=3).eval()
+    calls = []
+    for module in model.modules():
+        if isinstance(module, SegformerDWConv):
+            module.register_forward_hook(lambda *_: calls.append(1))
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        fast = model(x).logits
+        fused = not calls and act != "relu"
+        model.fast_path = False
+        plain = model(x).logits
+        model.fast_path = True
+    assert fused == (act != "relu" and modeling._CONV_POINTWISE)  # the fused kernel ran (oneDNN builds)
+    assert rel_err(fast, plain) <= 2 * fp32_tol(series_depth(model, x))  # two fp32 passes
+    calls.clear()
+    fast = model(x).logits  # with an autograd graph to record: the modules, and gradients reach the weights
+    assert len(calls) == sum(model.config.depths)
+    fast.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert rel_err(fast.detach(), plain) <= 2 * fp32_tol(series_depth(model, x))
 
 
 def test_cpu_batch_chunks_equal_the_whole_batch(monkeypatch):
