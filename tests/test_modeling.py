@@ -20,7 +20,7 @@ from segformer import (
     SegformerModel,
     modeling,
 )
-from segformer.modeling import SegformerDWConv, min_input_size
+from segformer.modeling import min_input_size
 
 
 def fixture_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -342,29 +342,58 @@ def test_upsampling_by_phases_equals_the_bilinear_kernel(factors, size, accumula
     assert (out - ref).abs().max() <= 8 * U32 * scale
 
 
+def ops_run(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+    """``model(x).logits`` and the names of the operators it dispatched ("aten::gelu", "mkldnn::...")."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    names: list[str] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            names.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        logits = model(x).logits
+    return logits, names
+
+
 @pytest.mark.parametrize("act", ["gelu", "gelu_pytorch_tanh", "relu"])
-def test_fused_depthwise_conv_and_gelu_equal_the_two_ops(act):
-    """Mix-FFN's fused oneDNN conv + GELU where it can run (fp32 CPU inference), the two modules elsewhere."""
+def test_onednn_kernels_equal_the_modules(act):
+    """fp32 CPU inference runs each Linear through oneDNN's matmul and Mix-FFN's depthwise conv + GELU as one
+    oneDNN kernel; the plain path, autograd and hooked modules run the modules: same logits everywhere."""
     model = randomize_(SegformerForSemanticSegmentation(tiny_config(hidden_act=act)), seed=3).eval()
-    calls = []
-    for module in model.modules():
-        if isinstance(module, SegformerDWConv):
-            module.register_forward_hook(lambda *_: calls.append(1))
     x = torch.randn(2, 3, 64, 96)
+    tol = 2 * fp32_tol(series_depth(model, x))  # two fp32 passes
+    blocks = sum(model.config.depths)
     with torch.no_grad():
-        fast = model(x).logits
-        fused = not calls and act != "relu"
+        fast, ops = ops_run(model, x)
         model.fast_path = False
-        plain = model(x).logits
+        plain, plain_ops = ops_run(model, x)
         model.fast_path = True
-    assert fused == (act != "relu" and modeling._CONV_POINTWISE)  # the fused kernel ran (oneDNN builds)
-    assert rel_err(fast, plain) <= 2 * fp32_tol(series_depth(model, x))  # two fp32 passes
-    calls.clear()
-    fast = model(x).logits  # with an autograd graph to record: the modules, and gradients reach the weights
-    assert len(calls) == sum(model.config.depths)
-    fast.sum().backward()
+    assert rel_err(fast, plain) <= tol
+    assert not any(name.startswith("mkldnn::_") for name in plain_ops)
+    if modeling._CONV_POINTWISE and act != "relu":  # oneDNN builds of PyTorch (x86, and ARM with oneDNN)
+        assert ops.count("mkldnn::_convolution_pointwise") == blocks and "aten::gelu" not in ops
+    if modeling._LINEAR_POINTWISE:
+        assert ops.count("mkldnn::_linear_pointwise") >= 6 * blocks  # q, k, v, out, dense1, dense2
+    # a hook on one block's modules: that block runs them (and the hook sees them), the others stay fused
+    seen = []
+    first = model.segformer.encoder.block[0][0].mlp
+    handles = [m.register_forward_hook(lambda *_: seen.append(1)) for m in (first.dense1, first.dwconv)]
+    with torch.no_grad():
+        hooked, ops = ops_run(model, x)
+    for handle in handles:
+        handle.remove()
+    assert len(seen) == 2 and rel_err(hooked, plain) <= tol
+    if modeling._CONV_POINTWISE and act != "relu":
+        assert ops.count("mkldnn::_convolution_pointwise") == blocks - 1
+    # with an autograd graph to record: the modules, and gradients reach every weight
+    logits, ops = ops_run(model, x)
+    assert not any(name.startswith("mkldnn::_") for name in ops)
+    logits.sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
-    assert rel_err(fast.detach(), plain) <= 2 * fp32_tol(series_depth(model, x))
+    assert rel_err(logits.detach(), plain) <= tol
 
 
 def test_cpu_batch_chunks_equal_the_whole_batch(monkeypatch):
