@@ -346,14 +346,48 @@ class SegformerMixFFN(nn.Module):
         self.fast_path = True  # the depthwise conv and an exact GELU in one oneDNN kernel where it can run
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        x = _dense(self.dense1, x, self.fast_path)
         act, dwconv = self.intermediate_act_fn, self.dwconv
-        fuse = self.fast_path and not self.training and type(act) is nn.GELU and _unhooked(act, dwconv, dwconv.dwconv)
+        fuse = (
+            self.fast_path
+            and not self.training
+            and type(act) is nn.GELU
+            and _unhooked(self, act, dwconv, dwconv.dwconv)
+        )
         if fuse and _CONV_POINTWISE and _onednn_inference(x, dwconv.dwconv.weight):
-            x = self.dwconv.forward_gelu(x, height, width, act.approximate)  # dropout: identity here
-        else:
-            x = self.dropout(act(self.dwconv(x, height, width)))
+            band = self._band_rows(x, width)
+            if (
+                x.shape[0] == 1
+                and band < height
+                and _is_mapped(x.shape[1] * self.dense1.out_features * x.element_size())
+            ):
+                return self._forward_banded(x, height, width, band, act.approximate)
+            hidden = _dense(self.dense1, x, True)
+            return _dense(self.dense2, dwconv.forward_gelu(hidden, height, width, act.approximate), True)
+        x = _dense(self.dense1, x, self.fast_path)
+        x = self.dropout(act(self.dwconv(x, height, width)))
         return self.dropout(_dense(self.dense2, x, self.fast_path))
+
+    def _band_rows(self, x: torch.Tensor, width: int) -> int:
+        """Rows per band of the banded inference path, taken where the whole hidden map would be a fresh mapping
+        (above glibc's mmap threshold; below it, whole is faster): a band's hidden map with its two halo rows
+        stays within _BAND_BYTES."""
+        row = width * self.dense1.out_features * x.element_size()
+        return max(1, _BAND_BYTES // row - 2)
+
+    def _forward_banded(self, x: torch.Tensor, height: int, width: int, band: int, approximate: str) -> torch.Tensor:
+        """One image's Mix-FFN in bands of ``band`` rows, each with one halo row above and below for the 3×3
+        depthwise conv (whose zero padding then only acts at the image's own borders): the same values, but the
+        4×-wide hidden map never exists whole — at high resolution it would be a fresh mapping (page faults)
+        of 64 MB and more per block — and each band's hidden map is still in cache when the conv reads it."""
+        out = x.new_empty(*x.shape[:-1], self.dense2.out_features)
+        for r0 in range(0, height, band):
+            r1 = min(height, r0 + band)
+            a, b = max(0, r0 - 1), min(height, r1 + 1)  # rows of the band with its halo
+            hidden = _dense(self.dense1, x[:, a * width : b * width], True)
+            hidden = self.dwconv.forward_gelu(hidden, b - a, width, approximate)
+            keep = hidden[:, (r0 - a) * width : (r1 - a) * width]  # the band's own rows: a contiguous token range
+            out[:, r0 * width : r1 * width] = _dense(self.dense2, keep, True)
+        return out
 
 
 class SegformerLayer(nn.Module):
@@ -680,6 +714,12 @@ def _onednn_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def _is_mapped(nbytes: int) -> bool:
+    """Whether glibc serves a block of ``nbytes`` with a fresh mapping (its pages faulted in on first touch)
+    rather than from its heap (see segformer.allocator)."""
+    return nbytes >= MMAP_THRESHOLD
+
+
 def _power_of_two(size: int, source: int) -> bool:
     """Whether ``size`` is ``source`` times a power of two: the kernel's source coordinates (o + 0.5)/s - 0.5
     are then exact in floating point, and so are the blending weights of :func:`_upsample_by_phases`."""
@@ -943,6 +983,7 @@ class SegformerForSemanticSegmentation(SegformerPreTrainedModel):
 
 
 _CHUNK_BYTES = MMAP_THRESHOLD  # the largest block glibc's heap reuses (segformer.allocator)
+_BAND_BYTES = 8 << 20  # a banded Mix-FFN's hidden map per band (SegformerMixFFN._forward_banded)
 
 
 class SegformerForImageClassification(SegformerPreTrainedModel):

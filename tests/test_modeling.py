@@ -396,6 +396,31 @@ def test_onednn_kernels_equal_the_modules(act):
     assert rel_err(logits.detach(), plain) <= tol
 
 
+@pytest.mark.parametrize("band_rows", [1, 3, 7])
+def test_banded_mix_ffn_equals_the_whole_map(monkeypatch, band_rows):
+    """One image whose Mix-FFN hidden map would be a fresh mapping runs in row bands with halo rows: the same
+    logits as the whole map (and as the plain path), for bands that do not divide the height too."""
+    model = randomize_(SegformerForSemanticSegmentation(tiny_config()), seed=7).eval()
+    x = torch.randn(1, 3, 83, 61)  # stage 1: 21 x 16 tokens
+    with torch.no_grad():
+        whole = model(x).logits
+        model.fast_path = False
+        plain = model(x).logits
+        model.fast_path = True
+    ffn = model.segformer.encoder.block[0][0].mlp
+    row = 16 * ffn.dense1.out_features * 4  # one stage-1 row of the hidden map, fp32
+    monkeypatch.setattr(modeling, "MMAP_THRESHOLD", 1)  # every hidden map counts as mapped
+    monkeypatch.setattr(modeling, "_BAND_BYTES", (band_rows + 2) * row)
+    calls, real = [], type(ffn)._forward_banded
+    monkeypatch.setattr(type(ffn), "_forward_banded", lambda self, *a: calls.append(a[3]) or real(self, *a))
+    with torch.no_grad():
+        banded = model(x).logits
+    assert band_rows in calls  # stage 1 ran in bands of band_rows rows
+    depth = series_depth(model, x)
+    assert rel_err(banded, whole) <= 2 * fp32_tol(depth)  # two fp32 passes (in practice bit-equal)
+    assert rel_err(banded, plain) <= 2 * fp32_tol(depth)
+
+
 def test_cpu_batch_chunks_equal_the_whole_batch(monkeypatch):
     """CPU inference splits a batch into chunks (and the folded head runs image by image): same logits."""
     from segformer import modeling
