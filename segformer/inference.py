@@ -23,7 +23,7 @@ import contextlib
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .allocator import MMAP_THRESHOLD
 from .distributed import unwrap_model
 
 MODES = ("whole", "aligned", "slide")
@@ -264,43 +265,58 @@ def labels_from_probs(probs: torch.Tensor, threshold: float = 0.5) -> torch.Tens
     return probs.argmax(dim=1)
 
 
-def upsampled_argmax(probs: torch.Tensor, size: tuple[int, int], rows: int = 256) -> torch.Tensor:
+def upsampled_argmax(probs: torch.Tensor, size: tuple[int, int], rows: int | None = None) -> torch.Tensor:
     """(B, K, h, w) probabilities → (B, H, W) int64 class ids at ``size`` = (H, W): the argmax of the bilinearly
-    upsampled (align_corners=False, as F.interpolate) logits, computed ``rows`` output rows at a time so that
-    only a slice ever exists at full size. K == 1 (sigmoid): logit > 0.
+    upsampled (align_corners=False, as F.interpolate) logits, computed ``rows`` output rows at a time (default:
+    as many as keep each (B, K, rows, W) slice under 32 MiB) so that only a slice ever exists at full size.
+    K == 1 (sigmoid): logit > 0.
 
     For huge images: (B, K, H, W) float32 probabilities of a 12 MP photo with 150 classes take 7 GB. log p
     differs from the logits by a per-pixel constant, so upsampling log p gives the argmax of the logits."""
-    height, width = size
-    h = probs.shape[-2]
     binary = probs.shape[1] == 1
     p = probs.clamp(1e-30, 1 - 1e-7) if binary else probs.clamp_min(1e-30)
     values = p.log() - (-p).log1p() if binary else p.log()  # the logits, up to a per-pixel constant
+    return _upsampled_argmax(values, size, rows)
+
+
+def _upsampled_argmax(values: torch.Tensor, size: tuple[int, int], rows: int | None = None) -> torch.Tensor:
+    """(B, K, h, w) logits (or anything with their per-pixel argmax, such as log-probabilities) → (B, H, W) int64
+    argmax of their bilinear upsampling to ``size``, in bands of ``rows`` output rows; K == 1: value > 0.
+    Equal to the argmax of F.interpolate's result except where two classes' values are within its rounding."""
+    height, width = size
+    h = values.shape[-2]
+    if rows is None:
+        rows = max(1, MMAP_THRESHOLD // (4 * values.shape[0] * values.shape[1] * width))
     # Source row of every output row, as F.interpolate computes it: (i + 0.5) · h / H - 0.5, clamped at 0.
     src = ((torch.arange(height, dtype=torch.float64) + 0.5) * (h / height) - 0.5).clamp_min(0)
     y0 = src.floor().long().clamp_max(h - 1)
     y1 = (y0 + 1).clamp_max(h - 1)
-    wy = (src - y0).to(device=probs.device, dtype=probs.dtype)
-    out = torch.empty((probs.shape[0], height, width), dtype=torch.long, device=probs.device)
+    wy = (src - y0).to(device=values.device, dtype=values.dtype)
+    out = torch.empty((values.shape[0], height, width), dtype=torch.long, device=values.device)
     for r0 in range(0, height, rows):
         r1 = min(r0 + rows, height)
-        # Widen the needed source rows (same row count: the height is untouched), then blend rows.
+        # Widen the needed source rows (same row count: the height is untouched), then blend rows in place:
+        # top + (bottom - top) · wy.
         top = F.interpolate(values[:, :, y0[r0:r1]], size=(r1 - r0, width), mode="bilinear", align_corners=False)
-        bottom = F.interpolate(values[:, :, y1[r0:r1]], size=(r1 - r0, width), mode="bilinear", align_corners=False)
-        blend = top + (bottom - top) * wy[r0:r1].view(1, 1, -1, 1)  # (B, K, rows, W)
+        blend = F.interpolate(values[:, :, y1[r0:r1]], size=(r1 - r0, width), mode="bilinear", align_corners=False)
+        blend.sub_(top).mul_(wy[r0:r1].view(1, 1, -1, 1)).add_(top)  # (B, K, rows, W)
+        del top
         out[:, r0:r1] = labels_from_probs(blend, threshold=0.0)  # blend holds logits: > 0 is p > 0.5
     return out
 
 
-def _forward_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """(B, 3, h, w) → float32 logits (B, K, h, w), upsampled from the model's 1/4 resolution."""
+def _resize(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)
+
+
+def _model_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, h, w) → float32 logits (B, K, h', w') at the model's resolution (1/4 of the input for SegFormer)."""
     out = model(x)
     if isinstance(out, torch.Tensor):  # the backends of segformer.backends return the logits alone
         logits = out
     else:
         logits = out.logits if hasattr(out, "logits") else out[0]  # return_dict=False models give tuples
-    logits = logits.float()
-    return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return logits.float()
 
 
 def _min_side(model: nn.Module) -> int:
@@ -312,43 +328,95 @@ def _min_side(model: nn.Module) -> int:
     return min_input_size(config)
 
 
-def _whole(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Logits of the image as is; images below the model's minimum size are padded (bottom/right) and the
-    padding cropped away, as the sliding window does for small images."""
-    h, w = x.shape[-2:]
-    need = _min_side(model)
-    if h >= need and w >= need:
-        return _forward_logits(model, x)
-    padded = F.pad(x, (0, max(need - w, 0), 0, max(need - h, 0)))  # 0 = the mean colour after normalising
-    return _forward_logits(model, padded)[..., :h, :w]
+def _probs(logits: torch.Tensor) -> torch.Tensor:
+    return logits.sigmoid() if logits.shape[1] == 1 else logits.softmax(dim=1)
 
 
-def _slide(model: nn.Module, x: torch.Tensor, crop_size: tuple[int, int], stride: tuple[int, int]) -> torch.Tensor:
-    """Sliding-window logits (B, K, H, W): windows of crop_size at stride (the last row/column of windows is
-    shifted back to end at the border), logits summed and divided by the number of windows per pixel."""
-    ch, cw = crop_size
-    sh, sw = stride
+@dataclass
+class _Pass:
+    """One pass (one scale, flipped or not) of a batch, kept at the model's resolution: 1/16 of the pixels.
+
+    windows: (y1, y2, x1, x2, logits (B, K, h', w') float32) of each forward; "whole" and "aligned" have one, over
+    the whole ``padded`` input. padded: the (height, width) the windows tile (the pass's input padded up to the
+    model's minimum size or to the crop). size: the pass's input (height, width). count: (1, 1, *padded) windows
+    per pixel for the sliding window, else None.
+    """
+
+    windows: list[tuple[int, int, int, int, torch.Tensor]]
+    padded: tuple[int, int]
+    size: tuple[int, int]
+    flipped: bool
+    count: torch.Tensor | None
+
+    def logits(self, i: int, output_size: tuple[int, int]) -> torch.Tensor:
+        """Image ``i``'s float32 logits (1, K, H_out, W_out): each window's logits upsampled to its input size,
+        window sums divided by the window count, the padding cropped away, flipped back, resized to
+        ``output_size``. Every operation works on each image alone, so this is bit for bit the slice ``i`` of
+        the same operations on the whole batch."""
+        if self.count is None:
+            full = _resize(self.windows[0][4][i : i + 1], self.padded)
+        else:
+            full = None
+            for y1, y2, x1, x2, logits in self.windows:
+                up = _resize(logits[i : i + 1], (y2 - y1, x2 - x1))  # (1, K, ch, cw)
+                if full is None:
+                    full = up.new_zeros((1, up.shape[1], *self.padded))
+                full[:, :, y1:y2, x1:x2] += up
+                del up
+            assert full is not None
+            full = full / self.count
+        full = full[..., : self.size[0], : self.size[1]]
+        if self.flipped:
+            full = full.flip(-1)
+        return full if full.shape[-2:] == output_size else _resize(full, output_size)
+
+
+def _forward_pass(model: nn.Module, x: torch.Tensor, opts: InferenceOptions, flipped: bool) -> _Pass:
+    """The model over one pass's input (B, 3, h, w): the image as is (padded bottom/right up to the model's
+    minimum size: 0 is the mean colour after normalising), or sliding windows of crop_size at stride (the last
+    row/column of windows shifted back to end at the border; images smaller than the crop padded to it)."""
     h, w = x.shape[-2:]
-    # Pad images smaller than the crop so that every window has the crop's size; crop the padding away below.
+    if opts.mode != "slide":
+        need = _min_side(model)
+        if h < need or w < need:
+            x = F.pad(x, (0, max(need - w, 0), 0, max(need - h, 0)))
+        H, W = x.shape[-2:]
+        return _Pass([(0, H, 0, W, _model_logits(model, x))], (H, W), (h, w), flipped, None)
+    (ch, cw), (sh, sw) = opts.crop_size, opts.stride
     ph, pw = max(ch - h, 0), max(cw - w, 0)
     if ph or pw:
         x = F.pad(x, (0, pw, 0, ph))
     H, W = x.shape[-2:]
     rows = max(H - ch + sh - 1, 0) // sh + 1
     cols = max(W - cw + sw - 1, 0) // sw + 1
-    total: torch.Tensor | None = None
+    windows = []
     count = torch.zeros((1, 1, H, W), device=x.device, dtype=torch.float32)
     for r in range(rows):
         for c in range(cols):
             y2, x2 = min(r * sh + ch, H), min(c * sw + cw, W)
             y1, x1 = max(y2 - ch, 0), max(x2 - cw, 0)
-            logits = _forward_logits(model, x[:, :, y1:y2, x1:x2])  # (B, K, ch, cw)
-            if total is None:
-                total = x.new_zeros((x.shape[0], logits.shape[1], H, W), dtype=torch.float32)
-            total[:, :, y1:y2, x1:x2] += logits
+            windows.append((y1, y2, x1, x2, _model_logits(model, x[:, :, y1:y2, x1:x2])))
             count[:, :, y1:y2, x1:x2] += 1
-    assert total is not None
-    return (total / count)[:, :, :h, :w]
+    return _Pass(windows, (H, W), (h, w), flipped, count)
+
+
+def _passes(model: nn.Module, x: torch.Tensor, opts: InferenceOptions) -> Iterator[_Pass]:
+    """The passes of ``opts`` over the batch ``x`` (B, 3, H, W), in order: each scale, then its flipped copy."""
+    H, W = x.shape[-2:]
+    for scale in opts.scales if opts.scales is not None else (1.0,):
+        if opts.mode == "aligned":
+            size = aligned_size(
+                H,
+                W,
+                short_side=round(opts.short_side * scale),
+                long_side=round(opts.long_side * scale),
+                align=opts.align,
+            )
+        else:
+            size = (max(round(H * scale), 1), max(round(W * scale), 1))
+        scaled = x if size == (H, W) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        for flipped in (False, True) if opts.flip else (False,):
+            yield _forward_pass(model, scaled.flip(-1) if flipped else scaled, opts, flipped)
 
 
 def aligned_size(
@@ -360,6 +428,32 @@ def aligned_size(
     scale = min(long_side / max(height, width), short_side / min(height, width))
     h, w = int(height * scale + 0.5), int(width * scale + 0.5)
     return math.ceil(h / align) * align, math.ceil(w / align) * align
+
+
+def _prepare(
+    model: nn.Module, pixel_values: torch.Tensor, options: InferenceOptions | None, keywords: dict[str, Any]
+) -> tuple[InferenceOptions, nn.Module, torch.Tensor]:
+    """The options, the unwrapped model and the input on its device and dtype; ValueError for bad arguments."""
+    opts = resolve_options(options, keywords)
+    if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4:
+        shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
+        raise ValueError(f"pixel_values must be a (batch, 3, height, width) tensor, got {shape}")
+    net = unwrap_model(model)
+    param = next(net.parameters(), None)
+    x = pixel_values
+    if param is not None:
+        x = x.to(device=param.device, dtype=param.dtype if param.is_floating_point() else x.dtype)
+    return opts, net, x
+
+
+@contextlib.contextmanager
+def _eval_mode(net: nn.Module) -> Iterator[None]:
+    was_training = net.training
+    net.eval()
+    try:
+        yield
+    finally:
+        net.train(was_training)
 
 
 @torch.no_grad()
@@ -388,62 +482,88 @@ def infer(
     adds a horizontally flipped pass of each scale; the probabilities of all passes are averaged.
 
     Runs under torch.no_grad with the model in eval mode (its previous mode is restored), on the model's device
-    and dtype; the logits are cast to float32 before resizing and softmax.
+    and dtype; the logits are cast to float32 before resizing and softmax. Each pass runs the model on the whole
+    batch; everything at full resolution is computed one image at a time and written into the result, so the
+    result is the only (B, K, H_out, W_out) tensor (besides, per pass, the model's logits: 1/16 of the pixels).
     """
-    opts = resolve_options(options, keywords)
-    if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4:
-        shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
-        raise ValueError(f"pixel_values must be a (batch, 3, height, width) tensor, got {shape}")
-    mode, crop_size, stride, flip = opts.mode, opts.crop_size, opts.stride, opts.flip
-    scales = list(opts.scales) if opts.scales is not None else [1.0]
-    H, W = pixel_values.shape[-2:]
-    out_h, out_w = _check_pair(output_size, "output_size") if output_size is not None else (H, W)
-
-    net = unwrap_model(model)
-    was_training = net.training
-    net.eval()
-    try:
-        param = next(net.parameters(), None)
-        x = pixel_values
-        if param is not None:
-            x = x.to(device=param.device, dtype=param.dtype if param.is_floating_point() else x.dtype)
-        probs: torch.Tensor | None = None
-        passes = 0
-        for scale in scales:
-            if mode == "aligned":
-                size = aligned_size(
-                    H,
-                    W,
-                    short_side=round(opts.short_side * scale),
-                    long_side=round(opts.long_side * scale),
-                    align=opts.align,
-                )
-            else:
-                size = (max(round(H * scale), 1), max(round(W * scale), 1))
-            scaled = x if size == (H, W) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-            for flipped in (False, True) if flip else (False,):
-                inp = scaled.flip(-1) if flipped else scaled
-                logits = _slide(net, inp, crop_size, stride) if mode == "slide" else _whole(net, inp)
-                if flipped:
-                    logits = logits.flip(-1)
-                if logits.shape[-2:] != (out_h, out_w):
-                    logits = F.interpolate(logits, size=(out_h, out_w), mode="bilinear", align_corners=False)
-                p = logits.sigmoid() if logits.shape[1] == 1 else logits.softmax(dim=1)
-                probs = p if probs is None else probs.add_(p)
-                passes += 1
-        assert probs is not None
-        return probs / passes if passes > 1 else probs
-    finally:
-        net.train(was_training)
+    opts, net, x = _prepare(model, pixel_values, options, keywords)
+    b, (H, W) = x.shape[0], x.shape[-2:]
+    out_size = _check_pair(output_size, "output_size") if output_size is not None else (H, W)
+    probs: torch.Tensor | None = None
+    passes = 0
+    with _eval_mode(net):
+        for one in _passes(net, x, opts):
+            for i in range(b):
+                p = _probs(one.logits(i, out_size))  # (1, K, H_out, W_out)
+                if probs is None:
+                    probs = p.new_empty((b, *p.shape[1:]))
+                if passes == 0:
+                    probs[i : i + 1] = p
+                else:
+                    probs[i : i + 1] += p
+                del p
+            del one  # before the next pass's forward
+            passes += 1
+    assert probs is not None
+    return probs.div_(passes) if passes > 1 else probs
 
 
+@torch.no_grad()
 def predict_labels(
-    model: nn.Module, pixel_values: torch.Tensor, options: InferenceOptions | None = None, **kwargs: Any
+    model: nn.Module,
+    pixel_values: torch.Tensor,
+    options: InferenceOptions | None = None,
+    *,
+    output_size: tuple[int, int] | None = None,
+    band_above: int | None = None,
+    **keywords: Any,
 ) -> torch.Tensor:
     """(B, H_out, W_out) int64 class ids: :func:`labels_from_probs` of ``infer(model, pixel_values, options,
-    **kwargs)`` (the argmax; for a one-label (binary) model, probability > 0.5). Takes :func:`infer`'s
-    arguments."""
-    return labels_from_probs(infer(model, pixel_values, options, **kwargs))
+    output_size=output_size, **keywords)`` (the argmax; for a one-label (binary) model, probability > 0.5).
+    Takes :func:`infer`'s arguments.
+
+    Holds no (B, K, H_out, W_out) tensor: the passes run the model on the whole batch, then each image is taken
+    to full resolution alone. A single pass takes the argmax of the logits themselves (softmax keeps their
+    order; sigmoid(z) > 0.5 is z > 0), so labels can differ from the argmax of :func:`infer`'s probabilities
+    only where two classes' rounded probabilities are equal. Several passes average the probabilities, as
+    :func:`infer`, bit for bit.
+
+    ``band_above``: for a single pass (no scales, no flip, not "slide") whose last step upsamples to more than
+    this many elements per image (K·H_out·W_out), that upsampling is done in row bands straight into the
+    argmax (:func:`upsampled_argmax`), so not even one image's (K, H_out, W_out) logits exist: for huge
+    photos in "aligned" mode. Equal to the exact labels except where two classes are within rounding.
+    """
+    opts, net, x = _prepare(model, pixel_values, options, keywords)
+    b, (H, W) = x.shape[0], x.shape[-2:]
+    out_size = _check_pair(output_size, "output_size") if output_size is not None else (H, W)
+    labels = torch.empty((b, *out_size), dtype=torch.long, device=x.device)
+    with _eval_mode(net):
+        passes = list(_passes(net, x, opts))  # every forward first: kept at the model's resolution
+    for i in range(b):
+        if len(passes) > 1:
+            probs: torch.Tensor | None = None
+            for one in passes:
+                p = _probs(one.logits(i, out_size))  # (1, K, H_out, W_out)
+                probs = p if probs is None else probs.add_(p)
+                del p
+            assert probs is not None
+            labels[i] = labels_from_probs(probs.div_(len(passes)))[0]
+            del probs
+        elif _banded(passes[0], out_size, band_above):
+            (_, _, _, _, logits), size = passes[0].windows[0], passes[0].size
+            labels[i] = _upsampled_argmax(_resize(logits[i : i + 1], size), out_size)[0]
+        else:
+            labels[i] = labels_from_probs(passes[0].logits(i, out_size), threshold=0.0)[0]  # logits: > 0 for K == 1
+    return labels
+
+
+def _banded(one: _Pass, out_size: tuple[int, int], band_above: int | None) -> bool:
+    """Whether a single pass's labels come from :func:`_upsampled_argmax`: its last step is an upsampling of a
+    whole image (not cropped, not flipped) to more than ``band_above`` elements per image."""
+    if band_above is None or one.count is not None or one.flipped or one.padded != one.size:
+        return False
+    k = one.windows[0][4].shape[1]
+    return k * out_size[0] * out_size[1] > band_above and one.size[0] * one.size[1] < out_size[0] * out_size[1]
 
 
 __all__ = [

@@ -614,6 +614,9 @@ class SegformerDecodeHead(nn.Module):
         b, _, height, width = maps[0].shape
         # In place (phase resizing, GEMM accumulation) unless a graph is being recorded for autograd or export.
         eager = not (_capturing_graph() or (torch.is_grad_enabled() and any(m.requires_grad for m in matrices)))
+        band = self._band_rows(maps, matrices) if eager and b == 1 else 0
+        if band:
+            return self._folded_logits_banded(maps, matrices, bias, band, out, index)
         # Deepest (smallest) stage first: it carries the bias, cheapest there (an upsampling keeps constants,
         # its weights summing to one up to the rounding of its coefficients, ~1e-7 relative in fp32).
         acc = None  # (b, H_1, W_1, D), contiguous: tokens of stage 1's grid
@@ -638,6 +641,55 @@ class SegformerDecodeHead(nn.Module):
         if out is None:
             return self._classify(features)
         self._classify(features, out[index : index + 1])
+        return out
+
+    def _band_rows(self, maps: list[torch.Tensor], matrices: list[torch.Tensor]) -> int:
+        """Rows per band for :meth:`_folded_logits_banded`, or 0 where one image's head runs whole: where the
+        (H_1, W_1, D) sum would be a fresh mapping (above glibc's mmap threshold; below it, whole is as fast),
+        on the CPU, in one dtype, with every stage a power-of-two factor smaller than stage 1."""
+        height, width = maps[0].shape[-2:]
+        d, dtype = matrices[0].shape[0], matrices[0].dtype
+        if len(maps) < 2 or maps[0].device.type != "cpu" or any(x.dtype != dtype for x in maps):
+            return 0
+        if not _is_mapped(height * width * d * maps[0].element_size()):
+            return 0
+        if not all(_power_of_two(height, x.shape[-2]) and _power_of_two(width, x.shape[-1]) for x in maps):
+            return 0
+        step = max(height // x.shape[-2] for x in maps)  # bands start on rows of every stage's grid
+        return max(step, _BAND_BYTES // (width * d * maps[0].element_size()) // step * step)
+
+    def _folded_logits_banded(
+        self,
+        maps: list[torch.Tensor],
+        matrices: list[torch.Tensor],
+        bias: torch.Tensor,
+        band: int,
+        out: torch.Tensor | None,
+        index: int,
+    ) -> torch.Tensor:
+        """:meth:`_folded_logits` for one image, ``band`` rows of stage 1's grid at a time: the projected deeper
+        stages (small) are upsampled band by band (each band's source rows with one halo row each side), stage 1
+        is added inside its GEMM, then ReLU and the classifier — the same values, with every full-resolution
+        intermediate (the D-channel sum, the upsampled maps) band-sized: in cache, and never a fresh mapping."""
+        height, width = maps[0].shape[-2:]
+        last = len(maps) - 1
+        small = {}  # the deeper stages projected at their own resolution, (1, h_i, w_i, D)
+        for i in range(1, len(maps)):
+            h, w = maps[i].shape[-2:]
+            small[i] = _linear(map_to_tokens(maps[i]), matrices[i], bias if i == last else None).view(1, h, w, -1)
+        tokens = map_to_tokens(maps[0]).reshape(height * width, -1)  # (H_1 * W_1, C_1)
+        for r0 in range(0, height, band):
+            r1 = min(height, r0 + band)
+            acc = None  # (1, r1 - r0, W_1, D)
+            for i in reversed(range(1, len(maps))):  # deepest first, as in the whole-image path
+                sh, sw = height // small[i].shape[1], width // small[i].shape[2]
+                acc = _upsample_by_phases(small[i], sh, sw, acc, rows=(r0 // sh, r1 // sh))
+            acc.view(-1, acc.shape[-1]).addmm_(tokens[r0 * width : r1 * width], matrices[0].t())
+            logits = self._classify(self.dropout(F.relu(acc.permute(0, 3, 1, 2), inplace=True)))
+            if out is None:
+                out, index = logits.new_empty((1, logits.shape[1], height, width)), 0
+            out[index : index + 1, :, r0:r1] = logits
+        assert out is not None
         return out
 
     # In training the BatchNorm needs the batch statistics of the fused map, so it cannot be folded, but the
@@ -727,10 +779,13 @@ def _power_of_two(size: int, source: int) -> bool:
     return rest == 0 and factor & (factor - 1) == 0
 
 
-def _upsample_by_phases(y: torch.Tensor, sh: int, sw: int, acc: torch.Tensor | None) -> torch.Tensor:
+def _upsample_by_phases(
+    y: torch.Tensor, sh: int, sw: int, acc: torch.Tensor | None, rows: tuple[int, int] | None = None
+) -> torch.Tensor:
     """Bilinear upsampling (align_corners=False) of ``y`` (B, h, w, D) by the integer factors ``sh``, ``sw``
     (powers of two, where the weights equal the kernel's exactly), added into ``acc`` ((B, sh*h, sw*w, D),
-    contiguous) in place, or into a new tensor when ``acc`` is None.
+    contiguous) in place, or into a new tensor when ``acc`` is None. With ``rows`` = (i0, i1), only output rows
+    sh*i0 … sh*i1 - 1 (``acc`` then holds just those).
 
     With an integer factor s, output pixel s*i + p lies at source coordinate i + o_p, o_p = (p + 0.5)/s - 0.5,
     the same offset for every i: each output phase p is one blend of two shifted copies of the input (edge
@@ -738,25 +793,27 @@ def _upsample_by_phases(y: torch.Tensor, sh: int, sw: int, acc: torch.Tensor | N
     vertical phases, each a whole-row slice of the output — streaming passes that run 2–4× faster than
     PyTorch's generic kernel (whose per-pixel index arithmetic dominates) and add into ``acc`` directly."""
     b, h, w, d = y.shape
-    padded = y.new_empty(b, h + 2, w + 2, d)  # edge pixels repeated: the kernel's clamp at the borders
-    padded[:, 1:-1, 1:-1] = y
-    padded[:, 0, 1:-1], padded[:, -1, 1:-1] = y[:, 0], y[:, -1]
-    padded[:, :, 0], padded[:, :, -1] = padded[:, :, 1], padded[:, :, -2]
-    wide = y.new_empty(b, h + 2, w, sw, d)  # (B, h + 2, W, D): rows still padded for the vertical pass
+    i0, i1 = rows if rows is not None else (0, h)
+    n = i1 - i0
+    # the source rows i0 - 1 … i1 and columns -1 … w, edge pixels repeated: the kernel's clamp at the borders
+    row_index = torch.arange(i0 - 1, i1 + 1, device=y.device).clamp_(0, h - 1)
+    col_index = torch.arange(-1, w + 1, device=y.device).clamp_(0, w - 1)
+    padded = y.index_select(1, row_index).index_select(2, col_index)  # (B, n + 2, w + 2, D)
+    wide = y.new_empty(b, n + 2, w, sw, d)  # (B, n + 2, W, D): rows still padded for the vertical pass
     for p in range(sw):
         offset = (p + 0.5) / sw - 0.5
         neighbour = padded[:, :, 0:w] if offset < 0 else padded[:, :, 2 : w + 2]
         torch.lerp(padded[:, :, 1 : w + 1], neighbour, abs(offset), out=wide[:, :, :, p])
-    wide = wide.view(b, h + 2, w * sw, d)
-    out = y.new_empty(b, h * sh, w * sw, d) if acc is None else acc
-    rows = out.view(b, h, sh, w * sw, d)
+    wide = wide.view(b, n + 2, w * sw, d)
+    out = y.new_empty(b, n * sh, w * sw, d) if acc is None else acc
+    out_rows = out.view(b, n, sh, w * sw, d)
     for p in range(sh):
         offset = (p + 0.5) / sh - 0.5
-        centre, neighbour = wide[:, 1 : h + 1], wide[:, 0:h] if offset < 0 else wide[:, 2 : h + 2]
+        centre, neighbour = wide[:, 1 : n + 1], wide[:, 0:n] if offset < 0 else wide[:, 2 : n + 2]
         if acc is None:
-            torch.lerp(centre, neighbour, abs(offset), out=rows[:, :, p])
+            torch.lerp(centre, neighbour, abs(offset), out=out_rows[:, :, p])
         else:
-            rows[:, :, p].add_(centre, alpha=1 - abs(offset)).add_(neighbour, alpha=abs(offset))
+            out_rows[:, :, p].add_(centre, alpha=1 - abs(offset)).add_(neighbour, alpha=abs(offset))
     return out
 
 

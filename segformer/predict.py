@@ -52,12 +52,11 @@ from .images import (
 )
 from .inference import (
     InferenceOptions,
-    aligned_size,
     infer,
     labels_from_probs,
+    predict_labels,
     resolve_options,
     select_dtype,
-    upsampled_argmax,
 )
 from .pretrained import resolve_dtype, select_device
 from .visualize import class_names, palette_for
@@ -247,28 +246,23 @@ class SegformerPredictor:
         self._check(image)
         return image
 
-    # Above this many output elements (B·K·H·W) an aligned single pass is upsampled in row chunks.
+    # Above this many output elements per image (K·H·W), an aligned single pass's labels are upsampled from the
+    # working size in row bands (:func:`segformer.inference.predict_labels`' band_above).
     chunk_threshold: int = 1 << 26
 
     def _run(self, images: list[Image.Image], return_probs: bool) -> list[Segmentation]:
         """Same-size RGB images → one forward pass (through segformer.inference)."""
         batch = torch.stack([self.preprocess(im) for im in images]).to(self.device)  # (B, 3, H, W)
-        b, (h, w) = batch.shape[0], batch.shape[-2:]
-        opts, k = self.options, self.config.num_labels
-        work = aligned_size(h, w, short_side=opts.short_side, long_side=opts.long_side, align=opts.align)
-        # Only where the working size is smaller than the image: otherwise the chunks cost without saving memory.
-        big = b * k * h * w > self.chunk_threshold and work[0] * work[1] < h * w
-        if opts.mode == "aligned" and opts.single_pass and not return_probs and big:
-            # A huge photo would need (B, K, H, W) float32 probabilities at full size (7 GB for 150 classes
-            # at 12 MP): take them at the working size and upsample in row chunks instead.
-            small = infer(self.model, batch, opts, output_size=work)  # (B, K, h', w')
-            labels = upsampled_argmax(small, (h, w))
-            probs = None
-        else:
-            probs = infer(self.model, batch, opts)  # (B, K, H, W) float32 at the input size
+        if return_probs:
+            probs = infer(self.model, batch, self.options)  # (B, K, H, W) float32 at the input size
             labels = labels_from_probs(probs)  # (B, H, W)
+        else:
+            # Image by image at full resolution; a huge photo (7 GB of float32 logits for 150 classes at 12 MP)
+            # in row bands from the working size.
+            probs = None
+            labels = predict_labels(self.model, batch, self.options, band_above=self.chunk_threshold)
         labels_np = labels.cpu().numpy().astype(self._labels_dtype())
-        probs_np = probs.float().cpu().numpy() if return_probs and probs is not None else None
+        probs_np = probs.float().cpu().numpy() if probs is not None else None
         return [Segmentation(labels_np[i], probs_np[i] if probs_np is not None else None) for i in range(len(images))]
 
     def predict_iter(

@@ -340,6 +340,10 @@ def test_upsampling_by_phases_equals_the_bilinear_kernel(factors, size, accumula
     out = _upsample_by_phases(y, sh, sw, None if acc is None else acc.clone())
     # each side: a two-tap blend per axis and the add into acc, <= 4 roundings of values <= scale: 8u for both
     assert (out - ref).abs().max() <= 8 * U32 * scale
+    for i0, i1 in ((0, 1), (h - 1, h), (h // 2, h)):  # row bands, each with its halo rows: the same rows
+        part = None if acc is None else acc[:, i0 * sh : i1 * sh].clone()
+        band = _upsample_by_phases(y, sh, sw, part, rows=(i0, i1))
+        assert (band - ref[:, i0 * sh : i1 * sh]).abs().max() <= 8 * U32 * scale  # as above
 
 
 def ops_run(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
@@ -419,6 +423,29 @@ def test_banded_mix_ffn_equals_the_whole_map(monkeypatch, band_rows):
     depth = series_depth(model, x)
     assert rel_err(banded, whole) <= 2 * fp32_tol(depth)  # two fp32 passes (in practice bit-equal)
     assert rel_err(banded, plain) <= 2 * fp32_tol(depth)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_banded_head_equals_the_whole_head(monkeypatch, batch):
+    """Where one image's D-channel sum would be a fresh mapping, the folded head runs in row bands (each
+    deeper stage upsampled from its band's rows plus halo rows): the same logits as whole, and as plain."""
+    model = randomize_(SegformerForSemanticSegmentation(tiny_config()), seed=9).eval()
+    x = torch.randn(batch, 3, 160, 96)  # stage 1: 40 x 24, stages 2-4 a power-of-two factor smaller
+    with torch.no_grad():
+        whole = model(x).logits
+        model.fast_path = False
+        plain = model(x).logits
+        model.fast_path = True
+    head, d = model.decode_head, model.config.decoder_hidden_size
+    monkeypatch.setattr(modeling, "MMAP_THRESHOLD", 1)  # every full-resolution map counts as mapped
+    monkeypatch.setattr(modeling, "_BAND_BYTES", 16 * 24 * d * 4)  # bands of 16 rows: 16 + 16 + 8
+    calls, real = [], type(head)._folded_logits_banded
+    monkeypatch.setattr(type(head), "_folded_logits_banded", lambda self, *a: calls.append(a[3]) or real(self, *a))
+    with torch.no_grad():
+        banded = model(x).logits
+    assert calls == [16] * batch
+    tol = 2 * fp32_tol(series_depth(model, x))  # two fp32 passes (in practice bit-equal to whole)
+    assert rel_err(banded, whole) <= tol and rel_err(banded, plain) <= tol
 
 
 def test_cpu_batch_chunks_equal_the_whole_batch(monkeypatch):
