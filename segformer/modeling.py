@@ -13,10 +13,11 @@ channels-last (B, C, H, W) for the convolutions, so no reshape copies them.
 The eval-mode fast path (``model.fast_path``, on by default) is exact algebra, not an approximation:
 PyTorch's fused attention kernel (never materialising the N×N' attention matrix), and a decode head whose
 per-stage Linear, upsampling, concatenation, 1×1 fuse conv and BatchNorm are folded into one D×C_i matrix
-per stage plus one bias (see :meth:`SegformerDecodeHead.folded`). On the CPU in fp32 inference, also the
-depthwise conv and GELU of each Mix-FFN in one oneDNN kernel, the head's power-of-two upsamplings as blends
-of shifted copies added in place, and stage 1's projection accumulated inside its GEMM (same formulas, other
-rounding order: agreement within fp32 rounding, tested against the plain path).
+per stage plus one bias (see :meth:`SegformerDecodeHead.folded`). On the CPU in fp32 inference, also
+oneDNN's matmul for every Linear and the classifier, the depthwise conv and GELU of each Mix-FFN in one oneDNN
+kernel, the head's power-of-two upsamplings as blends of shifted copies added in place, stage 1's projection
+accumulated inside its GEMM, and row bands for one image whose Mix-FFN or head maps would exceed glibc's mmap
+threshold (same formulas, other rounding order: agreement within fp32 rounding, tested against the plain path).
 """
 
 from __future__ import annotations
