@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import platform
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
@@ -742,8 +743,10 @@ def _capturing_graph() -> bool:
     return torch.jit.is_tracing() or torch.compiler.is_compiling() or exporting()
 
 
-_CONV_POINTWISE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-_LINEAR_POINTWISE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# PyTorch's oneDNN operators, where they were measured: x86-64 builds with oneDNN (AVX2 and AVX-512 kernels)
+_ONEDNN_X86 = torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
+_CONV_POINTWISE = _ONEDNN_X86 and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+_LINEAR_POINTWISE = _ONEDNN_X86 and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def _cpu_autocast() -> bool:
