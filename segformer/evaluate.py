@@ -25,7 +25,7 @@ from torch import nn
 from .data.datasets import SegmentationDataset
 from .distributed import get_rank, get_world_size, unwrap_model
 from .fileio import atomic_write_text
-from .inference import InferenceOptions, autocast, infer, labels_from_probs, resolve_options
+from .inference import InferenceOptions, autocast, predict_labels, resolve_options
 from .metrics import ConfusionMatrix, metrics_to_json
 
 # The published protocols (NVlabs/mmseg test configs): ADE20K whole-image after an aligned resize, Cityscapes
@@ -64,7 +64,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Metrics of ``model`` on ``dataset`` (whose items are (normalised image (3, H, W), labels (H, W))).
 
-    Each image is predicted with :func:`segformer.inference.infer` under ``options`` (an
+    Each image is predicted with :func:`segformer.inference.predict_labels` under ``options`` (an
     :class:`~segformer.inference.InferenceOptions`, default whole image; its fields are also accepted as
     keywords: ``mode=``, ``crop_size=``, ``stride=``, ``short_side=``, ``long_side=``, ``align=``, ``scales=``,
     ``flip=``) at its label's size and counted in one confusion matrix over the whole set (summed over ranks
@@ -104,8 +104,7 @@ def evaluate(
     bar = tqdm(loader, desc="eval", disable=not progress or get_rank() != 0 or not sys.stderr.isatty(), leave=False)
     for position, (pixels, labels) in enumerate(bar):
         with autocast(device, amp):
-            probs = infer(net, pixels.to(device), options, output_size=tuple(labels.shape[-2:]))
-        pred = labels_from_probs(probs)
+            pred = predict_labels(net, pixels.to(device), options, output_size=tuple(labels.shape[-2:]))
         cm.update(pred, labels.to(device))
         if on_image is not None:
             on_image(indices[position], pred[0], labels[0])

@@ -5,6 +5,11 @@ input size (bilinear, align_corners=False), then resized to the output size, the
 the probabilities of all passes (scales × flips) are averaged. Logits are cast to float32 before any of this,
 so a bf16 or fp16 model gives float32 probabilities.
 
+Memory: each pass runs the model on the whole batch and keeps its logits at the model's 1/4 resolution; everything
+at full resolution is computed one image at a time. :func:`infer` writes into its (B, K, H, W) result and holds
+no second such tensor; :func:`predict_labels` holds none at all (b0, 150 classes, batch 8 at 512×512: 0.4 GB
+added at the peak instead of 2.7 GB; with scales 0.75, 1, 1.25 and flips 1.5 GB instead of 6.9 GB).
+
 :class:`InferenceOptions` is the one definition of these options (mode, crop_size, stride, short_side,
 long_side, align, scales, flip): :func:`infer`, :func:`segformer.evaluate.evaluate`,
 :class:`segformer.predict.SegformerPredictor`, ``TrainConfig``'s eval_* fields and the command-line options
@@ -259,7 +264,8 @@ def autocast(device: torch.device, amp: str | None):
 def labels_from_probs(probs: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     """(B, K, H, W) class probabilities → (B, H, W) int64 class ids: the argmax over K, or for a one-label
     (binary, sigmoid) model 1 where the probability is above ``threshold`` (0.5), else 0. Logits work too with
-    ``threshold=0`` (the argmax is the same, and sigmoid(z) > 0.5 exactly when z > 0)."""
+    ``threshold=0``: softmax and sigmoid keep their order, so the labels are the same except where rounding makes
+    two probabilities equal (classes a few float32 roundings apart; sigmoid(z) rounds to 0.5 for 0 < z <= ~6e-8)."""
     if probs.shape[1] == 1:
         return (probs[:, 0] > threshold).long()
     return probs.argmax(dim=1)
@@ -268,7 +274,7 @@ def labels_from_probs(probs: torch.Tensor, threshold: float = 0.5) -> torch.Tens
 def upsampled_argmax(probs: torch.Tensor, size: tuple[int, int], rows: int | None = None) -> torch.Tensor:
     """(B, K, h, w) probabilities → (B, H, W) int64 class ids at ``size`` = (H, W): the argmax of the bilinearly
     upsampled (align_corners=False, as F.interpolate) logits, computed ``rows`` output rows at a time (default:
-    as many as keep each (B, K, rows, W) slice under 32 MiB) so that only a slice ever exists at full size.
+    as many as keep each (B, K, rows, W) slice within 32 MiB) so that only a slice ever exists at full size.
     K == 1 (sigmoid): logit > 0.
 
     For huge images: (B, K, H, W) float32 probabilities of a 12 MP photo with 150 classes take 7 GB. log p
@@ -305,8 +311,44 @@ def _upsampled_argmax(values: torch.Tensor, size: tuple[int, int], rows: int | N
     return out
 
 
-def _resize(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)
+def _resize(t: torch.Tensor, size: tuple[int, int], out: torch.Tensor | None = None) -> torch.Tensor:
+    """Bilinear, align_corners=False; into ``out`` when given (F.interpolate's kernel and arithmetic: its ``out``
+    variant, which F.interpolate lacks)."""
+    if out is None:
+        return F.interpolate(t, size=size, mode="bilinear", align_corners=False)
+    return torch.ops.aten.upsample_bilinear2d.out(t, list(size), False, None, None, out=out)
+
+
+def _flip_into(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``t`` (1, K, h, w) flipped left-right into ``out``, in bands of rows: flip has no ``out`` (its out variant
+    copies a whole fresh result; index_select is 7x slower), so each band's copy stays small (an eighth of the
+    rows, at most 16 MiB)."""
+    rows = max(1, min(-(-t.shape[-2] // 8), (MMAP_THRESHOLD // 2) // (4 * t.shape[1] * t.shape[-1])))
+    for r0 in range(0, t.shape[-2], rows):
+        out[..., r0 : r0 + rows, :] = t[..., r0 : r0 + rows, :].flip(-1)
+    return out
+
+
+class _Scratch:
+    """Two float32 work areas for the per-image tensors of one call, reused for every image and pass: a batch maps
+    (and page-faults) its full-resolution temporaries once instead of once per image (for b0 at 512×512 with 150
+    classes, 8 fresh 157 MB mappings took longer than the upsampling written into them). Each step writes into
+    the area its input is not in."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.areas: list[torch.Tensor | None] = [None, None]
+
+    def take(self, shape: tuple[int, ...], avoid: torch.Tensor | None = None) -> torch.Tensor:
+        """An uninitialised float32 tensor of ``shape`` in the area that does not hold ``avoid``."""
+        held = avoid.untyped_storage().data_ptr() if avoid is not None else None
+        first = self.areas[0]
+        j = 1 if first is not None and first.untyped_storage().data_ptr() == held else 0
+        n = math.prod(shape)
+        if self.areas[j] is None or self.areas[j].numel() < n:  # type: ignore[union-attr]
+            self.areas[j] = None  # the smaller area goes first
+            self.areas[j] = torch.empty(n, dtype=torch.float32, device=self.device)
+        return self.areas[j][:n].view(shape)  # type: ignore[index]
 
 
 def _model_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -328,8 +370,11 @@ def _min_side(model: nn.Module) -> int:
     return min_input_size(config)
 
 
-def _probs(logits: torch.Tensor) -> torch.Tensor:
-    return logits.sigmoid() if logits.shape[1] == 1 else logits.softmax(dim=1)
+def _probs(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax over dim 1, or sigmoid when K == 1; written into ``out`` when given."""
+    if logits.shape[1] == 1:
+        return torch.sigmoid(logits, out=out) if out is not None else logits.sigmoid()
+    return torch.softmax(logits, 1, out=out) if out is not None else logits.softmax(dim=1)
 
 
 @dataclass
@@ -348,27 +393,31 @@ class _Pass:
     flipped: bool
     count: torch.Tensor | None
 
-    def logits(self, i: int, output_size: tuple[int, int]) -> torch.Tensor:
-        """Image ``i``'s float32 logits (1, K, H_out, W_out): each window's logits upsampled to its input size,
-        window sums divided by the window count, the padding cropped away, flipped back, resized to
-        ``output_size``. Every operation works on each image alone, so this is bit for bit the slice ``i`` of
-        the same operations on the whole batch."""
+    def logits(self, i: int, output_size: tuple[int, int], scratch: _Scratch) -> torch.Tensor:
+        """Image ``i``'s float32 logits (1, K, H_out, W_out), valid until ``scratch`` is used again: each window's
+        logits upsampled to its input size, window sums divided by the window count, the padding cropped away,
+        flipped back, resized to ``output_size``. Every operation works on each image alone, so this is bit for bit
+        the slice ``i`` of the same operations on the whole batch."""
+        k = self.windows[0][4].shape[1]
+
+        def up(logits: torch.Tensor, size: tuple[int, int], avoid: torch.Tensor | None) -> torch.Tensor:
+            one = logits[i : i + 1]  # (1, K, h', w')
+            # Logits in another layout (channels-last) keep F.interpolate's own choice of kernel for that layout.
+            return _resize(one, size, scratch.take((1, k, *size), avoid) if one.is_contiguous() else None)
+
         if self.count is None:
-            full = _resize(self.windows[0][4][i : i + 1], self.padded)
+            full = up(self.windows[0][4], self.padded, None)
         else:
-            full = None
+            full = scratch.take((1, k, *self.padded)).zero_()
             for y1, y2, x1, x2, logits in self.windows:
-                up = _resize(logits[i : i + 1], (y2 - y1, x2 - x1))  # (1, K, ch, cw)
-                if full is None:
-                    full = up.new_zeros((1, up.shape[1], *self.padded))
-                full[:, :, y1:y2, x1:x2] += up
-                del up
-            assert full is not None
-            full = full / self.count
+                full[:, :, y1:y2, x1:x2] += up(logits, (y2 - y1, x2 - x1), full)  # (1, K, ch, cw)
+            full.div_(self.count)
         full = full[..., : self.size[0], : self.size[1]]
         if self.flipped:
-            full = full.flip(-1)
-        return full if full.shape[-2:] == output_size else _resize(full, output_size)
+            full = _flip_into(full, scratch.take(full.shape, full))
+        if full.shape[-2:] != output_size:
+            full = _resize(full, output_size, scratch.take((1, k, *output_size), full))
+        return full
 
 
 def _forward_pass(model: nn.Module, x: torch.Tensor, opts: InferenceOptions, flipped: bool) -> _Pass:
@@ -490,18 +539,19 @@ def infer(
     b, (H, W) = x.shape[0], x.shape[-2:]
     out_size = _check_pair(output_size, "output_size") if output_size is not None else (H, W)
     probs: torch.Tensor | None = None
-    passes = 0
+    passes, scratch = 0, _Scratch(x.device)
     with _eval_mode(net):
         for one in _passes(net, x, opts):
+            if probs is None:
+                k = one.windows[0][4].shape[1]
+                probs = torch.empty((b, k, *out_size), dtype=torch.float32, device=x.device)
             for i in range(b):
-                p = _probs(one.logits(i, out_size))  # (1, K, H_out, W_out)
-                if probs is None:
-                    probs = p.new_empty((b, *p.shape[1:]))
+                logits = one.logits(i, out_size, scratch)  # (1, K, H_out, W_out)
                 if passes == 0:
-                    probs[i : i + 1] = p
+                    _probs(logits, out=probs[i : i + 1])
                 else:
-                    probs[i : i + 1] += p
-                del p
+                    probs[i : i + 1] += _probs(logits, out=scratch.take(logits.shape, logits))
+                del logits  # a view: it would keep an area that the next pass grows
             del one  # before the next pass's forward
             passes += 1
     assert probs is not None
@@ -525,8 +575,8 @@ def predict_labels(
     Holds no (B, K, H_out, W_out) tensor: the passes run the model on the whole batch, then each image is taken
     to full resolution alone. A single pass takes the argmax of the logits themselves (softmax keeps their
     order; sigmoid(z) > 0.5 is z > 0), so labels can differ from the argmax of :func:`infer`'s probabilities
-    only where two classes' rounded probabilities are equal. Several passes average the probabilities, as
-    :func:`infer`, bit for bit.
+    only where two classes' rounded probabilities are equal. Several passes average the probabilities as
+    :func:`infer` does.
 
     ``band_above``: for a single pass (no scales, no flip, not "slide") whose last step upsamples to more than
     this many elements per image (K·H_out·W_out), that upsampling is done in row bands straight into the
@@ -536,24 +586,28 @@ def predict_labels(
     opts, net, x = _prepare(model, pixel_values, options, keywords)
     b, (H, W) = x.shape[0], x.shape[-2:]
     out_size = _check_pair(output_size, "output_size") if output_size is not None else (H, W)
-    labels = torch.empty((b, *out_size), dtype=torch.long, device=x.device)
     with _eval_mode(net):
         passes = list(_passes(net, x, opts))  # every forward first: kept at the model's resolution
+    labels = torch.empty((b, *out_size), dtype=torch.long, device=x.device)
+    scratch, probs = _Scratch(x.device), None
     for i in range(b):
         if len(passes) > 1:
-            probs: torch.Tensor | None = None
-            for one in passes:
-                p = _probs(one.logits(i, out_size))  # (1, K, H_out, W_out)
-                probs = p if probs is None else probs.add_(p)
-                del p
+            for n, one in enumerate(passes):
+                logits = one.logits(i, out_size, scratch)  # (1, K, H_out, W_out)
+                if probs is None:
+                    probs = torch.empty_like(logits)
+                if n == 0:
+                    _probs(logits, out=probs)
+                else:
+                    probs += _probs(logits, out=scratch.take(logits.shape, logits))
+                del logits  # a view: it would keep an area that the next pass grows
             assert probs is not None
             labels[i] = labels_from_probs(probs.div_(len(passes)))[0]
-            del probs
         elif _banded(passes[0], out_size, band_above):
             (_, _, _, _, logits), size = passes[0].windows[0], passes[0].size
             labels[i] = _upsampled_argmax(_resize(logits[i : i + 1], size), out_size)[0]
-        else:
-            labels[i] = labels_from_probs(passes[0].logits(i, out_size), threshold=0.0)[0]  # logits: > 0 for K == 1
+        else:  # the argmax of the logits (> 0 for K == 1)
+            labels[i] = labels_from_probs(passes[0].logits(i, out_size, scratch), threshold=0.0)[0]
     return labels
 
 

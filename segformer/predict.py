@@ -23,6 +23,10 @@ Choices worth knowing:
   carries too little to segment, and one rule for all modes is easier to reason about.
 - Only images of the same size share a batch (each batch is one tensor); the predictor groups each window of
   ``batch_size`` images by size.
+- Labels alone are computed without the batch's (B, K, H, W) float32 probabilities
+  (:func:`segformer.inference.predict_labels`: the model runs on the batch, the rest image by image; a huge
+  photo in "aligned" mode is upsampled in row bands); ``return_probs=True`` returns those probabilities, so it
+  holds them.
 """
 
 from __future__ import annotations

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import U32, randomize_, tiny_config
 from torch import nn
 
-from segformer import SegformerForSemanticSegmentation
+from segformer import SegformerForSemanticSegmentation, inference
 from segformer.inference import InferenceOptions, aligned_size, infer, labels_from_probs, predict_labels
 
 
@@ -55,7 +57,15 @@ def test_slide_tiles_the_image_exactly(size, crop, stride):
 
 
 def _hand_slide(model, x, crop, stride):
-    """An independent sliding window: every window position listed explicitly, logits averaged."""
+    """An independent sliding window: every window position listed explicitly, logits averaged, then softmax."""
+    return _hand_slide_logits(model, x, crop, stride).softmax(1)
+
+
+def _hand_slide_logits(model, x, crop, stride):
+    """Every window position listed explicitly, each window's logits upsampled to the crop, summed, divided by the
+    number of windows per pixel; an image smaller than the crop is padded (bottom/right) and cropped back."""
+    h0, w0 = x.shape[-2:]
+    x = F.pad(x, (0, max(crop[1] - w0, 0), 0, max(crop[0] - h0, 0)))
     _, _, h, w = x.shape
     ys = sorted({min(y, h - crop[0]) for y in range(0, h - crop[0] + stride[0], stride[0])})
     xs = sorted({min(v, w - crop[1]) for v in range(0, w - crop[1] + stride[1], stride[1])})
@@ -67,7 +77,7 @@ def _hand_slide(model, x, crop, stride):
                 up = F.interpolate(logits, size=crop, mode="bilinear", align_corners=False)
                 total = total + F.pad(up, (v, w - v - crop[1], y, h - y - crop[0]))
                 count[y : y + crop[0], v : v + crop[1]] += 1
-    return (total / count).softmax(1)
+    return (total / count)[..., :h0, :w0]
 
 
 def test_slide_matches_a_hand_written_window_loop(seg):
@@ -147,6 +157,223 @@ def test_one_label_model_uses_sigmoid():
         logits = F.interpolate(model(x).logits, size=(64, 64), mode="bilinear", align_corners=False)
     assert torch.equal(probs, logits.sigmoid())  # the same operations in the same order
     assert torch.equal(predict_labels(model, x), (probs[:, 0] > 0.5).long())
+
+
+# ------------------------------------------------------------------------------- image by image = the definition
+def _reference_logits(model, x, opts: InferenceOptions, output_size=None) -> list[torch.Tensor]:
+    """infer's definition written out on the whole batch at once: per pass (each scale, then flipped), the logits
+    brought to the pass's input size (slide: the hand-written window loop; whole/aligned: the input padded up to
+    the model's minimum size and cropped back), flipped back, resized to the output size."""
+    from segformer.modeling import min_input_size
+
+    H, W = x.shape[-2:]
+    out, passes = output_size or (H, W), []
+    with torch.no_grad():
+        for s in opts.scales or (1.0,):
+            if opts.mode == "aligned":
+                sides = dict(short_side=round(opts.short_side * s), long_side=round(opts.long_side * s))
+                size = aligned_size(H, W, **sides, align=opts.align)
+            else:
+                size = (round(H * s), round(W * s))
+            xs = x if size == (H, W) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            for flip in (False, True) if opts.flip else (False,):
+                inp = xs.flip(-1) if flip else xs
+                if opts.mode == "slide":
+                    logits = _hand_slide_logits(model, inp, opts.crop_size, opts.stride)
+                else:
+                    need = min_input_size(model.config)
+                    padded = F.pad(inp, (0, max(need - size[1], 0), 0, max(need - size[0], 0)))
+                    logits = model(padded).logits
+                    logits = F.interpolate(logits, size=padded.shape[-2:], mode="bilinear", align_corners=False)
+                    logits = logits[..., : size[0], : size[1]]
+                logits = logits.flip(-1) if flip else logits
+                passes.append(F.interpolate(logits, size=out, mode="bilinear", align_corners=False))
+    return passes
+
+
+def _reference_probs(passes: list[torch.Tensor]) -> torch.Tensor:
+    """Softmax (sigmoid for one label) of each pass, averaged."""
+    probs = [z.sigmoid() if z.shape[1] == 1 else z.softmax(1) for z in passes]
+    return sum(probs[1:], probs[0]) / len(probs)
+
+
+def _assert_argmax(labels: torch.Tensor, values: torch.Tensor, threshold: float, tol: float) -> None:
+    """``labels`` are the argmax of ``values`` (B, K, H, W) (K == 1: value > threshold) wherever the top two
+    differ by more than ``tol``; such near-ties must stay rare (a tolerance may not hide a wrong result)."""
+    if values.shape[1] == 1:
+        want, gap = (values[:, 0] > threshold).long(), (values[:, 0] - threshold).abs()
+    else:
+        top = values.topk(2, dim=1).values
+        want, gap = values.argmax(1), top[:, 0] - top[:, 1]
+    decided = gap > tol
+    assert labels.shape == want.shape and torch.equal(labels[decided], want[decided])
+    assert (~decided).sum().item() <= labels.numel() // 1000
+
+
+def _check_against_reference(model, x, opts: InferenceOptions, output_size, monkeypatch) -> None:
+    """infer, predict_labels and predict_labels' row bands against the definition computed on the whole batch."""
+    passes = _reference_logits(model, x, opts, output_size)
+    ref = _reference_probs(passes)
+    # Per image, the same operations in the same order: the logits are bit for bit the reference's, and only softmax
+    # and sigmoid may round differently where a kernel splits its work another way (vector lanes vs scalar tail,
+    # threads). Each probability: exp 2u apart (vectorised vs libm), the sum of K = 5 such terms 2u + (K - 1)u, the
+    # division u: 9u of a probability <= 1 (sigmoid: 4u); the mean's sum adds u per pass and its division u.
+    tol = (10 + len(passes)) * U32
+    probs = infer(model, x, opts, output_size=output_size)
+    assert probs.shape == ref.shape and probs.dtype == torch.float32
+    torch.testing.assert_close(probs, ref, atol=tol, rtol=0)
+    labels = predict_labels(model, x, opts, output_size=output_size)
+    if len(passes) > 1:  # averaged probabilities within tol of the reference's: a flip needs a gap <= 2 tol
+        _assert_argmax(labels, ref, 0.5, 2 * tol)
+    else:  # the argmax of the logits (bit for bit the reference's); softmax's rounding may tie two classes
+        _assert_argmax(labels, passes[0], 0.0, 0.0)
+        _assert_argmax(labels, ref, 0.5, tol)
+    if opts.mode == "aligned" and opts.single_pass:
+        # band_above=0: the last upsampling done in row bands straight into the argmax. It blends the widened source
+        # rows t0, t1 with row weights computed exactly, where F.interpolate computes the source row in float32
+        # (scale x (i + 0.5) - 0.5, three roundings of values <= h, the source height: 3hu), so a logit moves by
+        # 3hu |t1 - t0| <= 6hu max|z|, plus each blend's own roundings (4u and 5u of max|z|).
+        h, w = aligned_size(*x.shape[-2:], short_side=opts.short_side, long_side=opts.long_side, align=opts.align)
+        band_tol = (6 * h + 9) * U32 * passes[0].abs().max().item()
+        calls = []
+        banded_argmax = inference._upsampled_argmax
+        monkeypatch.setattr(inference, "_upsampled_argmax", lambda *a: calls.append(a) or banded_argmax(*a))
+        banded = predict_labels(model, x, opts, output_size=output_size, band_above=0)
+        out = output_size or tuple(x.shape[-2:])
+        assert len(calls) == (x.shape[0] if h * w < out[0] * out[1] else 0)  # only where the last step upsamples
+        _assert_argmax(banded, passes[0], 0.0, 2 * band_tol)
+
+
+SIZES_AND_OPTIONS = [
+    pytest.param((45, 61), dict(mode="whole"), id="whole"),
+    pytest.param((20, 26), dict(mode="whole", flip=True), id="whole-below-minimum"),  # padded, cropped back
+    pytest.param((45, 61), dict(mode="whole", scales=[0.75, 1.25], flip=True), id="whole-scales-flip"),
+    pytest.param((45, 61), dict(mode="aligned", short_side=48, long_side=96, align=16), id="aligned"),  # → 48x80
+    pytest.param((90, 120), dict(mode="aligned", short_side=48, long_side=96, align=16), id="aligned-upsampled"),
+    pytest.param(
+        (45, 61),
+        dict(mode="aligned", short_side=48, long_side=96, align=16, scales=[0.75, 1.0, 1.25], flip=True),
+        id="aligned-scales-flip",
+    ),
+    pytest.param((45, 61), dict(mode="slide", crop_size=(32, 40), stride=(20, 24)), id="slide"),
+    pytest.param((20, 26), dict(mode="slide", crop_size=(32, 40), stride=(20, 24)), id="slide-below-crop"),
+    pytest.param(
+        (45, 61),
+        dict(mode="slide", crop_size=(32, 40), stride=(20, 24), scales=[0.75, 1.0], flip=True),
+        id="slide-scales-flip",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def seg_k1() -> SegformerForSemanticSegmentation:
+    return randomize_(SegformerForSemanticSegmentation(tiny_config(num_labels=1)), seed=1).eval()
+
+
+@pytest.mark.parametrize("one_label", [False, True], ids=["softmax", "sigmoid"])
+@pytest.mark.parametrize("output_size", [None, (37, 50)], ids=["input-size", "output-size"])
+@pytest.mark.parametrize("size, kwargs", SIZES_AND_OPTIONS)
+def test_image_by_image_equals_the_batched_definition(seg, seg_k1, size, kwargs, output_size, one_label, monkeypatch):
+    """infer and predict_labels take each image to full resolution alone (no (B, K, H, W) tensor for labels): the
+    same numbers as the definition computed on the whole batch."""
+    model = seg_k1 if one_label else seg
+    x = torch.randn(3, 3, *size, generator=torch.Generator().manual_seed(2))
+    _check_against_reference(model, x, InferenceOptions(**kwargs), output_size, monkeypatch)
+
+
+def test_channels_last_logits_equal_the_batched_definition(seg, monkeypatch):
+    """A model (or backend) whose logits come channels-last: resized by F.interpolate's kernel for that layout."""
+
+    class ChannelsLast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.config = seg, seg.config
+
+        def forward(self, x):
+            return SimpleNamespace(logits=self.inner(x).logits.contiguous(memory_format=torch.channels_last))
+
+    x = torch.randn(3, 3, 45, 61, generator=torch.Generator().manual_seed(3))
+    for kwargs in (dict(mode="whole", scales=[0.75, 1.0], flip=True), dict(mode="slide", crop_size=32, stride=24)):
+        _check_against_reference(ChannelsLast().eval(), x, InferenceOptions(**kwargs), (37, 50), monkeypatch)
+
+
+# A fresh process measures its peak resident memory (VmHWM) around each call. MALLOC_MMAP_THRESHOLD_ makes glibc
+# map every block of 64 KiB or more on its own and unmap it when freed, so that resident memory follows the live
+# tensors instead of what the heap keeps for reuse.
+_PEAK_PROBE = r"""
+import json, sys
+from pathlib import Path
+import numpy as np, torch
+from PIL import Image
+sys.path.insert(0, sys.argv[1])
+from conftest import tiny_config
+from segformer import SegformerForSemanticSegmentation
+from segformer.inference import infer, predict_labels
+from segformer.predict import SegformerPredictor
+
+def kib(field):
+    return next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field))
+
+torch.set_num_threads(1)
+torch.manual_seed(0)
+model = SegformerForSemanticSegmentation(tiny_config(num_labels=int(sys.argv[2]))).eval()
+x = torch.randn(8, 3, 64, 80)
+photos = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (100, 125, 3), np.uint8)) for i in range(8)]
+predictor = SegformerPredictor(model, device="cpu", batch_size=8, mode="aligned", short_side=128, long_side=512)
+tta = dict(scales=[0.75, 1.0, 1.25], flip=True)
+cases = {
+    "whole": lambda: predict_labels(model, x, mode="whole"),
+    "whole+tta": lambda: predict_labels(model, x, mode="whole", **tta),
+    "slide": lambda: predict_labels(model, x, mode="slide", crop_size=48, stride=32),
+    "slide+tta": lambda: predict_labels(model, x, mode="slide", crop_size=48, stride=32, **tta),
+    "predictor": lambda: predictor.predict(photos),  # aligned: 100x125 → 128x160 → 100x125
+    "infer": lambda: infer(model, x, mode="whole"),
+}
+with torch.no_grad():  # the first forward of a shape fills oneDNN's primitive cache, for good: not measured
+    for size in ((48, 60), (64, 80), (80, 100), (48, 48), (128, 160)):  # scales, windows, predictor
+        model(torch.randn(8, 3, *size))
+peaks = {}
+for name, run in cases.items():
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    base = kib("VmRSS")
+    result = run()
+    peaks[name] = (kib("VmHWM") - base) * 1024
+    del result
+print(json.dumps(peaks))
+"""
+
+
+def test_labels_at_batch_8_never_hold_a_full_resolution_batch():
+    """Labels only, batch 8, 150 classes: the peak memory a call adds stays below one (B, K, H, W) float32 tensor at
+    the output size for a single pass (the code before image-by-image processing held 2 to 2.7 of them; 5 to 6.6
+    with scales and flips). infer returns one such tensor and holds little besides."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak resident memory")
+    k, tests = 150, Path(__file__).parent
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", _PEAK_PROBE, str(tests), str(k)], capture_output=True, text=True,
+                         env=env, timeout=120, check=True).stdout  # fmt: skip
+    peaks = {name: peak / (8 * k * 64 * 80 * 4) for name, peak in json.loads(out.splitlines()[-1]).items()}
+    # In units of one (8, 150, 64, 80) float32 tensor (25 MB); the tiny model's own activations are a few hundredths.
+    # One pass: its logits at 1/4 resolution (1/16; x1.8 for the overlapping 48-pixel windows) and one image's
+    # at full size (1/8; slide: plus a window's, 0.06): 0.19, windows 0.29.
+    assert peaks["whole"] < 0.5 and peaks["slide"] < 0.5, peaks
+    # Scales 0.75, 1, 1.25, flipped: every pass's logits at 1/4 resolution (2 (0.75² + 1 + 1.25²) / 16 = 0.39,
+    # windows 0.68), one image's 1.25-scale logits and their flipped copy (2 x 1.25² / 8 = 0.39; its probabilities
+    # reuse that memory) and their running sum (1/8): 0.91, windows 1.2. (The old code: 5.2 and 6.6.)
+    assert peaks["whole+tta"] < 1.5 and peaks["slide+tta"] < 1.5, peaks
+    # infer: the result (1), one image's logits (1/8) and the pass's logits at 1/4 resolution (1/16): 1.19.
+    assert 1 <= peaks["infer"] < 1.5, peaks
+    # The predictor, aligned: 100x125 → 128x160 (1.64 times the pixels) → 100x125. In units of its output (8, 150,
+    # 100, 125): logits at 1/4 of the working size (1.64/16), one image's at the working size (1.64/8) and at the
+    # output size (1/8): 0.43. (The old code: 2.7.)
+    assert peaks["predictor"] * (64 * 80) / (100 * 125) < 1, peaks
 
 
 def test_bad_arguments():
