@@ -719,7 +719,8 @@ class SegformerDecodeHead(nn.Module):
         b, _, h, w = x.shape
         weight, bias = self.classifier.weight.flatten(1), self.classifier.bias  # (K, D), (K,)
         pixels = map_to_tokens(x)  # (B, H*W, D)
-        if b == 1 and _LINEAR_POINTWISE and bias is not None and _onednn_inference(pixels, weight):
+        large = weight.numel() * pixels.shape[1] >= _ONEDNN_MIN_MACS
+        if b == 1 and large and _LINEAR_POINTWISE and bias is not None and _onednn_inference(pixels, weight):
             # oneDNN's matmul with the pixels as its "weight" operand: (K, D) @ (D, H*W), NCHW-contiguous logits,
             # 1.2-1.6x the batched BLAS call below on the head's shapes; the bias added in place
             logits = torch.ops.mkldnn._linear_pointwise(weight, pixels[0], None, "none", [], "").add_(bias[:, None])
@@ -747,6 +748,9 @@ def _capturing_graph() -> bool:
 _ONEDNN_X86 = torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
 _CONV_POINTWISE = _ONEDNN_X86 and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 _LINEAR_POINTWISE = _ONEDNN_X86 and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# oneDNN's matmul reorders the weight on every call (10-30 µs more than BLAS on small products, measured): it
+# pays from ~8M multiply-adds (b0's key/value projections of 256 tokens stay with BLAS)
+_ONEDNN_MIN_MACS = 1 << 23
 
 
 def _cpu_autocast() -> bool:
@@ -826,7 +830,8 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     CPU inference oneDNN's matmul, 5–35% faster than the BLAS call behind F.linear on SegFormer's shapes
     (measured on AVX2 and AVX-512 kernels: bench/bench_inference.py), the weights reordered on the fly."""
     rows = x.reshape(-1, x.shape[-1])
-    if _LINEAR_POINTWISE and _onednn_inference(x, weight):
+    large = rows.shape[0] * weight.shape[0] * weight.shape[1] >= _ONEDNN_MIN_MACS  # below: its overhead dominates
+    if large and _LINEAR_POINTWISE and _onednn_inference(x, weight):
         y = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
     else:
         y = F.linear(rows, weight, bias)

@@ -363,9 +363,10 @@ def ops_run(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list
 
 
 @pytest.mark.parametrize("act", ["gelu", "gelu_pytorch_tanh", "relu"])
-def test_onednn_kernels_equal_the_modules(act):
+def test_onednn_kernels_equal_the_modules(act, monkeypatch):
     """fp32 CPU inference runs each Linear through oneDNN's matmul and Mix-FFN's depthwise conv + GELU as one
     oneDNN kernel; the plain path, autograd and hooked modules run the modules: same logits everywhere."""
+    monkeypatch.setattr(modeling, "_ONEDNN_MIN_MACS", 0)  # the tiny model's products are all small
     model = randomize_(SegformerForSemanticSegmentation(tiny_config(hidden_act=act)), seed=3).eval()
     x = torch.randn(2, 3, 64, 96)
     tol = 2 * fp32_tol(series_depth(model, x))  # two fp32 passes
@@ -381,6 +382,11 @@ def test_onednn_kernels_equal_the_modules(act):
         assert ops.count("mkldnn::_convolution_pointwise") == blocks and "aten::gelu" not in ops
     if modeling._LINEAR_POINTWISE:
         assert ops.count("mkldnn::_linear_pointwise") >= 6 * blocks  # q, k, v, out, dense1, dense2
+        monkeypatch.setattr(modeling, "_ONEDNN_MIN_MACS", 1 << 40)  # small products stay with BLAS
+        with torch.no_grad():
+            small, ops = ops_run(model, x)
+        assert "mkldnn::_linear_pointwise" not in ops and rel_err(small, plain) <= tol
+        monkeypatch.setattr(modeling, "_ONEDNN_MIN_MACS", 0)
     # a hook on one block's modules: that block runs them (and the hook sees them), the others stay fused
     seen = []
     first = model.segformer.encoder.block[0][0].mlp
