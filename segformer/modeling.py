@@ -651,8 +651,8 @@ class SegformerDecodeHead(nn.Module):
         on the CPU, in one dtype, with every stage a power-of-two factor smaller than stage 1."""
         height, width = maps[0].shape[-2:]
         d, dtype = matrices[0].shape[0], matrices[0].dtype
-        if len(maps) < 2 or maps[0].device.type != "cpu" or any(x.dtype != dtype for x in maps):
-            return 0
+        if len(maps) < 2 or maps[0].device.type != "cpu" or any(x.dtype != dtype for x in maps) or _cpu_autocast():
+            return 0  # (in-place accumulation: one dtype, which autocast would not keep)
         if not _is_mapped(height * width * d * maps[0].element_size()):
             return 0
         if not all(_power_of_two(height, x.shape[-2]) and _power_of_two(width, x.shape[-1]) for x in maps):

@@ -4,6 +4,7 @@ Needs no transformers; the oracle comparisons live in test_oracle.py."""
 from __future__ import annotations
 
 import copy
+import math
 import zlib
 
 import numpy as np
@@ -452,6 +453,10 @@ def test_banded_head_equals_the_whole_head(monkeypatch, batch):
     assert calls == [16] * batch
     tol = 2 * fp32_tol(series_depth(model, x))  # two fp32 passes (in practice bit-equal to whole)
     assert rel_err(banded, whole) <= tol and rel_err(banded, plain) <= tol
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: the whole head, in bf16
+        low = model(x).logits
+    assert low.dtype == torch.bfloat16 and len(calls) == batch
+    assert rel_err(low.float(), whole) <= 8 * 2.0**-8 * math.sqrt(series_depth(model, x))  # fp32_tol, bf16's u
 
 
 def test_cpu_batch_chunks_equal_the_whole_batch(monkeypatch):
