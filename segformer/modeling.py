@@ -349,12 +349,7 @@ class SegformerMixFFN(nn.Module):
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         act, dwconv = self.intermediate_act_fn, self.dwconv
-        fuse = (
-            self.fast_path
-            and not self.training
-            and type(act) is nn.GELU
-            and _unhooked(self, act, dwconv, dwconv.dwconv)
-        )
+        fuse = self.fast_path and not self.training and type(act) is nn.GELU and _unhooked(act, dwconv, dwconv.dwconv)
         if fuse and _CONV_POINTWISE and _onednn_inference(x, dwconv.dwconv.weight):
             band = self._band_rows(x, width)
             if (
@@ -842,9 +837,8 @@ def _dense(linear: nn.Module, x: torch.Tensor, fast: bool) -> torch.Tensor:
     """``linear(x)``; oneDNN's matmul (see :func:`_linear`) when ``fast``, in fp32 CPU eval-mode inference, for a
     plain, unhooked nn.Linear (a quantised, wrapped or hooked module, a graph being captured, or a train-mode
     forward without gradients — a reentrant checkpoint's, recomputed later with them — runs the module)."""
-    if fast and _LINEAR_POINTWISE and type(linear) is nn.Linear and not linear.training and _unhooked(linear):
-        if _onednn_inference(x, linear.weight):
-            return _linear(x, linear.weight, linear.bias)
+    if fast and type(linear) is nn.Linear and not linear.training and _unhooked(linear) and not _capturing_graph():
+        return _linear(x, linear.weight, linear.bias)  # (which decides oneDNN or BLAS)
     return linear(x)
 
 
@@ -1045,10 +1039,9 @@ class SegformerForSemanticSegmentation(SegformerPreTrainedModel):
         stride = c.strides[0]
         tokens = math.ceil(pixel_values.shape[-2] / stride) * math.ceil(pixel_values.shape[-1] / stride)
         per_image = tokens * c.hidden_sizes[0] * c.mlp_ratios[0] * pixel_values.element_size()
-        return max(1, (_CHUNK_BYTES - 1) // per_image)  # below: glibc maps a request >= it (header included)
+        return max(1, (MMAP_THRESHOLD - 1) // per_image)  # strictly below: see _is_mapped (header included)
 
 
-_CHUNK_BYTES = MMAP_THRESHOLD  # the largest block glibc's heap reuses (segformer.allocator)
 _BAND_BYTES = 8 << 20  # a banded Mix-FFN's hidden map per band (SegformerMixFFN._forward_banded)
 
 

@@ -467,7 +467,7 @@ def test_cpu_batch_chunks_equal_the_whole_batch(monkeypatch):
     x = torch.randn(5, 3, 64, 96)
     c = model.config
     per_image = (64 // c.strides[0]) * (96 // c.strides[0]) * c.hidden_sizes[0] * c.mlp_ratios[0] * 4
-    monkeypatch.setattr(modeling, "_CHUNK_BYTES", 2 * per_image + 1)  # two images per chunk: 2 + 2 + 1
+    monkeypatch.setattr(modeling, "MMAP_THRESHOLD", 2 * per_image + 1)  # two images per chunk: 2 + 2 + 1
     with torch.no_grad():
         assert model._cpu_chunk(x) == 2
         chunked = model(x).logits
