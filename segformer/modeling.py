@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .allocator import MMAP_THRESHOLD
+from .allocator import MMAP_THRESHOLD, ReusableBuffer
 from .config import SegformerConfig
 from .pretrained import PreTrainedMixin, checkpoint_kwargs
 
@@ -504,6 +504,7 @@ class SegformerDecodeHead(nn.Module):
         self.classifier = nn.Conv2d(d, config.num_labels, kernel_size=1)
         self.fast_path = True
         self._fold_cache: tuple[tuple, list[torch.Tensor], torch.Tensor] | None = None
+        self._logits_buffer = ReusableBuffer()  # a chunked CPU batch's logits (segformer.allocator)
 
     def _maps(self, hidden_states: Iterable[torch.Tensor]) -> list[torch.Tensor]:
         """Every stage as a (B, C, H, W) map; a token-shaped last stage gets its size from the stage before."""
@@ -592,7 +593,10 @@ class SegformerDecodeHead(nn.Module):
             image = [x[n : n + 1] for x in maps]
             if out is None:
                 first = self._folded_logits(image, matrices, bias)
-                out = first.new_empty((total or batch, *first.shape[1:]))
+                shape = (total or batch, *first.shape[1:])
+                # a batch's logits are the one block above the mmap threshold left: reused once dropped
+                buffer = getattr(self, "_logits_buffer", None)  # (None in a head pickled by an older version)
+                out = buffer.empty(shape, first.dtype) if buffer and first.is_cpu else first.new_empty(shape)
                 out[start + n : start + n + 1] = first
             else:
                 self._folded_logits(image, matrices, bias, out, start + n)

@@ -58,3 +58,91 @@ def test_system_setting_turns_it_off(monkeypatch):
 
     env = dict(os.environ, SEGFORMER_MALLOC="system")
     assert child("tune", env)["tuned"] is False
+
+
+# ReusableBuffer: a batch's logits, handed out again only once nobody holds them. The thresholds are patched so
+# that small tensors count as large ones (the rule is about sizes, not about these tests' memory).
+@pytest.fixture
+def buffer(monkeypatch):
+    monkeypatch.setattr(allocator, "MMAP_THRESHOLD", 64)
+    monkeypatch.setattr(allocator, "TRIM_THRESHOLD", 1 << 20)
+    monkeypatch.delenv(allocator.ENV, raising=False)
+    return allocator.ReusableBuffer()
+
+
+def test_a_dropped_output_is_handed_out_again(buffer):
+    import torch
+
+    first = buffer.empty((2, 3, 8, 8), torch.float32)
+    address = first.data_ptr()
+    first.fill_(1.0)
+    del first
+    again = buffer.empty((2, 3, 8, 8), torch.float32)
+    assert again.data_ptr() == address and again.shape == (2, 3, 8, 8) and again.is_contiguous()
+    # another size or dtype is a new block (a tensor never spans more storage than its own elements: torch.save
+    # of the logits writes just them)
+    del again
+    other = buffer.empty((2, 3, 8, 4), torch.float32)
+    assert other.data_ptr() != address and other.untyped_storage().nbytes() == other.numel() * 4
+    assert buffer.empty((2, 3, 8, 8), torch.float64).dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    "hold",
+    [
+        lambda t: t,
+        lambda t: t[1:],  # a view
+        lambda t: t.numpy(),  # a NumPy array on the same memory
+        lambda t: t.untyped_storage(),  # the storage itself
+        lambda t: __import__("torch").utils.dlpack.to_dlpack(t.view(-1)),
+        lambda t: [t.view(-1)[:5]],  # a view inside a container
+    ],
+    ids=["tensor", "view", "numpy", "storage", "dlpack", "nested-view"],
+)
+def test_an_output_still_held_is_never_overwritten(buffer, hold):
+    import ctypes
+
+    import torch
+
+    expected = torch.arange(256.0)
+    first = buffer.empty((4, 64), torch.float32)
+    first.copy_(expected.view(4, 64))
+    address, kept = first.data_ptr(), hold(first)
+    del first
+    second = buffer.empty((4, 64), torch.float32)
+    assert second.data_ptr() != address
+    second.fill_(-1.0)
+    # the holder keeps the first block alive and unchanged: read it where it lies
+    assert torch.equal(torch.frombuffer(bytearray(ctypes.string_at(address, 1024)), dtype=torch.float32), expected)
+    del kept
+    # with the holder gone, the newest block is the one kept (the old one went with its holder)
+    address = second.data_ptr()
+    del second
+    assert buffer.empty((4, 64), torch.float32).data_ptr() == address
+
+
+def test_small_large_and_switched_off_outputs_are_plain_tensors(buffer, monkeypatch):
+    import torch
+
+    small = buffer.empty((4,), torch.float32)  # 16 bytes: below the (patched) mmap threshold
+    del small
+    assert buffer._block is None
+    huge = buffer.empty((1 << 19,), torch.float32)  # 2 MiB: above the (patched) trim threshold, never kept
+    del huge
+    assert buffer._block is None
+    monkeypatch.setenv(allocator.ENV, "system")
+    buffer.empty((64,), torch.float32)
+    assert buffer._block is None
+
+
+def test_a_copied_or_pickled_buffer_starts_empty(buffer):
+    import copy
+    import pickle
+
+    import torch
+
+    kept = buffer.empty((64,), torch.float32)
+    assert buffer._block is not None
+    for clone in (copy.deepcopy(buffer), pickle.loads(pickle.dumps(buffer))):
+        assert isinstance(clone, allocator.ReusableBuffer) and clone._block is None
+        assert clone.empty((64,), torch.float32).data_ptr() != kept.data_ptr()

@@ -481,6 +481,31 @@ def test_cpu_batch_chunks_equal_the_whole_batch(monkeypatch):
     assert rel_err(chunked[3:4], single) <= 2 * fp32_tol(series_depth(model, x[3:4]))
 
 
+def test_chunked_batch_logits_reuse_their_memory_only_once_dropped(monkeypatch):
+    """A chunked CPU batch's logits (above the mmap threshold) come from the head's ReusableBuffer: the next
+    batch gets the same memory once the caller dropped them, and new memory while the caller still holds them
+    (whose values then stay those of their own batch)."""
+    from segformer import allocator, modeling
+
+    model = randomize_(SegformerForSemanticSegmentation(tiny_config()), seed=6).eval()
+    monkeypatch.setattr(modeling, "MMAP_THRESHOLD", 1)  # chunks of one image
+    monkeypatch.setattr(allocator, "MMAP_THRESHOLD", 1)  # and the batch's logits count as a large block
+    monkeypatch.delenv(allocator.ENV, raising=False)
+    a, b = torch.randn(3, 3, 64, 64), torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        expected_a, expected_b = (torch.cat([model(x[i : i + 1]).logits for i in range(3)]) for x in (a, b))
+        first = model(a).logits
+        address = first.data_ptr()
+        held = model(b).logits  # `first` still held: new memory, `first` untouched
+        assert held.data_ptr() != address
+        assert rel_err(first, expected_a) <= 2 * fp32_tol(series_depth(model, a[:1]))  # two fp32 passes
+        assert rel_err(held, expected_b) <= 2 * fp32_tol(series_depth(model, b[:1]))
+        address = held.data_ptr()
+        del first, held
+        again = model(a).logits  # nothing held any more: the kept block again
+    assert again.data_ptr() == address and rel_err(again, expected_a) <= 2 * fp32_tol(series_depth(model, a[:1]))
+
+
 def test_folded_head_follows_weight_changes():
     model = randomize_(SegformerForSemanticSegmentation(tiny_config())).eval()
     x = torch.randn(1, 3, 64, 64)
