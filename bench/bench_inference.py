@@ -6,8 +6,12 @@ the CPU, read from the kernel's high-water mark in a fresh process per library a
 memory on CUDA) and the maximum relative difference of the logits (or of the loss, for training steps).
 On the CPU, fp32 inference cases also time onnxruntime on our own ONNX export (segformer.export, dynamic
 axes; the ratio onnxruntime / ours: > 1 means we are faster), interleaved with the other two, and every
-inference case prints its FLOPs (the architecture's, attention included: what the plain, unfolded model
-computes) and the share of the machine's measured fp32 GEMM peak that our time reaches.
+inference case prints two FLOP counts, attention included: the architecture's (what the plain model and
+Transformers compute) and ours (the folded decode head skips the concatenation and the big fuse conv), and the
+share of the machine's measured fp32 GEMM peak that our time reaches on our FLOPs.
+
+A case batch:VARIANT:HxW:BATCH times our model and Transformers' on one batch of BATCH images against BATCH
+single-image calls, interleaved, and prints the time per image of each (batching should never cost per image).
 
 The process's allocator is tuned as the ``segformer`` command line tunes it (segformer.allocator; both
 libraries run in the same process, so both get it; ``--allocator system`` to compare without). The header
@@ -18,8 +22,8 @@ cap it, to approximate an AVX2 machine on an AVX-512 one) and the measured GEMM 
     python bench/bench_inference.py --cases b0:512x512:fp32:1 --repeats 10
     python bench/bench_inference.py --device cuda --cases b2:1024x2048:bf16:1 --compile
 
-A case is VARIANT:HxW:DTYPE:BATCH (DTYPE fp32, bf16 (autocast) or fp16 (autocast, CUDA)), or
-train:VARIANT:HxW:BATCH for a training step (forward + backward, fp32, train mode).
+A case is VARIANT:HxW:DTYPE:BATCH (DTYPE fp32, bf16 (autocast) or fp16 (autocast, CUDA)),
+train:VARIANT:HxW:BATCH for a training step (forward + backward, fp32, train mode), or batch:VARIANT:HxW:BATCH.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -54,6 +59,7 @@ DEFAULT_CASES = [
     "b2:1024x2048:fp32:1",
     "b0:1024x2048:bf16:1",
     "train:b0:512x512:8",
+    "batch:b0:512x512:8",
 ]
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -131,19 +137,30 @@ def gemm_peak(repeats: int = 5) -> float:
     return 2 * 2048**3 / best
 
 
-def model_flops(model: torch.nn.Module, x: torch.Tensor) -> float:
-    """FLOPs of one forward of the plain (unfolded) architecture, attention included: the explicit-matmul
-    attention and the concatenate-and-fuse head, which PyTorch's flop counter sees op by op."""
+def model_flops(model: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    """FLOPs of one forward, attention included: (the plain architecture's, ours). The plain count runs the
+    unfolded model (explicit-matmul attention, the concatenate-and-fuse head), which PyTorch's flop counter sees
+    op by op; ours runs our inference path with oneDNN's private kernels switched off (the counter does not see
+    them; the same products through PyTorch's ops) plus the attention products, which the fused attention kernel
+    hides from the counter (the plain run's batched matmuls: attention is the only bmm there)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    fast = model.fast_path
-    model.fast_path = False
-    try:
-        with FlopCounterMode(display=False) as counter, torch.inference_mode():
-            model(x)
-    finally:
+    def count(fast: bool) -> dict[str, int]:
+        fast_before = model.fast_path
         model.fast_path = fast
-    return float(counter.get_total_flops())
+        try:
+            with warnings.catch_warnings():  # (flags() warns about TF32 on Intel GPUs, which this is not about)
+                warnings.simplefilter("ignore", UserWarning)
+                with torch.backends.mkldnn.flags(enabled=not fast), FlopCounterMode(display=False) as counter:
+                    with torch.inference_mode():
+                        model(x)
+        finally:
+            model.fast_path = fast_before
+        return {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+
+    plain, ours = count(False), count(True)
+    attention_seen = any("attention" in op for op in ours)  # a future counter that sees the fused kernel
+    return float(sum(plain.values())), float(sum(ours.values()) + (0 if attention_seen else plain.get("aten.bmm", 0)))
 
 
 def ort_session(model: torch.nn.Module, height: int, width: int, workdir: str):
@@ -174,7 +191,8 @@ def run_inference_case(case: str, args: argparse.Namespace, device: torch.device
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else contextlib.nullcontext
     outputs, times, peaks = {}, {"transformers": [], "segformer": []}, {}
     runners = [("transformers", theirs), ("segformer", ours)]
-    flops = model_flops(ours, x) if device.type == "cpu" and not args.compile else float("nan")
+    nan = float("nan")
+    flops = model_flops(ours, x) if device.type == "cpu" and not args.compile else (nan, nan)
     with tempfile.TemporaryDirectory() as workdir:
         if args.ort and device.type == "cpu" and dtype is None:
             session = ort_session(ours, height, width, workdir)
@@ -204,6 +222,26 @@ def run_inference_case(case: str, args: argparse.Namespace, device: torch.device
         ort_out = outputs["onnxruntime"]
         row["ort_rel"] = ((ort_out - ref).abs().max() / ref.abs().max()).item()
     return row
+
+
+def run_batch_case(case: str, device: torch.device, repeats: int = 5) -> dict:
+    """Per-image time of a batch against single-image calls, both libraries, interleaved (fp32, eval)."""
+    _, variant, size, batch = case.split(":")
+    height, width, b = *(int(v) for v in size.split("x")), int(batch)
+    theirs, ours = build_pair(variant, device)
+    x = torch.randn(b, 3, height, width, device=device)
+    runs = {}
+    for name, model in (("theirs", theirs), ("ours", ours)):
+        runs[name + "_batch"] = lambda m=model: m(x)
+        runs[name + "_single"] = lambda m=model: [m(x[i : i + 1]) for i in range(b)]
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    with torch.inference_mode():
+        for fn in runs.values():  # warm-up
+            fn()
+        for _ in range(repeats):
+            for name, fn in runs.items():
+                times[name].append(timed(fn, device) / b)
+    return dict(case=case, batch=b, **{name: statistics.median(t) for name, t in times.items()})
 
 
 def run_train_case(case: str, args: argparse.Namespace, device: torch.device) -> dict:
@@ -316,18 +354,29 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# cpu capability {torch.backends.cpu.get_cpu_capability()}{' ' + str(caps) if caps else ''}, "
           f"fp32 GEMM peak {peak / 1e9:.0f} GFLOP/s, allocator {'tuned' if tuned else 'system'}")  # fmt: skip
     header = f"{'case':<24}{'transformers':>14}{'segformer':>12}{'speed-up':>10}{'onnxruntime':>13}{'ort/ours':>10}"
-    print(header + f"{'GFLOP':>8}{'% peak':>8}{'peak MB (T / ours)':>22}{'max rel diff':>14}{'argmax agree':>14}")
+    print(header + f"{'GFLOP arch/ours':>17}{'% peak':>8}{'peak MB (T / ours)':>22}{'max rel diff':>14}"
+          f"{'argmax agree':>14}")  # fmt: skip
+    batching = []
     for case in args.cases:
+        if case.startswith("batch:"):
+            batching.append(run_batch_case(case, device, args.repeats))
+            continue
         row = (run_train_case if case.startswith("train:") else run_inference_case)(case, args, device)
         mem = f"{row['mem_theirs'] / 2**20:,.0f} / {row['mem_ours'] / 2**20:,.0f}"
         agree = "" if row["agree"] != row["agree"] else f"{row['agree']:.4f}"
         ort = f"{row['ort']:>12.3f}s{row['ort'] / row['ours']:>9.2f}x" if "ort" in row else f"{'':>13}{'':>10}"
-        flops = row.get("flops", float("nan"))
-        share = f"{100 * flops / row['ours'] / peak:>7.0f}%" if flops == flops else f"{'':>8}"
-        gflop = f"{flops / 1e9:>8.1f}" if flops == flops else f"{'':>8}"
+        arch, ours = row.get("flops", (float("nan"), float("nan")))
+        share = f"{100 * ours / row['ours'] / peak:>7.0f}%" if ours == ours else f"{'':>8}"
+        gflop = f"{arch / 1e9:>9.1f} / {ours / 1e9:<5.1f}" if ours == ours else f"{'':>17}"
         print(f"{row['case']:<24}{row['theirs']:>13.3f}s{row['ours']:>11.3f}s{row['ratio']:>9.2f}x{ort}{gflop}"
               f"{share}{mem:>22}{row['rel']:>14.1e}{agree:>14}", flush=True)  # fmt: skip
         gc.collect()
+    for row in batching:
+        b = row["batch"]
+        print(f"# {row['case']}: per image, batch {b} vs {b} single-image calls (interleaved, median of "
+              f"{args.repeats}): segformer {1e3 * row['ours_batch']:.1f} vs {1e3 * row['ours_single']:.1f} ms "
+              f"({row['ours_single'] / row['ours_batch']:.2f}x), transformers {1e3 * row['theirs_batch']:.1f} vs "
+              f"{1e3 * row['theirs_single']:.1f} ms ({row['theirs_single'] / row['theirs_batch']:.2f}x)")  # fmt: skip
     return 0
 
 
