@@ -5,10 +5,14 @@ input size (bilinear, align_corners=False), then resized to the output size, the
 the probabilities of all passes (scales × flips) are averaged. Logits are cast to float32 before any of this,
 so a bf16 or fp16 model gives float32 probabilities.
 
-Memory: each pass runs the model on the whole batch and keeps its logits at the model's 1/4 resolution; everything
-at full resolution is computed one image at a time. :func:`infer` writes into its (B, K, H, W) result and holds
-no second such tensor; :func:`predict_labels` holds none at all (b0, 150 classes, batch 8 at 512×512: 0.4 GB
-added at the peak instead of 2.7 GB; with scales 0.75, 1, 1.25 and flips 1.5 GB instead of 6.9 GB).
+Memory: each pass runs the model on the whole batch, its logits at the model's 1/4 resolution; everything at
+full resolution is computed one image at a time. :func:`infer` adds each pass's probabilities into its
+(B, K, H, W) result, one pass held at a time, and holds no second such tensor. :func:`predict_labels` with one
+pass holds none at all (b0, 150 classes, batch 8 at 512×512: 0.4 GB added at the peak instead of 2.7 GB); with
+several it takes whichever holds less, estimated from the model's config before any forward: every pass's logits
+kept, then averaged image by image (scales 0.75, 1, 1.25 and flips: 1.5 GB instead of 6.9 GB), or infer's running
+sum, a (B, K, H, W) float32 accumulator plus one pass (overlapping sliding windows at several scales, whose
+logits outgrow the output).
 
 :class:`InferenceOptions` is the one definition of these options (mode, crop_size, stride, short_side,
 long_side, align, scales, flip): :func:`infer`, :func:`segformer.evaluate.evaluate`,
@@ -420,52 +424,119 @@ class _Pass:
         return full
 
 
-def _forward_pass(model: nn.Module, x: torch.Tensor, opts: InferenceOptions, flipped: bool) -> _Pass:
-    """The model over one pass's input (B, 3, h, w): the image as is (padded bottom/right up to the model's
-    minimum size: 0 is the mean colour after normalising), or sliding windows of crop_size at stride (the last
-    row/column of windows shifted back to end at the border; images smaller than the crop padded to it)."""
-    h, w = x.shape[-2:]
+def _pass_inputs(height: int, width: int, opts: InferenceOptions) -> list[tuple[int, int]]:
+    """The input (height, width) of each scale of ``opts`` for images of (height, width), in order (a flipped pass
+    has the size of its scale's)."""
+    sizes = []
+    for scale in opts.scales if opts.scales is not None else (1.0,):
+        if opts.mode == "aligned":
+            size = aligned_size(
+                height,
+                width,
+                short_side=round(opts.short_side * scale),
+                long_side=round(opts.long_side * scale),
+                align=opts.align,
+            )
+        else:
+            size = (max(round(height * scale), 1), max(round(width * scale), 1))
+        sizes.append(size)
+    return sizes
+
+
+def _pass_count(opts: InferenceOptions) -> int:
+    return len(opts.scales or (1.0,)) * (2 if opts.flip else 1)
+
+
+def _tiles(
+    size: tuple[int, int], opts: InferenceOptions, need: int
+) -> tuple[tuple[int, int], list[tuple[int, int, int, int]]]:
+    """The (height, width) a pass input of ``size`` is padded to and its windows (y1, y2, x1, x2): "whole" and
+    "aligned" one, the input padded bottom/right up to the model's minimum side ``need``; "slide" the windows of
+    crop_size at stride (the last row/column shifted back to end at the border) over the input padded up to the
+    crop."""
+    h, w = size
     if opts.mode != "slide":
-        need = _min_side(model)
-        if h < need or w < need:
-            x = F.pad(x, (0, max(need - w, 0), 0, max(need - h, 0)))
-        H, W = x.shape[-2:]
-        return _Pass([(0, H, 0, W, _model_logits(model, x))], (H, W), (h, w), flipped, None)
+        H, W = max(h, need), max(w, need)
+        return (H, W), [(0, H, 0, W)]
     (ch, cw), (sh, sw) = opts.crop_size, opts.stride
-    ph, pw = max(ch - h, 0), max(cw - w, 0)
-    if ph or pw:
-        x = F.pad(x, (0, pw, 0, ph))
-    H, W = x.shape[-2:]
+    H, W = max(h, ch), max(w, cw)
     rows = max(H - ch + sh - 1, 0) // sh + 1
     cols = max(W - cw + sw - 1, 0) // sw + 1
-    windows = []
-    count = torch.zeros((1, 1, H, W), device=x.device, dtype=torch.float32)
+    boxes = []
     for r in range(rows):
         for c in range(cols):
             y2, x2 = min(r * sh + ch, H), min(c * sw + cw, W)
-            y1, x1 = max(y2 - ch, 0), max(x2 - cw, 0)
-            windows.append((y1, y2, x1, x2, _model_logits(model, x[:, :, y1:y2, x1:x2])))
-            count[:, :, y1:y2, x1:x2] += 1
+            boxes.append((max(y2 - ch, 0), y2, max(x2 - cw, 0), x2))
+    return (H, W), boxes
+
+
+def _forward_pass(model: nn.Module, x: torch.Tensor, opts: InferenceOptions, flipped: bool) -> _Pass:
+    """The model over one pass's input (B, 3, h, w) (:func:`_tiles`): the image as is (padded bottom/right up to
+    the model's minimum size: 0 is the mean colour after normalising), or sliding windows of crop_size at stride
+    (images smaller than the crop padded to it)."""
+    h, w = x.shape[-2:]
+    (H, W), boxes = _tiles((h, w), opts, _min_side(model) if opts.mode != "slide" else 1)
+    if (H, W) != (h, w):
+        x = F.pad(x, (0, W - w, 0, H - h))
+    if opts.mode != "slide":
+        return _Pass([(0, H, 0, W, _model_logits(model, x))], (H, W), (h, w), flipped, None)
+    windows = []
+    count = torch.zeros((1, 1, H, W), device=x.device, dtype=torch.float32)
+    for y1, y2, x1, x2 in boxes:
+        windows.append((y1, y2, x1, x2, _model_logits(model, x[:, :, y1:y2, x1:x2])))
+        count[:, :, y1:y2, x1:x2] += 1
     return _Pass(windows, (H, W), (h, w), flipped, count)
 
 
 def _passes(model: nn.Module, x: torch.Tensor, opts: InferenceOptions) -> Iterator[_Pass]:
     """The passes of ``opts`` over the batch ``x`` (B, 3, H, W), in order: each scale, then its flipped copy."""
     H, W = x.shape[-2:]
-    for scale in opts.scales if opts.scales is not None else (1.0,):
-        if opts.mode == "aligned":
-            size = aligned_size(
-                H,
-                W,
-                short_side=round(opts.short_side * scale),
-                long_side=round(opts.long_side * scale),
-                align=opts.align,
-            )
-        else:
-            size = (max(round(H * scale), 1), max(round(W * scale), 1))
+    for size in _pass_inputs(H, W, opts):
         scaled = x if size == (H, W) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         for flipped in (False, True) if opts.flip else (False,):
             yield _forward_pass(model, scaled.flip(-1) if flipped else scaled, opts, flipped)
+
+
+def _pass_bytes(model: nn.Module, shape: Sequence[int], opts: InferenceOptions) -> tuple[int, list[int]] | None:
+    """(K, the bytes each pass of ``opts`` over a batch of ``shape`` (B, 3, H, W) holds), from the model's config,
+    before any forward: every window's float32 logits, B·K·h'·w'·4 with (h', w') the first stage's size for the
+    window (the logits' resolution: ceil(h/4) per side for SegFormer's stride-4 patch embedding with padding),
+    plus the sliding window's count (padded H·W float32). None for a model without a SegFormer config."""
+    config = getattr(model, "config", None)
+    k = getattr(config, "num_labels", None)
+    if k is None or not hasattr(config, "patch_sizes") or not hasattr(config, "strides"):
+        return None
+    from .modeling import stage_sizes
+
+    b, need = shape[0], _min_side(model) if opts.mode != "slide" else 1
+    held = []
+    for size in _pass_inputs(shape[-2], shape[-1], opts):
+        padded, boxes = _tiles(size, opts, need)
+        n = sum(b * k * math.prod(stage_sizes(config, y2 - y1, x2 - x1)[0]) * 4 for y1, y2, x1, x2 in boxes)
+        n += 4 * padded[0] * padded[1] if opts.mode == "slide" else 0
+        held += [n] * (2 if opts.flip else 1)
+    return k, held
+
+
+def _memory_plan(
+    model: nn.Module, shape: Sequence[int], opts: InferenceOptions, out_size: tuple[int, int]
+) -> tuple[int, int] | None:
+    """The bytes :func:`predict_labels`' two strategies for several passes add besides the per-image work areas
+    that both use: (keeping every pass: all passes' logits plus one image's (K, H_out, W_out) probabilities;
+    the running sum: one (B, K, H_out, W_out) float32 accumulator plus the largest pass). None where the model's
+    config does not tell (:func:`_pass_bytes`)."""
+    estimate = _pass_bytes(model, shape, opts)
+    if estimate is None:
+        return None
+    k, held = estimate
+    image = k * out_size[0] * out_size[1] * 4
+    return sum(held) + image, shape[0] * image + max(held)
+
+
+def _keeps_passes(plan: tuple[int, int] | None) -> bool:
+    """The rule: keep every pass when that holds no more than the running sum (ties keep: no full-size batch to
+    fault in); unknown sizes (None) take the running sum, bounded by the output plus one pass whatever the tiling."""
+    return plan is not None and plan[0] <= plan[1]
 
 
 def aligned_size(
@@ -536,26 +607,36 @@ def infer(
     result is the only (B, K, H_out, W_out) tensor (besides, per pass, the model's logits: 1/16 of the pixels).
     """
     opts, net, x = _prepare(model, pixel_values, options, keywords)
-    b, (H, W) = x.shape[0], x.shape[-2:]
+    H, W = x.shape[-2:]
     out_size = _check_pair(output_size, "output_size") if output_size is not None else (H, W)
+    with _eval_mode(net):
+        probs, passes = _summed_probs(net, x, opts, out_size)
+    return probs.div_(passes) if passes > 1 else probs
+
+
+def _summed_probs(
+    net: nn.Module, x: torch.Tensor, opts: InferenceOptions, out_size: tuple[int, int]
+) -> tuple[torch.Tensor, int]:
+    """(the sum of every pass's probabilities (B, K, H_out, W_out) float32, the number of passes): pass by pass,
+    image by image, each added into the one result; a pass is dropped before the next one's forward."""
+    b = x.shape[0]
     probs: torch.Tensor | None = None
     passes, scratch = 0, _Scratch(x.device)
-    with _eval_mode(net):
-        for one in _passes(net, x, opts):
-            if probs is None:
-                k = one.windows[0][4].shape[1]
-                probs = torch.empty((b, k, *out_size), dtype=torch.float32, device=x.device)
-            for i in range(b):
-                logits = one.logits(i, out_size, scratch)  # (1, K, H_out, W_out)
-                if passes == 0:
-                    _probs(logits, out=probs[i : i + 1])
-                else:
-                    probs[i : i + 1] += _probs(logits, out=scratch.take(logits.shape, logits))
-                del logits  # a view: it would keep an area that the next pass grows
-            del one  # before the next pass's forward
-            passes += 1
+    for one in _passes(net, x, opts):
+        if probs is None:
+            k = one.windows[0][4].shape[1]
+            probs = torch.empty((b, k, *out_size), dtype=torch.float32, device=x.device)
+        for i in range(b):
+            logits = one.logits(i, out_size, scratch)  # (1, K, H_out, W_out)
+            if passes == 0:
+                _probs(logits, out=probs[i : i + 1])
+            else:
+                probs[i : i + 1] += _probs(logits, out=scratch.take(logits.shape, logits))
+            del logits  # a view: it would keep an area that the next pass grows
+        del one  # before the next pass's forward
+        passes += 1
     assert probs is not None
-    return probs.div_(passes) if passes > 1 else probs
+    return probs, passes
 
 
 @torch.no_grad()
@@ -572,11 +653,21 @@ def predict_labels(
     output_size=output_size, **keywords)`` (the argmax; for a one-label (binary) model, probability > 0.5).
     Takes :func:`infer`'s arguments.
 
-    Holds no (B, K, H_out, W_out) tensor: the passes run the model on the whole batch, then each image is taken
-    to full resolution alone. A single pass takes the argmax of the logits themselves (softmax keeps their
-    order; sigmoid(z) > 0.5 is z > 0), so labels can differ from the argmax of :func:`infer`'s probabilities
-    only where two classes' rounded probabilities are equal. Several passes average the probabilities as
-    :func:`infer` does.
+    One pass takes the argmax of the logits themselves (softmax keeps their order; sigmoid(z) > 0.5 is z > 0) and
+    holds no (B, K, H_out, W_out) tensor: the model runs on the whole batch, then each image is taken to full
+    resolution alone. Labels can differ from the argmax of :func:`infer`'s probabilities only where two classes'
+    rounded probabilities are equal.
+
+    Several passes (scales, flip) average the probabilities as :func:`infer` does, so the labels equal
+    ``labels_from_probs(infer(...))`` bit for bit, in one of two ways, chosen before any forward from the model's
+    config (logits of B·K·h'·w' float32 per window, h' = ceil(h/4)): keep every pass's logits, then average image
+    by image (holds all passes' logits plus one image's (K, H_out, W_out) probabilities), or :func:`infer`'s
+    running sum, pass by pass (holds one (B, K, H_out, W_out) float32 accumulator plus the largest pass's logits).
+    The rule: keep when that total is no larger, else the running sum; that is, the running sum where the passes
+    outgrow the output, as overlapping sliding windows at several scales do (b0, 150 classes, batch 8, 512×512,
+    slide 512/341, scales 0.5-1.75, flip: 3.3 GB against 2.0 GB). A model without a SegFormer config
+    (num_labels, patch_sizes, strides) takes the running sum. Both also use one image's full-resolution work
+    areas at the largest pass.
 
     ``band_above``: for a single pass (no scales, no flip, not "slide") whose last step upsamples to more than
     this many elements per image (K·H_out·W_out), that upsampling is done in row bands straight into the
@@ -587,28 +678,51 @@ def predict_labels(
     b, (H, W) = x.shape[0], x.shape[-2:]
     out_size = _check_pair(output_size, "output_size") if output_size is not None else (H, W)
     with _eval_mode(net):
-        passes = list(_passes(net, x, opts))  # every forward first: kept at the model's resolution
+        if _pass_count(opts) > 1:
+            if _keeps_passes(_memory_plan(net, x.shape, opts, out_size)):
+                return _labels_keeping_passes(net, x, opts, out_size)
+            return _labels_by_running_sum(net, x, opts, out_size)
+        one = next(_passes(net, x, opts))  # kept at the model's resolution
     labels = torch.empty((b, *out_size), dtype=torch.long, device=x.device)
-    scratch, probs = _Scratch(x.device), None
+    scratch = _Scratch(x.device)
     for i in range(b):
-        if len(passes) > 1:
-            for n, one in enumerate(passes):
-                logits = one.logits(i, out_size, scratch)  # (1, K, H_out, W_out)
-                if probs is None:
-                    probs = torch.empty_like(logits)
-                if n == 0:
-                    _probs(logits, out=probs)
-                else:
-                    probs += _probs(logits, out=scratch.take(logits.shape, logits))
-                del logits  # a view: it would keep an area that the next pass grows
-            assert probs is not None
-            labels[i] = labels_from_probs(probs.div_(len(passes)))[0]
-        elif _banded(passes[0], out_size, band_above):
-            (_, _, _, _, logits), size = passes[0].windows[0], passes[0].size
+        if _banded(one, out_size, band_above):
+            (_, _, _, _, logits), size = one.windows[0], one.size
             labels[i] = _upsampled_argmax(_resize(logits[i : i + 1], size), out_size)[0]
         else:  # the argmax of the logits (> 0 for K == 1)
-            labels[i] = labels_from_probs(passes[0].logits(i, out_size, scratch), threshold=0.0)[0]
+            labels[i] = labels_from_probs(one.logits(i, out_size, scratch), threshold=0.0)[0]
     return labels
+
+
+def _labels_keeping_passes(
+    net: nn.Module, x: torch.Tensor, opts: InferenceOptions, out_size: tuple[int, int]
+) -> torch.Tensor:
+    """Several passes' labels: every forward first, each pass kept at the model's resolution, then image by image
+    the probabilities of all passes added up in pass order and averaged (infer's arithmetic per element)."""
+    passes = list(_passes(net, x, opts))
+    labels = torch.empty((x.shape[0], *out_size), dtype=torch.long, device=x.device)
+    scratch, probs = _Scratch(x.device), None
+    for i in range(x.shape[0]):
+        for n, one in enumerate(passes):
+            logits = one.logits(i, out_size, scratch)  # (1, K, H_out, W_out)
+            if probs is None:
+                probs = torch.empty_like(logits)
+            if n == 0:
+                _probs(logits, out=probs)
+            else:
+                probs += _probs(logits, out=scratch.take(logits.shape, logits))
+            del logits  # a view: it would keep an area that the next pass grows
+        assert probs is not None
+        labels[i] = labels_from_probs(probs.div_(len(passes)))[0]
+    return labels
+
+
+def _labels_by_running_sum(
+    net: nn.Module, x: torch.Tensor, opts: InferenceOptions, out_size: tuple[int, int]
+) -> torch.Tensor:
+    """Several passes' labels from :func:`infer`'s running sum: one pass held at a time."""
+    probs, passes = _summed_probs(net, x, opts, out_size)
+    return labels_from_probs(probs.div_(passes))
 
 
 def _banded(one: _Pass, out_size: tuple[int, int], band_above: int | None) -> bool:

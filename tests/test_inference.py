@@ -376,6 +376,189 @@ def test_labels_at_batch_8_never_hold_a_full_resolution_batch():
     assert peaks["predictor"] * (64 * 80) / (100 * 125) < 1, peaks
 
 
+# ------------------------------------------------------------------- several passes: kept passes or a running sum
+def _kept_passes(model, x, opts, output_size=None):
+    """predict_labels' two strategies for several passes, each forced, as predict_labels runs them."""
+    out = output_size or tuple(x.shape[-2:])
+    with torch.no_grad():
+        keep = inference._labels_keeping_passes(model, x, opts, out)
+        summed = inference._labels_by_running_sum(model, x, opts, out)
+    return keep, summed
+
+
+@pytest.mark.parametrize("one_label", [False, True], ids=["softmax", "sigmoid"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(mode="whole", flip=True),
+        dict(mode="whole", scales=[0.75, 1.25], flip=True),
+        dict(mode="whole", scales=[0.5, 1.0]),
+        dict(mode="aligned", short_side=48, long_side=96, align=16, flip=True),
+        dict(mode="aligned", short_side=48, long_side=96, align=16, scales=[0.75, 1.0, 1.25], flip=True),
+        dict(mode="slide", crop_size=(32, 40), stride=(20, 24), flip=True),
+        dict(mode="slide", crop_size=(32, 40), stride=(20, 24), scales=[0.75, 1.0, 1.5]),
+        dict(mode="slide", crop_size=(32, 40), stride=(20, 24), scales=[0.5, 1.0, 1.25], flip=True),
+    ],
+    ids=lambda kw: "-".join(str(v) for k, v in kw.items() if k in ("mode", "scales", "flip")),
+)
+def test_kept_passes_and_running_sum_both_equal_infers_argmax(seg, seg_k1, kwargs, one_label):
+    """Both strategies add the same per-image probabilities in the same pass order and divide once: bit for bit
+    infer's probabilities, so exactly its labels (argmax; one label: > 0.5)."""
+    model = seg_k1 if one_label else seg
+    x = torch.randn(3, 3, 45, 61, generator=torch.Generator().manual_seed(4))
+    opts = InferenceOptions(**kwargs)
+    for output_size in (None, (37, 50)):
+        want = labels_from_probs(infer(model, x, opts, output_size=output_size))
+        keep, summed = _kept_passes(model, x, opts, output_size)
+        assert torch.equal(keep, want) and torch.equal(summed, want)
+        assert torch.equal(predict_labels(model, x, opts, output_size=output_size), want)
+    assert 0 < want.float().mean() < (1 if one_label else 3)  # not one class everywhere: a real comparison
+
+
+@pytest.mark.parametrize(
+    "size, kwargs",
+    [
+        ((45, 61), dict(mode="whole", scales=[0.5, 0.75, 1.3], flip=True)),  # odd sides: 23 → ceil(23/4) = 6
+        ((20, 26), dict(mode="whole", flip=True)),  # below the minimum side: padded to 29
+        ((45, 61), dict(mode="aligned", short_side=48, long_side=96, align=16, scales=[0.6, 1.0])),
+        ((45, 61), dict(mode="slide", crop_size=(33, 41), stride=(20, 24), scales=[0.5, 1.0, 1.7], flip=True)),
+    ],
+)
+def test_pass_bytes_estimate_is_what_the_passes_hold(seg, size, kwargs):
+    """The estimate from the config (no forward) equals the bytes every real pass holds: its windows' float32
+    logits at the first stage's size (ceil(h/4) per side: a 7x7 conv at stride 4, padding 3) and the slide count."""
+    x = torch.randn(2, 3, *size)
+    opts = InferenceOptions(**kwargs)
+    k, held = inference._pass_bytes(seg, x.shape, opts)
+    with torch.no_grad():
+        passes = list(inference._passes(seg, x, opts))
+    real = [
+        sum(w[4].nbytes for w in one.windows) + (one.count.nbytes if one.count is not None else 0) for one in passes
+    ]
+    assert k == 4 and held == real
+    for one in passes:
+        for y1, y2, x1, x2, logits in one.windows:
+            assert logits.shape == (2, 4, -(-(y2 - y1) // 4), -(-(x2 - x1) // 4)) and logits.dtype == torch.float32
+
+
+def test_memory_plan_by_hand():
+    """b0's geometry (patch embedding 7x7 at stride 4), 150 classes, batch 8, 512x512 images: the running sum where
+    sliding windows at six scales outgrow the output, kept passes for whole-image scales."""
+    model = SegformerForSemanticSegmentation(tiny_config(num_labels=150))  # b0's patch sizes and strides
+    shape, image = (8, 3, 512, 512), 150 * 512 * 512 * 4  # one image's (K, H, W) float32 probabilities
+    window = 8 * 150 * 128 * 128 * 4  # a 512x512 window's logits: 128x128 (78.6 MB)
+    # Scales 0.5-1.75: inputs 256, 384, 512 (padded to the crop: 1 window), 640, 768 (2x2), 896 (3x3 windows:
+    # (896 - 512 + 340) // 341 + 1 = 3 per side); each pass twice (flip), plus its window count (padded H·W float32).
+    opts = InferenceOptions(
+        mode="slide", crop_size=512, stride=341, scales=[0.5, 0.75, 1.0, 1.25, 1.5, 1.75], flip=True
+    )
+    passes = [(1, 512), (1, 512), (1, 512), (4, 640), (4, 768), (9, 896)]
+    held = [n * window + 4 * side * side for n, side in passes]
+    plan = inference._memory_plan(model, shape, opts, (512, 512))
+    assert plan == (2 * sum(held) + image, 8 * image + max(held))  # 3.32 GB kept, 1.97 GB summed
+    assert not inference._keeps_passes(plan)
+    # Whole images at scales 0.75, 1, 1.25, flipped: logits 96², 128², 160²: 0.65 GB kept against 1.38 GB summed.
+    opts = InferenceOptions(mode="whole", scales=[0.75, 1.0, 1.25], flip=True)
+    held = [8 * 150 * side * side * 4 for side in (96, 128, 160)]
+    plan = inference._memory_plan(model, shape, opts, (512, 512))
+    assert plan == (2 * sum(held) + image, 8 * image + max(held))
+    assert inference._keeps_passes(plan)
+    # A smaller output makes the running sum's accumulator the smaller one: 8 x 150 x 64² x 4 = 20 MB.
+    assert not inference._keeps_passes(inference._memory_plan(model, shape, opts, (64, 64)))
+    # Ties keep; no config (nothing to estimate from): the running sum.
+    assert inference._keeps_passes((5, 5)) and not inference._keeps_passes((6, 5))
+    assert inference._memory_plan(PerPixel(), shape, opts, (512, 512)) is None and not inference._keeps_passes(None)
+
+
+def test_predict_labels_runs_the_strategy_that_holds_less(seg, monkeypatch):
+    ran = []
+    for name in ("_labels_keeping_passes", "_labels_by_running_sum"):
+        real = getattr(inference, name)
+        monkeypatch.setattr(inference, name, lambda *a, _real=real, _name=name: ran.append(_name) or _real(*a))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    keep, total = "_labels_keeping_passes", "_labels_by_running_sum"
+    cases = [
+        # logits 1/16 of the pixels per pass: 2 x (12² + 16²) x 4 classes x 2 images, far below 2 images' output
+        (seg, InferenceOptions(mode="whole", scales=[0.75, 1.0], flip=True), keep),
+        # 32x32 windows at stride 8, scales 1 and 1.5: 5x5 and 9x9 windows of 8x8 logits, 2 x (25 + 81) x 64 = 13568
+        # logits per image and class against 64² = 4096 output pixels: the running sum
+        (seg, InferenceOptions(mode="slide", crop_size=32, stride=8, scales=[1.0, 1.5], flip=True), total),
+        (PerPixel(), InferenceOptions(mode="whole", flip=True), total),  # no config
+    ]
+    for model, opts, want in cases:
+        ran.clear()
+        labels = predict_labels(model, x, opts)
+        assert ran == [want], (opts, ran)
+        assert torch.equal(labels, labels_from_probs(infer(model, x, opts)))
+        plan = inference._memory_plan(model, x.shape, opts, (64, 64))
+        assert plan is None or (plan[0] <= plan[1]) == (want == keep), plan
+    ran.clear()
+    predict_labels(seg, x, mode="slide", crop_size=32, stride=8)  # one pass: the argmax of its logits
+    assert ran == []
+
+
+# The sliding window of Cityscapes / ADE20K at 1/8 of the size (512 → 64, stride 341 → 43), scales 0.5-1.75, flip,
+# batch 8, 100 classes: 40 windows of 16x16 logits. Both strategies in a fresh process (see _PEAK_PROBE).
+_SUM_PROBE = r"""
+import json, sys
+from pathlib import Path
+import torch
+sys.path.insert(0, sys.argv[1])
+from conftest import tiny_config
+from segformer import SegformerForSemanticSegmentation
+from segformer import inference
+
+def kib(field):
+    return next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field))
+
+torch.set_num_threads(1)
+torch.manual_seed(0)
+model = SegformerForSemanticSegmentation(tiny_config(num_labels=100)).eval()
+x = torch.randn(8, 3, 64, 64)
+opts = inference.InferenceOptions(mode="slide", crop_size=64, stride=43, scales=[0.5, 0.75, 1, 1.25, 1.5, 1.75],
+                                  flip=True)
+cases = {"predict": lambda: inference.predict_labels(model, x, opts),
+         "keep": lambda: inference._labels_keeping_passes(model, x, opts, (64, 64))}
+result = {"plan": inference._memory_plan(model, x.shape, opts, (64, 64))}
+with torch.no_grad():
+    model(torch.randn(8, 3, 64, 64))  # oneDNN's primitive cache, for good: not measured
+    inference.predict_labels(model, x[:1], opts)  # the code pages of every kernel, loaded once: not measured
+    for name, run in cases.items():
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        base = kib("VmRSS")
+        labels = run()
+        result[name] = (kib("VmHWM") - base) * 1024
+        del labels
+print(json.dumps(result))
+"""
+
+
+def test_running_sum_peak_is_the_accumulator_and_one_pass():
+    """Sliding windows with scales and flips: predict_labels' peak is infer's running sum (the accumulator plus one
+    pass) and one image's work, well below what keeping every pass's windows takes (measured too)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak resident memory")
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", _SUM_PROBE, str(Path(__file__).parent)], capture_output=True,
+                         text=True, env=env, timeout=120, check=True).stdout  # fmt: skip
+    peaks = json.loads(out.splitlines()[-1])
+    kept, summed = peaks.pop("plan")
+    accumulator, window = 8 * 100 * 64 * 64 * 4, 8 * 100 * 16 * 16 * 4  # 13.1 MB; a window's logits 0.8 MB
+    assert summed == accumulator + 9 * window + 4 * 112 * 112  # + scale 1.75's 3x3 windows (112x112) and count
+    assert kept == 40 * window + 4 * 2 * (3 * 64**2 + 80**2 + 96**2 + 112**2) + 100 * 64 * 64 * 4  # 34.7 MB
+    # One image's work at the largest pass (112x112), the same for both strategies: _Scratch's two areas and the
+    # bilinear kernel's copy of its input (3 x 100 x 112² x 4 = 15 MB), its output and the probabilities at 64x64
+    # (2 x 1.6 MB); plus 2 MiB for the model's activations and the scaled inputs.
+    work = 3 * 100 * 112 * 112 * 4 + 2 * 100 * 64 * 64 * 4 + (2 << 20)
+    assert peaks["predict"] < summed + work < peaks["keep"], (peaks, summed + work)  # ~38, 41, ~52 MB
+
+
 def test_bad_arguments():
     x = torch.randn(1, 3, 32, 32)
     with pytest.raises(ValueError, match="mode must be"):
