@@ -272,7 +272,9 @@ def labels_from_probs(probs: torch.Tensor, threshold: float = 0.5) -> torch.Tens
     two probabilities equal (classes a few float32 roundings apart; sigmoid(z) rounds to 0.5 for 0 < z <= ~6e-8)."""
     if probs.shape[1] == 1:
         return (probs[:, 0] > threshold).long()
-    return probs.argmax(dim=1)
+    # max's indices are argmax's (the first maximum; NaN counts as the maximum), from a kernel 2-4x faster on
+    # the CPU over a non-last dimension (b0 slide inference at 1024x2048, 19 classes: 253 -> 68 ms)
+    return torch.max(probs, dim=1).indices
 
 
 def upsampled_argmax(probs: torch.Tensor, size: tuple[int, int], rows: int | None = None) -> torch.Tensor:

@@ -634,6 +634,23 @@ def test_labels_from_probs_argmax_and_binary_threshold():
     assert torch.equal(labels_from_probs(logits, threshold=0.0), labels)
 
 
+def test_labels_are_torch_argmax_ties_and_nan_included():
+    """labels_from_probs (and post_process_semantic_segmentation) take max's indices for speed: the same as
+    argmax, the first maximum on ties and NaN as the maximum, in either memory layout."""
+    from segformer import SegformerImageProcessor
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 4, (2, 7, 9, 11), generator=gen).float()  # many ties among 4 values
+    x[0, 5, 2, 3] = float("nan")
+    for probs in (x, x.contiguous(memory_format=torch.channels_last)):
+        assert torch.equal(labels_from_probs(probs), x.argmax(dim=1))
+    maps = SegformerImageProcessor().post_process_semantic_segmentation(SimpleNamespace(logits=x))
+    assert all(torch.equal(m, a) for m, a in zip(maps, x.argmax(dim=1), strict=True))
+    resized = SegformerImageProcessor().post_process_semantic_segmentation(x, target_sizes=[(18, 22)] * 2)
+    up = F.interpolate(x, size=(18, 22), mode="bilinear", align_corners=False)
+    assert all(torch.equal(m, a) for m, a in zip(resized, up.argmax(dim=1), strict=True))
+
+
 def test_every_command_declares_the_same_inference_options():
     from segformer.cli import build_parser
     from segformer.commands import inference_options_from_args
