@@ -61,7 +61,7 @@ def _hand_slide(model, x, crop, stride):
     return _hand_slide_logits(model, x, crop, stride).softmax(1)
 
 
-def _hand_slide_logits(model, x, crop, stride):
+def _hand_slide_logits(model, x, crop, stride, dtype=torch.float32):
     """Every window position listed explicitly, each window's logits upsampled to the crop, summed, divided by the
     number of windows per pixel; an image smaller than the crop is padded (bottom/right) and cropped back."""
     h0, w0 = x.shape[-2:]
@@ -69,11 +69,11 @@ def _hand_slide_logits(model, x, crop, stride):
     _, _, h, w = x.shape
     ys = sorted({min(y, h - crop[0]) for y in range(0, h - crop[0] + stride[0], stride[0])})
     xs = sorted({min(v, w - crop[1]) for v in range(0, w - crop[1] + stride[1], stride[1])})
-    total, count = 0, torch.zeros(h, w)
+    total, count = 0, torch.zeros(h, w, dtype=dtype)
     with torch.no_grad():
         for y in ys:
             for v in xs:
-                logits = model(x[:, :, y : y + crop[0], v : v + crop[1]]).logits
+                logits = model(x[:, :, y : y + crop[0], v : v + crop[1]]).logits.to(dtype)
                 up = F.interpolate(logits, size=crop, mode="bilinear", align_corners=False)
                 total = total + F.pad(up, (v, w - v - crop[1], y, h - y - crop[0]))
                 count[y : y + crop[0], v : v + crop[1]] += 1
@@ -83,8 +83,12 @@ def _hand_slide_logits(model, x, crop, stride):
 def test_slide_matches_a_hand_written_window_loop(seg):
     x = torch.randn(1, 3, 75, 101)
     got = infer(seg, x, mode="slide", crop_size=(64, 64), stride=(40, 48))
-    # the same windows through the same kernels, summed in the same order: bitwise the same
-    assert torch.equal(got, _hand_slide(seg, x, (64, 64), (40, 48)))
+    # The same windows summed in the same order, the loop in float64 (from the model's float32 logits): infer's
+    # channels-last kernels round each upsampled logit (4 products, 3 sums: 7u), the window sum and division
+    # (2 windows: 3u), all of max|z|; softmax passes half of a logit change and adds its own 9u (see below).
+    ref = _hand_slide_logits(seg, x, (64, 64), (40, 48), torch.float64)
+    tol = 10 * U32 * ref.abs().max().item() / 2 + 9 * U32
+    torch.testing.assert_close(got.double(), ref.softmax(1), atol=tol, rtol=0)
 
 
 def test_multiscale_and_flip_average_softmax_over_all_passes(seg):
@@ -125,9 +129,14 @@ def test_aligned_resize_sizes_and_output():
     size = aligned_size(50, 70, short_side=64, long_side=128)
     assert size == (64, 96)  # 64/50 = 1.28 limits: 70 x 1.28 = 89.6 → 90 → rounded up to 96
     with torch.no_grad():
-        logits = model(F.interpolate(x, size=size, mode="bilinear", align_corners=False))[0]
+        logits = model(F.interpolate(x, size=size, mode="bilinear", align_corners=False))[0].double()
     expected = F.interpolate(logits, size=(50, 70), mode="bilinear", align_corners=False).softmax(1)
-    assert torch.equal(probs, expected)  # the same operations in the same order
+    # The same operations in the same order, in float64 from the same float32 logits. float32 bilinear computes each
+    # source position (i + 0.5) * s - 0.5 with 3 roundings of values <= the source side n (3nu), moving a logit by
+    # 3nu |z1 - z0| <= 6nu max|z| per axis (n = 64, 96), and rounds its weight products, products and sums (10u of
+    # max|z|); softmax passes at most half of a logit change and adds 9u of its own (4 classes).
+    tol = (6 * (64 + 96) + 10) * U32 * logits.abs().max().item() / 2 + 9 * U32
+    torch.testing.assert_close(probs.double(), expected, atol=tol, rtol=0)
     assert not torch.allclose(probs, infer(model, x, mode="whole"), atol=1e-3)  # the resize really happened
 
 
@@ -257,6 +266,9 @@ SIZES_AND_OPTIONS = [
     ),
     pytest.param((45, 61), dict(mode="slide", crop_size=(32, 40), stride=(20, 24)), id="slide"),
     pytest.param((20, 26), dict(mode="slide", crop_size=(32, 40), stride=(20, 24)), id="slide-below-crop"),
+    pytest.param(  # flipped windows mirrored into the padded area, the crop taken from the right
+        (20, 26), dict(mode="slide", crop_size=(32, 40), stride=(20, 24), flip=True), id="slide-below-crop-flip"
+    ),
     pytest.param(
         (45, 61),
         dict(mode="slide", crop_size=(32, 40), stride=(20, 24), scales=[0.75, 1.0], flip=True),
@@ -295,6 +307,55 @@ def test_channels_last_logits_equal_the_batched_definition(seg, monkeypatch):
     x = torch.randn(3, 3, 45, 61, generator=torch.Generator().manual_seed(3))
     for kwargs in (dict(mode="whole", scales=[0.75, 1.0], flip=True), dict(mode="slide", crop_size=32, stride=24)):
         _check_against_reference(ChannelsLast().eval(), x, InferenceOptions(**kwargs), (37, 50), monkeypatch)
+
+
+def test_flipped_pass_mirrors_its_windows_at_the_model_resolution(monkeypatch):
+    """A flipped pass whose windows upsample by a power of two flips the small logits and mirrors the windows (and
+    their count), else it flips the full-resolution map: the same numbers up to the bilinear kernel's rounding (the
+    weights mirror exactly; 3 sums and the border's self-blend of each upsampled logit, the window sum and division:
+    8u of max|z|)."""
+    g = torch.Generator().manual_seed(6)
+    assert inference._mirrors(torch.zeros(1, 1, 2, 10), 40) and inference._mirrors(torch.zeros(1, 1, 2, 10), 10)
+    assert not inference._mirrors(torch.zeros(1, 1, 2, 8), 29) and not inference._mirrors(torch.zeros(1, 1, 2, 10), 30)
+    count = torch.zeros(1, 1, 32, 56)
+    boxes = [(0, 32, 0, 40), (0, 32, 16, 56)]
+    for _, _, x1, x2 in boxes:
+        count[..., x1:x2] += 1
+    for k in (5, 1):
+        one_window = [(0, 32, 0, 40, 4 * torch.randn(2, k, 8, 10, generator=g))]
+        whole = inference._Pass(one_window, (32, 40), (30, 37), True, None)
+        windows = [(*box, 4 * torch.randn(2, k, 8, 10, generator=g)) for box in boxes]
+        slide = inference._Pass(windows, (32, 56), (32, 50), True, count)
+        for one in (whole, slide):
+            got = [one.logits(i, (27, 45), inference._Scratch(torch.device("cpu"))).clone() for i in range(2)]
+            with monkeypatch.context() as m:
+                m.setattr(inference, "_mirrors", lambda *a: False)
+                want = [one.logits(i, (27, 45), inference._Scratch(torch.device("cpu"))).clone() for i in range(2)]
+            for a, b in zip(got, want):
+                zmax = max(w[4].abs().max().item() for w in one.windows)
+                torch.testing.assert_close(a, b, atol=8 * U32 * zmax, rtol=0)
+                assert a.abs().max() > 1
+
+
+def test_work_areas_are_mapped_once_per_call(seg, monkeypatch):
+    """Two work areas sized before the first pass (the largest pass, the output) and one accumulator: three
+    allocations per call whatever the scales, the batch and the strategy, so each is page-faulted once."""
+    sizes = []
+    real = inference._empty
+    monkeypatch.setattr(inference, "_empty", lambda shape, device: sizes.append(tuple(shape)) or real(shape, device))
+    x = torch.randn(2, 3, 45, 61, generator=torch.Generator().manual_seed(7))
+    opts = InferenceOptions(mode="aligned", short_side=48, long_side=96, align=16, scales=[0.75, 1.0, 1.25], flip=True)
+    out = (45, 61)
+    largest = max(h * w for h, w in inference._pass_inputs(45, 61, opts))  # 1.25: 64 x 112
+    with torch.no_grad():
+        for run in (inference._labels_keeping_passes, inference._labels_by_running_sum):
+            sizes.clear()
+            run(seg, x, opts, out)
+            assert sizes[:2] == [(4 * largest,), (4 * 45 * 61,)] and len(sizes) == 3, sizes
+            assert sizes[2] in ((1, 45, 61, 4), (2, 45, 61, 4))  # channels-last accumulator: one image or the batch
+        sizes.clear()
+        infer(seg, x, opts)
+        assert sizes[2] == (2, 4, 45, 61) and len(sizes) == 3, sizes  # infer's result: contiguous
 
 
 # A fresh process measures its peak resident memory (VmHWM) around each call. MALLOC_MMAP_THRESHOLD_ makes glibc
