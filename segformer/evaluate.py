@@ -25,7 +25,7 @@ from torch import nn
 from .data.datasets import SegmentationDataset
 from .distributed import get_rank, get_world_size, unwrap_model
 from .fileio import atomic_write_text
-from .inference import InferenceOptions, autocast, predict_labels, resolve_options
+from .inference import InferenceOptions, autocast, predict_labels, resolve_options, reuse_work_areas
 from .metrics import ConfusionMatrix, metrics_to_json
 
 # The published protocols (NVlabs/mmseg test configs): ADE20K whole-image after an aligned resize, Cityscapes
@@ -102,12 +102,13 @@ def evaluate(
     from tqdm import tqdm
 
     bar = tqdm(loader, desc="eval", disable=not progress or get_rank() != 0 or not sys.stderr.isatty(), leave=False)
-    for position, (pixels, labels) in enumerate(bar):
-        with autocast(device, amp):
-            pred = predict_labels(net, pixels.to(device), options, output_size=tuple(labels.shape[-2:]))
-        cm.update(pred, labels.to(device))
-        if on_image is not None:
-            on_image(indices[position], pred[0], labels[0])
+    with reuse_work_areas():  # one set of full-resolution work areas for the whole loop
+        for position, (pixels, labels) in enumerate(bar):
+            with autocast(device, amp):
+                pred = predict_labels(net, pixels.to(device), options, output_size=tuple(labels.shape[-2:]))
+            cm.update(pred, labels.to(device))
+            if on_image is not None:
+                on_image(indices[position], pred[0], labels[0])
     cm.reduce()
     metrics = cm.compute(dataset.id2label)
     metrics["num_images"] = count

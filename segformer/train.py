@@ -49,7 +49,7 @@ from .distributed import (
     init_distributed,
 )
 from .evaluate import evaluate
-from .inference import InferenceOptions, autocast, effective_amp, predict_labels
+from .inference import InferenceOptions, autocast, effective_amp, predict_labels, reuse_work_areas
 from .metrics import metrics_to_json
 from .modeling import SegformerForSemanticSegmentation, semantic_loss
 from .recipe import (
@@ -421,11 +421,12 @@ def validation_samples(
     """(image, ground truth, prediction) of the first ``count`` validation images, for a picture."""
     rows = []
     device = next(net.parameters()).device
-    for index in range(min(count, len(data.val_set))):
-        image, truth = data.val_set.read(index)
-        pixels, _ = data.val_set[index]
-        pred = predict_labels(net, pixels[None].to(device), options=data.eval_options)[0].cpu().numpy()
-        rows.append((image, truth, pred))
+    with reuse_work_areas():
+        for index in range(min(count, len(data.val_set))):
+            image, truth = data.val_set.read(index)
+            pixels, _ = data.val_set[index]
+            pred = predict_labels(net, pixels[None].to(device), options=data.eval_options)[0].cpu().numpy()
+            rows.append((image, truth, pred))
     return rows
 
 

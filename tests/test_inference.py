@@ -358,6 +358,43 @@ def test_work_areas_are_mapped_once_per_call(seg, monkeypatch):
         assert sizes[2] == (2, 4, 45, 61) and len(sizes) == 3, sizes  # infer's result: contiguous
 
 
+@pytest.mark.parametrize(
+    "opts",
+    [
+        InferenceOptions(mode="aligned", short_side=48, long_side=96, align=16),
+        InferenceOptions(mode="slide", crop_size=32, stride=21, flip=True),
+        InferenceOptions(mode="aligned", short_side=48, long_side=96, align=16, scales=[0.75, 1.25], flip=True),
+    ],
+    ids=["aligned", "slide-flip", "scales-flip"],
+)
+def test_reused_work_areas_map_once_per_loop_and_change_nothing(seg, monkeypatch, opts):
+    """Inside reuse_work_areas() the calls of a loop share their work areas: after the first call no work area is
+    allocated again; labels and probabilities are those of separate calls, and no result lives in an area (an
+    earlier call's result is unchanged by the next); leaving the outermost block releases them."""
+    sizes = []
+    real = inference._empty
+    monkeypatch.setattr(inference, "_empty", lambda shape, device: sizes.append(tuple(shape)) or real(shape, device))
+    gen = torch.Generator().manual_seed(11)
+    images = [torch.randn(1, 3, 45, 61, generator=gen) for _ in range(3)]
+    with torch.no_grad():
+        alone = [predict_labels(seg, x, opts) for x in images] + [infer(seg, images[0], opts)]
+        calls, kept = [], []
+        with inference.reuse_work_areas():
+            for x in images:
+                sizes.clear()
+                calls.append(predict_labels(seg, x, opts))
+                kept.append(calls[-1].clone())  # as it was right after its own call
+                areas_allocated = [n for n in sizes if len(n) == 1]  # (the work areas are 1-D)
+                assert areas_allocated == [] or len(calls) == 1, (len(calls), sizes)
+            with inference.reuse_work_areas():  # nested: the same areas
+                calls.append(infer(seg, images[0], opts))
+            assert inference._shared.areas  # still inside the outer block
+        assert inference._shared.areas is None
+    for got, want in zip(calls, alone, strict=True):
+        assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(calls[:3], kept, strict=True))
+
+
 # A fresh process measures its peak resident memory (VmHWM) around each call. MALLOC_MMAP_THRESHOLD_ makes glibc
 # map every block of 64 KiB or more on its own and unmap it when freed, so that resident memory follows the live
 # tensors instead of what the heap keeps for reuse.
