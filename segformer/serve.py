@@ -28,7 +28,9 @@ if asked) takes up to ``max_batch`` queued jobs, waiting at most ``max_wait_ms``
 and are still being read, and runs them through :meth:`SegformerPredictor.predict_iter` (same-size images share a
 forward pass) → the answer (PNG or JPEG encoding) is built in a thread. A request still waiting for the model
 ``timeout`` seconds after admission gets 504 (and is dropped from the queue). A forward pass that fails is
-retried one image at a time, so one image never fails the others of its batch.
+retried one image at a time, so one image never fails the others of its batch. Each inference thread keeps its
+full-resolution work areas between requests (:func:`segformer.inference.reuse_work_areas`: half the post-processing
+time of a 512×683 photo; the memory of its largest request's areas stays with the thread).
 """
 
 import asyncio
@@ -59,6 +61,7 @@ from PIL import Image
 from .config import VARIANTS
 from .hub import first_line
 from .images import IMAGENET_MEAN, IMAGENET_STD, ImageError
+from .inference import reuse_work_areas
 from .predict import SegformerPredictor, Segmentation
 from .visualize import label_image, overlay
 
@@ -340,12 +343,16 @@ class Batcher:
             t.join(timeout)
 
     def _loop(self, index: int) -> None:
-        if index == 0:
-            self._warm()
-        else:
-            self.ready.wait()
-        while (batch := self._take()) is not None:
-            self._run(batch)
+        # Each worker keeps its full-resolution work areas from request to request (segformer.inference's
+        # reuse_work_areas): their first-touch page faults cost as much as a b0 forward pass on a 512x683 photo.
+        # They grow to the largest request's and stay (per worker; huge photos are banded, see predict.py).
+        with reuse_work_areas():
+            if index == 0:
+                self._warm()
+            else:
+                self.ready.wait()
+            while (batch := self._take()) is not None:
+                self._run(batch)
 
     def _warm(self) -> None:
         """One forward pass at start-up (with a compiled backend: the compilation for its shape), so that the
