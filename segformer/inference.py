@@ -355,6 +355,20 @@ class _Scratch:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.areas: list[torch.Tensor | None] = [None, None]
+        self.image_sum: torch.Tensor | None = None  # one image's probability sum over passes (labels only)
+
+    def sum_area(self, shape: tuple[int, ...], channels_last: bool) -> torch.Tensor:
+        """An uninitialised float32 (1, K, H, W) tensor (channels-last memory with ``channels_last``) for one
+        image's sum over passes, apart from the two work areas, kept like them for the next call."""
+        n = math.prod(shape)
+        if self.image_sum is None or self.image_sum.numel() < n:
+            self.image_sum = None
+            self.image_sum = _empty((n,), self.device)
+        area = self.image_sum[:n]
+        if channels_last:
+            b, k, h, w = shape
+            return area.view(b, h, w, k).permute(0, 3, 1, 2)
+        return area.view(shape)
 
     def reserve(self, first: int, second: int) -> None:
         """The areas at ``first`` and ``second`` float32 elements now (:func:`_work_elements`: the first at the
@@ -742,7 +756,9 @@ def _summed_probs(
         if probs is None:
             k = one.windows[0][4].shape[1]
             scratch.reserve(*_work_elements(net, x.shape, opts, k, out_size))
-            if channels_last and k > 1:
+            if channels_last and k > 1 and b == 1:  # (labels only: kept with the work areas, like one image's sum)
+                probs = scratch.sum_area((1, k, *out_size), channels_last=True)
+            elif channels_last and k > 1:
                 probs = _empty((b, *out_size, k), x.device).permute(0, 3, 1, 2)
             else:
                 probs = _empty((b, k, *out_size), x.device)
@@ -836,8 +852,7 @@ def _labels_keeping_passes(
             logits = one.logits(i, out_size, scratch)  # (1, K, H_out, W_out), channels-last for K > 1
             nhwc = _nhwc(logits)
             if probs is None:
-                k, size = logits.shape[1], tuple(logits.shape[-2:])
-                probs = _empty((1, *size, k), x.device).permute(0, 3, 1, 2) if nhwc else _empty(logits.shape, x.device)
+                probs = scratch.sum_area(tuple(logits.shape), channels_last=nhwc)
             if n == 0:
                 _probs(logits, out=probs)
             else:
