@@ -105,8 +105,3 @@ class ReusableBuffer:
         """No tensor but the kept block on the storage (views, NumPy arrays and DLPack capsules hold a tensor of
         their own) and no Python reference to the storage object but ours."""
         return self._counts() == self._idle
-
-    def release(self) -> None:
-        """Drop the kept block (its memory returns when its last holder lets go)."""
-        with self._lock:
-            self._block = self._storage = None

@@ -341,7 +341,7 @@ def _flip_into(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 def _empty(shape: Sequence[int], device: torch.device) -> torch.Tensor:
     """An uninitialised float32 tensor of ``shape``: every full-resolution allocation of a call goes through here
-    (the work areas and the accumulator: three per call)."""
+    (the work areas and one accumulator: three per call)."""
     return torch.empty(tuple(shape), dtype=torch.float32, device=device)
 
 
@@ -354,49 +354,46 @@ class _Scratch:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.areas: list[torch.Tensor | None] = [None, None]
-        self.image_sum: torch.Tensor | None = None  # one image's probability sum over passes (labels only)
+        # the two work areas, and one image's probability sum over passes (labels only), each 1-D
+        self.areas: list[torch.Tensor | None] = [None, None, None]
 
-    def sum_area(self, shape: tuple[int, ...], channels_last: bool) -> torch.Tensor:
-        """An uninitialised float32 (1, K, H, W) tensor (channels-last memory with ``channels_last``) for one
-        image's sum over passes, apart from the two work areas, kept like them for the next call."""
-        n = math.prod(shape)
-        if self.image_sum is None or self.image_sum.numel() < n:
-            self.image_sum = None
-            self.image_sum = _empty((n,), self.device)
-        area = self.image_sum[:n]
+    def _area(self, j: int, n: int) -> torch.Tensor:
+        """Area ``j`` with at least ``n`` elements: a smaller one is dropped (before the new one is mapped)."""
+        area = self.areas[j]
+        if area is None or area.numel() < n:
+            self.areas[j] = None
+            area = self.areas[j] = _empty((n,), self.device)
+        return area
+
+    def _view(self, j: int, shape: tuple[int, ...], channels_last: bool) -> torch.Tensor:
+        """The start of area ``j`` as a (1, K, H, W) tensor, a view of (1, H, W, K) memory with ``channels_last``."""
+        area = self._area(j, math.prod(shape))[: math.prod(shape)]
         if channels_last:
             b, k, h, w = shape
             return area.view(b, h, w, k).permute(0, 3, 1, 2)
         return area.view(shape)
+
+    def sum_area(self, shape: tuple[int, ...], channels_last: bool) -> torch.Tensor:
+        """An uninitialised float32 (1, K, H, W) tensor (channels-last memory with ``channels_last``) for one
+        image's sum over passes, apart from the two work areas, kept like them for the next call."""
+        return self._view(2, shape, channels_last)
 
     def reserve(self, first: int, second: int) -> None:
         """The areas at ``first`` and ``second`` float32 elements now (:func:`_work_elements`: the first at the
         largest a call takes, the second at one output), so that passes of growing scales page-fault them once,
         not once per scale. The first take of a step goes to the first area, the next to the other."""
-        for j, n in enumerate((first, second)):
-            area = self.areas[j]
-            if area is None or area.numel() < n:
-                self.areas[j] = None
-                self.areas[j] = _empty((n,), self.device)
+        self._area(0, first)
+        self._area(1, second)
 
     def take(
         self, shape: tuple[int, ...], avoid: torch.Tensor | None = None, channels_last: bool = False
     ) -> torch.Tensor:
-        """An uninitialised float32 tensor of ``shape`` in the area that does not hold ``avoid``; with
+        """An uninitialised float32 tensor of ``shape`` in the work area that does not hold ``avoid``; with
         ``channels_last``, a (1, K, H, W) view of (1, H, W, K) memory (the layout of :meth:`_Pass.logits`)."""
         held = avoid.untyped_storage().data_ptr() if avoid is not None else None
         first = self.areas[0]
         j = 1 if first is not None and first.untyped_storage().data_ptr() == held else 0
-        n = math.prod(shape)
-        if self.areas[j] is None or self.areas[j].numel() < n:  # type: ignore[union-attr]
-            self.areas[j] = None  # the smaller area goes first
-            self.areas[j] = _empty((n,), self.device)
-        area = self.areas[j][:n]  # type: ignore[index]
-        if channels_last:
-            b, k, h, w = shape
-            return area.view(b, h, w, k).permute(0, 3, 1, 2)
-        return area.view(shape)
+        return self._view(j, shape, channels_last)
 
 
 _shared = threading.local()  # .areas: {device: _Scratch} inside reuse_work_areas(), else absent or None
@@ -406,10 +403,11 @@ _shared = threading.local()  # .areas: {device: _Scratch} inside reuse_work_area
 def reuse_work_areas() -> Iterator[None]:
     """Inside, :func:`infer` and :func:`predict_labels` calls of this thread share their full-resolution work areas
     instead of mapping fresh ones per call: a loop over images pays their first-touch page faults once (b0, 150
-    classes, one 512×683 photo in aligned mode: ~105,000 faults, 426 MB, per call otherwise). The areas (two per
-    device, as large as the largest call needed) are released on leaving the outermost block; the results never
-    live in them. ``segformer eval`` (:func:`segformer.evaluate.evaluate`), ``segformer predict`` and training's
-    validation pictures run their loops inside one."""
+    classes, one 512×683 photo in aligned mode: ~105,000 faults, 426 MB, per call otherwise). The areas (per device
+    two work areas and one image's probability sum, each as large as the largest call needed) are released on
+    leaving the outermost block; the results never live in them. ``segformer eval``
+    (:func:`segformer.evaluate.evaluate`), ``segformer predict`` and training's validation pictures run their
+    loops inside one."""
     previous = getattr(_shared, "areas", None)
     _shared.areas = {} if previous is None else previous
     try:
