@@ -51,6 +51,8 @@ from segformer.pretrained import canonical_keys  # noqa: E402
 DEFAULT_CASES = [
     "b0:512x512:fp32:1",
     "b2:512x512:fp32:1",
+    "b0:256x256:fp32:1",
+    "b2:256x256:fp32:1",
     "b0:512x512:bf16:1",
     "b2:512x512:bf16:1",
     "b0:512x512:fp32:8",
