@@ -303,7 +303,7 @@ class SegformerEfficientSelfAttention(nn.Module):
     def reduce(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """The sequence reduction: the sr×sr, stride-sr conv over the (B, H*W, C) tokens → (B, N', C) tokens.
 
-        Its windows do not overlap, so in CPU inference (fast path, no autograd graph) it is one GEMM: each
+        Its windows do not overlap, so in CPU inference (fast path, no autograd graph, no autocast) it is one GEMM: each
         window's sr·sr·C values gathered into a row (one copy of the tokens), times the weight read as a
         (C, sr·sr·C) matrix — a view of its channels-last memory. The same sums in another order; at 2 threads
         1.1–3x faster than the convolution kernel on SegFormer's shapes (b0/b2, 128²–512²), most at small
@@ -315,6 +315,7 @@ class SegformerEfficientSelfAttention(nn.Module):
             and type(conv) is nn.Conv2d
             and _unhooked(conv)
             and x.device.type == "cpu"
+            and not _cpu_autocast()  # (which casts the module's weight once per autocast region, this view per call)
             and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
             and not _capturing_graph()
         )

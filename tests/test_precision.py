@@ -19,6 +19,7 @@ from conftest import (
     U32,
     ZEN4,
     fp32_tol,
+    pretend_machine,
     randomize_,
     rel_err,
     run_cli,
@@ -171,3 +172,37 @@ def test_predictor_and_cli_take_dtype_int8(tmp_path, capsys):
                            tmp_path / "out", "--dtype", "int8", "--mode", "whole", "--no-progress")  # fmt: skip
     assert code == 0, err
     assert np.asarray(Image.open(tmp_path / "out" / "x.png")).shape == (64, 72)
+
+
+def test_evaluate_casts_the_weights_once_per_run_not_per_image(monkeypatch, tmp_path):
+    """segformer eval --amp bf16: one autocast region around the loop, so autocast's cast copies of the weights
+    serve every image (per image, those casts made bf16 slower than fp32 on small images)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from segformer.data import build_dataset, write_synthetic_dataset
+    from segformer.evaluate import evaluate
+
+    pretend_machine(monkeypatch, SAPPHIRE_RAPIDS)  # bf16 autocast runs (emulated where this CPU lacks it)
+    data = write_synthetic_dataset(tmp_path / "data", num_train=1, num_val=3, size=64, seed=0)
+    val, _ = build_dataset(data, "val")
+    model = randomize_(SegformerForSemanticSegmentation(tiny_config(num_labels=val.num_labels)), seed=2).eval()
+    weights = {p.data_ptr() for p in model.parameters() if p.ndim > 1}
+    casts = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == BF16:
+                casts.append(args[0].data_ptr() in weights and not args[0]._is_view())  # a weight itself
+            return func(*args, **kwargs)
+
+    def weight_casts(images: int) -> int:
+        casts.clear()
+        with Record():
+            metrics = evaluate(model, val, amp="bf16", max_images=images)
+        assert metrics["num_images"] == images
+        return sum(casts)
+
+    one = weight_casts(1)
+    assert one > 0  # autocast ran and cast the weights
+    assert weight_casts(3) == one
