@@ -237,23 +237,12 @@ def check_pixel_values(pixel_values: Any, config: SegformerConfig) -> None:
 
 
 # --------------------------------------------------------------------------------------------- encoder
-def channels_last_conv(*args: Any, **kwargs: Any) -> nn.Conv2d:
-    """nn.Conv2d(*args, **kwargs) with its weight in channels-last memory, the layout of the encoder's maps
-    (channels-last views of the tokens). Given a channels-last input, PyTorch runs the channels-last kernel and
-    first copies an NCHW weight into that layout, on every call — a strided copy of up to ~2 ms per call for
-    b2's larger convs at 2 threads. Same values, same kernel; only the per-call copy goes. Gradients come back
-    in this layout too, so DistributedDataParallel's bucket views match them (for the depthwise convs, whose
-    bytes are the same in both layouts, only the strides of the size-1 axis differed: DDP warned and copied).
-    (save_pretrained writes contiguous tensors; loading copies into this layout.)"""
-    return nn.Conv2d(*args, **kwargs).to(memory_format=torch.channels_last)
-
-
 class SegformerOverlapPatchEmbeddings(nn.Module):
     """Overlapping patch embedding: strided conv (padding k//2) → tokens → LayerNorm. (OverlapPatchEmbed.)"""
 
     def __init__(self, patch_size: int, stride: int, in_channels: int, hidden_size: int) -> None:
         super().__init__()
-        self.proj = channels_last_conv(in_channels, hidden_size, patch_size, stride, padding=patch_size // 2)
+        self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride, padding=patch_size // 2)
         self.layer_norm = nn.LayerNorm(hidden_size, eps=TRANSFORMERS_LAYER_NORM_EPS)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
@@ -277,7 +266,7 @@ class SegformerEfficientSelfAttention(nn.Module):
         self.value = nn.Linear(hidden_size, hidden_size)
         self.sr_ratio = sr_ratio
         if sr_ratio > 1:
-            self.sr = channels_last_conv(hidden_size, hidden_size, kernel_size=sr_ratio, stride=sr_ratio)
+            self.sr = nn.Conv2d(hidden_size, hidden_size, kernel_size=sr_ratio, stride=sr_ratio)
             self.layer_norm = nn.LayerNorm(hidden_size, eps=TRANSFORMERS_LAYER_NORM_EPS)
         self.fast_path = True  # PyTorch's fused scaled_dot_product_attention unless attention maps are requested
 
@@ -289,7 +278,8 @@ class SegformerEfficientSelfAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         q = self.heads(_dense(self.query, x, self.fast_path))
         if self.sr_ratio > 1:
-            x = self.layer_norm(self.reduce(x, height, width))  # (B, N', C)
+            reduced = self.sr(tokens_to_map(x, height, width))  # (B, C, H/sr, W/sr)
+            x = self.layer_norm(map_to_tokens(reduced))  # (B, N', C)
         k, v = self.heads(_dense(self.key, x, self.fast_path)), self.heads(_dense(self.value, x, self.fast_path))
         dropout = self.attention_dropout if self.training else 0.0
         if self.fast_path and not output_attentions:
@@ -299,34 +289,6 @@ class SegformerEfficientSelfAttention(nn.Module):
             probs = scores.float().softmax(dim=-1).to(q.dtype)  # fp32 softmax (also in exported fp16 graphs)
             context = torch.matmul(F.dropout(probs, dropout, self.training), v)
         return context.transpose(1, 2).flatten(2), probs  # (B, N, C)
-
-    def reduce(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """The sequence reduction: the sr×sr, stride-sr conv over the (B, H*W, C) tokens → (B, N', C) tokens.
-
-        Its windows do not overlap, so in CPU inference (fast path, no autograd graph, no autocast) it is one
-        GEMM: each window's sr·sr·C values gathered into a row (one copy of the tokens), times the weight read
-        as a (C, sr·sr·C) matrix — a view of its channels-last memory. The same sums in another order. Measured
-        at 2 threads: 2–7% faster end to end (b0/b2, 128² to 1024×2048; b2 at 512² level), most at small images,
-        where the conv kernel's fixed cost dominates (per shape 0.7–1.8x the conv kernel's speed)."""
-        conv, r = self.sr, self.sr_ratio
-        gemm = (
-            self.fast_path
-            and not self.training
-            and type(conv) is nn.Conv2d
-            and _unhooked(conv)
-            and x.device.type == "cpu"
-            and not _cpu_autocast()  # (which casts the module's weight once per autocast region, this view per call)
-            and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
-            and not _capturing_graph()
-        )
-        if not gemm:
-            return map_to_tokens(conv(tokens_to_map(x, height, width)))
-        b, c = x.shape[0], x.shape[-1]
-        h, w = height // r, width // r  # (the conv's floor: trailing rows / columns that fill no window drop)
-        windows = x.view(b, height, width, c)[:, : h * r, : w * r].reshape(b, h, r, w, r, c).transpose(2, 3)
-        rows = windows.reshape(b, h * w, r * r * c)  # (B, N', sr·sr·C): (kernel row, kernel column, channel)
-        weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)  # a view when channels-last
-        return _linear(rows, weight, conv.bias)
 
 
 class SegformerSelfOutput(nn.Module):
@@ -358,7 +320,11 @@ class SegformerAttention(nn.Module):
 class SegformerDWConv(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.dwconv = channels_last_conv(channels, channels, 3, padding=1, groups=channels)
+        # Channels-last strides, the same bytes (one input channel per group): PyTorch returns this weight's
+        # gradient in the channels-last layout of the input, and DistributedDataParallel's bucket views take the
+        # parameter's strides; with NCHW strides the two differed on the size-1 axis, and DDP warned and copied.
+        # (Flat views of the weight, e.g. parameters_to_vector, work either way: the bytes are contiguous.)
+        self.dwconv = nn.Conv2d(channels, channels, 3, padding=1, groups=channels).to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         return map_to_tokens(self.dwconv(tokens_to_map(x, height, width)))
