@@ -281,6 +281,7 @@ class Batcher:
         self.warm_up_error: str | None = None
         self.batch_seconds = 0.0  # a running mean, for Retry-After
         self.running = 0  # workers inside a batch now
+        self.running_images = 0  # the images of those batches
 
     # --- the request side
     def admit(self) -> bool:
@@ -399,6 +400,7 @@ class Batcher:
         started = time.perf_counter()
         with self._cond:
             self.running += 1
+            self.running_images += len(batch)
         outcomes: list[tuple[_Job, _Result | Exception]] = []
         try:
             for want_probs in (False, True):  # probabilities cost memory: only the jobs that asked pay for them
@@ -408,6 +410,7 @@ class Batcher:
         finally:
             with self._cond:
                 self.running -= 1
+                self.running_images -= len(batch)
             seconds = time.perf_counter() - started
             self.batch_seconds = seconds if self.batch_seconds == 0 else 0.8 * self.batch_seconds + 0.2 * seconds
             self.metrics.batch(len(batch), seconds)  # before the answers: a client that got one sees it counted
@@ -656,6 +659,7 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
             ),
             "queue_capacity": ("--max-queue.", config.max_queue),
             "batches_running": ("Inference workers busy with a batch now (at most --workers).", batcher.running),
+            "images_running": ("Images in the batches being run now.", batcher.running_images),
             "model_ready": ("1 when the model is loaded and warm.", float(batcher.ready.is_set())),
         }
         return PlainTextResponse(metrics.render(gauges), media_type="text/plain; version=0.0.4; charset=utf-8")

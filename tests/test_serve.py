@@ -606,11 +606,18 @@ def test_real_server_under_load_memory_and_graceful_shutdown(checkpoint, predict
         # Graceful shutdown: big images keep the worker busy; SIGTERM arrives while their batch runs.
         yy, xx = np.mgrid[0:768, 0:768]
         big = encode(np.stack([xx // 3, yy // 3, (xx + yy) // 6], -1).astype(np.uint8))  # smooth: a small upload
+        images_before = metric(httpx.get(server.url + "/metrics").text, "segformer_images_total")
         with ThreadPoolExecutor(3) as pool:
             inflight = [pool.submit(_hammer, server.url, [("big", big, {"Content-Type": "image/png"}, 200)], 1)
                         for _ in range(3)]  # fmt: skip
-            wait_for(lambda: metric(httpx.get(server.url + "/metrics").text, "segformer_batches_running") == 1,
-                     what="a running batch")  # fmt: skip
+
+            def all_admitted_one_batch_running() -> bool:  # (a request not yet admitted at SIGTERM is refused)
+                text = httpx.get(server.url + "/metrics").text
+                done = metric(text, "segformer_images_total") - images_before
+                admitted = metric(text, "segformer_images_running") + metric(text, "segformer_requests_waiting")
+                return metric(text, "segformer_batches_running") == 1 and admitted + done == 3
+
+            wait_for(all_admitted_one_batch_running, what="a running batch with all three requests admitted")
             signalled = time.monotonic()
             server.proc.send_signal(signal.SIGTERM)
             answers = [f.result()[0] for f in inflight]
