@@ -347,8 +347,8 @@ def test_upsampling_by_phases_equals_the_bilinear_kernel(factors, size, accumula
         assert (band - ref[:, i0 * sh : i1 * sh]).abs().max() <= 8 * U32 * scale  # as above
 
 
-def ops_run(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
-    """``model(x).logits`` and the names of the operators it dispatched ("aten::gelu", "mkldnn::...")."""
+def ops_run_fn(fn) -> tuple[torch.Tensor, list[str]]:
+    """``fn()`` and the names of the operators it dispatched ("aten::gelu", "mkldnn::...")."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     names: list[str] = []
@@ -359,8 +359,13 @@ def ops_run(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list
             return func(*args, **(kwargs or {}))
 
     with Record():
-        logits = model(x).logits
-    return logits, names
+        out = fn()
+    return out, names
+
+
+def ops_run(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+    """``model(x).logits`` and the names of the operators it dispatched."""
+    return ops_run_fn(lambda: model(x).logits)
 
 
 @pytest.mark.parametrize("act", ["gelu", "gelu_pytorch_tanh", "relu"])
@@ -405,6 +410,88 @@ def test_onednn_kernels_equal_the_modules(act, monkeypatch):
     logits.sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     assert rel_err(logits.detach(), plain) <= tol
+
+
+def _reducing_attentions(model: torch.nn.Module) -> list[modeling.SegformerEfficientSelfAttention]:
+    return [m for m in model.modules() if isinstance(m, modeling.SegformerEfficientSelfAttention) and m.sr_ratio > 1]
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])  # sr ratios 8, 4, 2
+@pytest.mark.parametrize("size", [(16, 24), (19, 26)])  # the second leaves rows and columns that fill no window
+def test_sequence_reduction_gemm_equals_the_conv(stage, size):
+    """CPU inference reduces the sequence with one GEMM over gathered windows (no convolution kernel runs); the
+    plain path, autograd and a hooked conv run the module. Each against the float64 convolution."""
+    model = randomize_(SegformerForSemanticSegmentation(tiny_config()), seed=5).eval()
+    attn = _reducing_attentions(model)[stage]
+    conv, r, c = attn.sr, attn.sr_ratio, attn.sr.in_channels
+    height, width = size
+    x = torch.randn(2, height * width, c, generator=torch.Generator().manual_seed(stage))
+
+    def conv64(t, w, b):
+        return modeling.map_to_tokens(F.conv2d(modeling.tokens_to_map(t, height, width), w, b, stride=r))
+
+    def reduce():
+        return attn.reduce(x, height, width)
+
+    ref = conv64(x.double(), conv.weight.double(), conv.bias.double())
+    # Higham's bound for a dot product of K = r*r*C terms plus the bias: (K + 1) u sum |terms|, in any order
+    bound = (r * r * c + 1) * U32 * conv64(x.double().abs(), conv.weight.double().abs(), conv.bias.double().abs())
+    with torch.no_grad():
+        fast, ops = ops_run_fn(reduce)
+    assert fast.shape == ref.shape == (2, (height // r) * (width // r), c)
+    assert ((fast.double() - ref).abs() <= bound).all() and not any("convolution" in name for name in ops)
+    seen = []
+    handle = conv.register_forward_hook(lambda *_: seen.append(1))
+    with torch.no_grad():
+        hooked, ops = ops_run_fn(reduce)
+    handle.remove()
+    assert seen and any("convolution" in name for name in ops) and ((hooked.double() - ref).abs() <= bound).all()
+    graph, ops = ops_run_fn(reduce)  # with an autograd graph to record: the module, and gradients
+    assert graph.requires_grad and any("convolution" in name for name in ops)
+    attn.fast_path = False
+    with torch.no_grad():
+        plain, ops = ops_run_fn(reduce)
+    assert any("convolution" in name for name in ops) and ((plain.double() - ref).abs() <= bound).all()
+
+
+def _weight_copies(model: torch.nn.Module) -> list[tuple[torch.nn.Conv2d, modeling._ChannelsLastWeight]]:
+    embeddings = [(e.proj, e._weight_copy) for e in model.segformer.encoder.patch_embeddings]
+    return embeddings + [(a.sr, a._weight_copy) for a in _reducing_attentions(model)]
+
+
+def test_kept_channels_last_weight_copies_follow_the_weights():
+    """CPU inference keeps a channels-last copy of each patch embedding's and sequence reduction's weight (PyTorch
+    would copy it on every call); it follows in-place updates, goes with .to()/.double(), is not made in training
+    or with autograd, and copies or pickles of the model start without it."""
+    import pickle
+
+    model = randomize_(SegformerForSemanticSegmentation(tiny_config()), seed=7)
+    x = torch.randn(2, 3, 64, 64)
+    model.train()(x)
+    with torch.enable_grad():
+        model.eval()(x)  # an autograd graph is recorded: the modules run, nothing is kept
+    assert all(kept._entry is None for _, kept in _weight_copies(model))
+    with torch.no_grad():
+        first = model(x).logits
+    for conv, kept_copy in _weight_copies(model):
+        kept = kept_copy._entry[1]
+        assert torch.equal(kept, conv.weight) and kept.is_contiguous(memory_format=torch.channels_last)
+        assert conv.weight.is_contiguous()  # the parameter itself stays NCHW
+    with torch.no_grad():
+        for conv, _ in _weight_copies(model):
+            conv.weight.mul_(-1)  # in place: the copies must follow
+        changed = model(x).logits
+        fresh = SegformerForSemanticSegmentation(tiny_config())
+        fresh.load_state_dict(model.state_dict())
+        assert torch.equal(changed, fresh.eval()(x).logits) and not torch.equal(changed, first)
+    assert all(torch.equal(kept._entry[1], conv.weight) for conv, kept in _weight_copies(model))
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert all(kept._entry is None for _, kept in _weight_copies(clone))
+    model.double()
+    assert all(kept._entry is None for _, kept in _weight_copies(model))
+    with torch.no_grad():
+        assert model(x.double()).logits.dtype == torch.float64
+    assert all(kept._entry[1].dtype == torch.float64 for _, kept in _weight_copies(model))
 
 
 def test_weights_flatten_and_their_gradients_keep_their_strides(tmp_path):
