@@ -264,9 +264,11 @@ def _conv_channels_last(conv: nn.Module, x: torch.Tensor, copy: _ChannelsLastWei
     NCHW weight into that layout, on every call: a strided copy of the whole weight (b2's last patch embedding:
     1.5M values). In CPU inference (fast path, eval mode, no autograd graph, no autocast, no graph capture, no
     hooks on the conv) that copy is made once and kept (:class:`_ChannelsLastWeight`): the same kernel and the
-    same values, 4–12% faster end to end from 128² to 512², for ~25% more memory than the encoder's weights
-    (the patch embeddings' and sequence reductions' weights twice). The parameters themselves stay NCHW: flat
-    views of them (``parameters_to_vector``, LBFGS) need contiguous bytes."""
+    same values. With the sequence reductions run as GEMMs on their copies (SegformerEfficientSelfAttention.reduce)
+    b0 at 128² is 11% faster end to end, b2 at 256² 5%, 512² 1–2% (interleaved, 2 threads), for about a quarter
+    more memory than the model's weights (these weights twice). The parameters themselves stay NCHW: flat views
+    of them (``parameters_to_vector``, LBFGS) need contiguous bytes. (Two threads racing here both make a copy
+    and one is kept: the same values either way.)"""
     if _keeps_weight_copy(conv, x, fast) and x.is_contiguous(memory_format=torch.channels_last):
         weight = copy.of(conv.weight)
         return F.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
@@ -359,7 +361,8 @@ class SegformerEfficientSelfAttention(nn.Module):
         Its windows do not overlap, so where the conv would run on a kept channels-last copy of its weight (CPU
         inference, see :func:`_conv_channels_last`) it is one GEMM instead: each window's sr·sr·C values
         gathered into a row (one copy of the tokens) times that copy read as a (C, sr·sr·C) matrix (a view).
-        The same sums in another order; with the kept copy, 2–7% faster end to end than the conv kernel."""
+        The same sums in another order, faster than the conv kernel on the same copy, most at small images where
+        the kernel's fixed cost dominates."""
         conv, r = self.sr, self.sr_ratio
         if not _keeps_weight_copy(conv, x, self.fast_path):
             return map_to_tokens(conv(tokens_to_map(x, height, width)))
