@@ -275,6 +275,19 @@ def _conv_channels_last(conv: nn.Module, x: torch.Tensor, copy: _ChannelsLastWei
     return conv(x)
 
 
+class _KeepsWeightCopy(nn.Module):
+    """A module whose conv runs on a kept channels-last copy of its weight in CPU inference
+    (:func:`_conv_channels_last`); .to(), .half() and the like drop the copy with the old weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._weight_copy = _ChannelsLastWeight()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> nn.Module:
+        self._weight_copy.clear()
+        return super()._apply(fn, recurse)
+
+
 def _keeps_weight_copy(conv: nn.Module, x: torch.Tensor, fast: bool) -> bool:
     """Whether ``conv`` runs on a kept channels-last copy of its weight (see :func:`_conv_channels_last`)."""
     weight = getattr(conv, "weight", None)
@@ -292,7 +305,7 @@ def _keeps_weight_copy(conv: nn.Module, x: torch.Tensor, fast: bool) -> bool:
     )
 
 
-class SegformerOverlapPatchEmbeddings(nn.Module):
+class SegformerOverlapPatchEmbeddings(_KeepsWeightCopy):
     """Overlapping patch embedding: strided conv (padding k//2) → tokens → LayerNorm. (OverlapPatchEmbed.)"""
 
     def __init__(self, patch_size: int, stride: int, in_channels: int, hidden_size: int) -> None:
@@ -300,11 +313,6 @@ class SegformerOverlapPatchEmbeddings(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride, padding=patch_size // 2)
         self.layer_norm = nn.LayerNorm(hidden_size, eps=TRANSFORMERS_LAYER_NORM_EPS)
         self.fast_path = True  # the conv weight's channels-last copy kept for CPU inference (_conv_channels_last)
-        self._weight_copy = _ChannelsLastWeight()
-
-    def _apply(self, fn: Any, recurse: bool = True) -> nn.Module:  # .to(), .half(), ...: the copy goes with the weight
-        self._weight_copy.clear()
-        return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         x = _conv_channels_last(self.proj, x, self._weight_copy, self.fast_path)  # (B, C, H', W')
@@ -312,7 +320,7 @@ class SegformerOverlapPatchEmbeddings(nn.Module):
         return self.layer_norm(map_to_tokens(x)), height, width  # (B, H'*W', C)
 
 
-class SegformerEfficientSelfAttention(nn.Module):
+class SegformerEfficientSelfAttention(_KeepsWeightCopy):
     """Multi-head attention whose keys and values come from a sequence shortened by ``sr_ratio``² with a
     strided conv (sequence reduction). (Attention class of the original implementation.)"""
 
@@ -330,11 +338,6 @@ class SegformerEfficientSelfAttention(nn.Module):
             self.sr = nn.Conv2d(hidden_size, hidden_size, kernel_size=sr_ratio, stride=sr_ratio)
             self.layer_norm = nn.LayerNorm(hidden_size, eps=TRANSFORMERS_LAYER_NORM_EPS)
         self.fast_path = True  # PyTorch's fused scaled_dot_product_attention unless attention maps are requested
-        self._weight_copy = _ChannelsLastWeight()  # (of the reduction conv's weight, see _conv_channels_last)
-
-    def _apply(self, fn: Any, recurse: bool = True) -> nn.Module:  # .to(), .half(), ...: the copy goes with the weight
-        self._weight_copy.clear()
-        return super()._apply(fn, recurse)
 
     def heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # (B, heads, N, hd)
