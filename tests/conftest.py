@@ -71,6 +71,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
+def hf_pil_processor(transformers):
+    """Transformers' PIL image processor, the oracle of ours: ``SegformerImageProcessorPil`` in 5.x, where the
+    plain ``SegformerImageProcessor`` is the torchvision backend whenever torchvision is installed; the plain
+    class before (PIL only)."""
+    return getattr(transformers, "SegformerImageProcessorPil", None) or transformers.SegformerImageProcessor
+
+
 # ------------------------------------------------------------------------------------------ fp32 error model
 U32 = 2.0**-24  # fp32 unit roundoff: one rounding moves a value by at most this fraction of it
 

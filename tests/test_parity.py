@@ -20,7 +20,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import numpy as np
 import pytest
 import torch
-from conftest import U32, fp32_tol, randomize_, rel_err, series_depth, tiny_config
+from conftest import U32, fp32_tol, hf_pil_processor, randomize_, rel_err, series_depth, tiny_config
 from PIL import Image
 
 import segformer
@@ -636,7 +636,7 @@ def test_four_channel_images_match_transformers():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (37, 45, 4), dtype=np.uint8)
     ours = SegformerImageProcessor(size={"height": 20, "width": 26}, **FOUR)
-    theirs = hf().SegformerImageProcessor(size={"height": 20, "width": 26}, **FOUR)
+    theirs = hf_pil_processor(hf())(size={"height": 20, "width": 26}, **FOUR)
     for given in (image, Image.fromarray(image, "RGBA"), torch.from_numpy(image).permute(2, 0, 1)):
         for do_resize in (True, False):
             a = ours(given, return_tensors="np", do_resize=do_resize)["pixel_values"]
@@ -665,7 +665,7 @@ def test_four_channel_errors():
 def test_processor_files_and_dicts_match_transformers(tmp_path):
     transformers = hf()
     kwargs = dict(size={"height": 40, "width": 56}, resample=3, do_reduce_labels=True, image_mean=[0.5, 0.4, 0.3])
-    ours, theirs = SegformerImageProcessor(**kwargs), transformers.SegformerImageProcessor(**kwargs)
+    ours, theirs = SegformerImageProcessor(**kwargs), hf_pil_processor(transformers)(**kwargs)
     ours_files = ours.save_pretrained(tmp_path / "ours")
     theirs_files = theirs.save_pretrained(tmp_path / "theirs")
     assert [Path(f).name for f in ours_files] == [Path(f).name for f in theirs_files] == ["preprocessor_config.json"]
@@ -675,7 +675,7 @@ def test_processor_files_and_dicts_match_transformers(tmp_path):
     assert json.loads(json.dumps(ours.to_dict())) == json.loads(json.dumps(theirs.to_dict(), default=list))
     assert json.loads(ours.to_json_string()) == json.loads(theirs.to_json_string())
     ours.to_json_file(tmp_path / "p.json")
-    for cls in (SegformerImageProcessor, transformers.SegformerImageProcessor):
+    for cls in (SegformerImageProcessor, hf_pil_processor(transformers)):
         loaded = cls.from_json_file(tmp_path / "p.json")
         assert loaded.do_reduce_labels is True and loaded.resample == 3
 
@@ -697,7 +697,7 @@ def test_batch_feature_surface_matches_transformers():
     images = [rng.integers(0, 256, (30, 40, 3), dtype=np.uint8) for _ in range(2)]
     maps = [rng.integers(0, 5, (30, 40), dtype=np.uint8) for _ in range(2)]
     ours = SegformerImageProcessor(size=32)(images, maps)
-    theirs = hf().SegformerImageProcessor(size={"height": 32, "width": 32})(images, maps)
+    theirs = hf_pil_processor(hf())(size={"height": 32, "width": 32})(images, maps)
     assert isinstance(ours.data, dict) and set(ours.data) == set(theirs.data) == {"pixel_values", "labels"}
     assert type(ours["pixel_values"]) is type(theirs["pixel_values"]) is list
     assert ours.convert_to_tensors("pt") is ours

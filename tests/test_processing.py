@@ -1,7 +1,7 @@
 """SegformerImageProcessor: Transformers parity, conversions, config I/O, errors and the torch fast path.
 
 Every image is random data made here with numpy/PIL; files go to tmp_path. Tests marked ``oracle`` compare
-against ``transformers.SegformerImageProcessor`` (its PIL backend in 5.x).
+against Transformers' PIL image processor (``SegformerImageProcessorPil`` in 5.x).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import U32
+from conftest import U32, hf_pil_processor
 from PIL import Image, ImageOps
 
 from segformer.hub import CheckpointError
@@ -49,7 +49,7 @@ def rgb_values(image, **kwargs) -> np.ndarray:
 def hf_processor(**kwargs):
     transformers = pytest.importorskip("transformers")
     transformers.utils.logging.set_verbosity_error()
-    return transformers.SegformerImageProcessor(**kwargs)
+    return hf_pil_processor(transformers)(**kwargs)
 
 
 def random_image(rng, height, width, channels=3) -> np.ndarray:
@@ -161,7 +161,9 @@ def test_save_pretrained_is_read_by_transformers(tmp_path, rng):
     assert saved["image_processor_type"] == "SegformerImageProcessor" and saved["do_reduce_labels"] is True
     assert saved["size"] == {"height": 40, "width": 56} and saved["resample"] == 3 and "reduce_labels" not in saved
     theirs = hf_processor().from_pretrained(tmp_path / "proc")
-    auto = transformers.AutoImageProcessor.from_pretrained(tmp_path / "proc")
+    # Transformers 5.x's AutoImageProcessor takes the torchvision backend where torchvision is installed: ask for PIL
+    pil = {"backend": "pil"} if hf_pil_processor(transformers) is not transformers.SegformerImageProcessor else {}
+    auto = transformers.AutoImageProcessor.from_pretrained(tmp_path / "proc", **pil)
     image, seg = random_image(rng, 61, 83), rng.integers(0, 9, (61, 83), dtype=np.uint8)
     a = ours(image, seg, return_tensors="np")
     for other in (theirs, auto):
