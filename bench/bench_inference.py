@@ -22,6 +22,9 @@ cap it, to approximate an AVX2 machine on an AVX-512 one) and the measured GEMM 
     python bench/bench_inference.py --cases b0:512x512:fp32:1 --repeats 10
     python bench/bench_inference.py --device cuda --cases b2:1024x2048:bf16:1 --compile
 
+On CUDA the header names the GPU and PyTorch's TF32 flags: by default cuDNN's convolutions may round their inputs
+to TF32 (10 mantissa bits), in both libraries; ``--no-tf32`` times exact fp32.
+
 A case is VARIANT:HxW:DTYPE:BATCH (DTYPE fp32, bf16 (autocast) or fp16 (autocast, CUDA)),
 train:VARIANT:HxW:BATCH for a training step (forward + backward, fp32, train mode), or batch:VARIANT:HxW:BATCH.
 """
@@ -285,6 +288,8 @@ def measure_in_child(name: str, case: str, args: argparse.Namespace) -> float:
     import subprocess
 
     cmd = [sys.executable, __file__, "--memory-child", name, "--cases", case, "--device", args.device]
+    if args.no_tf32:
+        cmd.append("--no-tf32")
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -332,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the peak-memory measurements (each runs in a fresh process)")  # fmt: skip
     parser.add_argument("--no-ort", dest="ort", action="store_false", help="skip the onnxruntime column")
     parser.add_argument(
+        "--no-tf32", action="store_true", help="CUDA: exact fp32, no TF32 in matmuls or cuDNN convolutions"
+    )
+    parser.add_argument(
         "--allocator",
         choices=["tuned", "system"],
         default="tuned",
@@ -343,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.no_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     if args.memory_child:
         print(memory_child(args.memory_child, args.cases[0], device))
         return 0
@@ -355,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{torch.__version__}, transformers {transformers.__version__}, device {device}")  # fmt: skip
     print(f"# cpu capability {torch.backends.cpu.get_cpu_capability()}{' ' + str(caps) if caps else ''}, "
           f"fp32 GEMM peak {peak / 1e9:.0f} GFLOP/s, allocator {'tuned' if tuned else 'system'}")  # fmt: skip
+    if device.type == "cuda":
+        print(f"# {torch.cuda.get_device_name(device)}, TF32 matmul {torch.backends.cuda.matmul.allow_tf32}, "
+              f"TF32 cuDNN convolutions {torch.backends.cudnn.allow_tf32} (--no-tf32: exact fp32)")  # fmt: skip
     header = f"{'case':<24}{'transformers':>14}{'segformer':>12}{'speed-up':>10}{'onnxruntime':>13}{'ort/ours':>10}"
     print(header + f"{'GFLOP arch/ours':>17}{'% peak':>8}{'peak MB (T / ours)':>22}{'max rel diff':>14}"
           f"{'argmax agree':>14}")  # fmt: skip
@@ -366,11 +379,11 @@ def main(argv: list[str] | None = None) -> int:
         row = (run_train_case if case.startswith("train:") else run_inference_case)(case, args, device)
         mem = f"{row['mem_theirs'] / 2**20:,.0f} / {row['mem_ours'] / 2**20:,.0f}"
         agree = "" if row["agree"] != row["agree"] else f"{row['agree']:.4f}"
-        ort = f"{row['ort']:>12.3f}s{row['ort'] / row['ours']:>9.2f}x" if "ort" in row else f"{'':>13}{'':>10}"
+        ort = f"{row['ort']:>12.4f}s{row['ort'] / row['ours']:>9.2f}x" if "ort" in row else f"{'':>13}{'':>10}"
         arch, ours = row.get("flops", (float("nan"), float("nan")))
         share = f"{100 * ours / row['ours'] / peak:>7.0f}%" if ours == ours else f"{'':>8}"
         gflop = f"{arch / 1e9:>9.1f} / {ours / 1e9:<5.1f}" if ours == ours else f"{'':>17}"
-        print(f"{row['case']:<24}{row['theirs']:>13.3f}s{row['ours']:>11.3f}s{row['ratio']:>9.2f}x{ort}{gflop}"
+        print(f"{row['case']:<24}{row['theirs']:>13.4f}s{row['ours']:>11.4f}s{row['ratio']:>9.2f}x{ort}{gflop}"
               f"{share}{mem:>22}{row['rel']:>14.1e}{agree:>14}", flush=True)  # fmt: skip
         gc.collect()
     for row in batching:
