@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .pretrained import select_device
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -38,15 +40,23 @@ def init_distributed(device: str | torch.device | None = None) -> DistInfo:
     """Join the process group when launched by torchrun and pick this process's device.
 
     ``device``: None picks ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU; a string forces one
-    ("cpu" runs a multi-process job on gloo even on a GPU machine). Without torchrun this returns rank 0 of 1.
+    ("cpu" runs a multi-process job on gloo even on a GPU machine; "cuda" means ``cuda:LOCAL_RANK``). A device
+    this machine lacks, or more processes than CUDA devices, is a one-line ValueError. Without torchrun this
+    returns rank 0 of 1.
     """
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device is None:
-        dev = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     else:
-        dev = torch.device(device)
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device(f"cuda:{local_rank}")
+        dev = select_device(device)  # one line for a device this machine lacks
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device(f"cuda:{local_rank}")
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(
+                f"process {local_rank} (LOCAL_RANK) would use cuda:{local_rank}, but this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s): start at most that many processes per machine "
+                "(torchrun --nproc-per-node) or pass --device cpu"
+            )
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:

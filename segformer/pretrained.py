@@ -178,7 +178,7 @@ _DTYPE_ALIASES = {"fp32": torch.float32, "fp16": torch.float16, "half": torch.fl
 
 def select_device(device: str | torch.device | int | None = None) -> torch.device:
     """None or "auto": CUDA when available, else Apple's MPS, else the CPU; an int N: cuda:N; anything else as
-    given. A CUDA or MPS device this machine lacks is a ValueError."""
+    given. A CUDA or MPS device this machine lacks (or a CUDA index beyond its count) is a ValueError."""
     if device is None or str(device) == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -188,6 +188,9 @@ def select_device(device: str | torch.device | int | None = None) -> torch.devic
     dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r}: CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ValueError(f"device {device!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ValueError(f"device {device!r}: MPS is not available on this machine")
     return dev

@@ -200,3 +200,39 @@ def test_train_mode_loss_and_gradients_on_the_device_equal_float64(device):
     a = torch.cat([ours[n].grad.cpu().double().flatten() for n in names])
     b = torch.cat([exact[n].grad.flatten() for n in names])
     assert ((a - b).norm() / b.norm()).item() <= 1e-5  # the promise, as in test_oracle
+
+
+def test_a_device_this_machine_lacks_is_one_line(synth, tmp_path, capsys):
+    """--device naming a GPU this machine lacks (cuda:N, N = its CUDA device count, lacks on every machine) is
+    one line naming it, from train, eval and predict alike (train and eval once gave a raw AttributeError)."""
+    from conftest import run_cli
+
+    data, model_json = synth
+    lacking = f"cuda:{torch.cuda.device_count()}"
+    model = tmp_path / "m"
+    SegformerForSemanticSegmentation(tiny_config(num_labels=4)).save_pretrained(model)
+    runs = {
+        "train": ("train", "--data", data, "--model", model_json, "--output", tmp_path / "run", "--steps", "1"),
+        "eval": ("eval", "--data", data, "--model", model, "--workers", "0"),
+        "predict": ("predict", data / "images" / "val", "--model", model, "--output", tmp_path / "out"),
+    }
+    for name, argv in runs.items():
+        code, _, err = run_cli(capsys, *argv, "--device", lacking)
+        assert code == 2, name
+        assert err.count("\n") == 1 and f"'{lacking}'" in err and "CUDA" in err, (name, err)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()  # nothing started
+
+
+def test_more_processes_than_gpus_is_one_line(monkeypatch):
+    """Process LOCAL_RANK = the CUDA device count would need a GPU that is not there: one line that says how
+    many there are and what to do; on a machine without CUDA the same process simply runs on the CPU."""
+    from segformer.distributed import init_distributed
+
+    monkeypatch.setenv("LOCAL_RANK", str(torch.cuda.device_count()))
+    if not torch.cuda.is_available():
+        assert init_distributed().device == torch.device("cpu")
+        return
+    with pytest.raises(ValueError, match=r"LOCAL_RANK.*CUDA device\(s\).*--nproc-per-node.*--device cpu"):
+        init_distributed()
+    with pytest.raises(ValueError, match=r"--nproc-per-node"):
+        init_distributed("cuda")
