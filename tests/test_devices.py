@@ -204,7 +204,8 @@ def test_train_mode_loss_and_gradients_on_the_device_equal_float64(device):
 
 def test_a_device_this_machine_lacks_is_one_line(synth, tmp_path, capsys):
     """--device naming a GPU this machine lacks (cuda:N, N = its CUDA device count, lacks on every machine) is
-    one line naming it, from train, eval and predict alike (train and eval once gave a raw AttributeError)."""
+    one line naming it, from train, eval, predict and demo alike, before any file is written (train and eval once
+    gave a raw AttributeError, demo wrote its data set first)."""
     from conftest import run_cli
 
     data, model_json = synth
@@ -215,12 +216,13 @@ def test_a_device_this_machine_lacks_is_one_line(synth, tmp_path, capsys):
         "train": ("train", "--data", data, "--model", model_json, "--output", tmp_path / "run", "--steps", "1"),
         "eval": ("eval", "--data", data, "--model", model, "--workers", "0"),
         "predict": ("predict", data / "images" / "val", "--model", model, "--output", tmp_path / "out"),
+        "demo": ("demo", "--output", tmp_path / "demo"),
     }
     for name, argv in runs.items():
         code, _, err = run_cli(capsys, *argv, "--device", lacking)
         assert code == 2, name
         assert err.count("\n") == 1 and f"'{lacking}'" in err and "CUDA" in err, (name, err)
-    assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()  # nothing started
+    assert not any((tmp_path / name).exists() for name in ("run", "out", "demo"))  # nothing started
 
 
 def test_more_processes_than_gpus_is_one_line(monkeypatch):

@@ -44,9 +44,12 @@ def run(args: argparse.Namespace) -> int:
     from segformer.fileio import atomic_write
     from segformer.inference import predict_labels
     from segformer.modeling import SegformerForSemanticSegmentation
+    from segformer.pretrained import select_device
     from segformer.train import TrainConfig, train
     from segformer.visualize import make_palette, overlay
 
+    if args.device is not None:
+        select_device(args.device)  # a device this machine lacks: one line, before any file is written
     start = time.perf_counter()
     out = Path(args.output)
     data = write_synthetic_dataset(out / "data", num_train=400, num_val=100, size=96, seed=args.seed)
