@@ -1,7 +1,8 @@
 """The device contract: every device this machine has (the CPU always; CUDA and Apple's MPS where present) gives the
-CPU's guarantees: fp32 outputs within the promise of Transformers' on the same device, inference in every mode
-equal to the CPU's up to derived rounding, training in every precision the device runs natively, and checkpoints
-that move between devices. On a CPU-only machine the CPU case runs (the same code paths a GPU takes, except the
+CPU's guarantees: fp32 outputs within the promise of Transformers' on the same device, inference in every mode and
+train-mode gradients equal to a float64 reference on the CPU up to derived rounding, training in every precision
+the device runs natively, checkpoints that move between devices, and one-line errors for a device the machine
+lacks. On a CPU-only machine the CPU case runs (the same code paths a GPU takes, except the
 kernels); on a GPU machine the same tests run on it too.
 
 fp32 on CUDA means fp32: the tests turn TF32 off (PyTorch's default lets cuDNN's convolutions round their inputs
