@@ -41,7 +41,7 @@ test-fast: $(STAMP)
 # convolutions at AVX2. The last two change the summation order on an AVX-512 machine; the first alone does not.
 PORTABLE := ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
 NUMERICAL := tests/test_modeling.py tests/test_oracle.py tests/test_processing.py tests/test_inference.py \
-	tests/test_export.py tests/test_train.py tests/test_backends.py tests/test_precision.py
+	tests/test_export.py tests/test_train.py tests/test_backends.py tests/test_precision.py tests/test_devices.py
 test-portable: $(STAMP)
 	$(PORTABLE) $(BIN)/python -m pytest -q -n 2 --dist loadfile $(NUMERICAL)
 
