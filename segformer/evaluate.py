@@ -93,6 +93,10 @@ def evaluate(
             f"the model predicts {k} classes but {dataset.name} has {dataset.num_labels}; evaluate a model "
             "fine-tuned on this label set"
         )
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"max_images must be at least 1 (None: every image), got {max_images}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     count = len(dataset) if max_images is None else min(len(dataset), max_images)
     indices = list(range(get_rank(), count, get_world_size()))  # no padding: each image counted once
     loader = torch.utils.data.DataLoader(

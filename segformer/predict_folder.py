@@ -213,6 +213,8 @@ def predict_to_folder(
     for (src, _), stem in zip(items, stems, strict=True):
         if (out / stem).with_suffix(".png").resolve() == src.resolve():
             raise ValueError(f"{src}: the label map would overwrite this input; choose another --output folder")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: the output must be a folder, and this is a file; choose another --output")
     out.mkdir(parents=True, exist_ok=True)
     outputs = _Outputs(out, overlay_format, side_by_side_image, save_probs)
 

@@ -104,6 +104,41 @@ def check_config(cfg: TrainConfig, info: DistInfo) -> int:
     return cfg.batch_size // per_step
 
 
+def check_ranges(cfg: TrainConfig) -> None:
+    """Every numeric option within its range, before anything is written (one line naming the option): a value
+    the optimiser, the schedule or the augmentation would take badly or only reject late. Run on the resolved
+    recipe (:func:`resolve_recipe`), so the data-dependent defaults are checked too."""
+    unit = lambda v: 0 <= v <= 1  # noqa: E731
+    checks = [
+        ("--lr", cfg.lr, cfg.lr > 0, "positive"),
+        ("--head-lr-mult", cfg.head_lr_mult, cfg.head_lr_mult is None or cfg.head_lr_mult > 0, "positive"),
+        ("--weight-decay", cfg.weight_decay, cfg.weight_decay >= 0, ">= 0"),
+        ("--betas", list(cfg.betas), len(cfg.betas) == 2 and all(0 <= b < 1 for b in cfg.betas), "in [0, 1)"),
+        ("--adam-eps", cfg.adam_eps, cfg.adam_eps > 0, "positive"),
+        ("--warmup-steps", cfg.warmup_steps, cfg.warmup_steps is None or cfg.warmup_steps >= 0, ">= 0"),
+        ("--warmup-ratio", cfg.warmup_ratio, unit(cfg.warmup_ratio), "in [0, 1]"),
+        ("--poly-power", cfg.poly_power, cfg.poly_power >= 0, ">= 0"),
+        ("--min-lr", cfg.min_lr, cfg.min_lr >= 0, ">= 0"),
+        ("--crop", list(cfg.crop), len(cfg.crop) == 2 and all(c > 0 for c in cfg.crop), "two positive sizes"),
+        ("--ratio-range", cfg.ratio_range, cfg.ratio_range is None or 0 < cfg.ratio_range[0] <= cfg.ratio_range[1],
+         "LOW HIGH with 0 < LOW <= HIGH"),
+        ("--cat-max-ratio", cfg.cat_max_ratio, cfg.cat_max_ratio is None or 0 < cfg.cat_max_ratio <= 1, "in (0, 1]"),
+        ("--flip-prob", cfg.flip_prob, unit(cfg.flip_prob), "in [0, 1]"),
+        ("--drop-path-rate", cfg.drop_path_rate, cfg.drop_path_rate is None or 0 <= cfg.drop_path_rate < 1,
+         "in [0, 1)"),
+        ("--dropout", cfg.dropout, cfg.dropout is None or 0 <= cfg.dropout < 1, "in [0, 1)"),
+        ("--eval-every", cfg.eval_every, cfg.eval_every >= 0, ">= 0"),
+        ("--save-every", cfg.save_every, cfg.save_every >= 1, ">= 1"),
+        ("--log-every", cfg.log_every, cfg.log_every >= 1, ">= 1"),
+        ("--max-eval-images", cfg.max_eval_images, cfg.max_eval_images is None or cfg.max_eval_images >= 1, ">= 1"),
+        ("--workers", cfg.workers, cfg.workers >= 0, ">= 0"),
+        ("--stop-at", cfg.stop_at, cfg.stop_at is None or cfg.stop_at >= 1, ">= 1"),
+    ]  # fmt: skip
+    for name, value, ok, rule in checks:
+        if not ok:
+            raise ValueError(f"{name} must be {rule}, got {value}")
+
+
 def _jsonable(cfg: TrainConfig) -> dict[str, Any]:
     d = (
         dataclasses.asdict(cfg)
@@ -450,6 +485,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     micro = check_config(cfg, info)
     cfg, notes = resolve_recipe(cfg, data_kind(cfg))  # what the run uses, printed and kept in train_config.json
+    check_ranges(cfg)
     # --amp as it runs here: a precision the device would only emulate becomes float32 (one warning line), and
     # train_config.json and the model cards say so next to what was asked for.
     precision = effective_amp(cfg.amp, info.device)

@@ -79,3 +79,62 @@ def test_expected_errors_stay_one_line_under_debug(capsys, monkeypatch, tmp_path
     monkeypatch.setenv("SEGFORMER_DEBUG", "1")
     code, _, err = run_cli(capsys, "--debug", "eval", "--data", tmp_path, "--model", tmp_path / "none")
     assert code == 2 and err.startswith("segformer eval: error:") and err.count("\n") == 1
+
+
+TRAIN_OUT_OF_RANGE = [
+    (["--lr", "-1"], "--lr must be positive"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--crop", "0", "0"], "--crop must be two positive sizes"),
+    (["--flip-prob", "2"], "--flip-prob must be in [0, 1]"),
+    (["--workers", "-1"], "--workers must be >= 0"),
+    (["--dropout", "1"], "--dropout must be in [0, 1)"),
+    (["--betas", "0.9", "1.5"], "--betas must be in [0, 1)"),
+    (["--warmup-ratio", "2"], "--warmup-ratio must be in [0, 1]"),
+    (["--ratio-range", "2", "1"], "--ratio-range must be LOW HIGH with 0 < LOW <= HIGH"),
+    (["--save-every", "0"], "--save-every must be >= 1"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("extra, message", TRAIN_OUT_OF_RANGE, ids=lambda v: v[0] if isinstance(v, list) else "")
+def test_train_options_out_of_range_are_one_line_before_anything_is_written(extra, message, capsys, tmp_path):
+    """Each was once taken (a negative learning rate reached AdamW's own message, a 0x0 crop failed inside the
+    model after the run folder existed) or silently misbehaved; now one line names the option and its range."""
+    from segformer.data import write_synthetic_dataset
+
+    data = write_synthetic_dataset(tmp_path / "data", num_train=2, num_val=1, size=48)
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--data", data, "--model", "b0", "--output", out, *extra)
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not out.exists()
+
+
+def test_eval_serve_and_predict_options_out_of_range(capsys, tmp_path):
+    """eval --workers -1 reached the data loader's message, eval --max-images 0 printed n/a metrics with exit 0,
+    serve --port 99999 was handed to the socket layer, predict --output FILE said only "[Errno 17] File exists"."""
+    import torch
+    from conftest import tiny_config
+
+    from segformer import SegformerForSemanticSegmentation
+    from segformer.data import build_dataset, write_synthetic_dataset
+    from segformer.evaluate import evaluate
+
+    data = write_synthetic_dataset(tmp_path / "data", num_train=1, num_val=1, size=48)
+    for argv, message in (
+        (["eval", "--data", data, "--model", "m", "--workers", "-1"], "--workers: expected an integer >= 0"),
+        (["eval", "--data", data, "--model", "m", "--max-images", "0"], "--max-images: expected an integer >= 1"),
+        (["serve", "m", "--port", "99999"], "--port: expected a port from 0 to 65535, got 99999"),
+    ):
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2 and message in err, err
+    model = SegformerForSemanticSegmentation(tiny_config(num_labels=4))
+    model.save_pretrained(tmp_path / "m")
+    a_file = tmp_path / "taken"
+    a_file.write_text("keep me")
+    code, _, err = run_cli(capsys, "predict", data / "images" / "val", "--model", tmp_path / "m", "--output", a_file)
+    assert code == 2 and "the output must be a folder, and this is a file" in err and a_file.read_text() == "keep me"
+    val, _ = build_dataset(str(data), split="val")
+    for keywords, message in (({"max_images": 0}, "max_images must be at least 1"),
+                              ({"num_workers": -1}, "num_workers must be >= 0")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            evaluate(model.to(torch.float32), val, **keywords)

@@ -57,6 +57,14 @@ def int_at_least(minimum: int):
 positive_int, non_negative_int = int_at_least(1), int_at_least(0)
 
 
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 0 (any free one) to 65535."""
+    value = non_negative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {value}")
+    return value
+
+
 def add_label_arguments(parser: argparse.ArgumentParser) -> None:
     """--ignore-index, --reduce-labels (how stored mask values become classes) and, for Hugging Face datasets,
     --image-column, --label-column, --labels."""

@@ -12,6 +12,7 @@ from . import (
     backend_arguments,
     inference_options_from_args,
     non_negative_int,
+    positive_int,
 )
 
 
@@ -71,9 +72,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_backend_arguments(p)  # --backend pytorch|onnxruntime, --compile
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda when available)")
-    p.add_argument("--max-images", type=int, help="evaluate only the first N images (a quick check)")
+    p.add_argument("--max-images", type=positive_int, help="evaluate only the first N images (a quick check)")
     p.add_argument(
-        "--workers", type=int, default=2, help="data-loading processes, which also corrupt the images (default 2)"
+        "--workers",
+        type=non_negative_int,
+        default=2,
+        help="data-loading processes, which also corrupt the images (default 2)",
     )
     robust = p.add_argument_group("robustness study and report")
     robust.add_argument(

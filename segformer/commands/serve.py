@@ -15,6 +15,7 @@ from . import (
     backend_arguments,
     inference_options_from_args,
     non_negative_int,
+    port_number,
     positive_int,
 )
 
@@ -71,7 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only; 0.0.0.0: all)"
     )
-    p.add_argument("--port", type=non_negative_int, default=8000, help="port (8000; 0 picks a free one)")
+    p.add_argument("--port", type=port_number, default=8000, help="port (8000; 0 picks a free one)")
     add_inference_arguments(
         p,
         one_word_sizes=True,
