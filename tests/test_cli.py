@@ -138,3 +138,38 @@ def test_eval_serve_and_predict_options_out_of_range(capsys, tmp_path):
                               ({"num_workers": -1}, "num_workers must be >= 0")):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             evaluate(model.to(torch.float32), val, **keywords)
+
+
+@pytest.mark.parametrize(
+    "command, flag",
+    [
+        (["eval", "--data", "d", "--model", "m"], "crop"),
+        (["train", "--data", "d"], "eval-crop"),
+        (["predict", "x.png", "--model", "m", "--output", "o"], "crop"),
+        (["serve", "m"], "crop"),
+    ],  # fmt: skip
+)
+def test_window_sizes_parse_alike_everywhere(command, flag):
+    """N and H,W for a size on every command (predict and serve took only those, eval and train only H W), under
+    both names (--crop-size, --crop); H W too where no positional argument follows (eval, train)."""
+    parser = build_parser()
+    crop_dest = flag.replace("-", "_")  # (argparse dests: crop, eval_crop)
+    stride_dest = crop_dest.replace("crop", "stride")
+    two_words = command[0] in ("eval", "train")
+    forms = [["64"], ["64,64"], ["64x64"]] + ([["64", "64"]] if two_words else [])
+    for name in (f"--{flag}", f"--{flag}-size"):
+        for form in forms:
+            args = parser.parse_args([*command, name, *form, f"--{flag.replace('crop', 'stride')}", *form])
+            assert getattr(args, crop_dest) == getattr(args, stride_dest) == (64, 64), (name, form)
+    args = parser.parse_args([*command, f"--{flag}", "48,64"])
+    assert getattr(args, crop_dest) == (48, 64)
+
+
+def test_bad_window_sizes_are_a_usage_error(capsys):
+    for argv in (["eval", "--data", "d", "--model", "m", "--crop", "1", "2", "3"],
+                 ["eval", "--data", "d", "--model", "m", "--stride", "0"],
+                 ["predict", "x.png", "--model", "m", "--crop-size", "a,b"]):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            build_parser().parse_args(argv)
+        assert exit_info.value.code == 2
+        assert "expected" in capsys.readouterr().err

@@ -39,6 +39,24 @@ def pair_arg(text: str) -> tuple[int, int]:
     return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
 
 
+class SizeAction(argparse.Action):
+    """A (H, W) size from ``N``, ``H,W`` / ``HxW`` (one word) or ``H W`` (two words, where the option takes
+    ``nargs="+"``: only in commands without positional arguments, which the words would swallow)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        words = values if isinstance(values, list) else [values]
+        try:
+            if len(words) == 1:
+                size = pair_arg(words[0])
+            elif len(words) == 2:
+                size = pair_arg(",".join(words))
+            else:
+                raise argparse.ArgumentTypeError(f"expected N, H,W or H W, got {' '.join(words)!r}")
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentError(self, str(exc)) from None
+        setattr(namespace, self.dest, size)
+
+
 def int_at_least(minimum: int):
     """argparse type: an integer >= ``minimum``."""
 
@@ -110,9 +128,10 @@ def add_inference_arguments(
 
     ``defaults`` (InferenceOptions fields, e.g. {"mode": "aligned"}) over InferenceOptions' own become the
     options' defaults; without it every option defaults to None ("not given": ``segformer eval`` and
-    ``segformer train`` then take the data set's protocol). ``one_word_sizes``: ``--crop-size N|H,W`` and
-    ``--stride N|H,W`` (``segformer predict``) instead of ``--crop H W`` and ``--stride H W``. ``protocol``:
-    what the mode defaults to when ``defaults`` is None (for the help text).
+    ``segformer train`` then take the data set's protocol). Sizes (``--crop-size``, alias ``--crop``, and
+    ``--stride``) take ``N`` or ``H,W`` everywhere, and also ``H W`` unless ``one_word_sizes`` (commands with
+    positional arguments, ``segformer predict``, which two words would swallow). ``protocol``: what the mode
+    defaults to when ``defaults`` is None (for the help text).
     """
     from segformer.inference import MODES, InferenceOptions
 
@@ -128,10 +147,10 @@ def add_inference_arguments(
         if value is None:
             return fallback
         if isinstance(value, tuple):
-            return ",".join(map(str, value)) if one_word_sizes else " ".join(map(str, value))
+            return ",".join(map(str, value))
         return str(value)
 
-    crop = f"{dash}crop-size" if one_word_sizes else f"{dash}crop"
+    crop = f"{dash}crop-size"
     parser.add_argument(
         f"{dash}mode",
         dest=dest["mode"],
@@ -141,15 +160,16 @@ def add_inference_arguments(
         f"and round the sides up to multiples of {dash}align (ADE20K); slide: {crop} windows at {dash}stride "
         f"(Cityscapes). Default: {shown('mode', protocol)}",
     )
-    size: dict[str, Any] = (
-        dict(type=pair_arg, metavar="N|H,W") if one_word_sizes else dict(type=int, nargs=2, metavar=("H", "W"))
-    )
-    for name, flag, what, fallback in (
-        ("crop_size", crop, "window size", "512 512; Cityscapes 1024 1024"),
-        ("stride", f"{dash}stride", "window stride", "341 341; Cityscapes 768 768"),
+    size: dict[str, Any] = dict(action=SizeAction, metavar="N|H,W")
+    if not one_word_sizes:
+        size["nargs"] = "+"
+    for name, flags, what, fallback in (
+        ("crop_size", (crop, f"{dash}crop"), "window size", "512,512; Cityscapes 1024,1024"),
+        ("stride", (f"{dash}stride",), "window stride", "341,341; Cityscapes 768,768"),
     ):
-        help_text = f"slide mode: {what} (default {shown(name, fallback)})"
-        parser.add_argument(flag, dest=dest[name], default=default(name), **size, help=help_text)
+        forms = "N or H,W" if one_word_sizes else "N, H,W or H W"
+        help_text = f"slide mode: {what}, {forms} (default {shown(name, fallback)})"
+        parser.add_argument(*flags, dest=dest[name], default=default(name), **size, help=help_text)
     for name, flag, what, fallback in (
         ("short_side", "short-side", "short-side target", "512"),
         ("long_side", "long-side", "long-side limit", "2048"),

@@ -169,7 +169,7 @@ def _loop_arguments(p: argparse.ArgumentParser) -> None:
 
 def _evaluation_during_training_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation during training (default: the data set's protocol)")
-    add_inference_arguments(g, prefix="eval-")  # --eval-mode, --eval-crop H W, ...: TrainConfig.eval_*
+    add_inference_arguments(g, prefix="eval-")  # --eval-mode, --eval-crop(-size), ...: TrainConfig.eval_*
 
 
 def register(sub: argparse._SubParsersAction) -> None:
