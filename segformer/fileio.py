@@ -13,9 +13,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
     """Call ``write(tmp_path)`` on a temporary name beside ``path``, then rename it over ``path``.
 
     The rename is atomic on POSIX and Windows, so ``path`` holds either its old content or the whole new one.
+    A folder that cannot take the file is an OSError naming ``path`` (not the temporary name).
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        error = type(exc)(f"{path}: cannot write there ({exc.strerror})")
+        error.errno = exc.errno
+        raise error from None
     os.close(fd)
     try:
         write(tmp)

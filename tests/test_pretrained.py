@@ -256,3 +256,15 @@ def test_hub_id_from_a_populated_cache_offline(saved, tmp_path):
     assert "labels 4 training False" in out.stdout and "config 4" in out.stdout and "revision 6" in out.stdout
     assert "error acme/not-cached: config.json is not in the local hub cache" in out.stdout
     assert "pass a local directory" in out.stdout
+
+
+def test_atomic_write_errors_name_the_file_not_the_temporary_name(tmp_path):
+    """A folder that cannot take the file (here: a file in its place) is one error naming the target; the
+    temporary name beside it once made the message ('[Errno 2] ... .x.onnx.8twwep6f.tmp')."""
+    from segformer.fileio import atomic_write_text
+
+    (tmp_path / "taken").write_text("a file, not a folder")
+    with pytest.raises(OSError) as info:
+        atomic_write_text(tmp_path / "taken" / "x.json", "{}")
+    assert str(info.value) == f"{tmp_path / 'taken' / 'x.json'}: cannot write there (Not a directory)"
+    assert info.value.errno is not None and ".tmp" not in str(info.value)
