@@ -350,8 +350,17 @@ def _image_to_four(image: Any, input_data_format: str | None, what: str) -> np.n
 def _image_pixels(image: Any, options: _Options, what: str) -> Image.Image | np.ndarray:
     """RGB (:func:`_image_to_rgb`), or all four channels when the options normalise four."""
     if len(options.image_mean) == 4:
-        return _image_to_four(image, options.input_data_format, what)
-    return _image_to_rgb(image, options.input_data_format, what)
+        pixels = _image_to_four(image, options.input_data_format, what)
+    else:
+        pixels = _image_to_rgb(image, options.input_data_format, what)
+    _check_not_empty(pixels.size[::-1] if isinstance(pixels, Image.Image) else pixels.shape[:2], what)
+    return pixels
+
+
+def _check_not_empty(height_width: tuple[int, ...], what: str) -> None:
+    """An image with no pixels is an error (resizing would invent a whole picture from nothing)."""
+    if min(height_width) == 0:
+        raise ValueError(f"{what}: has no pixels (height x width {height_width[0]}x{height_width[1]})")
 
 
 def _label_array(seg: Any, what: str) -> np.ndarray:
@@ -528,7 +537,9 @@ def _tensor_batches(
     The caller's 4-D tensor is used as is, equal tensors are stacked, others go one by one.
     """
     if isinstance(images, torch.Tensor) and images.ndim == 4:
-        return [(images, channel_axis(tuple(images.shape[1:]), False, input_data_format, "images"))]
+        axis = channel_axis(tuple(images.shape[1:]), False, input_data_format, "images")
+        _check_not_empty(images.shape[2:] if axis == 0 else images.shape[1:3], "images")
+        return [(images, axis)]
     items = []
     for i, im in enumerate(image_list):
         if im.ndim == 2:
@@ -537,6 +548,8 @@ def _tensor_batches(
             items.append((im, channel_axis(tuple(im.shape), False, input_data_format, f"image {i}")))
         else:
             raise ValueError(f"image {i}: expected a 2-D or 3-D tensor (or a 4-D batch), got shape {tuple(im.shape)}")
+    for i, (im, ax) in enumerate(items):
+        _check_not_empty(im.shape[1:] if ax == 0 else im.shape[:2], f"image {i}")
     first, axis = items[0]
     same = all(
         im.shape == first.shape and im.dtype == first.dtype and im.device == first.device and ax == axis

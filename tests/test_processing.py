@@ -7,6 +7,7 @@ against Transformers' PIL image processor (``SegformerImageProcessorPil`` in 5.x
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -695,3 +696,21 @@ def test_feature_extractor_positional_arguments_follow_its_documented_order():
     assert fe.do_rescale is True  # not taken by the 4th positional argument
     keyword = SegformerFeatureExtractor(do_rescale=False, rescale_factor=0.5)
     assert keyword.do_rescale is False and keyword.rescale_factor == 0.5
+
+
+def test_an_image_without_pixels_is_an_error_naming_it():
+    """Transformers' processor resizes a 0-pixel image into a full 512x512 picture; ours refuses it in every
+    input form, naming the image."""
+    from PIL import Image
+
+    processor = SegformerImageProcessor()
+    cases = [
+        (np.zeros((0, 10, 3), np.uint8), "image 0: has no pixels (height x width 0x10)"),
+        (Image.new("RGB", (0, 5)), "image 0: has no pixels (height x width 5x0)"),
+        (torch.zeros(3, 0, 4, dtype=torch.uint8), "image 0: has no pixels (height x width 0x4)"),
+        (torch.zeros(2, 3, 4, 0, dtype=torch.uint8), "images: has no pixels (height x width 4x0)"),
+        ([np.zeros((4, 4, 3), np.uint8), np.zeros((4, 0, 3), np.uint8)], "image 1: has no pixels"),
+    ]
+    for images, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            processor(images, return_tensors="pt")
