@@ -637,6 +637,12 @@ def test_four_channel_images_match_transformers():
     image = rng.integers(0, 256, (37, 45, 4), dtype=np.uint8)
     ours = SegformerImageProcessor(size={"height": 20, "width": 26}, **FOUR)
     theirs = hf_pil_processor(hf())(size={"height": 20, "width": 26}, **FOUR)
+    try:
+        theirs(image, return_tensors="np")
+    except ValueError as exc:  # Transformers 5.17 infers the channel axis among 1 or 3 channels only
+        if "channel dimension" not in str(exc):
+            raise
+        pytest.skip(f"this Transformers ({hf().__version__}) takes no four-channel images: {exc}")
     for given in (image, Image.fromarray(image, "RGBA"), torch.from_numpy(image).permute(2, 0, 1)):
         for do_resize in (True, False):
             a = ours(given, return_tensors="np", do_resize=do_resize)["pixel_values"]
