@@ -161,13 +161,14 @@ def test_racing_builders_publish_one_complete_entry(tmp_path):
 
 # A process that starts building a cache entry and never finishes: it waits in its build until killed.
 _STUCK_BUILD = """
-import sys, time
+import os, sys, time
 from pathlib import Path
 from segformer.backends import cached_entry
 
 def build(tmp):
     (tmp / "half.bin").write_bytes(b"half")
-    Path(sys.argv[2]).write_text(str(tmp))
+    Path(sys.argv[2] + ".part").write_text(str(tmp))
+    os.replace(sys.argv[2] + ".part", sys.argv[2])  # whole or absent: the parent polls for it, then kills
     time.sleep(600)
 
 cached_entry(Path(sys.argv[1]), build)
