@@ -111,10 +111,16 @@ def test_export_and_trace_same_user_code_as_transformers(name):
     theirs = hf_model(name).eval()
     exported = [torch.export.export(m, (x,)).module()(x) for m in (ours, theirs)]
     assert type(exported[0]).__name__ == type(exported[1]).__name__ and exported[0].keys() == exported[1].keys()
+    models = [ours, theirs]
     with torch.no_grad():
-        traced = [torch.jit.trace(m, x, strict=False)(x) for m in (ours, theirs)]
-    assert type(traced[0]) is type(traced[1]) is dict and traced[0].keys() == traced[1].keys()
-    for model in (ours, theirs):  # and neither traces with the default strict=True (a dict output)
+        traced = [torch.jit.trace(ours, x, strict=False)(x)]
+        try:
+            traced.append(torch.jit.trace(theirs, x, strict=False)(x))
+        except RuntimeError as exc:  # Transformers 5.17's classifier output (an ImageClassifierOutput) does not trace
+            assert "can be output from traced functions" in str(exc), exc
+            models = [ours]
+    assert type(traced[0]) is dict and all(type(t) is dict and t.keys() == traced[0].keys() for t in traced)
+    for model in models:  # and neither traces with the default strict=True (a dict output)
         with pytest.raises(RuntimeError, match="dict at the output"):
             torch.jit.trace(model, x)
 
@@ -289,7 +295,7 @@ transformers.SegformerImageProcessor(size={{"height": 64, "width": 64}}).push_to
 @pytest.mark.oracle
 @pytest.mark.slow
 def test_push_to_hub_sends_what_transformers_sends(fake_hub, tmp_path):
-    hf()
+    hf_pil_processor(hf())  # (its script pushes an image processor: skips where Transformers builds none)
     # Transformers' push_to_hub in a process of its own, its HF_ENDPOINT set to the fake hub
     env = {**os.environ, "HF_ENDPOINT": fake_hub.url, "HF_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "0"}
     code = HF_PUSH.format(kwargs=TINY_KWARGS)
@@ -614,7 +620,7 @@ def test_segmentation_scores():
 @pytest.mark.oracle
 def test_segmentation_scores_match_transformers():
     outputs = logits_output(1)
-    theirs_processor = hf().SegformerImageProcessor()
+    theirs_processor = hf_pil_processor(hf())()  # (post-processing: one code path in every backend)
     for sizes in (None, [(30, 40), (7, 9)]):  # (Transformers fails on a tensor of sizes, which ours takes)
         ours = SegformerImageProcessor().post_process_semantic_segmentation(outputs, sizes, True)
         theirs = theirs_processor.post_process_semantic_segmentation(
@@ -733,6 +739,7 @@ def test_convert_to_tensors_skips_and_refuses():
 @pytest.mark.oracle
 def test_feature_extractor_file_names_the_class_transformers_knows(tmp_path):
     transformers = hf()
+    hf_pil_processor(transformers)  # (skips where this Transformers builds no image processor)
     SegformerFeatureExtractor(size=64, reduce_labels=True).save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
     assert saved["image_processor_type"] == "SegformerImageProcessor"
