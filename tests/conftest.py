@@ -71,6 +71,17 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
+def short_run(data, model, output, **changes):
+    """A TrainConfig for a few steps of a tiny model on a small folder data set, on the CPU, no evaluation unless
+    asked (``changes`` override any field, e.g. ``device``)."""
+    from segformer.train import TrainConfig
+
+    base = dict(data=str(data), model=str(model), output=str(output), steps=4, batch_size=4, crop=(48, 48),
+                scale=(0, 0), ratio_range=(0.75, 1.25), lr=1e-3, warmup_steps=2, eval_every=0, save_every=100,
+                log_every=1, workers=0, progress=False, device="cpu")  # fmt: skip
+    return TrainConfig(**{**base, **changes})
+
+
 def hf_pil_processor(transformers):
     """Transformers' PIL image processor, the oracle of ours: ``SegformerImageProcessorPil`` in 5.x, where the
     plain ``SegformerImageProcessor`` is the torchvision backend whenever torchvision is installed; the plain

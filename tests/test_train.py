@@ -22,6 +22,7 @@ from conftest import (
     pretend_machine,
     run_cli,
     series_depth,
+    short_run,
     tiny_config,
 )
 from safetensors.torch import load_file
@@ -46,11 +47,7 @@ def tiny_json(tmp_path_factory) -> Path:
     return path
 
 
-def _cfg(data: Path, model: Path, output: Path, **changes) -> TrainConfig:
-    base = dict(data=str(data), model=str(model), output=str(output), steps=4, batch_size=4, crop=(48, 48),
-                scale=(0, 0), ratio_range=(0.75, 1.25), lr=1e-3, warmup_steps=2, eval_every=0, save_every=100,
-                log_every=1, workers=0, progress=False, device="cpu")  # fmt: skip
-    return TrainConfig(**{**base, **changes})
+_cfg = short_run  # (the CPU: bit-exact resume and checkpointing hold there; CUDA training: test_devices)
 
 
 def _weights(run: Path, name: str = "last") -> dict[str, torch.Tensor]:
