@@ -46,6 +46,7 @@ from torch import nn
 
 from .allocator import MMAP_THRESHOLD
 from .distributed import unwrap_model
+from .precision import cpu_flags, reduced_precision_problem
 
 MODES = ("whole", "aligned", "slide")
 
@@ -139,82 +140,8 @@ def resolve_options(options: InferenceOptions | None, keywords: dict[str, Any]) 
 
 
 # ----------------------------------------------------------------------------------------------- precision
-# Reduced precision pays only where the hardware computes in it. Elsewhere PyTorch emulates it (convert to
-# float32, compute, round back): bf16 autocast on an AVX2 CPU runs several times *slower* than float32.
-# x86 flags as /proc/cpuinfo names them; aarch64 "Features": bf16 (ARMv8.6 BFloat16), asimdhp (half precision).
-NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
-NATIVE_FP16_FLAGS = frozenset({"avx512_fp16", "amx_fp16", "asimdhp"})
+# The rule itself (which precisions a device computes in) is segformer.precision's; here, what a request becomes.
 _warned: set[str] = set()
-
-
-def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
-    """The CPU's feature flags as Linux lists them (x86 "flags", ARM "Features" lines); empty elsewhere."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):
-                    return frozenset(value.split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def reduced_precision_problem(
-    dtype: torch.dtype,
-    device: str | torch.device,
-    *,
-    cpu_capability: str | None = None,
-    flags: frozenset[str] | set[str] | None = None,
-    onednn_bf16: bool | None = None,
-    onednn_fp16: bool | None = None,
-    cuda_bf16: bool | None = None,
-) -> str | None:
-    """None when ``dtype`` runs natively on ``device``; else one line saying why it would be emulated.
-
-    float32 and float64 always run natively. CUDA: float16 always, bfloat16 where the GPU has bf16 arithmetic
-    (``cuda_bf16``; default ``torch.cuda.is_bf16_supported(including_emulation=False)``). MPS: as given. CPU:
-    bfloat16 needs the bf16 dot-product instructions (``flags``, default :func:`cpu_flags`: avx512_bf16 or
-    amx_bf16; bf16 on ARM), PyTorch's AVX-512 kernels (``cpu_capability``, default
-    ``torch.backends.cpu.get_cpu_capability()``, lowered by ATEN_CPU_CAPABILITY) and oneDNN's bf16 path
-    (``onednn_bf16``, default ``torch.ops.mkldnn._is_mkldnn_bf16_supported()``, off under
-    ONEDNN_MAX_CPU_ISA=AVX2); float16 likewise with avx512_fp16 / amx_fp16 (asimdhp on ARM) and oneDNN's fp16
-    path. Every machine fact is a parameter (read from this machine when None), so the rule can be tested for
-    any CPU.
-    """
-    dev = torch.device(device)
-    if dtype in (torch.float32, torch.float64) or dev.type not in ("cpu", "cuda"):
-        return None
-    name = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype)
-    if name is None:
-        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-    if dev.type == "cuda":
-        if dtype == torch.float16:
-            return None
-        if cuda_bf16 is None:
-            cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
-        return None if cuda_bf16 else "this GPU has no bfloat16 arithmetic (it needs compute capability 8.0+)"
-    flags = cpu_flags() if flags is None else frozenset(flags)
-    capability = (torch.backends.cpu.get_cpu_capability() if cpu_capability is None else cpu_capability).upper()
-    if dtype == torch.bfloat16:
-        wanted, onednn = NATIVE_BF16_FLAGS, onednn_bf16
-        if onednn is None:
-            onednn = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    else:
-        wanted, onednn = NATIVE_FP16_FLAGS, onednn_fp16
-        if onednn is None:
-            onednn = torch.ops.mkldnn._is_mkldnn_fp16_supported()
-    if not flags:
-        return f"cannot tell whether this CPU has {name} arithmetic (no /proc/cpuinfo)"
-    x86 = "sse2" in flags
-    if not flags & wanted:
-        listed = "/".join(sorted(f for f in wanted if f.startswith(("avx", "amx")) == x86))
-        return f"this CPU has no {name} arithmetic (no {listed})"
-    if x86 and not capability.startswith("AVX512"):
-        return f"PyTorch runs its {capability} kernels here (ATEN_CPU_CAPABILITY?), which emulate {name}"
-    if not onednn:
-        return f"oneDNN has no native {name} path here (ONEDNN_MAX_CPU_ISA?)"
-    return None
 
 
 def select_dtype(

@@ -35,9 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .allocator import MMAP_THRESHOLD, ReusableBuffer
 from .config import SegformerConfig
+from .precision import reduced_precision_problem
 from .pretrained import PreTrainedMixin, checkpoint_kwargs
 
 TRANSFORMERS_LAYER_NORM_EPS = 1e-5  # what Transformers uses for every SegFormer LayerNorm
@@ -243,19 +245,22 @@ class _ChannelsLastWeight:
     starts without it."""
 
     def __init__(self) -> None:
-        self._entry: tuple[tuple, torch.Tensor] | None = None
+        self._entries: dict[torch.dtype, tuple[tuple, torch.Tensor]] = {}
 
     def __reduce__(self) -> tuple:
         return (_ChannelsLastWeight, ())
 
     def clear(self) -> None:
-        self._entry = None
+        self._entries = {}
 
-    def of(self, weight: torch.Tensor) -> torch.Tensor:
+    def of(self, weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The copy, in ``dtype`` (default: the weight's; under bf16 autocast, the bf16 cast autocast makes)."""
+        dtype = weight.dtype if dtype is None else dtype
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, tuple(weight.shape))
-        entry = self._entry
+        entry = self._entries.get(dtype)
         if entry is None or entry[0] != key:
-            entry = self._entry = (key, weight.detach().contiguous(memory_format=torch.channels_last))
+            copy = weight.detach().to(dtype).contiguous(memory_format=torch.channels_last)
+            entry = self._entries[dtype] = (key, copy)
         return entry[1]
 
 
@@ -270,8 +275,9 @@ def _conv_channels_last(conv: nn.Module, x: torch.Tensor, copy: _ChannelsLastWei
     of them (``parameters_to_vector``, LBFGS) need contiguous bytes. (Two threads racing here both make a copy
     and one is kept: the same values either way.)"""
     if _keeps_weight_copy(conv, x, fast) and x.is_contiguous(memory_format=torch.channels_last):
-        weight = copy.of(conv.weight)
-        return F.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        dtype = _cpu_autocast_dtype() if _cpu_autocast() else conv.weight.dtype  # (autocast: bf16, see below)
+        weight, bias = copy.of(conv.weight, dtype), _kept(conv.bias, dtype)
+        return F.conv2d(x.to(dtype), weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     return conv(x)
 
 
@@ -299,9 +305,9 @@ def _keeps_weight_copy(conv: nn.Module, x: torch.Tensor, fast: bool) -> bool:
         and x.device.type == "cpu"
         and not weight.is_contiguous(memory_format=torch.channels_last)
         and _unhooked(conv)
-        and not _cpu_autocast()
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and not _capturing_graph()
+        and (not _cpu_autocast() or _inference_dtype(x, weight) is not None)  # (bf16 autocast: a bf16 copy)
     )
 
 
@@ -369,12 +375,13 @@ class SegformerEfficientSelfAttention(_KeepsWeightCopy):
         conv, r = self.sr, self.sr_ratio
         if not _keeps_weight_copy(conv, x, self.fast_path):
             return map_to_tokens(conv(tokens_to_map(x, height, width)))
-        b, c = x.shape[0], x.shape[-1]
+        dtype = _cpu_autocast_dtype() if _cpu_autocast() else conv.weight.dtype  # (autocast: a bf16 copy)
+        x, b, c = x.to(dtype), x.shape[0], x.shape[-1]
         h, w = height // r, width // r  # (the conv's floor: trailing rows / columns that fill no window drop)
         windows = x.view(b, height, width, c)[:, : h * r, : w * r].reshape(b, h, r, w, r, c).transpose(2, 3)
         rows = windows.reshape(b, h * w, r * r * c)  # (B, N', sr·sr·C): (kernel row, kernel column, channel)
-        weight = self._weight_copy.of(conv.weight).permute(0, 2, 3, 1).reshape(conv.out_channels, -1)  # a view
-        return _linear(rows, weight, conv.bias)
+        weight = self._weight_copy.of(conv.weight, dtype).permute(0, 2, 3, 1).reshape(conv.out_channels, -1)  # view
+        return _linear(rows, weight, _kept(conv.bias, dtype))
 
 
 class SegformerSelfOutput(nn.Module):
@@ -417,10 +424,12 @@ class SegformerDWConv(nn.Module):
 
     def forward_gelu(self, x: torch.Tensor, height: int, width: int, approximate: str) -> torch.Tensor:
         """GELU(dwconv(x)) in one oneDNN pass (the activation applied as the convolution writes its output):
-        no second pass over the largest activation of the block, and one full-size tensor fewer."""
+        no second pass over the largest activation of the block, and one full-size tensor fewer. In ``x``'s
+        dtype (under bf16 autocast: bf16, with the weights' kept casts)."""
         conv, x = self.dwconv, tokens_to_map(x, height, width)
         geometry = (conv.padding, conv.stride, conv.dilation, conv.groups)
-        y = torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, *geometry, "gelu", [], approximate)
+        weight, bias = _kept(conv.weight, x.dtype), _kept(conv.bias, x.dtype)
+        y = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *geometry, "gelu", [], approximate)
         return map_to_tokens(y)
 
 
@@ -440,7 +449,9 @@ class SegformerMixFFN(nn.Module):
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         act, dwconv = self.intermediate_act_fn, self.dwconv
         fuse = self.fast_path and not self.training and type(act) is nn.GELU and _unhooked(act, dwconv, dwconv.dwconv)
-        if fuse and _CONV_POINTWISE and _onednn_inference(x, dwconv.dwconv.weight):
+        dtype = _inference_dtype(x, dwconv.dwconv.weight) if fuse and _CONV_POINTWISE else None
+        if dtype is not None and torch.backends.mkldnn.enabled:
+            x = x.to(dtype)  # (a cast only under autocast, which would make it in dense1)
             band = self._band_rows(x, width)
             if (
                 x.shape[0] == 1
@@ -673,6 +684,9 @@ class SegformerDecodeHead(nn.Module):
         ``total`` whose logits go to ``out`` (allocated here when None) and ``out`` is returned: a batch run in
         chunks writes each chunk's logits in place, with no concatenation afterwards."""
         matrices, bias = self.folded()
+        dtype = _inference_dtype(maps[0], matrices[0])
+        if dtype is not None and _cpu_autocast():  # bf16 autocast: the folded weights' casts kept (_kept)
+            matrices, bias = [_kept(m, dtype) for m in matrices], _kept(bias, dtype)
         batch = maps[0].shape[0]
         if total is None and (batch == 1 or torch.is_grad_enabled() or _capturing_graph()):
             return self._folded_logits(maps, matrices, bias)  # (a graph for autograd or export: one pass)
@@ -740,8 +754,10 @@ class SegformerDecodeHead(nn.Module):
         on the CPU, in one dtype, with every stage a power-of-two factor smaller than stage 1."""
         height, width = maps[0].shape[-2:]
         d, dtype = matrices[0].shape[0], matrices[0].dtype
-        if len(maps) < 2 or maps[0].device.type != "cpu" or any(x.dtype != dtype for x in maps) or _cpu_autocast():
-            return 0  # (in-place accumulation: one dtype, which autocast would not keep)
+        if len(maps) < 2 or maps[0].device.type != "cpu" or any(x.dtype != dtype for x in maps):
+            return 0  # (in-place accumulation: one dtype)
+        if _cpu_autocast() and dtype != _cpu_autocast_dtype():
+            return 0  # (autocast would compute in another dtype than the accumulation's)
         if not _is_mapped(height * width * d * maps[0].element_size()):
             return 0
         if not all(_power_of_two(height, x.shape[-2]) and _power_of_two(width, x.shape[-1]) for x in maps):
@@ -806,10 +822,15 @@ class SegformerDecodeHead(nn.Module):
         """The 1×1 classifier conv as one batched matmul over channels-last pixels → (B, num_labels, H, W),
         into ``out`` (a contiguous tensor of that shape) when given."""
         b, _, h, w = x.shape
-        weight, bias = self.classifier.weight.flatten(1), self.classifier.bias  # (K, D), (K,)
+        weight, bias = self.classifier.weight, self.classifier.bias
+        dtype = _inference_dtype(x, weight)
+        if dtype is not None and _cpu_autocast():  # cast as autocast would, the weights' casts kept (_kept)
+            x, weight, bias = x.to(dtype), _kept(weight, dtype), _kept(bias, dtype)
+        weight = weight.flatten(1)  # (K, D); bias (K,)
         pixels = map_to_tokens(x)  # (B, H*W, D)
         large = weight.numel() * pixels.shape[1] >= _ONEDNN_MIN_MACS
-        if b == 1 and large and _LINEAR_POINTWISE and bias is not None and _onednn_inference(pixels, weight):
+        onednn = dtype is not None and _LINEAR_POINTWISE and torch.backends.mkldnn.enabled
+        if b == 1 and large and onednn and bias is not None:
             # oneDNN's matmul with the pixels as its "weight" operand: (K, D) @ (D, H*W), NCHW-contiguous logits,
             # 1.2-1.6x the batched BLAS call below on the head's shapes; the bias added in place
             logits = torch.ops.mkldnn._linear_pointwise(weight, pixels[0], None, "none", [], "").add_(bias[:, None])
@@ -849,18 +870,61 @@ def _cpu_autocast() -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
-def _onednn_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether oneDNN's kernels (matmul; convolution + activation) may stand in for PyTorch's ops: fp32 CPU
-    tensors outside autocast, no autograd graph to record, no graph capture (the ops are private ones of
-    PyTorch's compiler backend)."""
-    return (
-        x.device.type == "cpu"
-        and torch.backends.mkldnn.enabled  # (torch.backends.mkldnn.flags(enabled=False) turns them off)
-        and x.dtype == weight.dtype == torch.float32
-        and not _cpu_autocast()
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and not _capturing_graph()
-    )
+def _cpu_autocast_dtype() -> torch.dtype:
+    try:
+        return torch.get_autocast_dtype("cpu")
+    except AttributeError:  # torch < 2.4
+        return torch.get_autocast_cpu_dtype()
+
+
+@functools.cache
+def _native_cpu_bf16() -> bool:
+    """Whether this CPU computes in bfloat16 (segformer.precision.reduced_precision_problem: the instructions,
+    PyTorch's AVX-512 kernels, oneDNN's bf16 path). Elsewhere bf16 is emulated and the fast paths leave it to
+    PyTorch's ops."""
+    return reduced_precision_problem(torch.bfloat16, "cpu") is None
+
+
+_FAST_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _inference_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype a CPU inference fast path computes ``x`` with ``weight`` in, or None where it leaves the layer
+    to PyTorch's own op: float32 operands; bfloat16 operands on a CPU that computes in bf16; under CPU bfloat16
+    autocast (on such a CPU), bfloat16: the operands cast as autocast would cast them, the weights' casts kept
+    between calls (:func:`_kept`), where autocast casts them again on every call. Never with an autograd graph
+    to record (autocast's casts must be in it) or while a graph is captured."""
+    if x.device.type != "cpu" or _capturing_graph():
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return None
+    if _cpu_autocast():
+        dtype = _cpu_autocast_dtype()
+        if dtype != torch.bfloat16 or x.dtype not in _FAST_DTYPES or weight.dtype not in _FAST_DTYPES:
+            return None
+    else:
+        dtype = x.dtype
+        if weight.dtype != dtype or dtype not in _FAST_DTYPES:
+            return None
+    return dtype if dtype == torch.float32 or _native_cpu_bf16() else None
+
+
+# bfloat16 casts of float32 weights, kept for CPU inference under bf16 autocast (weakly: they go with the weight)
+_KEPT_CASTS = WeakIdKeyDictionary()
+
+
+def _kept(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``t`` (a weight: a parameter, a buffer, a cached fold) in ``dtype``: itself, or its cast, kept while ``t``
+    lives and made again when it changes (another storage, an in-place update). The values are autocast's.
+    (An inference tensor, e.g. the folded head's matrices made under torch.inference_mode, has no version
+    counter: those are made afresh, never updated in place.)"""
+    if t is None or t.dtype == dtype:
+        return t
+    key = (t.data_ptr(), 0 if t.is_inference() else t._version, dtype, tuple(t.shape), tuple(t.stride()))
+    entry = _KEPT_CASTS.get(t)
+    if entry is None or entry[0] != key:
+        entry = _KEPT_CASTS[t] = (key, t.detach().to(dtype))
+    return entry[1]
 
 
 def _is_mapped(nbytes: int) -> bool:
@@ -918,9 +982,14 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     """F.linear over the last axis as one 2-D GEMM (3-D input without bias would take the slower bmm); in fp32
     CPU inference oneDNN's matmul, 5–35% faster than the BLAS call behind F.linear on SegFormer's shapes
     (measured on AVX2 and AVX-512 kernels: bench/bench_inference.py), the weights reordered on the fly."""
+    dtype = _inference_dtype(x, weight)
+    if dtype is not None and _cpu_autocast():  # cast as autocast would, the weights' casts kept (_kept)
+        x, weight, bias = x.to(dtype), _kept(weight, dtype), _kept(bias, dtype)
     rows = x.reshape(-1, x.shape[-1])
-    large = rows.shape[0] * weight.shape[0] * weight.shape[1] >= _ONEDNN_MIN_MACS  # below: its overhead dominates
-    if large and _LINEAR_POINTWISE and _onednn_inference(x, weight):
+    # below _ONEDNN_MIN_MACS, oneDNN's overhead outweighs BLAS's fp32 GEMM; bf16 has no BLAS (PyTorch's own
+    # bf16 matmul calls oneDNN too, through more layers): oneDNN's matmul at every size
+    large = rows.shape[0] * weight.shape[0] * weight.shape[1] >= _ONEDNN_MIN_MACS or dtype == torch.bfloat16
+    if large and dtype is not None and _LINEAR_POINTWISE and torch.backends.mkldnn.enabled:
         y = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
     else:
         y = F.linear(rows, weight, bias)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "segformer"
 LAYERS = {
-    "model": {"config", "modeling", "pretrained", "hub", "fileio", "labels", "allocator"},
+    "model": {"config", "modeling", "pretrained", "hub", "fileio", "labels", "allocator", "precision"},
     "library": {"images", "processing", "inference", "metrics", "distributed", "visualize", "data", "evaluate",
                 "predict", "convert", "export", "run_files", "corruptions", "robustness", "report",
                 "backends"},

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import U32, cross_entropy_tol, fp32_tol, randomize_, rel_err, series_depth, tiny_config
+from torch import nn
 
 from segformer import (
     SegformerConfig,
@@ -470,11 +471,11 @@ def test_kept_channels_last_weight_copies_follow_the_weights():
     model.train()(x)
     with torch.enable_grad():
         model.eval()(x)  # an autograd graph is recorded: the modules run, nothing is kept
-    assert all(kept._entry is None for _, kept in _weight_copies(model))
+    assert all(not kept._entries for _, kept in _weight_copies(model))
     with torch.no_grad():
         first = model(x).logits
     for conv, kept_copy in _weight_copies(model):
-        kept = kept_copy._entry[1]
+        kept = kept_copy._entries[torch.float32][1]
         assert torch.equal(kept, conv.weight) and kept.is_contiguous(memory_format=torch.channels_last)
         assert conv.weight.is_contiguous()  # the parameter itself stays NCHW
     with torch.no_grad():
@@ -484,14 +485,14 @@ def test_kept_channels_last_weight_copies_follow_the_weights():
         fresh = SegformerForSemanticSegmentation(tiny_config())
         fresh.load_state_dict(model.state_dict())
         assert torch.equal(changed, fresh.eval()(x).logits) and not torch.equal(changed, first)
-    assert all(torch.equal(kept._entry[1], conv.weight) for conv, kept in _weight_copies(model))
+    assert all(torch.equal(kept._entries[torch.float32][1], conv.weight) for conv, kept in _weight_copies(model))
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
-        assert all(kept._entry is None for _, kept in _weight_copies(clone))
+        assert all(not kept._entries for _, kept in _weight_copies(clone))
     model.double()
-    assert all(kept._entry is None for _, kept in _weight_copies(model))
+    assert all(not kept._entries for _, kept in _weight_copies(model))
     with torch.no_grad():
         assert model(x.double()).logits.dtype == torch.float64
-    assert all(kept._entry[1].dtype == torch.float64 for _, kept in _weight_copies(model))
+    assert all(list(kept._entries) == [torch.float64] for _, kept in _weight_copies(model))
 
 
 def test_weights_flatten_and_their_gradients_keep_their_strides(tmp_path):
@@ -570,8 +571,101 @@ def test_banded_head_equals_the_whole_head(monkeypatch, batch):
     assert rel_err(banded, whole) <= tol and rel_err(banded, plain) <= tol
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: the whole head, in bf16
         low = model(x).logits
-    assert low.dtype == torch.bfloat16 and len(calls) == batch
+    # where the CPU computes in bf16, the head runs on kept bf16 casts, all in one dtype: banded too; elsewhere
+    # autocast's own casts would mix dtypes, and it runs whole
+    assert low.dtype == torch.bfloat16 and len(calls) == batch * (2 if modeling._native_cpu_bf16() else 1)
     assert rel_err(low.float(), whole) <= 8 * 2.0**-8 * math.sqrt(series_depth(model, x))  # fp32_tol, bf16's u
+
+
+U16 = 2.0**-8  # bfloat16's unit roundoff (8 significant bits)
+
+
+def bf16_tol(depth: int) -> float:
+    """fp32_tol's error model with bfloat16's unit roundoff: 8 u sqrt(depth) of the largest output."""
+    return 8 * U16 * math.sqrt(depth)
+
+
+def _bf16_runs(model: torch.nn.Module, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, list[str]]]:
+    """The logits (as float32) and the operators dispatched, for a float32 ``model`` under CPU bf16 autocast
+    (its second call, in an autocast region of its own) and for a bfloat16 copy of it, each on the fast path
+    and on the plain path."""
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    runs = {}
+    for fast in (True, False):
+        model.fast_path = half.fast_path = fast
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x)  # the first call makes the kept casts
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # a new region: autocast casts again
+            logits, ops = ops_run(model, x)
+        runs[f"autocast {'fast' if fast else 'plain'}"] = (logits.float(), ops)
+        with torch.no_grad():
+            logits, ops = ops_run(half, x.bfloat16())
+        runs[f"weights {'fast' if fast else 'plain'}"] = (logits.float(), ops)
+    model.fast_path = True
+    return runs
+
+
+def test_bfloat16_fast_paths_equal_the_plain_paths():
+    """Where the CPU computes in bfloat16, bf16 inference (bf16 weights, or fp32 weights under bf16 autocast)
+    runs the fast paths in bf16: oneDNN's matmul and fused depthwise conv + GELU, the folded head, and under
+    autocast kept bf16 casts of the weights (no weight is cast again on a later call). Elsewhere bf16 is
+    emulated and both run PyTorch's ops, as the plain path does. Either way the logits are the plain path's,
+    within bf16's rounding, and bf16 like autocast's."""
+    model = randomize_(SegformerForSemanticSegmentation(tiny_config(**BF16_WIDTHS)), seed=4).eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        ref = model(x).logits
+    tol = 2 * bf16_tol(series_depth(model, x))  # two bf16 passes, each within bf16_tol of exact
+    runs = _bf16_runs(model, x)
+    native = modeling._native_cpu_bf16()
+    for kind in ("autocast", "weights"):
+        (fast, fast_ops), (plain, plain_ops) = runs[f"{kind} fast"], runs[f"{kind} plain"]
+        assert rel_err(fast, plain) <= tol and rel_err(fast, ref) <= tol, kind
+        assert any("_linear_pointwise" in name for name in fast_ops) == native, kind
+        assert any("_convolution_pointwise" in name for name in fast_ops) == native, kind
+        assert not any("mkldnn::" in name for name in plain_ops), kind
+    casts = [name for name in runs["autocast fast"][1] if name == "aten::_to_copy"]
+    plain_casts = [name for name in runs["autocast plain"][1] if name == "aten::_to_copy"]
+    weights = sum(1 for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    assert len(plain_casts) >= weights  # autocast casts every Linear and Conv2d weight in each region
+    if native:  # the fast path: its kept casts; what is left is the input and a few activations
+        assert len(casts) < weights / 4, (len(casts), weights)
+    top2 = ref.topk(2, dim=1).values
+    confident = (top2[:, 0] - top2[:, 1]) > 0.1 * ref.abs().amax()
+    assert confident.float().mean() > 0.3
+    for name, (logits, _) in runs.items():
+        assert (logits.argmax(1) == ref.argmax(1))[confident].float().mean() >= 0.99, name
+
+
+def test_kept_bf16_casts_follow_the_weights():
+    """Under CPU bf16 autocast (where the CPU computes in bf16), inference keeps bf16 casts of the weights: an
+    in-place update of a weight is seen on the next call, a model with autograd recording gets autocast's own
+    casts (and its gradients), and the casts go when the weights go."""
+    import gc
+
+    model = randomize_(SegformerForSemanticSegmentation(tiny_config(**BF16_WIDTHS)), seed=5).eval()
+    x = torch.randn(1, 3, 64, 64)
+    gc.collect()  # (casts of weights that earlier tests left in reference cycles go now, not during the test)
+    before = len(modeling._KEPT_CASTS)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        first = model(x).logits
+    if not modeling._native_cpu_bf16():  # bf16 emulated (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA): autocast's ops
+        assert len(modeling._KEPT_CASTS) == before and first.dtype == torch.bfloat16
+        return
+    assert len(modeling._KEPT_CASTS) > before
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model.decode_head.classifier.weight.mul_(-1)  # in place: the kept cast must follow
+        flipped = model(x).logits
+    fresh = copy.deepcopy(model)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(flipped, fresh(x).logits) and not torch.equal(flipped, first)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.zero_grad()
+        model(x).logits.float().square().mean().backward()  # autograd: autocast's casts, gradients reach fp32
+    assert model.decode_head.classifier.weight.grad.abs().sum() > 0
+    del model, fresh
+    gc.collect()
+    assert len(modeling._KEPT_CASTS) <= before
 
 
 def test_cpu_batch_chunks_equal_the_whole_batch(monkeypatch):
