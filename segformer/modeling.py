@@ -389,7 +389,7 @@ class SegformerSelfOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(hidden_size, hidden_size)
         self.dropout = nn.Dropout(dropout)
-        self.fast_path = True  # oneDNN's matmul in fp32 CPU inference (see _dense)
+        self.fast_path = True  # oneDNN's matmul in fp32 / bf16 CPU inference (see _dense)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(_dense(self.dense, x, self.fast_path))
@@ -981,7 +981,8 @@ def _upsample_by_phases(
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear over the last axis as one 2-D GEMM (3-D input without bias would take the slower bmm); in fp32
     CPU inference oneDNN's matmul, 5–35% faster than the BLAS call behind F.linear on SegFormer's shapes
-    (measured on AVX2 and AVX-512 kernels: bench/bench_inference.py), the weights reordered on the fly."""
+    (measured on AVX2 and AVX-512 kernels: bench/bench_inference.py), the weights reordered on the fly; in bf16
+    (:func:`_inference_dtype`: native bf16, or bf16 autocast with the weights' kept casts) oneDNN's too."""
     dtype = _inference_dtype(x, weight)
     if dtype is not None and _cpu_autocast():  # cast as autocast would, the weights' casts kept (_kept)
         x, weight, bias = x.to(dtype), _kept(weight, dtype), _kept(bias, dtype)
@@ -997,9 +998,10 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
 
 
 def _dense(linear: nn.Module, x: torch.Tensor, fast: bool) -> torch.Tensor:
-    """``linear(x)``; oneDNN's matmul (see :func:`_linear`) when ``fast``, in fp32 CPU eval-mode inference, for a
-    plain, unhooked nn.Linear (a quantised, wrapped or hooked module, a graph being captured, or a train-mode
-    forward without gradients — a reentrant checkpoint's, recomputed later with them — runs the module)."""
+    """``linear(x)``; oneDNN's matmul (see :func:`_linear`) when ``fast``, in fp32 or bf16 CPU eval-mode
+    inference, for a plain, unhooked nn.Linear (a quantised, wrapped or hooked module, a graph being captured, or
+    a train-mode forward without gradients — a reentrant checkpoint's, recomputed later with them — runs the
+    module)."""
     if fast and type(linear) is nn.Linear and not linear.training and _unhooked(linear) and not _capturing_graph():
         return _linear(x, linear.weight, linear.bias)  # (which decides oneDNN or BLAS)
     return linear(x)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import torch
 
-# Reduced precision pays only where the hardware computes in it. Elsewhere PyTorch emulates it (convert to
-# float32, compute, round back): bf16 autocast on an AVX2 CPU runs several times *slower* than float32.
 # x86 flags as /proc/cpuinfo names them; aarch64 "Features": bf16 (ARMv8.6 BFloat16), asimdhp (half precision).
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 NATIVE_FP16_FLAGS = frozenset({"avx512_fp16", "amx_fp16", "asimdhp"})
