@@ -60,6 +60,7 @@ from .inference import (
     labels_from_probs,
     predict_labels,
     resolve_options,
+    reuse_work_areas,
     select_dtype,
 )
 from .pretrained import resolve_dtype, select_device
@@ -316,15 +317,18 @@ class SegformerPredictor:
         self, images: ImageInput | Sequence[ImageInput], *, return_probs: bool = False
     ) -> Segmentation | list[Segmentation]:
         """One image → a :class:`Segmentation`; a list → a list. Raises :class:`ImageError` (naming the
-        image) for the first input that cannot be segmented."""
+        image) for the first input that cannot be segmented. A list's images share one set of full-resolution
+        work areas (:func:`segformer.inference.reuse_work_areas`; a loop over :meth:`predict_iter` can do the
+        same by running inside one)."""
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
         out: list[Segmentation] = []
-        for source, result in self.predict_iter(items, return_probs=return_probs):
-            if isinstance(result, ImageError):
-                name = source if isinstance(source, (str, os.PathLike)) else f"image {len(out)}"
-                raise ImageError(f"{name}: {result}")
-            out.append(result)
+        with reuse_work_areas():
+            for source, result in self.predict_iter(items, return_probs=return_probs):
+                if isinstance(result, ImageError):
+                    name = source if isinstance(source, (str, os.PathLike)) else f"image {len(out)}"
+                    raise ImageError(f"{name}: {result}")
+                out.append(result)
         return out[0] if single else out
 
     __call__ = predict

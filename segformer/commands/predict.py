@@ -112,7 +112,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from segformer.distributed import cleanup, init_distributed, launched_by_torchrun
-    from segformer.inference import reuse_work_areas
     from segformer.predict import SegformerPredictor
     from segformer.predict_folder import collect_images, predict_to_folder
 
@@ -133,21 +132,20 @@ def run(args: argparse.Namespace) -> int:
             min_size=args.min_size,
             **backend,
         )
-        with reuse_work_areas():  # the images' full-resolution work areas mapped once for the whole folder
-            report = predict_to_folder(
-                predictor,
-                args.inputs,
-                args.output,
-                recursive=args.recursive,
-                alpha=args.alpha,
-                overlay_format=args.overlay_format,
-                side_by_side_image=args.side_by_side,
-                save_probs=args.save_probs,
-                skip_existing=args.skip_existing,
-                progress=not args.no_progress,
-                rank=info.rank if info is not None else 0,
-                world_size=info.world_size if info is not None else 1,
-            )
+        report = predict_to_folder(
+            predictor,
+            args.inputs,
+            args.output,
+            recursive=args.recursive,
+            alpha=args.alpha,
+            overlay_format=args.overlay_format,
+            side_by_side_image=args.side_by_side,
+            save_probs=args.save_probs,
+            skip_existing=args.skip_existing,
+            progress=not args.no_progress,
+            rank=info.rank if info is not None else 0,
+            world_size=info.world_size if info is not None else 1,
+        )
     finally:
         if distributed:
             cleanup()
