@@ -219,6 +219,74 @@ def _assert_argmax(labels: torch.Tensor, values: torch.Tensor, threshold: float,
     assert (~decided).sum().item() <= labels.numel() // 1000
 
 
+def _input_size(model, x: torch.Tensor, opts: InferenceOptions) -> tuple[tuple[int, int], tuple[int, int]]:
+    """A single pass's model input: (its size, padded up to the model's minimum)."""
+    from segformer.modeling import min_input_size
+
+    h, w = x.shape[-2:]
+    if opts.mode == "aligned":
+        h, w = aligned_size(h, w, short_side=opts.short_side, long_side=opts.long_side, align=opts.align)
+    need = min_input_size(model.config)
+    return (h, w), (max(h, need), max(w, need))
+
+
+def _composed(model, x: torch.Tensor, opts: InferenceOptions, output_size) -> bool:
+    """Whether predict_labels takes a single pass's labels through the composed resizes (inference._composes)."""
+    size, _ = _input_size(model, x, opts)
+    out = output_size or tuple(x.shape[-2:])
+    return opts.single_pass and opts.mode != "slide" and model.config.num_labels > 1 and size != out
+
+
+def _exact_single_pass(model, x: torch.Tensor, opts: InferenceOptions, output_size) -> torch.Tensor:
+    """A single whole / aligned pass's logits at the output size with both resizes in float64 (the model's own
+    float32 logits, on the input _reference_logits gives it)."""
+    (h, w), (ph, pw) = _input_size(model, x, opts)
+    out = output_size or tuple(x.shape[-2:])
+    xs = x if (h, w) == tuple(x.shape[-2:]) else F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        z = model(F.pad(xs, (0, pw - w, 0, ph - h))).logits.double()
+    z = F.interpolate(z, size=(ph, pw), mode="bilinear", align_corners=False)[..., :h, :w]
+    return F.interpolate(z, size=out, mode="bilinear", align_corners=False)
+
+
+def composed_tol(model, x: torch.Tensor, opts: InferenceOptions, exact: torch.Tensor) -> float:
+    """How far the composed resizes' float32 logits may be from their float64 values: each axis's matrix is
+    rounded once (u per tap, at most h' or w' taps) and each GEMM sums at most w' and h' terms ((n + 1)u of their
+    magnitudes), with convex weights (bilinear rows are non-negative and sum to one): of max|z|."""
+    _, (ph, pw) = _input_size(model, x, opts)
+    h1, w1 = -(-ph // 4), -(-pw // 4)  # the logits' size (the model's 1/4, rounded up)
+    return (2 * (h1 + w1) + 2 + 2) * U32 * exact.abs().max().item()
+
+
+@pytest.mark.parametrize(
+    "size, kwargs, output_size",
+    [
+        ((45, 61), dict(mode="aligned", short_side=48, long_side=96, align=16), None),  # 48x80, back to 45x61
+        ((40, 56), dict(mode="whole"), (50, 60)),  # up to the input, then to another output size
+        ((20, 26), dict(mode="whole"), (33, 17)),  # padded to the model's minimum, cropped, resized
+    ],
+)
+def test_composed_resizes_give_the_labels(size, kwargs, output_size, monkeypatch):
+    """A single pass that takes two resizes to its output gets its labels on the CPU from the two composed into one
+    matrix per axis (inference._composed_labels): the argmax of the two resizes' float64 values wherever the top
+    two classes are further apart than the composed float32 arithmetic can move them; a pass with one resize (or
+    on another device, or flipped) keeps the resize and the argmax."""
+    model = randomize_(SegformerForSemanticSegmentation(tiny_config(num_labels=19)), seed=8).eval()  # 19: vector lanes
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(3))
+    opts = InferenceOptions(**kwargs)
+    calls = []
+    real = inference._composed_labels
+    monkeypatch.setattr(inference, "_composed_labels", lambda *a: calls.append(a[1]) or real(*a))
+    labels = predict_labels(model, x, opts, output_size=output_size)
+    assert calls == [0, 1] and _composed(model, x, opts, output_size)
+    exact = _exact_single_pass(model, x, opts, output_size)
+    _assert_argmax(labels, exact, 0.0, 2 * composed_tol(model, x, opts, exact))
+    if kwargs["mode"] == "whole":  # at the input size: one resize (PyTorch's kernel) and the argmax
+        calls.clear()
+        predict_labels(model, x, opts)
+        assert calls == []
+
+
 def _check_against_reference(model, x, opts: InferenceOptions, output_size, monkeypatch) -> None:
     """infer, predict_labels and predict_labels' row bands against the definition computed on the whole batch."""
     passes = _reference_logits(model, x, opts, output_size)
@@ -234,6 +302,9 @@ def _check_against_reference(model, x, opts: InferenceOptions, output_size, monk
     labels = predict_labels(model, x, opts, output_size=output_size)
     if len(passes) > 1:  # averaged probabilities within tol of the reference's: a flip needs a gap <= 2 tol
         _assert_argmax(labels, ref, 0.5, 2 * tol)
+    elif _composed(model, x, opts, output_size):  # the two resizes as one map, against their float64 values
+        exact = _exact_single_pass(model, x, opts, output_size)
+        _assert_argmax(labels, exact, 0.0, 2 * composed_tol(model, x, opts, exact))
     else:  # the argmax of the logits (bit for bit the reference's); softmax's rounding may tie two classes
         _assert_argmax(labels, passes[0], 0.0, 0.0)
         _assert_argmax(labels, ref, 0.5, tol)
@@ -718,7 +789,10 @@ def test_infer_with_options_equals_infer_with_keywords(seg, kwargs):
     by_keywords = infer(seg, x, **kwargs, output_size=(50, 60))
     opts = InferenceOptions(**kwargs)
     assert torch.equal(infer(seg, x, opts, output_size=(50, 60)), by_keywords)
-    assert torch.equal(predict_labels(seg, x, opts, output_size=(50, 60)), labels_from_probs(by_keywords))
+    labels = predict_labels(seg, x, opts, output_size=(50, 60))
+    assert torch.equal(labels, predict_labels(seg, x, **kwargs, output_size=(50, 60)))
+    if not _composed(seg, x, opts, (50, 60)):  # (the composed resizes: test_composed_resizes_give_the_labels)
+        assert torch.equal(labels, labels_from_probs(by_keywords))
     # keywords on top of options are changes to them
     assert torch.equal(infer(seg, x, InferenceOptions(), **kwargs, output_size=(50, 60)), by_keywords)
 
