@@ -812,25 +812,36 @@ def _labels_by_running_sum(
 _COMPOSED_COLUMNS = 64  # output columns per GEMM of the first step (each reads ~64·w'/W + 2 source columns)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)  # (a folder of photos of many sizes: each made again in about a millisecond)
 def _axis_map(n_src: int, n_mid: int, n_crop: int, n_out: int, band: int) -> tuple[torch.Tensor, tuple]:
     """One axis of a pass's way to its output as a float32 (n_out, n_src) matrix: bilinear (align_corners=False)
     n_src → n_mid, the first n_crop kept, then bilinear n_crop → n_out where they differ. Composed in float64 from
-    F.interpolate's own kernel applied to unit vectors (its weights, its clamping at the borders), rounded once.
-    With its bands: (o0, o1, s0, s1) for each run of ``band`` output rows, which read source rows s0…s1-1 only
-    (every row's taps are adjacent and move forward with the row)."""
-
-    def resize_matrix(n: int, m: int) -> torch.Tensor:  # (m, n): bilinear n → m along one axis
-        eye = torch.eye(n, dtype=torch.float64).view(1, n, n, 1)
-        return F.interpolate(eye, size=(m, 1), mode="bilinear", align_corners=False)[0, :, :, 0].t()
-
-    a = resize_matrix(n_src, n_mid)[:n_crop]
+    the kernel's two taps per output (:func:`_bilinear_taps`), rounded once. With its bands: (o0, o1, s0, s1) for
+    each run of ``band`` output rows, which read source rows s0…s1-1 only (every row's taps are adjacent and move
+    forward with the row)."""
+    (i0, i1), (w0, w1) = _bilinear_taps(n_src, n_mid)
+    a = torch.zeros(n_crop, n_src, dtype=torch.float64)
+    rows = torch.arange(n_crop)
+    a.index_put_((rows, i0[:n_crop]), w0[:n_crop], accumulate=True)
+    a.index_put_((rows, i1[:n_crop]), w1[:n_crop], accumulate=True)  # (at the far border i1 == i0: they add up)
     if n_crop != n_out:
-        a = resize_matrix(n_crop, n_out) @ a
-    taps = (a != 0).to(torch.int8)
-    first, last = taps.argmax(1), n_src - 1 - taps.flip(1).argmax(1)
+        (j0, j1), (v0, v1) = _bilinear_taps(n_crop, n_out)
+        a = v0[:, None] * a[j0] + v1[:, None] * a[j1]
+    nonzero = (a != 0).to(torch.int8)
+    first, last = nonzero.argmax(1), n_src - 1 - nonzero.flip(1).argmax(1)
     ends = [(o0, min(o0 + band, n_out)) for o0 in range(0, n_out, band)]
-    return a.float(), tuple((o0, o1, int(first[o0]), int(last[o1 - 1]) + 1) for o0, o1 in ends)
+    first, last = first.tolist(), last.tolist()
+    return a.float(), tuple((o0, o1, first[o0], last[o1 - 1] + 1) for o0, o1 in ends)
+
+
+def _bilinear_taps(n_in: int, n_out: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]:
+    """The two source indices and float64 weights of each output position of a bilinear resize n_in → n_out with
+    align_corners=False, as PyTorch's kernel computes them: source coordinate (i + 0.5)·n_in/n_out - 0.5, clamped
+    at 0; the pixel below it and the next (the last pixel repeated at the far border), weighted by distance."""
+    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
+    i0 = src.floor().long().clamp_max(n_in - 1)
+    far = src - i0
+    return (i0, (i0 + 1).clamp_max(n_in - 1)), (1 - far, far)
 
 
 def _composes(one: _Pass, i: int, out_size: tuple[int, int]) -> bool:
