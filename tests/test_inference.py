@@ -259,6 +259,31 @@ def composed_tol(model, x: torch.Tensor, opts: InferenceOptions, exact: torch.Te
 
 
 @pytest.mark.parametrize(
+    "chain",
+    [(176, 704, 683, 640), (128, 512, 512, 480), (12, 48, 45, 45), (5, 32, 26, 17), (1, 4, 4, 7), (7, 28, 28, 3)],
+)
+def test_composed_axis_map_is_the_two_resizes(chain):
+    """Each axis's composed matrix (n_src → n_mid, first n_crop kept, → n_out) is the product of F.interpolate's
+    own resize matrices (its kernel on unit vectors, float64), within the float32 rounding of its entries (<= 1,
+    so u), with bands that cover every nonzero tap."""
+    n_src, n_mid, n_crop, n_out = chain
+
+    def resize_matrix(n: int, m: int) -> torch.Tensor:
+        eye = torch.eye(n, dtype=torch.float64).view(1, n, n, 1)
+        return F.interpolate(eye, size=(m, 1), mode="bilinear", align_corners=False)[0, :, :, 0].t()
+
+    want = resize_matrix(n_src, n_mid)[:n_crop]
+    if n_crop != n_out:
+        want = resize_matrix(n_crop, n_out) @ want
+    got, bands = inference._axis_map(n_src, n_mid, n_crop, n_out, 3)
+    assert got.dtype == torch.float32 and (got.double() - want).abs().max() <= U32
+    covered = torch.zeros_like(want, dtype=torch.bool)
+    for o0, o1, s0, s1 in bands:
+        covered[o0:o1, s0:s1] = True
+    assert bands[0][0] == 0 and bands[-1][1] == n_out and not (want != 0)[~covered].any()
+
+
+@pytest.mark.parametrize(
     "size, kwargs, output_size",
     [
         ((45, 61), dict(mode="aligned", short_side=48, long_side=96, align=16), None),  # 48x80, back to 45x61
