@@ -334,8 +334,9 @@ def reuse_work_areas() -> Iterator[None]:
     classes, one 512×683 photo in aligned mode: ~105,000 faults, 426 MB, per call otherwise). The areas (per device
     two work areas and one image's probability sum, each as large as the largest call needed) are released on
     leaving the outermost block; the results never live in them. ``segformer eval``
-    (:func:`segformer.evaluate.evaluate`), ``segformer predict`` and training's validation pictures run their
-    loops inside one."""
+    (:func:`segformer.evaluate.evaluate`), ``segformer predict`` (:func:`segformer.predict_folder.predict_to_folder`),
+    ``SegformerPredictor.predict`` on a list, the server and training's validation pictures run their loops inside
+    one."""
     previous = getattr(_shared, "areas", None)
     _shared.areas = {} if previous is None else previous
     try:
