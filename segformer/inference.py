@@ -231,11 +231,8 @@ def _upsampled_argmax(values: torch.Tensor, size: tuple[int, int], rows: int | N
     h = values.shape[-2]
     if rows is None:
         rows = max(1, MMAP_THRESHOLD // (4 * values.shape[0] * values.shape[1] * width))
-    # Source row of every output row, as F.interpolate computes it: (i + 0.5) · h / H - 0.5, clamped at 0.
-    src = ((torch.arange(height, dtype=torch.float64) + 0.5) * (h / height) - 0.5).clamp_min(0)
-    y0 = src.floor().long().clamp_max(h - 1)
-    y1 = (y0 + 1).clamp_max(h - 1)
-    wy = (src - y0).to(device=values.device, dtype=values.dtype)
+    (y0, y1), (_, far) = _bilinear_taps(h, height)  # each output row's two source rows, as F.interpolate's
+    wy = far.to(device=values.device, dtype=values.dtype)
     out = torch.empty((values.shape[0], height, width), dtype=torch.long, device=values.device)
     for r0 in range(0, height, rows):
         r1 = min(r0 + rows, height)
