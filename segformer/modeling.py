@@ -275,7 +275,7 @@ def _conv_channels_last(conv: nn.Module, x: torch.Tensor, copy: _ChannelsLastWei
     of them (``parameters_to_vector``, LBFGS) need contiguous bytes. (Two threads racing here both make a copy
     and one is kept: the same values either way.)"""
     if _keeps_weight_copy(conv, x, fast) and x.is_contiguous(memory_format=torch.channels_last):
-        dtype = _cpu_autocast_dtype() if _cpu_autocast() else conv.weight.dtype  # (autocast: bf16, see below)
+        dtype = _copy_dtype(conv.weight)
         weight, bias = copy.of(conv.weight, dtype), _kept(conv.bias, dtype)
         return F.conv2d(x.to(dtype), weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     return conv(x)
@@ -375,7 +375,7 @@ class SegformerEfficientSelfAttention(_KeepsWeightCopy):
         conv, r = self.sr, self.sr_ratio
         if not _keeps_weight_copy(conv, x, self.fast_path):
             return map_to_tokens(conv(tokens_to_map(x, height, width)))
-        dtype = _cpu_autocast_dtype() if _cpu_autocast() else conv.weight.dtype  # (autocast: a bf16 copy)
+        dtype = _copy_dtype(conv.weight)
         x, b, c = x.to(dtype), x.shape[0], x.shape[-1]
         h, w = height // r, width // r  # (the conv's floor: trailing rows / columns that fill no window drop)
         windows = x.view(b, height, width, c)[:, : h * r, : w * r].reshape(b, h, r, w, r, c).transpose(2, 3)
@@ -822,10 +822,7 @@ class SegformerDecodeHead(nn.Module):
         """The 1×1 classifier conv as one batched matmul over channels-last pixels → (B, num_labels, H, W),
         into ``out`` (a contiguous tensor of that shape) when given."""
         b, _, h, w = x.shape
-        weight, bias = self.classifier.weight, self.classifier.bias
-        dtype = _inference_dtype(x, weight)
-        if dtype is not None and _cpu_autocast():  # cast as autocast would, the weights' casts kept (_kept)
-            x, weight, bias = x.to(dtype), _kept(weight, dtype), _kept(bias, dtype)
+        dtype, x, weight, bias = _inference_operands(x, self.classifier.weight, self.classifier.bias)
         weight = weight.flatten(1)  # (K, D); bias (K,)
         pixels = map_to_tokens(x)  # (B, H*W, D)
         large = weight.numel() * pixels.shape[1] >= _ONEDNN_MIN_MACS
@@ -909,6 +906,23 @@ def _inference_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | Non
     return dtype if dtype == torch.float32 or _native_cpu_bf16() else None
 
 
+def _copy_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype of a conv weight's kept channels-last copy (:func:`_keeps_weight_copy` allowed it): the
+    weight's own, or under CPU bf16 autocast the bf16 that autocast would cast it to."""
+    return _cpu_autocast_dtype() if _cpu_autocast() else weight.dtype
+
+
+def _inference_operands(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.dtype | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`_inference_dtype` of ``x`` and ``weight``, and the operands in it: under CPU bf16 autocast ``x`` cast
+    as autocast would cast it and the weights' kept casts (:func:`_kept`); otherwise as given."""
+    dtype = _inference_dtype(x, weight)
+    if dtype is not None and _cpu_autocast():
+        return dtype, x.to(dtype), _kept(weight, dtype), _kept(bias, dtype)
+    return dtype, x, weight, bias
+
+
 # bfloat16 casts of float32 weights, kept for CPU inference under bf16 autocast (weakly: they go with the weight)
 _KEPT_CASTS = WeakIdKeyDictionary()
 
@@ -983,9 +997,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     CPU inference oneDNN's matmul, 5–35% faster than the BLAS call behind F.linear on SegFormer's shapes
     (measured on AVX2 and AVX-512 kernels: bench/bench_inference.py), the weights reordered on the fly; in bf16
     (:func:`_inference_dtype`: native bf16, or bf16 autocast with the weights' kept casts) oneDNN's too."""
-    dtype = _inference_dtype(x, weight)
-    if dtype is not None and _cpu_autocast():  # cast as autocast would, the weights' casts kept (_kept)
-        x, weight, bias = x.to(dtype), _kept(weight, dtype), _kept(bias, dtype)
+    dtype, x, weight, bias = _inference_operands(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1])
     # below _ONEDNN_MIN_MACS, oneDNN's overhead outweighs BLAS's fp32 GEMM; bf16 has no BLAS (PyTorch's own
     # bf16 matmul calls oneDNN too, through more layers): oneDNN's matmul at every size
