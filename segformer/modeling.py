@@ -18,6 +18,8 @@ oneDNN's matmul for every Linear and the classifier, the depthwise conv and GELU
 kernel, the head's power-of-two upsamplings as blends of shifted copies added in place, stage 1's projection
 accumulated inside its GEMM, and row bands for one image whose Mix-FFN or head maps would exceed glibc's mmap
 threshold (same formulas, other rounding order: agreement within fp32 rounding, tested against the plain path).
+Under CPU bf16 autocast the fast path computes in bf16 on kept casts of the weights, except in the parts (an
+encoder stage, the head) too small for bf16 to pay, which run in fp32 (:data:`_BF16_MIN_MACS`).
 """
 
 from __future__ import annotations
@@ -554,22 +556,31 @@ class SegformerEncoder(nn.Module):
         stages, attentions = [], []
         last = len(self.block) - 1
         for i, (embed, blocks, norm) in enumerate(zip(self.patch_embeddings, self.block, self.layer_norm, strict=True)):
-            x, height, width = embed(x)  # (B, N, C)
-            for block in blocks:
-                if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                    x, probs = torch.utils.checkpoint.checkpoint(
-                        block, x, height, width, output_attentions, **self.gradient_checkpointing_kwargs
-                    )
-                else:
-                    x, probs = block(x, height, width, output_attentions)
-                if output_attentions:
-                    attentions.append(probs)
-            x = norm(x)
+            fp32 = _bf16_does_not_pay(embed, embed.proj.weight, self._stage_macs(i, x))
+            with _autocast_off() if fp32 else contextlib.nullcontext():
+                x, height, width = embed(x.float() if fp32 else x)  # (B, N, C)
+                for block in blocks:
+                    if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                        x, probs = torch.utils.checkpoint.checkpoint(
+                            block, x, height, width, output_attentions, **self.gradient_checkpointing_kwargs
+                        )
+                    else:
+                        x, probs = block(x, height, width, output_attentions)
+                    if output_attentions:
+                        attentions.append(probs)
+                x = norm(x)
             if i < last or reshape_last_stage:
                 x = tokens_to_map(x, height, width)  # (B, C, H, W), channels-last
                 x = x.contiguous() if contiguous_stages else x  # the returned tensor is the one used below
             stages.append(x)
         return stages, attentions
+
+    def _stage_macs(self, i: int, x: torch.Tensor) -> int:
+        """Multiply-adds of stage ``i``'s largest matrix product (the Mix-FFN's first linear) for input ``x``."""
+        c = self.config
+        k, s, d = c.patch_sizes[i], c.strides[i], c.hidden_sizes[i]
+        h, w = ((n + 2 * (k // 2) - k) // s + 1 for n in x.shape[-2:])  # the patch embedding's output size
+        return x.shape[0] * h * w * d * d * c.mlp_ratios[i]
 
 
 # ---------------------------------------------------------------------------------------- decode head
@@ -683,6 +694,17 @@ class SegformerDecodeHead(nn.Module):
         """Logits of the folded head. With ``total``, the images of ``maps`` are images ``start``… of a batch of
         ``total`` whose logits go to ``out`` (allocated here when None) and ``out`` is returned: a batch run in
         chunks writes each chunk's logits in place, with no concatenation afterwards."""
+        _, channels, height, width = maps[0].shape
+        # its largest products: stage 1's projection and the classifier, one image at a time in inference (below)
+        macs = height * width * self.config.decoder_hidden_size * max(channels, self.classifier.out_channels)
+        if _bf16_does_not_pay(self, self.classifier.weight, macs):
+            with _autocast_off():
+                return self._forward_folded_in([x.float() for x in maps], out, start, total)
+        return self._forward_folded_in(maps, out, start, total)
+
+    def _forward_folded_in(
+        self, maps: list[torch.Tensor], out: torch.Tensor | None, start: int, total: int | None
+    ) -> torch.Tensor:
         matrices, bias = self.folded()
         dtype = _inference_dtype(maps[0], matrices[0])
         if dtype is not None and _cpu_autocast():  # bf16 autocast: the folded weights' casts kept (_kept)
@@ -849,6 +871,35 @@ def _capturing_graph() -> bool:
     compilers."""
     exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.5
     return torch.jit.is_tracing() or torch.compiler.is_compiling() or exporting()
+
+
+# Under CPU bf16 autocast, an inference part of the model (an encoder stage, the folded head) whose largest matrix
+# product is below this many multiply-adds runs in float32: there bf16's per-call costs (the activations' casts,
+# oneDNN's bf16 call, ~60-75 µs more than fp32's) outweigh what its arithmetic saves (~6 µs per million, measured
+# on AVX-512-BF16 at 67M): break-even ~12M, rounded up to 2^24 (float32, the exact one, where in doubt). A b0
+# at 128×128 then runs in fp32; at 256×256 and up in bf16 (bench/bench_backends.py).
+_BF16_MIN_MACS = 1 << 24
+
+
+def _bf16_does_not_pay(module: nn.Module, weight: torch.Tensor, macs: int) -> bool:
+    """Whether ``module``'s forward, whose largest product has ``macs`` multiply-adds, runs in float32 under the
+    CPU bf16 autocast it is in (its inputs cast to float32; fp32 is there the faster and the more exact): below
+    :data:`_BF16_MIN_MACS`, float32 weights (``weight``, one of them), on the fast path of an eval-mode module,
+    with no autograd graph recorded and none being captured."""
+    return (
+        macs < _BF16_MIN_MACS
+        and weight.dtype == torch.float32
+        and _cpu_autocast()
+        and _cpu_autocast_dtype() == torch.bfloat16
+        and not module.training
+        and getattr(module, "fast_path", False)
+        and not torch.is_grad_enabled()
+        and not _capturing_graph()
+    )
+
+
+def _autocast_off() -> contextlib.AbstractContextManager:
+    return torch.autocast("cpu", enabled=False)
 
 
 # PyTorch's oneDNN operators, where they were measured: x86-64 builds with oneDNN (AVX2 and AVX-512 kernels)

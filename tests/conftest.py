@@ -42,6 +42,15 @@ def pretend_machine(monkeypatch: pytest.MonkeyPatch, facts: dict) -> None:
     monkeypatch.setattr(inference, "reduced_precision_problem", problem)
 
 
+@pytest.fixture
+def bf16_at_every_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU bf16 autocast computes in bf16 however small the model's products (inference otherwise runs the parts
+    below modeling._BF16_MIN_MACS in float32, as at a test model's sizes): for tests of the bf16 kernels."""
+    from segformer import modeling
+
+    monkeypatch.setattr(modeling, "_BF16_MIN_MACS", 0)
+
+
 def tiny_config(**changes) -> SegformerConfig:
     """A SegFormer small enough for fast tests, with every code path of the real ones (sr ratios 8,4,2,1)."""
     return SegformerConfig(**{**TINY, "num_labels": 5, **changes})

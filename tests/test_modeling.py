@@ -549,7 +549,7 @@ BF16_WIDTHS = dict(hidden_sizes=[32, 32, 32, 32], num_attention_heads=[1, 1, 1, 
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-def test_banded_head_equals_the_whole_head(monkeypatch, batch):
+def test_banded_head_equals_the_whole_head(monkeypatch, batch, bf16_at_every_size):
     """Where one image's D-channel sum would be a fresh mapping, the folded head runs in row bands (each
     deeper stage upsampled from its band's rows plus halo rows): the same logits as whole, and as plain."""
     model = randomize_(SegformerForSemanticSegmentation(tiny_config(**BF16_WIDTHS)), seed=9).eval()
@@ -605,7 +605,7 @@ def _bf16_runs(model: torch.nn.Module, x: torch.Tensor) -> dict[str, tuple[torch
     return runs
 
 
-def test_bfloat16_fast_paths_equal_the_plain_paths():
+def test_bfloat16_fast_paths_equal_the_plain_paths(bf16_at_every_size):
     """Where the CPU computes in bfloat16, bf16 inference (bf16 weights, or fp32 weights under bf16 autocast)
     runs the fast paths in bf16: oneDNN's matmul and fused depthwise conv + GELU, the folded head, and under
     autocast kept bf16 casts of the weights (no weight is cast again on a later call). Elsewhere bf16 is
@@ -637,7 +637,68 @@ def test_bfloat16_fast_paths_equal_the_plain_paths():
         assert (logits.argmax(1) == ref.argmax(1))[confident].float().mean() >= 0.99, name
 
 
-def test_kept_bf16_casts_follow_the_weights():
+def _bf16_outputs(fn) -> tuple[torch.Tensor, int]:
+    """``fn()`` and how many of the operators it dispatched returned a bfloat16 tensor."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    count = 0
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            nonlocal count
+            out = func(*args, **(kwargs or {}))
+            leaves = torch.utils._pytree.tree_leaves(out)
+            count += any(isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 for t in leaves)
+            return out
+
+    with Record():
+        result = fn()
+    return result, count
+
+
+def test_bf16_autocast_runs_float32_where_bf16_does_not_pay(monkeypatch):
+    """Under CPU bf16 autocast, inference runs each part of the model (an encoder stage, the folded head) whose
+    largest product is below modeling._BF16_MIN_MACS multiply-adds in float32, where bf16's per-call costs
+    outweigh its arithmetic: a model whose parts are all small gives the float32 logits bit for bit and makes
+    no bf16 tensor; with stage 1 above the bound, stage 1 alone computes in bf16. Autograd recording, training
+    and the plain path keep autocast's bf16 everywhere."""
+    model = randomize_(SegformerForSemanticSegmentation(tiny_config(**BF16_WIDTHS)), seed=6).eval()
+    x = torch.randn(2, 3, 64, 96)
+    c = model.config
+    stage1 = model.segformer.encoder._stage_macs(0, x)  # its Mix-FFN's first linear: B·N·C·4C
+    assert stage1 == 2 * (64 // c.strides[0]) * (96 // c.strides[0]) * 32 * 32 * c.mlp_ratios[0]
+    assert stage1 < modeling._BF16_MIN_MACS  # the test model's parts are all below the bound
+
+    def autocast_run(grad: bool = False) -> tuple[torch.Tensor, int]:
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+            return _bf16_outputs(lambda: model(x).logits)
+
+    with torch.no_grad():
+        exact = model(x).logits
+    logits, low = autocast_run()
+    assert low == 0 and logits.dtype == torch.float32 and torch.equal(logits, exact)
+
+    monkeypatch.setattr(modeling, "_BF16_MIN_MACS", stage1)  # stage 1 (the largest part) now pays; the rest not
+    mixed, low = autocast_run()
+    monkeypatch.setattr(modeling, "_BF16_MIN_MACS", 0)
+    everywhere, all_low = autocast_run()
+    assert 0 < low < all_low
+    tol = 2 * bf16_tol(series_depth(model, x))  # bf16 against fp32, each within its tolerance of exact
+    assert not torch.equal(mixed, exact) and rel_err(mixed, exact) <= tol and rel_err(everywhere.float(), exact) <= tol
+
+    monkeypatch.setattr(modeling, "_BF16_MIN_MACS", 1 << 60)  # nothing pays, except where the rule stands aside:
+    assert autocast_run(grad=True)[1] > 0  # an autograd graph recorded: autocast's casts belong in it
+    model.fast_path = False
+    assert autocast_run()[1] > 0  # the plain path
+    model.fast_path = True
+    model.train()
+    assert autocast_run()[1] > 0  # training (a reentrant checkpoint recomputes what it ran without gradients)
+    model.eval().to(torch.bfloat16)  # bf16 weights: bf16 throughout
+    x = x.bfloat16()
+    assert autocast_run()[0].dtype == torch.bfloat16
+
+
+def test_kept_bf16_casts_follow_the_weights(bf16_at_every_size):
     """Under CPU bf16 autocast (where the CPU computes in bf16), inference keeps bf16 casts of the weights: an
     in-place update of a weight is seen on the next call, a model with autograd recording gets autocast's own
     casts (and its gradients), and the casts go when the weights go."""
@@ -798,7 +859,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         assert torch.equal(p.grad, plain[name]), name
 
 
-def test_bfloat16_agrees_with_float32_where_fp32_is_confident():
+def test_bfloat16_agrees_with_float32_where_fp32_is_confident(bf16_at_every_size):
     model = randomize_(SegformerForSemanticSegmentation(tiny_config(**BF16_WIDTHS))).eval()
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():

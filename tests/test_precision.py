@@ -174,7 +174,7 @@ def test_predictor_and_cli_take_dtype_int8(tmp_path, capsys):
     assert np.asarray(Image.open(tmp_path / "out" / "x.png")).shape == (64, 72)
 
 
-def test_evaluate_casts_the_weights_once_per_run_not_per_image(monkeypatch, tmp_path):
+def test_evaluate_casts_the_weights_once_per_run_not_per_image(monkeypatch, tmp_path, bf16_at_every_size):
     """segformer eval --amp bf16: one autocast region around the loop, so autocast's cast copies of the weights
     serve every image (per image, those casts made bf16 slower than fp32 on small images). Where the CPU computes
     in bf16, the fast paths keep their own casts (modeling._kept): once per model, fewer still."""
