@@ -324,18 +324,41 @@ class _Scratch:
 _shared = threading.local()  # .areas: {device: _Scratch} inside reuse_work_areas(), else absent or None
 
 
+class WorkAreas:
+    """Work areas an owner keeps between :func:`reuse_work_areas` blocks (``reuse_work_areas(areas)``): a generator
+    that yields between images enters a block around each image's work and keeps its areas across the yields,
+    without this thread's state changed while it is suspended. They go with the object."""
+
+    def __init__(self) -> None:
+        self._by_device: dict[torch.device, _Scratch] = {}
+
+    @classmethod
+    def current(cls) -> WorkAreas:
+        """The areas of the :func:`reuse_work_areas` block this thread is in (the block's owner keeps using them),
+        else new ones."""
+        areas = cls()
+        shared = getattr(_shared, "areas", None)
+        if shared is not None:
+            areas._by_device = shared
+        return areas
+
+
 @contextlib.contextmanager
-def reuse_work_areas() -> Iterator[None]:
+def reuse_work_areas(areas: WorkAreas | None = None) -> Iterator[None]:
     """Inside, :func:`infer` and :func:`predict_labels` calls of this thread share their full-resolution work areas
     instead of mapping fresh ones per call: a loop over images pays their first-touch page faults once (b0, 150
     classes, one 512×683 photo in aligned mode: ~105,000 faults, 426 MB, per call otherwise). The areas (per device
     two work areas and one image's probability sum, each as large as the largest call needed) are released on
-    leaving the outermost block; the results never live in them. ``segformer eval``
-    (:func:`segformer.evaluate.evaluate`), ``segformer predict`` (:func:`segformer.predict_folder.predict_to_folder`),
-    ``SegformerPredictor.predict`` on a list, the server and training's validation pictures run their loops inside
-    one."""
+    leaving the outermost block, or kept in ``areas`` (a :class:`WorkAreas`) for its next block; the results never
+    live in them. ``segformer eval`` (:func:`segformer.evaluate.evaluate`), ``segformer predict``
+    (:func:`segformer.predict_folder.predict_to_folder`), :class:`~segformer.predict.SegformerPredictor`'s
+    ``predict`` and ``predict_iter`` (on its own :class:`WorkAreas`), the server and training's validation pictures
+    run their loops inside one."""
     previous = getattr(_shared, "areas", None)
-    _shared.areas = {} if previous is None else previous
+    if areas is not None:
+        _shared.areas = areas._by_device
+    elif previous is None:
+        _shared.areas = {}
     try:
         yield
     finally:
@@ -895,6 +918,7 @@ def _banded(one: _Pass, out_size: tuple[int, int], band_above: int | None) -> bo
 __all__ = [
     "MODES",
     "InferenceOptions",
+    "WorkAreas",
     "aligned_size",
     "autocast",
     "cpu_flags",

@@ -198,6 +198,20 @@ def test_library_runs_map_their_work_areas_once(checkpoint, tmp_path, monkeypatc
     assert len(results) == 3 and areas and all(image == 1 for image, _ in areas), areas
     for result, p in zip(results, sorted(src.glob("*.png")), strict=True):  # the same labels as the folder run
         assert np.array_equal(result.labels, np.asarray(Image.open(tmp_path / "out" / f"{p.stem}.png")))
+    # predict_iter keeps them between images, leaving this thread's state alone while it is suspended
+    areas.clear()
+    seen[0] = 0
+    streamed = []
+    for _, result in predictor.predict_iter([str(p) for p in sorted(src.glob("*.png"))]):
+        assert getattr(inference._shared, "areas", None) is None  # the caller's code runs outside any block
+        streamed.append(result)
+    assert len(streamed) == 3 and areas and all(image == 1 for image, _ in areas), areas
+    assert all(np.array_equal(a.labels, b.labels) for a, b in zip(streamed, results, strict=True))
+    # inside a caller's block (the server's workers keep theirs from request to request) it uses the block's
+    areas.clear()
+    with inference.reuse_work_areas():
+        counts = [len(list(predictor.predict_iter([str(src / "0.png")]))) == 1 and len(areas) for _ in range(2)]
+    assert counts[0] > 0 and counts[1] == counts[0], counts  # none allocated for the second iteration
 
 
 # ---------------------------------------------------------------------------------------------- Python API
