@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _torch_module  # (its global forward hooks: _unhooked)
 from torch.utils import _pytree as pytree
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -869,8 +870,10 @@ def _capturing_graph() -> bool:
     """Whether a graph is being recorded (jit.trace, ONNX export, torch.compile / torch.export): in-place and
     out= shortcuts and private kernels stay out of such graphs, which keep one op per step for their own
     compilers."""
-    exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.5
-    return torch.jit.is_tracing() or torch.compiler.is_compiling() or exporting()
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or _is_exporting()
+
+
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.5
 
 
 # Under CPU bf16 autocast, an inference part of the model (an encoder stage, the folded head) whose largest matrix
@@ -1072,9 +1075,7 @@ def _dense(linear: nn.Module, x: torch.Tensor, fast: bool) -> torch.Tensor:
 
 def _unhooked(*modules: nn.Module) -> bool:
     """Whether no forward hook would see these modules run: fused kernels skip the modules' own forward."""
-    from torch.nn.modules import module as torch_module
-
-    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+    if _torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks:
         return False
     return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
