@@ -897,8 +897,9 @@ def _composed_labels(one: _Pass, i: int, out_size: tuple[int, int], scratch: _Sc
     ax, col_bands = _axis_map(w1, pw, w, width, _COMPOSED_COLUMNS)
     src = logits.permute(1, 2, 0).contiguous()  # (h', w', K): 1/16 of the input's pixels
     cols = scratch.take((1, k, h1, width), channels_last=True).permute(0, 2, 3, 1)[0]  # (h', W, K)
-    for c0, c1, s0, s1 in col_bands:
-        cols[:, c0:c1] = torch.matmul(ax[c0:c1, s0:s1], src[:, s0:s1])  # (c × s) @ (h', s, K)
+    with torch.autocast("cpu", enabled=False):  # float32 under --amp too (autocast would take matmul to bf16)
+        for c0, c1, s0, s1 in col_bands:
+            cols[:, c0:c1] = torch.matmul(ax[c0:c1, s0:s1], src[:, s0:s1])  # (c × s) @ (h', s, K)
     flat = cols.view(h1, width * k)
     band = scratch.take((1, k, rows, width), flat, channels_last=True).permute(0, 2, 3, 1)[0].view(rows, -1)
     for r0, r1, s0, s1 in row_bands:

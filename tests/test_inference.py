@@ -312,6 +312,37 @@ def test_composed_resizes_give_the_labels(size, kwargs, output_size, monkeypatch
         assert calls == []
 
 
+class _AutocastNeutralLogits(nn.Module):
+    """(B, K, H/4, W/4) logits from operators that autocast leaves alone (pooling, products, sums): the same
+    float32 values inside a bf16 autocast region and outside."""
+
+    def __init__(self, num_labels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_labels, 3, generator=torch.Generator().manual_seed(5)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = F.avg_pool2d(x, 4, ceil_mode=True)  # (B, 3, h', w')
+        return (pooled[:, None] * self.weight[None, :, :, None, None]).sum(2)
+
+
+def test_post_processing_stays_float32_under_autocast(monkeypatch):
+    """Under a CPU bf16 autocast region (segformer eval --amp bf16 runs the whole loop in one), the labels of
+    the composed resizes are those of float32 arithmetic: the resizes are not matrix products autocast may
+    compute in bf16."""
+    model = _AutocastNeutralLogits(19).eval()
+    x = torch.randn(2, 3, 45, 61, generator=torch.Generator().manual_seed(4))
+    opts = InferenceOptions(mode="aligned", short_side=48, long_side=96, align=16)
+    calls = []
+    real = inference._composed_labels
+    monkeypatch.setattr(inference, "_composed_labels", lambda *a: calls.append(a[1]) or real(*a))
+    with torch.no_grad():
+        plain = predict_labels(model, x, opts)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = predict_labels(model, x, opts)
+    assert calls == [0, 1, 0, 1]
+    assert torch.equal(low, plain)
+
+
 def _check_against_reference(model, x, opts: InferenceOptions, output_size, monkeypatch) -> None:
     """infer, predict_labels and predict_labels' row bands against the definition computed on the whole batch."""
     passes = _reference_logits(model, x, opts, output_size)
