@@ -558,7 +558,7 @@ class SegformerEncoder(nn.Module):
         last = len(self.block) - 1
         for i, (embed, blocks, norm) in enumerate(zip(self.patch_embeddings, self.block, self.layer_norm, strict=True)):
             fp32 = _bf16_does_not_pay(embed, embed.proj.weight, self._stage_macs(i, x))
-            with _autocast_off() if fp32 else contextlib.nullcontext():
+            with _autocast_disabled("cpu") if fp32 else contextlib.nullcontext():
                 x, height, width = embed(x.float() if fp32 else x)  # (B, N, C)
                 for block in blocks:
                     if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -666,15 +666,16 @@ class SegformerDecodeHead(nn.Module):
         if self._fold_cache is None or self._fold_cache[0] != key:
             if torch.jit.is_tracing():  # every trace of a model not run yet records the folding (jit.trace checks
                 return self._fold()  # that two traces agree); a folded model's trace keeps the constants (ONNX)
-            with torch.no_grad():
+            # autocast off: where the fold accumulates in float32 (_fold_dtype), a first call inside an autocast
+            # region would otherwise keep low-precision matrices for every later call
+            with torch.no_grad(), _autocast_disabled(self.linear_fuse.weight.device.type):
                 self._fold_cache = (key, *self._fold())
         return self._fold_cache[1], self._fold_cache[2]
 
     def _fold(self) -> tuple[list[torch.Tensor], torch.Tensor]:
         bn, weight = self.batch_norm, self.linear_fuse.weight
         dtype = weight.dtype
-        # Fold in float64 where the device has it; the result is rounded once.
-        acc = torch.float64 if weight.device.type in ("cpu", "cuda") else torch.float32
+        acc = _fold_dtype(weight.device)
         d, n = self.config.decoder_hidden_size, len(self.linear_c)
         fuse = weight.reshape(d, n, d).to(acc)  # (D, stage slot, D); slot 0 holds stage n-1
         mean = bn.running_mean if bn.track_running_stats and bn.running_mean is not None else None
@@ -699,7 +700,7 @@ class SegformerDecodeHead(nn.Module):
         # its largest products: stage 1's projection and the classifier, one image at a time in inference (below)
         macs = height * width * self.config.decoder_hidden_size * max(channels, self.classifier.out_channels)
         if _bf16_does_not_pay(self, self.classifier.weight, macs):
-            with _autocast_off():
+            with _autocast_disabled("cpu"):
                 return self._forward_folded_in([x.float() for x in maps], out, start, total)
         return self._forward_folded_in(maps, out, start, total)
 
@@ -901,8 +902,16 @@ def _bf16_does_not_pay(module: nn.Module, weight: torch.Tensor, macs: int) -> bo
     )
 
 
-def _autocast_off() -> contextlib.AbstractContextManager:
-    return torch.autocast("cpu", enabled=False)
+def _autocast_disabled(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast switched off for ``device_type`` (a null context where it has no autocast)."""
+    available = getattr(torch.amp, "is_autocast_available", lambda t: t in ("cpu", "cuda"))  # torch >= 2.4
+    return torch.autocast(device_type, enabled=False) if available(device_type) else contextlib.nullcontext()
+
+
+def _fold_dtype(device: torch.device) -> torch.dtype:
+    """The decode head's folding arithmetic: float64 where the device has it (the result is rounded once), else
+    float32 (MPS)."""
+    return torch.float64 if device.type in ("cpu", "cuda") else torch.float32
 
 
 # PyTorch's oneDNN operators, where they were measured: x86-64 builds with oneDNN (AVX2 and AVX-512 kernels)

@@ -637,6 +637,21 @@ def test_bfloat16_fast_paths_equal_the_plain_paths(bf16_at_every_size):
         assert (logits.argmax(1) == ref.argmax(1))[confident].float().mean() >= 0.99, name
 
 
+def test_cached_fold_is_made_without_autocast(monkeypatch):
+    """The folded head's cached matrices are made with autocast off: where the fold accumulates in float32 (MPS;
+    here the CPU made to), a first inference call inside a bf16 autocast region must not leave bf16-rounded
+    matrices for the float32 calls after it."""
+    monkeypatch.setattr(modeling, "_fold_dtype", lambda device: torch.float32)
+    head = randomize_(SegformerForSemanticSegmentation(tiny_config(**BF16_WIDTHS)), seed=7).eval().decode_head
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            inside = head.folded()  # the first fold, inside the region
+        head._fold_cache = None
+        outside = head.folded()
+    assert all(torch.equal(a, b) for a, b in zip(inside[0], outside[0], strict=True))
+    assert torch.equal(inside[1], outside[1]) and inside[0][0].dtype == torch.float32
+
+
 def _bf16_outputs(fn) -> tuple[torch.Tensor, int]:
     """``fn()`` and how many of the operators it dispatched returned a bfloat16 tensor."""
     from torch.utils._python_dispatch import TorchDispatchMode
