@@ -580,7 +580,7 @@ class SegformerEncoder(nn.Module):
         """Multiply-adds of stage ``i``'s largest matrix product (the Mix-FFN's first linear) for input ``x``."""
         c = self.config
         k, s, d = c.patch_sizes[i], c.strides[i], c.hidden_sizes[i]
-        h, w = ((n + 2 * (k // 2) - k) // s + 1 for n in x.shape[-2:])  # the patch embedding's output size
+        h, w = (conv_out(n, k, s, k // 2) for n in x.shape[-2:])  # the patch embedding's output size
         return x.shape[0] * h * w * d * d * c.mlp_ratios[i]
 
 
@@ -881,7 +881,7 @@ _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch 
 # product is below this many multiply-adds runs in float32: there bf16's per-call costs (the activations' casts,
 # oneDNN's bf16 call, ~60-75 µs more than fp32's) outweigh what its arithmetic saves (~6 µs per million, measured
 # on AVX-512-BF16 at 67M): break-even ~12M, rounded up to 2^24 (float32, the exact one, where in doubt). A b0
-# at 128×128 then runs in fp32; at 256×256 and up in bf16 (bench/bench_backends.py).
+# at 128×128 then runs its encoder in fp32 (its head too, with fewer than 64 classes); from 256×256 all in bf16.
 _BF16_MIN_MACS = 1 << 24
 
 
