@@ -7,7 +7,8 @@
 
 Latency: one (1, 3, S, S) input (S = --size, 512), every case run in turn, round after round (interleaved, so
 that drifts in machine load hit all alike); the median of the rounds and its ratio to fp32, and the fastest
-round (on a machine other jobs load, the least disturbed one) and its ratio to fp32's fastest. Agreement (--data:
+round (on a machine other jobs load, the least disturbed one) and its ratio to fp32's fastest. --eval-amp: the
+evaluation loop with and without bf16 autocast, per image (on --data, or on synthetic --size images). Agreement (--data:
 a folder data set's val split, whole-image mode): the share of pixels whose predicted class differs from fp32's.
 Use a trained checkpoint for agreement: random weights have near-ties everywhere. The header says which kernels
 torch runs (ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS and ONEDNN_MAX_CPU_ISA cap them) and what
@@ -95,6 +96,36 @@ def latency(runs: dict[str, Callable], size: int, rounds: int) -> None:
               f"  x{best / fastest:.2f}")  # fmt: skip
 
 
+def eval_amp(args: argparse.Namespace, rounds: int) -> None:
+    """``segformer eval``'s loop (:func:`segformer.evaluate.evaluate`, whole image) with ``--amp none`` and ``bf16``,
+    interleaved (the order alternating by round): time per image. On --data's val split with --model, else on
+    24 synthetic --size images (segformer synth) with random weights of --variant."""
+    from segformer.data import build_dataset, write_synthetic_dataset
+    from segformer.evaluate import evaluate
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.data or write_synthetic_dataset(Path(tmp) / "data", num_train=1, num_val=24, size=args.size, seed=0)
+        val, _ = build_dataset(root, "val")
+        if args.model:
+            model = SegformerForSemanticSegmentation.from_pretrained(args.model).eval()
+        else:
+            torch.manual_seed(0)
+            config = SegformerConfig.from_variant(args.variant, num_labels=val.num_labels)
+            model = SegformerForSemanticSegmentation(config).eval()
+        times: dict[str, list[float]] = {"none": [], "bf16": []}
+        for amp in times:  # warm-up
+            evaluate(model, val, amp=amp, max_images=2)
+        for r in range(rounds):
+            for amp in ("none", "bf16") if r % 2 else ("bf16", "none"):
+                start = time.perf_counter()
+                metrics = evaluate(model, val, amp=amp)
+                times[amp].append((time.perf_counter() - start) / metrics["num_images"])
+    base = statistics.median(times["none"])
+    print(f"\nsegformer eval, {len(val)} images, {rounds} interleaved rounds (median time per image):")
+    for amp, t in times.items():
+        print(f"  --amp {amp:5s} {statistics.median(t) * 1000:8.1f} ms  x{statistics.median(t) / base:.2f} of none")
+
+
 def agreement(runs: dict[str, Callable], data: str, sizes: list[int | None]) -> None:
     from segformer.data import build_dataset
 
@@ -168,6 +199,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--compile", action="store_true", help="add the AOT-compiled model to the cases")
     parser.add_argument("--compile-startup", action="store_true", help="also time --compile's first and second run")
+    parser.add_argument(
+        "--eval-amp",
+        action="store_true",
+        help="also time segformer eval's loop with --amp none and bf16 (see eval_amp)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -180,6 +216,8 @@ def main() -> None:
             agreement(runs, args.data, [None, args.size])
     if args.compile_startup:
         compile_startup(model, args.size)
+    if args.eval_amp:
+        eval_amp(args, args.rounds)
 
 
 if __name__ == "__main__":
