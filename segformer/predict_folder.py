@@ -31,7 +31,6 @@ from .distributed import all_gather_objects, is_distributed
 from .fileio import atomic_write, atomic_write_text
 from .hub import first_line
 from .images import IMAGE_EXTENSIONS, ImageError
-from .inference import reuse_work_areas
 from .predict import SegformerPredictor, Segmentation
 from .visualize import colorize, label_image, legend, overlay, side_by_side
 
@@ -203,8 +202,9 @@ def predict_to_folder(
     failures with their reason) and ``legend.png``. Every file is written atomically. With ``rank`` /
     ``world_size`` (a torchrun job) each rank takes every world_size-th image of the sorted list and rank 0
     writes the merged summary (gathered over torch.distributed, which must then be initialised). The images
-    share one set of full-resolution work areas (:func:`segformer.inference.reuse_work_areas`: b0, 150 classes,
-    640×480 photos in "aligned" mode: 285 instead of 527 ms per image here).
+    share one set of full-resolution work areas (the one ``predict_iter_with_images`` iteration of the run keeps
+    them, :class:`segformer.inference.WorkAreas`: b0, 150 classes, 640×480 photos in "aligned" mode: 285 instead
+    of 527 ms per image here).
     Returns the :class:`RunReport` of all images (on every rank)."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -223,8 +223,7 @@ def predict_to_folder(
 
     mine = [(i, items[i][0], stems[i]) for i in range(len(items)) if i % world_size == rank]  # this rank's share
     records, todo = _find_existing(mine, outputs, predictor.num_classes, rank) if skip_existing else ([], mine)
-    with reuse_work_areas():  # the images' full-resolution work areas mapped once for the run, not per image
-        records += _segment_and_write(predictor, todo, outputs, alpha=alpha, progress=progress and rank == 0, rank=rank)
+    records += _segment_and_write(predictor, todo, outputs, alpha=alpha, progress=progress and rank == 0, rank=rank)
 
     merged = sorted(_gather(records), key=lambda t: t[0])
     report = RunReport([r for _, r in merged], out, predictor.class_names)
