@@ -312,6 +312,81 @@ def test_composed_resizes_give_the_labels(size, kwargs, output_size, monkeypatch
         assert calls == []
 
 
+@pytest.mark.parametrize(
+    "k, src, out",
+    [
+        (19, (13, 17), (40, 30)),
+        (19, (32, 43), (128, 171)),
+        (150, (16, 16), (67, 50)),
+        (5, (24, 24), (9, 11)),
+        (19, (64, 64), (256, 320)),  # several bands
+    ],
+)
+def test_resized_labels_are_the_float64_resize_argmax(k, src, out, monkeypatch):
+    """inference.resized_labels (K, h, w) → (H, W), through one matrix per axis: the argmax of the float64 resize
+    wherever the top two classes are further apart than its float32 arithmetic moves them (per axis: two taps,
+    each rounded once (u), two products and a sum (2u), of weights summing to one: 3u of max|z|; two axes 6u, so
+    a gap of 12u, and 13u with the u² terms). Where F.interpolate's argmax differs, the top two were within that
+    plus F.interpolate's own distance from the float64 values. It holds the column pass (K·h·W) and bands of at
+    most 2 MiB of values, never the (K, H, W) resized logits where they are larger."""
+    from torch.utils._pytree import tree_flatten
+
+    from segformer.allocator import MMAP_THRESHOLD
+    from segformer.inference import resized_labels
+
+    logits = torch.randn(k, *src, generator=torch.Generator().manual_seed(k + out[0]))
+    calls = []
+    real = inference._labels_by_axis_maps
+    monkeypatch.setattr(inference, "_labels_by_axis_maps", lambda *a: calls.append(a[2]) or real(*a))
+
+    class Largest(torch.utils._python_dispatch.TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            sizes = [t.numel() for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)]
+            self.numel = max([self.numel, *sizes])
+            return result
+
+    with Largest() as largest:
+        labels = resized_labels(logits, out)
+    assert len(calls) == 1 and labels.shape == out and labels.dtype == torch.int64
+    assert largest.numel <= max(k * src[0] * out[1], MMAP_THRESHOLD // 16 // 4, out[0] * out[1])
+    exact = F.interpolate(logits[None].double(), size=out, mode="bilinear", align_corners=False)
+    scale = logits.abs().max().item()
+    _assert_argmax(labels[None], exact, 0.0, 13 * U32 * scale)
+    theirs = F.interpolate(logits[None], size=out, mode="bilinear", align_corners=False)
+    their_error = (theirs.double() - exact).abs().max().item()
+    top = exact[0].topk(2, dim=0).values
+    differ = labels != theirs[0].argmax(0)
+    assert ((top[0] - top[1])[differ] <= 2 * their_error + 13 * U32 * scale).all()
+
+
+def test_resized_labels_fall_back_to_the_resize_and_argmax(monkeypatch):
+    """Where the axis matrices do not apply — float64, one label, a non-finite logit, the same size — the labels
+    are F.interpolate's argmax bit for bit, ties (the first maximum) and NaN (the maximum) included."""
+    from segformer.inference import resized_labels
+
+    monkeypatch.setattr(inference, "_labels_by_axis_maps", lambda *a: pytest.fail("axis maps used"))
+    gen = torch.Generator().manual_seed(5)
+    finite = torch.randint(0, 4, (7, 9, 11), generator=gen).float()  # many ties among 4 values
+    with_inf, with_nan = finite.clone(), finite.clone()
+    with_inf[2, 3, 4], with_nan[5, 2, 3] = float("inf"), float("nan")
+    for logits, size in (
+        (finite.double(), (18, 22)),
+        (finite[:1], (18, 22)),
+        (with_inf, (18, 22)),
+        (with_nan, (18, 23)),
+        (finite, (9, 11)),
+    ):
+        want = F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0].argmax(0)
+        assert torch.equal(resized_labels(logits, size), want)
+    with pytest.raises(ValueError, match="size"):
+        resized_labels(finite, (0, 4))
+    with pytest.raises(ValueError, match=r"\(K, h, w\)"):
+        resized_labels(finite[None], (4, 4))
+
+
 class _AutocastNeutralLogits(nn.Module):
     """(B, K, H/4, W/4) logits from operators that autocast leaves alone (pooling, products, sums): the same
     float32 values inside a bf16 autocast region and outside."""
@@ -365,15 +440,22 @@ def _check_against_reference(model, x, opts: InferenceOptions, output_size, monk
         _assert_argmax(labels, passes[0], 0.0, 0.0)
         _assert_argmax(labels, ref, 0.5, tol)
     if opts.mode == "aligned" and opts.single_pass:
-        # band_above=0: the last upsampling done in row bands straight into the argmax. It blends the widened source
-        # rows t0, t1 with row weights computed exactly, where F.interpolate computes the source row in float32
-        # (scale x (i + 0.5) - 0.5, three roundings of values <= h, the source height: 3hu), so a logit moves by
-        # 3hu |t1 - t0| <= 6hu max|z|, plus each blend's own roundings (4u and 5u of max|z|).
-        h, w = aligned_size(*x.shape[-2:], short_side=opts.short_side, long_side=opts.long_side, align=opts.align)
-        band_tol = (6 * h + 9) * U32 * passes[0].abs().max().item()
+        # band_above=0: the composed resizes come first (they hold no full-size logits either) ...
         calls = []
         banded_argmax = inference._upsampled_argmax
         monkeypatch.setattr(inference, "_upsampled_argmax", lambda *a: calls.append(a) or banded_argmax(*a))
+        first = predict_labels(model, x, opts, output_size=output_size, band_above=0)
+        if _composed(model, x, opts, output_size):
+            assert torch.equal(first, labels) and calls == []
+        calls.clear()
+        # ... and where they do not apply (another device or dtype, non-finite logits; here switched off), the last
+        # upsampling is done in row bands straight into the argmax. It blends the widened source rows t0, t1 with
+        # row weights computed exactly, where F.interpolate computes the source row in float32 (scale x (i + 0.5)
+        # - 0.5, three roundings of values <= h, the source height: 3hu), so a logit moves by 3hu |t1 - t0| <=
+        # 6hu max|z|, plus each blend's own roundings (4u and 5u of max|z|).
+        monkeypatch.setattr(inference, "_maps_apply", lambda logits: False)
+        h, w = aligned_size(*x.shape[-2:], short_side=opts.short_side, long_side=opts.long_side, align=opts.align)
+        band_tol = (6 * h + 9) * U32 * passes[0].abs().max().item()
         banded = predict_labels(model, x, opts, output_size=output_size, band_above=0)
         out = output_size or tuple(x.shape[-2:])
         assert len(calls) == (x.shape[0] if h * w < out[0] * out[1] else 0)  # only where the last step upsamples

@@ -140,13 +140,48 @@ def test_post_processing_matches_transformers(rng):
             self.logits = logits
 
     sizes = [(40, 30), (7, 9), (13, 17)]
+    # Our resized maps come from inference.resized_labels, Transformers' from F.interpolate's float32 logits: each
+    # is the argmax of the float64 resize wherever the top two classes are further apart than its own error
+    # (resized_labels: 13u of max|z|, tests/test_inference.py; F.interpolate: measured here against float64).
+    decided = []
+    for i, size in enumerate(sizes):
+        one = logits[i : i + 1]
+        exact = torch.nn.functional.interpolate(one.double(), size=size, mode="bilinear")[0]
+        their_error = (torch.nn.functional.interpolate(one, size=size, mode="bilinear")[0] - exact).abs().max()
+        top = exact.topk(2, dim=0).values
+        decided.append(top[0] - top[1] > 2 * their_error + 13 * U32 * one.abs().max())
+        assert decided[-1].float().mean() > 0.99  # near-ties are rare: the comparison below is not vacuous
     # Transformers 5.23 fails on a (B, 2) tensor of sizes (it hands numpy rows to interpolate); ours takes it
     for target, their_target in ((sizes, sizes), (torch.tensor(sizes), sizes), (None, None)):
         a = ours.post_process_semantic_segmentation(Outputs(logits), target_sizes=target)
         b = theirs.post_process_semantic_segmentation(Outputs(logits), target_sizes=their_target)
-        assert len(a) == 3 and all(x.dtype == torch.int64 and torch.equal(x, y) for x, y in zip(a, b))
+        assert len(a) == 3 and all(x.dtype == torch.int64 for x in a)
+        for x, y, sure in zip(a, b, decided if target is not None else [None] * 3, strict=True):
+            assert torch.equal(x, y) if sure is None else torch.equal(x[sure], y[sure])  # (None: the argmax alone)
     assert [tuple(m.shape) for m in ours.post_process_semantic_segmentation(logits, sizes)] == sizes
     assert tuple(ours.post_process_semantic_segmentation(logits)[0].shape) == (13, 17)
+
+
+def test_post_processing_maps_skip_the_resized_logits(monkeypatch):
+    """Without the scores, CPU float32 maps come from inference.resized_labels (one matrix per axis, the argmax
+    by bands: tests/test_inference.py), image by image at its own size; with the scores, from F.interpolate's
+    logits, whose argmax they are."""
+    from segformer import inference
+
+    logits = torch.randn(2, 19, 16, 20, generator=torch.Generator().manual_seed(4))
+    sizes = [(67, 50), (64, 80)]
+    calls = []
+    real = inference._labels_by_axis_maps
+    monkeypatch.setattr(inference, "_labels_by_axis_maps", lambda *a: calls.append(a[4].shape) or real(*a))
+    maps = SegformerImageProcessor().post_process_semantic_segmentation(logits, target_sizes=sizes)
+    assert calls == [torch.Size(s) for s in sizes]
+    assert all(torch.equal(m, inference.resized_labels(z, s)) for m, z, s in zip(maps, logits, sizes, strict=True))
+    tracked = logits.clone().requires_grad_()  # a model called outside no_grad, as in the docs page's example
+    maps_tracked = SegformerImageProcessor().post_process_semantic_segmentation(tracked, target_sizes=sizes)
+    assert all(torch.equal(a, b) for a, b in zip(maps, maps_tracked, strict=True))
+    calls.clear()
+    scored = SegformerImageProcessor().post_process_semantic_segmentation(logits, sizes, True)
+    assert calls == [] and all(torch.equal(r.segmentation, r.segmentation_scores.argmax(0)) for r in scored)
 
 
 @pytest.mark.oracle
