@@ -891,23 +891,40 @@ def _labels_by_axis_maps(
     rows[2] = H where it differs (columns likewise). First the columns, on the small map: (h', w', K) → (h', W, K),
     one GEMM per band of output columns; then the rows, band by band: (rows, W·K) = (rows × s) taps times the
     band's s source rows, and its argmax over K. The same linear map as the resizes, rounded differently: labels
-    differ from theirs only where two classes are within rounding of each other."""
+    differ from theirs only where two classes are within rounding of each other.
+
+    The columns are made for a chunk of source rows at a time (below 16 MiB where a band's taps allow: the C
+    library hands such blocks out again instead of mapping fresh pages, so a call outside
+    :func:`reuse_work_areas` page-faults none of it), each chunk serving the row bands whose taps it holds; a
+    source row at a chunk's border is made again for the next. Each value comes from its own source row alone,
+    so the chunks change no result."""
     k, h1, w1 = logits.shape
     height, width = out.shape
     band_rows = min(height, max(1, MMAP_THRESHOLD // (16 * width * k * 4)))  # 2 MiB of values: in cache for the argmax
     ay, row_bands = _axis_map(h1, *rows, band_rows)
     ax, col_bands = _axis_map(w1, *cols, _COMPOSED_COLUMNS)
     src = logits.permute(1, 2, 0).contiguous()  # (h', w', K): 1/16 of the input's pixels
-    columns = scratch.take((1, k, h1, width), channels_last=True).permute(0, 2, 3, 1)[0]  # (h', W, K)
+    widest = max(s1 - s0 for _, _, s0, s1 in row_bands)
+    chunk = min(h1, max(widest, (MMAP_THRESHOLD // 2) // (width * k * 4)))  # source rows per chunk of columns
+    area = scratch.take((1, k, chunk, width), channels_last=True).permute(0, 2, 3, 1)[0]  # (chunk, W, K)
+    band = scratch.take((1, k, band_rows, width), area, channels_last=True).permute(0, 2, 3, 1)[0]
+    band = band.view(band_rows, -1)
+    first = 0  # the first row band the next chunk serves
     with torch.autocast(logits.device.type, enabled=False):  # float32 under --amp too (matmul would go to bf16)
-        for c0, c1, s0, s1 in col_bands:
-            columns[:, c0:c1] = torch.matmul(ax[c0:c1, s0:s1], src[:, s0:s1])  # (c × s) @ (h', s, K)
-        flat = columns.view(h1, width * k)
-        band = scratch.take((1, k, band_rows, width), flat, channels_last=True).permute(0, 2, 3, 1)[0]
-        band = band.view(band_rows, -1)
-        for r0, r1, s0, s1 in row_bands:
-            values = torch.mm(ay[r0:r1, s0:s1], flat[s0:s1], out=band[: r1 - r0])  # (rows, W·K)
-            out[r0:r1] = values.view(r1 - r0, width, k).max(-1).indices
+        while first < len(row_bands):
+            c0 = row_bands[first][2]  # the chunk's first source row
+            last = first
+            while last + 1 < len(row_bands) and row_bands[last + 1][3] - c0 <= chunk:
+                last += 1
+            c1 = row_bands[last][3]
+            columns = area[: c1 - c0]
+            for o0, o1, s0, s1 in col_bands:
+                columns[:, o0:o1] = torch.matmul(ax[o0:o1, s0:s1], src[c0:c1, s0:s1])  # (o × s) @ (rows, s, K)
+            flat = columns.view(c1 - c0, width * k)
+            for r0, r1, s0, s1 in row_bands[first : last + 1]:
+                values = torch.mm(ay[r0:r1, s0:s1], flat[s0 - c0 : s1 - c0], out=band[: r1 - r0])  # (rows, W·K)
+                out[r0:r1] = values.view(r1 - r0, width, k).max(-1).indices
+            first = last + 1
 
 
 def _maps_apply(logits: torch.Tensor) -> bool:
@@ -928,7 +945,8 @@ def resized_labels(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     On the CPU, for float32 finite logits with K > 1, each axis's resize is one float32 matrix (F.interpolate's
     two taps per output and their weights, made in float64 and rounded once: :func:`_axis_map`), applied as
     banded GEMMs with the argmax taken per band of rows: 2-3x faster than F.interpolate and the argmax (150
-    classes, 128x128 → 512x683: 180 → 60-90 ms; 1080x1920: 1.2 → 0.45 s, 0.15 GB held instead of 1.2 GB). Those
+    classes, 128x128 → 512x683: 180 → 90 ms, 60-85 inside :func:`reuse_work_areas`, whose areas it takes;
+    → 1080x1920: 1.2 → 0.45 s, 0.15 GB held instead of 1.2 GB). Those
     values are the float64 resize's within float32 rounding, closer to it than F.interpolate's (whose float32
     source coordinates move its values by up to ~1e-5 of the logits' range), so the labels can differ from
     F.interpolate's argmax only where two classes are that close. Elsewhere (other devices and dtypes, K == 1,

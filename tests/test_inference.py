@@ -362,6 +362,30 @@ def test_resized_labels_are_the_float64_resize_argmax(k, src, out, monkeypatch):
     assert ((top[0] - top[1])[differ] <= 2 * their_error + 13 * U32 * scale).all()
 
 
+def test_resized_labels_by_chunks_of_source_rows_are_the_same(monkeypatch):
+    """The column pass made a few source rows at a time (inference._labels_by_axis_maps' chunks, sized from
+    MMAP_THRESHOLD: here shrunk so that a chunk holds 2-3 source rows) gives the labels of the column pass made at
+    once, bit for bit (each value comes from its own source row alone), for a single resize and composed ones."""
+    from segformer.inference import resized_labels
+
+    logits = torch.randn(19, 24, 20, generator=torch.Generator().manual_seed(2))
+    size = (101, 77)
+    whole = resized_labels(logits, size)
+    scratch = inference._Scratch(torch.device("cpu"))
+    composed = torch.empty(90, 70, dtype=torch.long)
+    inference._labels_by_axis_maps(logits, (96, 90, 90), (84, 75, 70), scratch, composed)  # padded, cropped, resized
+    monkeypatch.setattr(inference, "MMAP_THRESHOLD", 2 * 3 * size[1] * 19 * 4)
+    largest = []
+    real_take = inference._Scratch.take
+    monkeypatch.setattr(inference._Scratch, "take", lambda self, shape, *a, **k: largest.append(shape[2]) or
+                        real_take(self, shape, *a, **k))  # fmt: skip
+    assert torch.equal(resized_labels(logits, size), whole)
+    assert largest[0] <= 3 < logits.shape[1]  # the first take is the chunk's columns: a few source rows
+    chunked = torch.empty(90, 70, dtype=torch.long)
+    inference._labels_by_axis_maps(logits, (96, 90, 90), (84, 75, 70), inference._Scratch(torch.device("cpu")), chunked)
+    assert torch.equal(chunked, composed)
+
+
 def test_resized_labels_fall_back_to_the_resize_and_argmax(monkeypatch):
     """Where the axis matrices do not apply — float64, one label, a non-finite logit, the same size — the labels
     are F.interpolate's argmax bit for bit, ties (the first maximum) and NaN (the maximum) included."""
