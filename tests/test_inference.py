@@ -386,6 +386,54 @@ def test_resized_labels_by_chunks_of_source_rows_are_the_same(monkeypatch):
     assert torch.equal(chunked, composed)
 
 
+def _regions(k: int, h: int, w: int, seed: int) -> torch.Tensor:
+    """(K, h, w) logits with a trained model's structure: regions (nearest of 12 random centres, each a class)
+    whose class leads by 4 over noise of 0.5, so that neighbouring pixels mostly share their first class."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.rand(12, 2, generator=gen) * torch.tensor([h, w])
+    classes = torch.randint(0, k, (12,), generator=gen)
+    yy, xx = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+    nearest = ((yy - centres[:, :1, None]) ** 2 + (xx - centres[:, 1:, None]) ** 2).argmin(0)
+    logits = torch.randn(k, h, w, generator=gen) * 0.5
+    return logits.scatter_add_(0, classes[nearest][None], torch.full((1, h, w), 4.0))
+
+
+@pytest.mark.parametrize("rows, cols", [((60, 60, 60), (90, 90, 90)), ((96, 90, 70), (84, 75, 101))])
+def test_agreed_labels_are_the_class_every_tap_ranks_first(rows, cols, monkeypatch):
+    """inference._agreed_labels, by brute force on its definition: an output pixel gets class c where every source
+    pixel with a nonzero tap in its row and column of the axis matrices ranks c first, else -1. Those are the
+    float64 resize's labels (non-negative weights summing to one keep a common first maximum), and
+    resized_labels / _labels_by_axis_maps give the same labels with and without them."""
+    logits = _regions(40, 24, 20, seed=rows[0])
+    ay, ax = inference._axis_map(24, *rows, 8)[0], inference._axis_map(20, *cols, 64)[0]
+    agreed = inference._agreed_labels(logits, ay, ax)
+    assert agreed is not None and agreed.shape == (rows[2], cols[2]) and (agreed >= 0).float().mean() > 0.5
+    top = logits.argmax(0)
+    for r in range(rows[2]):
+        for x in range(cols[2]):
+            seen = top[ay[r] != 0][:, ax[x] != 0].unique()
+            assert agreed[r, x] == (seen.item() if seen.numel() == 1 else -1)
+    exact = (ay.double() @ logits.double() @ ax.double().t()).argmax(0)  # (the float32 maps, in float64)
+    known = agreed >= 0
+    assert torch.equal(agreed[known], exact[known])
+    labels = torch.empty(rows[2], cols[2], dtype=torch.long)
+    inference._labels_by_axis_maps(logits, rows, cols, inference._Scratch(torch.device("cpu")), labels)
+    monkeypatch.setattr(inference, "_agreed_labels", lambda *a: None)
+    plain = torch.empty_like(labels)
+    inference._labels_by_axis_maps(logits, rows, cols, inference._Scratch(torch.device("cpu")), plain)
+    assert torch.equal(labels, plain)  # (the regions leave no near-ties for rounding to decide)
+
+
+def test_agreed_labels_only_where_they_pay():
+    """No agreed labels for fewer than 32 classes (their argmax is cheap) or for a map whose neighbouring pixels
+    mostly rank different classes first (random logits: nothing to skip)."""
+    ay, ax = inference._axis_map(24, 60, 60, 60, 8)[0], inference._axis_map(20, 50, 50, 50, 64)[0]
+    assert inference._agreed_labels(_regions(31, 24, 20, seed=1), ay, ax) is None
+    assert inference._agreed_labels(_regions(32, 24, 20, seed=1), ay, ax) is not None
+    random = torch.randn(150, 24, 20, generator=torch.Generator().manual_seed(1))
+    assert inference._agreed_labels(random, ay, ax) is None
+
+
 def test_resized_labels_fall_back_to_the_resize_and_argmax(monkeypatch):
     """Where the axis matrices do not apply — float64, one label, a non-finite logit, the same size — the labels
     are F.interpolate's argmax bit for bit, ties (the first maximum) and NaN (the maximum) included."""
