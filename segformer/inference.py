@@ -917,12 +917,16 @@ def _labels_by_axis_maps(
             last = first
             while last + 1 < len(row_bands) and row_bands[last + 1][3] - c0 <= chunk:
                 last += 1
-            c1 = row_bands[last][3]
+            c1, chunk_bands = row_bands[last][3], row_bands[first : last + 1]
+            first = last + 1
+            if agreed is not None and not (agreed[chunk_bands[0][0] : chunk_bands[-1][1]] < 0).any():
+                out[chunk_bands[0][0] : chunk_bands[-1][1]] = agreed[chunk_bands[0][0] : chunk_bands[-1][1]]
+                continue  # every label of the chunk's rows is known: no columns needed
             columns = area[: c1 - c0]
             for o0, o1, s0, s1 in col_bands:
                 columns[:, o0:o1] = torch.matmul(ax[o0:o1, s0:s1], src[c0:c1, s0:s1])  # (o × s) @ (rows, s, K)
             flat = columns.view(c1 - c0, width * k)
-            for r0, r1, s0, s1 in row_bands[first : last + 1]:
+            for r0, r1, s0, s1 in chunk_bands:
                 todo = None if agreed is None else agreed[r0:r1] < 0  # the pixels whose taps disagree
                 if todo is not None:
                     out[r0:r1] = agreed[r0:r1]
@@ -933,7 +937,6 @@ def _labels_by_axis_maps(
                     out[r0:r1] = values.view(r1 - r0, width, k).max(-1).indices
                 else:
                     out[r0:r1][todo] = values.view(r1 - r0, width, k)[todo].max(-1).indices
-            first = last + 1
 
 
 # From this many classes up, finding the agreed labels costs less than the argmaxes it saves where neighbouring
@@ -943,10 +946,10 @@ _AGREED_MIN_CLASSES = 32
 
 
 def _agreed_labels(logits: torch.Tensor, ay: torch.Tensor, ax: torch.Tensor) -> torch.Tensor | None:
-    """(H, W) int64: for each output pixel of :func:`_labels_by_axis_maps`, the class that every source pixel it
-    takes a tap from ranks first (the argmax, first maximum), where they all rank the same class first; -1 where
-    they do not. None where that pays too little: few classes, or a map whose neighbouring pixels mostly differ
-    (a random model; a trained one has regions).
+    """(H, W) int16 (int32 from 2¹⁵ classes): for each output pixel of :func:`_labels_by_axis_maps`, the class that
+    every source pixel it takes a tap from ranks first (the argmax, first maximum), where they all rank the same
+    class first; -1 where they do not. None where that pays too little: few classes, or a map whose neighbouring
+    pixels mostly differ (a random model; a trained one has regions).
 
     Why it is the label: an output pixel's logits are a combination of its source pixels' with non-negative
     weights summing to one (bilinear resizes, composed or not). If class c is the first maximum at every one of

@@ -424,6 +424,36 @@ def test_agreed_labels_are_the_class_every_tap_ranks_first(rows, cols, monkeypat
     assert torch.equal(labels, plain)  # (the regions leave no near-ties for rounding to decide)
 
 
+def test_agreed_chunks_and_bands_skip_their_products(monkeypatch):
+    """Where every label of a chunk of source rows is agreed, its column products are skipped, and a band's row
+    product where all of its labels are: fewer matrix products, the same labels."""
+    from segformer.inference import resized_labels
+
+    class Products(torch.utils._python_dispatch.TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = {"bmm": 0, "mm": 0}  # the column products (batched over a chunk's rows), the row products
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.__name__.split(".")[0]
+            self.count[name] = self.count.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    logits = torch.randn(40, 24, 20, generator=torch.Generator().manual_seed(3)) * 0.5
+    logits[5, :10] += 4.0  # two regions, one above the other: whole rows agree away from their border
+    logits[7, 10:] += 4.0
+    size = (96, 80)
+    monkeypatch.setattr(inference, "MMAP_THRESHOLD", 2 * 3 * size[1] * 40 * 4)  # chunks of 3 source rows
+    with Products() as agreed:
+        labels = resized_labels(logits, size)
+    monkeypatch.setattr(inference, "_agreed_labels", lambda *a: None)
+    with Products() as plain:
+        assert torch.equal(resized_labels(logits, size), labels)
+    # the border between the regions (source rows 9 and 10) reaches one or two chunks and a few output rows
+    assert plain.count["bmm"] >= 8 * 2 and 0 < agreed.count["bmm"] <= 2 * 2  # (2 column bands of 64 and 16)
+    assert plain.count["mm"] == size[0] and 0 < agreed.count["mm"] <= 12
+
+
 def test_agreed_labels_only_where_they_pay():
     """No agreed labels for fewer than 32 classes (their argmax is cheap) or for a map whose neighbouring pixels
     mostly rank different classes first (random logits: nothing to skip)."""
