@@ -253,7 +253,8 @@ class SegformerPredictor:
         return image
 
     # Above this many output elements per image (K·H·W), an aligned single pass's labels are upsampled from the
-    # working size in row bands (:func:`segformer.inference.predict_labels`' band_above).
+    # working size in row bands where the composed resizes do not apply (:func:`segformer.inference.predict_labels`'
+    # band_above).
     chunk_threshold: int = 1 << 26
 
     def _run(self, images: list[Image.Image], return_probs: bool) -> list[Segmentation]:
@@ -264,7 +265,8 @@ class SegformerPredictor:
             labels = labels_from_probs(probs)  # (B, H, W)
         else:
             # Image by image at full resolution; a huge photo (7 GB of float32 logits for 150 classes at 12 MP)
-            # in row bands from the working size.
+            # without its full-size logits: through the composed resizes on the CPU, else in row bands from the
+            # working size.
             probs = None
             labels = predict_labels(self.model, batch, self.options, band_above=self.chunk_threshold)
         labels_np = labels.cpu().numpy().astype(self._labels_dtype())
