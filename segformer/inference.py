@@ -488,6 +488,17 @@ class _Pass:
             full = _resize(full, output_size, scratch.take((1, k, *output_size), full, channels_last=nhwc))
         return full
 
+    def label_logits(self, i: int, output_size: tuple[int, int], scratch: _Scratch) -> torch.Tensor:
+        """:meth:`logits` for labels: on the CPU a single window's (whole, aligned; flipped or not, K > 1, float32,
+        finite) come through one matrix per axis (:func:`_values_by_axis_maps`): the same linear map, rounded
+        once per axis instead of per resize, so within float32 rounding of :meth:`logits` (what :func:`infer`
+        keeps), without the intermediate at the pass's input size. Other passes: :meth:`logits`."""
+        logits = self.windows[0][4][i]
+        if self.count is not None or not _maps_apply(logits):
+            return self.logits(i, output_size, scratch)
+        (ph, pw), (h, w) = self.padded, self.size
+        return _values_by_axis_maps(logits, (ph, h, output_size[0]), (pw, w, output_size[1]), self.flipped, scratch)
+
 
 def _pass_inputs(height: int, width: int, opts: InferenceOptions) -> list[tuple[int, int]]:
     """The input (height, width) of each scale of ``opts`` for images of (height, width), in order (a flipped pass
@@ -509,10 +520,19 @@ def _pass_inputs(height: int, width: int, opts: InferenceOptions) -> list[tuple[
 
 
 def _work_elements(
-    net: nn.Module, shape: Sequence[int], opts: InferenceOptions, k: int, out: tuple[int, int]
+    net: nn.Module,
+    shape: Sequence[int],
+    opts: InferenceOptions,
+    k: int,
+    out: tuple[int, int],
+    labels_on: torch.device | None = None,
 ) -> tuple[int, int]:
     """What :meth:`_Scratch.reserve` takes for one image's full-resolution steps: (K times the largest of the
-    passes' padded inputs and the output, K times the output)."""
+    passes' padded inputs and the output, K times the output). For labels on the CPU (``labels_on``) of whole or
+    aligned passes with K > 1, which come through the axis maps (:meth:`_Pass.label_logits`: nothing at a pass's
+    input size), K times the output twice; an area a pass turns out to need more of grows then."""
+    if labels_on is not None and labels_on.type == "cpu" and opts.mode != "slide" and k > 1:
+        return k * out[0] * out[1], k * out[0] * out[1]
     need = _min_side(net) if opts.mode != "slide" else 1
     sides = [_tiles(size, opts, need)[0] for size in _pass_inputs(shape[-2], shape[-1], opts)]
     return k * max(h * w for h, w in [*sides, out]), k * out[0] * out[1]
@@ -695,14 +715,15 @@ def _summed_probs(
     """(the sum of every pass's probabilities (B, K, H_out, W_out) float32, the number of passes): pass by pass,
     image by image, each added into the one result; a pass is dropped before the next one's forward. The result
     is contiguous, or with ``channels_last`` (for labels) in (B, H_out, W_out, K) memory, the layout of
-    :meth:`_Pass.logits`, which spares each image's transposition: the same values either way."""
+    :meth:`_Pass.logits`, which spares each image's transposition; for labels the passes' logits are their
+    :meth:`_Pass.label_logits`."""
     b = x.shape[0]
     probs: torch.Tensor | None = None
     passes, scratch = 0, _scratch(x.device)
     for one in _passes(net, x, opts):
         if probs is None:
             k = one.windows[0][4].shape[1]
-            scratch.reserve(*_work_elements(net, x.shape, opts, k, out_size))
+            scratch.reserve(*_work_elements(net, x.shape, opts, k, out_size, x.device if channels_last else None))
             if channels_last and k > 1 and b == 1:  # (labels only: kept with the work areas, like one image's sum)
                 probs = scratch.sum_area((1, k, *out_size), channels_last=True)
             elif channels_last and k > 1:
@@ -710,7 +731,8 @@ def _summed_probs(
             else:
                 probs = _empty((b, k, *out_size), x.device)
         for i in range(b):
-            logits = one.logits(i, out_size, scratch)  # (1, K, H_out, W_out)
+            # (1, K, H_out, W_out); for labels (channels_last), through the axis maps where they apply
+            logits = (one.label_logits if channels_last else one.logits)(i, out_size, scratch)
             if _nhwc(logits) == _nhwc(probs):
                 if passes == 0:
                     _probs(logits, out=probs[i : i + 1])
@@ -752,8 +774,13 @@ def predict_labels(
     per axis, in row bands (:func:`_composed_labels`, 10-15% faster end to end at 640x480 for b0 and 150 classes);
     there the labels can also differ where two classes are within that map's float32 rounding.
 
-    Several passes (scales, flip) average the probabilities as :func:`infer` does, so the labels equal
-    ``labels_from_probs(infer(...))`` bit for bit, in one of two ways, chosen before any forward from the model's
+    Several passes (scales, flip) average the probabilities as :func:`infer` does. Where every pass takes infer's
+    resizes (sliding windows, one label, other devices) the labels equal ``labels_from_probs(infer(...))`` bit for
+    bit; on the CPU a whole or aligned pass's logits come to the output through one matrix per axis instead
+    (:meth:`_Pass.label_logits`: no intermediate at the pass's input size; b0, 150 classes, a 512x683 photo at
+    scales 0.5-1.75 with flips: 4.8-5.0 → 4.1-4.2 s, 1.55 → 1.09 GB added), so the labels can also
+    differ where two classes' averaged probabilities are within that rounding. Either way, in one of two ways,
+    chosen before any forward from the model's
     config (logits of B·K·h'·w' float32 per window, h' = ceil(h/4)): keep every pass's logits, then average image
     by image (holds all passes' logits plus one image's (K, H_out, W_out) probabilities), or :func:`infer`'s
     running sum, pass by pass (holds one (B, K, H_out, W_out) float32 accumulator plus the largest pass's logits).
@@ -796,14 +823,15 @@ def _labels_keeping_passes(
     net: nn.Module, x: torch.Tensor, opts: InferenceOptions, out_size: tuple[int, int]
 ) -> torch.Tensor:
     """Several passes' labels: every forward first, each pass kept at the model's resolution, then image by image
-    the probabilities of all passes added up in pass order and averaged (infer's arithmetic per element)."""
+    the probabilities of all passes added up in pass order and averaged (infer's arithmetic per element, on the
+    passes' :meth:`_Pass.label_logits`)."""
     passes = list(_passes(net, x, opts))
     labels = torch.empty((x.shape[0], *out_size), dtype=torch.long, device=x.device)
     scratch, probs = _scratch(x.device), None
-    scratch.reserve(*_work_elements(net, x.shape, opts, passes[0].windows[0][4].shape[1], out_size))
+    scratch.reserve(*_work_elements(net, x.shape, opts, passes[0].windows[0][4].shape[1], out_size, x.device))
     for i in range(x.shape[0]):
         for n, one in enumerate(passes):
-            logits = one.logits(i, out_size, scratch)  # (1, K, H_out, W_out), channels-last for K > 1
+            logits = one.label_logits(i, out_size, scratch)  # (1, K, H_out, W_out), channels-last for K > 1
             nhwc = _nhwc(logits)
             if probs is None:
                 probs = scratch.sum_area(tuple(logits.shape), channels_last=nhwc)
@@ -836,25 +864,28 @@ _COMPOSED_COLUMNS = 64  # output columns per GEMM of the first step (each reads 
 
 
 @functools.lru_cache(maxsize=16)  # (a folder of photos of many sizes: each made again in about a millisecond)
-def _axis_map(n_src: int, n_mid: int, n_crop: int, n_out: int, band: int) -> tuple[torch.Tensor, tuple]:
+def _axis_map(
+    n_src: int, n_mid: int, n_crop: int, n_out: int, band: int, flip: bool = False
+) -> tuple[torch.Tensor, tuple]:
     """One axis of a pass's way to its output as a float32 (n_out, n_src) matrix: bilinear (align_corners=False)
-    n_src → n_mid, the first n_crop kept, then bilinear n_crop → n_out where they differ. Composed in float64 from
-    the kernel's two taps per output (:func:`_bilinear_taps`), rounded once. With its bands: (o0, o1, s0, s1) for
-    each run of ``band`` output rows, which read source rows s0…s1-1 only (every row's taps are adjacent and move
-    forward with the row)."""
+    n_src → n_mid, the first n_crop kept (reversed with ``flip``: a flipped pass flipped back), then bilinear
+    n_crop → n_out where they differ. Composed in float64 from the kernel's two taps per output
+    (:func:`_bilinear_taps`), rounded once. With its bands: (o0, o1, s0, s1) for each run of ``band`` output rows,
+    which read source rows s0…s1-1 only (every row's taps are adjacent)."""
     (i0, i1), (w0, w1) = _bilinear_taps(n_src, n_mid)
     a = torch.zeros(n_crop, n_src, dtype=torch.float64)
     rows = torch.arange(n_crop)
     a.index_put_((rows, i0[:n_crop]), w0[:n_crop], accumulate=True)
     a.index_put_((rows, i1[:n_crop]), w1[:n_crop], accumulate=True)  # (at the far border i1 == i0: they add up)
+    if flip:
+        a = a.flip(0)
     if n_crop != n_out:
         (j0, j1), (v0, v1) = _bilinear_taps(n_crop, n_out)
         a = v0[:, None] * a[j0] + v1[:, None] * a[j1]
     nonzero = (a != 0).to(torch.int8)
     first, last = nonzero.argmax(1), n_src - 1 - nonzero.flip(1).argmax(1)
     ends = [(o0, min(o0 + band, n_out)) for o0 in range(0, n_out, band)]
-    first, last = first.tolist(), last.tolist()
-    return a.float(), tuple((o0, o1, first[o0], last[o1 - 1] + 1) for o0, o1 in ends)
+    return a.float(), tuple((o0, o1, int(first[o0:o1].min()), int(last[o0:o1].max()) + 1) for o0, o1 in ends)
 
 
 def _bilinear_taps(n_in: int, n_out: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]:
@@ -975,6 +1006,32 @@ def _agreed_labels(logits: torch.Tensor, ay: torch.Tensor, ax: torch.Tensor) -> 
         return torch.where(lo == hi, lo, -1)  # (-1 stays -1: a disagreement anywhere)
 
     return spread(spread(top, ax, 1), ay, 0)
+
+
+def _values_by_axis_maps(
+    logits: torch.Tensor, rows: tuple[int, int, int], cols: tuple[int, int, int], flip: bool, scratch: _Scratch
+) -> torch.Tensor:
+    """``logits`` (K, h', w') taken to (H, W) = (rows[2], cols[2]) through one matrix per axis, as
+    :func:`_labels_by_axis_maps` takes them (the columns reversed after the crop with ``flip``), the values kept:
+    (1, K, H, W), a view of (1, H, W, K) memory in one of ``scratch``'s work areas, the other holding the columns
+    meanwhile. No intermediate at the model's input size (at scale 1.75 of a 512x683 photo with 150 classes, 0.6 GB
+    that the two resizes write and read)."""
+    k, h1, w1 = logits.shape
+    height, width = rows[2], cols[2]
+    band_rows = min(height, max(1, MMAP_THRESHOLD // (16 * width * k * 4)))
+    ay, row_bands = _axis_map(h1, *rows, band_rows)
+    ax, col_bands = _axis_map(w1, *cols, _COMPOSED_COLUMNS, flip)
+    src = logits.permute(1, 2, 0).contiguous()  # (h', w', K)
+    columns = scratch.take((1, k, h1, width), channels_last=True).permute(0, 2, 3, 1)[0]  # (h', W, K)
+    out = scratch.take((1, k, height, width), columns, channels_last=True)  # (1, K, H, W) of (1, H, W, K) memory
+    rows_out = out.permute(0, 2, 3, 1)[0].view(height, width * k)
+    with torch.autocast(logits.device.type, enabled=False):  # float32 under --amp too (matmul would go to bf16)
+        for o0, o1, s0, s1 in col_bands:
+            columns[:, o0:o1] = torch.matmul(ax[o0:o1, s0:s1], src[:, s0:s1])  # (o × s) @ (h', s, K)
+        flat = columns.view(h1, width * k)
+        for r0, r1, s0, s1 in row_bands:
+            torch.mm(ay[r0:r1, s0:s1], flat[s0:s1], out=rows_out[r0:r1])  # (rows, W·K)
+    return out
 
 
 def _maps_apply(logits: torch.Tensor) -> bool:
