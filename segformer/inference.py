@@ -496,8 +496,13 @@ class _Pass:
         logits = self.windows[0][4][i]
         if self.count is not None or not _maps_apply(logits):
             return self.logits(i, output_size, scratch)
+        return _values_by_axis_maps(logits, *self.axis_chains(output_size), self.flipped, scratch)
+
+    def axis_chains(self, output_size: tuple[int, int]) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        """A single window's way to ``output_size`` along each axis, as :func:`_axis_map` takes it: (resized to the
+        padded input, the input kept, resized to the output) for the rows, then for the columns."""
         (ph, pw), (h, w) = self.padded, self.size
-        return _values_by_axis_maps(logits, (ph, h, output_size[0]), (pw, w, output_size[1]), self.flipped, scratch)
+        return (ph, h, output_size[0]), (pw, w, output_size[1])
 
 
 def _pass_inputs(height: int, width: int, opts: InferenceOptions) -> list[tuple[int, int]]:
@@ -909,9 +914,7 @@ def _composed_labels(one: _Pass, i: int, out_size: tuple[int, int], scratch: _Sc
     """Image ``i``'s (H, W) labels into ``out``: the argmax of its logits taken to ``out_size`` as
     :meth:`_Pass.logits` takes them (to the padded input, cropped, then to ``out_size``), with each axis's two
     resizes composed into one matrix (:func:`_labels_by_axis_maps`)."""
-    logits = one.windows[0][4][i]  # (K, h', w')
-    (ph, pw), (h, w), (height, width) = one.padded, one.size, out_size
-    _labels_by_axis_maps(logits, (ph, h, height), (pw, w, width), scratch, out)
+    _labels_by_axis_maps(one.windows[0][4][i], *one.axis_chains(out_size), scratch, out)
 
 
 def _labels_by_axis_maps(
@@ -929,12 +932,9 @@ def _labels_by_axis_maps(
     :func:`reuse_work_areas` page-faults none of it), each chunk serving the row bands whose taps it holds; a
     source row at a chunk's border is made again for the next. Each value comes from its own source row alone,
     so the chunks change no result."""
-    k, h1, w1 = logits.shape
+    k, h1, _ = logits.shape
     height, width = out.shape
-    band_rows = min(height, max(1, MMAP_THRESHOLD // (16 * width * k * 4)))  # 2 MiB of values: in cache for the argmax
-    ay, row_bands = _axis_map(h1, *rows, band_rows)
-    ax, col_bands = _axis_map(w1, *cols, _COMPOSED_COLUMNS)
-    src = logits.permute(1, 2, 0).contiguous()  # (h', w', K): 1/16 of the input's pixels
+    (ay, row_bands, band_rows), (ax, col_bands), src = _axis_maps(logits, rows, cols, flip=False)
     widest = max(s1 - s0 for _, _, s0, s1 in row_bands)
     chunk = min(h1, max(widest, (MMAP_THRESHOLD // 2) // (width * k * 4)))  # source rows per chunk of columns
     area = scratch.take((1, k, chunk, width), channels_last=True).permute(0, 2, 3, 1)[0]  # (chunk, W, K)
@@ -942,32 +942,50 @@ def _labels_by_axis_maps(
     band = band.view(band_rows, -1)
     agreed = _agreed_labels(logits, ay, ax)  # known labels (>= 0) where every tap's source ranks a class first
     first = 0  # the first row band the next chunk serves
-    with torch.autocast(logits.device.type, enabled=False):  # float32 under --amp too (matmul would go to bf16)
-        while first < len(row_bands):
-            c0 = row_bands[first][2]  # the chunk's first source row
-            last = first
-            while last + 1 < len(row_bands) and row_bands[last + 1][3] - c0 <= chunk:
-                last += 1
-            c1, chunk_bands = row_bands[last][3], row_bands[first : last + 1]
-            first = last + 1
-            if agreed is not None and not (agreed[chunk_bands[0][0] : chunk_bands[-1][1]] < 0).any():
-                out[chunk_bands[0][0] : chunk_bands[-1][1]] = agreed[chunk_bands[0][0] : chunk_bands[-1][1]]
-                continue  # every label of the chunk's rows is known: no columns needed
-            columns = area[: c1 - c0]
-            for o0, o1, s0, s1 in col_bands:
-                columns[:, o0:o1] = torch.matmul(ax[o0:o1, s0:s1], src[c0:c1, s0:s1])  # (o × s) @ (rows, s, K)
-            flat = columns.view(c1 - c0, width * k)
-            for r0, r1, s0, s1 in chunk_bands:
-                todo = None if agreed is None else agreed[r0:r1] < 0  # the pixels whose taps disagree
-                if todo is not None:
-                    out[r0:r1] = agreed[r0:r1]
-                    if not todo.any():
-                        continue
-                values = torch.mm(ay[r0:r1, s0:s1], flat[s0 - c0 : s1 - c0], out=band[: r1 - r0])  # (rows, W·K)
-                if todo is None:
-                    out[r0:r1] = values.view(r1 - r0, width, k).max(-1).indices
-                else:
-                    out[r0:r1][todo] = values.view(r1 - r0, width, k)[todo].max(-1).indices
+    while first < len(row_bands):
+        c0 = row_bands[first][2]  # the chunk's first source row
+        last = first
+        while last + 1 < len(row_bands) and row_bands[last + 1][3] - c0 <= chunk:
+            last += 1
+        c1, chunk_bands = row_bands[last][3], row_bands[first : last + 1]
+        first = last + 1
+        if agreed is not None and not (agreed[chunk_bands[0][0] : chunk_bands[-1][1]] < 0).any():
+            out[chunk_bands[0][0] : chunk_bands[-1][1]] = agreed[chunk_bands[0][0] : chunk_bands[-1][1]]
+            continue  # every label of the chunk's rows is known: no columns needed
+        flat = _column_pass(ax, col_bands, src[c0:c1], area[: c1 - c0]).view(c1 - c0, width * k)
+        for r0, r1, s0, s1 in chunk_bands:
+            todo = None if agreed is None else agreed[r0:r1] < 0  # the pixels whose taps disagree
+            if todo is not None:
+                out[r0:r1] = agreed[r0:r1]
+                if not todo.any():
+                    continue
+            values = torch.mm(ay[r0:r1, s0:s1], flat[s0 - c0 : s1 - c0], out=band[: r1 - r0])  # (rows, W·K)
+            if todo is None:
+                out[r0:r1] = values.view(r1 - r0, width, k).max(-1).indices
+            else:
+                out[r0:r1][todo] = values.view(r1 - r0, width, k)[todo].max(-1).indices
+
+
+def _axis_maps(
+    logits: torch.Tensor, rows: tuple[int, int, int], cols: tuple[int, int, int], flip: bool
+) -> tuple[tuple[torch.Tensor, tuple, int], tuple[torch.Tensor, tuple], torch.Tensor]:
+    """What :func:`_labels_by_axis_maps` and :func:`_values_by_axis_maps` take (K, h', w') logits through:
+    ((the row map, its bands, rows per band), (the column map, its bands), the logits as (h', w', K)). A row band's
+    values are 2 MiB at most (in cache for the argmax); the columns reversed after the crop with ``flip``."""
+    k, h1, w1 = logits.shape
+    band_rows = min(rows[2], max(1, MMAP_THRESHOLD // (16 * cols[2] * k * 4)))
+    ay, row_bands = _axis_map(h1, *rows, band_rows)
+    ax, col_bands = _axis_map(w1, *cols, _COMPOSED_COLUMNS, flip)
+    return (ay, row_bands, band_rows), (ax, col_bands), logits.permute(1, 2, 0).contiguous()
+
+
+def _column_pass(ax: torch.Tensor, col_bands: tuple, src: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """``columns`` (rows, W, K) ← ``src`` (rows, w', K) through the column map ``ax``, one GEMM per band of output
+    columns (float32 under --amp too: autocast would take matmul to bf16); returns ``columns``."""
+    with torch.autocast("cpu", enabled=False):
+        for o0, o1, s0, s1 in col_bands:
+            columns[:, o0:o1] = torch.matmul(ax[o0:o1, s0:s1], src[:, s0:s1])  # (o × s) @ (rows, s, K)
+    return columns
 
 
 # From this many classes up, finding the agreed labels costs less than the argmaxes it saves where neighbouring
@@ -1016,21 +1034,15 @@ def _values_by_axis_maps(
     (1, K, H, W), a view of (1, H, W, K) memory in one of ``scratch``'s work areas, the other holding the columns
     meanwhile. No intermediate at the model's input size (at scale 1.75 of a 512x683 photo with 150 classes, 0.6 GB
     that the two resizes write and read)."""
-    k, h1, w1 = logits.shape
+    k, h1, _ = logits.shape
     height, width = rows[2], cols[2]
-    band_rows = min(height, max(1, MMAP_THRESHOLD // (16 * width * k * 4)))
-    ay, row_bands = _axis_map(h1, *rows, band_rows)
-    ax, col_bands = _axis_map(w1, *cols, _COMPOSED_COLUMNS, flip)
-    src = logits.permute(1, 2, 0).contiguous()  # (h', w', K)
+    (ay, row_bands, _), (ax, col_bands), src = _axis_maps(logits, rows, cols, flip)
     columns = scratch.take((1, k, h1, width), channels_last=True).permute(0, 2, 3, 1)[0]  # (h', W, K)
     out = scratch.take((1, k, height, width), columns, channels_last=True)  # (1, K, H, W) of (1, H, W, K) memory
     rows_out = out.permute(0, 2, 3, 1)[0].view(height, width * k)
-    with torch.autocast(logits.device.type, enabled=False):  # float32 under --amp too (matmul would go to bf16)
-        for o0, o1, s0, s1 in col_bands:
-            columns[:, o0:o1] = torch.matmul(ax[o0:o1, s0:s1], src[:, s0:s1])  # (o × s) @ (h', s, K)
-        flat = columns.view(h1, width * k)
-        for r0, r1, s0, s1 in row_bands:
-            torch.mm(ay[r0:r1, s0:s1], flat[s0:s1], out=rows_out[r0:r1])  # (rows, W·K)
+    flat = _column_pass(ax, col_bands, src, columns).view(h1, width * k)
+    for r0, r1, s0, s1 in row_bands:
+        torch.mm(ay[r0:r1, s0:s1], flat[s0:s1], out=rows_out[r0:r1])  # (rows, W·K); out=: autocast leaves it
     return out
 
 

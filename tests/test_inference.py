@@ -344,6 +344,25 @@ def test_composed_resizes_give_the_labels(size, kwargs, output_size, monkeypatch
         assert calls == []
 
 
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """The operators run inside (their names, without the overload) and the largest tensor any of them made."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        self.names.append(func.__name__.split(".")[0])
+        outputs = torch.utils._pytree.tree_flatten(result)[0]
+        self.largest = max([self.largest, *(t.numel() for t in outputs if isinstance(t, torch.Tensor))])
+        return result
+
+    def count(self, name: str) -> int:
+        return self.names.count(name)
+
+
 @pytest.mark.parametrize(
     "k, src, out",
     [
@@ -361,8 +380,6 @@ def test_resized_labels_are_the_float64_resize_argmax(k, src, out, monkeypatch):
     a gap of 12u, and 13u with the u² terms). Where F.interpolate's argmax differs, the top two were within that
     plus F.interpolate's own distance from the float64 values. It holds the column pass (K·h·W) and bands of at
     most 2 MiB of values, never the (K, H, W) resized logits where they are larger."""
-    from torch.utils._pytree import tree_flatten
-
     from segformer.allocator import MMAP_THRESHOLD
     from segformer.inference import resized_labels
 
@@ -371,19 +388,10 @@ def test_resized_labels_are_the_float64_resize_argmax(k, src, out, monkeypatch):
     real = inference._labels_by_axis_maps
     monkeypatch.setattr(inference, "_labels_by_axis_maps", lambda *a: calls.append(a[2]) or real(*a))
 
-    class Largest(torch.utils._python_dispatch.TorchDispatchMode):
-        numel = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            result = func(*args, **(kwargs or {}))
-            sizes = [t.numel() for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)]
-            self.numel = max([self.numel, *sizes])
-            return result
-
-    with Largest() as largest:
+    with _OpLog() as log:
         labels = resized_labels(logits, out)
     assert len(calls) == 1 and labels.shape == out and labels.dtype == torch.int64
-    assert largest.numel <= max(k * src[0] * out[1], MMAP_THRESHOLD // 16 // 4, out[0] * out[1])
+    assert log.largest <= max(k * src[0] * out[1], MMAP_THRESHOLD // 16 // 4, out[0] * out[1])
     exact = F.interpolate(logits[None].double(), size=out, mode="bilinear", align_corners=False)
     scale = logits.abs().max().item()
     _assert_argmax(labels[None], exact, 0.0, 13 * U32 * scale)
@@ -461,29 +469,20 @@ def test_agreed_chunks_and_bands_skip_their_products(monkeypatch):
     product where all of its labels are: fewer matrix products, the same labels."""
     from segformer.inference import resized_labels
 
-    class Products(torch.utils._python_dispatch.TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.count = {"bmm": 0, "mm": 0}  # the column products (batched over a chunk's rows), the row products
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func.__name__.split(".")[0]
-            self.count[name] = self.count.get(name, 0) + 1
-            return func(*args, **(kwargs or {}))
-
     logits = torch.randn(40, 24, 20, generator=torch.Generator().manual_seed(3)) * 0.5
     logits[5, :10] += 4.0  # two regions, one above the other: whole rows agree away from their border
     logits[7, 10:] += 4.0
     size = (96, 80)
     monkeypatch.setattr(inference, "MMAP_THRESHOLD", 2 * 3 * size[1] * 40 * 4)  # chunks of 3 source rows
-    with Products() as agreed:
+    with _OpLog() as agreed:
         labels = resized_labels(logits, size)
     monkeypatch.setattr(inference, "_agreed_labels", lambda *a: None)
-    with Products() as plain:
+    with _OpLog() as plain:
         assert torch.equal(resized_labels(logits, size), labels)
-    # the border between the regions (source rows 9 and 10) reaches one or two chunks and a few output rows
-    assert plain.count["bmm"] >= 8 * 2 and 0 < agreed.count["bmm"] <= 2 * 2  # (2 column bands of 64 and 16)
-    assert plain.count["mm"] == size[0] and 0 < agreed.count["mm"] <= 12
+    # the border between the regions (source rows 9 and 10) reaches one or two chunks and a few output rows;
+    # bmm: the column products (batched over a chunk's rows, 2 column bands of 64 and 16), mm: the row products
+    assert plain.count("bmm") >= 8 * 2 and 0 < agreed.count("bmm") <= 2 * 2
+    assert plain.count("mm") == size[0] and 0 < agreed.count("mm") <= 12
 
 
 def test_agreed_labels_only_where_they_pay():
