@@ -307,12 +307,14 @@ def test_composed_axis_map_is_the_two_resizes(chain, flip):
     want = want.flip(0) if flip else want
     if n_crop != n_out:
         want = resize_matrix(n_crop, n_out) @ want
-    got, bands = inference._axis_map(n_src, n_mid, n_crop, n_out, 3, flip)
+    got, bands, (first, last) = inference._axis_map(n_src, n_mid, n_crop, n_out, 3, flip)
     assert got.dtype == torch.float32 and (got.double() - want).abs().max() <= U32
     covered = torch.zeros_like(want, dtype=torch.bool)
     for o0, o1, s0, s1 in bands:
         covered[o0:o1, s0:s1] = True
     assert bands[0][0] == 0 and bands[-1][1] == n_out and not (want != 0)[~covered].any()
+    taps = [row.nonzero().flatten() for row in want]  # the spans: each row's first and last nonzero tap
+    assert first.tolist() == [t[0].item() for t in taps] and last.tolist() == [t[-1].item() for t in taps]
 
 
 @pytest.mark.parametrize(
@@ -445,8 +447,9 @@ def test_agreed_labels_are_the_class_every_tap_ranks_first(rows, cols, monkeypat
     float64 resize's labels (non-negative weights summing to one keep a common first maximum), and
     resized_labels / _labels_by_axis_maps give the same labels with and without them."""
     logits = _regions(40, 24, 20, seed=rows[0])
-    ay, ax = inference._axis_map(24, *rows, 8)[0], inference._axis_map(20, *cols, 64)[0]
-    agreed = inference._agreed_labels(logits, ay, ax)
+    maps = inference._axis_maps(logits, rows, cols, flip=False)
+    ay, ax = maps.rows, maps.cols
+    agreed = inference._agreed_labels(maps, inference._classes_last(logits))
     assert agreed is not None and agreed.shape == (rows[2], cols[2]) and (agreed >= 0).float().mean() > 0.5
     top = logits.argmax(0)
     for r in range(rows[2]):
@@ -488,11 +491,14 @@ def test_agreed_chunks_and_bands_skip_their_products(monkeypatch):
 def test_agreed_labels_only_where_they_pay():
     """No agreed labels for fewer than 32 classes (their argmax is cheap) or for a map whose neighbouring pixels
     mostly rank different classes first (random logits: nothing to skip)."""
-    ay, ax = inference._axis_map(24, 60, 60, 60, 8)[0], inference._axis_map(20, 50, 50, 50, 64)[0]
-    assert inference._agreed_labels(_regions(31, 24, 20, seed=1), ay, ax) is None
-    assert inference._agreed_labels(_regions(32, 24, 20, seed=1), ay, ax) is not None
-    random = torch.randn(150, 24, 20, generator=torch.Generator().manual_seed(1))
-    assert inference._agreed_labels(random, ay, ax) is None
+
+    def agreed(logits: torch.Tensor) -> torch.Tensor | None:
+        maps = inference._axis_maps(logits, (60, 60, 60), (50, 50, 50), flip=False)
+        return inference._agreed_labels(maps, inference._classes_last(logits))
+
+    assert agreed(_regions(31, 24, 20, seed=1)) is None
+    assert agreed(_regions(32, 24, 20, seed=1)) is not None
+    assert agreed(torch.randn(150, 24, 20, generator=torch.Generator().manual_seed(1))) is None
 
 
 def test_resized_labels_fall_back_to_the_resize_and_argmax(monkeypatch):
@@ -917,6 +923,133 @@ def test_memory_plan_by_hand():
     # Ties keep; no config (nothing to estimate from): the running sum.
     assert inference._keeps_passes((5, 5)) and not inference._keeps_passes((6, 5))
     assert inference._memory_plan(PerPixel(), shape, opts, (512, 512)) is None and not inference._keeps_passes(None)
+
+
+class RegionNet(nn.Module):
+    """Logits shaped like a trained model's, at its resolution (a 4x4 average of the input, ceil): where the
+    input's first channel holds (c + 0.5)/K, class c leads by 4 over a smooth term within ±0.5 — regions of one
+    class with borders, alike at every scale and flip. A tiny SegFormer config (K labels, b0's stride-4 patch
+    embedding) for the pass plans."""
+
+    def __init__(self, k: int = 40):
+        super().__init__()
+        torch.manual_seed(0)
+        self.config = tiny_config(num_labels=k)
+        self.conv = nn.Conv2d(3, k, 1)
+
+    def forward(self, x: torch.Tensor):
+        k = self.config.num_labels
+        pooled = F.avg_pool2d(x, 4, ceil_mode=True)
+        lead = F.one_hot((pooled[:, 0] * k).floor().clamp(0, k - 1).long(), k).permute(0, 3, 1, 2) * 4.0
+        return SimpleNamespace(logits=(lead + 0.5 * torch.sin(3 * self.conv(pooled))).contiguous())
+
+
+def _region_images(b: int, h: int, w: int, k: int, seed: int) -> torch.Tensor:
+    """(b, 3, h, w) inputs for RegionNet: 8 regions per image (nearest of random centres), each a random class."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(b, 3, h, w, generator=gen) * 0.1
+    yy, xx = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+    for n in range(b):
+        centres = torch.rand(8, 2, generator=gen) * torch.tensor([h, w])
+        classes = torch.randint(0, k, (8,), generator=gen)
+        nearest = ((yy - centres[:, :1, None]) ** 2 + (xx - centres[:, 1:, None]) ** 2).argmin(0)
+        x[n, 0] = (classes[nearest].float() + 0.5) / k
+    return x
+
+
+_AGREEING = [
+    dict(mode="whole", scales=[0.75, 1.0, 1.25], flip=True),
+    dict(mode="aligned", short_side=96, long_side=200, align=16, scales=[0.75, 1.0, 1.5], flip=True),
+]
+
+
+@pytest.mark.parametrize("kwargs", _AGREEING, ids=lambda kw: kw["mode"])
+def test_passes_agreed_labels_are_every_pass_agreeing(kwargs):
+    """inference._agreed_pass_labels on its definition: a pixel's class where every pass's agreed label
+    (_agreed_labels through that pass's own axis maps, flipped back for flipped passes) is that class, else -1;
+    most pixels of region-shaped logits."""
+    net, x = RegionNet(), _region_images(2, 90, 122, 40, seed=1)
+    opts = InferenceOptions(**kwargs)
+    with torch.no_grad():
+        passes = list(inference._passes(net, x, opts))
+    for out in ((90, 122), (70, 101)):
+        for i in range(2):
+            known, maps = inference._agreed_pass_labels(passes, i, out)
+            each = []
+            for one in passes:
+                logits = one.windows[0][4][i]
+                pass_maps = inference._axis_maps(logits, *one.axis_chains(out), one.flipped)
+                each.append(inference._agreed_labels(pass_maps, inference._classes_last(logits)))
+            each = torch.stack(each)
+            want = torch.where((each == each[0]).all(0), each[0], -1)
+            assert torch.equal(known, want) and len(maps) == len(passes)
+            assert (known >= 0).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("kwargs", _AGREEING, ids=lambda kw: kw["mode"])
+def test_kept_passes_take_the_probabilities_only_where_passes_disagree(kwargs, monkeypatch):
+    """Kept passes of region-shaped logits (40 classes): the agreed pixels take their class, the others the mean
+    of the passes' probabilities made for them alone — per pixel the same arithmetic as every pixel's sum, so the
+    labels equal the full sum's bit for bit (the regions leave no near-ties for rounding to decide), and the
+    float64 resizes' wherever the top two are apart. Row bands without such a pixel are not made: with three
+    horizontal stripes of classes, most bands."""
+    opts = InferenceOptions(**kwargs)
+    monkeypatch.setattr(inference, "MMAP_THRESHOLD", 16 * 122 * 40 * 4 * 4)  # row bands of 4-5 rows, not 1 band
+    differ = []
+    real = inference._labels_where_passes_differ
+    monkeypatch.setattr(inference, "_labels_where_passes_differ", lambda *a: differ.append(a[3]) or real(*a))
+    net, regions = RegionNet(), _region_images(2, 90, 122, 40, seed=2)
+    stripes = regions.clone()
+    stripes[:, 0] = ((torch.arange(90) * 3 // 90 * 7 + 2).float() + 0.5)[:, None] / 40  # classes 2, 9, 16
+    for x, out in ((regions, None), (regions, (70, 101)), (stripes, None)):
+        size = out or tuple(x.shape[-2:])
+        differ.clear()
+        with _OpLog() as agreed_ops, torch.no_grad():
+            labels = inference._labels_keeping_passes(net, x, opts, size)
+        assert differ == [0, 1]  # every image took the agreed labels
+        with monkeypatch.context() as m:
+            m.setattr(inference, "_agreed_pass_labels", lambda *a: None)
+            with _OpLog() as full_ops, torch.no_grad():
+                assert torch.equal(inference._labels_keeping_passes(net, x, opts, size), labels)
+        if x is regions:  # (the stripes' straight borders tie two classes along whole rows: no float64 check)
+            _assert_pass_labels(labels, net, x, opts, out, infer(net, x, opts, output_size=out))
+        assert agreed_ops.count("mm") <= full_ops.count("mm")
+    assert agreed_ops.count("mm") < full_ops.count("mm") / 2  # (the stripes)
+
+
+def test_kept_passes_with_agreed_labels_are_worth_more_memory():
+    """The rule: keep every pass where that holds no more than the running sum, or no more than twice as much
+    where the labels may come from agreed labels (the CPU, whole or aligned passes, >= 32 classes in the config),
+    which only kept passes allow."""
+    assert inference._keeps_passes((5, 5)) and not inference._keeps_passes((6, 5))
+    assert inference._keeps_passes((10, 5), agreeable=True) and not inference._keeps_passes((11, 5), agreeable=True)
+    assert not inference._keeps_passes(None, agreeable=True)
+    whole, cpu = InferenceOptions(mode="whole", flip=True), torch.device("cpu")
+    assert inference._may_agree(RegionNet(32), whole, cpu) and not inference._may_agree(RegionNet(31), whole, cpu)
+    assert not inference._may_agree(RegionNet(), InferenceOptions(mode="slide", flip=True), cpu)
+    assert not inference._may_agree(RegionNet(), whole, torch.device("cuda"))  # (a device object: no GPU needed)
+    assert not inference._may_agree(PerPixel(), whole, cpu)  # no config
+
+
+def test_predict_labels_keeps_passes_for_agreed_labels(monkeypatch):
+    """One image, scales 0.75-1.25 with flips, 40 classes: keeping the passes holds 1.39 images' probabilities
+    against the running sum's 1.10 — more, but less than twice: predict_labels keeps them for the agreed labels
+    (with 31 classes, none: the running sum), and gives those labels."""
+    ran = []
+    for name in ("_labels_keeping_passes", "_labels_by_running_sum"):
+        real = getattr(inference, name)
+        monkeypatch.setattr(inference, name, lambda *a, _real=real, _name=name: ran.append(_name) or _real(*a))
+    x = _region_images(1, 96, 128, 40, seed=3)
+    opts = InferenceOptions(mode="whole", scales=[0.75, 1.0, 1.25], flip=True)
+    for k, want in ((40, "_labels_keeping_passes"), (31, "_labels_by_running_sum")):
+        net = RegionNet(k)
+        kept, summed = inference._memory_plan(net, x.shape, opts, (96, 128))
+        assert summed < kept <= 2 * summed
+        ran.clear()
+        labels = predict_labels(net, x, opts)
+        assert ran == [want]
+        with torch.no_grad():
+            assert torch.equal(labels, inference._labels_by_running_sum(net, x, opts, (96, 128)))
 
 
 def test_predict_labels_runs_the_strategy_that_holds_less(seg, monkeypatch):
