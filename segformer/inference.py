@@ -303,10 +303,11 @@ class _Scratch:
         image's sum over passes, apart from the two work areas, kept like them for the next call."""
         return self._view(2, shape, channels_last)
 
-    def sum_rows(self, n: int, k: int) -> torch.Tensor:
+    def sum_rows(self, n: int, k: int, most: int) -> torch.Tensor:
         """An uninitialised float32 (n, K) tensor in the same area as :meth:`sum_area`: one image's sum over passes
-        for n pixels of its own."""
-        return self._area(2, n * k)[: n * k].view(n, k)
+        for n of its ``most`` pixels (the area sized for all of them: the next image, with more such pixels, maps
+        no new one)."""
+        return self._area(2, most * k)[: n * k].view(n, k)
 
     def reserve(self, first: int, second: int) -> None:
         """The areas at ``first`` and ``second`` float32 elements now (:func:`_work_elements`: the first at the
@@ -648,10 +649,10 @@ def _keeps_passes(plan: tuple[int, int] | None, agreeable: bool = False) -> bool
 
 def _may_agree(net: nn.Module, opts: InferenceOptions, device: torch.device) -> bool:
     """Whether several passes' labels may come from :func:`_agreed_pass_labels` (known before any forward): on the
-    CPU, whole or aligned windows (through the axis maps), a config with at least _AGREED_MIN_CLASSES labels.
+    CPU, whole or aligned windows (through the axis maps), a config with at least two labels.
     (Whether the passes' logits then agree is seen only after the forwards.)"""
     k = getattr(getattr(net, "config", None), "num_labels", None)
-    return device.type == "cpu" and opts.mode != "slide" and isinstance(k, int) and k >= _AGREED_MIN_CLASSES
+    return device.type == "cpu" and opts.mode != "slide" and isinstance(k, int) and k >= _AGREED_MIN_CLASSES_PASSES
 
 
 def aligned_size(
@@ -807,7 +808,7 @@ def predict_labels(
     The rule: keep when that total is no larger, else the running sum; that is, the running sum where the passes
     outgrow the output, as overlapping sliding windows at several scales do (b0, 150 classes, batch 8, 512×512,
     slide 512/341, scales 0.5-1.75, flip: 3.3 GB against 2.0 GB). Where the kept passes' labels can come from the
-    classes every pass agrees on (:func:`_agreed_pass_labels`: on the CPU, whole or aligned passes, from 32
+    classes every pass agrees on (:func:`_agreed_pass_labels`: on the CPU, whole or aligned passes, from 2
     classes), keeping is also chosen up to twice the running sum's bytes: only the pixels where the passes
     disagree then take the softmax and the sum (b0, 150 classes, a 512x683 photo at scales 0.5-1.75 with flips,
     aligned, on logits shaped like a trained model's: 78% of the pixels agreed, the step from the passes' logits to
@@ -893,7 +894,7 @@ def _agreed_pass_labels(
         if one.count is not None or not _maps_apply(logits):
             return None
         pass_maps = _axis_maps(logits, *one.axis_chains(out_size), one.flipped)
-        agreed = _agreed_labels(pass_maps, _classes_last(logits))  # (the copy dropped: made again when needed)
+        agreed = _agreed_labels(pass_maps, _classes_last(logits), _AGREED_MIN_CLASSES_PASSES)  # (copy: made again)
         if agreed is None:
             return None
         known = agreed if known is None else known.masked_fill_(agreed != known, -1)
@@ -920,7 +921,7 @@ def _labels_where_passes_differ(
     k, width, band_rows = passes[0].windows[0][4].shape[1], known.shape[1], maps[0].band_rows
     pixels = todo.flatten().nonzero().flatten()  # row-major, as the probabilities below
     pixels -= pixels // (band_rows * width) * (band_rows * width)  # … counted from their band's first pixel
-    probs = scratch.sum_rows(starts[-1], k)  # (pixels, K)
+    probs = scratch.sum_rows(starts[-1], k, known.numel())  # (pixels, K)
     for n, (pass_maps, one) in enumerate(zip(maps, passes, strict=True)):
         src = _classes_last(one.windows[0][4][i])
         for r0, r1, values in _mapped_bands(pass_maps, src, scratch, need):  # (bands of band_rows rows in every pass)
@@ -1107,9 +1108,13 @@ def _column_pass(ax: torch.Tensor, col_bands: tuple, src: torch.Tensor, columns:
 # pixels mostly share their class (measured on maps of regions, 256x512 → 1024x2048: 8 classes 31 → 45 ms,
 # 19 break even (81 vs 77), 32 122 → 103; 150 classes 128x128 → 512x683: 74 → 53).
 _AGREED_MIN_CLASSES = 32
+# Several passes: there agreed pixels skip every pass's softmax and sum, not just one argmax; it pays from two
+# classes (measured on region-shaped logits, 12 passes to 512x1024: 2 classes 264 → 128 ms, 8 classes 651 → 266,
+# 19 classes 468 → 295; 150 classes to 512x683 1421 → 920)
+_AGREED_MIN_CLASSES_PASSES = 2
 
 
-def _agreed_labels(maps: _AxisMaps, src: torch.Tensor) -> torch.Tensor | None:
+def _agreed_labels(maps: _AxisMaps, src: torch.Tensor, min_classes: int = _AGREED_MIN_CLASSES) -> torch.Tensor | None:
     """(H, W) int16 (int32 from 2¹⁵ classes): for each output pixel of ``src`` (h', w', K) logits
     (:func:`_classes_last`) taken through ``maps`` (:func:`_axis_maps`), the class that every source pixel it
     takes a tap from ranks first (the argmax, first maximum), where they all rank the
@@ -1125,7 +1130,7 @@ def _agreed_labels(maps: _AxisMaps, src: torch.Tensor) -> torch.Tensor | None:
     combination: c is the first maximum there too. In float32 (each product and sum rounded monotonically) c can
     only tie with an earlier class, within rounding — where :func:`_labels_by_axis_maps` may differ anyway."""
     h1, w1, k = src.shape
-    if k < _AGREED_MIN_CLASSES:
+    if k < min_classes:
         return None
     # (h', w'), narrow: less to move. Over the classes' contiguous axis: 2x argmax(0) of (K, h', w')
     top = src.max(-1).indices.to(torch.int16 if k < 1 << 15 else torch.int32)

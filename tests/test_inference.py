@@ -1019,29 +1019,29 @@ def test_kept_passes_take_the_probabilities_only_where_passes_disagree(kwargs, m
 
 def test_kept_passes_with_agreed_labels_are_worth_more_memory():
     """The rule: keep every pass where that holds no more than the running sum, or no more than twice as much
-    where the labels may come from agreed labels (the CPU, whole or aligned passes, >= 32 classes in the config),
+    where the labels may come from agreed labels (the CPU, whole or aligned passes, >= 2 classes in the config),
     which only kept passes allow."""
     assert inference._keeps_passes((5, 5)) and not inference._keeps_passes((6, 5))
     assert inference._keeps_passes((10, 5), agreeable=True) and not inference._keeps_passes((11, 5), agreeable=True)
     assert not inference._keeps_passes(None, agreeable=True)
     whole, cpu = InferenceOptions(mode="whole", flip=True), torch.device("cpu")
-    assert inference._may_agree(RegionNet(32), whole, cpu) and not inference._may_agree(RegionNet(31), whole, cpu)
+    assert inference._may_agree(RegionNet(2), whole, cpu) and not inference._may_agree(RegionNet(1), whole, cpu)
     assert not inference._may_agree(RegionNet(), InferenceOptions(mode="slide", flip=True), cpu)
     assert not inference._may_agree(RegionNet(), whole, torch.device("cuda"))  # (a device object: no GPU needed)
     assert not inference._may_agree(PerPixel(), whole, cpu)  # no config
 
 
 def test_predict_labels_keeps_passes_for_agreed_labels(monkeypatch):
-    """One image, scales 0.75-1.25 with flips, 40 classes: keeping the passes holds 1.39 images' probabilities
-    against the running sum's 1.10 — more, but less than twice: predict_labels keeps them for the agreed labels
-    (with 31 classes, none: the running sum), and gives those labels."""
+    """One image, scales 0.75-1.25 with flips, 40 or 4 classes: keeping the passes holds 1.39 images'
+    probabilities against the running sum's 1.10 — more, but less than twice: predict_labels keeps them for the
+    agreed labels (with one label, none: the running sum), and gives the running sum's labels."""
     ran = []
     for name in ("_labels_keeping_passes", "_labels_by_running_sum"):
         real = getattr(inference, name)
         monkeypatch.setattr(inference, name, lambda *a, _real=real, _name=name: ran.append(_name) or _real(*a))
     x = _region_images(1, 96, 128, 40, seed=3)
     opts = InferenceOptions(mode="whole", scales=[0.75, 1.0, 1.25], flip=True)
-    for k, want in ((40, "_labels_keeping_passes"), (31, "_labels_by_running_sum")):
+    for k, want in ((40, "_labels_keeping_passes"), (4, "_labels_keeping_passes"), (1, "_labels_by_running_sum")):
         net = RegionNet(k)
         kept, summed = inference._memory_plan(net, x.shape, opts, (96, 128))
         assert summed < kept <= 2 * summed
