@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from bench_inference import cpu_capability  # (this folder: the script's own)
 
 from segformer import SegformerConfig, SegformerForSemanticSegmentation
 from segformer.backends import quantize_int8, runtime_model
@@ -36,11 +37,9 @@ from segformer.inference import cpu_flags, infer, labels_from_probs, reduced_pre
 
 
 def header() -> None:
-    caps = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
-            if k in os.environ}  # fmt: skip
     flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16", "amx_fp16", "bf16"})
-    print(f"# torch {torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}"
-          f"{' ' + str(caps) if caps else ''}, {torch.get_num_threads()} threads, flags {' '.join(flags)}")  # fmt: skip
+    print(f"# torch {torch.__version__}, cpu capability {cpu_capability()}, {torch.get_num_threads()} threads, "
+          f"flags {' '.join(flags)}")  # fmt: skip
     for dtype in (torch.bfloat16, torch.float16):
         problem = reduced_precision_problem(dtype, "cpu")
         print(f"# select_dtype({str(dtype)[6:]}, cpu): {'native' if problem is None else 'float32 - ' + problem}")

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import platform
 import statistics
 import sys
@@ -46,7 +45,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_inference import build_pair, ort_session  # noqa: E402
+from bench_inference import build_pair, cpu_capability, ort_session  # noqa: E402
 
 from segformer import SegformerImageProcessor  # noqa: E402
 from segformer.allocator import tune_allocator  # noqa: E402
@@ -172,12 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime
     import transformers
 
-    caps = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
-            if k in os.environ}  # fmt: skip
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}, transformers {transformers.__version__}, "
           f"onnxruntime {onnxruntime.__version__}")  # fmt: skip
-    print(f"# cpu capability {torch.backends.cpu.get_cpu_capability()}{' ' + str(caps) if caps else ''}; "
+    print(f"# cpu capability {cpu_capability()}; "
           f"{args.variant}, random weights, {args.rounds} interleaved rounds, "
           "ms per photo (median of rounds)")  # fmt: skip
     print(f"{'data set':<34}" + "".join(f"{k:>14}" for k in WORKFLOWS) + f"{'T / ours':>10}{'ort / ours':>12}"

@@ -102,6 +102,14 @@ class PeakMemory:
             self.peak = self._rss_kib("VmHWM") * 1024 - self.base
 
 
+def cpu_capability() -> str:
+    """torch's CPU capability, and the environment variables that capped the kernels where set (what each
+    benchmark's header prints: ``AVX512``, ``AVX2 {'ATEN_CPU_CAPABILITY': 'avx2', ...}``)."""
+    caps = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+            if k in os.environ}  # fmt: skip
+    return f"{torch.backends.cpu.get_cpu_capability()}{' ' + str(caps) if caps else ''}"
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -358,12 +366,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import transformers
 
-    caps = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
-            if k in os.environ}  # fmt: skip
     peak = gemm_peak() if device.type == "cpu" else float("nan")
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}, transformers {transformers.__version__}, device {device}")  # fmt: skip
-    print(f"# cpu capability {torch.backends.cpu.get_cpu_capability()}{' ' + str(caps) if caps else ''}, "
+    print(f"# cpu capability {cpu_capability()}, "
           f"fp32 GEMM peak {peak / 1e9:.0f} GFLOP/s, allocator {'tuned' if tuned else 'system'}")  # fmt: skip
     if device.type == "cuda":
         print(f"# {torch.cuda.get_device_name(device)}, TF32 matmul {torch.backends.cuda.matmul.allow_tf32}, "

@@ -28,7 +28,6 @@ every tap, which take that class without a softmax.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import statistics
 import sys
@@ -40,6 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_inference import cpu_capability  # noqa: E402  (this folder: the script's own)
 
 from segformer import SegformerConfig, SegformerForSemanticSegmentation, inference  # noqa: E402
 from segformer.allocator import tune_allocator  # noqa: E402
@@ -139,11 +140,8 @@ def main() -> None:
     args = parser.parse_args()
     tune_allocator()
     torch.set_num_threads(args.threads)
-    caps = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
-            if k in os.environ}  # fmt: skip
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
-          f"{torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}"
-          f"{' ' + str(caps) if caps else ''}")  # fmt: skip
+          f"{torch.__version__}, cpu capability {cpu_capability()}")  # fmt: skip
     print(f"# {args.variant}, 150 classes, aligned, scales {'-'.join(map(str, SCALES))} + flip; {args.rounds} "
           "interleaved rounds, seconds per image (median)")  # fmt: skip
     print(f"{'case':<22}{'plain':>10}{'segformer':>11}{'plain / ours':>14}{'differ ppm':>12}{'agreed':>8}")

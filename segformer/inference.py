@@ -920,7 +920,7 @@ def _labels_where_passes_differ(
     need = (per_row > 0).tolist()
     k, width, band_rows = passes[0].windows[0][4].shape[1], known.shape[1], maps[0].band_rows
     pixels = todo.flatten().nonzero().flatten()  # row-major, as the probabilities below
-    pixels -= pixels // (band_rows * width) * (band_rows * width)  # … counted from their band's first pixel
+    pixels %= band_rows * width  # … counted from their band's first pixel
     probs = scratch.sum_rows(starts[-1], k, known.numel())  # (pixels, K)
     for n, (pass_maps, one) in enumerate(zip(maps, passes, strict=True)):
         src = _classes_last(one.windows[0][4][i])
@@ -1030,11 +1030,10 @@ def _mapped_bands(
     maps: _AxisMaps, src: torch.Tensor, scratch: _Scratch, need: list[bool] | None = None
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """``src`` (h', w', K) logits (:func:`_classes_last`) taken to the output (H, W) through ``maps``
-    (:func:`_axis_maps`) band by band: (r0, r1, values) with
-    values (r1 - r0, W, K) for each band of output rows, valid until the next is asked for (both live in
-    ``scratch``'s work areas). With ``need`` (one bool per output row), only the bands holding a needed row.
-    First the columns, on the small map: (h', w', K) → (h', W, K), one GEMM per band of output columns; then the
-    rows: (rows, W·K) = (rows × s) taps times the band's s source rows.
+    (:func:`_axis_maps`) band by band: (r0, r1, values) with values (r1 - r0, W, K) for each band of output rows,
+    valid until the next is asked for (both live in ``scratch``'s work areas). With ``need`` (one bool per output
+    row), only the bands holding a needed row. First the columns, on the small map: (h', w', K) → (h', W, K), one
+    GEMM per band of output columns; then the rows: (rows, W·K) = (rows × s) taps times the band's s source rows.
 
     The columns are made for a chunk of source rows at a time (below 16 MiB where a band's taps allow: the C
     library hands such blocks out again instead of mapping fresh pages, so a call outside
@@ -1117,11 +1116,10 @@ _AGREED_MIN_CLASSES_PASSES = 2
 def _agreed_labels(maps: _AxisMaps, src: torch.Tensor, min_classes: int = _AGREED_MIN_CLASSES) -> torch.Tensor | None:
     """(H, W) int16 (int32 from 2¹⁵ classes): for each output pixel of ``src`` (h', w', K) logits
     (:func:`_classes_last`) taken through ``maps`` (:func:`_axis_maps`), the class that every source pixel it
-    takes a tap from ranks first (the argmax, first maximum), where they all rank the
-    same class first; -1 where they do not. The taps: each output row's and column's span of source rows and
-    columns with nonzero weights (:func:`_axis_map`'s spans; a zero weight inside one would only make agreement
-    rarer).
-    None where that pays too little: few classes, or a map whose neighbouring pixels mostly differ (a random
+    takes a tap from ranks first (the argmax, first maximum), where they all rank the same class first; -1 where
+    they do not. The taps: each output row's and column's span of source rows and columns with nonzero weights
+    (:func:`_axis_map`'s spans; a zero weight inside one would only make agreement rarer). None where that pays
+    too little: fewer than ``min_classes`` classes, or a map whose neighbouring pixels mostly differ (a random
     model; a trained one has regions).
 
     Why it is the label: an output pixel's logits are a combination of its source pixels' with non-negative
