@@ -647,12 +647,15 @@ def _keeps_passes(plan: tuple[int, int] | None, agreeable: bool = False) -> bool
     return plan is not None and plan[0] <= (2 if agreeable else 1) * plan[1]
 
 
-def _may_agree(net: nn.Module, opts: InferenceOptions, device: torch.device) -> bool:
+def _may_agree(net: nn.Module, opts: InferenceOptions, device: torch.device, out_size: tuple[int, int]) -> bool:
     """Whether several passes' labels may come from :func:`_agreed_pass_labels` (known before any forward): on the
-    CPU, whole or aligned windows (through the axis maps), a config with at least two labels.
-    (Whether the passes' logits then agree is seen only after the forwards.)"""
+    CPU, whole or aligned windows (through the axis maps), a config with at least two labels, an output of at
+    least _AGREED_MIN_PASS_VALUES values per pass. (Whether the passes' logits then agree is seen only after the
+    forwards.)"""
     k = getattr(getattr(net, "config", None), "num_labels", None)
-    return device.type == "cpu" and opts.mode != "slide" and isinstance(k, int) and k >= _AGREED_MIN_CLASSES_PASSES
+    if not (device.type == "cpu" and opts.mode != "slide" and isinstance(k, int)):
+        return False
+    return k >= _AGREED_MIN_CLASSES_PASSES and k * out_size[0] * out_size[1] >= _AGREED_MIN_PASS_VALUES
 
 
 def aligned_size(
@@ -828,7 +831,7 @@ def predict_labels(
     out_size = _check_pair(output_size, "output_size") if output_size is not None else (H, W)
     with _eval_mode(net):
         if _pass_count(opts) > 1:
-            if _keeps_passes(_memory_plan(net, x.shape, opts, out_size), _may_agree(net, opts, x.device)):
+            if _keeps_passes(_memory_plan(net, x.shape, opts, out_size), _may_agree(net, opts, x.device, out_size)):
                 return _labels_keeping_passes(net, x, opts, out_size)
             return _labels_by_running_sum(net, x, opts, out_size)
         one = next(_passes(net, x, opts))  # kept at the model's resolution
@@ -882,12 +885,15 @@ def _agreed_pass_labels(
 ) -> tuple[torch.Tensor, list[_AxisMaps]] | None:
     """For image ``i`` of several passes that all come through the axis maps (whole or aligned windows, logits
     :func:`_maps_apply` takes): the (H, W) labels all passes agree on and each pass's :func:`_axis_maps`, or None
-    where some pass has no agreed labels (:func:`_agreed_labels`: few classes, no regions) or none are left.
+    where some pass has no agreed labels (:func:`_agreed_labels`: one class, no regions), none are left, or the
+    output is small (under _AGREED_MIN_PASS_VALUES values per pass).
 
     Why they are the labels: where every tap's source pixel of every pass ranks class c first, c is the first
     maximum of each pass's mapped logits (see :func:`_agreed_labels`), so of its softmax (monotone), and of the
     mean of the passes' probabilities (a sum of vectors that each have c as first maximum). In float32, only a
     rounding-level tie with an earlier class can differ."""
+    if passes[0].windows[0][4].shape[1] * out_size[0] * out_size[1] < _AGREED_MIN_PASS_VALUES:
+        return None  # (a small output: the plain sum is as fast)
     known, maps = None, []
     for one in passes:
         logits = one.windows[0][4][i]
@@ -1111,6 +1117,9 @@ _AGREED_MIN_CLASSES = 32
 # classes (measured on region-shaped logits, 12 passes to 512x1024: 2 classes 264 → 128 ms, 8 classes 651 → 266,
 # 19 classes 468 → 295; 150 classes to 512x683 1421 → 920)
 _AGREED_MIN_CLASSES_PASSES = 2
+# ... and from this many output values per pass (K·H·W): below, the per-pass set-up outweighs the softmax it saves
+# (the demo's b0, 4 classes, 6 passes: 96x96 4.6 → 5.3 ms per image, 192x192 18.5 → 14.9, 384x384 65 → 44)
+_AGREED_MIN_PASS_VALUES = 1 << 16
 
 
 def _agreed_labels(maps: _AxisMaps, src: torch.Tensor, min_classes: int = _AGREED_MIN_CLASSES) -> torch.Tensor | None:

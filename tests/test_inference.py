@@ -1024,24 +1024,29 @@ def test_kept_passes_with_agreed_labels_are_worth_more_memory():
     assert inference._keeps_passes((5, 5)) and not inference._keeps_passes((6, 5))
     assert inference._keeps_passes((10, 5), agreeable=True) and not inference._keeps_passes((11, 5), agreeable=True)
     assert not inference._keeps_passes(None, agreeable=True)
-    whole, cpu = InferenceOptions(mode="whole", flip=True), torch.device("cpu")
-    assert inference._may_agree(RegionNet(2), whole, cpu) and not inference._may_agree(RegionNet(1), whole, cpu)
-    assert not inference._may_agree(RegionNet(), InferenceOptions(mode="slide", flip=True), cpu)
-    assert not inference._may_agree(RegionNet(), whole, torch.device("cuda"))  # (a device object: no GPU needed)
-    assert not inference._may_agree(PerPixel(), whole, cpu)  # no config
+    whole, cpu, out = InferenceOptions(mode="whole", flip=True), torch.device("cpu"), (128, 128)
+    assert inference._may_agree(RegionNet(4), whole, cpu, out) and not inference._may_agree(
+        RegionNet(1), whole, cpu, out
+    )
+    assert not inference._may_agree(RegionNet(4), whole, cpu, (127, 128))  # 4·127·128 < 2^16: the plain sum pays
+    assert not inference._may_agree(RegionNet(), InferenceOptions(mode="slide", flip=True), cpu, out)
+    assert not inference._may_agree(RegionNet(), whole, torch.device("cuda"), out)  # (a device object: no GPU needed)
+    assert not inference._may_agree(PerPixel(), whole, cpu, out)  # no config
 
 
 def test_predict_labels_keeps_passes_for_agreed_labels(monkeypatch):
-    """One image, scales 0.75-1.25 with flips, 40 or 4 classes: keeping the passes holds 1.39 images'
-    probabilities against the running sum's 1.10 — more, but less than twice: predict_labels keeps them for the
-    agreed labels (with one label, none: the running sum), and gives the running sum's labels."""
+    """One 96x128 image, scales 0.75-1.25 with flips: keeping the passes holds 1.39 images' probabilities against
+    the running sum's 1.10 — more, but less than twice: predict_labels keeps them for the agreed labels where they
+    may pay (40 classes; 6: 73,728 values per pass), else takes the running sum (5 classes: 61,440 values, under
+    2^16; one label), and gives the running sum's labels either way."""
     ran = []
     for name in ("_labels_keeping_passes", "_labels_by_running_sum"):
         real = getattr(inference, name)
         monkeypatch.setattr(inference, name, lambda *a, _real=real, _name=name: ran.append(_name) or _real(*a))
     x = _region_images(1, 96, 128, 40, seed=3)
     opts = InferenceOptions(mode="whole", scales=[0.75, 1.0, 1.25], flip=True)
-    for k, want in ((40, "_labels_keeping_passes"), (4, "_labels_keeping_passes"), (1, "_labels_by_running_sum")):
+    keep, total = "_labels_keeping_passes", "_labels_by_running_sum"
+    for k, want in ((40, keep), (6, keep), (5, total), (1, total)):
         net = RegionNet(k)
         kept, summed = inference._memory_plan(net, x.shape, opts, (96, 128))
         assert summed < kept <= 2 * summed
