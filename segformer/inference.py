@@ -653,8 +653,12 @@ def _may_agree(net: nn.Module, opts: InferenceOptions, device: torch.device, out
     least _AGREED_MIN_PASS_VALUES values per pass. (Whether the passes' logits then agree is seen only after the
     forwards.)"""
     k = getattr(getattr(net, "config", None), "num_labels", None)
-    if not (device.type == "cpu" and opts.mode != "slide" and isinstance(k, int)):
-        return False
+    return device.type == "cpu" and opts.mode != "slide" and isinstance(k, int) and _agreement_may_pay(k, out_size)
+
+
+def _agreement_may_pay(k: int, out_size: tuple[int, int]) -> bool:
+    """Whether agreed labels may save several passes more than they cost: from _AGREED_MIN_CLASSES_PASSES classes
+    and _AGREED_MIN_PASS_VALUES output values (K·H·W) per pass."""
     return k >= _AGREED_MIN_CLASSES_PASSES and k * out_size[0] * out_size[1] >= _AGREED_MIN_PASS_VALUES
 
 
@@ -812,12 +816,12 @@ def predict_labels(
     outgrow the output, as overlapping sliding windows at several scales do (b0, 150 classes, batch 8, 512×512,
     slide 512/341, scales 0.5-1.75, flip: 3.3 GB against 2.0 GB). Where the kept passes' labels can come from the
     classes every pass agrees on (:func:`_agreed_pass_labels`: on the CPU, whole or aligned passes, from 2
-    classes and 2^16 output values per pass), keeping is also chosen up to twice the running sum's bytes: only the pixels where the passes
-    disagree then take the softmax and the sum (b0, 150 classes, a 512x683 photo at scales 0.5-1.75 with flips,
-    aligned, on logits shaped like a trained model's: 78% of the pixels agreed, the step from the passes' logits to
-    the labels 1.36 → 0.78 s; 0.44 GB planned against 0.25 GB). A model without a SegFormer config (num_labels,
-    patch_sizes, strides) takes the running sum. Both also use one image's full-resolution work areas at the
-    largest pass.
+    classes and 2^16 output values per pass), keeping is also chosen up to twice the running sum's bytes: only
+    the pixels where the passes disagree then take the softmax and the sum (b0, 150 classes, a 512x683 photo at
+    scales 0.5-1.75 with flips, aligned, on logits shaped like a trained model's: 78% of the pixels agreed, the
+    step from the passes' logits to the labels 1.36 → 0.78 s; 0.44 GB planned against 0.25 GB). A model without a
+    SegFormer config (num_labels, patch_sizes, strides) takes the running sum. Both also use one image's
+    full-resolution work areas at the largest pass.
 
     ``band_above``: for a single pass (no scales, no flip, not "slide") whose last step upsamples to more than
     this many elements per image (K·H_out·W_out) and that the composed resizes do not take (those hold no such
@@ -892,8 +896,8 @@ def _agreed_pass_labels(
     maximum of each pass's mapped logits (see :func:`_agreed_labels`), so of its softmax (monotone), and of the
     mean of the passes' probabilities (a sum of vectors that each have c as first maximum). In float32, only a
     rounding-level tie with an earlier class can differ."""
-    if passes[0].windows[0][4].shape[1] * out_size[0] * out_size[1] < _AGREED_MIN_PASS_VALUES:
-        return None  # (a small output: the plain sum is as fast)
+    if not _agreement_may_pay(passes[0].windows[0][4].shape[1], out_size):
+        return None  # (one class, or a small output: the plain sum is as fast)
     known, maps = None, []
     for one in passes:
         logits = one.windows[0][4][i]
