@@ -1057,8 +1057,9 @@ def _upsample_by_phases(
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear over the last axis as one 2-D GEMM (3-D input without bias would take the slower bmm); in fp32
-    CPU inference oneDNN's matmul, 5–35% faster than the BLAS call behind F.linear on SegFormer's shapes
-    (measured on AVX2 and AVX-512 kernels: bench/bench_inference.py), the weights reordered on the fly; in bf16
+    CPU inference oneDNN's matmul, 5–35% faster than the BLAS call behind F.linear on SegFormer's shapes on an
+    AVX-512 CPU (Zen 4, its kernels or capped at AVX2; on an AVX2-only Zen 3 0–10% slower at batch 1, b2 most:
+    README, Speed), the weights reordered on the fly; in bf16
     (:func:`_inference_dtype`: native bf16, or bf16 autocast with the weights' kept casts) oneDNN's too."""
     dtype, x, weight, bias = _inference_operands(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1])
