@@ -455,18 +455,20 @@ class SegformerMixFFN(nn.Module):
         dtype = _inference_dtype(x, dwconv.dwconv.weight) if fuse and _CONV_POINTWISE else None
         if dtype is not None and torch.backends.mkldnn.enabled:
             x = x.to(dtype)  # (a cast only under autocast, which would make it in dense1)
-            band = self._band_rows(x, width)
-            if (
-                x.shape[0] == 1
-                and band < height
-                and _is_mapped(x.shape[1] * self.dense1.out_features * x.element_size())
-            ):
+            band = self._band(x, height, width)
+            if band:
                 return self._forward_banded(x, height, width, band, act.approximate)
             hidden = _dense(self.dense1, x, True)
             return _dense(self.dense2, dwconv.forward_gelu(hidden, height, width, act.approximate), True)
         x = _dense(self.dense1, x, self.fast_path)
         x = self.dropout(act(self.dwconv(x, height, width)))
         return self.dropout(_dense(self.dense2, x, self.fast_path))
+
+    def _band(self, x: torch.Tensor, height: int, width: int) -> int:
+        """Rows per band where one image's fused inference runs banded (:meth:`_forward_banded`), else 0."""
+        band = self._band_rows(x, width)
+        mapped = _is_mapped(x.shape[1] * self.dense1.out_features * x.element_size())
+        return band if x.shape[0] == 1 and band < height and mapped else 0
 
     def _band_rows(self, x: torch.Tensor, width: int) -> int:
         """Rows per band of the banded inference path, taken where the whole hidden map would be a fresh mapping
@@ -512,6 +514,86 @@ class SegformerLayer(nn.Module):
         x = x + self.drop_path(self.mlp(self.layer_norm_2(x), height, width))
         return x, probs
 
+    def _runs_inline(self) -> bool:
+        """Whether :meth:`_forward_inference` may stand in for this block's modules: every part is the plain
+        module it is built with (no subclass, replacement or quantised Linear), in eval mode, on the fast path,
+        with float32 weights, and no forward hook of its own would see a part run (the encoder checks the global
+        hooks). Read through ``_modules`` and ``_parameters``: ~5 µs a block, where the module attribute lookups
+        alone took ~40."""
+        mods = self._modules
+        attention, mlp = mods["attention"], mods["mlp"]
+        attn, out = attention._modules["self"], attention._modules["output"]
+        kinds = (SegformerAttention, SegformerEfficientSelfAttention, SegformerSelfOutput, SegformerMixFFN)
+        if type(self) is not SegformerLayer or tuple(map(type, (attention, attn, out, mlp))) != kinds:
+            return False
+        if not (attn.fast_path and out.fast_path and mlp.fast_path):
+            return False
+        a, o, f = attn._modules, out._modules, mlp._modules
+        dwconv = f["dwconv"]
+        parts = [
+            (self, SegformerLayer, False),
+            (attention, SegformerAttention, False),
+            (attn, SegformerEfficientSelfAttention, False),
+            (out, SegformerSelfOutput, False),
+            (mlp, SegformerMixFFN, False),
+            (mods["layer_norm_1"], nn.LayerNorm, False),
+            (mods["layer_norm_2"], nn.LayerNorm, False),
+            (mods["drop_path"], DropPath, False),
+            (a["query"], nn.Linear, True),
+            (a["key"], nn.Linear, True),
+            (a["value"], nn.Linear, True),
+            (o["dense"], nn.Linear, True),
+            (o["dropout"], nn.Dropout, False),
+            (f["dense1"], nn.Linear, True),
+            (f["dense2"], nn.Linear, True),
+            (f["dropout"], nn.Dropout, False),
+            (f["intermediate_act_fn"], nn.GELU, False),
+            (dwconv, SegformerDWConv, False),
+            (dwconv._modules["dwconv"], nn.Conv2d, True),
+        ]
+        if attn.sr_ratio > 1:
+            parts += [(a["sr"], nn.Conv2d, True), (a["layer_norm"], nn.LayerNorm, False)]
+        for module, kind, weighted in parts:
+            if type(module) is not kind or module.training or module._forward_hooks or module._forward_pre_hooks:
+                return False
+            if weighted:
+                weight = module._parameters.get("weight")
+                if weight is None or weight.dtype != torch.float32:
+                    return False
+        return True
+
+    def _forward_inference(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The block in fp32 CPU inference, where :meth:`SegformerEncoder._inline_blocks` and
+        :meth:`_runs_inline` hold: the fast path's own kernels on the same operands in the same order (the same
+        bits as the modules' fast path), called straight from here, without a module call or the fast path's
+        per-operator checks for each of the block's ~15 parts (b0: ~1.5 ms a forward, 12% at 128×128, 1% at
+        512×512)."""
+        b, n, c = x.shape
+        attn, mlp, f32 = self.attention.self, self.mlp, torch.float32
+        h = _layer_norm(self.layer_norm_1, x)
+        q = _rows_linear(h.view(b * n, c), attn.query.weight, attn.query.bias, f32)
+        kv = _layer_norm(attn.layer_norm, attn.reduce(h, height, width)) if attn.sr_ratio > 1 else h
+        kv = kv.reshape(-1, c)
+        k = _rows_linear(kv, attn.key.weight, attn.key.bias, f32)
+        v = _rows_linear(kv, attn.value.weight, attn.value.bias, f32)
+        heads = (attn.num_heads, attn.head_dim)
+        context = F.scaled_dot_product_attention(*(t.view(b, -1, *heads).transpose(1, 2) for t in (q, k, v)))
+        dense = self.attention.output.dense
+        x = x + _rows_linear(context.transpose(1, 2).reshape(b * n, c), dense.weight, dense.bias, f32).view(b, n, c)
+        h = _layer_norm(self.layer_norm_2, x)
+        approximate = mlp.intermediate_act_fn.approximate
+        band = mlp._band(h, height, width)
+        if band:
+            return x + mlp._forward_banded(h, height, width, band, approximate)
+        hidden = _rows_linear(h.view(b * n, c), mlp.dense1.weight, mlp.dense1.bias, f32).view(b, n, -1)
+        hidden = mlp.dwconv.forward_gelu(hidden, height, width, approximate).reshape(b * n, -1)
+        return x + _rows_linear(hidden, mlp.dense2.weight, mlp.dense2.bias, f32).view(b, n, c)
+
+
+def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` without the module call."""
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
 
 class SegformerEncoder(nn.Module):
     """The hierarchical Mix Transformer: four stages of patch embedding → blocks → LayerNorm."""
@@ -556,12 +638,15 @@ class SegformerEncoder(nn.Module):
         x = pixel_values.contiguous(memory_format=torch.channels_last)
         stages, attentions = [], []
         last = len(self.block) - 1
+        inline = self._inline_blocks(x, output_attentions)
         for i, (embed, blocks, norm) in enumerate(zip(self.patch_embeddings, self.block, self.layer_norm, strict=True)):
             fp32 = _bf16_does_not_pay(embed, embed.proj.weight, self._stage_macs(i, x))
             with _autocast_disabled("cpu") if fp32 else contextlib.nullcontext():
                 x, height, width = embed(x.float() if fp32 else x)  # (B, N, C)
                 for block in blocks:
-                    if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                    if inline and block._runs_inline():
+                        x, probs = block._forward_inference(x, height, width), None
+                    elif self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                         x, probs = torch.utils.checkpoint.checkpoint(
                             block, x, height, width, output_attentions, **self.gradient_checkpointing_kwargs
                         )
@@ -575,6 +660,22 @@ class SegformerEncoder(nn.Module):
                 x = x.contiguous() if contiguous_stages else x  # the returned tensor is the one used below
             stages.append(x)
         return stages, attentions
+
+    def _inline_blocks(self, x: torch.Tensor, output_attentions: bool) -> bool:
+        """Whether this forward may run its blocks through :meth:`SegformerLayer._forward_inference` (each block
+        also asks :meth:`SegformerLayer._runs_inline`): fp32 CPU inference with no autograd graph, no autocast,
+        no graph being captured, no attention maps asked for, and oneDNN's kernels there."""
+        return (
+            not output_attentions
+            and not torch.is_grad_enabled()
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and not _cpu_autocast()
+            and _CONV_POINTWISE
+            and torch.backends.mkldnn.enabled
+            and not _capturing_graph()
+            and not (_torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks)
+        )
 
     def _stage_macs(self, i: int, x: torch.Tensor) -> int:
         """Multiply-adds of stage ``i``'s largest matrix product (the Mix-FFN's first linear) for input ``x``."""
@@ -1062,15 +1163,20 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     README, Speed), the weights reordered on the fly; in bf16
     (:func:`_inference_dtype`: native bf16, or bf16 autocast with the weights' kept casts) oneDNN's too."""
     dtype, x, weight, bias = _inference_operands(x, weight, bias)
-    rows = x.reshape(-1, x.shape[-1])
+    y = _rows_linear(x.reshape(-1, x.shape[-1]), weight, bias, dtype)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def _rows_linear(
+    rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype | None
+) -> torch.Tensor:
+    """:func:`_linear` of 2-D ``rows`` whose operands are already in the fast path's ``dtype`` (None: none)."""
     # below _ONEDNN_MIN_MACS, oneDNN's overhead outweighs BLAS's fp32 GEMM; bf16 has no BLAS (PyTorch's own
     # bf16 matmul calls oneDNN too, through more layers): oneDNN's matmul at every size
     large = rows.shape[0] * weight.shape[0] * weight.shape[1] >= _ONEDNN_MIN_MACS or dtype == torch.bfloat16
     if large and dtype is not None and _LINEAR_POINTWISE and torch.backends.mkldnn.enabled:
-        y = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
-    else:
-        y = F.linear(rows, weight, bias)
-    return y.view(*x.shape[:-1], weight.shape[0])
+        return torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
+    return F.linear(rows, weight, bias)
 
 
 def _dense(linear: nn.Module, x: torch.Tensor, fast: bool) -> torch.Tensor:

@@ -413,6 +413,119 @@ def test_onednn_kernels_equal_the_modules(act, monkeypatch):
     assert rel_err(logits.detach(), plain) <= tol
 
 
+def _inline_calls(monkeypatch) -> list[int]:
+    """Count the blocks run through SegformerLayer._forward_inference (one entry per call)."""
+    calls: list[int] = []
+    run = modeling.SegformerLayer._forward_inference
+
+    def counted(self, *args):
+        calls.append(1)
+        return run(self, *args)
+
+    monkeypatch.setattr(modeling.SegformerLayer, "_forward_inference", counted)
+    return calls
+
+
+def _modules_only(monkeypatch) -> None:
+    monkeypatch.setattr(modeling.SegformerEncoder, "_inline_blocks", lambda self, x, attentions: False)
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_pytorch_tanh"])
+@pytest.mark.parametrize("shape", [(1, 64, 96), (2, 61, 45)])
+@pytest.mark.parametrize("banded", [False, True])
+def test_inline_blocks_equal_the_modules(act, shape, banded, monkeypatch):
+    """fp32 CPU inference runs each block's fast-path kernels straight from SegformerLayer._forward_inference,
+    without the module calls: the same operators in the same order on the same operands, so the same bits."""
+    if not (modeling._CONV_POINTWISE and torch.backends.mkldnn.enabled):
+        pytest.skip("the inline blocks need oneDNN's fused depthwise conv + GELU (x86 builds of PyTorch)")
+    monkeypatch.setattr(modeling, "_ONEDNN_MIN_MACS", 1 << 14)  # both GEMM kernels on the tiny model's products
+    if banded:  # every one-image Mix-FFN in row bands (SegformerMixFFN._forward_banded)
+        monkeypatch.setattr(modeling, "MMAP_THRESHOLD", 1)
+        monkeypatch.setattr(modeling, "_BAND_BYTES", 1)
+    model = randomize_(SegformerForSemanticSegmentation(tiny_config(hidden_act=act)), seed=11).eval()
+    x = torch.randn(*shape[:1], 3, *shape[1:], generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        model(x)  # (the kept weight copies made)
+        calls = _inline_calls(monkeypatch)
+        inline, ops = ops_run(model, x)
+        blocks, n = sum(model.config.depths), len(calls)
+        assert n in (blocks, shape[0] * blocks)  # (the batch in one-image chunks where it is banded)
+        with monkeypatch.context() as m:
+            _modules_only(m)
+            modules, module_ops = ops_run(model, x)
+        assert len(calls) == n  # (not called again)
+    assert torch.equal(inline, modules)
+    assert _computing(ops) == _computing(module_ops)  # the same kernels, in the same order
+    assert "mkldnn::_linear_pointwise" in ops and "aten::addmm" in ops
+
+
+_VIEWS = {"view", "_unsafe_view", "reshape", "transpose", "t", "expand", "as_strided", "unsqueeze", "squeeze"}
+_VIEWS |= {"detach", "alias", "slice", "select", "permute", "unflatten", "flatten", "split", "narrow"}
+
+
+def _computing(ops: list[str]) -> list[str]:
+    """The operators that compute or copy values: views left out (the two paths take different ones)."""
+    return [name for name in ops if name.split("::")[-1].split(".")[0] not in _VIEWS]
+
+
+def test_inline_blocks_only_where_the_modules_would_not_be_seen(monkeypatch):
+    """A block runs its modules (and every hook, replacement and train-mode part sees them run) wherever the
+    inline path would skip something they do; forwards with autograd, autocast, attention maps or float64
+    too. The logits agree with the plain path every time."""
+    if not (modeling._CONV_POINTWISE and torch.backends.mkldnn.enabled):
+        pytest.skip("the inline blocks need oneDNN's fused depthwise conv + GELU (x86 builds of PyTorch)")
+    model = randomize_(SegformerForSemanticSegmentation(tiny_config()), seed=12).eval()
+    blocks = sum(model.config.depths)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        model.fast_path = False
+        plain = model(x).logits
+        model.fast_path = True
+    tol = 2 * fp32_tol(series_depth(model, x))  # two fp32 passes
+    calls = _inline_calls(monkeypatch)
+
+    def run(expected_inline: int, **kwargs) -> torch.Tensor:
+        calls.clear()
+        out = model(x, **kwargs)
+        assert len(calls) == expected_inline
+        return out.logits
+
+    first = model.segformer.encoder.block[0][0]
+    with torch.no_grad():
+        assert rel_err(run(blocks), plain) <= tol
+        seen = []
+        for part in (first, first.attention.self.query, first.mlp.dwconv.dwconv, first.attention.self.sr):
+            handle = part.register_forward_pre_hook(lambda *_: seen.append(1))
+            assert rel_err(run(blocks - 1), plain) <= tol and seen
+            handle.remove()
+            seen.clear()
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda *_: seen.append(1))
+        try:
+            assert rel_err(run(0), plain) <= tol and seen
+        finally:
+            handle.remove()
+        first.mlp.dropout.train()  # a part in train mode: that block runs its modules (here p = 0)
+        assert rel_err(run(blocks - 1), plain) <= tol
+        first.mlp.dropout.eval()
+        original = first.mlp.dense1  # a replaced part (a subclass of nn.Linear) is run, not skipped
+        replaced = type("MyLinear", (nn.Linear,), {})(original.in_features, original.out_features)
+        replaced.load_state_dict(original.state_dict())
+        first.mlp.dense1 = replaced
+        assert rel_err(run(blocks - 1), plain) <= tol
+        first.mlp.dense1 = original
+        first.attention.self.fast_path = False
+        assert rel_err(run(blocks - 1), plain) <= tol
+        first.attention.self.fast_path = True
+        assert rel_err(run(0, output_attentions=True), plain) <= tol
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            run(0)
+    assert rel_err(run(0).detach(), plain) <= tol  # autograd recording
+    with torch.no_grad():
+        double = copy.deepcopy(model).double()
+        calls.clear()
+        assert rel_err(double(x.double()).logits.float(), plain) <= tol and not calls
+
+
 def _reducing_attentions(model: torch.nn.Module) -> list[modeling.SegformerEfficientSelfAttention]:
     return [m for m in model.modules() if isinstance(m, modeling.SegformerEfficientSelfAttention) and m.sr_ratio > 1]
 
