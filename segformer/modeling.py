@@ -18,6 +18,8 @@ oneDNN's matmul for every Linear and the classifier, the depthwise conv and GELU
 kernel, the head's power-of-two upsamplings as blends of shifted copies added in place, stage 1's projection
 accumulated inside its GEMM, and row bands for one image whose Mix-FFN or head maps would exceed glibc's mmap
 threshold (same formulas, other rounding order: agreement within fp32 rounding, tested against the plain path).
+In fp32 CPU inference each encoder block calls these kernels from one function
+(:meth:`SegformerLayer._forward_inference`) rather than through its modules: the same bits, less per-call cost.
 Under CPU bf16 autocast the fast path computes in bf16 on kept casts of the weights, except in the parts (an
 encoder stage, the head) too small for bf16 to pay, which run in fp32 (:data:`_BF16_MIN_MACS`).
 """
