@@ -31,7 +31,7 @@ browser:
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
-# The edit loop: everything but the tests marked slow (subprocesses, torchrun, b3-b5), well under a minute.
+# The edit loop: everything but the tests marked slow (subprocesses, torchrun, b3-b5): 25-75 s on 2 cores.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" tests
 
