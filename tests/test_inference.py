@@ -1271,3 +1271,19 @@ def test_every_command_declares_the_same_inference_options():
     assert config_from_args(parser.parse_args(["train", "--data", "d"])).eval_inference_options("cityscapes") == (
         InferenceOptions(mode="slide", crop_size=1024, stride=768)
     )
+
+
+def test_multi_scale_flip_maps_are_made_once_per_image_size(seg):
+    """The paper's multi-scale protocol (6 scales and their flips: 18 axis maps for one image size) makes its maps
+    for the first image only: a second image of that size finds them all in _axis_map's cache."""
+    opts = InferenceOptions(
+        mode="aligned", short_side=48, long_side=96, align=16, scales=[0.5, 0.75, 1.0, 1.25, 1.5, 1.75], flip=True
+    )
+    gen = torch.Generator().manual_seed(5)
+    inference._axis_map.cache_clear()
+    with torch.no_grad():
+        predict_labels(seg, torch.randn(1, 3, 45, 61, generator=gen), opts)
+        made = inference._axis_map.cache_info().misses
+        assert made >= 12  # (the rows of each scale, its columns plain and flipped; scales may share a size)
+        predict_labels(seg, torch.randn(1, 3, 45, 61, generator=gen), opts)
+    assert inference._axis_map.cache_info().misses == made
