@@ -366,7 +366,8 @@ class SegformerEfficientSelfAttention(_KeepsWeightCopy):
         else:
             scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale  # (B, heads, N, N')
             probs = scores.float().softmax(dim=-1).to(q.dtype)  # fp32 softmax (also in exported fp16 graphs)
-            context = torch.matmul(F.dropout(probs, dropout, self.training), v)
+            probs = F.dropout(probs, dropout, self.training)  # returned as used (after dropout), as Transformers'
+            context = torch.matmul(probs, v)
         return context.transpose(1, 2).flatten(2), probs  # (B, N, C)
 
     def reduce(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -733,11 +734,12 @@ class SegformerDecodeHead(nn.Module):
 
     def forward(self, encoder_hidden_states: Iterable[torch.Tensor]) -> torch.Tensor:
         maps = self._maps(encoder_hidden_states)
-        if self.fast_path and self.training:
-            self._fold_cache = None  # the running statistics are about to change
-            return self._forward_factored(maps)
-        if self.fast_path:
-            return self._forward_folded(maps)
+        if self.fast_path and self._parts_plain():
+            if self.training:
+                self._fold_cache = None  # the running statistics are about to change
+                return self._forward_factored(maps)
+            if self.batch_norm.running_mean is not None:  # (without running statistics eval normalises by the
+                return self._forward_folded(maps)  # batch's: the modules below, as in training)
         size = maps[0].shape[-2:]
         projected = []
         for mlp, x in zip(self.linear_c, maps, strict=True):
@@ -746,6 +748,26 @@ class SegformerDecodeHead(nn.Module):
         x = self.linear_fuse(torch.cat(projected[::-1], dim=1))  # stage 4 first, as in the original
         x = self.dropout(self.activation(self.batch_norm(x.contiguous())))  # NCHW: see _forward_factored
         return self.classifier(x).contiguous()
+
+    def _parts_plain(self) -> bool:
+        """Whether the fast paths, which read the parts' weights instead of calling them, compute what the parts
+        would: each of the exact type it was built as (not a subclass, adapter or quantised replacement), the
+        convs 1×1 with the biases the paths read (the fuse conv none, the classifier one), and no forward hook on
+        any (:func:`_unhooked`). Elsewhere the modules run, one call each, as written (~15 µs to check)."""
+        mlps, fuse, classifier = self.linear_c._modules.values(), self.linear_fuse, self.classifier
+        if type(self.linear_c) is not nn.ModuleList or not all(type(m) is SegformerMLP for m in mlps):
+            return False
+        projections = [m.proj for m in mlps]
+        return (
+            all(type(p) is nn.Linear for p in projections)
+            and all(type(c) is nn.Conv2d and _pointwise_conv(c) for c in (fuse, classifier))
+            and fuse.bias is None
+            and classifier.bias is not None
+            and type(self.batch_norm) is nn.BatchNorm2d
+            and type(self.activation) is nn.ReLU
+            and type(self.dropout) is nn.Dropout
+            and _unhooked(*mlps, *projections, fuse, self.batch_norm, self.activation, self.dropout, classifier)
+        )
 
     # The folded head. In eval mode everything between the stage outputs and the ReLU is linear, and bilinear
     # resizing commutes with per-pixel channel maps (its weights sum to one), so
@@ -843,7 +865,8 @@ class SegformerDecodeHead(nn.Module):
         and ``out`` returned, else the logits of the images in ``maps`` (which must then be all of them)."""
         b, _, height, width = maps[0].shape
         # In place (phase resizing, GEMM accumulation) unless a graph is being recorded for autograd or export.
-        eager = not (_capturing_graph() or (torch.is_grad_enabled() and any(m.requires_grad for m in matrices)))
+        graph = torch.is_grad_enabled() and any(t.requires_grad for t in (*matrices, *maps))
+        eager = not (_capturing_graph() or graph)
         band = self._band_rows(maps, matrices) if eager and b == 1 else 0
         if band:
             return self._folded_logits_banded(maps, matrices, bias, band, out, index)
@@ -966,6 +989,12 @@ class SegformerDecodeHead(nn.Module):
             torch.baddbmm(*(a.to(out.dtype) for a in args), out=out.view(b, -1, h * w))
             return out
         return torch.baddbmm(*args).view(b, -1, h, w)
+
+
+def _pointwise_conv(conv: nn.Conv2d) -> bool:
+    """Whether ``conv`` is a plain 1×1 channel map: kernel, stride and dilation 1, no padding, one group."""
+    plain = conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+    return plain and conv.padding in ((0, 0), "valid")
 
 
 def _capturing_graph() -> bool:

@@ -967,6 +967,94 @@ def test_fast_path_gradients_in_eval_mode_match_plain():
         assert diff <= tol * max(grads[1][name].norm().item(), 1e-3 * largest), name
 
 
+@pytest.mark.filterwarnings("ignore:.*quantiz:DeprecationWarning", "ignore:.*quantiz:UserWarning")
+def test_head_parts_run_where_the_fast_paths_would_not_see_them():
+    """The decode head's fast paths read its parts' weights instead of calling them; wherever that would skip
+    what a part does (a forward hook, an adapter subclass, a dynamically quantised Linear, a classifier without a
+    bias, BatchNorm without running statistics) the parts run, in eval and in training, as Transformers runs them."""
+    model = randomize_(SegformerForSemanticSegmentation(tiny_config()), seed=4).eval()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    head = model.decode_head
+    tol = 2 * fp32_tol(series_depth(model, x))  # two fp32 passes
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            fast = model(x).logits
+            model.fast_path = False
+            plain = model(x).logits
+            model.fast_path = True
+        return fast, plain
+
+    handle = head.classifier.register_forward_hook(lambda module, args, out: out * 0)
+    assert (both()[0] == 0).all()
+    handle.remove()
+    seen = []
+    handle = head.linear_fuse.register_forward_pre_hook(lambda *_: seen.append(1))
+    fast, plain = both()
+    assert seen and rel_err(fast, plain) <= tol
+    handle.remove()
+
+    class Adapter(nn.Linear):  # (a LoRA-style replacement: its own forward)
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return super().forward(t) + 1.0
+
+    original = head.linear_c[0].proj
+    adapter = Adapter(original.in_features, original.out_features)
+    adapter.load_state_dict(original.state_dict())
+    with torch.no_grad():
+        before = model(x).logits
+    head.linear_c[0].proj = adapter
+    fast, plain = both()
+    assert rel_err(fast, plain) <= tol and not torch.allclose(fast, before)
+    model.train()
+    model(x, labels=torch.zeros(1, 64, 64, dtype=torch.long)).loss.backward()
+    assert adapter.weight.grad is not None and adapter.weight.grad.abs().sum() > 0
+    model.eval().zero_grad()
+    head.linear_c[0].proj = original
+
+    quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+    with torch.no_grad():
+        assert rel_err(quantized(x).logits, before) <= 0.1  # (int8 weights: near, not equal)
+
+    head.classifier = nn.Conv2d(head.classifier.in_channels, head.classifier.out_channels, 1, bias=False)
+    fast, plain = both()
+    assert rel_err(fast, plain) <= tol
+    head.batch_norm = nn.BatchNorm2d(head.batch_norm.num_features, track_running_stats=False)
+    fast, plain = both()
+    assert rel_err(fast, plain) <= tol
+
+
+def test_backward_through_a_frozen_model_in_eval_mode():
+    """Gradients for the input of a frozen eval-mode model (saliency maps, adversarial examples), and with only
+    the head frozen: the head then records its graph instead of resizing in place."""
+    model = randomize_(SegformerForSemanticSegmentation(tiny_config()), seed=6).eval().requires_grad_(False)
+    grads = []
+    for fast in (True, False):
+        model.fast_path = fast
+        x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        model(x).logits.square().sum().backward()
+        grads.append(x.grad)
+    # two fp32 passes, forward and backward
+    assert rel_err(grads[0], grads[1]) <= 2 * fp32_tol(2 * series_depth(model, x))
+    model.fast_path = True
+    model.segformer.requires_grad_(True)
+    model(x).logits.sum().backward()
+    assert model.segformer.encoder.patch_embeddings[0].proj.weight.grad is not None
+
+
+def test_attention_maps_in_training_are_the_dropped_probabilities():
+    """With attention dropout in training, the returned maps are the probabilities as used: after dropout (zeros,
+    the survivors scaled by 1/(1-p)), as Transformers returns them."""
+    torch.manual_seed(0)
+    model = SegformerForSemanticSegmentation(tiny_config(attention_probs_dropout_prob=0.5)).train()
+    maps = model(torch.randn(1, 3, 64, 64), output_attentions=True).attentions[0]
+    zeros = (maps == 0).float().mean().item()
+    assert 0.4 < zeros < 0.6
+    model.eval()
+    maps = model(torch.randn(1, 3, 64, 64), output_attentions=True).attentions[0]
+    torch.testing.assert_close(maps.sum(-1), torch.ones(maps.shape[:-1]))
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     model = randomize_(
