@@ -20,6 +20,7 @@ command line) reads them through this module, so one picture gives the same pixe
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import threading
@@ -39,6 +40,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default for Image.MAX_IMAGE_PIXELS
 # what a folder of images may hold (data sets, `segformer predict`); compared lower-case
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pnm")
+# The raster formats Pillow may decode here (whatever the file's name says). Not the others: EPS runs Ghostscript
+# on the file (PostScript from an upload would be a program), WMF/EMF and the scientific and video stubs are no
+# photographs.
+RASTER_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "DIB", "TIFF", "GIF", "PPM", "TGA", "ICO", "JPEG2000", "PCX", "SGI",
+                  "QOI", "PSD", "AVIF", "HEIF", "SUN", "IM")  # fmt: skip
 
 ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray | torch.Tensor
 
@@ -79,7 +85,7 @@ def open_image(source: str | os.PathLike | bytes, max_pixels: int | None = DEFAU
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 try:
-                    img = Image.open(path)
+                    img = Image.open(path, formats=_raster_formats())
                 except Image.UnidentifiedImageError:
                     raise ImageError("not an image (Pillow cannot identify the format)") from None
                 except Exception as exc:
@@ -100,6 +106,13 @@ def open_image(source: str | os.PathLike | bytes, max_pixels: int | None = DEFAU
         finally:
             Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
     return img
+
+
+@functools.lru_cache(maxsize=1)
+def _raster_formats() -> tuple[str, ...]:
+    """:data:`RASTER_FORMATS` that this Pillow has (a plugin may be missing: AVIF, HEIF)."""
+    Image.init()
+    return tuple(f for f in RASTER_FORMATS if f in Image.OPEN)
 
 
 def tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:

@@ -36,6 +36,7 @@ import dataclasses
 import functools
 import logging
 import math
+import numbers
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -53,12 +54,15 @@ MODES = ("whole", "aligned", "slide")
 
 
 def _check_pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
-    if isinstance(value, int):
+    if isinstance(value, numbers.Real):
         value = (value, value)
-    pair = tuple(int(v) for v in value)
-    if len(pair) != 2 or min(pair) < 1:
+    try:
+        whole = [isinstance(v, numbers.Real) and not isinstance(v, bool) and float(v).is_integer() for v in value]
+    except TypeError:  # (not a sequence)
+        whole = [False]
+    if len(whole) != 2 or not all(whole) or min(value) < 1:
         raise ValueError(f"{name} must be two positive integers (height, width), got {value!r}")
-    return pair  # type: ignore[return-value]
+    return int(value[0]), int(value[1])
 
 
 @dataclass(frozen=True)
@@ -94,8 +98,8 @@ class InferenceOptions:
             if int(value) != value or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         scales = None if self.scales is None or len(self.scales) == 0 else tuple(float(v) for v in self.scales)
-        if scales is not None and min(scales) <= 0:
-            raise ValueError(f"scales must be positive, got {list(scales)}")
+        if scales is not None and not all(math.isfinite(v) and v > 0 for v in scales):
+            raise ValueError(f"scales must be positive finite numbers, got {list(scales)}")
         for name, value in (
             ("crop_size", crop_size),
             ("stride", stride),
@@ -669,7 +673,7 @@ def aligned_size(
     i.e. long side ≤ long_side and short side ≤ short_side with one of them equal, then round each side up to
     a multiple of ``align``. Returns (height, width)."""
     scale = min(long_side / max(height, width), short_side / min(height, width))
-    h, w = int(height * scale + 0.5), int(width * scale + 0.5)
+    h, w = max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))  # (a 29x120000 strip: 1 row)
     return math.ceil(h / align) * align, math.ceil(w / align) * align
 
 

@@ -41,6 +41,7 @@ import io
 import json
 import logging
 import math
+import numbers
 import os
 import signal
 import socket
@@ -96,6 +97,10 @@ def require_serve_dependencies() -> None:
 
 
 # ----------------------------------------------------------------------------------------------- settings
+MAX_TIMEOUT = 86400.0  # seconds: a day, for any wait the server keeps (far below what timers can hold)
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"})
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """How the server batches, bounds and guards requests (the ``segformer serve`` options).
@@ -103,16 +108,19 @@ class ServeConfig:
     max_batch: jobs one inference worker takes at once (same-size images share a forward pass). max_wait_ms: how
     long a worker holding a job waits for more, only while admitted requests are still being read. max_queue:
     requests admitted and not yet taken by a worker; one more gets 503 with Retry-After. timeout: seconds from
-    admission to the model's answer, else 504. workers: inference threads, each running its own forward passes
-    (1: never two at once on the device). max_upload_bytes: larger bodies get 413 (Content-Length is checked
-    before anything is read). api_key: a bearer token for the /v1 routes (None: open). cors_origins: origins
-    allowed to call the API from a browser (empty: CORS off). alpha: the default overlay opacity.
+    admission to the model's answer, else 504. upload_idle_timeout: seconds an upload may send nothing before
+    it gets 408 and gives its queue place back (a stalled or idle client). workers: inference threads, each
+    running its own forward passes (1: never two at once on the device). max_upload_bytes: larger bodies get 413
+    (Content-Length is checked before anything is read). api_key: a bearer token for the /v1 routes (None:
+    open; printable ASCII). cors_origins: origins allowed to call the API from a browser (empty: CORS off).
+    alpha: the default overlay opacity.
     """
 
     max_batch: int = 8
     max_wait_ms: float = 5.0
     max_queue: int = 32
     timeout: float = 30.0
+    upload_idle_timeout: float = 10.0
     workers: int = 1
     max_upload_bytes: int = 20 * 2**20
     api_key: str | None = None
@@ -121,16 +129,26 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_queue", "workers", "max_upload_bytes"):
-            if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if not self.max_wait_ms >= 0:
-            raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms!r}")
-        if not self.timeout > 0:
-            raise ValueError(f"timeout must be positive, got {self.timeout!r}")
+            value = getattr(self, name)
+            if not (isinstance(value, numbers.Real) and math.isfinite(value) and value == int(value) and value >= 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not 0 < self.timeout <= MAX_TIMEOUT:  # (NaN fails too; beyond, the event loop's timers overflow)
+            raise ValueError(
+                f"timeout must be a positive number of seconds up to {MAX_TIMEOUT:g}, got {self.timeout!r}"
+            )
+        if not 0 <= self.max_wait_ms <= 1000 * self.timeout:
+            raise ValueError(f"max_wait_ms must be between 0 and the timeout (in ms), got {self.max_wait_ms!r}")
+        if not 0 < self.upload_idle_timeout <= MAX_TIMEOUT:
+            raise ValueError(
+                f"upload_idle_timeout must be a positive number of seconds, got {self.upload_idle_timeout!r}"
+            )
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key must not be empty (omit it for an open server)")
+        if self.api_key is not None and not all("!" <= c <= "~" for c in self.api_key):
+            # HTTP headers arrive as Latin-1: a key with spaces, controls or non-ASCII letters would never match
+            raise ValueError("api_key must be printable ASCII without spaces (what an HTTP header carries)")
         object.__setattr__(self, "cors_origins", tuple(self.cors_origins))
 
 
@@ -190,6 +208,7 @@ class Metrics:
         self.images = 0
 
     def request(self, method: str, route: str, status: int, seconds: float) -> None:
+        method = method if method in HTTP_METHODS else "other"  # (a client's made-up methods: one series)
         with self._lock:
             self.requests[(method, route, status)] += 1
             self.latency.setdefault(route, _Histogram(self.LATENCY_BUCKETS)).observe(seconds)
@@ -683,21 +702,25 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
                     f"upload of {int(length):,} bytes is over the limit of {limit:,} bytes (--max-upload-mb)",
                 )
         chunks, size = [], 0
-
-        async def receive_all() -> None:
-            nonlocal size
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise ApiError(413, "too_large", too_large)
-                chunks.append(chunk)
-
-        try:
-            await asyncio.wait_for(receive_all(), max(deadline - time.perf_counter(), 0.001))
-        except asyncio.TimeoutError:
-            raise ApiError(408, "upload_timeout", "the upload did not arrive within --timeout") from None
-        except ClientDisconnect:
-            raise ApiError(400, "bad_request", "the client disconnected during the upload") from None
+        stream = request.stream().__aiter__()
+        while True:  # each chunk within --upload-idle-timeout of the last, all of them within --timeout
+            left = deadline - time.perf_counter()
+            wait = min(left, config.upload_idle_timeout)
+            try:
+                chunk = await asyncio.wait_for(stream.__anext__(), max(wait, 0.001))
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                if wait < left:
+                    reason = f"the upload stalled: nothing arrived for {config.upload_idle_timeout:g} s"
+                    raise ApiError(408, "upload_timeout", reason + " (--upload-idle-timeout)") from None
+                raise ApiError(408, "upload_timeout", "the upload did not arrive within --timeout") from None
+            except ClientDisconnect:
+                raise ApiError(400, "bad_request", "the client disconnected during the upload") from None
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, "too_large", too_large)
+            chunks.append(chunk)
         return b"".join(chunks)
 
     async def image_bytes(request: Request, body: bytes) -> bytes:
@@ -714,6 +737,9 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
                 raise ApiError(400, "bad_request", f"bad multipart body: {exc.message}") from None
             try:
                 parts = [v for _, v in form.multi_items() if hasattr(v, "read")]
+                if not parts and "file" in form:
+                    reason = "the multipart part 'file' has no filename: send it as a file (curl -F file=@photo.jpg)"
+                    raise ApiError(400, "bad_request", reason)
                 if not parts:
                     raise ApiError(400, "bad_request", "the multipart body has no file part: send the image as 'file'")
                 return await parts[0].read()

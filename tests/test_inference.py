@@ -121,6 +121,7 @@ def test_aligned_resize_sizes_and_output():
         96,
         2048,
     )  # long side limits: 68.3 → 96
+    assert aligned_size(29, 120000) == (32, 2048)  # 0.5 rows would round to none: one row, rounded up to 32
     model = PerPixel()
     x = torch.randn(1, 3, 50, 70)
     probs = infer(model, x, mode="aligned", short_side=64, long_side=128)
@@ -1168,11 +1169,25 @@ def test_options_validate_with_the_messages_of_infer():
         (dict(crop_size=(0, 4)), "crop_size must be two positive integers"),
         (dict(short_side=0), "short_side must be a positive integer"),
         (dict(align=2.5), "align must be a positive integer"),
+        (dict(crop_size=32.7), "crop_size must be two positive integers"),
+        (dict(stride=(16, "8")), "stride must be two positive integers"),
+        (dict(scales=[1.0, float("nan")]), "scales must be positive finite numbers"),
+        (dict(scales=[float("inf")]), "scales must be positive finite numbers"),
     ):
         with pytest.raises(ValueError, match=message):
             InferenceOptions(**kwargs)
         with pytest.raises(ValueError, match=message):
             infer(PerPixel(), torch.randn(1, 3, 32, 32), **kwargs)
+
+
+def test_extreme_aspect_ratios_and_scales_are_segmented(seg):
+    """A strip whose short side the aligned resize would take below one pixel, and a scale that small, still get
+    their labels: one row (rounded up to ``align``, padded to the model's minimum), back at the image's size."""
+    x = torch.randn(1, 3, 29, 4000, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        labels = predict_labels(seg, x, mode="aligned", short_side=64, long_side=128, align=16)
+        scaled = predict_labels(seg, x[..., :64], mode="aligned", short_side=64, long_side=128, scales=[0.001, 1.0])
+    assert labels.shape == (1, 29, 4000) and scaled.shape == (1, 29, 64)
 
 
 def test_options_normalise_and_round_trip_through_json():

@@ -199,6 +199,10 @@ def bad_uploads(tmp_path: Path, too_large: int = 300_000) -> list[tuple[str, byt
         ("form field", b"file=abc", {"Content-Type": "application/x-www-form-urlencoded"}, 400, "bad_request",
          "unsupported Content-Type"),
         ("no file part", text_part, {"Content-Type": text_type}, 400, "bad_request", "no file part"),
+        ("file part without a filename", _multipart("file", good, filename=None)[0], {"Content-Type": text_type},
+         400, "bad_request", "'file' has no filename"),
+        ("PostScript", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nshowpage\n", {"Content-Type": "image/png"},
+         400, "bad_image", "not an image"),  # (never handed to Ghostscript: not a raster format)
         ("broken multipart", b"--nope", {"Content-Type": "multipart/form-data"}, 400, "bad_request", "multipart"),
         ("too small", png_of(10, 12, 8), {"Content-Type": "image/png"}, 400, "bad_image", "minimum"),
         ("bomb", bomb_bytes(tmp_path), {"Content-Type": "image/png"}, 413, "too_many_pixels", "decompression bomb"),
@@ -262,16 +266,20 @@ def test_health_readiness_and_metrics(predictor):
         for seed in range(3):
             assert c.post("/v1/segment", content=png_of(48, 64, seed)).status_code == 200
         c.post("/v1/segment", content=b"junk")
+        for method in ("M1", "M2"):  # made-up methods: one series, not one each
+            assert c.request(method, "/v1/segment").status_code == 405
         r = c.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
     text = r.text
     assert metric(text, "segformer_requests_total", method="POST", route="/v1/segment", status="200") == 3
     assert metric(text, "segformer_requests_total", method="POST", route="/v1/segment", status="400") == 1
     assert metric(text, "segformer_errors_total", kind="bad_image") == 1
+    assert metric(text, "segformer_requests_total", method="other", route="/v1/segment", status="405") == 2
+    assert 'method="M1"' not in text
     pattern = r'^segformer_request_duration_seconds_bucket\{route="/v1/segment",le="[^"]+"\} (\S+)$'
     buckets = [float(v) for v in re.findall(pattern, text, re.M)]
-    assert buckets == sorted(buckets) and buckets[-1] == 4  # cumulative, +Inf holds all
-    assert metric(text, "segformer_request_duration_seconds_count", route="/v1/segment") == 4
+    assert buckets == sorted(buckets) and buckets[-1] == 6  # cumulative, +Inf holds all
+    assert metric(text, "segformer_request_duration_seconds_count", route="/v1/segment") == 6
     assert metric(text, "segformer_batch_size_count") >= 3 and metric(text, "segformer_images_total") == 3
     assert metric(text, "segformer_queue_depth") == 0 and metric(text, "segformer_model_ready") == 1
     for line in text.splitlines():  # the exposition format: comments, or `name{labels} value`
@@ -446,8 +454,11 @@ def test_forward_passes_never_overlap_unless_workers_say_so(predictor, workers):
 
 
 def test_config_and_missing_dependencies_are_one_line_errors(monkeypatch):
+    inf, nan = float("inf"), float("nan")
     for bad in (dict(max_batch=0), dict(max_queue=0), dict(workers=0), dict(timeout=0), dict(alpha=2),
-                dict(max_wait_ms=-1), dict(max_upload_bytes=0)):  # fmt: skip
+                dict(max_wait_ms=-1), dict(max_upload_bytes=0), dict(max_upload_bytes=inf), dict(timeout=inf),
+                dict(timeout=nan), dict(timeout=1e10), dict(max_wait_ms=1e300), dict(upload_idle_timeout=0),
+                dict(api_key="clé"), dict(api_key="two words")):  # fmt: skip
         with pytest.raises(ValueError, match=next(iter(bad)).split("_")[0]):
             ServeConfig(**bad)
     from segformer.serve import require_serve_dependencies
@@ -467,6 +478,9 @@ def test_command_help_defaults_and_bad_model(capsys, tmp_path):
     assert code == 2 and err.count("\n") == 1 and "cannot load model" in err
     code, _, err = run_cli(capsys, "serve", tmp_path, "--max-batch", "0")
     assert code == 2 and "--max-batch" in err
+    for flag in ("--timeout", "--max-upload-mb", "--max-wait-ms", "--upload-idle-timeout"):
+        code, _, err = run_cli(capsys, "serve", tmp_path, flag, "inf")
+        assert code == 2 and f"argument {flag}: expected" in err.splitlines()[-1]  # (argparse: usage, then it)
 
 
 # ---------------------------------------------------------------------------------------------- a real server
@@ -649,11 +663,12 @@ def _reply(sock: socket.socket) -> bytes:
 @pytest.mark.slow
 def test_real_server_limits_key_and_slow_uploads(checkpoint):
     """Over a real socket: a declared Content-Length over the limit is refused before any of the body is sent, an
-    upload that stalls gets 408, and the API key comes from the environment."""
+    upload that stalls gets 408 after --upload-idle-timeout (one that trickles, after --timeout), and the API key
+    comes from the environment."""
     import httpx
 
-    server = ServerProcess(checkpoint, "--mode", "whole", "--max-upload-mb", "1", "--timeout", "1",
-                           env={"SEGFORMER_API_KEY": "k3y"})  # fmt: skip
+    server = ServerProcess(checkpoint, "--mode", "whole", "--max-upload-mb", "1", "--timeout", "3",
+                           "--upload-idle-timeout", "1", env={"SEGFORMER_API_KEY": "k3y"})  # fmt: skip
     try:
         server.wait_ready()
         host, port = server.url.removeprefix("http://").split(":")
@@ -664,8 +679,20 @@ def test_real_server_limits_key_and_slow_uploads(checkpoint):
             assert reply.startswith(b"HTTP/1.1 413 ") and b"over the limit" in reply
         with socket.create_connection((host, int(port)), timeout=30) as s:
             s.sendall((head + "Content-Length: 1000\r\n\r\n").encode() + b"\x89PNG")  # and then nothing
+            started = time.perf_counter()
             reply = _reply(s)
-            assert reply.startswith(b"HTTP/1.1 408 ") and b"did not arrive" in reply
+            assert reply.startswith(b"HTTP/1.1 408 ") and b"stalled" in reply
+            assert time.perf_counter() - started < 2.5  # (the idle limit, 1 s, not the whole --timeout, 3 s)
+        with socket.create_connection((host, int(port)), timeout=30) as s:
+            s.sendall((head + "Content-Length: 1000\r\n\r\n").encode())
+            for _ in range(12):  # a byte every 0.4 s: never idle for 1 s, never done within 3
+                time.sleep(0.4)
+                try:
+                    s.sendall(b"x")
+                except OSError:  # (answered and closed)
+                    break
+            reply = _reply(s)
+            assert reply.startswith(b"HTTP/1.1 408 ") and b"did not arrive within --timeout" in reply
         assert httpx.post(server.url + "/v1/segment", content=png_of(48, 64, 1)).status_code == 401
         assert httpx.get(server.url + "/v1/model").status_code == 401
         assert httpx.get(server.url + "/v1/model", headers={"Authorization": "Bearer k3y"}).json()["auth"] is True

@@ -7,6 +7,7 @@ segformer serve ./my-checkpoint --host 0.0.0.0 --port 8080 --api-key "$KEY" --ma
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 from . import (
@@ -29,7 +30,7 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
+    if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
     return value
 
@@ -39,7 +40,7 @@ def _non_negative_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0:
+    if not (value >= 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
     return value
 
@@ -105,6 +106,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "arriving) (30)",
     )
     p.add_argument(
+        "--upload-idle-timeout",
+        type=_positive_float,
+        default=10.0,
+        help="seconds an upload may send nothing before it gets 408 and frees its queue place (10)",
+    )
+    p.add_argument(
         "--workers",
         type=positive_int,
         default=1,
@@ -144,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,
         timeout=args.timeout,
+        upload_idle_timeout=args.upload_idle_timeout,
         workers=args.workers,
         max_upload_bytes=max(1, int(args.max_upload_mb * 2**20)),
         api_key=args.api_key,
