@@ -27,14 +27,17 @@ encoder stage, the head) too small for bf16 to pay, which run in fp32 (:data:`_B
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import math
 import platform
+import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -243,64 +246,80 @@ def check_pixel_values(pixel_values: Any, config: SegformerConfig) -> None:
             )
 
 
+# ----------------------------------------------------------------------------- weights derived and kept
+# What inference keeps between calls (the folded decode head, bf16 casts of weights) is checked against its
+# sources' values on every use, not only against their version counters: a write through ``param.data`` (an EMA,
+# a hand-written update, ``w.data.normal_()``) or through a numpy view leaves the version counter alone, and
+# a kept result would silently stay the old weights'. Each entry keeps a snapshot of its sources and compares the
+# bytes (NaN payloads included): on the CPU one memcmp, ~0.1 ms for b0's decode head, ~0.8 ms for b2's.
+def _snapshot(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [t.detach().clone(memory_format=torch.contiguous_format) for t in tensors]
+
+
+def _unchanged(tensors: Sequence[torch.Tensor], snapshot: Sequence[torch.Tensor]) -> bool:
+    """Whether ``tensors`` hold exactly the bytes of ``snapshot`` (:func:`_snapshot`) in the same shapes."""
+    if len(tensors) != len(snapshot):
+        return False
+    pending = []  # other devices: one synchronisation for all
+    for t, kept in zip(tensors, snapshot, strict=True):
+        if t.shape != kept.shape or t.dtype != kept.dtype or t.device != kept.device:
+            return False
+        if t.device.type == "cpu" and t.is_contiguous():
+            if not _same_bytes(t, kept):
+                return False
+        else:
+            pending.append(torch.ne(t.detach(), kept).any() if t.numel() else torch.zeros((), dtype=torch.bool))
+    return not pending or not bool(torch.stack([p.to(pending[0].device) for p in pending]).any())
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two contiguous CPU tensors of one size hold the same bytes: the C library's memcmp (~20 GB/s here;
+    ``torch.equal`` took 0.05-8 ms erratically on 1.5 MB, its thread pool waking), else numpy."""
+    nbytes = a.numel() * a.element_size()
+    if _MEMCMP is not None:
+        return nbytes == 0 or _MEMCMP(a.data_ptr(), b.data_ptr(), nbytes) == 0
+    return np.array_equal(a.detach().reshape(-1).view(torch.uint8).numpy(), b.reshape(-1).view(torch.uint8).numpy())
+
+
+def _find_memcmp() -> Any:
+    try:
+        libc = ctypes.CDLL(None) if sys.platform != "win32" else ctypes.cdll.msvcrt
+        memcmp = libc.memcmp
+    except (OSError, AttributeError):  # (no C library to load this way: numpy compares)
+        return None
+    memcmp.restype, memcmp.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    return memcmp
+
+
+_MEMCMP = _find_memcmp()
+
+
 # --------------------------------------------------------------------------------------------- encoder
-class _ChannelsLastWeight:
-    """A channels-last copy of one conv weight, kept between inference calls and made again when the weight
-    changes (another tensor, an in-place update, a dtype, device or shape change). A copied or pickled model
-    starts without it."""
-
-    def __init__(self) -> None:
-        self._entries: dict[torch.dtype, tuple[tuple, torch.Tensor]] = {}
-
-    def __reduce__(self) -> tuple:
-        return (_ChannelsLastWeight, ())
-
-    def clear(self) -> None:
-        self._entries = {}
-
-    def of(self, weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The copy, in ``dtype`` (default: the weight's; under bf16 autocast, the bf16 cast autocast makes)."""
-        dtype = weight.dtype if dtype is None else dtype
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, tuple(weight.shape))
-        entry = self._entries.get(dtype)
-        if entry is None or entry[0] != key:
-            copy = weight.detach().to(dtype).contiguous(memory_format=torch.channels_last)
-            entry = self._entries[dtype] = (key, copy)
-        return entry[1]
 
 
-def _conv_channels_last(conv: nn.Module, x: torch.Tensor, copy: _ChannelsLastWeight, fast: bool) -> torch.Tensor:
-    """``conv(x)`` for a channels-last map ``x``. PyTorch then runs its channels-last kernel, which first copies an
-    NCHW weight into that layout, on every call: a strided copy of the whole weight (b2's last patch embedding:
-    1.5M values). In CPU inference (fast path, eval mode, no autograd graph, no autocast, no graph capture, no
-    hooks on the conv) that copy is made once and kept (:class:`_ChannelsLastWeight`): the same kernel and the
-    same values. With the sequence reductions run as GEMMs on their copies (SegformerEfficientSelfAttention.reduce)
-    b0 at 128² is 11% faster end to end, b2 at 256² 5%, 512² 1–2% (interleaved, 2 threads), for about a quarter
-    more memory than the model's weights (these weights twice). The parameters themselves stay NCHW: flat views
-    of them (``parameters_to_vector``, LBFGS) need contiguous bytes. (Two threads racing here both make a copy
-    and one is kept: the same values either way.)"""
-    if _keeps_weight_copy(conv, x, fast) and x.is_contiguous(memory_format=torch.channels_last):
+def _conv_channels_last(conv: nn.Module, x: torch.Tensor, fast: bool) -> torch.Tensor:
+    """``conv(x)`` for a channels-last map ``x``. PyTorch then runs its channels-last kernel on a copy of the NCHW
+    weight in that layout, made on every call; in CPU inference (:func:`_on_weight_copy`) the copy is made here
+    (:func:`_channels_last_weight`), as fast as PyTorch's and in the dtype bf16 autocast would cast to. Nothing
+    is kept between calls: a kept copy would have to be checked against the weight's values on every call (a
+    write through ``.data`` moves no version counter), which costs as much as the copy, and doubles the memory
+    of these weights (b5: +79 MiB). The parameters themselves stay NCHW: flat views of them
+    (``parameters_to_vector``, LBFGS) need contiguous bytes."""
+    if _on_weight_copy(conv, x, fast) and x.is_contiguous(memory_format=torch.channels_last):
         dtype = _copy_dtype(conv.weight)
-        weight, bias = copy.of(conv.weight, dtype), _kept(conv.bias, dtype)
+        weight, bias = _channels_last_weight(conv.weight, dtype), _kept(conv.bias, dtype)
         return F.conv2d(x.to(dtype), weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     return conv(x)
 
 
-class _KeepsWeightCopy(nn.Module):
-    """A module whose conv runs on a kept channels-last copy of its weight in CPU inference
-    (:func:`_conv_channels_last`); .to(), .half() and the like drop the copy with the old weight."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._weight_copy = _ChannelsLastWeight()
-
-    def _apply(self, fn: Any, recurse: bool = True) -> nn.Module:
-        self._weight_copy.clear()
-        return super()._apply(fn, recurse)
+def _channels_last_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A conv weight's channels-last copy in ``dtype`` (one pass over the weight)."""
+    return weight.detach().to(dtype).contiguous(memory_format=torch.channels_last)
 
 
-def _keeps_weight_copy(conv: nn.Module, x: torch.Tensor, fast: bool) -> bool:
-    """Whether ``conv`` runs on a kept channels-last copy of its weight (see :func:`_conv_channels_last`)."""
+def _on_weight_copy(conv: nn.Module, x: torch.Tensor, fast: bool) -> bool:
+    """Whether ``conv`` runs on a channels-last copy of its weight made for the call (CPU inference: fast path,
+    eval mode, no autograd graph, no graph capture, no hooks on the conv; see :func:`_conv_channels_last`)."""
     weight = getattr(conv, "weight", None)
     return (
         fast
@@ -316,22 +335,22 @@ def _keeps_weight_copy(conv: nn.Module, x: torch.Tensor, fast: bool) -> bool:
     )
 
 
-class SegformerOverlapPatchEmbeddings(_KeepsWeightCopy):
+class SegformerOverlapPatchEmbeddings(nn.Module):
     """Overlapping patch embedding: strided conv (padding k//2) → tokens → LayerNorm. (OverlapPatchEmbed.)"""
 
     def __init__(self, patch_size: int, stride: int, in_channels: int, hidden_size: int) -> None:
         super().__init__()
         self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride, padding=patch_size // 2)
         self.layer_norm = nn.LayerNorm(hidden_size, eps=TRANSFORMERS_LAYER_NORM_EPS)
-        self.fast_path = True  # the conv weight's channels-last copy kept for CPU inference (_conv_channels_last)
+        self.fast_path = True  # CPU inference: the conv on a channels-last copy of its weight (_conv_channels_last)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        x = _conv_channels_last(self.proj, x, self._weight_copy, self.fast_path)  # (B, C, H', W')
+        x = _conv_channels_last(self.proj, x, self.fast_path)  # (B, C, H', W')
         height, width = x.shape[-2:]
         return self.layer_norm(map_to_tokens(x)), height, width  # (B, H'*W', C)
 
 
-class SegformerEfficientSelfAttention(_KeepsWeightCopy):
+class SegformerEfficientSelfAttention(nn.Module):
     """Multi-head attention whose keys and values come from a sequence shortened by ``sr_ratio``² with a
     strided conv (sequence reduction). (Attention class of the original implementation.)"""
 
@@ -373,20 +392,20 @@ class SegformerEfficientSelfAttention(_KeepsWeightCopy):
     def reduce(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """The sequence reduction: the sr×sr, stride-sr conv over the (B, H*W, C) tokens → (B, N', C) tokens.
 
-        Its windows do not overlap, so where the conv would run on a kept channels-last copy of its weight (CPU
+        Its windows do not overlap, so where the conv would run on a channels-last copy of its weight (CPU
         inference, see :func:`_conv_channels_last`) it is one GEMM instead: each window's sr·sr·C values
-        gathered into a row (one copy of the tokens) times that copy read as a (C, sr·sr·C) matrix (a view).
-        The same sums in another order, faster than the conv kernel on the same copy, most at small images where
-        the kernel's fixed cost dominates."""
+        gathered into a row (one copy of the tokens) times the weight read as a (C, sr·sr·C) matrix in that
+        order (one copy of the weight). The same sums in another order, faster than the conv kernel, most at
+        small images where the kernel's fixed cost dominates."""
         conv, r = self.sr, self.sr_ratio
-        if not _keeps_weight_copy(conv, x, self.fast_path):
+        if not _on_weight_copy(conv, x, self.fast_path):
             return map_to_tokens(conv(tokens_to_map(x, height, width)))
         dtype = _copy_dtype(conv.weight)
         x, b, c = x.to(dtype), x.shape[0], x.shape[-1]
         h, w = height // r, width // r  # (the conv's floor: trailing rows / columns that fill no window drop)
         windows = x.view(b, height, width, c)[:, : h * r, : w * r].reshape(b, h, r, w, r, c).transpose(2, 3)
         rows = windows.reshape(b, h * w, r * r * c)  # (B, N', sr·sr·C): (kernel row, kernel column, channel)
-        weight = self._weight_copy.of(conv.weight, dtype).permute(0, 2, 3, 1).reshape(conv.out_channels, -1)  # view
+        weight = conv.weight.detach().to(dtype).permute(0, 2, 3, 1).reshape(conv.out_channels, -1)  # (one copy)
         return _linear(rows, weight, _kept(conv.bias, dtype))
 
 
@@ -718,7 +737,7 @@ class SegformerDecodeHead(nn.Module):
         self.dropout = nn.Dropout(config.classifier_dropout_prob)
         self.classifier = nn.Conv2d(d, config.num_labels, kernel_size=1)
         self.fast_path = True
-        self._fold_cache: tuple[tuple, list[torch.Tensor], torch.Tensor] | None = None
+        self._fold_cache: tuple[tuple, list[torch.Tensor], list[torch.Tensor], torch.Tensor] | None = None
         self._logits_buffer = ReusableBuffer()  # a chunked CPU batch's logits (segformer.allocator)
 
     def _maps(self, hidden_states: Iterable[torch.Tensor]) -> list[torch.Tensor]:
@@ -778,22 +797,23 @@ class SegformerDecodeHead(nn.Module):
         """The folded per-stage matrices M_i (D, C_i) and the bias c (D,), recomputed when weights change."""
         tensors = [p for p in self.linear_c.parameters()] + [self.linear_fuse.weight]
         tensors += [self.batch_norm.weight, self.batch_norm.bias]
-        # num_batches_tracked too: a train-mode forward updates the running statistics inside the kernel,
-        # which does not bump their version counters, but it does increment this counter with add_.
-        tensors += [self.batch_norm.running_mean, self.batch_norm.running_var, self.batch_norm.num_batches_tracked]
-        differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in tensors if t is not None)
+        # (a train-mode forward updates the running statistics inside the kernel, without bumping their version
+        # counters: the values are compared, see _unchanged)
+        tensors += [self.batch_norm.running_mean, self.batch_norm.running_var]
+        tensors = [t for t in tensors if t is not None]
+        differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
         if differentiable or torch.compiler.is_compiling():
             return self._fold()
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors if t is not None)
-        key += (self.batch_norm.eps,)
-        if self._fold_cache is None or self._fold_cache[0] != key:
+        key = (*((t.data_ptr(), t.dtype, t.device) for t in tensors), self.batch_norm.eps)
+        cache = self._fold_cache
+        if cache is None or cache[0] != key or not _unchanged(tensors, cache[1]):
             if torch.jit.is_tracing():  # every trace of a model not run yet records the folding (jit.trace checks
                 return self._fold()  # that two traces agree); a folded model's trace keeps the constants (ONNX)
             # autocast off: where the fold accumulates in float32 (_fold_dtype), a first call inside an autocast
             # region would otherwise keep low-precision matrices for every later call
             with torch.no_grad(), _autocast_disabled(self.linear_fuse.weight.device.type):
-                self._fold_cache = (key, *self._fold())
-        return self._fold_cache[1], self._fold_cache[2]
+                cache = self._fold_cache = (key, _snapshot(tensors), *self._fold())
+        return cache[2], cache[3]
 
     def _fold(self) -> tuple[list[torch.Tensor], torch.Tensor]:
         bn, weight = self.batch_norm, self.linear_fuse.weight
@@ -1100,7 +1120,7 @@ def _inference_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | Non
 
 
 def _copy_dtype(weight: torch.Tensor) -> torch.dtype:
-    """The dtype of a conv weight's kept channels-last copy (:func:`_keeps_weight_copy` allowed it): the
+    """The dtype of a conv weight's channels-last copy (:func:`_on_weight_copy` allowed it): the
     weight's own, or under CPU bf16 autocast the bf16 that autocast would cast it to."""
     return _cpu_autocast_dtype() if _cpu_autocast() else weight.dtype
 
@@ -1122,16 +1142,15 @@ _KEPT_CASTS = WeakIdKeyDictionary()
 
 def _kept(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """``t`` (a weight: a parameter, a buffer, a cached fold) in ``dtype``: itself, or its cast, kept while ``t``
-    lives and made again when it changes (another storage, an in-place update). The values are autocast's.
-    (An inference tensor, e.g. the folded head's matrices made under torch.inference_mode, has no version
-    counter: those are made afresh, never updated in place.)"""
+    lives and made again when it changes (another storage, other values however written: :func:`_unchanged`,
+    against a snapshot of ``t`` kept with the cast). The values are autocast's."""
     if t is None or t.dtype == dtype:
         return t
-    key = (t.data_ptr(), 0 if t.is_inference() else t._version, dtype, tuple(t.shape), tuple(t.stride()))
+    key = (t.data_ptr(), dtype, tuple(t.shape), tuple(t.stride()))
     entry = _KEPT_CASTS.get(t)
-    if entry is None or entry[0] != key:
-        entry = _KEPT_CASTS[t] = (key, t.detach().to(dtype))
-    return entry[1]
+    if entry is None or entry[0] != key or not _unchanged([t], entry[1]):
+        entry = _KEPT_CASTS[t] = (key, _snapshot([t]), t.detach().to(dtype))
+    return entry[2]
 
 
 def _is_mapped(nbytes: int) -> bool:

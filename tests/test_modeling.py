@@ -568,44 +568,28 @@ def test_sequence_reduction_gemm_equals_the_conv(stage, size):
     assert any("convolution" in name for name in ops) and ((plain.double() - ref).abs() <= bound).all()
 
 
-def _weight_copies(model: torch.nn.Module) -> list[tuple[torch.nn.Conv2d, modeling._ChannelsLastWeight]]:
-    embeddings = [(e.proj, e._weight_copy) for e in model.segformer.encoder.patch_embeddings]
-    return embeddings + [(a.sr, a._weight_copy) for a in _reducing_attentions(model)]
-
-
-def test_kept_channels_last_weight_copies_follow_the_weights():
-    """CPU inference keeps a channels-last copy of each patch embedding's and sequence reduction's weight (PyTorch
-    would copy it on every call); it follows in-place updates, goes with .to()/.double(), is not made in training
-    or with autograd, and copies or pickles of the model start without it."""
+def test_channels_last_weight_copies_are_made_per_call():
+    """CPU inference runs the patch embeddings and sequence reductions on channels-last copies of their weights
+    made for the call: nothing is kept on the modules (a copy, pickle or .double() of the model carries none),
+    an in-place update is seen by the next call, the parameters stay NCHW, and float64 runs in float64."""
     import pickle
 
-    model = randomize_(SegformerForSemanticSegmentation(tiny_config()), seed=7)
+    model = randomize_(SegformerForSemanticSegmentation(tiny_config()), seed=7).eval()
     x = torch.randn(2, 3, 64, 64)
-    model.train()(x)
-    with torch.enable_grad():
-        model.eval()(x)  # an autograd graph is recorded: the modules run, nothing is kept
-    assert all(not kept._entries for _, kept in _weight_copies(model))
+    convs = [e.proj for e in model.segformer.encoder.patch_embeddings] + [a.sr for a in _reducing_attentions(model)]
+    size = len(pickle.dumps(model.segformer))
     with torch.no_grad():
         first = model(x).logits
-    for conv, kept_copy in _weight_copies(model):
-        kept = kept_copy._entries[torch.float32][1]
-        assert torch.equal(kept, conv.weight) and kept.is_contiguous(memory_format=torch.channels_last)
-        assert conv.weight.is_contiguous()  # the parameter itself stays NCHW
-    with torch.no_grad():
-        for conv, _ in _weight_copies(model):
-            conv.weight.mul_(-1)  # in place: the copies must follow
+        assert len(pickle.dumps(model.segformer)) == size  # (nothing kept by the encoder)
+        for conv in convs:
+            conv.weight.mul_(-1)
         changed = model(x).logits
         fresh = SegformerForSemanticSegmentation(tiny_config())
         fresh.load_state_dict(model.state_dict())
         assert torch.equal(changed, fresh.eval()(x).logits) and not torch.equal(changed, first)
-    assert all(torch.equal(kept._entries[torch.float32][1], conv.weight) for conv, kept in _weight_copies(model))
-    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
-        assert all(not kept._entries for _, kept in _weight_copies(clone))
-    model.double()
-    assert all(not kept._entries for _, kept in _weight_copies(model))
+    assert all(conv.weight.is_contiguous() for conv in convs)  # the parameters themselves stay NCHW
     with torch.no_grad():
-        assert model(x.double()).logits.dtype == torch.float64
-    assert all(list(kept._entries) == [torch.float64] for _, kept in _weight_copies(model))
+        assert model.double()(x.double()).logits.dtype == torch.float64
 
 
 def test_weights_flatten_and_their_gradients_keep_their_strides(tmp_path):
@@ -844,6 +828,7 @@ def test_kept_bf16_casts_follow_the_weights(bf16_at_every_size):
     assert len(modeling._KEPT_CASTS) > before
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model.decode_head.classifier.weight.mul_(-1)  # in place: the kept cast must follow
+        model.segformer.encoder.block[0][0].mlp.dense1.weight.data.mul_(-1)  # through .data (no version bump) too
         flipped = model(x).logits
     fresh = copy.deepcopy(model)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -902,6 +887,39 @@ def test_chunked_batch_logits_reuse_their_memory_only_once_dropped(monkeypatch):
         del first, held
         again = model(a).logits  # nothing held any more: the kept block again
     assert again.data_ptr() == address and rel_err(again, expected_a) <= 2 * fp32_tol(series_depth(model, a[:1]))
+
+
+def test_kept_weights_follow_writes_the_version_counters_miss():
+    """Writes through ``.data`` (an EMA, a hand-written update, re-initialisation) and through numpy views leave
+    the version counters alone; the kept channels-last copies and the folded head still follow them, as the
+    plain modules do: after copying another model's weights in, the logits are that model's."""
+    model = randomize_(SegformerForSemanticSegmentation(tiny_config()), seed=1).eval()
+    other = randomize_(SegformerForSemanticSegmentation(tiny_config()), seed=2).eval()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(x)  # the copies and the fold are made
+        for mine, theirs in zip(model.state_dict(keep_vars=True).values(), other.state_dict(keep_vars=True).values()):
+            mine.data.copy_(theirs.data)
+        assert torch.equal(model(x).logits, other(x).logits)
+        conv = model.segformer.encoder.patch_embeddings[1].proj
+        conv.weight.detach().numpy()[0, 0, 0, 0] += 1.0  # one value, through numpy
+        model.decode_head.batch_norm.running_var.data[3] *= 4
+        changed = model(x).logits
+        fresh = SegformerForSemanticSegmentation(tiny_config()).eval()
+        fresh.load_state_dict(model.state_dict())
+        assert torch.equal(changed, fresh(x).logits) and not torch.equal(changed, other(x).logits)
+
+
+def test_model_made_under_inference_mode_runs():
+    """Weights made inside torch.inference_mode() are inference tensors (no version counter): the kept copies
+    and the fold work from their values all the same."""
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        model = randomize_(SegformerForSemanticSegmentation(tiny_config()), seed=3).eval()
+        fast = model(x).logits
+        model.fast_path = False
+        plain = model(x).logits
+    assert rel_err(fast, plain) <= 2 * fp32_tol(series_depth(model, x))  # two fp32 passes
 
 
 def test_folded_head_follows_weight_changes():
