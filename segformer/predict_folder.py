@@ -124,6 +124,27 @@ def _output_stems(items: list[tuple[Path, Path]]) -> list[Path]:
     return stems
 
 
+_RUN_FILES = ("summary.csv", "summary.json", "legend.png")  # what a run writes besides each image's files
+
+
+def _check_outputs(items: list[tuple[Path, Path]], stems: list[Path], outputs: _Outputs) -> None:
+    """ValueError, before anything is written, where a file the run would write is one of its inputs (photo.v1.png
+    → photo.v1.png, a.jpg's overlay → an input a_overlay.jpg) or is written for two inputs (a.jpg's overlay and
+    a_overlay.png's label map): every output path once, none an input."""
+    owner: dict[Path, str] = {(outputs.folder / name).resolve(): "the run's summary" for name in _RUN_FILES}
+    for (src, _), stem in zip(items, stems, strict=True):
+        for path in outputs.paths(stem).values():
+            key = path.resolve()
+            if key in owner:
+                raise ValueError(f"{src}: its output {path.name} would also be written for {owner[key]}; rename it")
+            owner[key] = str(src)
+    for src, _ in items:
+        if src.resolve() in owner:
+            made_for = owner[src.resolve()]
+            what = "its own output" if made_for == str(src) else f"an output of {made_for}"
+            raise ValueError(f"{src}: this input would be overwritten by {what}; choose another --output folder")
+
+
 def _save(path: Path, image: Image.Image, fmt: str, **params: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: image.save(tmp, format=fmt, **params))
@@ -213,13 +234,11 @@ def predict_to_folder(
     out = Path(output)
     items = collect_images(inputs, recursive=recursive)
     stems = _output_stems(items)
-    for (src, _), stem in zip(items, stems, strict=True):
-        if (out / stem).with_suffix(".png").resolve() == src.resolve():
-            raise ValueError(f"{src}: the label map would overwrite this input; choose another --output folder")
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: the output must be a folder, and this is a file; choose another --output")
-    out.mkdir(parents=True, exist_ok=True)
     outputs = _Outputs(out, overlay_format, side_by_side_image, save_probs)
+    _check_outputs(items, stems, outputs)
+    out.mkdir(parents=True, exist_ok=True)
 
     mine = [(i, items[i][0], stems[i]) for i in range(len(items)) if i % world_size == rank]  # this rank's share
     records, todo = _find_existing(mine, outputs, predictor.num_classes, rank) if skip_existing else ([], mine)

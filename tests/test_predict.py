@@ -166,6 +166,30 @@ def test_predict_to_folder_keeps_clashing_names_apart(checkpoint, tmp_path):
         predict_to_folder(predictor, [src / "b", tmp_path / "c.png"], tmp_path / "out2", progress=False)
 
 
+@pytest.mark.parametrize(
+    "names, overlay_format, message",
+    [
+        (["photo.v1.png"], "jpg", "photo.v1.png: this input would be overwritten by its own output"),
+        (["a.jpg", "a_overlay.jpg"], "jpg", "a_overlay.jpg: this input would be overwritten by an output of"),
+        (["a.jpg", "a_overlay.png"], "png", "its output a_overlay.png would also be written for"),
+    ],
+)
+def test_no_output_overwrites_an_input_or_another_output(checkpoint, tmp_path, names, overlay_format, message):
+    """Every file a run would write is checked before the first is written: none is one of the inputs (a dotted
+    name, an input named like another's overlay, writing into the input folder) and none is written for two
+    inputs. The inputs are untouched and nothing is written."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in names:
+        Image.fromarray(_noise(32, 32)).save(src / name, format="PNG" if name.endswith(".png") else "JPEG")
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    predictor = SegformerPredictor(checkpoint, device="cpu", mode="whole")
+    output = src if overlay_format == "jpg" else tmp_path / "out"
+    with pytest.raises(ValueError, match=message):
+        predict_to_folder(predictor, [src], output, overlay_format=overlay_format, progress=False)
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before and not (tmp_path / "out").exists()
+
+
 def test_library_runs_map_their_work_areas_once(checkpoint, tmp_path, monkeypatch):
     """predict_to_folder and SegformerPredictor.predict on a list share one set of full-resolution work areas over
     their images (as the command line does): after the first image none is allocated again. Mapping them per image
