@@ -49,9 +49,10 @@ from .distributed import (
     init_distributed,
 )
 from .evaluate import evaluate
+from .hub import first_line
 from .inference import InferenceOptions, autocast, effective_amp, predict_labels, reuse_work_areas
 from .metrics import metrics_to_json
-from .modeling import SegformerForSemanticSegmentation, semantic_loss
+from .modeling import SegformerForSemanticSegmentation, min_input_size, semantic_loss
 from .recipe import (
     Optimization,
     TrainConfig,
@@ -164,6 +165,60 @@ def run_record(cfg: TrainConfig, precision: Precision) -> dict[str, Any]:
         if key == "amp":
             record["amp_effective"], record["amp_fallback_reason"] = precision
     return record
+
+
+# What may differ when a run is resumed: where and how it runs, not what it computes.
+RESUMABLE_CHANGES = frozenset(
+    {"data", "output", "resume", "stop_at", "workers", "progress", "device", "check_data", "log_every",
+     "eval_every", "save_every", "max_eval_images"}
+)  # fmt: skip
+
+
+def stored_run_config(resume_dir: Path) -> dict[str, Any] | None:
+    """The ``train_config.json`` of the run ``resume_dir`` (its last/ folder) belongs to, or None without one."""
+    path = Path(resume_dir).parent / "train_config.json"
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: cannot read the run's configuration ({first_line(exc)})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: not a run configuration (a JSON object)")
+    return record
+
+
+def check_resumed_config(cfg: TrainConfig, stored: dict[str, Any] | None) -> None:
+    """ValueError where a resumed run would compute something else than the run it continues: an option (other
+    than :data:`RESUMABLE_CHANGES`) whose value differs from the run's ``train_config.json``. ``segformer train
+    --resume`` takes every option it is not given from there."""
+    if stored is None:
+        return
+    now = _jsonable(cfg)
+    differ = [
+        f"--{k.replace('_', '-')} {_shown(now[k])} (the run: {_shown(stored[k])})"
+        for k in now
+        if k not in RESUMABLE_CHANGES and k in stored and now[k] != stored[k]
+    ]
+    if differ:
+        raise ValueError(
+            f"{cfg.output}: resuming with other settings than the run's ({'; '.join(differ)}): leave them out to "
+            "continue the run as it was, or start a new --output"
+        )
+
+
+def _shown(value: Any) -> str:
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
+def check_eval_size(config: SegformerConfig, options: InferenceOptions) -> None:
+    """ValueError, before training, where the evaluation's windows would be below the model's minimum input."""
+    smallest = min_input_size(config)
+    if options.mode == "slide" and min(options.crop_size) < smallest:
+        raise ValueError(
+            f"--eval-crop-size {options.crop_size[0]}x{options.crop_size[1]} is below this model's minimum input "
+            f"of {smallest}x{smallest} pixels"
+        )
 
 
 def _log(msg: str, info: DistInfo) -> None:
@@ -294,11 +349,16 @@ class RunState:
 
 def restore_state(resume_dir: Path, optim: Optimization, cfg: TrainConfig, info: DistInfo) -> RunState:
     """Load ``resume_dir/training_state.pt`` into ``optim`` and this rank's RNGs; return where the run stood."""
-    state = torch.load(resume_dir / TRAINING_STATE, map_location="cpu", weights_only=True)
-    optim.load_state_dict(state)
-    best = state.get("best_mIoU")
-    run = RunState(int(state["step"]), float(best) if best is not None else -math.inf, state.get("best_step"))
-    rngs = state["rng"]
+    path = resume_dir / TRAINING_STATE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        optim.load_state_dict(state)
+        best = state.get("best_mIoU")
+        run = RunState(int(state["step"]), float(best) if best is not None else -math.inf, state.get("best_step"))
+        rngs = state["rng"]
+    except Exception as exc:  # (truncated, not a training state, from another model or optimiser)
+        reason = f"{type(exc).__name__}: {first_line(exc)}" if isinstance(exc, KeyError) else first_line(exc)
+        raise ValueError(f"{path}: not a readable training state ({reason}); resume from another run") from None
     if len(rngs) == info.world_size:
         rng = rngs[info.rank]
         rng["python"] = python_state_to_tuple(rng["python"])
@@ -493,8 +553,13 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         _log("recipe: " + "; ".join(notes), info)
     output = Path(cfg.output)
     resume_dir = find_resume_dir(output, cfg.resume)
-    if resume_dir is None and (output / "last" / TRAINING_STATE).is_file():
+    if resume_dir is None and any((output / d / TRAINING_STATE).is_file() for d in ("last", ".last.old")):
         raise ValueError(f"{output} already holds a run; pass --resume auto to continue it, or another --output")
+    if resume_dir is None and cfg.resume == "auto" and (output / "last").is_dir():
+        raise ValueError(f"{output / 'last'} has no {TRAINING_STATE}: it cannot be resumed (start a new --output)")
+    if resume_dir is not None:
+        check_resumed_config(cfg, stored_run_config(resume_dir))
+    eval_options = cfg.eval_inference_options(data_kind(cfg))  # (its errors now, not after the training)
     data = build_data(cfg, info)
 
     # ---- model, optimiser, where the run stands
@@ -503,6 +568,12 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         net = SegformerForSemanticSegmentation.from_pretrained(resume_dir, dtype=torch.float32)
     else:
         net = build_model(cfg, data.train_set.id2label)
+    if net.config.num_labels != data.train_set.num_labels:
+        raise ValueError(
+            f"{resume_dir}: the run's model predicts {net.config.num_labels} classes, the data has "
+            f"{data.train_set.num_labels} (--data {cfg.data}): resume on the run's own data"
+        )
+    check_eval_size(net.config, eval_options)
     model, net = prepare_model(net, cfg, info)
     optim = build_optimizer(net, cfg)
     run = restore_state(resume_dir, optim, cfg, info) if resume_dir is not None else RunState()

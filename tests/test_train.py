@@ -403,6 +403,55 @@ def test_recipe_is_the_papers_for_ade_and_cityscapes_and_derived_for_own_data():
     assert resolve_recipe(resolved, "folder")[0] == resolved  # idempotent
 
 
+def test_resume_takes_the_runs_settings_and_refuses_other_ones(data, tiny_json, tmp_path, capsys):
+    """``--resume auto`` with only --data and --output continues the run with its own settings (train_config.json):
+    bit-identical to the run left uninterrupted. A setting that would change what it computes is refused before
+    any step, naming it; so are a last/ without its training state, an unreadable state, and data with another
+    class count."""
+    import shutil
+
+    def cli(out: Path, *extra: str) -> tuple[int, str]:
+        code, _, err = run_cli(capsys, "train", "--data", data, "--output", out, "--workers", "0", "--no-progress",
+                               *extra)  # fmt: skip
+        return code, err
+
+    run = ["--model", str(tiny_json), "--steps", "4", "--batch-size", "2", "--crop", "48", "48", "--eval-every", "0",
+           "--lr", "1e-3", "--save-every", "100"]  # fmt: skip
+    assert cli(tmp_path / "straight", *run)[0] == 0
+    assert cli(tmp_path / "split", *run, "--stop-at", "2")[0] == 0
+    base = tmp_path / "base"
+    shutil.copytree(tmp_path / "split", base)  # (the run stopped at step 2, for the refusals below)
+    code, err = cli(tmp_path / "split", "--resume", "auto")
+    assert code == 0 and "steps 2→4" in err, err[-2000:]
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    code, err = cli(base, "--resume", "auto", "--steps", "8", "--crop", "32", "32")
+    assert code == 2 and "--steps 8 (the run: 4)" in err and "--crop [32, 32] (the run: [48, 48])" in err
+    assert json.loads((base / "train_config.json").read_text())["steps"] == 4  # nothing rewritten
+    for name, damage, words in (
+        ("no-state", lambda run: (run / "last" / "training_state.pt").unlink(), "has no training_state.pt"),
+        ("empty-state", lambda run: (run / "last" / "training_state.pt").write_bytes(b""), "not a readable training"),
+    ):
+        shutil.copytree(base, tmp_path / name)
+        damage(tmp_path / name)
+        code, err = cli(tmp_path / name, "--resume", "auto")
+        assert code == 2 and words in err.splitlines()[-1], err[-500:]
+    other = tmp_path / "five-classes"
+    shutil.copytree(data, other)
+    (other / "labels.json").write_text('["a", "b", "c", "d", "e"]')
+    code, _, err = run_cli(capsys, "train", "--data", other, "--output", base, "--workers", "0", "--resume", "auto")
+    assert code == 2 and "predicts 4 classes, the data has 5" in err
+
+
+def test_evaluation_options_are_checked_before_training(data, tiny_json, tmp_path):
+    """A protocol the run could not evaluate with fails before the first step, not after the last."""
+    with pytest.raises(ValueError, match="--eval-crop-size 16x16 is below this model's minimum input"):
+        train(_cfg(data, tiny_json, tmp_path / "run", eval_mode="slide", eval_crop=(16, 16), eval_stride=(8, 8)))
+    with pytest.raises(ValueError, match="scales must be positive finite numbers"):
+        train(_cfg(data, tiny_json, tmp_path / "run", eval_scales=[1.0, float("inf")]))
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_resolved_recipe_is_printed_and_stored(data, tiny_json, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["--data", data, "--model", tiny_json, "--output", out, "--steps", "2", "--batch-size", "2"]

@@ -62,7 +62,12 @@ def _data_and_model_arguments(p: argparse.ArgumentParser) -> None:
         "for a different label set). Default: b0",
     )
     g.add_argument("--output", help="run directory (default: runs/segformer)")
-    g.add_argument("--resume", help="'auto' (continue the run in --output) or a run's last/ directory")
+    g.add_argument(
+        "--resume",
+        help="'auto' (continue the run in --output) or a run's last/ directory: the run continues with its own "
+        "settings (train_config.json); of the others, only where and how it runs may change (--data path, "
+        "--stop-at, --workers, --device, logging, evaluation and checkpoint intervals)",
+    )
     g.add_argument(
         "--check-data",
         choices=["full", "headers", "off"],
@@ -194,7 +199,28 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = {k: v for k, v in vars(args).items() if k in names and v is not None}
     if values.get("eval_scales") is not None:  # --eval-scales groups: "0.75 1.0" and/or "0.75,1.0"
         values["eval_scales"] = flatten(values["eval_scales"])
+    if values.get("resume"):  # a resumed run continues with its own settings where none are given
+        values = {**_stored_settings(values), **values}
     return TrainConfig(**values)
+
+
+def _stored_settings(values: dict) -> dict:
+    """The settings of the run ``--resume`` continues (its train_config.json; none if it has none), as
+    TrainConfig fields, without those that may change on a resume (segformer.train.RESUMABLE_CHANGES)."""
+    import dataclasses
+    from pathlib import Path
+
+    from segformer.config import SegformerConfig
+    from segformer.train import RESUMABLE_CHANGES, TrainConfig, find_resume_dir, stored_run_config
+
+    output = Path(values.get("output", TrainConfig.output))
+    resume_dir = find_resume_dir(output, values["resume"])
+    stored = stored_run_config(resume_dir) if resume_dir is not None else None
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - RESUMABLE_CHANGES
+    settings = {k: v for k, v in (stored or {}).items() if k in names}
+    if isinstance(settings.get("model"), dict):  # (a config given as an object, kept as one)
+        settings["model"] = SegformerConfig.from_dict(settings["model"])
+    return settings
 
 
 def run(args: argparse.Namespace) -> int:
