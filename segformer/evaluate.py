@@ -128,10 +128,11 @@ def write_metrics_json(path: str | os.PathLike, metrics: dict[str, Any]) -> None
 
 
 def load_model_for_eval(name_or_path: str | os.PathLike, device: torch.device) -> nn.Module:
-    """A SegformerForSemanticSegmentation from a checkpoint directory or hub id, in eval mode on ``device``."""
-    from .modeling import SegformerForSemanticSegmentation
+    """A SegformerForSemanticSegmentation from a checkpoint directory or hub id, in eval mode on ``device``
+    (one without decode-head weights is a ValueError: :func:`segformer.modeling.load_segmentation_model`)."""
+    from .modeling import load_segmentation_model
 
-    return SegformerForSemanticSegmentation.from_pretrained(name_or_path).to(device).eval()
+    return load_segmentation_model(name_or_path).to(device).eval()
 
 
 __all__ = ["DEFAULT_EVAL", "eval_options", "evaluate", "load_model_for_eval", "write_metrics_json"]

@@ -30,9 +30,18 @@ class HubError(OSError):
 
 
 def first_line(exc: BaseException) -> str:
-    """An exception as one line: its message's first line, or its type's name when it has no message."""
+    """An exception as one line: its message's first line, or its type's name when it has no message. An error
+    a DataLoader worker re-raised ("Caught ValueError in DataLoader worker process 0." and the worker's
+    traceback) is the worker's own message: the traceback's last line."""
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    if not text:
+        return type(exc).__name__
+    lines = text.splitlines()
+    if lines[0].startswith("Caught ") and "DataLoader worker" in lines[0] and len(lines) > 1:
+        last = lines[-1].strip()
+        prefix = f"{type(exc).__name__}: "
+        return last[len(prefix) :] if last.startswith(prefix) else last
+    return lines[0]
 
 
 def _looks_like_hub_id(name: str) -> bool:

@@ -1614,6 +1614,22 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: Segf
     return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
 
 
+def load_segmentation_model(name_or_path: Any, **kwargs: Any) -> SegformerForSemanticSegmentation:
+    """``SegformerForSemanticSegmentation.from_pretrained(name_or_path, **kwargs)`` for the commands that use
+    its predictions (predict, eval, serve, export): a checkpoint without decode-head weights (an encoder such as
+    nvidia/mit-b0, an image classifier) is a ValueError, where from_pretrained would warn and leave the head
+    random."""
+    model, info = SegformerForSemanticSegmentation.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
+    missing_head = sorted(k for k in info["missing_keys"] if k.startswith("decode_head."))
+    if missing_head:
+        architectures = ", ".join(model.config.architectures or []) or "no decode head"
+        raise ValueError(
+            f"{name_or_path}: not a segmentation checkpoint ({architectures}; {len(missing_head)} decode-head "
+            "weights missing): use a SegformerForSemanticSegmentation checkpoint, e.g. one from segformer train"
+        )
+    return model
+
+
 __all__ = [
     "BaseModelOutput",
     "SegFormerImageClassifierOutput",

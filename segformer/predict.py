@@ -97,10 +97,10 @@ def load_model(
     finish = quantize_int8 if int8 else (lambda net: net)
     if isinstance(model, nn.Module):
         return finish(model.to(device=dev, dtype=dt).eval())
-    from .modeling import SegformerForSemanticSegmentation
+    from .modeling import load_segmentation_model
 
     try:
-        net = SegformerForSemanticSegmentation.from_pretrained(model)
+        net = load_segmentation_model(model)
     except CheckpointError as exc:
         reason = str(exc).split(" (hub ids need")[0]  # the advice below replaces hub.py's shorter one
         reason = reason.removeprefix(f"{model}: ")

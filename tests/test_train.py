@@ -25,9 +25,10 @@ from conftest import (
     short_run,
     tiny_config,
 )
+from PIL import Image
 from safetensors.torch import load_file
 
-from segformer import SegformerForSemanticSegmentation
+from segformer import SegformerForSemanticSegmentation, SegformerModel
 from segformer.data import write_synthetic_dataset
 from segformer.train import TrainConfig, TrainingDivergedError, lr_factor, param_groups, train
 
@@ -200,6 +201,37 @@ def test_cli_train_then_eval(data, tiny_json, tmp_path, capsys):
     assert code == 2 and "fp16 needs a CUDA device" in err
     code, _, err = run_cli(capsys, "eval", "--data", data, "--model", tmp_path / "none")
     assert code == 2 and "segformer eval: error:" in err and "Traceback" not in err
+
+
+def test_eval_checks_the_data_and_names_the_file(data, tmp_path, capsys):
+    """segformer eval opens every pair first, as train does (unpaired, unreadable, sizes that differ, each named)
+    and evaluates nothing then; with --check-data off a file that fails to load is still named, also when a
+    DataLoader worker process read it. A checkpoint without decode-head weights is refused, not run with a
+    random head."""
+    import shutil
+
+    model_dir = tmp_path / "model"
+    SegformerForSemanticSegmentation(tiny_config(num_labels=4)).save_pretrained(model_dir)
+    bad = tmp_path / "bad"
+    shutil.copytree(data, bad)
+    truncated = bad / "images" / "val" / "00001.png"
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    (bad / "annotations" / "val" / "00002.png").unlink()
+    mask = bad / "annotations" / "val" / "00000.png"
+    Image.open(mask).resize((64, 16), Image.NEAREST).save(mask)
+    code, _, err = run_cli(capsys, "eval", "--data", bad, "--model", model_dir, "--workers", "0")
+    assert code == 2 and "the data check failed" in err.splitlines()[-1]
+    assert f"{truncated}: unreadable image" in err and "00002.png: image without a mask" in err
+    assert "is 64x64 but its mask 00000.png is 64x16" in err
+    (bad / "annotations" / "val" / "00000.png").unlink()  # (the truncated image left, unchecked)
+    for workers in ("0", "1"):
+        code, _, err = run_cli(capsys, "eval", "--data", bad, "--model", model_dir, "--workers", workers,
+                               "--check-data", "off")  # fmt: skip
+        assert code == 2 and f"error: {truncated}: cannot decode" in err.splitlines()[-1], err[-500:]
+    encoder = tmp_path / "encoder"
+    SegformerModel(tiny_config(num_labels=4)).save_pretrained(encoder)
+    code, _, err = run_cli(capsys, "eval", "--data", data, "--model", encoder, "--workers", "0")
+    assert code == 2 and "not a segmentation checkpoint (SegformerModel" in err
 
 
 @pytest.mark.slow

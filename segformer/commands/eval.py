@@ -74,6 +74,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda when available)")
     p.add_argument("--max-images", type=positive_int, help="evaluate only the first N images (a quick check)")
     p.add_argument(
+        "--check-data",
+        choices=["full", "headers", "off"],
+        default="full",
+        help="open every image/mask pair first, as segformer train does: unpaired files, unreadable ones, sizes "
+        "that differ and labels outside the classes are listed with their names, and nothing is evaluated "
+        "(full; headers: pairing and sizes only; off)",
+    )
+    p.add_argument(
         "--workers",
         type=non_negative_int,
         default=2,
@@ -149,12 +157,26 @@ def run(args: argparse.Namespace) -> int:
     info = init_distributed(args.device)
     try:
         kind = detect_kind(args.data) if args.dataset == "auto" else args.dataset
-        dataset, _ = build_dataset(
+        dataset, listing = build_dataset(
             args.data,
             args.split,
             kind=kind,
             **label_options(args),
         )
+        if args.check_data != "off":
+            from segformer.data.datasets import check_dataset
+            from segformer.distributed import broadcast_flag
+
+            ok = True
+            if info.is_main:  # one rank reads the files; the others follow its verdict
+                report = check_dataset(dataset, listing, check_values=args.check_data == "full")
+                if not report.ok:
+                    print(f"{dataset.name}: {report.format()}", file=sys.stderr)
+                    ok = False
+            if not broadcast_flag(ok):
+                raise ValueError(
+                    f"{args.data}: the data check failed (problems listed above; --check-data off skips it)"
+                )
         model = load_model_for_eval(args.model, info.device)
         backend = backend_arguments(args)
         if backend != {"backend": "pytorch", "compile": False}:

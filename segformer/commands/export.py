@@ -42,17 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from segformer import SegformerForSemanticSegmentation
     from segformer.export import export_onnx
+    from segformer.modeling import load_segmentation_model
 
-    model, info = SegformerForSemanticSegmentation.from_pretrained(args.model, output_loading_info=True)
-    missing_head = sorted(k for k in info["missing_keys"] if k.startswith("decode_head."))
-    if missing_head:  # an encoder or image-classification checkpoint: the head would be random weights
-        architectures = ", ".join(model.config.architectures or []) or "no decode head"
-        raise ValueError(
-            f"{args.model}: not a segmentation checkpoint ({architectures}; {len(missing_head)} decode-head "
-            "weights missing): export a SegformerForSemanticSegmentation checkpoint, e.g. one from segformer train"
-        )
+    model = load_segmentation_model(args.model)  # (an encoder or classifier checkpoint: a random head, refused)
     report = export_onnx(
         model,
         args.onnx,

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..images import IMAGE_EXTENSIONS, open_image, to_rgb
+from ..hub import first_line
+from ..images import IMAGE_EXTENSIONS, ImageError, open_image, to_rgb
 from ..labels import ADE20K_CLASSES, CITYSCAPES_CLASSES, reduce_labels
 from .transforms import eval_transform
 
@@ -358,8 +359,18 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return len(self.pairs)
 
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """The raw (image uint8 (H, W, 3), mask (H, W) ids after label reduction) of sample ``index``."""
-        return load_image(self.pairs[index][0]), self.read_mask(index)
+        """The raw (image uint8 (H, W, 3), mask (H, W) ids after label reduction) of sample ``index``; a file
+        that cannot be read is a ValueError naming it."""
+        try:
+            image = load_image(self.pairs[index][0])
+        except (ImageError, ValueError, OSError) as exc:
+            raise ValueError(f"{self.pairs[index][0]}: {first_line(exc)}") from None
+        try:
+            return image, self.read_mask(index)
+        except (ValueError, OSError) as exc:
+            where = self.mask_name(index)
+            message = first_line(exc)
+            raise ValueError(message if where in message else f"{where}: {message}") from None
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         index, seed = key if isinstance(key, tuple) else (key, key)
