@@ -29,9 +29,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.strerror and str(path) not in str(exc):  # (a full disk: name the file)
+            error = type(exc)(f"{path}: cannot write it ({exc.strerror})")
+            error.errno = exc.errno
+            raise error from None
         raise
 
 

@@ -111,15 +111,15 @@ def check_ranges(cfg: TrainConfig) -> None:
     recipe (:func:`resolve_recipe`), so the data-dependent defaults are checked too."""
     unit = lambda v: 0 <= v <= 1  # noqa: E731
     checks = [
-        ("--lr", cfg.lr, cfg.lr > 0, "positive"),
+        ("--lr", cfg.lr, 0 < cfg.lr < math.inf, "positive and finite"),
         ("--head-lr-mult", cfg.head_lr_mult, cfg.head_lr_mult is None or cfg.head_lr_mult > 0, "positive"),
-        ("--weight-decay", cfg.weight_decay, cfg.weight_decay >= 0, ">= 0"),
+        ("--weight-decay", cfg.weight_decay, 0 <= cfg.weight_decay < math.inf, ">= 0 and finite"),
         ("--betas", list(cfg.betas), len(cfg.betas) == 2 and all(0 <= b < 1 for b in cfg.betas), "in [0, 1)"),
-        ("--adam-eps", cfg.adam_eps, cfg.adam_eps > 0, "positive"),
+        ("--adam-eps", cfg.adam_eps, 0 < cfg.adam_eps < math.inf, "positive and finite"),
         ("--warmup-steps", cfg.warmup_steps, cfg.warmup_steps is None or cfg.warmup_steps >= 0, ">= 0"),
         ("--warmup-ratio", cfg.warmup_ratio, unit(cfg.warmup_ratio), "in [0, 1]"),
-        ("--poly-power", cfg.poly_power, cfg.poly_power >= 0, ">= 0"),
-        ("--min-lr", cfg.min_lr, cfg.min_lr >= 0, ">= 0"),
+        ("--poly-power", cfg.poly_power, 0 <= cfg.poly_power < math.inf, ">= 0 and finite"),
+        ("--min-lr", cfg.min_lr, 0 <= cfg.min_lr <= cfg.lr, f"in [0, --lr {cfg.lr:g}] (the schedule decays to it)"),
         ("--crop", list(cfg.crop), len(cfg.crop) == 2 and all(c > 0 for c in cfg.crop), "two positive sizes"),
         ("--ratio-range", cfg.ratio_range, cfg.ratio_range is None or 0 < cfg.ratio_range[0] <= cfg.ratio_range[1],
          "LOW HIGH with 0 < LOW <= HIGH"),

@@ -93,6 +93,8 @@ TRAIN_OUT_OF_RANGE = [
     (["--ratio-range", "2", "1"], "--ratio-range must be LOW HIGH with 0 < LOW <= HIGH"),
     (["--save-every", "0"], "--save-every must be >= 1"),
     (["--weight-decay", "-0.1"], "--weight-decay must be >= 0"),
+    (["--lr", "inf"], "--lr must be positive and finite"),
+    (["--lr", "1e-4", "--min-lr", "1"], "--min-lr must be in [0, --lr 0.0001]"),
 ]
 
 
@@ -168,8 +170,40 @@ def test_window_sizes_parse_alike_everywhere(command, flag):
 def test_bad_window_sizes_are_a_usage_error(capsys):
     for argv in (["eval", "--data", "d", "--model", "m", "--crop", "1", "2", "3"],
                  ["eval", "--data", "d", "--model", "m", "--stride", "0"],
-                 ["predict", "x.png", "--model", "m", "--crop-size", "a,b"]):  # fmt: skip
+                 ["predict", "x.png", "--model", "m", "--crop-size", "a,b"],
+                 ["predict", "x.png", "--model", "m", "--crop-size", "48,x"],  # (once 48x48: the x dropped)
+                 ["predict", "x.png", "--model", "m", "--crop-size", "48,"]):  # fmt: skip
         with pytest.raises(SystemExit) as exit_info:
             build_parser().parse_args(argv)
         assert exit_info.value.code == 2
         assert "expected" in capsys.readouterr().err
+
+
+def test_synth_device_and_report_mistakes_are_one_line(capsys, tmp_path):
+    """synth into a folder that already holds files (its old images stayed, mixed with the new ones), a device
+    string that is no device, an --report path that is a file (found only after the whole evaluation)."""
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "old.png").write_bytes(b"x")
+    code, _, err = run_cli(capsys, "synth", tmp_path / "full", "--train", "1", "--val", "1", "--size", "32")
+    assert code == 2 and "is not empty" in err and sorted(p.name for p in (tmp_path / "full").iterdir()) == ["old.png"]
+    code, _, err = run_cli(
+        capsys, "predict", tmp_path / "x.png", "--model", "m", "-o", tmp_path / "o", "--device", "foo"
+    )
+    assert code == 2 and "device 'foo': not a device" in err
+    (tmp_path / "afile").write_text("")
+    code, _, err = run_cli(capsys, "eval", "--data", tmp_path, "--model", "m", "--report", tmp_path / "afile")
+    assert code == 2 and "a file is there; the report needs a folder" in err
+
+
+def test_a_failed_atomic_write_names_the_file(tmp_path):
+    """A write that fails midway (a full disk) names the file it was writing and leaves no temporary file."""
+    import errno
+
+    from segformer.fileio import atomic_write
+
+    def full(tmp: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match=r"summary\.json: cannot write it \(No space left on device\)"):
+        atomic_write(tmp_path / "summary.json", full)
+    assert list(tmp_path.iterdir()) == []

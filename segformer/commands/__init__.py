@@ -29,9 +29,9 @@ def flatten(groups: list[list[float]] | None) -> list[float] | None:
 
 def pair_arg(text: str) -> tuple[int, int]:
     """argparse type for one-word sizes: ``N`` (N, N), ``H,W`` or ``HxW``."""
-    parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
+    parts = text.replace("x", ",").split(",")
     try:
-        values = [int(p) for p in parts]
+        values = [int(p) for p in parts]  # (an empty part, "48,x" or "48,", is no number)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected N or H,W, got {text!r}") from None
     if len(values) not in (1, 2) or min(values) < 1:

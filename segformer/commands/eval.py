@@ -153,6 +153,8 @@ def run(args: argparse.Namespace) -> int:
         from segformer.report import require_plotting
 
         require_plotting()
+        if args.report.exists() and not args.report.is_dir():
+            raise ValueError(f"--report {args.report}: a file is there; the report needs a folder")
 
     info = init_distributed(args.device)
     try:

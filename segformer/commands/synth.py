@@ -23,8 +23,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from segformer.data.synthetic import CLASSES, write_synthetic_dataset
 
+    folder = Path(args.dir)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder}: not a folder")
+    if folder.is_dir() and any(folder.iterdir()):  # (its old images would stay, mixed with the new ones)
+        raise ValueError(f"{folder} is not empty: write the data set to a new or empty folder")
     write_synthetic_dataset(args.dir, num_train=args.train, num_val=args.val, size=args.size, seed=args.seed)
     print(f"wrote {args.train} + {args.val} images of {args.size}x{args.size} ({', '.join(CLASSES)}) to {args.dir}")
     return 0
