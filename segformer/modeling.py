@@ -806,7 +806,10 @@ class SegformerDecodeHead(nn.Module):
             return self._fold()
         key = (*((t.data_ptr(), t.dtype, t.device) for t in tensors), self.batch_norm.eps)
         cache = self._fold_cache
-        if cache is None or cache[0] != key or not _unchanged(tensors, cache[1]):
+        # (off the CPU the check synchronises with the device: not while a CUDA graph is being captured, nor into
+        # a trace; there a cache whose sources are the same tensors is taken as it is)
+        check = tensors[0].is_cpu or not (_cuda_capturing() or torch.jit.is_tracing())
+        if cache is None or cache[0] != key or (check and not _unchanged(tensors, cache[1])):
             if torch.jit.is_tracing():  # every trace of a model not run yet records the folding (jit.trace checks
                 return self._fold()  # that two traces agree); a folded model's trace keeps the constants (ONNX)
             # autocast off: where the fold accumulates in float32 (_fold_dtype), a first call inside an autocast
@@ -1009,6 +1012,11 @@ class SegformerDecodeHead(nn.Module):
             torch.baddbmm(*(a.to(out.dtype) for a in args), out=out.view(b, -1, h * w))
             return out
         return torch.baddbmm(*args).view(b, -1, h, w)
+
+
+def _cuda_capturing() -> bool:
+    """Whether a CUDA graph is being captured on this thread's stream (no synchronisation allowed)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _pointwise_conv(conv: nn.Conv2d) -> bool:
