@@ -559,8 +559,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         raise ValueError(f"{output / 'last'} has no {TRAINING_STATE}: it cannot be resumed (start a new --output)")
     if resume_dir is not None:
         check_resumed_config(cfg, stored_run_config(resume_dir))
-    eval_options = cfg.eval_inference_options(data_kind(cfg))  # (its errors now, not after the training)
-    data = build_data(cfg, info)
+    data = build_data(cfg, info)  # (with the evaluation protocol: its errors now, not after the training)
 
     # ---- model, optimiser, where the run stands
     seed_everything(cfg.seed + info.rank)
@@ -573,7 +572,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
             f"{resume_dir}: the run's model predicts {net.config.num_labels} classes, the data has "
             f"{data.train_set.num_labels} (--data {cfg.data}): resume on the run's own data"
         )
-    check_eval_size(net.config, eval_options)
+    check_eval_size(net.config, data.eval_options)
     model, net = prepare_model(net, cfg, info)
     optim = build_optimizer(net, cfg)
     run = restore_state(resume_dir, optim, cfg, info) if resume_dir is not None else RunState()
