@@ -551,6 +551,7 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
             "min_size": predictor.min_size,
             "max_pixels": predictor.max_pixels,
             "max_upload_bytes": config.max_upload_bytes,
+            "upload_idle_timeout_s": config.upload_idle_timeout,
             "content_types": ["multipart/form-data (field 'file')", "image/*", "application/octet-stream"],
         },
         "batching": {

@@ -243,8 +243,9 @@ def test_bad_query_parameters_are_400(predictor):
 
 # ---------------------------------------------------------------------------------------------- the other routes
 def test_model_route_describes_the_model_and_its_protocol(predictor):
-    with client(predictor, max_upload_bytes=123_456, max_batch=3) as c:
+    with client(predictor, max_upload_bytes=123_456, max_batch=3, upload_idle_timeout=7.5) as c:
         info = c.get("/v1/model").json()
+    assert info["input"]["upload_idle_timeout_s"] == 7.5
     assert info["variant"] == "custom" and info["num_classes"] == K and info["labels"] == list(NAMES.values())
     assert info["palette"] == predictor.palette.tolist()
     assert info["input"]["protocol"] == predictor.options.to_dict() and info["input"]["protocol"]["mode"] == "whole"
