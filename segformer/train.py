@@ -35,7 +35,7 @@ from torch import nn
 
 from .config import SegformerConfig
 from .data.build import build_dataset, detect_kind, label_options
-from .data.datasets import SegmentationDataset, check_dataset
+from .data.datasets import MissingSplitError, SegmentationDataset, check_dataset
 from .data.statistics import class_pixel_counts, median_frequency_weights
 from .data.transforms import eval_transform, train_transform
 from .distributed import (
@@ -260,7 +260,7 @@ def build_data(cfg: TrainConfig, info: DistInfo) -> TrainData:
     train_set, train_listing = build_dataset(cfg.data, "train", transform=transform, **labels)
     try:
         val_set, val_listing = build_dataset(cfg.data, "val", transform=eval_transform(), **labels)
-    except ValueError as exc:
+    except MissingSplitError as exc:  # (a val split that is there but broken is an error, not a warning)
         val_set, val_listing = None, None
         _log(f"warning: no evaluation ({exc}); only last/ will be saved", info)
     if cfg.check_data != "off":

@@ -223,6 +223,46 @@ def test_ignore_index_from_the_option_or_labels_json(tmp_path):
     assert check_dataset(dataset, listing).ok and np.array_equal(dataset[0][1].numpy(), expected)
 
 
+def test_ignore_index_is_a_stored_value_also_with_reduced_labels(tmp_path):
+    """--ignore-index names a value as stored: with --reduce-labels (stored k is class k - 1) stored 11 is
+    ignored, not reduced to 10 first; a stored value that the reduction makes a class (1..K) is refused."""
+    mask = np.array([[0, 1, 2, 11], [3, 11, 1, 0]], np.uint8).repeat(8, 0).repeat(8, 1)
+    root = _street(tmp_path, [mask], ["road", "car", "sky"])
+    dataset, listing = build_dataset(root, "train", reduce_labels=True, ignore_index=11)
+    assert check_dataset(dataset, listing).ok
+    assert dataset.read_mask(0)[::8, ::8].tolist() == [[255, 0, 1, 255], [2, 255, 0, 255]]
+    with pytest.raises(ValueError, match="ignore index 3 is also the class 'sky'"):
+        build_dataset(root, "train", reduce_labels=True, ignore_index=3)
+
+
+def test_one_bit_masks_hold_ids_zero_and_one(tmp_path):
+    """A 1-bit (mode "1") mask is class 0 and class 1, not 0 and 255 (ignored)."""
+    mask = np.zeros((16, 16), bool)
+    mask[4:12, 4:12] = True
+    root = _street(tmp_path, [mask.astype(np.uint8)], ["background", "object"])
+    Image.fromarray(mask).save(root / "annotations" / "train" / "0.png")  # mode "1"
+    dataset, listing = build_dataset(root, "train")
+    assert Image.open(root / "annotations" / "train" / "0.png").mode == "1"
+    assert check_dataset(dataset, listing).ok and np.array_equal(dataset.read_mask(0), mask.astype(np.int64))
+
+
+def test_folder_layout_pairs_files_in_subfolders(tmp_path):
+    """images/SPLIT/SUB/X.* pairs with annotations/SPLIT/SUB/X.png (as Cityscapes' city folders): none is
+    skipped, and a mask in another subfolder does not pair."""
+    masks = [np.full((16, 16), i % 2, np.uint8) for i in range(4)]
+    root = _street(tmp_path, masks, ["a", "b"])
+    for kind in ("images", "annotations"):
+        (root / kind / "train" / "cityA").mkdir()
+        for name in ("2.png", "3.png"):
+            (root / kind / "train" / name).rename(root / kind / "train" / "cityA" / name)
+    (root / "annotations" / "train" / "cityA" / "3.png").rename(root / "annotations" / "train" / "3.png")
+    dataset, listing = build_dataset(root, "train")
+    assert [p[0].relative_to(root).as_posix() for p in dataset.pairs] == [
+        "images/train/0.png", "images/train/1.png", "images/train/cityA/2.png"]  # fmt: skip
+    assert [p.name for p in listing.unpaired_images] == ["3.png"] and [p.name for p in listing.unpaired_masks] == [
+        "3.png"]  # fmt: skip
+
+
 def test_value_map_palette_and_reduce_labels(tmp_path):
     mask = np.array([[0, 1, 7], [9, 1, 0]], np.uint8).repeat(8, 0).repeat(8, 1)
     root = _street(tmp_path / "a", [mask], {"id2label": ["a", "b"], "map": {"7": 1, "9": 255}})

@@ -68,6 +68,19 @@ def test_parquet_folder_named_columns_and_numbered_classes(tmp_path):
         build_dataset(tmp_path, "test")
 
 
+def test_a_class_id_column_is_no_mask(tmp_path):
+    """An image classification set's integer label column is reported per row as not a mask, naming the option
+    that picks the mask column (it crashed inside the data check)."""
+    images = [Image.fromarray(np.zeros((40, 48, 3), np.uint8))] * 2
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b", "c"])})
+    data = datasets.Dataset.from_dict({"image": images, "label": [0, 2]}, features=features)
+    datasets.DatasetDict({"train": data}).save_to_disk(str(tmp_path / "classes"))
+    (tmp_path / "classes" / "labels.json").write_text(json.dumps(["a", "b", "c"]))
+    dataset, _ = build_dataset(tmp_path / "classes", "train")
+    problems = check_dataset(dataset).problems
+    assert len(problems) == 2 and all("not a mask" in p and "--label-column" in p for p in problems)
+
+
 def test_hub_id_resolves_through_the_local_cache_offline(tmp_path):
     rng = np.random.default_rng(2)
     repo = tmp_path / "hf" / "hub" / "datasets--someone--toy-seg"

@@ -475,6 +475,20 @@ def test_resume_takes_the_runs_settings_and_refuses_other_ones(data, tiny_json, 
     assert code == 2 and "predicts 4 classes, the data has 5" in err
 
 
+def test_a_broken_val_split_is_an_error_not_a_run_without_evaluation(data, tiny_json, tmp_path):
+    """No val split: a warning and no evaluation. A val split that is there but broken (two images with one
+    stem): the error, before any step, not a warning and a run without best/."""
+    import shutil
+
+    broken = tmp_path / "data"
+    shutil.copytree(data, broken)
+    first = sorted((broken / "images" / "val").iterdir())[0]
+    Image.open(first).save(first.with_suffix(".jpg"))
+    with pytest.raises(ValueError, match="two images share the stem"):
+        train(_cfg(broken, tiny_json, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_evaluation_options_are_checked_before_training(data, tiny_json, tmp_path):
     """A protocol the run could not evaluate with fails before the first step, not after the last."""
     with pytest.raises(ValueError, match="--eval-crop-size 16x16 is below this model's minimum input"):

@@ -52,6 +52,11 @@ class Listing:
     unpaired_masks: list[Path] = field(default_factory=list)
 
 
+class MissingSplitError(ValueError):
+    """The data set has no such split (a training run then goes without evaluation); any other problem of a split
+    that is there is a plain ValueError."""
+
+
 def _split_dir(parent: Path, split: str) -> Path:
     """``parent/split`` or its alias (train ↔ training, val ↔ validation)."""
     names = next((group for group in SPLIT_ALIASES if split in group), (split,))
@@ -59,7 +64,7 @@ def _split_dir(parent: Path, split: str) -> Path:
         if (parent / name).is_dir():
             return parent / name
     names = " or ".join(str(parent / n) for n in names)
-    raise ValueError(f"no {split} split: {names} does not exist")
+    raise MissingSplitError(f"no {split} split: {names} does not exist")
 
 
 def _pair_by_key(images: dict[str, Path], masks: dict[str, Path]) -> Listing:
@@ -79,15 +84,17 @@ def _files(root: Path, suffixes: tuple[str, ...], recursive: bool = False) -> li
 
 
 def list_folder(root: str | os.PathLike, split: str) -> Listing:
-    """Pairs of the folder layout (and ADE20K's): images/SPLIT/X.* with annotations/SPLIT/X.png."""
+    """Pairs of the folder layout (and ADE20K's): images/SPLIT/X.* with annotations/SPLIT/X.png, also in
+    subfolders (images/SPLIT/SUB/X.* with annotations/SPLIT/SUB/X.png)."""
     root = Path(root)
     image_dir, mask_dir = _split_dir(root / "images", split), _split_dir(root / "annotations", split)
     images: dict[str, Path] = {}
-    for p in _files(image_dir, IMAGE_EXTENSIONS):
-        if p.stem in images:
-            raise ValueError(f"{p}: two images share the stem {p.stem!r} ({images[p.stem].name})")
-        images[p.stem] = p
-    masks = {p.stem: p for p in _files(mask_dir, (".png",))}
+    for p in _files(image_dir, IMAGE_EXTENSIONS, recursive=True):
+        key = p.relative_to(image_dir).with_suffix("").as_posix()
+        if key in images:
+            raise ValueError(f"{p}: two images share the stem {p.stem!r} ({images[key].name})")
+        images[key] = p
+    masks = {p.relative_to(mask_dir).with_suffix("").as_posix(): p for p in _files(mask_dir, (".png",), recursive=True)}
     return _pair_by_key(images, masks)
 
 
@@ -140,16 +147,16 @@ class LabelSpec:
         no rule covers are kept as they are, for :func:`check_dataset` to report."""
         if mask.ndim == 3:
             mask = self.colours_to_ids(mask)
-        values = mask.astype(np.int64)
+        stored = values = mask.astype(np.int64)
         if self.reduce_labels:
             values = reduce_labels(values, IGNORE_INDEX).astype(np.int64)
         if not self.value_map and self.ignore_values == (IGNORE_INDEX,):
             return values
         out = values.copy()
-        for value in self.ignore_values:
-            out[values == value] = IGNORE_INDEX
         for value, target in self.value_map.items():
             out[values == value] = target
+        for value in self.ignore_values:  # stored values, whatever the reduction made of them
+            out[stored == value] = IGNORE_INDEX
         return out
 
     def colours_to_ids(self, rgb: np.ndarray) -> np.ndarray:
@@ -215,13 +222,17 @@ def read_label_spec(
     ignores = {IGNORE_INDEX, *(stored_ignore if isinstance(stored_ignore, list) else [stored_ignore])}
     if ignore_index is not None:
         ignores.add(ignore_index)
+    reduce_labels = bool(extra.get("reduce_labels", False)) if reduce is None else reduce
     for value in ignores:
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{path}: ignore_index must be a non-negative integer, got {value!r}")
-        if value < num and value != IGNORE_INDEX:
+        # (with the reduction, stored value k is class k - 1)
+        class_id = value - 1 if reduce_labels else value
+        if 0 <= class_id < num and value != IGNORE_INDEX:
+            stored = f"1..{num}" if reduce_labels else f"0..{num - 1}"
             raise ValueError(
-                f"ignore index {value} is also the class {id2label[value]!r}: give unlabelled pixels a value "
-                f'outside 0..{num - 1}, or map it with "map" in {path}'
+                f"ignore index {value} is also the class {id2label[class_id]!r}: give unlabelled pixels a value "
+                f'outside {stored}, or map it with "map" in {path}'
             )
     value_map = {}
     for value, target in _int_keys(extra.get("map", {}), path, '"map"').items():
@@ -248,7 +259,6 @@ def read_label_spec(
         if not ok or not all(isinstance(w, (int, float)) and w >= 0 for w in weights):
             raise ValueError(f'{path}: "class_weights" must be {num} non-negative numbers, one per class')
         weights = tuple(float(w) for w in weights)
-    reduce_labels = bool(extra.get("reduce_labels", False)) if reduce is None else reduce
     return LabelSpec(id2label, tuple(sorted(ignores)), value_map, palette, reduce_labels, weights)
 
 
@@ -277,8 +287,8 @@ def mask_values(im: Image.Image, *, colours: bool = False, where: str = "mask") 
     RGB / RGBA / P image, (H, W, 3) uint8 colours; any other mode is a ValueError naming ``where``."""
     if colours and im.mode in ("RGB", "RGBA", "P"):
         return np.asarray(im.convert("RGB"))
-    if im.mode in ("P", "L", "1"):
-        return np.asarray(im if im.mode != "1" else im.convert("L"), dtype=np.uint8)
+    if im.mode in ("P", "L", "1"):  # (a 1-bit mask holds ids 0 and 1; convert("L") would make the 1s 255)
+        return np.asarray(im, dtype=np.uint8)
     if im.mode in ("I", "I;16", "I;16B", "I;16L"):
         return np.asarray(im, dtype=np.int32)
     hint = ' (colour-coded masks need a "palette" in labels.json)' if im.mode in ("RGB", "RGBA") else ""
@@ -456,6 +466,7 @@ __all__ = [
     "KINDS",
     "DatasetReport",
     "Listing",
+    "MissingSplitError",
     "SegmentationDataset",
     "check_dataset",
     "list_cityscapes",

@@ -29,6 +29,7 @@ from ..images import to_rgb
 from .datasets import (
     IGNORE_INDEX,
     LabelSpec,
+    MissingSplitError,
     SegmentationDataset,
     Transform,
     check_values_of,
@@ -109,11 +110,11 @@ def _split(data: Any, split: str, source: str | os.PathLike) -> Any:
     if not hasattr(data, "keys"):  # one Dataset: it is the training split
         if split == "train":
             return data
-        raise ValueError(f"{source}: a single saved split (no {split} split); save a DatasetDict with one")
+        raise MissingSplitError(f"{source}: a single saved split (no {split} split); save a DatasetDict with one")
     for name in SPLITS.get(split, (split,)):
         if name in data:
             return data[name]
-    raise ValueError(f"{source}: no {split} split (it has {', '.join(data.keys())})")
+    raise MissingSplitError(f"{source}: no {split} split (it has {', '.join(data.keys())})")
 
 
 def _column(names: list[str], given: str | None, candidates: tuple[str, ...], what: str, source: Any) -> str:
@@ -161,7 +162,13 @@ class HFSegmentationDataset(SegmentationDataset):
         mask = self._cell(index, self.label_column)
         if isinstance(mask, Image.Image):
             return mask_values(mask, colours=self.spec.palette is not None, where=self.mask_name(index))
-        return np.asarray(mask)
+        values = np.asarray(mask)
+        if values.ndim not in (2, 3):  # (an image classification set's class id, a list of boxes, ...)
+            raise ValueError(
+                f"{self.mask_name(index)}: holds {values.ndim}-D values {values.shape}, not a mask (an image or an "
+                "H x W array of class ids); name the mask column with --label-column"
+            )
+        return values
 
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image = self._cell(index, self.image_column)
