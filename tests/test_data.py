@@ -263,6 +263,20 @@ def test_folder_layout_pairs_files_in_subfolders(tmp_path):
         "3.png"]  # fmt: skip
 
 
+def test_a_labels_file_given_replaces_the_one_beside_the_data(tmp_path):
+    """--labels FILE is read for folder layouts too (it was silently ignored there); all-zero class weights
+    (a loss of 0 at every step) are refused."""
+    mask = np.array([[0, 1]], np.uint8).repeat(8, 0).repeat(8, 1)
+    root = _street(tmp_path / "d", [mask], ["a", "b"])
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"id2label": ["road", "car"], "class_weights": [1, 5]}))
+    dataset, _ = build_dataset(root, "train", labels=other)
+    assert dataset.id2label == {0: "road", 1: "car"} and dataset.spec.class_weights == (1.0, 5.0)
+    other.write_text(json.dumps({"id2label": ["road", "car"], "class_weights": [0, 0]}))
+    with pytest.raises(ValueError, match="not all zero"):
+        build_dataset(root, "train", labels=other)
+
+
 def test_value_map_palette_and_reduce_labels(tmp_path):
     mask = np.array([[0, 1, 7], [9, 1, 0]], np.uint8).repeat(8, 0).repeat(8, 1)
     root = _street(tmp_path / "a", [mask], {"id2label": ["a", "b"], "map": {"7": 1, "9": 255}})

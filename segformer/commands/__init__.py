@@ -103,7 +103,9 @@ def add_label_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-column", help="Hugging Face dataset: the image column (default: detected)")
     parser.add_argument("--label-column", help="Hugging Face dataset: the mask column (default: detected)")
     parser.add_argument(
-        "--labels", help="Hugging Face dataset: a labels.json with the class names (default: one beside the data)"
+        "--labels",
+        help="a labels.json with the class names (and label rules) to use instead of the one beside the data "
+        "(own data: a folder layout or a Hugging Face dataset)",
     )
 
 

@@ -62,7 +62,8 @@ def build_dataset(
     another stored mask value meaning "unlabelled" (255 always does); ``reduce_labels``: ADE20K's label
     reduction (None: the layout's default, or labels.json's ``reduce_labels``). ``kind="hf"`` (detected for
     ``save_to_disk`` folders, parquet folders and hub ids): a Hugging Face dataset (:mod:`segformer.data.hf`),
-    with ``image_column`` / ``label_column`` (default: detected) and ``labels`` (a labels.json)."""
+    with ``image_column`` / ``label_column`` (default: detected). ``labels``: a labels.json to use instead of the
+    one beside the data (Hugging Face data and folder layouts)."""
     if kind == "hf" or (kind == "auto" and looks_like_hf_dataset(root)):
         dataset = build_hf_dataset(
             root,
@@ -82,8 +83,11 @@ def build_dataset(
         kind = detect_kind(root)
     if kind == "folder":
         listing = list_folder(root, split)
-        spec = read_label_spec(root / "labels.json", ignore_index=ignore_index, reduce=reduce_labels)
+        spec_path = Path(labels) if labels is not None else root / "labels.json"
+        spec = read_label_spec(spec_path, ignore_index=ignore_index, reduce=reduce_labels)
     elif kind in ("ade20k", "cityscapes"):
+        if labels is not None:
+            raise ValueError(f"--labels {labels}: {kind} has its own fixed classes; a labels file is for own data")
         listing = list_folder(root, split) if kind == "ade20k" else list_cityscapes(root, split)
         names = ADE20K_CLASSES if kind == "ade20k" else CITYSCAPES_CLASSES
         ignores = (IGNORE_INDEX,) if ignore_index is None else tuple(sorted({IGNORE_INDEX, ignore_index}))

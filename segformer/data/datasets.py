@@ -256,8 +256,8 @@ def read_label_spec(
     weights = extra.get("class_weights")
     if weights is not None:
         ok = isinstance(weights, list) and len(weights) == num
-        if not ok or not all(isinstance(w, (int, float)) and w >= 0 for w in weights):
-            raise ValueError(f'{path}: "class_weights" must be {num} non-negative numbers, one per class')
+        if not ok or not all(isinstance(w, (int, float)) and w >= 0 for w in weights) or not any(weights):
+            raise ValueError(f'{path}: "class_weights" must be {num} non-negative numbers, one per class, not all zero')
         weights = tuple(float(w) for w in weights)
     return LabelSpec(id2label, tuple(sorted(ignores)), value_map, palette, reduce_labels, weights)
 
