@@ -105,6 +105,8 @@ def _check_entry(folder: Path) -> dict[str, Any]:
         files = manifest["files"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"unreadable manifest ({exc})") from None
+    if not isinstance(files, dict) or not files:  # (every build writes a file: nothing listed, nothing checked)
+        raise ValueError("the manifest lists no files")
     for name, digest in files.items():
         path = folder / name
         if not path.is_file():

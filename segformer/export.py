@@ -42,6 +42,11 @@ from .fileio import atomic_write
 from .modeling import SegformerEfficientSelfAttention, SegformerForSemanticSegmentation, min_input_size
 
 DEFAULT_OPSET = 17  # the first opset with a LayerNormalization op
+try:  # the highest opset this torch's exporter writes; above it, it dumps its whole graph and fails
+    from torch.onnx._constants import ONNX_MAX_OPSET as _EXPORTER_MAX
+except ImportError:  # (a torch without that private constant: the opsets this package was tested with)
+    _EXPORTER_MAX = 20
+MAX_OPSET = max(DEFAULT_OPSET, _EXPORTER_MAX)
 MIN_OPSET = 14  # scaled_dot_product_attention (the fused path) exports from here; below, explicit attention
 FP32_TOLERANCE = 1e-4
 # fp16 weights and activations against the fp32 PyTorch model: 3 significant digits of every matmul, summed
@@ -157,6 +162,7 @@ def _require_onnx() -> None:
 def _prepare(model: SegformerForSemanticSegmentation, *, fp16: bool, opset: int) -> _LogitsGraph:
     """A private eval-mode copy of the model set up for tracing (the caller's model is left as it was)."""
     model = copy.deepcopy(model).eval()
+    model.float()  # (a float16 / bfloat16 checkpoint: the fp32 graph promised, or fp16 weights below, from fp32)
     model.fast_path = True
     if opset < MIN_OPSET or fp16:
         # Below opset 14 there is no exporter for the fused kernel; in fp16 the explicit path is the one
@@ -247,8 +253,8 @@ def _check_export_arguments(
     """(height, width, path) of a valid export request; a clear error for anything else."""
     if not isinstance(model, SegformerForSemanticSegmentation):
         raise TypeError(f"export_onnx needs a SegformerForSemanticSegmentation, got {type(model).__name__}")
-    if not isinstance(opset, int) or opset < 11:
-        raise ValueError(f"opset must be an integer >= 11, got {opset!r}")
+    if not isinstance(opset, int) or not 11 <= opset <= MAX_OPSET:
+        raise ValueError(f"opset must be an integer from 11 to {MAX_OPSET} (this torch's exporter), got {opset!r}")
     h, w = (int(s) for s in size)
     lo = min_input_size(model.config)
     if min(h, w) < lo:
@@ -322,8 +328,11 @@ def export_onnx(
             return
         shape = _verify_shape(config, (h, w), dynamic)
         report.verify_shape = shape
+        # an fp32 graph of a float16 / bfloat16 checkpoint holds its weights upcast: compared with them upcast
+        low = next(model.parameters()).dtype != torch.float32
+        reference = copy.deepcopy(model).float() if low and not fp16 else model
         try:
-            diff = verify_onnx(tmp, model, shape)
+            diff = verify_onnx(tmp, reference, shape)
         except Exception as exc:
             if not fp16 or "NOT_IMPLEMENTED" not in str(exc):
                 raise

@@ -131,7 +131,12 @@ def test_a_damaged_cache_file_is_detected_and_rebuilt(model, tmp_path, caplog):
     with torch.no_grad():
         assert rel_err(rebuilt(x), model(x).logits) <= logits_tol(model, x)
     rebuilt.path.unlink()  # a missing file too
-    assert not onnxruntime_model(model, export_size=EXPORT_SIZE, cache_dir=tmp_path).from_cache
+    again = onnxruntime_model(model, export_size=EXPORT_SIZE, cache_dir=tmp_path)
+    assert not again.from_cache
+    manifest = again.path.parent / "manifest.json"
+    for files in ([], {}):  # a manifest that parses but lists nothing to check: damaged too, not trusted
+        manifest.write_text(json.dumps({"files": files}))
+        assert not onnxruntime_model(model, export_size=EXPORT_SIZE, cache_dir=tmp_path).from_cache
 
 
 def test_racing_builders_publish_one_complete_entry(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 import warnings
@@ -130,6 +131,28 @@ def test_cli_export(tmp_path, model, capsys):
     code, _, err = run_cli(capsys, "export", tmp_path / "nope", "--onnx", tmp_path / "n.onnx")
     assert code == 2 and err.startswith("segformer export: error: ")
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "n.onnx").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_checkpoint_exports_as_float32(tmp_path, model, dtype):
+    """A float16 / bfloat16 checkpoint gives the fp32 graph (its weights upcast), verified against them upcast;
+    it failed on the trace input's dtype."""
+    half = copy.deepcopy(model).to(dtype)
+    report = export_onnx(half, tmp_path / "m.onnx", size=(64, 64))
+    assert report.verified == "numeric" and report.max_rel_diff <= 1e-4
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        reference = copy.deepcopy(half).float()(x).logits
+    assert rel_err(run_onnx(tmp_path / "m.onnx", x), reference) <= tol(model, x)
+
+
+def test_an_opset_beyond_the_exporter_is_one_line(tmp_path, model, capsys):
+    """Past the exporter's highest opset it printed its whole graph (~460 lines) before its error."""
+    from segformer.export import MAX_OPSET
+
+    with pytest.raises(ValueError, match=f"opset must be an integer from 11 to {MAX_OPSET}"):
+        export_onnx(model, tmp_path / "m.onnx", opset=MAX_OPSET + 1)
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_cli_export_refuses_a_classification_checkpoint(tmp_path, capsys):
