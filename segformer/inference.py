@@ -54,15 +54,26 @@ MODES = ("whole", "aligned", "slide")
 
 
 def _check_pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
-    if isinstance(value, numbers.Real):
+    if isinstance(value, numbers.Real) or (isinstance(value, torch.Tensor) and value.ndim == 0):
         value = (value, value)
     try:
-        whole = [isinstance(v, numbers.Real) and not isinstance(v, bool) and float(v).is_integer() for v in value]
+        whole = [_whole_number(v) for v in value]
     except TypeError:  # (not a sequence)
         whole = [False]
-    if len(whole) != 2 or not all(whole) or min(value) < 1:
+    if len(whole) != 2 or not all(whole) or min(float(v) for v in value) < 1:
         raise ValueError(f"{name} must be two positive integers (height, width), got {value!r}")
     return int(value[0]), int(value[1])
+
+
+def _whole_number(v: Any) -> bool:
+    """An int, or an integral float / NumPy scalar / 0-d tensor (32.0 yes; 32.7, "32", True and NaN no)."""
+    if isinstance(v, (bool, str, bytes)):
+        return False
+    try:
+        f = float(v)
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    return math.isfinite(f) and f.is_integer()
 
 
 @dataclass(frozen=True)

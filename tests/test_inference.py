@@ -1180,6 +1180,20 @@ def test_options_validate_with_the_messages_of_infer():
             infer(PerPixel(), torch.randn(1, 3, 32, 32), **kwargs)
 
 
+def test_sizes_may_be_numpy_scalars_or_0d_tensors():
+    """What a caller's sizes often are (target sizes from a tensor, NumPy shapes) is taken as the integers it
+    holds; a fraction, a string or a bool is not a size."""
+    import numpy as np
+
+    logits = torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(0))
+    want = inference.resized_labels(logits, (20, 12))
+    assert torch.equal(inference.resized_labels(logits, (torch.tensor(20), np.int64(12))), want)
+    assert torch.equal(inference.resized_labels(logits, torch.Size([20, 12])), want)
+    for bad in ((20.5, 12), ("20", 12), (True, 12)):
+        with pytest.raises(ValueError, match="size must be two positive integers"):
+            inference.resized_labels(logits, bad)
+
+
 def test_extreme_aspect_ratios_and_scales_are_segmented(seg):
     """A strip whose short side the aligned resize would take below one pixel, and a scale that small, still get
     their labels: one row (rounded up to ``align``, padded to the model's minimum), back at the image's size."""
