@@ -754,12 +754,11 @@ class SegformerDecodeHead(nn.Module):
 
     def forward(self, encoder_hidden_states: Iterable[torch.Tensor]) -> torch.Tensor:
         maps = self._maps(encoder_hidden_states)
-        if self.fast_path and self._parts_plain():
-            if self.training:
-                self._fold_cache = None  # the running statistics are about to change
-                return self._forward_factored(maps)
-            if self.batch_norm.running_mean is not None:  # (without running statistics eval normalises by the
-                return self._forward_folded(maps)  # batch's: the modules below, as in training)
+        if self.fast_path and self.training and self._parts_plain():
+            self._fold_cache = None  # the running statistics are about to change
+            return self._forward_factored(maps)
+        if self._folds():
+            return self._forward_folded(maps)
         size = maps[0].shape[-2:]
         projected = []
         for mlp, x in zip(self.linear_c, maps, strict=True):
@@ -768,6 +767,17 @@ class SegformerDecodeHead(nn.Module):
         x = self.linear_fuse(torch.cat(projected[::-1], dim=1))  # stage 4 first, as in the original
         x = self.dropout(self.activation(self.batch_norm(x.contiguous())))  # NCHW: see _forward_factored
         return self.classifier(x).contiguous()
+
+    def _folds(self) -> bool:
+        """Whether an inference forward runs the folded head (:meth:`_forward_folded`): eval mode on the fast
+        path, its parts plain (:meth:`_parts_plain`), BatchNorm with running statistics (without them eval
+        normalises by the batch's, as in training: the modules run). A batch run in chunks needs it too."""
+        return (
+            self.fast_path
+            and not self.training
+            and self._parts_plain()
+            and self._modules["batch_norm"].running_mean is not None
+        )
 
     def _parts_plain(self) -> bool:
         """Whether the fast paths, which read the parts' weights instead of calling them, compute what the parts
@@ -1448,7 +1458,7 @@ class SegformerForSemanticSegmentation(SegformerPreTrainedModel):
             self.training
             or pixel_values.device.type != "cpu"
             or torch.is_grad_enabled()
-            or not self.decode_head.fast_path
+            or not self.decode_head._folds()  # (chunks write their logits through the folded head)
             or _capturing_graph()
         ):
             return 0

@@ -1034,6 +1034,13 @@ def test_head_parts_run_where_the_fast_paths_would_not_see_them():
     with torch.no_grad():
         assert rel_err(quantized(x).logits, before) <= 0.1  # (int8 weights: near, not equal)
 
+    batch = x.expand(3, -1, -1, -1)  # a CPU batch run in chunks goes through the head's guard too
+    handle = head.classifier.register_forward_hook(lambda module, args, out: out * 0)
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(modeling, "MMAP_THRESHOLD", 1)  # (one image per chunk where the head folds)
+        assert model._cpu_chunk(batch) == 0 and (model(batch).logits == 0).all()
+        handle.remove()
+        assert model._cpu_chunk(batch) == 1
     head.classifier = nn.Conv2d(head.classifier.in_channels, head.classifier.out_channels, 1, bias=False)
     fast, plain = both()
     assert rel_err(fast, plain) <= tol
