@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from .config import SegformerConfig
-from .data.build import build_dataset, detect_kind, label_options
-from .data.datasets import MissingSplitError, SegmentationDataset, check_dataset
+from .data.build import build_dataset, check_splits, detect_kind, label_options
+from .data.datasets import MissingSplitError, SegmentationDataset
 from .data.statistics import class_pixel_counts, median_frequency_weights
 from .data.transforms import eval_transform, train_transform
 from .distributed import (
@@ -44,7 +44,6 @@ from .distributed import (
     all_gather_objects,
     all_reduce_mean,
     barrier,
-    broadcast_flag,
     cleanup,
     init_distributed,
 )
@@ -263,17 +262,7 @@ def build_data(cfg: TrainConfig, info: DistInfo) -> TrainData:
     except MissingSplitError as exc:  # (a val split that is there but broken is an error, not a warning)
         val_set, val_listing = None, None
         _log(f"warning: no evaluation ({exc}); only last/ will be saved", info)
-    if cfg.check_data != "off":
-        ok = True
-        if info.is_main:  # one rank reads the files; the others follow its verdict
-            for ds, listing in ((train_set, train_listing), (val_set, val_listing)):
-                if ds is not None:
-                    report = check_dataset(ds, listing, check_values=cfg.check_data == "full")
-                    if not report.ok:
-                        print(f"{ds.name}: {report.format()}", file=sys.stderr)
-                        ok = False
-        if not broadcast_flag(ok):
-            raise ValueError(f"{cfg.data}: the data check failed (problems listed above; --check-data off skips it)")
+    check_splits([(train_set, train_listing), (val_set, val_listing)], cfg.check_data, cfg.data)
     return TrainData(kind, train_set, val_set, eval_opts, resolve_class_weights(cfg, train_set, info))
 
 

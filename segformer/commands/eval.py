@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     import json
     import sys
 
-    from segformer.data.build import build_dataset, detect_kind, label_options
+    from segformer.data.build import build_dataset, check_splits, detect_kind, label_options
     from segformer.distributed import cleanup, init_distributed
     from segformer.evaluate import eval_options, evaluate, load_model_for_eval
     from segformer.fileio import atomic_write_text
@@ -165,20 +165,7 @@ def run(args: argparse.Namespace) -> int:
             kind=kind,
             **label_options(args),
         )
-        if args.check_data != "off":
-            from segformer.data.datasets import check_dataset
-            from segformer.distributed import broadcast_flag
-
-            ok = True
-            if info.is_main:  # one rank reads the files; the others follow its verdict
-                report = check_dataset(dataset, listing, check_values=args.check_data == "full")
-                if not report.ok:
-                    print(f"{dataset.name}: {report.format()}", file=sys.stderr)
-                    ok = False
-            if not broadcast_flag(ok):
-                raise ValueError(
-                    f"{args.data}: the data check failed (problems listed above; --check-data off skips it)"
-                )
+        check_splits([(dataset, listing)], args.check_data, args.data)
         model = load_model_for_eval(args.model, info.device)
         backend = backend_arguments(args)
         if backend != {"backend": "pytorch", "compile": False}:

@@ -5,6 +5,7 @@ dispatches between the layouts on disk (:mod:`segformer.data.datasets`) and Hugg
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from ..labels import ADE20K_CLASSES, CITYSCAPES_CLASSES
@@ -15,6 +16,7 @@ from .datasets import (
     Listing,
     SegmentationDataset,
     Transform,
+    check_dataset,
     list_cityscapes,
     list_folder,
     read_label_spec,
@@ -101,4 +103,25 @@ def build_dataset(
     return dataset, listing
 
 
-__all__ = ["LABEL_OPTIONS", "build_dataset", "detect_kind", "label_options"]
+def check_splits(splits: list[tuple[SegmentationDataset | None, Listing | None]], check: str, data: object) -> None:
+    """``--check-data`` (full, headers, off) for the (dataset, listing) of each split (None: no such split): the
+    main rank reads the files and lists each problem on stderr, every rank follows its verdict; a ValueError
+    naming ``data`` when a split has problems."""
+    from ..distributed import broadcast_flag, get_rank
+
+    if check == "off":
+        return
+    ok = True
+    if get_rank() == 0:
+        for dataset, listing in splits:
+            if dataset is None:
+                continue
+            report = check_dataset(dataset, listing, check_values=check == "full")
+            if not report.ok:
+                print(f"{dataset.name}: {report.format()}", file=sys.stderr)
+                ok = False
+    if not broadcast_flag(ok):
+        raise ValueError(f"{data}: the data check failed (problems listed above; --check-data off skips it)")
+
+
+__all__ = ["LABEL_OPTIONS", "build_dataset", "check_splits", "detect_kind", "label_options"]

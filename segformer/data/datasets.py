@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 
 from ..hub import first_line
-from ..images import IMAGE_EXTENSIONS, ImageError, open_image, to_rgb
+from ..images import IMAGE_EXTENSIONS, open_image, to_rgb
 from ..labels import ADE20K_CLASSES, CITYSCAPES_CLASSES, reduce_labels
 from .transforms import eval_transform
 
@@ -373,7 +373,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         that cannot be read is a ValueError naming it."""
         try:
             image = load_image(self.pairs[index][0])
-        except (ImageError, ValueError, OSError) as exc:
+        except (ValueError, OSError) as exc:  # (ImageError is a ValueError)
             raise ValueError(f"{self.pairs[index][0]}: {first_line(exc)}") from None
         try:
             return image, self.read_mask(index)
