@@ -150,13 +150,51 @@ def gemm_peak(repeats: int = 5) -> float:
     return 2 * 2048**3 / best
 
 
+class _FlopCount:
+    """FLOPs of the operators run inside, by operator (PyTorch's formulas, ``torch.utils.flop_counter``), counted
+    by a dispatch mode alone. ``FlopCounterMode`` also installs global module hooks to attribute FLOPs to modules,
+    and a hooked model leaves its fused paths (hooks must see the modules run: ``modeling._unhooked``), so it
+    would count the plain path for ours too."""
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils.flop_counter import flop_registry
+
+        counts: dict[str, int] = {}
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                packet = func._overloadpacket
+                name = packet.__name__.removesuffix("_")  # an in-place product (addmm_) counts as its out-of-place one
+                formula = flop_registry.get(packet) or flop_registry.get(getattr(torch.ops.aten, name, None))
+                if formula is None:  # a composite (conv2d, linear): count what it decomposes into
+                    with self:
+                        out = func.decompose(*args, **kwargs)
+                    if out is not NotImplemented:
+                        return out
+                out = func(*args, **kwargs)
+                if formula is not None:
+                    key = f"aten.{name}"
+                    counts[key] = counts.get(key, 0) + formula(*args, **kwargs, out_val=out)
+                return out
+
+        self.counts, self.mode = counts, Mode()
+
+    def __enter__(self) -> dict[str, int]:
+        self.mode.__enter__()
+        return self.counts
+
+    def __exit__(self, *exc) -> None:
+        self.mode.__exit__(*exc)
+
+
 def model_flops(model: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
     """FLOPs of one forward, attention included: (the plain architecture's, ours). The plain count runs the
-    unfolded model (explicit-matmul attention, the concatenate-and-fuse head), which PyTorch's flop counter sees
+    unfolded model (explicit-matmul attention, the concatenate-and-fuse head), which the flop counter sees
     op by op; ours runs our inference path with oneDNN's private kernels switched off (the counter does not see
     them; the same products through PyTorch's ops) plus the attention products, which the fused attention kernel
     hides from the counter (the plain run's batched matmuls: attention is the only bmm there)."""
-    from torch.utils.flop_counter import FlopCounterMode
 
     def count(fast: bool) -> dict[str, int]:
         fast_before = model.fast_path
@@ -164,14 +202,16 @@ def model_flops(model: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
         try:
             with warnings.catch_warnings():  # (flags() warns about TF32 on Intel GPUs, which this is not about)
                 warnings.simplefilter("ignore", UserWarning)
-                with torch.backends.mkldnn.flags(enabled=not fast), FlopCounterMode(display=False) as counter:
+                with torch.backends.mkldnn.flags(enabled=not fast), _FlopCount() as counts:
                     with torch.inference_mode():
                         model(x)
         finally:
             model.fast_path = fast_before
-        return {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+        return counts
 
-    plain, ours = count(False), count(True)
+    plain = count(False)
+    count(True)  # (the folded head's weights are made once, on the first fast forward: not counted per forward)
+    ours = count(True)
     attention_seen = any("attention" in op for op in ours)  # a future counter that sees the fused kernel
     return float(sum(plain.values())), float(sum(ours.values()) + (0 if attention_seen else plain.get("aten.bmm", 0)))
 
