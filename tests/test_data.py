@@ -57,6 +57,10 @@ def test_ade20k_layout_reduces_labels(tmp_path):
     _, labels = ds[0]
     assert labels[0, :4].tolist() == [255, 0, 149, 255]  # 0 → ignore, k → k - 1, 255 stays
     assert check_dataset(ds).ok
+    # --ignore-index names a stored value: 0 is ignored already, stored 5 is class 4 ("tree")
+    assert build_dataset(root, "val", ignore_index=0)[0].read_mask(0)[0, :4].tolist() == [255, 0, 149, 255]
+    with pytest.raises(ValueError, match="ignore index 5 is also the class 'tree'.*ade20k ignores 0 and 255"):
+        build_dataset(root, "val", ignore_index=5)
 
 
 def test_cityscapes_layout(tmp_path):
@@ -71,6 +75,9 @@ def test_cityscapes_layout(tmp_path):
     assert len(train) == 2 and train.num_labels == 19 and train.id2label[18] == "bicycle"
     assert all(m.name.endswith("_gtFine_labelTrainIds.png") for _, m in listing.pairs)
     assert check_dataset(train, listing).ok
+    with pytest.raises(ValueError, match="ignore index 5 is also the class 'pole'.*cityscapes ignores 255"):
+        build_dataset(tmp_path, "train", ignore_index=5)
+    assert build_dataset(tmp_path, "train", ignore_index=19)[0].spec.ignore_values == (19, 255)
 
 
 def test_check_reports_every_problem_with_its_file(tmp_path):

@@ -62,6 +62,12 @@ def test_parquet_folder_named_columns_and_numbered_classes(tmp_path):
     dataset, _ = build_dataset(tmp_path, "train")
     assert (dataset.image_column, dataset.label_column) == ("pixel_values", "semantic_map")
     assert dataset.id2label == {0: "class_0", 1: "class_1", 2: "class_2"}  # no labels.json: numbered
+    # numbered classes count up to the largest stored value that is no ignore value: 0 ignored would still be
+    # class 0 (never trained or scored) unless the classes are reduced
+    with pytest.raises(ValueError, match="ignore index 0 is also the class 'class_0'.*--reduce-labels"):
+        build_dataset(tmp_path, "train", ignore_index=0)
+    reduced, _ = build_dataset(tmp_path, "train", ignore_index=0, reduce_labels=True)
+    assert reduced.id2label == {0: "class_0", 1: "class_1"}
     with pytest.raises(ValueError, match="no column 'photo' .*columns: pixel_values, semantic_map"):
         build_dataset(tmp_path, "train", image_column="photo")
     with pytest.raises(ValueError, match="no test split"):

@@ -17,6 +17,7 @@ from .datasets import (
     SegmentationDataset,
     Transform,
     check_dataset,
+    check_ignore_values,
     list_cityscapes,
     list_folder,
     read_label_spec,
@@ -94,6 +95,8 @@ def build_dataset(
         names = ADE20K_CLASSES if kind == "ade20k" else CITYSCAPES_CLASSES
         ignores = (IGNORE_INDEX,) if ignore_index is None else tuple(sorted({IGNORE_INDEX, ignore_index}))
         reduce = (kind == "ade20k") if reduce_labels is None else reduce_labels
+        unlabelled = "0 and 255" if reduce else "255"
+        check_ignore_values(ignores, dict(enumerate(names)), reduce, f"or leave it out ({kind} ignores {unlabelled})")
         spec = LabelSpec(dict(enumerate(names)), ignore_values=ignores, reduce_labels=reduce)
     else:
         raise ValueError(f"dataset kind must be one of auto, {', '.join(KINDS)}, got {kind!r}")

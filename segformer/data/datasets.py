@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,6 +191,21 @@ def _int_keys(data: object, path: Path, what: str) -> dict[int, object]:
         raise ValueError(f"{path}: {what} keys must be integers, got {sorted(map(str, data))[:5]}") from None
 
 
+def check_ignore_values(ignores: Iterable[int], id2label: Mapping[int, str], reduce_labels: bool, remedy: str) -> None:
+    """A ValueError when a stored value meant as "unlabelled" is also a class's stored value (with the
+    reduction, stored value k is class k - 1): its pixels would be ignored, and the class never trained or
+    scored. ``remedy`` ends the message (how this data set's classes could be changed instead)."""
+    num = len(id2label)
+    for value in sorted(ignores):
+        class_id = value - 1 if reduce_labels else value
+        if 0 <= class_id < num and value != IGNORE_INDEX:
+            stored = f"1..{num}" if reduce_labels else f"0..{num - 1}"
+            raise ValueError(
+                f"ignore index {value} is also the class {id2label[class_id]!r}: give unlabelled pixels a value "
+                f"outside {stored}, {remedy}"
+            )
+
+
 def read_label_spec(
     path: str | os.PathLike, *, ignore_index: int | None = None, reduce: bool | None = None
 ) -> LabelSpec:
@@ -226,14 +241,7 @@ def read_label_spec(
     for value in ignores:
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{path}: ignore_index must be a non-negative integer, got {value!r}")
-        # (with the reduction, stored value k is class k - 1)
-        class_id = value - 1 if reduce_labels else value
-        if 0 <= class_id < num and value != IGNORE_INDEX:
-            stored = f"1..{num}" if reduce_labels else f"0..{num - 1}"
-            raise ValueError(
-                f"ignore index {value} is also the class {id2label[class_id]!r}: give unlabelled pixels a value "
-                f'outside {stored}, or map it with "map" in {path}'
-            )
+    check_ignore_values(ignores, id2label, reduce_labels, f'or map it with "map" in {path}')
     value_map = {}
     for value, target in _int_keys(extra.get("map", {}), path, '"map"').items():
         if not isinstance(target, int) or not (0 <= target < num or target == IGNORE_INDEX):

@@ -32,6 +32,7 @@ from .datasets import (
     MissingSplitError,
     SegmentationDataset,
     Transform,
+    check_ignore_values,
     check_values_of,
     mask_values,
     read_label_spec,
@@ -219,7 +220,10 @@ def _labels(
     reduce = bool(reduce_labels)
     count = top if reduce else top + 1
     ignores = tuple(sorted(ignored))
-    return LabelSpec({i: f"class_{i}" for i in range(count)}, ignore_values=ignores, reduce_labels=reduce)
+    id2label = {i: f"class_{i}" for i in range(count)}
+    remedy = "or pass --reduce-labels if 0 means unlabelled and the classes start at 1"
+    check_ignore_values(ignores, id2label, reduce, remedy)
+    return LabelSpec(id2label, ignore_values=ignores, reduce_labels=reduce)
 
 
 def build_hf_dataset(
