@@ -330,3 +330,21 @@ def test_bad_labels_json_says_what_is_wrong(tmp_path, labels, message):
     root = _street(tmp_path, [np.zeros((8, 8), np.uint8)], labels)
     with pytest.raises(ValueError, match=message):
         build_dataset(root, "train")
+
+
+def test_masks_that_are_not_png_are_named(tmp_path):
+    """A JPEG mask is never paired (its compression changes label values at every class border): the data check
+    names it, and a split whose masks are all JPEG says masks must be PNG instead of only "no pairs"."""
+    mask = np.array([[0, 1], [2, 1]], np.uint8).repeat(8, 0).repeat(8, 1)
+    root = _street(tmp_path, [mask, mask], ["road", "car", "sky"])
+    (root / "annotations" / "train" / "1.png").unlink()
+    _save(root / "annotations" / "train" / "1.jpg", mask)
+    dataset, listing = build_dataset(root, "train")
+    assert len(dataset) == 1 and listing.not_png_masks == [root / "annotations" / "train" / "1.jpg"]
+    report = check_dataset(dataset, listing)
+    assert not report.ok and any("1.jpg: not a PNG mask" in p for p in report.problems)
+    for name in ("0", "1"):
+        (root / "annotations" / "val" / f"{name}.png").unlink()
+        _save(root / "annotations" / "val" / f"{name}.jpg", mask)
+    with pytest.raises(ValueError, match=r"no image/mask pairs in the val split .*\.jpg files .*masks must be PNG"):
+        build_dataset(root, "val")

@@ -101,7 +101,9 @@ def build_dataset(
     else:
         raise ValueError(f"dataset kind must be one of auto, {', '.join(KINDS)}, got {kind!r}")
     if not listing.pairs:
-        raise ValueError(f"{root}: no image/mask pairs in the {split} split of this {kind} layout")
+        raise ValueError(
+            f"{root}: no image/mask pairs in the {split} split of this {kind} layout{listing.no_pairs_hint()}"
+        )
     dataset = SegmentationDataset(listing.pairs, spec, transform=transform, name=f"{kind}:{root}:{split}")
     return dataset, listing
 

@@ -45,11 +45,19 @@ KINDS = ("folder", "ade20k", "cityscapes", "hf")
 # ------------------------------------------------------------------------------------------- listing
 @dataclass
 class Listing:
-    """Image/mask pairs found for one split, and the files that found no partner."""
+    """Image/mask pairs found for one split, the files that found no partner, and the masks that are not PNG
+    (never paired: a lossy format such as JPEG changes label values at every class border)."""
 
     pairs: list[tuple[Path, Path]] = field(default_factory=list)
     unpaired_images: list[Path] = field(default_factory=list)
     unpaired_masks: list[Path] = field(default_factory=list)
+    not_png_masks: list[Path] = field(default_factory=list)
+
+    def no_pairs_hint(self) -> str:
+        """Why a split without pairs has none, when the listing can tell: '' or '; ' and the reason."""
+        if self.not_png_masks:
+            return f"; its masks are {self.not_png_masks[0].suffix} files ({self.not_png_masks[0]}): masks must be PNG"
+        return ""
 
 
 class MissingSplitError(ValueError):
@@ -95,7 +103,10 @@ def list_folder(root: str | os.PathLike, split: str) -> Listing:
             raise ValueError(f"{p}: two images share the stem {p.stem!r} ({images[key].name})")
         images[key] = p
     masks = {p.relative_to(mask_dir).with_suffix("").as_posix(): p for p in _files(mask_dir, (".png",), recursive=True)}
-    return _pair_by_key(images, masks)
+    listing = _pair_by_key(images, masks)
+    other = tuple(e for e in IMAGE_EXTENSIONS if e != ".png")
+    listing.not_png_masks = _files(mask_dir, other, recursive=True)
+    return listing
 
 
 def list_cityscapes(root: str | os.PathLike, split: str) -> Listing:
@@ -458,6 +469,10 @@ def check_dataset(
     if listing is not None:
         report.problems += [f"{p}: image without a mask" for p in listing.unpaired_images]
         report.problems += [f"{p}: mask without an image" for p in listing.unpaired_masks]
+        report.problems += [
+            f"{p}: not a PNG mask, left out (masks must be PNG: a lossy format such as JPEG changes label values)"
+            for p in listing.not_png_masks
+        ]
     # PIL decoding releases the GIL: threads make the check of a large set I/O-bound, not CPU-bound.
     with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
         for problems in pool.map(lambda i: dataset.check_item(i, check_values), range(len(dataset))):
