@@ -1013,6 +1013,7 @@ class SegformerDecodeHead(nn.Module):
         """The 1×1 classifier conv as one batched matmul over channels-last pixels → (B, num_labels, H, W),
         into ``out`` (a contiguous tensor of that shape) when given."""
         b, _, h, w = x.shape
+        k = self.classifier.out_channels  # (a Python int: an exported graph's class axis stays a number)
         dtype, x, weight, bias = _inference_operands(x, self.classifier.weight, self.classifier.bias)
         weight = weight.flatten(1)  # (K, D); bias (K,)
         pixels = map_to_tokens(x)  # (B, H*W, D)
@@ -1023,15 +1024,15 @@ class SegformerDecodeHead(nn.Module):
             # 1.2-1.6x the batched BLAS call below on the head's shapes; the bias added in place
             logits = torch.ops.mkldnn._linear_pointwise(weight, pixels[0], None, "none", [], "").add_(bias[:, None])
             if out is None:
-                return logits.view(1, -1, h, w)
-            out.view(-1, h * w).copy_(logits)
+                return logits.view(1, k, h, w)
+            out.view(k, h * w).copy_(logits)
             return out
         # (K, D) @ (B, D, H*W): the result is already NCHW-contiguous, with no copy of the largest output
         args = (bias[None, :, None], weight.expand(b, -1, -1), pixels.transpose(1, 2))
         if out is not None:  # autocast does not cast for out= variants: in out's dtype, as autocast would
-            torch.baddbmm(*(a.to(out.dtype) for a in args), out=out.view(b, -1, h * w))
+            torch.baddbmm(*(a.to(out.dtype) for a in args), out=out.view(b, k, h * w))
             return out
-        return torch.baddbmm(*args).view(b, -1, h, w)
+        return torch.baddbmm(*args).view(b, k, h, w)
 
 
 def _cuda_capturing() -> bool:

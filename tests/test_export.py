@@ -59,6 +59,9 @@ def test_dynamic_export_matches_pytorch_at_other_sizes_and_batch_2(tmp_path, mod
     assert [i.name for i in graph.input] == ["pixel_values"] and [o.name for o in graph.output] == ["logits"]
     dims = [d.dim_param for d in graph.input[0].type.tensor_type.shape.dim]
     assert dims == ["batch", "", "height", "width"]
+    # the class axis is the model's label count, not a symbol (consumers size their buffers from it)
+    out_dims = [d.dim_param or d.dim_value for d in graph.output[0].type.tensor_type.shape.dim]
+    assert out_dims == ["batch", model.config.num_labels, "logits_height", "logits_width"]
     check_folded_head(path, 16)  # raises if the unfolded fuse conv were in the graph
     assert model.fast_path and not model.training  # the caller's model is left as it was
 
