@@ -186,14 +186,15 @@ def hwc_rgb(
     integral_floats: bool = True,
 ) -> np.ndarray:
     """A 2-D or 3-D array or tensor → (H, W, 3) uint8 or float32 (:func:`pixel_values`): channels last, gray
-    replicated, alpha dropped. ``input_data_format``: "channels_first" / "channels_last" / None (guessed)."""
-    if isinstance(array, torch.Tensor):
-        array = tensor_to_numpy(array)
-    array = np.asarray(array)
+    replicated, alpha dropped. ``input_data_format``: "channels_first" / "channels_last" / None (guessed; where
+    both ends could be channels, a uint8 NumPy array is read channels-last, as images are stored, and a tensor
+    channels-first, as PyTorch keeps them)."""
+    tensor = isinstance(array, torch.Tensor)
+    array = tensor_to_numpy(array) if tensor else np.asarray(array)
     if array.ndim == 2:
         array = array[..., None]
     elif array.ndim == 3:
-        axis = channel_axis(array.shape, array.dtype == np.uint8, input_data_format, what)
+        axis = channel_axis(array.shape, array.dtype == np.uint8 and not tensor, input_data_format, what)
         array = np.moveaxis(array, 0, -1) if axis == 0 else array
     else:
         raise ImageError(f"{what}: expected a 2-D or 3-D image (or a 4-D batch), got shape {tuple(array.shape)}")

@@ -46,8 +46,9 @@ assert len(CITYSCAPES_CLASSES) == 19 and len(set(CITYSCAPES_CLASSES)) == 19
 
 def reduce_labels(labels, ignore_index: int = 255):
     """ADE20K's label reduction on a numpy array or a torch tensor: 0 ("other") → ``ignore_index``, k → k - 1,
-    ``ignore_index`` stays. Returns a new int32 array / tensor; the input is untouched."""
-    wide = labels.int() if hasattr(labels, "int") else labels.astype("int32")  # torch / numpy; no uint8 wrap
+    ``ignore_index`` stays. Returns a new int64 array / tensor (the dtype of labels everywhere: a loss takes
+    them as they are); the input is untouched."""
+    wide = labels.long() if hasattr(labels, "long") else labels.astype("int64")  # torch / numpy; no uint8 wrap
     out = wide - 1
     out[(wide == 0) | (wide == ignore_index)] = ignore_index
     return out

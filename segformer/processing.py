@@ -331,7 +331,8 @@ def _image_to_four(image: Any, input_data_format: str | None, what: str) -> np.n
                 "have 4 values (one per channel)"
             )
         return np.asarray(image)
-    if isinstance(image, torch.Tensor):
+    tensor = isinstance(image, torch.Tensor)
+    if tensor:
         image = tensor_to_numpy(image)
     if not isinstance(image, np.ndarray):
         raise TypeError(
@@ -339,7 +340,7 @@ def _image_to_four(image: Any, input_data_format: str | None, what: str) -> np.n
         )
     if image.ndim != 3:
         raise ValueError(f"{what}: a four-channel image must be 3-D, (H, W, 4) or (4, H, W), got {image.shape}")
-    axis = channel_axis(image.shape, image.dtype == np.uint8, input_data_format, what)
+    axis = channel_axis(image.shape, image.dtype == np.uint8 and not tensor, input_data_format, what)  # (hwc_rgb)
     array = pixel_values(np.moveaxis(image, 0, -1) if axis == 0 else image, what)
     if array.shape[-1] != 4:
         raise ValueError(

@@ -419,6 +419,22 @@ def test_reduce_labels_values():
     assert np.array_equal(raw_processor()(image, seg, return_tensors="np").labels[0], seg)
 
 
+@pytest.mark.parametrize("backend", ["pil", "torch"])
+@pytest.mark.parametrize("resize", [False, True])
+@pytest.mark.parametrize("reduce", [False, True])
+def test_labels_are_int64_on_every_route(backend, resize, reduce):
+    """A loss takes the labels as they come (cross_entropy refuses int32 targets): int64 with and without the
+    reduction, resized or not, from either backend."""
+    image = torch.zeros(3, 20, 24, dtype=torch.uint8)
+    seg = np.array([[0, 1], [2, 255]], np.uint8).repeat(10, 0).repeat(12, 1)
+    p = SegformerImageProcessor(size=16, do_reduce_labels=reduce, do_resize=resize, backend=backend)
+    labels = p(image, seg, return_tensors="pt").labels
+    assert labels.dtype == torch.int64
+    expected = np.array([[255, 0], [1, 255]] if reduce else [[0, 1], [2, 255]])
+    assert np.array_equal(labels[0, :: labels.shape[1] - 1, :: labels.shape[2] - 1].numpy(), expected)
+    torch.nn.functional.cross_entropy(torch.zeros(1, 3, *labels.shape[1:]), labels, ignore_index=255)
+
+
 def test_wide_labels_go_through_mode_i(rng):
     small = rng.integers(0, 256, (33, 27)).astype(np.int32)
     big = small + 65280  # up to 65535
@@ -720,6 +736,16 @@ def test_torch_path_layouts_and_channels(rng):
     assert p(mixed, return_tensors="pt").pixel_values.shape == (2, 3, 12, 20)  # different sizes, one by one
     auto_lanczos = p(gray, return_tensors="pt", resample=1).pixel_values  # LANCZOS: auto falls back to PIL
     assert torch.equal(auto_lanczos, p(gray, return_tensors="pt", resample=1, backend="pil").pixel_values)
+    # a uint8 tensor whose both ends could be channels is channels-first on every route (a NumPy array would be
+    # channels-last): the PIL route and a PIL-only filter read it as the torch route does
+    chw = torch.from_numpy(rng.integers(0, 256, (3, 6, 3), dtype=np.uint8))
+    first = p(chw, return_tensors="pt", backend="pil", input_data_format="channels_first").pixel_values
+    assert torch.equal(p(chw, return_tensors="pt", backend="pil").pixel_values, first)
+    assert torch.equal(
+        p(chw, return_tensors="pt", resample=1).pixel_values,
+        p(chw, return_tensors="pt", resample=1, backend="pil", input_data_format="channels_first").pixel_values,
+    )
+    assert (p(chw, return_tensors="pt").pixel_values - first).abs().max() <= 1e-5
 
 
 def test_feature_extractor_positional_arguments_follow_its_documented_order():

@@ -160,7 +160,7 @@ class LabelSpec:
             mask = self.colours_to_ids(mask)
         stored = values = mask.astype(np.int64)
         if self.reduce_labels:
-            values = reduce_labels(values, IGNORE_INDEX).astype(np.int64)
+            values = reduce_labels(values, IGNORE_INDEX)
         if not self.value_map and self.ignore_values == (IGNORE_INDEX,):
             return values
         out = values.copy()
