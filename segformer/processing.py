@@ -54,6 +54,9 @@ Four channels: with four ``image_mean`` / ``image_std`` values (models with ``nu
 four channels instead of becoming RGB, as Transformers does: 4-band PIL images (RGBA, CMYK, RGBX) and (H, W, 4) /
 (4, H, W) arrays or tensors, resized as one RGBA image by PIL (which weights colours by the fourth channel, as
 Transformers' resize does); always on the PIL backend. Other channel counts are an error naming the image.
+One channel likewise: with one-value sequences (``image_mean=[0.5], image_std=[0.25]``, models with
+``num_channels=1``) one-band images (L, 1, I, I;16, F; 2-D, (H, W, 1) and (1, H, W) arrays and tensors) keep their
+one channel, as in Transformers; a plain number still means "the same for every channel" of RGB.
 
 The output is a :class:`SegformerBatch` (Transformers' ``BatchFeature``: a dict with attribute access, ``.data``,
 ``.convert_to_tensors(...)`` and ``.to(...)``).
@@ -191,7 +194,7 @@ class _Options:
     do_rescale: bool
     rescale_factor: float
     do_normalize: bool
-    image_mean: tuple[float, ...]  # 3 values (RGB) or 4 (four-channel images)
+    image_mean: tuple[float, ...]  # 3 values (RGB), 4 (four-channel images) or 1 (one-channel images)
     image_std: tuple[float, ...]
     do_reduce_labels: bool
     backend: str
@@ -236,17 +239,22 @@ def _normalize_resample(resample: Any) -> int:
 
 
 def _normalize_stats(mean: Any, std: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """image_mean and image_std: None → ImageNet's; one number → the same for every channel; 3 values (RGB) or 4
-    (four-channel images), the same count in both."""
-    lists = []
+    """image_mean and image_std: None → ImageNet's; one number → the same for every channel; a sequence of 1
+    value (one-channel images), 3 (RGB) or 4 (four-channel images), the same count in both."""
+    lists, numbers = [], []
     for value, default, name in ((mean, IMAGENET_MEAN, "image_mean"), (std, IMAGENET_STD, "image_std")):
-        values = list(default) if value is None else [value] if np.ndim(value) == 0 else list(value)
+        number = value is not None and np.ndim(value) == 0
+        values = list(default) if value is None else [value] if number else list(value)
         if len(values) not in (1, 3, 4):
             raise ValueError(f"{name} needs 1, 3 or 4 values (one per image channel), got {len(values)}")
         lists.append([float(v) for v in values])
-    channels = max(len(values) for values in lists)
-    channels = 3 if channels == 1 else channels
-    mean_t, std_t = (tuple(values * channels if len(values) == 1 else values) for values in lists)
+        numbers.append(number)
+    # a number fits any channel count (three when both are numbers); a sequence gives its own
+    counts = [len(values) for values, number in zip(lists, numbers, strict=True) if not number]
+    channels = max(counts) if counts else 3
+    mean_t, std_t = (
+        tuple(values * channels if number else values) for values, number in zip(lists, numbers, strict=True)
+    )
     if len(mean_t) != len(std_t):
         raise ValueError(f"image_mean has {len(mean_t)} values but image_std has {len(std_t)}; give one per channel")
     return mean_t, std_t
@@ -349,9 +357,34 @@ def _image_to_four(image: Any, input_data_format: str | None, what: str) -> np.n
     return array
 
 
+def _image_to_one(image: Any, input_data_format: str | None, what: str) -> np.ndarray:
+    """Any supported one-channel image → (H, W, 1) uint8 or float32, with :func:`_image_to_rgb`'s value rules
+    (16-bit data to 8 bits, float kept)."""
+    if isinstance(image, (str, os.PathLike)):
+        image = _open_image(image, what)
+    if isinstance(image, Image.Image):
+        if len(image.getbands()) != 1:
+            raise ValueError(
+                f"{what}: a {image.mode} image has {len(image.getbands())} channels, but image_mean and image_std "
+                "have 1 value (one per channel)"
+            )
+        rgb = _pil_to_rgb(image, what)
+        return np.ascontiguousarray(np.asarray(rgb)[..., :1])
+    if isinstance(image, (torch.Tensor, np.ndarray)) and image.ndim == 3:
+        tensor = isinstance(image, torch.Tensor)
+        axis = channel_axis(tuple(image.shape), image.dtype == np.uint8 and not tensor, input_data_format, what)
+        if image.shape[axis] != 1:
+            raise ValueError(
+                f"{what}: has {image.shape[axis]} channels, but image_mean and image_std have 1 value (one per channel)"
+            )
+    return np.ascontiguousarray(_image_to_rgb(image, input_data_format, what)[..., :1])  # (gray replicated: one)
+
+
 def _image_pixels(image: Any, options: _Options, what: str) -> Image.Image | np.ndarray:
-    """RGB (:func:`_image_to_rgb`), or all four channels when the options normalise four."""
-    if len(options.image_mean) == 4:
+    """RGB (:func:`_image_to_rgb`), or all four channels, or the one, when the options normalise four or one."""
+    if len(options.image_mean) == 1:
+        pixels = _image_to_one(image, options.input_data_format, what)
+    elif len(options.image_mean) == 4:
         pixels = _image_to_four(image, options.input_data_format, what)
     else:
         pixels = _image_to_rgb(image, options.input_data_format, what)
@@ -442,6 +475,8 @@ def _rescale_normalize_float(hwc: np.ndarray, options: _Options) -> np.ndarray:
 def _pil_resize_pixels(rgb: Image.Image | np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
     """Resize an RGB image / (H, W, 3) uint8 array as one RGB image ((H, W, 4): as one RGBA image, as Transformers
     does), float32 channel by channel in mode F."""
+    if not isinstance(rgb, Image.Image) and rgb.dtype == np.uint8 and rgb.shape[-1] == 1:  # one channel: as L
+        return np.asarray(Image.fromarray(rgb[..., 0], "L").resize((width, height), resample))[..., None]
     if isinstance(rgb, Image.Image) or rgb.dtype == np.uint8:
         mode = "RGBA" if not isinstance(rgb, Image.Image) and rgb.shape[-1] == 4 else "RGB"
         image = rgb if isinstance(rgb, Image.Image) else Image.fromarray(np.ascontiguousarray(rgb), mode)
@@ -736,7 +771,8 @@ class SegformerImageProcessor:
         size: int (square), ``(width, height)``, ``{"height": h, "width": w}`` or ``{"shortest_edge": n}``.
         resample: PIL filter for images (int or ``PIL.Image.Resampling``); maps always use NEAREST.
         do_rescale: multiply pixel values by ``rescale_factor`` (1/255: 8-bit values to [0, 1]).
-        do_normalize: subtract ``image_mean`` and divide by ``image_std`` (per RGB channel; None → ImageNet).
+        do_normalize: subtract ``image_mean`` and divide by ``image_std`` (per channel: 3 values for RGB, 4 or 1
+            for four- or one-channel images, a number for every channel; None → ImageNet).
         reduce_labels / do_reduce_labels: map label 0 to 255 (ignored) and every other label x to x - 1.
         backend: ``"auto"``, ``"pil"`` or ``"torch"`` (see the module docstring); run-time only, not saved.
         data_format: ``"channels_first"`` (B, 3, H, W) or ``"channels_last"`` (B, H, W, 3) pixel values.

@@ -673,6 +673,40 @@ def test_four_channel_errors():
     assert rgb.shape == (1, 3, 8, 8)
 
 
+ONE = dict(image_mean=[0.5], image_std=[0.25])
+# as FOUR_TOL: a few fp32 roundings of values up to (1 - 0.5) / 0.25 = 2
+ONE_TOL = 8 * U32 * 2
+
+
+@pytest.mark.oracle
+def test_one_channel_images_match_transformers():
+    """One-value sequences (a num_channels=1 model): one-band images keep their one channel, as in Transformers,
+    and the model takes the result; a number is still "the same for every channel" of RGB."""
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (37, 45), dtype=np.uint8)
+    ours = SegformerImageProcessor(size={"height": 20, "width": 26}, **ONE)
+    theirs = hf_pil_processor(hf())(size={"height": 20, "width": 26}, **ONE)
+    for given in (Image.fromarray(gray), gray[..., None], gray[None], torch.from_numpy(gray)[None]):
+        for do_resize in (True, False):
+            a = ours(given, return_tensors="np", do_resize=do_resize)["pixel_values"]
+            b = theirs(given, return_tensors="np", do_resize=do_resize)["pixel_values"]
+            assert a.shape == b.shape and a.shape[1] == 1
+            assert np.abs(a - b).max() <= ONE_TOL
+    assert np.array_equal(ours(gray)["pixel_values"], ours(gray[..., None])["pixel_values"])  # 2-D is one band
+    model = SegformerForSemanticSegmentation(tiny_config(num_channels=1)).eval()
+    with torch.no_grad():
+        inputs = ours(Image.fromarray(gray), return_tensors="pt", size={"height": 32, "width": 32})
+        assert model(**inputs).logits.shape[:2] == (1, model.config.num_labels)
+    floats = ours(gray.astype(np.float32) / 255, do_rescale=False, return_tensors="np")["pixel_values"]
+    assert floats.shape == (1, 1, 20, 26)
+    with pytest.raises(ValueError, match="image 0: a RGB image has 3 channels, but image_mean and image_std have 1"):
+        ours(Image.new("RGB", (8, 8)))
+    with pytest.raises(ValueError, match="image 0: has 3 channels, but image_mean and image_std have 1"):
+        ours(np.zeros((8, 8, 3), np.uint8))
+    assert SegformerImageProcessor(image_mean=0.5, image_std=0.5).image_mean == [0.5] * 3
+    assert SegformerImageProcessor(image_mean=0.5, image_std=[0.5]).image_mean == [0.5]
+
+
 @pytest.mark.oracle
 def test_processor_files_and_dicts_match_transformers(tmp_path):
     transformers = hf()
