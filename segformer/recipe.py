@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .config import VARIANTS, SegformerConfig
+from .data.datasets import IGNORE_INDEX
 from .evaluate import eval_options
 from .inference import InferenceOptions
 from .modeling import SegformerForSemanticSegmentation
@@ -208,8 +209,13 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
 def build_model(cfg: TrainConfig, id2label: dict[int, str]) -> SegformerForSemanticSegmentation:
     """The model to fine-tune, with the data set's labels: a fresh variant ("b0".."b5"), a fresh model from a
     ``config.json`` or a SegformerConfig, or a checkpoint (ImageNet ``mit-b*`` encoder, or a segmentation
-    model with any label set: a different head is re-initialised, which is logged)."""
-    overrides: dict[str, Any] = {"num_labels": len(id2label), "id2label": id2label}
+    model with any label set: a different head is re-initialised, which is logged). The loss ignores what the
+    data pipeline marks unlabelled (255, whatever value the given config's ``semantic_loss_ignore_index`` had)."""
+    overrides: dict[str, Any] = {
+        "num_labels": len(id2label),
+        "id2label": id2label,
+        "semantic_loss_ignore_index": IGNORE_INDEX,
+    }
     if cfg.drop_path_rate is not None:
         overrides["drop_path_rate"] = cfg.drop_path_rate
     if cfg.dropout is not None:

@@ -484,10 +484,17 @@ def evaluate_and_checkpoint(
     :func:`run_record`; default :func:`~segformer.inference.effective_amp` of ``cfg.amp``), log the metrics,
     and write ``best_dir`` when the mIoU beats the best so far. Every rank calls it; returns the metrics."""
     precision = effective_amp(cfg.amp, info.device) if precision is None else precision
-    metrics = evaluate(net, data.val_set, data.eval_options, amp=precision[0], max_images=cfg.max_eval_images)
-    log.evaluation(run.step, metrics)
-    if info.is_main:
-        log.samples(run.step, validation_samples(net, data), palette_for(data.val_set.id2label))
+    # The training's random streams stay as they were: an evaluation draws from them (a DataLoader's iterator
+    # takes its base seed from torch's), which would make the dropout and drop-path masks of every later step
+    # depend on --eval-every, and a resumed run differ from one run straight through.
+    state = rng_state()
+    try:
+        metrics = evaluate(net, data.val_set, data.eval_options, amp=precision[0], max_images=cfg.max_eval_images)
+        log.evaluation(run.step, metrics)
+        if info.is_main:
+            log.samples(run.step, validation_samples(net, data), palette_for(data.val_set.id2label))
+    finally:
+        set_rng_state(state)
     net.train()
     if not math.isnan(metrics["mIoU"]) and metrics["mIoU"] > run.best_mIoU:
         run.best_mIoU, run.best_step = metrics["mIoU"], run.step
@@ -547,6 +554,12 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     if resume_dir is None and cfg.resume == "auto" and (output / "last").is_dir():
         raise ValueError(f"{output / 'last'} has no {TRAINING_STATE}: it cannot be resumed (start a new --output)")
     if resume_dir is not None:
+        elsewhere = output.resolve() != resume_dir.parent.resolve()
+        if elsewhere and any((output / d / TRAINING_STATE).is_file() for d in ("last", ".last.old")):
+            raise ValueError(
+                f"{output} already holds another run: resuming {resume_dir} there would overwrite it; pass "
+                f"--output {resume_dir.parent} to continue that run where it is, or a new --output"
+            )
         check_resumed_config(cfg, stored_run_config(resume_dir))
     data = build_data(cfg, info)  # (with the evaluation protocol: its errors now, not after the training)
 

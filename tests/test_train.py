@@ -102,6 +102,27 @@ def test_resume_continues_exactly(data, tiny_json, tmp_path):
         train(_cfg(data, tiny_json, split))
 
 
+def test_evaluations_change_no_training_step(data, tiny_json, tmp_path):
+    """An evaluation every step leaves the training's random streams as they were: with dropout and drop-path on,
+    the weights equal a run that never evaluates (a DataLoader's iterator draws its seed from torch's stream)."""
+    changes = dict(drop_path_rate=0.2, dropout=0.1)
+    train(_cfg(data, tiny_json, tmp_path / "never", **changes))
+    train(_cfg(data, tiny_json, tmp_path / "every", eval_every=1, **changes))
+    assert len((tmp_path / "every" / "metrics.jsonl").read_text().splitlines()) > 4  # (it did evaluate)
+    a, b = _weights(tmp_path / "never"), _weights(tmp_path / "every")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_loss_ignores_what_the_data_marks_unlabelled(data, tmp_path):
+    """A config whose semantic_loss_ignore_index is not the data pipeline's 255 still trains: the run's model
+    ignores 255 (the crop's padding and unlabelled pixels), as its saved config says."""
+    path = tmp_path / "minus100.json"
+    tiny_config(num_labels=4, semantic_loss_ignore_index=-100).to_json_file(path)
+    train(_cfg(data, path, tmp_path / "run", crop=(96, 96), ratio_range=(0.5, 0.5)))  # (padded crops)
+    saved = json.loads((tmp_path / "run" / "last" / "config.json").read_text())
+    assert saved["semantic_loss_ignore_index"] == 255
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tiny_json, tmp_path):
     out = tmp_path / "nan"
     with pytest.raises(TrainingDivergedError, match=r"loss is (nan|inf) at step \d+.*last good checkpoint"):
@@ -457,6 +478,18 @@ def test_resume_takes_the_runs_settings_and_refuses_other_ones(data, tiny_json, 
     assert code == 0 and "steps 2→4" in err, err[-2000:]
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "split")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    resumed = json.loads((tmp_path / "split" / "train_config.json").read_text())
+    assert (resumed["eval_every"], resumed["save_every"]) == (0, 100)  # the run's intervals, not the defaults
+    # --resume RUN/last continues in RUN, never in another run's folder
+    shutil.copytree(base, tmp_path / "by-path")
+    code, err = run_cli(capsys, "train", "--data", data, "--resume", tmp_path / "by-path" / "last", "--workers",
+                        "0", "--no-progress")[::2]  # fmt: skip
+    assert code == 0 and json.loads((tmp_path / "by-path" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
+    straight = (tmp_path / "straight" / "last" / "model.safetensors").read_bytes()
+    code, err = run_cli(capsys, "train", "--data", data, "--resume", base / "last", "--output", tmp_path / "straight",
+                        "--workers", "0")[::2]  # fmt: skip
+    assert code == 2 and "already holds another run" in err
+    assert (tmp_path / "straight" / "last" / "model.safetensors").read_bytes() == straight
     code, err = cli(base, "--resume", "auto", "--steps", "8", "--crop", "32", "32")
     assert code == 2 and "--steps 8 (the run: 4)" in err and "--crop [32, 32] (the run: [48, 48])" in err
     assert json.loads((base / "train_config.json").read_text())["steps"] == 4  # nothing rewritten

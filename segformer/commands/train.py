@@ -64,8 +64,9 @@ def _data_and_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output", help="run directory (default: runs/segformer)")
     g.add_argument(
         "--resume",
-        help="'auto' (continue the run in --output) or a run's last/ directory: the run continues with its own "
-        "settings (train_config.json); of the others, only where and how it runs may change (--data path, "
+        help="'auto' (continue the run in --output) or a run's last/ directory (continued in that run's folder "
+        "unless --output names a new one): the run continues with its own settings (train_config.json), "
+        "intervals included; of the options, only where and how it runs may be given anew (--data path, "
         "--stop-at, --workers, --device, logging, evaluation and checkpoint intervals)",
     )
     g.add_argument(
@@ -204,20 +205,30 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**values)
 
 
+# What a resumed run does not take from the run it continues: where it writes (the run's own folder), and how
+# this one invocation runs (its stop, its progress bar, its device). Everything else, the evaluation and
+# checkpoint intervals included, continues as the run had it unless given again.
+NOT_INHERITED = frozenset({"output", "resume", "stop_at", "progress", "device"})
+
+
 def _stored_settings(values: dict) -> dict:
     """The settings of the run ``--resume`` continues (its train_config.json; none if it has none), as
-    TrainConfig fields, without those that may change on a resume (segformer.train.RESUMABLE_CHANGES)."""
+    TrainConfig fields, but :data:`NOT_INHERITED`. ``--resume RUN/last`` without ``--output`` continues in RUN."""
     import dataclasses
     from pathlib import Path
 
     from segformer.config import SegformerConfig
-    from segformer.train import RESUMABLE_CHANGES, TrainConfig, find_resume_dir, stored_run_config
+    from segformer.train import TrainConfig, find_resume_dir, stored_run_config
 
-    output = Path(values.get("output", TrainConfig.output))
-    resume_dir = find_resume_dir(output, values["resume"])
+    resume = values["resume"]
+    settings: dict = {}
+    if resume != "auto" and "output" not in values:
+        settings["output"] = str(Path(resume).parent)
+    output = Path(values.get("output", settings.get("output", TrainConfig.output)))
+    resume_dir = find_resume_dir(output, resume)
     stored = stored_run_config(resume_dir) if resume_dir is not None else None
-    names = {f.name for f in dataclasses.fields(TrainConfig)} - RESUMABLE_CHANGES
-    settings = {k: v for k, v in (stored or {}).items() if k in names}
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - NOT_INHERITED
+    settings.update({k: v for k, v in (stored or {}).items() if k in names})
     if isinstance(settings.get("model"), dict):  # (a config given as an object, kept as one)
         settings["model"] = SegformerConfig.from_dict(settings["model"])
     return settings
