@@ -13,6 +13,7 @@ values derived from the data and the run for any other data set.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,12 +168,14 @@ def resolve_recipe(cfg: TrainConfig, kind: str) -> tuple[TrainConfig, list[str]]
     return dataclasses.replace(cfg, **changes), notes
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of the base lr at optimiser step ``step`` (0-based): poly decay to ``min_lr`` over
-    ``cfg.steps``, times mmcv's linear warm-up factor 1 - (1 - step / warmup) (1 - warmup_ratio)."""
+def lr_factor(step: int, cfg: TrainConfig, base_lr: float | None = None) -> float:
+    """Multiplier of a group's base lr (``base_lr``, default ``cfg.lr``) at optimiser step ``step`` (0-based):
+    poly decay to ``min_lr`` over ``cfg.steps`` (an absolute lr, the same for every group, as in mmcv: the
+    head's 10× lr decays to it too), times mmcv's linear warm-up factor 1 - (1 - step / warmup) (1 - ratio)."""
+    base = cfg.lr if base_lr is None else base_lr
     progress = min(step / max(cfg.steps, 1), 1.0)
     poly = (1 - progress) ** cfg.poly_power
-    factor = poly * (1 - cfg.min_lr / cfg.lr) + cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
+    factor = poly * (1 - cfg.min_lr / base) + cfg.min_lr / base if base > 0 else 0.0
     warmup = PAPER["warmup_steps"] if cfg.warmup_steps is None else cfg.warmup_steps  # None: unresolved, the paper's
     if step < warmup:
         factor *= 1 - (1 - step / warmup) * (1 - cfg.warmup_ratio)
@@ -184,7 +187,10 @@ NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     """AdamW groups: encoder / decode head (lr × head_lr_mult), each split into normalisation-layer parameters
-    (no weight decay) and the rest (weight decay, biases included, as in mmseg)."""
+    and the rest. The encoder's norms get no weight decay; everything else does, biases included, and the decode
+    head's BatchNorm too: mmseg's SegFormer recipe matches its custom keys longest first, then alphabetically, so
+    "head" (lr × 10) claims the head's norm before "norm" (decay × 0) could. (Four groups still, as in runs saved
+    before, whose optimiser states list four.)"""
     norm_params = {id(p) for m in model.modules() if isinstance(m, NORM_TYPES) for p in m.parameters(recurse=False)}
     head_mult = PAPER["head_lr_mult"] if cfg.head_lr_mult is None else cfg.head_lr_mult  # None: the paper's
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
@@ -199,7 +205,7 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
             {
                 "params": params,
                 "lr": cfg.lr * (head_mult if is_head else 1.0),
-                "weight_decay": 0.0 if is_norm else cfg.weight_decay,
+                "weight_decay": 0.0 if is_norm and not is_head else cfg.weight_decay,
                 "name": f"{'head' if is_head else 'encoder'}{'/norm' if is_norm else ''}",
             }
         )
@@ -281,12 +287,17 @@ class Optimization:
             self.scaler.load_state_dict(state["scaler"])
 
 
+def _group_factor(step: int, *, cfg: TrainConfig, base_lr: float) -> float:
+    return lr_factor(step, cfg, base_lr)
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> Optimization:
     """AdamW over :func:`param_groups`, the warm-up + poly schedule of :func:`lr_factor`, a scaler for fp16."""
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    factors = [functools.partial(_group_factor, cfg=cfg, base_lr=g["lr"]) for g in optimizer.param_groups]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
     return Optimization(optimizer, scheduler, torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None)
 
 

@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 
 from segformer import SegformerForSemanticSegmentation, SegformerModel
 from segformer.data import write_synthetic_dataset
-from segformer.train import TrainConfig, TrainingDivergedError, lr_factor, param_groups, train
+from segformer.train import TrainConfig, TrainingDivergedError, build_optimizer, lr_factor, param_groups, train
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -63,15 +63,25 @@ def test_schedule_warmup_then_poly():
     assert lr_factor(100, cfg) == 0.0
     cfg2 = TrainConfig(steps=100, warmup_steps=0, lr=1e-3, min_lr=1e-4, poly_power=2.0)
     assert lr_factor(50, cfg2) * cfg2.lr == pytest.approx((1e-3 - 1e-4) * 0.25 + 1e-4)
+    # min_lr is an absolute lr for every group (mmcv): the head's 10x lr decays to it as well
+    assert lr_factor(50, cfg2, 1e-2) * 1e-2 == pytest.approx((1e-2 - 1e-4) * 0.25 + 1e-4)
+    assert lr_factor(100, cfg2, 1e-2) * 1e-2 == pytest.approx(1e-4)
+    model = SegformerForSemanticSegmentation(tiny_config())
+    optim = build_optimizer(model, TrainConfig(steps=4, warmup_steps=0, lr=1e-3, min_lr=1e-4))
+    for _ in range(4):
+        optim.optimizer.step()
+        optim.scheduler.step()
+    assert all(g["lr"] == pytest.approx(1e-4) for g in optim.optimizer.param_groups)
 
 
-def test_param_groups_head_lr_and_no_decay_on_norms():
+def test_param_groups_head_lr_and_no_decay_on_encoder_norms():
     model = SegformerForSemanticSegmentation(tiny_config())
     groups = {g["name"]: g for g in param_groups(model, TrainConfig(lr=6e-5, weight_decay=0.01))}
     assert set(groups) == {"encoder", "encoder/norm", "head", "head/norm"}
     assert groups["head"]["lr"] == pytest.approx(6e-4) and groups["encoder"]["lr"] == pytest.approx(6e-5)
-    assert groups["encoder/norm"]["weight_decay"] == 0.0 and groups["head/norm"]["weight_decay"] == 0.0
-    assert groups["encoder"]["weight_decay"] == 0.01
+    # the encoder's norms without weight decay; the head's BatchNorm with it (mmseg: "head" matches before "norm")
+    assert groups["encoder/norm"]["weight_decay"] == 0.0 and groups["head/norm"]["weight_decay"] == 0.01
+    assert groups["encoder"]["weight_decay"] == 0.01 and groups["head/norm"]["lr"] == pytest.approx(6e-4)
     named = {id(p): n for n, p in model.named_parameters()}
     norm_names = {named[id(p)] for p in groups["encoder/norm"]["params"] + groups["head/norm"]["params"]}
     assert "decode_head.batch_norm.weight" in norm_names and "segformer.encoder.layer_norm.0.bias" in norm_names

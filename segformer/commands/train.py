@@ -99,7 +99,9 @@ def _schedule_and_optimiser_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         help="decode-head lr multiplier (default: 10; 1 for own data from fresh weights)",
     )
-    g.add_argument("--weight-decay", type=float, help="AdamW weight decay; none on norm layers (default 0.01)")
+    g.add_argument(
+        "--weight-decay", type=float, help="AdamW weight decay; none on the encoder's norm layers (default 0.01)"
+    )
     g.add_argument("--betas", type=float, nargs=2, metavar=("B1", "B2"), help="AdamW betas (default 0.9 0.999)")
     g.add_argument("--adam-eps", type=float, help="AdamW epsilon, added to the gradient RMS (default 1e-8)")
     g.add_argument(
