@@ -72,6 +72,7 @@ class RunLog:
         if self.is_main:
             output.mkdir(parents=True, exist_ok=True)
             atomic_write_text(output / "train_config.json", json.dumps(config, indent=2) + "\n")
+            self._drop_records_after(start)
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -84,6 +85,26 @@ class RunLog:
         self.bar = tqdm(total=steps, initial=start, desc="train", dynamic_ncols=True, disable=not show_bar)
         self.tic = self.last_tic = time.perf_counter()
         self.start = self.last_step = start
+
+    def _drop_records_after(self, start: int) -> None:
+        """metrics.jsonl as of step ``start``: a run resumed from its last checkpoint does again the steps logged
+        after it (a crash between checkpoints), and a new run in a folder whose run never reached a checkpoint
+        starts at 0; their records would otherwise appear twice, or mix two runs. A line cut short by a crash
+        goes too."""
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return
+        kept = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= start:
+                kept.append(line)
+        if len(kept) != len(lines):
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def message(self, msg: str) -> None:
         if self.is_main:

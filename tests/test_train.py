@@ -112,6 +112,19 @@ def test_resume_continues_exactly(data, tiny_json, tmp_path):
         train(_cfg(data, tiny_json, split))
 
 
+def test_a_resumed_run_logs_each_step_once(data, tiny_json, tmp_path):
+    """Records after the checkpoint a run resumes from (a crash between checkpoints logged them) are dropped,
+    with a line the crash cut short: the steps done again are logged once."""
+    run = tmp_path / "run"
+    train(_cfg(data, tiny_json, run, stop_at=2))
+    log = run / "metrics.jsonl"
+    with open(log, "a") as f:  # what a crash at step 3, after the step-2 checkpoint, would have left
+        f.write(json.dumps({"step": 3, "loss": 9.0}) + "\n" + '{"step": 4, "lo')
+    train(_cfg(data, tiny_json, run, resume="auto"))
+    records = [json.loads(line) for line in log.read_text().splitlines()]  # (each line whole JSON)
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4] and 9.0 not in [r.get("loss") for r in records]
+
+
 def test_evaluations_change_no_training_step(data, tiny_json, tmp_path):
     """An evaluation every step leaves the training's random streams as they were: with dropout and drop-path on,
     the weights equal a run that never evaluates (a DataLoader's iterator draws its seed from torch's stream)."""
