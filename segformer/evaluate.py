@@ -72,6 +72,9 @@ def evaluate(
     emulate it: :func:`segformer.inference.select_dtype`). ``backend`` ("pytorch" or "onnxruntime") and
     ``compile`` run the forward pass through :func:`segformer.backends.runtime_model` (artefacts cached).
 
+    A model with one label (``num_labels=1``, a sigmoid) predicts class 1 where its probability is above 0.5 and
+    is evaluated on a data set of two classes, as mmseg does.
+
     Returns :func:`segformer.metrics.compute_metrics`'s dict: ``mIoU``, ``aAcc``, ``mAcc`` (fractions), ``IoU``
     and ``Acc`` per class name (None for a class absent from targets and predictions), ``num_pixels``, plus
     ``num_images``. ``max_images`` evaluates only the first images (quick checks). ``on_image(index, pred,
@@ -88,7 +91,12 @@ def evaluate(
         net = runtime_model(net, backend, compile=compile)
     device = next(net.parameters()).device
     k = getattr(getattr(net, "config", None), "num_labels", dataset.num_labels)
-    if k != dataset.num_labels:
+    if k == 1 and dataset.num_labels != 2:  # one logit (sigmoid): class 1 where its probability is above 0.5
+        raise ValueError(
+            f"the model has one label (a sigmoid: class 0 or 1) but {dataset.name} has {dataset.num_labels} "
+            "classes; a one-label model is evaluated on two classes"
+        )
+    if k != dataset.num_labels and k != 1:
         raise ValueError(
             f"the model predicts {k} classes but {dataset.name} has {dataset.num_labels}; evaluate a model "
             "fine-tuned on this label set"

@@ -75,3 +75,50 @@ def test_out_of_range_labels_are_an_error():
         confusion_matrix(torch.zeros(3, dtype=torch.long), torch.tensor([0, 7, 255]), 3)
     with pytest.raises(ValueError, match="differ in shape"):
         confusion_matrix(torch.zeros(3, dtype=torch.long), torch.zeros(4, dtype=torch.long), 3)
+
+
+def test_a_one_label_model_is_evaluated_on_two_classes(tmp_path, capsys):
+    """A sigmoid model (num_labels=1) predicts class 1 where its probability is above 0.5; evaluate scores it
+    on a two-class data set (as mmseg does), the same numbers as a hand count of those predictions; on any other
+    class count it says what it needs."""
+    import numpy as np
+    from conftest import run_cli, tiny_config
+    from PIL import Image
+
+    from segformer import SegformerForSemanticSegmentation
+    from segformer.data import build_dataset
+    from segformer.evaluate import evaluate
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for i in range(3):
+            (tmp_path / "d" / "images" / split).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "d" / "annotations" / split).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(
+                tmp_path / f"d/images/{split}/{i}.png"
+            )
+            mask = (rng.random((40, 48)) < 0.5).astype(np.uint8)
+            mask[:4] = 255
+            Image.fromarray(mask).save(tmp_path / "d" / "annotations" / split / f"{i}.png")
+    (tmp_path / "d" / "labels.json").write_text(json.dumps(["background", "foreground"]))
+    torch.manual_seed(0)
+    model = SegformerForSemanticSegmentation(tiny_config(num_labels=1)).eval()
+    val, _ = build_dataset(tmp_path / "d", "val")
+    seen = []
+    metrics = evaluate(model, val, on_image=lambda i, pred, labels: seen.append((pred.clone(), labels.clone())))
+    assert all(set(pred.unique().tolist()) <= {0, 1} for pred, _ in seen)
+    by_hand = ConfusionMatrix(2, 255)
+    for pred, labels in seen:
+        by_hand.update(pred[None], labels[None])
+    expected = by_hand.compute(val.id2label)
+    assert metrics["IoU"] == expected["IoU"] and metrics["mIoU"] == expected["mIoU"]
+    model.save_pretrained(tmp_path / "m")
+    code, out, err = run_cli(
+        capsys, "eval", "--data", tmp_path / "d", "--model", tmp_path / "m", "--json", tmp_path / "r.json"
+    )
+    assert code == 0, err
+    assert json.loads((tmp_path / "r.json").read_text())["mIoU"] == pytest.approx(expected["mIoU"])
+    (tmp_path / "d" / "labels.json").write_text(json.dumps(["a", "b", "c"]))
+    three, _ = build_dataset(tmp_path / "d", "val")
+    with pytest.raises(ValueError, match="one label .* has 3 classes; a one-label model is evaluated on two"):
+        evaluate(model, three)
