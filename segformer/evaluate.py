@@ -42,9 +42,7 @@ DEFAULT_EVAL = {
 def eval_options(kind: str, **overrides: Any) -> InferenceOptions:
     """The evaluation protocol of a data-set kind ("folder", "ade20k", "cityscapes") as
     :class:`InferenceOptions`, with ``overrides`` (InferenceOptions fields; None values ignored) applied."""
-    options = dict(DEFAULT_EVAL.get(kind, DEFAULT_EVAL["folder"]))
-    options.update({k: v for k, v in overrides.items() if v is not None})
-    return InferenceOptions(**options)
+    return InferenceOptions(**DEFAULT_EVAL.get(kind, DEFAULT_EVAL["folder"])).changed(**overrides)
 
 
 @torch.no_grad()

@@ -129,6 +129,30 @@ class InferenceOptions:
         """A validated copy with ``changes`` applied (the dataclass fields' names)."""
         return dataclasses.replace(self, **changes)
 
+    def changed(self, **changes: Any) -> InferenceOptions:
+        """:meth:`replace` for options a person gives (the command line, a training run's eval options): a crop
+        given without a stride, smaller than the stride in force, takes a stride in that stride's proportion to
+        its crop (341 of 512: 2/3) instead of being refused for a stride larger than the crop."""
+        crop = changes.get("crop_size")
+        if crop is not None and changes.get("stride") is None:
+            crop = _check_pair(crop, "crop_size")
+            if any(s > c for s, c in zip(self.stride, crop, strict=True)):
+                ratios = [s / c for s, c in zip(self.stride, self.crop_size, strict=True)]
+                changes["stride"] = tuple(max(1, min(c, round(c * r))) for c, r in zip(crop, ratios, strict=True))
+        return self.replace(**{k: v for k, v in changes.items() if v is not None})
+
+    def describe(self) -> str:
+        """The protocol in a few words, e.g. "slide 1024x1024 stride 768x768, scales 0.5,1,1.5, flip"."""
+        if self.mode == "slide":
+            words = f"slide {self.crop_size[0]}x{self.crop_size[1]} stride {self.stride[0]}x{self.stride[1]}"
+        elif self.mode == "aligned":
+            words = f"aligned {self.short_side} short side (long at most {self.long_side}), sides x{self.align}"
+        else:
+            words = "whole"
+        if self.scales not in (None, (1.0,)):
+            words += ", scales " + ",".join(f"{v:g}" for v in self.scales)
+        return words + (", flip" if self.flip else "")
+
     def to_dict(self) -> dict[str, Any]:
         """JSON values: ``{"mode": ..., "crop_size": [h, w], "stride": [h, w], ..., "scales": [...] | None}``."""
         d = dataclasses.asdict(self)

@@ -1300,6 +1300,23 @@ def test_every_command_declares_the_same_inference_options():
     assert config_from_args(parser.parse_args(["train", "--data", "d"])).eval_inference_options("cityscapes") == (
         InferenceOptions(mode="slide", crop_size=1024, stride=768)
     )
+    # --no-flip turns off a flip the base (a checkpoint's inference_config.json) asks for; not given, it stays
+    flipped = InferenceOptions(mode="slide", crop_size=64, stride=48, flip=True)
+    no_flip = parser.parse_args(["eval", "--data", "d", "--model", "m", "--no-flip"])
+    assert inference_options_from_args(no_flip, base=flipped) == flipped.replace(flip=False)
+    assert (
+        inference_options_from_args(parser.parse_args(["eval", "--data", "d", "--model", "m"]), base=flipped) == flipped
+    )
+    assert not config_from_args(parser.parse_args(["train", "--data", "d", "--no-eval-flip"])).eval_flip
+    # a crop below the stride in force, without a stride, takes one in the same proportion (341/512 of it)
+    small = parser.parse_args(["eval", "--data", "d", "--model", "m", "--mode", "slide", "--crop", "32"])
+    assert inference_options_from_args(small).stride == (21, 21)
+    city = config_from_args(parser.parse_args(["train", "--data", "d", "--eval-crop", "512", "512"]))
+    assert city.eval_inference_options("cityscapes").stride == (384, 384)  # 768/1024 of 512
+    assert InferenceOptions(mode="slide", crop_size=64, stride=48, scales=(0.5, 1.0), flip=True).describe() == (
+        "slide 64x64 stride 48x48, scales 0.5,1, flip"
+    )
+    assert InferenceOptions().describe() == "whole"
 
 
 def test_multi_scale_flip_maps_are_made_once_per_image_size(seg):

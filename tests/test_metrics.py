@@ -118,6 +118,13 @@ def test_a_one_label_model_is_evaluated_on_two_classes(tmp_path, capsys):
     )
     assert code == 0, err
     assert json.loads((tmp_path / "r.json").read_text())["mIoU"] == pytest.approx(expected["mIoU"])
+    # the protocol is printed and saved; --no-flip turns off the flip the checkpoint's inference_config.json asks for
+    (tmp_path / "m" / "inference_config.json").write_text('{"mode": "whole", "flip": true}')
+    for extra, words, flip in (([], "images, whole, flip\n", True), (["--no-flip"], "images, whole\n", False)):
+        code, out, err = run_cli(capsys, "eval", "--data", tmp_path / "d", "--model", tmp_path / "m", "--json",
+                                 tmp_path / "r.json", *extra)  # fmt: skip
+        assert code == 0 and words in out, out
+        assert json.loads((tmp_path / "r.json").read_text())["inference"]["flip"] is flip
     (tmp_path / "d" / "labels.json").write_text(json.dumps(["a", "b", "c"]))
     three, _ = build_dataset(tmp_path / "d", "val")
     with pytest.raises(ValueError, match="one label .* has 3 classes; a one-label model is evaluated on two"):

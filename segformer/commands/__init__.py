@@ -196,9 +196,10 @@ def add_inference_arguments(
     parser.add_argument(
         f"{dash}flip",
         dest=dest["flip"],
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=default("flip"),
-        help="add horizontally flipped passes (probabilities averaged)",
+        help=f"add horizontally flipped passes (probabilities averaged); --no-{prefix}flip turns off a flip that a "
+        "checkpoint's inference_config.json asks for",
     )
 
 
@@ -224,7 +225,7 @@ def inference_options_from_args(
     (see :func:`add_inference_arguments`); raises ValueError for an invalid combination."""
     from segformer.inference import InferenceOptions
 
-    return (base if base is not None else InferenceOptions()).replace(**inference_overrides(args, prefix))
+    return (base if base is not None else InferenceOptions()).changed(**inference_overrides(args, prefix))
 
 
 BACKENDS = ("pytorch", "onnxruntime")  # segformer.backends.BACKENDS (a test checks): importing it would load torch

@@ -204,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
             )
             metrics = result.clean if details is None else details.metrics
         if info.is_main:
-            print(f"{dataset.name}: {metrics['num_images']} images, mode {options.mode}")
+            print(f"{dataset.name}: {metrics['num_images']} images, {options.describe()}")
             print(format_table(metrics))
             if result is not None:
                 print()
@@ -212,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
                 heatmap = " and robustness.png" if (output / "robustness.png").is_file() else ""
                 print(f"wrote {output / 'robustness.json'}{heatmap}", file=sys.stderr)
             if args.json:
-                saved = metrics_to_json(metrics)
+                saved = {**metrics_to_json(metrics), "inference": options.to_dict()}
                 if result is not None:
                     saved["robustness"] = result.to_dict()
                 atomic_write_text(args.json, json.dumps(saved, indent=2) + "\n")
