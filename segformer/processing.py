@@ -830,8 +830,9 @@ class SegformerImageProcessor:
         if unknown:
             raise TypeError(f"unexpected keyword argument(s) {unknown}; options are {sorted(known)}")
 
-        def get(name: str) -> Any:
-            return overrides.get(name, getattr(self, name, None))
+        def get(name: str) -> Any:  # a per-call None means "not given", as in Transformers 4.x: the processor's own
+            value = overrides.get(name)
+            return getattr(self, name, None) if value is None else value
 
         backend = get("backend")
         if backend not in _BACKENDS:

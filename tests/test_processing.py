@@ -417,6 +417,10 @@ def test_reduce_labels_values():
     ):
         assert np.array_equal(p(image, seg, return_tensors="np", **kwargs).labels[0], expected)
     assert np.array_equal(raw_processor()(image, seg, return_tensors="np").labels[0], seg)
+    # a per-call None is "not given": the processor's own setting stays (it turned the reduction off)
+    for name in ("do_reduce_labels", "reduce_labels"):
+        labels = raw_processor(reduce_labels=True)(image, seg, return_tensors="np", **{name: None}).labels[0]
+        assert np.array_equal(labels, expected)
 
 
 @pytest.mark.parametrize("backend", ["pil", "torch"])
