@@ -53,7 +53,8 @@ It is stored as a dict.
 Four channels: with four ``image_mean`` / ``image_std`` values (models with ``num_channels=4``) images keep all
 four channels instead of becoming RGB, as Transformers does: 4-band PIL images (RGBA, CMYK, RGBX) and (H, W, 4) /
 (4, H, W) arrays or tensors, resized as one RGBA image by PIL (which weights colours by the fourth channel, as
-Transformers' resize does); always on the PIL backend. Other channel counts are an error naming the image.
+Transformers' resize does) when 8-bit; float ones keep float precision and are resized channel by channel, without
+that weighting (Transformers truncates them to 8 bits first); always on the PIL backend. Other channel counts are an error naming the image.
 One channel likewise: with one-value sequences (``image_mean=[0.5], image_std=[0.25]``, models with
 ``num_channels=1``) one-band images (L, 1, I, I;16, F; 2-D, (H, W, 1) and (1, H, W) arrays and tensors) keep their
 one channel, as in Transformers; a plain number still means "the same for every channel" of RGB.
