@@ -8,6 +8,7 @@ the paper are one table, :data:`VARIANTS`.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 
 from .fileio import atomic_write_text
-from .hub import first_line
+from .hub import CheckpointError, first_line
 
 # Variants of the paper (Table 6 / the docs page). All share heads (1, 2, 5, 8), sr ratios (8, 4, 2, 1),
 # mlp ratio 4, patch sizes (7, 3, 3, 3) and strides (4, 2, 2, 2). Parameter counts are those of
@@ -75,6 +76,32 @@ _COMMON_DEFAULTS: dict[str, Any] = {
     "problem_type": None,
 }
 _TRUE_STRINGS, _FALSE_STRINGS = ("true", "1", "y", "yes"), ("false", "0", "n", "no")
+
+# Arguments of Transformers' loaders (``from_pretrained`` of configs and models) that say how to find the files, not
+# what the config holds: consumed (or ignored) by the loaders, never stored as fields. ``from_dict`` drops them from
+# a file too, so a config.json that an older version polluted with them is cleaned when saved again.
+LOADER_ARGUMENTS = frozenset(
+    {
+        "cache_dir",
+        "force_download",
+        "resume_download",
+        "proxies",
+        "token",
+        "use_auth_token",
+        "local_files_only",
+        "revision",
+        "trust_remote_code",
+        "subfolder",
+        "user_agent",
+        "return_unused_kwargs",
+        "gguf_file",
+        "_from_auto",
+        "_from_pipeline",
+        "_commit_hash",
+    }
+)
+# Names a config answers to besides its constructor's parameters (for ``return_unused_kwargs``).
+_ALIASES = frozenset({"torch_dtype", "name_or_path", "_name_or_path"})
 
 
 class SegformerConfig:
@@ -355,9 +382,22 @@ class SegformerConfig:
         self.update(changes)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], **overrides: Any) -> SegformerConfig:
-        """Build a config from a config.json mapping; ``overrides`` replace fields (num_labels resets labels)."""
-        data = dict(data)
+    def from_dict(
+        cls, data: Mapping[str, Any], *, return_unused_kwargs: bool = False, **overrides: Any
+    ) -> SegformerConfig | tuple[SegformerConfig, dict[str, Any]]:
+        """Build a config from a config.json mapping; ``overrides`` replace fields (num_labels resets labels).
+
+        Unknown overrides are kept as extra attributes, as the constructor keeps them; with
+        ``return_unused_kwargs=True`` (as in Transformers) those that are not attributes of the config (neither a
+        field nor a key of ``data``) are instead returned, unused: ``(config, unused)``. Loader arguments
+        (:data:`LOADER_ARGUMENTS`: ``force_download``, ``revision``, ...) are dropped, from ``data`` as well."""
+        data = {k: v for k, v in dict(data).items() if k not in LOADER_ARGUMENTS}
+        overrides = {k: v for k, v in overrides.items() if k not in LOADER_ARGUMENTS}
+        unused: dict[str, Any] = {}
+        if return_unused_kwargs:
+            known = _constructor_fields() | _ALIASES | set(data)
+            unused = {k: v for k, v in overrides.items() if k not in known}
+            overrides = {k: v for k, v in overrides.items() if k in known}
         model_type = data.get("model_type", cls.model_type)
         if model_type != cls.model_type:
             raise ValueError(f"model_type is {model_type!r}, not 'segformer'")
@@ -369,21 +409,29 @@ class SegformerConfig:
         data.update(overrides)
         if "id2label" in data and data.get("num_labels") is not None and "num_labels" not in overrides:
             data.pop("num_labels")  # stored num_labels is derived from id2label; never let them fight
-        return cls(**data)
+        config = cls(**data)
+        return (config, unused) if return_unused_kwargs else config
 
     @classmethod
-    def from_json_file(cls, path: str | os.PathLike, **overrides: Any) -> SegformerConfig:
+    def from_json_file(
+        cls, path: str | os.PathLike, *, return_unused_kwargs: bool = False, **overrides: Any
+    ) -> SegformerConfig | tuple[SegformerConfig, dict[str, Any]]:
+        """Read a config.json (``overrides`` and ``return_unused_kwargs`` as in :meth:`from_dict`). A file that
+        cannot be found or read, or is not a JSON object, raises :class:`~segformer.hub.CheckpointError` (an
+        OSError, as Transformers raises, and a ValueError); invalid fields a ValueError naming the file and field."""
         path = Path(path)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise ValueError(f"{path}: no such file") from None
+            raise CheckpointError(f"{path}: no such file") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+            raise CheckpointError(f"{path}: not valid JSON ({first_line(exc)})") from None
+        except OSError as exc:  # a directory, no permission, ...
+            raise CheckpointError(f"{path}: cannot read it ({exc.strerror or first_line(exc)})") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object")
+            raise CheckpointError(f"{path}: expected a JSON object, found a JSON {_json_kind(data)}")
         try:
-            return cls.from_dict(data, **overrides)
+            return cls.from_dict(data, return_unused_kwargs=return_unused_kwargs, **overrides)
         except (ValueError, TypeError) as exc:
             raise ValueError(f"{path}: {exc}") from None
 
@@ -392,19 +440,33 @@ class SegformerConfig:
         cls,
         name_or_path: str | os.PathLike,
         *,
-        revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
+        force_download: bool = False,
         local_files_only: bool = False,
         token: str | bool | None = None,
+        revision: str | None = None,
         subfolder: str = "",
-        **overrides: Any,
-    ) -> SegformerConfig:
+        proxies: dict[str, str] | None = None,
+        return_unused_kwargs: bool = False,
+        **kwargs: Any,
+    ) -> SegformerConfig | tuple[SegformerConfig, dict[str, Any]]:
         """Read ``config.json`` from a directory (or its ``subfolder``), a config file, or a hub id (through the
-        hub cache)."""
+        hub cache; ``force_download`` and ``proxies`` go to huggingface_hub).
+
+        ``kwargs`` replace fields of the file; unknown ones are kept as extra attributes, as the constructor keeps
+        them, unless ``return_unused_kwargs=True``, which returns ``(config, unused_kwargs)`` as Transformers does
+        (unused: the kwargs that are neither fields nor keys of the file). Transformers' other loader arguments
+        (``trust_remote_code``, ``resume_download``, ``user_agent``, ...) are accepted and ignored, never stored;
+        ``use_auth_token`` is the old name of ``token``."""
         from .hub import resolve_file
 
+        if kwargs.pop("gguf_file", None) is not None:
+            raise ValueError("gguf_file: GGUF checkpoints are not supported; use a config.json")
+        legacy_token = kwargs.pop("use_auth_token", None)
+        token = token if token is not None else legacy_token
+        kwargs = {k: v for k, v in kwargs.items() if k not in LOADER_ARGUMENTS}
         if Path(name_or_path).is_file():
-            return cls.from_json_file(name_or_path, **overrides)
+            return cls.from_json_file(name_or_path, return_unused_kwargs=return_unused_kwargs, **kwargs)
         path = resolve_file(
             name_or_path,
             "config.json",
@@ -413,8 +475,10 @@ class SegformerConfig:
             local_files_only=local_files_only,
             token=token,
             subfolder=subfolder,
+            force_download=force_download,
+            proxies=proxies,
         )
-        return cls.from_json_file(path, **overrides)
+        return cls.from_json_file(path, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, push_to_hub: bool = False, **hub: Any) -> Path:
         """Write ``config.json`` (:meth:`to_json_file`) into ``save_directory`` and return its path. With
@@ -473,6 +537,16 @@ class SegformerConfig:
 
     def copy(self, **changes: Any) -> SegformerConfig:
         return type(self).from_dict(self.to_dict(), **changes)
+
+
+def _constructor_fields() -> set[str]:
+    """The named parameters of :class:`SegformerConfig` (its fields)."""
+    params = inspect.signature(SegformerConfig.__init__).parameters
+    return {n for n, p in params.items() if n != "self" and p.kind != p.VAR_KEYWORD}
+
+
+def _json_kind(value: Any) -> str:
+    return {list: "list", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(value), "null")
 
 
 def _is_int(value: Any) -> bool:

@@ -25,6 +25,11 @@ class ShapeMismatchError(CheckpointError, RuntimeError):
     RuntimeError, as Transformers raises for it, and a CheckpointError."""
 
 
+class NotCachedError(CheckpointError):
+    """A hub file that is not in the local hub cache while the hub cannot be reached (``HF_HUB_OFFLINE=1``,
+    ``local_files_only=True`` or no network): whether the repo has it is unknown."""
+
+
 class HubError(OSError):
     """An upload to the Hugging Face hub that cannot be done: offline mode, no network, no rights (one line)."""
 
@@ -58,13 +63,19 @@ def resolve_file(
     local_files_only: bool = False,
     token: str | bool | None = None,
     subfolder: str = "",
+    force_download: bool = False,
+    proxies: dict[str, str] | None = None,
     required: bool = True,
+    raise_uncached: bool = False,
 ) -> Path | None:
     """Return the local path of ``filename`` inside a model directory or hub repo (in its ``subfolder``).
 
     ``name_or_path`` is a directory (used as is) or a hub id such as ``nvidia/mit-b0`` (looked up in the
-    huggingface_hub cache, downloaded when online). Returns None for a missing optional file
-    (``required=False``); raises :class:`CheckpointError` with a one-line reason otherwise.
+    huggingface_hub cache, downloaded when online; ``force_download`` and ``proxies`` go to huggingface_hub,
+    which ignores ``proxies`` from version 1.0 on: set HTTPS_PROXY there). Returns None for a missing optional file
+    (``required=False``); raises :class:`CheckpointError` with a one-line reason otherwise. With
+    ``raise_uncached=True`` an optional hub file that is neither cached nor known to be absent while the hub cannot
+    be reached raises :class:`NotCachedError` instead of returning None.
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir() and subfolder:
@@ -88,6 +99,8 @@ def resolve_file(
         from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
     except ImportError as exc:  # pragma: no cover - huggingface_hub is a dependency
         raise CheckpointError(f"{name}: loading hub ids needs huggingface_hub (pip install huggingface_hub)") from exc
+    shown = f"{subfolder}/{filename}" if subfolder else filename
+    extra: dict[str, Any] = {} if proxies is None else {"proxies": proxies}
     try:
         return Path(
             huggingface_hub.hf_hub_download(
@@ -98,23 +111,36 @@ def resolve_file(
                 cache_dir=cache_dir,
                 local_files_only=local_files_only,
                 token=token,
+                force_download=force_download,
+                **extra,
             )
         )
     except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: test it first
-        if not required and _repo_cached(name, revision, cache_dir):
+        if not required and _cached_as_absent(name, shown, revision, cache_dir):
             return None
-        filename = f"{subfolder}/{filename}" if subfolder else filename
-        raise CheckpointError(
-            f"{name}: {filename} is not in the local hub cache and the hub cannot be reached "
+        if not required and not raise_uncached and _repo_cached(name, revision, cache_dir):
+            return None
+        raise NotCachedError(
+            f"{name}: {shown} is not in the local hub cache and the hub cannot be reached "
             "(hub ids need network or a populated cache; pass a local directory made by save_pretrained instead)"
         ) from None
     except EntryNotFoundError:
         if required:
-            filename = f"{subfolder}/{filename}" if subfolder else filename
-            raise CheckpointError(f"{name}: the hub repo has no {filename}") from None
+            raise CheckpointError(f"{name}: the hub repo has no {shown}") from None
         return None
     except Exception as exc:  # RepositoryNotFoundError, RevisionNotFoundError, HTTP errors, ...
-        raise CheckpointError(f"{name}: cannot get {filename} from the hub: {first_line(exc)}") from None
+        raise CheckpointError(f"{name}: cannot get {shown} from the hub: {first_line(exc)}") from None
+
+
+def _cached_as_absent(name: str, filename: str, revision: str | None, cache_dir: str | os.PathLike | None) -> bool:
+    """Whether the cache records ``filename`` as absent from the repo (a ``.no_exist`` entry of an earlier look-up)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name, filename, cache_dir=cache_dir, revision=revision)
+    except Exception:
+        return False
+    return found is not None and not isinstance(found, (str, os.PathLike))  # huggingface_hub's _CACHED_NO_EXIST
 
 
 def _repo_cached(name: str, revision: str | None, cache_dir: str | os.PathLike | None) -> bool:

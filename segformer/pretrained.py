@@ -14,6 +14,8 @@ import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,7 @@ import torch
 
 from .config import SegformerConfig
 from .fileio import atomic_write, atomic_write_text
-from .hub import CheckpointError, ShapeMismatchError, first_line, push_folder, resolve_file
+from .hub import CheckpointError, NotCachedError, ShapeMismatchError, first_line, push_folder, resolve_file
 
 logger = logging.getLogger("segformer")
 
@@ -32,6 +34,9 @@ SAFE_INDEX = "model.safetensors.index.json"
 PT_WEIGHTS = "pytorch_model.bin"
 PT_INDEX = "pytorch_model.bin.index.json"
 _BENIGN_MISSING = re.compile(r"(^|\.)num_batches_tracked$")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+# The weight files (and indexes) save_pretrained writes; those of an earlier save are removed by the next one.
+_SAVED_WEIGHTS = re.compile(r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?")
 
 
 @dataclass
@@ -71,6 +76,13 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if found:  # a pickled object (argparse.Namespace, a class of the training code, ...) beside the tensors
+            raise CheckpointError(
+                f"{path}: holds a pickled {found.group(1)}, which only an unsafe full unpickle could read; .bin files "
+                "are always loaded with weights_only=True (unpickling can run code): re-save it as a state dict of "
+                "tensors or as safetensors"
+            ) from None
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first_line(exc)})") from None
     if isinstance(data, Mapping) and "state_dict" in data and isinstance(data["state_dict"], Mapping):
         data = data["state_dict"]  # {"meta", "state_dict"} files of the original code
@@ -79,27 +91,95 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return dict(data)
 
 
-def find_weights(name_or_path: str | os.PathLike, *, use_safetensors: bool | None = None, **hub: Any) -> list[Path]:
-    """The weight files of a model directory or hub repo: one file, or every shard of an index."""
+def with_variant(filename: str, variant: str | None) -> str:
+    """Transformers' name of a weights file of a ``variant``: "fp16" makes ``model.fp16.safetensors``,
+    ``pytorch_model.fp16.bin`` and ``model.safetensors.index.fp16.json``."""
+    if variant is None:
+        return filename
+    stem, ext = filename.rsplit(".", 1)
+    return f"{stem}.{variant}.{ext}"
+
+
+def find_weights(
+    name_or_path: str | os.PathLike,
+    *,
+    use_safetensors: bool | None = None,
+    variant: str | None = None,
+    **hub: Any,
+) -> list[Path]:
+    """The weight files of a model directory or hub repo (one file, or every shard of an index), or of a path to
+    one weights file (``.safetensors``, ``.bin``, ``.pt``, ``.pth``) or to an ``.index.json`` of shards beside it.
+    ``variant`` ("fp16", ...) looks for Transformers' variant names (:func:`with_variant`)."""
+    if variant is not None and (not isinstance(variant, str) or not re.fullmatch(r"[\w-]+", variant)):
+        raise ValueError(f"variant must be a name such as 'fp16' (letters, digits, _ and -), got {variant!r}")
+    file = Path(name_or_path).expanduser()
+    if file.is_file():
+        return _weights_of_file(file, use_safetensors=use_safetensors, variant=variant, **hub)
     order = []
     if use_safetensors is not False:
         order += [SAFE_WEIGHTS, SAFE_INDEX]
     if use_safetensors is not True:
         order += [PT_WEIGHTS, PT_INDEX]
+    order = [with_variant(name, variant) for name in order]
+    indexes = {with_variant(name, variant) for name in (SAFE_INDEX, PT_INDEX)}
+    uncached = False
     for name in order:
-        path = resolve_file(name_or_path, name, required=False, **hub)
+        try:
+            path = resolve_file(name_or_path, name, required=False, raise_uncached=True, **hub)
+        except NotCachedError:
+            uncached = True  # not in the cache and the hub cannot be asked: try the other names, as Transformers
+            continue
         if path is None:
             continue
-        if not name.endswith(".index.json"):
+        if name not in indexes:
             return [path]
-        try:
-            weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise CheckpointError(f"{path}: not a valid checkpoint index (needs a 'weight_map' object)") from None
-        return [resolve_file(name_or_path, shard, **hub) for shard in shards]
-    wanted = " or ".join(order)
+        return [resolve_file(name_or_path, shard, **hub) for shard in _index_shards(path)]
+    subfolder = hub.get("subfolder") or ""
+    wanted = " or ".join(f"{subfolder}/{name}" if subfolder else name for name in order)
+    if uncached:
+        raise CheckpointError(
+            f"{name_or_path}: no weights file ({wanted}) is in the local hub cache and the hub cannot be reached "
+            "(hub ids need network or a populated cache; pass a local directory made by save_pretrained instead)"
+        )
     raise CheckpointError(f"{name_or_path}: no weights found ({wanted})")
+
+
+def _index_shards(path: Path) -> list[str]:
+    """The shard names of a checkpoint index (``weight_map`` values), sorted."""
+    try:
+        weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: not a valid checkpoint index (needs a 'weight_map' object)") from None
+    if not all(isinstance(s, str) and s for s in shards):
+        raise CheckpointError(f"{path}: not a valid checkpoint index (its weight_map values must be file names)")
+    return shards
+
+
+def _weights_of_file(
+    path: Path, *, use_safetensors: bool | None, variant: str | None, subfolder: str = "", **_: Any
+) -> list[Path]:
+    """The weights of a path to one weights file or to an index (its shards, which lie beside it)."""
+    for argument, value in (("subfolder", subfolder), ("variant", variant)):
+        if value:
+            raise CheckpointError(f"{path}: {argument}= applies to a model directory or hub id, not to a weights file")
+    if path.name.endswith(".index.json"):
+        shards = [path.parent / shard for shard in _index_shards(path)]
+        missing = [s.name for s in shards if not s.is_file()]
+        if missing:
+            raise CheckpointError(f"{path}: shard {missing[0]} of this index is missing from {path.parent}")
+    elif path.suffix in _WEIGHT_SUFFIXES:
+        shards = [path]
+    else:
+        raise CheckpointError(
+            f"{path}: expected a model directory or a weights file (.safetensors, .bin, or a shards' .index.json)"
+        )
+    safe = all(s.suffix == ".safetensors" for s in shards)
+    if use_safetensors is True and not safe:
+        raise CheckpointError(f"{path}: use_safetensors=True but this is not a safetensors checkpoint")
+    if use_safetensors is False and safe:
+        raise CheckpointError(f"{path}: use_safetensors=False but this is a safetensors checkpoint")
+    return shards
 
 
 def load_state_dict(name_or_path: str | os.PathLike, **kwargs: Any) -> dict[str, torch.Tensor]:
@@ -261,13 +341,18 @@ class PreTrainedMixin:
         cls,
         pretrained_model_name_or_path: str | os.PathLike | None,
         *,
-        config: SegformerConfig | str | os.PathLike | None = None,
+        config: SegformerConfig | Mapping[str, Any] | str | os.PathLike | None = None,
         state_dict: Mapping[str, torch.Tensor] | None = None,
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool = False,
         token: str | bool | None = None,
         subfolder: str = "",
+        force_download: bool = False,
+        proxies: dict[str, str] | None = None,
+        resume_download: bool | None = None,
+        trust_remote_code: bool | None = None,
+        variant: str | None = None,
         ignore_mismatched_sizes: bool = False,
         torch_dtype: torch.dtype | str | None = None,
         dtype: torch.dtype | str | None = None,
@@ -275,12 +360,18 @@ class PreTrainedMixin:
         device_map: str | torch.device | int | None = None,
         low_cpu_mem_usage: bool | None = None,
         use_safetensors: bool | None = None,
+        weights_only: bool = True,
+        key_mapping: Mapping[str, str] | None = None,
         attn_implementation: str | None = None,
         output_loading_info: bool = False,
         **config_overrides: Any,
     ):
-        """Load a model from a directory written by ``save_pretrained`` (ours or Transformers') or a hub id.
+        """Load a model from a directory written by ``save_pretrained`` (ours or Transformers'), a hub id, or a
+        path to one weights file (``.safetensors`` / ``.bin``, or a shards' ``.index.json``) with its config
+        given as ``config=`` or lying beside it as ``config.json``.
 
+        ``config`` is a :class:`SegformerConfig`, a Transformers ``SegformerConfig`` (anything with ``to_dict()``)
+        or a mapping, or a directory / config.json / hub id to read one from.
         ``config_overrides`` replace config fields (``num_labels=…``, ``id2label=…``, ``drop_path_rate=…``);
         a new label count needs ``ignore_mismatched_sizes=True``, which re-initialises the classifier (otherwise a
         :class:`~segformer.hub.ShapeMismatchError`, a RuntimeError, names each key and both shapes). A base
@@ -293,13 +384,30 @@ class PreTrainedMixin:
         "cpu", "cuda:0", …) place the model; ``low_cpu_mem_usage`` is accepted and changes nothing (loading
         already holds one model plus one copy of the weights). ``attn_implementation="eager"`` turns the fast path
         off. The model is returned in eval mode, with ``config.name_or_path`` set to where it came from.
+
+        Transformers' loading arguments: ``force_download`` and ``proxies`` go to huggingface_hub for hub ids
+        (huggingface_hub 1.0 and later ignores ``proxies``: set HTTPS_PROXY); ``resume_download`` and
+        ``trust_remote_code`` are accepted and ignored (downloads always resume; this architecture has no remote
+        code). ``variant="fp16"`` reads ``model.fp16.safetensors``, ``pytorch_model.fp16.bin`` or their
+        ``*.index.fp16.json``. ``key_mapping`` ({regex: replacement}) renames checkpoint keys before loading: the
+        first pattern that matches a key is applied (``re.sub``). ``weights_only``: ``.bin`` files are always
+        read with ``torch.load(weights_only=True)``, which cannot run code; ``weights_only=False`` is accepted but
+        does not make loading unsafe (a file that needs a full unpickle is a CheckpointError saying so).
         """
-        hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+        del resume_download, trust_remote_code, weights_only, low_cpu_mem_usage  # accepted; nothing to do (above)
+        hub: dict[str, Any] = dict(
+            revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token
+        )
+        if force_download:
+            hub["force_download"] = True
+        if proxies is not None:
+            hub["proxies"] = proxies
         name = pretrained_model_name_or_path
         known = set(inspect.signature(SegformerConfig.__init__).parameters) - {"self", "kwargs"}
         unknown = sorted(set(config_overrides) - known)
         if unknown:
             raise TypeError(f"from_pretrained got unknown argument(s) {', '.join(unknown)}")
+        mapping = _check_key_mapping(key_mapping)
         if _default_device_is_meta() or str(device_map) == "meta" or str(device) == "meta":
             raise RuntimeError(
                 f"{cls.__name__}.from_pretrained loads weights, which the meta device cannot hold; for a model "
@@ -309,15 +417,21 @@ class PreTrainedMixin:
             raise ValueError(
                 "from_pretrained(None, ...) needs both config= and state_dict= (or give a directory or hub id)"
             )
-        if isinstance(config, SegformerConfig):
-            config = config.copy(**config_overrides)
-        elif config is not None:
-            config = SegformerConfig.from_pretrained(config, **hub, **config_overrides)
-        else:
-            config = SegformerConfig.from_pretrained(name, subfolder=subfolder, **hub, **config_overrides)
+        weights_file = name is not None and Path(name).expanduser().is_file()
+        if weights_file and config is None:
+            beside = Path(name).expanduser().parent / "config.json"
+            if not beside.is_file():
+                raise CheckpointError(
+                    f"{name}: a weights file needs its config: pass config= (a SegformerConfig, a model directory "
+                    "or a config.json), or put config.json beside it"
+                )
+            config = beside
+        config = _load_config(config, name, subfolder, hub, config_overrides)
         if state_dict is None:
-            state_dict = load_state_dict(name, use_safetensors=use_safetensors, subfolder=subfolder, **hub)
-        state = canonical_keys(state_dict)
+            state_dict = load_state_dict(
+                name, use_safetensors=use_safetensors, variant=variant, subfolder=subfolder, **hub
+            )
+        state = canonical_keys(_apply_key_mapping(state_dict, mapping))
         if name is not None:
             config.name_or_path = str(name)
         model = cls(config)
@@ -407,23 +521,49 @@ class PreTrainedMixin:
         **hub: Any,
     ) -> Path:
         """Write ``config.json`` and ``model.safetensors`` (or ``pytorch_model.bin``; shards plus an index when
-        the weights exceed ``max_shard_size``) in the layout Transformers reads. Every file is written under a
-        temporary name and renamed, so an interrupted save never leaves a half-written file. With
-        ``push_to_hub=True`` the same files are then uploaded (``hub``: the arguments of :meth:`push_to_hub`;
-        ``repo_id`` defaults to the directory's name). Returns the directory."""
+        the weights exceed ``max_shard_size``) in the layout Transformers reads. With ``push_to_hub=True`` the same
+        files are then uploaded (``hub``: the arguments of :meth:`push_to_hub`; ``repo_id`` defaults to the
+        directory's name). Returns the directory.
+
+        The save is all or nothing: every file is first written under a temporary name (a hidden folder in
+        ``save_directory``); a failure there (a full disk, Ctrl-C) removes them and leaves an earlier checkpoint in
+        the directory exactly as it was. Only then are they renamed into place: the weights, the index, then
+        config.json, and the weight files of the earlier save are removed. An old index whose shards are about to be
+        replaced under the same names is removed first, so even a crash during the renames never leaves a mix of
+        old and new shards that loads."""
         directory = Path(save_directory)
         if directory.exists() and not directory.is_dir():
             raise ValueError(f"{directory}: exists and is not a directory")
         if hub and not push_to_hub:
             raise TypeError(f"save_pretrained got unexpected argument(s) {', '.join(sorted(hub))}")
+        created = not directory.exists()
         directory.mkdir(parents=True, exist_ok=True)
-        written = self._write_checkpoint(directory, safe_serialization, max_shard_size, state_dict)
-        # Remove weights of an earlier save that would shadow or confuse these ones.
-        for stale in directory.iterdir():
-            if stale.name not in written and re.fullmatch(
-                r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?", stale.name
-            ):
-                stale.unlink()
+        try:
+            staging = Path(tempfile.mkdtemp(prefix=".segformer-save-", suffix=".tmp", dir=directory))
+        except OSError as exc:
+            error = type(exc)(f"{directory}: cannot write there ({exc.strerror})")
+            error.errno = exc.errno
+            raise error from None
+        try:
+            try:
+                written = self._write_checkpoint(staging, safe_serialization, max_shard_size, state_dict)
+            except OSError as exc:  # name the checkpoint's files, not the temporary folder
+                text = str(exc).replace(str(staging), str(directory))
+                if text == str(exc):
+                    raise
+                error = type(exc)(text)
+                error.errno = exc.errno
+                raise error from None
+            _commit_checkpoint(staging, directory, written)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            if created:
+                try:
+                    directory.rmdir()  # only when empty: what this save made
+                except OSError:
+                    pass
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
         if push_to_hub:
             hub.setdefault("max_shard_size", max_shard_size)
             hub.setdefault("safe_serialization", safe_serialization)
@@ -548,6 +688,99 @@ class PreTrainedMixin:
         """Bytes held by the parameters (and the buffers: BatchNorm statistics, unless ``return_buffers=False``)."""
         tensors = [*self.parameters(), *(self.buffers() if return_buffers else ())]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _load_config(
+    config: Any, name: Any, subfolder: str, hub: dict[str, Any], overrides: dict[str, Any]
+) -> SegformerConfig:
+    """from_pretrained's config: ``config=`` (an object, a mapping or a path / hub id) or the one of ``name``."""
+    if isinstance(config, SegformerConfig):
+        return config.copy(**overrides)
+    if config is None:
+        return SegformerConfig.from_pretrained(name, subfolder=subfolder, **hub, **overrides)
+    if isinstance(config, (str, os.PathLike)):
+        return SegformerConfig.from_pretrained(config, **hub, **overrides)
+    if isinstance(config, Mapping) or callable(getattr(config, "to_dict", None)):
+        data = config if isinstance(config, Mapping) else config.to_dict()  # e.g. a Transformers SegformerConfig
+        if not isinstance(data, Mapping):
+            raise TypeError(f"config=: {type(config).__name__}.to_dict() gave {type(data).__name__}, not a dict")
+        try:
+            return SegformerConfig.from_dict(data, **overrides)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"config= ({type(config).__name__}): {first_line(exc)}") from None
+    raise TypeError(
+        "config= must be a SegformerConfig (ours or Transformers'), a dict, or a directory, config.json path or "
+        f"hub id, got {type(config).__name__}"
+    )
+
+
+def _check_key_mapping(key_mapping: Mapping[str, str] | None) -> list[tuple[re.Pattern, str]]:
+    if key_mapping is None:
+        return []
+    if not isinstance(key_mapping, Mapping):
+        raise TypeError(f"key_mapping must be a dict {{regex: replacement}}, got {type(key_mapping).__name__}")
+    compiled = []
+    for pattern, replacement in key_mapping.items():
+        if not isinstance(pattern, str) or not isinstance(replacement, str):
+            raise TypeError(f"key_mapping: {pattern!r}: {replacement!r}: patterns and replacements must be strings")
+        try:
+            compiled.append((re.compile(pattern), replacement))
+        except re.error as exc:
+            raise ValueError(f"key_mapping: {pattern!r} is not a regular expression ({exc})") from None
+    return compiled
+
+
+def _apply_key_mapping(
+    state: Mapping[str, torch.Tensor], mapping: list[tuple[re.Pattern, str]]
+) -> Mapping[str, torch.Tensor]:
+    """Rename each key by the first pattern of ``mapping`` that matches it (as Transformers' ``key_mapping``)."""
+    if not mapping:
+        return state
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        new_key = key
+        for pattern, replacement in mapping:
+            try:
+                new_key, count = pattern.subn(replacement, key)
+            except (re.error, IndexError) as exc:
+                raise ValueError(f"key_mapping: replacement {replacement!r} of {pattern.pattern!r}: {exc}") from None
+            if count:
+                break
+        if new_key in out:
+            raise ValueError(f"key_mapping maps two checkpoint keys to {new_key!r}")
+        out[new_key] = value
+    return out
+
+
+def _move(source: Path, target: Path) -> None:
+    os.replace(source, target)
+
+
+def _commit_checkpoint(staging: Path, directory: Path, written: list[str]) -> None:
+    """Rename the files of a save, all written in ``staging``, into ``directory`` in an order that keeps it loadable
+    (old or new weights, never a mix): an old index naming shards about to be replaced goes first; then the weight
+    files, the new index, the files of the earlier save that would shadow the new ones (or be left stale: entry
+    points before their shards), and config.json last."""
+    new = set(written)
+    indexes = [n for n in written if n.endswith(".index.json")]
+    weights = [n for n in written if n != "config.json" and n not in indexes]
+    for old_index in (SAFE_INDEX, PT_INDEX):
+        path = directory / old_index
+        if path.is_file():
+            try:
+                collides = bool(set(_index_shards(path)) & set(weights))
+            except CheckpointError:
+                collides = True  # unreadable: it goes anyway
+            if collides:
+                path.unlink()
+    for name in [*weights, *indexes]:
+        _move(staging / name, directory / name)
+    stale = [p for p in directory.iterdir() if p.name not in new and _SAVED_WEIGHTS.fullmatch(p.name)]
+    stale.sort(key=lambda p: (not (p.name.endswith(".index.json") or "-of-" not in p.name), p.name))
+    for path in stale:
+        path.unlink()
+    if "config.json" in new:
+        _move(staging / "config.json", directory / "config.json")
 
 
 def _summarise(keys: list[str], limit: int = 8) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -237,6 +238,10 @@ try:
     SegformerForSemanticSegmentation.from_pretrained("acme/not-cached")
 except CheckpointError as e:
     print("error", e)
+try:
+    SegformerForSemanticSegmentation.from_pretrained("acme/config-only")
+except CheckpointError as e:
+    print("weights", e)
 """
 
 
@@ -250,12 +255,15 @@ def test_hub_id_from_a_populated_cache_offline(saved, tmp_path):
     populate_hub_cache(
         cache, "acme/tiny-seg", {p.name: p.read_bytes() for p in (tmp_path / "older").iterdir()}, "1" * 40, "v1"
     )
+    populate_hub_cache(cache, "acme/config-only", {"config.json": (path / "config.json").read_bytes()})
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "home")}
     out = subprocess.run([sys.executable, "-c", HUB_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "labels 4 training False" in out.stdout and "config 4" in out.stdout and "revision 6" in out.stdout
     assert "error acme/not-cached: config.json is not in the local hub cache" in out.stdout
     assert "pass a local directory" in out.stdout
+    assert "weights acme/config-only: no weights file (model.safetensors or " in out.stdout
+    assert "is in the local hub cache and the hub cannot be reached" in out.stdout
 
 
 def test_atomic_write_errors_name_the_file_not_the_temporary_name(tmp_path):
@@ -268,3 +276,305 @@ def test_atomic_write_errors_name_the_file_not_the_temporary_name(tmp_path):
         atomic_write_text(tmp_path / "taken" / "x.json", "{}")
     assert str(info.value) == f"{tmp_path / 'taken' / 'x.json'}: cannot write there (Not a directory)"
     assert info.value.errno is not None and ".tmp" not in str(info.value)
+
+
+# ------------------------------------------------------------------- Transformers' loader arguments (config)
+LOADER_ARGS = dict(
+    force_download=False, proxies=None, trust_remote_code=True, resume_download=None, user_agent="x",
+    local_files_only=True, revision=None, cache_dir=None, token=None, subfolder="", _from_auto=True,
+    _from_pipeline=None, _commit_hash=None, use_auth_token=None,
+)  # fmt: skip
+
+
+def test_config_loader_arguments_are_consumed_never_stored(saved, tmp_path):
+    from segformer import SegformerConfig
+
+    _, path = saved
+    config = SegformerConfig.from_pretrained(path, **LOADER_ARGS)
+    assert not set(LOADER_ARGS) & set(config.to_dict()), set(LOADER_ARGS) & set(config.to_dict())
+    config.save_pretrained(tmp_path / "again")
+    assert not set(LOADER_ARGS) & set(json.loads((tmp_path / "again" / "config.json").read_text()))
+    # A config.json an older version polluted with them is cleaned on load (and so on the next save).
+    data = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**data, "force_download": False, "proxies": None}))
+    assert "force_download" not in SegformerConfig.from_pretrained(path).to_dict()
+    with pytest.raises(ValueError, match="gguf_file: GGUF checkpoints are not supported"):
+        SegformerConfig.from_pretrained(path, gguf_file="x.gguf")
+
+
+def test_config_return_unused_kwargs(saved):
+    from segformer import SegformerConfig
+
+    _, path = saved
+    data = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**data, "image_size": 224}))
+    config, unused = SegformerConfig.from_pretrained(
+        path, return_unused_kwargs=True, foo=1, drop_path_rate=0.0, image_size=64, force_download=False
+    )
+    assert unused == {"foo": 1}  # a loader argument is consumed, not "unused"
+    assert config.drop_path_rate == 0.0 and config.image_size == 64 and "foo" not in config.to_dict()
+    assert "return_unused_kwargs" not in config.to_dict()
+    # Without it an unknown kwarg is kept as an extra field, as the constructor keeps it.
+    assert SegformerConfig.from_pretrained(path, foo=1).to_dict()["foo"] == 1
+    config, unused = SegformerConfig.from_dict(data, return_unused_kwargs=True, bar=2)
+    assert unused == {"bar": 2} and isinstance(config, SegformerConfig)
+
+
+@pytest.mark.oracle
+def test_config_return_unused_kwargs_as_transformers(saved):
+    transformers = pytest.importorskip("transformers")
+    from segformer import SegformerConfig
+
+    _, path = saved
+    kwargs = dict(return_unused_kwargs=True, foo=1, drop_path_rate=0.0, force_download=False, trust_remote_code=True)
+    theirs, their_unused = transformers.SegformerConfig.from_pretrained(path, **kwargs)
+    ours, our_unused = SegformerConfig.from_pretrained(path, **kwargs)
+    assert our_unused == their_unused == {"foo": 1}
+    assert ours.drop_path_rate == theirs.drop_path_rate == 0.0
+
+
+# ------------------------------------------------------------------------ unreadable config.json: an OSError
+@pytest.mark.parametrize(
+    "text, why", [("{not json", "not valid JSON"), ("[1, 2]", "expected a JSON object, found a JSON list")]
+)
+def test_unreadable_config_is_an_oserror(saved, text, why):
+    from segformer import SegformerConfig
+
+    _, path = saved
+    (path / "config.json").write_text(text)
+    for load in (SegformerConfig.from_pretrained, SegformerForSemanticSegmentation.from_pretrained):
+        with pytest.raises(OSError, match=f"config.json: {why}") as info:
+            load(path)
+        assert isinstance(info.value, (CheckpointError, ValueError)) and "\n" not in str(info.value)
+
+
+def test_from_json_file_of_a_missing_file_is_an_oserror(tmp_path):
+    from segformer import SegformerConfig
+
+    with pytest.raises(OSError, match=r"nope\.json: no such file") as info:
+        SegformerConfig.from_json_file(tmp_path / "nope.json")
+    assert isinstance(info.value, CheckpointError)
+    with pytest.raises(OSError, match=r": cannot read it \("):  # a directory
+        SegformerConfig.from_json_file(tmp_path)
+
+
+def test_cli_still_prints_one_line_for_an_unreadable_config(saved, capsys):
+    from segformer.cli import run_command
+
+    _, path = saved
+    (path / "config.json").write_text("[]")
+    code = run_command(lambda args: SegformerForSemanticSegmentation.from_pretrained(path), None, name="segformer x")
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "config.json: expected a JSON object" in err
+
+
+# ------------------------------------------------------------------- Transformers' loader arguments (model)
+def test_model_accepts_transformers_loader_arguments(saved):
+    model, path = saved
+    loaded = SegformerForSemanticSegmentation.from_pretrained(
+        path, force_download=False, proxies=None, trust_remote_code=True, resume_download=None, weights_only=True
+    )
+    assert torch.equal(loaded.decode_head.classifier.weight, model.decode_head.classifier.weight)
+    # weights_only=False is accepted; .bin files are still read with weights_only=True.
+    torch.save(model.state_dict(), path / "pytorch_model.bin")
+    loaded = SegformerForSemanticSegmentation.from_pretrained(path, weights_only=False, use_safetensors=False)
+    assert torch.equal(loaded.decode_head.classifier.weight, model.decode_head.classifier.weight)
+    torch.save({**model.state_dict(), "args": argparse.Namespace(lr=1)}, path / "x.bin")
+    with pytest.raises(
+        CheckpointError, match="holds a pickled argparse.Namespace.*always loaded with weights_only=True"
+    ):
+        SegformerForSemanticSegmentation.from_pretrained(path / "x.bin", weights_only=False)
+    with pytest.raises(TypeError, match="unknown argument"):  # still a clear TypeError for a real typo
+        SegformerForSemanticSegmentation.from_pretrained(path, force_downlaod=True)
+
+
+def test_force_download_and_proxies_reach_huggingface_hub(saved, monkeypatch):
+    import huggingface_hub
+
+    _, path = saved
+    calls = []
+
+    def fake_download(repo_id, filename, **kwargs):
+        calls.append((filename, kwargs))
+        if (path / filename).is_file():
+            return str(path / filename)
+        raise huggingface_hub.utils.EntryNotFoundError(f"{filename} not there")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    proxies = {"https": "http://proxy:3128"}
+    SegformerForSemanticSegmentation.from_pretrained("acme/tiny-seg", force_download=True, proxies=proxies)
+    assert [name for name, _ in calls] == ["config.json", "model.safetensors"]
+    assert all(kw["force_download"] is True and kw["proxies"] == proxies for _, kw in calls)
+
+
+def test_key_mapping(saved):
+    model, path = saved
+    renamed = {"old_model." + k: v for k, v in model.state_dict().items()}
+    (path / "model.safetensors").unlink()
+    torch.save(renamed, path / "pytorch_model.bin")
+    loaded = SegformerForSemanticSegmentation.from_pretrained(path, key_mapping={r"^old_model\.": ""})
+    assert torch.equal(loaded.decode_head.classifier.weight, model.decode_head.classifier.weight)
+    with pytest.raises(ValueError, match=r"key_mapping: '\(' is not a regular expression"):
+        SegformerForSemanticSegmentation.from_pretrained(path, key_mapping={"(": ""})
+    with pytest.raises(TypeError, match="key_mapping must be a dict"):
+        SegformerForSemanticSegmentation.from_pretrained(path, key_mapping=[("a", "b")])
+
+
+def test_variant_in_a_directory_and_the_hub_cache(saved, tmp_path):
+    model, path = saved
+    (path / "model.safetensors").rename(path / "model.fp16.safetensors")
+    loaded = SegformerForSemanticSegmentation.from_pretrained(path, variant="fp16")
+    assert torch.equal(loaded.decode_head.classifier.weight, model.decode_head.classifier.weight)
+    with pytest.raises(CheckpointError, match=r"no weights found \(model\.safetensors or"):
+        SegformerForSemanticSegmentation.from_pretrained(path)
+    with pytest.raises(CheckpointError, match=r"no weights found \(model\.bf16\.safetensors or model\.safetensors"
+                                              r"\.index\.bf16\.json or pytorch_model\.bf16\.bin or"):  # fmt: skip
+        SegformerForSemanticSegmentation.from_pretrained(path, variant="bf16")
+    with pytest.raises(ValueError, match="variant must be a name such as 'fp16'"):
+        SegformerForSemanticSegmentation.from_pretrained(path, variant="../x")
+    # A sharded variant: the index is model.safetensors.index.fp16.json.
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    sharded = tmp_path / "sharded"
+    (sharded / "model.safetensors.index.json").rename(sharded / "model.safetensors.index.fp16.json")
+    loaded = SegformerForSemanticSegmentation.from_pretrained(sharded, variant="fp16")
+    assert torch.equal(loaded.decode_head.classifier.weight, model.decode_head.classifier.weight)
+    cache = tmp_path / "hub"
+    populate_hub_cache(cache, "acme/variant", {p.name: p.read_bytes() for p in path.iterdir()})
+    loaded = SegformerForSemanticSegmentation.from_pretrained(
+        "acme/variant", variant="fp16", cache_dir=cache, local_files_only=True
+    )
+    assert torch.equal(loaded.decode_head.classifier.weight, model.decode_head.classifier.weight)
+
+
+# ---------------------------------------------------------------------------------- a single weights file
+def test_a_single_weights_file(saved, tmp_path):
+    model, path = saved
+    elsewhere = tmp_path / "weights"
+    elsewhere.mkdir()
+    shutil.copy(path / "model.safetensors", elsewhere / "model.safetensors")
+    torch.save(model.state_dict(), elsewhere / "weights.bin")
+    for weights, config in [
+        (path / "model.safetensors", None),  # config.json beside it
+        (elsewhere / "model.safetensors", path),  # a directory
+        (elsewhere / "model.safetensors", path / "config.json"),  # a file
+        (elsewhere / "weights.bin", model.config),  # an object
+    ]:
+        loaded = SegformerForSemanticSegmentation.from_pretrained(weights, config=config)
+        assert torch.equal(loaded.decode_head.classifier.weight, model.decode_head.classifier.weight)
+        assert loaded.name_or_path == str(weights)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: a weights file needs its config: pass config="):
+        SegformerForSemanticSegmentation.from_pretrained(elsewhere / "model.safetensors")
+    with pytest.raises(CheckpointError, match="use_safetensors=True but this is not a safetensors checkpoint"):
+        SegformerForSemanticSegmentation.from_pretrained(elsewhere / "weights.bin", config=path, use_safetensors=True)
+    (elsewhere / "notes.txt").write_text("hi")
+    with pytest.raises(CheckpointError, match=r"notes\.txt: expected a model directory or a weights file"):
+        SegformerForSemanticSegmentation.from_pretrained(elsewhere / "notes.txt", config=path)
+    # The index of a sharded checkpoint, its shards beside it.
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    loaded = SegformerForSemanticSegmentation.from_pretrained(tmp_path / "sharded" / "model.safetensors.index.json")
+    assert torch.equal(loaded.decode_head.classifier.weight, model.decode_head.classifier.weight)
+
+
+def test_a_transformers_config_object_as_config(saved):
+    model, path = saved
+
+    class ForeignConfig:  # what a Transformers SegformerConfig offers: to_dict()
+        def to_dict(self):
+            return {**model.config.to_dict(), "transformers_version": "5.0.0"}
+
+    loaded = SegformerForSemanticSegmentation.from_pretrained(path, config=ForeignConfig())
+    assert loaded.config.num_labels == 4
+    loaded = SegformerForSemanticSegmentation.from_pretrained(path, config=model.config.to_dict())  # a dict
+    assert loaded.config.num_labels == 4
+    with pytest.raises(TypeError, match="config= must be a SegformerConfig .* got int"):
+        SegformerForSemanticSegmentation.from_pretrained(path, config=3)
+
+
+@pytest.mark.oracle
+def test_a_real_transformers_config_as_config(saved):
+    transformers = pytest.importorskip("transformers")
+    model, path = saved
+    theirs = transformers.SegformerConfig.from_pretrained(path)
+    loaded = SegformerForSemanticSegmentation.from_pretrained(path, config=theirs)
+    assert loaded.config.to_diff_dict() == model.config.copy(dtype=torch.float32).to_diff_dict() | {
+        "architectures": ["SegformerForSemanticSegmentation"]
+    }
+
+
+# ----------------------------------------------------------------------------- offline, weights not cached
+def test_offline_weights_not_in_the_cache_says_so(saved, tmp_path):
+    _, path = saved
+    cache = tmp_path / "hub"
+    populate_hub_cache(cache, "acme/config-only", {"config.json": (path / "config.json").read_bytes()})
+    with pytest.raises(CheckpointError, match=r"acme/config-only: no weights file \(model\.safetensors or .*\) is "
+                                              r"in the local hub cache and the hub cannot be reached"):  # fmt: skip
+        SegformerForSemanticSegmentation.from_pretrained("acme/config-only", cache_dir=cache, local_files_only=True)
+    # Files the cache records as absent from the repo (.no_exist, from an earlier online look-up) are absent.
+    no_exist = cache / "models--acme--config-only" / ".no_exist" / ("0" * 40)
+    no_exist.mkdir(parents=True)
+    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json"):  # fmt: skip
+        (no_exist / name).touch()
+    with pytest.raises(CheckpointError, match=r"acme/config-only: no weights found \(model\.safetensors or"):
+        SegformerForSemanticSegmentation.from_pretrained("acme/config-only", cache_dir=cache, local_files_only=True)
+
+
+# ------------------------------------------------------------------------------ a save that fails part-way
+def _snapshot(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def _fail_on_call(monkeypatch, target, n):
+    from segformer import pretrained
+
+    real, calls = getattr(pretrained, target), []
+
+    def flaky(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == n:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pretrained, target, flaky)
+
+
+def test_a_failed_save_leaves_the_old_checkpoint_as_it_was(saved, monkeypatch):
+    old, path = saved
+    old.save_pretrained(path, max_shard_size="20KB")
+    before = _snapshot(path)
+    assert len([n for n in before if n.endswith(".safetensors")]) >= 4
+    new = randomize_(SegformerForSemanticSegmentation(tiny_config(num_labels=4)), seed=1)
+    for shard_size in ("20KB", None):  # the same shard names, or one file over the shards
+        _fail_on_call(monkeypatch, "_write_weights", 3 if shard_size else 1)
+        with pytest.raises(OSError, match="No space left on device"):
+            new.save_pretrained(path, max_shard_size=shard_size)
+        monkeypatch.undo()
+        assert _snapshot(path) == before  # nothing replaced, nothing left behind (no temporaries)
+        loaded = SegformerForSemanticSegmentation.from_pretrained(path)
+        for key, value in old.state_dict().items():
+            assert torch.equal(loaded.state_dict()[key], value), key
+    new.save_pretrained(path, max_shard_size="20KB")  # and a save that succeeds replaces it
+    loaded = SegformerForSemanticSegmentation.from_pretrained(path)
+    assert torch.equal(loaded.decode_head.classifier.weight, new.decode_head.classifier.weight)
+    assert not [p.name for p in path.iterdir() if p.name.startswith(".") or p.name.endswith(".tmp")]
+
+
+def test_a_failed_save_into_a_new_directory_leaves_nothing(tmp_path, monkeypatch):
+    model = SegformerForSemanticSegmentation(tiny_config())
+    _fail_on_call(monkeypatch, "_write_weights", 1)
+    with pytest.raises(OSError, match="No space left"):
+        model.save_pretrained(tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_crash_while_renaming_never_loads_a_mix_of_shards(saved, monkeypatch):
+    old, path = saved
+    old.save_pretrained(path, max_shard_size="20KB")
+    new = randomize_(SegformerForSemanticSegmentation(tiny_config(num_labels=4)), seed=1)
+    _fail_on_call(monkeypatch, "_move", 2)  # the first new shard is in place, the second is not
+    with pytest.raises(OSError):
+        new.save_pretrained(path, max_shard_size="20KB")
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError, match="no weights found"):  # loud, not old and new shards mixed
+        SegformerForSemanticSegmentation.from_pretrained(path)
+    assert not [p.name for p in path.iterdir() if p.name.startswith(".")]
