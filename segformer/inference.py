@@ -484,7 +484,7 @@ class _Pass:
 
     windows: (y1, y2, x1, x2, logits (B, K, h', w') float32) of each forward; "whole" and "aligned" have one, over
     the whole ``padded`` input. padded: the (height, width) the windows tile (the pass's input padded up to the
-    model's minimum size or to the crop). size: the pass's input (height, width). count: (1, 1, *padded) windows
+    model's minimum size). size: the pass's input (height, width). count: (1, 1, *padded) windows
     per pixel for the sliding window, else None.
     """
 
@@ -583,7 +583,7 @@ def _work_elements(
     input size), K times the output twice; an area a pass turns out to need more of grows then."""
     if labels_on is not None and labels_on.type == "cpu" and opts.mode != "slide" and k > 1:
         return k * out[0] * out[1], k * out[0] * out[1]
-    need = _min_side(net) if opts.mode != "slide" else 1
+    need = _min_side(net)
     sides = [_tiles(size, opts, need)[0] for size in _pass_inputs(shape[-2], shape[-1], opts)]
     return k * max(h * w for h, w in [*sides, out]), k * out[0] * out[1]
 
@@ -595,16 +595,15 @@ def _pass_count(opts: InferenceOptions) -> int:
 def _tiles(
     size: tuple[int, int], opts: InferenceOptions, need: int
 ) -> tuple[tuple[int, int], list[tuple[int, int, int, int]]]:
-    """The (height, width) a pass input of ``size`` is padded to and its windows (y1, y2, x1, x2): "whole" and
-    "aligned" one, the input padded bottom/right up to the model's minimum side ``need``; "slide" the windows of
-    crop_size at stride (the last row/column shifted back to end at the border) over the input padded up to the
-    crop."""
+    """The (height, width) a pass input of ``size`` is padded to, bottom/right up to the model's minimum side
+    ``need``, and its windows (y1, y2, x1, x2): "whole" and "aligned" one; "slide" the windows of crop_size at
+    stride, the last row/column shifted back to end at the border, and along an axis shorter than the crop one
+    window of the input's length (as mmseg: the image is not padded up to the crop)."""
     h, w = size
+    H, W = max(h, need), max(w, need)
     if opts.mode != "slide":
-        H, W = max(h, need), max(w, need)
         return (H, W), [(0, H, 0, W)]
     (ch, cw), (sh, sw) = opts.crop_size, opts.stride
-    H, W = max(h, ch), max(w, cw)
     rows = max(H - ch + sh - 1, 0) // sh + 1
     cols = max(W - cw + sw - 1, 0) // sw + 1
     boxes = []
@@ -616,11 +615,11 @@ def _tiles(
 
 
 def _forward_pass(model: nn.Module, x: torch.Tensor, opts: InferenceOptions, flipped: bool) -> _Pass:
-    """The model over one pass's input (B, 3, h, w) (:func:`_tiles`): the image as is (padded bottom/right up to
-    the model's minimum size: 0 is the mean colour after normalising), or sliding windows of crop_size at stride
-    (images smaller than the crop padded to it)."""
+    """The model over one pass's input (B, 3, h, w) (:func:`_tiles`): the image as is, or sliding windows of
+    crop_size at stride (an image smaller than the crop in one window of its own size, as mmseg runs it); padded
+    bottom/right only up to the model's minimum size (0 is the mean colour after normalising)."""
     h, w = x.shape[-2:]
-    (H, W), boxes = _tiles((h, w), opts, _min_side(model) if opts.mode != "slide" else 1)
+    (H, W), boxes = _tiles((h, w), opts, _min_side(model))
     if (H, W) != (h, w):
         x = F.pad(x, (0, W - w, 0, H - h))
     if opts.mode != "slide":
@@ -653,7 +652,7 @@ def _pass_bytes(model: nn.Module, shape: Sequence[int], opts: InferenceOptions) 
         return None
     from .modeling import stage_sizes
 
-    b, need = shape[0], _min_side(model) if opts.mode != "slide" else 1
+    b, need = shape[0], _min_side(model)
     held = []
     for size in _pass_inputs(shape[-2], shape[-1], opts):
         padded, boxes = _tiles(size, opts, need)
@@ -759,7 +758,8 @@ def infer(
     Modes: ``"whole"`` runs the tensor as is; ``"aligned"`` first resizes it keeping the ratio to fit
     (long_side, short_side) and rounds each side up to a multiple of ``align`` (mmseg's ADE20K test pipeline);
     ``"slide"`` runs ``crop_size`` windows at ``stride``, sums the logits and divides by the per-pixel window
-    count (images smaller than the crop are padded and the padding cropped away). ``scales`` (e.g.
+    count (along a side shorter than the crop, one window of that side's length: as mmseg, no padding to the
+    crop; only up to the model's minimum input, cropped away after). ``scales`` (e.g.
     [0.75, 1.0, 1.25]) multiply the image size ("aligned": the (long_side, short_side) target) and ``flip``
     adds a horizontally flipped pass of each scale; the probabilities of all passes are averaged.
 

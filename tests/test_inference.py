@@ -12,6 +12,7 @@ from torch import nn
 
 from segformer import SegformerForSemanticSegmentation, inference
 from segformer.inference import InferenceOptions, aligned_size, infer, labels_from_probs, predict_labels
+from segformer.modeling import min_input_size
 
 
 class PerPixel(nn.Module):
@@ -43,7 +44,7 @@ def seg() -> SegformerForSemanticSegmentation:
 
 @pytest.mark.parametrize(
     "size, crop, stride",
-    [((20, 30), (32, 32), (16, 16)),  # smaller than the crop: padded, padding cropped away
+    [((20, 30), (32, 32), (16, 16)),  # smaller than the crop: one window of the image's size (mmseg)
      ((64, 96), (32, 32), (32, 32)),  # larger, divisible
      ((70, 45), (32, 32), (20, 24))],  # larger, not divisible: the last windows are shifted back
 )  # fmt: skip
@@ -63,10 +64,14 @@ def _hand_slide(model, x, crop, stride):
 
 def _hand_slide_logits(model, x, crop, stride, dtype=torch.float32):
     """Every window position listed explicitly, each window's logits upsampled to the crop, summed, divided by the
-    number of windows per pixel; an image smaller than the crop is padded (bottom/right) and cropped back."""
+    number of windows per pixel; along a side shorter than the crop the window is that side (mmseg's
+    slide_inference: no padding to the crop), padded (bottom/right) only up to the model's minimum input and
+    cropped back."""
     h0, w0 = x.shape[-2:]
-    x = F.pad(x, (0, max(crop[1] - w0, 0), 0, max(crop[0] - h0, 0)))
+    need = min_input_size(model.config) if hasattr(model, "config") else 1
+    x = F.pad(x, (0, max(need - w0, 0), 0, max(need - h0, 0)))
     _, _, h, w = x.shape
+    crop = (min(crop[0], h), min(crop[1], w))
     ys = sorted({min(y, h - crop[0]) for y in range(0, h - crop[0] + stride[0], stride[0])})
     xs = sorted({min(v, w - crop[1]) for v in range(0, w - crop[1] + stride[1], stride[1])})
     total, count = 0, torch.zeros(h, w, dtype=dtype)
@@ -88,6 +93,20 @@ def test_slide_matches_a_hand_written_window_loop(seg):
     # (2 windows: 3u), all of max|z|; softmax passes half of a logit change and adds its own 9u (see below).
     ref = _hand_slide_logits(seg, x, (64, 64), (40, 48), torch.float64)
     tol = 10 * U32 * ref.abs().max().item() / 2 + 9 * U32
+    torch.testing.assert_close(got.double(), ref.softmax(1), atol=tol, rtol=0)
+
+
+def test_slide_below_the_crop_runs_the_image_unpadded(seg):
+    """As mmseg's slide_inference: along a side shorter than the crop the window is that side, never padded up
+    to the crop (padding changed 2-13% of a model's labels): an image smaller than the crop gives exactly its
+    whole-image result, and a strip shorter than the crop slides windows of its height."""
+    x = torch.randn(1, 3, 40, 50)
+    torch.testing.assert_close(infer(seg, x, mode="slide", crop_size=64, stride=48), infer(seg, x, mode="whole"),
+                               rtol=0, atol=0)  # fmt: skip
+    strip = torch.randn(1, 3, 40, 150)
+    got = infer(seg, strip, mode="slide", crop_size=(64, 64), stride=(40, 48))
+    ref = _hand_slide_logits(seg, strip, (64, 64), (40, 48), torch.float64)  # 40x64 windows at x = 0, 48, 86
+    tol = 10 * U32 * ref.abs().max().item() / 2 + 9 * U32  # (as test_slide_matches_a_hand_written_window_loop)
     torch.testing.assert_close(got.double(), ref.softmax(1), atol=tol, rtol=0)
 
 
@@ -902,16 +921,20 @@ def test_memory_plan_by_hand():
     sliding windows at six scales outgrow the output, kept passes for whole-image scales."""
     model = SegformerForSemanticSegmentation(tiny_config(num_labels=150))  # b0's patch sizes and strides
     shape, image = (8, 3, 512, 512), 150 * 512 * 512 * 4  # one image's (K, H, W) float32 probabilities
-    window = 8 * 150 * 128 * 128 * 4  # a 512x512 window's logits: 128x128 (78.6 MB)
-    # Scales 0.5-1.75: inputs 256, 384, 512 (padded to the crop: 1 window), 640, 768 (2x2), 896 (3x3 windows:
-    # (896 - 512 + 340) // 341 + 1 = 3 per side); each pass twice (flip), plus its window count (padded H·W float32).
+
+    def window(side: int) -> int:  # a side x side window's logits (side / 4 per side), float32
+        return 8 * 150 * (side // 4) ** 2 * 4  # 512: 128x128 (78.6 MB)
+
+    # Scales 0.5-1.75: inputs 256, 384 (one window of their own size: no padding to the crop), 512 (1 window), 640,
+    # 768 (2x2), 896 (3x3 windows: (896 - 512 + 340) // 341 + 1 = 3 per side); each pass twice (flip), plus its
+    # window count (H·W float32).
     opts = InferenceOptions(
         mode="slide", crop_size=512, stride=341, scales=[0.5, 0.75, 1.0, 1.25, 1.5, 1.75], flip=True
     )
-    passes = [(1, 512), (1, 512), (1, 512), (4, 640), (4, 768), (9, 896)]
-    held = [n * window + 4 * side * side for n, side in passes]
+    passes = [(1, 256, 256), (1, 384, 384), (1, 512, 512), (4, 512, 640), (4, 512, 768), (9, 512, 896)]
+    held = [n * window(crop) + 4 * side * side for n, crop, side in passes]
     plan = inference._memory_plan(model, shape, opts, (512, 512))
-    assert plan == (2 * sum(held) + image, 8 * image + max(held))  # 3.32 GB kept, 1.97 GB summed
+    assert plan == (2 * sum(held) + image, 8 * image + max(held))  # 3.13 GB kept, 1.97 GB summed
     assert not inference._keeps_passes(plan)
     # Whole images at scales 0.75, 1, 1.25, flipped: logits 96², 128², 160²: 0.65 GB kept against 1.38 GB summed.
     opts = InferenceOptions(mode="whole", scales=[0.75, 1.0, 1.25], flip=True)
@@ -1142,12 +1165,21 @@ def test_running_sum_peak_is_the_accumulator_and_one_pass():
     kept, summed = peaks.pop("plan")
     accumulator, window = 8 * 100 * 64 * 64 * 4, 8 * 100 * 16 * 16 * 4  # 13.1 MB; a window's logits 0.8 MB
     assert summed == accumulator + 9 * window + 4 * 112 * 112  # + scale 1.75's 3x3 windows (112x112) and count
-    assert kept == 40 * window + 4 * 2 * (3 * 64**2 + 80**2 + 96**2 + 112**2) + 100 * 64 * 64 * 4  # 34.7 MB
+    # every pass twice (flip): scales 0.5 and 0.75 one window of their own 32x32 and 48x48 inputs (logits 8x8 and
+    # 12x12: no padding to the crop), 1.0 one 64x64 window, 1.25 and 1.5 2x2, 1.75 3x3 (logits 16x16); the counts
+    assert (
+        kept
+        == 2 * 8 * 100 * 4 * (8**2 + 12**2 + 18 * 16**2)
+        + 4 * 2 * (32**2 + 48**2 + 64**2 + 80**2 + 96**2 + 112**2)
+        + 100 * 64 * 64 * 4
+    )  # 32.7 MB
     # One image's work at the largest pass (112x112), the same for both strategies: _Scratch's two areas and the
     # bilinear kernel's copy of its input (3 x 100 x 112² x 4 = 15 MB), its output and the probabilities at 64x64
     # (2 x 1.6 MB); plus 2 MiB for the model's activations and the scaled inputs.
     work = 3 * 100 * 112 * 112 * 4 + 2 * 100 * 64 * 64 * 4 + (2 << 20)
-    assert peaks["predict"] < summed + work < peaks["keep"], (peaks, summed + work)  # ~38, 41, ~52 MB
+    assert peaks["predict"] < summed + work, (peaks, summed + work)  # ~30 < 41 MB
+    # keeping every pass holds kept - summed (12.2 MB) more; at least half of it shows in the measured peaks
+    assert peaks["predict"] + (kept - summed) / 2 < peaks["keep"], (peaks, kept - summed)  # ~30 + 6 < ~40 MB
 
 
 def test_bad_arguments():
