@@ -54,7 +54,8 @@ Four channels: with four ``image_mean`` / ``image_std`` values (models with ``nu
 four channels instead of becoming RGB, as Transformers does: 4-band PIL images (RGBA, CMYK, RGBX) and (H, W, 4) /
 (4, H, W) arrays or tensors, resized as one RGBA image by PIL (which weights colours by the fourth channel, as
 Transformers' resize does) when 8-bit; float ones keep float precision and are resized channel by channel, without
-that weighting (Transformers truncates them to 8 bits first); always on the PIL backend. Other channel counts are an error naming the image.
+that weighting (Transformers truncates them to 8 bits first); always on the PIL backend. Other channel counts are an
+error naming the image.
 One channel likewise: with one-value sequences (``image_mean=[0.5], image_std=[0.25]``, models with
 ``num_channels=1``) one-band images (L, 1, I, I;16, F; 2-D, (H, W, 1) and (1, H, W) arrays and tensors) keep their
 one channel, as in Transformers; a plain number still means "the same for every channel" of RGB.
@@ -329,16 +330,21 @@ def _image_to_rgb(image: Any, input_data_format: str | None, what: str) -> Image
     )
 
 
-def _image_to_four(image: Any, input_data_format: str | None, what: str) -> np.ndarray:
-    """Any supported image with four channels → (H, W, 4) uint8 or float32, every channel kept."""
+def _image_with_bands(image: Any, bands: int, input_data_format: str | None, what: str) -> np.ndarray:
+    """Any supported image with ``bands`` channels (4, or 1) → (H, W, bands) uint8 or float32, every channel kept
+    (:func:`segformer.images.pixel_values`' value rules: 16-bit data to 8 bits, float kept); another channel
+    count is a ValueError naming the image."""
+    values = "1 value" if bands == 1 else f"{bands} values"
     if isinstance(image, (str, os.PathLike)):
         image = _open_image(image, what)
     if isinstance(image, Image.Image):
-        if len(image.getbands()) != 4:
+        if len(image.getbands()) != bands:
             raise ValueError(
                 f"{what}: a {image.mode} image has {len(image.getbands())} channel(s), but image_mean and image_std "
-                "have 4 values (one per channel)"
+                f"have {values} (one per channel)"
             )
+        if bands == 1:  # (L, 1, I, I;16, F: through the RGB conversion's value rules, one band kept)
+            return np.ascontiguousarray(np.asarray(_pil_to_rgb(image, what))[..., :1])
         return np.asarray(image)
     tensor = isinstance(image, torch.Tensor)
     if tensor:
@@ -347,46 +353,24 @@ def _image_to_four(image: Any, input_data_format: str | None, what: str) -> np.n
         raise TypeError(
             f"{what}: unsupported type {type(image).__name__}; expected a PIL image, numpy array, torch tensor or path"
         )
+    if image.ndim == 2 and bands == 1:
+        image = image[..., None]
     if image.ndim != 3:
-        raise ValueError(f"{what}: a four-channel image must be 3-D, (H, W, 4) or (4, H, W), got {image.shape}")
+        shapes = f"(H, W, {bands}) or ({bands}, H, W)" + (" or (H, W)" if bands == 1 else "")
+        raise ValueError(f"{what}: a {bands}-channel image must be {shapes}, got {image.shape}")
     axis = channel_axis(image.shape, image.dtype == np.uint8 and not tensor, input_data_format, what)  # (hwc_rgb)
     array = pixel_values(np.moveaxis(image, 0, -1) if axis == 0 else image, what)
-    if array.shape[-1] != 4:
+    if array.shape[-1] != bands:
         raise ValueError(
-            f"{what}: has {array.shape[-1]} channel(s), but image_mean and image_std have 4 values (one per channel)"
+            f"{what}: has {array.shape[-1]} channel(s), but image_mean and image_std have {values} (one per channel)"
         )
     return array
 
 
-def _image_to_one(image: Any, input_data_format: str | None, what: str) -> np.ndarray:
-    """Any supported one-channel image → (H, W, 1) uint8 or float32, with :func:`_image_to_rgb`'s value rules
-    (16-bit data to 8 bits, float kept)."""
-    if isinstance(image, (str, os.PathLike)):
-        image = _open_image(image, what)
-    if isinstance(image, Image.Image):
-        if len(image.getbands()) != 1:
-            raise ValueError(
-                f"{what}: a {image.mode} image has {len(image.getbands())} channels, but image_mean and image_std "
-                "have 1 value (one per channel)"
-            )
-        rgb = _pil_to_rgb(image, what)
-        return np.ascontiguousarray(np.asarray(rgb)[..., :1])
-    if isinstance(image, (torch.Tensor, np.ndarray)) and image.ndim == 3:
-        tensor = isinstance(image, torch.Tensor)
-        axis = channel_axis(tuple(image.shape), image.dtype == np.uint8 and not tensor, input_data_format, what)
-        if image.shape[axis] != 1:
-            raise ValueError(
-                f"{what}: has {image.shape[axis]} channels, but image_mean and image_std have 1 value (one per channel)"
-            )
-    return np.ascontiguousarray(_image_to_rgb(image, input_data_format, what)[..., :1])  # (gray replicated: one)
-
-
 def _image_pixels(image: Any, options: _Options, what: str) -> Image.Image | np.ndarray:
     """RGB (:func:`_image_to_rgb`), or all four channels, or the one, when the options normalise four or one."""
-    if len(options.image_mean) == 1:
-        pixels = _image_to_one(image, options.input_data_format, what)
-    elif len(options.image_mean) == 4:
-        pixels = _image_to_four(image, options.input_data_format, what)
+    if len(options.image_mean) in (1, 4):
+        pixels = _image_with_bands(image, len(options.image_mean), options.input_data_format, what)
     else:
         pixels = _image_to_rgb(image, options.input_data_format, what)
     _check_not_empty(pixels.size[::-1] if isinstance(pixels, Image.Image) else pixels.shape[:2], what)

@@ -699,9 +699,9 @@ def test_one_channel_images_match_transformers():
         assert model(**inputs).logits.shape[:2] == (1, model.config.num_labels)
     floats = ours(gray.astype(np.float32) / 255, do_rescale=False, return_tensors="np")["pixel_values"]
     assert floats.shape == (1, 1, 20, 26)
-    with pytest.raises(ValueError, match="image 0: a RGB image has 3 channels, but image_mean and image_std have 1"):
+    with pytest.raises(ValueError, match=r"image 0: a RGB image has 3 channel\(s\), but image_mean and image_std"):
         ours(Image.new("RGB", (8, 8)))
-    with pytest.raises(ValueError, match="image 0: has 3 channels, but image_mean and image_std have 1"):
+    with pytest.raises(ValueError, match=r"image 0: has 3 channel\(s\), but image_mean and image_std have 1 value"):
         ours(np.zeros((8, 8, 3), np.uint8))
     assert SegformerImageProcessor(image_mean=0.5, image_std=0.5).image_mean == [0.5] * 3
     assert SegformerImageProcessor(image_mean=0.5, image_std=[0.5]).image_mean == [0.5]
