@@ -18,8 +18,9 @@ written for this package, with these deliberate differences:
 - randomness comes only from the ``numpy.random.Generator`` passed in (:func:`corruption_rng` seeds one from
   the image index, the corruption and the severity), never from a global state, so a corrupted image is a
   function of (image, corruption, severity, seed);
-- ``frost`` blends a procedurally generated ice texture (a fractal haze with branching crystals) instead of
-  the package's six frost photographs, with the published blend weights;
+- ``frost`` blends a random crop of one of five procedurally generated ice "photographs" (a fractal haze with
+  branching crystals, 1024x2048, :func:`frost_photo`) instead of the package's frost photographs, chosen, cropped
+  and (for larger images) enlarged as the package does, with the published blend weights;
 - ``spatter``'s water drops take the Canny edges of the drop layer as the layer's boundary (the layer jumps
   from 0 to at least 0.65·255 there, far above Canny's thresholds, and varies little inside a drop) and an
   exact Euclidean distance transform;
@@ -38,6 +39,7 @@ modified. Needs scipy (``pip install "segformer[robustness]"``) for the filters,
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import zlib
@@ -416,10 +418,39 @@ def _fog(image: np.ndarray, params: tuple[float, float], rng: np.random.Generato
     return x * peak / (peak + strength) * 255
 
 
+# The frost "photographs" crops are taken from, as the package crops one of its five (randint(5)): procedural ones
+# of a fixed size, made once per process from fixed seeds. At this size the texture's mean brightness (~155) is
+# near the package's photographs' (~164); a texture made at each image's own size grew denser with the size (ice
+# on 2% of a 64x128 image's pixels, 32% of a 1024x2048 one's), and so did the corruption.
+FROST_PHOTO_SIZE = (1024, 2048)
+FROST_PHOTOS = 5
+
+
+@functools.lru_cache(maxsize=FROST_PHOTOS)
+def frost_photo(index: int) -> np.ndarray:
+    """Frost photograph ``index`` (0..FROST_PHOTOS-1): a :func:`frost_texture` of :data:`FROST_PHOTO_SIZE`,
+    (H, W, 3) uint8, the same in every process (~1.6 s to make on one core; kept once made: 6 MB each)."""
+    if not 0 <= index < FROST_PHOTOS:
+        raise ValueError(f"frost photo index must be 0..{FROST_PHOTOS - 1}, got {index}")
+    texture = frost_texture(*FROST_PHOTO_SIZE, np.random.default_rng([0x66726F7374, index]))
+    photo = np.round(texture).astype(np.uint8)
+    photo.flags.writeable = False  # (shared by every call)
+    return photo
+
+
 def _frost(image: np.ndarray, params: tuple[float, float], rng: np.random.Generator) -> np.ndarray:
+    """A random crop of one of the frost photographs, blended with the published weights; an image larger than
+    the photographs takes a crop of one enlarged (bicubic) by the smallest whole factor that covers it, as the
+    package does."""
     image_weight, frost_weight = params
     h, w = image.shape[:2]
-    return image_weight * image.astype(np.float64) + frost_weight * frost_texture(h, w, rng)
+    photo = frost_photo(int(rng.integers(FROST_PHOTOS)))
+    ph, pw = photo.shape[:2]
+    factor = max(1, math.ceil(max(h / ph, w / pw)))
+    if factor > 1:
+        photo = np.asarray(Image.fromarray(photo).resize((pw * factor, ph * factor), Image.Resampling.BICUBIC))
+    y, x = int(rng.integers(0, photo.shape[0] - h + 1)), int(rng.integers(0, photo.shape[1] - w + 1))
+    return image_weight * image.astype(np.float64) + frost_weight * photo[y : y + h, x : x + w].astype(np.float64)
 
 
 def _brightness(image: np.ndarray, amount: float, rng: np.random.Generator) -> np.ndarray:
@@ -570,6 +601,7 @@ __all__ = [
     "check_severity",
     "corrupt",
     "corruption_rng",
+    "frost_photo",
     "frost_texture",
     "parse_corruptions",
     "parse_severities",

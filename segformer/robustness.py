@@ -363,6 +363,8 @@ def run_study(
     """
     options = resolve_options(options, {})
     plan = study_severities(corruptions, severities)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer (it seeds numpy's SeedSequence), got {seed!r}")
     count = len(dataset) if max_images is None else min(len(dataset), max_images)
     folder = None if output is None else Path(output)
     partial = None if folder is None else folder / PARTIAL_FILE

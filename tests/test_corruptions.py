@@ -14,12 +14,16 @@ from PIL import Image
 from segformer.corruptions import (
     CATEGORIES,
     CORRUPTION_NAMES,
+    FROST_PHOTO_SIZE,
+    FROST_PHOTOS,
     PAPER_SEVERITIES,
     PARAMETERS,
     RANDOM,
+    _frost,
     _rgb_to_hsv,
     corrupt,
     corruption_rng,
+    frost_photo,
     frost_texture,
     parse_corruptions,
     parse_severities,
@@ -241,6 +245,20 @@ def test_plasma_fractal_and_frost_texture():
     assert ice.shape == (50, 70, 3) and ice.min() >= 0 and ice.max() <= 255
     assert (ice[..., 2] >= ice[..., 1]).all() and (ice[..., 1] >= ice[..., 0]).all()  # blue-white
     assert np.array_equal(ice, frost_texture(50, 70, np.random.default_rng(0)))
+
+
+def test_frost_is_as_strong_on_small_images_as_on_large_ones():
+    """Frost crops one of five fixed photographs (as the package crops its own), so its ice does not grow with the
+    image: the mean of 16 crops of 64x128 is the photographs' mean within 3 standard errors (one crop's spread is
+    ~20 levels: 15 for 16); a texture made at each image's size was ~45 levels darker at 64x128 than at 1024x2048.
+    An image larger than the photographs takes a crop of one enlarged."""
+    layer = lambda h, w, seed: _frost(np.zeros((h, w, 3), np.uint8), (1.0, 1.0), np.random.default_rng(seed))  # noqa: E731
+    small = np.mean([layer(64, 128, seed).mean() for seed in range(16)])
+    photos = np.mean([frost_photo(i).mean() for i in range(FROST_PHOTOS)])
+    assert abs(small - photos) < 15, (small, photos)
+    assert frost_photo(0).shape == (*FROST_PHOTO_SIZE, 3) and np.array_equal(frost_photo(0), frost_photo(0).copy())
+    big = layer(FROST_PHOTO_SIZE[0] + 1, 40, 0)  # (a factor 2 enlargement, cropped)
+    assert big.shape == (FROST_PHOTO_SIZE[0] + 1, 40, 3) and abs(big.mean() - photos) < 30
 
 
 def test_corruption_rng_streams():

@@ -96,6 +96,8 @@ def test_study_cells_are_evaluations_and_the_summary_adds_up(model, val, tmp_pat
         model, val, corruptions=["motion_blur", "gaussian_noise"], severities=[1, 3], output=out, progress=True
     )
     assert result.corruptions == ["gaussian_noise", "motion_blur"]  # the study's order
+    with pytest.raises(ValueError, match="seed must be a non-negative integer"):  # before any pass, not after
+        run_study(model, val, corruptions=["fog"], seed=-1)
     assert result.clean["mIoU"] == pytest.approx(evaluate(model, val)["mIoU"], abs=0)
     cell = evaluate(model, CorruptedDataset(val, "motion_blur", 3))
     assert result.miou("motion_blur", 3) == cell["mIoU"] and result.cells[("motion_blur", 3)]["aAcc"] == cell["aAcc"]
@@ -214,6 +216,10 @@ def test_cli_study_prints_the_table_and_writes_json(data, model_dir, tmp_path, c
         (["--severities", "2"], "--severities belongs to the robustness study: add --corruptions"),
         (["--output", "x"], "--output belongs to the robustness study: add --corruptions"),
         (["--worst", "-1"], "expected an integer >= 0"),
+        (
+            ["--corruptions", "fog", "--seed", "-1"],
+            "--seed: expected an integer >= 0",
+        ),  # (numpy's, after the clean pass)
     ],
 )
 def test_cli_bad_study_arguments_are_one_line(argv, message, data, model_dir, capsys):

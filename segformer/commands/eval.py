@@ -108,7 +108,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "robustness.json and the heat map robustness.png (default: the --report folder, else ./robustness)",
     )
     robust.add_argument(
-        "--seed", type=int, default=0, help="seed of the corruptions' randomness (default 0; same seed, same images)"
+        "--seed",
+        type=non_negative_int,
+        default=0,
+        help="seed of the corruptions' randomness (default 0; same seed, same images)",
     )
     robust.add_argument(
         "--report",
