@@ -31,6 +31,7 @@ Choices worth knowing:
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -85,7 +86,9 @@ def load_model(
     in eval mode on ``device`` in ``dtype`` (read by :func:`segformer.pretrained.select_device` and
     :func:`segformer.inference.select_dtype`: a reduced precision the device would only emulate becomes
     float32, with one warning line). ``dtype="int8"``: float32 with the encoder's linear layers dynamically
-    quantised (:func:`segformer.backends.quantize_int8`; CPU only).
+    quantised (:func:`segformer.backends.quantize_int8`; CPU only). A model given is moved to ``device`` and
+    ``dtype`` and put in eval mode, as a pipeline takes a model; for int8 a quantised copy is made and the model
+    given is left as it was.
 
     A checkpoint that cannot be found raises :class:`CheckpointError` with one line that says how to point
     at a local checkpoint and that hub ids need network or a populated cache."""
@@ -96,6 +99,8 @@ def load_model(
     dt = torch.float32 if int8 else select_dtype(dtype, dev)
     finish = quantize_int8 if int8 else (lambda net: net)
     if isinstance(model, nn.Module):
+        if int8:  # (quantize_int8 replaces layers in place: the caller's model would compute something else after)
+            model = copy.deepcopy(model)
         return finish(model.to(device=dev, dtype=dt).eval())
     from .modeling import load_segmentation_model
 
@@ -355,6 +360,11 @@ def segment(
     many calls: building it loads the weights). ``options`` go to SegformerPredictor (device, dtype, mode,
     scales, flip, batch_size, ...). With ``return_probs`` each result is ``(labels, probs)``, probs (K, H, W).
     """
+    if isinstance(model, SegformerPredictor) and options:
+        raise TypeError(
+            f"segment() got {', '.join(sorted(options))} with a ready SegformerPredictor, which keeps the options "
+            "it was built with: pass them to SegformerPredictor(...), or pass the model instead of the predictor"
+        )
     predictor = model if isinstance(model, SegformerPredictor) else SegformerPredictor(model, **options)
     result = predictor.predict(images, return_probs=return_probs)
     pick = (lambda s: (s.labels, s.probs)) if return_probs else (lambda s: s.labels)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from .distributed import all_gather_objects, is_distributed
 from .fileio import atomic_write, atomic_write_text
@@ -40,35 +40,51 @@ def _has_magic(text: str) -> bool:
     return any(c in text for c in "*?[")
 
 
-def collect_images(inputs: Sequence[str | os.PathLike], *, recursive: bool = False) -> list[tuple[Path, Path]]:
+def collect_images(
+    inputs: Sequence[str | os.PathLike], *, recursive: bool = False, exclude: str | os.PathLike | None = None
+) -> list[tuple[Path, Path]]:
     """Files, folders and glob patterns → sorted, de-duplicated ``(path, relative output path)`` pairs.
 
     A file is taken whatever its name (and reported later if it is not an image). Folders give the files with
     an image extension (:data:`IMAGE_EXTENSIONS`) directly inside them, or below them with ``recursive``; the
     relative path keeps the sub-folders. Globs (``**`` allowed) are expanded here when the shell did not,
-    relative to the folder before the first wildcard. A path that matches nothing is kept, so that it is
-    reported as missing. Raises ValueError when nothing at all is found. Paths are kept as the user wrote them
-    (a symlink stays the link: summaries show what was passed); files reached twice are taken once."""
+    relative to the folder before the first wildcard. A path or pattern that matches nothing is kept, so that
+    it is reported as missing. Folders and globs skip what lies in ``exclude`` where it is a sub-folder of theirs
+    (the run's output folder, whose label maps and overlays are no photographs to segment). Raises ValueError
+    when no input exists at all.
+    Paths are kept as the user wrote them (a symlink stays the link: summaries show what was passed); files
+    reached twice are taken once."""
     found: dict[Path, tuple[Path, Path]] = {}  # resolved path → (the path as given, relative output path)
+    skip = None if exclude is None else Path(exclude).expanduser().resolve()
+
+    def wanted(f: Path, root: Path) -> bool:
+        """An image file of a folder or glob below ``root``, not in the excluded folder where that lies strictly
+        inside ``root`` (an output folder that is the input folder itself is left to _check_outputs)."""
+        if not (f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS):
+            return False
+        root = root.resolve()
+        return not (skip and skip != root and skip.is_relative_to(root) and f.resolve().is_relative_to(skip))
+
     for item in inputs:
         text = os.fspath(item)
         path = Path(text).expanduser()
         if path.is_dir():
             pattern = "**/*" if recursive else "*"
             for f in sorted(path.glob(pattern)):
-                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith("."):
+                if wanted(f, path) and not f.name.startswith("."):
                     found.setdefault(f.resolve(), (f, f.relative_to(path)))
         elif not path.exists() and _has_magic(text):
             parts = Path(text).parts
             base = Path(*[p for p in parts[: next(i for i, p in enumerate(parts) if _has_magic(p))]] or ["."])
-            for m in sorted(glob.glob(text, recursive=True)):
-                f = Path(m)
-                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
-                    rel = f.relative_to(base) if f.is_relative_to(base) else Path(f.name)
-                    found.setdefault(f.resolve(), (f, rel))
+            matches = [Path(m) for m in sorted(glob.glob(text, recursive=True))]
+            for f in (f for f in matches if wanted(f, base)):
+                rel = f.relative_to(base) if f.is_relative_to(base) else Path(f.name)
+                found.setdefault(f.resolve(), (f, rel))
+            if not matches:  # reported as missing, as a missing file is (not dropped)
+                found.setdefault(path, (path, Path(path.name)))
         else:
             found.setdefault(path.resolve() if path.exists() else path, (path, Path(path.name)))
-    if not found:
+    if not any(given.exists() for given, _ in found.values()):
         raise ValueError(f"no images found in {', '.join(os.fspath(i) for i in inputs) or 'the inputs'}")
     return sorted(found.values(), key=lambda pair: str(pair[0]))
 
@@ -113,11 +129,8 @@ def _output_stems(items: list[tuple[Path, Path]]) -> list[Path]:
         s if counts[s] == 1 else rel.with_name(rel.name.replace(".", "_"))
         for s, (_, rel) in zip(plain, items, strict=True)
     ]
-    seen: dict[Path, Path] = {}
-    reserved = {Path("summary"), Path("legend")}
+    seen: dict[Path, Path] = {}  # (a clash with the run's own files, legend.png: _check_outputs)
     for stem, (src, _) in zip(stems, items, strict=True):
-        if stem in reserved:
-            raise ValueError(f"{src}: its output name would clash with the run's {stem}.* files; rename it")
         if stem in seen:
             raise ValueError(f"{seen[stem]} and {src} would both be written as {stem}.png; pass them separately")
         seen[stem] = src
@@ -159,12 +172,28 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     atomic_write(path, write)
 
 
-def _read_labels(path: Path) -> np.ndarray | None:
-    """A label PNG written earlier, or None if it is missing or unreadable (then it is predicted again)."""
+_SOURCE_KEY = "segformer:source"  # the label PNG's text chunk naming the image it was made from (--skip-existing)
+
+
+def _source_stamp(src: Path) -> str:
+    """Which image, as it is now: its resolved path, size and modification time (an edited or another image with
+    the same output name gets another stamp)."""
+    st = src.stat()
+    return json.dumps({"path": str(src.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
+
+
+def _read_labels(path: Path, src: Path, num_classes: int) -> np.ndarray | None:
+    """The label map an earlier run wrote at ``path`` for ``src`` as it is now, or None (then it is predicted
+    again): missing, unreadable, made from another image or an earlier version of this one (its
+    :data:`_SOURCE_KEY` stamp), or holding class ids of another model (>= ``num_classes``)."""
     try:
         with Image.open(path) as img:
             img.load()
-            return np.asarray(img)
+            stamp = img.info.get(_SOURCE_KEY)
+            labels = np.asarray(img)
+        if stamp != _source_stamp(src) or (labels.size and int(labels.max()) >= num_classes):
+            return None
+        return labels
     except Exception:
         return None
 
@@ -232,7 +261,7 @@ def predict_to_folder(
     if overlay_format not in ("jpg", "png"):
         raise ValueError(f"overlay_format must be 'jpg' or 'png', got {overlay_format!r}")
     out = Path(output)
-    items = collect_images(inputs, recursive=recursive)
+    items = collect_images(inputs, recursive=recursive, exclude=output)
     stems = _output_stems(items)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: the output must be a folder, and this is a file; choose another --output")
@@ -254,13 +283,14 @@ def predict_to_folder(
 def _find_existing(
     items: list[tuple[int, Path, Path]], outputs: _Outputs, num_classes: int, rank: int
 ) -> tuple[list[tuple[int, ImageRecord]], list[tuple[int, Path, Path]]]:
-    """Split (index, source, stem) items into records of those whose outputs all exist and hold a readable label
-    map ("skipped", with the class areas read back from it) and the items still to segment."""
+    """Split (index, source, stem) items into records of those whose outputs all exist and hold a label map made
+    from that very image (:func:`_read_labels`; "skipped", with the class areas read back from it) and the items
+    still to segment."""
     records: list[tuple[int, ImageRecord]] = []
     todo: list[tuple[int, Path, Path]] = []
     for i, src, stem in items:
         p = outputs.paths(stem)
-        existing = _read_labels(p["label"]) if all(q.exists() for q in p.values()) else None
+        existing = _read_labels(p["label"], src, num_classes) if all(q.exists() for q in p.values()) else None
         if existing is None:
             todo.append((i, src, stem))
             continue
@@ -322,7 +352,9 @@ def _write_outputs(
     overlay_format: str,
 ) -> ImageRecord:
     labels = result.labels
-    _save(p["label"], label_image(labels, palette), "PNG")
+    stamp = PngImagePlugin.PngInfo()
+    stamp.add_text(_SOURCE_KEY, _source_stamp(src))
+    _save(p["label"], label_image(labels, palette), "PNG", pnginfo=stamp)
     blend = overlay(image, labels, palette, alpha)
     if overlay_format == "jpg":
         _save(p["overlay"], blend, "JPEG", quality=92)

@@ -468,3 +468,51 @@ def test_collected_paths_are_the_ones_the_user_passed(tmp_path):
     assert collect_images([tmp_path / "linked"]) == [(tmp_path / "linked" / "a.png", Path("a.png"))]
     # the same file reached twice is segmented once
     assert len(collect_images([tmp_path / "linked", real / "a.png"])) == 1
+
+
+def test_folder_runs_resume_only_what_they_made(checkpoint, tmp_path):
+    """--skip-existing takes an earlier label map only when it was made from that very image as it is now (its
+    PNG names the image's path, size and time): not another input that maps to the same name, not an edited
+    image. An output folder inside the input tree is left out of the walk, so the run can be resumed; an image
+    named summary.* is an image like any other; a pattern that matches nothing is reported, not dropped."""
+    src = tmp_path / "photos"
+    src.mkdir()
+    Image.fromarray(_noise(40, 56, seed=1)).save(src / "x.jpg")
+    Image.fromarray(_noise(36, 48, seed=2)).save(src / "summary.jpg")
+    predictor = SegformerPredictor(checkpoint, device="cpu", mode="whole")
+    out = src / "masks"
+    first = predict_to_folder(predictor, [src], out, recursive=True, progress=False)
+    assert [r.status for r in first.records] == ["ok", "ok"] and (out / "summary.png").is_file()
+    again = predict_to_folder(predictor, [src], out, recursive=True, skip_existing=True, progress=False)
+    assert [r.status for r in again.records] == ["skipped", "skipped"]  # the outputs were not taken as inputs
+    # another image with x's output name, then x edited: both segmented, not the stale map's areas
+    other = tmp_path / "other"
+    other.mkdir()
+    Image.fromarray(_noise(30, 44, seed=3)).save(other / "x.png")
+    report = predict_to_folder(predictor, [other / "x.png"], out, skip_existing=True, progress=False)
+    assert report.records[0].status == "ok" and (report.records[0].width, report.records[0].height) == (44, 30)
+    assert Image.open(out / "x.png").size == (44, 30)
+    Image.fromarray(_noise(40, 56, seed=4)).save(src / "summary.jpg")  # edited since the map was made
+    report = predict_to_folder(predictor, [src / "summary.jpg"], out, skip_existing=True, progress=False)
+    assert report.records[0].status == "ok"
+    # a pattern that matches nothing, beside a real image: reported as missing (the run fails, exit 1)
+    report = predict_to_folder(predictor, [src / "x.jpg", str(tmp_path / "none" / "*.png")], tmp_path / "o",
+                               progress=False)  # fmt: skip
+    assert sorted(r.status for r in report.records) == ["failed", "ok"]
+
+
+def test_segment_refuses_options_beside_a_ready_predictor_and_int8_copies(checkpoint):
+    """segment(img, predictor, mode=...) would ignore the options (the predictor keeps its own): a TypeError. An
+    int8 predictor quantises a copy: the caller's model computes what it did."""
+    image = _noise(40, 48)
+    predictor = SegformerPredictor(checkpoint, device="cpu", mode="whole")
+    with pytest.raises(TypeError, match="mode with a ready SegformerPredictor"):
+        segment(image, predictor, mode="slide")
+    model = SegformerForSemanticSegmentation.from_pretrained(checkpoint).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x).logits
+    SegformerPredictor(model, device="cpu", dtype="int8")
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, before)
+    assert not any("quantized" in type(m).__module__ for m in model.modules())
