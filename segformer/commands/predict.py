@@ -96,7 +96,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overlay-format", choices=("jpg", "png"), default="jpg", help="overlay file type (jpg)")
     p.add_argument("--side-by-side", action="store_true", help="also write NAME_side.jpg: image | colour map")
     p.add_argument("--save-probs", action="store_true", help="also write NAME_probs.npy: float16 (K, H, W)")
-    p.add_argument("--skip-existing", action="store_true", help="skip images whose outputs all exist and were made from that image as it is now (resume)")
+    p.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="skip images whose outputs all exist and were made from that image as it is now (resume)",
+    )
     p.add_argument(
         "--max-pixels",
         type=non_negative_int,
