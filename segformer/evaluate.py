@@ -42,7 +42,8 @@ DEFAULT_EVAL = {
 def eval_options(kind: str, **overrides: Any) -> InferenceOptions:
     """The evaluation protocol of a data-set kind ("folder", "ade20k", "cityscapes") as
     :class:`InferenceOptions`, with ``overrides`` (InferenceOptions fields; None values ignored) applied."""
-    return InferenceOptions(**DEFAULT_EVAL.get(kind, DEFAULT_EVAL["folder"])).changed(**overrides)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return InferenceOptions(**DEFAULT_EVAL.get(kind, DEFAULT_EVAL["folder"])).changed(**given)
 
 
 @torch.no_grad()

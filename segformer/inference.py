@@ -139,7 +139,7 @@ class InferenceOptions:
             if any(s > c for s, c in zip(self.stride, crop, strict=True)):
                 ratios = [s / c for s, c in zip(self.stride, self.crop_size, strict=True)]
                 changes["stride"] = tuple(max(1, min(c, round(c * r))) for c, r in zip(crop, ratios, strict=True))
-        return self.replace(**{k: v for k, v in changes.items() if v is not None})
+        return self.replace(**changes)
 
     def describe(self) -> str:
         """The protocol in a few words, e.g. "slide 1024x1024 stride 768x768, scales 0.5,1,1.5, flip"."""
@@ -171,12 +171,12 @@ class InferenceOptions:
 
 
 def resolve_options(options: InferenceOptions | None, keywords: dict[str, Any]) -> InferenceOptions:
-    """``options`` (default: InferenceOptions()) with the keyword arguments of the older API applied."""
+    """``options`` (default: InferenceOptions()) with the keyword arguments of the older API applied, as
+    :meth:`InferenceOptions.changed` applies them (a crop given alone takes a stride that fits it)."""
     if options is not None and not isinstance(options, InferenceOptions):
         raise TypeError(f"options must be an InferenceOptions, got {type(options).__name__}")
-    if options is None:
-        return InferenceOptions(**keywords)
-    return options.replace(**keywords) if keywords else options
+    options = InferenceOptions() if options is None else options
+    return options.changed(**keywords) if keywords else options
 
 
 # ----------------------------------------------------------------------------------------------- precision

@@ -46,14 +46,14 @@ def collect_images(
     """Files, folders and glob patterns → sorted, de-duplicated ``(path, relative output path)`` pairs.
 
     A file is taken whatever its name (and reported later if it is not an image). Folders give the files with
-    an image extension (:data:`IMAGE_EXTENSIONS`) directly inside them, or below them with ``recursive``; the
-    relative path keeps the sub-folders. Globs (``**`` allowed) are expanded here when the shell did not,
-    relative to the folder before the first wildcard. A path or pattern that matches nothing is kept, so that
-    it is reported as missing. Folders and globs skip what lies in ``exclude`` where it is a sub-folder of theirs
-    (the run's output folder, whose label maps and overlays are no photographs to segment). Raises ValueError
-    when no input exists at all.
-    Paths are kept as the user wrote them (a symlink stays the link: summaries show what was passed); files
-    reached twice are taken once."""
+    an image extension (:data:`IMAGE_EXTENSIONS`) directly inside them, or below them with ``recursive``, but
+    hidden ones (a name, or a folder below, starting with "."); the relative path keeps the sub-folders. Globs
+    (``**`` allowed) are expanded here when the shell did not, relative to the folder before the first wildcard.
+    A path or pattern that matches nothing is kept, so that it is reported as missing. Folders and globs skip
+    what lies in ``exclude`` where it is a sub-folder of theirs (the run's output folder, whose label maps and
+    overlays are no photographs to segment). Raises ValueError when no input exists at all. Paths are kept as
+    the user wrote them (a symlink stays the link: summaries show what was passed); files reached twice are
+    taken once."""
     found: dict[Path, tuple[Path, Path]] = {}  # resolved path → (the path as given, relative output path)
     skip = None if exclude is None else Path(exclude).expanduser().resolve()
 
@@ -71,7 +71,8 @@ def collect_images(
         if path.is_dir():
             pattern = "**/*" if recursive else "*"
             for f in sorted(path.glob(pattern)):
-                if wanted(f, path) and not f.name.startswith("."):
+                hidden = any(part.startswith(".") for part in f.relative_to(path).parts)  # (.ipynb_checkpoints/)
+                if wanted(f, path) and not hidden:
                     found.setdefault(f.resolve(), (f, f.relative_to(path)))
         elif not path.exists() and _has_magic(text):
             parts = Path(text).parts

@@ -1349,6 +1349,8 @@ def test_every_command_declares_the_same_inference_options():
         "slide 64x64 stride 48x48, scales 0.5,1, flip"
     )
     assert InferenceOptions().describe() == "whole"
+    # the Python API applies the same rule to its keywords (SegformerPredictor, infer, evaluate)
+    assert inference.resolve_options(None, {"mode": "slide", "crop_size": 32}).stride == (21, 21)
 
 
 def test_multi_scale_flip_maps_are_made_once_per_image_size(seg):

@@ -143,6 +143,9 @@ def test_collect_images_folders_globs_and_name_clashes(images, tmp_path):
     assert "sub/nested.png" not in flat and "readme.txt" not in flat and "photo.jpg" in flat
     deep = [rel.as_posix() for _, rel in collect_images([d], recursive=True)]
     assert sorted(deep) == sorted([*good, *bad])
+    (d / ".ipynb_checkpoints").mkdir(exist_ok=True)  # a hidden folder's copies are not walked into
+    Image.fromarray(_noise(32, 32)).save(d / ".ipynb_checkpoints" / "photo-checkpoint.png")
+    assert sorted(rel.as_posix() for _, rel in collect_images([d], recursive=True)) == sorted(deep)
     globbed = [rel.as_posix() for _, rel in collect_images([str(d / "**" / "*.png")])]
     assert "sub/nested.png" in globbed and "photo.jpg" not in globbed
     named = [rel.as_posix() for _, rel in collect_images([d / "notes.jpg", d / "nope.png"])]
