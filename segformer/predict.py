@@ -124,7 +124,8 @@ class Segmentation:
     """The prediction for one image.
 
     labels: (H, W) class ids at the image's size (after EXIF orientation); uint8 for up to 256 classes,
-    uint16 up to 65536, else int32. probs: (K, H, W) float32 class probabilities, or None unless asked for.
+    uint16 up to 65536, else int32. probs: (K, H, W) float32 class probabilities (K = num_labels; a one-label
+    sigmoid model gives (1, H, W), the probability of class 1), or None unless asked for.
     """
 
     labels: np.ndarray
