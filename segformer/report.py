@@ -44,7 +44,7 @@ from .fileio import atomic_write, atomic_write_text
 from .inference import InferenceOptions, resolve_options
 from .metrics import confusion_matrix, metrics_to_json
 from .robustness import RobustnessResult, plot_heatmap
-from .visualize import class_names, colorize, legend, palette_for, side_by_side
+from .visualize import class_names, colorize, legend, palette_for, plot_text, side_by_side
 
 REPORT_FILE = "report.html"
 MAX_TRIPLET_WIDTH = 1500  # pixels; wider triplets are scaled down for the page
@@ -165,8 +165,8 @@ def plot_confusion(confusion: np.ndarray, names: Sequence[str], path: str | os.P
     figure, axis = plt.subplots(figsize=(side + 1.0, side))
     cmap = plt.get_cmap("Blues").with_extremes(bad="#cccccc")
     image = axis.imshow(np.ma.masked_invalid(norm), cmap=cmap, vmin=0.0, vmax=1.0)
-    axis.set_xticks(range(k), names, rotation=90, fontsize=font)
-    axis.set_yticks(range(k), names, fontsize=font)
+    axis.set_xticks(range(k), [plot_text(n) for n in names], rotation=90, fontsize=font)
+    axis.set_yticks(range(k), [plot_text(n) for n in names], fontsize=font)
     axis.set_xlabel("predicted class")
     axis.set_ylabel("true class")
     axis.set_title("confusion matrix (each true class's pixels, as fractions)", fontsize=10)
@@ -203,7 +203,7 @@ def plot_class_iou(metrics: Mapping[str, Any], palette: np.ndarray, path: str | 
     if miou is not None and not (isinstance(miou, float) and math.isnan(miou)):
         axis.axvline(100 * miou, color="black", linestyle="--", linewidth=1, label=f"mIoU {100 * miou:.1f}")
         axis.legend(loc="lower right", fontsize=8)
-    axis.set_yticks(positions, names, fontsize=8 if k <= 40 else 6)
+    axis.set_yticks(positions, [plot_text(n) for n in names], fontsize=8 if k <= 40 else 6)
     axis.invert_yaxis()
     axis.set_xlim(0, 108)
     axis.set_xlabel("IoU (%)")

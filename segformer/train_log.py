@@ -25,6 +25,7 @@ import torch
 
 from .fileio import atomic_write, atomic_write_text
 from .metrics import format_table, metrics_to_json
+from .visualize import plot_text
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -204,7 +205,9 @@ class RunLog:
             steps, values = zip(*self.evals, strict=True)
             miou_axis.plot(steps, [100 * v for v in values], "o-", color="tab:orange", label="validation mIoU")
             miou_axis.set_ylabel("validation mIoU (%)", color="tab:orange")
-        loss_axis.set_title(f"{self.output.name}: step {self.losses[-1][0] if self.losses else 0}/{self.steps}")
+        loss_axis.set_title(
+            f"{plot_text(self.output.name)}: step {self.losses[-1][0] if self.losses else 0}/{self.steps}"
+        )
         figure.tight_layout()
         return figure
 

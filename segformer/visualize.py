@@ -178,6 +178,12 @@ def label_image(mask: np.ndarray, palette: np.ndarray | None = None) -> Image.Im
     return Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint16))  # uint16 → mode "I;16"
 
 
+def plot_text(text: str) -> str:
+    """``text`` as matplotlib shows it literally: a ``$`` pair would be read as mathtext (a class named "price $5
+    and $10" lost its dollars, "a $x^$ b" stopped the report with a parse error)."""
+    return str(text).replace("$", r"\$")
+
+
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size)  # Pillow ≥ 10.1: a scalable font bundled with Pillow
@@ -229,5 +235,6 @@ __all__ = [
     "make_palette",
     "overlay",
     "palette_for",
+    "plot_text",
     "side_by_side",
 ]

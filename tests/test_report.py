@@ -164,3 +164,17 @@ def test_report_opens_in_headless_chromium_without_errors(report):
                     assert failed and failed[0].endswith("confusion_matrix.png")
         finally:
             browser.close()
+
+
+def test_class_names_with_dollar_signs_are_drawn_as_written(tmp_path):
+    """matplotlib reads text between two $ as math: "a $x^$ b" stopped the report after the whole evaluation
+    (a parse error) and "price $5 and $10" lost its dollars. The names go in escaped, and both pictures are made."""
+    from segformer.report import plot_class_iou, plot_confusion
+    from segformer.visualize import make_palette, plot_text
+
+    names = ["background", "a $x^$ b", "price $5 and $10"]
+    assert plot_text("price $5 and $10") == r"price \$5 and \$10" and plot_text("plain") == "plain"
+    confusion = np.array([[5, 1, 0], [0, 3, 1], [1, 0, 4]])
+    assert plot_confusion(confusion, names, tmp_path / "c.png").stat().st_size > 0
+    metrics = {"IoU": dict(zip(names, [0.5, 0.25, None], strict=True)), "mIoU": 0.375}
+    assert plot_class_iou(metrics, make_palette(3), tmp_path / "i.png").stat().st_size > 0

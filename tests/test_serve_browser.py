@@ -71,6 +71,8 @@ def test_page_segments_an_upload_in_headless_chromium(tmp_path):
                 page.on("request", lambda r: requests.append(r.url))
                 page.goto(server.url + "/")
                 page.wait_for_selector("body[data-state=idle]", state="attached", timeout=30_000)  # model info read
+                page.keyboard.press("Tab")  # the file chooser is reachable from the keyboard (Enter opens it)
+                assert page.evaluate("document.activeElement.id") == "file"
                 page.set_input_files("#file", str(photo))
                 page.wait_for_selector("body[data-state=done]", state="attached", timeout=60_000)
 
@@ -139,11 +141,14 @@ def test_page_segments_an_upload_in_headless_chromium(tmp_path):
 
                 assert errors == []
 
-                # A bad upload: the page shows the server's one-line reason.
+                # A bad upload: the page shows the server's one-line reason, naming the file, and no longer the
+                # previous image's result (which would read as this one's).
                 (tmp_path / "notes.jpg").write_text("this is not an image")
                 page.set_input_files("#file", str(tmp_path / "notes.jpg"))
                 page.wait_for_selector("body[data-state=error]", state="attached", timeout=30_000)
-                assert page.locator("#status").inner_text() == "not an image (Pillow cannot identify the format)"
+                status = page.locator("#status").inner_text()
+                assert status == "notes.jpg: not an image (Pillow cannot identify the format)"
+                assert page.locator("#result").is_hidden()
                 assert errors == ["Failed to load resource: the server responded with a status of 400 (Bad Request)"]
                 assert all(r.startswith(server.url + "/") or r.startswith(("blob:", "data:")) for r in requests), (
                     requests
