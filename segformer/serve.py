@@ -819,7 +819,7 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
             "The image as a multipart upload (field `file`) or as the raw body (Content-Type image/* or "
             "application/octet-stream). JSON: size, the classes present (pixels, percent, colour; with "
             "probs=true their confidence, the mean top-class probability over their pixels) and `label_png`, "
-            "the base64 palette PNG whose pixel values are class ids (what `segformer predict` writes). "
+            "the base64 palette PNG whose pixel values are class ids (the palette of the label maps `segformer predict` writes). "
             "format=png returns that PNG, format=overlay a JPEG of the colours over the image. 400: not an "
             "image, truncated, empty, wrong content type, too small; 401: API key; 413: upload or pixel count "
             "over the limit; 503 (Retry-After): queue full; 504: no answer within the timeout."

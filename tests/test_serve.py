@@ -118,7 +118,8 @@ def wait_for(condition, timeout: float = 30.0, what: str = "condition") -> None:
 # ---------------------------------------------------------------------------------------------- segment
 def test_segment_answers_the_predictors_labels_and_files(predictor, tmp_path):
     """Multipart and raw bodies; JSON with size, classes and the label PNG; ?format=png and ?format=overlay are
-    byte for byte the NAME.png and NAME_overlay.jpg that segformer predict writes."""
+    the NAME.png (the same pixels and palette; predict's file also names its source image) and, byte for byte, the
+    NAME_overlay.jpg that segformer predict writes."""
     data = png_of(48, 64, 1)
     (tmp_path / "photo.png").write_bytes(data)
     predict_to_folder(predictor, [tmp_path / "photo.png"], tmp_path / "out", progress=False)
@@ -145,7 +146,10 @@ def test_segment_answers_the_predictors_labels_and_files(predictor, tmp_path):
             assert c["color"] == predictor.palette[c["id"]].tolist() and "confidence" not in c
         assert sum(c["pixels"] for c in body["classes"]) == 64 * 48
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
-    assert png.content == (tmp_path / "out" / "photo.png").read_bytes()
+    with Image.open(io.BytesIO(png.content)) as served, Image.open(tmp_path / "out" / "photo.png") as written:
+        assert served.mode == written.mode == "P" and served.getpalette() == written.getpalette()
+        assert np.array_equal(np.asarray(served), np.asarray(written))
+        assert "segformer:source" in written.info and "segformer:source" not in served.info
     assert jpeg.status_code == 200 and jpeg.headers["content-type"] == "image/jpeg"
     assert jpeg.content == (tmp_path / "out" / "photo_overlay.jpg").read_bytes()  # alpha 0.5, quality 92
     colours_only = overlay(predictor.load(data), expected, predictor.palette, alpha=1.0)
