@@ -88,6 +88,17 @@ class ModelOutput(OrderedDict):
             return self.get(name)
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """``out.loss = custom`` sets the field (``out["loss"]``, ``to_tuple()`` and ``in`` see it), in the fields'
+        order, as in Transformers; None removes it."""
+        if name not in type(self).fields:
+            raise AttributeError(f"{type(self).__name__} has no field {name!r} (fields: {', '.join(self.fields)})")
+        present = {k: v for k, v in self.items() if k != name}
+        if value is not None:
+            present[name] = value
+        self.clear()
+        self.update((k, present[k]) for k in self.fields if k in present)
+
     def __getitem__(self, key: str | int | slice) -> Any:
         if isinstance(key, str):
             return super().__getitem__(key)
@@ -1525,28 +1536,32 @@ def semantic_loss(
     sum of w[y], as PyTorch's ``weight=``). K == 1: binary cross-entropy with logits, zeroed on invalid pixels
     (label < 0 or the ignore index) and averaged over all pixels."""
     ignore = config.semantic_loss_ignore_index
-    if config.num_labels < 1:
-        raise ValueError(f"a loss needs num_labels >= 1, the config has {config.num_labels}")
+    k = logits.shape[1]  # the classifier's own count (a classifier swapped for another label count: its count)
+    if k < 1:
+        raise ValueError(f"a loss needs logits of at least one class, got shape {tuple(logits.shape)}")
     if labels.ndim == 4 and labels.shape[1] == 1:
         labels = labels[:, 0]
     if labels.ndim != 3 or labels.shape[0] != logits.shape[0]:
         raise ValueError(f"labels must have shape (batch={logits.shape[0]}, height, width), got {tuple(labels.shape)}")
-    if labels.is_floating_point() and config.num_labels > 1:
+    if labels.is_floating_point() and k > 1:
         raise ValueError(f"labels must hold integer class ids, got {labels.dtype}")
     labels = labels.to(logits.device)
     logits = logits.contiguous(memory_format=torch.channels_last)  # upsampled channels-last too
-    if config.num_labels == 1:
+    if k == 1:  # (in float32 at least, as Transformers' float labels make it; float64 stays float64)
         upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        upsampled = upsampled.to(torch.promote_types(upsampled.dtype, torch.float32))
         valid = ((labels >= 0) & (labels != ignore)).to(upsampled.dtype)
         loss = F.binary_cross_entropy_with_logits(upsampled[:, 0], labels.to(upsampled.dtype), reduction="none")
         return (loss * valid).mean()
     labels = labels.long()
-    if torch.compiler.is_compiling():  # the textbook composition, which the compiler fuses by itself
+    if torch.compiler.is_compiling() or logits.dtype == torch.float64:
+        # the textbook composition, which the compiler fuses by itself; and float64's own precision (the
+        # fused function below computes in float32, as autocast runs cross-entropy)
         return _composed_cross_entropy(logits, labels, class_weights, ignore)
-    bad = (labels != ignore) & ((labels < 0) | (labels >= config.num_labels))
+    bad = (labels != ignore) & ((labels < 0) | (labels >= k))
     if bad.any():  # a data-dependent check; compiled graphs skip it
         value = labels[bad][0].item()
-        raise ValueError(f"labels hold {value}, outside 0..{config.num_labels - 1} and not the ignore index {ignore}")
+        raise ValueError(f"labels hold {value}, outside 0..{k - 1} and not the ignore index {ignore}")
     return _UpsampledCrossEntropy.apply(logits, labels, class_weights, ignore)
 
 
@@ -1634,6 +1649,8 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: Segf
     labels, multi-label otherwise."""
     labels = labels.to(logits.device)
     problem = config.problem_type or infer_problem_type(config.num_labels, labels)
+    if problem != "single_label_classification":  # float labels: in float32 at least, as Transformers computes
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if problem == "regression":
         if config.num_labels == 1:
             return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))

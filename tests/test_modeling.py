@@ -22,7 +22,7 @@ from segformer import (
     SegformerModel,
     modeling,
 )
-from segformer.modeling import min_input_size
+from segformer.modeling import classification_loss, min_input_size, semantic_loss
 
 
 def fixture_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -1196,3 +1196,45 @@ def test_gradients_reach_every_hidden_state(cls, fast_path):
         again = model(x)
     key = "last_hidden_state" if cls is SegformerModel else "logits"
     assert rel_err(out[key], again[key]) <= 2 * fp32_tol(series_depth(model, x))
+
+
+def test_output_fields_set_by_attribute_are_the_outputs():
+    """``out.loss = custom`` (a Trainer's compute_loss override) sets the field: ``out["loss"]``, ``in`` and
+    ``to_tuple()`` see it, in the fields' order; None removes a field; a name that is no field is an error."""
+    model = SegformerForSemanticSegmentation(tiny_config(num_labels=3)).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 32, 32))
+    custom, logits = torch.tensor(1.5), torch.zeros_like(out.logits)
+    out.logits = logits
+    out.loss = custom
+    assert "loss" in out and out["loss"] is custom and out["logits"] is logits
+    assert list(out) == ["loss", "logits"] and out.to_tuple() == (custom, logits)
+    out.loss = None
+    assert "loss" not in out and out.loss is None
+    with pytest.raises(AttributeError, match="no field 'lss'"):
+        out.lss = custom
+
+
+def test_losses_keep_float64_and_follow_a_swapped_classifier():
+    """A float64 model's segmentation loss and gradient are float64 (they were computed in float32: 1e-8 off a
+    float64 reference); half-precision logits give float32 losses for float labels (BCE, multi-label), as
+    Transformers' float labels make them; a classifier swapped for another class count (the tutorial's way to a
+    new label set) sets the classes the loss checks labels against."""
+    torch.manual_seed(0)
+    model = SegformerForSemanticSegmentation(tiny_config(num_labels=3)).double().eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    labels = torch.randint(0, 3, (2, 32, 32))
+    out = model(x, labels=labels)
+    up = F.interpolate(out.logits, size=(32, 32), mode="bilinear", align_corners=False)
+    reference = F.cross_entropy(up, labels)
+    assert out.loss.dtype == torch.float64 and rel_err(out.loss, reference) < 1e-13  # (float64 rounding only)
+    half = torch.randn(2, 1, 8, 8, dtype=torch.bfloat16)
+    one = SegformerForSemanticSegmentation(tiny_config(num_labels=1))
+    assert semantic_loss(half, torch.randint(0, 2, (2, 32, 32)), one.config).dtype == torch.float32
+    classifier = SegformerForImageClassification(tiny_config(num_labels=4, problem_type="multi_label_classification"))
+    loss = classification_loss(torch.randn(2, 4, dtype=torch.bfloat16), torch.rand(2, 4), classifier.config)
+    assert loss.dtype == torch.float32
+    swapped = SegformerForSemanticSegmentation(tiny_config(num_labels=3))
+    swapped.decode_head.classifier = nn.Conv2d(swapped.config.decoder_hidden_size, 10, 1)
+    loss = swapped(torch.randn(1, 3, 32, 32), labels=torch.full((1, 32, 32), 8)).loss
+    assert torch.isfinite(loss)
