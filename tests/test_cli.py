@@ -186,6 +186,9 @@ def test_synth_device_and_report_mistakes_are_one_line(capsys, tmp_path):
     (tmp_path / "full" / "old.png").write_bytes(b"x")
     code, _, err = run_cli(capsys, "synth", tmp_path / "full", "--train", "1", "--val", "1", "--size", "32")
     assert code == 2 and "is not empty" in err and sorted(p.name for p in (tmp_path / "full").iterdir()) == ["old.png"]
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "x.png")  # (an input that exists: a run with none stops before)
     code, _, err = run_cli(
         capsys, "predict", tmp_path / "x.png", "--model", "m", "-o", tmp_path / "o", "--device", "foo"
     )
