@@ -57,30 +57,31 @@ def collect_images(
     found: dict[Path, tuple[Path, Path]] = {}  # resolved path → (the path as given, relative output path)
     skip = None if exclude is None else Path(exclude).expanduser().resolve()
 
-    def wanted(f: Path, root: Path) -> bool:
-        """An image file of a folder or glob below ``root``, not in the excluded folder where that lies strictly
-        inside ``root`` (an output folder that is the input folder itself is left to _check_outputs)."""
+    def take(f: Path, root: Path, rel: Path) -> None:
+        """Keep image file ``f`` of a folder or glob below ``root`` unless it lies in the excluded folder, where
+        that is strictly inside ``root`` (an output folder that is the input folder itself: _check_outputs)."""
         if not (f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS):
-            return False
-        root = root.resolve()
-        return not (skip and skip != root and skip.is_relative_to(root) and f.resolve().is_relative_to(skip))
+            return
+        resolved = f.resolve()
+        if skip is None or skip == root or not skip.is_relative_to(root) or not resolved.is_relative_to(skip):
+            found.setdefault(resolved, (f, rel))
 
     for item in inputs:
         text = os.fspath(item)
         path = Path(text).expanduser()
         if path.is_dir():
-            pattern = "**/*" if recursive else "*"
+            pattern, root = ("**/*" if recursive else "*"), path.resolve()
             for f in sorted(path.glob(pattern)):
-                hidden = any(part.startswith(".") for part in f.relative_to(path).parts)  # (.ipynb_checkpoints/)
-                if wanted(f, path) and not hidden:
-                    found.setdefault(f.resolve(), (f, f.relative_to(path)))
+                rel = f.relative_to(path)
+                if not any(part.startswith(".") for part in rel.parts):  # (hidden: .ipynb_checkpoints/)
+                    take(f, root, rel)
         elif not path.exists() and _has_magic(text):
             parts = Path(text).parts
             base = Path(*[p for p in parts[: next(i for i, p in enumerate(parts) if _has_magic(p))]] or ["."])
             matches = [Path(m) for m in sorted(glob.glob(text, recursive=True))]
-            for f in (f for f in matches if wanted(f, base)):
-                rel = f.relative_to(base) if f.is_relative_to(base) else Path(f.name)
-                found.setdefault(f.resolve(), (f, rel))
+            root = base.resolve()
+            for f in matches:
+                take(f, root, f.relative_to(base) if f.is_relative_to(base) else Path(f.name))
             if not matches:  # reported as missing, as a missing file is (not dropped)
                 found.setdefault(path, (path, Path(path.name)))
         else:

@@ -102,10 +102,14 @@ def list_folder(root: str | os.PathLike, split: str) -> Listing:
         if key in images:
             raise ValueError(f"{p}: two images share the stem {p.stem!r} ({images[key].name})")
         images[key] = p
-    masks = {p.relative_to(mask_dir).with_suffix("").as_posix(): p for p in _files(mask_dir, (".png",), recursive=True)}
+    masks, not_png = {}, []
+    for p in _files(mask_dir, IMAGE_EXTENSIONS, recursive=True):  # (one walk: PNG masks pair, others are named)
+        if p.suffix.lower() == ".png":
+            masks[p.relative_to(mask_dir).with_suffix("").as_posix()] = p
+        else:
+            not_png.append(p)
     listing = _pair_by_key(images, masks)
-    other = tuple(e for e in IMAGE_EXTENSIONS if e != ".png")
-    listing.not_png_masks = _files(mask_dir, other, recursive=True)
+    listing.not_png_masks = not_png
     return listing
 
 
