@@ -1554,14 +1554,14 @@ def semantic_loss(
         loss = F.binary_cross_entropy_with_logits(upsampled[:, 0], labels.to(upsampled.dtype), reduction="none")
         return (loss * valid).mean()
     labels = labels.long()
-    if torch.compiler.is_compiling() or logits.dtype == torch.float64:
-        # the textbook composition, which the compiler fuses by itself; and float64's own precision (the
-        # fused function below computes in float32, as autocast runs cross-entropy)
+    if torch.compiler.is_compiling():  # the textbook composition, which the compiler fuses by itself
         return _composed_cross_entropy(logits, labels, class_weights, ignore)
     bad = (labels != ignore) & ((labels < 0) | (labels >= k))
     if bad.any():  # a data-dependent check; compiled graphs skip it
         value = labels[bad][0].item()
         raise ValueError(f"labels hold {value}, outside 0..{k - 1} and not the ignore index {ignore}")
+    if logits.dtype == torch.float64:  # its own precision: the fused function computes in float32, as autocast
+        return _composed_cross_entropy(logits, labels, class_weights, ignore)  # runs cross-entropy
     return _UpsampledCrossEntropy.apply(logits, labels, class_weights, ignore)
 
 

@@ -1228,6 +1228,8 @@ def test_losses_keep_float64_and_follow_a_swapped_classifier():
     up = F.interpolate(out.logits, size=(32, 32), mode="bilinear", align_corners=False)
     reference = F.cross_entropy(up, labels)
     assert out.loss.dtype == torch.float64 and rel_err(out.loss, reference) < 1e-13  # (float64 rounding only)
+    with pytest.raises(ValueError, match="labels hold 7, outside 0..2"):  # checked on this route too
+        model(x, labels=torch.full((2, 32, 32), 7))
     half = torch.randn(2, 1, 8, 8, dtype=torch.bfloat16)
     one = SegformerForSemanticSegmentation(tiny_config(num_labels=1))
     assert semantic_loss(half, torch.randint(0, 2, (2, 32, 32)), one.config).dtype == torch.float32
