@@ -457,15 +457,20 @@ def _rescale_normalize_float(hwc: np.ndarray, options: _Options) -> np.ndarray:
 
 
 # -------------------------------------------------------------------------------------- PIL backend
+_BAND_MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # the PIL mode an 8-bit (H, W, C) array is resized in
+
+
 def _pil_resize_pixels(rgb: Image.Image | np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
     """Resize an RGB image / (H, W, 3) uint8 array as one RGB image ((H, W, 4): as one RGBA image, as Transformers
-    does), float32 channel by channel in mode F."""
-    if not isinstance(rgb, Image.Image) and rgb.dtype == np.uint8 and rgb.shape[-1] == 1:  # one channel: as L
-        return np.asarray(Image.fromarray(rgb[..., 0], "L").resize((width, height), resample))[..., None]
+    does; (H, W, 1): as one L image), float32 channel by channel in mode F."""
     if isinstance(rgb, Image.Image) or rgb.dtype == np.uint8:
-        mode = "RGBA" if not isinstance(rgb, Image.Image) and rgb.shape[-1] == 4 else "RGB"
-        image = rgb if isinstance(rgb, Image.Image) else Image.fromarray(np.ascontiguousarray(rgb), mode)
-        return np.asarray(image.resize((width, height), resample))
+        if isinstance(rgb, Image.Image):
+            image = rgb
+        else:
+            bands = rgb.shape[-1]
+            image = Image.fromarray(np.ascontiguousarray(rgb[..., 0] if bands == 1 else rgb), _BAND_MODES[bands])
+        resized = np.asarray(image.resize((width, height), resample))
+        return resized[..., None] if resized.ndim == 2 else resized
     channels = [
         np.asarray(Image.fromarray(np.ascontiguousarray(rgb[..., c]), "F").resize((width, height), resample))
         for c in range(rgb.shape[-1])
