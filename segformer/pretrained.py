@@ -697,6 +697,14 @@ def _load_config(
     if isinstance(config, SegformerConfig):
         return config.copy(**overrides)
     if config is None:
+        folder = Path(name).expanduser() / subfolder if isinstance(name, (str, os.PathLike)) else None
+        if folder is not None and folder.is_dir() and not (folder / "config.json").exists():
+            # weights alone: e.g. a checkpoint of Transformers' Trainer, which saves only our models' state dict
+            if any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")):
+                raise CheckpointError(
+                    f"{folder}: weights without config.json; pass config= (a SegformerConfig or its folder), or train "
+                    "under Trainer with segformer.integrations.SaveConfigCallback"
+                )
         return SegformerConfig.from_pretrained(name, subfolder=subfolder, **hub, **overrides)
     if isinstance(config, (str, os.PathLike)):
         return SegformerConfig.from_pretrained(config, **hub, **overrides)
