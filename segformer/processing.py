@@ -297,10 +297,11 @@ def _open_image(path: str | os.PathLike, what: str) -> Image.Image:
 
 
 def _as_list(items: Any, batch_ndim: int, what: str) -> list[Any]:
-    """One item, a list/tuple of items, or an array/tensor batch (ndim == batch_ndim) → a list."""
+    """One item, a list/tuple (or another sequence: a ``datasets`` column) of items, or an array/tensor batch
+    (ndim == batch_ndim) → a list."""
     if items is None:
         raise ValueError(f"no {what} given")
-    if isinstance(items, (list, tuple)):
+    if isinstance(items, Sequence) and not isinstance(items, (str, bytes)):
         if not items:
             raise ValueError(f"no {what} given (empty list)")
         return list(items)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import run_cli, tiny_config
 from PIL import Image
 
@@ -120,3 +121,17 @@ def test_trains_and_evaluates_end_to_end(saved, tmp_path, capsys):
     code, stdout, err = run_cli(capsys, "eval", "--data", saved, "--model", out / "best", "--workers", "0")
     assert code == 0, err[-2000:]
     assert "bright" in stdout and "mIoU" in stdout
+
+
+def test_processor_takes_a_datasets_column_as_a_batch():
+    """``processor(ds["image"], ds["annotation"])``: a datasets 4.x column is a Sequence, not a list; it is a
+    batch like the list of its items (Transformers' processor refuses it)."""
+    from segformer import SegformerImageProcessor
+
+    ds = _split(np.random.default_rng(5), 3)
+    processor = SegformerImageProcessor(size={"height": 32, "width": 32})
+    by_column = processor(ds["image"], ds["annotation"], return_tensors="pt")
+    by_list = processor(list(ds["image"]), list(ds["annotation"]), return_tensors="pt")
+    assert by_column["pixel_values"].shape == (3, 3, 32, 32)
+    assert torch.equal(by_column["pixel_values"], by_list["pixel_values"])
+    assert torch.equal(by_column["labels"], by_list["labels"])
