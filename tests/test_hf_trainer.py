@@ -117,6 +117,7 @@ def test_evaluate_and_predict_match_the_model(tmp_path, processor):
         per_batch = [model(pixel_values=pixels[i : i + 2], labels=labels[i : i + 2]).loss for i in (0, 2)]
     logits = predictions.predictions[0] if isinstance(predictions.predictions, tuple) else predictions.predictions
     assert logits.shape == (3, 3, 16, 16)
+    # batches of 2 + 1 against one of 3: other GEMM blockings, fp32 rounding (2^-24) over <= 128-term sums: ~1e-6
     torch.testing.assert_close(torch.from_numpy(logits), out.logits, rtol=1e-5, atol=1e-5)
     # Trainer's eval loss: the mean of the batches' losses, weighted by their sizes (2 and 1)
     expected = (per_batch[0] * 2 + per_batch[1]) / 3
