@@ -1354,6 +1354,39 @@ class SegformerPreTrainedModel(PreTrainedMixin, nn.Module):
             if isinstance(module, _FAST_PATH_MODULES):
                 module.fast_path = bool(value)
 
+    # The PreTrainedModel helpers that training tools call (PEFT, Trainer). SegFormer has no token embeddings and
+    # no output embeddings: its "input embeddings" are the first overlapping patch embedding.
+    def get_input_embeddings(self) -> nn.Module:
+        """The module that embeds the pixels: stage 1's overlapping patch embedding."""
+        return self.base_model.encoder.patch_embeddings[0]
+
+    def get_output_embeddings(self) -> None:
+        """None: no output embeddings to tie (as for Transformers' vision models)."""
+        return None
+
+    def tie_weights(self) -> None:
+        """Nothing to tie."""
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        return False
+
+    def enable_input_require_grads(self) -> None:
+        """Make the patch embedding's output require gradients, so that with a frozen encoder (LoRA) and reentrant
+        gradient checkpointing (``use_reentrant=True``) the adapters inside the checkpointed blocks still get
+        gradients: the reentrant checkpoint passes gradients only to inputs that require them."""
+        self.disable_input_require_grads()
+
+        def require_grads(module: nn.Module, args: Any, output: tuple[torch.Tensor, int, int]) -> None:
+            output[0].requires_grad_(True)
+
+        self._require_grads_hook = self.get_input_embeddings().register_forward_hook(require_grads)
+
+    def disable_input_require_grads(self) -> None:
+        hook = self.__dict__.pop("_require_grads_hook", None)
+        if hook is not None:
+            hook.remove()
+
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
         """Recompute each block's activations in the backward pass (less memory for large crops).
         ``gradient_checkpointing_kwargs`` go to ``torch.utils.checkpoint.checkpoint`` (default use_reentrant=False)."""

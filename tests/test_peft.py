@@ -60,3 +60,59 @@ def test_lora_trains_the_adapters_and_the_head_and_merges_exactly(tmp_path):
     with torch.no_grad():
         # the same weights and kernels: equal up to the order of the batched GEMMs (same bound as above)
         torch.testing.assert_close(loaded(pixel_values=x).logits, adapted, rtol=1e-5, atol=1e-5)
+
+
+QUIET = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0, classifier_dropout_prob=0.0)
+
+
+def _lora_grads(state, checkpointing, keep_input_grads: bool = True) -> dict[str, torch.Tensor | None]:
+    base = SegformerForSemanticSegmentation(tiny_config(num_labels=3, **QUIET))
+    base.load_state_dict(state)
+    if checkpointing is not None:
+        base.gradient_checkpointing_enable(checkpointing)
+    torch.manual_seed(1)
+    model = _lora(base)  # (PEFT calls enable_input_require_grads on a model with gradient checkpointing)
+    if not keep_input_grads:
+        base.disable_input_require_grads()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # (zero at the start, which would leave the A matrices without gradient)
+            torch.nn.init.normal_(p)
+    x, y = (
+        torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2)),
+        torch.zeros(2, 64, 64, dtype=torch.long),
+    )
+    model(pixel_values=x, labels=y).loss.backward()
+    return {n: p.grad for n, p in model.named_parameters() if "lora_A" in n}
+
+
+def test_lora_adapters_get_gradients_under_reentrant_checkpointing():
+    """A frozen encoder under reentrant gradient checkpointing: the checkpoint passes gradients only to inputs
+    that require them, so the adapters inside the blocks need the patch embedding's output to require gradients.
+    PEFT asks for that through enable_input_require_grads (which we lacked: the adapters then got none)."""
+    state = SegformerForSemanticSegmentation(tiny_config(num_labels=3, **QUIET)).state_dict()
+    plain = _lora_grads(state, None)
+    assert all(g is not None and g.abs().sum() > 0 for g in plain.values())
+    reentrant = _lora_grads(state, {"use_reentrant": True})
+    for name, grad in plain.items():
+        # the same operations recomputed with the same kernels: equal up to fp32 rounding (2^-24) of a few ops
+        torch.testing.assert_close(reentrant[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    # the mechanism: without the hook the reentrant checkpoint leaves the adapters without gradients
+    with pytest.warns(UserWarning, match="None of the inputs have requires_grad=True"):
+        unhooked = _lora_grads(state, {"use_reentrant": True}, keep_input_grads=False)
+    assert all(g is None for g in unhooked.values())
+
+
+def test_pretrained_model_helpers():
+    model = SegformerForSemanticSegmentation(tiny_config())
+    assert model.get_input_embeddings() is model.segformer.encoder.patch_embeddings[0]
+    assert model.get_output_embeddings() is None and model.can_generate() is False
+    model.tie_weights()  # nothing to tie: no error
+    model.enable_input_require_grads()
+    x = torch.randn(1, 3, 64, 64)
+    assert model.get_input_embeddings()(x)[0].requires_grad
+    model.disable_input_require_grads()
+    assert not model.get_input_embeddings()(x)[0].requires_grad or any(
+        p.requires_grad for p in model.get_input_embeddings().parameters()
+    )
+    with torch.no_grad():
+        assert not model.get_input_embeddings()(x)[0].requires_grad
