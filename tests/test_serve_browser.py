@@ -1,8 +1,14 @@
 """The web page of `segformer serve` in a real headless Chromium (Debian's, driven by Playwright): upload an image,
-read the overlay, the legend, the class under the cursor, the toggles, the downloads and the phone layout."""
+read the overlay, the legend, the class under the cursor, the toggles, the downloads and the phone layout; then a
+real server that stalls (its process stopped with SIGSTOP): an upload replaced by another is cancelled, and one
+that gets no answer times out."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import time
 from pathlib import Path
 
 import httpx
@@ -157,3 +163,150 @@ def test_page_segments_an_upload_in_headless_chromium(tmp_path):
                 browser.close()
     finally:
         assert server.stop() == 0
+
+
+# Every text the status line shows, and every result caption (#info), from now on: window.seen = {status, info}.
+WATCH = """() => {
+  window.seen = { status: [], info: [] };
+  for (const [id, key] of [["status", "status"], ["info", "info"]]) {
+    const el = document.getElementById(id);
+    new MutationObserver(() => window.seen[key].push(el.textContent))
+      .observe(el, { childList: true, characterData: true, subtree: true });
+  }
+}"""
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tmp_path_factory):
+    """A real `segformer serve` on a tiny random checkpoint (whole-image mode), shared by the stall tests."""
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: apt-get install chromium (make browser)"
+    root = tmp_path_factory.mktemp("stall")
+    torch.manual_seed(0)
+    randomize_(SegformerForSemanticSegmentation(tiny_config(num_labels=K, id2label=NAMES)), seed=3).save_pretrained(
+        root / "tiny"
+    )
+    server = ServerProcess(root / "tiny", "--mode", "whole")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        assert server.stop() == 0
+
+
+@contextlib.contextmanager
+def stalled(server: ServerProcess):
+    """The server process stopped (SIGSTOP) and resumed on exit: the kernel still takes the browser's connection and
+    its request, and nothing answers — a server that hangs, for real."""
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+
+
+@contextlib.contextmanager
+def open_page(tmp_path: Path, url: str):
+    """A fresh headless Chromium on `url`, once the page has read the model; yields (page, console errors, and the
+    segment requests as [url, outcome] with outcome None while in flight, "ok" or the browser's failure text)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=ARGS
+        )
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            posts: dict[object, list] = {}
+            page.on("console", lambda m: m.type == "error" and errors.append(m.text))
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("request", lambda r: r.method == "POST" and posts.setdefault(r, [r.url, None]))
+            page.on("requestfinished", lambda r: r in posts and posts[r].__setitem__(1, "ok"))
+            page.on("requestfailed", lambda r: r in posts and posts[r].__setitem__(1, r.failure))
+            page.goto(url)
+            page.wait_for_selector("body[data-state=idle]", state="attached", timeout=30_000)
+            page.evaluate(WATCH)
+            yield page, errors, posts
+        finally:
+            browser.close()
+
+
+def wait_until(page, condition, what: str, timeout: float = 20) -> None:
+    """Let the browser's events run (page.wait_for_timeout) until condition() holds."""
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        page.wait_for_timeout(50)
+
+
+@pytest.mark.slow
+def test_page_cancels_an_upload_replaced_by_another(tiny_server, tmp_path):
+    # Image A is chosen while the server hangs, then image B: A's request is aborted in the browser (not left
+    # running), and once the server answers again the page shows B's result and never A's result or an error.
+    first, second = tmp_path / "first.png", tmp_path / "second.png"
+    Image.fromarray(_noise(96, 128, 5)).save(first)
+    Image.fromarray(_noise(120, 160, 11)).save(second)
+    with open_page(tmp_path, tiny_server.url + "/") as (page, errors, posts):
+        assert page.evaluate("timeoutS") == 120  # the page's default upload timeout, as the README says
+        with stalled(tiny_server):
+            with page.expect_request(lambda r: r.method == "POST"):
+                page.set_input_files("#file", str(first))
+            page.wait_for_selector("body[data-state=busy]", state="attached")
+            assert page.locator("#status").inner_text() == "Segmenting first.png…"
+            mark = page.evaluate("window.seen.status.length")
+            with page.expect_request(lambda r: r.method == "POST"):
+                page.set_input_files("#file", str(second))
+            assert page.locator("#status").inner_text() == "Segmenting second.png…"
+            # The replaced request is cancelled at once, while the server still hangs.
+            a = next(iter(posts))
+            wait_until(page, lambda: posts[a][1] is not None, "the first upload's request to end")
+        page.wait_for_selector("body[data-state=done]", state="attached", timeout=60_000)
+        wait_until(page, lambda: all(outcome is not None for _, outcome in posts.values()), "every request to end")
+        page.wait_for_timeout(500)  # time enough for a late answer to A to show, were it still awaited
+        assert [outcome for _, outcome in posts.values()] == ["net::ERR_ABORTED", "ok"]
+        assert page.evaluate("document.body.dataset.state") == "done"
+        assert page.locator("#status").inner_text().startswith("second.png: ")
+        assert page.evaluate("[document.getElementById('layer').width, document.getElementById('layer').height]") == [
+            160,
+            120,
+        ]
+        seen = page.evaluate("window.seen")
+        assert not any("first" in s for s in seen["status"][mark:]), seen  # no late result or error for A
+        assert seen["info"] and all(i.startswith("160 × 120 px") for i in seen["info"]), seen  # only B's result
+        assert errors == []
+
+
+@pytest.mark.slow
+def test_page_times_out_an_upload_the_server_never_answers(tiny_server, tmp_path):
+    # ?timeout=2 sets the page's upload timeout (120 s by default) to 2 s. A first upload succeeds; the next one
+    # meets a server that hangs: after 2 s the page gives up, names the file, says it timed out, hides the previous
+    # result and cancels the request (no late result once the server answers again); the next upload works.
+    photo, slow = tmp_path / "photo.png", tmp_path / "slow photo.png"
+    Image.fromarray(_noise(96, 128, 5)).save(photo)
+    Image.fromarray(_noise(120, 160, 11)).save(slow)
+    with open_page(tmp_path, tiny_server.url + "/?timeout=2") as (page, errors, posts):
+        page.set_input_files("#file", str(photo))
+        page.wait_for_selector("body[data-state=done]", state="attached", timeout=60_000)
+        assert page.locator("#result").is_visible()
+        with stalled(tiny_server):
+            started = time.monotonic()
+            page.set_input_files("#file", str(slow))
+            assert page.locator("#status").inner_text() == "Segmenting slow photo.png…"
+            page.wait_for_selector("body[data-state=error]", state="attached", timeout=20_000)
+            waited = time.monotonic() - started
+            assert page.locator("#status").inner_text() == (
+                "slow photo.png: timed out: no answer from the server within 2 s"
+            )
+            assert page.locator("#status").get_attribute("class") == "error"
+            assert page.locator("#result").is_hidden()  # the previous image's result must not read as this one's
+            assert waited >= 1.9, waited  # (and within the 20 s above: the 2 s asked for, not 120 s)
+            wait_until(page, lambda: list(posts.values())[1][1] is not None, "the timed-out request to end")
+        page.wait_for_timeout(1500)  # the server answers again: the abandoned upload stays abandoned
+        assert [outcome for _, outcome in posts.values()] == ["ok", "net::ERR_ABORTED"]
+        assert page.evaluate("document.body.dataset.state") == "error"
+        assert page.locator("#result").is_hidden()
+        page.set_input_files("#file", str(slow))
+        page.wait_for_selector("body[data-state=done]", state="attached", timeout=60_000)
+        assert page.locator("#status").inner_text().startswith("slow photo.png: ")
+        assert page.locator("#result").is_visible()
+        assert errors == []
