@@ -336,14 +336,37 @@ def _glass_blur(image: np.ndarray, params: tuple[float, int, int], rng: np.rando
     cols = np.arange(w - delta, delta, -1)
     if rows.size and cols.size:
         targets = (rows[:, None] * w + cols[None, :]).ravel()
-        source = list(range(h * w))  # which original pixel each position shows
+        source = np.arange(h * w)  # which original pixel each position shows
         for _ in range(iterations):
             offsets = rng.integers(-delta, delta, size=(targets.size, 2))
-            sources = targets + offsets[:, 0] * w + offsets[:, 1]
-            for target, src in zip(targets.tolist(), sources.tolist(), strict=True):
-                source[target] = source[src]
-        x = x.reshape(h * w, 3)[np.asarray(source)].reshape(h, w, 3)
+            source = source[_glass_pass(h * w, targets, targets + offsets[:, 0] * w + offsets[:, 1])]
+        x = x.reshape(h * w, 3)[source].reshape(h, w, 3)
     return _gaussian(x / 255.0, sigma) * 255
+
+
+def _glass_pass(n: int, targets: np.ndarray, sources: np.ndarray) -> np.ndarray:
+    """One pass of glass blur's sequential assignments ``value[t] = value[s]`` over (target, source) pairs in
+    the given order, as an index map: the position of the value before the pass that each of the ``n``
+    positions holds after it: the loop's result, without a Python step per pixel.
+
+    A target reads its source's new value if the pass wrote that source before it (the source is a target that
+    comes earlier: here, with a larger index), else the value from before the pass. Following those links from
+    a target ends at a target reading an old value (or at a position never written); the links are followed for
+    all targets at once by pointer doubling, each round halving what is left."""
+    is_target = np.zeros(n, dtype=bool)
+    is_target[targets] = True
+    linked = is_target[sources] & (sources > targets)  # (targets come in decreasing order)
+    end = np.arange(n)  # the end of each position's chain of links
+    active = targets[linked]
+    end[active] = sources[linked]
+    while active.size:
+        further = end[end[active]]
+        moved = further != end[active]
+        end[active] = further
+        active = active[moved]
+    reads = np.arange(n)  # where the end of a chain reads from: its source (an old value), or itself
+    reads[targets[~linked]] = sources[~linked]
+    return reads[end]
 
 
 def _motion_blur(image: np.ndarray, params: tuple[int, float], rng: np.random.Generator) -> np.ndarray:

@@ -20,6 +20,7 @@ from segformer.corruptions import (
     PARAMETERS,
     RANDOM,
     _frost,
+    _glass_pass,
     _rgb_to_hsv,
     corrupt,
     corruption_rng,
@@ -293,3 +294,28 @@ def test_parse_corruptions_and_severities():
     for bad in ("0,1", "6", "a", ""):
         with pytest.raises(ValueError, match="--severities must be integers from 1 to 5"):
             parse_severities(bad)
+
+
+def _glass_loop(n: int, targets: np.ndarray, sources: np.ndarray) -> np.ndarray:
+    """The published pass, one pixel at a time: value[t] = value[s] in order (as an index map)."""
+    shows = list(range(n))
+    for t, s in zip(targets.tolist(), sources.tolist(), strict=True):
+        shows[t] = shows[s]
+    return np.asarray(shows)
+
+
+@pytest.mark.parametrize("delta", [1, 2, 3, 4])
+def test_glass_pass_equals_the_sequential_loop(delta):
+    """The vectorised pass (pointer doubling over the chains of already-written sources) against the loop it
+    replaces, on random offsets over sizes where chains are long and short, including narrow strips."""
+    rng = np.random.default_rng(delta)
+    for h, w in [(2 * delta + 2, 2 * delta + 3), (17, 9), (40, 64), (9, 130)]:
+        rows, cols = np.arange(h - delta, delta, -1), np.arange(w - delta, delta, -1)
+        targets = (rows[:, None] * w + cols[None, :]).ravel()
+        for _ in range(4):
+            offsets = rng.integers(-delta, delta, size=(targets.size, 2))
+            sources = targets + offsets[:, 0] * w + offsets[:, 1]
+            assert np.array_equal(_glass_pass(h * w, targets, sources), _glass_loop(h * w, targets, sources))
+    # a long chain: every target reads the one written just before it (the next index up)
+    targets = np.arange(98, 0, -1)
+    assert np.array_equal(_glass_pass(100, targets, targets + 1), _glass_loop(100, targets, targets + 1))
