@@ -139,7 +139,8 @@ def _output_stems(items: list[tuple[Path, Path]]) -> list[Path]:
     return stems
 
 
-_RUN_FILES = ("summary.csv", "summary.json", "legend.png")  # what a run writes besides each image's files
+SUMMARY_JSON, SUMMARY_CSV, LEGEND_PNG = "summary.json", "summary.csv", "legend.png"
+_RUN_FILES = (SUMMARY_CSV, SUMMARY_JSON, LEGEND_PNG)  # what a run writes besides each image's files
 
 
 def _check_outputs(items: list[tuple[Path, Path]], stems: list[Path], outputs: _Outputs) -> None:
@@ -422,14 +423,14 @@ def write_summary(report: RunReport, palette: np.ndarray) -> None:
             for c, n in enumerate(names)
         ],
     }
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    atomic_write_text(out / SUMMARY_JSON, json.dumps(summary, indent=1) + "\n")
     buf = io.StringIO()
     writer = csv.writer(buf)
     header = ["image", "label", "status", "width", "height", "class_id", "class_name", "pixels", "percent"]
     writer.writerow([*header, "error"])
     writer.writerows(rows)
-    atomic_write_text(out / "summary.csv", buf.getvalue())
-    _save(out / "legend.png", legend(names, palette), "PNG")
+    atomic_write_text(out / SUMMARY_CSV, buf.getvalue())
+    _save(out / LEGEND_PNG, legend(names, palette), "PNG")
 
 
 __all__ = ["ImageRecord", "RunReport", "collect_images", "predict_to_folder", "write_summary"]
