@@ -6,9 +6,12 @@ environment; :func:`init_distributed` reads them and joins the process group (nc
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -120,6 +123,47 @@ def broadcast_flag(flag: bool, src: int = 0) -> bool:
     return bool(t.item())
 
 
+E = TypeVar("E", bound=BaseException)
+_EVERY_RANK = "raised_on_every_rank"
+
+
+def raised_on_every_rank(exc: E) -> E:
+    """Mark ``exc`` as an error every rank raises alike, from what the ranks share (the options, an all-reduced
+    value, the main rank's verdict): rank 0 reports it, the other ranks end silently (see
+    :func:`reported_by_rank_zero`). Returns ``exc``."""
+    setattr(exc, _EVERY_RANK, True)
+    return exc
+
+
+@contextlib.contextmanager
+def every_rank_raises(*types: type[BaseException]) -> Iterator[None]:
+    """Mark an error of ``types`` raised in this block with :func:`raised_on_every_rank`: for a block whose
+    errors only depend on what every rank shares."""
+    try:
+        yield
+    except types as exc:
+        raised_on_every_rank(exc)
+        raise
+
+
+def reported_by_rank_zero(exc: BaseException) -> bool:
+    """True on a rank other than 0 of a launched run (RANK set, so also after the process group is gone) for an
+    error marked by :func:`raised_on_every_rank`: rank 0 raised the same one and reports it, so this rank need
+    not print it again. False in one process, on rank 0 and for any other error (each rank reports its own)."""
+    if not getattr(exc, _EVERY_RANK, False) or not launched_by_torchrun():
+        return False
+    return int(os.environ["RANK"]) != 0 and int(os.environ["WORLD_SIZE"]) > 1
+
+
+def wait_for_rank_zero(timeout: float = 30.0) -> None:
+    """On a rank that ends silently because rank 0 reports its error (:func:`reported_by_rank_zero`): under
+    torchrun, which stops every worker as soon as one of them ends with an error, wait (at most ``timeout``
+    seconds) to be stopped once rank 0 has printed it and ended, so that the launcher neither cuts rank 0's
+    report short nor names this silent rank as the failure's root cause. Under any other launcher, return."""
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        time.sleep(timeout)
+
+
 class SyncBatchNorm(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are those of the global batch (all processes), on any device.
 
@@ -199,10 +243,14 @@ __all__ = [
     "barrier",
     "broadcast_flag",
     "cleanup",
+    "every_rank_raises",
     "get_rank",
     "get_world_size",
     "init_distributed",
     "is_distributed",
     "launched_by_torchrun",
+    "raised_on_every_rank",
+    "reported_by_rank_zero",
     "unwrap_model",
+    "wait_for_rank_zero",
 ]

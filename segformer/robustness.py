@@ -5,7 +5,8 @@ the data set whose images are corrupted on the fly (:class:`CorruptedDataset`; d
 corruption, severity and seed; nothing is written over the data), plus one clean pass. From the cells:
 
 - the mIoU per corruption × severity, the mean per corruption (over its severities), per category and overall
-  (the mean of the per-corruption means, each corruption counting once);
+  (the mean of the per-corruption means, each corruption counting once); a mean is only given when every cell it
+  covers has a value: one over a cell not evaluated (or undefined) is missing too, never a mean of fewer cells;
 - the relative robustness, corrupted mIoU / clean mIoU, per corruption and overall.
 
 With an ``output`` folder every finished cell is saved at once (atomically) to ``robustness_partial.json``
@@ -129,8 +130,11 @@ def model_digest(model: nn.Module) -> str:
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
-    kept = [v for v in values if v is not None and not math.isnan(v)]
-    return sum(kept) / len(kept) if kept else None
+    """The mean of ``values``, or None unless every one of them is a number: a mean over fewer cells than the
+    study has would be compared with complete ones as if it were one of them."""
+    if not values or any(v is None or math.isnan(v) for v in values):
+        return None
+    return sum(values) / len(values)
 
 
 def _ratio(value: float | None, clean: float | None) -> float | None:
@@ -160,11 +164,18 @@ class RobustnessResult:
         return self.clean.get("mIoU")
 
     def miou(self, name: str, severity: int) -> float | None:
+        """The mIoU of a cell; None where it was not evaluated or is undefined."""
         cell = self.cells.get((name, severity))
-        return None if cell is None else cell.get("mIoU")
+        value = None if cell is None else cell.get("mIoU")
+        return None if value is None or math.isnan(value) else value
+
+    def missing_cells(self) -> list[tuple[str, int]]:
+        """The (corruption, severity) cells of the study without an mIoU (not evaluated, or undefined), in the
+        study's order. Every mean that covers one of them is None."""
+        return [(n, s) for n, sev in self.severities.items() for s in sev if self.miou(n, s) is None]
 
     def mean(self, name: str) -> float | None:
-        """The mean mIoU of ``name`` over its severities."""
+        """The mean mIoU of ``name`` over its severities; None unless every one of them has a value."""
         return _mean([self.miou(name, s) for s in self.severities[name]])
 
     def relative(self, name: str) -> float | None:
@@ -172,6 +183,7 @@ class RobustnessResult:
         return _ratio(self.mean(name), self.clean_miou)
 
     def category_means(self) -> dict[str, float | None]:
+        """Category → the mean of its corruptions' means; None unless every one of them has a mean."""
         groups: dict[str, list[float | None]] = {}
         for name in self.corruptions:
             groups.setdefault(category_of(name), []).append(self.mean(name))
@@ -179,7 +191,8 @@ class RobustnessResult:
 
     @property
     def overall_mean(self) -> float | None:
-        """The mean of the per-corruption means (every corruption counts once)."""
+        """The mean of the per-corruption means (every corruption counts once); None unless every one of them
+        has a mean."""
         return _mean([self.mean(name) for name in self.corruptions])
 
     @property
@@ -188,8 +201,9 @@ class RobustnessResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON values: ``clean_mIoU``, ``mIoU`` {corruption: {severity: value}}, ``mean``, ``relative``,
-        ``categories``, ``overall_mean``, ``overall_relative`` (fractions), ``severities``, ``cells`` (every
-        cell's metrics, keyed ``"clean"`` and ``"name/severity"``), ``num_images``, ``seed``, ``options``."""
+        ``categories``, ``overall_mean``, ``overall_relative`` (fractions; null for a mean over a missing cell),
+        ``missing`` (the cells without a value, ``"name/severity"``), ``severities``, ``cells`` (every cell's
+        metrics, keyed ``"clean"`` and ``"name/severity"``), ``num_images``, ``seed``, ``options``."""
         categories = self.category_means()
         return {
             "clean_mIoU": self.clean_miou,
@@ -199,6 +213,7 @@ class RobustnessResult:
             "categories": {c: {"mean": v, "relative": _ratio(v, self.clean_miou)} for c, v in categories.items()},
             "overall_mean": self.overall_mean,
             "overall_relative": self.overall_relative,
+            "missing": [_cell_key(n, s) for n, s in self.missing_cells()],
             "severities": {n: list(s) for n, s in self.severities.items()},
             "num_images": self.num_images,
             "seed": self.seed,
@@ -211,7 +226,8 @@ class RobustnessResult:
 
     def format_table(self) -> str:
         """A plain-text table: mIoU (%) per corruption and severity, its mean and relative robustness, then
-        the category and overall means."""
+        the category and overall means; "-" where there is no value (a mean over a missing cell included), and
+        a last line naming the missing cells when there are any."""
 
         def pct(v: float | None) -> str:
             return "     -" if v is None or math.isnan(v) else f"{100 * v:6.2f}"
@@ -236,6 +252,10 @@ class RobustnessResult:
                 label = f"mean ({category})"
                 lines.append(f"{label:<{width}} {pad}{pct(value)} {rel(_ratio(value, self.clean_miou))}")
         lines.append(f"{'mean':<{width}} {pad}{pct(self.overall_mean)} {rel(self.overall_relative)}")
+        missing = self.missing_cells()
+        if missing:
+            names = ", ".join(f"{n} s{s}" for n, s in missing)
+            lines.append(f"missing: {names} (not evaluated or undefined; the means over them are not given)")
         return "\n".join(lines)
 
 
@@ -455,12 +475,15 @@ def plot_heatmap(result: RobustnessResult, path: str | os.PathLike, *, missing_o
     names = result.corruptions
     columns = sorted({s for sev in result.severities.values() for s in sev})
     grid = np.full((len(names), len(columns) + 1), np.nan)
+    missing = np.zeros(grid.shape, dtype=bool)  # cells of the study (or means) without a value: marked "–"
     for i, name in enumerate(names):
         for j, s in enumerate(columns):
             value = result.miou(name, s) if s in result.severities[name] else None
             grid[i, j] = np.nan if value is None else 100 * value
+            missing[i, j] = value is None and s in result.severities[name]
         mean = result.mean(name)
         grid[i, -1] = np.nan if mean is None else 100 * mean
+        missing[i, -1] = mean is None
     cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")
     figure, axis = plt.subplots(figsize=(1.0 * (len(columns) + 1) + 3.2, 0.42 * len(names) + 1.6))
     image = axis.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=100, aspect="auto")
@@ -469,6 +492,8 @@ def plot_heatmap(result: RobustnessResult, path: str | os.PathLike, *, missing_o
             if not np.isnan(grid[i, j]):
                 colour = "black" if grid[i, j] > 60 else "white"
                 axis.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=8, color=colour)
+            elif missing[i, j]:
+                axis.text(j, i, "–", ha="center", va="center", fontsize=8, color="black")
     axis.set_xticks(
         range(len(columns) + 1), [f"severity {s}" if len(columns) < 4 else str(s) for s in columns] + ["mean"]
     )
@@ -487,6 +512,8 @@ def plot_heatmap(result: RobustnessResult, path: str | os.PathLike, *, missing_o
         title += f"; clean {100 * clean:.1f}"
     if overall is not None:
         title += f", relative {overall:.2f}"
+    if result.missing_cells():
+        title += f"; {len(result.missing_cells())} cell(s) missing (–)"
     axis.set_title(title, fontsize=10)
     figure.colorbar(image, ax=axis, fraction=0.04, pad=0.02)
     figure.tight_layout()

@@ -45,7 +45,9 @@ from .distributed import (
     all_reduce_mean,
     barrier,
     cleanup,
+    every_rank_raises,
     init_distributed,
+    raised_on_every_rank,
 )
 from .evaluate import evaluate
 from .hub import first_line
@@ -78,7 +80,9 @@ from .visualize import palette_for
 
 
 class TrainingDivergedError(RuntimeError):
-    """The loss became NaN or infinite; the run stopped without overwriting its last good checkpoint."""
+    """The loss became NaN or infinite; the run stopped without overwriting its last good checkpoint. Under
+    torchrun every rank raises it alike (marked :func:`~segformer.distributed.raised_on_every_rank`: rank 0
+    reports it, once)."""
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -262,7 +266,8 @@ def build_data(cfg: TrainConfig, info: DistInfo) -> TrainData:
     except MissingSplitError as exc:  # (a val split that is there but broken is an error, not a warning)
         val_set, val_listing = None, None
         _log(f"warning: no evaluation ({exc}); only last/ will be saved", info)
-    check_splits([(train_set, train_listing), (val_set, val_listing)], cfg.check_data, cfg.data)
+    with every_rank_raises(ValueError):  # the main rank's verdict, on every rank
+        check_splits([(train_set, train_listing), (val_set, val_listing)], cfg.check_data, cfg.data)
     return TrainData(kind, train_set, val_set, eval_opts, resolve_class_weights(cfg, train_set, info))
 
 
@@ -462,10 +467,11 @@ def train_step(
     if not math.isfinite(loss_value):  # every rank sees the same reduced value and stops together
         saved = (last_dir / TRAINING_STATE).exists()
         where = f"the last good checkpoint is {last_dir}" if saved else "no checkpoint yet"
-        raise TrainingDivergedError(
+        diverged = TrainingDivergedError(
             f"loss is {loss_value} at step {step} (lr {optim.lr:.3g}); stopped, {where}. "
             "Try a lower --lr, a longer --warmup-steps or --amp none"
         )
+        raise raised_on_every_rank(diverged)  # (rank 0 reports it; the others stop with it, silently)
     return loss_value, optim.step()
 
 
@@ -539,9 +545,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
-    micro = check_config(cfg, info)
+    # Errors every rank raises alike (the options, the data check's verdict, a diverged loss) are marked so that
+    # under torchrun only rank 0 reports them (segformer.distributed.raised_on_every_rank).
+    with every_rank_raises(ValueError):  # the options and the process count alone decide
+        micro = check_config(cfg, info)
     cfg, notes = resolve_recipe(cfg, data_kind(cfg))  # what the run uses, printed and kept in train_config.json
-    check_ranges(cfg)
+    with every_rank_raises(ValueError):
+        check_ranges(cfg)
     # --amp as it runs here: a precision the device would only emulate becomes float32 (one warning line), and
     # train_config.json and the model cards say so next to what was asked for.
     precision = effective_amp(cfg.amp, info.device)

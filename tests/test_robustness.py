@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import signal
@@ -27,6 +28,7 @@ from segformer.robustness import (
     RESULT_FILE,
     CorruptedDataset,
     RobustnessResult,
+    plot_heatmap,
     run_study,
     study_severities,
 )
@@ -192,6 +194,39 @@ def test_result_round_trips_missing_values():
     assert result.mean("fog") is None and result.relative("fog") is None and result.overall_relative is None
     assert "     -" in result.format_table()
     json.dumps(result.to_dict())
+
+
+def test_a_mean_over_a_missing_cell_is_missing_not_a_mean_of_fewer_cells(tmp_path):
+    """fog severity 2 not evaluated, snow severity 3 undefined (NaN): their means, the weather mean and the overall
+    mean are missing (None, "-" in the table, null in the JSON, a blank cell in the heat map), never the mean of
+    the cells that are there; the table and the JSON name the missing cells. A complete corruption keeps its mean."""
+    noise = {("gaussian_noise", s): {"mIoU": 0.5 - 0.1 * s} for s in (1, 2, 3)}
+    cells = {**noise, ("fog", 1): {"mIoU": 0.6}, ("fog", 3): {"mIoU": 0.2}}  # ("fog", 2): not evaluated
+    cells |= {("snow", 1): {"mIoU": 0.4}, ("snow", 2): {"mIoU": 0.4}, ("snow", 3): {"mIoU": float("nan")}}
+    severities = {"gaussian_noise": (1, 2, 3), "fog": (1, 2, 3), "snow": (1, 2, 3)}
+    result = RobustnessResult(clean={"mIoU": 0.8}, cells=cells, severities=severities, num_images=2)
+    assert result.mean("gaussian_noise") == pytest.approx(0.3)
+    assert result.relative("gaussian_noise") == pytest.approx(0.3 / 0.8)
+    assert result.mean("fog") is None and result.relative("fog") is None and result.mean("snow") is None
+    assert result.category_means() == {"noise": pytest.approx(0.3), "weather": None}
+    assert result.overall_mean is None and result.overall_relative is None
+    saved = json.loads(json.dumps(result.to_dict(), allow_nan=False))
+    assert saved["mean"] == {"gaussian_noise": pytest.approx(0.3), "fog": None, "snow": None}
+    assert saved["overall_mean"] is None and saved["categories"]["weather"] == {"mean": None, "relative": None}
+    assert saved["mIoU"]["fog"]["2"] is None and saved["mIoU"]["snow"]["3"] is None
+    assert result.missing_cells() == [("fog", 2), ("snow", 3)] and saved["missing"] == ["fog/2", "snow/3"]
+    table = result.format_table().splitlines()
+    fog = next(line for line in table if line.startswith("fog"))
+    assert fog.split()[1:] == ["60.00", "-", "20.00", "-", "-"]  # s1 s2 s3, mean, relative
+    weather = next(line for line in table if line.startswith("mean (weather)"))
+    overall = next(line for line in table if line.startswith("mean ") and "(" not in line)
+    assert weather.split()[-2:] == ["-", "-"] and overall.split()[-2:] == ["-", "-"]
+    assert table[-1].startswith("missing: fog s2, snow s3")
+    complete = RobustnessResult(clean={"mIoU": 0.8}, cells=noise, severities={"gaussian_noise": (1, 2, 3)})
+    assert complete.missing_cells() == [] and complete.overall_mean == pytest.approx(0.3)
+    assert "missing" not in complete.format_table() and complete.to_dict()["missing"] == []
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert plot_heatmap(result, tmp_path / "map.png").stat().st_size > 0
 
 
 # ------------------------------------------------------------------------------------------ command line

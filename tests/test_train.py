@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -214,6 +215,36 @@ def test_torchrun_two_processes_match_one_process(data, tmp_path):
         assert (one - two).norm().item() <= 2 * fp32_tol(2 * depth) * update + 6 * U32 * one.norm().item(), layer
         moved += update > 1e-3
     assert moved > 30  # it trained
+
+
+@pytest.mark.slow
+def test_a_failure_every_rank_sees_is_reported_once_under_torchrun(data, tiny_json, tmp_path):
+    """2 gloo processes whose loss becomes NaN (every rank sees the all-reduced loss and stops): the one-line
+    error once in the launch's whole output, not once per rank, and a failed launch. Likewise an option every
+    rank refuses (a global batch the 2 processes cannot split). One process prints its error as before."""
+    common = ["--data", str(data), "--model", str(tiny_json), "--crop", "48", "48", "--scale", "0", "0",
+              "--eval-every", "0", "--workers", "0", "--device", "cpu", "--no-progress"]  # fmt: skip
+    diverge = ["--steps", "20", "--batch-size", "4", "--lr", "1e30", "--warmup-steps", "0", "--save-every", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "segformer.train"]
+    nan_error = r"segformer\.train: error: loss is (nan|inf) at step \d+ .*--amp none$"
+    two = subprocess.run([*torchrun, *common, *diverge, "--output", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    output = two.stdout + two.stderr
+    assert two.returncode != 0, output[-3000:]
+    assert output.count("error: loss is") == 1 and re.search(nan_error, output, flags=re.M), output[-3000:]
+    root_cause = r"Root Cause \(first observed failure\):\s*\[0\]:.*?rank\s*:\s*(\d+)"
+    assert re.search(root_cause, two.stderr, flags=re.S)[1] == "0", two.stderr[-2000:]  # the rank that printed it
+    odd_batch = ["--steps", "2", "--batch-size", "3", "--output", str(tmp_path / "b3")]
+    refused = subprocess.run([*torchrun, *common, *odd_batch], capture_output=True, text=True, env=env, timeout=300)
+    output = refused.stdout + refused.stderr
+    assert refused.returncode != 0, output[-3000:]
+    assert output.count("error: --batch-size 3 (the global batch) must be divisible") == 1, output[-3000:]
+    assert re.search(root_cause, refused.stderr, flags=re.S)[1] == "0", refused.stderr[-2000:]
+    # one process: its error as it was, exit status 2
+    one = subprocess.run([PY, "-m", "segformer.train", *common, *diverge, "--output", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert one.returncode == 2 and len(re.findall(nan_error, one.stderr, flags=re.M)) == 1, one.stderr[-3000:]
 
 
 @pytest.mark.slow

@@ -237,9 +237,23 @@ def _stored_settings(values: dict) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from segformer.distributed import reported_by_rank_zero, wait_for_rank_zero
     from segformer.train import train
 
-    result = train(config_from_args(args))
+    try:
+        result = train(config_from_args(args))
+    except (ValueError, OSError, TypeError, RuntimeError) as exc:
+        if not reported_by_rank_zero(exc):
+            raise  # one process, rank 0, or an error of this rank alone: its line (segformer.cli.run_command)
+        # Under torchrun an error every rank raises alike (a NaN loss, a refused option) is printed by rank 0
+        # alone: this rank ends silently, after rank 0, with its exit status 2. Under --debug (SEGFORMER_DEBUG=1)
+        # every rank shows its traceback, as rank 0 does.
+        from segformer.cli import UNEXPECTED_ERRORS, debug_requested
+
+        if isinstance(exc, UNEXPECTED_ERRORS) and (getattr(args, "debug", False) or debug_requested()):
+            raise
+        wait_for_rank_zero()
+        return 2
     if result["metrics"] is not None and int(os.environ.get("RANK", 0)) == 0:  # one summary line, from rank 0
         summary = {"step": result["step"], "mIoU": result["metrics"]["mIoU"], "best": result["best"]}
         print(json.dumps({**summary, "last": result["last"]}))
