@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,8 +35,14 @@ PT_WEIGHTS = "pytorch_model.bin"
 PT_INDEX = "pytorch_model.bin.index.json"
 _BENIGN_MISSING = re.compile(r"(^|\.)num_batches_tracked$")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-# The weight files (and indexes) save_pretrained writes; those of an earlier save are removed by the next one.
-_SAVED_WEIGHTS = re.compile(r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?")
+
+
+def _saved_weights(variant: str | None) -> re.Pattern[str]:
+    """The names of the weight files (and indexes) that save_pretrained writes for ``variant`` (None: none); those
+    of an earlier save of the same variant are removed by the next one."""
+    v = "" if variant is None else re.escape("." + variant)
+    weights = rf"(model|pytorch_model){v}(-\d{{5}}-of-\d{{5}})?\.(safetensors|bin)"
+    return re.compile(rf"{weights}|(model\.safetensors|pytorch_model\.bin)\.index{v}\.json")
 
 
 @dataclass
@@ -91,6 +97,12 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return dict(data)
 
 
+def check_variant(variant: Any) -> None:
+    """Raise a one-line ValueError unless ``variant`` is None or a name such as "fp16"."""
+    if variant is not None and (not isinstance(variant, str) or not re.fullmatch(r"[\w-]+", variant)):
+        raise ValueError(f"variant must be a name such as 'fp16' (letters, digits, _ and -), got {variant!r}")
+
+
 def with_variant(filename: str, variant: str | None) -> str:
     """Transformers' name of a weights file of a ``variant``: "fp16" makes ``model.fp16.safetensors``,
     ``pytorch_model.fp16.bin`` and ``model.safetensors.index.fp16.json``."""
@@ -110,8 +122,7 @@ def find_weights(
     """The weight files of a model directory or hub repo (one file, or every shard of an index), or of a path to
     one weights file (``.safetensors``, ``.bin``, ``.pt``, ``.pth``) or to an ``.index.json`` of shards beside it.
     ``variant`` ("fp16", ...) looks for Transformers' variant names (:func:`with_variant`)."""
-    if variant is not None and (not isinstance(variant, str) or not re.fullmatch(r"[\w-]+", variant)):
-        raise ValueError(f"variant must be a name such as 'fp16' (letters, digits, _ and -), got {variant!r}")
+    check_variant(variant)
     file = Path(name_or_path).expanduser()
     if file.is_file():
         return _weights_of_file(file, use_safetensors=use_safetensors, variant=variant, **hub)
@@ -518,12 +529,21 @@ class PreTrainedMixin:
         max_shard_size: int | str | None = None,
         state_dict: Mapping[str, torch.Tensor] | None = None,
         push_to_hub: bool = False,
+        is_main_process: bool = True,
+        variant: str | None = None,
+        save_function: Callable[[Any, str], Any] | None = None,
+        token: str | bool | None = None,
         **hub: Any,
     ) -> Path:
         """Write ``config.json`` and ``model.safetensors`` (or ``pytorch_model.bin``; shards plus an index when
         the weights exceed ``max_shard_size``) in the layout Transformers reads. With ``push_to_hub=True`` the same
-        files are then uploaded (``hub``: the arguments of :meth:`push_to_hub`; ``repo_id`` defaults to the
-        directory's name). Returns the directory.
+        files are then uploaded (``hub``: the arguments of :meth:`push_to_hub`, and ``token``; ``repo_id`` defaults
+        to the directory's name). Returns the directory.
+
+        As in Transformers: ``is_main_process=False`` (the other processes of a distributed run) writes nothing;
+        ``variant="fp16"`` names the weights ``model.fp16.safetensors`` (shards ``model.fp16-00001-of-…``, index
+        ``model.safetensors.index.fp16.json``) beside the other variants' files, which are left alone; and
+        ``save_function`` (``torch.save`` by default) writes the ``.bin`` files of ``safe_serialization=False``.
 
         The save is all or nothing: every file is first written under a temporary name (a hidden folder in
         ``save_directory``); a failure there (a full disk, Ctrl-C) removes them and leaves an earlier checkpoint in
@@ -536,6 +556,11 @@ class PreTrainedMixin:
             raise ValueError(f"{directory}: exists and is not a directory")
         if hub and not push_to_hub:
             raise TypeError(f"save_pretrained got unexpected argument(s) {', '.join(sorted(hub))}")
+        check_variant(variant)
+        if save_function is not None and not callable(save_function):
+            raise TypeError(f"save_function must be callable (like torch.save), got {type(save_function).__name__}")
+        if not is_main_process:
+            return directory
         created = not directory.exists()
         directory.mkdir(parents=True, exist_ok=True)
         try:
@@ -546,7 +571,9 @@ class PreTrainedMixin:
             raise error from None
         try:
             try:
-                written = self._write_checkpoint(staging, safe_serialization, max_shard_size, state_dict)
+                written = self._write_checkpoint(
+                    staging, safe_serialization, max_shard_size, state_dict, variant, save_function
+                )
             except OSError as exc:  # name the checkpoint's files, not the temporary folder
                 text = str(exc).replace(str(staging), str(directory))
                 if text == str(exc):
@@ -554,7 +581,7 @@ class PreTrainedMixin:
                 error = type(exc)(text)
                 error.errno = exc.errno
                 raise error from None
-            _commit_checkpoint(staging, directory, written)
+            _commit_checkpoint(staging, directory, written, variant)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             if created:
@@ -567,6 +594,7 @@ class PreTrainedMixin:
         if push_to_hub:
             hub.setdefault("max_shard_size", max_shard_size)
             hub.setdefault("safe_serialization", safe_serialization)
+            hub.setdefault("token", token)
             self.push_to_hub(hub.pop("repo_id", directory.resolve().name), **hub)
         return directory
 
@@ -576,6 +604,8 @@ class PreTrainedMixin:
         safe_serialization: bool,
         max_shard_size: int | str | None,
         state_dict: Mapping[str, torch.Tensor] | None,
+        variant: str | None = None,
+        save_function: Callable[[Any, str], Any] | None = None,
     ) -> list[str]:
         """Write the weights and config.json into ``directory``; return the names of the files written."""
         state = {k: v.detach().to("cpu").contiguous() for k, v in (state_dict or self.state_dict()).items()}
@@ -585,17 +615,18 @@ class PreTrainedMixin:
         if floats:
             config.dtype = floats[0]
         base, index_name = (SAFE_WEIGHTS, SAFE_INDEX) if safe_serialization else (PT_WEIGHTS, PT_INDEX)
+        base, index_name = with_variant(base, variant), with_variant(index_name, variant)
         shards = _shard(state, _parse_size(max_shard_size) if max_shard_size is not None else None)
         written = []
         if len(shards) == 1:
             written.append(base)
-            _write_weights(directory / base, shards[0], safe_serialization)
+            _write_weights(directory / base, shards[0], safe_serialization, save_function)
         else:
             stem, ext = base.rsplit(".", 1)
             weight_map = {}
             for i, shard in enumerate(shards, 1):
                 shard_name = f"{stem}-{i:05d}-of-{len(shards):05d}.{ext}"
-                _write_weights(directory / shard_name, shard, safe_serialization)
+                _write_weights(directory / shard_name, shard, safe_serialization, save_function)
                 weight_map.update({k: shard_name for k in shard})
                 written.append(shard_name)
             total = sum(t.numel() * t.element_size() for t in state.values())
@@ -764,15 +795,16 @@ def _move(source: Path, target: Path) -> None:
     os.replace(source, target)
 
 
-def _commit_checkpoint(staging: Path, directory: Path, written: list[str]) -> None:
+def _commit_checkpoint(staging: Path, directory: Path, written: list[str], variant: str | None = None) -> None:
     """Rename the files of a save, all written in ``staging``, into ``directory`` in an order that keeps it loadable
     (old or new weights, never a mix): an old index naming shards about to be replaced goes first; then the weight
     files, the new index, the files of the earlier save that would shadow the new ones (or be left stale: entry
-    points before their shards), and config.json last."""
+    points before their shards), and config.json last. Only the files of the same ``variant`` are replaced."""
     new = set(written)
-    indexes = [n for n in written if n.endswith(".index.json")]
+    indexes = [n for n in written if n in (with_variant(SAFE_INDEX, variant), with_variant(PT_INDEX, variant))]
     weights = [n for n in written if n != "config.json" and n not in indexes]
-    for old_index in (SAFE_INDEX, PT_INDEX):
+    saved_weights = _saved_weights(variant)
+    for old_index in (with_variant(SAFE_INDEX, variant), with_variant(PT_INDEX, variant)):
         path = directory / old_index
         if path.is_file():
             try:
@@ -783,7 +815,7 @@ def _commit_checkpoint(staging: Path, directory: Path, written: list[str]) -> No
                 path.unlink()
     for name in [*weights, *indexes]:
         _move(staging / name, directory / name)
-    stale = [p for p in directory.iterdir() if p.name not in new and _SAVED_WEIGHTS.fullmatch(p.name)]
+    stale = [p for p in directory.iterdir() if p.name not in new and saved_weights.fullmatch(p.name)]
     stale.sort(key=lambda p: (not (p.name.endswith(".index.json") or "-of-" not in p.name), p.name))
     for path in stale:
         path.unlink()
@@ -810,10 +842,12 @@ def _shard(state: dict[str, torch.Tensor], limit: int | None) -> list[dict[str, 
     return shards
 
 
-def _write_weights(path: Path, state: dict[str, torch.Tensor], safe: bool) -> None:
+def _write_weights(
+    path: Path, state: dict[str, torch.Tensor], safe: bool, save_function: Callable[[Any, str], Any] | None = None
+) -> None:
     if safe:
         from safetensors.torch import save_file
 
         atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     else:
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
+        atomic_write(path, lambda tmp: (save_function or torch.save)(state, str(tmp)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -169,6 +170,9 @@ def test_directory_without_weights(saved):
 def test_directory_without_config(saved):
     _, path = saved
     (path / "config.json").unlink()
+    with pytest.raises(CheckpointError, match=r"model: weights without config\.json; pass config="):
+        SegformerForSemanticSegmentation.from_pretrained(path)
+    (path / "model.safetensors").unlink()  # an empty folder: no config.json, and nothing else either
     with pytest.raises(CheckpointError, match=r"no config\.json in this directory"):
         SegformerForSemanticSegmentation.from_pretrained(path)
 
@@ -578,3 +582,55 @@ def test_a_crash_while_renaming_never_loads_a_mix_of_shards(saved, monkeypatch):
     with pytest.raises(CheckpointError, match="no weights found"):  # loud, not old and new shards mixed
         SegformerForSemanticSegmentation.from_pretrained(path)
     assert not [p.name for p in path.iterdir() if p.name.startswith(".")]
+
+
+def test_save_pretrained_takes_transformers_distributed_and_variant_arguments(saved, tmp_path):
+    """is_main_process=False writes nothing (the accelerate idiom); variant names the files as Transformers does
+    and leaves the other variants' files alone, a later save of the same variant replacing its own; save_function
+    writes the .bin files."""
+    model, path = saved
+    assert model.save_pretrained(tmp_path / "other rank", is_main_process=False) == tmp_path / "other rank"
+    assert not (tmp_path / "other rank").exists()
+
+    model.save_pretrained(path, variant="fp16", max_shard_size="20KB")
+    names = sorted(p.name for p in path.iterdir())
+    shards = [n for n in names if n.startswith("model.fp16-")]
+    assert len(shards) > 1 and all(n.endswith(f"-of-{len(shards):05d}.safetensors") for n in shards)
+    assert {"model.safetensors", "model.safetensors.index.fp16.json", "config.json"} <= set(names)
+    loaded = SegformerForSemanticSegmentation.from_pretrained(path, variant="fp16")
+    assert torch.equal(loaded.decode_head.classifier.weight, model.decode_head.classifier.weight)
+    model.save_pretrained(path, variant="fp16")  # one file now: the variant's shards and index go, nothing else
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.fp16.safetensors", "model.safetensors"]
+
+    calls = []
+
+    def save_function(obj, filename):
+        calls.append(filename)
+        torch.save(obj, filename)
+
+    model.save_pretrained(tmp_path / "bin", safe_serialization=False, save_function=save_function)
+    assert len(calls) == 1 and (tmp_path / "bin" / "pytorch_model.bin").is_file()
+    with pytest.raises(TypeError, match="save_function must be callable"):
+        model.save_pretrained(tmp_path / "bad", save_function="torch.save")
+    with pytest.raises(ValueError, match="variant must be a name"):
+        model.save_pretrained(tmp_path / "bad", variant="../x")
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.oracle
+def test_variant_files_are_named_and_read_as_transformers_does(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = tiny_config(num_labels=4)
+    ours = randomize_(SegformerForSemanticSegmentation(config)).eval()
+    ours.save_pretrained(tmp_path / "ours", variant="fp16", max_shard_size="20KB")
+    theirs = transformers.SegformerForSemanticSegmentation.from_pretrained(tmp_path / "ours", variant="fp16")
+    theirs.save_pretrained(tmp_path / "theirs", variant="fp16", max_shard_size="20KB")
+
+    # the same names (the shard counts differ: each library packs shards its own way)
+    def names(folder):
+        return {re.sub(r"\d{5}", "N", p.name) for p in (tmp_path / folder).iterdir() if p.name != "config.json"}
+
+    assert names("ours") == names("theirs") == {"model.fp16-N-of-N.safetensors", "model.safetensors.index.fp16.json"}
+    back = SegformerForSemanticSegmentation.from_pretrained(tmp_path / "theirs", variant="fp16")
+    for name, tensor in ours.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor), name
