@@ -18,7 +18,7 @@ libraries run in the same process, so both get it; ``--allocator system`` to com
 prints the CPU capability torch picked (ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS and ONEDNN_MAX_CPU_ISA
 cap it, to approximate an AVX2 machine on an AVX-512 one) and the measured GEMM peak.
 
-    python bench/bench_inference.py                       # the default cases (a few minutes on 2 cores)
+    python bench/bench_inference.py                       # the default cases (bf16 ones where bf16 is native)
     python bench/bench_inference.py --cases b0:512x512:fp32:1 --repeats 10
     python bench/bench_inference.py --device cuda --cases b2:1024x2048:bf16:1 --compile
 
@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from segformer import SegformerConfig, SegformerForSemanticSegmentation  # noqa: E402
 from segformer.allocator import tune_allocator  # noqa: E402
+from segformer.precision import reduced_precision_problem  # noqa: E402
 from segformer.pretrained import canonical_keys  # noqa: E402
 
 DEFAULT_CASES = [
@@ -376,7 +377,13 @@ def _row(case, times, peaks, rel, agree) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="cases to run (see above)")
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        default=None,
+        help="cases to run (see above; default: the list above, less its bf16 "
+        "cases where the device would only emulate bf16)",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per case (default 5)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or mps (default cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -406,11 +413,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import transformers
 
+    skipped = None
+    if args.cases is None:  # the default list: bf16 cases only where the device computes in bf16
+        args.cases = DEFAULT_CASES
+        skipped = reduced_precision_problem(torch.bfloat16, device.type)
+        if skipped:
+            args.cases = [c for c in DEFAULT_CASES if ":bf16:" not in c]
     peak = gemm_peak() if device.type == "cpu" else float("nan")
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}, transformers {transformers.__version__}, device {device}")  # fmt: skip
     print(f"# cpu capability {cpu_capability()}, "
           f"fp32 GEMM peak {peak / 1e9:.0f} GFLOP/s, allocator {'tuned' if tuned else 'system'}")  # fmt: skip
+    if skipped:
+        print(f"# bf16 cases skipped: {skipped} (name them in --cases to time the emulation anyway)")
     if device.type == "cuda":
         print(f"# {torch.cuda.get_device_name(device)}, TF32 matmul {torch.backends.cuda.matmul.allow_tf32}, "
               f"TF32 cuDNN convolutions {torch.backends.cudnn.allow_tf32} (--no-tf32: exact fp32)")  # fmt: skip
