@@ -59,5 +59,6 @@ def _nothing(*args: Any, **kwargs: Any) -> None:
 def _unwrapped(model: Any) -> Any:
     """The model inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
     while model is not None and not hasattr(model, "config"):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        inner = getattr(model, "module", None)  # (explicit None tests: an empty nn.Sequential is falsy)
+        model = inner if inner is not None else getattr(model, "_orig_mod", None)
     return model

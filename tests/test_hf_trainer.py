@@ -181,3 +181,19 @@ def test_the_callback_ignores_other_events_and_refuses_a_model_without_config(tm
         callback.on_save(Args(), State(), None, model=torch.nn.Linear(2, 2))
     Args.should_save = False  # a process that does not save writes nothing
     callback.on_save(Args(), State(), None, model=torch.nn.Linear(2, 2))
+
+
+def test_the_callback_finds_the_config_inside_wrappers(tmp_path, processor):
+    model = SegformerForSemanticSegmentation(tiny_config(num_labels=3))
+    wrapped = torch.nn.DataParallel(torch.compile(model, backend="eager"))
+    (tmp_path / "checkpoint-7").mkdir()
+
+    class Args:
+        output_dir, should_save = str(tmp_path), True
+
+    class State:
+        global_step = 7
+
+    SaveConfigCallback(processor).on_save(Args(), State(), None, model=wrapped)
+    assert len(json.loads((tmp_path / "checkpoint-7" / "config.json").read_text())["id2label"]) == 3
+    assert (tmp_path / "checkpoint-7" / "preprocessor_config.json").is_file()
