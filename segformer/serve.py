@@ -9,15 +9,17 @@
 Needs FastAPI, uvicorn and python-multipart (``pip install "segformer[serve]"``); they are imported here, when
 a server is made, so that the rest of the package works without them.
 
-Routes (``/docs`` shows them with FastAPI's OpenAPI page):
+Routes (``/docs`` lists them: our own self-contained page over ``/openapi.json``, no CDN, so it works offline):
 
 - ``POST /v1/segment``: one image, as a multipart upload (field ``file``) or as the raw body; JSON out (size,
   classes present with pixels and percent, the label map as a base64 palette PNG: the file ``segformer predict``
   writes). ``?format=png``: the label PNG itself; ``?format=overlay``: a JPEG overlay (``&alpha=``);
-  ``?probs=true``: each class's confidence (the mean, over its pixels, of the top class probability).
+  ``?probs=true``: each class's confidence (the mean, over its pixels, of the top class probability) and the
+  confidence map ``confidence_png`` (each pixel's top class probability, a base64 8-bit grayscale PNG, 255 = 1).
 - ``GET /v1/model``: variant, labels, palette, input protocol and limits. ``GET /healthz`` (the process and its
   inference workers are alive), ``GET /readyz`` (the model is loaded and warm), ``GET /metrics`` (Prometheus).
-- ``GET /``: a self-contained web page (``segformer/static/index.html``).
+- ``GET /``: a self-contained web page (``segformer/static/index.html``); ``GET /docs``: the API reference
+  (``segformer/static/docs.html``), which reads ``GET /openapi.json``. Both are public, as are the probes.
 
 How a request travels: the API key, if any (401) → admission (503 with ``Retry-After`` when ``max_queue``
 requests are already waiting) → the body is read in chunks, 413 as soon as it passes ``max_upload_bytes`` (408
@@ -475,15 +477,28 @@ def _png_bytes(labels: np.ndarray, palette: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _winning(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """(H, W) each pixel's winning (top class) probability. probs: (K, H, W); for a one-label (sigmoid) model
+    K = 1 and the winner of class 0 is 1 - p."""
+    return np.where(labels == 1, probs[0], 1 - probs[0]) if probs.shape[0] == 1 else probs.max(axis=0)
+
+
 def _confidence(labels: np.ndarray, probs: np.ndarray, num_classes: int) -> np.ndarray:
-    """(num_classes,) mean over each class's pixels of the winning probability (NaN where a class is absent).
-    probs: (K, H, W); for a one-label (sigmoid) model K = 1 and the winner of class 0 is 1 - p."""
-    top = np.where(labels == 1, probs[0], 1 - probs[0]) if probs.shape[0] == 1 else probs.max(axis=0)
+    """(num_classes,) mean over each class's pixels of the winning probability (NaN where a class is absent)."""
+    top = _winning(labels, probs)
     flat = labels.reshape(-1).astype(np.intp)
     sums = np.bincount(flat, weights=top.reshape(-1).astype(np.float64), minlength=num_classes)[:num_classes]
     counts = np.bincount(flat, minlength=num_classes)[:num_classes]
     with np.errstate(invalid="ignore", divide="ignore"):
         return sums / counts
+
+
+def _confidence_png(labels: np.ndarray, probs: np.ndarray) -> bytes:
+    """The confidence map: each pixel's winning probability p as an 8-bit grayscale PNG, round(255 p)."""
+    top = np.rint(np.clip(_winning(labels, probs), 0.0, 1.0) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(top).save(buf, format="PNG")  # (uint8, 2-D: mode L)
+    return buf.getvalue()
 
 
 def variant_of(config: Any) -> str:
@@ -500,11 +515,12 @@ PAGE_CSP = (
 )
 
 
-def read_page() -> str:
-    """The web page, package data ``segformer/static/index.html``."""
+def read_page(name: str = "index.html") -> str:
+    """A page of the server, package data ``segformer/static/NAME``: the web page (index.html, at ``/``) or the
+    API reference (docs.html, at ``/docs``)."""
     from importlib.resources import files
 
-    return files("segformer").joinpath("static/index.html").read_text(encoding="utf-8")
+    return files("segformer").joinpath("static", name).read_text(encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------------------------- the app
@@ -530,7 +546,7 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
     predictor.batch_size = config.max_batch
     metrics = Metrics()
     batcher = Batcher(predictor, config, metrics, warm_up=warm_up)
-    page = read_page()
+    page, docs_page = read_page(), read_page("docs.html")
     names, palette, k = predictor.class_names, predictor.palette, predictor.num_classes
     # A local checkpoint is named by its folder, not by where it lies on the server.
     name = Path(predictor.model_name).name if Path(predictor.model_name).is_dir() else predictor.model_name
@@ -588,7 +604,7 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
             "`Authorization: Bearer KEY`."
         ),
         lifespan=lifespan,
-        docs_url="/docs",
+        docs_url=None,  # FastAPI's Swagger UI loads its code from a CDN: blank offline. Ours is served below.
         redoc_url=None,
     )
     app.state.batcher, app.state.metrics, app.state.config = batcher, metrics, config
@@ -652,6 +668,10 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
         return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"})
+
+    @app.api_route("/docs", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
+    async def docs() -> HTMLResponse:  # public, as /openapi.json is: it holds no secret
+        return HTMLResponse(docs_page, headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"})
 
     @app.get("/healthz", tags=["operations"], summary="Liveness: the process and its inference workers run")
     async def healthz() -> JSONResponse:
@@ -780,7 +800,8 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
             return Response(buf.getvalue(), media_type="image/jpeg")
         counts = seg.areas(k)
         total = int(labels.size)
-        confidence = _confidence(labels, seg.probs, k) if want_probs and seg.probs is not None else None
+        with_probs = want_probs and seg.probs is not None
+        confidence = _confidence(labels, seg.probs, k) if with_probs else None
         classes = []
         for c in np.flatnonzero(counts).tolist():
             entry: dict[str, Any] = {
@@ -794,11 +815,15 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
                 entry["confidence"] = float(confidence[c])
             classes.append(entry)
         classes.sort(key=lambda e: -e["pixels"])
-        body = {
+        body: dict[str, Any] = {
             "width": int(labels.shape[1]),
             "height": int(labels.shape[0]),
             "classes": classes,
             "label_png": base64.b64encode(_png_bytes(labels, palette)).decode("ascii"),
+        }
+        if with_probs:
+            body["confidence_png"] = base64.b64encode(_confidence_png(labels, seg.probs)).decode("ascii")
+        body |= {
             "model": name,
             "batch_size": result.batch_size,
             "timing_ms": {
@@ -820,7 +845,8 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
             "application/octet-stream). JSON: size, the classes present (pixels, percent, colour; with "
             "probs=true their confidence, the mean top-class probability over their pixels) and `label_png`, "
             "the base64 palette PNG whose pixel values are class ids (the palette of the label maps "
-            "`segformer predict` writes). "
+            "`segformer predict` writes); with probs=true also `confidence_png`, each pixel's top-class "
+            "probability as a base64 8-bit grayscale PNG (pixel value / 255). "
             "format=png returns that PNG, format=overlay a JPEG of the colours over the image. 400: not an "
             "image, truncated, empty, wrong content type, too small; 401: API key; 413: upload or pixel count "
             "over the limit; 503 (Retry-After): queue full; 504: no answer within the timeout."
@@ -850,7 +876,9 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
         request: Request,
         _: None = Depends(authorize),  # noqa: B008
         fmt: Literal["json", "png", "overlay"] = Query("json", alias="format", description="the answer's form"),
-        probs: bool = Query(False, description="add each present class's confidence (JSON only)"),
+        probs: bool = Query(
+            False, description="add each present class's confidence and the per-pixel confidence_png (JSON only)"
+        ),
         alpha: float = Query(config.alpha, ge=0.0, le=1.0, description="overlay opacity of the colours"),
     ) -> Response:
         started = time.perf_counter()

@@ -36,7 +36,14 @@ from segformer.visualize import overlay
 fastapi = pytest.importorskip("fastapi", reason='segformer serve needs pip install "segformer[serve]"')
 from fastapi.testclient import TestClient  # noqa: E402
 
-from segformer.serve import DEFAULT_MAX_PIXELS, ServeConfig, create_app, read_page, variant_of  # noqa: E402
+from segformer.serve import (  # noqa: E402
+    DEFAULT_MAX_PIXELS,
+    PAGE_CSP,
+    ServeConfig,
+    create_app,
+    read_page,
+    variant_of,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = {0: "sky", 1: "road", 2: "tree", 3: "car", 4: "person"}
@@ -167,6 +174,29 @@ def test_probs_gives_each_class_its_mean_winning_probability(predictor):
         mine = ref.labels == entry["id"]
         assert entry["confidence"] == pytest.approx(float(top[mine].mean()), rel=1e-6)
         assert 1 / K <= entry["confidence"] <= 1
+
+
+def test_probs_adds_the_per_pixel_confidence_map(predictor):
+    """?probs=true adds confidence_png: each pixel's winning probability as an 8-bit gray PNG (round(255 p)), whose
+    mean over a class's pixels is that class's confidence; the other fields stay as they were, and without probs
+    there is no map."""
+    data = png_of(40, 56, 2)
+    ref = predictor.predict(data, return_probs=True)
+    with client(predictor) as c:
+        body = c.post("/v1/segment?probs=true", content=data).json()
+        plain = c.post("/v1/segment", content=data).json()
+    common = {"width", "height", "classes", "label_png", "model", "batch_size", "timing_ms"}
+    assert set(plain) == common and set(body) == common | {"confidence_png"}
+    assert body["label_png"] == plain["label_png"]
+    with Image.open(io.BytesIO(base64.b64decode(body["confidence_png"]))) as img:
+        assert img.format == "PNG" and img.mode == "L" and img.size == (56, 40)
+        conf = np.asarray(img).astype(np.int64)
+    expected = np.rint(ref.probs.max(axis=0) * 255)
+    assert np.abs(conf - expected).max() <= 1  # (a rounding step, where another pass differs in the last bits)
+    assert conf.min() >= int(255 / K) and conf.max() <= 255  # a winner has at least 1/K
+    labels = labels_of(base64.b64decode(body["label_png"]))
+    for entry in body["classes"]:
+        assert conf[labels == entry["id"]].mean() / 255 == pytest.approx(entry["confidence"], abs=0.5 / 255 + 1e-6)
 
 
 def test_exif_orientation_and_image_modes(predictor):
@@ -305,6 +335,25 @@ def test_page_is_self_contained_and_package_data(predictor):
     assert {"/v1/segment", "/v1/model", "/healthz", "/readyz", "/metrics"} <= set(schema["paths"])
     body = schema["paths"]["/v1/segment"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "image/*", "application/octet-stream"} <= set(body)
+
+
+def test_docs_is_our_self_contained_api_page(predictor):
+    """/docs is our own page (package data docs.html) under the web page's CSP, loading nothing from elsewhere
+    (FastAPI's Swagger UI loads its code from a CDN: blank offline); it reads /openapi.json, which stays FastAPI's.
+    Both stay public with an API key, as they were."""
+    with client(predictor, api_key="s3cret-key") as c:
+        docs, schema = c.get("/docs"), c.get("/openapi.json")
+        assert c.head("/docs").status_code == 200
+        assert c.get("/v1/model").status_code == 401
+    assert docs.status_code == 200 and docs.headers["content-type"].startswith("text/html")
+    links = re.findall(r"""\b(?:src|href)\s*=\s*["']?([^"'\s>]*)""", docs.text, flags=re.I)
+    assert links and not [u for u in links if re.match(r"(https?:)?//", u, flags=re.I)], links
+    assert "http://" not in docs.text and "https://" not in docs.text and "cdn" not in docs.text.lower()
+    assert docs.headers["content-security-policy"] == PAGE_CSP
+    assert docs.text == read_page("docs.html")
+    assert '"openapi.json"' in docs.text  # (relative: the same server's, wherever it is mounted)
+    assert schema.status_code == 200 and "/v1/segment" in schema.json()["paths"]
+    assert "/docs" not in schema.json()["paths"]
 
 
 def test_api_key_guards_the_api_routes_only(predictor):

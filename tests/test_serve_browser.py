@@ -5,9 +5,14 @@ that gets no answer times out."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import io
+import json
 import os
+import shlex
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -309,4 +314,153 @@ def test_page_times_out_an_upload_the_server_never_answers(tiny_server, tmp_path
         page.wait_for_selector("body[data-state=done]", state="attached", timeout=60_000)
         assert page.locator("#status").inner_text().startswith("slow photo.png: ")
         assert page.locator("#result").is_visible()
+        assert errors == []
+
+
+# The rows of one operation's table on the API page: [[cell text, ...], ...] (h4 heading → its following table).
+READ_TABLE = """([section, heading]) => {
+  const op = document.querySelector(section);
+  const h = [...op.querySelectorAll("h4")].find((e) => e.textContent.startsWith(heading));
+  let t = h.nextElementSibling;
+  while (t && !t.querySelector("table")) t = t.nextElementSibling;
+  return [...t.querySelectorAll("tbody tr")].map((tr) => [...tr.children].map((td) => td.textContent));
+}"""
+
+
+@pytest.mark.slow
+def test_docs_page_lists_every_operation_offline(tiny_server, tmp_path):
+    # /docs in a browser that reaches only this server: the page reads /openapi.json and shows every operation with
+    # its parameters, body types and responses, loading nothing from elsewhere, under the server's CSP, without a
+    # console error; its curl line for POST /v1/segment works as shown.
+    from playwright.sync_api import sync_playwright
+
+    spec = httpx.get(tiny_server.url + "/openapi.json").json()
+    with sync_playwright() as p:
+        browser = p.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=ARGS
+        )
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            requests: list[str] = []
+            failed: list[str] = []
+            page.on("console", lambda m: m.type == "error" and errors.append(m.text))
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("request", lambda r: requests.append(r.url))
+            page.on("requestfailed", lambda r: failed.append(f"{r.url} {r.failure}"))
+            page.on("response", lambda r: r.status >= 400 and failed.append(f"{r.url} {r.status}"))
+            answer = page.goto(tiny_server.url + "/docs")
+            page.wait_for_load_state("networkidle")
+            assert failed == [] and all(r.startswith(tiny_server.url + "/") for r in requests), (failed, requests)
+            page.wait_for_function("document.body.innerText.includes('/v1/segment')", timeout=15_000)  # not blank
+            page.wait_for_selector("body[data-state=done]", state="attached", timeout=15_000)
+            assert "default-src 'none'" in answer.headers["content-security-policy"]
+
+            shown = page.eval_on_selector_all(".op", "els => els.map(e => [e.dataset.method, e.dataset.path])")
+            listed = [[m.upper(), path] for path, item in spec["paths"].items() for m in item]
+            assert sorted(shown) == sorted(listed) and ["POST", "/v1/segment"] in shown
+
+            op = spec["paths"]["/v1/segment"]["post"]
+            section = '.op[data-method="POST"][data-path="/v1/segment"]'
+            assert page.locator(f"{section} .summary").inner_text() == op["summary"] == "Segment one image"
+            assert "label_png" in page.locator(f"{section} > p").first.inner_text()  # the description
+            params = page.evaluate(READ_TABLE, [section, "Parameters"])
+            assert [row[0] for row in params] == [q["name"] for q in op["parameters"]] == ["format", "probs", "alpha"]
+            by_name = {row[0]: row for row in params}
+            assert by_name["format"][1:4] == ["query", '"json" | "png" | "overlay"', '"json"']
+            assert by_name["probs"][1:4] == ["query", "boolean", "false"]
+            assert by_name["alpha"][1:4] == ["query", "number 0–1", "0.5"]
+            for q in op["parameters"]:
+                assert by_name[q["name"]][4] == q["description"]
+            body = page.evaluate(READ_TABLE, [section, "Request body"])
+            assert [row[0] for row in body] == list(op["requestBody"]["content"])
+            assert body[0] == ["multipart/form-data", "file: binary (required)"]
+            responses = page.evaluate(READ_TABLE, [section, "Responses"])
+            assert {row[0]: row[1] for row in responses} == {
+                code: r["description"].replace("`", "") for code, r in op["responses"].items()
+            }
+            assert {"200", "400", "401", "413", "503", "504"} <= {row[0] for row in responses}
+            assert page.locator(f"{section} .lock").inner_text() == "API key"
+            curl = page.locator(f"{section} pre.curl").inner_text()
+            assert curl == f"curl -F file=@photo.jpg {tiny_server.url}/v1/segment"
+            assert page.locator('.op[data-path="/healthz"] pre.curl').inner_text() == f"curl {tiny_server.url}/healthz"
+
+            assert errors == [] and failed == []
+            assert requests == [tiny_server.url + "/docs", tiny_server.url + "/openapi.json"], requests
+        finally:
+            browser.close()
+
+    # The curl line, run as shown (next to a photo.jpg): the server's JSON answer.
+    Image.fromarray(_noise(96, 128, 5)).save(tmp_path / "photo.jpg")
+    run = subprocess.run(shlex.split(curl) + ["-sS", "--max-time", "60"], cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["width"] == 128
+
+
+def confidence_of(body: dict) -> np.ndarray:
+    """The API's confidence map: (H, W) uint8, 255 × each pixel's top class probability."""
+    with Image.open(io.BytesIO(base64.b64decode(body["confidence_png"]))) as img:
+        return np.asarray(img)
+
+
+@pytest.mark.slow
+def test_confidence_switch_shows_the_confidence_map(tiny_server, tmp_path):
+    # The "confidence" checkbox, reached with Tab and switched with Space, draws each pixel's confidence (the API's
+    # confidence_png) as gray in place of the class colours; switched off, the class colours come back exactly. In
+    # confidence mode the legend's switches hide classes and the opacity slider sets the layer's opacity, as before.
+    photo = tmp_path / "photo.png"
+    Image.fromarray(_noise(120, 160, 11)).save(photo)
+    with open_page(tmp_path, tiny_server.url + "/") as (page, errors, _):
+        page.set_input_files("#file", str(photo))
+        page.wait_for_selector("body[data-state=done]", state="attached", timeout=60_000)
+        colours = layer_of(page)
+
+        page.focus("#opacity")
+        page.keyboard.press("Tab")  # the next control is the switch, with its label
+        assert page.evaluate("document.activeElement.id") == "confidence"
+        assert page.evaluate("document.activeElement.labels[0].textContent.trim()") == "Confidence"
+        assert page.locator("#conf-scale").is_hidden()
+        page.keyboard.press("Space")
+        assert page.locator("#confidence").is_checked()
+        gray = layer_of(page)
+
+        # What the API says for the same upload (the same server, a batch of one as well: the same numbers).
+        api = httpx.post(
+            tiny_server.url + "/v1/segment?probs=true", files={"file": ("photo.png", photo.read_bytes())}, timeout=60
+        ).json()
+        with Image.open(io.BytesIO(base64.b64decode(api["label_png"]))) as img:
+            labels, palette = np.asarray(img), np.asarray(img.getpalette(), np.uint8).reshape(-1, 3)
+        conf = confidence_of(api)
+        assert conf.shape == labels.shape and len(np.unique(conf)) > 5  # a map worth checking, not one gray
+        assert np.array_equal(colours[..., :3], palette[labels]) and (colours[..., 3] == 255).all()
+        assert not np.array_equal(gray, colours)
+        assert (gray[..., 3] == 255).all()
+        for y, x in ((0, 0), (60, 80), (119, 159), (30, 120), (100, 10)):  # a few pixels by hand
+            assert gray[y, x].tolist() == [int(conf[y, x])] * 3 + [255], (y, x)
+        assert np.array_equal(gray[..., :3], np.repeat(conf[..., None], 3, axis=-1))  # and all of them
+        for entry in api["classes"]:  # the map is the API's per-class confidence, pixel by pixel
+            assert gray[..., 0][labels == entry["id"]].mean() / 255 == pytest.approx(entry["confidence"], abs=0.003)
+        assert page.locator("#conf-scale").is_visible()
+
+        # Hover reads the pixel's confidence; the legend hides a class's pixels; the slider sets the opacity.
+        box = page.locator("#viewer").bounding_box()
+        page.mouse.move(box["x"] + 80.5 * box["width"] / 160, box["y"] + 60.5 * box["height"] / 120)
+        assert page.locator("#hover").inner_text().endswith(f", confidence {conf[60, 80] / 255:.2f}")
+        first = page.locator("#legend li").first
+        off = int(first.get_attribute("data-id"))
+        first.locator("input").uncheck()
+        hidden = layer_of(page)
+        assert (hidden[..., 3][labels == off] == 0).all()
+        assert np.array_equal(hidden[labels != off], gray[labels != off])
+        page.locator("#opacity").fill("30")
+        assert page.eval_on_selector("#layer", "c => c.style.opacity") == "0.3"
+        page.locator("#all").click()
+        assert np.array_equal(layer_of(page), gray)
+
+        page.focus("#confidence")
+        page.keyboard.press("Space")  # off again: the class colours, exactly
+        assert not page.locator("#confidence").is_checked()
+        assert np.array_equal(layer_of(page), colours)
+        assert page.locator("#conf-scale").is_hidden()
+        assert page.eval_on_selector("#layer", "c => c.style.opacity") == "0.3"
         assert errors == []
