@@ -919,6 +919,24 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
         request.scope.setdefault("segformer", {})["batch_size"] = result.batch_size
         return await in_thread(answer, image, result, fmt, probs, alpha, started)
 
+    # The schema says what the server answers: FastAPI lists 422 for invalid parameters, which this server answers
+    # with 400 and a one-line `detail` (_validation_error).
+    fastapi_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = fastapi_openapi()  # (kept by FastAPI as app.openapi_schema: changed in place, once)
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    responses = operation.get("responses", {})
+                    if responses.pop("422", None) is not None:
+                        responses.setdefault("400", {"description": "bad input (one-line reason in `detail`)"})
+            models = schema.get("components", {}).get("schemas", {})
+            for unused in ("HTTPValidationError", "ValidationError"):
+                models.pop(unused, None)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 

@@ -356,6 +356,20 @@ def test_docs_is_our_self_contained_api_page(predictor):
     assert "/docs" not in schema.json()["paths"]
 
 
+def test_the_schema_lists_400_for_invalid_parameters_as_answered(predictor):
+    """FastAPI's schema lists 422 for invalid parameters; this server answers 400 with a one-line detail, and its
+    schema says so."""
+    with client(predictor) as c:
+        schema = c.get("/openapi.json").json()
+        answer = c.post("/v1/segment?alpha=7", content=png_of(48, 64, 1))
+    assert answer.status_code == 400 and "alpha" in answer.json()["detail"]
+    assert "422" not in json.dumps(schema) and "HTTPValidationError" not in json.dumps(schema)
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            if operation.get("parameters") or operation.get("requestBody"):
+                assert "400" in operation["responses"], (method, path)
+
+
 def test_api_key_guards_the_api_routes_only(predictor):
     data = png_of(48, 64, 1)
     with client(predictor, api_key="s3cret-key") as c:
