@@ -10,7 +10,7 @@ LAYERS = {
     "model": {"config", "modeling", "pretrained", "hub", "fileio", "labels", "allocator", "precision"},
     "library": {"images", "processing", "inference", "metrics", "distributed", "visualize", "data", "evaluate",
                 "predict", "convert", "export", "run_files", "corruptions", "robustness", "report",
-                "backends"},
+                "backends", "integrations"},
     "programs": {"train", "train_log", "train_state", "recipe", "predict_folder", "serve"},
     "cli": {"cli", "commands", "__main__", "__init__"},
 }  # fmt: skip
