@@ -29,10 +29,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from bench_inference import cpu_capability  # (this folder: the script's own)
+from bench_inference import cpu_capability  # (this folder: the script's own; it puts the checkout first)
 
 from segformer import SegformerConfig, SegformerForSemanticSegmentation
 from segformer.backends import quantize_int8, runtime_model
+from segformer.commands import positive_int
 from segformer.inference import cpu_flags, infer, labels_from_probs, reduced_precision_problem
 
 
@@ -194,7 +195,7 @@ def main() -> None:
     parser.add_argument("--variant", default="b0", help="without --model: b0..b5 with random weights (b0)")
     parser.add_argument("--data", help="a folder data set: pixel agreement with fp32 on its val split")
     parser.add_argument("--size", type=int, default=512, help="latency input side (512)")
-    parser.add_argument("--rounds", type=int, default=7, help="timed rounds (7)")
+    parser.add_argument("--rounds", type=positive_int, default=7, help="timed rounds (7)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--compile", action="store_true", help="add the AOT-compiled model to the cases")
     parser.add_argument("--compile-startup", action="store_true", help="also time --compile's first and second run")

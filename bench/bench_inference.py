@@ -47,8 +47,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segformer import SegformerConfig, SegformerForSemanticSegmentation  # noqa: E402
+from segformer import VARIANTS, SegformerConfig, SegformerForSemanticSegmentation  # noqa: E402
 from segformer.allocator import tune_allocator  # noqa: E402
+from segformer.commands import positive_int  # noqa: E402
 from segformer.precision import reduced_precision_problem  # noqa: E402
 from segformer.pretrained import canonical_keys  # noqa: E402
 
@@ -238,9 +239,8 @@ def run_inference_case(case: str, args: argparse.Namespace, device: torch.device
     variant, size, dtype_name, batch = case.split(":")
     height, width = (int(v) for v in size.split("x"))
     dtype = DTYPES[dtype_name]
-    theirs, ours = build_pair(variant, device)
-    if args.compile:
-        ours = torch.compile(ours)
+    theirs, eager = build_pair(variant, device)
+    ours = torch.compile(eager) if args.compile else eager
     x = torch.randn(int(batch), 3, height, width, device=device)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else contextlib.nullcontext
     outputs, times, peaks = {}, {"transformers": [], "segformer": []}, {}
@@ -249,7 +249,7 @@ def run_inference_case(case: str, args: argparse.Namespace, device: torch.device
     flops = model_flops(ours, x) if device.type == "cpu" and not args.compile else (nan, nan)
     with tempfile.TemporaryDirectory() as workdir:
         if args.ort and device.type == "cpu" and dtype is None:
-            session = ort_session(ours, height, width, workdir)
+            session = ort_session(eager, height, width, workdir)  # (the export takes the model, not a compiled one)
             feed = {"pixel_values": x.numpy()}
             runners.append(("onnxruntime", lambda _: torch.from_numpy(session.run(["logits"], feed)[0])))
             times["onnxruntime"] = []
@@ -303,9 +303,9 @@ def run_train_case(case: str, args: argparse.Namespace, device: torch.device) ->
     height, width = (int(v) for v in size.split("x"))
     theirs, ours = build_pair(variant, device)
     for model in (theirs, ours):
-        model.config.drop_path_rate = 0.0
         model.train()
-    # dropout stays at its defaults in both; the comparison below uses a dropout-free loss check
+    # both train with the variant's defaults (drop path 0.1, dropout 0): the same work; the accuracy check below
+    # compares eval-mode losses, where neither is random
     x = torch.randn(int(batch), 3, height, width, device=device)
     labels = torch.randint(0, 150, (int(batch), height, width), device=device)
     times, peaks, losses = {"transformers": [], "segformer": []}, {}, {}
@@ -341,6 +341,7 @@ def measure_in_child(name: str, case: str, args: argparse.Namespace) -> float:
         cmd.append("--no-tf32")
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    cmd += ["--allocator", args.allocator]  # (an eager model: under --compile too)
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -369,6 +370,25 @@ def memory_child(name: str, case: str, device: torch.device) -> float:
     return mem.peak
 
 
+def check_case(case: str) -> str | None:
+    """Why ``case`` is not a case of this script (see the docstring), or None."""
+    words = case.split(":")
+    kind = words[0] if words[0] in ("train", "batch") else None
+    fields = words[1:] if kind else words
+    wanted = "VARIANT:HxW:BATCH" if kind else "VARIANT:HxW:DTYPE:BATCH"
+    if len(fields) != (3 if kind else 4):
+        return f"{case!r} is not {f'{kind}:' if kind else ''}{wanted}"
+    variant, size, batch = fields[0], fields[1], fields[-1]
+    if variant not in VARIANTS:
+        return f"{case!r}: unknown variant {variant!r} (one of {', '.join(VARIANTS)})"
+    if not kind and fields[2] not in DTYPES:
+        return f"{case!r}: unknown dtype {fields[2]!r} (one of {', '.join(DTYPES)})"
+    sides = size.split("x")
+    if len(sides) != 2 or not all(v.isdigit() and int(v) > 0 for v in (*sides, batch)):
+        return f"{case!r}: the size must be HxW and the batch a count, positive integers (e.g. 512x512 and 1)"
+    return None
+
+
 def _row(case, times, peaks, rel, agree) -> dict:
     t_theirs, t_ours = statistics.median(times["transformers"]), statistics.median(times["segformer"])
     return dict(case=case, theirs=t_theirs, ours=t_ours, ratio=t_theirs / t_ours,
@@ -384,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         help="cases to run (see above; default: the list above, less its bf16 "
         "cases where the device would only emulate bf16)",
     )
-    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per case (default 5)")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed repetitions per case (default 5)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or mps (default cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--compile", action="store_true", help="torch.compile our model (inference cases)")
@@ -402,6 +422,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    for case in args.cases or ():
+        problem = check_case(case)
+        if problem:
+            parser.error(f"--cases: {problem}")
     tuned = tune_allocator() if args.allocator == "tuned" else False
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -44,6 +44,7 @@ from bench_inference import cpu_capability  # noqa: E402  (this folder: the scri
 
 from segformer import SegformerConfig, SegformerForSemanticSegmentation, inference  # noqa: E402
 from segformer.allocator import tune_allocator  # noqa: E402
+from segformer.commands import positive_int  # noqa: E402
 from segformer.inference import InferenceOptions, aligned_size, predict_labels  # noqa: E402
 
 SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
@@ -135,7 +136,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", default="b0")
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=positive_int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     tune_allocator()

@@ -10,14 +10,16 @@ machine load hit both alike. Prints median latencies, the ratio onnxruntime / Py
 difference of the logits. On a machine that other jobs load, use --threads 1: multi-threaded PyTorch
 (OpenMP) degrades far more than onnxruntime under oversubscription, which turns the ratio into noise.
 
-Measured 2026-11-23 (2-core AVX-512 box, quiet, 2 threads, 10 rounds): b0 PyTorch 88.5 ms, onnxruntime
-83.3 ms (0.94); b2 417 ms vs 343 ms (0.82); max relative difference 8.3e-7 / 1.1e-6.
+The numbers are in the README (Speed; bench/bench_inference.py has the same onnxruntime column beside
+Transformers'). A first measurement, 2026-11-23, before the fast path's later work: onnxruntime 0.94× / 0.82×
+of our time for b0 / b2, since overtaken; max relative difference 8.3e-7 / 1.1e-6.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,8 +27,11 @@ from pathlib import Path
 import onnxruntime as ort
 import torch
 
-from segformer import SegformerConfig, SegformerForSemanticSegmentation
-from segformer.export import export_onnx
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, not an installed copy
+
+from segformer import SegformerConfig, SegformerForSemanticSegmentation  # noqa: E402
+from segformer.commands import positive_int  # noqa: E402
+from segformer.export import export_onnx  # noqa: E402
 
 
 def bench(variant: str, size: int, rounds: int, threads: int) -> dict[str, float]:
@@ -78,7 +83,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=["b0", "b2"])
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rounds", type=positive_int, default=10)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="both runtimes (default: torch's)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -32,6 +32,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from segformer.commands import positive_int  # noqa: E402
 from segformer.processing import SegformerImageProcessor  # noqa: E402
 
 CASES = ("pil", "tensor", "tensor-nhwc")
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--height", type=int, default=768)
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--size", type=int, default=512, help="output side")
-    parser.add_argument("--repeats", type=int, default=7, help="timed calls per processor and case")
+    parser.add_argument("--repeats", type=positive_int, default=7, help="timed calls per processor and case")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     parser.add_argument("--seed", type=int, default=0)

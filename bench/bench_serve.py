@@ -39,9 +39,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from segformer import SegformerConfig, SegformerForSemanticSegmentation
-from segformer.labels import ADE20K_CLASSES
-from segformer.predict import SegformerPredictor
+CHECKOUT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(CHECKOUT))  # this checkout, not an installed copy (the server process too: below)
+
+from segformer import SegformerConfig, SegformerForSemanticSegmentation  # noqa: E402
+from segformer.commands import positive_int  # noqa: E402
+from segformer.labels import ADE20K_CLASSES  # noqa: E402
+from segformer.predict import SegformerPredictor  # noqa: E402
 
 
 def photo_like(size: int) -> bytes:
@@ -56,12 +60,15 @@ def photo_like(size: int) -> bytes:
 
 
 def start_server(model: str, threads: int, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    path = os.pathsep.join([str(CHECKOUT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": path}
     # --timeout: a loaded machine must not turn slow answers into 504s; everything else is the default
     cmd = [sys.executable, "-m", "segformer", "serve", model, "--port", "0", "--no-access-log", "--timeout", "3600",
            *extra]  # fmt: skip
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    said = []  # what the server printed before its URL: its error, if it does not start
     for line in proc.stderr:
+        said.append(line.rstrip())
         found = re.search(r"segformer serve: (http://\S+?)/ ", line)
         if found:
             url = found.group(1)
@@ -72,7 +79,8 @@ def start_server(model: str, threads: int, extra: list[str]) -> tuple[subprocess
                     raise RuntimeError("the server did not become ready")
                 time.sleep(0.1)
             return proc, url
-    raise RuntimeError(f"the server did not start (exit code {proc.wait()})")
+    last = next((line for line in reversed(said) if line.strip()), "no output")
+    raise RuntimeError(f"the server did not start (exit code {proc.wait()}): {last}")
 
 
 def hammer(url: str, data: bytes, requests: int, concurrency: int) -> tuple[float, list[float]]:
@@ -105,7 +113,7 @@ def main() -> None:
     parser.add_argument("--model", help="checkpoint directory (default: a random b0 with ADE20K's 150 classes)")
     parser.add_argument("--variant", default="b0", help="variant of the random model (b0)")
     parser.add_argument("--size", type=int, default=512, help="image side in pixels (512)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating predictor / server rounds (3)")
+    parser.add_argument("--rounds", type=positive_int, default=3, help="alternating predictor / server rounds (3)")
     parser.add_argument("--per-round", type=int, default=8, help="images per round at concurrency 1 (8)")
     parser.add_argument("--requests", type=int, default=48, help="requests at concurrency 4 and 16 (48)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, each side")

@@ -61,6 +61,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from segformer import SegformerConfig, SegformerForSemanticSegmentation  # noqa: E402
+from segformer.commands import positive_int  # noqa: E402
 from segformer.metrics import ConfusionMatrix  # noqa: E402
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32) * 255
@@ -331,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--steps", type=int, default=None, help="optimiser steps (default 600; --quick: 150)")
+    ap.add_argument("--steps", type=positive_int, default=None, help="optimiser steps (default 600; --quick: 150)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 150 steps, 120 train / 30 val images")
     ap.add_argument("--datasets", default=",".join(DATASETS), help=f"comma list of {', '.join(DATASETS)}")
     ap.add_argument("--seed", type=int, default=0, help="data set and training seed (default 0)")
@@ -339,16 +340,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--extra", default="", help='extra flags for segformer train, e.g. "--scale 0 0"')
     ap.add_argument("--only", choices=("both", "ours", "plain"), default="both")
     ap.add_argument("--rerun-plain", action="store_true", help="ignore a cached plain-loop result")
-    ap.add_argument("--train-images", type=int, default=None, help="default 300 (--quick: 120)")
-    ap.add_argument("--val-images", type=int, default=None, help="default 60 (--quick: 30)")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--train-images", type=positive_int, default=None, help="default 300 (--quick: 120)")
+    ap.add_argument("--val-images", type=positive_int, default=None, help="default 60 (--quick: 30)")
+    ap.add_argument("--batch-size", type=positive_int, default=8)
     ap.add_argument("--lr", type=float, default=6e-4)
-    ap.add_argument("--crop", type=int, nargs=2, default=(128, 128))
+    ap.add_argument("--crop", type=positive_int, nargs=2, default=(128, 128))
     ap.add_argument("--threads", type=int, default=None, help="torch threads (both sides)")
     args = ap.parse_args(argv)
-    steps = args.steps or (150 if args.quick else 600)
-    n_train = args.train_images or (120 if args.quick else 300)
-    n_val = args.val_images or (30 if args.quick else 60)
+    steps = args.steps if args.steps is not None else (150 if args.quick else 600)
+    n_train = args.train_images if args.train_images is not None else (120 if args.quick else 300)
+    n_val = args.val_images if args.val_images is not None else (30 if args.quick else 60)
     crop = tuple(args.crop)
     if args.threads:
         torch.set_num_threads(args.threads)

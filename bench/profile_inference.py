@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from segformer import SegformerConfig, SegformerForSemanticSegmentation  # noqa: E402
 from segformer.allocator import tune_allocator  # noqa: E402
+from segformer.commands import positive_int  # noqa: E402
 
 DEFAULT_CASES = ["b0:512x512:fp32:1", "b0:512x512:fp32:8", "b2:512x512:fp32:1"]
 
@@ -71,7 +72,7 @@ def profile_case(case: str, passes: int, rows: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES)
-    parser.add_argument("--passes", type=int, default=3, help="profiled passes per case (default 3)")
+    parser.add_argument("--passes", type=positive_int, default=3, help="profiled passes per case (default 3)")
     parser.add_argument("--rows", type=int, default=15, help="operators listed per case (default 15)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)

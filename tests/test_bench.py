@@ -66,3 +66,14 @@ def test_model_flops_ours_below_the_architecture():
     # convolutions: the same products), so ours is the architecture's less the fuse conv
     assert ours == arch - fuse
     assert model.fast_path  # restored
+
+
+def test_bench_inference_names_what_is_wrong_with_a_case():
+    check = _bench_inference().check_case
+    assert check("b0:512x512:fp32:1") is None and check("train:b2:64x96:8") is None
+    assert check("batch:b0:512x512:8") is None
+    assert "is not VARIANT:HxW:DTYPE:BATCH" in check("b0:512x512")
+    assert "is not train:VARIANT:HxW:BATCH" in check("train:b0:512x512")
+    assert "unknown dtype 'fp64'" in check("b0:64x64:fp64:1")
+    assert "unknown variant 'b9'" in check("b9:64x64:fp32:1")
+    assert "positive integers" in check("b0:0x64:fp32:1") and "positive integers" in check("b0:64x64:fp32:-1")
