@@ -5,11 +5,13 @@ Our models train under ``transformers.Trainer`` as they are: its collation, opti
 evaluation and ``predict`` all work. One thing differs from Transformers' own classes: Trainer saves a model that
 is not a ``transformers.PreTrainedModel`` as its weights alone (``model.safetensors``, no ``config.json``), so a
 checkpoint folder does not load by itself. :class:`SaveConfigCallback` writes the configuration (and the image
-processor's, when given) into every checkpoint it saves::
+processor's, when given) into every checkpoint it saves, and at the end of training into ``output_dir``, where
+``trainer.save_model()`` puts the final weights by default::
 
     trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[SaveConfigCallback(processor)])
     trainer.train()
     model = SegformerForSemanticSegmentation.from_pretrained("out/checkpoint-500")
+    trainer.save_model()  # out/: the weights beside the config.json written at the end of training
 
 A weights-only folder also loads with the configuration given: ``from_pretrained(folder, config=config)``.
 For the final model, ``model.save_pretrained(folder)`` writes both.
@@ -27,8 +29,9 @@ class SaveConfigCallback:
     """A ``transformers.Trainer`` callback that makes each checkpoint folder loadable on its own: after Trainer
     saves ``<output_dir>/checkpoint-<step>``, it writes the model's ``config.json`` there (and
     ``preprocessor_config.json`` when an image processor is given), each atomically. Only the process that
-    saves (the main process under torchrun) writes. Trainer calls every event on every callback; the events other
-    than ``on_save`` do nothing."""
+    saves (the main process under torchrun) writes. At the end of training (``on_train_end``) it writes them into
+    ``output_dir`` too, where ``trainer.save_model()`` saves the final weights unless given another folder.
+    Trainer calls every event on every callback; the other events do nothing."""
 
     def __init__(self, image_processor: Any = None) -> None:
         self.image_processor = image_processor
@@ -39,6 +42,14 @@ class SaveConfigCallback:
         folder = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}-{state.global_step}"
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder}: Trainer's checkpoint folder is missing after on_save")
+        self._write(folder, model)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if getattr(args, "should_save", True):
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+            self._write(Path(args.output_dir), model)
+
+    def _write(self, folder: Path, model: Any) -> None:
         config = getattr(_unwrapped(model), "config", None)
         if config is None or not callable(getattr(config, "to_json_file", None)):
             raise TypeError(f"SaveConfigCallback: the model ({type(model).__name__}) has no config to save")

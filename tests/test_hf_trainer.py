@@ -139,6 +139,10 @@ def test_checkpoints_load_and_resume_with_the_callback(tmp_path, processor):
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
     assert SegformerImageProcessor.from_pretrained(folder).size == {"height": 64, "width": 64}
+    trainer.save_model()  # the final weights into output_dir, beside the config written at the end of training
+    final = SegformerForSemanticSegmentation.from_pretrained(tmp_path / "run")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(final.state_dict()[name], tensor), name
 
     # resume from checkpoint-1 to step 2: Trainer reads our config.json and state and reaches the same weights
     resumed = SegformerForSemanticSegmentation(tiny_config(num_labels=3, **QUIET))
