@@ -83,7 +83,7 @@ def transformers_processor(size: int):
 
 
 def workflows(variant: str, classes: int, size: int, workdir: str) -> dict[str, Callable[[bytes], np.ndarray]]:
-    """The four workflows on one set of random weights: jpeg bytes → (H, W) labels as numpy."""
+    """The workflows on one set of random weights: jpeg bytes → (H, W) labels as numpy."""
     theirs, ours = build_pair(variant, torch.device("cpu"), num_labels=classes)
     their_processor, our_processor = (
         transformers_processor(size),

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_inference import cpu_capability  # noqa: E402  (this folder: the script's own)
 
-from segformer import SegformerConfig, SegformerForSemanticSegmentation, inference  # noqa: E402
+from segformer import VARIANTS, SegformerConfig, SegformerForSemanticSegmentation, inference  # noqa: E402
 from segformer.allocator import tune_allocator  # noqa: E402
 from segformer.commands import positive_int  # noqa: E402
 from segformer.inference import InferenceOptions, aligned_size, predict_labels  # noqa: E402
@@ -133,11 +133,13 @@ def run(variant: str, dataset: str, rounds: int) -> list[tuple[str, dict[str, fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", default="b0")
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
-    parser.add_argument("--rounds", type=positive_int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", default="b0", choices=list(VARIANTS), help="model variant (default b0)")
+    parser.add_argument(
+        "--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS), help="photo sets (default: all)"
+    )
+    parser.add_argument("--rounds", type=positive_int, default=3, help="timed rounds per photo (default 3)")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch threads (default 2, both sides)")
     args = parser.parse_args()
     tune_allocator()
     torch.set_num_threads(args.threads)
