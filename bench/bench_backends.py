@@ -173,12 +173,14 @@ print(f"{time.time() - start:.2f}")
 """
 
 
-def compile_startup(model: SegformerForSemanticSegmentation, size: int) -> None:
+def compile_startup(model: SegformerForSemanticSegmentation, size: int, threads: int | None = None) -> None:
     """Seconds from starting a new Python process to the end of its first prediction (import, checkpoint load,
     compilation or package load, one forward pass): eager, then --compile twice on one fresh cache."""
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(Path(tmp) / "model")
         env = {**os.environ, "SEGFORMER_CACHE": str(Path(tmp) / "cache")}
+        if threads:  # the children run with the parent's thread count (the compile cache's key includes it)
+            env["OMP_NUM_THREADS"] = str(threads)
         print(f"\nnew process to first prediction, ({size}x{size}), SegformerPredictor(..., compile=...):")
         for label, flag in (("eager", "0"), ("compile, 1st run", "1"), ("compile, 2nd run", "1"), ("eager", "0")):
             cmd = [sys.executable, "-c", CHILD, repr(time.time()), str(Path(tmp) / "model"), flag, str(size)]
@@ -215,7 +217,7 @@ def main() -> None:
         if args.data:
             agreement(runs, args.data, [None, args.size])
     if args.compile_startup:
-        compile_startup(model, args.size)
+        compile_startup(model, args.size, args.threads)
     if args.eval_amp:
         eval_amp(args, args.rounds)
 

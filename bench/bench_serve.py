@@ -163,7 +163,8 @@ def main() -> None:
     print(
         f"segformer serve: {Path(model).name if args.model else 'random ' + args.variant} "
         f"({predictor.num_classes} classes), {args.size}x{args.size} JPEG, {mode}, cpu float32, "
-        f"{args.threads} thread(s) each side, server defaults (max-batch 8, max-wait-ms 5)"
+        f"{args.threads} thread(s) each side, server "
+        f"{'options: ' + args.serve_args if args.serve_args.strip() else 'defaults (max-batch 8, max-wait-ms 5)'}"
     )
     print(f"{'':>22} {'img/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
     print(

@@ -23,6 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_inference import cpu_capability  # noqa: E402 (this folder: the script's own)
+
 from segformer import SegformerConfig, SegformerForSemanticSegmentation  # noqa: E402
 from segformer.allocator import tune_allocator  # noqa: E402
 from segformer.commands import positive_int  # noqa: E402
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     tuned = tune_allocator()
     print(
         f"# torch {torch.__version__}, {torch.get_num_threads()} threads, cpu capability "
-        f"{torch.backends.cpu.get_cpu_capability()}, allocator {'tuned' if tuned else 'system'}"
+        f"{cpu_capability()}, allocator {'tuned' if tuned else 'system'}"
     )
     for case in args.cases:
         profile_case(case, args.passes, args.rows)
