@@ -198,6 +198,14 @@ def tiny_server(tmp_path_factory):
         assert server.stop() == 0
 
 
+def two_photos(tmp_path: Path, first: str, second: str) -> tuple[Path, Path]:
+    """Two noise photos, 128×96 then 160×120: a result on the page names its image by its size."""
+    paths = tmp_path / first, tmp_path / second
+    Image.fromarray(_noise(96, 128, 5)).save(paths[0])
+    Image.fromarray(_noise(120, 160, 11)).save(paths[1])
+    return paths
+
+
 @contextlib.contextmanager
 def stalled(server: ServerProcess):
     """The server process stopped (SIGSTOP) and resumed on exit: the kernel still takes the browser's connection and
@@ -248,9 +256,7 @@ def wait_until(page, condition, what: str, timeout: float = 20) -> None:
 def test_page_cancels_an_upload_replaced_by_another(tiny_server, tmp_path):
     # Image A is chosen while the server hangs, then image B: A's request is aborted in the browser (not left
     # running), and once the server answers again the page shows B's result and never A's result or an error.
-    first, second = tmp_path / "first.png", tmp_path / "second.png"
-    Image.fromarray(_noise(96, 128, 5)).save(first)
-    Image.fromarray(_noise(120, 160, 11)).save(second)
+    first, second = two_photos(tmp_path, "first.png", "second.png")
     with open_page(tmp_path, tiny_server.url + "/") as (page, errors, posts):
         assert page.evaluate("timeoutS") == 120  # the page's default upload timeout, as the README says
         with stalled(tiny_server):
@@ -286,9 +292,7 @@ def test_page_times_out_an_upload_the_server_never_answers(tiny_server, tmp_path
     # ?timeout=2 sets the page's upload timeout (120 s by default) to 2 s. A first upload succeeds; the next one
     # meets a server that hangs: after 2 s the page gives up, names the file, says it timed out, hides the previous
     # result and cancels the request (no late result once the server answers again); the next upload works.
-    photo, slow = tmp_path / "photo.png", tmp_path / "slow photo.png"
-    Image.fromarray(_noise(96, 128, 5)).save(photo)
-    Image.fromarray(_noise(120, 160, 11)).save(slow)
+    photo, slow = two_photos(tmp_path, "photo.png", "slow photo.png")
     with open_page(tmp_path, tiny_server.url + "/?timeout=2") as (page, errors, posts):
         page.set_input_files("#file", str(photo))
         page.wait_for_selector("body[data-state=done]", state="attached", timeout=60_000)
