@@ -48,7 +48,6 @@ def layer_of(page) -> np.ndarray:
 def test_page_segments_an_upload_in_headless_chromium(tmp_path):
     # Not a skip: `make test` installs Chromium first (the Makefile's browser target); elsewhere say what is missing.
     assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: apt-get install chromium (make browser)"
-    from playwright.sync_api import sync_playwright
 
     torch.manual_seed(0)
     randomize_(SegformerForSemanticSegmentation(tiny_config(num_labels=K, id2label=NAMES)), seed=3).save_pretrained(
@@ -64,108 +63,87 @@ def test_page_segments_an_upload_in_headless_chromium(tmp_path):
     server = ServerProcess(tmp_path / "tiny", "--mode", "whole")
     try:
         server.wait_ready()
-        with sync_playwright() as p:
-            browser = p.chromium.launch_persistent_context(
-                str(tmp_path / "profile"),  # a fresh user-data-dir
-                executable_path=CHROMIUM,
-                headless=True,
-                args=ARGS,
-                viewport={"width": 1100, "height": 760},
-                accept_downloads=True,
-            )
-            try:
-                page = browser.new_page()
-                errors: list[str] = []
-                requests: list[str] = []
-                page.on("console", lambda m: m.type == "error" and errors.append(m.text))
-                page.on("pageerror", lambda e: errors.append(str(e)))
-                page.on("request", lambda r: requests.append(r.url))
-                page.goto(server.url + "/")
-                page.wait_for_selector("body[data-state=idle]", state="attached", timeout=30_000)  # model info read
-                page.keyboard.press("Tab")  # the file chooser is reachable from the keyboard (Enter opens it)
-                assert page.evaluate("document.activeElement.id") == "file"
-                page.set_input_files("#file", str(photo))
-                page.wait_for_selector("body[data-state=done]", state="attached", timeout=60_000)
+        with chromium(tmp_path, viewport={"width": 1100, "height": 760}, accept_downloads=True) as (page, errors):
+            requests: list[str] = []
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(server.url + "/")
+            page.wait_for_selector("body[data-state=idle]", state="attached", timeout=30_000)  # model info read
+            page.keyboard.press("Tab")  # the file chooser is reachable from the keyboard (Enter opens it)
+            assert page.evaluate("document.activeElement.id") == "file"
+            page.set_input_files("#file", str(photo))
+            page.wait_for_selector("body[data-state=done]", state="attached", timeout=60_000)
 
-                # The legend lists the predicted classes, by area, with their colours.
-                names = page.locator("#legend .name").all_inner_texts()
-                assert sorted(names) == sorted(NAMES[c] for c in present)
-                swatches = page.eval_on_selector_all("#legend .swatch", "els => els.map(e => e.style.background)")
-                by_name = {NAMES[c]: c for c in present}
-                assert swatches == [f"rgb({', '.join(map(str, predictor.palette[by_name[n]]))})" for n in names]
+            # The legend lists the predicted classes, by area, with their colours.
+            names = page.locator("#legend .name").all_inner_texts()
+            assert sorted(names) == sorted(NAMES[c] for c in present)
+            swatches = page.eval_on_selector_all("#legend .swatch", "els => els.map(e => e.style.background)")
+            by_name = {NAMES[c]: c for c in present}
+            assert swatches == [f"rgb({', '.join(map(str, predictor.palette[by_name[n]]))})" for n in names]
 
-                # The overlay is not blank: the colour layer is the palette colour of each predicted label, i.e. the
-                # page decoded the label PNG to exactly the predictor's class ids.
-                layer = layer_of(page)
-                assert layer.shape == (120, 160, 4) and (layer[..., 3] == 255).all()
-                assert np.array_equal(layer[..., :3], predictor.palette[labels])
-                base = page.evaluate("""() => { const c = document.getElementById("base");
-                    const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
-                    let s = 0; for (let i = 0; i < d.length; i += 4) s += d[i] + d[i + 1] + d[i + 2]; return s; }""")
-                assert base > 0  # the photo is drawn under the colours
+            # The overlay is not blank: the colour layer is the palette colour of each predicted label, i.e. the
+            # page decoded the label PNG to exactly the predictor's class ids.
+            layer = layer_of(page)
+            assert layer.shape == (120, 160, 4) and (layer[..., 3] == 255).all()
+            assert np.array_equal(layer[..., :3], predictor.palette[labels])
+            base = page.evaluate("""() => { const c = document.getElementById("base");
+                const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+                let s = 0; for (let i = 0; i < d.length; i += 4) s += d[i] + d[i + 1] + d[i + 2]; return s; }""")
+            assert base > 0  # the photo is drawn under the colours
 
-                # Hover: the class under the cursor.
-                box = page.locator("#viewer").bounding_box()
-                for x, y in ((10, 10), (150, 100), (80, 60)):
-                    page.mouse.move(
-                        box["x"] + (x + 0.5) * box["width"] / 160, box["y"] + (y + 0.5) * box["height"] / 120
-                    )
-                    assert page.locator("#hover").inner_text().startswith(f"{NAMES[int(labels[y, x])]} (class ")
+            # Hover: the class under the cursor.
+            box = page.locator("#viewer").bounding_box()
+            for x, y in ((10, 10), (150, 100), (80, 60)):
+                page.mouse.move(box["x"] + (x + 0.5) * box["width"] / 160, box["y"] + (y + 0.5) * box["height"] / 120)
+                assert page.locator("#hover").inner_text().startswith(f"{NAMES[int(labels[y, x])]} (class ")
 
-                # The opacity slider and the class toggles.
-                page.locator("#opacity").fill("80")
-                assert page.eval_on_selector("#layer", "c => c.style.opacity") == "0.8"
-                first = page.locator("#legend li").first
-                off = int(first.get_attribute("data-id"))
-                first.locator("input").uncheck()
-                layer = layer_of(page)
-                assert (layer[..., 3][labels == off] == 0).all() and (layer[..., 3][labels != off] == 255).all()
-                page.locator("#all").click()
-                assert (layer_of(page)[..., 3] == 255).all()
+            # The opacity slider and the class toggles.
+            page.locator("#opacity").fill("80")
+            assert page.eval_on_selector("#layer", "c => c.style.opacity") == "0.8"
+            first = page.locator("#legend li").first
+            off = int(first.get_attribute("data-id"))
+            first.locator("input").uncheck()
+            layer = layer_of(page)
+            assert (layer[..., 3][labels == off] == 0).all() and (layer[..., 3][labels != off] == 255).all()
+            page.locator("#all").click()
+            assert (layer_of(page)[..., 3] == 255).all()
 
-                # Downloads: the label PNG is the server's (segformer predict's) file; the overlay a JPEG.
-                with page.expect_download() as download:
-                    page.locator("#dl-label").click()
-                assert download.value.suggested_filename == "street photo.png"
-                served = httpx.post(server.url + "/v1/segment?format=png", content=photo.read_bytes())
-                assert Path(download.value.path()).read_bytes() == served.content
-                with page.expect_download() as download:
-                    page.locator("#dl-overlay").click()
-                assert download.value.suggested_filename == "street photo_overlay.jpg"
-                with Image.open(download.value.path()) as jpeg:
-                    assert jpeg.format == "JPEG" and jpeg.size == (160, 120)
+            # Downloads: the label PNG is the server's (segformer predict's) file; the overlay a JPEG.
+            with page.expect_download() as download:
+                page.locator("#dl-label").click()
+            assert download.value.suggested_filename == "street photo.png"
+            served = httpx.post(server.url + "/v1/segment?format=png", content=photo.read_bytes())
+            assert Path(download.value.path()).read_bytes() == served.content
+            with page.expect_download() as download:
+                page.locator("#dl-overlay").click()
+            assert download.value.suggested_filename == "street photo_overlay.jpg"
+            with Image.open(download.value.path()) as jpeg:
+                assert jpeg.format == "JPEG" and jpeg.size == (160, 120)
 
-                shot = tmp_path / "serve_page.png"
-                page.screenshot(path=str(shot), full_page=True)
-                with Image.open(shot) as img:
-                    assert img.size[0] == 1100 and len(img.convert("RGB").getcolors(1 << 20) or []) > 50
+            shot = tmp_path / "serve_page.png"
+            page.screenshot(path=str(shot), full_page=True)
+            with Image.open(shot) as img:
+                assert img.size[0] == 1100 and len(img.convert("RGB").getcolors(1 << 20) or []) > 50
 
-                # A phone-width screen: one column, the picture as wide as the screen, the legend below it.
-                page.set_viewport_size({"width": 390, "height": 844})
-                viewer, legend = page.locator("#viewer").bounding_box(), page.locator("aside").bounding_box()
-                assert (
-                    viewer["width"] <= 390 and viewer["width"] > 300 and legend["y"] >= viewer["y"] + viewer["height"]
-                )
-                width = page.evaluate("document.documentElement.scrollWidth")
-                assert width <= 390  # no sideways scrolling
-                page.screenshot(path=str(tmp_path / "serve_page_phone.png"), full_page=True)
+            # A phone-width screen: one column, the picture as wide as the screen, the legend below it.
+            page.set_viewport_size({"width": 390, "height": 844})
+            viewer, legend = page.locator("#viewer").bounding_box(), page.locator("aside").bounding_box()
+            assert viewer["width"] <= 390 and viewer["width"] > 300 and legend["y"] >= viewer["y"] + viewer["height"]
+            width = page.evaluate("document.documentElement.scrollWidth")
+            assert width <= 390  # no sideways scrolling
+            page.screenshot(path=str(tmp_path / "serve_page_phone.png"), full_page=True)
 
-                assert errors == []
+            assert errors == []
 
-                # A bad upload: the page shows the server's one-line reason, naming the file, and no longer the
-                # previous image's result (which would read as this one's).
-                (tmp_path / "notes.jpg").write_text("this is not an image")
-                page.set_input_files("#file", str(tmp_path / "notes.jpg"))
-                page.wait_for_selector("body[data-state=error]", state="attached", timeout=30_000)
-                status = page.locator("#status").inner_text()
-                assert status == "notes.jpg: not an image (Pillow cannot identify the format)"
-                assert page.locator("#result").is_hidden()
-                assert errors == ["Failed to load resource: the server responded with a status of 400 (Bad Request)"]
-                assert all(r.startswith(server.url + "/") or r.startswith(("blob:", "data:")) for r in requests), (
-                    requests
-                )
-            finally:
-                browser.close()
+            # A bad upload: the page shows the server's one-line reason, naming the file, and no longer the
+            # previous image's result (which would read as this one's).
+            (tmp_path / "notes.jpg").write_text("this is not an image")
+            page.set_input_files("#file", str(tmp_path / "notes.jpg"))
+            page.wait_for_selector("body[data-state=error]", state="attached", timeout=30_000)
+            status = page.locator("#status").inner_text()
+            assert status == "notes.jpg: not an image (Pillow cannot identify the format)"
+            assert page.locator("#result").is_hidden()
+            assert errors == ["Failed to load resource: the server responded with a status of 400 (Bad Request)"]
+            assert all(r.startswith(server.url + "/") or r.startswith(("blob:", "data:")) for r in requests), requests
     finally:
         assert server.stop() == 0
 
@@ -218,30 +196,38 @@ def stalled(server: ServerProcess):
 
 
 @contextlib.contextmanager
-def open_page(tmp_path: Path, url: str):
-    """A fresh headless Chromium on `url`, once the page has read the model; yields (page, console errors, and the
-    segment requests as [url, outcome] with outcome None while in flight, "ok" or the browser's failure text)."""
+def chromium(tmp_path: Path, **options):
+    """A page in a fresh headless Chromium (Debian's, a new profile under `tmp_path`; `options`: the browser
+    context's, e.g. viewport) and the console errors and uncaught page errors it collects."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=ARGS
+            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=ARGS, **options
         )
         try:
             page = browser.new_page()
             errors: list[str] = []
-            posts: dict[object, list] = {}
             page.on("console", lambda m: m.type == "error" and errors.append(m.text))
             page.on("pageerror", lambda e: errors.append(str(e)))
-            page.on("request", lambda r: r.method == "POST" and posts.setdefault(r, [r.url, None]))
-            page.on("requestfinished", lambda r: r in posts and posts[r].__setitem__(1, "ok"))
-            page.on("requestfailed", lambda r: r in posts and posts[r].__setitem__(1, r.failure))
-            page.goto(url)
-            page.wait_for_selector("body[data-state=idle]", state="attached", timeout=30_000)
-            page.evaluate(WATCH)
-            yield page, errors, posts
+            yield page, errors
         finally:
             browser.close()
+
+
+@contextlib.contextmanager
+def open_page(tmp_path: Path, url: str):
+    """A fresh headless Chromium on `url`, once the page has read the model; yields (page, console errors, and the
+    segment requests as [url, outcome] with outcome None while in flight, "ok" or the browser's failure text)."""
+    with chromium(tmp_path) as (page, errors):
+        posts: dict[object, list] = {}
+        page.on("request", lambda r: r.method == "POST" and posts.setdefault(r, [r.url, None]))
+        page.on("requestfinished", lambda r: r in posts and posts[r].__setitem__(1, "ok"))
+        page.on("requestfailed", lambda r: r in posts and posts[r].__setitem__(1, r.failure))
+        page.goto(url)
+        page.wait_for_selector("body[data-state=idle]", state="attached", timeout=30_000)
+        page.evaluate(WATCH)
+        yield page, errors, posts
 
 
 def wait_until(page, condition, what: str, timeout: float = 20) -> None:
@@ -336,63 +322,51 @@ def test_docs_page_lists_every_operation_offline(tiny_server, tmp_path):
     # /docs in a browser that reaches only this server: the page reads /openapi.json and shows every operation with
     # its parameters, body types and responses, loading nothing from elsewhere, under the server's CSP, without a
     # console error; its curl line for POST /v1/segment works as shown.
-    from playwright.sync_api import sync_playwright
-
     spec = httpx.get(tiny_server.url + "/openapi.json").json()
-    with sync_playwright() as p:
-        browser = p.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=ARGS
-        )
-        try:
-            page = browser.new_page()
-            errors: list[str] = []
-            requests: list[str] = []
-            failed: list[str] = []
-            page.on("console", lambda m: m.type == "error" and errors.append(m.text))
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.on("request", lambda r: requests.append(r.url))
-            page.on("requestfailed", lambda r: failed.append(f"{r.url} {r.failure}"))
-            page.on("response", lambda r: r.status >= 400 and failed.append(f"{r.url} {r.status}"))
-            answer = page.goto(tiny_server.url + "/docs")
-            page.wait_for_load_state("networkidle")
-            assert failed == [] and all(r.startswith(tiny_server.url + "/") for r in requests), (failed, requests)
-            page.wait_for_function("document.body.innerText.includes('/v1/segment')", timeout=15_000)  # not blank
-            page.wait_for_selector("body[data-state=done]", state="attached", timeout=15_000)
-            assert "default-src 'none'" in answer.headers["content-security-policy"]
+    with chromium(tmp_path) as (page, errors):
+        requests: list[str] = []
+        failed: list[str] = []
+        page.on("request", lambda r: requests.append(r.url))
+        page.on("requestfailed", lambda r: failed.append(f"{r.url} {r.failure}"))
+        page.on("response", lambda r: r.status >= 400 and failed.append(f"{r.url} {r.status}"))
+        answer = page.goto(tiny_server.url + "/docs")
+        page.wait_for_load_state("networkidle")
+        assert failed == [] and all(r.startswith(tiny_server.url + "/") for r in requests), (failed, requests)
+        page.wait_for_function("document.body.innerText.includes('/v1/segment')", timeout=15_000)  # not blank
+        page.wait_for_selector("body[data-state=done]", state="attached", timeout=15_000)
+        assert "default-src 'none'" in answer.headers["content-security-policy"]
 
-            shown = page.eval_on_selector_all(".op", "els => els.map(e => [e.dataset.method, e.dataset.path])")
-            listed = [[m.upper(), path] for path, item in spec["paths"].items() for m in item]
-            assert sorted(shown) == sorted(listed) and ["POST", "/v1/segment"] in shown
+        shown = page.eval_on_selector_all(".op", "els => els.map(e => [e.dataset.method, e.dataset.path])")
+        listed = [[m.upper(), path] for path, item in spec["paths"].items() for m in item]
+        assert sorted(shown) == sorted(listed) and ["POST", "/v1/segment"] in shown
 
-            op = spec["paths"]["/v1/segment"]["post"]
-            section = '.op[data-method="POST"][data-path="/v1/segment"]'
-            assert page.locator(f"{section} .summary").inner_text() == op["summary"] == "Segment one image"
-            assert "label_png" in page.locator(f"{section} > p").first.inner_text()  # the description
-            params = page.evaluate(READ_TABLE, [section, "Parameters"])
-            assert [row[0] for row in params] == [q["name"] for q in op["parameters"]] == ["format", "probs", "alpha"]
-            by_name = {row[0]: row for row in params}
-            assert by_name["format"][1:4] == ["query", '"json" | "png" | "overlay"', '"json"']
-            assert by_name["probs"][1:4] == ["query", "boolean", "false"]
-            assert by_name["alpha"][1:4] == ["query", "number 0–1", "0.5"]
-            for q in op["parameters"]:
-                assert by_name[q["name"]][4] == q["description"]
-            body = page.evaluate(READ_TABLE, [section, "Request body"])
-            assert [row[0] for row in body] == list(op["requestBody"]["content"])
-            assert body[0] == ["multipart/form-data", "file: binary (required)"]
-            responses = page.evaluate(READ_TABLE, [section, "Responses"])
-            assert {row[0]: row[1] for row in responses} == {
-                code: r["description"].replace("`", "") for code, r in op["responses"].items()
-            }
-            assert {"200", "400", "401", "413", "503", "504"} <= {row[0] for row in responses}
-            assert page.locator(f"{section} .lock").inner_text() == "API key"
-            curl = page.locator(f"{section} pre.curl").inner_text()
-            assert curl == f"curl -F file=@photo.jpg {tiny_server.url}/v1/segment"
-            assert page.locator('.op[data-path="/healthz"] pre.curl').inner_text() == f"curl {tiny_server.url}/healthz"
+        op = spec["paths"]["/v1/segment"]["post"]
+        section = '.op[data-method="POST"][data-path="/v1/segment"]'
+        assert page.locator(f"{section} .summary").inner_text() == op["summary"] == "Segment one image"
+        assert "label_png" in page.locator(f"{section} > p").first.inner_text()  # the description
+        params = page.evaluate(READ_TABLE, [section, "Parameters"])
+        assert [row[0] for row in params] == [q["name"] for q in op["parameters"]] == ["format", "probs", "alpha"]
+        by_name = {row[0]: row for row in params}
+        assert by_name["format"][1:4] == ["query", '"json" | "png" | "overlay"', '"json"']
+        assert by_name["probs"][1:4] == ["query", "boolean", "false"]
+        assert by_name["alpha"][1:4] == ["query", "number 0–1", "0.5"]
+        for q in op["parameters"]:
+            assert by_name[q["name"]][4] == q["description"]
+        body = page.evaluate(READ_TABLE, [section, "Request body"])
+        assert [row[0] for row in body] == list(op["requestBody"]["content"])
+        assert body[0] == ["multipart/form-data", "file: binary (required)"]
+        responses = page.evaluate(READ_TABLE, [section, "Responses"])
+        assert {row[0]: row[1] for row in responses} == {
+            code: r["description"].replace("`", "") for code, r in op["responses"].items()
+        }
+        assert {"200", "400", "401", "413", "503", "504"} <= {row[0] for row in responses}
+        assert page.locator(f"{section} .lock").inner_text() == "API key"
+        curl = page.locator(f"{section} pre.curl").inner_text()
+        assert curl == f"curl -F file=@photo.jpg {tiny_server.url}/v1/segment"
+        assert page.locator('.op[data-path="/healthz"] pre.curl').inner_text() == f"curl {tiny_server.url}/healthz"
 
-            assert errors == [] and failed == []
-            assert requests == [tiny_server.url + "/docs", tiny_server.url + "/openapi.json"], requests
-        finally:
-            browser.close()
+        assert errors == [] and failed == []
+        assert requests == [tiny_server.url + "/docs", tiny_server.url + "/openapi.json"], requests
 
     # The curl line, run as shown (next to a photo.jpg): the server's JSON answer.
     Image.fromarray(_noise(96, 128, 5)).save(tmp_path / "photo.jpg")
