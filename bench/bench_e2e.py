@@ -56,6 +56,10 @@ DATASETS = {  # name: (photo sizes as (width, height), classes, the processor's 
     "cityscapes": ([(2048, 1024), (2048, 1024)], 19, 1024),
 }
 WORKFLOWS = ("transformers", "onnxruntime", "segformer", "ort+ours", "predictor")
+# the table: a column per workflow (ms per photo), Transformers' / onnxruntime's / ort+ours' time over ours, the
+# pixels whose label differs from Transformers', per million, for ours and for onnxruntime
+HEADERS = ("data set", *WORKFLOWS, "T / ours", "ort / ours", "ort+ours / ours", "differ ppm (ours)", "(ort)")
+VALUE_WIDTH = 9  # the widest value a number column holds: "1000000.0" (every pixel differs); ms up to 999999.9
 
 
 def synthetic_jpeg(width: int, height: int, seed: int) -> bytes:
@@ -156,6 +160,34 @@ def run_dataset(name: str, variant: str, rounds: int, workdir: str) -> dict:
     }
 
 
+def dataset_label(name: str) -> str:
+    """The table's first cell for a data set, e.g. ``cityscapes (2 photos, 19 cl, 1024²)``."""
+    sizes, classes, size = DATASETS[name]
+    return f"{name} ({len(sizes)} photos, {classes} cl, {size}²)"
+
+
+def table_widths(labels: list[str]) -> list[int]:
+    """Column widths that fit every row the table can hold: the first as wide as its longest label (or header),
+    each other one its header or ``VALUE_WIDTH`` characters, whichever is wider, plus a gap of two."""
+    return [max(len(HEADERS[0]), *map(len, labels))] + [max(len(h), VALUE_WIDTH) + 2 for h in HEADERS[1:]]
+
+
+def table_line(cells: list[str], widths: list[int]) -> str:
+    """One line of the table: the first cell left-aligned, the others right-aligned, in ``widths``."""
+    return cells[0].ljust(widths[0]) + "".join(cell.rjust(width) for cell, width in zip(cells[1:], widths[1:]))
+
+
+def result_cells(row: dict) -> list[str]:
+    """A ``run_dataset`` result as the table's cells, in the order of ``HEADERS``."""
+    t, agree = row["times"], row["agree"]
+    return [
+        dataset_label(row["name"]),
+        *(f"{1e3 * t[k]:.1f}" for k in WORKFLOWS),
+        *(f"{t[k] / t['segformer']:.2f}x" for k in ("transformers", "onnxruntime", "ort+ours")),
+        *(f"{1e6 * (1 - agree[k]):.1f}" for k in ("segformer", "onnxruntime")),
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=list(DATASETS))
@@ -177,20 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# cpu capability {cpu_capability()}; "
           f"{args.variant}, random weights, {args.rounds} interleaved rounds, "
           "ms per photo (median of rounds)")  # fmt: skip
-    print(f"{'data set':<34}" + "".join(f"{k:>14}" for k in WORKFLOWS) + f"{'T / ours':>10}{'ort / ours':>12}"
-          f"{'ort+ours / ours':>16}"
-          f"{'differ ppm (ours)':>19}{'(ort)':>7}")  # fmt: skip
+    widths = table_widths([dataset_label(name) for name in args.datasets])
+    print(table_line(list(HEADERS), widths))
     with tempfile.TemporaryDirectory() as workdir, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # export and tracing notices
         for name in args.datasets:
             row = run_dataset(name, args.variant, args.rounds, workdir)
-            t = row["times"]
-            label = f"{name} ({row['photos']} photos, {row['classes']} cl, {row['size']}²)"
-            print(f"{label:<34}" + "".join(f"{1e3 * t[k]:>14.1f}" for k in WORKFLOWS)
-                  + f"{t['transformers'] / t['segformer']:>9.2f}x{t['onnxruntime'] / t['segformer']:>11.2f}x"
-                  f"{t['ort+ours'] / t['segformer']:>13.2f}x"
-                  f"{1e6 * (1 - row['agree']['segformer']):>19.1f}{1e6 * (1 - row['agree']['onnxruntime']):>7.1f}",
-                  flush=True)  # fmt: skip
+            print(table_line(result_cells(row), widths), flush=True)
     return 0
 
 

@@ -6,10 +6,11 @@ own single-stream throughput on the same image, in the same protocol.
 
 The server is a real `segformer serve` process on 127.0.0.1 (a free port) with its defaults (--max-batch 8,
 --max-wait-ms 5); clients are keep-alive HTTP connections, one per concurrent stream, posting the JPEG as the raw
-body and reading the JSON answer (label PNG included). The predictor runs in this process, with the allocator
-settings the server's process has, ``SegformerPredictor.predict(jpeg_bytes)``: decoding, preprocessing, the
-forward pass and the labels. Overhead at
-concurrency 1 = predictor throughput / server throughput - 1: HTTP, the PNG encoding of the answer, the queue.
+body and reading the JSON answer (label PNG included); at concurrency 4 and 16 they send --requests uploads in all
+(48 by default; at least 16, so that every client sends one: a smaller number is refused). The predictor runs in
+this process, with the allocator settings the server's process has, ``SegformerPredictor.predict(jpeg_bytes)``:
+decoding, preprocessing, the forward pass and the labels. Overhead at concurrency 1 = predictor throughput /
+server throughput - 1: HTTP, the PNG encoding of the answer, the queue.
 The predictor and the server at concurrency 1 are timed in alternating rounds, so that a change of machine load
 hits both alike. Random weights: speed does not depend on them. On a machine that other jobs load, use --threads 1
 (two-thread OpenMP runs swing with the load, which turns the comparison into noise).
@@ -104,6 +105,9 @@ def hammer(url: str, data: bytes, requests: int, concurrency: int) -> tuple[floa
         return time.perf_counter() - t0, latencies
 
 
+CONCURRENCY = (4, 16)  # the levels measured after concurrency 1; --requests must give every client a request
+
+
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
@@ -114,11 +118,15 @@ def main() -> None:
     parser.add_argument("--variant", default="b0", help="variant of the random model (b0)")
     parser.add_argument("--size", type=int, default=512, help="image side in pixels (512)")
     parser.add_argument("--rounds", type=positive_int, default=3, help="alternating predictor / server rounds (3)")
-    parser.add_argument("--per-round", type=int, default=8, help="images per round at concurrency 1 (8)")
-    parser.add_argument("--requests", type=int, default=48, help="requests at concurrency 4 and 16 (48)")
+    parser.add_argument("--per-round", type=positive_int, default=8, help="images per round at concurrency 1 (8)")
+    parser.add_argument(
+        "--requests", type=int, default=48, help=f"requests at concurrency 4 and 16, at least {max(CONCURRENCY)} (48)"
+    )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, each side")
     parser.add_argument("--serve-args", default="", help="more `segformer serve` options, one string")
     args = parser.parse_args()
+    if args.requests < max(CONCURRENCY):
+        parser.error(f"--requests must be at least {max(CONCURRENCY)} (the highest concurrency), got {args.requests}")
     torch.set_num_threads(args.threads)
     try:  # the malloc settings every `segformer` command starts with, the server included: both sides alike
         from segformer.allocator import tune_allocator
@@ -152,8 +160,8 @@ def main() -> None:
                 served.append(wall)
                 one_stream += latencies
             results = {1: (sum(served), one_stream)}
-            for c in (4, 16):
-                results[c] = hammer(url, data, max(args.requests, c), c)
+            for c in CONCURRENCY:
+                results[c] = hammer(url, data, args.requests, c)
         finally:
             proc.terminate()
             proc.wait(60)

@@ -26,9 +26,10 @@ it trains SegFormer-b0 from scratch twice, with the same number of steps, batch 
 
 and prints one row per data set: ours mIoU, plain mIoU, ours / plain, the majority-class mIoU (predicting
 the most frequent val class everywhere) as a floor, and the wall times. Every result is also appended to
-OUTPUT/results.jsonl (with the extra flags). A plain-loop result is cached per (data set, steps, seed,
-sizes, threads-independent) in OUTPUT/plain-*.json, so recipe experiments with --extra re-run only `ours`
-(--rerun-plain forces it).
+OUTPUT/results.jsonl with the settings of its run (steps, batch_size, lr, crop, seed, n_train, n_val and the
+extra flags). A plain-loop result is cached per (data set, steps, batch size, lr, crop, seed, image counts; not
+per thread count) in OUTPUT/plain-*.json, so recipe experiments with --extra re-run only `ours` (--rerun-plain
+forces it).
 
 How to run
 ----------
@@ -369,8 +370,12 @@ def main(argv: list[str] | None = None) -> int:
         row = {
             "dataset": name,
             "steps": steps,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "crop": list(crop),
             "seed": args.seed,
             "n_train": n_train,
+            "n_val": n_val,
             "extra": args.extra,
             "majority": floor,
         }
