@@ -21,18 +21,20 @@ Routes (``/docs`` lists them: our own self-contained page over ``/openapi.json``
 - ``GET /``: a self-contained web page (``segformer/static/index.html``); ``GET /docs``: the API reference
   (``segformer/static/docs.html``), which reads ``GET /openapi.json``. Both are public, as are the probes.
 
-How a request travels: the API key, if any (401) → admission (503 with ``Retry-After`` when ``max_queue``
-requests are already waiting) → the body is read in chunks, 413 as soon as it passes ``max_upload_bytes`` (408
-if it has not arrived within ``timeout``) → the image is decoded and checked by :mod:`segformer.images` (400 with
-a one-line reason; 413 over the predictor's ``max_pixels``), in a small thread pool (two threads per core) →
-only then the job is queued, so a bad upload never reaches a batch → one inference thread (``workers`` of them
-if asked) takes up to ``max_batch`` queued jobs, waiting at most ``max_wait_ms`` for requests that were admitted
-and are still being read, and runs them through :meth:`SegformerPredictor.predict_iter` (same-size images share a
-forward pass) → the answer (PNG or JPEG encoding) is built in a thread. A request still waiting for the model
-``timeout`` seconds after admission gets 504 (and is dropped from the queue). A forward pass that fails is
-retried one image at a time, so one image never fails the others of its batch. Each inference thread keeps its
-full-resolution work areas between requests (:func:`segformer.inference.reuse_work_areas`: half the post-processing
-time of a 512×683 photo; the memory of its largest request's areas stays with the thread).
+How a request travels: the API key, if any (401) → admission (503 with ``Retry-After`` when ``max_queue`` requests
+are already waiting for the model, or ``max_uploads`` uploads are arriving) → the body is read in chunks, 413 as
+soon as it passes ``max_upload_bytes`` (408 if it has not arrived within ``timeout``) → the image is decoded and
+checked by :mod:`segformer.images` (400 with a one-line reason; 413 over the predictor's ``max_pixels``), in a small
+thread pool (two threads per core) → only then the job is queued (503 if the queue filled up meanwhile: an upload
+holds no queue place while it arrives, so slow clients never keep fast ones from the model), so a bad upload never
+reaches a batch → one inference thread (``workers`` of them if asked) takes up to ``max_batch`` queued jobs, waiting
+at most ``max_wait_ms`` for requests that were admitted and are still being read, and runs them through
+:meth:`SegformerPredictor.predict_iter` (same-size images share a forward pass) → the answer (PNG or JPEG encoding)
+is built in a thread. A request still waiting for the model ``timeout`` seconds after admission gets 504 (and is
+dropped from the queue). A forward pass that fails is retried one image at a time, so one image never fails the
+others of its batch. Each inference thread keeps its full-resolution work areas between requests
+(:func:`segformer.inference.reuse_work_areas`: half the post-processing time of a 512×683 photo; the memory of its
+largest request's areas stays with the thread).
 """
 
 import asyncio
@@ -76,7 +78,8 @@ access_log = logging.getLogger("segformer.serve.access")
 
 SERVE_EXTRA = 'pip install "segformer[serve]"'
 # A server's pixel limit: below segformer predict's (Pillow's 89.5 MP), since up to --max-queue decoded images
-# (3 bytes a pixel) wait in memory at once; 40 MP still takes any phone or DSLR photo.
+# (3 bytes a pixel) wait in memory at once, besides those of the uploads being decoded; 40 MP still takes any phone
+# or DSLR photo.
 DEFAULT_MAX_PIXELS = 40_000_000
 
 
@@ -109,9 +112,12 @@ class ServeConfig:
 
     max_batch: jobs one inference worker takes at once (same-size images share a forward pass). max_wait_ms: how
     long a worker holding a job waits for more, only while admitted requests are still being read. max_queue:
-    requests admitted and not yet taken by a worker; one more gets 503 with Retry-After. timeout: seconds from
+    decoded images waiting for a worker; a request that finds it full gets 503 with Retry-After (on arrival, or
+    once its image is decoded if the queue filled meanwhile). max_uploads: requests being received and decoded
+    at once (each holds up to max_upload_bytes); one more gets 503 with Retry-After. An upload holds no queue
+    place while it arrives, so slow clients cannot keep fast ones from the model. timeout: seconds from
     admission to the model's answer, else 504. upload_idle_timeout: seconds an upload may send nothing before
-    it gets 408 and gives its queue place back (a stalled or idle client). workers: inference threads, each
+    it gets 408 and gives its upload place back (a stalled or idle client). workers: inference threads, each
     running its own forward passes (1: never two at once on the device). max_upload_bytes: larger bodies get 413
     (Content-Length is checked before anything is read). api_key: a bearer token for the /v1 routes (None:
     open; printable ASCII). cors_origins: origins allowed to call the API from a browser (empty: CORS off).
@@ -121,6 +127,7 @@ class ServeConfig:
     max_batch: int = 8
     max_wait_ms: float = 5.0
     max_queue: int = 32
+    max_uploads: int = 64
     timeout: float = 30.0
     upload_idle_timeout: float = 10.0
     workers: int = 1
@@ -130,7 +137,7 @@ class ServeConfig:
     alpha: float = 0.5
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_queue", "workers", "max_upload_bytes"):
+        for name in ("max_batch", "max_queue", "max_uploads", "workers", "max_upload_bytes"):
             value = getattr(self, name)
             if not (isinstance(value, numbers.Real) and math.isfinite(value) and value == int(value) and value >= 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -188,7 +195,8 @@ ERROR_KINDS = {
     "upload_timeout": "408: the upload did not arrive in time",
     "too_large": "413: upload over --max-upload-mb",
     "too_many_pixels": "413: image over --max-pixels (decompression bomb)",
-    "queue_full": "503: the queue was full",
+    "queue_full": "503: --max-queue images were waiting for the model",
+    "uploads_full": "503: --max-uploads uploads were arriving",
     "timeout": "504: no answer from the model in time",
     "internal": "500: an error in the server or the model",
 }
@@ -284,9 +292,10 @@ class _Job:
 class Batcher:
     """The inference workers: threads that own the predictor's forward passes, fed by a bounded queue.
 
-    ``admit()`` reserves one of ``max_queue`` places for a request before its body is read (False: full);
-    ``submit(job)`` queues its decoded image, ``abandon()`` gives the place back for a request that will not be
-    queued. A place is freed when a worker takes the job."""
+    ``admit()`` gives a request one of ``max_uploads`` upload places before its body is read, if the queue has
+    room now; ``submit(job)`` ends the upload and queues its decoded image if one of ``max_queue`` places is free
+    (False: full), ``abandon()`` ends an upload that will not be queued. A queue place is freed when a worker takes
+    the job."""
 
     def __init__(
         self, predictor: SegformerPredictor, config: ServeConfig, metrics: Metrics, *, warm_up: bool = True
@@ -294,7 +303,7 @@ class Batcher:
         self.predictor, self.config, self.metrics = predictor, config, metrics
         self._cond = threading.Condition()
         self._jobs: deque[_Job] = deque()
-        self._waiting = 0  # admitted and not yet taken: being read or decoded, or in _jobs
+        self._uploading = 0  # admitted and being read or decoded, not yet submitted
         self._stopping = False
         self._threads: list[threading.Thread] = []
         self._warm_up = warm_up
@@ -305,41 +314,54 @@ class Batcher:
         self.running_images = 0  # the images of those batches
 
     # --- the request side
-    def admit(self) -> bool:
+    def admit(self) -> str | None:
+        """None: admitted, with an upload place until :meth:`submit` or :meth:`abandon`; else the error kind of
+        the refusal (``queue_full``, ``uploads_full``; stopping counts as a full queue)."""
         with self._cond:
-            if self._stopping or self._waiting >= self.config.max_queue:
-                return False
-            self._waiting += 1
-            return True
+            if self._stopping or len(self._jobs) >= self.config.max_queue:
+                return "queue_full"
+            if self._uploading >= self.config.max_uploads:
+                return "uploads_full"
+            self._uploading += 1
+            return None
 
     def abandon(self) -> None:
         with self._cond:
-            self._waiting -= 1
+            self._uploading -= 1
             self._cond.notify_all()  # a worker waiting for this request to arrive need not wait any longer
 
-    def submit(self, job: _Job) -> None:
+    def submit(self, job: _Job) -> bool:
+        """End the job's upload and queue it; False (not queued) when ``max_queue`` jobs are already waiting."""
         with self._cond:
-            self._jobs.append(job)
+            self._uploading -= 1
             self._cond.notify_all()
+            if len(self._jobs) >= self.config.max_queue:
+                return False
+            self._jobs.append(job)
+            return True
 
     def withdraw(self, job: _Job) -> None:
         """Take back a job that timed out: out of the queue (its place is free at once) if no worker has it."""
         with self._cond:
             if job.future.cancel() and job in self._jobs:
                 self._jobs.remove(job)
-                self._waiting -= 1
 
     @property
     def queue_depth(self) -> int:
         return len(self._jobs)
 
     @property
+    def uploading(self) -> int:
+        return self._uploading
+
+    @property
     def waiting(self) -> int:
-        return self._waiting
+        """Admitted requests not yet taken by a worker: being read or decoded, or queued."""
+        return self._uploading + len(self._jobs)
 
     def retry_after(self) -> int:
         """Seconds until a place is likely to free up: the batches ahead of a new request, at the mean batch time."""
-        batches = math.ceil(max(self._waiting, 1) / (self.config.max_batch * self.config.workers))
+        batches = math.ceil(max(self.waiting, 1) / (self.config.max_batch * self.config.workers))
         return max(1, min(60, math.ceil(batches * self.batch_seconds)))
 
     @property
@@ -404,14 +426,13 @@ class Batcher:
                 while len(batch) < self.config.max_batch:
                     if self._jobs:
                         job = self._jobs.popleft()
-                        self._waiting -= 1
                         if job.future.set_running_or_notify_cancel():  # False: it timed out in the queue
                             batch.append(job)
                         continue
                     # Wait only for requests already admitted and on their way (being read or decoded): a lone
                     # request never waits.
                     remaining = deadline - time.perf_counter()
-                    if not batch or self._waiting <= 0 or remaining <= 0 or self._stopping:
+                    if not batch or self._uploading <= 0 or remaining <= 0 or self._stopping:
                         break
                     self._cond.wait(remaining)
                 if batch:
@@ -574,6 +595,7 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
             "max_batch": config.max_batch,
             "max_wait_ms": config.max_wait_ms,
             "max_queue": config.max_queue,
+            "max_uploads": config.max_uploads,
             "timeout_s": config.timeout,
             "workers": config.workers,
         },
@@ -698,6 +720,8 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
                 batcher.waiting,
             ),
             "queue_capacity": ("--max-queue.", config.max_queue),
+            "uploads_arriving": ("Admitted requests whose upload is being read or decoded.", batcher.uploading),
+            "upload_capacity": ("--max-uploads.", config.max_uploads),
             "batches_running": ("Inference workers busy with a batch now (at most --workers).", batcher.running),
             "images_running": ("Images in the batches being run now.", batcher.running_images),
             "model_ready": ("1 when the model is loaded and warm.", float(batcher.ready.is_set())),
@@ -836,6 +860,16 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
 
     upload_schema = {"type": "string", "format": "binary"}
 
+    def busy(kind: str) -> ApiError:
+        """The 503 for a full queue or full upload places, with the seconds until a place is likely free."""
+        if batcher._stopping:
+            reason = "the server is shutting down"
+        elif kind == "queue_full":
+            reason = f"the server is busy ({config.max_queue} images waiting for the model, --max-queue)"
+        else:
+            reason = f"the server is busy ({config.max_uploads} uploads arriving, --max-uploads)"
+        return ApiError(503, kind, reason + ": retry later", {"Retry-After": str(batcher.retry_after())})
+
     @app.post(
         "/v1/segment",
         tags=["model"],
@@ -849,7 +883,8 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
             "probability as a base64 8-bit grayscale PNG (pixel value / 255). "
             "format=png returns that PNG, format=overlay a JPEG of the colours over the image. 400: not an "
             "image, truncated, empty, wrong content type, too small; 401: API key; 413: upload or pixel count "
-            "over the limit; 503 (Retry-After): queue full; 504: no answer within the timeout."
+            "over the limit; 503 (Retry-After): queue full or too many uploads arriving; 504: no answer within the "
+            "timeout."
         ),
         openapi_extra={
             "requestBody": {
@@ -868,7 +903,7 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
             400: {"description": "bad input (one-line reason in `detail`)"},
             401: {"description": "missing or wrong API key"},
             413: {"description": "upload or image too large"},
-            503: {"description": "queue full; see Retry-After"},
+            503: {"description": "queue full or too many uploads arriving; see Retry-After"},
             504: {"description": "timed out waiting for the model"},
         },
     )
@@ -885,14 +920,9 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
         deadline = started + config.timeout
         if probs and fmt != "json":
             raise ApiError(400, "bad_request", "probs=true needs format=json")
-        if not batcher.admit():
-            raise ApiError(
-                503,
-                "queue_full",
-                f"the server is busy ({config.max_queue} requests waiting): retry later",
-                {"Retry-After": str(batcher.retry_after())},
-            )
-        queued = False
+        if (refused := batcher.admit()) is not None:
+            raise busy(refused)
+        submitted = False
         try:
             body = await read_body(request, deadline)
             data = await image_bytes(request, body)
@@ -900,11 +930,13 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
             image = await in_thread(decode, data)
             del data
             job = _Job(image, probs)
-            batcher.submit(job)
-            queued = True
+            submitted = True
+            queued = batcher.submit(job)
         finally:
-            if not queued:
+            if not submitted:
                 batcher.abandon()
+        if not queued:  # the queue filled up while this upload arrived
+            raise busy("queue_full")
         try:
             result: _Result = await asyncio.wait_for(
                 asyncio.wrap_future(job.future), max(deadline - time.perf_counter(), 0.001)

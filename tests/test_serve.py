@@ -39,7 +39,10 @@ from fastapi.testclient import TestClient  # noqa: E402
 from segformer.serve import (  # noqa: E402
     DEFAULT_MAX_PIXELS,
     PAGE_CSP,
+    Batcher,
+    Metrics,
     ServeConfig,
+    _Job,
     create_app,
     read_page,
     variant_of,
@@ -446,6 +449,20 @@ def test_queue_full_is_503_with_retry_after_and_waiting_too_long_is_504(predicto
         assert metric(c.get("/metrics").text, "segformer_images_total") == 1
 
 
+def test_uploads_hold_upload_places_not_queue_places(predictor):
+    """An admitted upload holds one of --max-uploads places, not a queue place: with a queue of one, two requests are
+    admitted while both upload; the first decoded one takes the queue's place and the second is refused then;
+    beyond --max-uploads a request is refused before its body is read, and a full queue refuses on arrival."""
+    batcher = Batcher(predictor, ServeConfig(max_queue=1, max_uploads=2), Metrics(), warm_up=False)
+    assert batcher.admit() is None and batcher.admit() is None  # two uploads arriving, the queue empty
+    assert batcher.admit() == "uploads_full" and (batcher.uploading, batcher.queue_depth) == (2, 0)
+    image = Image.new("RGB", (64, 48))
+    assert batcher.submit(_Job(image, False)) is True  # the first one decoded: queued
+    assert batcher.submit(_Job(image, False)) is False  # the second: the queue filled while it arrived
+    assert (batcher.uploading, batcher.queue_depth, batcher.waiting) == (0, 1, 1)
+    assert batcher.admit() == "queue_full" and batcher.uploading == 0  # refused on arrival: no place taken
+
+
 def test_concurrent_requests_share_forward_passes_by_size(predictor):
     """Eight requests queued before the worker starts are one batch: two sizes, two forward passes of four; each
     answer holds its own image's labels (where another batch size cannot move them, see `decided`)."""
@@ -523,10 +540,10 @@ def test_forward_passes_never_overlap_unless_workers_say_so(predictor, workers):
 
 def test_config_and_missing_dependencies_are_one_line_errors(monkeypatch):
     inf, nan = float("inf"), float("nan")
-    for bad in (dict(max_batch=0), dict(max_queue=0), dict(workers=0), dict(timeout=0), dict(alpha=2),
-                dict(max_wait_ms=-1), dict(max_upload_bytes=0), dict(max_upload_bytes=inf), dict(timeout=inf),
-                dict(timeout=nan), dict(timeout=1e10), dict(max_wait_ms=1e300), dict(upload_idle_timeout=0),
-                dict(api_key="clé"), dict(api_key="two words")):  # fmt: skip
+    for bad in (dict(max_batch=0), dict(max_queue=0), dict(max_uploads=0), dict(workers=0), dict(timeout=0),
+                dict(alpha=2), dict(max_wait_ms=-1), dict(max_upload_bytes=0), dict(max_upload_bytes=inf),
+                dict(timeout=inf), dict(timeout=nan), dict(timeout=1e10), dict(max_wait_ms=1e300),
+                dict(upload_idle_timeout=0), dict(api_key="clé"), dict(api_key="two words")):  # fmt: skip
         with pytest.raises(ValueError, match=next(iter(bad)).split("_")[0]):
             ServeConfig(**bad)
     from segformer.serve import require_serve_dependencies
@@ -764,5 +781,49 @@ def test_real_server_limits_key_and_slow_uploads(checkpoint):
         assert httpx.post(server.url + "/v1/segment", content=png_of(48, 64, 1)).status_code == 401
         assert httpx.get(server.url + "/v1/model").status_code == 401
         assert httpx.get(server.url + "/v1/model", headers={"Authorization": "Bearer k3y"}).json()["auth"] is True
+    finally:
+        assert server.stop(signal.SIGINT) == 0
+
+
+@pytest.mark.slow
+def test_real_server_slow_uploads_leave_the_queue_to_fast_requests(checkpoint):
+    """Over real sockets, with a queue of one place: two uploads trickling in do not keep a fast request from the
+    model; a request beyond --max-uploads gets 503 before its body is read; the slow ones, once sent, are answered."""
+    import httpx
+
+    server = ServerProcess(checkpoint, "--mode", "whole", "--max-queue", "1", "--max-uploads", "3",
+                           "--timeout", "60", "--upload-idle-timeout", "30")  # fmt: skip
+    try:
+        server.wait_ready()
+        host, port = server.url.removeprefix("http://").split(":")
+        body = png_of(48, 64, 1)
+        head = f"POST /v1/segment HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {len(body)}\r\n\r\n"
+        slow = [socket.create_connection((host, int(port)), timeout=60) for _ in range(2)]
+        try:
+            for s in slow:
+                s.sendall(head.encode() + body[:16])  # and the rest later
+            wait_for(lambda: metric(httpx.get(server.url + "/metrics").text, "segformer_uploads_arriving") == 2,
+                     what="two uploads arriving")  # fmt: skip
+            fast = httpx.post(server.url + "/v1/segment", content=png_of(48, 64, 2), timeout=60)
+            assert fast.status_code == 200, fast.text  # (before --max-uploads: 503, the slow ones held the queue)
+            third = socket.create_connection((host, int(port)), timeout=60)
+            slow.append(third)
+            third.sendall(head.encode() + body[:16])
+            wait_for(lambda: metric(httpx.get(server.url + "/metrics").text, "segformer_uploads_arriving") == 3,
+                     what="three uploads arriving")  # fmt: skip
+            refused = httpx.post(server.url + "/v1/segment", content=png_of(48, 64, 3))
+            assert refused.status_code == 503 and int(refused.headers["retry-after"]) >= 1
+            assert "--max-uploads" in refused.json()["detail"]
+            for s in slow:  # one at a time: each finds the queue's place free
+                s.sendall(body[16:])
+                reply = _reply(s)
+                assert reply.startswith(b"HTTP/1.1 200 "), reply[:300]
+        finally:
+            for s in slow:
+                s.close()
+        text = httpx.get(server.url + "/metrics").text
+        assert metric(text, "segformer_errors_total", kind="uploads_full") == 1
+        assert metric(text, "segformer_errors_total", kind="queue_full") == 0
+        assert metric(text, "segformer_uploads_arriving") == 0 and metric(text, "segformer_upload_capacity") == 3
     finally:
         assert server.stop(signal.SIGINT) == 0

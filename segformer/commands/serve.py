@@ -96,7 +96,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="how long a batch waits for requests already arriving (5; a lone request never waits)",
     )
     p.add_argument(
-        "--max-queue", type=positive_int, default=32, help="requests waiting for the model; more get 503 (32)"
+        "--max-queue",
+        type=positive_int,
+        default=32,
+        help="decoded images waiting for the model; a request that finds the queue full gets 503 (32)",
+    )
+    p.add_argument(
+        "--max-uploads",
+        type=positive_int,
+        default=64,
+        help="requests being received and decoded at once, each up to --max-upload-mb; more get 503. An upload "
+        "holds no --max-queue place while it arrives (64)",
     )
     p.add_argument(
         "--timeout",
@@ -109,7 +119,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--upload-idle-timeout",
         type=_positive_float,
         default=10.0,
-        help="seconds an upload may send nothing before it gets 408 and frees its queue place (10)",
+        help="seconds an upload may send nothing before it gets 408 and frees its upload place (10)",
     )
     p.add_argument(
         "--workers",
@@ -150,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,
+        max_uploads=args.max_uploads,
         timeout=args.timeout,
         upload_idle_timeout=args.upload_idle_timeout,
         workers=args.workers,
