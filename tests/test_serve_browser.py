@@ -442,3 +442,147 @@ def test_confidence_switch_shows_the_confidence_map(tiny_server, tmp_path):
         assert page.locator("#conf-scale").is_hidden()
         assert page.eval_on_selector("#layer", "c => c.style.opacity") == "0.3"
         assert errors == []
+
+
+def segmented(server: ServerProcess, photo: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What the API says for `photo` (?probs=true): its label map (H, W), each pixel's class colour (H, W, 3) and
+    each pixel's confidence as gray (H, W, 3), all uint8."""
+    body = httpx.post(
+        server.url + "/v1/segment?probs=true", files={"file": (photo.name, photo.read_bytes())}, timeout=60
+    ).json()
+    with Image.open(io.BytesIO(base64.b64decode(body["label_png"]))) as img:
+        labels, palette = np.asarray(img), np.asarray(img.getpalette(), np.uint8).reshape(-1, 3)
+    return labels, palette[labels], np.repeat(confidence_of(body)[..., None], 3, axis=-1)
+
+
+def blend(photo: np.ndarray, layer: np.ndarray, opacity: float, hidden: np.ndarray | None = None) -> np.ndarray:
+    """The view on the page: the layer's RGB over the photo at `opacity`; the photo alone where `hidden`."""
+    out = photo * (1 - opacity) + layer * opacity
+    if hidden is not None:
+        out[hidden] = photo[hidden]
+    return out
+
+
+def overlay_download(page, then: str = "") -> tuple[str, np.ndarray]:
+    """Click the overlay button (and at once, in the same task, run the JavaScript `then`): the download's file name
+    and its pixels, (H, W, 3) float."""
+    with page.expect_download() as download:
+        page.evaluate(f"() => {{ document.getElementById('dl-overlay').click(); {then} }}")
+    with Image.open(download.value.path()) as img:
+        assert img.format == "JPEG"
+        return download.value.suggested_filename, np.asarray(img.convert("RGB"), np.float64)
+
+
+def assert_looks_like(got: np.ndarray, want: np.ndarray, other: np.ndarray) -> None:
+    """`got`, a JPEG's pixels, is the picture `want` up to JPEG's loss, and not `other`: each 16×16 block's mean
+    within 4 of want's (JPEG keeps block means); where want and other differ, got is near want (within 15 on
+    average: JPEG blurs the edges), twice as far from other, and nearer want than other at 9 pixels in 10."""
+    assert got.shape == want.shape == other.shape
+    h, w = want.shape[0] // 16 * 16, want.shape[1] // 16 * 16
+
+    def blocks(a: np.ndarray) -> np.ndarray:
+        return a[:h, :w].reshape(h // 16, 16, w // 16, 16, 3).mean(axis=(1, 3))
+
+    assert np.abs(blocks(got) - blocks(want)).max() <= 4
+    differ = np.abs(want - other).mean(axis=-1) > 30
+    assert differ.mean() > 0.05  # (pictures the check tells apart)
+    near, far = np.abs(got - want)[differ].mean(axis=-1), np.abs(got - other)[differ].mean(axis=-1)
+    assert near.mean() < 15 and far.mean() > 2 * near.mean() and (near < far).mean() > 0.9
+
+
+@pytest.mark.slow
+def test_overlay_download_is_the_view_shown_in_confidence_mode(tiny_server, tmp_path):
+    # The overlay button saves what the viewer shows: the photo under the colour layer at the slider's opacity,
+    # "<stem>_overlay.jpg"; with the "Confidence" switch on, the photo under the confidence map (the API's
+    # confidence_png as gray; a class switched off in the legend shows the photo alone), "<stem>_confidence.jpg".
+    # The file is named for the picture in it even when the switch flips while the JPEG is being encoded, and after
+    # another upload it is that image's view, under its name.
+    first, second = two_photos(tmp_path, "street photo.png", "second.png")
+    with chromium(tmp_path, accept_downloads=True) as (page, errors):
+        page.goto(tiny_server.url + "/")
+        page.wait_for_selector("body[data-state=idle]", state="attached", timeout=30_000)
+        page.set_input_files("#file", str(first))
+        page.wait_for_selector("body[data-state=done]", state="attached", timeout=60_000)
+        page.locator("#opacity").fill("60")
+        photo = np.asarray(Image.open(first).convert("RGB"), np.float64)
+        labels, colours, gray = segmented(tiny_server, first)
+        with_colours, with_conf = blend(photo, colours, 0.6), blend(photo, gray, 0.6)
+
+        name, got = overlay_download(page)
+        assert name == "street photo_overlay.jpg"
+        assert_looks_like(got, with_colours, with_conf)
+
+        page.locator("#confidence").check()
+        name, got = overlay_download(page)
+        assert name == "street photo_confidence.jpg"
+        assert_looks_like(got, with_conf, with_colours)
+
+        first_class = page.locator("#legend li").first  # the largest class
+        off = labels == int(first_class.get_attribute("data-id"))
+        first_class.locator("input").uncheck()
+        name, got = overlay_download(page)
+        assert name == "street photo_confidence.jpg"
+        assert_looks_like(got, blend(photo, gray, 0.6, hidden=off), with_conf)
+        page.locator("#all").click()
+
+        # The switch flipped right after the click, before the JPEG is ready: the name is still the picture's.
+        name, got = overlay_download(page, then="document.getElementById('confidence').click();")
+        assert not page.locator("#confidence").is_checked()
+        assert name == "street photo_confidence.jpg"
+        assert_looks_like(got, with_conf, with_colours)
+        name, got = overlay_download(page, then="document.getElementById('confidence').click();")
+        assert page.locator("#confidence").is_checked()
+        assert name == "street photo_overlay.jpg"
+        assert_looks_like(got, with_colours, with_conf)
+
+        # Another upload, the switch still on: its confidence view, under its name.
+        page.set_input_files("#file", str(second))
+        page.wait_for_function("() => document.getElementById('info').textContent.startsWith('160 × 120 px')")
+        page.wait_for_selector("body[data-state=done]", state="attached", timeout=60_000)
+        photo = np.asarray(Image.open(second).convert("RGB"), np.float64)
+        _, colours, gray = segmented(tiny_server, second)
+        name, got = overlay_download(page)
+        assert name == "second_confidence.jpg"
+        assert_looks_like(got, blend(photo, gray, 0.6), blend(photo, colours, 0.6))
+        assert errors == []
+
+
+@pytest.mark.slow
+def test_page_asks_for_the_api_key_in_words_for_its_user(tmp_path):
+    # A server started with --api-key: the page says, in words for the person at it (no HTTP headers), that a key
+    # is needed and where it comes from; a wrong key is refused as such; the right one opens the page.
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: apt-get install chromium (make browser)"
+    torch.manual_seed(0)
+    randomize_(SegformerForSemanticSegmentation(tiny_config(num_labels=K, id2label=NAMES)), seed=3).save_pretrained(
+        tmp_path / "tiny"
+    )
+    photo = tmp_path / "photo.png"
+    Image.fromarray(_noise(96, 128, 5)).save(photo)
+    server = ServerProcess(tmp_path / "tiny", "--mode", "whole", "--api-key", "s3cret-key")
+    try:
+        server.wait_ready()
+        with chromium(tmp_path) as (page, errors):
+            page.goto(server.url + "/")
+            page.wait_for_selector("body[data-state=key]", state="attached", timeout=30_000)
+            where = "Enter the key the server was started with (--api-key); whoever runs it can give it to you."
+            assert page.locator("#status").inner_text() == "This server needs an API key. " + where
+            assert page.locator("#key-row").is_visible() and page.locator("#result").is_hidden()
+
+            page.locator("#key").fill("not-the-key")
+            page.locator("#key").press("Enter")
+            page.wait_for_function("() => document.getElementById('status').textContent.startsWith('That')")
+            assert page.locator("#status").inner_text() == "That API key is not the right one. " + where
+            assert page.evaluate("document.body.dataset.state") == "key"
+
+            page.locator("#key").fill("s3cret-key")
+            page.locator("#key-ok").click()
+            page.wait_for_selector("body[data-state=idle]", state="attached", timeout=30_000)
+            assert page.locator("#status").inner_text() == "Key accepted."
+            assert page.locator("#key-row").is_hidden()
+            page.set_input_files("#file", str(photo))
+            page.wait_for_selector("body[data-state=done]", state="attached", timeout=60_000)
+            assert page.locator("#status").inner_text().startswith("photo.png: ")
+            unauthorized = "Failed to load resource: the server responded with a status of 401 (Unauthorized)"
+            assert errors == [unauthorized] * 2
+    finally:
+        assert server.stop() == 0
