@@ -100,13 +100,28 @@ PARAMETERS: dict[str, tuple[Any, ...]] = {
 assert set(PARAMETERS) == set(CORRUPTION_NAMES) and all(len(v) == 5 for v in PARAMETERS.values())
 
 
+# The corruptions whose filters are scipy.ndimage's (the others are numpy and Pillow alone).
+NEEDS_SCIPY = frozenset({"defocus_blur", "glass_blur", "gaussian_blur", "snow", "spatter", "frost"})
+
+
+def require_scipy(names: Sequence[str] = CORRUPTION_NAMES) -> None:
+    """A one-line RuntimeError naming the install command when any of the corruptions ``names`` needs scipy and
+    it is missing: a study checks before its first pass, not hours into it."""
+    needing = [name for name in names if name in NEEDS_SCIPY]
+    if needing:
+        _ndimage(needing)
+
+
 # ----------------------------------------------------------------------------------------------- helpers
-def _ndimage() -> Any:
+def _ndimage(needing: Sequence[str] = ()) -> Any:
     """scipy.ndimage, or a one-line error saying how to install scipy."""
     try:
         from scipy import ndimage
     except ImportError:
-        raise RuntimeError('the image corruptions need scipy: pip install "segformer[robustness]"') from None
+        many = len(needing) > 1
+        which = f"the corruption{'s' if many else ''} {', '.join(needing)} need{'' if many else 's'}"
+        which = which if needing else "the image corruptions need"
+        raise RuntimeError(f'{which} scipy: pip install "segformer[robustness]"') from None
     return ndimage
 
 
@@ -614,6 +629,7 @@ def category_of(name: str) -> str:
 __all__ = [
     "CATEGORIES",
     "CORRUPTION_NAMES",
+    "NEEDS_SCIPY",
     "PAPER_SEVERITIES",
     "PARAMETERS",
     "RANDOM",
@@ -629,4 +645,5 @@ __all__ = [
     "parse_corruptions",
     "parse_severities",
     "plasma_fractal",
+    "require_scipy",
 ]

@@ -45,6 +45,7 @@ from .corruptions import (
     check_severity,
     corrupt,
     corruption_rng,
+    require_scipy,
 )
 from .data.datasets import SegmentationDataset
 from .distributed import all_gather_objects, get_rank, unwrap_model
@@ -383,6 +384,7 @@ def run_study(
     """
     options = resolve_options(options, {})
     plan = study_severities(corruptions, severities)
+    require_scipy(list(plan))  # before the first pass, not after the clean one and the noise
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer (it seeds numpy's SeedSequence), got {seed!r}")
     count = len(dataset) if max_images is None else min(len(dataset), max_images)

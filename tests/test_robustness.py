@@ -338,3 +338,41 @@ def test_a_study_killed_after_its_first_corruption_resumes_to_the_same_table(mod
     straight = run_study(model, val, corruptions=["glass_blur", "impulse_noise"], severities=[1, 2])
     assert straight.format_table() in resumed.stdout
     assert json.loads((out / RESULT_FILE).read_text())["cells"] == straight.to_dict()["cells"]
+
+
+@pytest.mark.slow
+def test_without_scipy_a_study_that_needs_it_stops_before_its_first_pass(data, model_dir, tmp_path):
+    """In a process where scipy cannot be imported: the corruptions that fail are exactly NEEDS_SCIPY, each with
+    the install command; `eval --corruptions all` is refused before the clean pass, in one line naming them, and a
+    study of the others runs."""
+    script = f"""
+import sys
+sys.modules["scipy"] = None  # as if it were not installed
+import numpy as np
+from segformer.cli import main
+from segformer.corruptions import CORRUPTION_NAMES, NEEDS_SCIPY, SEVERITIES, corrupt
+
+image = (np.random.default_rng(0).random((64, 80, 3)) * 255).astype(np.uint8)
+failing = set()
+for name in CORRUPTION_NAMES:
+    for severity in SEVERITIES:
+        try:
+            corrupt(image, name, severity)
+        except RuntimeError as exc:
+            assert 'need scipy: pip install "segformer[robustness]"' in str(exc) or "needs scipy" in str(exc), exc
+            failing.add(name)
+assert failing == NEEDS_SCIPY, sorted(failing ^ NEEDS_SCIPY)
+args = ["eval", "--data", {str(data)!r}, "--model", {str(model_dir)!r}, "--device", "cpu", "--workers", "0"]
+assert main([*args, "--corruptions", "all", "--output", {str(tmp_path / "all")!r}]) == 2
+print("---", file=sys.stderr)
+sys.exit(main([*args, "--corruptions", "fog,contrast", "--severities", "1", "--output", {str(tmp_path / "some")!r}]))
+"""
+    proc = subprocess.run([PY, "-c", script], capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    refused, ran = proc.stderr.split("---\n")
+    needing = "defocus_blur, glass_blur, gaussian_blur, snow, spatter, frost"
+    assert (
+        refused == f'segformer eval: error: the corruptions {needing} need scipy: pip install "segformer[robustness]"\n'
+    )
+    assert not (tmp_path / "all").exists()  # nothing evaluated, nothing written
+    assert (tmp_path / "some" / RESULT_FILE).is_file() and "fog" in proc.stdout

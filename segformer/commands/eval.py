@@ -132,6 +132,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import importlib.util
     import json
     import sys
 
@@ -145,9 +146,10 @@ def run(args: argparse.Namespace) -> int:
     # the study's and the report's arguments are checked before anything is loaded
     corruptions = severities = None
     if args.corruptions is not None:
-        from segformer.corruptions import parse_corruptions, parse_severities
+        from segformer.corruptions import parse_corruptions, parse_severities, require_scipy
 
         corruptions = parse_corruptions(args.corruptions)
+        require_scipy(corruptions)
         severities = None if args.severities is None else parse_severities(args.severities)
     elif args.severities is not None or args.output is not None:
         flag = "--severities" if args.severities is not None else "--output"
@@ -212,7 +214,8 @@ def run(args: argparse.Namespace) -> int:
             if result is not None:
                 print()
                 print(result.format_table())
-                heatmap = " and robustness.png" if (output / "robustness.png").is_file() else ""
+                drawn = importlib.util.find_spec("matplotlib") is not None and (output / "robustness.png").is_file()
+                heatmap = " and robustness.png" if drawn else ' (no heat map: pip install "segformer[plot]")'
                 print(f"wrote {output / 'robustness.json'}{heatmap}", file=sys.stderr)
             if args.json:
                 saved = {**metrics_to_json(metrics), "inference": options.to_dict()}
