@@ -1,9 +1,9 @@
 """What a training run reports besides its checkpoints: progress a person can follow anywhere, metrics.jsonl,
 TensorBoard, and pictures (training curves, validation samples).
 
-Progress: on a terminal, a bar; otherwise (a file, ``nohup``, a cluster job, CI) one plain line every
-``log_every`` steps, e.g. ``step 120/600  loss 0.4321  lr 5.82e-04  0.52 s/step  15.4 img/s  ETA 4m10s
-peak 1.21 GB``. The same numbers go to ``metrics.jsonl``.
+Progress: on a terminal, a bar; otherwise (a file, ``nohup``, a cluster job, CI, or ``progress=False``) one
+plain line every ``log_every`` steps, e.g. ``step 120/600  loss 0.4321  lr 5.82e-04  0.52 s/step  15.4 img/s
+ETA 4m10s  peak 1.21 GB``. The same numbers go to ``metrics.jsonl``.
 
 Pictures (with matplotlib, ``pip install "segformer[plot]"``; without it one line says how to get them):
 ``curves.png`` (training loss and validation mIoU against steps, redrawn at each evaluation) and
@@ -81,8 +81,8 @@ class RunLog:
             except ImportError:  # tensorboard is optional
                 pass
         terminal = sys.stderr.isatty() if terminal is None else terminal
-        self.lines = progress and self.is_main and not terminal  # plain lines where a bar cannot redraw
         show_bar = progress and self.is_main and terminal
+        self.lines = self.is_main and not show_bar  # plain lines where a bar cannot redraw, or is not wanted
         self.bar = tqdm(total=steps, initial=start, desc="train", dynamic_ncols=True, disable=not show_bar)
         self.tic = self.last_tic = time.perf_counter()
         self.start = self.last_step = start

@@ -402,11 +402,13 @@ def test_class_weights_auto_are_median_frequency_and_change_the_loss(data, tiny_
     assert _losses(tmp_path / "plain")[0] != _losses(tmp_path / "weighted")[0]  # same batch, weighted mean
 
 
-def test_progress_lines_when_stderr_is_a_file(data, tiny_json, tmp_path):
+@pytest.mark.parametrize("flags", [[], ["--no-progress"]])
+def test_progress_lines_when_stderr_is_a_file(data, tiny_json, tmp_path, flags):
+    """Off a terminal, and with --no-progress (no bar) anywhere, a line every --log-every steps."""
     log = tmp_path / "stderr.txt"
     cmd = [PY, "-m", "segformer", "train", "--data", str(data), "--model", str(tiny_json), "--output",
            str(tmp_path / "run"), "--steps", "4", "--batch-size", "2", "--crop", "48", "48", "--scale", "0", "0",
-           "--workers", "0", "--log-every", "2", "--eval-every", "0"]  # fmt: skip
+           "--workers", "0", "--log-every", "2", "--eval-every", "0", *flags]  # fmt: skip
     with open(log, "w") as stderr:
         done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, timeout=300)
     text = log.read_text()
