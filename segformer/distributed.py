@@ -7,6 +7,7 @@ environment; :func:`init_distributed` reads them and joins the process group (nc
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -164,6 +165,40 @@ def wait_for_rank_zero(timeout: float = 30.0) -> None:
         time.sleep(timeout)
 
 
+@contextlib.contextmanager
+def warnings_from_rank_zero() -> Iterator[None]:
+    """Within this block, on a rank other than 0 of a launched run, the package's warnings (the ``segformer``
+    logger below ERROR: a precision that falls back to float32, weights newly initialised) are not printed: every
+    rank would print the same line. Errors still are. In one process, and on rank 0, nothing changes."""
+    log = logging.getLogger("segformer")
+    level = log.level
+    quiet = launched_by_torchrun() and int(os.environ["RANK"]) != 0 and int(os.environ["WORLD_SIZE"]) > 1
+    if quiet:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """The sum of a tensor over all processes, differentiable: every process gets the same sum, so the gradient
+    of each process's input is the sum of every process's output gradient. (torch.distributed.nn.functional's
+    all_reduce is deprecated and warns at each call.)"""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad)
+        return grad
+
+
 class SyncBatchNorm(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are those of the global batch (all processes), on any device.
 
@@ -176,8 +211,7 @@ class SyncBatchNorm(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and is_distributed()):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
+        all_reduce = _AllReduceSum.apply
         dims = [0, *range(2, x.ndim)]
         xf = x.float()
         # Two passes (mean, then the squared deviations) for the numerical stability of the variance.

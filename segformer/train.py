@@ -48,6 +48,7 @@ from .distributed import (
     every_rank_raises,
     init_distributed,
     raised_on_every_rank,
+    warnings_from_rank_zero,
 )
 from .evaluate import evaluate
 from .hub import first_line
@@ -539,7 +540,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     the loss becomes NaN/inf. Call it once per process (torchrun starts one per GPU)."""
     info = init_distributed(cfg.device)
     try:
-        return _train(cfg, info)
+        with warnings_from_rank_zero():  # (under torchrun every rank would print them alike)
+            return _train(cfg, info)
     finally:
         cleanup()
 

@@ -597,3 +597,22 @@ def test_the_resolved_recipe_is_printed_and_stored(data, tiny_json, tmp_path, ca
     stored = json.loads((out / "train_config.json").read_text())
     assert stored["scale"] == [0, 0] and stored["warmup_steps"] == 0 and stored["head_lr_mult"] == 1.0
     assert stored["photometric"] is False and stored["ratio_range"] == [1.0, 1.0] and stored["cat_max_ratio"] == 1.0
+
+
+@pytest.mark.slow
+def test_torchrun_prints_the_package_warnings_once(data, tmp_path):
+    """2 gloo processes training from an encoder-only checkpoint with --sync-bn: the warning that the decode head
+    is newly initialised appears once (rank 0's), and SyncBatchNorm's all-reduce raises no deprecation warning."""
+    encoder = tmp_path / "encoder"
+    SegformerModel(tiny_config(num_labels=4)).save_pretrained(encoder)
+    args = ["--data", str(data), "--model", str(encoder), "--steps", "2", "--batch-size", "4", "--crop", "48", "48",
+            "--scale", "0", "0", "--eval-every", "0", "--workers", "0", "--device", "cpu", "--sync-bn",
+            "--output", str(tmp_path / "run")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}
+    two = subprocess.run(
+        [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "segformer.train", *args],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stderr.count("newly initialised") == 1, two.stderr[-3000:]
+    assert "Warning" not in two.stderr, two.stderr[-3000:]  # (FutureWarning: all_reduce is deprecated, per step)
