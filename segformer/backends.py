@@ -11,7 +11,8 @@ returns the logits (B, K, ceil(H/4), ceil(W/4)) as a torch tensor, with the mode
 modes of :mod:`segformer.inference` (whole, aligned, sliding window, multi-scale + flip) sit on top of it and do
 not know which one runs.
 
-The cache lives in ``$SEGFORMER_CACHE`` (default ``~/.cache/segformer``): ``onnx/KEY/`` and ``compiled/KEY/``.
+The cache lives in ``$SEGFORMER_CACHE`` (default ``$XDG_CACHE_HOME/segformer``, else ``~/.cache/segformer``):
+``onnx/KEY/`` and ``compiled/KEY/``.
 KEY is a hash of everything the artefact depends on (:func:`artefact_key`): the weights and config, the export
 options (dtype, opset, shape policy), the torch / onnxruntime versions and the source of the model file, so a
 new checkpoint, option or version never reuses a stale file. Each entry is a folder built under a temporary
@@ -349,7 +350,7 @@ class CompiledModel(nn.Module):
     package per input shape, cached in ``cache_dir`` (default :func:`cache_root`) ``/compiled/KEY/model.pt2``.
 
     A shape seen before, in this process or any earlier one, loads its package in well under a second; a new
-    shape is compiled first (30-40 s for b0 at 512x512 on two CPU cores; one warning line says so). The key holds
+    shape is compiled first (33-42 s for b0 at 512x512 on two CPU cores; one warning line says so). The key holds
     the weights, the shape, the device, the dtype, the thread count (the generated code is built for it) and
     the torch version. ``model`` stays a submodule: its parameters tell :func:`infer` the device and dtype, and
     ``compiled_shapes`` / ``cache_hits`` say what happened (for tests and logs). Inference only (no autograd).
@@ -385,7 +386,7 @@ class CompiledModel(nn.Module):
 
         def build(tmp: Path) -> dict[str, Any]:
             logger.warning(
-                f"segformer --compile: compiling for input shape {shape} (once per shape, 30-40 s for b0 at "
+                f"segformer --compile: compiling for input shape {shape} (once per shape, 33-42 s for b0 at "
                 f"512x512 on two CPU cores; cached in {self.root / 'compiled'})"
             )
             start = time.perf_counter()

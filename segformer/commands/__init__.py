@@ -1,5 +1,5 @@
 """Sub-commands of the ``segformer`` program, one module each (see segformer/cli.py), the few argument types
-they share, and the inference options that ``segformer eval``, ``predict`` and ``train`` all declare
+they share, and the inference options that ``segformer eval``, ``predict``, ``serve`` and ``train`` all declare
 (:func:`add_inference_arguments`, read back with :func:`inference_options_from_args`)."""
 
 from __future__ import annotations
@@ -124,16 +124,20 @@ def add_inference_arguments(
     defaults: dict[str, Any] | None = None,
     one_word_sizes: bool = False,
     protocol: str = "the data set protocol (folder: whole)",
+    sizes_from: str = "checkpoint",
 ) -> None:
     """The options of :class:`segformer.inference.InferenceOptions`, each as ``--{prefix}NAME``: mode, crop,
     stride, short-side, long-side, align, scales, flip; read them back with :func:`inference_options_from_args`.
 
     ``defaults`` (InferenceOptions fields, e.g. {"mode": "aligned"}) over InferenceOptions' own become the
-    options' defaults; without it every option defaults to None ("not given": ``segformer eval`` and
-    ``segformer train`` then take the data set's protocol). Sizes (``--crop-size``, alias ``--crop``, and
+    options' defaults; without it every option defaults to None ("not given": the command then takes the
+    checkpoint's and/or the data set's protocol, see ``sizes_from``). Sizes (``--crop-size``, alias ``--crop``, and
     ``--stride``) take ``N`` or ``H,W`` everywhere, and also ``H W`` unless ``one_word_sizes`` (commands with
     positional arguments, ``segformer predict``, which two words would swallow). ``protocol``: what the mode
-    defaults to when ``defaults`` is None (for the help text).
+    defaults to when ``defaults`` is None (for the help text). ``sizes_from`` (for the help text too): where the
+    sizes' defaults come from when ``defaults`` is None: "checkpoint" (``segformer predict`` and ``serve``: the
+    checkpoint's inference_config.json, else InferenceOptions' own), "checkpoint, data set" (``segformer eval``:
+    the checkpoint's, else the data set's protocol) or "data set" (``segformer train``: the data set's protocol).
     """
     from segformer.inference import MODES, InferenceOptions
 
@@ -152,6 +156,16 @@ def add_inference_arguments(
             return ",".join(map(str, value))
         return str(value)
 
+    def fallback(plain: str, cityscapes: str | None = None) -> str:
+        """The help's default when ``defaults`` is None: InferenceOptions' own value ``plain``, which the Cityscapes
+        protocol replaces with ``cityscapes``, and a checkpoint's inference_config.json with its own."""
+        data = plain if cityscapes is None else f"{plain}; Cityscapes {cityscapes}"
+        if sizes_from == "checkpoint":
+            return f"the checkpoint's, else {plain}"
+        if sizes_from == "checkpoint, data set":
+            return f"the checkpoint's, else {data}"
+        return data
+
     crop = f"{dash}crop-size"
     parser.add_argument(
         f"{dash}mode",
@@ -165,14 +179,20 @@ def add_inference_arguments(
     size: dict[str, Any] = dict(action=SizeAction, metavar="N|H,W")
     if not one_word_sizes:
         size["nargs"] = "+"
-    for name, flags, what, fallback in (
-        ("crop_size", (crop, f"{dash}crop"), "window size", "512,512; Cityscapes 1024,1024"),
-        ("stride", (f"{dash}stride",), "window stride", "341,341; Cityscapes 768,768"),
+    for name, flags, what, otherwise, note in (
+        ("crop_size", (crop, f"{dash}crop"), "window size", fallback("512,512", "1024,1024"), ""),
+        (
+            "stride",
+            (f"{dash}stride",),
+            "window stride",
+            fallback("341,341", "768,768"),
+            f"; {crop} given alone, below the stride in force, scales the stride with it (same ratio)",
+        ),
     ):
         forms = "N or H,W" if one_word_sizes else "N, H,W or H W"
-        help_text = f"slide mode: {what}, {forms} (default {shown(name, fallback)})"
+        help_text = f"slide mode: {what}, {forms} (default: {shown(name, otherwise)}){note}"
         parser.add_argument(*flags, dest=dest[name], default=default(name), **size, help=help_text)
-    for name, flag, what, fallback in (
+    for name, flag, what, plain in (
         ("short_side", "short-side", "short-side target", "512"),
         ("long_side", "long-side", "long-side limit", "2048"),
         ("align", "align", "sides rounded up to multiples of this", "32"),
@@ -182,7 +202,7 @@ def add_inference_arguments(
             dest=dest[name],
             type=positive_int,
             default=default(name),
-            help=f"aligned mode: {what} (default {shown(name, fallback)})",
+            help=f"aligned mode: {what} (default: {shown(name, fallback(plain))})",
         )
     parser.add_argument(
         f"{dash}scales",
@@ -233,20 +253,22 @@ BACKENDS = ("pytorch", "onnxruntime")  # segformer.backends.BACKENDS (a test che
 
 def add_backend_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """--backend and --compile: where the forward pass runs (:func:`segformer.backends.runtime_model`), shared
-    by the commands that run a model over images (predict, eval)."""
+    by the commands that run a model over images (predict, eval, serve)."""
     parser.add_argument(
         "--backend",
         choices=BACKENDS,
         default="pytorch",
         help="pytorch (default) or onnxruntime: the checkpoint exported to ONNX once, verified against PyTorch "
-        "and cached ($SEGFORMER_CACHE, default ~/.cache/segformer); CPU only, float32 (needs segformer[onnx])",
+        "and cached ($SEGFORMER_CACHE, else $XDG_CACHE_HOME/segformer, else ~/.cache/segformer); CPU only, "
+        "float32 (needs segformer[onnx])",
     )
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="compile the model ahead of time (AOTInductor; pytorch backend): 30-40 s per new input shape the "
-        "first time (b0 at 512x512 on two cores), cached, so later runs on the same shapes start in seconds and "
-        "run each forward pass in ~0.8-0.9x of the eager time; pays off for many images of one size",
+        help="compile the model ahead of time (AOTInductor; pytorch backend): 33-42 s per new input shape the "
+        "first time (b0 at 512x512 on two CPU cores), cached as --backend's artefacts are, so later runs on the "
+        "same shapes start in seconds and run each forward pass in 0.94-0.98x of the eager time (0.90-0.91x on "
+        "an AVX2-only CPU); pays off for many images of one size",
     )
 
 

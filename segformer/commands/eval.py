@@ -21,8 +21,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "eval",
         help="evaluate a checkpoint: per-class IoU, mIoU, aAcc, mAcc",
         description="Evaluate a segmentation checkpoint on a data set's split. Prints a per-class table and, "
-        'with --json, writes {"mIoU", "aAcc", "mAcc", "IoU": {class: value}} (null for classes absent '
-        "from both labels and predictions). Runs under torchrun too (images split over ranks). "
+        'with --json, writes {"mIoU", "aAcc", "mAcc", "IoU": {class: value}, "Acc": {class: value}, "num_pixels", '
+        '"num_images", "inference": the options used} (fractions in [0, 1]; IoU null for a class absent from both '
+        "labels and predictions, Acc null for one absent from the labels). Runs under torchrun too (images split "
+        "over ranks). "
         "--corruptions adds a robustness study (the paper's Cityscapes-C: the images corrupted on the fly, "
         "mIoU per corruption and severity, relative robustness, a heat map; resumable); --report DIR writes an "
         "HTML report with the confusion matrix, per-class IoU and the worst images.",
@@ -56,7 +58,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_label_arguments(p)  # --ignore-index N, --reduce-labels
     # --mode, --crop H W, --stride H W, --short-side, ..., --scales, --flip
     add_inference_arguments(
-        p, protocol="the checkpoint's own (inference_config.json, from segformer train), else the data set's"
+        p,
+        protocol="the checkpoint's own (inference_config.json, from segformer train), else the data set's",
+        sizes_from="checkpoint, data set",
     )
     p.add_argument(
         "--json",

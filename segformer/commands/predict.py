@@ -80,7 +80,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--device",
         default="auto",
-        help="auto (CUDA, else MPS, else CPU; the CPU with --backend onnxruntime), cpu, cuda, cuda:N, mps",
+        help="auto (CUDA, else MPS, else CPU; under torchrun CUDA, else CPU; the CPU with --backend onnxruntime "
+        "or --dtype int8 outside torchrun), cpu, cuda, cuda:N, mps",
     )
     p.add_argument(
         "--dtype",
@@ -89,7 +90,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="model dtype (float32). float16 / bfloat16 only where the device computes in them (a GPU; a CPU "
         "with AVX-512-BF16 or AMX for bfloat16): elsewhere they would be emulated, several times slower, so "
         "the run says so in one line and uses float32. int8 (CPU): the encoder's linear layers dynamically "
-        "quantised, 2-13%% faster than float32 (most without native bfloat16), <0.5%% of pixels changed",
+        "quantised, 3-21%% less time than float32 at 512x512 (least on an AVX2-only CPU), <0.5%% of pixels changed",
     )
     add_backend_arguments(p)  # --backend pytorch|onnxruntime, --compile
     p.add_argument("--alpha", type=_alpha, default=0.5, help="overlay opacity of the colours, 0 … 1 (0.5)")

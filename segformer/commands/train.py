@@ -67,7 +67,8 @@ def _data_and_model_arguments(p: argparse.ArgumentParser) -> None:
         help="'auto' (continue the run in --output) or a run's last/ directory (continued in that run's folder "
         "unless --output names a new one): the run continues with its own settings (train_config.json), "
         "intervals included; of the options, only where and how it runs may be given anew (--data path, "
-        "--stop-at, --workers, --device, logging, evaluation and checkpoint intervals)",
+        "--stop-at, --workers, --device, --check-data, --max-eval-images, --log-every, --no-progress, "
+        "--eval-every, --save-every)",
     )
     g.add_argument(
         "--check-data",
@@ -177,7 +178,9 @@ def _loop_arguments(p: argparse.ArgumentParser) -> None:
 
 def _evaluation_during_training_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation during training (default: the data set's protocol)")
-    add_inference_arguments(g, prefix="eval-")  # --eval-mode, --eval-crop(-size), ...: TrainConfig.eval_*
+    add_inference_arguments(
+        g, prefix="eval-", sizes_from="data set"
+    )  # --eval-mode, --eval-crop(-size), ...: TrainConfig.eval_*
 
 
 def register(sub: argparse._SubParsersAction) -> None:
