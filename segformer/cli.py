@@ -59,10 +59,14 @@ def run_command(
 ) -> int:
     """``func(args)`` as an exit code: its own, 130 on Ctrl-C, 2 with one line ``NAME: error: ...`` on stderr
     for an error (the traceback of an unexpected one is re-raised under ``debug`` or SEGFORMER_DEBUG=1).
-    The process's allocator is tuned first (:mod:`segformer.allocator`; SEGFORMER_MALLOC=system keeps it)."""
+    The process's allocator is tuned first (:mod:`segformer.allocator`; SEGFORMER_MALLOC=system keeps it). Under
+    torchrun the package's warnings come from rank 0 alone (:func:`segformer.distributed.warnings_from_rank_zero`)."""
     tune_allocator()
+    from .distributed import warnings_from_rank_zero
+
     try:
-        return int(func(args) or 0)
+        with warnings_from_rank_zero():  # under torchrun, rank 0's warnings only: every rank would print them
+            return int(func(args) or 0)
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         return 130

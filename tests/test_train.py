@@ -333,6 +333,26 @@ def test_eval_under_torchrun_equals_one_process(data, tmp_path):
 
 
 @pytest.mark.slow
+def test_eval_under_torchrun_prints_a_precision_fallback_as_one_process_does(data, tmp_path):
+    """--amp bf16 on a CPU that would only emulate it falls back to float32 with one warning line: under torchrun
+    the line comes once (rank 0's), as in one process; on a CPU with native bf16 neither prints it."""
+    model = tmp_path / "model"
+    SegformerForSemanticSegmentation(tiny_config(num_labels=4)).save_pretrained(model)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["eval", "--data", str(data), "--model", str(model), "--device", "cpu", "--workers", "0", "--amp", "bf16",
+            "--max-images", "2"]  # fmt: skip
+    one = subprocess.run([PY, "-m", "segformer", *args], capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(
+        [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "segformer", *args],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    fallback = "which is faster here"
+    assert two.stderr.count(fallback) == one.stderr.count(fallback) <= 1, two.stderr[-3000:]
+
+
+@pytest.mark.slow
 def test_the_library_does_not_import_the_cli():
     """segformer.train is a library module: importing it loads no argparse code from segformer.commands."""
     code = "import sys, segformer.train; print(sorted(m for m in sys.modules if m.startswith('segformer.c')))"
