@@ -39,6 +39,14 @@ READ_LAYER = """() => {
 }"""
 
 
+def tiny_checkpoint(folder: Path) -> Path:
+    """A tiny random checkpoint with the page's class names, saved as FOLDER/tiny (the same weights every time)."""
+    torch.manual_seed(0)
+    model = randomize_(SegformerForSemanticSegmentation(tiny_config(num_labels=K, id2label=NAMES)), seed=3)
+    model.save_pretrained(folder / "tiny")
+    return folder / "tiny"
+
+
 def layer_of(page) -> np.ndarray:
     got = page.evaluate(READ_LAYER)
     return np.asarray(got["data"], np.uint8).reshape(got["h"], got["w"], 4)
@@ -49,10 +57,7 @@ def test_page_segments_an_upload_in_headless_chromium(tmp_path):
     # Not a skip: `make test` installs Chromium first (the Makefile's browser target); elsewhere say what is missing.
     assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: apt-get install chromium (make browser)"
 
-    torch.manual_seed(0)
-    randomize_(SegformerForSemanticSegmentation(tiny_config(num_labels=K, id2label=NAMES)), seed=3).save_pretrained(
-        tmp_path / "tiny"
-    )
+    tiny_checkpoint(tmp_path)
     photo = tmp_path / "street photo.png"
     Image.fromarray(_noise(120, 160, 11)).save(photo)
     predictor = SegformerPredictor(tmp_path / "tiny", device="cpu", mode="whole")
@@ -163,12 +168,7 @@ WATCH = """() => {
 def tiny_server(tmp_path_factory):
     """A real `segformer serve` on a tiny random checkpoint (whole-image mode), shared by the stall tests."""
     assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: apt-get install chromium (make browser)"
-    root = tmp_path_factory.mktemp("stall")
-    torch.manual_seed(0)
-    randomize_(SegformerForSemanticSegmentation(tiny_config(num_labels=K, id2label=NAMES)), seed=3).save_pretrained(
-        root / "tiny"
-    )
-    server = ServerProcess(root / "tiny", "--mode", "whole")
+    server = ServerProcess(tiny_checkpoint(tmp_path_factory.mktemp("stall")), "--mode", "whole")
     try:
         server.wait_ready()
         yield server
@@ -552,10 +552,7 @@ def test_page_asks_for_the_api_key_in_words_for_its_user(tmp_path):
     # A server started with --api-key: the page says, in words for the person at it (no HTTP headers), that a key
     # is needed and where it comes from; a wrong key is refused as such; the right one opens the page.
     assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: apt-get install chromium (make browser)"
-    torch.manual_seed(0)
-    randomize_(SegformerForSemanticSegmentation(tiny_config(num_labels=K, id2label=NAMES)), seed=3).save_pretrained(
-        tmp_path / "tiny"
-    )
+    tiny_checkpoint(tmp_path)
     photo = tmp_path / "photo.png"
     Image.fromarray(_noise(96, 128, 5)).save(photo)
     server = ServerProcess(tmp_path / "tiny", "--mode", "whole", "--api-key", "s3cret-key")
