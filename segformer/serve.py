@@ -779,7 +779,8 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
             try:
                 form = await MultiPartParser(request.headers, one_chunk(), max_files=1, max_fields=16).parse()
             except MultiPartException as exc:
-                raise ApiError(400, "bad_request", f"bad multipart body: {exc.message}") from None
+                reason = _part_head_problem(body, request.headers.get("content-type", "")) or exc.message
+                raise ApiError(400, "bad_request", f"bad multipart body: {reason}") from None
             try:
                 parts = [v for _, v in form.multi_items() if hasattr(v, "read")]
                 if not parts and "file" in form:
@@ -970,6 +971,27 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def _part_head_problem(body: bytes, content_type: str) -> str | None:
+    """Which of python-multipart's limits on a part's head (header line length, header count) ``body`` breaks, or
+    None: the parser reports a breach only as "Invalid multipart data"."""
+    try:
+        from python_multipart import multipart
+    except ImportError:  # (python-multipart < 0.0.13: module "multipart", and no such limits)
+        return None
+    size, count = (getattr(multipart, f"DEFAULT_MAX_HEADER_{k}", None) for k in ("SIZE", "COUNT"))
+    boundary = next((p.split("=", 1)[1].strip().strip('"') for p in content_type.split(";")[1:]
+                     if p.strip().lower().startswith("boundary=")), "")  # fmt: skip
+    if not boundary or size is None or count is None:
+        return None
+    for part in body.split(b"--" + boundary.encode("latin-1"))[1:]:
+        lines = [line for line in part.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:] if line]
+        if any(len(line) > size for line in lines):
+            return f"a part's header line is over {size:,} bytes"
+        if len(lines) > count:
+            return f"a part has more than {count} header lines"
+    return None
 
 
 class _Observe:

@@ -228,6 +228,8 @@ def bad_uploads(tmp_path: Path, too_large: int = 300_000) -> list[tuple[str, byt
     good = png_of(48, 64, 1)
     jpeg = encode(np.random.default_rng(9).integers(0, 255, (120, 160, 3), dtype=np.uint8), "JPEG")
     text_part, text_type = _multipart("comment", b"hello", filename=None)
+    long_name, _ = _multipart("file", good, filename="x" * 5000 + ".png")  # over python-multipart's line limit
+    many_heads = text_part.replace(b"\r\n\r\n", b"".join(b"\r\nX-%d: 1" % i for i in range(9)) + b"\r\n\r\n", 1)
     return [
         ("empty body", b"", {"Content-Type": "image/png"}, 400, "bad_request", "empty body"),
         ("not an image", b"this is not an image\n", {"Content-Type": "image/jpeg"}, 400, "bad_image", "not an image"),
@@ -241,6 +243,8 @@ def bad_uploads(tmp_path: Path, too_large: int = 300_000) -> list[tuple[str, byt
         ("PostScript", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nshowpage\n", {"Content-Type": "image/png"},
          400, "bad_image", "not an image"),  # (never handed to Ghostscript: not a raster format)
         ("broken multipart", b"--nope", {"Content-Type": "multipart/form-data"}, 400, "bad_request", "multipart"),
+        ("long part header", long_name, {"Content-Type": text_type}, 400, "bad_request", "header line is over"),
+        ("many part headers", many_heads, {"Content-Type": text_type}, 400, "bad_request", "more than 8 header"),
         ("too small", png_of(10, 12, 8), {"Content-Type": "image/png"}, 400, "bad_image", "minimum"),
         ("bomb", bomb_bytes(tmp_path), {"Content-Type": "image/png"}, 413, "too_many_pixels", "decompression bomb"),
         ("too large", b"\0" * too_large, {"Content-Type": "image/png"}, 413, "too_large", "over the limit"),
