@@ -218,6 +218,7 @@ def test_torchrun_two_processes_match_one_process(data, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.output
 def test_a_failure_every_rank_sees_is_reported_once_under_torchrun(data, tiny_json, tmp_path):
     """2 gloo processes whose loss becomes NaN (every rank sees the all-reduced loss and stops): the one-line
     error once in the launch's whole output, not once per rank, and a failed launch. Likewise an option every
@@ -248,6 +249,7 @@ def test_a_failure_every_rank_sees_is_reported_once_under_torchrun(data, tiny_js
 
 
 @pytest.mark.slow
+@pytest.mark.output
 def test_cli_train_then_eval(data, tiny_json, tmp_path, capsys):
     out, report = tmp_path / "run", tmp_path / "eval.json"
     train_cmd = [PY, "-m", "segformer", "train", "--data", str(data), "--model", str(tiny_json),
@@ -333,23 +335,24 @@ def test_eval_under_torchrun_equals_one_process(data, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.output
 def test_eval_under_torchrun_prints_a_precision_fallback_as_one_process_does(data, tmp_path):
     """--amp bf16 on a CPU that would only emulate it falls back to float32 with one warning line: under torchrun
-    the line comes once (rank 0's), as in one process; on a CPU with native bf16 neither prints it."""
+    the line comes once (rank 0's), as in one process; on a CPU with native bf16 there is none."""
+    from segformer.inference import effective_amp
+
     model = tmp_path / "model"
     SegformerForSemanticSegmentation(tiny_config(num_labels=4)).save_pretrained(model)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = ["eval", "--data", str(data), "--model", str(model), "--device", "cpu", "--workers", "0", "--amp", "bf16",
             "--max-images", "2"]  # fmt: skip
-    one = subprocess.run([PY, "-m", "segformer", *args], capture_output=True, text=True, env=env, timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run(
         [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "segformer", *args],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
-    fallback = "which is faster here"
-    assert two.stderr.count(fallback) == one.stderr.count(fallback) <= 1, two.stderr[-3000:]
+    falls_back = effective_amp("bf16", "cpu")[1] is not None  # (this machine's verdict, as each rank's)
+    assert two.stderr.count("which is faster here") == int(falls_back), two.stderr[-3000:]
 
 
 @pytest.mark.slow
@@ -422,13 +425,12 @@ def test_class_weights_auto_are_median_frequency_and_change_the_loss(data, tiny_
     assert _losses(tmp_path / "plain")[0] != _losses(tmp_path / "weighted")[0]  # same batch, weighted mean
 
 
-@pytest.mark.parametrize("flags", [[], ["--no-progress"]])
-def test_progress_lines_when_stderr_is_a_file(data, tiny_json, tmp_path, flags):
-    """Off a terminal, and with --no-progress (no bar) anywhere, a line every --log-every steps."""
+@pytest.mark.output
+def test_progress_lines_when_stderr_is_a_file(data, tiny_json, tmp_path):
     log = tmp_path / "stderr.txt"
     cmd = [PY, "-m", "segformer", "train", "--data", str(data), "--model", str(tiny_json), "--output",
            str(tmp_path / "run"), "--steps", "4", "--batch-size", "2", "--crop", "48", "48", "--scale", "0", "0",
-           "--workers", "0", "--log-every", "2", "--eval-every", "0", *flags]  # fmt: skip
+           "--workers", "0", "--log-every", "2", "--eval-every", "0"]  # fmt: skip
     with open(log, "w") as stderr:
         done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, timeout=300)
     text = log.read_text()
@@ -439,6 +441,20 @@ def test_progress_lines_when_stderr_is_a_file(data, tiny_json, tmp_path, flags):
         assert all(field in line for line in lines), field
     record = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert {"sec_per_step", "images_per_sec", "eta_sec", "peak_mem_mb"} <= set(record[-1])
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_no_progress_drops_the_bar_not_the_lines(tmp_path, capsys, terminal):
+    """progress=False (--no-progress): no bar on a terminal, and a line per logged step wherever stderr goes."""
+    from segformer.train_log import RunLog
+
+    log = RunLog(tmp_path, {}, is_main=True, steps=4, start=0, batch_size=2, device=torch.device("cpu"),
+                   progress=False, terminal=terminal)  # fmt: skip
+    for step in (1, 2):
+        log.step(step, 0.5, 1e-3, write=step == 2)
+    log.bar.close()
+    err = capsys.readouterr().err
+    assert log.bar.disable and [line.split()[1] for line in err.splitlines() if line.startswith("step ")] == ["2/4"]
 
 
 def test_checkpoints_are_complete_and_shareable(data, tiny_json, tmp_path):
@@ -620,6 +636,7 @@ def test_the_resolved_recipe_is_printed_and_stored(data, tiny_json, tmp_path, ca
 
 
 @pytest.mark.slow
+@pytest.mark.output
 def test_torchrun_prints_the_package_warnings_once(data, tmp_path):
     """2 gloo processes training from an encoder-only checkpoint with --sync-bn: the warning that the decode head
     is newly initialised appears once (rank 0's), and SyncBatchNorm's all-reduce raises no deprecation warning."""
