@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="end-to-end demo without downloads: synth → train → eval → overlays",
         description="Write the procedural data set (segformer synth), fine-tune a small SegFormer on it (on CUDA "
         "when available, else the CPU) with the paper's recipe (higher lr, fewer steps), evaluate it on the "
-        "validation split, write overlays (OUTPUT/overlays/val_00.png … val_05.png) and print the mIoU. About 6 "
+        "validation split, write overlays (OUTPUT/overlays/val_00.png … val_05.png) and print the mIoU. About 6-8 "
         "minutes on two AVX2 CPU cores, about 4 on AVX-512 ones; longer on a busy machine.",
     )
     p.add_argument("--output", type=Path, default=Path("demo_out"), help="output folder (default: demo_out)")
