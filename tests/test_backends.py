@@ -332,6 +332,7 @@ def test_compiled_model_matches_eager_and_reuses_its_package(model, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.output  # (the cache's behaviour; the compiled kernels do not change with the portable ATen kernels)
 def test_cli_predict_compile_twice_compiles_once(model, tmp_path):
     model.save_pretrained(tmp_path / "m")
     rng = np.random.default_rng(1)
