@@ -381,6 +381,17 @@ def confidence_of(body: dict) -> np.ndarray:
         return np.asarray(img)
 
 
+def segmented(server: ServerProcess, photo: Path) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
+    """What the API says for `photo` (?probs=true): its JSON answer, its label map (H, W), each pixel's class colour
+    (H, W, 3) and each pixel's confidence as gray (H, W, 3), all uint8."""
+    body = httpx.post(
+        server.url + "/v1/segment?probs=true", files={"file": (photo.name, photo.read_bytes())}, timeout=60
+    ).json()
+    with Image.open(io.BytesIO(base64.b64decode(body["label_png"]))) as img:
+        labels, palette = np.asarray(img), np.asarray(img.getpalette(), np.uint8).reshape(-1, 3)
+    return body, labels, palette[labels], np.repeat(confidence_of(body)[..., None], 3, axis=-1)
+
+
 @pytest.mark.slow
 def test_confidence_switch_shows_the_confidence_map(tiny_server, tmp_path):
     # The "confidence" checkbox, reached with Tab and switched with Space, draws each pixel's confidence (the API's
@@ -403,19 +414,15 @@ def test_confidence_switch_shows_the_confidence_map(tiny_server, tmp_path):
         gray = layer_of(page)
 
         # What the API says for the same upload (the same server, a batch of one as well: the same numbers).
-        api = httpx.post(
-            tiny_server.url + "/v1/segment?probs=true", files={"file": ("photo.png", photo.read_bytes())}, timeout=60
-        ).json()
-        with Image.open(io.BytesIO(base64.b64decode(api["label_png"]))) as img:
-            labels, palette = np.asarray(img), np.asarray(img.getpalette(), np.uint8).reshape(-1, 3)
+        api, labels, api_colours, api_gray = segmented(tiny_server, photo)
         conf = confidence_of(api)
         assert conf.shape == labels.shape and len(np.unique(conf)) > 5  # a map worth checking, not one gray
-        assert np.array_equal(colours[..., :3], palette[labels]) and (colours[..., 3] == 255).all()
+        assert np.array_equal(colours[..., :3], api_colours) and (colours[..., 3] == 255).all()
         assert not np.array_equal(gray, colours)
         assert (gray[..., 3] == 255).all()
         for y, x in ((0, 0), (60, 80), (119, 159), (30, 120), (100, 10)):  # a few pixels by hand
             assert gray[y, x].tolist() == [int(conf[y, x])] * 3 + [255], (y, x)
-        assert np.array_equal(gray[..., :3], np.repeat(conf[..., None], 3, axis=-1))  # and all of them
+        assert np.array_equal(gray[..., :3], api_gray)  # and all of them
         for entry in api["classes"]:  # the map is the API's per-class confidence, pixel by pixel
             assert gray[..., 0][labels == entry["id"]].mean() / 255 == pytest.approx(entry["confidence"], abs=0.003)
         assert page.locator("#conf-scale").is_visible()
@@ -442,17 +449,6 @@ def test_confidence_switch_shows_the_confidence_map(tiny_server, tmp_path):
         assert page.locator("#conf-scale").is_hidden()
         assert page.eval_on_selector("#layer", "c => c.style.opacity") == "0.3"
         assert errors == []
-
-
-def segmented(server: ServerProcess, photo: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """What the API says for `photo` (?probs=true): its label map (H, W), each pixel's class colour (H, W, 3) and
-    each pixel's confidence as gray (H, W, 3), all uint8."""
-    body = httpx.post(
-        server.url + "/v1/segment?probs=true", files={"file": (photo.name, photo.read_bytes())}, timeout=60
-    ).json()
-    with Image.open(io.BytesIO(base64.b64decode(body["label_png"]))) as img:
-        labels, palette = np.asarray(img), np.asarray(img.getpalette(), np.uint8).reshape(-1, 3)
-    return labels, palette[labels], np.repeat(confidence_of(body)[..., None], 3, axis=-1)
 
 
 def blend(photo: np.ndarray, layer: np.ndarray, opacity: float, hidden: np.ndarray | None = None) -> np.ndarray:
@@ -505,7 +501,7 @@ def test_overlay_download_is_the_view_shown_in_confidence_mode(tiny_server, tmp_
         page.wait_for_selector("body[data-state=done]", state="attached", timeout=60_000)
         page.locator("#opacity").fill("60")
         photo = np.asarray(Image.open(first).convert("RGB"), np.float64)
-        labels, colours, gray = segmented(tiny_server, first)
+        _, labels, colours, gray = segmented(tiny_server, first)
         with_colours, with_conf = blend(photo, colours, 0.6), blend(photo, gray, 0.6)
 
         name, got = overlay_download(page)
@@ -540,7 +536,7 @@ def test_overlay_download_is_the_view_shown_in_confidence_mode(tiny_server, tmp_
         page.wait_for_function("() => document.getElementById('info').textContent.startsWith('160 × 120 px')")
         page.wait_for_selector("body[data-state=done]", state="attached", timeout=60_000)
         photo = np.asarray(Image.open(second).convert("RGB"), np.float64)
-        _, colours, gray = segmented(tiny_server, second)
+        _, _, colours, gray = segmented(tiny_server, second)
         name, got = overlay_download(page)
         assert name == "second_confidence.jpg"
         assert_looks_like(got, blend(photo, gray, 0.6), blend(photo, colours, 0.6))
