@@ -151,9 +151,13 @@ def reported_by_rank_zero(exc: BaseException) -> bool:
     """True on a rank other than 0 of a launched run (RANK set, so also after the process group is gone) for an
     error marked by :func:`raised_on_every_rank`: rank 0 raised the same one and reports it, so this rank need
     not print it again. False in one process, on rank 0 and for any other error (each rank reports its own)."""
-    if not getattr(exc, _EVERY_RANK, False) or not launched_by_torchrun():
-        return False
-    return int(os.environ["RANK"]) != 0 and int(os.environ["WORLD_SIZE"]) > 1
+    return bool(getattr(exc, _EVERY_RANK, False)) and _launched_rank_not_zero()
+
+
+def _launched_rank_not_zero() -> bool:
+    """Whether this process is a rank other than 0 of a launched run of more than one process (from the
+    environment, so also after the process group is gone)."""
+    return launched_by_torchrun() and int(os.environ["RANK"]) != 0 and int(os.environ["WORLD_SIZE"]) > 1
 
 
 def wait_for_rank_zero(timeout: float = 30.0) -> None:
@@ -172,8 +176,7 @@ def warnings_from_rank_zero() -> Iterator[None]:
     rank would print the same line. Errors still are. In one process, and on rank 0, nothing changes."""
     log = logging.getLogger("segformer")
     level = log.level
-    quiet = launched_by_torchrun() and int(os.environ["RANK"]) != 0 and int(os.environ["WORLD_SIZE"]) > 1
-    if quiet:
+    if _launched_rank_not_zero():
         log.setLevel(logging.ERROR)
     try:
         yield
