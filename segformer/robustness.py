@@ -155,6 +155,7 @@ class RobustnessResult:
     num_images: int = 0
     seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)
+    heatmap: Path | None = field(default=None, compare=False)  # the heat map run_study drew; None where it did not
 
     @property
     def corruptions(self) -> list[str]:
@@ -378,9 +379,10 @@ def run_study(
     and reported in the study's order). ``severities``: the severities of every corruption (default: the
     paper's, noise 1–3 and the rest 1–5). ``options``, ``amp``, ``max_images``, ``num_workers``: as for
     :func:`~segformer.evaluate.evaluate`. ``seed``: the corruptions' seed. ``output``: a folder for the saved
-    cells (resume), ``robustness.json`` and, with matplotlib, the heat map ``robustness.png``; None keeps
-    everything in memory. ``clean_metrics``: the clean evaluation, when the caller already ran it with the same
-    model, data and options. ``progress``: a line per finished cell on stderr (and a bar on a terminal).
+    cells (resume), ``robustness.json`` and, with matplotlib, the heat map ``robustness.png`` (the result's
+    ``heatmap``; without matplotlib none, and an earlier run's is removed); None keeps everything in memory.
+    ``clean_metrics``: the clean evaluation, when the caller already ran it with the same model, data and
+    options. ``progress``: a line per finished cell on stderr (and a bar on a terminal).
     """
     options = resolve_options(options, {})
     plan = study_severities(corruptions, severities)
@@ -445,7 +447,9 @@ def run_study(
     )
     if folder is not None and get_rank() == 0:
         write_result(folder / RESULT_FILE, result)
-        plot_heatmap(result, folder / HEATMAP_FILE, missing_ok=True)
+        result.heatmap = plot_heatmap(result, folder / HEATMAP_FILE, missing_ok=True)
+        if result.heatmap is None:  # without matplotlib: an earlier run's map would not match these cells
+            (folder / HEATMAP_FILE).unlink(missing_ok=True)
     return result
 
 

@@ -118,6 +118,7 @@ def test_study_cells_are_evaluations_and_the_summary_adds_up(model, val, tmp_pat
     assert saved["severities"] == {"gaussian_noise": [1, 3], "motion_blur": [1, 3]}
     with open(out / HEATMAP_FILE, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert result.heatmap == out / HEATMAP_FILE
     cells = json.loads((out / PARTIAL_FILE).read_text())["cells"]
     assert set(cells) == {"clean", "gaussian_noise/1", "gaussian_noise/3", "motion_blur/1", "motion_blur/3"}
     # the table and the progress lines
@@ -241,6 +242,21 @@ def test_cli_study_prints_the_table_and_writes_json(data, model_dir, tmp_path, c
     assert set(saved["robustness"]["mIoU"]) == {"impulse_noise", "contrast"}
     assert "relative" in stdout and "impulse_noise" in stdout and "mIoU" in stdout
     assert (out / HEATMAP_FILE).stat().st_size > 0 and (out / RESULT_FILE).is_file()
+
+
+def test_cli_study_without_matplotlib_says_so_and_leaves_no_stale_heat_map(data, model_dir, tmp_path, capsys,
+                                                                            monkeypatch):  # fmt: skip
+    """Without matplotlib the study still writes its JSON; the line naming the outputs says there is no heat map
+    and how to get one, and an earlier run's heat map in the folder (older cells) is not left beside the new JSON."""
+    out = tmp_path / "robust"
+    out.mkdir()
+    (out / HEATMAP_FILE).write_bytes(b"\x89PNG\r\n\x1a\n an earlier run's map")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    code, _, err = run_cli(capsys, "eval", "--data", data, "--model", model_dir, "--device", "cpu", "--workers", "0",
+                           "--corruptions", "contrast", "--severities", "1", "--output", out)  # fmt: skip
+    assert code == 0, err
+    assert f'wrote {out / RESULT_FILE} (no heat map: pip install "segformer[plot]")' in err
+    assert (out / RESULT_FILE).is_file() and not (out / HEATMAP_FILE).exists()
 
 
 @pytest.mark.parametrize(

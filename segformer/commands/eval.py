@@ -136,7 +136,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import importlib.util
     import json
     import sys
 
@@ -218,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
             if result is not None:
                 print()
                 print(result.format_table())
-                drawn = importlib.util.find_spec("matplotlib") is not None and (output / "robustness.png").is_file()
+                drawn = result.heatmap is not None
                 heatmap = " and robustness.png" if drawn else ' (no heat map: pip install "segformer[plot]")'
                 print(f"wrote {output / 'robustness.json'}{heatmap}", file=sys.stderr)
             if args.json:
