@@ -47,6 +47,14 @@ def tiny_checkpoint(folder: Path) -> Path:
     return folder / "tiny"
 
 
+# Paste an image (base64 PNG bytes) whose File has no name, as the page's paste handler receives it.
+PASTE_NAMELESS = """(b64) => {
+  const data = new DataTransfer();
+  data.items.add(new File([Uint8Array.from(atob(b64), (c) => c.charCodeAt(0))], "", { type: "image/png" }));
+  document.dispatchEvent(new ClipboardEvent("paste", { clipboardData: data }));
+}"""
+
+
 def layer_of(page) -> np.ndarray:
     got = page.evaluate(READ_LAYER)
     return np.asarray(got["data"], np.uint8).reshape(got["h"], got["w"], 4)
@@ -148,6 +156,12 @@ def test_page_segments_an_upload_in_headless_chromium(tmp_path):
             assert status == "notes.jpg: not an image (Pillow cannot identify the format)"
             assert page.locator("#result").is_hidden()
             assert errors == ["Failed to load resource: the server responded with a status of 400 (Bad Request)"]
+
+            # A pasted image without a file name: every message calls it "the image", the download "image.png".
+            page.evaluate(PASTE_NAMELESS, base64.b64encode(photo.read_bytes()).decode())
+            page.wait_for_selector("body[data-state=done]", state="attached", timeout=60_000)
+            assert page.locator("#status").inner_text() == f"the image: {len(present)} classes found"
+            assert page.get_attribute("#dl-label", "download") == "image.png"
             assert all(r.startswith(server.url + "/") or r.startswith(("blob:", "data:")) for r in requests), requests
     finally:
         assert server.stop() == 0
