@@ -24,6 +24,14 @@ it trains SegFormer-b0 from scratch twice, with the same number of steps, batch 
          bilinearly to the image size, argmax), mIoU from one confusion matrix over the val set
          (segformer.metrics.ConfusionMatrix), as `segformer train` evaluates folder data.
 
+With ``--init CHECKPOINT`` both sides start from a trained checkpoint instead (fine-tuning, as a user with a
+pretrained model does: ours ``--model CHECKPOINT``, the plain loop ``from_pretrained(CHECKPOINT, num_labels=K,
+ignore_mismatched_sizes=True)``; the head is re-initialised where the label count differs), at lr 6e-5 unless
+--lr is given (the paper's fine-tuning lr, and the one Transformers' SegFormer fine-tuning tutorial uses).
+``--pretrain-on NAME`` makes that checkpoint first, here and without a download: ``segformer train`` from fresh
+b0 weights on the data set NAME (the same steps, batch, crop and seed, lr 6e-4), kept under OUTPUT/pretrained
+and reused by later runs.
+
 and prints one row per data set: ours mIoU, plain mIoU, ours / plain, the majority-class mIoU (predicting
 the most frequent val class everywhere) as a floor, and the wall times. Every result is also appended to
 OUTPUT/results.jsonl with the settings of its run (steps, batch_size, lr, crop, seed, n_train, n_val and the
@@ -37,6 +45,7 @@ How to run
     .venv/bin/python bench/bench_training.py                              # 600 steps, 300/60 images, both sets
     .venv/bin/python bench/bench_training.py --datasets textures --extra "--scale 0 0 --warmup-steps 60"
     .venv/bin/python bench/bench_training.py --only ours --extra "--head-lr-mult 1 --no-photometric"
+    .venv/bin/python bench/bench_training.py --pretrain-on textures --datasets shapes   # fine-tuning
 
 b0 at 128x128, batch 8, takes roughly 0.3-0.6 s a step on 2 CPU threads: 600 steps is a few minutes per run.
 """
@@ -256,12 +265,19 @@ def evaluate_whole(model: torch.nn.Module, val: list[tuple[np.ndarray, np.ndarra
     return cm.compute()["mIoU"]
 
 
-def train_plain(data: Path, k: int, steps: int, batch: int, lr: float, crop: tuple[int, int], seed: int) -> float:
-    """The loop a user writes: random crop + flip, AdamW, linear decay, CE via labels=; whole-image mIoU."""
+def train_plain(
+    data: Path, k: int, steps: int, batch: int, lr: float, crop: tuple[int, int], seed: int, init: Path | None = None
+) -> float:
+    """The loop a user writes: random crop + flip, AdamW, linear decay, CE via labels=; whole-image mIoU. From
+    fresh b0 weights, or from the checkpoint ``init`` with a new head where the label count differs."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     train, val = load_split(data, "train"), load_split(data, "val")
-    model = SegformerForSemanticSegmentation(SegformerConfig.from_variant("b0", num_labels=k)).train()
+    if init is None:
+        model = SegformerForSemanticSegmentation(SegformerConfig.from_variant("b0", num_labels=k))
+    else:
+        model = SegformerForSemanticSegmentation.from_pretrained(init, num_labels=k, ignore_mismatched_sizes=True)
+    model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
     order: list[int] = []
@@ -289,7 +305,15 @@ def segformer_cli() -> list[str]:
 
 
 def train_ours(
-    data: Path, out: Path, steps: int, batch: int, lr: float, crop: tuple[int, int], seed: int, extra: str
+    data: Path,
+    out: Path,
+    steps: int,
+    batch: int,
+    lr: float,
+    crop: tuple[int, int],
+    seed: int,
+    extra: str,
+    model: str = "b0",
 ) -> tuple[float, list[str]]:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [
@@ -300,7 +324,7 @@ def train_ours(
         "--output",
         str(out),
         "--model",
-        "b0",
+        model,
         "--steps",
         str(steps),
         "--batch-size",
@@ -344,7 +368,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-images", type=positive_int, default=None, help="default 300 (--quick: 120)")
     ap.add_argument("--val-images", type=positive_int, default=None, help="default 60 (--quick: 30)")
     ap.add_argument("--batch-size", type=positive_int, default=8)
-    ap.add_argument("--lr", type=float, default=6e-4)
+    ap.add_argument("--lr", type=float, default=None, help="base lr, both sides (default 6e-4; with a checkpoint 6e-5)")
+    start = ap.add_mutually_exclusive_group()
+    start.add_argument("--init", type=Path, default=None, help="both sides fine-tune this checkpoint folder")
+    start.add_argument(
+        "--pretrain-on",
+        choices=DATASETS,
+        default=None,
+        help="fine-tune a checkpoint trained here first: segformer train from fresh b0 weights on this data set",
+    )
     ap.add_argument("--crop", type=positive_int, nargs=2, default=(128, 128))
     ap.add_argument("--threads", type=int, default=None, help="torch threads (both sides)")
     args = ap.parse_args(argv)
@@ -352,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     n_train = args.train_images if args.train_images is not None else (120 if args.quick else 300)
     n_val = args.val_images if args.val_images is not None else (30 if args.quick else 60)
     crop = tuple(args.crop)
+    lr = args.lr if args.lr is not None else (6e-4 if args.init is None and args.pretrain_on is None else 6e-5)
+    if args.init is not None and not (args.init / "config.json").is_file():
+        ap.error(f"--init {args.init}: not a checkpoint folder (no config.json)")
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -362,6 +397,20 @@ def main(argv: list[str] | None = None) -> int:
         if n not in GENERATORS:
             ap.error(f"unknown data set {n!r}; choose from {', '.join(DATASETS)}")
 
+    init, init_tag = args.init, ""
+    if args.pretrain_on is not None:
+        source = make_dataset(args.pretrain_on, out / "data", n_train, n_val, args.seed)
+        pre_key = f"{args.pretrain_on}-s{steps}-b{args.batch_size}-lr0.0006-c{crop[0]}x{crop[1]}-seed{args.seed}"
+        pre_out = out / "pretrained" / f"{pre_key}-{n_train}-{n_val}"
+        init = pre_out / "last"
+        if not (init / "config.json").is_file():
+            print(f"[{args.pretrain_on}] pre-training the checkpoint to fine-tune, {steps} steps", file=sys.stderr)
+            miou, _ = train_ours(source, pre_out, steps, args.batch_size, 6e-4, crop, args.seed, "")
+            print(f"[{args.pretrain_on}] pre-trained: mIoU {miou:.3f} on its own val set", file=sys.stderr)
+    if init is not None:
+        init = init.resolve()
+        init_tag = "-init" + hashlib.sha1(str(init).encode()).hexdigest()[:8]
+
     rows = []
     for name in names:
         data = make_dataset(name, out / "data", n_train, n_val, args.seed)
@@ -371,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
             "dataset": name,
             "steps": steps,
             "batch_size": args.batch_size,
-            "lr": args.lr,
+            "lr": lr,
+            "init": None if init is None else str(init),
             "crop": list(crop),
             "seed": args.seed,
             "n_train": n_train,
@@ -379,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
             "extra": args.extra,
             "majority": floor,
         }
-        key = f"{name}-s{steps}-b{args.batch_size}-lr{args.lr:g}-c{crop[0]}x{crop[1]}-seed{args.seed}-{n_train}-{n_val}"
+        key = f"{name}-s{steps}-b{args.batch_size}-lr{lr:g}-c{crop[0]}x{crop[1]}-seed{args.seed}-{n_train}-{n_val}"
+        key += init_tag
         if args.only in ("both", "plain"):
             cache = out / f"plain-{key}.json"
             if cache.exists() and not args.rerun_plain:
@@ -387,16 +438,16 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"[{name}] plain loop, {steps} steps", file=sys.stderr, flush=True)
                 tic = time.perf_counter()
-                miou = train_plain(data, k, steps, args.batch_size, args.lr, crop, args.seed)
+                miou = train_plain(data, k, steps, args.batch_size, lr, crop, args.seed, init)
                 row.update(plain=miou, plain_s=time.perf_counter() - tic)
                 cache.write_text(json.dumps({"plain": miou, "plain_s": row["plain_s"]}) + "\n")
         if args.only in ("both", "ours"):
             tag = hashlib.sha1(args.extra.encode()).hexdigest()[:8]
             print(f"[{name}] segformer train, {steps} steps, extra {args.extra!r}", file=sys.stderr, flush=True)
             tic = time.perf_counter()
-            miou, cmd = train_ours(
-                data, out / "runs" / f"{key}-{tag}", steps, args.batch_size, args.lr, crop, args.seed, args.extra
-            )
+            model = "b0" if init is None else str(init)
+            run_dir = out / "runs" / f"{key}-{tag}"
+            miou, cmd = train_ours(data, run_dir, steps, args.batch_size, lr, crop, args.seed, args.extra, model)
             row.update(ours=miou, ours_s=time.perf_counter() - tic)
         rows.append(row)
         with open(out / "results.jsonl", "a") as f:
@@ -406,10 +457,11 @@ def main(argv: list[str] | None = None) -> int:
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
     print(
-        f"# steps {steps}, batch {args.batch_size}, lr {args.lr:g}, crop {crop[0]}x{crop[1]}, "
+        f"# steps {steps}, batch {args.batch_size}, lr {lr:g}, crop {crop[0]}x{crop[1]}, "
         f"{n_train}/{n_val} images, seed {args.seed}, torch threads {torch.get_num_threads()}"
     )
     print(f"# extra flags for segformer train: {args.extra or '(none)'}")
+    print(f"# start: {'fresh b0 weights' if init is None else f'the checkpoint {init}'}")
     header = ("dataset", "ours mIoU", "plain mIoU", "ratio", "majority", "ours s", "plain s")
     print(f"{header[0]:<10} " + " ".join(f"{h:>{w}}" for h, w in zip(header[1:], (9, 10, 6, 8, 7, 7))))
     for r in rows:

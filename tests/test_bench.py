@@ -135,3 +135,22 @@ def test_bench_training_records_its_settings(monkeypatch, tmp_path):
     (record,) = map(json.loads, (tmp_path / "results.jsonl").read_text().splitlines())
     assert record["batch_size"] == 2 and record["lr"] == 0.001 and record["crop"] == [32, 48]
     assert record["steps"] == 3 and record["n_train"] == 1 and record["n_val"] == 1 and record["plain"] == 0.5
+
+
+def test_bench_training_fine_tunes_a_checkpoint_with_a_new_head(tmp_path, capsys):
+    """--init: the plain loop starts from the checkpoint's encoder with a head for the data set's label count
+    (the checkpoint has another), at the fine-tuning lr 6e-5 unless --lr says otherwise; the record names the
+    checkpoint. A folder that is not a checkpoint is refused before any work."""
+    training = _bench("bench_training")
+    init = tmp_path / "pretrained"
+    torch.manual_seed(0)
+    SegformerForSemanticSegmentation(SegformerConfig.from_variant("b0", num_labels=7)).save_pretrained(init)
+    argv = ["--only", "plain", "--datasets", "textures", "--steps", "1", "--train-images", "1", "--val-images", "1"]
+    argv += ["--batch-size", "1", "--crop", "32", "32", "--output", str(tmp_path / "out")]
+    assert training.main([*argv, "--init", str(init)]) == 0
+    (record,) = map(json.loads, (tmp_path / "out" / "results.jsonl").read_text().splitlines())
+    assert record["init"] == str(init.resolve()) and record["lr"] == 6e-5 and 0 <= record["plain"] <= 1
+    assert f"# start: the checkpoint {init.resolve()}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        training.main([*argv, "--init", str(tmp_path)])
+    assert f"--init {tmp_path}: not a checkpoint folder (no config.json)" in capsys.readouterr().err
