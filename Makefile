@@ -28,8 +28,9 @@ browser:
 		{ apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; }
 	@command -v chromium >/dev/null || { echo "make: Chromium is needed for the browser tests: apt-get install chromium (as root)"; exit 1; }
 
+# --durations lists the slowest tests at the end: the suite is kept under ~10 minutes on 2 cores.
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 # The edit loop: everything but the tests marked slow (subprocesses, torchrun, b3-b5): 25-75 s on 2 cores.
 test-fast: $(STAMP)
@@ -44,7 +45,7 @@ PORTABLE := ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_
 NUMERICAL := tests/test_modeling.py tests/test_oracle.py tests/test_processing.py tests/test_inference.py \
 	tests/test_export.py tests/test_train.py tests/test_backends.py tests/test_precision.py tests/test_devices.py
 test-portable: $(STAMP)
-	$(PORTABLE) $(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not output" $(NUMERICAL)
+	$(PORTABLE) $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=10 -m "not output" $(NUMERICAL)
 
 lint: $(STAMP)
 	$(BIN)/ruff check segformer tests bench && $(BIN)/ruff format --check segformer tests bench
