@@ -77,6 +77,7 @@ from segformer.metrics import ConfusionMatrix  # noqa: E402
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32) * 255
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32) * 255
 DATASETS = ("textures", "shapes")
+FRESH_LR, FINE_TUNE_LR = 6e-4, 6e-5  # the default base lr from fresh weights, and from a checkpoint
 
 
 # ------------------------------------------------------------------------------------------- data sets
@@ -353,6 +354,12 @@ def train_ours(
 
 
 # ------------------------------------------------------------------------------------------- main
+def run_key(name: str, steps: int, batch: int, lr: float, crop: tuple[int, int], seed: int, n_train: int,
+            n_val: int) -> str:  # fmt: skip
+    """A run's settings as a folder / cache-file name."""
+    return f"{name}-s{steps}-b{batch}-lr{lr:g}-c{crop[0]}x{crop[1]}-seed{seed}-{n_train}-{n_val}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -368,7 +375,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-images", type=positive_int, default=None, help="default 300 (--quick: 120)")
     ap.add_argument("--val-images", type=positive_int, default=None, help="default 60 (--quick: 30)")
     ap.add_argument("--batch-size", type=positive_int, default=8)
-    ap.add_argument("--lr", type=float, default=None, help="base lr, both sides (default 6e-4; with a checkpoint 6e-5)")
+    ap.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help=f"base lr, both sides (default {FRESH_LR:g}; with a checkpoint {FINE_TUNE_LR:g})",
+    )
     start = ap.add_mutually_exclusive_group()
     start.add_argument("--init", type=Path, default=None, help="both sides fine-tune this checkpoint folder")
     start.add_argument(
@@ -384,7 +396,11 @@ def main(argv: list[str] | None = None) -> int:
     n_train = args.train_images if args.train_images is not None else (120 if args.quick else 300)
     n_val = args.val_images if args.val_images is not None else (30 if args.quick else 60)
     crop = tuple(args.crop)
-    lr = args.lr if args.lr is not None else (6e-4 if args.init is None and args.pretrain_on is None else 6e-5)
+    lr = (
+        args.lr
+        if args.lr is not None
+        else (FRESH_LR if args.init is None and args.pretrain_on is None else FINE_TUNE_LR)
+    )
     if args.init is not None and not (args.init / "config.json").is_file():
         ap.error(f"--init {args.init}: not a checkpoint folder (no config.json)")
     if args.threads:
@@ -400,12 +416,12 @@ def main(argv: list[str] | None = None) -> int:
     init, init_tag = args.init, ""
     if args.pretrain_on is not None:
         source = make_dataset(args.pretrain_on, out / "data", n_train, n_val, args.seed)
-        pre_key = f"{args.pretrain_on}-s{steps}-b{args.batch_size}-lr0.0006-c{crop[0]}x{crop[1]}-seed{args.seed}"
-        pre_out = out / "pretrained" / f"{pre_key}-{n_train}-{n_val}"
+        pre_key = run_key(args.pretrain_on, steps, args.batch_size, FRESH_LR, crop, args.seed, n_train, n_val)
+        pre_out = out / "pretrained" / pre_key
         init = pre_out / "last"
         if not (init / "config.json").is_file():
             print(f"[{args.pretrain_on}] pre-training the checkpoint to fine-tune, {steps} steps", file=sys.stderr)
-            miou, _ = train_ours(source, pre_out, steps, args.batch_size, 6e-4, crop, args.seed, "")
+            miou, _ = train_ours(source, pre_out, steps, args.batch_size, FRESH_LR, crop, args.seed, "")
             print(f"[{args.pretrain_on}] pre-trained: mIoU {miou:.3f} on its own val set", file=sys.stderr)
     if init is not None:
         init = init.resolve()
@@ -429,8 +445,7 @@ def main(argv: list[str] | None = None) -> int:
             "extra": args.extra,
             "majority": floor,
         }
-        key = f"{name}-s{steps}-b{args.batch_size}-lr{lr:g}-c{crop[0]}x{crop[1]}-seed{args.seed}-{n_train}-{n_val}"
-        key += init_tag
+        key = run_key(name, steps, args.batch_size, lr, crop, args.seed, n_train, n_val) + init_tag
         if args.only in ("both", "plain"):
             cache = out / f"plain-{key}.json"
             if cache.exists() and not args.rerun_plain:
