@@ -123,9 +123,11 @@ def tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.numpy()
 
 
-def channel_axis(shape: tuple[int, ...], prefer_last: bool, given: str | None, what: str) -> int:
+def channel_axis(shape: tuple[int, ...], given: str | None, what: str, channels: int = 3) -> int:
     """0 (channels first) or -1 (channels last) for a 3-D image shape; ``given``: "channels_first" /
-    "channels_last" / None (guess: an axis of size 1, 3 or 4; ``prefer_last`` when both ends qualify)."""
+    "channels_last" / None (guessed: the end with 1, 3 or 4 entries). Where both ends have (an image with a side
+    of at most 4 pixels), the end with the expected ``channels``, if only one has them, else channels first, as
+    the processor's specification and Transformers read arrays; with a warning naming the shape and the reading."""
     if given is not None:
         axis = 0 if given == "channels_first" else -1
         if shape[axis] not in (1, 3, 4):
@@ -133,7 +135,14 @@ def channel_axis(shape: tuple[int, ...], prefer_last: bool, given: str | None, w
         return axis
     first, last = shape[0] in (1, 3, 4), shape[-1] in (1, 3, 4)
     if first and last:
-        return -1 if prefer_last else 0
+        axis = -1 if shape[-1] == channels != shape[0] else 0
+        chosen, other = ("first", "last") if axis == 0 else ("last", "first")
+        warnings.warn(
+            f"{what}: shape {shape} could be channels first or last; read as channels {chosen} ({shape[axis]} "
+            f"channels); pass input_data_format='channels_{other}' to read {shape[-1 - axis]} channels {other}",
+            stacklevel=2,
+        )
+        return axis
     if first or last:
         return 0 if first else -1
     raise ImageError(
@@ -186,15 +195,14 @@ def hwc_rgb(
     integral_floats: bool = True,
 ) -> np.ndarray:
     """A 2-D or 3-D array or tensor → (H, W, 3) uint8 or float32 (:func:`pixel_values`): channels last, gray
-    replicated, alpha dropped. ``input_data_format``: "channels_first" / "channels_last" / None (guessed; where
-    both ends could be channels, a uint8 NumPy array is read channels-last, as images are stored, and a tensor
-    channels-first, as PyTorch keeps them)."""
+    replicated, alpha dropped. ``input_data_format``: "channels_first" / "channels_last" / None (guessed, see
+    :func:`channel_axis`: only an image with a side of at most 4 pixels can be ambiguous)."""
     tensor = isinstance(array, torch.Tensor)
     array = tensor_to_numpy(array) if tensor else np.asarray(array)
     if array.ndim == 2:
         array = array[..., None]
     elif array.ndim == 3:
-        axis = channel_axis(array.shape, array.dtype == np.uint8 and not tensor, input_data_format, what)
+        axis = channel_axis(array.shape, input_data_format, what)
         array = np.moveaxis(array, 0, -1) if axis == 0 else array
     else:
         raise ImageError(f"{what}: expected a 2-D or 3-D image (or a 4-D batch), got shape {tuple(array.shape)}")

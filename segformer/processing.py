@@ -359,7 +359,7 @@ def _image_with_bands(image: Any, bands: int, input_data_format: str | None, wha
     if image.ndim != 3:
         shapes = f"(H, W, {bands}) or ({bands}, H, W)" + (" or (H, W)" if bands == 1 else "")
         raise ValueError(f"{what}: a {bands}-channel image must be {shapes}, got {image.shape}")
-    axis = channel_axis(image.shape, image.dtype == np.uint8 and not tensor, input_data_format, what)  # (hwc_rgb)
+    axis = channel_axis(image.shape, input_data_format, what, bands)  # (hwc_rgb)
     array = pixel_values(np.moveaxis(image, 0, -1) if axis == 0 else image, what)
     if array.shape[-1] != bands:
         raise ValueError(
@@ -565,7 +565,7 @@ def _tensor_batches(
     The caller's 4-D tensor is used as is, equal tensors are stacked, others go one by one.
     """
     if isinstance(images, torch.Tensor) and images.ndim == 4:
-        axis = channel_axis(tuple(images.shape[1:]), False, input_data_format, "images")
+        axis = channel_axis(tuple(images.shape[1:]), input_data_format, "images")
         _check_not_empty(images.shape[2:] if axis == 0 else images.shape[1:3], "images")
         return [(images, axis)]
     items = []
@@ -573,7 +573,7 @@ def _tensor_batches(
         if im.ndim == 2:
             items.append((im[None], 0))
         elif im.ndim == 3:
-            items.append((im, channel_axis(tuple(im.shape), False, input_data_format, f"image {i}")))
+            items.append((im, channel_axis(tuple(im.shape), input_data_format, f"image {i}")))
         else:
             raise ValueError(f"image {i}: expected a 2-D or 3-D tensor (or a 4-D batch), got shape {tuple(im.shape)}")
     for i, (im, ax) in enumerate(items):

@@ -271,11 +271,38 @@ def test_channels_last_output(rng):
 def test_input_data_format_resolves_ambiguous_layouts(rng):
     ambiguous = rng.integers(0, 256, (4, 6, 3), dtype=np.uint8)  # 4 in front, 3 at the back
     raw = raw_processor()
-    assert raw(ambiguous, return_tensors="np").pixel_values.shape == (1, 3, 4, 6)  # uint8: channels last
-    first = raw(ambiguous, return_tensors="np", input_data_format="channels_first").pixel_values
-    assert first.shape == (1, 3, 6, 3) and np.array_equal(first[0], ambiguous[:3].astype(np.float32))
-    as_float = ambiguous.astype(np.float32) / 255  # non-uint8 arrays: channels first, as Transformers
-    assert raw(as_float, return_tensors="np").pixel_values.shape == (1, 3, 6, 3)
+    for image in (ambiguous, ambiguous.astype(np.float32) / 255, torch.from_numpy(ambiguous)):
+        with pytest.warns(
+            UserWarning, match=r"shape \(4, 6, 3\) could be channels first or last; read as channels last"
+        ):
+            last = raw(image, return_tensors="np").pixel_values  # the end with RGB's 3 channels
+        assert last.shape == (1, 3, 4, 6)
+    assert np.array_equal(last[0], ambiguous.transpose(2, 0, 1).astype(np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a layout given is not guessed: no warning
+        first = raw(ambiguous, return_tensors="np", input_data_format="channels_first").pixel_values
+        assert np.array_equal(first[0], ambiguous[:3].astype(np.float32))  # RGBA, alpha dropped
+        assert raw(random_image(rng, 5, 6), return_tensors="np").pixel_values.shape == (1, 3, 5, 6)  # unambiguous
+    gray = rng.integers(0, 256, (1, 6, 4), dtype=np.uint8)  # neither end has 3: the spec's (C, H, W)
+    with pytest.warns(UserWarning, match="read as channels first"):
+        assert raw(gray, return_tensors="np").pixel_values.shape == (1, 3, 6, 4)
+    with pytest.warns(UserWarning, match="read as channels last"):  # one band expected: the end with 1
+        one = SegformerImageProcessor(do_resize=False, image_mean=[0.5], image_std=[0.5])
+        assert one(gray.reshape(4, 6, 1), return_tensors="np").pixel_values.shape == (1, 1, 4, 6)
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("shape", [(3, 33, 1), (3, 33, 3), (3, 20, 4)])
+@pytest.mark.parametrize("kind", ["uint8", "tensor"])
+def test_narrow_channels_first_images_read_as_transformers(rng, shape, kind):
+    """An image a few pixels wide given channels first is ambiguous: read as the spec's (C, H, W), as
+    Transformers reads it (uint8 numpy arrays once read such shapes channels last: another image, silently)."""
+    image = rng.integers(0, 256, shape, dtype=np.uint8)
+    image = torch.from_numpy(image) if kind == "tensor" else image
+    theirs = hf_processor(size={"height": 32, "width": 32})
+    with pytest.warns(UserWarning, match="could be channels first or last"):
+        ours = SegformerImageProcessor(size=32, backend="pil")(image, return_tensors="np").pixel_values
+    assert np.abs(ours - theirs(image, return_tensors="np")["pixel_values"]).max() <= PIXEL_TOL
 
 
 def test_return_types(rng):
@@ -502,7 +529,7 @@ def test_legacy_config_is_read(tmp_path):
     assert saved["do_reduce_labels"] is True and "reduce_labels" not in saved
     assert saved["keep_ratio"] is False and "feature_extractor_type" not in saved  # unknown keys kept
     assert saved["image_processor_type"] == "SegformerImageProcessor"
-    out = p(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.uint8), return_tensors="np", do_resize=False)
+    out = p(np.zeros((5, 5, 3), np.uint8), np.zeros((5, 5), np.uint8), return_tensors="np", do_resize=False)
     assert (out.labels == 255).all()
     override = SegformerImageProcessor.from_pretrained(tmp_path, reduce_labels=False, size=64)
     assert override.do_reduce_labels is False and override.size == {"height": 64, "width": 64}
