@@ -178,11 +178,16 @@ RESUMABLE_CHANGES = frozenset(
 )  # fmt: skip
 
 
-def stored_run_config(resume_dir: Path) -> dict[str, Any] | None:
-    """The ``train_config.json`` of the run ``resume_dir`` (its last/ folder) belongs to, or None without one."""
+def stored_run_config(resume_dir: Path) -> dict[str, Any]:
+    """The ``train_config.json`` of the run ``resume_dir`` (its last/ folder) belongs to. Every run writes it when
+    it starts; without it the run's settings are unknown, and a resume would silently continue with others (the
+    command line's defaults: another recipe, another schedule), so its absence is a ValueError."""
     path = Path(resume_dir).parent / "train_config.json"
     if not path.is_file():
-        return None
+        raise ValueError(
+            f"{path}: missing, so the settings of the run in {resume_dir} are unknown and resuming could change "
+            "them; restore the file (every run writes it when it starts), or start a new --output"
+        )
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -192,12 +197,10 @@ def stored_run_config(resume_dir: Path) -> dict[str, Any] | None:
     return record
 
 
-def check_resumed_config(cfg: TrainConfig, stored: dict[str, Any] | None) -> None:
+def check_resumed_config(cfg: TrainConfig, stored: dict[str, Any]) -> None:
     """ValueError where a resumed run would compute something else than the run it continues: an option (other
     than :data:`RESUMABLE_CHANGES`) whose value differs from the run's ``train_config.json``. ``segformer train
     --resume`` takes every option it is not given from there."""
-    if stored is None:
-        return
     now = _jsonable(cfg)
     differ = [
         f"--{k.replace('_', '-')} {_shown(now[k])} (the run: {_shown(stored[k])})"

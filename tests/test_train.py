@@ -551,8 +551,8 @@ def test_recipe_is_the_papers_for_ade_and_cityscapes_and_derived_for_own_data():
 def test_resume_takes_the_runs_settings_and_refuses_other_ones(data, tiny_json, tmp_path, capsys):
     """``--resume auto`` with only --data and --output continues the run with its own settings (train_config.json):
     bit-identical to the run left uninterrupted. A setting that would change what it computes is refused before
-    any step, naming it; so are a last/ without its training state, an unreadable state, and data with another
-    class count."""
+    any step, naming it; so are a last/ without its training state, an unreadable state, a run without its
+    train_config.json, and data with another class count."""
     import shutil
 
     def cli(out: Path, *extra: str) -> tuple[int, str]:
@@ -588,11 +588,14 @@ def test_resume_takes_the_runs_settings_and_refuses_other_ones(data, tiny_json, 
     for name, damage, words in (
         ("no-state", lambda run: (run / "last" / "training_state.pt").unlink(), "has no training_state.pt"),
         ("empty-state", lambda run: (run / "last" / "training_state.pt").write_bytes(b""), "not a readable training"),
+        # (without its settings the run would go on with the command line's defaults, and the file be rewritten)
+        ("no-settings", lambda run: (run / "train_config.json").unlink(), "train_config.json: missing, so the"),
     ):
         shutil.copytree(base, tmp_path / name)
         damage(tmp_path / name)
         code, err = cli(tmp_path / name, "--resume", "auto")
         assert code == 2 and words in err.splitlines()[-1], err[-500:]
+    assert not (tmp_path / "no-settings" / "train_config.json").exists()  # nothing written in its place
     other = tmp_path / "five-classes"
     shutil.copytree(data, other)
     (other / "labels.json").write_text('["a", "b", "c", "d", "e"]')

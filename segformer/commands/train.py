@@ -217,7 +217,7 @@ NOT_INHERITED = frozenset({"output", "resume", "stop_at", "progress", "device"})
 
 
 def _stored_settings(values: dict) -> dict:
-    """The settings of the run ``--resume`` continues (its train_config.json; none if it has none), as
+    """The settings of the run ``--resume`` continues (its train_config.json; none without such a run), as
     TrainConfig fields, but :data:`NOT_INHERITED`. ``--resume RUN/last`` without ``--output`` continues in RUN."""
     import dataclasses
     from pathlib import Path
