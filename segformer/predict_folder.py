@@ -7,16 +7,22 @@
 
 Built on :class:`~segformer.predict.SegformerPredictor` (its public ``predict_iter_with_images``). Every output
 is written atomically (a temporary name, then a rename), so a killed run leaves only complete files and
-``skip_existing`` resumes it. Under ``torchrun`` each rank takes every world_size-th image of the sorted list;
-the records are gathered over torch.distributed and rank 0 writes the summary and the legend.
+``skip_existing`` resumes it. Each label PNG records the image it was made from and what made it (the model as it
+runs, its backend, the inference options), and is written after the image's other files: ``skip_existing`` keeps
+an image's outputs only when both match this run, and redoes (and counts, in one line) those that another model
+or other options made, so the masks, the summary and the legend always belong to one model. Under ``torchrun``
+each rank takes every world_size-th image of the sorted list; the records are gathered over torch.distributed and
+rank 0 writes the summary and the legend.
 """
 
 from __future__ import annotations
 
 import csv
 import glob
+import hashlib
 import io
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -25,14 +31,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, PngImagePlugin
 
+from .backends import CompiledModel, OnnxRuntimeModel
 from .distributed import all_gather_objects, is_distributed
 from .fileio import atomic_write, atomic_write_text
 from .hub import first_line
 from .images import IMAGE_EXTENSIONS, ImageError
 from .predict import SegformerPredictor, Segmentation
 from .visualize import colorize, label_image, legend, overlay, side_by_side
+
+logger = logging.getLogger("segformer")
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -104,6 +114,7 @@ class ImageRecord:
     pixels: list[int] = field(default_factory=list)  # (K,) pixel count per class id
     error: str | None = None
     rank: int = 0  # the torchrun rank that handled it
+    redone: bool = False  # skip_existing found outputs of this image that another model or other options made
 
 
 @dataclass
@@ -117,6 +128,12 @@ class RunReport:
     @property
     def failures(self) -> list[ImageRecord]:
         return [r for r in self.records if r.status == "failed"]
+
+    @property
+    def redone(self) -> list[ImageRecord]:
+        """The images whose existing outputs ``skip_existing`` did not keep: another model or other options made
+        them (or a version that did not record what made them)."""
+        return [r for r in self.records if r.redone]
 
 
 # ----------------------------------------------------------------------------------------------- outputs
@@ -176,27 +193,76 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 _SOURCE_KEY = "segformer:source"  # the label PNG's text chunk naming the image it was made from (--skip-existing)
+_MAKER_KEY = "segformer:maker"  # and the one naming what made it: model, backend, inference options
 
 
-def _source_stamp(src: Path) -> str:
+def _source_stamp(src: Path) -> str | None:
     """Which image, as it is now: its resolved path, size and modification time (an edited or another image with
-    the same output name gets another stamp)."""
-    st = src.stat()
+    the same output name gets another stamp); None for a missing one."""
+    try:
+        st = src.stat()
+    except OSError:
+        return None
     return json.dumps({"path": str(src.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
 
 
-def _read_labels(path: Path, src: Path, num_classes: int) -> np.ndarray | None:
-    """The label map an earlier run wrote at ``path`` for ``src`` as it is now, or None (then it is predicted
-    again): missing, unreadable, made from another image or an earlier version of this one (its
-    :data:`_SOURCE_KEY` stamp), or holding class ids of another model (>= ``num_classes``)."""
+def _hash_state(h: Any, value: Any) -> None:
+    """Feed one state-dict value to ``h``: a tensor's dtype, shape and bytes (a quantised one's integers and
+    scales), a tuple's items (an int8 layer keeps its (weight, bias) so), anything else its repr."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu()
+        if t.is_quantized:
+            scheme = t.qscheme()
+            if scheme in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+                params: list[Any] = [t.q_scale(), t.q_zero_point()]
+            else:
+                params = [t.q_per_channel_scales().tolist(), t.q_per_channel_zero_points().tolist(),
+                          t.q_per_channel_axis()]  # fmt: skip
+            h.update(f"{scheme}|{params}|".encode())
+            t = t.int_repr()
+        t = t.contiguous()
+        h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            _hash_state(h, item)
+    else:
+        h.update(f"{value!r}|".encode())
+
+
+def _maker_stamp(predictor: SegformerPredictor) -> str:
+    """What makes ``predictor``'s label maps, as the JSON text each label PNG records (:data:`_MAKER_KEY`):
+    ``{"backend": ..., "model": 16 hex digits, "options": InferenceOptions.to_dict()}``.
+
+    The model digest covers its config (class names included, but not ``_name_or_path``: a copied checkpoint is
+    the same model) and its weights as they run: their dtype, int8-quantised layers, or for onnxruntime the ONNX
+    graph's bytes (:func:`segformer.backends.weights_digest` also hashes the path, and cannot read int8 layers).
+    Left out, so that a job resumes on another machine: the device, the batch size and what only decides whether
+    an image is taken (max_pixels, min_size); those change at most a few pixels at float ties, or none at all."""
+    net, h = predictor.model, hashlib.sha256()
+    config = {k: v for k, v in predictor.config.to_dict().items() if not k.startswith("_")}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    if isinstance(net, OnnxRuntimeModel):
+        backend = "onnxruntime"
+        with open(net.path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    else:
+        backend = "pytorch compiled" if isinstance(net, CompiledModel) else "pytorch"
+        module = net.model if isinstance(net, CompiledModel) else net
+        for name, value in module.state_dict().items():
+            h.update(f"{name}|".encode())
+            _hash_state(h, value)
+    stamp = {"backend": backend, "model": h.hexdigest()[:16], "options": predictor.options.to_dict()}
+    return json.dumps(stamp, sort_keys=True)
+
+
+def _read_labels(path: Path) -> tuple[np.ndarray, dict[str, Any]] | None:
+    """The label map at ``path`` and its PNG's text chunks, or None: missing or unreadable."""
     try:
         with Image.open(path) as img:
             img.load()
-            stamp = img.info.get(_SOURCE_KEY)
-            labels = np.asarray(img)
-        if stamp != _source_stamp(src) or (labels.size and int(labels.max()) >= num_classes):
-            return None
-        return labels
+            return np.asarray(img), dict(img.info)
     except Exception:
         return None
 
@@ -252,7 +318,10 @@ def predict_to_folder(
       ``save_probs``: float16 (K, H, W) probabilities;
 
     and for the run: ``summary.csv`` / ``summary.json`` (each image's class areas in pixels and percent,
-    failures with their reason) and ``legend.png``. Every file is written atomically. With ``rank`` /
+    failures with their reason) and ``legend.png``. Every file is written atomically. ``skip_existing`` resumes
+    this job: an image whose outputs all exist, made from it as it is now by this model with these options
+    (:func:`_maker_stamp`), is "skipped" (its areas read back); outputs another model or other options made are
+    redone, counted in ``RunReport.redone`` and in one warning line. With ``rank`` /
     ``world_size`` (a torchrun job) each rank takes every world_size-th image of the sorted list and rank 0
     writes the merged summary (gathered over torch.distributed, which must then be initialised). The images
     share one set of full-resolution work areas (the one ``predict_iter_with_images`` iteration of the run keeps
@@ -272,47 +341,74 @@ def predict_to_folder(
     _check_outputs(items, stems, outputs)
     out.mkdir(parents=True, exist_ok=True)
 
+    maker = _maker_stamp(predictor)
     mine = [(i, items[i][0], stems[i]) for i in range(len(items)) if i % world_size == rank]  # this rank's share
-    records, todo = _find_existing(mine, outputs, predictor.num_classes, rank) if skip_existing else ([], mine)
-    records += _segment_and_write(predictor, todo, outputs, alpha=alpha, progress=progress and rank == 0, rank=rank)
+    records: list[tuple[int, ImageRecord]] = []
+    todo, stale = mine, set()
+    if skip_existing:
+        records, todo, stale = _find_existing(mine, outputs, maker, predictor.num_classes, rank)
+    records += _segment_and_write(
+        predictor, todo, outputs, maker, stale, alpha=alpha, progress=progress and rank == 0, rank=rank
+    )
 
     merged = sorted(_gather(records), key=lambda t: t[0])
     report = RunReport([r for _, r in merged], out, predictor.class_names)
     if rank == 0:
         write_summary(report, predictor.palette)
+        if report.redone:
+            logger.warning(
+                f"--skip-existing: redid {len(report.redone)} image(s) whose existing outputs another model or "
+                "other options had made (model, dtype, backend, mode, sizes, scales, flip)"
+            )
     return report
 
 
 def _find_existing(
-    items: list[tuple[int, Path, Path]], outputs: _Outputs, num_classes: int, rank: int
-) -> tuple[list[tuple[int, ImageRecord]], list[tuple[int, Path, Path]]]:
-    """Split (index, source, stem) items into records of those whose outputs all exist and hold a label map made
-    from that very image (:func:`_read_labels`; "skipped", with the class areas read back from it) and the items
-    still to segment."""
+    items: list[tuple[int, Path, Path]], outputs: _Outputs, maker: str, num_classes: int, rank: int
+) -> tuple[list[tuple[int, ImageRecord]], list[tuple[int, Path, Path]], set[int]]:
+    """Split (index, source, stem) items into records of those whose outputs all exist beside a label map made
+    from that very image as it is now (:data:`_SOURCE_KEY`) by ``maker`` (:func:`_maker_stamp`): "skipped", with
+    the class areas read back from it; the items still to segment; and the indices among those whose label map
+    came from this image but another model or other options (or a version that recorded no maker): redone, not
+    skipped, and reported so."""
     records: list[tuple[int, ImageRecord]] = []
     todo: list[tuple[int, Path, Path]] = []
+    stale: set[int] = set()
     for i, src, stem in items:
         p = outputs.paths(stem)
-        existing = _read_labels(p["label"], src, num_classes) if all(q.exists() for q in p.values()) else None
-        if existing is None:
+        found, source = _read_labels(p["label"]), _source_stamp(src)
+        if found is None or source is None or found[1].get(_SOURCE_KEY) != source:
+            todo.append((i, src, stem))  # none yet, or made from another image or an earlier version of this one
+            continue
+        existing, text = found
+        if text.get(_MAKER_KEY) != maker or (existing.size and int(existing.max()) >= num_classes):
+            todo.append((i, src, stem))
+            stale.add(i)
+            continue
+        if not all(q.exists() for q in p.values()):  # (another --side-by-side or --save-probs than before)
             todo.append((i, src, stem))
             continue
         counts = np.bincount(existing.reshape(-1).astype(np.int64), minlength=num_classes)[:num_classes]
         h, w = existing.shape
         records.append((i, ImageRecord(str(src), str(p["label"]), "skipped", w, h, counts.tolist(), rank=rank)))
-    return records, todo
+    return records, todo, stale
 
 
 def _segment_and_write(
     predictor: SegformerPredictor,
     todo: list[tuple[int, Path, Path]],
     outputs: _Outputs,
+    maker: str,
+    stale: set[int],
     *,
     alpha: float,
     progress: bool,
     rank: int,
 ) -> list[tuple[int, ImageRecord]]:
-    """Segment the (index, source, stem) items and write each one's outputs; a failure is recorded, not raised."""
+    """Segment the (index, source, stem) items and write each one's outputs, stamped with ``maker``; a failure is
+    recorded, not raised. The items in ``stale`` (indices) have outputs that another model or other options made:
+    where their redo fails, those are removed, so that no mask in the folder disagrees with the run's legend and
+    summary."""
     from tqdm.auto import tqdm
 
     records: list[tuple[int, ImageRecord]] = []
@@ -334,10 +430,14 @@ def _segment_and_write(
                     predictor.palette,
                     alpha,
                     outputs.overlay_format,
+                    maker,
                 )
             except (OSError, ValueError) as exc:  # e.g. disk full: report it like a bad image and go on
                 rec = ImageRecord(str(src), None, "failed", error=f"cannot write outputs: {first_line(exc)}")
-        rec.rank = rank
+        if rec.status == "failed" and i in stale:
+            for path in outputs.paths(stem).values():
+                path.unlink(missing_ok=True)
+        rec.rank, rec.redone = rank, i in stale
         records.append((i, rec))
         bar.update(1)
     bar.close()
@@ -353,11 +453,11 @@ def _write_outputs(
     palette: np.ndarray,
     alpha: float,
     overlay_format: str,
+    maker: str,
 ) -> ImageRecord:
+    """Write one image's files, the label map last: its stamps (:data:`_SOURCE_KEY`, :data:`_MAKER_KEY`) then
+    vouch for the files beside it, which a run killed or failing half-way may have left from an earlier run."""
     labels = result.labels
-    stamp = PngImagePlugin.PngInfo()
-    stamp.add_text(_SOURCE_KEY, _source_stamp(src))
-    _save(p["label"], label_image(labels, palette), "PNG", pnginfo=stamp)
     blend = overlay(image, labels, palette, alpha)
     if overlay_format == "jpg":
         _save(p["overlay"], blend, "JPEG", quality=92)
@@ -367,6 +467,10 @@ def _write_outputs(
         _save(p["side"], side_by_side([image, colorize(labels, palette)]), "JPEG", quality=92)
     if "probs" in p and result.probs is not None:
         _save_npy(p["probs"], result.probs.astype(np.float16))
+    stamp = PngImagePlugin.PngInfo()
+    stamp.add_text(_SOURCE_KEY, _source_stamp(src) or "")
+    stamp.add_text(_MAKER_KEY, maker)
+    _save(p["label"], label_image(labels, palette), "PNG", pnginfo=stamp)
     counts = result.areas(num_classes)
     return ImageRecord(str(src), str(p["label"]), "ok", labels.shape[1], labels.shape[0], counts.tolist())
 

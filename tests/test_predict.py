@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import randomize_, tiny_config
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from segformer import SegformerForSemanticSegmentation
 from segformer.predict import (
@@ -519,3 +519,115 @@ def test_segment_refuses_options_beside_a_ready_predictor_and_int8_copies(checkp
     with torch.no_grad():
         assert torch.equal(model(x).logits, before)
     assert not any("quantized" in type(m).__module__ for m in model.modules())
+
+
+# ---------------------------------------------------------------------------------------------- --skip-existing
+def _photos(folder: Path, n: int = 3) -> list[Path]:
+    folder.mkdir()
+    for i in range(n):
+        Image.fromarray(_noise(40, 56, seed=20 + i)).save(folder / f"p{i}.png")
+    return sorted(folder.glob("*.png"))
+
+
+@pytest.mark.slow
+def test_cli_skip_existing_redoes_what_another_model_made(checkpoint, tmp_path):
+    """A second job into the same folder with another model (300 classes: 16-bit maps, other names) and
+    --skip-existing redoes every map and says so in one line: masks, summary and legend are then all that model's.
+    A third run of that job skips everything and rewrites nothing."""
+    from segformer.visualize import legend
+
+    photos = _photos(tmp_path / "in")
+    other = tmp_path / "other"
+    torch.manual_seed(1)
+    randomize_(SegformerForSemanticSegmentation(tiny_config(num_labels=300)), seed=7).save_pretrained(other)
+    out = tmp_path / "out"
+    common = [tmp_path / "in", "--output", out, "--mode", "whole", "--no-progress"]
+    first = _cli("predict", *common, "--model", checkpoint)
+    assert first.returncode == 0, first.stderr
+    second = _cli("predict", *common, "--model", other, "--skip-existing")
+    assert second.returncode == 0, second.stderr
+    assert "segmented 3 image(s), skipped 0 existing" in second.stderr
+    redo = [line for line in second.stderr.splitlines() if "redid" in line]
+    assert redo == ["--skip-existing: redid 3 image(s) whose existing outputs another model or other options had "
+                    "made (model, dtype, backend, mode, sizes, scales, flip)"]  # fmt: skip
+
+    predictor = SegformerPredictor(other, device="cpu", mode="whole")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["totals"] == {"images": 3, "ok": 3, "skipped": 0, "failed": 0}
+    for photo, entry in zip(photos, summary["images"], strict=True):
+        label = Image.open(out / photo.name)
+        assert label.mode == "I;16"  # (more than 256 classes)
+        ids = np.asarray(label)
+        assert np.array_equal(ids, predictor.predict(photo).labels)
+        assert [(c["id"], c["name"], c["pixels"]) for c in entry["classes"]] == [
+            (int(c), predictor.class_names[c], int(n)) for c, n in zip(*np.unique(ids, return_counts=True))
+        ]
+    assert [c["name"] for c in summary["classes"]] == predictor.class_names
+    assert np.array_equal(np.asarray(Image.open(out / "legend.png")),
+                          np.asarray(legend(predictor.class_names, predictor.palette)))  # fmt: skip
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.iterdir() if p.name.startswith("p")}
+    third = _cli("predict", *common, "--model", other, "--skip-existing")
+    assert third.returncode == 0, third.stderr
+    assert "segmented 0 image(s), skipped 3 existing" in third.stderr and "redid" not in third.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.iterdir() if p.name.startswith("p")} == stamps
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [dict(mode="slide", crop_size=32, stride=24), dict(flip=True), dict(short_side=96), dict(dtype="int8")],
+    ids=["slide", "flip", "short-side", "int8"],
+)
+def test_skip_existing_redoes_what_other_options_made(checkpoint, tmp_path, caplog, changes):
+    """Options that change the masks (mode, sizes, scales, flip, dtype) make another job: --skip-existing redoes
+    its maps, with this run's labels, and back again; the same options skip everything."""
+    photos = _photos(tmp_path / "in", n=2)
+    out = tmp_path / "out"
+    options = dict(device="cpu", mode="aligned", short_side=64, long_side=128)
+    base, changed = SegformerPredictor(checkpoint, **options), SegformerPredictor(checkpoint, **{**options, **changes})
+    predict_to_folder(base, [tmp_path / "in"], out, progress=False)
+    masks = [np.asarray(Image.open(out / photo.name)) for photo in photos]
+    for predictor in (changed, base):
+        report = predict_to_folder(predictor, [tmp_path / "in"], out, skip_existing=True, progress=False)
+        assert [r.status for r in report.records] == ["ok", "ok"] and len(report.redone) == 2
+        for photo in photos:
+            assert np.array_equal(np.asarray(Image.open(out / photo.name)), predictor.predict(photo).labels)
+    assert any((mask != changed.predict(photo).labels).any() for mask, photo in zip(masks, photos))  # (another job)
+    assert "--skip-existing: redid 2 image(s)" in caplog.text
+    caplog.clear()
+    report = predict_to_folder(base, [tmp_path / "in"], out, skip_existing=True, progress=False)
+    assert [r.status for r in report.records] == ["skipped", "skipped"] and not report.redone
+    assert "redid" not in caplog.text
+
+
+def test_skip_existing_redoes_outputs_that_record_no_maker(checkpoint, tmp_path):
+    """A label map of an earlier version (it names its image, not what made it) cannot be told from another
+    model's: redone, not skipped."""
+    _photos(tmp_path / "in", n=2)
+    out = tmp_path / "out"
+    predictor = SegformerPredictor(checkpoint, device="cpu", mode="whole")
+    predict_to_folder(predictor, [tmp_path / "in"], out, progress=False)
+    with Image.open(out / "p0.png") as label:
+        label.load()
+        old = PngImagePlugin.PngInfo()
+        old.add_text("segformer:source", label.info["segformer:source"])  # all that earlier versions wrote
+        label.save(out / "p0.png", pnginfo=old)
+    report = predict_to_folder(predictor, [tmp_path / "in"], out, skip_existing=True, progress=False)
+    assert [r.status for r in report.records] == ["ok", "skipped"]
+    assert [r.redone for r in report.records] == [True, False]
+    assert Image.open(out / "p0.png").info["segformer:maker"] == Image.open(out / "p1.png").info["segformer:maker"]
+
+
+def test_failed_redo_removes_what_another_model_made(checkpoint, tmp_path):
+    """When an image whose outputs another job made cannot be segmented now (here: smaller than this run's
+    min_size), those outputs go: the folder holds no mask the run's summary and legend do not describe."""
+    _photos(tmp_path / "in", n=1)
+    out = tmp_path / "out"
+    predict_to_folder(SegformerPredictor(checkpoint, device="cpu", mode="whole"), [tmp_path / "in"], out,
+                      side_by_side_image=True, progress=False)  # fmt: skip
+    strict = SegformerPredictor(checkpoint, device="cpu", mode="slide", crop_size=32, stride=24, min_size=100)
+    report = predict_to_folder(strict, [tmp_path / "in"], out, side_by_side_image=True, skip_existing=True,
+                               progress=False)  # fmt: skip
+    assert [r.status for r in report.records] == ["failed"] and report.records[0].redone
+    assert "smaller than the minimum of 100" in report.records[0].error
+    assert sorted(p.name for p in out.iterdir()) == ["legend.png", "summary.csv", "summary.json"]

@@ -100,7 +100,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--skip-existing",
         action="store_true",
-        help="skip images whose outputs all exist and were made from that image as it is now (resume)",
+        help="resume: skip images whose outputs all exist and were made from that image as it is now by this "
+        "model with these options (weights, dtype, backend, mode, sizes, scales, flip); outputs another model "
+        "or other options made are redone, and one line says how many",
     )
     p.add_argument(
         "--max-pixels",
