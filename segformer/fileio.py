@@ -32,7 +32,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
     except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(exc, OSError) and exc.strerror and str(path) not in str(exc):  # (a full disk: name the file)
+        # (a full disk, a folder in the way: the error names the file, never the temporary name)
+        if isinstance(exc, OSError) and exc.strerror and (str(path) not in str(exc) or tmp in str(exc)):
             error = type(exc)(f"{path}: cannot write it ({exc.strerror})")
             error.errno = exc.errno
             raise error from None
@@ -41,3 +42,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def check_output_file(path: str | os.PathLike, what: str) -> None:
+    """ValueError, before any work, where :func:`atomic_write` could not put a file at ``path`` (``what``: the
+    option naming it): a folder there, a parent that is missing or not a folder, or one this process cannot write
+    in. (A run that would only fail at its end, after an evaluation of hours, fails at its start instead.)"""
+    path = Path(path)
+    parent = path.parent
+    if path.is_dir():
+        raise ValueError(f"{what} {path}: a folder is there; give a file name")
+    if not parent.is_dir():
+        reason = "is not a folder" if parent.exists() else "does not exist"
+        raise ValueError(f"{what} {path}: its folder {parent} {reason}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: cannot write in {parent} (permission denied)")

@@ -196,6 +196,23 @@ def test_synth_device_and_report_mistakes_are_one_line(capsys, tmp_path):
     (tmp_path / "afile").write_text("")
     code, _, err = run_cli(capsys, "eval", "--data", tmp_path, "--model", "m", "--report", tmp_path / "afile")
     assert code == 2 and "a file is there; the report needs a folder" in err
+    # --json is checked before anything is loaded (model "m" does not exist), not after an evaluation of hours
+    (tmp_path / "adir").mkdir()
+    for target, words in ((tmp_path / "none" / "x.json", f"its folder {tmp_path / 'none'} does not exist"),
+                          (tmp_path / "afile" / "x.json", "is not a folder"),
+                          (tmp_path / "adir", "a folder is there; give a file name")):  # fmt: skip
+        code, _, err = run_cli(capsys, "eval", "--data", tmp_path, "--model", "m", "--json", target)
+        assert code == 2 and f"--json {target}: " in err and words in err, err
+
+
+def test_an_atomic_write_onto_a_folder_names_the_file_not_the_temporary_one(tmp_path):
+    from segformer.fileio import atomic_write_text
+
+    (tmp_path / "pin").mkdir()
+    with pytest.raises(OSError) as caught:
+        atomic_write_text(tmp_path / "pin", "{}")
+    assert str(caught.value).startswith(f"{tmp_path / 'pin'}: cannot write it (") and ".tmp" not in str(caught.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["pin"]
 
 
 def test_a_failed_atomic_write_names_the_file(tmp_path):

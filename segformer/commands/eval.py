@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     from segformer.data.build import build_dataset, check_splits, detect_kind, label_options
     from segformer.distributed import cleanup, init_distributed
     from segformer.evaluate import eval_options, evaluate, load_model_for_eval
-    from segformer.fileio import atomic_write_text
+    from segformer.fileio import atomic_write_text, check_output_file
     from segformer.metrics import format_table, metrics_to_json
     from segformer.run_files import load_inference_options
 
@@ -157,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.severities is not None or args.output is not None:
         flag = "--severities" if args.severities is not None else "--output"
         raise ValueError(f"{flag} belongs to the robustness study: add --corruptions all|NAME[,NAME...]")
+    if args.json is not None:
+        check_output_file(args.json, "--json")
     if args.report is not None:
         from segformer.report import require_plotting
 
