@@ -402,6 +402,7 @@ def convert_checkpoint(
     from .modeling import SegformerForImageClassification, SegformerForSemanticSegmentation, SegformerModel
 
     path = Path(checkpoint)
+    _check_output_dir(Path(output_dir))
     state, meta = load_original_checkpoint(path, unsafe_pickle=unsafe_pickle)
     try:
         layout = original_layout(state)
@@ -430,6 +431,32 @@ def convert_checkpoint(
     out = Path(output_dir)
     model.save_pretrained(out, safe_serialization=safe_serialization)
     return ConversionResult(out, cls.__name__, config, matched, dropped)
+
+
+# What a conversion writes (save_pretrained: the config and the weights, sharded or not): a folder holding only
+# these is an earlier conversion, replaced as a whole; anything else there belongs to another checkpoint.
+_CONVERSION_FILES = re.compile(
+    r"config\.json|(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)|(model\.safetensors|pytorch_model\.bin)"
+    r"\.index\.json"
+)
+
+
+def _check_output_dir(out: Path) -> None:
+    """ValueError, before the checkpoint is read, where ``out`` holds files a conversion would not write (another
+    checkpoint's eval.json, model card, processor or inference settings): converted weights beside them would make
+    a folder whose files describe another model."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a folder")
+    if not out.is_dir():
+        return
+    foreign = sorted(
+        p.name for p in out.iterdir() if not p.name.startswith(".") and not _CONVERSION_FILES.fullmatch(p.name)
+    )
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+        raise ValueError(
+            f"{out}: holds files a conversion does not write ({shown}): convert into a new or empty folder"
+        )
 
 
 def _check_against_model(

@@ -221,3 +221,16 @@ def test_cli_converts_and_reports_errors_in_one_line(tmp_path, seg_model, capsys
     assert code == 2
     assert err.startswith("segformer convert: error: ") and "junk.pth" in err
     assert len(err.strip().splitlines()) == 1
+
+    # a rerun replaces its own conversion; a folder holding another checkpoint's files is refused, untouched
+    assert (
+        run_cli(capsys, "convert", tmp_path / "orig.pth", tmp_path / "out", "--num-heads", "1", "2", "3", "4")[0] == 0
+    )
+    (tmp_path / "out" / "eval.json").write_text('{"mIoU": 0.5}')
+    (tmp_path / "out" / "README.md").write_text("another model's card")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    code, _, err = run_cli(
+        capsys, "convert", tmp_path / "orig.pth", tmp_path / "out", "--num-heads", "1", "2", "3", "4"
+    )
+    assert code == 2 and "holds files a conversion does not write (README.md, eval.json)" in err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
