@@ -48,6 +48,7 @@ except ImportError:  # (a torch without that private constant: the opsets this p
     _EXPORTER_MAX = 20
 MAX_OPSET = max(DEFAULT_OPSET, _EXPORTER_MAX)
 MIN_OPSET = 14  # scaled_dot_product_attention (the fused path) exports from here; below, explicit attention
+LOWEST_OPSET = 13  # the lowest the graph exports at: below, the exporter has no aten::unflatten (and dumps the graph)
 FP32_TOLERANCE = 1e-4
 # fp16 weights and activations against the fp32 PyTorch model: 3 significant digits of every matmul, summed
 # over ~20 layers, give ~1e-3 of the largest logit; 1e-2 leaves room without hiding a broken graph.
@@ -253,8 +254,10 @@ def _check_export_arguments(
     """(height, width, path) of a valid export request; a clear error for anything else."""
     if not isinstance(model, SegformerForSemanticSegmentation):
         raise TypeError(f"export_onnx needs a SegformerForSemanticSegmentation, got {type(model).__name__}")
-    if not isinstance(opset, int) or not 11 <= opset <= MAX_OPSET:
-        raise ValueError(f"opset must be an integer from 11 to {MAX_OPSET} (this torch's exporter), got {opset!r}")
+    if not isinstance(opset, int) or not LOWEST_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(
+            f"opset must be an integer from {LOWEST_OPSET} to {MAX_OPSET} (this torch's exporter), got {opset!r}"
+        )
     h, w = (int(s) for s in size)
     lo = min_input_size(model.config)
     if min(h, w) < lo:
@@ -281,7 +284,7 @@ def export_onnx(
     """Export ``model`` (eval mode, fast path) to ONNX at ``path`` and verify it with onnxruntime.
 
     ``size``: (height, width) traced; with ``dynamic`` (default) batch, height and width are free axes of
-    the graph, else the graph only takes (1, C, height, width). ``opset``: ONNX opset (>= 11; 17 default).
+    the graph, else the graph only takes (1, C, height, width). ``opset``: ONNX opset (>= 13; 17 default).
     ``fp16``: float16 weights with LayerNorm and softmax in float32 (float32 input and output).
     ``verify``: run onnxruntime and compare (see the module docstring); raises RuntimeError when the
     difference exceeds ``tolerance`` (default 1e-4 fp32, :data:`FP16_TOLERANCE` fp16), in which case no

@@ -21,7 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog="example: segformer convert segformer.b0.512x512.ade.160k.pth segformer-b0-ade",
     )
     p.add_argument("checkpoint", type=Path, help="the original .pth file")
-    p.add_argument("output_dir", type=Path, help="directory to write (created if needed)")
+    p.add_argument(
+        "output_dir", type=Path, help="directory to write: new, empty, or an earlier conversion (created if needed)"
+    )
     p.add_argument(
         "--variant",
         choices=["b0", "b1", "b2", "b3", "b4", "b5"],

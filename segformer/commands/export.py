@@ -22,7 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", help="model directory (save_pretrained) or hub id")
     p.add_argument("--onnx", type=Path, required=True, metavar="OUT.onnx", help="the ONNX file to write")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17; >= 14 keeps fused attention)")
+    p.add_argument(
+        "--opset", type=int, default=17, help="ONNX opset, 13 or above (default: 17; >= 14 keeps fused attention)"
+    )
     p.add_argument(
         "--size",
         type=int,
