@@ -117,6 +117,8 @@ def find_resume_dir(output: Path, resume: str | None) -> Path | None:
                 return candidate
         return None
     path = Path(resume)
+    if not path.exists():
+        raise ValueError(f"--resume {path}: no such folder (resume from a run's last/ folder, or --resume auto)")
     if not (path / TRAINING_STATE).is_file():
         raise ValueError(f"{path}: no {TRAINING_STATE} here (resume from a run's last/ folder, or --resume auto)")
     return path

@@ -601,6 +601,9 @@ def test_resume_takes_the_runs_settings_and_refuses_other_ones(data, tiny_json, 
     (other / "labels.json").write_text('["a", "b", "c", "d", "e"]')
     code, _, err = run_cli(capsys, "train", "--data", other, "--output", base, "--workers", "0", "--resume", "auto")
     assert code == 2 and "predicts 4 classes, the data has 5" in err
+    for target, words in ((tmp_path / "nope" / "last", "no such folder"), (data, "no training_state.pt here")):
+        code, _, err = run_cli(capsys, "train", "--data", data, "--resume", target, "--workers", "0")
+        assert code == 2 and f"{target}: {words}" in err, err
 
 
 def test_a_broken_val_split_is_an_error_not_a_run_without_evaluation(data, tiny_json, tmp_path):
