@@ -126,9 +126,12 @@ def test_eval_serve_and_predict_options_out_of_range(capsys, tmp_path):
         (["eval", "--data", data, "--model", "m", "--workers", "-1"], "--workers: expected an integer >= 0"),
         (["eval", "--data", data, "--model", "m", "--max-images", "0"], "--max-images: expected an integer >= 1"),
         (["serve", "m", "--port", "99999"], "--port: expected a port from 0 to 65535, got 99999"),
+        (["demo", "--output", tmp_path / "d", "--steps", "0"], "--steps: expected an integer >= 1"),
+        (["demo", "--output", data / "labels.json"], "a file is there; the demo writes a folder"),
     ):
         code, _, err = run_cli(capsys, *argv)
         assert code == 2 and message in err, err
+    assert not (tmp_path / "d").exists()  # (the demo's data set was written before --steps 0 was refused)
     model = SegformerForSemanticSegmentation(tiny_config(num_labels=4))
     model.save_pretrained(tmp_path / "m")
     a_file = tmp_path / "taken"

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from . import positive_int
+
 # b0's widths with one block per stage and a narrower decoder: it learns the synthetic textures in a few
 # minutes on two CPU cores.
 DEMO_MODEL = dict(
@@ -26,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "minutes on two AVX2 CPU cores, about 4 on AVX-512 ones; longer on a busy machine.",
     )
     p.add_argument("--output", type=Path, default=Path("demo_out"), help="output folder (default: demo_out)")
-    p.add_argument("--steps", type=int, default=2400, help="training steps (default 2400)")
+    p.add_argument("--steps", type=positive_int, default=2400, help="training steps (default 2400)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--device", help="cpu, cuda, mps (default: cuda when available)")
     p.set_defaults(func=run)
@@ -54,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
         select_device(args.device)  # a device this machine lacks: one line, before any file is written
     start = time.perf_counter()
     out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {out}: a file is there; the demo writes a folder")
     data = write_synthetic_dataset(out / "data", num_train=400, num_val=100, size=96, seed=args.seed)
     print(f"wrote the synthetic data set to {data} (400 train, 100 val, classes: {', '.join(CLASSES)})")
 
