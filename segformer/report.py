@@ -26,6 +26,7 @@ import html
 import json
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -314,6 +315,9 @@ def write_report(
         atomic_write(folder / file, lambda tmp, im=panel: im.save(tmp, "PNG"))
         caption = f"{rank}. {_image_name(dataset, index)} (index {index}): mIoU {100 * score:.1f}%"
         figures.append((file, caption))
+    for stale in folder.glob("worst_*.png"):  # an earlier report's further worst images: not this report's
+        if re.fullmatch(r"worst_\d{2,}\.png", stale.name) and stale.name not in dict(figures):
+            stale.unlink(missing_ok=True)
     if figures:
         key = legend(names, palette, rows_per_column=25)
         atomic_write(folder / "legend.png", lambda tmp: key.save(tmp, "PNG"))

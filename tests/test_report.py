@@ -107,6 +107,14 @@ def test_report_folder_holds_every_picture_and_the_metrics(report, val):
         assert im.width >= 3 * 64  # image | ground truth | prediction
 
 
+def test_a_report_over_an_earlier_one_keeps_only_its_own_worst_images(model, val, tmp_path):
+    for k in (3, 1):
+        write_report(tmp_path, evaluate_details(model, val, worst=k), val)
+    assert sorted(p.name for p in tmp_path.glob("worst_*")) == ["worst_01.png"]
+    html = (tmp_path / "report.html").read_text()
+    assert "worst_01.png" in html and "worst_02.png" not in html
+
+
 def test_cli_writes_a_report(data, tmp_path, capsys):
     model_dir = tmp_path / "model"
     randomize_(SegformerForSemanticSegmentation(tiny_config(num_labels=4)), seed=4).save_pretrained(model_dir)
