@@ -207,9 +207,17 @@ def cached_entry(folder: Path, build: Callable[[Path], dict[str, Any]]) -> tuple
         except ValueError as exc:
             logger.warning(f"segformer cache: {folder} is damaged ({exc}); rebuilding it")
             _discard(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    # The owner in the name lets a later sweep tell a killed build's folder from a live one's.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{_owner()}.", suffix=".tmp", dir=folder.parent))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        # The owner in the name lets a later sweep tell a killed build's folder from a live one's.
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{_owner()}.", suffix=".tmp", dir=folder.parent))
+    except OSError as exc:  # (a read-only home, a file where the cache should be: one line, and the way out)
+        error = type(exc)(
+            f"segformer cache {folder.parent}: cannot write there ({exc.strerror}); set ${CACHE_ENV} to a "
+            "writable folder"
+        )
+        error.errno = exc.errno
+        raise error from None
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700 folders; give the usual permissions

@@ -250,6 +250,14 @@ def test_cache_root_follows_segformer_cache(monkeypatch, tmp_path):
     assert cache_root() == tmp_path / "xdg" / "segformer"
 
 
+def test_a_cache_that_cannot_be_written_is_one_line_naming_it_and_the_way_out(tmp_path):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(OSError) as caught:
+        cached_entry(tmp_path / "afile" / "onnx" / "entry", lambda tmp: {})
+    assert str(caught.value).startswith(f"segformer cache {tmp_path / 'afile' / 'onnx'}: cannot write there (")
+    assert str(caught.value).endswith("set $SEGFORMER_CACHE to a writable folder")
+
+
 def test_missing_onnxruntime_is_one_line_with_the_install_hint(model, monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what `import onnxruntime` meets when it is absent
     with pytest.raises(RuntimeError) as info:
