@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 
 from segformer.data import build_dataset, check_dataset, detect_kind, write_synthetic_dataset
+from segformer.data.build import check_splits
+from segformer.data.datasets import class_coverage
 from segformer.data.synthetic import CLASSES
 from segformer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform
 
@@ -348,3 +350,78 @@ def test_masks_that_are_not_png_are_named(tmp_path):
         _save(root / "annotations" / "val" / f"{name}.jpg", mask)
     with pytest.raises(ValueError, match=r"no image/mask pairs in the val split .*\.jpg files .*masks must be PNG"):
         build_dataset(root, "val")
+
+
+# ------------------------------------------------------------------------------------------ class coverage
+def _check_train_and_val(root: Path, capsys, check: str = "full") -> list[str]:
+    """segformer train's data check of ``root`` (training split first, then val): the lines it prints."""
+    check_splits([build_dataset(root, split) for split in ("train", "val")], check, root)
+    return capsys.readouterr().err.splitlines()
+
+
+def test_data_check_names_a_class_without_pixels_and_the_0_255_binary_mask_mistake(tmp_path, capsys):
+    """Binary masks saved as 0/255 with classes background/object: 255 is the ignore index, so class 1 has no
+    pixel and would train to an IoU of n/a. The full check warns (it does not fail: small subsets lack rare
+    classes), names the class and the fix, for the training split only; a headers check reads no mask values
+    and says nothing."""
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 4:12] = 255
+    root = _street(tmp_path, [mask, mask[::-1]], {"0": "background", "1": "object"})
+    lines = _check_train_and_val(root, capsys)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"warning: folder:{root}:train: class 1 'object' has no labelled pixel in the 2 masks")
+    assert lines[0].endswith('0/255 binary masks? 255 means ignored: add "map": {"255": 1} to labels.json to make it '
+                             "class 1")  # fmt: skip
+    assert _check_train_and_val(root, capsys, check="headers") == []
+    # the fix it names: 255 is then class 1 (no longer ignored), and the check has nothing to say
+    (root / "labels.json").write_text(json.dumps({"id2label": ["background", "object"], "map": {"255": 1}}))
+    assert _check_train_and_val(root, capsys) == []
+    dataset = build_dataset(root, "train")[0]
+    assert np.array_equal(dataset.read(0)[1], (mask == 255).astype(np.int64))
+    (root / "labels.json").write_text(json.dumps({"id2label": ["a", "b"], "map": {"255": 1}, "reduce_labels": True}))
+    with pytest.raises(ValueError, match='"map" sends 255 to a class, but reduce_labels makes 255 of every stored 0'):
+        build_dataset(root, "train")
+    # many classes without pixels: a few named, the rest counted; no binary-mask hint
+    root = _street(tmp_path / "many", [mask], [f"c{k}" for k in range(9)])
+    dataset, listing = build_dataset(root, "train")
+    warnings, problems = class_coverage(dataset, check_dataset(dataset, listing).classes)
+    assert warnings == ["8 classes have no labelled pixel in the 1 masks: 1 'c1', 2 'c2', 3 'c3', 4 'c4', 5 'c5' "
+                        "and 3 more"] and problems == []  # fmt: skip
+
+
+def test_data_check_fails_when_every_training_mask_is_ignored(tmp_path, capsys):
+    """Masks that are 255 (ignored) throughout train at a loss of 0: when no class has a labelled pixel the check
+    fails, naming why; a few such masks among labelled ones are counted in a warning."""
+    ignored = np.full((16, 16), 255, np.uint8)
+    root = _street(tmp_path / "all", [ignored, ignored], ["road", "car", "sky"])
+    with pytest.raises(ValueError, match="the data check failed"):
+        _check_train_and_val(root, capsys)
+    err = capsys.readouterr().err
+    assert (
+        "no class has a labelled pixel: all 2 masks are ignored at every pixel (255 is the ignore index), so there "
+        "is nothing to learn from or score"
+    ) in err, err
+    labelled = np.array([[0, 1, 2, 255]], np.uint8).repeat(16, 0).repeat(4, 1)
+    root = _street(tmp_path / "some", [labelled, ignored, labelled], ["road", "car", "sky"])
+    assert _check_train_and_val(root, capsys) == [
+        f"warning: folder:{root}:train: 1 of the 3 masks is ignored at every pixel (255 is the ignore index): "
+        "they add nothing to the loss or the metrics"
+    ]
+
+
+def test_data_check_says_nothing_of_classes_that_all_have_pixels(tmp_path, capsys):
+    """Every class labelled somewhere in the training masks (and some pixels ignored, as usual): no message; a
+    class missing from the validation split alone is not warned about."""
+    rng = np.random.default_rng(3)
+    masks = [rng.integers(0, 3, (16, 16)).astype(np.uint8) for _ in range(3)]
+    masks[0][:4] = 255
+    root = _street(tmp_path, masks, ["road", "car", "sky"])
+    _save(root / "annotations" / "val" / "0.png", np.zeros((16, 16), np.uint8))  # val: class 0 only
+    for name in ("1", "2"):
+        (root / "annotations" / "val" / f"{name}.png").unlink()
+        (root / "images" / "val" / f"{name}.png").unlink()
+    assert _check_train_and_val(root, capsys) == []
+    dataset, listing = build_dataset(root, "train")
+    report = check_dataset(dataset, listing)
+    assert report.ok and report.classes.masks == 3 and report.classes.pixels.sum() == 3 * 256 - 64
+    assert class_coverage(dataset, report.classes) == ([], [])

@@ -18,6 +18,7 @@ from .datasets import (
     Transform,
     check_dataset,
     check_ignore_values,
+    class_coverage,
     list_cityscapes,
     list_folder,
     read_label_spec,
@@ -111,17 +112,28 @@ def build_dataset(
 def check_splits(splits: list[tuple[SegmentationDataset | None, Listing | None]], check: str, data: object) -> None:
     """``--check-data`` (full, headers, off) for the (dataset, listing) of each split (None: no such split): the
     main rank reads the files and lists each problem on stderr, every rank follows its verdict; a ValueError
-    naming ``data`` when a split has problems."""
+    naming ``data`` when a split has problems.
+
+    The first split is the one the command learns from or scores (train's training split, eval's split): with
+    "full", whose reading of every mask also counts its classes, its classes without a labelled pixel and its
+    masks ignored at every pixel are warned about, and no labelled pixel at all is a problem
+    (:func:`class_coverage`): a class that never occurs is silently never learnt, and masks that are 255 throughout
+    train at a loss of 0. The other splits are not: a small validation split may well lack rare classes."""
     from ..distributed import broadcast_flag, get_rank
 
     if check == "off":
         return
     ok = True
     if get_rank() == 0:
-        for dataset, listing in splits:
+        for position, (dataset, listing) in enumerate(splits):
             if dataset is None:
                 continue
             report = check_dataset(dataset, listing, check_values=check == "full")
+            if position == 0 and report.classes is not None:
+                warnings, problems = class_coverage(dataset, report.classes)
+                for warning in warnings:
+                    print(f"warning: {dataset.name}: {warning}", file=sys.stderr)
+                report.problems += problems
             if not report.ok:
                 print(f"{dataset.name}: {report.format()}", file=sys.stderr)
                 ok = False

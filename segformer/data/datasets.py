@@ -4,11 +4,11 @@ Layouts (``split`` is "train" or "val"; ADE20K's "training" / "validation" folde
 
 - folder: ``DIR/images/SPLIT/*.{jpg,png,...}`` and ``DIR/annotations/SPLIT/*.png`` paired by file stem, and
   ``DIR/labels.json`` = id2label (``{"0": "background", ...}`` or a list of names). Mask pixels are class ids;
-  255 means "unlabelled" and is ignored by the loss and the metrics. ``labels.json`` may also be an object
-  ``{"id2label": ..., "ignore_index": 11, "map": {"12": 3, "13": 255}, "palette": {"0": [128, 64, 128], ...},
-  "reduce_labels": false, "class_weights": [...]}``: another "unlabelled" value, a value → class mapping,
-  colour-coded RGB masks (the colour of each class, as annotation tools export them), ADE20K's label reduction
-  and per-class loss weights (see :class:`LabelSpec`).
+  255 means "unlabelled" and is ignored by the loss and the metrics (unless a "map" sends it to a class).
+  ``labels.json`` may also be an object ``{"id2label": ..., "ignore_index": 11, "map": {"12": 3, "13": 255},
+  "palette": {"0": [128, 64, 128], ...}, "reduce_labels": false, "class_weights": [...]}``: another "unlabelled"
+  value, a value → class mapping, colour-coded RGB masks (the colour of each class, as annotation tools export
+  them), ADE20K's label reduction and per-class loss weights (see :class:`LabelSpec`).
 - ade20k: ``ADEChallengeData2016/{images,annotations}/{training,validation}``; 150 classes, labels reduced
   (0 "other" → 255 ignored, k → k - 1).
 - cityscapes: ``leftImg8bit/SPLIT/CITY/*_leftImg8bit.png`` and ``gtFine/SPLIT/CITY/*_gtFine_labelTrainIds.png``
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -140,8 +141,9 @@ IGNORE_INDEX = 255  # the value of an ignored pixel inside the library: loss, me
 class LabelSpec:
     """How a data set's mask values become training ids (0..K-1, or :data:`IGNORE_INDEX`).
 
-    ``id2label``: the classes. ``ignore_values``: stored values meaning "unlabelled" (255 always counts).
-    ``value_map``: stored value → class id (or 255), for data sets whose values are not 0..K-1. ``palette``:
+    ``id2label``: the classes. ``ignore_values``: stored values meaning "unlabelled" (255, unless ``value_map``
+    sends it to a class). ``value_map``: stored value → class id (or 255), for data sets whose values are not
+    0..K-1 (``{255: 1}``: binary masks saved as 0/255). ``palette``:
     RGB colour → class id for colour-coded masks. ``reduce_labels``: ADE20K's 0 ("other") → ignored, k → k - 1
     (applied to the stored values before ``value_map``). ``class_weights``: optional loss weight per class.
     """
@@ -262,6 +264,10 @@ def read_label_spec(
         if not isinstance(target, int) or not (0 <= target < num or target == IGNORE_INDEX):
             raise ValueError(f'{path}: "map" sends {value} to {target!r}; targets are 0..{num - 1} or 255')
         value_map[value] = target
+    if value_map.get(IGNORE_INDEX, IGNORE_INDEX) != IGNORE_INDEX:  # "map": {"255": 1}: 255 is a class here
+        if reduce_labels:
+            raise ValueError(f'{path}: "map" sends 255 to a class, but reduce_labels makes 255 of every stored 0')
+        ignores.discard(IGNORE_INDEX)  # (0/255 binary masks: the object, saved as 255, becomes class 1)
     palette = None
     if "palette" in extra:
         raw = extra["palette"]
@@ -416,11 +422,42 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
 # ------------------------------------------------------------------------------------------- checking
 @dataclass
+class ClassTally:
+    """What the masks read by a full data check hold, counted from the values :func:`check_values_of` reads
+    anyway (no second pass): labelled pixels per class, ignored pixels, and masks ignored at every pixel."""
+
+    pixels: np.ndarray  # (K,) int64: labelled pixels of each class
+    ignored_pixels: int = 0
+    masks: int = 0
+    ignored_masks: int = 0  # masks with no labelled pixel: the ignore index everywhere
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+
+    def add(self, values: np.ndarray, counts: np.ndarray) -> None:
+        """One mask's distinct training ids and their pixel counts (``np.unique(ids, return_counts=True)``);
+        values outside 0..K-1 are the value check's to report, not counted."""
+        valid = (values >= 0) & (values < len(self.pixels))
+        ignored = int(counts[values == IGNORE_INDEX].sum())
+        with self._lock:  # (check_dataset's threads add concurrently)
+            self.pixels[values[valid]] += counts[valid]  # (values are distinct: no lost updates)
+            self.ignored_pixels += ignored
+            self.masks += 1
+            self.ignored_masks += int(ignored == int(counts.sum()))
+
+
+# The tally of each data set under check_dataset, by id, for check_values_of to add to: every check_item (also
+# HFSegmentationDataset's, in hf.py) reaches check_values_of, so the one read of each mask that the value check
+# makes is counted for every layout, without a second pass or a new check_item signature.
+_TALLIES: dict[int, ClassTally] = {}
+
+
+@dataclass
 class DatasetReport:
-    """Problems found by :func:`check_dataset`, one line each, naming the file."""
+    """Problems found by :func:`check_dataset`, one line each, naming the file; with the mask values checked,
+    also what the masks hold (``classes``, for :func:`class_coverage`; None when only headers were read)."""
 
     num_pairs: int = 0
     problems: list[str] = field(default_factory=list)
+    classes: ClassTally | None = None
 
     @property
     def ok(self) -> bool:
@@ -438,7 +475,10 @@ def check_values_of(dataset: SegmentationDataset, index: int) -> list[str]:
     """Mask values of sample ``index`` that no rule of the label spec covers, with the option that would."""
     mask_path = dataset.mask_name(index)
     ids = dataset.read_mask(index)
-    values = np.unique(ids)
+    values, counts = np.unique(ids, return_counts=True)
+    tally = _TALLIES.get(id(dataset))
+    if tally is not None:
+        tally.add(values, counts)
     bad = values[(values != IGNORE_INDEX) & ((values < 0) | (values >= dataset.num_labels))]
     if not len(bad):
         return []
@@ -477,11 +517,59 @@ def check_dataset(
             f"{p}: not a PNG mask, left out (masks must be PNG: a lossy format such as JPEG changes label values)"
             for p in listing.not_png_masks
         ]
-    # PIL decoding releases the GIL: threads make the check of a large set I/O-bound, not CPU-bound.
-    with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
-        for problems in pool.map(lambda i: dataset.check_item(i, check_values), range(len(dataset))):
-            report.problems += problems
+    if check_values:
+        report.classes = _TALLIES[id(dataset)] = ClassTally(np.zeros(dataset.num_labels, np.int64))
+    try:
+        # PIL decoding releases the GIL: threads make the check of a large set I/O-bound, not CPU-bound.
+        with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
+            for problems in pool.map(lambda i: dataset.check_item(i, check_values), range(len(dataset))):
+                report.problems += problems
+    finally:
+        _TALLIES.pop(id(dataset), None)
     return report
+
+
+def class_coverage(dataset: SegmentationDataset, tally: ClassTally, *, shown: int = 5) -> tuple[list[str], list[str]]:
+    """(warnings, problems), one line each, about what the masks of ``dataset`` hold (``tally``: its
+    :class:`DatasetReport`'s ``classes``). Classes without a labelled pixel are a warning (small subsets lack
+    rare classes), with the first ``shown`` named; so are masks ignored at every pixel. No labelled pixel of any
+    class is a problem: nothing to learn from or score. Binary masks saved as 0/255 (255 is the ignore index, so
+    every object pixel is ignored and class 1 has none) are named with their fix."""
+    n = tally.masks
+    absent = [k for k in range(dataset.num_labels) if not tally.pixels[k]]
+    if not n or (not absent and not tally.ignored_masks):
+        return [], []
+    if len(absent) == dataset.num_labels:
+        where = (
+            f": all {n} masks are ignored at every pixel ({IGNORE_INDEX} is the ignore index)"
+            if tally.ignored_masks == n
+            else f" in the {n} masks ({tally.ignored_masks} of them ignored at every pixel)"
+        )
+        return [], [f"no class has a labelled pixel{where}, so there is nothing to learn from or score"]
+    warnings = []
+    if absent:
+        names = ", ".join(f"{k} {dataset.id2label[k]!r}" for k in absent[:shown])
+        more = f" and {len(absent) - shown} more" if len(absent) > shown else ""
+        line = (
+            f"class {names} has no labelled pixel in the {n} masks"
+            if len(absent) == 1
+            else f"{len(absent)} classes have no labelled pixel in the {n} masks: {names}{more}"
+        )
+        spec = dataset.spec
+        binary = absent == [1] and dataset.num_labels == 2 and spec.palette is None and not spec.reduce_labels
+        if binary and tally.ignored_pixels:
+            line += (
+                f'; 0/255 binary masks? {IGNORE_INDEX} means ignored: add "map": {{"{IGNORE_INDEX}": 1}} to '
+                "labels.json to make it class 1"
+            )
+        warnings.append(line)
+    if tally.ignored_masks:
+        verb = "is" if tally.ignored_masks == 1 else "are"
+        warnings.append(
+            f"{tally.ignored_masks} of the {n} masks {verb} ignored at every pixel ({IGNORE_INDEX} is the ignore "
+            "index): they add nothing to the loss or the metrics"
+        )
+    return warnings, []
 
 
 __all__ = [
@@ -491,11 +579,13 @@ __all__ = [
     "LabelSpec",
     "read_label_spec",
     "KINDS",
+    "ClassTally",
     "DatasetReport",
     "Listing",
     "MissingSplitError",
     "SegmentationDataset",
     "check_dataset",
+    "class_coverage",
     "list_cityscapes",
     "list_folder",
     "load_image",
