@@ -107,6 +107,23 @@ def test_check_reports_every_problem_with_its_file(tmp_path):
     assert f"{ann_dir / 'badvalue.png'}: label value(s) 7 outside 0..2" in text
 
 
+def test_a_mask_drawn_on_the_upright_picture_of_an_exif_rotated_image_is_named_so(tmp_path):
+    """Browser-based annotation tools show a phone photo upright (EXIF orientation 6: stored 32x24, shown 24x32);
+    data sets read images as stored, so its mask's size differs: the check says why and what to do."""
+    rng = np.random.default_rng(4)
+    image, mask = _pair(rng)  # stored 32 wide, 24 high
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (tmp_path / "images" / "train").mkdir(parents=True)
+    Image.fromarray(image).save(tmp_path / "images" / "train" / "phone.jpg", exif=exif)
+    _save(tmp_path / "annotations" / "train" / "phone.png", mask.T.copy())  # drawn on the upright 24x32 picture
+    (tmp_path / "labels.json").write_text(json.dumps(["a", "b", "c"]))
+    ds, listing = build_dataset(tmp_path, "train")
+    (problem,) = check_dataset(ds, listing).problems
+    assert problem.startswith(f"{tmp_path / 'images' / 'train' / 'phone.jpg'}: image is 32x24 but its mask phone.png")
+    assert "EXIF orientation 6 shows it upright at the mask's size" in problem and "exif_transpose" in problem
+
+
 def _denormalise(pixels: torch.Tensor) -> np.ndarray:
     mean, std = np.array(IMAGENET_MEAN) * 255, np.array(IMAGENET_STD) * 255
     return pixels.numpy().transpose(1, 2, 0) * std + mean

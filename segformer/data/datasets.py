@@ -297,6 +297,17 @@ def read_labels_json(path: str | os.PathLike) -> dict[int, str]:
 
 
 # ------------------------------------------------------------------------------------------- data set
+_TRANSPOSING = (5, 6, 7, 8)  # EXIF orientations whose upright picture swaps width and height
+
+
+def _exif_orientation(image: Image.Image) -> int | None:
+    """The EXIF orientation tag of an opened image (None without one, or with a broken EXIF block)."""
+    try:
+        return image.getexif().get(0x0112)
+    except Exception:
+        return None
+
+
 def load_image(path: str | os.PathLike) -> np.ndarray:
     """(H, W, 3) uint8 RGB, as stored (no EXIF rotation: masks are drawn on the stored pixels), through the one
     input layer's mode rules (:func:`segformer.images.to_rgb`); no pixel limit (training data is trusted)."""
@@ -372,9 +383,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
         of different sizes, and (``check_values``) mask values no label rule covers."""
         image_path, mask_path = self.pairs[index]
         problems = []
+        orientation = None
         try:
             with Image.open(image_path) as im:
                 image_size = im.size
+                orientation = _exif_orientation(im)
                 im.verify() if not check_values else im.load()
         except Exception as exc:
             problems.append(f"{image_path}: unreadable image ({str(exc).strip() or type(exc).__name__})")
@@ -388,10 +401,16 @@ class SegmentationDataset(torch.utils.data.Dataset):
             problems.append(f"{mask_path}: unreadable mask ({str(exc).strip() or type(exc).__name__})")
             mask_size = None
         if image_size and mask_size and image_size != mask_size:
-            problems.append(
+            line = (
                 f"{image_path}: image is {image_size[0]}x{image_size[1]} but its mask {mask_path.name} is "
                 f"{mask_size[0]}x{mask_size[1]}"
             )
+            if orientation in _TRANSPOSING and image_size[::-1] == mask_size:  # a mask drawn on the upright picture
+                line += (
+                    f" (the image's EXIF orientation {orientation} shows it upright at the mask's size, but data sets "
+                    "read images as stored: save the image upright, e.g. with PIL's ImageOps.exif_transpose)"
+                )
+            problems.append(line)
         return problems
 
     def __len__(self) -> int:
