@@ -105,6 +105,9 @@ def test_check_reports_every_problem_with_its_file(tmp_path):
     assert f"{img_dir / 'broken.png'}: unreadable image" in text
     assert f"{img_dir / 'bigger.png'}: image is 32x30 but its mask bigger.png is 32x24" in text
     assert f"{ann_dir / 'badvalue.png'}: label value(s) 7 outside 0..2" in text
+    bigger = [i for i, (image, _) in enumerate(ds.pairs) if image.name == "bigger.png"][0]
+    with pytest.raises(ValueError, match=r"bigger\.png: image is 32x30 but its mask .*bigger\.png is 32x24$"):
+        ds[bigger]  # (with the check off: an error naming the pair, never a misaligned sample)
 
 
 def test_a_mask_drawn_on_the_upright_picture_of_an_exif_rotated_image_is_named_so(tmp_path):
@@ -119,9 +122,10 @@ def test_a_mask_drawn_on_the_upright_picture_of_an_exif_rotated_image_is_named_s
     _save(tmp_path / "annotations" / "train" / "phone.png", mask.T.copy())  # drawn on the upright 24x32 picture
     (tmp_path / "labels.json").write_text(json.dumps(["a", "b", "c"]))
     ds, listing = build_dataset(tmp_path, "train")
-    (problem,) = check_dataset(ds, listing).problems
-    assert problem.startswith(f"{tmp_path / 'images' / 'train' / 'phone.jpg'}: image is 32x24 but its mask phone.png")
-    assert "EXIF orientation 6 shows it upright at the mask's size" in problem and "exif_transpose" in problem
+    for values in (True, False):  # (full; headers, whose verify() must come straight after the open)
+        (problem,) = check_dataset(ds, listing, check_values=values).problems
+        assert problem.startswith(f"{tmp_path / 'images' / 'train' / 'phone.jpg'}: image is 32x24 but its mask phone")
+        assert "EXIF orientation 6 shows it upright at the mask's size" in problem and "exif_transpose" in problem
 
 
 def _denormalise(pixels: torch.Tensor) -> np.ndarray:

@@ -300,10 +300,11 @@ def read_labels_json(path: str | os.PathLike) -> dict[int, str]:
 _TRANSPOSING = (5, 6, 7, 8)  # EXIF orientations whose upright picture swaps width and height
 
 
-def _exif_orientation(image: Image.Image) -> int | None:
-    """The EXIF orientation tag of an opened image (None without one, or with a broken EXIF block)."""
+def _exif_orientation(path: Path) -> int | None:
+    """The EXIF orientation tag of an image file (None without one, or with a broken EXIF block)."""
     try:
-        return image.getexif().get(0x0112)
+        with Image.open(path) as image:
+            return image.getexif().get(0x0112)
     except Exception:
         return None
 
@@ -383,11 +384,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
         of different sizes, and (``check_values``) mask values no label rule covers."""
         image_path, mask_path = self.pairs[index]
         problems = []
-        orientation = None
         try:
             with Image.open(image_path) as im:
                 image_size = im.size
-                orientation = _exif_orientation(im)
                 im.verify() if not check_values else im.load()
         except Exception as exc:
             problems.append(f"{image_path}: unreadable image ({str(exc).strip() or type(exc).__name__})")
@@ -405,7 +404,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
                 f"{image_path}: image is {image_size[0]}x{image_size[1]} but its mask {mask_path.name} is "
                 f"{mask_size[0]}x{mask_size[1]}"
             )
-            if orientation in _TRANSPOSING and image_size[::-1] == mask_size:  # a mask drawn on the upright picture
+            orientation = _exif_orientation(image_path) if image_size[::-1] == mask_size else None
+            if orientation in _TRANSPOSING:  # a mask drawn on the upright picture
                 line += (
                     f" (the image's EXIF orientation {orientation} shows it upright at the mask's size, but data sets "
                     "read images as stored: save the image upright, e.g. with PIL's ImageOps.exif_transpose)"
@@ -424,11 +424,16 @@ class SegmentationDataset(torch.utils.data.Dataset):
         except (ValueError, OSError) as exc:  # (ImageError is a ValueError)
             raise ValueError(f"{self.pairs[index][0]}: {first_line(exc)}") from None
         try:
-            return image, self.read_mask(index)
+            mask = self.read_mask(index)
         except (ValueError, OSError) as exc:
             where = self.mask_name(index)
             message = first_line(exc)
             raise ValueError(message if where in message else f"{where}: {message}") from None
+        if image.shape[:2] != mask.shape[:2]:  # (what the data check reports; with it off, never a misaligned pair)
+            (h, w), (mh, mw) = image.shape[:2], mask.shape[:2]
+            where = self.mask_name(index)
+            raise ValueError(f"{self.pairs[index][0]}: image is {w}x{h} but its mask {where} is {mw}x{mh}")
+        return image, mask
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         index, seed = key if isinstance(key, tuple) else (key, key)
