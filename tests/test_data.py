@@ -95,11 +95,14 @@ def test_check_reports_every_problem_with_its_file(tmp_path):
     _save(ann_dir / "orphan.png", _pair(rng)[1])  # no image
     _save(ann_dir / "broken.png", _pair(rng)[1])
     (img_dir / "broken.png").write_bytes(b"not a png at all")  # unreadable
+    _save(ann_dir / "moved.png", _pair(rng)[1])
+    (img_dir / "moved.png").symlink_to(tmp_path / "elsewhere.png")  # a dangling link: unreadable, not unpaired
     (tmp_path / "labels.json").write_text(json.dumps({"0": "a", "1": "b", "2": "c"}))
     ds, listing = build_dataset(tmp_path, "train")
     report = check_dataset(ds, listing)
     text = report.format()
-    assert not report.ok and len(report.problems) == 5, text
+    assert not report.ok and len(report.problems) == 6, text
+    assert f"{img_dir / 'moved.png'}: unreadable image" in text and "moved.png: mask without" not in text
     assert f"{img_dir / 'lonely.png'}: image without a mask" in text
     assert f"{ann_dir / 'orphan.png'}: mask without an image" in text
     assert f"{img_dir / 'broken.png'}: unreadable image" in text

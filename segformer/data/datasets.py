@@ -88,8 +88,16 @@ def _pair_by_key(images: dict[str, Path], masks: dict[str, Path]) -> Listing:
 
 
 def _files(root: Path, suffixes: tuple[str, ...], recursive: bool = False) -> list[Path]:
+    """The files under ``root`` with one of ``suffixes``, hidden ones left out. A broken symbolic link is kept:
+    the data check then names it as unreadable, where leaving it out made its partner look unpaired."""
     it = root.rglob("*") if recursive else root.iterdir()
-    return sorted(p for p in it if p.is_file() and p.name.lower().endswith(suffixes) and not p.name.startswith("."))
+    return sorted(
+        p
+        for p in it
+        if (p.is_file() or (p.is_symlink() and not p.exists()))
+        and p.name.lower().endswith(suffixes)
+        and not p.name.startswith(".")
+    )
 
 
 def list_folder(root: str | os.PathLike, split: str) -> Listing:
