@@ -109,6 +109,8 @@ def load_model(
     except CheckpointError as exc:
         reason = str(exc).split(" (hub ids need")[0]  # the advice below replaces hub.py's shorter one
         reason = reason.removeprefix(f"{model}: ")
+        if os.path.exists(os.path.expanduser(str(model))):  # a local checkpoint, there but damaged: no hub advice
+            raise CheckpointError(f"cannot load model '{model}': {reason}") from None
         raise CheckpointError(
             f"cannot load model '{model}': {reason}. Pass a local checkpoint directory (written by "
             "save_pretrained or `segformer convert`); hub ids such as "

@@ -401,6 +401,11 @@ def test_cli_model_not_found_says_what_to_do(images, tmp_path):
         assert words in lines[0]
     proc = _cli("predict", d / "photo.jpg", "--model", tmp_path / "nope", "--output", tmp_path / "out", env=env)
     assert proc.returncode == 2 and "nope" in proc.stderr and "local checkpoint directory" in proc.stderr
+    (tmp_path / "damaged").mkdir()  # a local checkpoint that is there, damaged: its reason, without hub advice
+    (tmp_path / "damaged" / "config.json").write_text("{not json")
+    proc = _cli("predict", d / "photo.jpg", "--model", tmp_path / "damaged", "--output", tmp_path / "out", env=env)
+    assert proc.returncode == 2 and f"cannot load model '{tmp_path / 'damaged'}': " in proc.stderr
+    assert "network" not in proc.stderr and "hub ids" not in proc.stderr, proc.stderr
 
 
 @pytest.mark.slow
