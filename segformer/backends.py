@@ -65,11 +65,39 @@ def weights_digest(model: nn.Module) -> str:
     config = getattr(model, "config", None)
     if config is not None:
         h.update(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
-    for name, tensor in model.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    hash_state(h, model)
     return h.hexdigest()
+
+
+def hash_state(h: Any, model: nn.Module) -> None:
+    """Feed ``model``'s state dict to the hash ``h``: each entry's name, then its value (:func:`_hash_value`)."""
+    for name, value in model.state_dict().items():
+        h.update(f"{name}|".encode())
+        _hash_value(h, value)
+
+
+def _hash_value(h: Any, value: Any) -> None:
+    """One state-dict value: a tensor's dtype, shape and bytes (a quantised one's integers and scales), a tuple's
+    items (an int8 layer keeps its (weight, bias) so), anything else its repr."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu()
+        if t.is_quantized:
+            scheme = t.qscheme()
+            if scheme in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+                params: list[Any] = [t.q_scale(), t.q_zero_point()]
+            else:
+                params = [t.q_per_channel_scales().tolist(), t.q_per_channel_zero_points().tolist(),
+                          t.q_per_channel_axis()]  # fmt: skip
+            h.update(f"{scheme}|{params}|".encode())
+            t = t.int_repr()
+        t = t.contiguous()
+        h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            _hash_value(h, item)
+    else:
+        h.update(f"{value!r}|".encode())
 
 
 def _code_digest() -> str:
@@ -481,4 +509,5 @@ __all__ = [
     "runtime_model",
     "sweep_abandoned",
     "weights_digest",
+    "hash_state",
 ]

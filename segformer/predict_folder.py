@@ -31,10 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image, PngImagePlugin
 
-from .backends import CompiledModel, OnnxRuntimeModel
+from .backends import CompiledModel, OnnxRuntimeModel, hash_state
 from .distributed import all_gather_objects, is_distributed
 from .fileio import atomic_write, atomic_write_text
 from .hub import first_line
@@ -206,37 +205,13 @@ def _source_stamp(src: Path) -> str | None:
     return json.dumps({"path": str(src.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
 
 
-def _hash_state(h: Any, value: Any) -> None:
-    """Feed one state-dict value to ``h``: a tensor's dtype, shape and bytes (a quantised one's integers and
-    scales), a tuple's items (an int8 layer keeps its (weight, bias) so), anything else its repr."""
-    if isinstance(value, torch.Tensor):
-        t = value.detach().cpu()
-        if t.is_quantized:
-            scheme = t.qscheme()
-            if scheme in (torch.per_tensor_affine, torch.per_tensor_symmetric):
-                params: list[Any] = [t.q_scale(), t.q_zero_point()]
-            else:
-                params = [t.q_per_channel_scales().tolist(), t.q_per_channel_zero_points().tolist(),
-                          t.q_per_channel_axis()]  # fmt: skip
-            h.update(f"{scheme}|{params}|".encode())
-            t = t.int_repr()
-        t = t.contiguous()
-        h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    elif isinstance(value, (tuple, list)):
-        for item in value:
-            _hash_state(h, item)
-    else:
-        h.update(f"{value!r}|".encode())
-
-
 def _maker_stamp(predictor: SegformerPredictor) -> str:
     """What makes ``predictor``'s label maps, as the JSON text each label PNG records (:data:`_MAKER_KEY`):
     ``{"backend": ..., "model": 16 hex digits, "options": InferenceOptions.to_dict()}``.
 
     The model digest covers its config (class names included, but not ``_name_or_path``: a copied checkpoint is
     the same model) and its weights as they run: their dtype, int8-quantised layers, or for onnxruntime the ONNX
-    graph's bytes (:func:`segformer.backends.weights_digest` also hashes the path, and cannot read int8 layers).
+    graph's bytes (:func:`segformer.backends.weights_digest` also hashes the config's path).
     Left out, so that a job resumes on another machine: the device, the batch size and what only decides whether
     an image is taken (max_pixels, min_size); those change at most a few pixels at float ties, or none at all."""
     net, h = predictor.model, hashlib.sha256()
@@ -249,10 +224,7 @@ def _maker_stamp(predictor: SegformerPredictor) -> str:
                 h.update(block)
     else:
         backend = "pytorch compiled" if isinstance(net, CompiledModel) else "pytorch"
-        module = net.model if isinstance(net, CompiledModel) else net
-        for name, value in module.state_dict().items():
-            h.update(f"{name}|".encode())
-            _hash_state(h, value)
+        hash_state(h, net.model if isinstance(net, CompiledModel) else net)
     stamp = {"backend": backend, "model": h.hexdigest()[:16], "options": predictor.options.to_dict()}
     return json.dumps(stamp, sort_keys=True)
 

@@ -317,6 +317,11 @@ def _exif_orientation(path: Path) -> int | None:
         return None
 
 
+def _size_mismatch(image: object, image_size: tuple[int, int], mask: object, mask_size: tuple[int, int]) -> str:
+    """The line naming an image and its mask of another size ((width, height) each)."""
+    return f"{image}: image is {image_size[0]}x{image_size[1]} but its mask {mask} is {mask_size[0]}x{mask_size[1]}"
+
+
 def load_image(path: str | os.PathLike) -> np.ndarray:
     """(H, W, 3) uint8 RGB, as stored (no EXIF rotation: masks are drawn on the stored pixels), through the one
     input layer's mode rules (:func:`segformer.images.to_rgb`); no pixel limit (training data is trusted)."""
@@ -387,9 +392,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
         """How problems with sample ``index``'s mask are reported: its path."""
         return str(self.pairs[index][1])
 
-    def check_item(self, index: int, check_values: bool) -> list[str]:
+    def check_item(self, index: int, check_values: bool, tally: ClassTally | None = None) -> list[str]:
         """Problems of sample ``index`` (one line each, naming the file): unreadable files, an image and a mask
-        of different sizes, and (``check_values``) mask values no label rule covers."""
+        of different sizes, and (``check_values``) mask values no label rule covers, its classes added to
+        ``tally``."""
         image_path, mask_path = self.pairs[index]
         problems = []
         try:
@@ -403,15 +409,12 @@ class SegmentationDataset(torch.utils.data.Dataset):
             with Image.open(mask_path) as im:
                 mask_size = im.size
             if check_values:
-                problems += check_values_of(self, index)
+                problems += check_values_of(self, index, tally)
         except Exception as exc:
             problems.append(f"{mask_path}: unreadable mask ({str(exc).strip() or type(exc).__name__})")
             mask_size = None
         if image_size and mask_size and image_size != mask_size:
-            line = (
-                f"{image_path}: image is {image_size[0]}x{image_size[1]} but its mask {mask_path.name} is "
-                f"{mask_size[0]}x{mask_size[1]}"
-            )
+            line = _size_mismatch(image_path, image_size, mask_path.name, mask_size)
             orientation = _exif_orientation(image_path) if image_size[::-1] == mask_size else None
             if orientation in _TRANSPOSING:  # a mask drawn on the upright picture
                 line += (
@@ -439,8 +442,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
             raise ValueError(message if where in message else f"{where}: {message}") from None
         if image.shape[:2] != mask.shape[:2]:  # (what the data check reports; with it off, never a misaligned pair)
             (h, w), (mh, mw) = image.shape[:2], mask.shape[:2]
-            where = self.mask_name(index)
-            raise ValueError(f"{self.pairs[index][0]}: image is {w}x{h} but its mask {where} is {mw}x{mh}")
+            raise ValueError(_size_mismatch(self.pairs[index][0], (w, h), self.mask_name(index), (mw, mh)))
         return image, mask
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -476,12 +478,6 @@ class ClassTally:
             self.ignored_masks += int(ignored == int(counts.sum()))
 
 
-# The tally of each data set under check_dataset, by id, for check_values_of to add to: every check_item (also
-# HFSegmentationDataset's, in hf.py) reaches check_values_of, so the one read of each mask that the value check
-# makes is counted for every layout, without a second pass or a new check_item signature.
-_TALLIES: dict[int, ClassTally] = {}
-
-
 @dataclass
 class DatasetReport:
     """Problems found by :func:`check_dataset`, one line each, naming the file; with the mask values checked,
@@ -503,12 +499,12 @@ class DatasetReport:
         return "\n".join(lines)
 
 
-def check_values_of(dataset: SegmentationDataset, index: int) -> list[str]:
-    """Mask values of sample ``index`` that no rule of the label spec covers, with the option that would."""
+def check_values_of(dataset: SegmentationDataset, index: int, tally: ClassTally | None = None) -> list[str]:
+    """Mask values of sample ``index`` that no rule of the label spec covers, with the option that would; the
+    mask's classes are added to ``tally`` from the same read (no second pass)."""
     mask_path = dataset.mask_name(index)
     ids = dataset.read_mask(index)
     values, counts = np.unique(ids, return_counts=True)
-    tally = _TALLIES.get(id(dataset))
     if tally is not None:
         tally.add(values, counts)
     bad = values[(values != IGNORE_INDEX) & ((values < 0) | (values >= dataset.num_labels))]
@@ -549,15 +545,11 @@ def check_dataset(
             f"{p}: not a PNG mask, left out (masks must be PNG: a lossy format such as JPEG changes label values)"
             for p in listing.not_png_masks
         ]
-    if check_values:
-        report.classes = _TALLIES[id(dataset)] = ClassTally(np.zeros(dataset.num_labels, np.int64))
-    try:
-        # PIL decoding releases the GIL: threads make the check of a large set I/O-bound, not CPU-bound.
-        with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
-            for problems in pool.map(lambda i: dataset.check_item(i, check_values), range(len(dataset))):
-                report.problems += problems
-    finally:
-        _TALLIES.pop(id(dataset), None)
+    tally = report.classes = ClassTally(np.zeros(dataset.num_labels, np.int64)) if check_values else None
+    # PIL decoding releases the GIL: threads make the check of a large set I/O-bound, not CPU-bound.
+    with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
+        for problems in pool.map(lambda i: dataset.check_item(i, check_values, tally), range(len(dataset))):
+            report.problems += problems
     return report
 
 

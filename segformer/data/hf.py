@@ -28,6 +28,7 @@ from PIL import Image
 from ..images import to_rgb
 from .datasets import (
     IGNORE_INDEX,
+    ClassTally,
     LabelSpec,
     MissingSplitError,
     SegmentationDataset,
@@ -179,7 +180,7 @@ class HFSegmentationDataset(SegmentationDataset):
     def mask_name(self, index: int) -> str:
         return f"{self.name}[{index}].{self.label_column}"
 
-    def check_item(self, index: int, check_values: bool) -> list[str]:
+    def check_item(self, index: int, check_values: bool, tally: ClassTally | None = None) -> list[str]:
         try:
             image, mask = self.read(index)
         except Exception as exc:
@@ -191,7 +192,7 @@ class HFSegmentationDataset(SegmentationDataset):
                 f"{mask.shape[1]}x{mask.shape[0]}"
             )
         if check_values:
-            problems += check_values_of(self, index)
+            problems += check_values_of(self, index, tally)
         return problems
 
 
