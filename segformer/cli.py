@@ -4,9 +4,9 @@ Each sub-command lives in ``segformer/commands/<name>.py`` with ``register(subpa
 parser and sets ``func``; heavy imports happen inside ``func`` so that ``--help`` is quick.
 
 Errors: what the library raises on purpose (ValueError and OSError, with their subclasses such as
-CheckpointError, ImageError, FileNotFoundError) is printed as one line, exit code 2. A TypeError or
-RuntimeError may be a bug: one line too, unless ``segformer --debug`` or SEGFORMER_DEBUG=1 asks for the
-full traceback.
+CheckpointError, ImageError, FileNotFoundError) is printed as one line, exit code 2 (the operating system's own
+OSErrors as ``PATH: reason``). A TypeError or RuntimeError may be a bug: one line too, unless ``segformer --debug``
+or SEGFORMER_DEBUG=1 asks for the full traceback.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def run_command(
         print(f"{name}: interrupted", file=sys.stderr)
         return 130
     except EXPECTED_ERRORS as exc:
-        print(f"{name}: error: {first_line(exc)}", file=sys.stderr)
+        print(f"{name}: error: {describe(exc)}", file=sys.stderr)
         return 2
     except UNEXPECTED_ERRORS as exc:
         if debug or debug_requested():
@@ -79,6 +79,19 @@ def run_command(
         # One clear line by default: a traceback would bury the message of an error raised on purpose.
         print(f"{name}: error: {first_line(exc)}", file=sys.stderr)
         return 2
+
+
+def describe(exc: BaseException) -> str:
+    """An expected error as one line. An OSError straight from the operating system (``[Errno 30] Read-only
+    file system: '/mnt/out/x.png'``) reads ``/mnt/out/x.png: read-only file system``; the package's own errors
+    are already worded for the user (:func:`segformer.hub.first_line`)."""
+    if isinstance(exc, OSError) and exc.errno is not None and exc.strerror and isinstance(exc.filename, (str, bytes)):
+        if str(exc).startswith("[Errno"):  # OSError(errno, strerror, filename): its str is the raw form
+            names = os.fsdecode(exc.filename)
+            if exc.filename2 is not None:
+                names += f" -> {os.fsdecode(exc.filename2)}"
+            return f"{names}: {exc.strerror[:1].lower()}{exc.strerror[1:]}"
+    return first_line(exc)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,4 +56,6 @@ def check_output_file(path: str | os.PathLike, what: str) -> None:
         reason = "is not a folder" if parent.exists() else "does not exist"
         raise ValueError(f"{what} {path}: its folder {parent} {reason}")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{what} {path}: cannot write in {parent} (permission denied)")
+        read_only = hasattr(os, "statvfs") and os.statvfs(parent).f_flag & os.ST_RDONLY
+        reason = "a read-only file system" if read_only else "permission denied"
+        raise ValueError(f"{what} {path}: cannot write in {parent} ({reason})")

@@ -230,3 +230,22 @@ def test_a_failed_atomic_write_names_the_file(tmp_path):
     with pytest.raises(OSError, match=r"summary\.json: cannot write it \(No space left on device\)"):
         atomic_write(tmp_path / "summary.json", full)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_errors_straight_from_the_os_read_as_path_and_reason(capsys, tmp_path):
+    """An OSError the operating system raised (a read-only file system under synth, train --output or eval
+    --report) was printed in its raw form, "[Errno 30] Read-only file system: '/mnt/x'"; it reads "PATH: reason"
+    now. /proc refuses new entries on any Linux, so the command really meets the OS's own error."""
+    import errno
+
+    target = "/proc/segformer-test/data"
+    code, _, err = run_cli(capsys, "synth", target, "--train", "1", "--val", "1", "--size", "32")
+    assert code == 2 and "[Errno" not in err and err.startswith("segformer synth: error: /proc/segformer-test"), err
+    assert err.rstrip().endswith(": no such file or directory"), err
+    from segformer.cli import describe
+
+    both = OSError(errno.EXDEV, "Invalid cross-device link", "a.tmp", None, "b.png")
+    assert describe(both) == "a.tmp -> b.png: invalid cross-device link"
+    own = OSError("model 'm': cannot load it")  # the package's own wording stays as it is
+    assert describe(own) == "model 'm': cannot load it"
+    assert describe(OSError(errno.EBADF, "Bad file descriptor")) == "[Errno 9] Bad file descriptor"
