@@ -22,7 +22,39 @@ class CheckpointError(ValueError, OSError):
 
 class ShapeMismatchError(CheckpointError, RuntimeError):
     """Checkpoint tensors whose shapes differ from the model's (and ``ignore_mismatched_sizes`` was not given). A
-    RuntimeError, as Transformers raises for it, and a CheckpointError."""
+    RuntimeError, as Transformers raises for it, and a CheckpointError. ``source``: the checkpoint; ``shapes``:
+    which tensors differ, as the message words it."""
+
+    def __init__(self, message: str = "", *, source: str = "", shapes: str = "") -> None:
+        super().__init__(message)
+        self.source, self.shapes = source, shapes
+
+
+class MissingConfigError(CheckpointError):
+    """Weights without the config.json that describes them. ``where``: the weights file or folder."""
+
+    def __init__(self, message: str = "", *, where: str = "") -> None:
+        super().__init__(message)
+        self.where = where
+
+
+def for_command_line(exc: CheckpointError) -> CheckpointError:
+    """``exc`` worded for someone who named the checkpoint on the command line, where from_pretrained's keyword
+    arguments (``config=``, ``ignore_mismatched_sizes=True``), which its message suggests, cannot be passed."""
+    if isinstance(exc, MissingConfigError) and exc.where:
+        return MissingConfigError(
+            f"{exc.where}: weights without their config.json: put the config.json saved with them beside them "
+            "(save_pretrained, segformer train and segformer convert write both)",
+            where=exc.where,
+        )
+    if isinstance(exc, ShapeMismatchError) and exc.source:
+        return ShapeMismatchError(
+            f"{exc.source}: its weights do not fit the model its config.json describes ({exc.shapes}); was "
+            "num_labels or a size edited there? Use the config.json saved with these weights",
+            source=exc.source,
+            shapes=exc.shapes,
+        )
+    return exc
 
 
 class NotCachedError(CheckpointError):

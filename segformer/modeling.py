@@ -47,6 +47,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .allocator import MMAP_THRESHOLD, ReusableBuffer
 from .config import SegformerConfig
+from .hub import CheckpointError, for_command_line
 from .precision import reduced_precision_problem
 from .pretrained import PreTrainedMixin, checkpoint_kwargs
 
@@ -1697,8 +1698,14 @@ def load_segmentation_model(name_or_path: Any, **kwargs: Any) -> SegformerForSem
     """``SegformerForSemanticSegmentation.from_pretrained(name_or_path, **kwargs)`` for the commands that use
     its predictions (predict, eval, serve, export): a checkpoint without decode-head weights (an encoder such as
     nvidia/mit-b0, an image classifier) is a ValueError, where from_pretrained would warn and leave the head
-    random."""
-    model, info = SegformerForSemanticSegmentation.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
+    random. Without ``kwargs``, a checkpoint whose config.json is missing or does not fit its weights is reported in
+    command-line words (:func:`segformer.hub.for_command_line`)."""
+    try:
+        model, info = SegformerForSemanticSegmentation.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
+    except CheckpointError as exc:
+        if kwargs:
+            raise
+        raise for_command_line(exc) from None
     missing_head = sorted(k for k in info["missing_keys"] if k.startswith("decode_head."))
     if missing_head:
         architectures = ", ".join(model.config.architectures or []) or "no decode head"

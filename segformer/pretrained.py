@@ -25,7 +25,15 @@ import torch
 
 from .config import SegformerConfig
 from .fileio import atomic_write, atomic_write_text
-from .hub import CheckpointError, NotCachedError, ShapeMismatchError, first_line, push_folder, resolve_file
+from .hub import (
+    CheckpointError,
+    MissingConfigError,
+    NotCachedError,
+    ShapeMismatchError,
+    first_line,
+    push_folder,
+    resolve_file,
+)
 
 logger = logging.getLogger("segformer")
 
@@ -432,9 +440,10 @@ class PreTrainedMixin:
         if weights_file and config is None:
             beside = Path(name).expanduser().parent / "config.json"
             if not beside.is_file():
-                raise CheckpointError(
+                raise MissingConfigError(
                     f"{name}: a weights file needs its config: pass config= (a SegformerConfig, a model directory "
-                    "or a config.json), or put config.json beside it"
+                    "or a config.json), or put config.json beside it",
+                    where=str(name),
                 )
             config = beside
         config = _load_config(config, name, subfolder, hub, config_overrides)
@@ -491,7 +500,9 @@ class PreTrainedMixin:
             more = f" (+{len(info.mismatched_keys) - 4} more)" if len(info.mismatched_keys) > 4 else ""
             raise ShapeMismatchError(
                 f"{source}: shapes differ from the model for {shown}{more}; pass ignore_mismatched_sizes=True "
-                "to re-initialise those weights (e.g. for a new num_labels)"
+                "to re-initialise those weights (e.g. for a new num_labels)",
+                source=str(source),
+                shapes=f"{shown}{more}",
             )
         if info.mismatched_keys:  # re-initialise the whole module of each mismatched tensor
             modules = {k.rsplit(".", 1)[0] for k, _, _ in info.mismatched_keys}
@@ -732,9 +743,10 @@ def _load_config(
         if folder is not None and folder.is_dir() and not (folder / "config.json").exists():
             # weights alone: e.g. a checkpoint of Transformers' Trainer, which saves only our models' state dict
             if any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")):
-                raise CheckpointError(
+                raise MissingConfigError(
                     f"{folder}: weights without config.json; pass config= (a SegformerConfig or its folder), or train "
-                    "under Trainer with segformer.integrations.SaveConfigCallback"
+                    "under Trainer with segformer.integrations.SaveConfigCallback",
+                    where=str(folder),
                 )
         return SegformerConfig.from_pretrained(name, subfolder=subfolder, **hub, **overrides)
     if isinstance(config, (str, os.PathLike)):

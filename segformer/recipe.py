@@ -24,6 +24,7 @@ from torch import nn
 from .config import VARIANTS, SegformerConfig
 from .data.datasets import IGNORE_INDEX
 from .evaluate import eval_options
+from .hub import CheckpointError, for_command_line
 from .inference import InferenceOptions
 from .modeling import SegformerForSemanticSegmentation
 
@@ -242,9 +243,12 @@ def build_model(cfg: TrainConfig, id2label: dict[int, str]) -> SegformerForSeman
     # A different label set re-initialises the classifier (its shape changes); from_pretrained logs that.
     # fp32 master weights whatever the checkpoint stores (a bf16/fp16 file would otherwise load as such, as in
     # Transformers 5.x); reduced precision in training is --amp's job.
-    return SegformerForSemanticSegmentation.from_pretrained(
-        name, ignore_mismatched_sizes=True, dtype=torch.float32, **overrides
-    )
+    try:
+        return SegformerForSemanticSegmentation.from_pretrained(
+            name, ignore_mismatched_sizes=True, dtype=torch.float32, **overrides
+        )
+    except CheckpointError as exc:  # (--model names it: from_pretrained's config= advice would not fit)
+        raise for_command_line(exc) from None
 
 
 @dataclass

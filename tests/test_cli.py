@@ -249,3 +249,42 @@ def test_errors_straight_from_the_os_read_as_path_and_reason(capsys, tmp_path):
     own = OSError("model 'm': cannot load it")  # the package's own wording stays as it is
     assert describe(own) == "model 'm': cannot load it"
     assert describe(OSError(errno.EBADF, "Bad file descriptor")) == "[Errno 9] Bad file descriptor"
+
+
+def test_a_checkpoint_named_on_the_command_line_gets_command_line_advice(capsys, tmp_path):
+    """predict, eval, export and train --model used to answer a checkpoint without its config.json with
+    "pass config= (a SegformerConfig ...)" and one whose config.json was edited with "pass
+    ignore_mismatched_sizes=True", keyword arguments no command takes (audit note)."""
+    import json
+
+    from conftest import tiny_config
+
+    from segformer import SegformerForSemanticSegmentation
+
+    good = tmp_path / "good"
+    SegformerForSemanticSegmentation(tiny_config(num_labels=3)).save_pretrained(good)
+    edited = tmp_path / "edited"
+    SegformerForSemanticSegmentation(tiny_config(num_labels=3)).save_pretrained(edited)
+    config = json.loads((edited / "config.json").read_text())
+    config.update(num_labels=5, id2label={str(i): f"c{i}" for i in range(5)})
+    config.pop("label2id", None)
+    (edited / "config.json").write_text(json.dumps(config))
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes())
+    data = tmp_path / "data"
+    assert run_cli(capsys, "synth", data, "--train", "1", "--val", "1", "--size", "32")[0] == 0
+    image = next((data / "images" / "val").iterdir())
+    for model, words in ((bare, "weights without their config.json: put the config.json saved with them beside"),
+                         (bare / "model.safetensors", "weights without their config.json"),
+                         (edited, "its weights do not fit the model its config.json describes (")):  # fmt: skip
+        runs = [("predict", image, "--model", model, "-o", tmp_path / "out"),
+                ("eval", "--data", data, "--model", model),
+                ("export", model, "--onnx", tmp_path / "m.onnx")]  # fmt: skip
+        if model != edited:  # (train re-initialises a head of another size: that is how fine-tuning starts)
+            runs.append(("train", "--data", data, "--model", model, "--output", tmp_path / "run"))
+        for argv in runs:
+            code, _, err = run_cli(capsys, *argv)
+            assert code == 2 and str(model) in err and words in err, (argv[0], err)
+            assert "config=" not in err and "ignore_mismatched_sizes" not in err, (argv[0], err)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists() and not (tmp_path / "m.onnx").exists()
