@@ -34,9 +34,9 @@ import torch
 from torch import nn
 
 from .config import SegformerConfig
-from .data.build import build_dataset, check_splits, detect_kind, label_options
-from .data.datasets import MissingSplitError, SegmentationDataset
-from .data.statistics import class_pixel_counts, median_frequency_weights
+from .data.build import build_dataset, check_splits, detect_kind, label_options, warn_class_coverage
+from .data.datasets import ClassTally, MissingSplitError, SegmentationDataset
+from .data.statistics import class_tally, median_frequency_weights
 from .data.transforms import eval_transform, train_transform
 from .distributed import (
     DistInfo,
@@ -271,13 +271,20 @@ def build_data(cfg: TrainConfig, info: DistInfo) -> TrainData:
         val_set, val_listing = None, None
         _log(f"warning: no evaluation ({exc}); only last/ will be saved", info)
     with every_rank_raises(ValueError):  # the main rank's verdict, on every rank
-        check_splits([(train_set, train_listing), (val_set, val_listing)], cfg.check_data, cfg.data)
-    return TrainData(kind, train_set, val_set, eval_opts, resolve_class_weights(cfg, train_set, info))
+        tally = check_splits([(train_set, train_listing), (val_set, val_listing)], cfg.check_data, cfg.data)
+    with every_rank_raises(ValueError):
+        weights = resolve_class_weights(cfg, train_set, info, tally)
+    return TrainData(kind, train_set, val_set, eval_opts, weights)
 
 
-def resolve_class_weights(cfg: TrainConfig, train_set: SegmentationDataset, info: DistInfo) -> torch.Tensor | None:
+def resolve_class_weights(
+    cfg: TrainConfig, train_set: SegmentationDataset, info: DistInfo, tally: ClassTally | None = None
+) -> torch.Tensor | None:
     """``--class-weights``: none; labels (``class_weights`` in labels.json); auto (median-frequency balancing
-    over the training masks, counted once on the main rank and shared)."""
+    over the training masks, counted on the main rank and shared). ``tally``: the full data check's count of
+    them (none read again); without one (``--check-data headers`` / ``off``) the masks are read here, and what the
+    full check would have said about the classes it finds absent is said here (a class with no pixel keeps weight
+    1 and is never learnt; no labelled pixel at all is a ValueError)."""
     if cfg.class_weights == "none":
         return None
     if cfg.class_weights == "labels":
@@ -286,10 +293,15 @@ def resolve_class_weights(cfg: TrainConfig, train_set: SegmentationDataset, info
         return torch.tensor(train_set.spec.class_weights, dtype=torch.float32)
     if cfg.class_weights != "auto":
         raise ValueError(f"--class-weights must be none, auto or labels, got {cfg.class_weights!r}")
-    weights = None
+    weights, problems = None, []
     if info.is_main:
-        weights = median_frequency_weights(class_pixel_counts(train_set)).tolist()
-    weights = all_gather_objects(weights)[0]  # the main rank's, on every rank
+        if tally is None:
+            tally = class_tally(train_set)
+            problems = warn_class_coverage(train_set, tally)
+        weights = median_frequency_weights(tally.pixels).tolist()
+    weights, problems = all_gather_objects((weights, problems))[0]  # the main rank's, on every rank
+    if problems:
+        raise ValueError(f"--class-weights auto: {train_set.name}: {problems[0]}")
     return torch.tensor(weights, dtype=torch.float32)
 
 

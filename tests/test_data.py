@@ -413,6 +413,38 @@ def test_data_check_names_a_class_without_pixels_and_the_0_255_binary_mask_mista
                         "and 3 more"] and problems == []  # fmt: skip
 
 
+def test_class_weights_auto_says_what_the_full_check_would_about_absent_classes(tmp_path, capsys):
+    """--class-weights auto reads every mask to count the classes; with --check-data headers (or off) it used to
+    say nothing about a class it found without pixels (weight 1, never learnt) or about masks ignored throughout.
+    It now warns as the full check does; after a full check it weighs by that check's count, printing nothing
+    twice; no labelled pixel at all stops the run."""
+    import torch
+    from conftest import short_run
+
+    from segformer.distributed import DistInfo
+    from segformer.train import build_data
+
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 4:12] = 255
+    mask[:2] = 2  # (class 2 rarer than class 0: weights other than 1)
+    root = _street(tmp_path / "absent", [mask, mask[::-1]], ["road", "car", "sky"])
+    warning = f"warning: folder:{root}:train: class 1 'car' has no labelled pixel in the 2 masks"
+    weights = {}
+    for check in ("full", "headers", "off"):
+        cfg = short_run(root, "b0", tmp_path / "run", check_data=check, class_weights="auto", crop=(16, 16))
+        weights[check] = build_data(cfg, DistInfo()).class_weights
+        assert capsys.readouterr().err.splitlines() == [warning], check
+    road, sky = 2 * (256 - 64 - 32), 2 * 32  # labelled pixels in the two masks
+    median = np.median([road, sky])
+    assert torch.allclose(weights["full"], torch.tensor([median / road, 1.0, median / sky], dtype=torch.float32))
+    assert torch.equal(weights["full"], weights["headers"]) and torch.equal(weights["full"], weights["off"])
+    ignored = np.full((16, 16), 255, np.uint8)
+    root = _street(tmp_path / "ignored", [ignored, ignored], ["road", "car"])
+    cfg = short_run(root, "b0", tmp_path / "run", check_data="headers", class_weights="auto", crop=(16, 16))
+    with pytest.raises(ValueError, match=r"--class-weights auto: folder:.*:train: no class has a labelled pixel"):
+        build_data(cfg, DistInfo())
+
+
 def test_data_check_fails_when_every_training_mask_is_ignored(tmp_path, capsys):
     """Masks that are 255 (ignored) throughout train at a loss of 0: when no class has a labelled pixel the check
     fails, naming why; a few such masks among labelled ones are counted in a warning."""

@@ -12,6 +12,7 @@ from ..labels import ADE20K_CLASSES, CITYSCAPES_CLASSES
 from .datasets import (
     IGNORE_INDEX,
     KINDS,
+    ClassTally,
     LabelSpec,
     Listing,
     SegmentationDataset,
@@ -109,7 +110,9 @@ def build_dataset(
     return dataset, listing
 
 
-def check_splits(splits: list[tuple[SegmentationDataset | None, Listing | None]], check: str, data: object) -> None:
+def check_splits(
+    splits: list[tuple[SegmentationDataset | None, Listing | None]], check: str, data: object
+) -> ClassTally | None:
     """``--check-data`` (full, headers, off) for the (dataset, listing) of each split (None: no such split): the
     main rank reads the files and lists each problem on stderr, every rank follows its verdict; a ValueError
     naming ``data`` when a split has problems.
@@ -118,27 +121,37 @@ def check_splits(splits: list[tuple[SegmentationDataset | None, Listing | None]]
     "full", whose reading of every mask also counts its classes, its classes without a labelled pixel and its
     masks ignored at every pixel are warned about, and no labelled pixel at all is a problem
     (:func:`class_coverage`): a class that never occurs is silently never learnt, and masks that are 255 throughout
-    train at a loss of 0. The other splits are not: a small validation split may well lack rare classes."""
+    train at a loss of 0. The other splits are not: a small validation split may well lack rare classes.
+
+    Returns the first split's :class:`ClassTally` on the main rank after a full check (``--class-weights auto``
+    weighs classes by it without reading the masks again), else None."""
     from ..distributed import broadcast_flag, get_rank
 
     if check == "off":
-        return
-    ok = True
+        return None
+    ok, first = True, None
     if get_rank() == 0:
         for position, (dataset, listing) in enumerate(splits):
             if dataset is None:
                 continue
             report = check_dataset(dataset, listing, check_values=check == "full")
             if position == 0 and report.classes is not None:
-                warnings, problems = class_coverage(dataset, report.classes)
-                for warning in warnings:
-                    print(f"warning: {dataset.name}: {warning}", file=sys.stderr)
-                report.problems += problems
+                first = report.classes
+                report.problems += warn_class_coverage(dataset, first)
             if not report.ok:
                 print(f"{dataset.name}: {report.format()}", file=sys.stderr)
                 ok = False
     if not broadcast_flag(ok):
         raise ValueError(f"{data}: the data check failed (problems listed above; --check-data off skips it)")
+    return first
 
 
-__all__ = ["LABEL_OPTIONS", "build_dataset", "check_splits", "detect_kind", "label_options"]
+def warn_class_coverage(dataset: SegmentationDataset, tally: ClassTally) -> list[str]:
+    """Print :func:`class_coverage`'s warnings about ``dataset``'s masks on stderr; return its problems."""
+    warnings, problems = class_coverage(dataset, tally)
+    for warning in warnings:
+        print(f"warning: {dataset.name}: {warning}", file=sys.stderr)
+    return problems
+
+
+__all__ = ["LABEL_OPTIONS", "build_dataset", "check_splits", "detect_kind", "label_options", "warn_class_coverage"]
