@@ -5,8 +5,9 @@ command line) reads them through this module, so one picture gives the same pixe
 
 - Files are decoded with Pillow, completely (a truncated file is an error, never half-decoded), under a
   pixel limit against decompression bombs (``max_pixels``; Pillow's default, 89.5 million, unless told
-  otherwise), and turned upright by their EXIF orientation (the data sets read theirs as stored: see
-  :func:`segformer.data.datasets.load_image`).
+  otherwise), and turned upright by their EXIF orientation (the data sets read theirs as stored, the pixels
+  their masks are checked against, unless the mask has the upright size only: see
+  :func:`segformer.data.datasets.upright_turn`).
 - Every Pillow mode becomes RGB (:func:`to_rgb`): alpha is dropped, palettes are expanded, 16-bit
   grayscale is scaled by 1/257 (65535 → 255), float grayscale follows the float rule below.
 - Arrays and tensors (:func:`hwc_rgb`, :func:`pixel_values`): (H, W), (H, W, 1|3|4) or (1|3|4, H, W); uint8 as

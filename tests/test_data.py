@@ -113,22 +113,39 @@ def test_check_reports_every_problem_with_its_file(tmp_path):
         ds[bigger]  # (with the check off: an error naming the pair, never a misaligned sample)
 
 
-def test_a_mask_drawn_on_the_upright_picture_of_an_exif_rotated_image_is_named_so(tmp_path):
-    """Browser-based annotation tools show a phone photo upright (EXIF orientation 6: stored 32x24, shown 24x32);
-    data sets read images as stored, so its mask's size differs: the check says why and what to do."""
+@pytest.mark.parametrize("orientation", [5, 6, 7, 8])
+def test_a_mask_drawn_on_the_upright_picture_of_an_exif_rotated_image_is_read_upright(tmp_path, orientation):
+    """Browser-based annotation tools show a phone photo upright (EXIF orientation 6: stored 32x24, shown 24x32),
+    so its mask has the upright size. Data sets read images as stored; such a pair was a size mismatch (the check
+    explained it, and the user had to rewrite the image). Where only the upright size fits the mask, the image is
+    now read upright, as PIL's exif_transpose turns it: the check passes and the sample lines up with its mask."""
+    from PIL import ImageOps
+
     rng = np.random.default_rng(4)
     image, mask = _pair(rng)  # stored 32 wide, 24 high
     exif = Image.Exif()
-    exif[0x0112] = 6
+    exif[0x0112] = orientation
     (tmp_path / "images" / "train").mkdir(parents=True)
-    Image.fromarray(image).save(tmp_path / "images" / "train" / "phone.jpg", exif=exif)
+    path = tmp_path / "images" / "train" / "phone.png"  # (lossless: the pixels compare exactly)
+    Image.fromarray(image).save(path, exif=exif)
+    with Image.open(path) as stored:
+        upright = np.asarray(ImageOps.exif_transpose(stored).convert("RGB"))
+    assert upright.shape[:2] == (32, 24)
     _save(tmp_path / "annotations" / "train" / "phone.png", mask.T.copy())  # drawn on the upright 24x32 picture
     (tmp_path / "labels.json").write_text(json.dumps(["a", "b", "c"]))
     ds, listing = build_dataset(tmp_path, "train")
     for values in (True, False):  # (full; headers, whose verify() must come straight after the open)
-        (problem,) = check_dataset(ds, listing, check_values=values).problems
-        assert problem.startswith(f"{tmp_path / 'images' / 'train' / 'phone.jpg'}: image is 32x24 but its mask phone")
-        assert "EXIF orientation 6 shows it upright at the mask's size" in problem and "exif_transpose" in problem
+        assert check_dataset(ds, listing, check_values=values).problems == []
+    read_image, read_mask = ds.read(0)
+    assert np.array_equal(read_image, upright) and np.array_equal(read_mask, mask.T)
+    # a mask of the stored size: the image as stored; a mask of neither size: the mismatch, named
+    _save(tmp_path / "annotations" / "train" / "phone.png", mask)
+    assert np.array_equal(ds.read(0)[0], image)
+    _save(tmp_path / "annotations" / "train" / "phone.png", mask[:, :24].copy())
+    with pytest.raises(ValueError, match=r"phone\.png: image is 32x24 but its mask .*phone\.png is 24x24$"):
+        ds.read(0)
+    (problem,) = check_dataset(ds, listing).problems
+    assert problem == f"{path}: image is 32x24 but its mask phone.png is 24x24"
 
 
 def _denormalise(pixels: torch.Tensor) -> np.ndarray:

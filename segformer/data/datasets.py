@@ -305,7 +305,13 @@ def read_labels_json(path: str | os.PathLike) -> dict[int, str]:
 
 
 # ------------------------------------------------------------------------------------------- data set
-_TRANSPOSING = (5, 6, 7, 8)  # EXIF orientations whose upright picture swaps width and height
+# EXIF orientations whose upright picture swaps width and height, and the turn that makes it upright
+_TRANSPOSING = {
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 def _exif_orientation(path: Path) -> int | None:
@@ -327,6 +333,16 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     input layer's mode rules (:func:`segformer.images.to_rgb`); no pixel limit (training data is trusted)."""
     with open_image(path, max_pixels=None) as im:
         return np.asarray(to_rgb(im))
+
+
+def upright_turn(path: Path, image_size: tuple[int, int], mask_size: tuple[int, int]) -> Image.Transpose | None:
+    """The turn that shows the image at ``path`` upright where its EXIF orientation swaps width and height and the
+    mask (``mask_size``, (width, height)) has the upright size but not the stored one (``image_size``): a mask
+    drawn on the upright picture, as browser-based annotation tools show a phone photo. None otherwise (the
+    image is read as stored)."""
+    if image_size == mask_size or image_size[::-1] != mask_size:
+        return None
+    return _TRANSPOSING.get(_exif_orientation(path))
 
 
 def load_mask(path: str | os.PathLike, *, colours: bool = False) -> np.ndarray:
@@ -413,23 +429,17 @@ class SegmentationDataset(torch.utils.data.Dataset):
         except Exception as exc:
             problems.append(f"{mask_path}: unreadable mask ({str(exc).strip() or type(exc).__name__})")
             mask_size = None
-        if image_size and mask_size and image_size != mask_size:
-            line = _size_mismatch(image_path, image_size, mask_path.name, mask_size)
-            orientation = _exif_orientation(image_path) if image_size[::-1] == mask_size else None
-            if orientation in _TRANSPOSING:  # a mask drawn on the upright picture
-                line += (
-                    f" (the image's EXIF orientation {orientation} shows it upright at the mask's size, but data sets "
-                    "read images as stored: save the image upright, e.g. with PIL's ImageOps.exif_transpose)"
-                )
-            problems.append(line)
+        if image_size and mask_size and image_size != mask_size and not upright_turn(image_path, image_size, mask_size):
+            problems.append(_size_mismatch(image_path, image_size, mask_path.name, mask_size))
         return problems
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """The raw (image uint8 (H, W, 3), mask (H, W) ids after label reduction) of sample ``index``; a file
-        that cannot be read is a ValueError naming it."""
+        """The raw (image uint8 (H, W, 3), mask (H, W) ids after label reduction) of sample ``index``: the image
+        as stored, or upright where only its upright size is the mask's (:func:`upright_turn`); a file that
+        cannot be read, or a pair of other sizes, is a ValueError naming it."""
         try:
             image = load_image(self.pairs[index][0])
         except (ValueError, OSError) as exc:  # (ImageError is a ValueError)
@@ -440,9 +450,12 @@ class SegmentationDataset(torch.utils.data.Dataset):
             where = self.mask_name(index)
             message = first_line(exc)
             raise ValueError(message if where in message else f"{where}: {message}") from None
-        if image.shape[:2] != mask.shape[:2]:  # (what the data check reports; with it off, never a misaligned pair)
+        if image.shape[:2] != mask.shape[:2]:
             (h, w), (mh, mw) = image.shape[:2], mask.shape[:2]
-            raise ValueError(_size_mismatch(self.pairs[index][0], (w, h), self.mask_name(index), (mw, mh)))
+            turn = upright_turn(self.pairs[index][0], (w, h), (mw, mh))
+            if turn is None:  # (what the data check reports; with it off, never a misaligned pair)
+                raise ValueError(_size_mismatch(self.pairs[index][0], (w, h), self.mask_name(index), (mw, mh)))
+            image = np.asarray(Image.fromarray(image).transpose(turn))
         return image, mask
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
