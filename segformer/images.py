@@ -225,15 +225,29 @@ def float_to_uint8(array: np.ndarray, what: str = "image") -> np.ndarray:
     return np.floor(array.astype(np.float64) * (255.0 / top) + 0.5).astype(np.uint8)
 
 
+_SIXTEEN_BIT_AS_I = ("PNG", "PPM")  # file formats whose 16-bit grayscale Pillow opens as mode "I"
+
+
 def to_rgb(image: Image.Image, what: str = "image") -> Image.Image:
     """Any Pillow mode → RGB. Alpha is dropped (the colours under it are kept), palettes are expanded, CMYK
-    and YCbCr are converted, 16/32-bit integer grayscale goes through :func:`sixteen_to_eight`, float
-    grayscale ("F") through :func:`float_to_uint8`."""
+    and YCbCr are converted, 16-bit grayscale ("I;16*", and "I" read from a 16-bit PNG or PGM, which Pillow opens
+    as "I": PNGs before Pillow 10.3) goes through :func:`sixteen_to_eight`, other 32-bit integer grayscale ("I":
+    made in memory, a 32-bit TIFF) follows the integer rule of arrays (values in 0..255, as for int32 arrays;
+    anything else an error naming the mode), float grayscale ("F") through :func:`float_to_uint8`. The file
+    format is ``image.format`` (:func:`upright` keeps it on the turned copy)."""
     mode = image.mode
     if mode == "RGB":
         return image
-    if mode.startswith("I"):  # "I", "I;16", "I;16B", "I;16L", ...: 16-bit PNG/TIFF grayscale
+    if mode.startswith("I;16") or (mode == "I" and image.format in _SIXTEEN_BIT_AS_I):
         return Image.fromarray(sixteen_to_eight(np.asarray(image), what)).convert("RGB")
+    if mode.startswith("I"):
+        values = np.asarray(image)
+        if values.size and (values.min() < 0 or values.max() > 255):
+            raise ImageError(
+                f"{what}: a mode {mode} (32-bit integer) image must hold values in [0, 255], got "
+                f"[{values.min()}, {values.max()}]; for 16-bit data convert it to mode I;16"
+            )
+        return Image.fromarray(values.astype(np.uint8)).convert("RGB")
     if mode == "F":
         floats = pixel_values(np.asarray(image), what, integral_floats=False)
         return Image.fromarray(float_to_uint8(floats, what)).convert("RGB")
@@ -242,13 +256,16 @@ def to_rgb(image: Image.Image, what: str = "image") -> Image.Image:
     return image.convert("RGB")  # L, LA, 1, RGBA, RGBa, CMYK, YCbCr, LAB, HSV
 
 
-def array_to_image(array: np.ndarray | torch.Tensor, what: str = "image") -> Image.Image:
-    """(H, W), (H, W, C) or (C, H, W) with C in 1/3/4 → an RGB PIL image: :func:`hwc_rgb`'s dtype rules, then
+def array_to_rgb(array: np.ndarray | torch.Tensor, what: str = "image") -> np.ndarray:
+    """(H, W), (H, W, C) or (C, H, W) with C in 1/3/4 → (H, W, 3) uint8 RGB: :func:`hwc_rgb`'s dtype rules, then
     floats through :func:`float_to_uint8`."""
     hwc = hwc_rgb(array, None, what, integral_floats=False)  # the float rule alone decides a float's range
-    if hwc.dtype != np.uint8:
-        hwc = float_to_uint8(hwc, what)
-    return Image.fromarray(np.ascontiguousarray(hwc), "RGB")
+    return np.ascontiguousarray(hwc if hwc.dtype == np.uint8 else float_to_uint8(hwc, what))
+
+
+def array_to_image(array: np.ndarray | torch.Tensor, what: str = "image") -> Image.Image:
+    """:func:`array_to_rgb` as an RGB PIL image."""
+    return Image.fromarray(array_to_rgb(array, what), "RGB")
 
 
 def load_image(source: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -267,11 +284,18 @@ def load_image(source: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXEL
         raise ImageError(f"cannot segment a {type(source).__name__}: pass a path, a PIL image or an array")
     if max_pixels is not None and img.width * img.height > max_pixels:
         raise ImageError(f"{img.width}x{img.height} pixels is over the limit of {max_pixels:,}", too_large=True)
+    return to_rgb(upright(img))
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """A copy of ``image`` turned by its EXIF orientation (as stored without one, or with a broken EXIF block: the
+    picture as stored is better than none); it keeps the file format, which :func:`to_rgb` reads mode I by."""
     try:
-        img = ImageOps.exif_transpose(img) or img
-    except Exception:  # a broken EXIF block should not cost the picture; keep the stored orientation
-        pass
-    return to_rgb(img)
+        turned = ImageOps.exif_transpose(image)  # (a copy, Pillow >= 9.4)
+    except Exception:
+        turned = image.copy()
+    turned.format = image.format
+    return turned
 
 
 @lru_cache(maxsize=16)
@@ -321,6 +345,7 @@ __all__ = [
     "ImageError",
     "ImageInput",
     "array_to_image",
+    "array_to_rgb",
     "channel_axis",
     "float_to_uint8",
     "hwc_rgb",
@@ -332,4 +357,5 @@ __all__ = [
     "normalize_table",
     "open_image",
     "to_rgb",
+    "upright",
 ]

@@ -25,12 +25,13 @@ Two backends (option ``backend``):
 
 Inputs: PIL images, numpy arrays, torch tensors and file paths (opened with PIL, EXIF orientation applied),
 one or a list; numpy arrays / tensors are (H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4, or a 4-D batch.
-The channel axis is the first or last axis of size 1, 3 or 4; when both qualify, uint8 numpy arrays are read
-as channels-last (the layout of ``np.asarray(pil_image)``) and everything else as channels-first (as
-Transformers does); ``input_data_format`` overrides. Conversions to RGB (beyond Transformers 5.x, which fails
-on these): gray (L, 1, 2-D arrays, one channel) is replicated, alpha (RGBA, LA, PA, 4 channels) is dropped
-without compositing, P and CMYK go through PIL's ``convert("RGB")``, 16-bit data (PIL I;16 and I, uint16
-arrays) is scaled to 8 bits by ``round(v / 257)`` (mode I is taken as 16-bit data, as PIL opens 16-bit PNGs).
+The channel axis is the first or last axis of size 1, 3 or 4; when both qualify, the one of size 3 is (a
+(3, H, 4) array is channels-first), else the first (as Transformers does), with a warning naming the shape;
+``input_data_format`` overrides (:func:`segformer.images.channel_axis`). Conversions to RGB (beyond
+Transformers 5.x, which fails on these): gray (L, 1, 2-D arrays, one channel) is replicated, alpha (RGBA, LA,
+PA, 4 channels) is dropped without compositing, P and CMYK go through PIL's ``convert("RGB")``, 16-bit data (PIL
+I;16, uint16 arrays, and mode I read from a PNG or PGM file, as PIL opens 16-bit ones) is scaled to 8 bits by
+``round(v / 257)``; other mode I images (32-bit integers) must hold values in [0, 255], as int32 arrays.
 
 Pixel value types: uint8 is the reference. bool becomes 0/255. Other integer arrays must lie in [0, 255].
 Float arrays whose values are all integers in [0, 255] are treated as uint8 (as Transformers does). Other
@@ -77,7 +78,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 
 from .fileio import atomic_write_text
 from .hub import CheckpointError, first_line, push_folder, resolve_file
@@ -92,6 +93,7 @@ from .images import (
     pixel_values,
     tensor_to_numpy,
     to_rgb,
+    upright,
 )
 from .inference import resized_labels
 from .labels import reduce_labels
@@ -291,7 +293,7 @@ def _open_image(path: str | os.PathLike, what: str) -> Image.Image:
         raise ValueError(f"{what}: no such image file: {path}")
     try:
         with open_image(path) as im:
-            return ImageOps.exif_transpose(im)  # a loaded copy, upright
+            return upright(im)  # a loaded copy, upright (its file format kept, for to_rgb's mode I rule)
     except (ImageError, OSError, SyntaxError) as exc:
         raise ValueError(f"{what}: cannot read {path} as an image ({exc})") from None
 

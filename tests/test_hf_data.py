@@ -88,6 +88,39 @@ def test_a_class_id_column_is_no_mask(tmp_path):
     assert len(problems) == 2 and all("not a mask" in p and "--label-column" in p for p in problems)
 
 
+def test_array_columns_follow_the_pixel_rules_of_the_one_input_layer(tmp_path):
+    """Image and mask columns of arrays (features List(...(Value(dtype)))) were read with np.asarray(dtype=uint8):
+    float images in [0, 1] became black, uint16 wrapped, bool became 0/1, (H, W) and (3, H, W) failed later with
+    messages naming no row, and float masks were truncated (255.5 counted as a class). They now read as the
+    predictor reads the same arrays (segformer.images.array_to_rgb), and masks must hold whole numbers."""
+    from segformer.images import array_to_rgb
+
+    rng = np.random.default_rng(2)
+    rgb = rng.integers(0, 256, (2, 24, 32, 3), dtype=np.uint8)
+    mask = rng.integers(0, 3, (2, 24, 32), dtype=np.uint8)
+    forms = {
+        "float01": rgb.astype(np.float32) / 255,
+        "uint16": rgb.astype(np.uint16) * 257,
+        "bool": rgb > 127,
+        "gray": rgb[..., 0],
+        "chw": rgb.transpose(0, 3, 1, 2).copy(),
+    }
+    for name, images in forms.items():
+        data = datasets.Dataset.from_dict({"image": list(images), "mask": list(mask[..., None])})  # (H, W, 1) masks
+        datasets.DatasetDict({"train": data}).save_to_disk(str(tmp_path / name))
+        dataset, _ = build_dataset(tmp_path / name, "train")
+        assert check_dataset(dataset).ok, name
+        for i in range(2):
+            image, ids = dataset.read(i)
+            expected = array_to_rgb(images[i])  # what the predictor makes of the same array
+            assert np.array_equal(image, expected) and np.array_equal(ids, mask[i]), name
+    assert np.array_equal(array_to_rgb(forms["float01"][0]), rgb[0]) and np.array_equal(dataset.read(0)[0], rgb[0])
+    halves = datasets.Dataset.from_dict({"image": list(rgb), "mask": list(mask.astype(np.float32) + 0.5)})
+    datasets.DatasetDict({"train": halves}).save_to_disk(str(tmp_path / "halves"))
+    with pytest.raises(ValueError, match=r"train\[0\]\.mask: label values must be whole numbers, got non-integer"):
+        build_dataset(tmp_path / "halves", "train")
+
+
 def test_hub_id_resolves_through_the_local_cache_offline(tmp_path):
     rng = np.random.default_rng(2)
     repo = tmp_path / "hf" / "hub" / "datasets--someone--toy-seg"

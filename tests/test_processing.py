@@ -380,7 +380,26 @@ def test_sixteen_bit_images_scale_to_eight_bits(rng):
     assert np.array_equal(rgb_values(values)[..., 1], eight)  # 2-D uint16 array
     color16 = rng.integers(0, 65536, (5, 6, 3)).astype(np.uint16)
     assert np.array_equal(rgb_values(color16), np.round(color16 / 257.0))
-    assert np.array_equal(rgb_values(Image.fromarray(values.astype(np.int32), "I"))[..., 2], eight)
+
+
+def test_mode_i_is_sixteen_bit_where_a_file_format_says_so_and_else_follows_the_integer_rule(rng, tmp_path):
+    """Mode "I" holds 32-bit integers. Pillow opens 16-bit PGMs (and, before Pillow 10.3, 16-bit PNGs) as "I":
+    those are 16-bit data (/ 257). Other mode I images (made in memory, L.convert("I"), a 32-bit TIFF) follow the
+    integer rule of int32 arrays: values 0..255 as they are (they were divided by 257, nearly black, where the same
+    int32 array was read right), anything else an error naming the mode."""
+    values = np.array([[0, 128, 129, 257, 32896, 65535]], np.uint16)
+    eight = np.array([[0, 0, 1, 1, 128, 255]], np.float32)  # round(v / 257)
+    Image.fromarray(values).save(tmp_path / "sixteen.pgm")
+    with Image.open(tmp_path / "sixteen.pgm") as pgm:
+        assert (pgm.mode, pgm.format) == ("I", "PPM")
+        assert np.array_equal(rgb_values(pgm)[..., 2], eight)
+    assert np.array_equal(rgb_values(tmp_path / "sixteen.pgm")[..., 0], eight)
+    small = rng.integers(0, 256, (5, 6)).astype(np.int32)
+    for image in (Image.fromarray(small, "I"), Image.fromarray(small.astype(np.uint8)).convert("I")):
+        assert np.array_equal(rgb_values(image)[..., 1], small) and np.array_equal(rgb_values(small)[..., 1], small)
+    with pytest.raises(ValueError, match=r"a mode I \(32-bit integer\) image must hold values in \[0, 255\], got "
+                                         r"\[0, 65535\]; for 16-bit data convert it to mode I;16"):  # fmt: skip
+        rgb_values(Image.fromarray(values.astype(np.int32), "I"))
 
 
 def test_exif_orientation_is_applied_to_paths(tmp_path, rng):

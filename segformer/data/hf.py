@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..images import to_rgb
+from ..images import array_to_rgb, to_rgb
 from .datasets import (
     IGNORE_INDEX,
     ClassTally,
@@ -131,6 +131,45 @@ def _column(names: list[str], given: str | None, candidates: tuple[str, ...], wh
     return found
 
 
+def _declared_dtype(feature: Any) -> np.dtype | None:
+    """The numpy dtype an array column declares (``List(List(Value("uint16")))``, ``Array3D(dtype="uint16")``):
+    its rows come back as Python lists (or int64 arrays), which would lose what the pixel rules read from the
+    dtype (uint16 is 16-bit data, bool is 0/255). None for other features (Image, ClassLabel, ...)."""
+    while feature is not None and not isinstance(getattr(feature, "dtype", None), str):
+        feature = getattr(feature, "feature", None)  # (List / Sequence / LargeList wrap their element's feature)
+    try:
+        return np.dtype(feature.dtype) if feature is not None else None
+    except TypeError:  # ("string", "timestamp[s]", ...)
+        return None
+
+
+def mask_array(values: Any, where: str, *, colours: bool = False) -> np.ndarray:
+    """A mask given as an array → (H, W) class values (int64), or (H, W, 3) uint8 colours with ``colours``: a
+    one-band (H, W, 1) / (1, H, W) mask is (H, W); bool is 0/1; floats must hold whole numbers (1.5 is no
+    class); anything else is a ValueError naming ``where``."""
+    values = np.asarray(values)
+    if values.ndim == 3 and 1 in (values.shape[0], values.shape[-1]):
+        values = values.reshape(values.shape[1:] if values.shape[0] == 1 else values.shape[:-1])
+    if values.ndim not in (2, 3):  # (an image classification set's class id, a list of boxes, ...)
+        raise ValueError(
+            f"{where}: holds {values.ndim}-D values {values.shape}, not a mask (an image or an H x W array of class "
+            "ids); name the mask column with --label-column"
+        )
+    if values.ndim == 3 and not (colours and values.shape[-1] in (3, 4)):
+        hint = ' (colour-coded masks need a "palette" in labels.json)' if values.shape[-1] in (3, 4) else ""
+        raise ValueError(f"{where}: a mask must be an H x W array of class ids, got shape {values.shape}{hint}")
+    if values.dtype == np.bool_:
+        return values.astype(np.int64)
+    if values.dtype.kind == "f":
+        if not np.isfinite(values).all() or not np.array_equal(values, np.round(values)):
+            raise ValueError(f"{where}: label values must be whole numbers, got non-integer floats ({values.dtype})")
+    elif values.dtype.kind not in "iu":
+        raise ValueError(f"{where}: label values must be integers, got dtype {values.dtype}")
+    if values.ndim == 3:
+        return values[..., :3].astype(np.uint8)
+    return values.astype(np.int64)
+
+
 class HFSegmentationDataset(SegmentationDataset):
     """A split of a Hugging Face dataset, as a :class:`SegmentationDataset` (same transforms, labels, check)."""
 
@@ -148,6 +187,8 @@ class HFSegmentationDataset(SegmentationDataset):
         self.table, self.image_column, self.label_column = table, image_column, label_column
         # one column each: reading a mask must not decode the image of its row, nor the image its mask
         self._columns = {c: table.select_columns([c]) for c in (image_column, label_column)}
+        features = getattr(table, "features", None) or {}
+        self._dtypes = {c: _declared_dtype(features.get(c)) for c in (image_column, label_column)}
 
     def __len__(self) -> int:
         return len(self.table)
@@ -158,23 +199,21 @@ class HFSegmentationDataset(SegmentationDataset):
             import io
 
             value = Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
-        return value if isinstance(value, Image.Image) else np.asarray(value)
+        return value if isinstance(value, Image.Image) else np.asarray(value, dtype=self._dtypes[column])
 
     def read_stored_mask(self, index: int) -> np.ndarray:
         mask = self._cell(index, self.label_column)
         if isinstance(mask, Image.Image):
             return mask_values(mask, colours=self.spec.palette is not None, where=self.mask_name(index))
-        values = np.asarray(mask)
-        if values.ndim not in (2, 3):  # (an image classification set's class id, a list of boxes, ...)
-            raise ValueError(
-                f"{self.mask_name(index)}: holds {values.ndim}-D values {values.shape}, not a mask (an image or an "
-                "H x W array of class ids); name the mask column with --label-column"
-            )
-        return values
+        return mask_array(mask, self.mask_name(index), colours=self.spec.palette is not None)
 
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(image (H, W, 3) uint8, mask ids) of row ``index``: an Image feature through the one input layer's
+        mode rules, an array through its array rules (:func:`segformer.images.array_to_rgb`: uint16 / 257, floats
+        by their range, channels first or last, gray and alpha), as the predictor reads them."""
         image = self._cell(index, self.image_column)
-        rgb = np.asarray(to_rgb(image)) if isinstance(image, Image.Image) else np.asarray(image, dtype=np.uint8)
+        what = f"{self.name}[{index}].{self.image_column}"
+        rgb = np.asarray(to_rgb(image, what)) if isinstance(image, Image.Image) else array_to_rgb(image, what)
         return rgb, self.read_mask(index)
 
     def mask_name(self, index: int) -> str:
@@ -200,6 +239,7 @@ def _labels(
     source: str | os.PathLike,
     labels: str | os.PathLike | None,
     table: Any,
+    name: str,
     label_column: str,
     ignore_index: int | None,
     reduce_labels: bool | None,
@@ -214,8 +254,13 @@ def _labels(
     top = 0
     ignored = {IGNORE_INDEX, *([] if ignore_index is None else [ignore_index])}
     masks = table.select_columns([label_column])  # without decoding the images
+    dtype = _declared_dtype((getattr(table, "features", None) or {}).get(label_column))
     for index in range(len(masks)):
-        values = np.unique(np.asarray(masks[index][label_column]))
+        cell, where = masks[index][label_column], f"{name}[{index}].{label_column}"
+        if isinstance(cell, Image.Image):
+            values = np.unique(mask_values(cell, where=where))
+        else:
+            values = np.unique(mask_array(np.asarray(cell, dtype=dtype), where))
         values = values[~np.isin(values, list(ignored))]
         top = max(top, int(values.max()) if len(values) else 0)
     reduce = bool(reduce_labels)
@@ -247,10 +292,10 @@ def build_hf_dataset(
     if len(table) == 0:
         raise ValueError(f"{source}: the {split} split is empty")
     try:  # numbered classes are counted on the training split, so that every split agrees
-        counted = _split(data, "train", source)
+        counted, counted_split = _split(data, "train", source), "train"
     except ValueError:
-        counted = table
-    spec = _labels(source, labels, counted, label_col, ignore_index, reduce_labels)
+        counted, counted_split = table, split
+    spec = _labels(source, labels, counted, f"hf:{source}:{counted_split}", label_col, ignore_index, reduce_labels)
     return HFSegmentationDataset(table, image_col, label_col, spec, transform=transform, name=f"hf:{source}:{split}")
 
 
