@@ -44,7 +44,8 @@ it rejects other float ranges.
 Segmentation maps: PIL images of one band (L, P, 1, I, I;16, F), 2-D arrays or tensors (a 3-D array is a
 batch of maps), or paths. Values must be non-negative integers; maps whose values exceed 255 are resized in
 PIL's 32-bit mode "I" (Transformers would fail). A map must have its image's size when ``do_resize`` is False;
-when resizing, it gets its image's output size.
+when resizing, it gets its image's output size, with a warning if its own size was another one (the labels may
+not line up: e.g. an image file turned upright by its EXIF orientation, a map drawn on its stored pixels).
 
 ``size`` may be an int (square), a ``(width, height)`` tuple (the convention of the SegformerFeatureExtractor
 docs; note that Transformers >= 4.26 reads tuples as (height, width), so prefer dicts), ``{"height": h,
@@ -501,12 +502,24 @@ def _pil_resize_labels(labels: np.ndarray, height: int, width: int) -> np.ndarra
     return np.asarray(image.resize((width, height), Image.Resampling.NEAREST)).astype(np.int64)
 
 
-def _check_map_size(labels: Any, image_hw: tuple[int, int], index: int) -> None:
-    if tuple(labels.shape[-2:]) != tuple(image_hw):
-        raise ValueError(
-            f"segmentation map {index} has size {tuple(labels.shape[-2:])} but its image has "
-            f"{tuple(image_hw)}; with do_resize=False they must match"
-        )
+def _check_map_size(
+    labels: Any, image_hw: tuple[int, int], index: int, resize: bool = False, warned: bool = False
+) -> bool:
+    """A map of another size than its image: a ValueError without resizing; with it, a warning (as Transformers,
+    both are resized to the output size, but the labels may not line up with the pixels: an image file turned
+    upright by its EXIF orientation with a map drawn on the stored pixels has the map's sides swapped), once per
+    call (``warned``: one was given). Returns whether a warning has been given."""
+    map_hw, image_hw = tuple(labels.shape[-2:]), tuple(image_hw)
+    if map_hw == image_hw:
+        return warned
+    message = f"segmentation map {index} has size {map_hw} but its image has {image_hw}"
+    if not resize:
+        raise ValueError(f"{message}; with do_resize=False they must match")
+    if warned:
+        return True
+    hint = " (sides swapped: an image file turned upright by its EXIF orientation?)" if map_hw == image_hw[::-1] else ""
+    warnings.warn(f"{message}{hint}; both are resized to the output size, so the labels may not line up", stacklevel=4)
+    return True
 
 
 def _pil_pipeline(
@@ -514,12 +527,12 @@ def _pil_pipeline(
 ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
     """Process images one by one through numpy/PIL → per-image pixel arrays and label arrays."""
     lut = _uint8_lut(options)
-    pixels, labels, warned = [], [] if maps is not None else None, False
+    pixels, labels, warned, warned_map = [], [] if maps is not None else None, False, False
     for i, image in enumerate(images):
         rgb = _image_pixels(image, options, f"image {i}")
         if isinstance(rgb, np.ndarray) and rgb.dtype != np.uint8 and not warned:
             warned = _warn_if_prescaled(rgb, options)
-        height, width = (rgb.height, rgb.width) if isinstance(rgb, Image.Image) else rgb.shape[:2]
+        height, width = in_hw = (rgb.height, rgb.width) if isinstance(rgb, Image.Image) else rgb.shape[:2]
         if options.do_resize:
             height, width = _output_size(height, width, options.size)
             hwc = _pil_resize_pixels(rgb, height, width, options.resample)
@@ -529,10 +542,9 @@ def _pil_pipeline(
         if maps is not None:
             seg = _label_array(maps[i], f"segmentation map {i}")
             seg = reduce_labels(seg) if options.do_reduce_labels else seg
+            warned_map = _check_map_size(seg, in_hw, i, options.do_resize, warned_map)
             if options.do_resize:
                 seg = _pil_resize_labels(seg, height, width)
-            else:
-                _check_map_size(seg, (height, width), i)
             labels.append(seg)
     return pixels, labels
 
@@ -671,14 +683,13 @@ def _torch_labels(
     device: torch.device,
 ) -> list[torch.Tensor]:
     """Each map → (H', W') int64 on ``device``: checked, reduced, resized by exact index gathering."""
-    labels = []
+    labels, warned = [], False
     for i, seg in enumerate(maps):
         t = torch.from_numpy(_label_array(seg, f"segmentation map {i}")).to(device)
         t = reduce_labels(t) if options.do_reduce_labels else t
+        warned = _check_map_size(t, in_sizes[i], i, options.do_resize, warned)
         if options.do_resize:
             t = _nearest_resize(t, *out_sizes[i])
-        else:
-            _check_map_size(t, in_sizes[i], i)
         labels.append(t)
     return labels
 

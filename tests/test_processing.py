@@ -505,6 +505,30 @@ def test_maps_follow_their_image_size(rng):
     assert out.pixel_values.shape[-2:] == out.labels.shape[-2:] == (20, 10)
 
 
+def test_a_map_of_another_size_than_its_image_is_warned_about_when_resized(rng, tmp_path):
+    """A phone photo stored 20x40 with EXIF orientation 6 is read upright (40x20); a map drawn on its stored
+    pixels is 20x40. Both were resized to the output size without a word, the labels turned against the pixels;
+    now one warning per call names the map, both sizes and the likely cause (Transformers resizes both alike)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(random_image(rng, 40, 20)).save(tmp_path / "phone.jpg", exif=exif)
+    stored_map = rng.integers(0, 3, (40, 20)).astype(np.uint8)
+    with Image.open(tmp_path / "phone.jpg") as stored:  # (the torch backend takes tensors: the upright picture)
+        tensor = torch.from_numpy(np.array(ImageOps.exif_transpose(stored))).permute(2, 0, 1)
+    for backend, image in (("pil", tmp_path / "phone.jpg"), ("torch", tensor)):
+        p = SegformerImageProcessor(size={"height": 16, "width": 16}, backend=backend)
+        with pytest.warns(UserWarning) as caught:
+            out = p([image] * 2, [stored_map] * 2, return_tensors="np")
+        assert out.labels.shape == (2, 16, 16) and len(caught) == 1, backend
+        assert str(caught[0].message) == (
+            "segmentation map 0 has size (40, 20) but its image has (20, 40) (sides swapped: an image file turned "
+            "upright by its EXIF orientation?); both are resized to the output size, so the labels may not line up"
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            p([image], [np.ascontiguousarray(stored_map.T)])  # a map of the upright size: no warning
+
+
 # ---------------------------------------------------------------------------------- inputs untouched
 def test_caller_inputs_are_not_modified(rng):
     image = random_image(rng, 20, 24)
