@@ -80,6 +80,11 @@ def evaluate(
     labels)`` is called for every image this rank evaluates, with its index in ``dataset`` and its (H, W)
     predicted and true class ids (the evaluation report collects per-image results with it).
     """
+    if not all(hasattr(dataset, a) for a in ("num_labels", "id2label", "name")):  # (a datasets.Dataset: no labels)
+        raise TypeError(
+            f"evaluate() takes a SegmentationDataset, got a {type(dataset).__name__}; build one with "
+            "segformer.data.build_dataset(PATH, split) (a Hugging Face dataset: .save_to_disk(PATH) first)"
+        )
     options = resolve_options(options, keywords)
     net = unwrap_model(model)
     if backend != "pytorch" or compile:

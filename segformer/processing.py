@@ -963,11 +963,17 @@ class SegformerImageProcessor:
         if target_sizes is None:
             return list(torch.max(logits, dim=1).indices), list(logits)  # argmax's indices, 2-4x faster (CPU)
         sizes = target_sizes.tolist() if isinstance(target_sizes, (torch.Tensor, np.ndarray)) else list(target_sizes)
+        if len(sizes) == 2 and all(isinstance(v, (int, np.integer)) for v in sizes):
+            raise ValueError(
+                f"target_sizes must hold one (height, width) per image, got the pair {tuple(sizes)}: for one image "
+                f"write [{tuple(sizes)}]"
+            )
         if len(sizes) != logits.shape[0]:
             raise ValueError(f"got {len(sizes)} target sizes for a batch of {logits.shape[0]} logits")
         maps, resized_logits = [], []
         for i, hw in enumerate(sizes):
-            if len(hw) != 2:
+            hw = hw.tolist() if isinstance(hw, (torch.Tensor, np.ndarray)) else hw  # (list(a (B, 2) tensor))
+            if not isinstance(hw, Sequence) or isinstance(hw, str) or len(hw) != 2:
                 raise ValueError(f"target size {i} must be (height, width), got {hw!r}")
             size = (_positive_int(hw[0], "target height"), _positive_int(hw[1], "target width"))
             if not scores:

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -90,6 +91,11 @@ class TrainingDivergedError(RuntimeError):
 # ----------------------------------------------------------------------------------------- set-up
 def check_config(cfg: TrainConfig, info: DistInfo) -> int:
     """Validate the options for this launch; return the per-process micro-batch size."""
+    if not isinstance(cfg.data, (str, os.PathLike)):  # (a datasets.Dataset in memory: train_config.json names data)
+        raise TypeError(
+            f"TrainConfig.data must be a path or hub id, got a {type(cfg.data).__name__}; save a Hugging Face "
+            "dataset with .save_to_disk(DIR) (a DatasetDict with train and validation splits) and pass DIR"
+        )
     if not cfg.data:
         raise ValueError("no data directory given (--data DIR)")
     if cfg.amp not in ("none", "bf16", "fp16"):

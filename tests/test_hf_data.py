@@ -121,6 +121,24 @@ def test_array_columns_follow_the_pixel_rules_of_the_one_input_layer(tmp_path):
         build_dataset(tmp_path / "halves", "train")
 
 
+def test_a_dataset_in_memory_is_refused_with_the_way_to_pass_it(saved, tmp_path):
+    """train(TrainConfig(data=<Dataset>)) failed inside pathlib and evaluate(model, <Dataset>) with an
+    AttributeError on num_labels; both now say what they take and how to get there (save_to_disk)."""
+    from segformer import SegformerForSemanticSegmentation
+    from segformer.evaluate import evaluate
+    from segformer.train import TrainConfig, train
+
+    rows = datasets.load_from_disk(str(saved))
+    with pytest.raises(
+        TypeError, match=r"TrainConfig.data must be a path or hub id, got a DatasetDict; .*save_to_disk"
+    ):
+        train(TrainConfig(data=rows, model="b0", output=str(tmp_path / "run"), steps=1, device="cpu"))
+    assert not (tmp_path / "run").exists()
+    model = SegformerForSemanticSegmentation(tiny_config(num_labels=3)).eval()
+    with pytest.raises(TypeError, match=r"evaluate\(\) takes a SegmentationDataset, got a Dataset; .*build_dataset"):
+        evaluate(model, rows["validation"])
+
+
 def test_hub_id_resolves_through_the_local_cache_offline(tmp_path):
     rng = np.random.default_rng(2)
     repo = tmp_path / "hf" / "hub" / "datasets--someone--toy-seg"

@@ -723,6 +723,13 @@ def test_post_processing_errors():
         p.post_process_semantic_segmentation(logits, target_sizes=[(8, 8)])
     with pytest.raises(TypeError, match="must have .logits"):
         p.post_process_semantic_segmentation(torch.zeros(3, 4, 4))
+    # a flat pair and a None were TypeErrors from len(); rows of a (B, 2) tensor taken one by one were refused
+    with pytest.raises(ValueError, match=r"one \(height, width\) per image, got the pair \(8, 6\): .* \[\(8, 6\)\]"):
+        p.post_process_semantic_segmentation(logits, target_sizes=(8, 6))
+    with pytest.raises(ValueError, match="target size 1 must be \\(height, width\\), got None"):
+        p.post_process_semantic_segmentation(logits, target_sizes=[(8, 6), None])
+    rows = list(torch.tensor([[8, 6], [5, 7]]))
+    assert [m.shape for m in p.post_process_semantic_segmentation(logits, target_sizes=rows)] == [(8, 6), (5, 7)]
 
 
 # ------------------------------------------------------------------------------------ torch fast path
