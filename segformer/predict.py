@@ -334,16 +334,19 @@ class SegformerPredictor:
     def predict(
         self, images: ImageInput | Sequence[ImageInput], *, return_probs: bool = False
     ) -> Segmentation | list[Segmentation]:
-        """One image → a :class:`Segmentation`; a list → a list. Raises :class:`ImageError` (naming the
-        image) for the first input that cannot be segmented. A list's images share one set of full-resolution
-        work areas, as :meth:`predict_iter`'s do (:func:`segformer.inference.reuse_work_areas`)."""
-        single = not isinstance(images, (list, tuple))
+        """One image → a :class:`Segmentation`; a list (or a 4-D array / tensor, a batch of images) → a list.
+        Raises :class:`ImageError` (naming the image) for the first input that cannot be segmented. A list's
+        images share one set of full-resolution work areas, as :meth:`predict_iter`'s do
+        (:func:`segformer.inference.reuse_work_areas`)."""
+        batch = isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4
+        single = not batch and not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
         out: list[Segmentation] = []
         for source, result in self.predict_iter(items, return_probs=return_probs):
             if isinstance(result, ImageError):
-                name = source if isinstance(source, (str, os.PathLike)) else f"image {len(out)}"
-                raise ImageError(f"{name}: {result}")
+                if isinstance(source, (str, os.PathLike)):
+                    raise ImageError(f"{source}: {result}")
+                raise ImageError(f"image {len(out)}: {str(result).removeprefix('image: ')}")
             out.append(result)
         return out[0] if single else out
 

@@ -298,6 +298,25 @@ def test_large_image_in_aligned_mode(checkpoint, tmp_path):
     assert (full == chunked).mean() > 0.999  # the same argmax, up to float rounding at exact ties
 
 
+def test_a_4d_array_is_a_batch_and_array_errors_name_the_image_once(checkpoint):
+    """predict(np.stack([a, b])) was refused with "expected a 2-D or 3-D image (or a 4-D batch)", and array
+    errors read "image 0: image: ..."; a 4-D array or tensor is now a batch (a list back), one prefix each."""
+    predictor = SegformerPredictor(checkpoint, device="cpu", mode="whole")
+    rng = np.random.default_rng(5)
+    a, b = (rng.integers(0, 256, (37, 53, 3), dtype=np.uint8) for _ in range(2))
+    for batch in (np.stack([a, b]), torch.from_numpy(np.stack([a, b])).permute(0, 3, 1, 2)):
+        results = predictor.predict(batch)
+        assert isinstance(results, list) and len(results) == 2
+        for got, image in zip(results, (a, b)):
+            assert np.array_equal(got.labels, predictor.predict(image).labels)
+    with pytest.raises(ImageError) as caught:
+        predictor.predict([a, np.full((8, 8, 3), 300)])
+    assert (
+        str(caught.value) == "image 1: integer pixel values must lie in [0, 255], got [300, 300] (pass 16-bit "
+        "images as uint16)"
+    )
+
+
 def test_bad_options_are_value_errors(checkpoint):
     for options, message in (
         (dict(mode="tiles"), "mode"),
