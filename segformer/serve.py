@@ -104,6 +104,7 @@ def require_serve_dependencies() -> None:
 # ----------------------------------------------------------------------------------------------- settings
 MAX_TIMEOUT = 86400.0  # seconds: a day, for any wait the server keeps (far below what timers can hold)
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"})
+SEGMENT_PARAMETERS = ("format", "probs", "alpha")  # the query parameters of POST /v1/segment
 
 
 @dataclass(frozen=True)
@@ -687,7 +688,7 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
             )
 
     # --- routes
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
         return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"})
 
@@ -695,13 +696,20 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
     async def docs() -> HTMLResponse:  # public, as /openapi.json is: it holds no secret
         return HTMLResponse(docs_page, headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"})
 
-    @app.get("/healthz", tags=["operations"], summary="Liveness: the process and its inference workers run")
+    @app.api_route(
+        "/healthz",
+        methods=["GET", "HEAD"],
+        tags=["operations"],
+        summary="Liveness: the process and its inference workers run",
+    )
     async def healthz() -> JSONResponse:
         if not batcher.alive:
             return JSONResponse({"status": "inference worker stopped"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/readyz", tags=["operations"], summary="Readiness: the model is loaded and warm")
+    @app.api_route(
+        "/readyz", methods=["GET", "HEAD"], tags=["operations"], summary="Readiness: the model is loaded and warm"
+    )
     async def readyz() -> JSONResponse:
         if batcher.warm_up_error is not None:
             return JSONResponse({"status": f"warm-up failed: {batcher.warm_up_error}"}, status_code=503)
@@ -871,6 +879,18 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
             reason = f"the server is busy ({config.max_uploads} uploads arriving, --max-uploads)"
         return ApiError(503, kind, reason + ": retry later", {"Retry-After": str(batcher.retry_after())})
 
+    def check_query(request: Request) -> None:
+        """A misspelt or repeated query parameter is a 400 (``?fromat=png`` answered JSON; of two ``format``s the
+        last one won), as a bad value of a known one is."""
+        params = request.query_params
+        unknown = sorted(set(params) - set(SEGMENT_PARAMETERS))
+        if unknown:
+            known = ", ".join(SEGMENT_PARAMETERS)
+            raise ApiError(400, "bad_request", f"unknown query parameter {unknown[0]!r} (the parameters are {known})")
+        for name in SEGMENT_PARAMETERS:
+            if len(given := params.getlist(name)) > 1:
+                raise ApiError(400, "bad_request", f"query parameter {name} given {len(given)} times; give it once")
+
     @app.post(
         "/v1/segment",
         tags=["model"],
@@ -915,10 +935,13 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
         probs: bool = Query(
             False, description="add each present class's confidence and the per-pixel confidence_png (JSON only)"
         ),
-        alpha: float = Query(config.alpha, ge=0.0, le=1.0, description="overlay opacity of the colours"),
+        alpha: float = Query(
+            config.alpha, ge=0.0, le=1.0, allow_inf_nan=False, description="overlay opacity of the colours"
+        ),
     ) -> Response:
         started = time.perf_counter()
         deadline = started + config.timeout
+        check_query(request)
         if probs and fmt != "json":
             raise ApiError(400, "bad_request", "probs=true needs format=json")
         if (refused := batcher.admit()) is not None:

@@ -274,9 +274,18 @@ def test_bad_query_parameters_are_400(predictor):
     data = png_of(48, 64, 1)
     with client(predictor) as c:
         for query, words in (("format=gif", "format"), ("alpha=1.5", "alpha"), ("probs=maybe", "probs"),
-                             ("format=png&probs=true", "probs=true needs format=json")):  # fmt: skip
+                             ("format=png&probs=true", "probs=true needs format=json"),
+                             # a misspelt, a repeated and a non-finite parameter were answered as if absent, the
+                             # last one, and "less than or equal to 1" (audit)
+                             ("fromat=png", "unknown query parameter 'fromat' (the parameters are format, probs, "
+                                            "alpha)"),
+                             ("format=json&format=png", "query parameter format given 2 times; give it once"),
+                             ("alpha=nan", "query parameter alpha: Input should be a finite number")):  # fmt: skip
             r = c.post(f"/v1/segment?{query}", content=data)
             assert r.status_code == 400 and words in r.json()["detail"], (query, r.text)
+        assert c.post("/v1/segment?format=overlay&alpha=0.25&probs=false", content=data).status_code == 200
+        for route in ("/", "/healthz", "/readyz"):  # HEAD, as uptime checkers and load balancers probe
+            assert c.head(route).status_code == 200, route
         assert c.get("/v1/segment").status_code == 405
         assert c.get("/nothing/here").status_code == 404
         assert c.get("/v1/../../etc/passwd").status_code == 404  # a client's path is never a file path
