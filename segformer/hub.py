@@ -119,7 +119,9 @@ def resolve_file(
         if candidate.is_file():
             return candidate
         if required:
-            raise CheckpointError(f"{path}: no {filename} in this directory")
+            runs = [sub for sub in ("best", "last") if (path / sub / filename).is_file()]
+            hint = f" (a training run: its checkpoints are {' and '.join(str(path / s) for s in runs)})" if runs else ""
+            raise CheckpointError(f"{path}: no {filename} in this directory{hint}")
         return None
     if path.exists():
         raise CheckpointError(f"{path}: expected a model directory, found a file")

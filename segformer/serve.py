@@ -306,6 +306,7 @@ class Batcher:
         self._jobs: deque[_Job] = deque()
         self._uploading = 0  # admitted and being read or decoded, not yet submitted
         self._stopping = False
+        self.forced = False  # a forced stop (a second Ctrl-C): queued jobs are dropped, not run
         self._threads: list[threading.Thread] = []
         self._warm_up = warm_up
         self.ready = threading.Event()
@@ -418,6 +419,11 @@ class Batcher:
         wait_s = self.config.max_wait_ms / 1000
         with self._cond:
             while True:
+                if self.forced:  # (their requests are answered 503 by _Observe as the process ends)
+                    for job in self._jobs:
+                        job.future.cancel()
+                    self._jobs.clear()
+                    return None
                 while not self._jobs:
                     if self._stopping:
                         return None
@@ -661,7 +667,7 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
         return error_response(500, "internal", f"internal error: {type(exc).__name__}: {first_line(exc)}")
 
     # --- middleware: access log, metrics, request id, a few security headers (outermost, so it sees all)
-    app.add_middleware(_Observe, metrics=metrics)
+    app.add_middleware(_Observe, metrics=metrics, batcher=batcher)
     if config.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -1019,12 +1025,13 @@ def _part_head_problem(body: bytes, content_type: str) -> str | None:
 
 class _Observe:
     """ASGI middleware: one JSON access-log line and the request metrics per request, an X-Request-ID header and
-    nosniff on every answer."""
+    nosniff on every answer. A request still unanswered when a forced stop (a second Ctrl-C) ends the process is
+    answered 503 in JSON, not uvicorn's plain-text 500 with a traceback."""
 
     ROUTES = frozenset({"/", "/v1/segment", "/v1/model", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"})
 
-    def __init__(self, app: Any, metrics: Metrics) -> None:
-        self.app, self.metrics = app, metrics
+    def __init__(self, app: Any, metrics: Metrics, batcher: Batcher) -> None:
+        self.app, self.metrics, self.batcher = app, metrics, batcher
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -1050,6 +1057,13 @@ class _Observe:
 
         try:
             await self.app(scope, receive, send_observed)
+        except asyncio.CancelledError:
+            if not self.batcher.forced or status != 500 or sent:  # (500 and nothing sent: no answer started)
+                raise
+            body = json.dumps({"detail": "the server was stopped (a forced stop) before answering"}).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await send_observed({"type": "http.response.start", "status": 503, "headers": headers})
+            await send_observed({"type": "http.response.body", "body": body})
         finally:
             seconds = time.perf_counter() - started
             path = scope.get("path", "")
@@ -1078,11 +1092,16 @@ class _Observe:
 
 # ----------------------------------------------------------------------------------------------- the program
 def _bind(host: str, port: int) -> socket.socket:
-    """A listening TCP socket (port 0: a free one); IPv6 when the host is an IPv6 address or name."""
+    """A listening TCP socket (port 0: a free one); IPv6 when the host is an IPv6 address or name (written
+    bare or in brackets, ``::1`` or ``[::1]``)."""
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as exc:
-        raise ValueError(f"cannot resolve --host {host!r}: {exc.strerror}") from None
+        name, _, tail = host.rpartition(":")
+        hint = f" (give the port with --port {tail})" if tail.isdigit() and name and name.count(":") == 0 else ""
+        raise ValueError(f"cannot resolve --host {host!r}: {exc.strerror}{hint}") from None
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -1136,9 +1155,23 @@ def serve(
             if not self.should_exit:
                 log.info(
                     f"segformer serve: shutting down ({batcher.waiting} request(s) waiting); in-flight "
-                    "requests finish first"
+                    "requests finish first (Ctrl-C again forces the stop)"
                 )
+            elif sig == signal.SIGINT and not batcher.forced:  # uvicorn forces the stop on a second SIGINT
+                batcher.forced = True  # (a flag only: a signal handler takes no lock)
+                log.info("segformer serve: forced stop: requests not answered yet get 503, queued images are dropped")
             super().handle_exit(sig, frame)
+
+    class QuietForcedStop(logging.Filter):  # uvicorn logs what a forced stop cancels with a traceback
+        def filter(self, record: logging.LogRecord) -> bool:
+            if not batcher.forced:
+                return True
+            if record.exc_info is not None:  # a request's task
+                return record.exc_info[0] is not asyncio.CancelledError
+            return not record.getMessage().rstrip().endswith("CancelledError")  # the lifespan's, as text
+
+    quiet = QuietForcedStop()
+    logging.getLogger("uvicorn.error").addFilter(quiet)
 
     server = Server(
         uvicorn.Config(
@@ -1160,7 +1193,8 @@ def serve(
             log.info(
                 f"segformer serve: {url}/ (web page; API docs {url}/docs) serving {predictor.model_name} "
                 f"({variant_of(predictor.config)}, {predictor.num_classes} classes, {predictor.options.mode}) on "
-                f"{device}; pid {os.getpid()}; Ctrl-C stops"
+                f"{device}; {'API key required' if config.api_key else 'open: no API key'}; pid {os.getpid()}; "
+                "Ctrl-C stops"
             )
         await task
 
@@ -1172,6 +1206,7 @@ def serve(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         sock.close()
+        logging.getLogger("uvicorn.error").removeFilter(quiet)
     log.info(f"segformer serve: stopped after {batcher.metrics.images} image(s)")
 
 

@@ -566,7 +566,7 @@ def test_config_and_missing_dependencies_are_one_line_errors(monkeypatch):
         require_serve_dependencies()
 
 
-def test_command_help_defaults_and_bad_model(capsys, tmp_path):
+def test_command_help_defaults_and_bad_model(capsys, tmp_path, monkeypatch):
     from segformer.commands import serve as command
 
     assert command.DEFAULT_MAX_PIXELS == DEFAULT_MAX_PIXELS
@@ -579,6 +579,25 @@ def test_command_help_defaults_and_bad_model(capsys, tmp_path):
     for flag in ("--timeout", "--max-upload-mb", "--max-wait-ms", "--upload-idle-timeout"):
         code, _, err = run_cli(capsys, "serve", tmp_path, flag, "inf")
         assert code == 2 and f"argument {flag}: expected" in err.splitlines()[-1]  # (argparse: usage, then it)
+    # an empty key named as given (it said "api_key must not be empty"; an empty $SEGFORMER_API_KEY started an
+    # open server without a word), a training run's folder pointed at its checkpoints (audit)
+    code, _, err = run_cli(capsys, "serve", tmp_path, "--api-key", " ")
+    assert code == 2 and err.endswith("error: --api-key is empty: give a key, or leave it out for an open server\n")
+    monkeypatch.setenv("SEGFORMER_API_KEY", "")
+    code, _, err = run_cli(capsys, "serve", tmp_path)
+    assert code == 2 and "error: $SEGFORMER_API_KEY is empty: give a key" in err
+    monkeypatch.delenv("SEGFORMER_API_KEY")
+    (tmp_path / "run" / "best").mkdir(parents=True)
+    (tmp_path / "run" / "best" / "config.json").write_text("{}")
+    code, _, err = run_cli(capsys, "serve", tmp_path / "run", "--port", "0")
+    assert code == 2 and f"(a training run: its checkpoints are {tmp_path / 'run' / 'best'})" in err, err
+    from segformer.serve import _bind
+
+    with pytest.raises(
+        ValueError, match=r"cannot resolve --host 'localhost:8000': .* \(give the port with --port 8000\)"
+    ):
+        _bind("localhost:8000", 0)
+    _bind("[::1]", 0).close()  # (brackets, as URLs write IPv6 addresses)
 
 
 # ---------------------------------------------------------------------------------------------- a real server
@@ -739,9 +758,44 @@ def test_real_server_under_load_memory_and_graceful_shutdown(checkpoint, predict
         assert answered > signalled
         log = "".join(server.lines)
         assert "shutting down" in log and "stopped after" in log and "Traceback" not in log
+        assert "; open: no API key; pid " in log
         access = [json.loads(line) for line in server.lines if line.startswith("{")]
         assert len([a for a in access if a["path"] == "/v1/segment"]) == 200 + len(results) + 3
         assert {a["status"] for a in access} >= {200, 400, 413}
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_real_server_forced_stop_answers_503_without_tracebacks(checkpoint):
+    """A second Ctrl-C forces the stop (uvicorn's rule). The requests it left unanswered got uvicorn's plain-text
+    500 and the log a CancelledError traceback each, while the worker ran on through the dropped images (audit).
+    Now they get a JSON 503, the log says so in one line, and the queued images are not run."""
+    import httpx
+
+    server = ServerProcess(checkpoint, "--mode", "whole", "--max-batch", "1")
+    try:
+        server.wait_ready()
+        big = png_of(1024, 1024, 3)
+        with ThreadPoolExecutor(12) as pool:
+            inflight = [pool.submit(httpx.post, server.url + "/v1/segment", content=big, timeout=60) for _ in range(12)]
+            wait_for(lambda: metric(httpx.get(server.url + "/metrics").text, "segformer_queue_depth") >= 6,
+                     what="six queued requests")  # fmt: skip
+            server.proc.send_signal(signal.SIGINT)
+            wait_for(lambda: "shutting down" in "".join(server.lines), what="the first Ctrl-C")  # (two at once: one)
+            server.proc.send_signal(signal.SIGINT)
+            answers = [f.result() for f in inflight]
+        assert server.proc.wait(60) == 0
+        statuses = Counter(r.status_code for r in answers)
+        assert set(statuses) <= {200, 503} and statuses[503] >= 2, statuses
+        for r in answers:
+            if r.status_code == 503:
+                assert r.json() == {"detail": "the server was stopped (a forced stop) before answering"}
+        log = "".join(server.lines)
+        assert "segformer serve: forced stop: requests not answered yet get 503" in log, log
+        assert "Traceback" not in log and "CancelledError" not in log, log
+        done = int(re.search(r"stopped after (\d+) image", log).group(1))
+        assert done < 12, log  # the queued images were dropped, not run
     finally:
         server.stop()
 
@@ -794,6 +848,7 @@ def test_real_server_limits_key_and_slow_uploads(checkpoint):
         assert httpx.post(server.url + "/v1/segment", content=png_of(48, 64, 1)).status_code == 401
         assert httpx.get(server.url + "/v1/model").status_code == 401
         assert httpx.get(server.url + "/v1/model", headers={"Authorization": "Bearer k3y"}).json()["auth"] is True
+        assert "; API key required; pid " in "".join(server.lines)  # the start line says whether it is open
     finally:
         assert server.stop(signal.SIGINT) == 0
 

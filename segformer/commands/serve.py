@@ -136,7 +136,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--api-key",
-        default=os.environ.get(API_KEY_ENV) or None,
+        default=os.environ.get(API_KEY_ENV),
         help=f"require 'Authorization: Bearer KEY' on the /v1 routes (default: ${API_KEY_ENV}, else open)",
     )
     p.add_argument(
@@ -155,6 +155,9 @@ def run(args: argparse.Namespace) -> int:
     from segformer.serve import ServeConfig, require_serve_dependencies, serve
 
     require_serve_dependencies()  # before the model is loaded
+    if args.api_key is not None and not args.api_key.strip():
+        given = f"${API_KEY_ENV}" if args.api_key == os.environ.get(API_KEY_ENV) else "--api-key"
+        raise ValueError(f"{given} is empty: give a key, or leave it out for an open server")
     backend = backend_arguments(args)
     config = ServeConfig(
         max_batch=args.max_batch,
