@@ -909,9 +909,10 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
             "`segformer predict` writes); with probs=true also `confidence_png`, each pixel's top-class "
             "probability as a base64 8-bit grayscale PNG (pixel value / 255). "
             "format=png returns that PNG, format=overlay a JPEG of the colours over the image. 400: not an "
-            "image, truncated, empty, wrong content type, too small; 401: API key; 413: upload or pixel count "
-            "over the limit; 503 (Retry-After): queue full or too many uploads arriving; 504: no answer within the "
-            "timeout."
+            "image, truncated, empty, wrong content type, too small, an unknown or repeated parameter; 401: API key; "
+            "408: the upload stalled or did not arrive in time; 413: upload or pixel count over the limit; 500: the "
+            "forward pass failed; 503 (Retry-After): queue full or too many uploads arriving; 504: no answer within "
+            "the timeout."
         ),
         openapi_extra={
             "requestBody": {
@@ -929,7 +930,9 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
             200: {"content": {"application/json": {}, "image/png": {}, "image/jpeg": {}}},
             400: {"description": "bad input (one-line reason in `detail`)"},
             401: {"description": "missing or wrong API key"},
+            408: {"description": "the upload stalled (--upload-idle-timeout) or did not arrive within --timeout"},
             413: {"description": "upload or image too large"},
+            500: {"description": "the forward pass failed"},
             503: {"description": "queue full or too many uploads arriving; see Retry-After"},
             504: {"description": "timed out waiting for the model"},
         },

@@ -384,6 +384,9 @@ def test_the_schema_lists_400_for_invalid_parameters_as_answered(predictor):
         for method, operation in operations.items():
             if operation.get("parameters") or operation.get("requestBody"):
                 assert "400" in operation["responses"], (method, path)
+    # every status the upload route answers (408 and 500 were missing: audit)
+    assert sorted(schema["paths"]["/v1/segment"]["post"]["responses"]) == [
+        "200", "400", "401", "408", "413", "500", "503", "504"]  # fmt: skip
 
 
 def test_api_key_guards_the_api_routes_only(predictor):
