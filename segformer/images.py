@@ -5,16 +5,16 @@ command line) reads them through this module, so one picture gives the same pixe
 
 - Files are decoded with Pillow, completely (a truncated file is an error, never half-decoded), under a
   pixel limit against decompression bombs (``max_pixels``; Pillow's default, 89.5 million, unless told
-  otherwise), and turned upright by their EXIF orientation (the data sets read theirs as stored, the pixels
-  their masks are checked against, unless the mask has the upright size only: see
-  :func:`segformer.data.datasets.upright_turn`).
+  otherwise; the data sets read theirs without one: training data is trusted), and turned upright by their
+  EXIF orientation (the data sets read theirs as stored, the pixels their masks are checked against, unless the
+  mask has the upright size only: see :func:`segformer.data.datasets.upright_turn`).
 - Every Pillow mode becomes RGB (:func:`to_rgb`): alpha is dropped, palettes are expanded, 16-bit
   grayscale is scaled by 1/257 (65535 → 255), float grayscale follows the float rule below.
 - Arrays and tensors (:func:`hwc_rgb`, :func:`pixel_values`): (H, W), (H, W, 1|3|4) or (1|3|4, H, W); uint8 as
   is, bool → 0 / 255, uint16 → round(v / 257), other integers must lie in [0, 255] (an error otherwise,
   never clipped), floats must be finite (integral floats in [0, 255] count as 8-bit).
 - Floats: the image processor follows its ``do_rescale`` flag, as Transformers does (the values are taken as
-  given and resized in float); everywhere else (the predictor, a future server) :func:`float_to_uint8` reads
+  given and resized in float); everywhere else (the predictor, and so ``segformer serve``) :func:`float_to_uint8` reads
   a maximum <= 1 as [0, 1] and anything else as [0, 255], and values outside that range are an error.
 - Normalisation (:func:`normalize`): /255, minus the ImageNet mean, divided by the ImageNet std, with
   Transformers' arithmetic (rescale in float64, normalise in float32), so our pixels are theirs bit for bit.

@@ -218,8 +218,12 @@ def add_inference_arguments(
         dest=dest["flip"],
         action=argparse.BooleanOptionalAction,
         default=default("flip"),
-        help=f"add horizontally flipped passes (probabilities averaged); --no-{prefix}flip turns off a flip that a "
-        "checkpoint's inference_config.json asks for",
+        help=(
+            f"add horizontally flipped passes (probabilities averaged); --no-{prefix}flip turns off a flip that a "
+            "checkpoint's inference_config.json asks for"
+            if not prefix
+            else "add horizontally flipped passes to the evaluations (probabilities averaged; default: off)"
+        ),
     )
 
 

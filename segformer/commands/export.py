@@ -15,8 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "input 'pixel_values' (B, 3, H, W) float32, output 'logits' (B, num_labels, H/4, W/4) float32, "
             "with dynamic batch, height and width unless --static. The eval fast path (fused attention, "
             "folded decode head) is exported. The file is then run with onnxruntime on random input at "
-            "another size (batch 2) and compared with PyTorch; above 1e-4 relative difference (fp32) the "
-            "export fails and nothing is written. Needs: pip install 'segformer[onnx]'."
+            "another size (batch 2; with --static at the export shape) and compared with PyTorch; above 1e-4 "
+            "relative difference (fp32) the export fails and nothing is written. Needs: pip install "
+            "'segformer[onnx]'."
         ),
         epilog="example: segformer export nvidia/segformer-b0-finetuned-ade-512-512 --onnx b0.onnx",
     )
@@ -37,7 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--fp16",
         action="store_true",
-        help="float16 weights for GPU runtimes; LayerNorm and softmax stay float32 (verified with tolerance 1e-2)",
+        help=(
+            "float16 weights for GPU runtimes; LayerNorm and softmax stay float32 (verified with tolerance 1e-2 "
+            "where onnxruntime's CPU runs float16, else its structure only)"
+        ),
     )
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
     p.set_defaults(func=run)

@@ -54,10 +54,11 @@ def register(sub: argparse._SubParsersAction) -> None:
             "and answers JSON (classes present with pixels and percent, the label map as a base64 palette PNG), "
             "the label PNG (?format=png) or a JPEG overlay (?format=overlay); ?probs=true adds each class's "
             "confidence. GET /v1/model, /healthz, /readyz, /metrics (Prometheus); the web page is at / and the "
-            "API documentation at /docs. Concurrent requests are batched in one inference worker; a full queue "
-            "answers 503, a request that waits past --timeout 504, oversized uploads and images 413, bad ones "
-            "400 with a one-line reason. SIGINT/SIGTERM stop the server after the requests in flight. Needs "
-            "FastAPI, uvicorn and python-multipart: pip install 'segformer[serve]'."
+            "API documentation at /docs. Concurrent requests are batched by the inference worker (--workers for "
+            "more); a full queue answers 503, a request that waits past --timeout 504, oversized uploads and images "
+            "413, bad ones 400 with a one-line reason. SIGINT/SIGTERM stop the server after the requests in flight "
+            "(a second Ctrl-C forces it). Needs FastAPI, uvicorn and python-multipart: pip install "
+            "'segformer[serve]'."
         ),
         epilog=(
             "examples:\n"

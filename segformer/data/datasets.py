@@ -1,8 +1,9 @@
 """Segmentation data sets on disk: a plain folder layout, ADE20K and Cityscapes, and a check of the files.
 
-Layouts (``split`` is "train" or "val"; ADE20K's "training" / "validation" folder names work too):
+Layouts (``split`` is "train", "val" or "test"; the folder names "training" / "validation" / "testing" work too):
 
-- folder: ``DIR/images/SPLIT/*.{jpg,png,...}`` and ``DIR/annotations/SPLIT/*.png`` paired by file stem, and
+- folder: ``DIR/images/SPLIT/**/*.{jpg,png,...}`` and ``DIR/annotations/SPLIT/**/*.png`` paired by their path
+  below SPLIT without the extension (sub-folders included), and
   ``DIR/labels.json`` = id2label (``{"0": "background", ...}`` or a list of names). Mask pixels are class ids;
   255 means "unlabelled" and is ignored by the loss and the metrics (unless a "map" sends it to a class).
   ``labels.json`` may also be an object ``{"id2label": ..., "ignore_index": 11, "map": {"12": 3, "13": 255},
