@@ -702,20 +702,16 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
     async def docs() -> HTMLResponse:  # public, as /openapi.json is: it holds no secret
         return HTMLResponse(docs_page, headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"})
 
-    @app.api_route(
-        "/healthz",
-        methods=["GET", "HEAD"],
-        tags=["operations"],
-        summary="Liveness: the process and its inference workers run",
-    )
+    # The probes answer HEAD too (uptime checkers and load balancers probe with it); the schema lists GET alone.
+    @app.get("/healthz", tags=["operations"], summary="Liveness: the process and its inference workers run")
+    @app.head("/healthz", include_in_schema=False)
     async def healthz() -> JSONResponse:
         if not batcher.alive:
             return JSONResponse({"status": "inference worker stopped"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.api_route(
-        "/readyz", methods=["GET", "HEAD"], tags=["operations"], summary="Readiness: the model is loaded and warm"
-    )
+    @app.get("/readyz", tags=["operations"], summary="Readiness: the model is loaded and warm")
+    @app.head("/readyz", include_in_schema=False)
     async def readyz() -> JSONResponse:
         if batcher.warm_up_error is not None:
             return JSONResponse({"status": f"warm-up failed: {batcher.warm_up_error}"}, status_code=503)
