@@ -781,6 +781,11 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
     async def image_bytes(request: Request, body: bytes) -> bytes:
         """The image's bytes from a multipart body (field "file", else the one file part) or a raw body."""
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):  # (a gzipped PNG would be "not an image")
+            raise ApiError(
+                400, "bad_request", f"Content-Encoding {encoding!r} is not supported: send the bytes as they are"
+            )
         if media == "multipart/form-data":
 
             async def one_chunk() -> AsyncIterator[bytes]:
@@ -1038,7 +1043,14 @@ class _Observe:
             return
         started = time.perf_counter()
         request_id = uuid.uuid4().hex[:16]
-        status, sent = 500, 0
+        status, sent, received = 500, 0, 0
+
+        async def receive_counted() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+            return message
 
         async def send_observed(message: dict) -> None:
             nonlocal status, sent
@@ -1055,7 +1067,7 @@ class _Observe:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_observed)
+            await self.app(scope, receive_counted, send_observed)
         except asyncio.CancelledError:
             if not self.batcher.forced or status != 500 or sent:  # (500 and nothing sent: no answer started)
                 raise
@@ -1070,7 +1082,6 @@ class _Observe:
             self.metrics.request(scope.get("method", ""), route, status, seconds)
             if access_log.isEnabledFor(logging.INFO):
                 client = scope.get("client")
-                length = dict(scope.get("headers") or []).get(b"content-length", b"")
                 extra = scope.get("segformer", {})
                 record = {
                     "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
@@ -1081,7 +1092,7 @@ class _Observe:
                     "query": scope.get("query_string", b"").decode("latin-1")[:200],
                     "status": status,
                     "ms": round(1000 * seconds, 2),
-                    "bytes_in": int(length) if length.isdigit() else None,
+                    "bytes_in": received,  # (what arrived: a stalled upload's Content-Length never did)
                     "bytes_out": sent,
                     **({"batch_size": extra["batch_size"]} if "batch_size" in extra else {}),
                     **({"error": extra["error"]} if "error" in extra else {}),

@@ -433,6 +433,18 @@ def test_access_log_is_one_json_line_per_request(predictor, caplog):
     assert records[0]["request_id"] == ok.headers["x-request-id"] and records[0]["query"] == "format=png"
     assert records[0]["batch_size"] == 1 and records[0]["bytes_out"] == len(ok.content) and records[0]["ms"] > 0
     assert records[1]["request_id"] == bad.headers["x-request-id"] and "not an image" in records[1]["error"]
+    assert records[0]["bytes_in"] == len(png_of(48, 64, 1)) and records[1]["bytes_in"] == 4  # the bytes that came
+
+
+def test_a_compressed_body_is_named_not_called_not_an_image(predictor):
+    """A gzipped PNG sent with Content-Encoding: gzip was answered "not an image (Pillow cannot identify the
+    format)"; the encoding is named now (audit)."""
+    import gzip
+
+    with client(predictor) as c:
+        r = c.post("/v1/segment", content=gzip.compress(png_of(48, 64, 1)), headers={"Content-Encoding": "gzip"})
+        assert r.status_code == 400 and r.json()["detail"].startswith("Content-Encoding 'gzip' is not supported")
+        assert c.post("/v1/segment", content=png_of(48, 64, 1), headers={"Content-Encoding": "identity"}).is_success
 
 
 # ---------------------------------------------------------------------------------------------- batching
@@ -854,6 +866,8 @@ def test_real_server_limits_key_and_slow_uploads(checkpoint):
         assert "; API key required; pid " in "".join(server.lines)  # the start line says whether it is open
     finally:
         assert server.stop(signal.SIGINT) == 0
+    stalled = [json.loads(line) for line in server.lines if line.startswith("{") and '"status": 408' in line]
+    assert stalled[0]["bytes_in"] == 4  # what arrived of the 1000 declared (the log said 1000: audit)
 
 
 @pytest.mark.slow
