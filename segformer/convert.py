@@ -186,9 +186,9 @@ def convert_state_dict(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, tor
     """Rename original keys to ours (see the module docstring) → (converted state, dropped keys).
 
     The fused ``attn.kv`` matrix is split into ``key`` (first C rows) and ``value`` (last C rows). The task
-    prefix follows the layout: ``segformer.`` for a segmentation checkpoint and for an ImageNet backbone
-    (whose ``head`` becomes ``classifier``), none for a bare ``backbone.`` encoder. Raises ConversionError
-    naming the first key that is not part of the original layout or whose kv matrix cannot be split.
+    prefix follows the layout: ``segformer.`` for a segmentation checkpoint and for an ImageNet backbone with its
+    ``head`` (which becomes ``classifier``), none for a bare ``backbone.`` encoder or a headless backbone. Raises
+    ConversionError naming the first key that is not part of the original layout or whose kv matrix cannot be split.
     """
     converted, dropped, _ = _convert(state)
     return converted, dropped
@@ -197,7 +197,8 @@ def convert_state_dict(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, tor
 def _convert(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str], dict[str, str]]:
     """convert_state_dict, plus our key → the original key it came from (for error messages)."""
     layout = original_layout(state)
-    prefix = "segformer." if layout in ("segmentation", "backbone") else ""
+    with_head = layout == "segmentation" or (layout == "backbone" and "head.weight" in state)
+    prefix = "segformer." if with_head else ""  # (a headless backbone becomes a SegformerModel, as a bare encoder)
     out: dict[str, torch.Tensor] = {}
     sources: dict[str, str] = {}
     dropped: list[str] = []
@@ -304,6 +305,8 @@ def infer_config(
         matched: str | None = key
     else:
         matched = _match_variant(fields)
+        if matched is None and num_attention_heads is None:
+            _refuse_damaged_variant(fields)
     if num_attention_heads is not None:
         heads = list(num_attention_heads)
     elif len(fields["hidden_sizes"]) == len(MIT_HEADS) and all(
@@ -361,6 +364,32 @@ def _match_variant(fields: Mapping[str, Any]) -> str | None:
             if fields.get("decoder_hidden_size", spec["decoder_hidden_size"]) == spec["decoder_hidden_size"]:
                 return name
     return None
+
+
+def _refuse_damaged_variant(fields: Mapping[str, Any]) -> None:
+    """ConversionError where the stage widths are a MiT variant's but its depths, sequence reductions, MLP ratios
+    or patch sizes are not: they are read from which keys exist, so a checkpoint missing a block's or a stage's
+    ``attn.sr`` keys would otherwise convert into another, smaller model without a word. A custom MiT on purpose
+    converts with its head counts given (``num_attention_heads``; CLI ``--num-heads``)."""
+    base, checked = SegformerConfig().to_dict(), ("depths", "sr_ratios", "mlp_ratios", "patch_sizes")
+    if fields["num_encoder_blocks"] != 4:
+        return
+    candidates = []  # (how far, name, what differs) for each variant of these widths (b1-b5 share theirs)
+    for name, spec in VARIANTS.items():
+        expected = {**base, **spec}
+        if fields["hidden_sizes"] != expected["hidden_sizes"]:
+            continue
+        differ = [f for f in checked if list(fields[f]) != list(expected[f])]
+        far = len(differ) + sum(abs(a - b) for a, b in zip(fields["depths"], expected["depths"], strict=True))
+        candidates.append((far, name, [f"{f} {fields[f]} (MiT-{name}: {expected[f]})" for f in differ]))
+    if candidates:
+        _, name, differ = min(candidates)
+        if differ:
+            raise ConversionError(
+                f"the stage widths are MiT-{name}'s but the weights give {'; '.join(differ)}: are blocks or "
+                f"sequence-reduction layers missing from the file? (--variant {name} checks it against MiT-{name}; "
+                "a custom MiT converts with --num-heads)"
+            )
 
 
 def _id2label(num_labels: int, dataset: str | None, meta: Mapping[str, Any]) -> dict[int, str]:

@@ -130,6 +130,43 @@ def test_imagenet_backbone_converts_to_a_classifier_and_a_segmentation_base(tmp_
                        model.segformer.encoder.block[3][0].attention.self.value.weight)  # fmt: skip
 
 
+def test_a_headless_imagenet_backbone_converts_to_an_encoder(tmp_path):
+    """A mit_b*.pth with its ``head`` removed (as kept for backbone-only use) failed on its first key, "unknown
+    key 'block1.0.attn.proj.bias'": its keys were given the classifier's prefix (audit). It is a SegformerModel."""
+    model = randomize_(SegformerModel(tiny_config())).eval()
+    torch.save(original_encoder(model.state_dict(), model.config, "", ""), tmp_path / "mit_nohead.pth")
+    result = convert_checkpoint(tmp_path / "mit_nohead.pth", tmp_path / "out", num_attention_heads=HEADS)
+    assert result.architecture == "SegformerModel"
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(SegformerModel.from_pretrained(tmp_path / "out")(x).last_hidden_state,
+                           model(x).last_hidden_state)  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", ["b0", "b2"])
+def test_a_variant_missing_a_block_or_its_sequence_reduction_is_refused(tmp_path, variant):
+    """Depths and sr ratios are read from which keys exist: a b0 file without block4.1, or without stage 1's
+    attn.sr layers, converted into "a custom MiT" that computes something else (audit). With a variant's widths
+    and other depths or ratios, the conversion now stops, naming the difference and both ways on."""
+    state = original_segmentation(SegformerForSemanticSegmentation(SegformerConfig.from_variant(variant, num_labels=5)))
+    last = SegformerConfig.from_variant(variant).depths[3] - 1
+    no_block = {k: v for k, v in state.items() if not k.startswith(f"backbone.block4.{last}.")}
+    save_original(tmp_path / "no_block.pth", no_block)
+    shown = str([*SegformerConfig.from_variant(variant).depths[:3], last]).replace("[", r"\[").replace("]", r"\]")
+    with pytest.raises(ConversionError, match=rf"widths are MiT-{variant}'s but the weights give depths {shown}"):
+        convert_checkpoint(tmp_path / "no_block.pth", tmp_path / "o1")
+    reduction = (".attn.sr.", ".attn.norm.")
+    no_sr = {
+        k: v for k, v in state.items() if not (k.startswith("backbone.block1.") and any(r in k for r in reduction))
+    }
+    save_original(tmp_path / "no_sr.pth", no_sr)
+    with pytest.raises(ConversionError, match=rf"sr_ratios \[1, 4, 2, 1\] \(MiT-{variant}: \[8, 4, 2, 1\]\)"):
+        convert_checkpoint(tmp_path / "no_sr.pth", tmp_path / "o2")
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    save_original(tmp_path / "whole.pth", state)
+    assert convert_checkpoint(tmp_path / "whole.pth", tmp_path / "o3").variant == variant
+
+
 def test_bare_backbone_prefix_converts_to_an_encoder(tmp_path):
     model = randomize_(SegformerModel(tiny_config())).eval()
     torch.save(
