@@ -12,11 +12,14 @@ or SEGFORMER_DEBUG=1 asks for the full traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import pkgutil
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 
 from . import __version__, commands
 from .allocator import tune_allocator
@@ -29,6 +32,30 @@ UNEXPECTED_ERRORS = (TypeError, RuntimeError)  # one line as well, but --debug s
 
 class UsageError(ValueError):
     """Bad command-line input: printed as one line, exit code 2."""
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the command is, so that what it was writing is cleaned up (an atomic write's
+    temporary file is removed, as on Ctrl-C) before the process exits with 128 + 15."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` in the main thread while the block runs (the default action would end
+    the process at once, leaving temporary files behind). A command that handles SIGTERM itself (serve) installs
+    its own handler inside."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +84,8 @@ def debug_requested() -> bool:
 def run_command(
     func: Callable[[argparse.Namespace], int | None], args: argparse.Namespace, *, name: str, debug: bool = False
 ) -> int:
-    """``func(args)`` as an exit code: its own, 130 on Ctrl-C, 2 with one line ``NAME: error: ...`` on stderr
+    """``func(args)`` as an exit code: its own, 130 on Ctrl-C, 143 on SIGTERM (each after the command's clean-up:
+    an atomic write removes its temporary file), 2 with one line ``NAME: error: ...`` on stderr
     for an error (the traceback of an unexpected one is re-raised under ``debug`` or SEGFORMER_DEBUG=1).
     The process's allocator is tuned first (:mod:`segformer.allocator`; SEGFORMER_MALLOC=system keeps it). Under
     torchrun the package's warnings come from rank 0 alone (:func:`segformer.distributed.warnings_from_rank_zero`)."""
@@ -65,11 +93,14 @@ def run_command(
     from .distributed import warnings_from_rank_zero
 
     try:
-        with warnings_from_rank_zero():  # under torchrun, rank 0's warnings only: every rank would print them
+        with warnings_from_rank_zero(), _sigterm_raises():  # (under torchrun, rank 0's warnings only)
             return int(func(args) or 0)
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"{name}: terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except EXPECTED_ERRORS as exc:
         print(f"{name}: error: {describe(exc)}", file=sys.stderr)
         return 2

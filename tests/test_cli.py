@@ -288,3 +288,32 @@ def test_a_checkpoint_named_on_the_command_line_gets_command_line_advice(capsys,
             assert code == 2 and str(model) in err and words in err, (argv[0], err)
             assert "config=" not in err and "ignore_mismatched_sizes" not in err, (argv[0], err)
     assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists() and not (tmp_path / "m.onnx").exists()
+
+
+def test_sigterm_cleans_up_what_a_command_was_writing(tmp_path):
+    """SIGTERM's default action ended a command at once: a `segformer export` stopped that way left its
+    full-size temporary file (.NAME.XXXX.tmp) beside the output for good (audit). It now raises in the command,
+    whose atomic write removes its temporary file as on Ctrl-C; one line, exit code 143. A real process, a real
+    signal: the write below announces itself, then waits to be terminated."""
+    import signal
+
+    script = f"""
+import argparse, pathlib, sys, time
+from segformer.cli import run_command
+from segformer.fileio import atomic_write
+
+def write(tmp):
+    pathlib.Path(tmp).write_bytes(b"x" * 1000)
+    print("writing", flush=True)
+    time.sleep(60)
+
+sys.exit(run_command(lambda args: atomic_write({str(tmp_path / "model.onnx")!r}, write), argparse.Namespace(),
+                     name="segformer export"))
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "writing\n"
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # (the write is under way)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and err == "segformer export: terminated (SIGTERM)\n", err
+    assert list(tmp_path.iterdir()) == []
