@@ -51,6 +51,19 @@ def load_inference_options(model: str | os.PathLike) -> InferenceOptions | None:
         raise ValueError(f"{path}: not a valid inference config ({exc})") from None
 
 
+def stored_reduce_labels(model: str | os.PathLike) -> bool | None:
+    """Whether a local checkpoint was trained on reduced labels (``do_reduce_labels`` in its
+    ``preprocessor_config.json``, which segformer train writes; Transformers' older ``reduce_labels`` too), or
+    None when it does not say (a hub id, no such file, an unreadable one)."""
+    path = Path(model) / "preprocessor_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError):
+        return None
+    value = config.get("do_reduce_labels", config.get("reduce_labels")) if isinstance(config, dict) else None
+    return value if isinstance(value, bool) else None
+
+
 def preprocessor_json(*, size: tuple[int, int] | None, reduce_labels: bool = False) -> str:
     """The ``preprocessor_config.json`` of a trained model: resize to ``size`` (height, width) or no resize
     (None, for a model evaluated at each image's own size), ImageNet mean/std, ``do_reduce_labels``."""
@@ -181,5 +194,6 @@ __all__ = [
     "model_card",
     "save_inference_options",
     "save_preprocessor",
+    "stored_reduce_labels",
     "write_model_card",
 ]

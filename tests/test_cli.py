@@ -317,3 +317,28 @@ sys.exit(run_command(lambda args: atomic_write({str(tmp_path / "model.onnx")!r},
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM and err == "segformer export: terminated (SIGTERM)\n", err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_follows_a_checkpoint_trained_on_reduced_labels(capsys, tmp_path):
+    """A model trained with --reduce-labels (0 ignored, k → k - 1) was evaluated on the stored values by a plain
+    `segformer eval` (twice the mIoU, without a word: audit). Its preprocessor_config.json says so, and eval now
+    follows it, saying so; --no-reduce-labels still evaluates the stored values."""
+    import json
+
+    from conftest import tiny_config
+
+    from segformer import SegformerForSemanticSegmentation
+    from segformer.run_files import preprocessor_json
+
+    data = tmp_path / "data"
+    assert run_cli(capsys, "synth", data, "--train", "1", "--val", "2", "--size", "48")[0] == 0
+    model = tmp_path / "model"
+    SegformerForSemanticSegmentation(tiny_config(num_labels=4)).save_pretrained(model)
+    (model / "preprocessor_config.json").write_text(preprocessor_json(size=None, reduce_labels=True))
+    results = {}
+    for flags in ((), ("--reduce-labels",), ("--no-reduce-labels",)):
+        code, _, err = run_cli(capsys, "eval", "--data", data, "--model", model, "--json", tmp_path / "m.json", *flags)
+        assert code == 0, err
+        results[flags] = json.loads((tmp_path / "m.json").read_text())
+        assert ("trained on reduced labels" in err) == (flags == ()), (flags, err)
+    assert results[()] == results[("--reduce-labels",)] != results[("--no-reduce-labels",)]

@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     from segformer.evaluate import eval_options, evaluate, load_model_for_eval
     from segformer.fileio import atomic_write_text, check_output_file
     from segformer.metrics import format_table, metrics_to_json
-    from segformer.run_files import load_inference_options
+    from segformer.run_files import load_inference_options, stored_reduce_labels
 
     # the study's and the report's arguments are checked before anything is loaded
     corruptions = severities = None
@@ -169,6 +169,13 @@ def run(args: argparse.Namespace) -> int:
     info = init_distributed(args.device)
     try:
         kind = detect_kind(args.data) if args.dataset == "auto" else args.dataset
+        if args.reduce_labels is None and kind in ("folder", "hf") and stored_reduce_labels(args.model):
+            args.reduce_labels = True  # (the masks' 0 was ignored and k became k - 1 in training: so here)
+            print(
+                f"segformer eval: {args.model} was trained on reduced labels (do_reduce_labels in its "
+                "preprocessor_config.json): evaluating so (--no-reduce-labels evaluates the stored values)",
+                file=sys.stderr,
+            )
         dataset, listing = build_dataset(
             args.data,
             args.split,
