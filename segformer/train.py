@@ -73,6 +73,7 @@ from .train_state import (
     StreamSampler,
     find_resume_dir,
     python_state_to_tuple,
+    restore_swapped,
     rng_state,
     save_checkpoint,
     seed_everything,
@@ -594,6 +595,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
                 f"--output {resume_dir.parent} to continue that run where it is, or a new --output"
             )
         check_resumed_config(cfg, stored_run_config(resume_dir))
+        if info.is_main:
+            restore_swapped(resume_dir.parent, "best")  # (best/ is the main rank's alone)
     data = build_data(cfg, info)  # (with the evaluation protocol: its errors now, not after the training)
 
     # ---- model, optimiser, where the run stands
@@ -657,10 +660,13 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
             )
             save_last(output / "last", net, optim, run, info, files)
     log.close(metrics)
+    best = output / "best"
+    if not best.is_dir() and resume_dir is not None:  # resumed into a new folder: the best so far is the old run's
+        best = Path(resume_dir).parent / "best"
     return {
         "step": run.step,
         "last": str(output / "last"),
-        "best": str(output / "best") if run.best_step is not None else None,
+        "best": str(best) if run.best_step is not None and best.is_dir() else None,
         "best_mIoU": run.best_mIoU if run.best_step is not None else None,
         "metrics": metrics,
     }

@@ -93,17 +93,31 @@ def save_checkpoint(directory: Path, model: nn.Module, files: dict[str, Any]) ->
     renames, ``.NAME.old`` (which :func:`find_resume_dir` falls back on)."""
     tmp, old = directory.parent / f".{directory.name}.tmp", directory.parent / f".{directory.name}.old"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    for name, obj in files.items():
-        if isinstance(obj, str):
-            atomic_write_text(tmp / name, obj)
-        else:
-            atomic_write(tmp / name, lambda t, o=obj: torch.save(o, t))
+    try:
+        model.save_pretrained(tmp)
+        for name, obj in files.items():
+            if isinstance(obj, str):
+                atomic_write_text(tmp / name, obj)
+            else:
+                atomic_write(tmp / name, lambda t, o=obj: torch.save(o, t))
+    except BaseException:  # (Ctrl-C, SIGTERM, a full disk: no half-written folder is left behind)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(old, ignore_errors=True)
     if directory.exists():
         os.replace(directory, old)
     os.replace(tmp, directory)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def restore_swapped(run: Path, name: str) -> bool:
+    """Put ``run/.NAME.old`` back as ``run/NAME`` where a crash between :func:`save_checkpoint`'s two renames
+    left only it (a resumed run would otherwise never see its best checkpoint again). Returns whether it did."""
+    folder, old = run / name, run / f".{name}.old"
+    if folder.exists() or not old.is_dir():
+        return False
+    os.replace(old, folder)
+    return True
 
 
 def find_resume_dir(output: Path, resume: str | None) -> Path | None:
@@ -129,6 +143,7 @@ __all__ = [
     "StreamSampler",
     "find_resume_dir",
     "python_state_to_tuple",
+    "restore_swapped",
     "rng_state",
     "save_checkpoint",
     "seed_everything",

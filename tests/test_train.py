@@ -113,6 +113,60 @@ def test_resume_continues_exactly(data, tiny_json, tmp_path):
         train(_cfg(data, tiny_json, split))
 
 
+def test_a_run_resumed_into_a_new_folder_names_the_best_checkpoint_where_it_is(data, tiny_json, tmp_path):
+    """--resume OLD/last --output NEW: the best score so far comes with the run, its best/ stays in OLD. When no
+    later evaluation beat it, the summary named NEW/best, a folder that does not exist (audit); it names OLD/best.
+    (The old run's best score is set to a perfect 1.0 in its state, so that no later evaluation beats it.)"""
+    train(_cfg(data, tiny_json, tmp_path / "old", stop_at=1, eval_every=1))
+    assert (tmp_path / "old" / "best").is_dir()
+    state_file = tmp_path / "old" / "last" / "training_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    torch.save({**state, "best_mIoU": 1.0}, state_file)
+    result = train(_cfg(data, tiny_json, tmp_path / "new", resume=str(tmp_path / "old" / "last"), eval_every=1))
+    assert result["step"] == 4 and not (tmp_path / "new" / "best").exists()
+    assert result["best"] == str(tmp_path / "old" / "best")
+
+
+def test_a_best_checkpoint_left_as_best_old_by_a_crash_is_restored_on_resume(data, tiny_json, tmp_path):
+    """A crash between save_checkpoint's two renames of best/ leaves .best.old; resuming recovered .last.old only,
+    so the best weights stayed hidden and the summary named a best/ that did not exist (audit)."""
+    run = tmp_path / "run"
+    train(_cfg(data, tiny_json, run, stop_at=1, eval_every=1))
+    state_file = run / "last" / "training_state.pt"
+    torch.save({**torch.load(state_file, weights_only=True), "best_mIoU": 1.0}, state_file)  # (never beaten)
+    weights = (run / "best" / "model.safetensors").read_bytes()
+    os.replace(run / "best", run / ".best.old")  # what the crash leaves
+    result = train(_cfg(data, tiny_json, run, resume="auto", eval_every=1))
+    assert result["best"] == str(run / "best") and not (run / ".best.old").exists()
+    assert (run / "best" / "model.safetensors").read_bytes() == weights
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_run_cleanly_and_says_how_to_go_on(data, tiny_json, tmp_path):
+    """SIGTERM (a cluster's pre-emption) killed a run at once: killed during a checkpoint it left a partial
+    .last.tmp/ folder, and nothing said where a resume would start (audit). A real process, terminated while it
+    checkpoints every step: exit code 143, one line naming last/ and --resume auto, no temporary file or folder."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    cmd = [PY, "-m", "segformer", "train", "--data", str(data), "--model", str(tiny_json), "--output", str(run),
+           "--steps", "400", "--save-every", "1", "--eval-every", "0", "--batch-size", "2", "--crop", "48", "48",
+           "--workers", "0", "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run / "last" / "training_state.pt").is_file() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # (a few more steps and checkpoints)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert f"segformer train: {run / 'last'} holds the run's last checkpoint; --resume auto continues from it" in err
+    assert err.rstrip().endswith("segformer train: terminated (SIGTERM)"), err[-2000:]
+    leftovers = [p.name for p in run.rglob("*") if p.name.endswith((".tmp", ".old"))]
+    assert leftovers == [], leftovers
+
+
 def test_a_resumed_run_logs_each_step_once(data, tiny_json, tmp_path):
     """Records after the checkpoint a run resumes from (a crash between checkpoints logged them) are dropped,
     with a line the crash cut short: the steps done again are logged once."""

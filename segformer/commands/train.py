@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import add_inference_arguments, add_label_arguments, flatten
@@ -172,7 +174,9 @@ def _loop_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, help="random seed (default 0)")
     g.add_argument("--workers", type=int, help="data-loading processes per rank (default 2)")
     g.add_argument("--device", help="cpu, cuda, mps (default: cuda:LOCAL_RANK when available)")
-    g.add_argument("--stop-at", type=int, help="stop after this step with a checkpoint, as if interrupted")
+    g.add_argument(
+        "--stop-at", type=int, help="stop after this step with a checkpoint (--resume auto continues the run)"
+    )
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
 
 
@@ -240,11 +244,18 @@ def _stored_settings(values: dict) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from segformer.cli import Terminated
     from segformer.distributed import reported_by_rank_zero, wait_for_rank_zero
     from segformer.train import train
 
     try:
         result = train(config_from_args(args))
+    except (KeyboardInterrupt, Terminated):
+        last = Path(args.output) / "last"
+        if int(os.environ.get("RANK", 0)) == 0 and last.is_dir():  # (the steps since its save are not in it)
+            print(f"segformer train: {last} holds the run's last checkpoint; --resume auto continues from it",
+                  file=sys.stderr)  # fmt: skip
+        raise
     except (ValueError, OSError, TypeError, RuntimeError) as exc:
         if not reported_by_rank_zero(exc):
             raise  # one process, rank 0, or an error of this rank alone: its line (segformer.cli.run_command)
