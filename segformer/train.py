@@ -594,10 +594,18 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
                 f"{output} already holds another run: resuming {resume_dir} there would overwrite it; pass "
                 f"--output {resume_dir.parent} to continue that run where it is, or a new --output"
             )
-        check_resumed_config(cfg, stored_run_config(resume_dir))
+        stored = stored_run_config(resume_dir)
+        check_resumed_config(cfg, stored)
         if info.is_main:
             restore_swapped(resume_dir.parent, "best")  # (best/ is the main rank's alone)
     data = build_data(cfg, info)  # (with the evaluation protocol: its errors now, not after the training)
+    if resume_dir is not None and stored.get("train_images") not in (None, len(data.train_set)):
+        _log(
+            f"warning: {cfg.data} has {len(data.train_set)} training pairs, the run started on "
+            f"{stored['train_images']}: the resumed run is not the interrupted one's continuation (the order of the "
+            "samples follows their count)",
+            info,
+        )
 
     # ---- model, optimiser, where the run stands
     seed_everything(cfg.seed + info.rank)
@@ -628,7 +636,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     )
     log = RunLog(
         output,
-        run_record(cfg, precision),
+        {**run_record(cfg, precision), "train_images": len(data.train_set)},
         is_main=info.is_main,
         steps=cfg.steps,
         start=run.step,

@@ -167,6 +167,27 @@ def test_sigterm_stops_a_run_cleanly_and_says_how_to_go_on(data, tiny_json, tmp_
     assert leftovers == [], leftovers
 
 
+def test_resuming_on_a_data_set_of_another_size_is_warned_about(data, tiny_json, tmp_path, capsys):
+    """--data may name the run's data moved elsewhere; a set with pairs added or removed continued without a word,
+    though the order of the samples follows their count, so the run is no longer the interrupted one's
+    continuation (audit). train_config.json records the count; a resume on another one says so."""
+    import shutil
+
+    run = tmp_path / "run"
+    train(_cfg(data, tiny_json, run, stop_at=1))
+    assert json.loads((run / "train_config.json").read_text())["train_images"] == 12
+    moved = tmp_path / "moved"
+    shutil.copytree(data, moved)
+    capsys.readouterr()
+    train(_cfg(moved, tiny_json, run, resume="auto", stop_at=2))  # the same pairs elsewhere: nothing to say
+    assert "training pairs" not in capsys.readouterr().err
+    (moved / "images" / "train" / "00000.png").unlink()
+    (moved / "annotations" / "train" / "00000.png").unlink()
+    train(_cfg(moved, tiny_json, run, resume="auto"))
+    err = capsys.readouterr().err
+    assert f"warning: {moved} has 11 training pairs, the run started on 12: the resumed run is not" in err, err
+
+
 def test_a_resumed_run_logs_each_step_once(data, tiny_json, tmp_path):
     """Records after the checkpoint a run resumes from (a crash between checkpoints logged them) are dropped,
     with a line the crash cut short: the steps done again are logged once."""
