@@ -142,7 +142,7 @@ def check_ranges(cfg: TrainConfig) -> None:
         ("--eval-every", cfg.eval_every, cfg.eval_every >= 0, ">= 0"),
         ("--save-every", cfg.save_every, cfg.save_every >= 1, ">= 1"),
         ("--log-every", cfg.log_every, cfg.log_every >= 1, ">= 1"),
-        ("--max-eval-images", cfg.max_eval_images, cfg.max_eval_images is None or cfg.max_eval_images >= 1, ">= 1"),
+        ("--max-eval-images", cfg.max_eval_images, cfg.max_eval_images is None or cfg.max_eval_images >= 0, ">= 0"),
         ("--workers", cfg.workers, cfg.workers >= 0, ">= 0"),
         ("--stop-at", cfg.stop_at, cfg.stop_at is None or cfg.stop_at >= 1, ">= 1"),
     ]  # fmt: skip
@@ -518,7 +518,8 @@ def evaluate_and_checkpoint(
     # depend on --eval-every, and a resumed run differ from one run straight through.
     state = rng_state()
     try:
-        metrics = evaluate(net, data.val_set, data.eval_options, amp=precision[0], max_images=cfg.max_eval_images)
+        limit = cfg.max_eval_images or None  # (0: every image, as without the option)
+        metrics = evaluate(net, data.val_set, data.eval_options, amp=precision[0], max_images=limit)
         log.evaluation(run.step, metrics)
         if info.is_main:
             log.samples(run.step, validation_samples(net, data), palette_for(data.val_set.id2label))
@@ -624,6 +625,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     run = restore_state(resume_dir, optim, cfg, info) if resume_dir is not None else RunState()
     if run.step >= cfg.steps:
         raise ValueError(f"{resume_dir} is at step {run.step}, not before --steps {cfg.steps}: nothing to do")
+    if cfg.stop_at is not None and run.step >= cfg.stop_at:
+        raise ValueError(f"--stop-at {cfg.stop_at}: {resume_dir} is already at step {run.step}: nothing to do")
     loader = build_loader(data.train_set, cfg, info, micro=micro, start_step=run.step)
 
     # ---- the loop

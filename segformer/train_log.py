@@ -152,7 +152,8 @@ class RunLog:
 
     def evaluation(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Record an evaluation, print its headline, and redraw ``curves.png``."""
-        self.record({"step": step, **{f"eval/{k}": metrics[k] for k in ("mIoU", "aAcc", "mAcc", "IoU")}})
+        keys = ("mIoU", "aAcc", "mAcc", "IoU", "num_images")  # (the image count: --max-eval-images may change)
+        self.record({"step": step, **{f"eval/{k}": metrics[k] for k in keys if k in metrics}})
         self.message(f"step {step}: mIoU {100 * metrics['mIoU']:.2f}  aAcc {100 * metrics['aAcc']:.2f}")
         self.evals.append((step, float(metrics["mIoU"])))
         if self.is_main:

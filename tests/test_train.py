@@ -188,6 +188,21 @@ def test_resuming_on_a_data_set_of_another_size_is_warned_about(data, tiny_json,
     assert f"warning: {moved} has 11 training pairs, the run started on 12: the resumed run is not" in err, err
 
 
+def test_stop_at_behind_the_run_and_max_eval_images_0_on_resume(data, tiny_json, tmp_path):
+    """--stop-at below the run's step did nothing and exited 0, rewriting train_config.json with it; a run's
+    --max-eval-images N could not be undone (0 was refused, and leaving it out inherits N) (audit)."""
+    run = tmp_path / "run"
+    train(_cfg(data, tiny_json, run, stop_at=2, eval_every=2, max_eval_images=1))
+    before = (run / "train_config.json").read_text()
+    with pytest.raises(ValueError, match=r"--stop-at 1: .*last is already at step 2: nothing to do"):
+        train(_cfg(data, tiny_json, run, resume="auto", stop_at=1, max_eval_images=1))
+    assert (run / "train_config.json").read_text() == before
+    train(_cfg(data, tiny_json, run, resume="auto", eval_every=2, max_eval_images=0))  # every image again
+    evaluated = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval/mIoU" in r]
+    assert [(r["step"], r["eval/num_images"]) for r in evaluated] == [(2, 1), (4, 3)]
+    assert json.loads((run / "train_config.json").read_text())["max_eval_images"] == 0
+
+
 def test_a_resumed_run_logs_each_step_once(data, tiny_json, tmp_path):
     """Records after the checkpoint a run resumes from (a crash between checkpoints logged them) are dropped,
     with a line the crash cut short: the steps done again are logged once."""

@@ -170,7 +170,11 @@ def _loop_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-every", type=int, help="evaluate every N steps, 0: only at the end (default 16000)")
     g.add_argument("--save-every", type=int, help="write last/ every N steps (default 2000)")
     g.add_argument("--log-every", type=int, help="log the loss every N steps (default 50)")
-    g.add_argument("--max-eval-images", type=int, help="evaluate on the first N validation images only")
+    g.add_argument(
+        "--max-eval-images",
+        type=int,
+        help="evaluate on the first N validation images only (0: every image, e.g. to undo a run's N on --resume)",
+    )
     g.add_argument("--seed", type=int, help="random seed (default 0)")
     g.add_argument("--workers", type=int, help="data-loading processes per rank (default 2)")
     g.add_argument("--device", help="cpu, cuda, mps (default: cuda:LOCAL_RANK when available)")
