@@ -36,7 +36,7 @@ import os
 import pickle
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,12 +76,14 @@ class ConversionResult:
     config: SegformerConfig
     variant: str | None
     dropped_keys: list[str]
+    notes: list[str] = field(default_factory=list)  # what the user should know (class names not used, ...)
 
     def summary(self) -> str:
         variant = f"MiT-{self.variant}" if self.variant else "a custom MiT"
+        notes = "".join(f"; {note}" for note in self.notes)
         return (
             f"wrote {self.output_dir} ({self.architecture}, {variant}, {self.config.num_labels} labels"
-            f"{', dropped ' + ', '.join(self.dropped_keys) if self.dropped_keys else ''})"
+            f"{', dropped ' + ', '.join(self.dropped_keys) if self.dropped_keys else ''}){notes}"
         )
 
 
@@ -459,7 +461,14 @@ def convert_checkpoint(
     model.eval()
     out = Path(output_dir)
     model.save_pretrained(out, safe_serialization=safe_serialization)
-    return ConversionResult(out, cls.__name__, config, matched, dropped)
+    notes = []
+    classes = meta.get("CLASSES")
+    if dataset is None and isinstance(classes, (list, tuple)) and len(classes) != config.num_labels:
+        notes.append(
+            f"the checkpoint's meta names {len(classes)} classes but its classifier has {config.num_labels}: "
+            "those names are not used (--dataset names a known set)"
+        )
+    return ConversionResult(out, cls.__name__, config, matched, dropped, notes)
 
 
 # What a conversion writes (save_pretrained: the config and the weights, sharded or not): a folder holding only

@@ -252,6 +252,17 @@ def test_cli_converts_and_reports_errors_in_one_line(tmp_path, seg_model, capsys
     assert done.returncode == 0, done.stderr
     assert "SegformerForSemanticSegmentation" in done.stdout and "5 labels" in done.stdout
     assert SegformerConfig.from_pretrained(tmp_path / "out").id2label[4] == "e"
+    assert "names" not in done.stdout
+    # class names in meta that do not fit the classifier are left out, and now said so (silently: audit)
+    save_original(tmp_path / "three.pth", original_segmentation(seg_model), {"CLASSES": tuple("abc")})
+    code, out, _ = run_cli(
+        capsys, "convert", tmp_path / "three.pth", tmp_path / "o3", "--num-heads", "1", "2", "3", "4"
+    )
+    assert code == 0 and out.rstrip().endswith(
+        "; the checkpoint's meta names 3 classes but its classifier has 5: those names are not used (--dataset "
+        "names a known set)"
+    ), out
+    assert SegformerConfig.from_pretrained(tmp_path / "o3").id2label[2] == "LABEL_2"
 
     (tmp_path / "junk.pth").write_bytes(b"\x00junk")
     code, _, err = run_cli(capsys, "convert", tmp_path / "junk.pth", tmp_path / "o")
