@@ -513,12 +513,23 @@ class DatasetReport:
         return "\n".join(lines)
 
 
+def distinct_counts(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct values, their pixel counts) of a mask's ids, as ``np.unique(ids, return_counts=True)``; a
+    histogram where no id is negative (several times faster than np.unique's sort)."""
+    flat = ids.ravel()
+    if flat.size and flat.min() >= 0:
+        counts = np.bincount(flat)
+        values = np.flatnonzero(counts)
+        return values, counts[values]
+    return np.unique(flat, return_counts=True)
+
+
 def check_values_of(dataset: SegmentationDataset, index: int, tally: ClassTally | None = None) -> list[str]:
     """Mask values of sample ``index`` that no rule of the label spec covers, with the option that would; the
     mask's classes are added to ``tally`` from the same read (no second pass)."""
     mask_path = dataset.mask_name(index)
     ids = dataset.read_mask(index)
-    values, counts = np.unique(ids, return_counts=True)
+    values, counts = distinct_counts(ids)
     if tally is not None:
         tally.add(values, counts)
     bad = values[(values != IGNORE_INDEX) & ((values < 0) | (values >= dataset.num_labels))]

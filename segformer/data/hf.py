@@ -143,6 +143,13 @@ def _declared_dtype(feature: Any) -> np.dtype | None:
         return None
 
 
+def _mask_cell(cell: Any, where: str, dtype: np.dtype | None, *, colours: bool = False) -> np.ndarray:
+    """A mask column's cell (an Image feature's picture, or an array / nested lists of ``dtype``) → its values."""
+    if isinstance(cell, Image.Image):
+        return mask_values(cell, colours=colours, where=where)
+    return mask_array(np.asarray(cell, dtype=dtype), where, colours=colours)
+
+
 def mask_array(values: Any, where: str, *, colours: bool = False) -> np.ndarray:
     """A mask given as an array → (H, W) class values (int64), or (H, W, 3) uint8 colours with ``colours``: a
     one-band (H, W, 1) / (1, H, W) mask is (H, W); bool is 0/1; floats must hold whole numbers (1.5 is no
@@ -203,9 +210,9 @@ class HFSegmentationDataset(SegmentationDataset):
 
     def read_stored_mask(self, index: int) -> np.ndarray:
         mask = self._cell(index, self.label_column)
-        if isinstance(mask, Image.Image):
-            return mask_values(mask, colours=self.spec.palette is not None, where=self.mask_name(index))
-        return mask_array(mask, self.mask_name(index), colours=self.spec.palette is not None)
+        return _mask_cell(
+            mask, self.mask_name(index), self._dtypes[self.label_column], colours=self.spec.palette is not None
+        )
 
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(image (H, W, 3) uint8, mask ids) of row ``index``: an Image feature through the one input layer's
@@ -256,11 +263,7 @@ def _labels(
     masks = table.select_columns([label_column])  # without decoding the images
     dtype = _declared_dtype((getattr(table, "features", None) or {}).get(label_column))
     for index in range(len(masks)):
-        cell, where = masks[index][label_column], f"{name}[{index}].{label_column}"
-        if isinstance(cell, Image.Image):
-            values = np.unique(mask_values(cell, where=where))
-        else:
-            values = np.unique(mask_array(np.asarray(cell, dtype=dtype), where))
+        values = np.unique(_mask_cell(masks[index][label_column], f"{name}[{index}].{label_column}", dtype))
         values = values[~np.isin(values, list(ignored))]
         top = max(top, int(values.max()) if len(values) else 0)
     reduce = bool(reduce_labels)
