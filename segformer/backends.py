@@ -14,14 +14,15 @@ not know which one runs.
 The cache lives in ``$SEGFORMER_CACHE`` (default ``$XDG_CACHE_HOME/segformer``, else ``~/.cache/segformer``):
 ``onnx/KEY/`` and ``compiled/KEY/``.
 KEY is a hash of everything the artefact depends on (:func:`artefact_key`): the weights and config, the export
-options (dtype, opset, shape policy), the torch / onnxruntime versions and the source of the model file, so a
-new checkpoint, option or version never reuses a stale file. Each entry is a folder built under a temporary
-name and renamed into place, so two processes racing produce one complete entry (the loser discards its own).
-Each file's SHA-256 is stored beside it (``manifest.json``) and checked on every use; a damaged entry is
-reported, removed and rebuilt. A temporary folder is named after its builder (``.KEY.PID@HOST.XXXX.tmp``): one
-left behind by a build that never finished (the process was killed) is removed by the next lookup or build in
-that cache folder once its process is gone from this host, or once it is a day old whatever the host (the cache
-may be shared by several machines); a folder of a live builder is never touched. Nothing here uses the network.
+options (dtype, opset, shape policy), the torch / onnxruntime versions and the source of the model file, so a new
+checkpoint, option or version never reuses a stale file; a compiled package's also holds the instruction set it was
+built for (:func:`compile_target`), so machines of two kinds can share one cache. Each entry is a folder built under
+a temporary name and renamed into place, so two processes racing produce one complete entry (the loser discards its
+own). Each file's SHA-256 is stored beside it (``manifest.json``) and checked on every use; a damaged entry is
+reported, removed and rebuilt. A temporary folder is named after its builder (``.KEY.PID@HOST.XXXX.tmp``): one left
+behind by a build that never finished (the process was killed) is removed by the next lookup or build in that cache
+folder once its process is gone from this host, or once it is a day old whatever the host (the cache may be shared
+by several machines); a folder of a live builder is never touched. Nothing here uses the network.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import re
 import shutil
 import socket
@@ -59,12 +61,23 @@ def cache_root() -> Path:
     return Path(base) / "segformer"
 
 
+# config entries that say where a checkpoint came from, not what it computes (the weights' dtype is the tensors')
+_PROVENANCE = frozenset({"architectures", "transformers_version", "dtype", "torch_dtype"})
+
+
+def config_identity(config: Any) -> dict[str, Any]:
+    """The entries of ``config`` that decide what the model computes and calls its classes: all but its path
+    (``_name_or_path``: a copied or moved checkpoint is the same model) and provenance (:data:`_PROVENANCE`)."""
+    return {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k not in _PROVENANCE}
+
+
 def weights_digest(model: nn.Module) -> str:
-    """SHA-256 of a model's config (JSON) and every tensor of its state dict (name, dtype, shape, bytes)."""
+    """SHA-256 of a model's config (JSON, :func:`config_identity`) and every tensor of its state dict (name, dtype,
+    shape, bytes)."""
     h = hashlib.sha256()
     config = getattr(model, "config", None)
     if config is not None:
-        h.update(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
+        h.update(json.dumps(config_identity(config), sort_keys=True, default=str).encode())
     hash_state(h, model)
     return h.hexdigest()
 
@@ -366,6 +379,38 @@ class _Logits(nn.Module):
         return self.model(pixel_values, return_dict=True).logits
 
 
+# the CPU features that decide which instructions generated code may use (x86 and Arm names, as /proc/cpuinfo
+# spells them)
+_ISA_FLAGS = frozenset(
+    "sse4_2 avx avx2 fma f16c avx512f avx512bw avx512vl avx512dq avx512cd avx512_vnni avx512_bf16 avx512_fp16 "
+    "avx_vnni amx_tile amx_bf16 amx_int8 amx_fp16 asimd asimddp asimdhp sve sve2 bf16 i8mm".split()
+)
+
+
+def compile_target(device: torch.device) -> str:
+    """What AOTInductor builds a package for besides its shape: on the CPU the architecture, ATen's capability
+    (which ``ATEN_CPU_CAPABILITY`` caps, and Inductor's choice of vector code with it) and the CPU's vector
+    features; on CUDA the GPU's compute capability. A package built for another target could not run here (one
+    built on an AVX-512 CPU dies of an illegal instruction on an AVX2 one) and a cache folder may be shared by
+    several machines (a cluster's home directory). Cheap: no Inductor import, which a cache hit never pays."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"cuda:sm_{major}{minor}"
+    if device.type != "cpu":
+        return device.type
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith(("flags", "Features")):
+                    flags = set(line.partition(":")[2].split())
+                    break
+    except OSError:  # (not Linux: the architecture and ATen's capability alone)
+        pass
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"cpu:{platform.machine()}:{capability}:{','.join(sorted(flags & _ISA_FLAGS))}"
+
+
 def _load_package(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
     """An AOTInductor package of ``_Logits`` as a function of the pixel values.
 
@@ -387,9 +432,10 @@ class CompiledModel(nn.Module):
 
     A shape seen before, in this process or any earlier one, loads its package in well under a second; a new
     shape is compiled first (33-42 s for b0 at 512x512 on two CPU cores; one warning line says so). The key holds
-    the weights, the shape, the device, the dtype, the thread count (the generated code is built for it) and
-    the torch version. ``model`` stays a submodule: its parameters tell :func:`infer` the device and dtype, and
-    ``compiled_shapes`` / ``cache_hits`` say what happened (for tests and logs). Inference only (no autograd).
+    the weights, the shape, the device, the dtype, the thread count (the generated code is built for it), the
+    target (:func:`compile_target`) and the torch version. ``model`` stays a submodule: its parameters tell
+    :func:`infer` the device and dtype, and ``compiled_shapes`` / ``cache_hits`` say what happened (for tests and
+    logs). Inference only (no autograd).
     """
 
     def __init__(self, model: nn.Module, *, cache_dir: str | os.PathLike | None = None) -> None:
@@ -412,7 +458,7 @@ class CompiledModel(nn.Module):
     def package_folder(self, x: torch.Tensor) -> Path:
         """The cache folder of the package for inputs like ``x`` (shape, dtype, device)."""
         parts = {"shape": list(x.shape), "dtype": str(x.dtype), "device": x.device.type,
-                 "threads": torch.get_num_threads()}  # fmt: skip
+                 "threads": torch.get_num_threads(), "target": compile_target(x.device)}  # fmt: skip
         return self.root / "compiled" / artefact_key("compiled", self.digest, **parts)
 
     def _runner(self, x: torch.Tensor) -> Any:
@@ -509,5 +555,6 @@ __all__ = [
     "runtime_model",
     "sweep_abandoned",
     "weights_digest",
+    "config_identity",
     "hash_state",
 ]

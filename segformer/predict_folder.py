@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from .backends import CompiledModel, OnnxRuntimeModel, hash_state
+from .backends import CompiledModel, OnnxRuntimeModel, config_identity, hash_state
 from .distributed import all_gather_objects, is_distributed
 from .fileio import atomic_write, atomic_write_text
 from .hub import first_line
@@ -209,14 +209,13 @@ def _maker_stamp(predictor: SegformerPredictor) -> str:
     """What makes ``predictor``'s label maps, as the JSON text each label PNG records (:data:`_MAKER_KEY`):
     ``{"backend": ..., "model": 16 hex digits, "options": InferenceOptions.to_dict()}``.
 
-    The model digest covers its config (class names included, but not ``_name_or_path``: a copied checkpoint is
-    the same model) and its weights as they run: their dtype, int8-quantised layers, or for onnxruntime the ONNX
-    graph's bytes (:func:`segformer.backends.weights_digest` also hashes the config's path).
+    The model digest covers its config (class names included, but not its path or provenance: a copied checkpoint
+    is the same model, :func:`segformer.backends.config_identity`) and its weights as they run: their dtype,
+    int8-quantised layers, or for onnxruntime the ONNX graph's bytes.
     Left out, so that a job resumes on another machine: the device, the batch size and what only decides whether
     an image is taken (max_pixels, min_size); those change at most a few pixels at float ties, or none at all."""
     net, h = predictor.model, hashlib.sha256()
-    config = {k: v for k, v in predictor.config.to_dict().items() if not k.startswith("_")}
-    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    h.update(json.dumps(config_identity(predictor.config), sort_keys=True, default=str).encode())
     if isinstance(net, OnnxRuntimeModel):
         backend = "onnxruntime"
         with open(net.path, "rb") as fh:

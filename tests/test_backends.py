@@ -28,6 +28,7 @@ from segformer.backends import (
     onnxruntime_model,
     runtime_model,
     sweep_abandoned,
+    weights_digest,
 )
 from segformer.inference import infer
 
@@ -115,6 +116,7 @@ def test_second_use_is_a_cache_hit_and_new_weights_a_new_entry(model, ort):
     assert len(entries) == 3 and not any(name.startswith(".") for name in entries)  # no temporary left over
 
 
+@pytest.mark.output
 def test_a_damaged_cache_file_is_detected_and_rebuilt(model, tmp_path, caplog):
     pytest.importorskip("onnxruntime")
     first = onnxruntime_model(model, export_size=EXPORT_SIZE, cache_dir=tmp_path)
@@ -180,6 +182,7 @@ cached_entry(Path(sys.argv[1]), build)
 """
 
 
+@pytest.mark.output
 def test_a_killed_build_is_swept_and_a_live_one_is_not(tmp_path):
     """SIGKILL midway leaves a temporary folder; the next build in that cache folder removes it, while the
     folder of a build still running (a thread of this process) stays and that build completes."""
@@ -322,31 +325,29 @@ def test_cli_backend_choices_match_the_library():
 
 
 # ----------------------------------------------------------------------------------------------- compile
-@pytest.mark.slow
-def test_compiled_model_matches_eager_and_reuses_its_package(model, tmp_path):
-    x = torch.randn(1, 3, 64, 64)
-    compiled = runtime_model(model, compile=True, cache_dir=tmp_path)
-    assert isinstance(compiled, CompiledModel) and next(compiled.parameters()) is next(model.parameters())
-    got = infer(compiled, x, mode="whole")
-    assert compiled.compiled_shapes == [(1, 3, 64, 64)] and compiled.cache_hits == []
-    assert not model.training  # infer() restored the wrapper's eval mode, not a training mode
-    assert (got - infer(model, x, mode="whole")).abs().max().item() <= probs_tol(model, [x])
-    package = compiled.package_folder(x) / "model.pt2"
-    mtime = package.stat().st_mtime_ns
-    again = CompiledModel(model, cache_dir=tmp_path)  # as a new process would: same key, no compilation
-    assert torch.equal(infer(again, x, mode="whole"), got)
-    assert again.cache_hits == [(1, 3, 64, 64)] and again.compiled_shapes == []
-    assert package.stat().st_mtime_ns == mtime
+def test_a_copied_checkpoint_keeps_its_cache_key(model, tmp_path):
+    """The key covers what the model computes: a checkpoint saved, copied, loaded from another folder (its config
+    then has a path, a dtype and an architecture name) reuses the artefacts; other class names do not."""
+    model.save_pretrained(tmp_path / "a")
+    model.save_pretrained(tmp_path / "b")
+    a, b = (SegformerForSemanticSegmentation.from_pretrained(tmp_path / d) for d in ("a", "b"))
+    assert weights_digest(a) == weights_digest(b) == weights_digest(model)
+    b.config.id2label = {**b.config.id2label, 0: "renamed"}
+    assert weights_digest(b) != weights_digest(a)
 
 
 @pytest.mark.slow
-@pytest.mark.output  # (the cache's behaviour; the compiled kernels do not change with the portable ATen kernels)
-def test_cli_predict_compile_twice_compiles_once(model, tmp_path):
+def test_compile_once_per_shape_across_processes_and_match_eager(model, tmp_path):
+    """predict --compile in a first process compiles once for two images of one shape; a second process and this
+    one load that package without compiling; its probabilities match eager's within two implementations' error
+    and its labels agree with eager's except at near ties. (One compilation serves the whole test: ~40 s each.)"""
     model.save_pretrained(tmp_path / "m")
     rng = np.random.default_rng(1)
     for name in ("a", "b"):
         Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / f"{name}.png")
-    env = {**os.environ, "SEGFORMER_CACHE": str(tmp_path / "cache")}
+    cache = tmp_path / "cache"
+    # the key holds the thread count: the processes run with this one's
+    env = {**os.environ, "SEGFORMER_CACHE": str(cache), "OMP_NUM_THREADS": str(torch.get_num_threads())}
 
     def run(out: str, *extra: str) -> subprocess.CompletedProcess:
         args = [sys.executable, "-m", "segformer", "predict", str(tmp_path / "a.png"), str(tmp_path / "b.png"),
@@ -358,7 +359,7 @@ def test_cli_predict_compile_twice_compiles_once(model, tmp_path):
 
     first = run("one", "--compile")
     assert first.stderr.count("compiling for input shape (1, 3, 64, 64)") == 1  # two images, one shape
-    packages = list((tmp_path / "cache" / "compiled").glob("*/model.pt2"))
+    packages = list((cache / "compiled").glob("*/model.pt2"))
     assert len(packages) == 1
     mtime = packages[0].stat().st_mtime_ns
     second = run("two", "--compile")
@@ -369,3 +370,42 @@ def test_cli_predict_compile_twice_compiles_once(model, tmp_path):
         assert np.array_equal(one, two)  # the same package, the same kernels
         # eager and compiled kernels round differently: labels agree except at near ties
         assert (one == eager).mean() >= 0.99
+    # this process: the same key (weights, shape, threads, target), no compilation
+    x = torch.randn(1, 3, 64, 64)
+    compiled = runtime_model(model, compile=True, cache_dir=cache)
+    assert isinstance(compiled, CompiledModel) and next(compiled.parameters()) is next(model.parameters())
+    got = infer(compiled, x, mode="whole")
+    assert compiled.cache_hits == [(1, 3, 64, 64)] and compiled.compiled_shapes == []
+    assert compiled.package_folder(x) / "model.pt2" == packages[0]
+    assert not model.training  # infer() restored the wrapper's eval mode, not a training mode
+    assert (got - infer(model, x, mode="whole")).abs().max().item() <= probs_tol(model, [x])
+    assert packages[0].stat().st_mtime_ns == mtime
+
+
+@pytest.mark.slow
+@pytest.mark.output
+def test_a_package_is_keyed_by_the_instructions_it_was_built_for(model, tmp_path):
+    """A cache shared by machines of two kinds, or a run with ATEN_CPU_CAPABILITY capped, never loads a package
+    built for other instructions (one built for AVX-512 would die of an illegal instruction on an AVX2 CPU)."""
+    model.save_pretrained(tmp_path / "m")
+    code = (
+        "import sys, torch; from segformer import SegformerForSemanticSegmentation as M; "
+        "from segformer.backends import CompiledModel, compile_target; "
+        "m = CompiledModel(M.from_pretrained(sys.argv[1]), cache_dir=sys.argv[2]); "
+        "print(m.package_folder(torch.zeros(1, 3, 64, 64)).name, compile_target(torch.device('cpu')))"
+    )
+
+    def key(**capability: str) -> tuple[str, str]:
+        env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+        env.update(OMP_NUM_THREADS="1", **capability)
+        done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m"), str(tmp_path / "cache")],
+                              capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        name, target = done.stdout.split()
+        return name, target
+
+    native, capped = key(), key(ATEN_CPU_CAPABILITY="default")
+    assert native[1].startswith("cpu:") and ":DEFAULT:" in capped[1]
+    assert (native[0] == capped[0]) == (native[1] == capped[1])
+    if ":DEFAULT:" not in native[1]:  # (a CPU with vector code to lose: every x86-64 one with AVX2)
+        assert native[0] != capped[0]

@@ -113,6 +113,7 @@ def test_resume_continues_exactly(data, tiny_json, tmp_path):
         train(_cfg(data, tiny_json, split))
 
 
+@pytest.mark.output
 def test_a_run_resumed_into_a_new_folder_names_the_best_checkpoint_where_it_is(data, tiny_json, tmp_path):
     """--resume OLD/last --output NEW: the best score so far comes with the run, its best/ stays in OLD. When no
     later evaluation beat it, the summary named NEW/best, a folder that does not exist (audit); it names OLD/best.
@@ -127,6 +128,7 @@ def test_a_run_resumed_into_a_new_folder_names_the_best_checkpoint_where_it_is(d
     assert result["best"] == str(tmp_path / "old" / "best")
 
 
+@pytest.mark.output
 def test_a_best_checkpoint_left_as_best_old_by_a_crash_is_restored_on_resume(data, tiny_json, tmp_path):
     """A crash between save_checkpoint's two renames of best/ leaves .best.old; resuming recovered .last.old only,
     so the best weights stayed hidden and the summary named a best/ that did not exist (audit)."""
@@ -142,6 +144,7 @@ def test_a_best_checkpoint_left_as_best_old_by_a_crash_is_restored_on_resume(dat
 
 
 @pytest.mark.slow
+@pytest.mark.output
 def test_sigterm_stops_a_run_cleanly_and_says_how_to_go_on(data, tiny_json, tmp_path):
     """SIGTERM (a cluster's pre-emption) killed a run at once: killed during a checkpoint it left a partial
     .last.tmp/ folder, and nothing said where a resume would start (audit). A real process, terminated while it
@@ -167,6 +170,7 @@ def test_sigterm_stops_a_run_cleanly_and_says_how_to_go_on(data, tiny_json, tmp_
     assert leftovers == [], leftovers
 
 
+@pytest.mark.output
 def test_resuming_on_a_data_set_of_another_size_is_warned_about(data, tiny_json, tmp_path, capsys):
     """--data may name the run's data moved elsewhere; a set with pairs added or removed continued without a word,
     though the order of the samples follows their count, so the run is no longer the interrupted one's
@@ -188,6 +192,7 @@ def test_resuming_on_a_data_set_of_another_size_is_warned_about(data, tiny_json,
     assert f"warning: {moved} has 11 training pairs, the run started on 12: the resumed run is not" in err, err
 
 
+@pytest.mark.output
 def test_stop_at_behind_the_run_and_max_eval_images_0_on_resume(data, tiny_json, tmp_path):
     """--stop-at below the run's step did nothing and exited 0, rewriting train_config.json with it; a run's
     --max-eval-images N could not be undone (0 was refused, and leaving it out inherits N) (audit)."""
@@ -203,6 +208,7 @@ def test_stop_at_behind_the_run_and_max_eval_images_0_on_resume(data, tiny_json,
     assert json.loads((run / "train_config.json").read_text())["max_eval_images"] == 0
 
 
+@pytest.mark.output
 def test_a_resumed_run_logs_each_step_once(data, tiny_json, tmp_path):
     """Records after the checkpoint a run resumes from (a crash between checkpoints logged them) are dropped,
     with a line the crash cut short: the steps done again are logged once."""
@@ -370,6 +376,7 @@ def test_cli_train_then_eval(data, tiny_json, tmp_path, capsys):
     assert code == 2 and "segformer eval: error:" in err and "Traceback" not in err
 
 
+@pytest.mark.output
 def test_eval_checks_the_data_and_names_the_file(data, tmp_path, capsys):
     """segformer eval opens every pair first, as train does (unpaired, unreadable, sizes that differ, each named)
     and evaluates nothing then; with --check-data off a file that fails to load is still named, also when a
@@ -446,6 +453,7 @@ def test_eval_under_torchrun_prints_a_precision_fallback_as_one_process_does(dat
 
 
 @pytest.mark.slow
+@pytest.mark.output
 def test_the_library_does_not_import_the_cli():
     """segformer.train is a library module: importing it loads no argparse code from segformer.commands."""
     code = "import sys, segformer.train; print(sorted(m for m in sys.modules if m.startswith('segformer.c')))"
@@ -547,6 +555,7 @@ def test_no_progress_drops_the_bar_not_the_lines(tmp_path, capsys, terminal):
     assert log.bar.disable and [line.split()[1] for line in err.splitlines() if line.startswith("step ")] == ["2/4"]
 
 
+@pytest.mark.output
 def test_checkpoints_are_complete_and_shareable(data, tiny_json, tmp_path):
     from segformer.run_files import load_inference_options
 
@@ -719,6 +728,7 @@ def test_evaluation_options_are_checked_before_training(data, tiny_json, tmp_pat
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.output
 def test_the_resolved_recipe_is_printed_and_stored(data, tiny_json, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["--data", data, "--model", tiny_json, "--output", out, "--steps", "2", "--batch-size", "2"]
