@@ -72,7 +72,8 @@ def evaluate(
     ``compile`` run the forward pass through :func:`segformer.backends.runtime_model` (artefacts cached).
 
     A model with one label (``num_labels=1``, a sigmoid) predicts class 1 where its probability is above 0.5 and
-    is evaluated on a data set of two classes, as mmseg does.
+    is evaluated on a data set of two classes, as mmseg evaluates a one-channel head (mmseg's own threshold
+    defaults to 0.3; 0.5 is this package's, the decision a sigmoid's probability draws).
 
     Returns :func:`segformer.metrics.compute_metrics`'s dict: ``mIoU``, ``aAcc``, ``mAcc`` (fractions), ``IoU``
     and ``Acc`` per class name (None for a class absent from targets and predictions), ``num_pixels``, plus

@@ -86,7 +86,8 @@ def compute_metrics(conf: torch.Tensor, class_names: Sequence[str] | Mapping[int
     Returns ``{"mIoU", "aAcc", "mAcc": float (NaN when no class counts), "IoU": {name: float | None},
     "Acc": {name: float | None}, "num_pixels": int}``; None marks a class whose value is undefined (absent
     from both targets and predictions for IoU, absent from the targets for Acc), excluded from the means.
-    Values are fractions in [0, 1]. Class names default to "0", "1", …
+    Values are fractions in [0, 1]. Class names default to "0", "1", …; a name that several classes share is
+    given with its id ("other (1)", "other (2)"), so that each class keeps its own entry.
     """
     conf = conf.detach().to("cpu", torch.float64)
     k = conf.shape[0]
@@ -98,6 +99,8 @@ def compute_metrics(conf: torch.Tensor, class_names: Sequence[str] | Mapping[int
             raise ValueError(f"{len(names)} class names for a {k}-class confusion matrix")
     else:
         names = [str(i) for i in range(k)]
+    shared = {n for n in names if names.count(n) > 1}
+    names = [f"{n} ({i})" if n in shared else n for i, n in enumerate(names)]
     tp = conf.diag()
     gt = conf.sum(1)  # TP + FN
     predicted = conf.sum(0)  # TP + FP
@@ -116,7 +119,9 @@ def compute_metrics(conf: torch.Tensor, class_names: Sequence[str] | Mapping[int
 
 
 def format_table(metrics: Mapping[str, Any]) -> str:
-    """A plain-text table: one row per class (IoU and Acc in %), then mIoU / aAcc / mAcc."""
+    """A plain-text table: one row per class (IoU and Acc in %), then mIoU / aAcc / mAcc, and how many classes the
+    mIoU averages when some are n/a (absent from targets and predictions alike, left out of the mean; a 0.00 is
+    counted)."""
     names = list(metrics["IoU"])
     width = max([len("class"), *map(len, names)])
 
@@ -128,6 +133,9 @@ def format_table(metrics: Mapping[str, Any]) -> str:
         lines.append(f"{n:<{width}} {pct(metrics['IoU'][n])} {pct(metrics.get('Acc', {}).get(n))}")
     lines.append("-" * (width + 15))
     lines.append(f"mIoU {pct(metrics['mIoU'])}   aAcc {pct(metrics['aAcc'])}   mAcc {pct(metrics['mAcc'])}")
+    defined = sum(v is not None and not (isinstance(v, float) and math.isnan(v)) for v in metrics["IoU"].values())
+    if defined < len(names):
+        lines.append(f"(mIoU over the {defined} of {len(names)} classes present in the targets or predictions)")
     return "\n".join(lines)
 
 

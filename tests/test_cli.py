@@ -342,3 +342,29 @@ def test_eval_follows_a_checkpoint_trained_on_reduced_labels(capsys, tmp_path):
         results[flags] = json.loads((tmp_path / "m.json").read_text())
         assert ("trained on reduced labels" in err) == (flags == ()), (flags, err)
     assert results[()] == results[("--reduce-labels",)] != results[("--no-reduce-labels",)]
+
+
+def test_sizes_for_another_mode_than_the_one_in_force_are_warned_about(capsys, caplog, tmp_path):
+    """--crop with the checkpoint's or the default mode (not slide) changed nothing without a word, while the
+    options recorded the crop (audit); one line per mode names the flags and the --mode that would use them."""
+    import numpy as np
+    from conftest import tiny_config
+    from PIL import Image
+
+    from segformer import SegformerForSemanticSegmentation
+
+    SegformerForSemanticSegmentation(tiny_config(num_labels=3)).save_pretrained(tmp_path / "m")
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "a.png")
+    base = ["predict", tmp_path / "a.png", "--model", tmp_path / "m", "--no-progress", "--device", "cpu"]
+    with caplog.at_level("WARNING", logger="segformer"):  # (the package's warnings, on stderr from the command)
+        code, _, err = run_cli(capsys, *base, "--output", tmp_path / "o1", "--crop", "32", "--stride", "16",
+                               "--align", "8")  # fmt: skip
+    assert code == 0, err
+    assert caplog.messages == [
+        "--crop-size and --stride apply to slide mode and change nothing in aligned mode, the mode in force "
+        "(add --mode slide)"
+    ]  # (--align: aligned is the mode in force)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="segformer"):
+        code, _, err = run_cli(capsys, *base, "--output", tmp_path / "o2", "--crop", "32", "--mode", "slide")
+    assert code == 0 and caplog.messages == [], err

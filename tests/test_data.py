@@ -498,3 +498,34 @@ def test_data_check_says_nothing_of_classes_that_all_have_pixels(tmp_path, capsy
     report = check_dataset(dataset, listing)
     assert report.ok and report.classes.masks == 3 and report.classes.pixels.sum() == 3 * 256 - 64
     assert class_coverage(dataset, report.classes) == ([], [])
+
+
+def test_a_value_no_rule_covers_is_named_when_the_check_is_off(tmp_path, capsys):
+    """With --check-data off (or headers) a mask value outside the classes reached the loss or the metrics, whose
+    error named no file (audit): a sample is now refused as it is read, naming its mask, with the check's advice;
+    255 (ignored) and values inside the classes pass."""
+    from conftest import run_cli, tiny_config
+
+    from segformer import SegformerForSemanticSegmentation
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for i in range(2):
+            image, mask = _pair(rng, k=3)
+            mask[0, :4] = 255
+            _save(tmp_path / "images" / split / f"{i}.png", image)
+            _save(tmp_path / "annotations" / split / f"{i}.png", mask)
+    (tmp_path / "labels.json").write_text(json.dumps(["a", "b", "c"]))
+    train, _ = build_dataset(tmp_path, "train")
+    assert all(train[i][1].max() == 255 for i in range(2))  # (ignored pixels are no problem)
+    bad = tmp_path / "annotations" / "val" / "1.png"
+    mask = np.asarray(Image.open(bad)).copy()
+    mask[5, 5] = 7
+    Image.fromarray(mask).save(bad)
+    val, _ = build_dataset(tmp_path, "val")
+    with pytest.raises(ValueError, match=rf"^{bad}: label value\(s\) 7 outside 0..2: if 7 marks unlabelled pixels"):
+        val[1]
+    SegformerForSemanticSegmentation(tiny_config(num_labels=3)).save_pretrained(tmp_path / "m")
+    code, _, err = run_cli(capsys, "eval", "--data", tmp_path, "--model", tmp_path / "m", "--check-data", "off",
+                           "--workers", "0")  # fmt: skip
+    assert code == 2 and err.strip().splitlines()[-1].startswith(f"segformer eval: error: {bad}: label value(s) 7")

@@ -47,7 +47,18 @@ def test_absent_class_is_nan_and_left_out_of_the_means():
     assert m["Acc"]["1"] is None and m["mAcc"] == pytest.approx(3 / 4)
     text = json.dumps(metrics_to_json(m))  # null, never NaN, in JSON
     assert "NaN" not in text and json.loads(text)["IoU"]["2"] is None
-    assert "n/a" in format_table(m)
+    table = format_table(m)
+    assert "n/a" in table and table.endswith("(mIoU over the 2 of 3 classes present in the targets or predictions)")
+    assert "mIoU over" not in format_table(compute_metrics(torch.tensor([[3, 1], [0, 2]])))  # (all present)
+
+
+def test_classes_that_share_a_name_keep_their_own_entries():
+    """Two classes named alike in labels.json: the second's IoU replaced the first's in the table, the JSON and
+    the report, under one name, while the mIoU still averaged both (audit)."""
+    m = compute_metrics(torch.tensor([[1, 1, 0], [0, 2, 0], [0, 1, 1]]), ["x", "other", "other"])
+    assert list(m["IoU"]) == ["x", "other (1)", "other (2)"]
+    assert m["IoU"]["other (1)"] == pytest.approx(2 / 4) and m["IoU"]["other (2)"] == pytest.approx(1 / 2)
+    assert m["mIoU"] == pytest.approx(sum(m["IoU"].values()) / 3)
 
 
 def test_all_pixels_ignored_gives_nan_metrics():

@@ -462,7 +462,21 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         index, seed = key if isinstance(key, tuple) else (key, key)
         image, mask = self.read(index)
+        self._refuse_uncovered(index, mask)
         return self.transform(image, mask, np.random.default_rng(seed))
+
+    def _refuse_uncovered(self, index: int, ids: np.ndarray) -> None:
+        """A ValueError naming the mask (with the data check's advice) when ``ids`` hold a value no label rule
+        covers: with the data check off or at headers, the loss or the metrics met it later, in a whole batch,
+        and their error named no file. Two reductions per mask (a third where 255 is present)."""
+        k = self.num_labels
+        if not ids.size:
+            return
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo >= 0 and (hi < k or (hi == IGNORE_INDEX and not ((ids >= k) & (ids != IGNORE_INDEX)).any())):
+            return
+        problems = check_values_of(self, index)  # (reads the mask again: only on the way to an error)
+        raise ValueError(problems[0] if problems else f"{self.mask_name(index)}: label values outside 0..{k - 1}")
 
     def __repr__(self) -> str:
         return f"SegmentationDataset({self.name}, {len(self)} images, {self.num_labels} classes)"
