@@ -578,8 +578,6 @@ def corrupt(
         shape = getattr(image, "shape", None)
         dtype = getattr(image, "dtype", type(image).__name__)
         raise ValueError(f"corrupt takes an (H, W, 3) uint8 RGB image, got shape {shape} of {dtype}")
-    if min(image.shape[:2]) < 2:
-        raise ValueError(f"corrupt needs an image of at least 2x2 pixels, got {image.shape[1]}x{image.shape[0]}")
     if rng is None:
         rng = np.random.default_rng(0 if seed is None else seed)
     out = _FUNCTIONS[name](image, PARAMETERS[name][severity - 1], rng)
