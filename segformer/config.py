@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -32,6 +33,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "b5": dict(depths=[3, 6, 40, 3], hidden_sizes=[64, 128, 320, 512], decoder_hidden_size=768),  # 84,708,694
 }
 
+# hidden_act: Transformers' parameter-free activations, under its names (prelu and xielu carry weights of their own)
 ACTIVATIONS = (
     "gelu",
     "relu",
@@ -45,6 +47,17 @@ ACTIVATIONS = (
     "mish",
     "tanh",
     "sigmoid",
+    "gelu_python",
+    "gelu_python_tanh",
+    "gelu_accurate",
+    "gelu_10",
+    "relu6",
+    "relu2",
+    "leaky_relu",
+    "hardswish",
+    "laplace",
+    "linear",
+    "sqrtsoftplus",
 )
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 _PER_STAGE = (
@@ -211,8 +224,14 @@ class SegformerConfig:
                 id2label = {int(k): str(v) for k, v in dict(id2label).items()}
             except (TypeError, ValueError):
                 raise ValueError("id2label: keys must be integers (or strings of integers)") from None
-            if sorted(id2label) != list(range(len(id2label))):
-                raise ValueError(f"id2label: keys must be 0..{len(id2label) - 1}, got {sorted(id2label)}")
+            if sorted(id2label) != list(range(len(id2label))):  # Transformers keeps such a map: so do we, and say so
+                last, keys = len(id2label) - 1, sorted(id2label)
+                unnamed = [i for i in range(len(id2label)) if i not in id2label]
+                logging.getLogger("segformer").warning(
+                    f"id2label's keys {keys[:8]}{' …' if len(keys) > 8 else ''} are not 0..{last}: the model has "
+                    f"{len(id2label)} outputs, 0..{last}, named by their index: {', '.join(map(str, unnamed[:8]))} "
+                    f"{'has' if len(unnamed) == 1 else 'have'} no name, and keys above {last} name no output"
+                )
             if num_labels is not None and num_labels != len(id2label):
                 raise ValueError(f"num_labels={num_labels} disagrees with id2label, which has {len(id2label)} entries")
         else:
@@ -288,6 +307,11 @@ class SegformerConfig:
             if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}")
         if not callable(self.hidden_act) and self.hidden_act not in ACTIVATIONS:
+            if self.hidden_act in ("prelu", "xielu"):  # (Transformers' two activations with weights of their own)
+                raise ValueError(
+                    f"hidden_act {self.hidden_act!r} has learned parameters of its own, which this package does not "
+                    f"support; use one of {', '.join(ACTIVATIONS)}"
+                )
             raise ValueError(f"hidden_act {self.hidden_act!r} is unknown; use one of {', '.join(ACTIVATIONS)}")
         if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
             raise ValueError(f"problem_type {self.problem_type!r} is unknown; use one of {', '.join(PROBLEM_TYPES)}")

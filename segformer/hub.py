@@ -154,8 +154,10 @@ def resolve_file(
             return None
         if not required and not raise_uncached and _repo_cached(name, revision, cache_dir):
             return None
+        at = f" at revision {revision!r}" if revision not in (None, "main") else ""
+        why = "local_files_only=True" if local_files_only else "the hub cannot be reached"
         raise NotCachedError(
-            f"{name}: {shown} is not in the local hub cache and the hub cannot be reached "
+            f"{name}: {shown}{at} is not in the local hub cache and {why} "
             "(hub ids need network or a populated cache; pass a local directory made by save_pretrained instead)"
         ) from None
     except EntryNotFoundError:

@@ -147,7 +147,37 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+def _gelu_erf(x: torch.Tensor) -> torch.Tensor:
+    """GELU written out, x Φ(x) = x (1 + erf(x / √2)) / 2 (Transformers' "gelu_python")."""
+    return x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def _gelu_tanh_formula(x: torch.Tensor) -> torch.Tensor:
+    """GELU's tanh approximation written out (Transformers' "gelu_python_tanh" and "gelu_accurate")."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))))
+
+
+def _gelu_clipped(x: torch.Tensor) -> torch.Tensor:
+    """GELU clipped to [-10, 10] ("gelu_10")."""
+    return torch.clip(F.gelu(x), -10.0, 10.0)
+
+
+def _laplace(x: torch.Tensor) -> torch.Tensor:
+    """The Laplace activation, the Gaussian CDF at (x - μ) / σ with μ = 0.707107, σ = 0.282095 ("laplace")."""
+    return 0.5 * (1.0 + torch.erf((x - 0.707107).div(0.282095 * math.sqrt(2.0))))
+
+
+def _relu_squared(x: torch.Tensor) -> torch.Tensor:
+    return torch.square(F.relu(x))
+
+
+def _sqrt_softplus(x: torch.Tensor) -> torch.Tensor:
+    return F.softplus(x).sqrt()
+
+
 def make_activation(act: Any) -> nn.Module:
+    """The module of a config's ``hidden_act``: a name of :data:`segformer.config.ACTIVATIONS` (Transformers'
+    parameter-free activations, under its names and with its definitions), or a callable / module class."""
     if not isinstance(act, str):
         return act() if isinstance(act, type) else _Lambda(act)
     table = {
@@ -155,8 +185,19 @@ def make_activation(act: Any) -> nn.Module:
         "gelu_new": lambda: nn.GELU(approximate="tanh"),
         "gelu_fast": lambda: nn.GELU(approximate="tanh"),
         "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
+        "gelu_python": lambda: _Lambda(_gelu_erf),
+        "gelu_python_tanh": lambda: _Lambda(_gelu_tanh_formula),
+        "gelu_accurate": lambda: _Lambda(_gelu_tanh_formula),
+        "gelu_10": lambda: _Lambda(_gelu_clipped),
         "quick_gelu": QuickGELU,
         "relu": nn.ReLU,
+        "relu6": nn.ReLU6,
+        "relu2": lambda: _Lambda(_relu_squared),
+        "leaky_relu": nn.LeakyReLU,
+        "hardswish": nn.Hardswish,
+        "laplace": lambda: _Lambda(_laplace),
+        "linear": nn.Identity,
+        "sqrtsoftplus": lambda: _Lambda(_sqrt_softplus),
         "selu": nn.SELU,
         "silu": nn.SiLU,
         "swish": nn.SiLU,

@@ -263,11 +263,14 @@ def adapt_prefix(state: dict[str, torch.Tensor], model_keys: set[str], prefix: s
 def _parse_size(size: int | str) -> int:
     if isinstance(size, int):
         return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)I?B?\s*", size.upper())
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)(B?)\s*", size, flags=re.IGNORECASE)
     if not match:
         raise ValueError(f"max_shard_size {size!r} is not a size like '2GB' or a number of bytes")
-    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}[match.group(2)]
-    return int(float(match.group(1)) * scale)
+    unit, binary, b = match.group(2).upper(), match.group(3), match.group(4)
+    power = "KMGT".find(unit) + 1 if unit else 0
+    # as Transformers reads sizes: KiB, MiB, ... binary; KB, MB decimal; a lowercase b after a unit bits (Mb)
+    value = float(match.group(1)) * (1024 if binary else 1000) ** power
+    return int(value / 8 if unit and b == "b" else value)
 
 
 # ------------------------------------------------------------------------------------ device and dtype

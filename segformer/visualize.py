@@ -69,11 +69,9 @@ def make_palette(num_classes: int, seed: int = 0) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ label sets
 def _names_list(id2label: Mapping[int, str] | Sequence[str]) -> list[str]:
     """id2label (int or str keys, as in config.json) or a list of names → names in class-id order."""
-    if isinstance(id2label, Mapping):
+    if isinstance(id2label, Mapping):  # (keys other than 0..n-1, which Transformers allows: "" where none names k)
         items = {int(k): str(v) for k, v in id2label.items()}
-        if sorted(items) != list(range(len(items))):
-            raise ValueError(f"id2label keys must be 0 … {len(items) - 1}, got {sorted(items)[:10]} …")
-        return [items[i] for i in range(len(items))]
+        return [items.get(i, "") for i in range(len(items))]
     return [str(name) for name in id2label]
 
 

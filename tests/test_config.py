@@ -55,7 +55,6 @@ def test_unknown_variant():
         (dict(num_encoder_blocks=0), "num_encoder_blocks"),
         (dict(num_labels=-1), "num_labels"),
         (dict(num_labels=3, id2label={0: "a", 1: "b"}), "num_labels=3 disagrees"),
-        (dict(id2label={0: "a", 2: "b"}), "id2label"),
         (dict(problem_type="ranking"), "problem_type"),
     ],
 )

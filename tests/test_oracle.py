@@ -183,6 +183,29 @@ def test_checkpoints_move_both_ways(tmp_path):
             assert rel_err(hf_again(x).logits, hf(x).logits) <= TOL
 
 
+def test_a_label_map_with_gaps_loads_as_transformers_keeps_it(tmp_path, caplog):
+    """Transformers saves and loads id2label {1: "a", 2: "b"} (2 outputs, named by index); it was refused (audit).
+    It now loads with one warning, gives Transformers' logits, names output 0 with a placeholder in a legend and
+    goes back to Transformers unchanged."""
+    from segformer.visualize import class_names
+
+    config = tiny_config(num_labels=2)
+    hf = randomize_(transformers.SegformerForSemanticSegmentation(hf_config(config))).eval()
+    hf.config.id2label, hf.config.label2id = {1: "a", 2: "b"}, {"a": 1, "b": 2}
+    hf.save_pretrained(tmp_path / "hf")
+    with caplog.at_level("WARNING", logger="segformer"):
+        ours = segformer.SegformerForSemanticSegmentation.from_pretrained(tmp_path / "hf")
+    assert ours.config.num_labels == 2 and ours.config.id2label == {1: "a", 2: "b"}
+    assert any("are not 0..1: the model has 2 outputs" in m for m in caplog.messages), caplog.messages
+    x = torch.randn(1, 3, 40, 48)
+    with torch.no_grad():
+        assert rel_err(ours(x).logits, hf(x).logits) <= TOL
+    assert class_names(ours.config.id2label, 2) == ["class_0", "a"]
+    ours.save_pretrained(tmp_path / "ours")
+    back = transformers.SegformerForSemanticSegmentation.from_pretrained(tmp_path / "ours")
+    assert back.config.id2label == {1: "a", 2: "b"}
+
+
 def test_transformers_base_checkpoint_into_our_task_model(tmp_path):
     config = tiny_config(num_labels=3)
     hf = randomize_(transformers.SegformerModel(hf_config(config))).eval()
@@ -195,3 +218,23 @@ def test_transformers_base_checkpoint_into_our_task_model(tmp_path):
         ref = hf(x, output_hidden_states=True).hidden_states
     for a, b in zip(got, ref):
         assert rel_err(a, b) <= TOL
+
+
+def test_every_parameter_free_activation_of_transformers_is_known():
+    from transformers.activations import ACT2CLS
+
+    assert set(ACT2CLS) - {"prelu", "xielu"} <= set(segformer.config.ACTIVATIONS)  # (and "selu", ours alone)
+    with pytest.raises(ValueError, match="'prelu' has learned parameters of its own"):
+        tiny_config(hidden_act="prelu")
+
+
+@pytest.mark.parametrize("act", [a for a in segformer.config.ACTIVATIONS if a != "selu"])
+def test_every_activation_transformers_names_matches(act):
+    """A Transformers checkpoint with hidden_act "relu6" (or another of its parameter-free activations beyond the
+    dozen first supported) was refused as unknown (audit); each now gives Transformers' logits."""
+    config = tiny_config(num_labels=3, hidden_act=act)
+    hf, ours = pair("SegformerForSemanticSegmentation", config, seed=5)
+    x = torch.randn(1, 3, 48, 40)
+    with torch.no_grad():
+        ref, got = hf(x).logits, ours(x).logits
+    assert rel_err(got, ref) <= TOL, act

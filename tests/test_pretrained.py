@@ -246,6 +246,10 @@ try:
     SegformerForSemanticSegmentation.from_pretrained("acme/config-only")
 except CheckpointError as e:
     print("weights", e)
+try:
+    SegformerForSemanticSegmentation.from_pretrained("acme/tiny-seg", revision="v2")
+except CheckpointError as e:
+    print("uncached revision", e)
 """
 
 
@@ -268,6 +272,8 @@ def test_hub_id_from_a_populated_cache_offline(saved, tmp_path):
     assert "pass a local directory" in out.stdout
     assert "weights acme/config-only: no weights file (model.safetensors or " in out.stdout
     assert "is in the local hub cache and the hub cannot be reached" in out.stdout
+    # a revision that is not cached is named (it read as if the repo were missing: audit)
+    assert "uncached revision acme/tiny-seg: config.json at revision 'v2' is not in the local hub cache" in out.stdout
 
 
 def test_atomic_write_errors_name_the_file_not_the_temporary_name(tmp_path):
@@ -634,3 +640,14 @@ def test_variant_files_are_named_and_read_as_transformers_does(tmp_path):
     back = SegformerForSemanticSegmentation.from_pretrained(tmp_path / "theirs", variant="fp16")
     for name, tensor in ours.state_dict().items():
         assert torch.equal(back.state_dict()[name], tensor), name
+
+
+@pytest.mark.oracle
+def test_shard_sizes_read_as_transformers_reads_them():
+    """ "50KiB" was read as 50000 bytes (binary units as decimal), shards ~7% smaller than asked (audit)."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    from segformer.pretrained import _parse_size
+
+    for size in ("50KiB", "1GiB", "2GB", "5MB", "20KB", "3Mb", "2MiB", "10GB", 4096):
+        assert _parse_size(size) == convert_file_size_to_int(size), size
