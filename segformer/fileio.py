@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from collections.abc import Callable
@@ -42,6 +43,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def atomic_save_image(path: str | os.PathLike, image: Any, fmt: str, **params: Any) -> None:
+    """``image.save`` (a PIL image) in ``fmt`` to ``path`` through :func:`atomic_write`, encoded in memory first:
+    Pillow writing a JPEG straight to a file ignores a short write, so on a nearly full disk it left a truncated
+    file and no error (which the rename then put in place); a Python file's write raises ENOSPC."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **params)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(buffer.getbuffer()))
 
 
 def check_output_file(path: str | os.PathLike, what: str) -> None:

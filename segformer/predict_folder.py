@@ -35,7 +35,7 @@ from PIL import Image, PngImagePlugin
 
 from .backends import CompiledModel, OnnxRuntimeModel, config_identity, hash_state
 from .distributed import all_gather_objects, is_distributed
-from .fileio import atomic_write, atomic_write_text
+from .fileio import atomic_save_image, atomic_write, atomic_write_text
 from .hub import first_line
 from .images import IMAGE_EXTENSIONS, ImageError
 from .predict import SegformerPredictor, Segmentation
@@ -179,7 +179,7 @@ def _check_outputs(items: list[tuple[Path, Path]], stems: list[Path], outputs: _
 
 def _save(path: Path, image: Image.Image, fmt: str, **params: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: image.save(tmp, format=fmt, **params))
+    atomic_save_image(path, image, fmt, **params)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

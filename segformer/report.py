@@ -41,7 +41,7 @@ from torch import nn
 from .data.datasets import SegmentationDataset
 from .distributed import all_gather_objects
 from .evaluate import evaluate
-from .fileio import atomic_write, atomic_write_text
+from .fileio import atomic_save_image, atomic_write, atomic_write_text
 from .inference import InferenceOptions, resolve_options
 from .metrics import confusion_matrix, metrics_to_json
 from .robustness import RobustnessResult, plot_heatmap
@@ -312,7 +312,7 @@ def write_report(
         truth = np.where((truth >= 0) & (truth < len(names)), truth, 255)  # ignored pixels drawn black
         panel = triplet(image, truth, pred, palette)
         file = f"worst_{rank:02d}.png"
-        atomic_write(folder / file, lambda tmp, im=panel: im.save(tmp, "PNG"))
+        atomic_save_image(folder / file, panel, "PNG")
         caption = f"{rank}. {_image_name(dataset, index)} (index {index}): mIoU {100 * score:.1f}%"
         figures.append((file, caption))
     for stale in folder.glob("worst_*.png"):  # an earlier report's further worst images: not this report's
@@ -320,7 +320,7 @@ def write_report(
             stale.unlink(missing_ok=True)
     if figures:
         key = legend(names, palette, rows_per_column=25)
-        atomic_write(folder / "legend.png", lambda tmp: key.save(tmp, "PNG"))
+        atomic_save_image(folder / "legend.png", key, "PNG")
 
     saved = metrics_to_json(metrics)
     if robustness is not None:

@@ -368,3 +368,28 @@ def test_sizes_for_another_mode_than_the_one_in_force_are_warned_about(capsys, c
     with caplog.at_level("WARNING", logger="segformer"):
         code, _, err = run_cli(capsys, *base, "--output", tmp_path / "o2", "--crop", "32", "--mode", "slide")
     assert code == 0 and caplog.messages == [], err
+
+
+FULL_DISK = """
+import resource, signal, sys
+import numpy as np
+from PIL import Image
+from segformer.fileio import atomic_save_image
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384))  # what a nearly full disk does to a file's tail
+image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (160, 160, 3), dtype=np.uint8))
+try:
+    atomic_save_image(sys.argv[1], image, "JPEG", quality=95)
+except OSError as exc:
+    print("error", exc)
+"""
+
+
+def test_an_image_that_does_not_fit_is_an_error_not_a_truncated_file(tmp_path):
+    """Pillow writing a JPEG straight to its file ignores a short write: on a nearly full disk an overlay was left
+    truncated, without an error, and renamed into place (audit). Encoded in memory, the write raises."""
+    target = tmp_path / "overlay.jpg"
+    done = subprocess.run([sys.executable, "-c", FULL_DISK, str(target)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith(f"error {target}: cannot write it (File too large)"), done.stdout
+    assert not target.exists() and list(tmp_path.iterdir()) == []

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from segformer.data import build_dataset, write_synthetic_dataset
     from segformer.data.synthetic import CLASSES
     from segformer.evaluate import evaluate
-    from segformer.fileio import atomic_write
+    from segformer.fileio import atomic_save_image
     from segformer.inference import predict_labels
     from segformer.modeling import SegformerForSemanticSegmentation
     from segformer.pretrained import select_device
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         ):
             panel.paste(picture, (j * (image.shape[1] + 4), 0))
         big = panel.resize((panel.width * 2, panel.height * 2), Image.NEAREST)
-        atomic_write(overlays / f"val_{i:02d}.png", lambda tmp, im=big: im.save(tmp, "PNG"))
+        atomic_save_image(overlays / f"val_{i:02d}.png", big, "PNG")
     print(f"wrote {overlays}/val_00.png … val_05.png (image | ground truth | prediction)")
     print(
         f"demo: mIoU {100 * metrics['mIoU']:.1f} on {len(val)} validation images "

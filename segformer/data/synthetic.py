@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..fileio import atomic_write, atomic_write_text
+from ..fileio import atomic_save_image, atomic_write_text
 
 CLASSES = ("background", "stripes", "checkerboard", "dots")
 
@@ -93,8 +93,8 @@ def write_synthetic_dataset(
         rng = np.random.default_rng([seed, split_seed])
         for i in range(count):
             image, mask = make_sample(rng, size)
-            atomic_write(image_dir / f"{i:05d}.png", lambda tmp, im=image: Image.fromarray(im).save(tmp, "PNG"))
-            atomic_write(mask_dir / f"{i:05d}.png", lambda tmp, m=mask: Image.fromarray(m).save(tmp, "PNG"))
+            atomic_save_image(image_dir / f"{i:05d}.png", Image.fromarray(image), "PNG")
+            atomic_save_image(mask_dir / f"{i:05d}.png", Image.fromarray(mask), "PNG")
     atomic_write_text(root / "labels.json", json.dumps(dict(enumerate(CLASSES)), indent=2) + "\n")
     return root
 
