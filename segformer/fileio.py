@@ -42,7 +42,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    """``text`` as UTF-8; a file name that is not UTF-8 (read with Python's surrogate escapes) keeps its bytes,
+    so a summary names the file as it is on disk (it stopped a whole run: audit)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8", errors="surrogateescape"))
 
 
 def atomic_save_image(path: str | os.PathLike, image: Any, fmt: str, **params: Any) -> None:

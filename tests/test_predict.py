@@ -169,6 +169,20 @@ def test_predict_to_folder_keeps_clashing_names_apart(checkpoint, tmp_path):
         predict_to_folder(predictor, [src / "b", tmp_path / "c.png"], tmp_path / "out2", progress=False)
 
 
+def test_a_file_name_that_is_not_utf8_is_segmented_and_summarised(checkpoint, tmp_path):
+    """A Latin-1 name (b"caf\\xe9.png") stopped the whole run at the summary with a codec error naming no file
+    (audit); the summary now names it by its bytes on disk."""
+    src = tmp_path / "in"
+    src.mkdir()
+    odd = os.fsdecode(os.fsencode(src) + b"/caf\xe9.png")
+    Image.fromarray(_noise(32, 32)).save(odd)
+    Image.fromarray(_noise(32, 32, 1)).save(src / "ok.png")
+    report = predict_to_folder(SegformerPredictor(checkpoint, device="cpu"), [src], tmp_path / "out", progress=False)
+    assert [r.status for r in report.records] == ["ok", "ok"]
+    assert os.path.exists(os.fsencode(tmp_path / "out") + b"/caf\xe9.png")
+    assert b"/caf\xe9.png," in (tmp_path / "out" / "summary.csv").read_bytes()
+
+
 @pytest.mark.parametrize(
     "names, overlay_format, message",
     [
