@@ -41,7 +41,14 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default for Image.MAX_IMAGE_PIXELS
 # what a folder of images may hold (data sets, `segformer predict`); compared lower-case
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pnm")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif", ".ppm",
+                    ".pgm", ".pnm", ".tga", ".avif", ".heic", ".heif", ".jp2", ".j2k", ".qoi")  # fmt: skip
+# formats Pillow opens only with a plugin: a file of theirs that it cannot identify says what is missing
+_PLUGIN_FORMATS = {
+    ".heic": ("HEIF", "pillow-heif"),
+    ".heif": ("HEIF", "pillow-heif"),
+    ".avif": ("AVIF", "pillow>=11.3"),
+}
 # The raster formats Pillow may decode here (whatever the file's name says). Not the others: EPS runs Ghostscript
 # on the file (PostScript from an upload would be a program), WMF/EMF and the scientific and video stubs are no
 # photographs.
@@ -75,9 +82,11 @@ def open_image(source: str | os.PathLike | bytes, max_pixels: int | None = DEFAU
     else:
         path = Path(source)
         if not path.exists():
-            raise ImageError("no such file")
+            raise ImageError("no such file" if not path.is_symlink() else "a link to a file that does not exist")
         if path.is_dir():
             raise ImageError("is a directory")
+        if path.stat().st_size == 0:
+            raise ImageError("empty file")
     with _PIL_LOCK:
         saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
         # Our own limit replaces Pillow's (which warns above 1x and raises only above 2x its limit); truncated
@@ -89,6 +98,11 @@ def open_image(source: str | os.PathLike | bytes, max_pixels: int | None = DEFAU
                 try:
                     img = Image.open(path, formats=_raster_formats())
                 except Image.UnidentifiedImageError:
+                    plugin = _PLUGIN_FORMATS.get(path.suffix.lower()) if isinstance(path, Path) else None
+                    if plugin is not None and plugin[0] not in _raster_formats():
+                        raise ImageError(
+                            f"a {plugin[0]} image (by its name), which this Pillow cannot decode: install {plugin[1]}"
+                        ) from None
                     raise ImageError("not an image (Pillow cannot identify the format)") from None
                 except Exception as exc:
                     raise ImageError(f"cannot open: {first_line(exc)}") from None

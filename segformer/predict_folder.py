@@ -54,36 +54,41 @@ def collect_images(
 ) -> list[tuple[Path, Path]]:
     """Files, folders and glob patterns → sorted, de-duplicated ``(path, relative output path)`` pairs.
 
-    A file is taken whatever its name (and reported later if it is not an image). Folders give the files with
-    an image extension (:data:`IMAGE_EXTENSIONS`) directly inside them, or below them with ``recursive``, but
-    hidden ones (a name, or a folder below, starting with "."); the relative path keeps the sub-folders. Globs
-    (``**`` allowed) are expanded here when the shell did not, relative to the folder before the first wildcard.
-    A path or pattern that matches nothing is kept, so that it is reported as missing. Folders and globs skip
-    what lies in ``exclude`` where it is a sub-folder of theirs (the run's output folder, whose label maps and
-    overlays are no photographs to segment). Raises ValueError when no input exists at all. Paths are kept as
-    the user wrote them (a symlink stays the link: summaries show what was passed); files reached twice are
-    taken once."""
+    A file is taken whatever its name (and reported later if it is not an image). Folders give the files with an
+    image extension (:data:`IMAGE_EXTENSIONS`) directly inside them, or below them with ``recursive``, but hidden
+    ones (a name, or a folder below, starting with "."); the relative path keeps the sub-folders. Globs (``**``
+    allowed) are expanded here when the shell did not, relative to the folder before the first wildcard. A path or
+    pattern that matches nothing, and a folder without images, is kept, so that it is reported. Folders and globs
+    skip what lies in ``exclude`` where it is a sub-folder of theirs (the run's output folder, whose label maps and
+    overlays are no photographs to segment). Raises ValueError when no input exists at all. Paths are kept as the
+    user wrote them (a symlink stays the link: summaries show what was passed); files reached twice are taken once."""
     found: dict[Path, tuple[Path, Path]] = {}  # resolved path → (the path as given, relative output path)
     skip = None if exclude is None else Path(exclude).expanduser().resolve()
 
-    def take(f: Path, root: Path, rel: Path) -> None:
+    def take(f: Path, root: Path, rel: Path) -> bool:
         """Keep image file ``f`` of a folder or glob below ``root`` unless it lies in the excluded folder, where
-        that is strictly inside ``root`` (an output folder that is the input folder itself: _check_outputs)."""
-        if not (f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS):
-            return
+        that is strictly inside ``root`` (an output folder that is the input folder itself: _check_outputs); True
+        where it was kept. A link to nothing with an image's name is kept too, to be reported as such."""
+        if f.suffix.lower() not in IMAGE_EXTENSIONS:
+            return False
+        if not f.is_file():
+            if f.is_symlink() and not f.exists():
+                found.setdefault(f, (f, rel))
+            return False
         resolved = f.resolve()
         if skip is None or skip == root or not skip.is_relative_to(root) or not resolved.is_relative_to(skip):
             found.setdefault(resolved, (f, rel))
+            return True
+        return False
 
     for item in inputs:
         text = os.fspath(item)
         path = Path(text).expanduser()
         if path.is_dir():
-            pattern, root = ("**/*" if recursive else "*"), path.resolve()
-            for f in sorted(path.glob(pattern)):
-                rel = f.relative_to(path)
-                if not any(part.startswith(".") for part in rel.parts):  # (hidden: .ipynb_checkpoints/)
-                    take(f, root, rel)
+            root = path.resolve()
+            taken = [take(f, root, f.relative_to(path)) for f in _folder_files(path, recursive)]
+            if not any(taken):  # reported (a failure, as a missing file is), not dropped without a word
+                found.setdefault(root, (path, Path(path.name)))
         elif not path.exists() and _has_magic(text):
             parts = Path(text).parts
             base = Path(*[p for p in parts[: next(i for i, p in enumerate(parts) if _has_magic(p))]] or ["."])
@@ -95,9 +100,27 @@ def collect_images(
                 found.setdefault(path, (path, Path(path.name)))
         else:
             found.setdefault(path.resolve() if path.exists() else path, (path, Path(path.name)))
-    if not any(given.exists() for given, _ in found.values()):
+    if not any(given.exists() and not given.is_dir() for given, _ in found.values()):
         raise ValueError(f"no images found in {', '.join(os.fspath(i) for i in inputs) or 'the inputs'}")
     return sorted(found.values(), key=lambda pair: str(pair[0]))
+
+
+def _folder_files(folder: Path, recursive: bool) -> list[Path]:
+    """The files (and links) in ``folder``, sorted, with ``recursive`` those in its sub-folders too, following
+    links to folders (``**`` in a glob follows them too; Path.glob's walk did not) but never into a folder twice
+    (a link back up), and leaving hidden names out (a name or a folder starting with ".": .ipynb_checkpoints/)."""
+    if not recursive:
+        return sorted(f for f in folder.iterdir() if not f.name.startswith(".") and not f.is_dir())
+    out, seen = [], set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        out += [Path(top) / name for name in files if not name.startswith(".")]
+    return sorted(out)
 
 
 # ----------------------------------------------------------------------------------------------- records
@@ -314,10 +337,14 @@ def predict_to_folder(
 
     maker = _maker_stamp(predictor)
     mine = [(i, items[i][0], stems[i]) for i in range(len(items)) if i % world_size == rank]  # this rank's share
-    records: list[tuple[int, ImageRecord]] = []
+    where = "in it or below it" if recursive else "directly in it (--recursive looks in its sub-folders)"
+    records = [(i, ImageRecord(str(src), None, "failed", error=f"a folder without images {where}"))
+               for i, src, _ in mine if src.is_dir()]  # fmt: skip
+    mine = [item for item in mine if not item[1].is_dir()]
     todo, stale = mine, set()
     if skip_existing:
-        records, todo, stale = _find_existing(mine, outputs, maker, predictor.num_classes, rank)
+        found, todo, stale = _find_existing(mine, outputs, maker, predictor.num_classes, rank)
+        records += found
     records += _segment_and_write(
         predictor, todo, outputs, maker, stale, alpha=alpha, progress=progress and rank == 0, rank=rank
     )

@@ -169,6 +169,35 @@ def test_predict_to_folder_keeps_clashing_names_apart(checkpoint, tmp_path):
         predict_to_folder(predictor, [src / "b", tmp_path / "c.png"], tmp_path / "out2", progress=False)
 
 
+def test_folders_follow_links_and_report_what_they_cannot_take(checkpoint, tmp_path):
+    """Audit of real folders: --recursive skipped a linked sub-folder (a glob took it), a dangling link and an
+    empty folder given as an input were dropped without a word, .jfif/.heic photos were not looked at, and an
+    empty file read "not an image". Each is now taken or named in the run's failures."""
+    from segformer.images import _raster_formats
+
+    src, elsewhere = tmp_path / "in", tmp_path / "elsewhere"
+    (src / "empty").mkdir(parents=True)
+    elsewhere.mkdir()
+    Image.fromarray(_noise(32, 32)).save(src / "a.png")
+    Image.fromarray(_noise(32, 32, 1)).save(elsewhere / "b.png")
+    Image.fromarray(_noise(32, 32, 2)).save(src / "phone.jfif", format="JPEG")
+    (src / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (src / "loop").symlink_to(src, target_is_directory=True)  # (walked once)
+    (src / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    (src / "zero.png").write_bytes(b"")
+    (src / "iphone.heic").write_bytes(b"not decodable here")
+    predictor = SegformerPredictor(checkpoint, device="cpu", mode="whole")
+    report = predict_to_folder(predictor, [src, src / "empty"], tmp_path / "out", recursive=True, progress=False)
+    status = {Path(r.image).relative_to(src).as_posix(): (r.status, r.error) for r in report.records}
+    assert status["a.png"][0] == status["linked/b.png"][0] == status["phone.jfif"][0] == "ok", status
+    assert status["dangling.png"] == ("failed", "a link to a file that does not exist")
+    assert status["zero.png"] == ("failed", "empty file")
+    assert status["empty"] == ("failed", "a folder without images in it or below it")
+    heic = status["iphone.heic"]
+    assert heic[0] == "failed" and ("pillow-heif" in heic[1]) == ("HEIF" not in _raster_formats()), heic
+    assert not any(name.startswith("loop/") for name in status)
+
+
 def test_a_file_name_that_is_not_utf8_is_segmented_and_summarised(checkpoint, tmp_path):
     """A Latin-1 name (b"caf\\xe9.png") stopped the whole run at the summary with a codec error naming no file
     (audit); the summary now names it by its bytes on disk."""

@@ -68,7 +68,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=f"checkpoint directory (from save_pretrained or `segformer convert`) or hub id (default: {DEFAULT_MODEL})",
     )
     p.add_argument("--output", "-o", type=Path, required=True, help="output folder (created if missing)")
-    p.add_argument("--recursive", "-r", action="store_true", help="descend into sub-folders (mirrored in output)")
+    p.add_argument(
+        "--recursive",
+        "-r",
+        action="store_true",
+        help="descend into sub-folders and linked folders (mirrored in output)",
+    )
     # --mode, --crop-size N|H,W, --stride N|H,W, --short-side, --long-side, --align, --scales, --flip: not given,
     # they keep the checkpoint's protocol (inference_config.json), else SegformerPredictor.default_options
     add_inference_arguments(
