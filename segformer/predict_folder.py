@@ -228,9 +228,10 @@ def _source_stamp(src: Path) -> str | None:
     return json.dumps({"path": str(src.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
 
 
-def _maker_stamp(predictor: SegformerPredictor) -> str:
+def _maker_stamp(predictor: SegformerPredictor, alpha: float | None = None) -> str:
     """What makes ``predictor``'s label maps, as the JSON text each label PNG records (:data:`_MAKER_KEY`):
-    ``{"backend": ..., "model": 16 hex digits, "options": InferenceOptions.to_dict()}``.
+    ``{"backend": ..., "model": 16 hex digits, "options": InferenceOptions.to_dict()}``, plus ``"alpha"`` (the
+    overlays' blend) where given.
 
     The model digest covers its config (class names included, but not its path or provenance: a copied checkpoint
     is the same model, :func:`segformer.backends.config_identity`) and its weights as they run: their dtype,
@@ -248,6 +249,8 @@ def _maker_stamp(predictor: SegformerPredictor) -> str:
         backend = "pytorch compiled" if isinstance(net, CompiledModel) else "pytorch"
         hash_state(h, net.model if isinstance(net, CompiledModel) else net)
     stamp = {"backend": backend, "model": h.hexdigest()[:16], "options": predictor.options.to_dict()}
+    if alpha is not None:  # the overlays' blend: outputs of another --alpha are redone, not kept beside new ones
+        stamp["alpha"] = alpha
     return json.dumps(stamp, sort_keys=True)
 
 
@@ -335,7 +338,7 @@ def predict_to_folder(
     _check_outputs(items, stems, outputs)
     out.mkdir(parents=True, exist_ok=True)
 
-    maker = _maker_stamp(predictor)
+    maker = _maker_stamp(predictor, alpha)
     mine = [(i, items[i][0], stems[i]) for i in range(len(items)) if i % world_size == rank]  # this rank's share
     where = "in it or below it" if recursive else "directly in it (--recursive looks in its sub-folders)"
     records = [(i, ImageRecord(str(src), None, "failed", error=f"a folder without images {where}"))
@@ -356,7 +359,7 @@ def predict_to_folder(
         if report.redone:
             logger.warning(
                 f"--skip-existing: redid {len(report.redone)} image(s) whose existing outputs another model or "
-                "other options had made (model, dtype, backend, mode, sizes, scales, flip)"
+                "other options had made (model, dtype, backend, mode, sizes, scales, flip, alpha)"
             )
     return report
 
@@ -404,9 +407,10 @@ def _segment_and_write(
     rank: int,
 ) -> list[tuple[int, ImageRecord]]:
     """Segment the (index, source, stem) items and write each one's outputs, stamped with ``maker``; a failure is
-    recorded, not raised. The items in ``stale`` (indices) have outputs that another model or other options made:
-    where their redo fails, those are removed, so that no mask in the folder disagrees with the run's legend and
-    summary."""
+    recorded, not raised, and the image's outputs are removed: an earlier run's (another model's, or made from the
+    image before it broke) or the part this run wrote before a write failed, so that no mask in the folder
+    disagrees with the run's legend and summary. The items in ``stale`` (indices) are redone: their outputs were
+    another model's or other options'."""
     from tqdm.auto import tqdm
 
     records: list[tuple[int, ImageRecord]] = []
@@ -432,7 +436,7 @@ def _segment_and_write(
                 )
             except (OSError, ValueError) as exc:  # e.g. disk full: report it like a bad image and go on
                 rec = ImageRecord(str(src), None, "failed", error=f"cannot write outputs: {first_line(exc)}")
-        if rec.status == "failed" and i in stale:
+        if rec.status == "failed":  # its outputs, an earlier run's or half of this one's, are not this run's
             for path in outputs.paths(stem).values():
                 path.unlink(missing_ok=True)
         rec.rank, rec.redone = rank, i in stale

@@ -616,7 +616,7 @@ def test_cli_skip_existing_redoes_what_another_model_made(checkpoint, tmp_path):
     assert "segmented 3 image(s), skipped 0 existing" in second.stderr
     redo = [line for line in second.stderr.splitlines() if "redid" in line]
     assert redo == ["--skip-existing: redid 3 image(s) whose existing outputs another model or other options had "
-                    "made (model, dtype, backend, mode, sizes, scales, flip)"]  # fmt: skip
+                    "made (model, dtype, backend, mode, sizes, scales, flip, alpha)"]  # fmt: skip
 
     predictor = SegformerPredictor(other, device="cpu", mode="whole")
     summary = json.loads((out / "summary.json").read_text())
@@ -665,6 +665,38 @@ def test_skip_existing_redoes_what_other_options_made(checkpoint, tmp_path, capl
     report = predict_to_folder(base, [tmp_path / "in"], out, skip_existing=True, progress=False)
     assert [r.status for r in report.records] == ["skipped", "skipped"] and not report.redone
     assert "redid" not in caplog.text
+
+
+def test_skip_existing_redoes_overlays_of_another_alpha(checkpoint, tmp_path):
+    """--alpha 0.9 --skip-existing kept every overlay blended at 0.2 (audit): overlays of another alpha are redone."""
+    _photos(tmp_path / "in", n=2)
+    out, predictor = tmp_path / "out", SegformerPredictor(checkpoint, device="cpu", mode="whole")
+    predict_to_folder(predictor, [tmp_path / "in"], out, alpha=0.2, overlay_format="png", progress=False)
+    overlays = sorted(out.glob("*_overlay.png"))
+    before = [np.asarray(Image.open(p)) for p in overlays]
+    report = predict_to_folder(predictor, [tmp_path / "in"], out, alpha=0.9, overlay_format="png",
+                               skip_existing=True, progress=False)  # fmt: skip
+    assert [r.status for r in report.records] == ["ok", "ok"] and len(report.redone) == 2
+    assert all(not np.array_equal(np.asarray(Image.open(p)), b) for p, b in zip(overlays, before, strict=True))
+    again = predict_to_folder(predictor, [tmp_path / "in"], out, alpha=0.9, overlay_format="png",
+                              skip_existing=True, progress=False)  # fmt: skip
+    assert [r.status for r in again.records] == ["skipped", "skipped"]
+
+
+def test_an_image_that_fails_loses_an_earlier_runs_outputs(checkpoint, tmp_path):
+    """A second run with another model, in which one image no longer reads, left that image's mask and overlay from
+    the first model beside the second's legend and summary (audit); they are removed with its failure."""
+    photos = _photos(tmp_path / "in", n=2)
+    out = tmp_path / "out"
+    predict_to_folder(SegformerPredictor(checkpoint, device="cpu"), [tmp_path / "in"], out, progress=False)
+    assert (out / "p1.png").exists() and (out / "p1_overlay.jpg").exists()
+    photos[1].write_bytes(photos[1].read_bytes()[:100])  # truncated since
+    other = tmp_path / "other"
+    randomize_(SegformerForSemanticSegmentation(tiny_config(num_labels=3)), seed=7).save_pretrained(other)
+    report = predict_to_folder(SegformerPredictor(other, device="cpu"), [tmp_path / "in"], out, progress=False)
+    assert [r.status for r in report.records] == ["ok", "failed"]
+    assert sorted(p.name for p in out.iterdir()) == ["legend.png", "p0.png", "p0_overlay.jpg", "summary.csv",
+                                                      "summary.json"]  # fmt: skip
 
 
 def test_skip_existing_redoes_outputs_that_record_no_maker(checkpoint, tmp_path):

@@ -106,7 +106,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--skip-existing",
         action="store_true",
         help="resume: skip images whose outputs all exist and were made from that image as it is now by this "
-        "model with these options (weights, dtype, backend, mode, sizes, scales, flip); outputs another model "
+        "model with these options (weights, dtype, backend, mode, sizes, scales, flip, alpha); outputs another model "
         "or other options made are redone, and one line says how many",
     )
     p.add_argument(
