@@ -95,6 +95,10 @@ def collect_images(
             matches = [Path(m) for m in sorted(glob.glob(text, recursive=True))]
             root = base.resolve()
             for f in matches:
+                below = f.parent.resolve()  # (what a walk leaves out, a glob leaves out: earlier runs' outputs)
+                if _is_run_output(f) or any((d / OUTPUT_MARKER).exists() for d in [below, *below.parents]
+                                            if d.is_relative_to(root) and d != root):  # fmt: skip
+                    continue
                 take(f, root, f.relative_to(base) if f.is_relative_to(base) else Path(f.name))
             if not matches:  # reported as missing, as a missing file is (not dropped)
                 found.setdefault(path, (path, Path(path.name)))
@@ -108,19 +112,42 @@ def collect_images(
 def _folder_files(folder: Path, recursive: bool) -> list[Path]:
     """The files (and links) in ``folder``, sorted, with ``recursive`` those in its sub-folders too, following
     links to folders (``**`` in a glob follows them too; Path.glob's walk did not) but never into a folder twice
-    (a link back up), and leaving hidden names out (a name or a folder starting with ".": .ipynb_checkpoints/)."""
+    (a link back up), and leaving out hidden names (a name or a folder starting with ".": .ipynb_checkpoints/) and
+    what earlier runs wrote (:func:`_is_run_output`: a sub-folder that is a run's output folder, and a run's files
+    in a folder that is also its input)."""
     if not recursive:
-        return sorted(f for f in folder.iterdir() if not f.name.startswith(".") and not f.is_dir())
+        return sorted(f for f in folder.iterdir() if not f.name.startswith(".") and not f.is_dir() and not
+                      _is_run_output(f))  # fmt: skip
     out, seen = [], set()
     for top, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(top)
-        if real in seen:
+        if real in seen or (top != os.fspath(folder) and os.path.exists(os.path.join(top, OUTPUT_MARKER))):
+            if real not in seen:
+                logger.warning(f"{top}: left out, an output folder of segformer predict ({OUTPUT_MARKER})")
             dirs[:] = []
             continue
         seen.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        out += [Path(top) / name for name in files if not name.startswith(".")]
+        out += [Path(top) / name for name in files if not name.startswith(".") and not _is_run_output(Path(top) / name)]
     return sorted(out)
+
+
+def _is_run_output(f: Path) -> bool:
+    """Whether ``f`` is a file a run of segformer predict wrote into a folder holding its marker (the output
+    folder also being an input, or walked again): its legend and summaries, overlays and side images, and label
+    maps (the PNGs recording their source image). Elsewhere nothing is left out by its name."""
+    if not (f.parent / OUTPUT_MARKER).exists():
+        return False
+    name = f.name
+    if name in _RUN_FILES or name.endswith(("_overlay.jpg", "_overlay.png", "_side.jpg", "_probs.npy")):
+        return True
+    if f.suffix.lower() != ".png":
+        return False
+    try:
+        with Image.open(f) as im:  # (a PNG's text chunks before its pixels: read at open)
+            return _SOURCE_KEY in im.info
+    except Exception:
+        return False
 
 
 # ----------------------------------------------------------------------------------------------- records
@@ -179,6 +206,7 @@ def _output_stems(items: list[tuple[Path, Path]]) -> list[Path]:
 
 
 SUMMARY_JSON, SUMMARY_CSV, LEGEND_PNG = "summary.json", "summary.csv", "legend.png"
+OUTPUT_MARKER = ".segformer-predict"  # written into an output folder: walks of its parent folders leave it out
 _RUN_FILES = (SUMMARY_CSV, SUMMARY_JSON, LEGEND_PNG)  # what a run writes besides each image's files
 
 
@@ -337,7 +365,10 @@ def predict_to_folder(
     outputs = _Outputs(out, overlay_format, side_by_side_image, save_probs)
     _check_outputs(items, stems, outputs)
     out.mkdir(parents=True, exist_ok=True)
-
+    if rank == 0 and not (out / OUTPUT_MARKER).exists():
+        atomic_write_text(
+            out / OUTPUT_MARKER, "an output folder of segformer predict: walks of the folders above it leave it out\n"
+        )
     maker = _maker_stamp(predictor, alpha)
     mine = [(i, items[i][0], stems[i]) for i in range(len(items)) if i % world_size == rank]  # this rank's share
     where = "in it or below it" if recursive else "directly in it (--recursive looks in its sub-folders)"

@@ -695,8 +695,33 @@ def test_an_image_that_fails_loses_an_earlier_runs_outputs(checkpoint, tmp_path)
     randomize_(SegformerForSemanticSegmentation(tiny_config(num_labels=3)), seed=7).save_pretrained(other)
     report = predict_to_folder(SegformerPredictor(other, device="cpu"), [tmp_path / "in"], out, progress=False)
     assert [r.status for r in report.records] == ["ok", "failed"]
-    assert sorted(p.name for p in out.iterdir()) == ["legend.png", "p0.png", "p0_overlay.jpg", "summary.csv",
-                                                      "summary.json"]  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == [".segformer-predict", "legend.png", "p0.png", "p0_overlay.jpg",
+                                                      "summary.csv", "summary.json"]  # fmt: skip
+
+
+def test_earlier_outputs_in_the_folders_walked_are_not_photos(checkpoint, tmp_path, caplog):
+    """A second output folder inside the input tree segmented the first one's masks, overlays and legend as photos,
+    and an output folder that is its input could not be run again (its legend.png read as an input) (audit).
+    Output folders hold a marker: walks and globs leave them out, with one line, and a run's own files in a folder
+    that is also its input are not inputs."""
+    _photos(tmp_path / "ph", n=2)
+    predictor = SegformerPredictor(checkpoint, device="cpu", mode="whole")
+    first = predict_to_folder(predictor, [tmp_path / "ph"], tmp_path / "ph" / "masks", recursive=True, progress=False)
+    assert len(first.records) == 2 and (tmp_path / "ph" / "masks" / ".segformer-predict").is_file()
+    with caplog.at_level("WARNING", logger="segformer"):
+        second = predict_to_folder(predictor, [tmp_path / "ph"], tmp_path / "ph" / "v2", recursive=True,
+                                   progress=False)  # fmt: skip
+    assert sorted(Path(r.image).name for r in second.records) == ["p0.png", "p1.png"]
+    assert caplog.messages == [f"{tmp_path / 'ph' / 'masks'}: left out, an output folder of segformer predict "
+                               "(.segformer-predict)"]  # fmt: skip
+    globbed = predict_to_folder(predictor, [str(tmp_path / "ph" / "**" / "*.png")], tmp_path / "v3", progress=False)
+    assert sorted(Path(r.image).name for r in globbed.records) == ["p0.png", "p1.png"]
+    same = tmp_path / "same"
+    _photos(same, n=1)
+    (same / "p0.png").rename(same / "p0.jpg")
+    for _ in range(2):  # (the second run: legend.png, p0.png and p0_overlay.jpg are the first run's)
+        report = predict_to_folder(predictor, [same], same, progress=False)
+        assert [(Path(r.image).name, r.status) for r in report.records] == [("p0.jpg", "ok")]
 
 
 def test_skip_existing_redoes_outputs_that_record_no_maker(checkpoint, tmp_path):
@@ -729,4 +754,4 @@ def test_failed_redo_removes_what_another_model_made(checkpoint, tmp_path):
                                progress=False)  # fmt: skip
     assert [r.status for r in report.records] == ["failed"] and report.records[0].redone
     assert "smaller than the minimum of 100" in report.records[0].error
-    assert sorted(p.name for p in out.iterdir()) == ["legend.png", "summary.csv", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".segformer-predict", "legend.png", "summary.csv", "summary.json"]
