@@ -298,7 +298,12 @@ def load_image(source: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXEL
         raise ImageError(f"cannot segment a {type(source).__name__}: pass a path, a PIL image or an array")
     if max_pixels is not None and img.width * img.height > max_pixels:
         raise ImageError(f"{img.width}x{img.height} pixels is over the limit of {max_pixels:,}", too_large=True)
-    return to_rgb(upright(img))
+    if source is img:
+        return to_rgb(upright(img))
+    try:
+        return to_rgb(upright(img))
+    except ImageError as exc:  # a file's errors follow its name ("a.tif: float pixel values ..."), not "image: "
+        raise ImageError(str(exc).removeprefix("image: ")) from None
 
 
 def upright(image: Image.Image) -> Image.Image:

@@ -228,7 +228,14 @@ def _check_outputs(items: list[tuple[Path, Path]], stems: list[Path], outputs: _
             raise ValueError(f"{src}: this input would be overwritten by {what}; choose another --output folder")
 
 
+JPEG_MAX_SIDE = 65500  # libjpeg's limit on a side
+
+
 def _save(path: Path, image: Image.Image, fmt: str, **params: Any) -> None:
+    if fmt == "JPEG" and max(image.size) > JPEG_MAX_SIDE:  # (libjpeg said "broken data stream", and printed twice)
+        w, h = image.size
+        way = "--overlay-format png writes it as PNG" if path.stem.endswith("_overlay") else "leave out --side-by-side"
+        raise ValueError(f"{path.name} would be {w}x{h}, over JPEG's limit of {JPEG_MAX_SIDE:,} pixels a side: {way}")
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_save_image(path, image, fmt, **params)
 

@@ -724,6 +724,31 @@ def test_earlier_outputs_in_the_folders_walked_are_not_photos(checkpoint, tmp_pa
         assert [(Path(r.image).name, r.status) for r in report.records] == [("p0.jpg", "ok")]
 
 
+def test_an_overlay_over_the_jpeg_limit_says_how_to_write_it(checkpoint, tmp_path):
+    """A 65,501 px wide image lost every output with "broken data stream" (libjpeg's limit, 65,500 a side; audit):
+    the failure now names the file, the limit and the option that writes it."""
+    (tmp_path / "in").mkdir()
+    Image.fromarray(np.zeros((32, 65501, 3), np.uint8)).save(tmp_path / "in" / "strip.png")
+    predictor = SegformerPredictor(checkpoint, device="cpu", mode="whole")
+    report = predict_to_folder(predictor, [tmp_path / "in"], tmp_path / "out", progress=False)
+    assert report.records[0].error == ("cannot write outputs: strip_overlay.jpg would be 65501x32, over JPEG's limit "
+                                       "of 65,500 pixels a side: --overlay-format png writes it as PNG")  # fmt: skip
+    report = predict_to_folder(predictor, [tmp_path / "in"], tmp_path / "png", overlay_format="png", progress=False)
+    assert report.records[0].status == "ok" and (tmp_path / "png" / "strip_overlay.png").is_file()
+
+
+def test_a_files_pixel_errors_follow_its_name_once(tmp_path):
+    """ "a.tif: image: float pixel values ..." (audit): a file's errors follow its name, without "image: "."""
+    from segformer.images import ImageError, load_image
+
+    Image.fromarray(np.full((8, 8), 300.5, np.float32)).save(tmp_path / "a.tif")
+    with pytest.raises(ImageError) as info:
+        load_image(tmp_path / "a.tif")
+    assert str(info.value) == "float pixel values must lie in [0, 1] or [0, 255], got max 300.5"
+    with pytest.raises(ImageError, match=r"^image: float pixel values"):  # (an image in memory: named so)
+        load_image(Image.open(tmp_path / "a.tif"))
+
+
 def test_skip_existing_redoes_outputs_that_record_no_maker(checkpoint, tmp_path):
     """A label map of an earlier version (it names its image, not what made it) cannot be told from another
     model's: redone, not skipped."""
