@@ -24,7 +24,9 @@ import io
 import json
 import logging
 import os
+import re
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -384,6 +386,8 @@ def predict_to_folder(
     mine = [item for item in mine if not item[1].is_dir()]
     todo, stale = mine, set()
     if skip_existing:
+        if rank == 0:
+            _sweep_killed_writes(out)
         found, todo, stale = _find_existing(mine, outputs, maker, predictor.num_classes, rank)
         records += found
     records += _segment_and_write(
@@ -400,6 +404,28 @@ def predict_to_folder(
                 "other options had made (model, dtype, backend, mode, sizes, scales, flip, alpha)"
             )
     return report
+
+
+_TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # fileio.atomic_write's name for a file being written
+_KILLED_AFTER = 600  # seconds: a write takes seconds at most; older temporaries were left by a killed run
+
+
+def _sweep_killed_writes(out: Path) -> None:
+    """Remove the temporary files a killed run left in ``out`` (a SIGKILL gives atomic_write no chance to; a
+    probability file is megabytes), those over :data:`_KILLED_AFTER` old: another process writing into the folder
+    now (torchrun's ranks) keeps its own; one line says how many went."""
+    now, removed = time.time(), 0
+    for top, _, files in os.walk(out):
+        for name in files:
+            path = Path(top) / name
+            try:
+                if _TEMPORARY.fullmatch(name) and now - path.stat().st_mtime > _KILLED_AFTER:
+                    path.unlink()
+                    removed += 1
+            except OSError:
+                pass  # (gone meanwhile, or not ours to remove)
+    if removed:
+        logger.warning(f"--skip-existing: removed {removed} temporary file(s) a killed run left in {out}")
 
 
 def _find_existing(

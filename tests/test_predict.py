@@ -8,6 +8,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -747,6 +748,22 @@ def test_a_files_pixel_errors_follow_its_name_once(tmp_path):
     assert str(info.value) == "float pixel values must lie in [0, 1] or [0, 255], got max 300.5"
     with pytest.raises(ImageError, match=r"^image: float pixel values"):  # (an image in memory: named so)
         load_image(Image.open(tmp_path / "a.tif"))
+
+
+def test_a_resume_removes_what_a_killed_write_left(checkpoint, tmp_path, caplog):
+    """After a SIGKILL a hidden ".im_probs.npy.XXXXXXXX.tmp" stayed in the output folder for good (audit): a
+    --skip-existing run removes those over ten minutes old (a write in progress elsewhere is younger)."""
+    _photos(tmp_path / "in", n=1)
+    out, predictor = tmp_path / "out", SegformerPredictor(checkpoint, device="cpu", mode="whole")
+    predict_to_folder(predictor, [tmp_path / "in"], out, progress=False)
+    old, young = out / ".p0_probs.npy.ab12cd_3.tmp", out / ".p0.png.zz99yy88.tmp"
+    for path in (old, young):
+        path.write_bytes(b"x" * 1000)
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    with caplog.at_level("WARNING", logger="segformer"):
+        predict_to_folder(predictor, [tmp_path / "in"], out, skip_existing=True, progress=False)
+    assert not old.exists() and young.exists()
+    assert f"--skip-existing: removed 1 temporary file(s) a killed run left in {out}" in caplog.messages
 
 
 def test_skip_existing_redoes_outputs_that_record_no_maker(checkpoint, tmp_path):
