@@ -38,7 +38,7 @@ import logging
 import math
 import numbers
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -74,6 +74,10 @@ def _whole_number(v: Any) -> bool:
     except (TypeError, ValueError, RuntimeError):
         return False
     return math.isfinite(f) and f.is_integer()
+
+
+# the options that one mode alone reads
+_MODE_FIELDS = {"slide": ("crop_size", "stride"), "aligned": ("short_side", "long_side", "align")}
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,21 @@ class InferenceOptions:
                 ratios = [s / c for s, c in zip(self.stride, self.crop_size, strict=True)]
                 changes["stride"] = tuple(max(1, min(c, round(c * r))) for c, r in zip(crop, ratios, strict=True))
         return self.replace(**changes)
+
+    def warn_unused(self, given: Iterable[str], prefix: str = "") -> None:
+        """One warning line per mode for the options in ``given`` (field names a person set) that only another mode
+        than this one reads, as the command-line flags ``--{prefix}NAME`` (``--crop`` with whole or aligned: the
+        mode came from a checkpoint or the data set unless given too). They change nothing, though the options
+        record them."""
+        given = set(given)
+        for mode, fields in _MODE_FIELDS.items():
+            unused = [f"--{prefix}{name.replace('_', '-')}" for name in fields if name in given]
+            if unused and self.mode != mode:
+                one = len(unused) == 1
+                logging.getLogger("segformer").warning(
+                    f"{' and '.join(unused)} {'applies' if one else 'apply'} to {mode} mode and change"
+                    f"{'s' if one else ''} nothing in {self.mode} mode, the mode in force (add --{prefix}mode {mode})"
+                )
 
     def describe(self) -> str:
         """The protocol in a few words, e.g. "slide 1024x1024 stride 768x768, scales 0.5,1,1.5, flip"."""

@@ -96,17 +96,11 @@ class TrainConfig:
     def eval_inference_options(self, kind: str) -> InferenceOptions:
         """The eval_* fields over the protocol of data-set kind ``kind`` (see segformer.evaluate.eval_options),
         validated: the one place where they become InferenceOptions."""
-        return eval_options(
-            kind,
-            mode=self.eval_mode,
-            crop_size=self.eval_crop,
-            stride=self.eval_stride,
-            short_side=self.eval_short_side,
-            long_side=self.eval_long_side,
-            align=self.eval_align,
-            scales=self.eval_scales,
-            flip=self.eval_flip or None,
-        )
+        given = dict(crop_size=self.eval_crop, stride=self.eval_stride, short_side=self.eval_short_side,
+                     long_side=self.eval_long_side, align=self.eval_align)  # fmt: skip
+        options = eval_options(kind, mode=self.eval_mode, scales=self.eval_scales, flip=self.eval_flip or None, **given)
+        options.warn_unused([name for name, value in given.items() if value is not None], "eval-")
+        return options
 
 
 # The paper's ADE20K / Cityscapes recipe, for the fields a run resolves (see resolve_recipe).

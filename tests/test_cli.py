@@ -393,3 +393,19 @@ def test_an_image_that_does_not_fit_is_an_error_not_a_truncated_file(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith(f"error {target}: cannot write it (File too large)"), done.stdout
     assert not target.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_train_eval_sizes_for_another_mode_are_warned_about(caplog):
+    """segformer train --eval-crop 48 on a folder data set (whole) changed nothing without a word, as eval's --crop."""
+    from segformer.train import TrainConfig
+
+    with caplog.at_level("WARNING", logger="segformer"):
+        options = TrainConfig(eval_crop=(48, 48)).eval_inference_options("folder")
+    assert options.mode == "whole" and caplog.messages == [
+        "--eval-crop-size applies to slide mode and changes nothing in whole mode, the mode in force "
+        "(add --eval-mode slide)"
+    ]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="segformer"):
+        TrainConfig(eval_mode="slide", eval_crop=(48, 48)).eval_inference_options("folder")
+    assert caplog.messages == []

@@ -250,20 +250,11 @@ def inference_options_from_args(
     mode than the one that runs (``--crop`` with whole or aligned: the mode comes from the checkpoint or the data
     set unless ``--mode`` is given) are warned about in one line: they change nothing, though the options record
     them."""
-    import logging
-
     from segformer.inference import InferenceOptions
 
     given = inference_overrides(args, prefix)
     options = (base if base is not None else InferenceOptions()).changed(**given)
-    for mode, fields in (("slide", ("crop_size", "stride")), ("aligned", ("short_side", "long_side", "align"))):
-        unused = [f"--{prefix}{name.replace('_', '-')}" for name in fields if name in given]
-        if unused and options.mode != mode:
-            logging.getLogger("segformer").warning(
-                f"{' and '.join(unused)} {'apply' if len(unused) > 1 else 'applies'} to {mode} mode and "
-                f"change{'' if len(unused) > 1 else 's'} nothing in {options.mode} mode, the mode in force "
-                f"(add --{prefix}mode {mode})"
-            )
+    options.warn_unused(given, prefix)
     return options
 
 
