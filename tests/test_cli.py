@@ -409,3 +409,17 @@ def test_train_eval_sizes_for_another_mode_are_warned_about(caplog):
     with caplog.at_level("WARNING", logger="segformer"):
         TrainConfig(eval_mode="slide", eval_crop=(48, 48)).eval_inference_options("folder")
     assert caplog.messages == []
+
+
+def test_a_failure_is_one_line_whatever_the_file_name_holds(capsys, tmp_path):
+    """A name holding a newline split its failure line in two (audit)."""
+    from conftest import tiny_config
+
+    from segformer import SegformerForSemanticSegmentation
+
+    SegformerForSemanticSegmentation(tiny_config(num_labels=3)).save_pretrained(tmp_path / "m")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "bad\nname.png").write_bytes(b"")
+    code, _, err = run_cli(capsys, "predict", tmp_path / "in", "bad-too.png", "--model", tmp_path / "m",
+                           "--output", tmp_path / "out", "--no-progress")  # fmt: skip
+    assert code == 1 and f"{tmp_path / 'in' / 'bad'}\\nname.png: empty file" in err.splitlines(), err

@@ -172,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
         )
         if report.failures:
             print(f"{len(report.failures)} of {len(records)} images failed:", file=sys.stderr)
-            for r in report.failures:
-                print(f"{r.image}: {r.error}", file=sys.stderr)
+            for r in report.failures:  # one line each, whatever a name holds (a newline in it split the line)
+                name = r.image.encode("unicode_escape").decode("ascii") if not r.image.isprintable() else r.image
+                print(f"{name}: {r.error}", file=sys.stderr)
     return 1 if report.failures else 0
