@@ -88,7 +88,7 @@ def collect_images(
         path = Path(text).expanduser()
         if path.is_dir():
             root = path.resolve()
-            taken = [take(f, root, f.relative_to(path)) for f in _folder_files(path, recursive)]
+            taken = [take(f, root, f.relative_to(path)) for f in _folder_files(path, recursive, skip)]
             if not any(taken):  # reported (a failure, as a missing file is), not dropped without a word
                 found.setdefault(root, (path, Path(path.name)))
         elif not path.exists() and _has_magic(text):
@@ -111,12 +111,12 @@ def collect_images(
     return sorted(found.values(), key=lambda pair: str(pair[0]))
 
 
-def _folder_files(folder: Path, recursive: bool) -> list[Path]:
+def _folder_files(folder: Path, recursive: bool, own: Path | None = None) -> list[Path]:
     """The files (and links) in ``folder``, sorted, with ``recursive`` those in its sub-folders too, following
     links to folders (``**`` in a glob follows them too; Path.glob's walk did not) but never into a folder twice
     (a link back up), and leaving out hidden names (a name or a folder starting with ".": .ipynb_checkpoints/) and
     what earlier runs wrote (:func:`_is_run_output`: a sub-folder that is a run's output folder, and a run's files
-    in a folder that is also its input)."""
+    in a folder that is also its input). ``own``: this run's output folder (resolved), left out without a word."""
     if not recursive:
         return sorted(f for f in folder.iterdir() if not f.name.startswith(".") and not f.is_dir() and not
                       _is_run_output(f))  # fmt: skip
@@ -124,7 +124,7 @@ def _folder_files(folder: Path, recursive: bool) -> list[Path]:
     for top, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(top)
         if real in seen or (top != os.fspath(folder) and os.path.exists(os.path.join(top, OUTPUT_MARKER))):
-            if real not in seen:
+            if real not in seen and (own is None or Path(real) != own):
                 logger.warning(f"{top}: left out, an output folder of segformer predict ({OUTPUT_MARKER})")
             dirs[:] = []
             continue

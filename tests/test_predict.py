@@ -715,6 +715,11 @@ def test_earlier_outputs_in_the_folders_walked_are_not_photos(checkpoint, tmp_pa
     assert sorted(Path(r.image).name for r in second.records) == ["p0.png", "p1.png"]
     assert caplog.messages == [f"{tmp_path / 'ph' / 'masks'}: left out, an output folder of segformer predict "
                                "(.segformer-predict)"]  # fmt: skip
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="segformer"):  # its own output folder, resumed: nothing to say
+        predict_to_folder(predictor, [tmp_path / "ph"], tmp_path / "ph" / "masks", recursive=True, skip_existing=True,
+                          progress=False)  # fmt: skip
+    assert not [m for m in caplog.messages if "left out" in m and "masks:" in m], caplog.messages
     globbed = predict_to_folder(predictor, [str(tmp_path / "ph" / "**" / "*.png")], tmp_path / "v3", progress=False)
     assert sorted(Path(r.image).name for r in globbed.records) == ["p0.png", "p1.png"]
     same = tmp_path / "same"
