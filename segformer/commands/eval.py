@@ -74,6 +74,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="autocast dtype (default none); only where the device computes in it (a GPU; a CPU with AVX-512-BF16 "
         "or AMX for bf16), else one line says so and it runs in float32, which is faster there",
     )
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="evaluate the model as segformer predict --dtype int8 runs it (CPU): the encoder's linear layers "
+        "dynamically quantised, to measure what int8 costs in mIoU before deploying it",
+    )
     add_backend_arguments(p)  # --backend pytorch|onnxruntime, --compile
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda when available)")
     p.add_argument("--max-images", type=positive_int, help="evaluate only the first N images (a quick check)")
@@ -185,6 +191,14 @@ def run(args: argparse.Namespace) -> int:
         check_splits([(dataset, listing)], args.check_data, args.data)
         model = load_model_for_eval(args.model, info.device)
         backend = backend_arguments(args)
+        if args.int8:
+            if info.device.type != "cpu":
+                raise ValueError(f"--int8 (dynamic quantisation) runs on the CPU; got --device {info.device}")
+            if args.amp != "none" or backend != {"backend": "pytorch", "compile": False}:
+                raise ValueError("--int8 runs the PyTorch model itself: leave out --amp, --backend and --compile")
+            from segformer.backends import quantize_int8
+
+            model = quantize_int8(model)
         if backend != {"backend": "pytorch", "compile": False}:
             if args.amp != "none":
                 raise ValueError("--amp needs --backend pytorch without --compile")
@@ -221,7 +235,8 @@ def run(args: argparse.Namespace) -> int:
             )
             metrics = result.clean if details is None else details.metrics
         if info.is_main:
-            print(f"{dataset.name}: {metrics['num_images']} images, {options.describe()}")
+            int8 = ", int8 (dynamic)" if args.int8 else ""
+            print(f"{dataset.name}: {metrics['num_images']} images, {options.describe()}{int8}")
             print(format_table(metrics))
             if result is not None:
                 print()
@@ -231,6 +246,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"wrote {output / 'robustness.json'}{heatmap}", file=sys.stderr)
             if args.json:
                 saved = {**metrics_to_json(metrics), "inference": options.to_dict()}
+                if args.int8:
+                    saved["dtype"] = "int8"
                 if result is not None:
                     saved["robustness"] = result.to_dict()
                 atomic_write_text(args.json, json.dumps(saved, indent=2) + "\n")
