@@ -73,7 +73,11 @@ class RunLog:
         if self.is_main:
             output.mkdir(parents=True, exist_ok=True)
             atomic_write_text(output / "train_config.json", json.dumps(config, indent=2) + "\n")
-            self._drop_records_after(start)
+            for record in self._drop_records_after(start):  # a resumed run's curves start at step 0, not here
+                if isinstance(record.get("loss"), (int, float)):
+                    self.losses.append((record["step"], float(record["loss"])))
+                if isinstance(record.get("eval/mIoU"), (int, float)):
+                    self.evals.append((record["step"], float(record["eval/mIoU"])))
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -87,16 +91,16 @@ class RunLog:
         self.tic = self.last_tic = time.perf_counter()
         self.start = self.last_step = start
 
-    def _drop_records_after(self, start: int) -> None:
+    def _drop_records_after(self, start: int) -> list[dict[str, Any]]:
         """metrics.jsonl as of step ``start``: a run resumed from its last checkpoint does again the steps logged
         after it (a crash between checkpoints), and a new run in a folder whose run never reached a checkpoint
         starts at 0; their records would otherwise appear twice, or mix two runs. A line cut short by a crash
-        goes too."""
+        goes too. Returns the records kept."""
         try:
             lines = self.path.read_text(encoding="utf-8").splitlines()
         except FileNotFoundError:
-            return
-        kept = []
+            return []
+        kept, records = [], []
         for line in lines:
             try:
                 record = json.loads(line)
@@ -104,8 +108,10 @@ class RunLog:
                 continue
             if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= start:
                 kept.append(line)
+                records.append(record)
         if len(kept) != len(lines):
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        return records
 
     def message(self, msg: str) -> None:
         if self.is_main:

@@ -556,6 +556,21 @@ def test_no_progress_drops_the_bar_not_the_lines(tmp_path, capsys, terminal):
 
 
 @pytest.mark.output
+def test_a_resumed_runs_curves_start_at_its_beginning(tmp_path):
+    """curves.png of a resumed run began at the resume step: the log read back nothing of metrics.jsonl (notes).
+    The records kept (up to the checkpoint) seed the curves; those after it are dropped, as before."""
+    from segformer.train_log import RunLog
+
+    records = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}, {"step": 2, "eval/mIoU": 0.25},
+               {"step": 3, "loss": 9.0}]  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    log = RunLog(tmp_path, {}, is_main=True, steps=4, start=2, batch_size=2, device=torch.device("cpu"),
+                 progress=False)  # fmt: skip
+    log.bar.close()
+    assert log.losses == [(1, 2.0), (2, 1.5)] and log.evals == [(2, 0.25)]
+
+
+@pytest.mark.output
 def test_checkpoints_are_complete_and_shareable(data, tiny_json, tmp_path):
     from segformer.run_files import load_inference_options
 
