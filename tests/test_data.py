@@ -367,11 +367,31 @@ def test_value_map_palette_and_reduce_labels(tmp_path):
         ({"id2label": ["a", "b"], "palette": {"0": [1, 2]}}, r"must be \[r, g, b\]"),
         ({"id2label": ["a", "b"], "palette": {"0": [1, 2, 3], "1": [1, 2, 3]}}, "one colour"),
         ({"id2label": ["a", "b"], "class_weights": [1.0]}, "2 non-negative numbers"),
+        # audit: each of these was taken without a word, and trained something else than meant
+        ({"id2label": ["a", "b"], "reduce_labels": "false"}, "reduce_labels must be true or false, got 'false'"),
+        ({"id2label": ["bg", "a", "a"]}, "classes 1 and 2 are both named 'a'"),
+        ({"id2label": ["a", None]}, r"class 1 has no name \(None\)"),
+        ({"id2label": ["a", "b"], "ignore-index": 7}, r"unknown key\(s\) 'ignore-index'"),
+        ({"id2label": ["a", "b"], "map": {"300": 1}, "ignore_index": 300}, "300 is both ignored .* and mapped"),
     ],
 )
 def test_bad_labels_json_says_what_is_wrong(tmp_path, labels, message):
     root = _street(tmp_path, [np.zeros((8, 8), np.uint8)], labels)
     with pytest.raises(ValueError, match=message):
+        build_dataset(root, "train")
+
+
+def test_labels_json_with_a_repeated_key_a_byte_order_mark_or_utf16(tmp_path):
+    """json kept the last of two "0" keys silently (names shifted); a UTF-8 byte-order mark was refused and UTF-16
+    gave a codec error that named no file (audit)."""
+    root = _street(tmp_path, [np.zeros((8, 8), np.uint8)], ["a", "b"])
+    (root / "labels.json").write_text('{"0": "bg", "0": "a", "1": "b"}')
+    with pytest.raises(ValueError, match=r"labels\.json: the key '0' appears twice in one object"):
+        build_dataset(root, "train")
+    (root / "labels.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(["a", "b"]).encode())
+    assert build_dataset(root, "train")[0].id2label == {0: "a", 1: "b"}
+    (root / "labels.json").write_bytes(json.dumps(["a", "b"]).encode("utf-16"))
+    with pytest.raises(ValueError, match=r"labels\.json: not readable JSON in UTF-8"):
         build_dataset(root, "train")
 
 

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -232,6 +233,10 @@ def check_ignore_values(ignores: Iterable[int], id2label: Mapping[int, str], red
             )
 
 
+# the keys of a labels.json object besides id2label
+_SPEC_KEYS = frozenset({"id2label", "ignore_index", "map", "palette", "reduce_labels", "class_weights"})
+
+
 def read_label_spec(
     path: str | os.PathLike, *, ignore_index: int | None = None, reduce: bool | None = None
 ) -> LabelSpec:
@@ -239,20 +244,45 @@ def read_label_spec(
     ``id2label`` and optional ``ignore_index`` (int or list), ``map``, ``palette``, ``reduce_labels``,
     ``class_weights``. ``ignore_index`` / ``reduce`` (the command-line options) override the file."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+
+    def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in pairs]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:  # (json keeps the last silently: the class names shifted)
+            raise ValueError(f"{path}: the key {twice[0]!r} appears twice in one object")
+        return dict(pairs)
+
+    try:  # (utf-8-sig: a byte-order mark, which Windows editors write, is read past)
+        data = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=unique_keys)
     except FileNotFoundError:
         raise ValueError(f"{path}: missing (the folder layout needs labels.json holding id2label)") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not readable JSON ({exc})") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not readable JSON in UTF-8 ({first_line(exc)})") from None
     extra: Mapping = {}
     if isinstance(data, Mapping) and "id2label" in data:
         extra, data = data, data["id2label"]
+        unknown = sorted(set(extra) - _SPEC_KEYS)
+        if unknown:
+            raise ValueError(
+                f"{path}: unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(_SPEC_KEYS))}"
+            )
     if isinstance(data, list):
         data = dict(enumerate(data))
     if not isinstance(data, Mapping) or not data:
         raise ValueError(f"{path}: expected id2label as a non-empty object or list of class names")
-    id2label = {k: str(v) for k, v in _int_keys(data, path, "id2label").items()}
+    raw = _int_keys(data, path, "id2label")
+    unnamed = sorted(k for k, v in raw.items() if not isinstance(v, (str, int, float)) or isinstance(v, bool))
+    if unnamed:
+        raise ValueError(f"{path}: class {unnamed[0]} has no name ({raw[unnamed[0]]!r}); give every class a name")
+    id2label = {k: str(v) for k, v in raw.items()}
+    named: dict[str, int] = {}
+    for class_id in sorted(id2label):
+        name = id2label[class_id]
+        if name in named:  # (a checkpoint's label2id keeps one of them; metrics would need ids to tell them apart)
+            raise ValueError(
+                f"{path}: classes {named[name]} and {class_id} are both named {name!r}; name each class once"
+            )
+        named[name] = class_id
     num = len(id2label)
     if sorted(id2label) != list(range(num)):
         raise ValueError(f"{path}: class ids must be 0..{num - 1} without gaps, got {sorted(id2label)}")
@@ -263,7 +293,10 @@ def read_label_spec(
     ignores = {IGNORE_INDEX, *(stored_ignore if isinstance(stored_ignore, list) else [stored_ignore])}
     if ignore_index is not None:
         ignores.add(ignore_index)
-    reduce_labels = bool(extra.get("reduce_labels", False)) if reduce is None else reduce
+    stored_reduce = extra.get("reduce_labels", False)
+    if not isinstance(stored_reduce, bool):  # ("false" is a non-empty string: true to bool())
+        raise ValueError(f"{path}: reduce_labels must be true or false, got {stored_reduce!r}")
+    reduce_labels = stored_reduce if reduce is None else reduce
     for value in ignores:
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{path}: ignore_index must be a non-negative integer, got {value!r}")
@@ -273,6 +306,12 @@ def read_label_spec(
         if not isinstance(target, int) or not (0 <= target < num or target == IGNORE_INDEX):
             raise ValueError(f'{path}: "map" sends {value} to {target!r}; targets are 0..{num - 1} or 255')
         value_map[value] = target
+    contradicting = sorted(v for v, t in value_map.items() if v in ignores and v != IGNORE_INDEX and t != IGNORE_INDEX)
+    if contradicting:  # (the ignore rule won without a word: the class lost those pixels)
+        v = contradicting[0]
+        raise ValueError(
+            f'{path}: {v} is both ignored (ignore_index) and mapped to class {value_map[v]} ("map"); choose one'
+        )
     if value_map.get(IGNORE_INDEX, IGNORE_INDEX) != IGNORE_INDEX:  # "map": {"255": 1}: 255 is a class here
         if reduce_labels:
             raise ValueError(f'{path}: "map" sends 255 to a class, but reduce_labels makes 255 of every stored 0')
