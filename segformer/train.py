@@ -35,7 +35,14 @@ import torch
 from torch import nn
 
 from .config import SegformerConfig
-from .data.build import build_dataset, check_splits, detect_kind, label_options, warn_class_coverage
+from .data.build import (
+    build_dataset,
+    check_splits,
+    detect_kind,
+    label_options,
+    note_detected_layout,
+    warn_class_coverage,
+)
 from .data.datasets import ClassTally, MissingSplitError, SegmentationDataset
 from .data.statistics import class_tally, median_frequency_weights
 from .data.transforms import eval_transform, train_transform
@@ -260,6 +267,8 @@ def build_data(cfg: TrainConfig, info: DistInfo) -> TrainData:
     """The training set with the recipe's augmentation (``cfg`` resolved by :func:`resolve_recipe`) and the
     validation set, checked as ``cfg.check_data`` says (every rank gets the main rank's verdict)."""
     kind = data_kind(cfg)
+    if cfg.dataset == "auto" and info.is_main:
+        note_detected_layout(cfg.data, kind)
     cfg = resolve_recipe(cfg, kind)[0]  # a no-op for a resolved cfg
     eval_opts = cfg.eval_inference_options(kind)  # a bad --eval-* option fails here, before any work
     transform = train_transform(
@@ -272,6 +281,12 @@ def build_data(cfg: TrainConfig, info: DistInfo) -> TrainData:
     )
     labels = dict(kind=kind, **label_options(cfg))
     train_set, train_listing = build_dataset(cfg.data, "train", transform=transform, **labels)
+    if train_set.num_labels < 2:  # (it trained every step, then its evaluation refused a one-label model: audit)
+        raise ValueError(
+            f"--data {cfg.data}: one class ({train_set.id2label[0]!r}); segmentation needs two at least, e.g. "
+            'background and the object (for 0/255 masks: ["background", "object"] with "map": {"255": 1} in '
+            "labels.json)"
+        )
     try:
         val_set, val_listing = build_dataset(cfg.data, "val", transform=eval_transform(), **labels)
     except MissingSplitError as exc:  # (a val split that is there but broken is an error, not a warning)

@@ -549,3 +549,31 @@ def test_a_value_no_rule_covers_is_named_when_the_check_is_off(tmp_path, capsys)
     code, _, err = run_cli(capsys, "eval", "--data", tmp_path, "--model", tmp_path / "m", "--check-data", "off",
                            "--workers", "0")  # fmt: skip
     assert code == 2 and err.strip().splitlines()[-1].startswith(f"segformer eval: error: {bad}: label value(s) 7")
+
+
+def test_training_on_one_class_is_refused_before_any_step(tmp_path):
+    """A one-class data set trained every step, then failed at its evaluation (a one-label model is a sigmoid over
+    two classes) and wrote no checkpoint (audit): it is refused first, with the 0/255 recipe."""
+    from segformer.train import TrainConfig, train
+
+    root = _street(tmp_path, [np.zeros((8, 8), np.uint8)], ["background"])
+    with pytest.raises(ValueError, match=r"one class \('background'\); segmentation needs two at least"):
+        train(TrainConfig(data=str(root), output=str(tmp_path / "run"), steps=1, workers=0, device="cpu"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_own_data_taken_for_ade20k_by_its_layout_is_said(tmp_path, caplog):
+    """images/training without labels.json is read as ADE20K (150 classes, 0 ignored): one's own data so laid out
+    trained that without a word (audit). A folder that looks like no ADE20K release gets one line."""
+    from segformer.data.build import note_detected_layout
+
+    own = tmp_path / "mine"
+    (own / "images" / "training").mkdir(parents=True)
+    release = tmp_path / "ADEChallengeData2016"
+    (release / "images" / "training").mkdir(parents=True)
+    assert detect_kind(own) == detect_kind(release) == "ade20k"
+    with caplog.at_level("WARNING", logger="segformer"):
+        note_detected_layout(release, "ade20k")
+        assert caplog.messages == []
+        note_detected_layout(own, "ade20k")
+    assert len(caplog.messages) == 1 and caplog.messages[0].startswith(f"{own}: read as ADE20K")

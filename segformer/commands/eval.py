@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     import json
     import sys
 
-    from segformer.data.build import build_dataset, check_splits, detect_kind, label_options
+    from segformer.data.build import build_dataset, check_splits, detect_kind, label_options, note_detected_layout
     from segformer.distributed import cleanup, init_distributed
     from segformer.evaluate import eval_options, evaluate, load_model_for_eval
     from segformer.fileio import atomic_write_text, check_output_file
@@ -175,6 +175,8 @@ def run(args: argparse.Namespace) -> int:
     info = init_distributed(args.device)
     try:
         kind = detect_kind(args.data) if args.dataset == "auto" else args.dataset
+        if args.dataset == "auto" and info.is_main:
+            note_detected_layout(args.data, kind)
         if args.reduce_labels is None and kind in ("folder", "hf") and stored_reduce_labels(args.model):
             args.reduce_labels = True  # (the masks' 0 was ignored and k became k - 1 in training: so here)
             print(

@@ -4,6 +4,7 @@ dispatches between the layouts on disk (:mod:`segformer.data.datasets`) and Hugg
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -48,6 +49,20 @@ def detect_kind(root: str | os.PathLike) -> str:
     if not (root / "labels.json").exists() and (root / "images" / "training").is_dir():
         return "ade20k"
     return "folder"
+
+
+def note_detected_layout(root: str | os.PathLike, kind: str) -> None:
+    """One warning line where ``root`` was taken for ADE20K by its layout alone (images/training, no labels.json)
+    and looks like no ADE20K release (not named ADEChallengeData2016, no objectInfo150.txt): one's own data laid
+    out so trained ADE20K's 150 reduced classes, 0 ignored, without a word (audit)."""
+    root = Path(root)
+    if kind != "ade20k" or "ADEChallengeData2016" in root.resolve().parts or (root / "objectInfo150.txt").exists():
+        return
+    logging.getLogger("segformer").warning(
+        f"{root}: read as ADE20K (images/training without labels.json): its 150 classes, stored 0 ignored and "
+        "the others reduced by one; for your own classes put a labels.json beside images/ (or pass --dataset folder "
+        "--labels FILE)"
+    )
 
 
 def build_dataset(
