@@ -451,3 +451,32 @@ def test_eval_int8_measures_the_quantised_model(capsys, tmp_path):
     assert saved["dtype"] == "int8" and saved["mIoU"] == pytest.approx(expected["mIoU"], abs=1e-12)
     code, _, err = run_cli(capsys, "eval", "--data", data, "--model", tmp_path / "m", "--int8", "--amp", "bf16")
     assert code == 2 and "--int8 runs the PyTorch model itself: leave out --amp" in err
+
+
+def test_eval_says_when_the_checkpoint_names_its_classes_otherwise(capsys, caplog, tmp_path):
+    """The same four classes in another order in labels.json: eval printed the model's 'background' IoU as 'dots'
+    without a word (audit). One warning line; none where the names agree or the checkpoint has none (LABEL_k)."""
+    import json
+
+    from conftest import tiny_config
+
+    from segformer import SegformerForSemanticSegmentation
+    from segformer.data import write_synthetic_dataset
+    from segformer.data.synthetic import CLASSES
+
+    data = write_synthetic_dataset(tmp_path / "data", num_train=1, num_val=1, size=48)
+    named, plain = tmp_path / "named", tmp_path / "plain"
+    names = dict(enumerate(CLASSES))
+    SegformerForSemanticSegmentation(tiny_config(num_labels=4, id2label=names)).save_pretrained(named)
+    SegformerForSemanticSegmentation(tiny_config(num_labels=4)).save_pretrained(plain)
+
+    def warnings(model) -> list[str]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="segformer"):
+            code, _, err = run_cli(capsys, "eval", "--data", data, "--model", model, "--workers", "0")
+        assert code == 0, err
+        return [m for m in caplog.messages if "otherwise than the data" in m]
+
+    assert warnings(named) == [] and warnings(plain) == []
+    (data / "labels.json").write_text(json.dumps(list(reversed(CLASSES))))
+    assert len(warnings(named)) == 1 and warnings(plain) == []

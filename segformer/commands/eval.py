@@ -141,6 +141,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _note_other_names(model_names: dict, dataset) -> None:
+    """One warning line where the checkpoint names its classes otherwise than the data set (the same count, in
+    another order or other words): the table shows the data's names, which may not be the classes the model
+    learnt under those ids (audit). Checkpoints without names (LABEL_k) say nothing."""
+    import logging
+
+    differ = [(i, str(model_names.get(i)), name) for i, name in sorted(dataset.id2label.items())
+              if str(model_names.get(i, f"LABEL_{i}")).strip().lower() != str(name).strip().lower()]  # fmt: skip
+    if differ and not all(m == f"LABEL_{i}" or m == "None" for i, m, _ in differ):
+        shown = ", ".join(f"{i}: {m!r} vs {d!r}" for i, m, d in differ[:3]) + (" ..." if len(differ) > 3 else "")
+        logging.getLogger("segformer").warning(
+            f"the checkpoint names {len(differ)} class(es) otherwise than the data ({shown}); the table uses the "
+            "data's names: check that both number the classes alike"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     import json
     import sys
@@ -192,6 +208,8 @@ def run(args: argparse.Namespace) -> int:
         )
         check_splits([(dataset, listing)], args.check_data, args.data)
         model = load_model_for_eval(args.model, info.device)
+        if info.is_main:
+            _note_other_names(model.config.id2label, dataset)
         backend = backend_arguments(args)
         if args.int8:
             if info.device.type != "cpu":
