@@ -577,3 +577,20 @@ def test_own_data_taken_for_ade20k_by_its_layout_is_said(tmp_path, caplog):
         assert caplog.messages == []
         note_detected_layout(own, "ade20k")
     assert len(caplog.messages) == 1 and caplog.messages[0].startswith(f"{own}: read as ADE20K")
+
+
+def test_a_negative_mask_value_gets_a_fix_that_works():
+    """A -1 in a Hugging Face array mask was answered with "pass --ignore-index -1", which is refused (an ignore
+    index is a stored value >= 0; audit): the hint maps it instead."""
+    from segformer.data.datasets import SegmentationDataset, check_values_of
+
+    class Rows(SegmentationDataset):
+        def read_mask(self, index: int) -> np.ndarray:
+            return np.array([[0, -1], [1, 1]])
+
+        def mask_name(self, index: int) -> str:
+            return "rows[0].label"
+
+    problems = check_values_of(Rows([(Path("a.png"), Path("a.png"))], {0: "a", 1: "b"}), 0)
+    assert problems == ['rows[0].label: label value(s) -1 outside 0..1: if -1 marks unlabelled pixels, add "map": '
+                        '{"-1": 255} to labels.json (or map it to a class)']  # fmt: skip

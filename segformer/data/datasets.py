@@ -599,6 +599,8 @@ def check_values_of(dataset: SegmentationDataset, index: int, tally: ClassTally 
     hint = (
         f'if {first} marks unlabelled pixels, pass --ignore-index {first} (or "ignore_index": {first} in '
         f'labels.json); to merge values into classes, add a "map" to labels.json'
+        if first >= 0  # (an ignore index is a stored value >= 0: a negative one is mapped instead)
+        else f'if {first} marks unlabelled pixels, add "map": {{"{first}": 255}} to labels.json (or map it to a class)'
     )
     if not dataset.spec.reduce_labels and int(bad.max()) == dataset.num_labels and 0 in values:
         hint += "; if 0 means 'other' and the classes are 1..K (ADE20K style), pass --reduce-labels"
