@@ -111,9 +111,12 @@ def model_card(
     hyperparameters: Mapping[str, Any],
     options: InferenceOptions,
     step: int,
+    metrics_step: int | None = None,
 ) -> str:
     """The README.md of a checkpoint: YAML metadata (library, tags, datasets, metrics, model-index), how it was
-    trained and how it scores (aggregate metrics and per-class IoU)."""
+    trained and how it scores (aggregate metrics and per-class IoU, measured at ``metrics_step``, default
+    ``step``: a last/ saved between evaluations carries the latest one, said to be of an earlier step)."""
+    metrics_step = step if metrics_step is None else metrics_step
     metrics = dict(metrics or {})
     lines = [
         "---",
@@ -161,7 +164,8 @@ def model_card(
         "",
     ]
     if metrics:
-        lines += ["| metric | value |", "|---|---|"]
+        earlier = f" (these weights are from step {step})" if metrics_step != step else ""
+        lines += [f"Measured at step {metrics_step}{earlier}:", "", "| metric | value |", "|---|---|"]
         for key in ("mIoU", "aAcc", "mAcc"):
             if metrics.get(key) is not None:
                 lines.append(f"| {key} | {100 * float(metrics[key]):.2f} |")

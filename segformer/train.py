@@ -422,12 +422,18 @@ def save_last(
 
 
 def shareable_files(
-    cfg: TrainConfig, data: TrainData, step: int, metrics: dict[str, Any] | None, *, precision: Precision
+    cfg: TrainConfig,
+    data: TrainData,
+    step: int,
+    metrics: dict[str, Any] | None,
+    *,
+    precision: Precision,
+    metrics_step: int | None = None,
 ) -> dict[str, str]:
     """What makes a checkpoint folder complete (see :mod:`segformer.run_files`): the matching
     ``preprocessor_config.json``, the evaluation protocol and a model card with ``metrics`` (None: not
-    evaluated) and the hyper-parameters, the precision that ran (``precision``, see :func:`run_record`)
-    included."""
+    evaluated; measured at ``metrics_step``, default ``step``) and the hyper-parameters, the precision that ran
+    (``precision``, see :func:`run_record`) included."""
     fresh = starts_fresh(cfg.model)
     keys = (
         "model",
@@ -459,6 +465,7 @@ def shareable_files(
         hyperparameters=recipe,
         options=data.eval_options,
         step=step,
+        metrics_step=step if metrics_step is None else metrics_step,
     )
     reduce = data.train_set.spec.reduce_labels
     return {
@@ -663,7 +670,10 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         progress=cfg.progress,
     )
     end = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
-    batches, metrics = iter(loader), None
+    batches = iter(loader)
+    # the last evaluation and its step; on a resume the one metrics.jsonl kept (a card then names it, as it would
+    # have had the run not been interrupted)
+    metrics_step, metrics = log.last_evaluation if log.last_evaluation is not None else (None, None)
     while run.step < end:
         loss, lr = train_step(
             model,
@@ -680,10 +690,12 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         log.step(run.step, loss, lr, write=run.step % cfg.log_every == 0 or run.step == end)
         if data.val_set is not None and ((cfg.eval_every and run.step % cfg.eval_every == 0) or run.step == cfg.steps):
             metrics = evaluate_and_checkpoint(net, data, cfg, info, run, log, output / "best", precision=precision)
+            metrics_step = run.step
         if run.step % cfg.save_every == 0 or run.step == end:
             files = shareable_files(
-                cfg, data, run.step, metrics_to_json(metrics) if metrics else None, precision=precision
-            )
+                cfg, data, run.step, metrics_to_json(metrics) if metrics else None, precision=precision,
+                metrics_step=metrics_step,
+            )  # fmt: skip
             save_last(output / "last", net, optim, run, info, files)
     log.close(metrics)
     best = output / "best"

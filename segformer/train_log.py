@@ -70,14 +70,17 @@ class RunLog:
         self.losses: list[tuple[int, float]] = []
         self.evals: list[tuple[int, float]] = []
         self._plot_note_shown = False
+        self.last_evaluation: tuple[int, dict[str, Any]] | None = None  # (step, metrics) read back on a resume
         if self.is_main:
             output.mkdir(parents=True, exist_ok=True)
             atomic_write_text(output / "train_config.json", json.dumps(config, indent=2) + "\n")
             for record in self._drop_records_after(start):  # a resumed run's curves start at step 0, not here
                 if isinstance(record.get("loss"), (int, float)):
                     self.losses.append((record["step"], float(record["loss"])))
-                if isinstance(record.get("eval/mIoU"), (int, float)):
-                    self.evals.append((record["step"], float(record["eval/mIoU"])))
+                if "eval/mIoU" in record:  # (the run's last evaluation, for its checkpoints' model cards)
+                    self.last_evaluation = (record["step"], {k[5:]: v for k, v in record.items() if k[:5] == "eval/"})
+                    if isinstance(record["eval/mIoU"], (int, float)):
+                        self.evals.append((record["step"], float(record["eval/mIoU"])))
             try:
                 from torch.utils.tensorboard import SummaryWriter
 

@@ -571,6 +571,20 @@ def test_a_resumed_runs_curves_start_at_its_beginning(tmp_path):
 
 
 @pytest.mark.output
+def test_a_cards_metrics_name_their_step_and_survive_a_resume(data, tiny_json, tmp_path):
+    """last/ saved between evaluations carried the latest evaluation's mIoU as the weights' own, and after a resume
+    its card said "No evaluation was run" (audit). The card names the step its metrics come from, and a resumed
+    run writes the card an uninterrupted one does."""
+    changes = dict(eval_every=2, save_every=1, stop_at=3)
+    train(_cfg(data, tiny_json, tmp_path / "straight", **changes))
+    train(_cfg(data, tiny_json, tmp_path / "split", **{**changes, "stop_at": 2}))
+    train(_cfg(data, tiny_json, tmp_path / "split", **{**changes, "resume": "auto"}))
+    cards = [(tmp_path / run / "last" / "README.md").read_text() for run in ("straight", "split")]
+    assert "Measured at step 2 (these weights are from step 3):" in cards[0] and "| mIoU |" in cards[0]
+    assert cards[0].replace("straight", "split") == cards[1]
+
+
+@pytest.mark.output
 def test_checkpoints_are_complete_and_shareable(data, tiny_json, tmp_path):
     from segformer.run_files import load_inference_options
 
