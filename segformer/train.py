@@ -629,6 +629,15 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
             "samples follows their count)",
             info,
         )
+    labels = json.loads(json.dumps(data.train_set.spec.describe()))  # (as train_config.json holds it)
+    stored_spec = stored.get("label_spec") if resume_dir is not None else None
+    # (another class count: the model's check below says so in its words)
+    if stored_spec not in (None, labels) and stored_spec.get("num_labels") == labels["num_labels"]:
+        changed = sorted(k for k in labels if labels.get(k) != stored_spec.get(k))
+        raise ValueError(
+            f"{cfg.data}: its label rules differ from the run's ({', '.join(changed)}; labels.json or "
+            "--labels/--ignore-index/--reduce-labels): resume with the run's own, or start a new --output"
+        )
 
     # ---- model, optimiser, where the run stands
     seed_everything(cfg.seed + info.rank)
@@ -661,7 +670,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     )
     log = RunLog(
         output,
-        {**run_record(cfg, precision), "train_images": len(data.train_set)},
+        {**run_record(cfg, precision), "train_images": len(data.train_set), "label_spec": labels},
         is_main=info.is_main,
         steps=cfg.steps,
         start=run.step,

@@ -585,6 +585,25 @@ def test_a_cards_metrics_name_their_step_and_survive_a_resume(data, tiny_json, t
 
 
 @pytest.mark.output
+def test_a_resume_on_other_label_rules_is_refused(data, tiny_json, tmp_path):
+    """labels.json edited between a run and its resume (classes renamed) went unnoticed: best/ then named its
+    classes one way in config.json and another in eval.json (audit). The rules are recorded and compared."""
+    import shutil
+
+    moved = tmp_path / "data"
+    shutil.copytree(data, moved)
+    run = tmp_path / "run"
+    train(_cfg(moved, tiny_json, run, stop_at=2))
+    assert json.loads((run / "train_config.json").read_text())["label_spec"]["num_labels"] == 4
+    names = json.loads((moved / "labels.json").read_text())
+    (moved / "labels.json").write_text(json.dumps({k: v.upper() for k, v in names.items()}))
+    with pytest.raises(ValueError, match=r"its label rules differ from the run's \(id2label; labels\.json"):
+        train(_cfg(moved, tiny_json, run, resume="auto"))
+    (moved / "labels.json").write_text(json.dumps(names))
+    assert train(_cfg(moved, tiny_json, run, resume="auto"))["step"] == 4
+
+
+@pytest.mark.output
 def test_checkpoints_are_complete_and_shareable(data, tiny_json, tmp_path):
     from segformer.run_files import load_inference_options
 

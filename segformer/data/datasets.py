@@ -198,9 +198,10 @@ class LabelSpec:
         return out
 
     def describe(self) -> dict:
-        """The JSON-able summary stored with a run (``train_config.json``)."""
+        """The JSON-able summary stored with a run (``train_config.json``: a resume on other rules is refused)."""
         return {
             "num_labels": self.num_labels,
+            "id2label": {str(k): v for k, v in sorted(self.id2label.items())},
             "ignore_values": list(self.ignore_values),
             "value_map": {str(k): v for k, v in self.value_map.items()},
             "palette": None if self.palette is None else {str(v): list(k) for k, v in self.palette.items()},
