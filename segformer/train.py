@@ -610,6 +610,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         raise ValueError(f"{output} already holds a run; pass --resume auto to continue it, or another --output")
     if resume_dir is None and cfg.resume == "auto" and (output / "last").is_dir():
         raise ValueError(f"{output / 'last'} has no {TRAINING_STATE}: it cannot be resumed (start a new --output)")
+    if resume_dir is None and cfg.resume == "auto":  # (the settings are then this command's, with their defaults)
+        _log(f"--resume auto: no run in {output} to resume; starting a new one with this command's settings", info)
     if resume_dir is not None:
         elsewhere = output.resolve() != resume_dir.parent.resolve()
         if elsewhere and any((output / d / TRAINING_STATE).is_file() for d in ("last", ".last.old")):

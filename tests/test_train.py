@@ -604,6 +604,14 @@ def test_a_resume_on_other_label_rules_is_refused(data, tiny_json, tmp_path):
 
 
 @pytest.mark.output
+def test_resume_auto_without_a_run_says_it_starts_anew(data, tiny_json, tmp_path, capsys):
+    """--resume auto on a folder without a run started a fresh run with every default and no word (audit)."""
+    train(_cfg(data, tiny_json, tmp_path / "run", steps=1, resume="auto"))
+    err = capsys.readouterr().err
+    assert f"--resume auto: no run in {tmp_path / 'run'} to resume; starting a new one" in err
+
+
+@pytest.mark.output
 def test_checkpoints_are_complete_and_shareable(data, tiny_json, tmp_path):
     from segformer.run_files import load_inference_options
 
