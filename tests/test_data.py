@@ -594,3 +594,14 @@ def test_a_negative_mask_value_gets_a_fix_that_works():
     problems = check_values_of(Rows([(Path("a.png"), Path("a.png"))], {0: "a", 1: "b"}), 0)
     assert problems == ['rows[0].label: label value(s) -1 outside 0..1: if -1 marks unlabelled pixels, add "map": '
                         '{"-1": 255} to labels.json (or map it to a class)']  # fmt: skip
+
+
+def test_a_mask_of_the_wrong_mode_is_named_once_and_not_called_unreadable(tmp_path):
+    """ "X.png: unreadable mask (X.png: a mask must be a one-band image ..., got mode LA)" (audit): the file reads;
+    its mode is the problem, said once with the path."""
+    root = _street(tmp_path, [np.zeros((8, 8), np.uint8)], ["a", "b"])
+    mask = next((root / "annotations" / "train").glob("*.png"))
+    Image.fromarray(np.zeros((8, 8, 2), np.uint8), "LA").save(mask)
+    dataset, listing = build_dataset(root, "train")
+    problems = check_dataset(dataset, listing).problems
+    assert f"{mask}: a mask must be a one-band image of class ids, got mode LA" in problems, problems

@@ -468,7 +468,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
             if check_values:
                 problems += check_values_of(self, index, tally)
         except Exception as exc:
-            problems.append(f"{mask_path}: unreadable mask ({str(exc).strip() or type(exc).__name__})")
+            message = str(exc).strip() or type(exc).__name__
+            if message.startswith(f"{mask_path}: "):  # (readable, but not a mask: its own words, the path once)
+                problems.append(message)
+            else:
+                problems.append(f"{mask_path}: unreadable mask ({message})")
             mask_size = None
         if image_size and mask_size and image_size != mask_size and not upright_turn(image_path, image_size, mask_size):
             problems.append(_size_mismatch(image_path, image_size, mask_path.name, mask_size))
