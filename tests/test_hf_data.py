@@ -88,6 +88,29 @@ def test_a_class_id_column_is_no_mask(tmp_path):
     assert len(problems) == 2 and all("not a mask" in p and "--label-column" in p for p in problems)
 
 
+def test_jpeg_masks_are_refused_as_in_the_folder_layout(tmp_path):
+    """Masks stored as JPEG (their compression makes class ids that are not there at every border) were read,
+    and only rows where an artefact fell outside the classes were reported (audit): every such row is named."""
+    import io
+
+    def jpeg(array: np.ndarray) -> dict:
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, "JPEG")
+        return {"bytes": buffer.getvalue(), "path": None}
+
+    mask = np.zeros((40, 48), np.uint8)
+    mask[10:30, 10:30] = 2
+    features = datasets.Features({"image": datasets.Image(), "annotation": datasets.Image()})
+    rows = {"image": [Image.fromarray(np.zeros((40, 48, 3), np.uint8))] * 2, "annotation": [jpeg(mask)] * 2}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows, features=features)}).save_to_disk(
+        str(tmp_path / "jpeg")
+    )
+    (tmp_path / "jpeg" / "labels.json").write_text(json.dumps(["a", "b", "c"]))
+    dataset, _ = build_dataset(tmp_path / "jpeg", "train")
+    problems = check_dataset(dataset).problems
+    assert len(problems) == 2 and all("a JPEG mask" in p for p in problems), problems
+
+
 def test_array_columns_follow_the_pixel_rules_of_the_one_input_layer(tmp_path):
     """Image and mask columns of arrays (features List(...(Value(dtype)))) were read with np.asarray(dtype=uint8):
     float images in [0, 1] became black, uint16 wrapped, bool became 0/1, (H, W) and (3, H, W) failed later with

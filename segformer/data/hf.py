@@ -146,6 +146,11 @@ def _declared_dtype(feature: Any) -> np.dtype | None:
 def _mask_cell(cell: Any, where: str, dtype: np.dtype | None, *, colours: bool = False) -> np.ndarray:
     """A mask column's cell (an Image feature's picture, or an array / nested lists of ``dtype``) → its values."""
     if isinstance(cell, Image.Image):
+        if cell.format == "JPEG":  # (its compression makes other class ids at every border: the folder layout
+            raise ValueError(  # refuses JPEG masks too)
+                f"{where}: a JPEG mask (its compression changes class ids at every border); masks must be stored "
+                "losslessly (PNG)"
+            )
         return mask_values(cell, colours=colours, where=where)
     return mask_array(np.asarray(cell, dtype=dtype), where, colours=colours)
 
