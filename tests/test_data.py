@@ -605,3 +605,12 @@ def test_a_mask_of_the_wrong_mode_is_named_once_and_not_called_unreadable(tmp_pa
     dataset, listing = build_dataset(root, "train")
     problems = check_dataset(dataset, listing).problems
     assert f"{mask}: a mask must be a one-band image of class ids, got mode LA" in problems, problems
+
+
+def test_map_keys_are_stored_values_also_with_reduced_labels(tmp_path):
+    """With reduce_labels, "map" keys were read after the reduction (stored 3 stayed class 2), while ignore_index
+    and the README take stored values (audit): both are stored values now."""
+    root = _street(tmp_path, [np.array([[0, 1], [2, 3]], np.uint8).repeat(4, 0).repeat(4, 1)], ["a", "b", "c"])
+    (root / "labels.json").write_text(json.dumps({"id2label": ["a", "b", "c"], "reduce_labels": True, "map": {"3": 0}}))
+    dataset, _ = build_dataset(root, "train")
+    assert np.unique(dataset.read_mask(0)).tolist() == [0, 1, 255]  # stored 1 → 0, 2 → 1, 3 → 0 (mapped), 0 ignored

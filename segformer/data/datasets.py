@@ -180,8 +180,8 @@ class LabelSpec:
         if not self.value_map and self.ignore_values == (IGNORE_INDEX,):
             return values
         out = values.copy()
-        for value, target in self.value_map.items():
-            out[values == value] = target
+        for value, target in self.value_map.items():  # stored values, as ignore_index's (README): with the
+            out[stored == value] = target  # reduction on, the keys were the reduced ones, without a word (audit)
         for value in self.ignore_values:  # stored values, whatever the reduction made of them
             out[stored == value] = IGNORE_INDEX
         return out
