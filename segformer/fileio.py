@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+# the temporary name atomic_write gives a file being written beside PATH: ".NAME.XXXXXXXX.tmp" (mkstemp's 8 random
+# characters); a killed process leaves it behind (segformer predict --skip-existing sweeps old ones)
+TEMPORARY_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:

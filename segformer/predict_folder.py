@@ -24,7 +24,6 @@ import io
 import json
 import logging
 import os
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -37,7 +36,7 @@ from PIL import Image, PngImagePlugin
 
 from .backends import CompiledModel, OnnxRuntimeModel, config_identity, hash_state
 from .distributed import all_gather_objects, is_distributed
-from .fileio import atomic_save_image, atomic_write, atomic_write_text
+from .fileio import TEMPORARY_NAME, atomic_save_image, atomic_write, atomic_write_text
 from .hub import first_line
 from .images import IMAGE_EXTENSIONS, ImageError
 from .predict import SegformerPredictor, Segmentation
@@ -118,8 +117,9 @@ def _folder_files(folder: Path, recursive: bool, own: Path | None = None) -> lis
     what earlier runs wrote (:func:`_is_run_output`: a sub-folder that is a run's output folder, and a run's files
     in a folder that is also its input). ``own``: this run's output folder (resolved), left out without a word."""
     if not recursive:
+        marked = (folder / OUTPUT_MARKER).exists()
         return sorted(f for f in folder.iterdir() if not f.name.startswith(".") and not f.is_dir() and not
-                      _is_run_output(f))  # fmt: skip
+                      (marked and _is_run_output(f)))  # fmt: skip
     out, seen = [], set()
     for top, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(top)
@@ -130,7 +130,9 @@ def _folder_files(folder: Path, recursive: bool, own: Path | None = None) -> lis
             continue
         seen.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        out += [Path(top) / name for name in files if not name.startswith(".") and not _is_run_output(Path(top) / name)]
+        marked = OUTPUT_MARKER in files  # (the folder's marker, looked for once, not once per file)
+        out += [Path(top) / name for name in files
+                if not name.startswith(".") and not (marked and _is_run_output(Path(top) / name))]  # fmt: skip
     return sorted(out)
 
 
@@ -265,10 +267,9 @@ def _source_stamp(src: Path) -> str | None:
     return json.dumps({"path": str(src.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
 
 
-def _maker_stamp(predictor: SegformerPredictor, alpha: float | None = None) -> str:
+def _maker_stamp(predictor: SegformerPredictor, alpha: float) -> str:
     """What makes ``predictor``'s label maps, as the JSON text each label PNG records (:data:`_MAKER_KEY`):
-    ``{"backend": ..., "model": 16 hex digits, "options": InferenceOptions.to_dict()}``, plus ``"alpha"`` (the
-    overlays' blend) where given.
+    ``{"alpha": the overlays' blend, "backend": ..., "model": 16 hex digits, "options": InferenceOptions.to_dict()}``.
 
     The model digest covers its config (class names included, but not its path or provenance: a copied checkpoint
     is the same model, :func:`segformer.backends.config_identity`) and its weights as they run: their dtype,
@@ -285,9 +286,8 @@ def _maker_stamp(predictor: SegformerPredictor, alpha: float | None = None) -> s
     else:
         backend = "pytorch compiled" if isinstance(net, CompiledModel) else "pytorch"
         hash_state(h, net.model if isinstance(net, CompiledModel) else net)
-    stamp = {"backend": backend, "model": h.hexdigest()[:16], "options": predictor.options.to_dict()}
-    if alpha is not None:  # the overlays' blend: outputs of another --alpha are redone, not kept beside new ones
-        stamp["alpha"] = alpha
+    # (the overlays' blend too: outputs of another --alpha are redone, not kept beside new ones)
+    stamp = {"alpha": alpha, "backend": backend, "model": h.hexdigest()[:16], "options": predictor.options.to_dict()}
     return json.dumps(stamp, sort_keys=True)
 
 
@@ -406,7 +406,6 @@ def predict_to_folder(
     return report
 
 
-_TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # fileio.atomic_write's name for a file being written
 _KILLED_AFTER = 600  # seconds: a write takes seconds at most; older temporaries were left by a killed run
 
 
@@ -419,7 +418,7 @@ def _sweep_killed_writes(out: Path) -> None:
         for name in files:
             path = Path(top) / name
             try:
-                if _TEMPORARY.fullmatch(name) and now - path.stat().st_mtime > _KILLED_AFTER:
+                if TEMPORARY_NAME.fullmatch(name) and now - path.stat().st_mtime > _KILLED_AFTER:
                     path.unlink()
                     removed += 1
             except OSError:
