@@ -93,6 +93,18 @@ def known_label_set(id2label: Mapping[int, str] | Sequence[str]) -> str | None:
     return None
 
 
+def renamed_classes(
+    first: Mapping[int, str] | Sequence[str], second: Mapping[int, str] | Sequence[str]
+) -> list[tuple[int, str, str]]:
+    """``(id, first's name, second's name)`` for each class two label sets name otherwise, up to spelling
+    (:func:`_normalise`); none where both are one benchmark's set (:func:`known_label_set`: the published configs
+    rename a few of its classes), and ids only one of them names are not compared."""
+    a, b = _names_list(first), _names_list(second)
+    if known_label_set(a) is not None and known_label_set(a) == known_label_set(b):
+        return []
+    return [(i, x, y) for i, (x, y) in enumerate(zip(a, b, strict=False)) if _normalise(x) != _normalise(y)]
+
+
 def palette_for(id2label: Mapping[int, str] | Sequence[str] | int) -> np.ndarray:
     """The (K, 3) uint8 palette for a label set: the standard colours of ADE20K or Cityscapes when
     ``id2label`` (or a list of names) is recognised as one of them, else :func:`make_palette` (K). An int

@@ -127,3 +127,16 @@ def test_side_by_side_and_legend():
     two = legend(list(ADE20K_CLASSES), ADE20K_PALETTE, ids=[2, 12])
     assert two.height < big.height
     assert tuple(ADE20K_PALETTE[12]) in {tuple(c) for c in np.asarray(two).reshape(-1, 3).tolist()}
+
+
+def test_renamed_classes_compare_names_up_to_spelling():
+    """eval's check of a checkpoint's names against the data's: another order is named; a spelling ("Wall") and
+    the published ADE20K configs' renames ("television" for "television receiver") are not."""
+    from segformer.labels import ADE20K_CLASSES
+    from segformer.visualize import renamed_classes
+
+    assert renamed_classes(["a", "b"], ["b", "a"]) == [(0, "a", "b"), (1, "b", "a")]
+    assert renamed_classes({0: "Wall", 1: "sky "}, ["wall", "sky"]) == []
+    hub = list(ADE20K_CLASSES)
+    hub[89] = "television"
+    assert renamed_classes(hub, ADE20K_CLASSES) == []

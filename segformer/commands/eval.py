@@ -144,12 +144,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _note_other_names(model_names: dict, dataset) -> None:
     """One warning line where the checkpoint names its classes otherwise than the data set (the same count, in
     another order or other words): the table shows the data's names, which may not be the classes the model
-    learnt under those ids (audit). Checkpoints without names (LABEL_k) say nothing."""
+    learnt under those ids (audit). Checkpoints without names (LABEL_k) say nothing, and neither do spellings of
+    one benchmark's names (segformer.visualize.renamed_classes)."""
     import logging
 
-    differ = [(i, str(model_names.get(i)), name) for i, name in sorted(dataset.id2label.items())
-              if str(model_names.get(i, f"LABEL_{i}")).strip().lower() != str(name).strip().lower()]  # fmt: skip
-    if differ and not all(m == f"LABEL_{i}" or m == "None" for i, m, _ in differ):
+    from segformer.visualize import renamed_classes
+
+    differ = renamed_classes(model_names, dataset.id2label)
+    if differ and not all(m in (f"LABEL_{i}", "") for i, m, _ in differ):
         shown = ", ".join(f"{i}: {m!r} vs {d!r}" for i, m, d in differ[:3]) + (" ..." if len(differ) > 3 else "")
         logging.getLogger("segformer").warning(
             f"the checkpoint names {len(differ)} class(es) otherwise than the data ({shown}); the table uses the "
