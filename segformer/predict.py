@@ -207,7 +207,10 @@ class SegformerPredictor:
         self.num_classes = 2 if k == 1 else k
         names = class_names(self.config.id2label, k)
         self.class_names: list[str] = ["background", names[0]] if k == 1 else names
-        self.palette: np.ndarray = palette_for(self.class_names if k != 1 else 2)
+        # the data's own colours where the checkpoint's labels.json has them (segformer train writes it)
+        from .run_files import stored_palette
+
+        self.palette: np.ndarray = stored_palette(model, palette_for(self.class_names if k != 1 else 2))
 
     # The options of a predictor built without ``options`` for a checkpoint that stores none: the ADE20K
     # protocol, bounded work for huge images.

@@ -10,6 +10,10 @@ Besides ``config.json`` and ``model.safetensors`` (:meth:`save_pretrained`), a c
   (:class:`~segformer.inference.InferenceOptions`), which ``segformer predict``, ``segformer eval`` and
   :class:`~segformer.predict.SegformerPredictor` take as their default, so that what a user sees is what
   the metric measured;
+- ``labels.json``: the run's label rules in the format of a data set's ``labels.json`` (class names, the stored
+  mask values read as unlabelled, ``map``, ``palette``, ``reduce_labels``), so that ``segformer eval`` takes the
+  run's ``--ignore-index``, ``predict`` and ``serve`` colour the classes as the data's palette did, and
+  ``--labels DIR/labels.json`` reads another copy of the data the same way;
 - ``README.md``: a model card in the Hugging Face convention (YAML metadata, how it was trained, the
   evaluation table with per-class IoU).
 """
@@ -26,6 +30,7 @@ from .fileio import atomic_write_text
 from .inference import InferenceOptions
 
 INFERENCE_CONFIG = "inference_config.json"
+LABELS_FILE = "labels.json"
 
 
 def inference_json(options: InferenceOptions) -> str:
@@ -49,6 +54,45 @@ def load_inference_options(model: str | os.PathLike) -> InferenceOptions | None:
         return InferenceOptions.from_dict(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, json.JSONDecodeError, TypeError, ValueError) as exc:
         raise ValueError(f"{path}: not a valid inference config ({exc})") from None
+
+
+def labels_json(spec: Mapping[str, Any]) -> str:
+    """The text of a checkpoint's ``labels.json`` from a run's label rules (:meth:`LabelSpec.describe`, as
+    ``train_config.json`` holds them); class weights are training's and are left out."""
+    ignores = [v for v in spec["ignore_values"] if v != 255]  # (255 always is, unless "map" makes it a class)
+    out: dict[str, Any] = {"id2label": spec["id2label"], "reduce_labels": spec["reduce_labels"]}
+    if ignores:
+        out["ignore_index"] = ignores
+    if spec["value_map"]:
+        out["map"] = spec["value_map"]
+    if spec["palette"] is not None:
+        out["palette"] = spec["palette"]
+    return json.dumps(out, indent=2, ensure_ascii=False) + "\n"
+
+
+def stored_label_spec(model: str | os.PathLike | object) -> Any:
+    """The label rules stored with a local checkpoint (its ``labels.json``, which segformer train writes) as a
+    :class:`~segformer.data.datasets.LabelSpec`, or None (a hub id, a model object, no such file); a damaged
+    file raises ValueError naming it."""
+    if not isinstance(model, (str, os.PathLike)) or not (Path(model) / LABELS_FILE).is_file():
+        return None
+    from .data.datasets import read_label_spec
+
+    return read_label_spec(Path(model) / LABELS_FILE)
+
+
+def stored_palette(model: str | os.PathLike | object, palette: Any) -> Any:
+    """``palette`` ((K, 3) uint8, one row per class) with the colours a local checkpoint's ``labels.json``
+    gives its classes in place (a data set of colour-coded masks: predictions come out in the data's own
+    colours); unchanged where the checkpoint names none, or names other classes than ``palette`` has rows."""
+    spec = stored_label_spec(model)
+    if spec is None or spec.palette is None or spec.num_labels != len(palette):
+        return palette
+    out = palette.copy()
+    for colour, class_id in spec.palette.items():
+        if class_id < len(out):
+            out[class_id] = colour
+    return out
 
 
 def stored_reduce_labels(model: str | os.PathLike) -> bool | None:
@@ -191,13 +235,17 @@ def write_model_card(directory: str | os.PathLike, **fields: Any) -> Path:
 
 __all__ = [
     "INFERENCE_CONFIG",
+    "LABELS_FILE",
     "inference_json",
     "preprocessor_json",
     "processor_size",
     "load_inference_options",
     "model_card",
+    "labels_json",
     "save_inference_options",
     "save_preprocessor",
     "stored_reduce_labels",
+    "stored_label_spec",
+    "stored_palette",
     "write_model_card",
 ]

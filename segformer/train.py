@@ -73,7 +73,15 @@ from .recipe import (
     resolve_recipe,
     starts_fresh,
 )
-from .run_files import INFERENCE_CONFIG, inference_json, model_card, preprocessor_json, processor_size
+from .run_files import (
+    INFERENCE_CONFIG,
+    LABELS_FILE,
+    inference_json,
+    labels_json,
+    model_card,
+    preprocessor_json,
+    processor_size,
+)
 from .train_log import RunLog
 from .train_state import (
     TRAINING_STATE,
@@ -431,9 +439,9 @@ def shareable_files(
     metrics_step: int | None = None,
 ) -> dict[str, str]:
     """What makes a checkpoint folder complete (see :mod:`segformer.run_files`): the matching
-    ``preprocessor_config.json``, the evaluation protocol and a model card with ``metrics`` (None: not
-    evaluated; measured at ``metrics_step``, default ``step``) and the hyper-parameters, the precision that ran
-    (``precision``, see :func:`run_record`) included."""
+    ``preprocessor_config.json``, the evaluation protocol, the label rules (``labels.json``) and a model card
+    with ``metrics`` (None: not evaluated; measured at ``metrics_step``, default ``step``) and the
+    hyper-parameters, the precision that ran (``precision``, see :func:`run_record`) included."""
     fresh = starts_fresh(cfg.model)
     keys = (
         "model",
@@ -471,6 +479,7 @@ def shareable_files(
     return {
         "preprocessor_config.json": preprocessor_json(size=processor_size(data.eval_options), reduce_labels=reduce),
         INFERENCE_CONFIG: inference_json(data.eval_options),
+        LABELS_FILE: labels_json(data.train_set.spec.describe()),
         "README.md": card,
     }
 

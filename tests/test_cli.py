@@ -344,6 +344,50 @@ def test_eval_follows_a_checkpoint_trained_on_reduced_labels(capsys, tmp_path):
     assert results[()] == results[("--reduce-labels",)] != results[("--no-reduce-labels",)]
 
 
+def test_eval_and_predict_follow_the_label_rules_a_checkpoint_keeps(capsys, tmp_path):
+    """A run trained with --ignore-index 11 was evaluated by a plain `segformer eval --model RUN/best` with 11 as a
+    class value (the data check stopped it), and colour-coded data's palette never reached predict's outputs
+    (notes). The checkpoint's labels.json carries both: eval takes its ignore value, saying so, and agrees with
+    an explicit --ignore-index 11; SegformerPredictor colours classes as the data's palette did."""
+    import json
+
+    import numpy as np
+    from conftest import tiny_config
+    from PIL import Image
+
+    from segformer import SegformerForSemanticSegmentation
+    from segformer.data.datasets import read_label_spec
+    from segformer.predict import SegformerPredictor
+    from segformer.run_files import labels_json
+
+    data = tmp_path / "data"
+    assert run_cli(capsys, "synth", data, "--train", "1", "--val", "2", "--size", "48")[0] == 0
+    for mask_path in (data / "annotations" / "val").iterdir():
+        mask = np.array(Image.open(mask_path))
+        mask[:8, :8] = 11  # (the data's own "unlabelled" value, as the run's --ignore-index named it)
+        Image.fromarray(mask).save(mask_path)
+    num = len(json.loads((data / "labels.json").read_text()))
+    model = tmp_path / "model"
+    SegformerForSemanticSegmentation(tiny_config(num_labels=num)).save_pretrained(model)
+    code, _, err = run_cli(capsys, "eval", "--data", data, "--model", model)
+    assert code != 0 and "11" in err, err  # (without the checkpoint's rules: values outside the classes)
+    (model / "labels.json").write_text(labels_json(read_label_spec(data / "labels.json", ignore_index=11).describe()))
+    results = {}
+    for flags in ((), ("--ignore-index", "11")):
+        code, _, err = run_cli(capsys, "eval", "--data", data, "--model", model, "--json", tmp_path / "m.json", *flags)
+        assert code == 0, err
+        results[flags] = json.loads((tmp_path / "m.json").read_text())
+        assert ("was trained with mask value 11 read as unlabelled" in err) == (flags == ()), (flags, err)
+    assert results[()] == results[("--ignore-index", "11")]
+
+    default = SegformerPredictor(str(model), device="cpu").palette
+    colours = {str(k): [10 * k, 20, 30] for k in range(num)}
+    (model / "labels.json").write_text(json.dumps({"id2label": list(range(num)), "palette": colours}))
+    assert SegformerPredictor(str(model), device="cpu").palette.tolist() == list(colours.values()) != default.tolist()
+    (model / "labels.json").write_text(json.dumps({"id2label": list(range(num + 1))}))  # other classes: unchanged
+    assert SegformerPredictor(str(model), device="cpu").palette.tolist() == default.tolist()
+
+
 def test_sizes_for_another_mode_than_the_one_in_force_are_warned_about(capsys, caplog, tmp_path):
     """--crop with the checkpoint's or the default mode (not slide) changed nothing without a word, while the
     options recorded the crop (audit); one line per mode names the flags and the --mode that would use them."""

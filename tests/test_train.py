@@ -621,7 +621,11 @@ def test_checkpoints_are_complete_and_shareable(data, tiny_json, tmp_path):
     for folder in (best, last):
         names = {p.name for p in folder.iterdir()}
         assert {"config.json", "model.safetensors", "preprocessor_config.json", "inference_config.json",
-                "README.md"} <= names, folder  # fmt: skip
+                "labels.json", "README.md"} <= names, folder  # fmt: skip
+        # the run's label rules, in the format of the data's labels.json (which reads it as it read the data's)
+        from segformer.data.datasets import read_label_spec
+
+        assert read_label_spec(folder / "labels.json") == read_label_spec(data / "labels.json")
         options = load_inference_options(folder)
         assert options.mode == "slide" and options.crop_size == (48, 48) and options.stride == (32, 32)
         processor = json.loads((folder / "preprocessor_config.json").read_text())

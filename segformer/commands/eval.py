@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from . import (
@@ -159,6 +160,27 @@ def _note_other_names(model_names: dict, dataset) -> None:
         )
 
 
+def _stored_ignore_value(args: argparse.Namespace, dataset: object) -> int | None:
+    """The stored mask value a local checkpoint's ``labels.json`` reads as unlabelled that the data's own rules
+    do not (the run's ``--ignore-index``), when ``--ignore-index`` is not given and the data has the same classes;
+    else None. Two or more such values (an edited file) are a warning: one option cannot carry them."""
+    from segformer.data.datasets import IGNORE_INDEX
+    from segformer.run_files import stored_label_spec
+
+    stored = stored_label_spec(args.model) if args.ignore_index is None else None
+    spec = getattr(dataset, "spec", None)
+    if stored is None or spec is None or stored.id2label != spec.id2label:
+        return None
+    extra = sorted(set(stored.ignore_values) - set(spec.ignore_values) - {IGNORE_INDEX})
+    if len(extra) > 1:
+        logging.getLogger("segformer").warning(
+            f"{args.model}/labels.json reads mask values {', '.join(map(str, extra))} as unlabelled, the data's "
+            'labels.json none of them: add them to its "ignore_index" to evaluate as the model was trained'
+        )
+        return None
+    return extra[0] if extra else None
+
+
 def run(args: argparse.Namespace) -> int:
     import json
     import sys
@@ -202,12 +224,17 @@ def run(args: argparse.Namespace) -> int:
                 "preprocessor_config.json): evaluating so (--no-reduce-labels evaluates the stored values)",
                 file=sys.stderr,
             )
-        dataset, listing = build_dataset(
-            args.data,
-            args.split,
-            kind=kind,
-            **label_options(args),
-        )
+        dataset, listing = build_dataset(args.data, args.split, kind=kind, **label_options(args))
+        ignored = _stored_ignore_value(args, dataset)
+        if ignored is not None:  # (the run's --ignore-index: without it those pixels would count as errors)
+            args.ignore_index = ignored
+            dataset, listing = build_dataset(args.data, args.split, kind=kind, **label_options(args))
+            if info.is_main:
+                print(
+                    f"segformer eval: {args.model} was trained with mask value {ignored} read as unlabelled (its "
+                    f"labels.json): evaluating so (--ignore-index N sets another)",
+                    file=sys.stderr,
+                )
         check_splits([(dataset, listing)], args.check_data, args.data)
         model = load_model_for_eval(args.model, info.device)
         if info.is_main:
