@@ -329,6 +329,38 @@ class OnnxRuntimeModel(nn.Module):
         return f"path={str(self.path)!r}, from_cache={self.from_cache}"
 
 
+def is_onnx_file(model: object) -> bool:
+    """Whether ``model`` names an ONNX file (a path ending in .onnx), to run as it is."""
+    return isinstance(model, (str, os.PathLike)) and str(model).lower().endswith(".onnx")
+
+
+def load_onnx_file(path: str | os.PathLike, *, threads: int | None = None) -> OnnxRuntimeModel:
+    """An ONNX file written by ``segformer export`` as an :class:`OnnxRuntimeModel`, its config taken from the
+    file's metadata (:func:`segformer.export.read_metadata`). A missing file, another tool's export (no
+    segformer metadata) and a static graph (one input size only) raise ValueError naming the file."""
+    from .config import SegformerConfig
+    from .export import read_metadata
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ValueError(f"{path}: no such ONNX file")
+    meta = read_metadata(path)
+    if "segformer.config" not in meta:
+        raise ValueError(
+            f"{path}: no segformer metadata (another tool's export, or an earlier segformer's): write it with "
+            "`segformer export MODEL --onnx FILE`, or pass the checkpoint and --backend onnxruntime"
+        )
+    axes = meta.get("segformer.axes", "dynamic")
+    if axes != "dynamic":
+        raise ValueError(f"{path}: exported with --static ({axes.split()[-1]} only); export it without --static")
+    try:
+        config = SegformerConfig.from_dict(json.loads(meta["segformer.config"]))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: its segformer.config metadata is not a valid config ({exc})") from None
+    _require_onnxruntime()
+    return OnnxRuntimeModel(path, config, threads=threads, from_cache=False)
+
+
 def onnxruntime_model(
     model: nn.Module,
     *,
@@ -529,6 +561,10 @@ def runtime_model(
     raise ValueError naming the argument."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if isinstance(model, OnnxRuntimeModel):  # (an ONNX file given as the model: it runs as it is)
+        if compile:
+            raise ValueError("compile applies to PyTorch checkpoints; an ONNX file runs on onnxruntime as it is")
+        return model
     if backend == "pytorch":
         return CompiledModel(model, cache_dir=cache_dir) if compile else model
     if compile:
@@ -550,6 +586,8 @@ __all__ = [
     "artefact_key",
     "cache_root",
     "cached_entry",
+    "is_onnx_file",
+    "load_onnx_file",
     "onnxruntime_model",
     "quantize_int8",
     "runtime_model",

@@ -142,9 +142,16 @@ def write_metrics_json(path: str | os.PathLike, metrics: dict[str, Any]) -> None
 
 def load_model_for_eval(name_or_path: str | os.PathLike, device: torch.device) -> nn.Module:
     """A SegformerForSemanticSegmentation from a checkpoint directory or hub id, in eval mode on ``device``
-    (one without decode-head weights is a ValueError: :func:`segformer.modeling.load_segmentation_model`)."""
+    (one without decode-head weights is a ValueError: :func:`segformer.modeling.load_segmentation_model`); an
+    ONNX file ``segformer export`` wrote runs on onnxruntime on the CPU
+    (:func:`segformer.backends.load_onnx_file`)."""
+    from .backends import is_onnx_file, load_onnx_file
     from .modeling import load_segmentation_model
 
+    if is_onnx_file(name_or_path):
+        if device.type != "cpu":
+            raise ValueError(f"{name_or_path}: an ONNX file runs on the CPU (onnxruntime); got device {device}")
+        return load_onnx_file(name_or_path)
     return load_segmentation_model(name_or_path).to(device).eval()
 
 

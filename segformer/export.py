@@ -19,6 +19,11 @@ engines otherwise hit in the variance and in exp(). Input and output stay float3
 the float32 PyTorch model with a looser tolerance (:data:`FP16_TOLERANCE`) where onnxruntime's CPU provider
 can run it; otherwise only its structure is checked and the report says so.
 
+The file describes itself in its metadata (``metadata_props``, which Netron shows and :func:`read_metadata`
+reads): the model's config (class names included), the input's preprocessing (RGB, /255, ImageNet mean/std),
+what the output needs (bilinear resize to the input size, argmax), the axes, and where known the checkpoint's
+evaluation protocol and label rules. ``segformer predict/eval/serve --model FILE.onnx`` run such a file as it is.
+
 Needs the ``onnx`` and ``onnxruntime`` packages (``pip install 'segformer[onnx]'``); uses PyTorch's
 TorchScript-based exporter (``dynamo=False``), which needs no further packages.
 """
@@ -27,6 +32,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import json
 import os
 import warnings
 from collections.abc import Iterator
@@ -39,6 +46,7 @@ from torch import nn
 
 from . import modeling
 from .fileio import atomic_write
+from .hub import first_line
 from .modeling import SegformerEfficientSelfAttention, SegformerForSemanticSegmentation, min_input_size
 
 DEFAULT_OPSET = 17  # the first opset with a LayerNormalization op
@@ -53,6 +61,9 @@ FP32_TOLERANCE = 1e-4
 # fp16 weights and activations against the fp32 PyTorch model: 3 significant digits of every matmul, summed
 # over ~20 layers, give ~1e-3 of the largest logit; 1e-2 leaves room without hiding a broken graph.
 FP16_TOLERANCE = 1e-2
+# the metadata keys an export writes (see onnx_metadata); "segformer.config" marks a file as ours
+METADATA_KEYS = ("segformer.version", "segformer.config", "segformer.axes", "segformer.input", "segformer.output",
+                 "segformer.inference", "segformer.labels")  # fmt: skip
 
 
 @dataclass
@@ -270,6 +281,64 @@ def _check_export_arguments(
     return h, w, path
 
 
+def onnx_metadata(
+    config: object, size: tuple[int, int], dynamic: bool, *, options: object = None, labels: str | None = None
+) -> dict[str, str]:
+    """The metadata an export writes into its file: ``segformer.version``, ``segformer.config`` (config.json's
+    text, id2label included), ``segformer.axes`` ("dynamic", or "static HxW"), ``segformer.input`` (JSON:
+    name, layout, channel order, rescale factor, mean and std), ``segformer.output`` (what the logits need) and,
+    when given, ``segformer.inference`` (an InferenceOptions: the checkpoint's evaluation protocol) and
+    ``segformer.labels`` (the text of the checkpoint's labels.json)."""
+    from . import __version__
+    from .images import IMAGENET_MEAN, IMAGENET_STD
+
+    meta = {
+        "segformer.version": __version__,
+        "segformer.config": config.to_json_string(),
+        "segformer.axes": "dynamic" if dynamic else f"static {size[0]}x{size[1]}",
+        "segformer.input": json.dumps(
+            {
+                "name": "pixel_values",
+                "layout": "NCHW",
+                "channels": "RGB",
+                "rescale_factor": 1 / 255,
+                "image_mean": list(IMAGENET_MEAN),
+                "image_std": list(IMAGENET_STD),
+            }  # fmt: skip
+        ),
+        "segformer.output": "logits (B, num_labels, ceil(H/4), ceil(W/4)): resize bilinearly (align_corners=False) "
+        "to the input size, then argmax over the classes",
+    }
+    if options is not None:
+        meta["segformer.inference"] = json.dumps(options.to_dict())
+    if labels is not None:
+        meta["segformer.labels"] = labels
+    return meta
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``segformer.*`` metadata of an ONNX file (empty for a file another tool wrote); a file that is not
+    ONNX raises ValueError naming it."""
+    _require_onnx()
+    try:
+        stat = os.stat(path)
+    except OSError as exc:
+        raise ValueError(f"{path}: {exc.strerror}") from None
+    return dict(_metadata(str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=8)
+def _metadata(path: str, mtime_ns: int, size: int) -> tuple[tuple[str, str], ...]:
+    """(the file is parsed once per version: a predictor reads the config, the protocol and the labels)"""
+    import onnx
+
+    try:
+        proto = onnx.load(path, load_external_data=False)
+    except Exception as exc:  # (protobuf's DecodeError and friends)
+        raise ValueError(f"{path}: not an ONNX file ({first_line(exc)})") from None
+    return tuple((p.key, p.value) for p in proto.metadata_props if p.key.startswith("segformer."))
+
+
 def export_onnx(
     model: SegformerForSemanticSegmentation,
     path: str | os.PathLike,
@@ -280,6 +349,8 @@ def export_onnx(
     fp16: bool = False,
     verify: bool = True,
     tolerance: float | None = None,
+    options: object = None,
+    labels: str | None = None,
 ) -> ExportReport:
     """Export ``model`` (eval mode, fast path) to ONNX at ``path`` and verify it with onnxruntime.
 
@@ -288,7 +359,9 @@ def export_onnx(
     ``fp16``: float16 weights with LayerNorm and softmax in float32 (float32 input and output).
     ``verify``: run onnxruntime and compare (see the module docstring); raises RuntimeError when the
     difference exceeds ``tolerance`` (default 1e-4 fp32, :data:`FP16_TOLERANCE` fp16), in which case no
-    file is written. Returns an :class:`ExportReport`.
+    file is written. ``options`` (an InferenceOptions) and ``labels`` (a labels.json's text): the checkpoint's
+    evaluation protocol and label rules, written into the file's metadata (:func:`onnx_metadata`) with the
+    config and the preprocessing. Returns an :class:`ExportReport`.
     """
     _require_onnx()
     h, w, path = _check_export_arguments(model, path, size, opset)
@@ -323,6 +396,11 @@ def export_onnx(
             )
         import onnx
 
+        proto = onnx.load(tmp)
+        for key, value in onnx_metadata(config, (h, w), dynamic, options=options, labels=labels).items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.save(proto, tmp)
         onnx.checker.check_model(tmp)
         check_folded_head(tmp, config.decoder_hidden_size, config.num_encoder_blocks)
         if fp16:

@@ -42,7 +42,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .backends import BACKENDS, quantize_int8, runtime_model
+from .backends import BACKENDS, is_onnx_file, load_onnx_file, quantize_int8, runtime_model
 from .hub import CheckpointError
 from .images import (
     DEFAULT_MAX_PIXELS,
@@ -82,7 +82,8 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
 ) -> nn.Module:
-    """A SegformerForSemanticSegmentation from a checkpoint directory or hub id (or a model, passed through),
+    """A SegformerForSemanticSegmentation from a checkpoint directory or hub id (or a model, passed through; or
+    an ONNX file ``segformer export`` wrote, as a :class:`segformer.backends.OnnxRuntimeModel` on the CPU),
     in eval mode on ``device`` in ``dtype`` (read by :func:`segformer.pretrained.select_device` and
     :func:`segformer.inference.select_dtype`: a reduced precision the device would only emulate becomes
     float32, with one warning line). ``dtype="int8"``: float32 with the encoder's linear layers dynamically
@@ -98,6 +99,10 @@ def load_model(
         raise ValueError(f"dtype int8 (dynamic quantisation) runs on the CPU; got device {dev}")
     dt = torch.float32 if int8 else select_dtype(dtype, dev)
     finish = quantize_int8 if int8 else (lambda net: net)
+    if is_onnx_file(model):  # (a file segformer export wrote: onnxruntime on the CPU, in the file's precision)
+        if dev.type != "cpu" or (dtype is not None and dt != torch.float32) or int8:
+            raise ValueError(f"{model}: an ONNX file runs on the CPU in its own precision; leave out device and dtype")
+        return load_onnx_file(model)
     if isinstance(model, nn.Module):
         if int8:  # (quantize_int8 replaces layers in place: the caller's model would compute something else after)
             model = copy.deepcopy(model)
@@ -147,7 +152,9 @@ class SegformerPredictor:
     """Segments images with a SegFormer; numpy label maps at each image's original resolution out.
 
     Args:
-        model: a checkpoint directory, a hub id (default: ADE20K b0) or a SegformerForSemanticSegmentation.
+        model: a checkpoint directory, a hub id (default: ADE20K b0), a SegformerForSemanticSegmentation, or an
+            ONNX file ``segformer export`` wrote (run by onnxruntime on the CPU, with the protocol and colours
+            its metadata carries).
         device: "auto" / None (CUDA, else MPS, else CPU), "cpu", "cuda", "cuda:1", "mps" or a torch.device.
         dtype: "float32" (default), "float16" or "bfloat16" (where the device computes in it, else float32 with
             a warning: :func:`segformer.inference.select_dtype`), or "int8" (CPU: the encoder's linear layers
@@ -193,6 +200,10 @@ class SegformerPredictor:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if _is_int8(dtype) and (backend != "pytorch" or compile):
             raise ValueError("dtype int8 runs on the eager pytorch backend (no onnxruntime, no compile)")
+        if is_onnx_file(model):
+            if compile:
+                raise ValueError(f"{model}: compile applies to PyTorch checkpoints; an ONNX file runs as it is")
+            backend = "onnxruntime"
         if (backend == "onnxruntime" or _is_int8(dtype)) and (device is None or str(device) == "auto"):
             device = "cpu"  # onnxruntime and dynamic quantisation run on the CPU here
         self.model = runtime_model(load_model(model, device=device, dtype=dtype), backend, compile=compile)

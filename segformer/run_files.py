@@ -45,13 +45,30 @@ def save_inference_options(directory: str | os.PathLike, options: InferenceOptio
     return path
 
 
+def _onnx_metadata(model: object, key: str) -> tuple[str, str | None] | None:
+    """(a name for messages, the metadata value or None) for an ONNX file given as the model, else None."""
+    from .backends import is_onnx_file
+
+    if not is_onnx_file(model) or not Path(model).is_file():
+        return None
+    from .export import read_metadata
+
+    return f"{model} (metadata {key})", read_metadata(model).get(key)
+
+
 def load_inference_options(model: str | os.PathLike) -> InferenceOptions | None:
-    """The evaluation protocol stored with a local checkpoint, or None (a hub id, or no such file)."""
-    path = Path(model) / INFERENCE_CONFIG
-    if not path.is_file():
+    """The evaluation protocol stored with a local checkpoint (or in an ONNX file's metadata), or None (a hub
+    id, or no such file)."""
+    onnx = _onnx_metadata(model, "segformer.inference")
+    if onnx is not None:
+        path, text = onnx
+    else:
+        path = Path(model) / INFERENCE_CONFIG
+        text = path.read_text(encoding="utf-8") if path.is_file() else None
+    if text is None:
         return None
     try:
-        return InferenceOptions.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        return InferenceOptions.from_dict(json.loads(text))
     except (OSError, json.JSONDecodeError, TypeError, ValueError) as exc:
         raise ValueError(f"{path}: not a valid inference config ({exc})") from None
 
@@ -72,12 +89,16 @@ def labels_json(spec: Mapping[str, Any]) -> str:
 
 def stored_label_spec(model: str | os.PathLike | object) -> Any:
     """The label rules stored with a local checkpoint (its ``labels.json``, which segformer train writes) as a
-    :class:`~segformer.data.datasets.LabelSpec`, or None (a hub id, a model object, no such file); a damaged
-    file raises ValueError naming it."""
-    if not isinstance(model, (str, os.PathLike)) or not (Path(model) / LABELS_FILE).is_file():
-        return None
+    :class:`~segformer.data.datasets.LabelSpec` (also from an ONNX file's metadata), or None (a hub id, a model
+    object, no such file); a damaged file raises ValueError naming it."""
     from .data.datasets import read_label_spec
 
+    onnx = _onnx_metadata(model, "segformer.labels")
+    if onnx is not None:
+        name, text = onnx
+        return None if text is None else read_label_spec(name, text=text)
+    if not isinstance(model, (str, os.PathLike)) or not (Path(model) / LABELS_FILE).is_file():
+        return None
     return read_label_spec(Path(model) / LABELS_FILE)
 
 

@@ -166,3 +166,91 @@ def test_cli_export_refuses_a_classification_checkpoint(tmp_path, capsys):
     code, _, err = run_cli(capsys, "export", tmp_path / "cls", "--onnx", tmp_path / "c.onnx", "--size", "64", "64")
     assert code == 2 and "not a segmentation checkpoint (SegformerForImageClassification" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "c.onnx").exists()
+
+
+@pytest.mark.output
+def test_an_exported_file_runs_as_the_model_with_its_metadata(tmp_path, capsys, monkeypatch):
+    """An export carried no metadata, and a file `segformer export` wrote could not be given as the model
+    (`--backend onnxruntime` exported its own copy into the cache: notes). The file now holds the config, the
+    preprocessing, and the checkpoint's protocol and label rules; predict, eval and SegformerPredictor run it as
+    they run the checkpoint on onnxruntime, and files they cannot run are refused in one line naming them."""
+    import json
+
+    import numpy as np
+    import onnx
+    from PIL import Image
+
+    from segformer.data.synthetic import CLASSES
+    from segformer.export import read_metadata
+    from segformer.images import IMAGENET_MEAN
+    from segformer.inference import InferenceOptions
+    from segformer.predict import SegformerPredictor
+    from segformer.run_files import save_inference_options
+
+    monkeypatch.setenv("SEGFORMER_CACHE", str(tmp_path / "cache"))
+    ckpt, path = tmp_path / "ckpt", tmp_path / "m.onnx"
+    net = randomize_(SegformerForSemanticSegmentation(tiny_config(num_labels=len(CLASSES)))).eval()
+    net.save_pretrained(ckpt)
+    save_inference_options(ckpt, InferenceOptions(mode="whole"))
+    colours = {str(k): [40 * k, 20, 30] for k in range(len(CLASSES))}
+    (ckpt / "labels.json").write_text(json.dumps({"id2label": list(CLASSES), "palette": colours}))
+    code, _, err = run_cli(capsys, "export", "--model", ckpt, "--onnx", path, "--size", "64", "64")
+    assert code == 0, err
+
+    meta = read_metadata(path)
+    assert json.loads(meta["segformer.config"])["id2label"] == {str(k): v for k, v in net.config.id2label.items()}
+    assert InferenceOptions.from_dict(json.loads(meta["segformer.inference"])) == InferenceOptions(mode="whole")
+    assert json.loads(meta["segformer.input"])["image_mean"] == list(IMAGENET_MEAN)
+    assert meta["segformer.axes"] == "dynamic" and "argmax" in meta["segformer.output"]
+
+    from_file = SegformerPredictor(str(path))
+    from_ckpt = SegformerPredictor(str(ckpt), backend="onnxruntime")
+    assert from_file.backend == "onnxruntime" and from_file.device.type == "cpu"
+    assert from_file.options == from_ckpt.options == InferenceOptions(mode="whole")
+    assert from_file.palette.tolist() == from_ckpt.palette.tolist() == list(colours.values())
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (70, 90, 3), np.uint8))
+    assert np.array_equal(from_file.predict(image).labels, from_ckpt.predict(image).labels)
+
+    # the command line: predict's label map in the data's colours; eval's metrics as the checkpoint's
+    image.save(tmp_path / "a.png")
+    code, _, err = run_cli(capsys, "predict", tmp_path / "a.png", "--model", path, "--output", tmp_path / "out",
+                           "--no-progress")  # fmt: skip
+    assert code == 0, err
+    written = Image.open(tmp_path / "out" / "a.png")
+    assert written.getpalette()[: 3 * len(CLASSES)] == [c for k in range(len(CLASSES)) for c in colours[str(k)]]
+    data = tmp_path / "data"
+    assert run_cli(capsys, "synth", data, "--train", "1", "--val", "2", "--size", "48")[0] == 0
+    results = []
+    for model, flags in ((path, ()), (ckpt, ("--backend", "onnxruntime", "--device", "cpu"))):
+        code, _, err = run_cli(capsys, "eval", "--data", data, "--model", model, "--json", tmp_path / "r.json", *flags)
+        assert code == 0, err
+        results.append(json.loads((tmp_path / "r.json").read_text()))
+    assert results[0] == results[1]
+
+    # what cannot run is one line naming the file
+    static = tmp_path / "static.onnx"
+    export_onnx(net, static, size=(64, 64), dynamic=False)
+    foreign = onnx.load(str(path))
+    del foreign.metadata_props[:]
+    onnx.save(foreign, str(tmp_path / "foreign.onnx"))
+    (tmp_path / "text.onnx").write_text("not a model")
+    for name, flags, message in (
+        ("static.onnx", (), "exported with --static (64x64 only)"),
+        ("foreign.onnx", (), "no segformer metadata"),
+        ("text.onnx", (), "not an ONNX file"),
+        ("m.onnx", ("--compile",), "compile applies to PyTorch checkpoints"),
+        ("missing.onnx", (), "no such ONNX file"),
+    ):
+        code, _, err = run_cli(capsys, "predict", tmp_path / "a.png", "--model", tmp_path / name, "--output",
+                               tmp_path / "o2", "--no-progress", *flags)  # fmt: skip
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (name, err)
+
+
+def test_serve_and_export_take_the_model_either_way(tmp_path, capsys):
+    """serve and export took the model only positionally, train/eval/predict only as --model (notes)."""
+    code, _, err = run_cli(capsys, "export", "a", "--model", "b", "--onnx", tmp_path / "x.onnx")
+    assert code == 2 and "the model is given twice (a and --model b)" in err, err
+    code, _, err = run_cli(capsys, "export", "--onnx", tmp_path / "x.onnx")
+    assert code == 2 and "the model is required: MODEL or --model MODEL" in err, err
+    code, _, err = run_cli(capsys, "serve", "a", "--model", "b")
+    assert code == 2 and "the model is given twice" in err, err

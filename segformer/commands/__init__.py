@@ -83,6 +83,23 @@ def port_number(text: str) -> int:
     return value
 
 
+def add_model_arguments(parser: argparse.ArgumentParser, help: str) -> None:
+    """The model as a positional MODEL or as ``--model`` (as train, eval and predict take it); read it with
+    :func:`model_argument`."""
+    parser.add_argument("model", metavar="MODEL", nargs="?", help=f"{help} (or --model MODEL)")
+    parser.add_argument("--model", dest="model_option", metavar="MODEL", help=argparse.SUPPRESS)
+
+
+def model_argument(args: argparse.Namespace) -> str:
+    """The model :func:`add_model_arguments` read; ValueError when it is missing or given twice otherwise."""
+    given, option = args.model, args.model_option
+    if given is not None and option is not None and given != option:
+        raise ValueError(f"the model is given twice ({given} and --model {option}); give it once")
+    if given is None and option is None:
+        raise ValueError("the model is required: MODEL or --model MODEL (a checkpoint directory or hub id)")
+    return given if given is not None else option
+
+
 def add_label_arguments(parser: argparse.ArgumentParser) -> None:
     """--ignore-index, --reduce-labels (how stored mask values become classes) and, for Hugging Face datasets,
     --image-column, --label-column, --labels."""

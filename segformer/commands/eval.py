@@ -48,7 +48,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="data: a folder layout, ADE20K or Cityscapes directory, or a "
         "Hugging Face dataset (save_to_disk folder, parquet folder, hub id)",
     )
-    p.add_argument("--model", required=True, help="checkpoint directory (save_pretrained layout) or hub id")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="checkpoint directory (save_pretrained layout), hub id, or an ONNX file `segformer export` wrote (run by "
+        "onnxruntime on the CPU)",
+    )
     p.add_argument(
         "--dataset",
         default="auto",
@@ -212,6 +217,13 @@ def run(args: argparse.Namespace) -> int:
         if args.report.exists() and not args.report.is_dir():
             raise ValueError(f"--report {args.report}: a file is there; the report needs a folder")
 
+    from segformer.backends import is_onnx_file
+
+    if is_onnx_file(args.model):  # (a file segformer export wrote: onnxruntime on the CPU, as it is)
+        if args.int8 or args.compile or args.amp != "none":
+            raise ValueError(f"--model {args.model}: an ONNX file runs as it is; leave out --int8, --compile and --amp")
+        args.backend = "onnxruntime"
+        args.device = args.device or "cpu"
     info = init_distributed(args.device)
     try:
         kind = detect_kind(args.data) if args.dataset == "auto" else args.dataset

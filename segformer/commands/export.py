@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from . import add_model_arguments, model_argument
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -16,12 +18,14 @@ def register(sub: argparse._SubParsersAction) -> None:
             "with dynamic batch, height and width unless --static. The eval fast path (fused attention, "
             "folded decode head) is exported. The file is then run with onnxruntime on random input at "
             "another size (batch 2; with --static at the export shape) and compared with PyTorch; above 1e-4 "
-            "relative difference (fp32) the export fails and nothing is written. Needs: pip install "
+            "relative difference (fp32) the export fails and nothing is written. The file's metadata holds the "
+            "config (class names), the preprocessing, and a local checkpoint's evaluation protocol and label "
+            "rules, so that `segformer predict/eval/serve --model FILE.onnx` run it as it is. Needs: pip install "
             "'segformer[onnx]'."
         ),
         epilog="example: segformer export nvidia/segformer-b0-finetuned-ade-512-512 --onnx b0.onnx",
     )
-    p.add_argument("model", help="model directory (save_pretrained) or hub id")
+    add_model_arguments(p, "model directory (save_pretrained) or hub id")
     p.add_argument("--onnx", type=Path, required=True, metavar="OUT.onnx", help="the ONNX file to write")
     p.add_argument(
         "--opset", type=int, default=17, help="ONNX opset, 13 or above (default: 17; >= 14 keeps fused attention)"
@@ -48,10 +52,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from segformer.backends import is_onnx_file
     from segformer.export import export_onnx
     from segformer.modeling import load_segmentation_model
+    from segformer.run_files import LABELS_FILE, load_inference_options
 
-    model = load_segmentation_model(args.model)  # (an encoder or classifier checkpoint: a random head, refused)
+    name = model_argument(args)
+    if is_onnx_file(name):
+        raise ValueError(f"{name}: already an ONNX file; export takes a checkpoint directory or hub id")
+    model = load_segmentation_model(name)  # (an encoder or classifier checkpoint: a random head, refused)
+    labels = Path(name) / LABELS_FILE  # (a local checkpoint's protocol and label rules go into the metadata)
     report = export_onnx(
         model,
         args.onnx,
@@ -60,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
         dynamic=not args.static,
         fp16=args.fp16,
         verify=not args.no_verify,
+        options=load_inference_options(name),
+        labels=labels.read_text(encoding="utf-8") if labels.is_file() else None,
     )
     print(report.summary())
     return 0

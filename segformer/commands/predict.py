@@ -65,7 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--model",
         "-m",
         default=DEFAULT_MODEL,
-        help=f"checkpoint directory (from save_pretrained or `segformer convert`) or hub id (default: {DEFAULT_MODEL})",
+        help="checkpoint directory (from save_pretrained or `segformer convert`), hub id, or an ONNX file "
+        f"`segformer export` wrote (run by onnxruntime on the CPU) (default: {DEFAULT_MODEL})",
     )
     p.add_argument("--output", "-o", type=Path, required=True, help="output folder (created if missing)")
     p.add_argument(

@@ -13,8 +13,10 @@ import os
 from . import (
     add_backend_arguments,
     add_inference_arguments,
+    add_model_arguments,
     backend_arguments,
     inference_options_from_args,
+    model_argument,
     non_negative_int,
     port_number,
     positive_int,
@@ -70,7 +72,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model", metavar="MODEL", help="checkpoint directory (save_pretrained, segformer train) or hub id")
+    add_model_arguments(
+        p, "checkpoint directory (save_pretrained, segformer train), hub id, or an ONNX file segformer export wrote"
+    )
     p.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only; 0.0.0.0: all)"
     )
@@ -160,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
         given = f"${API_KEY_ENV}" if args.api_key == os.environ.get(API_KEY_ENV) else "--api-key"
         raise ValueError(f"{given} is empty: give a key, or leave it out for an open server")
     backend = backend_arguments(args)
+    args.model = model_argument(args)
     config = ServeConfig(
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,

@@ -239,11 +239,12 @@ _SPEC_KEYS = frozenset({"id2label", "ignore_index", "map", "palette", "reduce_la
 
 
 def read_label_spec(
-    path: str | os.PathLike, *, ignore_index: int | None = None, reduce: bool | None = None
+    path: str | os.PathLike, *, ignore_index: int | None = None, reduce: bool | None = None, text: str | None = None
 ) -> LabelSpec:
     """The :class:`LabelSpec` of ``labels.json``: ``{"0": "sky", ...}``, ``["sky", ...]``, or an object with
     ``id2label`` and optional ``ignore_index`` (int or list), ``map``, ``palette``, ``reduce_labels``,
-    ``class_weights``. ``ignore_index`` / ``reduce`` (the command-line options) override the file."""
+    ``class_weights``. ``ignore_index`` / ``reduce`` (the command-line options) override the file. ``text``:
+    the file's content, read from elsewhere (an ONNX file's metadata); ``path`` then only names it."""
     path = Path(path)
 
     def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -254,7 +255,8 @@ def read_label_spec(
         return dict(pairs)
 
     try:  # (utf-8-sig: a byte-order mark, which Windows editors write, is read past)
-        data = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=unique_keys)
+        content = path.read_text(encoding="utf-8-sig") if text is None else text.removeprefix("\ufeff")
+        data = json.loads(content, object_pairs_hook=unique_keys)
     except FileNotFoundError:
         raise ValueError(f"{path}: missing (the folder layout needs labels.json holding id2label)") from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
