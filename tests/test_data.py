@@ -614,3 +614,39 @@ def test_map_keys_are_stored_values_also_with_reduced_labels(tmp_path):
     (root / "labels.json").write_text(json.dumps({"id2label": ["a", "b", "c"], "reduce_labels": True, "map": {"3": 0}}))
     dataset, _ = build_dataset(root, "train")
     assert np.unique(dataset.read_mask(0)).tolist() == [0, 1, 255]  # stored 1 → 0, 2 → 1, 3 → 0 (mapped), 0 ignored
+
+
+def test_value_hints_fit_the_layout_and_every_value(tmp_path):
+    """The data check's hint offered the first of several stray values as --ignore-index (the others still
+    failed), suggested a labels.json "map" under ADE20K's layout (which takes none), and `--labels missing.json`
+    on a Hugging Face data set said the folder layout needs labels.json (notes)."""
+    import json
+
+    from segformer.data.build import build_dataset
+    from segformer.data.datasets import check_values_of
+
+    def folder(root: Path, values: list[int], labels: bool = True) -> Path:
+        for split in ("training",) if not labels else ("train",):
+            (root / "images" / split).mkdir(parents=True)
+            (root / "annotations" / split).mkdir(parents=True)
+            Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "images" / split / "a.png")
+            mask = np.zeros((8, 8), np.uint8)
+            mask[0, : len(values)] = values
+            Image.fromarray(mask).save(root / "annotations" / split / "a.png")
+        if labels:
+            (root / "labels.json").write_text(json.dumps(["x", "y"]))
+        return root
+
+    own, _ = build_dataset(folder(tmp_path / "own", [7, 9]), "train")
+    [line] = check_values_of(own, 0)
+    assert 'add "ignore_index": [7, 9] to labels.json (--ignore-index takes one value)' in line, line
+    one, _ = build_dataset(folder(tmp_path / "one", [7]), "train")
+    assert "pass --ignore-index 7" in check_values_of(one, 0)[0]
+    ade, _ = build_dataset(folder(tmp_path / "ade", [200], labels=False), "train")
+    [line] = check_values_of(ade, 0)
+    assert line.endswith("if 200 marks unlabelled pixels, pass --ignore-index 200") and "map" not in line, line
+    assert "value(s) 200 outside 1..150 (reduced labels" in line  # (it named 199, the reduced value)
+    ade2, _ = build_dataset(folder(tmp_path / "ade2", [200, 201], labels=False), "train")
+    assert "these are no ade20k masks" in check_values_of(ade2, 0)[0]
+    with pytest.raises(ValueError, match=r"^--labels .*missing\.json: no such file$"):
+        build_dataset(tmp_path / "own", "train", labels=tmp_path / "missing.json")

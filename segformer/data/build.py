@@ -104,6 +104,8 @@ def build_dataset(
     if kind == "folder":
         listing = list_folder(root, split)
         spec_path = Path(labels) if labels is not None else root / "labels.json"
+        if labels is not None and not spec_path.is_file():
+            raise ValueError(f"--labels {labels}: no such file")
         spec = read_label_spec(spec_path, ignore_index=ignore_index, reduce=reduce_labels)
     elif kind in ("ade20k", "cityscapes"):
         if labels is not None:

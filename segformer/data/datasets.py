@@ -601,17 +601,36 @@ def check_values_of(dataset: SegmentationDataset, index: int, tally: ClassTally 
         colours = np.unique(raw[ids == -1].reshape(-1, 3), axis=0)[:4]
         shown = ", ".join(str(list(map(int, c))) for c in colours)
         return [f'{mask_path}: colour(s) {shown} not in the "palette" of labels.json']
+    reduced = dataset.spec.reduce_labels
+    if reduced:  # (name the stored values, which the file holds and --ignore-index takes: it named the reduced)
+        bad = bad + 1
     shown = ", ".join(str(int(v)) for v in bad[:8])
-    first = int(bad[0])
-    hint = (
-        f'if {first} marks unlabelled pixels, pass --ignore-index {first} (or "ignore_index": {first} in '
-        f'labels.json); to merge values into classes, add a "map" to labels.json'
-        if first >= 0  # (an ignore index is a stored value >= 0: a negative one is mapped instead)
-        else f'if {first} marks unlabelled pixels, add "map": {{"{first}": 255}} to labels.json (or map it to a class)'
-    )
+    first, several = int(bad[0]), len(bad) > 1
+    kind = dataset.name.split(":", 1)[0]
+    where = "a labels.json (beside the data, or --labels FILE)" if kind == "hf" else "labels.json"
+    if kind in ("ade20k", "cityscapes"):  # (fixed classes, no labels.json: one --ignore-index is all there is)
+        hint = (
+            f"if {first} marks unlabelled pixels, pass --ignore-index {first}"
+            if not several and first >= 0
+            else f"these are no {kind} masks: for your own classes, a labels.json beside images/ (--dataset folder)"
+        )
+    elif several and first >= 0:  # (offering the first as the ignore index left the others failing)
+        listed = ", ".join(str(int(v)) for v in bad[:4])
+        hint = (
+            f'if they mark unlabelled pixels, add "ignore_index": [{listed}] to {where} (--ignore-index takes one '
+            f'value); to merge values into classes, add a "map" to it'
+        )
+    elif first >= 0:
+        hint = (
+            f'if {first} marks unlabelled pixels, pass --ignore-index {first} (or "ignore_index": {first} in '
+            f'{where}); to merge values into classes, add a "map" to it'
+        )
+    else:  # (an ignore index is a stored value >= 0: a negative one is mapped instead)
+        hint = f'if {first} marks unlabelled pixels, add "map": {{"{first}": 255}} to {where} (or map it to a class)'
     if not dataset.spec.reduce_labels and int(bad.max()) == dataset.num_labels and 0 in values:
         hint += "; if 0 means 'other' and the classes are 1..K (ADE20K style), pass --reduce-labels"
-    return [f"{mask_path}: label value(s) {shown} outside 0..{last}: {hint}"]
+    stored = f"1..{last + 1} (reduced labels: stored k is class k - 1)" if reduced else f"0..{last}"
+    return [f"{mask_path}: label value(s) {shown} outside {stored}: {hint}"]
 
 
 def check_dataset(

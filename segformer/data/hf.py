@@ -257,6 +257,8 @@ def _labels(
     reduce_labels: bool | None,
 ) -> LabelSpec:
     """The label spec: ``labels`` (a labels.json), one beside the data, else numbered classes 0..max value."""
+    if labels is not None and not Path(labels).is_file():
+        raise ValueError(f"--labels {labels}: no such file")
     candidates = [Path(labels)] if labels is not None else []
     if Path(source).is_dir():
         candidates += [Path(source) / "labels.json", Path(source) / "id2label.json"]
