@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from typing import NoReturn
 
 from . import __version__, commands
 from .allocator import tune_allocator
@@ -58,8 +59,24 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser (its sub-commands' too), whose usage errors also say when an argument that names an
+    existing file was read as an option (``segformer predict -dash.jpg``: "INPUT required", without a word)."""
+
+    arguments: list[str] = []
+
+    def error(self, message: str) -> NoReturn:
+        dashed = [a for a in self.arguments if a.startswith("-") and a != "-" and os.path.lexists(a)]
+        if dashed:
+            message += (
+                f" ({dashed[0]} was read as an option: for a file whose name starts with '-', write ./{dashed[0]} "
+                "or put -- before it)"
+            )
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="segformer",
         description="SegFormer semantic segmentation: train, evaluate, predict, convert and export.",
     )
@@ -126,6 +143,7 @@ def describe(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _Parser.arguments = list(sys.argv[1:] if argv is None else map(str, argv))
     args = build_parser().parse_args(argv)
     return run_command(args.func, args, name=f"segformer {args.command}", debug=args.debug)
 

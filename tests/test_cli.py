@@ -524,3 +524,16 @@ def test_eval_says_when_the_checkpoint_names_its_classes_otherwise(capsys, caplo
     assert warnings(named) == [] and warnings(plain) == []
     (data / "labels.json").write_text(json.dumps(list(reversed(CLASSES))))
     assert len(warnings(named)) == 1 and warnings(plain) == []
+
+
+def test_a_file_name_read_as_an_option_is_said_so(capsys, tmp_path, monkeypatch):
+    """`segformer predict -dash.jpg -o out` said only "the following arguments are required: INPUT" (notes)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "-dash.jpg").write_bytes(b"")
+    code, _, err = run_cli(capsys, "predict", "-dash.jpg", "-o", "out")
+    assert code == 2 and err.strip().endswith(
+        "(-dash.jpg was read as an option: for a file whose name starts with '-', write ./-dash.jpg or put -- "
+        "before it)"
+    ), err
+    code, _, err = run_cli(capsys, "predict", "-nothing.jpg", "-o", "out")  # (no such file: argparse's own words)
+    assert code == 2 and "was read as an option" not in err
