@@ -65,6 +65,7 @@ def collect_images(
     user wrote them (a symlink stays the link: summaries show what was passed); files reached twice are taken once."""
     found: dict[Path, tuple[Path, Path]] = {}  # resolved path → (the path as given, relative output path)
     skip = None if exclude is None else Path(exclude).expanduser().resolve()
+    left_out: set[Path] = set()  # output folders a glob's matches lay in
 
     def take(f: Path, root: Path, rel: Path) -> bool:
         """Keep image file ``f`` of a folder or glob below ``root`` unless it lies in the excluded folder, where
@@ -97,8 +98,13 @@ def collect_images(
             root = base.resolve()
             for f in matches:
                 below = f.parent.resolve()  # (what a walk leaves out, a glob leaves out: earlier runs' outputs)
-                if _is_run_output(f) or any((d / OUTPUT_MARKER).exists() for d in [below, *below.parents]
-                                            if d.is_relative_to(root) and d != root):  # fmt: skip
+                marked = next((d for d in [below, *below.parents] if d.is_relative_to(root) and d != root
+                               and (d / OUTPUT_MARKER).exists()), None)  # fmt: skip
+                if marked is not None and marked not in left_out:  # (one line per folder, as a walk says it)
+                    left_out.add(marked)
+                    if marked != skip:
+                        logger.warning(f"{marked}: left out, an output folder of segformer predict ({OUTPUT_MARKER})")
+                if marked is not None or _is_run_output(f):
                     continue
                 take(f, root, f.relative_to(base) if f.is_relative_to(base) else Path(f.name))
             if not matches:  # reported as missing, as a missing file is (not dropped)
