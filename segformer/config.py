@@ -190,6 +190,10 @@ class SegformerConfig:
         self.strides = list(strides)
         self.num_attention_heads = list(num_attention_heads)
         self.mlp_ratios = list(mlp_ratios)
+        if _is_int(num_encoder_blocks) and num_encoder_blocks >= 1:  # Transformers builds the first N stages of
+            for name in _PER_STAGE:  # longer lists and saves them whole: their first N entries are the model
+                if len(getattr(self, name)) > num_encoder_blocks:
+                    setattr(self, name, getattr(self, name)[:num_encoder_blocks])
         self.hidden_act = hidden_act
         self.hidden_dropout_prob = hidden_dropout_prob
         self.attention_probs_dropout_prob = attention_probs_dropout_prob
@@ -294,15 +298,13 @@ class SegformerConfig:
         for name in ("num_channels", "decoder_hidden_size"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in (
-            "hidden_dropout_prob",
-            "attention_probs_dropout_prob",
-            "classifier_dropout_prob",
-            "drop_path_rate",
-        ):
-            p = getattr(self, name)
-            if not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-                raise ValueError(f"{name} must be a probability in [0, 1), got {p!r}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout_prob"):
+            p = getattr(self, name)  # (1 is nn.Dropout's and Transformers' limit too: everything dropped)
+            if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
+        p = self.drop_path_rate  # (at 1 a kept path would be divided by 0)
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p < 1.0:
+            raise ValueError(f"drop_path_rate must be a probability in [0, 1), got {p!r}")
         for name in ("initializer_range", "layer_norm_eps"):
             if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}")

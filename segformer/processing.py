@@ -49,7 +49,8 @@ not line up: e.g. an image file turned upright by its EXIF orientation, a map dr
 
 ``size`` may be an int (square), a ``(width, height)`` tuple (the convention of the SegformerFeatureExtractor
 docs; note that Transformers >= 4.26 reads tuples as (height, width), so prefer dicts), ``{"height": h,
-"width": w}`` or ``{"shortest_edge": n}`` (the short side becomes n, the long one ``int(n * long / short)``).
+"width": w}``, ``{"shortest_edge": n}`` (the short side becomes n, the long one ``int(n * long / short)``) or
+``{"shortest_edge": n, "longest_edge": m}`` (the same, unless the long side would exceed m: then it becomes m).
 It is stored as a dict.
 
 Four channels: with four ``image_mean`` / ``image_std`` values (models with ``num_channels=4``) images keep all
@@ -68,6 +69,7 @@ The output is a :class:`SegformerBatch` (Transformers' ``BatchFeature``: a dict 
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import warnings
@@ -224,7 +226,15 @@ def _normalize_size(size: Any) -> dict[str, int]:
             }
         if keys == {"shortest_edge"}:
             return {"shortest_edge": _positive_int(size["shortest_edge"], "size shortest_edge")}
-        raise ValueError(f"size must have keys {{'height', 'width'}} or {{'shortest_edge'}}, got {sorted(keys)}")
+        if keys == {"shortest_edge", "longest_edge"}:
+            return {
+                "shortest_edge": _positive_int(size["shortest_edge"], "size shortest_edge"),
+                "longest_edge": _positive_int(size["longest_edge"], "size longest_edge"),
+            }
+        raise ValueError(
+            "size must have keys {'height', 'width'}, {'shortest_edge'} or {'shortest_edge', 'longest_edge'}, got "
+            f"{sorted(keys)}"
+        )
     if isinstance(size, (tuple, list)) and len(size) == 2:
         width, height = size
         return {"height": _positive_int(height, "size height"), "width": _positive_int(width, "size width")}
@@ -305,9 +315,12 @@ def _as_list(items: Any, batch_ndim: int, what: str) -> list[Any]:
     if items is None:
         raise ValueError(f"no {what} given")
     if isinstance(items, Sequence) and not isinstance(items, (str, bytes)):
-        if not items:
+        out = list(items)
+        if out and all(isinstance(i, (list, tuple)) for i in out):  # (nested, [[a], [b, c]]: one batch, as in
+            out = [item for group in out for item in group]  # Transformers)
+        if not out:
             raise ValueError(f"no {what} given (empty list)")
-        return list(items)
+        return out
     if isinstance(items, (np.ndarray, torch.Tensor)) and items.ndim == batch_ndim:
         return list(items)
     return [items]
@@ -423,12 +436,21 @@ def _integer_labels(array: np.ndarray, what: str) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------- shared numerics
 def _output_size(height: int, width: int, size: Mapping[str, int]) -> tuple[int, int]:
-    """(height, width) after resizing: ``size`` itself, or the short side set to ``shortest_edge``."""
+    """(height, width) after resizing: ``size`` itself, or the short side set to ``shortest_edge`` (the long one
+    ``int(n * long / short)``); with ``longest_edge`` too, a long side that would exceed it sets the scale instead
+    (the short side becomes ``round(longest * short / long)``, the long one ``int(longest * short / long * long /
+    short)``), and a short side already at its target keeps the image's size (Transformers' rule for this pair)."""
     if "shortest_edge" not in size:
         return size["height"], size["width"]
     target = size["shortest_edge"]
     short, long = (width, height) if width <= height else (height, width)
-    new_long = int(target * long / short)
+    scale_short = None  # the short side's exact length when longest_edge set the scale
+    if "longest_edge" in size and long / short * target > size["longest_edge"]:
+        scale_short = size["longest_edge"] * short / long
+        target = int(round(scale_short))
+    if "longest_edge" in size and short == target:
+        return height, width
+    new_long = int((scale_short if scale_short is not None else target) * long / short)
     return (new_long, target) if width <= height else (target, new_long)
 
 
@@ -772,7 +794,8 @@ class SegformerImageProcessor:
 
     Args:
         do_resize: resize images (and maps) to ``size``.
-        size: int (square), ``(width, height)``, ``{"height": h, "width": w}`` or ``{"shortest_edge": n}``.
+        size: int (square), ``(width, height)``, ``{"height": h, "width": w}``, ``{"shortest_edge": n}`` or
+            ``{"shortest_edge": n, "longest_edge": m}``.
         resample: PIL filter for images (int or ``PIL.Image.Resampling``); maps always use NEAREST.
         do_rescale: multiply pixel values by ``rescale_factor`` (1/255: 8-bit values to [0, 1]).
         do_normalize: subtract ``image_mean`` and divide by ``image_std`` (per channel: 3 values for RGB, 4 or 1
@@ -880,21 +903,25 @@ class SegformerImageProcessor:
         """Prepare a batch.
 
         Args:
-            images: one image or a list (PIL image, numpy array, torch tensor or file path), or a 4-D
-                array/tensor batch. Arrays are (H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4.
+            images: one image or a list (PIL image, numpy array, torch tensor or file path; a list of lists is
+                one batch), or a 4-D array/tensor batch. Arrays are (H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4.
             segmentation_maps: one label map per image: (H, W) arrays/tensors, one-band PIL images or paths,
                 or a (B, H, W) / (B, 1, H, W) batch.
             return_tensors: None → lists of numpy arrays, one per image; "np" / "pt" / "tf" / "jax" → one
                 stacked batch of that framework.
             **overrides: any option of the constructor for this call only, plus ``input_data_format``
-                ("channels_first" / "channels_last": the layout of array inputs when it is ambiguous).
+                ("channels_first" / "channels_last": the layout of array inputs when it is ambiguous) and
+                ``device`` (with return_tensors="pt": where the tensors go).
 
         Returns:
             SegformerBatch with ``pixel_values`` float32 (B, 3, H, W) (or (B, H, W, 3) with channels_last)
             and, with maps, ``labels`` int64 (B, H, W).
         """
+        device = overrides.pop("device", None)
         options = self._options(overrides)
         kind = _tensor_type(return_tensors)
+        if device is not None and kind != "pt":
+            raise ValueError(f"device={device!r} moves torch tensors: pass return_tensors='pt' with it")
         image_list = _as_list(images, 4, "images")
         if isinstance(segmentation_maps, (np.ndarray, torch.Tensor)) and segmentation_maps.ndim == 4:
             segmentation_maps = segmentation_maps[:, 0] if segmentation_maps.shape[1] == 1 else segmentation_maps
@@ -911,7 +938,7 @@ class SegformerImageProcessor:
         batch = SegformerBatch(pixel_values=_pack(pixels, "pixel_values", kind))
         if labels is not None:
             batch["labels"] = _pack(labels, "labels", kind)
-        return batch
+        return batch if device is None else batch.to(device)
 
     @staticmethod
     def _use_torch(image_list: list[Any], options: _Options) -> bool:
@@ -1092,13 +1119,16 @@ class SegformerImageProcessor:
         local_files_only: bool = False,
         token: str | bool | None = None,
         subfolder: str = "",
+        return_unused_kwargs: bool = False,
         **overrides: Any,
-    ) -> _P:
+    ) -> _P | tuple[_P, dict[str, Any]]:
         """Load ``preprocessor_config.json`` from a directory or a hub id (through the huggingface_hub cache), or
         from its ``subfolder``.
 
         Reads both the current layout and the legacy one (``feature_extractor_type``, ``reduce_labels``, an
-        int ``size``). ``overrides`` replace options of the file. Raises CheckpointError (a ValueError).
+        int ``size``). ``overrides`` replace options of the file. With ``return_unused_kwargs=True`` (as in
+        Transformers) the overrides that are neither an option nor a key of the file are left out and returned:
+        ``(processor, unused)``. Raises CheckpointError (a ValueError).
         """
         path = resolve_file(
             pretrained_model_name_or_path,
@@ -1115,10 +1145,16 @@ class SegformerImageProcessor:
             raise CheckpointError(f"{path}: not a readable JSON preprocessor config ({exc})") from None
         if not isinstance(config, dict):
             raise CheckpointError(f"{path}: a preprocessor config must be a JSON object")
+        unused: dict[str, Any] = {}
+        if return_unused_kwargs:
+            known = {*inspect.signature(SegformerImageProcessor.__init__).parameters, *config, "reduce_labels"}
+            unused = {k: v for k, v in overrides.items() if k not in known}
+            overrides = {k: v for k, v in overrides.items() if k in known}
         try:
-            return cls.from_dict(config, **overrides)
+            processor = cls.from_dict(config, **overrides)
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{path}: invalid preprocessor config ({exc})") from None
+        return (processor, unused) if return_unused_kwargs else processor
 
 
 class SegformerFeatureExtractor(SegformerImageProcessor):

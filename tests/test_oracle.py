@@ -206,6 +206,24 @@ def test_a_label_map_with_gaps_loads_as_transformers_keeps_it(tmp_path, caplog):
     assert back.config.id2label == {1: "a", 2: "b"}
 
 
+def test_a_checkpoint_with_fewer_stages_than_its_lists_loads_as_transformers_builds_it(tmp_path):
+    """Transformers builds the first num_encoder_blocks stages of longer per-stage lists and saves the lists whole;
+    such a checkpoint was refused ("depths has 4 entries but num_encoder_blocks is 3": audit)."""
+    config = hf_config(tiny_config(num_labels=3))
+    config.num_encoder_blocks = 3  # (its lists keep 4 entries)
+    hf = randomize_(transformers.SegformerForSemanticSegmentation(config)).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    ours = segformer.SegformerForSemanticSegmentation.from_pretrained(tmp_path / "hf").eval()
+    assert ours.config.num_encoder_blocks == 3 and len(ours.config.hidden_sizes) == 3
+    x = torch.randn(1, 3, 48, 64)
+    with torch.no_grad():
+        assert rel_err(ours(x).logits, hf(x).logits) <= TOL
+    ours.save_pretrained(tmp_path / "ours")  # (its lists as the model uses them: Transformers builds the same)
+    back = transformers.SegformerForSemanticSegmentation.from_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert rel_err(back(x).logits, hf(x).logits) <= TOL
+
+
 def test_transformers_base_checkpoint_into_our_task_model(tmp_path):
     config = tiny_config(num_labels=3)
     hf = randomize_(transformers.SegformerModel(hf_config(config))).eval()

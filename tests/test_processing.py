@@ -68,6 +68,8 @@ ORACLE_CASES = [  # (input kind, (h, w), size for us, size for Transformers, res
     ("numpy_hwc", (23, 77), 48, 48, 1),
     ("pil", (200, 300), 72, 72, 4),
     ("numpy_chw", (45, 45), 45, 45, 5),  # same size: no resampling
+    ("pil", (37, 53), {"shortest_edge": 20, "longest_edge": 30}, {"shortest_edge": 20, "longest_edge": 30}, 2),
+    ("numpy_hwc", (40, 200), {"shortest_edge": 32, "longest_edge": 96}, {"shortest_edge": 32, "longest_edge": 96}, 2),
 ]
 
 
@@ -243,6 +245,25 @@ def test_shortest_edge_sizes():
     tall, wide = np.zeros((300, 200, 3), np.uint8), np.zeros((33, 100, 3), np.uint8)
     assert p(tall, return_tensors="np").pixel_values.shape == (1, 3, 75, 50)
     assert p(wide, return_tensors="np").pixel_values.shape == (1, 3, 50, 151)  # int(50 * 100 / 33)
+
+
+@pytest.mark.oracle
+def test_shortest_and_longest_edge_sizes_as_transformers_computes_them():
+    """{"shortest_edge", "longest_edge"} was refused (audit); Transformers takes it, with its own rounding (the
+    short side rounded, the long one truncated, an image whose short side is already there kept as it is)."""
+    from transformers.image_transforms import get_size_with_aspect_ratio
+
+    from segformer.processing import _output_size
+
+    gen = np.random.default_rng(0)
+    for _ in range(2000):
+        h, w = (int(v) for v in gen.integers(1, 400, 2))
+        short = int(gen.integers(1, 300))
+        size = {"shortest_edge": short, "longest_edge": short + int(gen.integers(1, 300))}
+        assert _output_size(h, w, size) == tuple(get_size_with_aspect_ratio((h, w), short, size["longest_edge"])), (
+            h, w, size)  # fmt: skip
+    with pytest.raises(ValueError, match="size longest_edge must be a positive int"):
+        SegformerImageProcessor(size={"shortest_edge": 20, "longest_edge": 0})
 
 
 def test_per_call_overrides(rng):
@@ -856,3 +877,21 @@ def test_an_image_without_pixels_is_an_error_naming_it():
     for images, message in cases:
         with pytest.raises(ValueError, match=re.escape(message)):
             processor(images, return_tensors="pt")
+
+
+def test_transformers_call_forms_nested_lists_device_and_unused_kwargs(tmp_path, rng):
+    """Nested lists of images, ``device=`` and ``from_pretrained(..., return_unused_kwargs=True)`` failed or
+    returned another shape of result than Transformers' (audit)."""
+    proc = SegformerImageProcessor(size=32)
+    a, b, c = (random_image(rng, 40, 30) for _ in range(3))
+    nested = proc([[a], [b, c]], return_tensors="pt").pixel_values
+    assert torch.equal(nested, proc([a, b, c], return_tensors="pt").pixel_values)
+    moved = proc(a, return_tensors="pt", device="cpu")
+    assert moved.pixel_values.device.type == "cpu" and moved.pixel_values.shape == (1, 3, 32, 32)
+    with pytest.raises(ValueError, match="device='cpu' moves torch tensors: pass return_tensors='pt'"):
+        proc(a, return_tensors="np", device="cpu")
+    proc.save_pretrained(tmp_path)
+    loaded, unused = SegformerImageProcessor.from_pretrained(tmp_path, return_unused_kwargs=True, foo=1, size=48)
+    assert unused == {"foo": 1} and loaded.size == {"height": 48, "width": 48}
+    assert "foo" not in loaded.to_dict() and "return_unused_kwargs" not in loaded.to_dict()
+    assert isinstance(SegformerImageProcessor.from_pretrained(tmp_path), SegformerImageProcessor)
