@@ -45,7 +45,7 @@ def test_unknown_variant():
     "changes, field",
     [
         (dict(depths=[1, 1, 1]), "depths"),
-        (dict(sr_ratios=[8, 4, 2]), "sr_ratios"),  # (longer lists are cut to num_encoder_blocks, as Transformers uses them)
+        (dict(sr_ratios=[8, 4, 2]), "sr_ratios"),  # (longer lists are cut to num_encoder_blocks, as in Transformers)
         (dict(hidden_sizes=[32, 64, 161, 256]), r"hidden_sizes\[2\]=161"),
         (dict(num_attention_heads=[1, 2, 5, 0]), "num_attention_heads"),
         (dict(hidden_sizes=[32, -64, 160, 256]), "hidden_sizes"),
