@@ -124,6 +124,18 @@ def broadcast_flag(flag: bool, src: int = 0) -> bool:
     return bool(t.item())
 
 
+def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
+    """Set every process's buffers of ``module`` (BatchNorm's running statistics) to rank ``src``'s. Without
+    SyncBatchNorm each process's statistics follow its own batches after the step (DDP sends rank 0's only at the
+    next forward), so an evaluation shared by the ranks scored a mixture of models, not the one rank 0 saves."""
+    if not is_distributed():
+        return
+    for buffer in module.buffers():
+        t = buffer.detach().to(_comm_device())
+        dist.broadcast(t, src)
+        buffer.data.copy_(t.to(buffer.device))
+
+
 E = TypeVar("E", bound=BaseException)
 _EVERY_RANK = "raised_on_every_rank"
 
@@ -278,6 +290,7 @@ __all__ = [
     "all_reduce_mean",
     "all_reduce_sum",
     "barrier",
+    "broadcast_buffers",
     "broadcast_flag",
     "cleanup",
     "every_rank_raises",

@@ -52,6 +52,7 @@ from .distributed import (
     all_gather_objects,
     all_reduce_mean,
     barrier,
+    broadcast_buffers,
     cleanup,
     every_rank_raises,
     init_distributed,
@@ -548,6 +549,7 @@ def evaluate_and_checkpoint(
     # takes its base seed from torch's), which would make the dropout and drop-path masks of every later step
     # depend on --eval-every, and a resumed run differ from one run straight through.
     state = rng_state()
+    broadcast_buffers(net)  # (every rank evaluates rank 0's model, the one saved: its BatchNorm statistics too)
     try:
         limit = cfg.max_eval_images or None  # (0: every image, as without the option)
         metrics = evaluate(net, data.val_set, data.eval_options, amp=precision[0], max_images=limit)
