@@ -314,6 +314,9 @@ class OnnxRuntimeModel(nn.Module):
         # follow every forward pass here.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        # the precision of the graph's weights (an --fp16 export computes in float16 inside)
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.weights_dtype = "float16" if meta.get("segformer.weights") == "float16" else "float32"
         self.eval()
 
     def train(self, mode: bool = True) -> OnnxRuntimeModel:
@@ -330,8 +333,12 @@ class OnnxRuntimeModel(nn.Module):
 
 
 def is_onnx_file(model: object) -> bool:
-    """Whether ``model`` names an ONNX file (a path ending in .onnx), to run as it is."""
-    return isinstance(model, (str, os.PathLike)) and str(model).lower().endswith(".onnx")
+    """Whether ``model`` names an ONNX file (a path ending in .onnx that is no folder), to run as it is."""
+    return (
+        isinstance(model, (str, os.PathLike))
+        and str(model).lower().endswith(".onnx")
+        and not Path(model).expanduser().is_dir()  # (a checkpoint folder may have any name)
+    )
 
 
 def load_onnx_file(path: str | os.PathLike, *, threads: int | None = None) -> OnnxRuntimeModel:
@@ -358,7 +365,14 @@ def load_onnx_file(path: str | os.PathLike, *, threads: int | None = None) -> On
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{path}: its segformer.config metadata is not a valid config ({exc})") from None
     _require_onnxruntime()
-    return OnnxRuntimeModel(path, config, threads=threads, from_cache=False)
+    model = OnnxRuntimeModel(path, config, threads=threads, from_cache=False)
+    classes = model.session.get_outputs()[0].shape[1]  # (an int where the graph fixes it, as exports do)
+    if isinstance(classes, int) and classes != config.num_labels:
+        raise ValueError(
+            f"{path}: its graph has {classes} outputs but its segformer.config metadata {config.num_labels} classes "
+            "(edited metadata?): export the checkpoint again"
+        )
+    return model
 
 
 def onnxruntime_model(

@@ -62,8 +62,8 @@ FP32_TOLERANCE = 1e-4
 # over ~20 layers, give ~1e-3 of the largest logit; 1e-2 leaves room without hiding a broken graph.
 FP16_TOLERANCE = 1e-2
 # the metadata keys an export writes (see onnx_metadata); "segformer.config" marks a file as ours
-METADATA_KEYS = ("segformer.version", "segformer.config", "segformer.axes", "segformer.input", "segformer.output",
-                 "segformer.inference", "segformer.labels")  # fmt: skip
+METADATA_KEYS = ("segformer.version", "segformer.config", "segformer.axes", "segformer.weights", "segformer.input",
+                 "segformer.output", "segformer.inference", "segformer.labels", "segformer.reduce_labels")  # fmt: skip
 
 
 @dataclass
@@ -282,13 +282,21 @@ def _check_export_arguments(
 
 
 def onnx_metadata(
-    config: object, size: tuple[int, int], dynamic: bool, *, options: object = None, labels: str | None = None
+    config: object,
+    size: tuple[int, int],
+    dynamic: bool,
+    *,
+    fp16: bool = False,
+    options: object = None,
+    labels: str | None = None,
+    reduce_labels: bool | None = None,
 ) -> dict[str, str]:
     """The metadata an export writes into its file: ``segformer.version``, ``segformer.config`` (config.json's
-    text, id2label included), ``segformer.axes`` ("dynamic", or "static HxW"), ``segformer.input`` (JSON:
-    name, layout, channel order, rescale factor, mean and std), ``segformer.output`` (what the logits need) and,
-    when given, ``segformer.inference`` (an InferenceOptions: the checkpoint's evaluation protocol) and
-    ``segformer.labels`` (the text of the checkpoint's labels.json)."""
+    text, id2label included), ``segformer.axes`` ("dynamic", or "static HxW"), ``segformer.weights`` ("float32"
+    or "float16"), ``segformer.input`` (JSON: name, layout, channel order, rescale factor, mean and std),
+    ``segformer.output`` (what the logits need) and, when given, ``segformer.inference`` (an InferenceOptions:
+    the checkpoint's evaluation protocol), ``segformer.labels`` (the text of the checkpoint's labels.json) and
+    ``segformer.reduce_labels`` ("true"/"false": whether it was trained on ADE20K-style reduced labels)."""
     from . import __version__
     from .images import IMAGENET_MEAN, IMAGENET_STD
 
@@ -296,6 +304,7 @@ def onnx_metadata(
         "segformer.version": __version__,
         "segformer.config": config.to_json_string(),
         "segformer.axes": "dynamic" if dynamic else f"static {size[0]}x{size[1]}",
+        "segformer.weights": "float16" if fp16 else "float32",
         "segformer.input": json.dumps(
             {
                 "name": "pixel_values",
@@ -313,6 +322,8 @@ def onnx_metadata(
         meta["segformer.inference"] = json.dumps(options.to_dict())
     if labels is not None:
         meta["segformer.labels"] = labels
+    if reduce_labels is not None:
+        meta["segformer.reduce_labels"] = "true" if reduce_labels else "false"
     return meta
 
 
@@ -351,6 +362,7 @@ def export_onnx(
     tolerance: float | None = None,
     options: object = None,
     labels: str | None = None,
+    reduce_labels: bool | None = None,
 ) -> ExportReport:
     """Export ``model`` (eval mode, fast path) to ONNX at ``path`` and verify it with onnxruntime.
 
@@ -359,12 +371,16 @@ def export_onnx(
     ``fp16``: float16 weights with LayerNorm and softmax in float32 (float32 input and output).
     ``verify``: run onnxruntime and compare (see the module docstring); raises RuntimeError when the
     difference exceeds ``tolerance`` (default 1e-4 fp32, :data:`FP16_TOLERANCE` fp16), in which case no
-    file is written. ``options`` (an InferenceOptions) and ``labels`` (a labels.json's text): the checkpoint's
-    evaluation protocol and label rules, written into the file's metadata (:func:`onnx_metadata`) with the
-    config and the preprocessing. Returns an :class:`ExportReport`.
+    file is written. ``options`` (an InferenceOptions), ``labels`` (a labels.json's text, checked here) and
+    ``reduce_labels``: the checkpoint's evaluation protocol and label rules, written into the file's metadata
+    (:func:`onnx_metadata`) with the config and the preprocessing. Returns an :class:`ExportReport`.
     """
     _require_onnx()
     h, w, path = _check_export_arguments(model, path, size, opset)
+    if labels is not None:  # (a broken labels.json would make a file every command then refuses)
+        from .data.datasets import read_label_spec
+
+        read_label_spec("labels.json", text=labels)
     config = model.config
     tolerance = tolerance if tolerance is not None else (FP16_TOLERANCE if fp16 else FP32_TOLERANCE)
 
@@ -397,7 +413,10 @@ def export_onnx(
         import onnx
 
         proto = onnx.load(tmp)
-        for key, value in onnx_metadata(config, (h, w), dynamic, options=options, labels=labels).items():
+        meta = onnx_metadata(
+            config, (h, w), dynamic, fp16=fp16, options=options, labels=labels, reduce_labels=reduce_labels
+        )
+        for key, value in meta.items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value
         onnx.save(proto, tmp)

@@ -100,8 +100,10 @@ def load_model(
     dt = torch.float32 if int8 else select_dtype(dtype, dev)
     finish = quantize_int8 if int8 else (lambda net: net)
     if is_onnx_file(model):  # (a file segformer export wrote: onnxruntime on the CPU, in the file's precision)
-        if dev.type != "cpu" or (dtype is not None and dt != torch.float32) or int8:
-            raise ValueError(f"{model}: an ONNX file runs on the CPU in its own precision; leave out device and dtype")
+        if dtype is not None and str(dtype).removeprefix("torch.") != "float32":  # (as given: on every machine)
+            raise ValueError(f"{model}: an ONNX file runs in the precision it was exported in; leave out dtype")
+        if dev.type != "cpu":
+            raise ValueError(f"{model}: an ONNX file runs on the CPU (onnxruntime); got device {dev}")
         return load_onnx_file(model)
     if isinstance(model, nn.Module):
         if int8:  # (quantize_int8 replaces layers in place: the caller's model would compute something else after)
@@ -172,7 +174,8 @@ class SegformerPredictor:
         max_pixels: refuse images with more pixels than this (decompression bombs); None: no limit.
         min_size: refuse images with a side shorter than this (default: the model's minimum input size).
         backend: "pytorch" (default) or "onnxruntime" (the model exported once into the cache, verified and
-            reused; CPU only, so device "auto" means the CPU): see :func:`segformer.backends.runtime_model`.
+            reused; CPU only, so device "auto" means the CPU): see :func:`segformer.backends.runtime_model`. An
+            ONNX file runs on onnxruntime (None or "onnxruntime"; "pytorch" is refused).
         compile: with the pytorch backend, compile the model ahead of time (AOTInductor), one package per input
             shape, cached across runs (:class:`segformer.backends.CompiledModel`).
     """
@@ -187,7 +190,7 @@ class SegformerPredictor:
         batch_size: int = 1,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         min_size: int | None = None,
-        backend: str = "pytorch",
+        backend: str | None = None,
         compile: bool = False,
         **keywords: Any,
     ) -> None:
@@ -196,14 +199,16 @@ class SegformerPredictor:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if max_pixels is not None and max_pixels < 1:
             raise ValueError(f"max_pixels must be positive (or None for no limit), got {max_pixels}")
+        if is_onnx_file(model):
+            if backend == "pytorch" or compile:
+                flag = "compile" if compile else "backend 'pytorch'"
+                raise ValueError(f"{model}: {flag} applies to PyTorch checkpoints; an ONNX file runs on onnxruntime")
+            backend = "onnxruntime"
+        backend = "pytorch" if backend is None else backend
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if _is_int8(dtype) and (backend != "pytorch" or compile):
             raise ValueError("dtype int8 runs on the eager pytorch backend (no onnxruntime, no compile)")
-        if is_onnx_file(model):
-            if compile:
-                raise ValueError(f"{model}: compile applies to PyTorch checkpoints; an ONNX file runs as it is")
-            backend = "onnxruntime"
         if (backend == "onnxruntime" or _is_int8(dtype)) and (device is None or str(device) == "auto"):
             device = "cpu"  # onnxruntime and dynamic quantisation run on the CPU here
         self.model = runtime_model(load_model(model, device=device, dtype=dtype), backend, compile=compile)

@@ -440,6 +440,12 @@ class PreTrainedMixin:
                 "from_pretrained(None, ...) needs both config= and state_dict= (or give a directory or hub id)"
             )
         weights_file = name is not None and Path(name).expanduser().is_file()
+        if weights_file and str(name).lower().endswith(".onnx"):
+            raise CheckpointError(
+                f"{name}: an ONNX file, not a checkpoint: one segformer export wrote runs as it is with segformer "
+                "predict/eval/serve --model FILE.onnx or SegformerPredictor(FILE.onnx); from_pretrained and training "
+                "take the checkpoint folder it was exported from"
+            )
         if weights_file and config is None:
             beside = Path(name).expanduser().parent / "config.json"
             if not beside.is_file():

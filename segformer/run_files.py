@@ -119,7 +119,13 @@ def stored_palette(model: str | os.PathLike | object, palette: Any) -> Any:
 def stored_reduce_labels(model: str | os.PathLike) -> bool | None:
     """Whether a local checkpoint was trained on reduced labels (``do_reduce_labels`` in its
     ``preprocessor_config.json``, which segformer train writes; Transformers' older ``reduce_labels`` too), or
-    None when it does not say (a hub id, no such file, an unreadable one)."""
+    None when it does not say (a hub id, no such file, an unreadable one). An ONNX file says it in its metadata
+    (``segformer.reduce_labels``, else its labels.json's ``reduce_labels``)."""
+    onnx = _onnx_metadata(model, "segformer.reduce_labels")
+    if onnx is not None:
+        flag = {"true": True, "false": False}.get(onnx[1] or "")
+        spec = stored_label_spec(model) if flag is None else None
+        return flag if spec is None else spec.reduce_labels
     path = Path(model) / "preprocessor_config.json"
     try:
         config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}

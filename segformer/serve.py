@@ -576,8 +576,9 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
     batcher = Batcher(predictor, config, metrics, warm_up=warm_up)
     page, docs_page = read_page(), read_page("docs.html")
     names, palette, k = predictor.class_names, predictor.palette, predictor.num_classes
-    # A local checkpoint is named by its folder, not by where it lies on the server.
-    name = Path(predictor.model_name).name if Path(predictor.model_name).is_dir() else predictor.model_name
+    # A local checkpoint (or ONNX file) is named by its folder (file), not by where it lies on the server.
+    local = Path(predictor.model_name).is_dir() or Path(predictor.model_name).is_file()
+    name = Path(predictor.model_name).name if local else predictor.model_name
     model_info = {
         "model": name,
         "variant": variant_of(predictor.config),
@@ -1224,6 +1225,8 @@ def model_dtype(predictor: SegformerPredictor) -> str:
     """The dtype the model computes in: its parameters', or "int8" with dynamically quantised layers."""
     if any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in predictor.model.modules()):
         return "int8"
+    if hasattr(predictor.model, "weights_dtype"):  # (an onnxruntime session: the graph's weights)
+        return predictor.model.weights_dtype
     return str(next(predictor.model.parameters()).dtype).removeprefix("torch.")
 
 

@@ -254,3 +254,57 @@ def test_serve_and_export_take_the_model_either_way(tmp_path, capsys):
     assert code == 2 and "the model is required: MODEL or --model MODEL" in err, err
     code, _, err = run_cli(capsys, "serve", "a", "--model", "b")
     assert code == 2 and "the model is given twice" in err, err
+
+
+@pytest.mark.output
+def test_onnx_files_as_models_where_the_audit_broke_them(tmp_path, capsys):
+    """Audit of the ONNX-file models: a checkpoint folder named x.onnx was taken for a file; a damaged labels.json
+    was copied into the metadata (every command then refused the file); --onnx out.txt wrote a file no command
+    takes; --backend pytorch and a dtype were ignored or refused by machine; from_pretrained(FILE.onnx) asked for a
+    config.json; metadata naming another class count ran; the reduced-labels flag was not carried; an fp16 export
+    was reported as float32."""
+    import json
+
+    import onnx
+
+    from segformer.hub import CheckpointError
+    from segformer.predict import SegformerPredictor, load_model
+    from segformer.run_files import preprocessor_json, stored_reduce_labels
+    from segformer.serve import model_dtype
+
+    net = randomize_(SegformerForSemanticSegmentation(tiny_config(num_labels=3))).eval()
+    folder = tmp_path / "ckpt.onnx"  # (a checkpoint folder may have any name)
+    net.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(preprocessor_json(size=None, reduce_labels=True))
+    (folder / "labels.json").write_text('{"id2label": ["a", "b", "c"], "reduce_labels": tru}')
+    path = tmp_path / "m.onnx"
+    code, _, err = run_cli(capsys, "export", folder, "--onnx", path, "--size", "64", "64")
+    assert code == 2 and "labels.json: not readable JSON" in err and not path.exists(), err
+    (folder / "labels.json").write_text(json.dumps({"id2label": ["a", "b", "c"], "reduce_labels": True}))
+    code, _, err = run_cli(capsys, "export", folder, "--onnx", tmp_path / "m.txt", "--size", "64", "64")
+    assert code == 2 and "--onnx" in err and "give the file a .onnx name" in err, err
+    assert run_cli(capsys, "export", folder, "--onnx", path, "--size", "64", "64")[0] == 0
+    assert stored_reduce_labels(path) is True and stored_reduce_labels(folder) is True
+    assert isinstance(SegformerPredictor(str(folder), device="cpu").model, SegformerForSemanticSegmentation)
+
+    for kwargs, message in (({"backend": "pytorch"}, "backend 'pytorch' applies to PyTorch checkpoints"),
+                            ({"dtype": "bfloat16"}, "runs in the precision it was exported in")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            SegformerPredictor(str(path), **kwargs)
+    with pytest.raises(CheckpointError, match="an ONNX file, not a checkpoint"):
+        SegformerForSemanticSegmentation.from_pretrained(path)
+    code, _, err = run_cli(capsys, "eval", "--data", tmp_path, "--model", path, "--backend", "pytorch")
+    assert code == 2 and "leave out --int8, --compile, --amp and --backend pytorch" in err, err
+
+    proto = onnx.load(str(path))
+    for entry in proto.metadata_props:
+        if entry.key == "segformer.config":
+            entry.value = json.dumps({**json.loads(entry.value), "id2label": {"0": "a", "1": "b"}})
+    onnx.save(proto, str(tmp_path / "edited.onnx"))
+    with pytest.raises(ValueError, match="its graph has 3 outputs but its segformer.config metadata 2 classes"):
+        load_model(str(tmp_path / "edited.onnx"))
+
+    half = tmp_path / "half.onnx"
+    export_onnx(net, half, size=(64, 64), fp16=True, verify=False)
+    assert model_dtype(SegformerPredictor(str(half))) == "float16"
+    assert model_dtype(SegformerPredictor(str(path))) == "float32"

@@ -284,10 +284,9 @@ def add_backend_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGr
     parser.add_argument(
         "--backend",
         choices=BACKENDS,
-        default="pytorch",
         help="pytorch (default) or onnxruntime: the checkpoint exported to ONNX once, verified against PyTorch "
         "and cached ($SEGFORMER_CACHE, else $XDG_CACHE_HOME/segformer, else ~/.cache/segformer); CPU only, "
-        "float32 (needs segformer[onnx])",
+        "float32 (needs segformer[onnx]); an ONNX file given as the model runs on onnxruntime",
     )
     parser.add_argument(
         "--compile",
@@ -302,6 +301,6 @@ def add_backend_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGr
 def backend_arguments(args: argparse.Namespace) -> dict[str, Any]:
     """``{"backend": ..., "compile": ...}`` from :func:`add_backend_arguments`'s options; ValueError naming the
     flag for a combination that cannot run."""
-    if args.compile and args.backend != "pytorch":
+    if args.compile and args.backend == "onnxruntime":
         raise ValueError("--compile applies to --backend pytorch; onnxruntime optimises its graph itself")
-    return {"backend": args.backend, "compile": bool(args.compile)}
+    return {"backend": args.backend, "compile": bool(args.compile)}  # (backend None: the model's own)

@@ -220,10 +220,14 @@ def run(args: argparse.Namespace) -> int:
     from segformer.backends import is_onnx_file
 
     if is_onnx_file(args.model):  # (a file segformer export wrote: onnxruntime on the CPU, as it is)
-        if args.int8 or args.compile or args.amp != "none":
-            raise ValueError(f"--model {args.model}: an ONNX file runs as it is; leave out --int8, --compile and --amp")
+        if args.int8 or args.compile or args.amp != "none" or args.backend == "pytorch":
+            raise ValueError(
+                f"--model {args.model}: an ONNX file runs on onnxruntime as it is; leave out --int8, --compile, --amp "
+                "and --backend pytorch"
+            )
         args.backend = "onnxruntime"
         args.device = args.device or "cpu"
+    args.backend = args.backend or "pytorch"
     info = init_distributed(args.device)
     try:
         kind = detect_kind(args.data) if args.dataset == "auto" else args.dataset

@@ -53,15 +53,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from segformer.backends import is_onnx_file
+    from segformer.data.datasets import read_label_spec
     from segformer.export import export_onnx
     from segformer.modeling import load_segmentation_model
-    from segformer.run_files import LABELS_FILE, load_inference_options
+    from segformer.run_files import LABELS_FILE, load_inference_options, stored_reduce_labels
 
     name = model_argument(args)
     if is_onnx_file(name):
         raise ValueError(f"{name}: already an ONNX file; export takes a checkpoint directory or hub id")
-    model = load_segmentation_model(name)  # (an encoder or classifier checkpoint: a random head, refused)
+    if args.onnx.suffix.lower() != ".onnx":  # (predict/eval/serve know an ONNX model by its name)
+        raise ValueError(f"--onnx {args.onnx}: give the file a .onnx name")
     labels = Path(name) / LABELS_FILE  # (a local checkpoint's protocol and label rules go into the metadata)
+    if labels.is_file():
+        read_label_spec(labels)  # (a damaged one is named now, not copied into a file every command refuses)
+    model = load_segmentation_model(name)  # (an encoder or classifier checkpoint: a random head, refused)
     report = export_onnx(
         model,
         args.onnx,
@@ -71,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
         fp16=args.fp16,
         verify=not args.no_verify,
         options=load_inference_options(name),
-        labels=labels.read_text(encoding="utf-8") if labels.is_file() else None,
+        labels=labels.read_text(encoding="utf-8-sig") if labels.is_file() else None,
+        reduce_labels=stored_reduce_labels(name),
     )
     print(report.summary())
     return 0

@@ -129,8 +129,12 @@ def run(args: argparse.Namespace) -> int:
     from segformer.predict_folder import collect_images, predict_to_folder
 
     collect_images(args.inputs, recursive=args.recursive)  # usage errors before any model is loaded
+    from segformer.backends import is_onnx_file
+
     backend = backend_arguments(args)
     device = None if args.device == "auto" else args.device
+    if device is None and (args.backend == "onnxruntime" or is_onnx_file(args.model) or args.dtype == "int8"):
+        device = "cpu"  # (they run on the CPU; under torchrun "auto" would be each rank's GPU)
     distributed = launched_by_torchrun()
     info = init_distributed(device) if distributed else None
     try:
