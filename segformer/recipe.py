@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from .evaluate import eval_options
 from .hub import CheckpointError, for_command_line
 from .inference import InferenceOptions
 from .modeling import SegformerForSemanticSegmentation
+from .visualize import renamed_classes
 
 
 @dataclass
@@ -238,11 +241,38 @@ def build_model(cfg: TrainConfig, id2label: dict[int, str]) -> SegformerForSeman
     # fp32 master weights whatever the checkpoint stores (a bf16/fp16 file would otherwise load as such, as in
     # Transformers 5.x); reduced precision in training is --amp's job.
     try:
-        return SegformerForSemanticSegmentation.from_pretrained(
+        model = SegformerForSemanticSegmentation.from_pretrained(
             name, ignore_mismatched_sizes=True, dtype=torch.float32, **overrides
         )
+        stored = SegformerConfig.from_pretrained(name).id2label
     except CheckpointError as exc:  # (--model names it: from_pretrained's config= advice would not fit)
         raise for_command_line(exc) from None
+    _reinitialise_renamed_head(model, name, stored, id2label)
+    return model
+
+
+_NUMBERED = re.compile(r"(LABEL_|class_)\d+")  # the names of a label set that was given none
+
+
+def _reinitialise_renamed_head(
+    model: SegformerForSemanticSegmentation, name: str, stored: dict[int, str], id2label: dict[int, str]
+) -> None:
+    """A checkpoint with as many classes as the data but other names (up to spelling, and a benchmark's own
+    renames): its classifier would have given the data's class k what the checkpoint's class k learned, without
+    a word, while the head's lr multiplier treats it as new (audit). It is re-initialised, with one line; numbered
+    names on either side (a label set given none) keep it."""
+    if len(stored) != len(id2label) or any(_NUMBERED.fullmatch(n) for n in (*stored.values(), *id2label.values())):
+        return
+    renamed = renamed_classes(stored, id2label)
+    if not renamed:
+        return
+    with torch.no_grad():
+        model._init_weights(model.decode_head.classifier)
+    shown = ", ".join(f"{i} {a!r} → {b!r}" for i, a, b in renamed[:3]) + (", ..." if len(renamed) > 3 else "")
+    logging.getLogger("segformer").warning(
+        f"--model {name}: its {len(stored)} classes are named otherwise than the data's ({shown}): its classifier is "
+        "re-initialised, as for another label set (name the classes as the checkpoint does to keep it)"
+    )
 
 
 @dataclass

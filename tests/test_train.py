@@ -350,16 +350,14 @@ def test_torchrun_without_sync_bn_records_the_metrics_of_the_saved_model(data, t
         "bn.running_mean.fill_(get_rank() + 1.0)\n"
         "bn.num_batches_tracked.fill_(get_rank() + 5)\n"
         "broadcast_buffers(bn)\n"
-        "print('rank', get_rank(), bn.running_mean.tolist(), int(bn.num_batches_tracked), flush=True)\n"
+        f"open(r'{tmp_path}/rank%d.txt' % get_rank(), 'w').write(f'{{bn.running_mean.tolist()}} "
+        "{int(bn.num_batches_tracked)}')\n"
         "cleanup()\n"
-    )
+    )  # (each rank its own file: two processes' prints interleave)
     done = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
                           capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    assert sorted(line for line in done.stdout.splitlines() if line.startswith("rank")) == [
-        "rank 0 [1.0, 1.0, 1.0] 5",
-        "rank 1 [1.0, 1.0, 1.0] 5",
-    ], done.stdout
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["[1.0, 1.0, 1.0] 5"] * 2
 
 
 @pytest.mark.slow
@@ -868,3 +866,28 @@ def test_torchrun_prints_the_package_warnings_once(data, tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stderr.count("newly initialised") == 1, two.stderr[-3000:]
     assert "Warning" not in two.stderr, two.stderr[-3000:]  # (FutureWarning: all_reduce is deprecated, per step)
+
+
+def test_a_checkpoint_whose_classes_are_named_otherwise_gets_a_new_head(tmp_path, caplog):
+    """Fine-tuning from a checkpoint with as many classes as the data but other names kept its classifier without
+    a word (the data's class k took the checkpoint's class k's meaning; README and --help said it is
+    re-initialised for a different label set: audit). Same names (up to spelling) and numbered names keep it."""
+    from segformer.recipe import build_model
+    from segformer.train import TrainConfig
+
+    checkpoint = tmp_path / "ckpt"
+    names = {0: "background", 1: "road", 2: "car"}
+    SegformerForSemanticSegmentation(tiny_config(num_labels=3, id2label=names)).save_pretrained(checkpoint)
+    kept = load_file(str(checkpoint / "model.safetensors"))["decode_head.classifier.weight"]
+
+    def classifier(id2label: dict[int, str]) -> torch.Tensor:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="segformer"):
+            model = build_model(TrainConfig(data=".", model=str(checkpoint)), id2label)
+        return model.decode_head.classifier.weight.detach()
+
+    assert not torch.equal(classifier({0: "bg", 1: "a", 2: "b"}), kept)
+    assert any("its 3 classes are named otherwise than the data's (0 'background' → 'bg', 1 'road' → 'a', 2 'car' "
+               "→ 'b'): its classifier is re-initialised" in m for m in caplog.messages), caplog.messages  # fmt: skip
+    for same in ({0: "Background", 1: "road ", 2: "car"}, {0: "class_0", 1: "class_1", 2: "class_2"}):
+        assert torch.equal(classifier(same), kept) and not caplog.messages, (same, caplog.messages)

@@ -61,7 +61,7 @@ def _data_and_model_arguments(p: argparse.ArgumentParser) -> None:
         "--model",
         help="variant b0..b5 (fresh weights), a config.json, or a checkpoint directory / hub "
         "id: an ImageNet encoder (nvidia/mit-b0) or a fine-tuned model (its head is re-initialised "
-        "for a different label set). Default: b0",
+        "for a different label set: another number of classes, or other class names). Default: b0",
     )
     g.add_argument("--output", help="run directory (default: runs/segformer)")
     g.add_argument(
