@@ -209,3 +209,21 @@ def test_processor_takes_a_datasets_column_as_a_batch():
     assert by_column["pixel_values"].shape == (3, 3, 32, 32)
     assert torch.equal(by_column["pixel_values"], by_list["pixel_values"])
     assert torch.equal(by_column["labels"], by_list["labels"])
+
+
+def test_a_pair_of_other_sizes_is_refused_as_it_is_read(tmp_path):
+    """With --check-data off or headers, a Hugging Face row whose mask has another size than its image trained
+    (batch 1) or failed in torch.stack naming no row (audit); the folder layout refuses such a pair as it reads it.
+    Now so does a Hugging Face row, and a swapped width and height is put down to the EXIF turn datasets does."""
+    rng = np.random.default_rng(0)
+    split = _split(rng, 2)
+    rows = split.to_dict()
+    rows["annotation"][1] = Image.fromarray(np.zeros((64, 48), np.uint8))  # (the image is 64 wide, 48 high)
+    root = tmp_path / "hf"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows, features=split.features)}).save_to_disk(str(root))
+    (root / "labels.json").write_text(json.dumps(["border", "bright", "dark"]))
+    dataset, _ = build_dataset(root, "train")
+    dataset.read(0)
+    with pytest.raises(ValueError, match=r"\[1\]: image is 64x48 but its mask is 48x64 \(the datasets library turns"):
+        dataset.read(1)
+    assert any("image is 64x48 but its mask is 48x64" in p for p in check_dataset(dataset).problems)

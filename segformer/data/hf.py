@@ -223,25 +223,43 @@ class HFSegmentationDataset(SegmentationDataset):
         """(image (H, W, 3) uint8, mask ids) of row ``index``: an Image feature through the one input layer's
         mode rules, an array through its array rules (:func:`segformer.images.array_to_rgb`: uint16 / 257, floats
         by their range, channels first or last, gray and alpha), as the predictor reads them."""
+        rgb, mask = self._read_pair(index)
+        mismatch = self._size_mismatch(index, rgb, mask)
+        if mismatch is not None:  # (what the data check reports; with it off, never a misaligned pair: audit)
+            raise ValueError(mismatch)
+        return rgb, mask
+
+    def _read_pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image = self._cell(index, self.image_column)
         what = f"{self.name}[{index}].{self.image_column}"
         rgb = np.asarray(to_rgb(image, what)) if isinstance(image, Image.Image) else array_to_rgb(image, what)
         return rgb, self.read_mask(index)
+
+    def _size_mismatch(self, index: int, image: np.ndarray, mask: np.ndarray) -> str | None:
+        """The line naming row ``index`` when its image and mask differ in size, else None."""
+        (h, w), (mh, mw) = image.shape[:2], mask.shape[:2]
+        if (h, w) == (mh, mw):
+            return None
+        turned = (
+            " (the datasets library turns photos upright by their EXIF orientation: was the mask drawn on the "
+            "stored, sideways pixels?)"
+            if (h, w) == (mw, mh)
+            else ""
+        )
+        return f"{self.name}[{index}]: image is {w}x{h} but its mask is {mw}x{mh}{turned}"
 
     def mask_name(self, index: int) -> str:
         return f"{self.name}[{index}].{self.label_column}"
 
     def check_item(self, index: int, check_values: bool, tally: ClassTally | None = None) -> list[str]:
         try:
-            image, mask = self.read(index)
+            image, mask = self._read_pair(index)
         except Exception as exc:
             return [f"{self.name}[{index}]: unreadable ({str(exc).strip() or type(exc).__name__})"]
         problems = []
-        if image.shape[:2] != mask.shape[:2]:
-            problems.append(
-                f"{self.name}[{index}]: image is {image.shape[1]}x{image.shape[0]} but its mask is "
-                f"{mask.shape[1]}x{mask.shape[0]}"
-            )
+        mismatch = self._size_mismatch(index, image, mask)
+        if mismatch is not None:
+            problems.append(mismatch)
         if check_values:
             problems += check_values_of(self, index, tally)
         return problems
