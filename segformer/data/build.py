@@ -152,6 +152,15 @@ def check_splits(
             if dataset is None:
                 continue
             report = check_dataset(dataset, listing, check_values=check == "full")
+            if report.unturned:
+                path, orientation = report.unturned[0]
+                print(
+                    f"warning: {dataset.name}: {len(report.unturned)} image(s) carry an EXIF orientation but are read "
+                    f"as stored, the pixels their masks fit (e.g. {path}: orientation {orientation}); if the masks "
+                    "were drawn on the upright photos, turn the files upright first (exiftran -ai, mogrify "
+                    "-auto-orient); segformer predict and serve show the model photos upright",
+                    file=sys.stderr,
+                )
             if position == 0 and report.classes is not None:
                 first = report.classes
                 report.problems += warn_class_coverage(dataset, first)

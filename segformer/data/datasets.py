@@ -371,6 +371,19 @@ def _size_mismatch(image: object, image_size: tuple[int, int], mask: object, mas
     return f"{image}: image is {image_size[0]}x{image_size[1]} but its mask {mask} is {mask_size[0]}x{mask_size[1]}"
 
 
+def _orientation(exif: bytes | None) -> int:
+    """The EXIF orientation tag of raw EXIF bytes (1, upright, where there is none or it cannot be read)."""
+    if not exif:
+        return 1
+    try:
+        tags = Image.Exif()
+        tags.load(exif)
+        value = tags.get(0x0112, 1)
+        return value if isinstance(value, int) else 1
+    except Exception:
+        return 1
+
+
 def load_image(path: str | os.PathLike) -> np.ndarray:
     """(H, W, 3) uint8 RGB, as stored (no EXIF rotation: masks are drawn on the stored pixels), through the one
     input layer's mode rules (:func:`segformer.images.to_rgb`); no pixel limit (training data is trusted)."""
@@ -451,16 +464,26 @@ class SegmentationDataset(torch.utils.data.Dataset):
         """How problems with sample ``index``'s mask are reported: its path."""
         return str(self.pairs[index][1])
 
-    def check_item(self, index: int, check_values: bool, tally: ClassTally | None = None) -> list[str]:
+    def check_item(
+        self,
+        index: int,
+        check_values: bool,
+        tally: ClassTally | None = None,
+        unturned: list[tuple[str, int]] | None = None,
+    ) -> list[str]:
         """Problems of sample ``index`` (one line each, naming the file): unreadable files, an image and a mask
         of different sizes, and (``check_values``) mask values no label rule covers, its classes added to
-        ``tally``."""
+        ``tally``; an image read as stored although its EXIF orientation says to turn it is added to
+        ``unturned`` as (path, orientation)."""
         image_path, mask_path = self.pairs[index]
         problems = []
+        orientation = 1
         try:
             with Image.open(image_path) as im:
                 image_size = im.size
+                exif = im.info.get("exif")  # (a JPEG's, read at open: verify() must come straight after it)
                 im.verify() if not check_values else im.load()
+                orientation = _orientation(exif or im.info.get("exif"))  # (a PNG's eXIf chunk: after the load)
         except Exception as exc:
             problems.append(f"{image_path}: unreadable image ({str(exc).strip() or type(exc).__name__})")
             image_size = None
@@ -476,8 +499,12 @@ class SegmentationDataset(torch.utils.data.Dataset):
             else:
                 problems.append(f"{mask_path}: unreadable mask ({message})")
             mask_size = None
-        if image_size and mask_size and image_size != mask_size and not upright_turn(image_path, image_size, mask_size):
+        other = bool(image_size and mask_size and image_size != mask_size)
+        turned = other and upright_turn(image_path, image_size, mask_size) is not None
+        if other and not turned:
             problems.append(_size_mismatch(image_path, image_size, mask_path.name, mask_size))
+        if unturned is not None and orientation != 1 and not turned and not problems:
+            unturned.append((str(image_path), int(orientation)))
         return problems
 
     def __len__(self) -> int:
@@ -560,6 +587,9 @@ class DatasetReport:
     num_pairs: int = 0
     problems: list[str] = field(default_factory=list)
     classes: ClassTally | None = None
+    # images whose EXIF orientation was not applied (read as stored: see SegmentationDataset.read), as
+    # (path, orientation): not a problem, but worth one warning (their masks may be drawn on the upright photo)
+    unturned: list[tuple[str, int]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -654,8 +684,10 @@ def check_dataset(
     tally = report.classes = ClassTally(np.zeros(dataset.num_labels, np.int64)) if check_values else None
     # PIL decoding releases the GIL: threads make the check of a large set I/O-bound, not CPU-bound.
     with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
-        for problems in pool.map(lambda i: dataset.check_item(i, check_values, tally), range(len(dataset))):
+        check = lambda i: dataset.check_item(i, check_values, tally, report.unturned)  # noqa: E731
+        for problems in pool.map(check, range(len(dataset))):
             report.problems += problems
+    report.unturned.sort()
     return report
 
 

@@ -251,7 +251,15 @@ class HFSegmentationDataset(SegmentationDataset):
     def mask_name(self, index: int) -> str:
         return f"{self.name}[{index}].{self.label_column}"
 
-    def check_item(self, index: int, check_values: bool, tally: ClassTally | None = None) -> list[str]:
+    def check_item(
+        self,
+        index: int,
+        check_values: bool,
+        tally: ClassTally | None = None,
+        unturned: list[tuple[str, int]] | None = None,
+    ) -> list[str]:
+        """As :meth:`SegmentationDataset.check_item`; ``unturned`` stays empty (the datasets library decodes
+        images upright)."""
         try:
             image, mask = self._read_pair(index)
         except Exception as exc:
