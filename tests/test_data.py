@@ -678,3 +678,23 @@ def test_value_hints_fit_the_layout_and_every_value(tmp_path):
     assert "these are no ade20k masks" in check_values_of(ade2, 0)[0]
     with pytest.raises(ValueError, match=r"^--labels .*missing\.json: no such file$"):
         build_dataset(tmp_path / "own", "train", labels=tmp_path / "missing.json")
+
+
+def test_a_split_without_pairs_says_why(tmp_path):
+    """img_001.jpg beside img_001_mask.png: "no image/mask pairs in the train split" and nothing more (audit).
+    The error now says how pairs are named, with the first image's expected mask and a mask found."""
+    (tmp_path / "images" / "train" / "site").mkdir(parents=True)
+    (tmp_path / "annotations" / "train" / "site").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "images" / "train" / "site" / "img_001.jpg")
+    _save(tmp_path / "annotations" / "train" / "site" / "img_001_mask.png", np.zeros((8, 8), np.uint8))
+    (tmp_path / "labels.json").write_text(json.dumps(["a", "b"]))
+    expected = (f"its 1 image(s) and 1 mask(s) share no name: a mask has its image's path and name with .png "
+                f"({tmp_path / 'images/train/site/img_001.jpg'} pairs with "
+                f"{tmp_path / 'annotations/train/site/img_001.png'}; found e.g. "
+                f"{tmp_path / 'annotations/train/site/img_001_mask.png'})")  # fmt: skip
+    with pytest.raises(ValueError) as caught:
+        build_dataset(tmp_path, "train")
+    assert str(caught.value).endswith(expected), caught.value
+    (tmp_path / "annotations" / "train" / "site" / "img_001_mask.png").unlink()
+    with pytest.raises(ValueError, match=r"; .*annotations/train holds no PNG masks$"):
+        build_dataset(tmp_path, "train")

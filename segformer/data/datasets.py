@@ -55,12 +55,29 @@ class Listing:
     unpaired_images: list[Path] = field(default_factory=list)
     unpaired_masks: list[Path] = field(default_factory=list)
     not_png_masks: list[Path] = field(default_factory=list)
+    # the folder layout's image and mask folders of the split (None: another layout), for no_pairs_hint
+    folders: tuple[Path, Path] | None = None
 
     def no_pairs_hint(self) -> str:
         """Why a split without pairs has none, when the listing can tell: '' or '; ' and the reason."""
         if self.not_png_masks:
             return f"; its masks are {self.not_png_masks[0].suffix} files ({self.not_png_masks[0]}): masks must be PNG"
-        return ""
+        if self.folders is None:
+            return ""
+        image_dir, mask_dir = self.folders
+        if self.unpaired_images and self.unpaired_masks:  # (img_001.jpg with img_001_mask.png: said nothing)
+            image = self.unpaired_images[0]
+            expected = mask_dir / image.relative_to(image_dir).with_suffix(".png")
+            return (
+                f"; its {len(self.unpaired_images)} image(s) and {len(self.unpaired_masks)} mask(s) share no name: "
+                f"a mask has its image's path and name with .png ({image} pairs with {expected}; found e.g. "
+                f"{self.unpaired_masks[0]})"
+            )
+        if self.unpaired_images:
+            return f"; {mask_dir} holds no PNG masks"
+        if self.unpaired_masks:
+            return f"; {image_dir} holds no images"
+        return f"; {image_dir} and {mask_dir} are empty"
 
 
 class MissingSplitError(ValueError):
@@ -121,6 +138,7 @@ def list_folder(root: str | os.PathLike, split: str) -> Listing:
             not_png.append(p)
     listing = _pair_by_key(images, masks)
     listing.not_png_masks = not_png
+    listing.folders = (image_dir, mask_dir)
     return listing
 
 
