@@ -183,10 +183,12 @@ def model_card(
     options: InferenceOptions,
     step: int,
     metrics_step: int | None = None,
+    evaluated_on: str | None = None,
 ) -> str:
     """The README.md of a checkpoint: YAML metadata (library, tags, datasets, metrics, model-index), how it was
     trained and how it scores (aggregate metrics and per-class IoU, measured at ``metrics_step``, default
-    ``step``: a last/ saved between evaluations carries the latest one, said to be of an earlier step)."""
+    ``step``: a last/ saved between evaluations carries the latest one, said to be of an earlier step; on
+    ``evaluated_on``, e.g. "all 500 validation images")."""
     metrics_step = step if metrics_step is None else metrics_step
     metrics = dict(metrics or {})
     lines = [
@@ -236,7 +238,8 @@ def model_card(
     ]
     if metrics:
         earlier = f" (these weights are from step {step})" if metrics_step != step else ""
-        lines += [f"Measured at step {metrics_step}{earlier}:", "", "| metric | value |", "|---|---|"]
+        scope = f" on {evaluated_on}" if evaluated_on else ""
+        lines += [f"Measured at step {metrics_step}{earlier}{scope}:", "", "| metric | value |", "|---|---|"]
         for key in ("mIoU", "aAcc", "mAcc"):
             if metrics.get(key) is not None:
                 lines.append(f"| {key} | {100 * float(metrics[key]):.2f} |")

@@ -475,6 +475,7 @@ def shareable_files(
         options=data.eval_options,
         step=step,
         metrics_step=step if metrics_step is None else metrics_step,
+        evaluated_on=_evaluated_on(metrics, data),
     )
     reduce = data.train_set.spec.reduce_labels
     return {
@@ -483,6 +484,18 @@ def shareable_files(
         LABELS_FILE: labels_json(data.train_set.spec.describe()),
         "README.md": card,
     }
+
+
+def _evaluated_on(metrics: dict[str, Any] | None, data: TrainData) -> str | None:
+    """What the metrics were measured on, for the model card: "all N validation images", or "the first n of N
+    validation images (--max-eval-images)" (a card said nothing, and eval of best/ on the whole split then
+    reported another number: audit)."""
+    count = (metrics or {}).get("num_images")
+    if count is None or data.val_set is None:
+        return None
+    total = len(data.val_set)
+    return f"all {total} validation images" if count >= total else (
+        f"the first {count} of {total} validation images (--max-eval-images)")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------- steps

@@ -627,8 +627,12 @@ def test_a_cards_metrics_name_their_step_and_survive_a_resume(data, tiny_json, t
     train(_cfg(data, tiny_json, tmp_path / "split", **{**changes, "stop_at": 2}))
     train(_cfg(data, tiny_json, tmp_path / "split", **{**changes, "resume": "auto"}))
     cards = [(tmp_path / run / "last" / "README.md").read_text() for run in ("straight", "split")]
-    assert "Measured at step 2 (these weights are from step 3):" in cards[0] and "| mIoU |" in cards[0]
-    assert cards[0].replace("straight", "split") == cards[1]
+    assert "Measured at step 2 (these weights are from step 3) on all 3 validation images:" in cards[0]
+    assert "| mIoU |" in cards[0] and cards[0].replace("straight", "split") == cards[1]
+    # (what a metric was measured on: a card said nothing of --max-eval-images: audit)
+    train(_cfg(data, tiny_json, tmp_path / "part", eval_every=2, steps=2, max_eval_images=2))
+    card = (tmp_path / "part" / "best" / "README.md").read_text()
+    assert "Measured at step 2 on the first 2 of 3 validation images (--max-eval-images):" in card, card
 
 
 @pytest.mark.output
