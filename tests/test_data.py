@@ -698,3 +698,16 @@ def test_a_split_without_pairs_says_why(tmp_path):
     (tmp_path / "annotations" / "train" / "site" / "img_001_mask.png").unlink()
     with pytest.raises(ValueError, match=r"; .*annotations/train holds no PNG masks$"):
         build_dataset(tmp_path, "train")
+
+
+def test_a_gray_mask_saved_as_rgb_holds_its_values(tmp_path):
+    """A one-band mask written as RGB (cv2.imwrite of a gray array as a 3-channel image) was refused with advice to
+    add a palette to labels.json (audit); three equal channels are its values. Other colours still need one."""
+    from segformer.data.datasets import load_mask
+
+    values = np.array([[0, 1], [2, 255]], np.uint8)
+    Image.fromarray(np.repeat(values[..., None], 3, axis=-1)).save(tmp_path / "gray.png")
+    assert np.array_equal(load_mask(tmp_path / "gray.png"), values)
+    Image.fromarray(np.array([[[0, 0, 0], [128, 64, 128]]], np.uint8)).save(tmp_path / "colour.png")
+    with pytest.raises(ValueError, match='got mode RGB \\(colour-coded masks need a "palette" in labels.json\\)'):
+        load_mask(tmp_path / "colour.png")
