@@ -711,3 +711,18 @@ def test_a_gray_mask_saved_as_rgb_holds_its_values(tmp_path):
     Image.fromarray(np.array([[[0, 0, 0], [128, 64, 128]]], np.uint8)).save(tmp_path / "colour.png")
     with pytest.raises(ValueError, match='got mode RGB \\(colour-coded masks need a "palette" in labels.json\\)'):
         load_mask(tmp_path / "colour.png")
+
+
+def test_labels_json_shapes_users_write_get_their_own_advice(tmp_path):
+    """{"255": "void"} among the classes and a label2id-shaped file got generic key errors (audit)."""
+    from segformer.data.datasets import read_label_spec
+
+    path = tmp_path / "labels.json"
+    path.write_text(json.dumps({"0": "background", "1": "road", "255": "void"}))
+    with pytest.raises(ValueError, match=r"got \[0, 1, 255\] \(255 means unlabelled without a name: leave it out\)$"):
+        read_label_spec(path)
+    path.write_text(json.dumps({"background": 0, "road": 1}))
+    with pytest.raises(ValueError, match="this looks like label2id"):
+        read_label_spec(path)
+    path.write_text(json.dumps({"id2label": {"0": "background", "1": "road"}}))
+    assert read_label_spec(path).id2label == {0: "background", 1: "road"}

@@ -291,6 +291,10 @@ def read_label_spec(
         data = dict(enumerate(data))
     if not isinstance(data, Mapping) or not data:
         raise ValueError(f"{path}: expected id2label as a non-empty object or list of class names")
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in data.values()) and not all(
+        str(k).lstrip("-").isdigit() for k in data
+    ):  # ({"road": 0, ...}: label2id's shape, which the key error did not tell)
+        raise ValueError(f'{path}: this looks like label2id (names to ids); give id2label, ids to names: {{"0": "..."}}')
     raw = _int_keys(data, path, "id2label")
     unnamed = sorted(k for k, v in raw.items() if not isinstance(v, (str, int, float)) or isinstance(v, bool))
     if unnamed:
@@ -306,7 +310,8 @@ def read_label_spec(
         named[name] = class_id
     num = len(id2label)
     if sorted(id2label) != list(range(num)):
-        raise ValueError(f"{path}: class ids must be 0..{num - 1} without gaps, got {sorted(id2label)}")
+        void = f" ({IGNORE_INDEX} means unlabelled without a name: leave it out)" if IGNORE_INDEX in id2label else ""
+        raise ValueError(f"{path}: class ids must be 0..{num - 1} without gaps, got {sorted(id2label)}{void}")
     if num > IGNORE_INDEX:
         raise ValueError(f"{path}: {num} classes; at most {IGNORE_INDEX} (the value {IGNORE_INDEX} means ignored)")
 
