@@ -294,7 +294,7 @@ def read_label_spec(
     if all(isinstance(v, int) and not isinstance(v, bool) for v in data.values()) and not all(
         str(k).lstrip("-").isdigit() for k in data
     ):  # ({"road": 0, ...}: label2id's shape, which the key error did not tell)
-        raise ValueError(f'{path}: this looks like label2id (names to ids); give id2label, ids to names: {{"0": "..."}}')
+        raise ValueError(f'{path}: this looks like label2id (names to ids); give id2label, ids to names {{"0": "..."}}')
     raw = _int_keys(data, path, "id2label")
     unnamed = sorted(k for k, v in raw.items() if not isinstance(v, (str, int, float)) or isinstance(v, bool))
     if unnamed:
