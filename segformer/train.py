@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from .config import SegformerConfig
@@ -296,6 +297,8 @@ def build_data(cfg: TrainConfig, info: DistInfo) -> TrainData:
             'background and the object (for 0/255 masks: ["background", "object"] with "map": {"255": 1} in '
             "labels.json)"
         )
+    if info.is_main and tuple(cfg.scale) == (0, 0):
+        _warn_crop_beyond_images(cfg, train_set)
     try:
         val_set, val_listing = build_dataset(cfg.data, "val", transform=eval_transform(), **labels)
     except MissingSplitError as exc:  # (a val split that is there but broken is an error, not a warning)
@@ -306,6 +309,39 @@ def build_data(cfg: TrainConfig, info: DistInfo) -> TrainData:
     with every_rank_raises(ValueError):
         weights = resolve_class_weights(cfg, train_set, info, tally)
     return TrainData(kind, train_set, val_set, eval_opts, weights)
+
+
+def _warn_crop_beyond_images(cfg: TrainConfig, train_set: SegmentationDataset, sample: int = 200) -> None:
+    """One warning where ``--crop`` is more than twice the area of the largest training image (up to ``sample``
+    of them, read by their headers), at the largest random ratio: every sample is then mostly padding that the
+    loss ignores, time and memory for nothing (own data at its own scale; audit: 64-200 px images in 512x512
+    crops, 94% padding)."""
+    pairs = getattr(train_set, "pairs", None)
+    if not pairs:
+        return
+    step = max(1, len(pairs) // sample)
+    sizes = []
+    for image, _ in pairs[::step]:
+        try:
+            with Image.open(image) as im:
+                sizes.append(im.size)
+        except Exception:  # (the data check names unreadable files)
+            continue
+    if not sizes:
+        return
+    width, height = max(w for w, _ in sizes), max(h for _, h in sizes)
+    ratio = max(cfg.ratio_range) if cfg.ratio_range else 1.0
+    crop_h, crop_w = cfg.crop
+    covered = min(crop_h, height * ratio) * min(crop_w, width * ratio) / (crop_h * crop_w)
+    if covered >= 0.5:
+        return
+    fit = (min(crop_h, -(-height // 32) * 32), min(crop_w, -(-width // 32) * 32))
+    print(
+        f"warning: --crop {crop_h} {crop_w} is larger than every training image (at most {width}x{height}): at least "
+        f"{100 * (1 - covered):.0f}% of each sample is padding the loss ignores, time and memory for nothing; "
+        f"--crop {fit[0]} {fit[1]} fits them",
+        file=sys.stderr,
+    )
 
 
 def resolve_class_weights(
@@ -333,6 +369,9 @@ def resolve_class_weights(
     weights, problems = all_gather_objects((weights, problems))[0]  # the main rank's, on every rank
     if problems:
         raise ValueError(f"--class-weights auto: {train_set.name}: {problems[0]}")
+    names = train_set.id2label  # (the weights were said nowhere: audit)
+    shown = ", ".join(f"{names[k]} {w:.3g}" for k, w in enumerate(weights[:12]))
+    _log(f"class weights (median frequency): {shown}{', ...' if len(weights) > 12 else ''}", info)
     return torch.tensor(weights, dtype=torch.float32)
 
 
@@ -738,6 +777,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         best = Path(resume_dir).parent / "best"
     return {
         "step": run.step,
+        "steps": cfg.steps,
         "last": str(output / "last"),
         "best": str(best) if run.best_step is not None and best.is_dir() else None,
         "best_mIoU": run.best_mIoU if run.best_step is not None else None,

@@ -272,9 +272,16 @@ def run(args: argparse.Namespace) -> int:
             raise
         wait_for_rank_zero()
         return 2
-    if result["metrics"] is not None and int(os.environ.get("RANK", 0)) == 0:  # one summary line, from rank 0
-        summary = {"step": result["step"], "mIoU": result["metrics"]["mIoU"], "best": result["best"]}
+    if int(os.environ.get("RANK", 0)) == 0:  # one summary line, from rank 0 (also without evaluation: audit)
+        miou = result["metrics"]["mIoU"] if result["metrics"] is not None else None
+        summary = {"step": result["step"], "mIoU": miou, "best": result["best"]}
         print(json.dumps({**summary, "last": result["last"]}))
+        if result["step"] < result["steps"]:
+            print(
+                f"segformer train: stopped at step {result['step']} of {result['steps']} (--stop-at); --resume auto "
+                "continues",
+                file=sys.stderr,
+            )
     return 0
 
 
