@@ -113,10 +113,12 @@ def run_command(
         with warnings_from_rank_zero(), _sigterm_raises():  # (under torchrun, rank 0's warnings only)
             return int(func(args) or 0)
     except KeyboardInterrupt:
-        print(f"{name}: interrupted", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # (under torchrun every rank gets the signal: rank 0 says so)
+            print(f"{name}: interrupted", file=sys.stderr)
         return 130
     except Terminated:
-        print(f"{name}: terminated (SIGTERM)", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{name}: terminated (SIGTERM)", file=sys.stderr)
         return 128 + signal.SIGTERM
     except EXPECTED_ERRORS as exc:
         print(f"{name}: error: {describe(exc)}", file=sys.stderr)

@@ -112,8 +112,14 @@ def evaluate(
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     count = len(dataset) if max_images is None else min(len(dataset), max_images)
     indices = list(range(get_rank(), count, get_world_size()))  # no padding: each image counted once
+    from .data.datasets import leave_stops_to_the_main_process
+
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, indices), batch_size=1, num_workers=num_workers, shuffle=False
+        torch.utils.data.Subset(dataset, indices),
+        batch_size=1,
+        num_workers=num_workers,
+        shuffle=False,
+        worker_init_fn=leave_stops_to_the_main_process,
     )
     cm = ConfusionMatrix(dataset.num_labels, dataset.ignore_index, device=device)
     from tqdm import tqdm

@@ -44,7 +44,7 @@ from .data.build import (
     note_detected_layout,
     warn_class_coverage,
 )
-from .data.datasets import ClassTally, MissingSplitError, SegmentationDataset
+from .data.datasets import ClassTally, MissingSplitError, SegmentationDataset, leave_stops_to_the_main_process
 from .data.statistics import class_tally, median_frequency_weights
 from .data.transforms import eval_transform, train_transform
 from .distributed import (
@@ -398,6 +398,7 @@ def build_loader(
         pin_memory=info.device.type == "cuda",
         persistent_workers=cfg.workers > 0,
         generator=torch.Generator().manual_seed(cfg.seed),
+        worker_init_fn=leave_stops_to_the_main_process,
     )
 
 

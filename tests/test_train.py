@@ -928,3 +928,43 @@ def test_a_run_without_evaluation_or_stopped_early_ends_with_its_summary(data, t
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary == {"step": 2, "mIoU": None, "best": None, "last": str(run / "last")}
     assert "segformer train: stopped at step 2 of 4 (--stop-at); --resume auto continues" in err
+
+
+@pytest.mark.slow
+@pytest.mark.output
+def test_sigterm_to_the_whole_process_group_stops_cleanly(data, tiny_json, tmp_path):
+    """Slurm, docker stop and systemd send SIGTERM to every process of the job, DataLoader workers included: the
+    workers died first, and the clean stop message was followed by a 25-line "DataLoader worker ... is killed by
+    signal: Terminated" traceback (audit). Workers now leave the stop to the main process."""
+    import signal
+    import time
+
+    log = tmp_path / "log.txt"
+    cmd = [PY, "-m", "segformer", "train", "--data", str(data), "--model", str(tiny_json), "--steps", "400",
+           "--batch-size", "4", "--crop", "48", "48", "--workers", "2", "--log-every", "1", "--eval-every", "0",
+           "--save-every", "5", "--no-progress", "--output", str(tmp_path / "run")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.monotonic() + 240
+        while "step 6/" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    text = log.read_text()
+    assert "terminated (SIGTERM)" in text and "--resume auto continues from it" in text, text[-3000:]
+    assert "Traceback" not in text and "killed by signal" not in text, text[-3000:]
+    # torchrun, stopped: it passes SIGTERM to its ranks; each rank stops cleanly, and rank 0 alone says so (every
+    # rank said "DataLoader worker ... killed by signal", as an error: audit). (torchrun's own traceback stays.)
+    torchrun = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "segformer.train",
+                *cmd[4:-1], str(tmp_path / "two")]  # fmt: skip
+    with open(log, "w") as out:
+        proc = subprocess.Popen(torchrun, stdout=out, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 240
+        while "step 6/" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    text = log.read_text()
+    assert text.count("segformer.train: terminated (SIGTERM)") == 1, text[-3000:]
+    assert "killed by signal" not in text and "error:" not in text, text[-3000:]

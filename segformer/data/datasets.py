@@ -407,6 +407,16 @@ def _orientation(exif: bytes | None) -> int:
         return 1
 
 
+def leave_stops_to_the_main_process(worker_id: int) -> None:
+    """A DataLoader ``worker_init_fn``: the worker ignores SIGTERM. Slurm, docker stop and systemd signal every
+    process of a job; a worker that died of it made the main process's clean stop end in "DataLoader worker is
+    killed by signal: Terminated" and a traceback (audit). The main process stops, then shuts its workers down
+    (and a worker whose main process is gone exits by itself)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def load_image(path: str | os.PathLike) -> np.ndarray:
     """(H, W, 3) uint8 RGB, as stored (no EXIF rotation: masks are drawn on the stored pixels), through the one
     input layer's mode rules (:func:`segformer.images.to_rgb`); no pixel limit (training data is trusted)."""
@@ -767,6 +777,7 @@ __all__ = [
     "CITYSCAPES_CLASSES",
     "IGNORE_INDEX",
     "LabelSpec",
+    "leave_stops_to_the_main_process",
     "read_label_spec",
     "KINDS",
     "ClassTally",
