@@ -474,7 +474,8 @@ def test_class_weights_auto_says_what_the_full_check_would_about_absent_classes(
     for check in ("full", "headers", "off"):
         cfg = short_run(root, "b0", tmp_path / "run", check_data=check, class_weights="auto", crop=(16, 16))
         weights[check] = build_data(cfg, DistInfo()).class_weights
-        assert capsys.readouterr().err.splitlines() == [warning], check
+        said = "class weights (median frequency): road 0.6, car 1, sky 3"  # (and the weights, once)
+        assert capsys.readouterr().err.splitlines() == [warning, said], check
     road, sky = 2 * (256 - 64 - 32), 2 * 32  # labelled pixels in the two masks
     median = np.median([road, sky])
     assert torch.allclose(weights["full"], torch.tensor([median / road, 1.0, median / sky], dtype=torch.float32))
