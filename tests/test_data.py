@@ -727,3 +727,20 @@ def test_labels_json_shapes_users_write_get_their_own_advice(tmp_path):
         read_label_spec(path)
     path.write_text(json.dumps({"id2label": {"0": "background", "1": "road"}}))
     assert read_label_spec(path).id2label == {0: "background", 1: "road"}
+
+
+def test_half_a_split_is_an_error_not_a_missing_split(tmp_path):
+    """images/val without annotations/val was a missing split (training went on without evaluation, one warning),
+    while an empty annotations/val was an error (notes). Half a split is now an error naming both folders."""
+    from segformer.data.datasets import MissingSplitError
+
+    (tmp_path / "images" / "val").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "images" / "val" / "a.png")
+    (tmp_path / "labels.json").write_text(json.dumps(["a", "b"]))
+    with pytest.raises(ValueError) as caught:
+        build_dataset(tmp_path, "val")
+    assert not isinstance(caught.value, MissingSplitError)
+    assert str(caught.value).startswith(f"{tmp_path / 'images' / 'val'} is there but {tmp_path / 'annotations'}/val")
+    assert str(caught.value).endswith("does not exist: add its masks, or remove val/ to go without this split")
+    with pytest.raises(MissingSplitError):
+        build_dataset(tmp_path, "train")  # (no train split at all: a missing split, as before)

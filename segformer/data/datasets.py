@@ -123,7 +123,12 @@ def list_folder(root: str | os.PathLike, split: str) -> Listing:
     """Pairs of the folder layout (and ADE20K's): images/SPLIT/X.* with annotations/SPLIT/X.png, also in
     subfolders (images/SPLIT/SUB/X.* with annotations/SPLIT/SUB/X.png)."""
     root = Path(root)
-    image_dir, mask_dir = _split_dir(root / "images", split), _split_dir(root / "annotations", split)
+    image_dir = _split_dir(root / "images", split)
+    try:
+        mask_dir = _split_dir(root / "annotations", split)
+    except MissingSplitError as exc:  # (half a split is a broken one, not a missing one: training went on without
+        raise ValueError(f"{image_dir} is there but {str(exc).split(': ', 1)[1]}: add its masks, or remove "  # eval
+                         f"{image_dir.name}/ to go without this split") from None  # fmt: skip
     images: dict[str, Path] = {}
     for p in _files(image_dir, IMAGE_EXTENSIONS, recursive=True):
         key = p.relative_to(image_dir).with_suffix("").as_posix()
