@@ -5,6 +5,7 @@ artefacts cached across runs.
 >>> fast = runtime_model(model, backend="onnxruntime")   # exported once into the cache, verified, then reused
 >>> probs = infer(fast, pixel_values, mode="slide")      # every inference mode works unchanged
 >>> fast = runtime_model(model, compile=True)            # AOTInductor, one package per input shape, cached
+>>> net = load_onnx_file("b0.onnx")                      # a file `segformer export` wrote, run as it is
 
 Every backend is an ``nn.Module`` whose ``forward(pixel_values)`` takes (B, 3, H, W) float32 normalised images and
 returns the logits (B, K, ceil(H/4), ceil(W/4)) as a torch tensor, with the model's ``config``: the inference
@@ -296,7 +297,8 @@ class OnnxRuntimeModel(nn.Module):
     """An onnxruntime session (CPU) behind a PyTorch module: ``forward(pixel_values)`` → logits tensor.
 
     ``path``: the verified ONNX file; ``config``: the model's SegformerConfig; ``from_cache``: whether the file
-    came from the cache (False: exported by this call). The zero-size parameter tells :func:`infer`,
+    came from the cache (False: exported by this call, or a file given as the model). ``weights_dtype``:
+    "float32", or "float16" for an ``--fp16`` export (its metadata). The zero-size parameter tells :func:`infer`,
     ``evaluate`` and the predictor where inputs go (the CPU) and in which dtype (float32): the graph takes
     float32 whatever the precision of its weights.
     """
@@ -571,8 +573,9 @@ def runtime_model(
 ) -> nn.Module:
     """``model`` as the backend runs it: "pytorch" (the model itself, or with ``compile`` a
     :class:`CompiledModel`) or "onnxruntime" (an :class:`OnnxRuntimeModel` on the CPU, float32, or float16 for
-    a float16 model). Artefacts are cached in ``cache_dir`` (default :func:`cache_root`). Bad combinations
-    raise ValueError naming the argument."""
+    a float16 model). Artefacts are cached in ``cache_dir`` (default :func:`cache_root`). An
+    :class:`OnnxRuntimeModel` (an ONNX file given as the model) is returned as it is, whatever ``backend``;
+    ``compile`` is refused. Bad combinations raise ValueError naming the argument."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if isinstance(model, OnnxRuntimeModel):  # (an ONNX file given as the model: it runs as it is)

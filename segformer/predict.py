@@ -94,17 +94,17 @@ def load_model(
     A checkpoint that cannot be found raises :class:`CheckpointError` with one line that says how to point
     at a local checkpoint and that hub ids need network or a populated cache."""
     dev = select_device(device)
-    int8 = _is_int8(dtype)
-    if int8 and dev.type != "cpu":
-        raise ValueError(f"dtype int8 (dynamic quantisation) runs on the CPU; got device {dev}")
-    dt = torch.float32 if int8 else select_dtype(dtype, dev)
-    finish = quantize_int8 if int8 else (lambda net: net)
     if is_onnx_file(model):  # (a file segformer export wrote: onnxruntime on the CPU, in the file's precision)
         if dtype is not None and str(dtype).removeprefix("torch.") != "float32":  # (as given: on every machine)
             raise ValueError(f"{model}: an ONNX file runs in the precision it was exported in; leave out dtype")
         if dev.type != "cpu":
             raise ValueError(f"{model}: an ONNX file runs on the CPU (onnxruntime); got device {dev}")
         return load_onnx_file(model)
+    int8 = _is_int8(dtype)
+    if int8 and dev.type != "cpu":
+        raise ValueError(f"dtype int8 (dynamic quantisation) runs on the CPU; got device {dev}")
+    dt = torch.float32 if int8 else select_dtype(dtype, dev)
+    finish = quantize_int8 if int8 else (lambda net: net)
     if isinstance(model, nn.Module):
         if int8:  # (quantize_int8 replaces layers in place: the caller's model would compute something else after)
             model = copy.deepcopy(model)
@@ -173,9 +173,9 @@ class SegformerPredictor:
         batch_size: images per forward pass (only images of the same size share one).
         max_pixels: refuse images with more pixels than this (decompression bombs); None: no limit.
         min_size: refuse images with a side shorter than this (default: the model's minimum input size).
-        backend: "pytorch" (default) or "onnxruntime" (the model exported once into the cache, verified and
-            reused; CPU only, so device "auto" means the CPU): see :func:`segformer.backends.runtime_model`. An
-            ONNX file runs on onnxruntime (None or "onnxruntime"; "pytorch" is refused).
+        backend: None (default: "pytorch", or "onnxruntime" for an ONNX file), "pytorch" or "onnxruntime" (the
+            model exported once into the cache, verified and reused; CPU only, so device "auto" means the CPU):
+            see :func:`segformer.backends.runtime_model`. An ONNX file refuses "pytorch".
         compile: with the pytorch backend, compile the model ahead of time (AOTInductor), one package per input
             shape, cached across runs (:class:`segformer.backends.CompiledModel`).
     """
@@ -200,9 +200,11 @@ class SegformerPredictor:
         if max_pixels is not None and max_pixels < 1:
             raise ValueError(f"max_pixels must be positive (or None for no limit), got {max_pixels}")
         if is_onnx_file(model):
-            if backend == "pytorch" or compile:
-                flag = "compile" if compile else "backend 'pytorch'"
-                raise ValueError(f"{model}: {flag} applies to PyTorch checkpoints; an ONNX file runs on onnxruntime")
+            if backend == "pytorch" or compile or _is_int8(dtype):  # (the command line's flags: --backend ...)
+                raise ValueError(
+                    f"{model}: an ONNX file runs on onnxruntime as it is; leave out --backend pytorch, --compile and "
+                    "--dtype (backend, compile, dtype)"
+                )
             backend = "onnxruntime"
         backend = "pytorch" if backend is None else backend
         if backend not in BACKENDS:

@@ -51,7 +51,11 @@ def _has_magic(text: str) -> bool:
 
 
 def collect_images(
-    inputs: Sequence[str | os.PathLike], *, recursive: bool = False, exclude: str | os.PathLike | None = None
+    inputs: Sequence[str | os.PathLike],
+    *,
+    recursive: bool = False,
+    exclude: str | os.PathLike | None = None,
+    quiet: bool = False,
 ) -> list[tuple[Path, Path]]:
     """Files, folders and glob patterns → sorted, de-duplicated ``(path, relative output path)`` pairs.
 
@@ -62,7 +66,8 @@ def collect_images(
     pattern that matches nothing, and a folder without images, is kept, so that it is reported. Folders and globs
     skip what lies in ``exclude`` where it is a sub-folder of theirs (the run's output folder, whose label maps and
     overlays are no photographs to segment). Raises ValueError when no input exists at all. Paths are kept as the
-    user wrote them (a symlink stays the link: summaries show what was passed); files reached twice are taken once."""
+    user wrote them (a symlink stays the link: summaries show what was passed); files reached twice are taken once.
+    Output folders left out are said in one warning line each, unless ``quiet`` (a first look for usage errors)."""
     found: dict[Path, tuple[Path, Path]] = {}  # resolved path → (the path as given, relative output path)
     skip = None if exclude is None else Path(exclude).expanduser().resolve()
     left_out: set[Path] = set()  # output folders a glob's matches lay in
@@ -88,7 +93,7 @@ def collect_images(
         path = Path(text).expanduser()
         if path.is_dir():
             root = path.resolve()
-            taken = [take(f, root, f.relative_to(path)) for f in _folder_files(path, recursive, skip)]
+            taken = [take(f, root, f.relative_to(path)) for f in _folder_files(path, recursive, skip, quiet)]
             if not any(taken):  # reported (a failure, as a missing file is), not dropped without a word
                 found.setdefault(root, (path, Path(path.name)))
         elif not path.exists() and _has_magic(text):
@@ -102,8 +107,9 @@ def collect_images(
                                and (d / OUTPUT_MARKER).exists()), None)  # fmt: skip
                 if marked is not None and marked not in left_out:  # (one line per folder, as a walk says it)
                     left_out.add(marked)
-                    if marked != skip:
-                        logger.warning(f"{marked}: left out, an output folder of segformer predict ({OUTPUT_MARKER})")
+                    if marked != skip and not quiet:  # (named as the pattern wrote it, as a walk names it)
+                        shown = base / marked.relative_to(root)
+                        logger.warning(f"{shown}: left out, an output folder of segformer predict ({OUTPUT_MARKER})")
                 if marked is not None or _is_run_output(f):
                     continue
                 take(f, root, f.relative_to(base) if f.is_relative_to(base) else Path(f.name))
@@ -116,12 +122,13 @@ def collect_images(
     return sorted(found.values(), key=lambda pair: str(pair[0]))
 
 
-def _folder_files(folder: Path, recursive: bool, own: Path | None = None) -> list[Path]:
+def _folder_files(folder: Path, recursive: bool, own: Path | None = None, quiet: bool = False) -> list[Path]:
     """The files (and links) in ``folder``, sorted, with ``recursive`` those in its sub-folders too, following
     links to folders (``**`` in a glob follows them too; Path.glob's walk did not) but never into a folder twice
     (a link back up), and leaving out hidden names (a name or a folder starting with ".": .ipynb_checkpoints/) and
     what earlier runs wrote (:func:`_is_run_output`: a sub-folder that is a run's output folder, and a run's files
-    in a folder that is also its input). ``own``: this run's output folder (resolved), left out without a word."""
+    in a folder that is also its input). ``own``: this run's output folder (resolved), left out without a word;
+    ``quiet``: the other output folders too."""
     if not recursive:
         marked = (folder / OUTPUT_MARKER).exists()
         return sorted(f for f in folder.iterdir() if not f.name.startswith(".") and not f.is_dir() and not
@@ -130,7 +137,7 @@ def _folder_files(folder: Path, recursive: bool, own: Path | None = None) -> lis
     for top, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(top)
         if real in seen or (top != os.fspath(folder) and os.path.exists(os.path.join(top, OUTPUT_MARKER))):
-            if real not in seen and (own is None or Path(real) != own):
+            if real not in seen and (own is None or Path(real) != own) and not quiet:
                 logger.warning(f"{top}: left out, an output folder of segformer predict ({OUTPUT_MARKER})")
             dirs[:] = []
             continue

@@ -50,7 +50,8 @@ not line up: e.g. an image file turned upright by its EXIF orientation, a map dr
 ``size`` may be an int (square), a ``(width, height)`` tuple (the convention of the SegformerFeatureExtractor
 docs; note that Transformers >= 4.26 reads tuples as (height, width), so prefer dicts), ``{"height": h,
 "width": w}``, ``{"shortest_edge": n}`` (the short side becomes n, the long one ``int(n * long / short)``) or
-``{"shortest_edge": n, "longest_edge": m}`` (the same, unless the long side would exceed m: then it becomes m).
+``{"shortest_edge": n, "longest_edge": m}`` (the same, unless the long side would exceed m: then it becomes m, or
+m - 1 through float rounding, as in Transformers).
 It is stored as a dict.
 
 Four channels: with four ``image_mean`` / ``image_std`` values (models with ``num_channels=4``) images keep all
@@ -310,14 +311,15 @@ def _open_image(path: str | os.PathLike, what: str) -> Image.Image:
 
 
 def _as_list(items: Any, batch_ndim: int, what: str) -> list[Any]:
-    """One item, a list/tuple (or another sequence: a ``datasets`` column) of items, or an array/tensor batch
-    (ndim == batch_ndim) → a list."""
+    """One item, a list/tuple (or another sequence: a ``datasets`` column) of items (images: also a list of
+    lists of them), or an array/tensor batch (ndim == batch_ndim) → a list."""
     if items is None:
         raise ValueError(f"no {what} given")
     if isinstance(items, Sequence) and not isinstance(items, (str, bytes)):
         out = list(items)
-        if out and all(isinstance(i, (list, tuple)) for i in out):  # (nested, [[a], [b, c]]: one batch, as in
-            out = [item for group in out for item in group]  # Transformers)
+        nested = batch_ndim == 4 and out and all(isinstance(i, (list, tuple)) for i in out)  # (images only:
+        if nested:  # [[a], [b, c]] is one batch, as in Transformers; a map as nested lists is no list of maps)
+            out = [item for group in out for item in group]
         if not out:
             raise ValueError(f"no {what} given (empty list)")
         return out

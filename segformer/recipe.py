@@ -237,7 +237,8 @@ def build_model(cfg: TrainConfig, id2label: dict[int, str]) -> SegformerForSeman
         return SegformerForSemanticSegmentation(SegformerConfig.from_variant(variant, **overrides))
     if Path(name).is_file() and Path(name).suffix == ".json":
         return SegformerForSemanticSegmentation(SegformerConfig.from_json_file(name).copy(**overrides))
-    # A different label set re-initialises the classifier (its shape changes); from_pretrained logs that.
+    # A different label set re-initialises the classifier: another class count changes its shape (from_pretrained
+    # logs that); as many classes named otherwise, _reinitialise_renamed_head below.
     # fp32 master weights whatever the checkpoint stores (a bf16/fp16 file would otherwise load as such, as in
     # Transformers 5.x); reduced precision in training is --amp's job.
     try:

@@ -335,11 +335,12 @@ def _warn_crop_beyond_images(cfg: TrainConfig, train_set: SegmentationDataset, s
     covered = min(crop_h, height * ratio) * min(crop_w, width * ratio) / (crop_h * crop_w)
     if covered >= 0.5:
         return
-    fit = (min(crop_h, -(-height // 32) * 32), min(crop_w, -(-width // 32) * 32))
+    fit = (min(crop_h, -(-round(height * ratio) // 32) * 32), min(crop_w, -(-round(width * ratio) // 32) * 32))
+    scaled = f", up to {round(width * ratio)}x{round(height * ratio)} at the random ratio" if ratio != 1 else ""
     print(
-        f"warning: --crop {crop_h} {crop_w} is larger than every training image (at most {width}x{height}): at least "
-        f"{100 * (1 - covered):.0f}% of each sample is padding the loss ignores, time and memory for nothing; "
-        f"--crop {fit[0]} {fit[1]} fits them",
+        f"warning: --crop {crop_h} {crop_w} is larger than the training images (at most {width} wide and {height} "
+        f"high{scaled}): at least {100 * (1 - covered):.0f}% of each sample is padding the loss ignores, time and "
+        f"memory for nothing; --crop {fit[0]} {fit[1]} fits them",
         file=sys.stderr,
     )
 

@@ -238,7 +238,8 @@ def test_an_exported_file_runs_as_the_model_with_its_metadata(tmp_path, capsys, 
         ("static.onnx", (), "exported with --static (64x64 only)"),
         ("foreign.onnx", (), "no segformer metadata"),
         ("text.onnx", (), "not an ONNX file"),
-        ("m.onnx", ("--compile",), "compile applies to PyTorch checkpoints"),
+        ("m.onnx", ("--compile",), "an ONNX file runs on onnxruntime as it is; leave out --backend pytorch, --compile"),
+        ("m.onnx", ("--dtype", "int8"), "leave out --backend pytorch, --compile and --dtype"),
         ("missing.onnx", (), "no such ONNX file"),
     ):
         code, _, err = run_cli(capsys, "predict", tmp_path / "a.png", "--model", tmp_path / name, "--output",
@@ -287,14 +288,14 @@ def test_onnx_files_as_models_where_the_audit_broke_them(tmp_path, capsys):
     assert stored_reduce_labels(path) is True and stored_reduce_labels(folder) is True
     assert isinstance(SegformerPredictor(str(folder), device="cpu").model, SegformerForSemanticSegmentation)
 
-    for kwargs, message in (({"backend": "pytorch"}, "backend 'pytorch' applies to PyTorch checkpoints"),
+    for kwargs, message in (({"backend": "pytorch"}, "runs on onnxruntime as it is; leave out --backend pytorch"),
                             ({"dtype": "bfloat16"}, "runs in the precision it was exported in")):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             SegformerPredictor(str(path), **kwargs)
     with pytest.raises(CheckpointError, match="an ONNX file, not a checkpoint"):
         SegformerForSemanticSegmentation.from_pretrained(path)
     code, _, err = run_cli(capsys, "eval", "--data", tmp_path, "--model", path, "--backend", "pytorch")
-    assert code == 2 and "leave out --int8, --compile, --amp and --backend pytorch" in err, err
+    assert code == 2 and "leave out --backend pytorch, --compile, --int8 and --amp" in err, err
 
     proto = onnx.load(str(path))
     for entry in proto.metadata_props:

@@ -700,7 +700,7 @@ def test_an_image_that_fails_loses_an_earlier_runs_outputs(checkpoint, tmp_path)
                                                       "summary.csv", "summary.json"]  # fmt: skip
 
 
-def test_earlier_outputs_in_the_folders_walked_are_not_photos(checkpoint, tmp_path, caplog):
+def test_earlier_outputs_in_the_folders_walked_are_not_photos(checkpoint, tmp_path, caplog, capsys):
     """A second output folder inside the input tree segmented the first one's masks, overlays and legend as photos,
     and an output folder that is its input could not be run again (its legend.png read as an input) (audit).
     Output folders hold a marker: walks and globs leave them out, with one line, and a run's own files in a folder
@@ -729,6 +729,16 @@ def test_earlier_outputs_in_the_folders_walked_are_not_photos(checkpoint, tmp_pa
         f"{tmp_path / 'ph' / name}: left out, an output folder of segformer predict (.segformer-predict)"
         for name in ("masks", "v2")
     ]
+    # the command says it once per folder (it looked twice: once for usage errors, once to run: audit)
+    from conftest import run_cli
+
+    for given in ([tmp_path / "ph", "-r"], [str(tmp_path / "ph" / "**" / "*.png")]):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="segformer"):
+            code, _, err = run_cli(capsys, "predict", *given, "--model", checkpoint, "--output", tmp_path / "v4",
+                                   "--no-progress", "--mode", "whole", "--skip-existing")  # fmt: skip
+        assert code == 0, err
+        assert sum("masks: left out" in m for m in caplog.messages) == 1, caplog.messages
     same = tmp_path / "same"
     _photos(same, n=1)
     (same / "p0.png").rename(same / "p0.jpg")

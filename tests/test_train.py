@@ -907,8 +907,9 @@ def test_a_crop_far_beyond_every_image_is_warned_about(data, tiny_json, tmp_path
     train(_cfg(data, tiny_json, tmp_path / "big", steps=1, crop=(256, 256)))
     err = capsys.readouterr().err
     assert (
-        "warning: --crop 256 256 is larger than every training image (at most 64x64): at least 90% of each "
-        "sample is padding the loss ignores, time and memory for nothing; --crop 64 64 fits them"
+        "warning: --crop 256 256 is larger than the training images (at most 64 wide and 64 high, up to 80x80 at "
+        "the random ratio): at least 90% of each sample is padding the loss ignores, time and memory for nothing; "
+        "--crop 96 96 fits them"
     ) in err, err
     train(_cfg(data, tiny_json, tmp_path / "fits", steps=1, crop=(64, 64)))
     assert "--crop" not in capsys.readouterr().err
@@ -927,7 +928,7 @@ def test_a_run_without_evaluation_or_stopped_early_ends_with_its_summary(data, t
     assert code == 0, err
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary == {"step": 2, "mIoU": None, "best": None, "last": str(run / "last")}
-    assert "segformer train: stopped at step 2 of 4 (--stop-at); --resume auto continues" in err
+    assert f"segformer train: stopped at step 2 of 4 (--stop-at); --output {run} --resume auto continues" in err
 
 
 @pytest.mark.slow

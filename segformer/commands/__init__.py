@@ -96,26 +96,32 @@ def model_argument(args: argparse.Namespace) -> str:
     if given is not None and option is not None and given != option:
         raise ValueError(f"the model is given twice ({given} and --model {option}); give it once")
     if given is None and option is None:
-        raise ValueError("the model is required: MODEL or --model MODEL (a checkpoint directory or hub id)")
+        raise ValueError("the model is required: MODEL or --model MODEL (a checkpoint directory, hub id or ONNX file)")
     return given if given is not None else option
 
 
-def add_label_arguments(parser: argparse.ArgumentParser) -> None:
+def add_label_arguments(parser: argparse.ArgumentParser, *, evaluating: bool = False) -> None:
     """--ignore-index, --reduce-labels (how stored mask values become classes) and, for Hugging Face datasets,
-    --image-column, --label-column, --labels."""
+    --image-column, --label-column, --labels. ``evaluating``: the help names the defaults a checkpoint gives."""
+    model = (
+        "; when not given, a checkpoint trained by segformer train gives its own, for data of its classes"
+        if evaluating
+        else ""
+    )
     parser.add_argument(
         "--ignore-index",
         type=non_negative_int,
         metavar="N",
         help='mask value meaning "unlabelled", ignored by the loss and the metrics, besides 255 which always '
-        'is (also "ignore_index" in labels.json)',
+        f'is (also "ignore_index" in labels.json{model})',
     )
+    reduce_default = "the model's own (its preprocessor_config.json), else " if evaluating else ""
     parser.add_argument(
         "--reduce-labels",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="ADE20K's label reduction: mask value 0 means 'other' (ignored) and value k is class k-1 "
-        '(default: on for ADE20K, else labels.json\'s "reduce_labels", else off)',
+        f'(default: on for ADE20K, else {reduce_default}labels.json\'s "reduce_labels", else off)',
     )
     parser.add_argument("--image-column", help="Hugging Face dataset: the image column (default: detected)")
     parser.add_argument("--label-column", help="Hugging Face dataset: the mask column (default: detected)")
@@ -286,7 +292,8 @@ def add_backend_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGr
         choices=BACKENDS,
         help="pytorch (default) or onnxruntime: the checkpoint exported to ONNX once, verified against PyTorch "
         "and cached ($SEGFORMER_CACHE, else $XDG_CACHE_HOME/segformer, else ~/.cache/segformer); CPU only, "
-        "float32 (needs segformer[onnx]); an ONNX file given as the model runs on onnxruntime",
+        "float32 (needs segformer[onnx]); an ONNX file given as the model runs on onnxruntime in the precision it "
+        "was exported in",
     )
     parser.add_argument(
         "--compile",

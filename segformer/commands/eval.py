@@ -61,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="data layout (default: detected)",
     )
     p.add_argument("--split", default="val", help="split to evaluate: train, val or test (default: val)")
-    add_label_arguments(p)  # --ignore-index N, --reduce-labels
+    add_label_arguments(p, evaluating=True)  # --ignore-index N, --reduce-labels
     # --mode, --crop H W, --stride H W, --short-side, ..., --scales, --flip
     add_inference_arguments(
         p,
@@ -179,8 +179,9 @@ def _stored_ignore_value(args: argparse.Namespace, dataset: object) -> int | Non
     extra = sorted(set(stored.ignore_values) - set(spec.ignore_values) - {IGNORE_INDEX})
     if len(extra) > 1:
         logging.getLogger("segformer").warning(
-            f"{args.model}/labels.json reads mask values {', '.join(map(str, extra))} as unlabelled, the data's "
-            'labels.json none of them: add them to its "ignore_index" to evaluate as the model was trained'
+            f"{args.model}: its label rules read mask values {', '.join(map(str, extra))} as unlabelled, the data's "
+            'none of them: give them as "ignore_index" in the data\'s labels.json (or one passed with --labels) to '
+            "evaluate as the model was trained"
         )
         return None
     return extra[0] if extra else None
@@ -222,8 +223,8 @@ def run(args: argparse.Namespace) -> int:
     if is_onnx_file(args.model):  # (a file segformer export wrote: onnxruntime on the CPU, as it is)
         if args.int8 or args.compile or args.amp != "none" or args.backend == "pytorch":
             raise ValueError(
-                f"--model {args.model}: an ONNX file runs on onnxruntime as it is; leave out --int8, --compile, --amp "
-                "and --backend pytorch"
+                f"{args.model}: an ONNX file runs on onnxruntime as it is; leave out --backend pytorch, --compile, "
+                "--int8 and --amp"
             )
         args.backend = "onnxruntime"
         args.device = args.device or "cpu"
@@ -233,11 +234,13 @@ def run(args: argparse.Namespace) -> int:
         kind = detect_kind(args.data) if args.dataset == "auto" else args.dataset
         if args.dataset == "auto" and info.is_main:
             note_detected_layout(args.data, kind)
+        # where a checkpoint keeps its label rules: its files, or an ONNX file's metadata
+        source = "its metadata" if is_onnx_file(args.model) else "its preprocessor_config.json"
         if args.reduce_labels is None and kind in ("folder", "hf") and stored_reduce_labels(args.model):
             args.reduce_labels = True  # (the masks' 0 was ignored and k became k - 1 in training: so here)
             print(
-                f"segformer eval: {args.model} was trained on reduced labels (do_reduce_labels in its "
-                "preprocessor_config.json): evaluating so (--no-reduce-labels evaluates the stored values)",
+                f"segformer eval: {args.model} was trained on reduced labels ({source}): evaluating so "
+                "(--no-reduce-labels evaluates the stored values)",
                 file=sys.stderr,
             )
         dataset, listing = build_dataset(args.data, args.split, kind=kind, **label_options(args))
@@ -247,8 +250,9 @@ def run(args: argparse.Namespace) -> int:
             dataset, listing = build_dataset(args.data, args.split, kind=kind, **label_options(args))
             if info.is_main:
                 print(
-                    f"segformer eval: {args.model} was trained with mask value {ignored} read as unlabelled (its "
-                    f"labels.json): evaluating so (--ignore-index N sets another)",
+                    f"segformer eval: {args.model} was trained with mask value {ignored} read as unlabelled "
+                    f"({'its metadata' if is_onnx_file(args.model) else 'its labels.json'}): evaluating so "
+                    "(--ignore-index N sets another)",
                     file=sys.stderr,
                 )
         check_splits([(dataset, listing)], args.check_data, args.data)

@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog="example: segformer export nvidia/segformer-b0-finetuned-ade-512-512 --onnx b0.onnx",
     )
     add_model_arguments(p, "model directory (save_pretrained) or hub id")
-    p.add_argument("--onnx", type=Path, required=True, metavar="OUT.onnx", help="the ONNX file to write")
+    p.add_argument("--onnx", type=Path, required=True, metavar="OUT.onnx", help="the ONNX file to write (a .onnx name)")
     p.add_argument(
         "--opset", type=int, default=17, help="ONNX opset, 13 or above (default: 17; >= 14 keeps fused attention)"
     )
@@ -38,7 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar=("H", "W"),
         help="input size to trace (the only size with --static; default: 512 512)",
     )
-    p.add_argument("--static", action="store_true", help="fixed (1, 3, H, W) input instead of dynamic axes")
+    p.add_argument(
+        "--static",
+        action="store_true",
+        help="fixed (1, 3, H, W) input instead of dynamic axes (for other runtimes: segformer predict/eval/serve "
+        "refuse such a file)",
+    )
     p.add_argument(
         "--fp16",
         action="store_true",

@@ -86,8 +86,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--device",
         default="auto",
-        help="auto (CUDA, else MPS, else CPU; under torchrun CUDA, else CPU; the CPU with --backend onnxruntime "
-        "or --dtype int8 outside torchrun), cpu, cuda, cuda:N, mps",
+        help="auto (CUDA, else MPS, else CPU; under torchrun CUDA, else CPU; always the CPU with an ONNX file as "
+        "--model, --backend onnxruntime or --dtype int8), cpu, cuda, cuda:N, mps",
     )
     p.add_argument(
         "--dtype",
@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     from segformer.predict import SegformerPredictor
     from segformer.predict_folder import collect_images, predict_to_folder
 
-    collect_images(args.inputs, recursive=args.recursive)  # usage errors before any model is loaded
+    collect_images(args.inputs, recursive=args.recursive, quiet=True)  # usage errors before any model is loaded
     from segformer.backends import is_onnx_file
 
     backend = backend_arguments(args)

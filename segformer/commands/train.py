@@ -21,7 +21,8 @@ DESCRIPTION = (
     "choices (one lr for head and encoder, no warm-up, uniform crops, no random ratio or photometric "
     "distortion); from a pretrained checkpoint the paper's, with a warm-up of 10% of --steps. The recipe "
     "in use is printed at the start and stored in OUTPUT/train_config.json; every part of it can be set. Writes "
-    "OUTPUT/last, OUTPUT/best (complete checkpoints: weights, processor config, evaluation protocol, model card), "
+    "OUTPUT/last, OUTPUT/best (complete checkpoints: weights, processor config, evaluation protocol, label rules "
+    "(labels.json), model card), "
     "OUTPUT/metrics.jsonl."
 )
 
@@ -278,8 +279,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({**summary, "last": result["last"]}))
         if result["step"] < result["steps"]:
             print(
-                f"segformer train: stopped at step {result['step']} of {result['steps']} (--stop-at); --resume auto "
-                "continues",
+                f"segformer train: stopped at step {result['step']} of {result['steps']} (--stop-at); --output "
+                f"{Path(result['last']).parent} --resume auto continues",
                 file=sys.stderr,
             )
     return 0
