@@ -105,7 +105,9 @@ def run_command(
     an atomic write removes its temporary file), 2 with one line ``NAME: error: ...`` on stderr
     for an error (the traceback of an unexpected one is re-raised under ``debug`` or SEGFORMER_DEBUG=1).
     The process's allocator is tuned first (:mod:`segformer.allocator`; SEGFORMER_MALLOC=system keeps it). Under
-    torchrun the package's warnings come from rank 0 alone (:func:`segformer.distributed.warnings_from_rank_zero`)."""
+    torchrun the package's warnings come from rank 0 alone (:func:`segformer.distributed.warnings_from_rank_zero`),
+    and so do the "interrupted" / "terminated" lines (a stopped job signals every rank; a rank signalled alone
+    exits with its status and no line, and the others then report the broken group)."""
     tune_allocator()
     from .distributed import warnings_from_rank_zero
 
