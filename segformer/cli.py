@@ -59,9 +59,10 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-class _Parser(argparse.ArgumentParser):
+class UsageParser(argparse.ArgumentParser):
     """argparse's parser (its sub-commands' too), whose usage errors also say when an argument that names an
-    existing file was read as an option (``segformer predict -dash.jpg``: "INPUT required", without a word)."""
+    existing file was read as an option (``segformer predict -dash.jpg``: "INPUT required", without a word).
+    ``arguments``: the command line being parsed, set by the entry point before it parses (:func:`parse`)."""
 
     arguments: list[str] = []
 
@@ -76,7 +77,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = UsageParser(
         prog="segformer",
         description="SegFormer semantic segmentation: train, evaluate, predict, convert and export.",
     )
@@ -146,9 +147,14 @@ def describe(exc: BaseException) -> str:
     return first_line(exc)
 
 
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """``parser.parse_args(argv)`` with :class:`UsageParser` told the command line (for its hint)."""
+    UsageParser.arguments = list(sys.argv[1:] if argv is None else map(str, argv))
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    _Parser.arguments = list(sys.argv[1:] if argv is None else map(str, argv))
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser(), argv)
     return run_command(args.func, args, name=f"segformer {args.command}", debug=args.debug)
 
 

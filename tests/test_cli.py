@@ -537,3 +537,8 @@ def test_a_file_name_read_as_an_option_is_said_so(capsys, tmp_path, monkeypatch)
     ), err
     code, _, err = run_cli(capsys, "predict", "-nothing.jpg", "-o", "out")  # (no such file: argparse's own words)
     assert code == 2 and "was read as an option" not in err
+    from segformer.commands.train import main as train_main  # (python -m segformer.train: its own parser)
+
+    with pytest.raises(SystemExit) as caught:
+        train_main(["--data", "-dash.jpg"])
+    assert caught.value.code == 2 and "(-dash.jpg was read as an option" in capsys.readouterr().err

@@ -289,13 +289,13 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """``python -m segformer.train`` and ``torchrun -m segformer.train``: this command on its own, with the
     errors of ``segformer train`` (SEGFORMER_DEBUG=1 shows the traceback of unexpected ones)."""
-    from segformer.cli import run_command
+    from segformer.cli import UsageParser, parse, run_command
 
-    parser = argparse.ArgumentParser(
+    parser = UsageParser(
         prog="python -m segformer.train",
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(parser)
-    return run_command(run, parser.parse_args(argv), name="segformer.train")
+    return run_command(run, parse(parser, argv), name="segformer.train")
