@@ -285,8 +285,8 @@ def _maker_stamp(predictor: SegformerPredictor, alpha: float) -> str:
     ``{"alpha": the overlays' blend, "backend": ..., "model": 16 hex digits, "options": InferenceOptions.to_dict()}``.
 
     The model digest covers its config (class names included, but not its path or provenance: a copied checkpoint
-    is the same model, :func:`segformer.backends.config_identity`) and its weights as they run: their dtype,
-    int8-quantised layers, or for onnxruntime the ONNX graph's bytes.
+    is the same model, :func:`segformer.backends.config_identity`), its weights as they run (their dtype,
+    int8-quantised layers, or for onnxruntime the ONNX graph's bytes) and its palette.
     Left out, so that a job resumes on another machine: the device, the batch size and what only decides whether
     an image is taken (max_pixels, min_size); those change at most a few pixels at float ties, or none at all."""
     net, h = predictor.model, hashlib.sha256()
@@ -299,7 +299,9 @@ def _maker_stamp(predictor: SegformerPredictor, alpha: float) -> str:
     else:
         backend = "pytorch compiled" if isinstance(net, CompiledModel) else "pytorch"
         hash_state(h, net.model if isinstance(net, CompiledModel) else net)
-    # (the overlays' blend too: outputs of another --alpha are redone, not kept beside new ones)
+    # (the overlays' blend too: outputs of another --alpha are redone, not kept beside new ones; and the colours,
+    # which a checkpoint's labels.json may set)
+    h.update(np.ascontiguousarray(predictor.palette, dtype=np.uint8).tobytes())
     stamp = {"alpha": alpha, "backend": backend, "model": h.hexdigest()[:16], "options": predictor.options.to_dict()}
     return json.dumps(stamp, sort_keys=True)
 

@@ -684,6 +684,25 @@ def test_skip_existing_redoes_overlays_of_another_alpha(checkpoint, tmp_path):
     assert [r.status for r in again.records] == ["skipped", "skipped"]
 
 
+def test_skip_existing_redoes_what_other_colours_made(checkpoint, tmp_path):
+    """A checkpoint's labels.json palette changed since a run: --skip-existing kept the label maps and overlays in
+    the old colours (the stamp held no colours). They are redone."""
+    import shutil
+
+    _photos(tmp_path / "in", n=1)
+    model, out = tmp_path / "model", tmp_path / "out"
+    shutil.copytree(checkpoint, model)
+    first = SegformerPredictor(str(model), device="cpu", mode="whole")
+    predict_to_folder(first, [tmp_path / "in"], out, progress=False)
+    names = [first.class_names[k] for k in range(first.num_classes)]
+    colours = {str(k): [255 - 10 * k, 10 * k, 7] for k in range(first.num_classes)}
+    (model / "labels.json").write_text(json.dumps({"id2label": names, "palette": colours}))
+    second = SegformerPredictor(str(model), device="cpu", mode="whole")
+    report = predict_to_folder(second, [tmp_path / "in"], out, skip_existing=True, progress=False)
+    assert [r.status for r in report.records] == ["ok"] and len(report.redone) == 1
+    assert Image.open(out / "p0.png").getpalette()[:3] == colours["0"]
+
+
 def test_an_image_that_fails_loses_an_earlier_runs_outputs(checkpoint, tmp_path):
     """A second run with another model, in which one image no longer reads, left that image's mask and overlay from
     the first model beside the second's legend and summary (audit); they are removed with its failure."""
