@@ -335,7 +335,12 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         stat = os.stat(path)
     except OSError as exc:
         raise ValueError(f"{path}: {exc.strerror}") from None
-    return dict(_metadata(str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size))
+    if stat.st_size == 0:  # (onnx reads an empty file as an empty model: "no metadata" would blame another tool)
+        raise ValueError(f"{path}: an empty file, not an ONNX model")
+    try:
+        return dict(_metadata(str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size))
+    except ValueError as exc:  # (named as given, as every other message names it)
+        raise ValueError(f"{path}: {exc}") from None
 
 
 @functools.lru_cache(maxsize=8)
@@ -346,7 +351,7 @@ def _metadata(path: str, mtime_ns: int, size: int) -> tuple[tuple[str, str], ...
     try:
         proto = onnx.load(path, load_external_data=False)
     except Exception as exc:  # (protobuf's DecodeError and friends)
-        raise ValueError(f"{path}: not an ONNX file ({first_line(exc)})") from None
+        raise ValueError(f"not an ONNX file ({first_line(exc)})") from None
     return tuple((p.key, p.value) for p in proto.metadata_props if p.key.startswith("segformer."))
 
 

@@ -96,7 +96,11 @@ def load_model(
     dev = select_device(device)
     if is_onnx_file(model):  # (a file segformer export wrote: onnxruntime on the CPU, in the file's precision)
         if dtype is not None and str(dtype).removeprefix("torch.") != "float32":  # (as given: on every machine)
-            raise ValueError(f"{model}: an ONNX file runs in the precision it was exported in; leave out dtype")
+            name = str(dtype).removeprefix("torch.")
+            raise ValueError(
+                f"{model}: an ONNX file runs in the precision it was exported in: dtype {name} (--dtype) does not "
+                "apply to it"
+            )
         if dev.type != "cpu":
             raise ValueError(f"{model}: an ONNX file runs on the CPU (onnxruntime); got device {dev}")
         return load_onnx_file(model)
@@ -200,10 +204,12 @@ class SegformerPredictor:
         if max_pixels is not None and max_pixels < 1:
             raise ValueError(f"max_pixels must be positive (or None for no limit), got {max_pixels}")
         if is_onnx_file(model):
-            if backend == "pytorch" or compile or _is_int8(dtype):  # (the command line's flags: --backend ...)
+            given = [flag for flag, on in (("backend pytorch (--backend)", backend == "pytorch"),
+                                           ("compile (--compile)", compile), ("dtype int8 (--dtype)", _is_int8(dtype)))
+                     if on]  # fmt: skip
+            if given:
                 raise ValueError(
-                    f"{model}: an ONNX file runs on onnxruntime as it is; leave out --backend pytorch, --compile and "
-                    "--dtype (backend, compile, dtype)"
+                    f"{model}: an ONNX file runs on onnxruntime as it is: {', '.join(given)} does not apply to it"
                 )
             backend = "onnxruntime"
         backend = "pytorch" if backend is None else backend

@@ -110,9 +110,21 @@ def stored_palette(model: str | os.PathLike | object, palette: Any) -> Any:
     if spec is None or spec.palette is None or spec.num_labels != len(palette):
         return palette
     out = palette.copy()
+    given = {class_id for class_id in spec.palette.values() if class_id < len(out)}
     for colour, class_id in spec.palette.items():
         if class_id < len(out):
             out[class_id] = colour
+    # a class the file gives no colour keeps its own, unless that is one the file gave another class (two classes
+    # in one colour: audit); then the first generated colour nobody has
+    from .visualize import make_palette
+
+    taken = {tuple(int(c) for c in out[k]) for k in given}
+    spare = (tuple(int(c) for c in rgb) for rgb in make_palette(len(out) + len(taken) + 64, seed=1))
+    for k in range(len(out)):
+        if k not in given and tuple(int(c) for c in out[k]) in taken:
+            out[k] = next(c for c in spare if c not in taken and c not in {tuple(map(int, r)) for r in out})
+        if k not in given:
+            taken.add(tuple(int(c) for c in out[k]))
     return out
 
 

@@ -238,8 +238,8 @@ def test_an_exported_file_runs_as_the_model_with_its_metadata(tmp_path, capsys, 
         ("static.onnx", (), "exported with --static (64x64 only)"),
         ("foreign.onnx", (), "no segformer metadata"),
         ("text.onnx", (), "not an ONNX file"),
-        ("m.onnx", ("--compile",), "an ONNX file runs on onnxruntime as it is; leave out --backend pytorch, --compile"),
-        ("m.onnx", ("--dtype", "int8"), "leave out --backend pytorch, --compile and --dtype"),
+        ("m.onnx", ("--compile",), "an ONNX file runs on onnxruntime as it is: compile (--compile) does not apply"),
+        ("m.onnx", ("--dtype", "int8"), "dtype int8 (--dtype) does not apply to it"),
         ("missing.onnx", (), "no such ONNX file"),
     ):
         code, _, err = run_cli(capsys, "predict", tmp_path / "a.png", "--model", tmp_path / name, "--output",
@@ -288,14 +288,14 @@ def test_onnx_files_as_models_where_the_audit_broke_them(tmp_path, capsys):
     assert stored_reduce_labels(path) is True and stored_reduce_labels(folder) is True
     assert isinstance(SegformerPredictor(str(folder), device="cpu").model, SegformerForSemanticSegmentation)
 
-    for kwargs, message in (({"backend": "pytorch"}, "runs on onnxruntime as it is; leave out --backend pytorch"),
+    for kwargs, message in (({"backend": "pytorch"}, r"backend pytorch \(--backend\) does not apply to it"),
                             ({"dtype": "bfloat16"}, "runs in the precision it was exported in")):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             SegformerPredictor(str(path), **kwargs)
     with pytest.raises(CheckpointError, match="an ONNX file, not a checkpoint"):
         SegformerForSemanticSegmentation.from_pretrained(path)
     code, _, err = run_cli(capsys, "eval", "--data", tmp_path, "--model", path, "--backend", "pytorch")
-    assert code == 2 and "leave out --backend pytorch, --compile, --int8 and --amp" in err, err
+    assert code == 2 and "as it is: --backend pytorch does not apply to it" in err, err
 
     proto = onnx.load(str(path))
     for entry in proto.metadata_props:
@@ -309,3 +309,42 @@ def test_onnx_files_as_models_where_the_audit_broke_them(tmp_path, capsys):
     export_onnx(net, half, size=(64, 64), fp16=True, verify=False)
     assert model_dtype(SegformerPredictor(str(half))) == "float16"
     assert model_dtype(SegformerPredictor(str(path))) == "float32"
+
+
+@pytest.mark.output
+def test_serve_audit_points_on_onnx_models_and_colours(tmp_path, capsys):
+    """Serve audit: `--model A --model B` served B without a word; an empty .onnx file was "another tool's export";
+    a labels.json palette naming some classes could give an unnamed class the colour of a named one; the refusals
+    of an ONNX file named library keywords, not the flags given."""
+    import json
+
+    from segformer.predict import SegformerPredictor
+    from segformer.run_files import stored_palette
+    from segformer.visualize import palette_for
+
+    code, _, err = run_cli(capsys, "export", "--model", "a", "--model", "b", "--onnx", tmp_path / "x.onnx")
+    assert code == 2 and "--model given twice (a and b); give it once" in err, err
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    code, _, err = run_cli(capsys, "predict", tmp_path / "a.png", "--model", tmp_path / "empty.onnx", "-o",
+                           tmp_path / "o")  # fmt: skip
+    assert code == 2 and f"{tmp_path / 'empty.onnx'}: an empty file, not an ONNX model" in err, err
+
+    net = randomize_(SegformerForSemanticSegmentation(tiny_config(num_labels=3))).eval()
+    net.save_pretrained(tmp_path / "ckpt")
+    default = palette_for(3)
+    clash = [int(c) for c in default[1]]  # (class 0 takes class 1's own colour; class 1 is given none)
+    (tmp_path / "ckpt" / "labels.json").write_text(json.dumps({"id2label": ["a", "b", "c"], "palette": {"0": clash}}))
+    colours = stored_palette(tmp_path / "ckpt", default)
+    assert colours[0].tolist() == clash and len({tuple(c) for c in colours.tolist()}) == 3
+    assert colours[2].tolist() == default[2].tolist()  # (no clash: kept)
+
+    path = tmp_path / "m.onnx"
+    export_onnx(net, path, size=(64, 64))
+    with pytest.raises(ValueError, match=r"compile \(--compile\), dtype int8 \(--dtype\) does not apply to it"):
+        SegformerPredictor(str(path), compile=True, dtype="int8")
+    with pytest.raises(ValueError, match=r"dtype float16 \(--dtype\) does not apply to it"):
+        SegformerPredictor(str(path), dtype="float16")
+    assert SegformerPredictor(str(path), dtype="float32").backend == "onnxruntime"

@@ -83,11 +83,22 @@ def port_number(text: str) -> int:
     return value
 
 
+class _Once(argparse.Action):
+    """An option that may be given once (argparse keeps the last of several: another model served without a
+    word)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: Any = None):
+        earlier = getattr(namespace, self.dest, None)
+        if earlier is not None and earlier != values:
+            parser.error(f"{option} given twice ({earlier} and {values}); give it once")
+        setattr(namespace, self.dest, values)
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, help: str) -> None:
     """The model as a positional MODEL or as ``--model`` (as train, eval and predict take it); read it with
     :func:`model_argument`."""
     parser.add_argument("model", metavar="MODEL", nargs="?", help=f"{help} (or --model MODEL)")
-    parser.add_argument("--model", dest="model_option", metavar="MODEL", help=argparse.SUPPRESS)
+    parser.add_argument("--model", dest="model_option", metavar="MODEL", action=_Once, help="the model, as MODEL")
 
 
 def model_argument(args: argparse.Namespace) -> str:

@@ -221,10 +221,16 @@ def run(args: argparse.Namespace) -> int:
     from segformer.backends import is_onnx_file
 
     if is_onnx_file(args.model):  # (a file segformer export wrote: onnxruntime on the CPU, as it is)
-        if args.int8 or args.compile or args.amp != "none" or args.backend == "pytorch":
+        flags = (
+            ("--backend pytorch", args.backend == "pytorch"),
+            ("--compile", args.compile),
+            ("--int8", args.int8),
+            (f"--amp {args.amp}", args.amp != "none"),
+        )
+        given = [flag for flag, on in flags if on]
+        if given:
             raise ValueError(
-                f"{args.model}: an ONNX file runs on onnxruntime as it is; leave out --backend pytorch, --compile, "
-                "--int8 and --amp"
+                f"{args.model}: an ONNX file runs on onnxruntime as it is: {', '.join(given)} does not apply to it"
             )
         args.backend = "onnxruntime"
         args.device = args.device or "cpu"

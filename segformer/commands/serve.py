@@ -84,13 +84,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         one_word_sizes=True,
         protocol="the checkpoint's own protocol (inference_config.json, written by segformer train), else aligned",
     )
-    p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA, else MPS, else CPU; the CPU for an ONNX file, --backend onnxruntime or --dtype int8), cpu, "
+        "cuda, cuda:N, mps",
+    )
     p.add_argument(
         "--dtype",
         choices=("float32", "float16", "bfloat16", "int8"),
         default="float32",
         help="model dtype, as segformer predict's: float32 (default); float16 / bfloat16 where the device computes "
-        "in them (else float32, said in one line); int8 (CPU): the encoder's linear layers dynamically quantised",
+        "in them (else float32, said in one line); int8 (CPU): the encoder's linear layers dynamically quantised. "
+        "An ONNX file runs in the precision it was exported in",
     )
     add_backend_arguments(p)  # --backend pytorch|onnxruntime, --compile, as segformer predict
     p.add_argument("--max-batch", type=positive_int, default=8, help="images per batch of the worker (8)")
