@@ -310,6 +310,10 @@ class Batcher:
         self._threads: list[threading.Thread] = []
         self._warm_up = warm_up
         self.ready = threading.Event()
+        # set once the server has said where it listens (serve() clears it until then): "ready" comes after that
+        # line, not before it (a fast warm-up won the race: audit); an app served otherwise does not wait
+        self.announced = threading.Event()
+        self.announced.set()
         self.warm_up_error: str | None = None
         self.batch_seconds = 0.0  # a running mean, for Retry-After
         self.running = 0  # workers inside a batch now
@@ -408,7 +412,9 @@ class Batcher:
             if self._warm_up:
                 side = max(64, self.predictor.min_size)
                 self.predictor.predict(np.full((side, side, 3), 127, np.uint8))
-            log.info(f"segformer serve: ready (warm-up {time.perf_counter() - started:.1f} s)")
+            seconds = time.perf_counter() - started
+            self.announced.wait(timeout=30)
+            log.info(f"segformer serve: ready (warm-up {seconds:.1f} s)")
         except Exception as exc:  # the server stays up (healthz) but says why it is not ready
             self.warm_up_error = first_line(exc)
             log.error(f"segformer serve: warm-up failed: {self.warm_up_error}")
@@ -1195,6 +1201,8 @@ def serve(
         )
     )
 
+    batcher.announced.clear()  # (its "ready" line waits for the URL line below)
+
     async def main() -> None:
         task = asyncio.ensure_future(server.serve(sockets=[sock]))
         while not server.started and not task.done():
@@ -1207,6 +1215,7 @@ def serve(
                 f"{device}; {'API key required' if config.api_key else 'open: no API key'}; pid {os.getpid()}; "
                 "Ctrl-C stops"
             )
+        batcher.announced.set()
         await task
 
     # uvicorn re-raises the signal that stopped it once it is done; handled here, a stop is a normal exit.

@@ -791,6 +791,10 @@ def test_real_server_forced_stop_answers_503_without_tracebacks(checkpoint):
     server = ServerProcess(checkpoint, "--mode", "whole", "--max-batch", "1")
     try:
         server.wait_ready()
+        # (the start-up lines in order: where it listens, then ready; a fast warm-up printed "ready" first: audit)
+        wait_for(lambda: "ready (warm-up" in "".join(server.lines), what="the ready line")
+        said = [line for line in server.lines if line.startswith("segformer serve: ")]
+        assert "(web page;" in said[0] and "ready (warm-up" in said[1], said
         big = png_of(1024, 1024, 3)
         with ThreadPoolExecutor(12) as pool:
             inflight = [pool.submit(httpx.post, server.url + "/v1/segment", content=big, timeout=60) for _ in range(12)]
