@@ -110,17 +110,17 @@ def run_command(
     and so do the "interrupted" / "terminated" lines (a stopped job signals every rank; a rank signalled alone
     exits with its status and no line, and the others then report the broken group)."""
     tune_allocator()
-    from .distributed import warnings_from_rank_zero
+    from .distributed import launched_rank_not_zero, warnings_from_rank_zero
 
     try:
         with warnings_from_rank_zero(), _sigterm_raises():  # (under torchrun, rank 0's warnings only)
             return int(func(args) or 0)
     except KeyboardInterrupt:
-        if os.environ.get("RANK", "0") == "0":  # (under torchrun every rank gets the signal: rank 0 says so)
+        if not launched_rank_not_zero():  # (under torchrun every rank gets the signal: rank 0 says so)
             print(f"{name}: interrupted", file=sys.stderr)
         return 130
     except Terminated:
-        if os.environ.get("RANK", "0") == "0":
+        if not launched_rank_not_zero():
             print(f"{name}: terminated (SIGTERM)", file=sys.stderr)
         return 128 + signal.SIGTERM
     except EXPECTED_ERRORS as exc:

@@ -163,10 +163,10 @@ def reported_by_rank_zero(exc: BaseException) -> bool:
     """True on a rank other than 0 of a launched run (RANK set, so also after the process group is gone) for an
     error marked by :func:`raised_on_every_rank`: rank 0 raised the same one and reports it, so this rank need
     not print it again. False in one process, on rank 0 and for any other error (each rank reports its own)."""
-    return bool(getattr(exc, _EVERY_RANK, False)) and _launched_rank_not_zero()
+    return bool(getattr(exc, _EVERY_RANK, False)) and launched_rank_not_zero()
 
 
-def _launched_rank_not_zero() -> bool:
+def launched_rank_not_zero() -> bool:
     """Whether this process is a rank other than 0 of a launched run of more than one process (from the
     environment, so also after the process group is gone)."""
     return launched_by_torchrun() and int(os.environ["RANK"]) != 0 and int(os.environ["WORLD_SIZE"]) > 1
@@ -188,7 +188,7 @@ def warnings_from_rank_zero() -> Iterator[None]:
     rank would print the same line. Errors still are. In one process, and on rank 0, nothing changes."""
     log = logging.getLogger("segformer")
     level = log.level
-    if _launched_rank_not_zero():
+    if launched_rank_not_zero():
         log.setLevel(logging.ERROR)
     try:
         yield
@@ -291,6 +291,7 @@ __all__ = [
     "all_reduce_sum",
     "barrier",
     "broadcast_buffers",
+    "launched_rank_not_zero",
     "broadcast_flag",
     "cleanup",
     "every_rank_raises",

@@ -108,8 +108,7 @@ def collect_images(
                 if marked is not None and marked not in left_out:  # (one line per folder, as a walk says it)
                     left_out.add(marked)
                     if marked != skip and not quiet:  # (named as the pattern wrote it, as a walk names it)
-                        shown = base / marked.relative_to(root)
-                        logger.warning(f"{shown}: left out, an output folder of segformer predict ({OUTPUT_MARKER})")
+                        _say_left_out(base / marked.relative_to(root))
                 if marked is not None or _is_run_output(f):
                     continue
                 take(f, root, f.relative_to(base) if f.is_relative_to(base) else Path(f.name))
@@ -138,7 +137,7 @@ def _folder_files(folder: Path, recursive: bool, own: Path | None = None, quiet:
         real = os.path.realpath(top)
         if real in seen or (top != os.fspath(folder) and os.path.exists(os.path.join(top, OUTPUT_MARKER))):
             if real not in seen and (own is None or Path(real) != own) and not quiet:
-                logger.warning(f"{top}: left out, an output folder of segformer predict ({OUTPUT_MARKER})")
+                _say_left_out(top)
             dirs[:] = []
             continue
         seen.add(real)
@@ -147,6 +146,11 @@ def _folder_files(folder: Path, recursive: bool, own: Path | None = None, quiet:
         out += [Path(top) / name for name in files
                 if not name.startswith(".") and not (marked and _is_run_output(Path(top) / name))]  # fmt: skip
     return sorted(out)
+
+
+def _say_left_out(folder: str | os.PathLike) -> None:
+    """The one line a folder walk or a glob says about an earlier run's output folder it leaves out."""
+    logger.warning(f"{folder}: left out, an output folder of segformer predict ({OUTPUT_MARKER})")
 
 
 def _is_run_output(f: Path) -> bool:

@@ -118,13 +118,16 @@ def stored_palette(model: str | os.PathLike | object, palette: Any) -> Any:
     # in one colour: audit); then the first generated colour nobody has
     from .visualize import make_palette
 
-    taken = {tuple(int(c) for c in out[k]) for k in given}
-    spare = (tuple(int(c) for c in rgb) for rgb in make_palette(len(out) + len(taken) + 64, seed=1))
-    for k in range(len(out)):
-        if k not in given and tuple(int(c) for c in out[k]) in taken:
-            out[k] = next(c for c in spare if c not in taken and c not in {tuple(map(int, r)) for r in out})
-        if k not in given:
-            taken.add(tuple(int(c) for c in out[k]))
+    def rgb(row: Any) -> tuple[int, ...]:
+        return tuple(int(c) for c in row)
+
+    taken = {rgb(out[k]) for k in given}
+    spare = (rgb(row) for row in make_palette(len(out) + len(taken) + 64, seed=1))
+    for k in sorted(set(range(len(out))) - given):
+        if rgb(out[k]) in taken:
+            in_use = {rgb(row) for row in out}
+            out[k] = next(c for c in spare if c not in taken and c not in in_use)
+        taken.add(rgb(out[k]))
     return out
 
 

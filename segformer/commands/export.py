@@ -69,8 +69,9 @@ def run(args: argparse.Namespace) -> int:
     if args.onnx.suffix.lower() != ".onnx":  # (predict/eval/serve know an ONNX model by its name)
         raise ValueError(f"--onnx {args.onnx}: give the file a .onnx name")
     labels = Path(name) / LABELS_FILE  # (a local checkpoint's protocol and label rules go into the metadata)
-    if labels.is_file():
-        read_label_spec(labels)  # (a damaged one is named now, not copied into a file every command refuses)
+    text = labels.read_text(encoding="utf-8-sig") if labels.is_file() else None
+    if text is not None:
+        read_label_spec(labels, text=text)  # (a damaged one is named now, not copied into a file every command refuses)
     model = load_segmentation_model(name)  # (an encoder or classifier checkpoint: a random head, refused)
     report = export_onnx(
         model,
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         fp16=args.fp16,
         verify=not args.no_verify,
         options=load_inference_options(name),
-        labels=labels.read_text(encoding="utf-8-sig") if labels.is_file() else None,
+        labels=text,
         reduce_labels=stored_reduce_labels(name),
     )
     print(report.summary())

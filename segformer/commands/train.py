@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -250,14 +249,14 @@ def _stored_settings(values: dict) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from segformer.cli import Terminated
-    from segformer.distributed import reported_by_rank_zero, wait_for_rank_zero
+    from segformer.distributed import launched_rank_not_zero, reported_by_rank_zero, wait_for_rank_zero
     from segformer.train import train
 
     try:
         result = train(config_from_args(args))
     except (KeyboardInterrupt, Terminated):
         last = Path(args.output) / "last"
-        if int(os.environ.get("RANK", 0)) == 0 and last.is_dir():  # (the steps since its save are not in it)
+        if not launched_rank_not_zero() and last.is_dir():  # (the steps since its save are not in it)
             print(f"segformer train: {last} holds the run's last checkpoint; --resume auto continues from it",
                   file=sys.stderr)  # fmt: skip
         raise
@@ -273,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
             raise
         wait_for_rank_zero()
         return 2
-    if int(os.environ.get("RANK", 0)) == 0:  # one summary line, from rank 0 (also without evaluation: audit)
+    if not launched_rank_not_zero():  # one summary line, from rank 0 (also without evaluation: audit)
         miou = result["metrics"]["mIoU"] if result["metrics"] is not None else None
         summary = {"step": result["step"], "mIoU": miou, "best": result["best"]}
         print(json.dumps({**summary, "last": result["last"]}))

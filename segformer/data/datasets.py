@@ -700,7 +700,7 @@ def check_values_of(dataset: SegmentationDataset, index: int, tally: ClassTally 
         )
     else:  # (an ignore index is a stored value >= 0: a negative one is mapped instead)
         hint = f'if {first} marks unlabelled pixels, add "map": {{"{first}": 255}} to {where} (or map it to a class)'
-    if not dataset.spec.reduce_labels and int(bad.max()) == dataset.num_labels and 0 in values:
+    if not reduced and int(bad.max()) == dataset.num_labels and 0 in values:
         hint += "; if 0 means 'other' and the classes are 1..K (ADE20K style), pass --reduce-labels"
     stored = f"1..{last + 1} (reduced labels: stored k is class k - 1)" if reduced else f"0..{last}"
     return [f"{mask_path}: label value(s) {shown} outside {stored}: {hint}"]
