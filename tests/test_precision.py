@@ -174,16 +174,22 @@ def test_predictor_and_cli_take_dtype_int8(tmp_path, capsys):
     assert np.asarray(Image.open(tmp_path / "out" / "x.png")).shape == (64, 72)
 
 
-def test_evaluate_casts_the_weights_once_per_run_not_per_image(monkeypatch, tmp_path, bf16_at_every_size):
+@pytest.mark.parametrize("native", [False, True], ids=["emulated-bf16", "native-bf16"])
+def test_evaluate_casts_the_weights_once_per_run_not_per_image(monkeypatch, tmp_path, bf16_at_every_size, native):
     """segformer eval --amp bf16: one autocast region around the loop, so autocast's cast copies of the weights
     serve every image (per image, those casts made bf16 slower than fp32 on small images). Where the CPU computes
-    in bf16, the fast paths keep their own casts (modeling._kept): once per model, fewer still."""
+    in bf16, the fast paths keep their own casts (modeling._kept), but for the convs that run on a channels-last
+    copy of their weight made per call (modeling._conv_channels_last, SegformerEfficientSelfAttention.reduce):
+    that copy is made in bf16, one pass as in fp32. Both regimes run on any CPU (bf16 arithmetic is emulated where
+    the CPU lacks it), so the test does not depend on the machine it runs on."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    from segformer import modeling
     from segformer.data import build_dataset, write_synthetic_dataset
     from segformer.evaluate import evaluate
 
     pretend_machine(monkeypatch, SAPPHIRE_RAPIDS)  # bf16 autocast runs (emulated where this CPU lacks it)
+    monkeypatch.setattr(modeling, "_native_cpu_bf16", lambda: native)  # the fast paths' own view of the CPU
     data = write_synthetic_dataset(tmp_path / "data", num_train=1, num_val=3, size=64, seed=0)
     val, _ = build_dataset(data, "val")
     trained = randomize_(SegformerForSemanticSegmentation(tiny_config(num_labels=val.num_labels)), seed=2).eval()
@@ -208,4 +214,7 @@ def test_evaluate_casts_the_weights_once_per_run_not_per_image(monkeypatch, tmp_
 
     one = weight_casts(1)
     assert one > 0  # autocast ran and cast the weights
-    assert weight_casts(3) == one
+    convs = ("proj.weight", "self.sr.weight")
+    per_call = [n for n, p in trained.named_parameters() if n.endswith(convs) and p.ndim == 4]
+    assert len(per_call) == 7  # 4 patch embeddings, 3 sequence reductions (sr 8, 4, 2)
+    assert weight_casts(3) == one + (2 * len(per_call) if native else 0)
