@@ -20,7 +20,7 @@ accumulated inside its GEMM, and row bands for one image whose Mix-FFN or head m
 threshold (same formulas, other rounding order: agreement within fp32 rounding, tested against the plain path).
 In fp32 CPU inference each encoder block calls these kernels from one function
 (:meth:`SegformerLayer._forward_inference`) rather than through its modules: the same bits, less per-call cost.
-Under CPU bf16 autocast the fast path computes in bf16 on kept casts of the weights, except in the parts (an
+Under CPU bf16 autocast the fast path computes in bf16 on casts of the weights, except in the parts (an
 encoder stage, the head) too small for bf16 to pay, which run in fp32 (:data:`_BF16_MIN_MACS`).
 """
 
@@ -43,7 +43,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _torch_module  # (its global forward hooks: _unhooked)
 from torch.utils import _pytree as pytree
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .allocator import MMAP_THRESHOLD, ReusableBuffer
 from .config import SegformerConfig
@@ -361,7 +360,7 @@ def _conv_channels_last(conv: nn.Module, x: torch.Tensor, fast: bool) -> torch.T
     (``parameters_to_vector``, LBFGS) need contiguous bytes."""
     if _on_weight_copy(conv, x, fast) and x.is_contiguous(memory_format=torch.channels_last):
         dtype = _copy_dtype(conv.weight)
-        weight, bias = _channels_last_weight(conv.weight, dtype), _kept(conv.bias, dtype)
+        weight, bias = _channels_last_weight(conv.weight, dtype), _cast(conv.bias, dtype)
         return F.conv2d(x.to(dtype), weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     return conv(x)
 
@@ -460,7 +459,7 @@ class SegformerEfficientSelfAttention(nn.Module):
         windows = x.view(b, height, width, c)[:, : h * r, : w * r].reshape(b, h, r, w, r, c).transpose(2, 3)
         rows = windows.reshape(b, h * w, r * r * c)  # (B, N', sr·sr·C): (kernel row, kernel column, channel)
         weight = conv.weight.detach().to(dtype).permute(0, 2, 3, 1).reshape(conv.out_channels, -1)  # (one copy)
-        return _linear(rows, weight, _kept(conv.bias, dtype))
+        return _linear(rows, weight, _cast(conv.bias, dtype))
 
 
 class SegformerSelfOutput(nn.Module):
@@ -504,10 +503,10 @@ class SegformerDWConv(nn.Module):
     def forward_gelu(self, x: torch.Tensor, height: int, width: int, approximate: str) -> torch.Tensor:
         """GELU(dwconv(x)) in one oneDNN pass (the activation applied as the convolution writes its output):
         no second pass over the largest activation of the block, and one full-size tensor fewer. In ``x``'s
-        dtype (under bf16 autocast: bf16, with the weights' kept casts)."""
+        dtype (under bf16 autocast: bf16, on casts of the weights)."""
         conv, x = self.dwconv, tokens_to_map(x, height, width)
         geometry = (conv.padding, conv.stride, conv.dilation, conv.groups)
-        weight, bias = _kept(conv.weight, x.dtype), _kept(conv.bias, x.dtype)
+        weight, bias = _cast(conv.weight, x.dtype), _cast(conv.bias, x.dtype)
         y = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *geometry, "gelu", [], approximate)
         return map_to_tokens(y)
 
@@ -713,11 +712,11 @@ class SegformerEncoder(nn.Module):
         x = pixel_values.contiguous(memory_format=torch.channels_last)
         stages, attentions = [], []
         last = len(self.block) - 1
-        inline = self._inline_blocks(x, output_attentions)
         for i, (embed, blocks, norm) in enumerate(zip(self.patch_embeddings, self.block, self.layer_norm, strict=True)):
             fp32 = _bf16_does_not_pay(embed, embed.proj.weight, self._stage_macs(i, x))
             with _autocast_disabled("cpu") if fp32 else contextlib.nullcontext():
                 x, height, width = embed(x.float() if fp32 else x)  # (B, N, C)
+                inline = self._inline_blocks(x, output_attentions)  # (also a stage run in fp32 under autocast)
                 for block in blocks:
                     if inline and block._runs_inline():
                         x, probs = block._forward_inference(x, height, width), None
@@ -928,8 +927,8 @@ class SegformerDecodeHead(nn.Module):
     ) -> torch.Tensor:
         matrices, bias = self.folded()
         dtype = _inference_dtype(maps[0], matrices[0])
-        if dtype is not None and _cpu_autocast():  # bf16 autocast: the folded weights' casts kept (_kept)
-            matrices, bias = [_kept(m, dtype) for m in matrices], _kept(bias, dtype)
+        if dtype is not None and _cpu_autocast():  # bf16 autocast: the folded weights cast (_cast)
+            matrices, bias = [_cast(m, dtype) for m in matrices], _cast(bias, dtype)
         batch = maps[0].shape[0]
         if total is None and (batch == 1 or torch.is_grad_enabled() or _capturing_graph()):
             return self._folded_logits(maps, matrices, bias)  # (a graph for autograd or export: one pass)
@@ -1112,9 +1111,10 @@ _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch 
 # Under CPU bf16 autocast, an inference part of the model (an encoder stage, the folded head) whose largest matrix
 # product is below this many multiply-adds runs in float32: there bf16's per-call costs (the activations' casts,
 # oneDNN's bf16 call, ~60-75 µs more than fp32's) outweigh what its arithmetic saves (~6 µs per million, measured
-# on AVX-512-BF16 at 67M): break-even ~12M, rounded up to 2^24 (float32, the exact one, where in doubt). A b0
-# at 128×128 then runs its encoder in fp32 (its head too, with fewer than 64 classes); from 256×256 all in bf16.
-_BF16_MIN_MACS = 1 << 24
+# on AVX-512-BF16 at 67M: break-even ~12M). On an AMX Xeon (2 threads) stages at 2^24 still lost (b2 at 128×128:
+# 1.06× fp32's time, b1 1.10×) and at 2^25 none did (b0/b1/b2 at 128-320 px: 0.84-1.02×): 2^25, float32 (the
+# exact one) where in doubt. A b0 then runs its encoder in fp32 up to 256×256 and all of it in bf16 at 512×512.
+_BF16_MIN_MACS = 1 << 25
 
 
 def _bf16_does_not_pay(module: nn.Module, weight: torch.Tensor, macs: int) -> bool:
@@ -1183,9 +1183,8 @@ _FAST_DTYPES = (torch.float32, torch.bfloat16)
 def _inference_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
     """The dtype a CPU inference fast path computes ``x`` with ``weight`` in, or None where it leaves the layer
     to PyTorch's own op: float32 operands; bfloat16 operands on a CPU that computes in bf16; under CPU bfloat16
-    autocast (on such a CPU), bfloat16: the operands cast as autocast would cast them, the weights' casts kept
-    between calls (:func:`_kept`), where autocast casts them again on every call. Never with an autograd graph
-    to record (autocast's casts must be in it) or while a graph is captured."""
+    autocast (on such a CPU), bfloat16: the operands cast as autocast would cast them (:func:`_cast`). Never
+    with an autograd graph to record (autocast's casts must be in it) or while a graph is captured."""
     if x.device.type != "cpu" or _capturing_graph():
         return None
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
@@ -1211,28 +1210,20 @@ def _inference_operands(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> tuple[torch.dtype | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """:func:`_inference_dtype` of ``x`` and ``weight``, and the operands in it: under CPU bf16 autocast ``x`` cast
-    as autocast would cast it and the weights' kept casts (:func:`_kept`); otherwise as given."""
+    as autocast would cast it and the weights' casts (:func:`_cast`); otherwise as given."""
     dtype = _inference_dtype(x, weight)
     if dtype is not None and _cpu_autocast():
-        return dtype, x.to(dtype), _kept(weight, dtype), _kept(bias, dtype)
+        return dtype, x.to(dtype), _cast(weight, dtype), _cast(bias, dtype)
     return dtype, x, weight, bias
 
 
-# bfloat16 casts of float32 weights, kept for CPU inference under bf16 autocast (weakly: they go with the weight)
-_KEPT_CASTS = WeakIdKeyDictionary()
-
-
-def _kept(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """``t`` (a weight: a parameter, a buffer, a cached fold) in ``dtype``: itself, or its cast, kept while ``t``
-    lives and made again when it changes (another storage, other values however written: :func:`_unchanged`,
-    against a snapshot of ``t`` kept with the cast). The values are autocast's."""
-    if t is None or t.dtype == dtype:
-        return t
-    key = (t.data_ptr(), dtype, tuple(t.shape), tuple(t.stride()))
-    entry = _KEPT_CASTS.get(t)
-    if entry is None or entry[0] != key or not _unchanged([t], entry[1]):
-        entry = _KEPT_CASTS[t] = (key, _snapshot([t]), t.detach().to(dtype))
-    return entry[2]
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``t`` (a weight: a parameter, a buffer, a cached fold) in ``dtype``: itself, or a cast made for this call,
+    with autocast's values. Not kept between calls: checking a kept cast against the weight's values (a write
+    through ``.data`` moves no version counter) reads twice the fp32 bytes that a new cast reads (b2 at 512×512
+    on an AMX Xeon, 2 threads: 120 ms per forward cast per call, 129 ms on checked kept casts; 34 against 43 ms
+    at 128×128), and a kept cast costs half the fp32 weights' memory while the model lives."""
+    return t if t is None or t.dtype == dtype else t.detach().to(dtype)
 
 
 def _is_mapped(nbytes: int) -> bool:
@@ -1291,7 +1282,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     CPU inference oneDNN's matmul, 5–35% faster than the BLAS call behind F.linear on SegFormer's shapes on an
     AVX-512 CPU (Zen 4, its kernels or capped at AVX2; on an AVX2-only Zen 3 0–10% slower at batch 1, b2 most:
     README, Speed), the weights reordered on the fly; in bf16
-    (:func:`_inference_dtype`: native bf16, or bf16 autocast with the weights' kept casts) oneDNN's too."""
+    (:func:`_inference_dtype`: native bf16, or bf16 autocast on the weights' casts) oneDNN's too."""
     dtype, x, weight, bias = _inference_operands(x, weight, bias)
     y = _rows_linear(x.reshape(-1, x.shape[-1]), weight, bias, dtype)
     return y.view(*x.shape[:-1], weight.shape[0])
