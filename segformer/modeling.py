@@ -653,7 +653,7 @@ class SegformerLayer(nn.Module):
         heads = (attn.num_heads, attn.head_dim)
         context = F.scaled_dot_product_attention(*(t.view(b, -1, *heads).transpose(1, 2) for t in (q, k, v)))
         dense = self.attention.output.dense
-        x = x + _rows_linear(context.transpose(1, 2).reshape(b * n, c), dense.weight, dense.bias, f32).view(b, n, c)
+        x = _rows_linear_add(context.transpose(1, 2).reshape(b * n, c), dense.weight, dense.bias, x)
         h = _layer_norm(self.layer_norm_2, x)
         approximate = mlp.intermediate_act_fn.approximate
         band = mlp._band(h, height, width)
@@ -661,7 +661,7 @@ class SegformerLayer(nn.Module):
             return x + mlp._forward_banded(h, height, width, band, approximate)
         hidden = _rows_linear(h.view(b * n, c), mlp.dense1.weight, mlp.dense1.bias, f32).view(b, n, -1)
         hidden = mlp.dwconv.forward_gelu(hidden, height, width, approximate).reshape(b * n, -1)
-        return x + _rows_linear(hidden, mlp.dense2.weight, mlp.dense2.bias, f32).view(b, n, c)
+        return _rows_linear_add(hidden, mlp.dense2.weight, mlp.dense2.bias, x)
 
 
 def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
@@ -1150,6 +1150,7 @@ def _fold_dtype(device: torch.device) -> torch.dtype:
 _ONEDNN_X86 = torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
 _CONV_POINTWISE = _ONEDNN_X86 and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 _LINEAR_POINTWISE = _ONEDNN_X86 and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_LINEAR_BINARY = _LINEAR_POINTWISE and "binary" in torch.ops.mkldnn._linear_pointwise.overloads()
 # oneDNN's matmul reorders the weight on every call (10-30 µs more than BLAS on small products, measured): it
 # pays from ~8M multiply-adds (b0's key/value projections of 256 tokens stay with BLAS)
 _ONEDNN_MIN_MACS = 1 << 23
@@ -1298,6 +1299,20 @@ def _rows_linear(
     if large and dtype is not None and _LINEAR_POINTWISE and torch.backends.mkldnn.enabled:
         return torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
     return F.linear(rows, weight, bias)
+
+
+def _rows_linear_add(
+    rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor
+) -> torch.Tensor:
+    """``residual + linear(rows)`` in fp32 (``residual`` (B, N, C) contiguous, ``rows`` (B·N, K)), shaped as
+    ``residual``. Where :func:`_rows_linear` runs oneDNN's matmul, the sum is its epilogue: the same two fp32
+    roundings in the same order (the product plus bias, then plus the residual: the same bits, tested), one pass
+    fewer over the output and no separate output tensor."""
+    large = rows.shape[0] * weight.shape[0] * weight.shape[1] >= _ONEDNN_MIN_MACS
+    if large and _LINEAR_BINARY and torch.backends.mkldnn.enabled and residual.is_contiguous():
+        flat = residual.view(-1, weight.shape[0])
+        return torch.ops.mkldnn._linear_pointwise.binary(rows, flat, weight, bias, "add").view(residual.shape)
+    return residual + _rows_linear(rows, weight, bias, torch.float32).view(residual.shape)
 
 
 def _dense(linear: nn.Module, x: torch.Tensor, fast: bool) -> torch.Tensor:
