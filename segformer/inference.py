@@ -574,16 +574,16 @@ def _pass_inputs(height: int, width: int, opts: InferenceOptions) -> list[tuple[
     has the size of its scale's)."""
     sizes = []
     for scale in opts.scales if opts.scales is not None else (1.0,):
-        if opts.mode == "aligned":
+        if opts.mode == "aligned":  # the scaled target truncated, as mmsegmentation's multi-scale test scales
             size = aligned_size(
                 height,
                 width,
-                short_side=round(opts.short_side * scale),
-                long_side=round(opts.long_side * scale),
+                short_side=max(1, int(opts.short_side * scale)),
+                long_side=max(1, int(opts.long_side * scale)),
                 align=opts.align,
             )
-        else:
-            size = (max(round(height * scale), 1), max(round(width * scale), 1))
+        else:  # half up, as mmsegmentation rescales by a factor (Python's round() takes halves to even: 22.5 → 22)
+            size = (max(int(height * scale + 0.5), 1), max(int(width * scale + 0.5), 1))
         sizes.append(size)
     return sizes
 
