@@ -65,12 +65,17 @@ def collect_images(
     allowed) are expanded here when the shell did not, relative to the folder before the first wildcard. A path or
     pattern that matches nothing, and a folder without images, is kept, so that it is reported. Folders and globs
     skip what lies in ``exclude`` where it is a sub-folder of theirs (the run's output folder, whose label maps and
-    overlays are no photographs to segment). Raises ValueError when no input exists at all. Paths are kept as the
-    user wrote them (a symlink stays the link: summaries show what was passed); files reached twice are taken once.
-    Output folders left out are said in one warning line each, unless ``quiet`` (a first look for usage errors)."""
+    overlays are no photographs to segment; images there that no run wrote are named in one warning line). Raises
+    ValueError when no input exists at all. Paths are kept as the user wrote them (a symlink stays the link:
+    summaries show what was passed); a file a folder or glob reaches by two names is taken once, by its own name
+    rather than a link's, in one warning line each. Output folders left out are said in one warning line each,
+    unless ``quiet`` (a first look for usage errors)."""
     found: dict[Path, tuple[Path, Path]] = {}  # resolved path → (the path as given, relative output path)
     skip = None if exclude is None else Path(exclude).expanduser().resolve()
     left_out: set[Path] = set()  # output folders a glob's matches lay in
+    aliases: list[tuple[Path, Path]] = []  # (a link not taken, the path of the same file that was)
+    in_own: list[Path] = []  # images in this run's own output folder that no run wrote (left out: said once)
+    own_marked = skip is not None and (skip / OUTPUT_MARKER).exists()
 
     def take(f: Path, root: Path, rel: Path) -> bool:
         """Keep image file ``f`` of a folder or glob below ``root`` unless it lies in the excluded folder, where
@@ -84,8 +89,18 @@ def collect_images(
             return False
         resolved = f.resolve()
         if skip is None or skip == root or not skip.is_relative_to(root) or not resolved.is_relative_to(skip):
-            found.setdefault(resolved, (f, rel))
+            kept = found.get(resolved)
+            if kept is None:
+                found[resolved] = (f, rel)
+            elif os.path.normpath(kept[0]) != os.path.normpath(f):  # the same file by two names: taken once
+                if kept[0].is_symlink() and not f.is_symlink():  # (by its own name, not a link's)
+                    found[resolved], kept = (f, rel), (kept[0], f)
+                else:
+                    kept = (f, kept[0])
+                aliases.append(kept)
             return True
+        if not _written_by_a_run(f, own_marked):
+            in_own.append(f)
         return False
 
     for item in inputs:
@@ -118,6 +133,14 @@ def collect_images(
             found.setdefault(path.resolve() if path.exists() else path, (path, Path(path.name)))
     if not any(given.exists() and not given.is_dir() for given, _ in found.values()):
         raise ValueError(f"no images found in {', '.join(os.fspath(i) for i in inputs) or 'the inputs'}")
+    if not quiet:
+        for link, taken in aliases:
+            logger.warning(f"{link}: the same file as {taken}, segmented once, as {taken}")
+        if in_own:
+            first, more = in_own[0], f" and {len(in_own) - 1} more" if len(in_own) > 1 else ""
+            them = "them" if more else "it"
+            where = f"in this run's output folder ({exclude})"
+            logger.warning(f"{first}{more}: left out, {where}; pass {them} separately to segment {them}")
     return sorted(found.values(), key=lambda pair: str(pair[0]))
 
 
@@ -126,8 +149,9 @@ def _folder_files(folder: Path, recursive: bool, own: Path | None = None, quiet:
     links to folders (``**`` in a glob follows them too; Path.glob's walk did not) but never into a folder twice
     (a link back up), and leaving out hidden names (a name or a folder starting with ".": .ipynb_checkpoints/) and
     what earlier runs wrote (:func:`_is_run_output`: a sub-folder that is a run's output folder, and a run's files
-    in a folder that is also its input). ``own``: this run's output folder (resolved), left out without a word;
-    ``quiet``: the other output folders too."""
+    in a folder that is also its input). ``own``: this run's output folder (resolved), walked all the same
+    (:func:`collect_images` leaves its files out, and names those no run wrote); ``quiet``: the other output
+    folders are left out without a word."""
     if not recursive:
         marked = (folder / OUTPUT_MARKER).exists()
         return sorted(f for f in folder.iterdir() if not f.name.startswith(".") and not f.is_dir() and not
@@ -135,8 +159,9 @@ def _folder_files(folder: Path, recursive: bool, own: Path | None = None, quiet:
     out, seen = [], set()
     for top, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(top)
-        if real in seen or (top != os.fspath(folder) and os.path.exists(os.path.join(top, OUTPUT_MARKER))):
-            if real not in seen and (own is None or Path(real) != own) and not quiet:
+        marked_below = top != os.fspath(folder) and os.path.exists(os.path.join(top, OUTPUT_MARKER))
+        if real in seen or (marked_below and Path(real) != own):
+            if real not in seen and not quiet:
                 _say_left_out(top)
             dirs[:] = []
             continue
@@ -157,10 +182,17 @@ def _is_run_output(f: Path) -> bool:
     """Whether ``f`` is a file a run of segformer predict wrote into a folder holding its marker (the output
     folder also being an input, or walked again): its legend and summaries, overlays and side images, and label
     maps (the PNGs recording their source image). Elsewhere nothing is left out by its name."""
-    if not (f.parent / OUTPUT_MARKER).exists():
+    return (f.parent / OUTPUT_MARKER).exists() and _written_by_a_run(f, True)
+
+
+def _written_by_a_run(f: Path, marked: bool) -> bool:
+    """Whether ``f`` is a file a run of segformer predict wrote: a label map (a PNG recording its source image,
+    anywhere), or, in an output folder holding the marker (``marked``), a file named as a run names its others
+    (summaries, legend, overlays, side images, probabilities)."""
+    if not f.is_file():
         return False
     name = f.name
-    if name in _RUN_FILES or name.endswith(("_overlay.jpg", "_overlay.png", "_side.jpg", "_probs.npy")):
+    if marked and (name in _RUN_FILES or name.endswith(("_overlay.jpg", "_overlay.png", "_side.jpg", "_probs.npy"))):
         return True
     if f.suffix.lower() != ".png":
         return False
@@ -247,6 +279,14 @@ def _check_outputs(items: list[tuple[Path, Path]], stems: list[Path], outputs: _
             made_for = owner[src.resolve()]
             what = "its own output" if made_for == str(src) else f"an output of {made_for}"
             raise ValueError(f"{src}: this input would be overwritten by {what}; choose another --output folder")
+    marked = (outputs.folder / OUTPUT_MARKER).exists()
+    foreign = [p for p in owner if os.path.lexists(p) and not _written_by_a_run(p, marked)]
+    if foreign:  # (a photo, a user's file: a run replaces only what runs wrote)
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise ValueError(
+            f"{foreign[0]}{more}: a file segformer predict did not write is where an output would go; move it or "
+            "choose another --output folder"
+        )
 
 
 JPEG_MAX_SIDE = 65500  # libjpeg's limit on a side
@@ -261,13 +301,23 @@ def _save(path: Path, image: Image.Image, fmt: str, **params: Any) -> None:
     atomic_save_image(path, image, fmt, **params)
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as fh:  # a file object: np.save would append ".npy" to the temporary name
-            np.save(fh, array)
+class _PythonWrites:
+    """A file seen by NumPy only through ``write``: np.save then writes in chunks through Python's file write,
+    whose short write on a full disk raises ENOSPC; on a real file it calls C's fwrite, whose short write it
+    reported as "61440 requested and 16320 written", naming neither the file nor the reason (audit)."""
 
+    def __init__(self, fh: Any) -> None:
+        self.write = fh.write
+
+
+def _write_npy(path: str, array: np.ndarray) -> None:
+    with open(path, "wb") as fh:  # a file object: np.save would append ".npy" to a name without it
+        np.save(_PythonWrites(fh), array)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, write)
+    atomic_write(path, lambda tmp: _write_npy(tmp, array))
 
 
 _SOURCE_KEY = "segformer:source"  # the label PNG's text chunk naming the image it was made from (--skip-existing)

@@ -838,3 +838,72 @@ def test_failed_redo_removes_what_another_model_made(checkpoint, tmp_path):
     assert [r.status for r in report.records] == ["failed"] and report.records[0].redone
     assert "smaller than the minimum of 100" in report.records[0].error
     assert sorted(p.name for p in out.iterdir()) == [".segformer-predict", "legend.png", "summary.csv", "summary.json"]
+
+
+def test_a_file_no_run_wrote_is_never_overwritten(checkpoint, tmp_path, caplog):
+    """A photo in the output folder where an output would go was replaced by another image's label map without a
+    word, and with --recursive and the output folder inside the inputs it was also left out of the inputs silently
+    (audit). A run replaces only files runs wrote (label maps record their source; the other files are named as a
+    run names them, in a folder holding the marker), and names the images of its own output folder it leaves out."""
+    predictor = SegformerPredictor(checkpoint, device="cpu", mode="whole")
+    photos = tmp_path / "in"
+    _photos(photos, n=1)
+    (photos / "p0.png").rename(photos / "a.png")
+    (photos / "s").mkdir()
+    Image.fromarray(_noise(40, 56, seed=31)).save(photos / "s" / "a.png")  # a photo where a.png's label map goes
+    before = (photos / "s" / "a.png").read_bytes()
+    with pytest.raises(ValueError, match=r"s/a\.png: a file segformer predict did not write is where an output"):
+        predict_to_folder(predictor, [photos], photos / "s", recursive=True, progress=False)
+    assert (photos / "s" / "a.png").read_bytes() == before and not (photos / "s" / ".segformer-predict").exists()
+    elsewhere = tmp_path / "out"
+    elsewhere.mkdir()
+    (elsewhere / "a_overlay.jpg").write_bytes(b"a user's file")  # no marker: not a run's overlay
+    with pytest.raises(ValueError, match="a_overlay.jpg: a file segformer predict did not write"):
+        predict_to_folder(predictor, [photos / "a.png"], elsewhere, progress=False)
+    (elsewhere / "a_overlay.jpg").unlink()
+    predict_to_folder(predictor, [photos / "a.png"], elsewhere, progress=False)
+    again = predict_to_folder(predictor, [photos / "a.png"], elsewhere, progress=False)  # its own files: replaced
+    assert [r.status for r in again.records] == ["ok"]
+
+    (photos / "s" / "a.png").rename(photos / "s" / "b.png")  # no clash now: left out of the inputs, said once
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="segformer"):
+        report = predict_to_folder(predictor, [photos], photos / "s", recursive=True, progress=False)
+    assert [Path(r.image).name for r in report.records] == ["a.png"]
+    said = [m for m in caplog.messages if "left out" in m]
+    assert said == [f"{photos / 's' / 'b.png'}: left out, in this run's output folder ({photos / 's'}); pass it "
+                    "separately to segment it"]  # fmt: skip
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="segformer"):  # the second run: its own outputs are no such images
+        predict_to_folder(predictor, [photos], photos / "s", recursive=True, progress=False)
+    assert [m for m in caplog.messages if "left out" in m] == said
+
+
+def test_a_file_reached_by_two_names_is_segmented_under_its_own(checkpoint, tmp_path, caplog):
+    """A folder with a link to one of its files: the file is segmented once, under its own name rather than the
+    link's (the link's name sorted first and the file had no outputs and no summary row: audit), with one line."""
+    folder = tmp_path / "in"
+    _photos(folder, n=1)
+    (folder / "p0.png").rename(folder / "z.png")
+    (folder / "a_link.png").symlink_to("z.png")
+    predictor = SegformerPredictor(checkpoint, device="cpu", mode="whole")
+    with caplog.at_level("WARNING", logger="segformer"):
+        report = predict_to_folder(predictor, [folder], tmp_path / "out", progress=False)
+    assert [Path(r.image).name for r in report.records] == ["z.png"]
+    assert (tmp_path / "out" / "z.png").is_file() and not (tmp_path / "out" / "a_link.png").exists()
+    assert [m for m in caplog.messages if "same file" in m] == [
+        f"{folder / 'a_link.png'}: the same file as {folder / 'z.png'}, segmented once, as {folder / 'z.png'}"
+    ]
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="/dev/full is Linux's always-full device")
+def test_probabilities_on_a_full_disk_say_so():
+    """--save-probs on a full disk said NumPy's "61440 requested and 16320 written" (C's fwrite): the file is now
+    written through Python's write, whose short write is ENOSPC, which atomic_write names with the file (audit)."""
+    import errno
+
+    from segformer.predict_folder import _write_npy
+
+    with pytest.raises(OSError) as raised:
+        _write_npy("/dev/full", np.zeros((4, 64, 64), np.float16))
+    assert raised.value.errno == errno.ENOSPC
