@@ -739,11 +739,22 @@ def _prepare(
         shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
         raise ValueError(f"pixel_values must be a (batch, 3, height, width) tensor, got {shape}")
     net = unwrap_model(model)
+    check_crop_size(opts, _min_side(net))
     param = next(net.parameters(), None)
     x = pixel_values
     if param is not None:
         x = x.to(device=param.device, dtype=param.dtype if param.is_floating_point() else x.dtype)
     return opts, net, x
+
+
+def check_crop_size(opts: InferenceOptions, need: int) -> None:
+    """ValueError where sliding windows (``opts``) would be smaller than the model's minimum input ``need`` (its
+    forward would refuse every window, naming a tensor rather than the option)."""
+    if opts.mode == "slide" and min(opts.crop_size) < need:
+        ch, cw = opts.crop_size
+        raise ValueError(
+            f"crop_size (--crop-size) {ch}x{cw} is below this model's minimum input of {need}x{need} pixels"
+        )
 
 
 @contextlib.contextmanager
@@ -1312,6 +1323,7 @@ __all__ = [
     "WorkAreas",
     "aligned_size",
     "autocast",
+    "check_crop_size",
     "cpu_flags",
     "effective_amp",
     "infer",

@@ -58,6 +58,7 @@ from .images import (
 from .inference import (
     InferenceOptions,
     WorkAreas,
+    check_crop_size,
     infer,
     labels_from_probs,
     predict_labels,
@@ -226,6 +227,7 @@ class SegformerPredictor:
         from .modeling import min_input_size
 
         self.min_size = int(min_size) if min_size is not None else min_input_size(self.config)
+        check_crop_size(self.options, min_input_size(self.config))  # (before any output is written)
         k = self.config.num_labels
         # A one-label (binary) model predicts 0 = not the class, 1 = the class.
         self.num_classes = 2 if k == 1 else k

@@ -1380,3 +1380,19 @@ def test_multi_scale_sizes_round_halves_up_as_mmsegmentation():
     aligned = InferenceOptions(mode="aligned", short_side=101, long_side=203, align=1, scales=(0.5,))
     # targets int(50.5) = 50 and int(101.5) = 101 (round() gives 50 and 102): the long side caps it, 300 → 101
     assert inference._pass_inputs(100, 300, aligned) == [(34, 101)]  # (round(): (34, 102))
+
+
+def test_sliding_windows_below_the_models_minimum_are_refused_up_front(seg, tmp_path):
+    """--crop-size 10 failed at the first forward, after the output folder was made, naming a tensor
+    ("pixel_values of size 10x10"); the options are refused where they meet the model (audit)."""
+    from segformer.modeling import min_input_size
+    from segformer.predict import SegformerPredictor
+
+    need = min_input_size(seg.config)
+    small = dict(mode="slide", crop_size=(10, 40), stride=(8, 8))
+    message = rf"crop_size \(--crop-size\) 10x40 is below this model's minimum input of {need}x{need} pixels"
+    with pytest.raises(ValueError, match=message):
+        infer(seg, torch.randn(1, 3, 64, 64), **small)
+    with pytest.raises(ValueError, match=message):
+        SegformerPredictor(seg, device="cpu", **small)
+    SegformerPredictor(seg, device="cpu", mode="slide", crop_size=(need, need), stride=(8, 8))  # the minimum itself
