@@ -160,6 +160,20 @@ def test_a_dataset_in_memory_is_refused_with_the_way_to_pass_it(saved, tmp_path)
     model = SegformerForSemanticSegmentation(tiny_config(num_labels=3)).eval()
     with pytest.raises(TypeError, match=r"evaluate\(\) takes a SegmentationDataset, got a Dataset; .*build_dataset"):
         evaluate(model, rows["validation"])
+    with pytest.raises(TypeError, match=r"build_dataset takes a path or hub id, got a Dataset; .*save_to_disk"):
+        build_dataset(rows["validation"], "val")
+
+
+def test_a_saved_empty_split_is_named_and_the_other_one_usable(tmp_path):
+    """A DatasetDict saved with an empty validation split stopped every use of the folder, the training split's
+    too, with datasets' IndexError in a traceback (audit): the empty split is named as such where it is used."""
+    rng = np.random.default_rng(1)
+    root = tmp_path / "emptyval"
+    datasets.DatasetDict({"train": _split(rng, 4), "validation": _split(rng, 0)}).save_to_disk(str(root))
+    train, _ = build_dataset(root, "train")
+    assert len(train) == 4
+    with pytest.raises(ValueError, match="emptyval: the val split is empty"):
+        build_dataset(root, "val")
 
 
 def test_hub_id_resolves_through_the_local_cache_offline(tmp_path):

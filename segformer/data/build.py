@@ -84,6 +84,11 @@ def build_dataset(
     ``save_to_disk`` folders, parquet folders and hub ids): a Hugging Face dataset (:mod:`segformer.data.hf`),
     with ``image_column`` / ``label_column`` (default: detected). ``labels``: a labels.json to use instead of the
     one beside the data (Hugging Face data and folder layouts)."""
+    if not isinstance(root, (str, os.PathLike)):  # (a datasets.Dataset in memory failed inside pathlib: audit)
+        raise TypeError(
+            f"build_dataset takes a path or hub id, got a {type(root).__name__}; save a Hugging Face dataset with "
+            ".save_to_disk(DIR) (a DatasetDict with train and validation splits) and pass DIR"
+        )
     if kind == "hf" or (kind == "auto" and looks_like_hf_dataset(root)):
         dataset = build_hf_dataset(
             root,

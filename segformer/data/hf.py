@@ -86,8 +86,10 @@ def _load(source: str | os.PathLike) -> Any:
     datasets = _require_datasets()
     path = Path(source)
     try:
-        if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
-            return datasets.load_from_disk(str(path))
+        if path.is_dir() and (path / "dataset_dict.json").is_file():
+            return _load_saved_splits(datasets, path)
+        if path.is_dir() and (path / "state.json").is_file():
+            return _load_saved_split(datasets, path)
         if path.is_dir():
             return datasets.load_dataset(str(path))
     except (FileNotFoundError, ValueError, OSError) as exc:
@@ -106,6 +108,27 @@ def _load(source: str | os.PathLike) -> Any:
             "the Hugging Face cache"
         ) from None
     return datasets.load_dataset(local)
+
+
+def _load_saved_splits(datasets: Any, path: Path) -> dict[str, Any]:
+    """A save_to_disk DatasetDict, split by split (:func:`_load_saved_split`), as a dict of its splits."""
+    import json
+
+    names = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8")).get("splits", [])
+    return {name: _load_saved_split(datasets, path / name) for name in names}
+
+
+def _load_saved_split(datasets: Any, path: Path) -> Any:
+    """One save_to_disk split. A saved empty split has no data file, and ``datasets`` fails on it with an
+    IndexError (which stopped even a run that wanted only the other split, in a traceback: audit); it is an
+    empty Dataset of its features here, which the split's use then names as empty."""
+    import json
+
+    state = json.loads((path / "state.json").read_text(encoding="utf-8")) if (path / "state.json").is_file() else {}
+    if state.get("_data_files") == []:
+        features = datasets.DatasetInfo.from_directory(str(path)).features
+        return datasets.Dataset.from_dict({name: [] for name in features or {}}, features=features)
+    return datasets.load_from_disk(str(path))
 
 
 def _split(data: Any, split: str, source: str | os.PathLike) -> Any:
