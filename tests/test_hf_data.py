@@ -241,3 +241,25 @@ def test_a_pair_of_other_sizes_is_refused_as_it_is_read(tmp_path):
     with pytest.raises(ValueError, match=r"\[1\]: image is 64x48 but its mask is 48x64 \(the datasets library turns"):
         dataset.read(1)
     assert any("image is 64x48 but its mask is 48x64" in p for p in check_dataset(dataset).problems)
+
+
+def test_a_class_only_the_validation_split_holds_asks_for_the_class_names(tmp_path):
+    """Numbered classes are counted on the training split's masks; a value only validation masks hold was offered
+    as an ignore index, a map or reduced labels, where the fix is to name every class (audit)."""
+    rng = np.random.default_rng(2)
+    val = _split(rng, 2).to_dict()
+    masks = [np.array(m) for m in _split(rng, 2)["annotation"]]
+    masks[1][:4] = 3  # class 3: in validation only
+    root = tmp_path / "rare"
+    features = datasets.Features({"image": datasets.Image(), "annotation": datasets.Image()})
+    val = datasets.Dataset.from_dict({"image": val["image"], "annotation": [Image.fromarray(m) for m in masks]},
+                                     features=features)  # fmt: skip
+    datasets.DatasetDict({"train": _split(rng, 3), "validation": val}).save_to_disk(str(root))
+    dataset, _ = build_dataset(root, "val")
+    report = check_dataset(dataset)
+    assert not report.ok
+    assert any(
+        "label value(s) 3 outside 0..2: the classes were numbered 0..2 from the training split's masks (no "
+        "labels.json): if the value(s) are classes too, name every class in a labels.json" in p
+        for p in report.problems
+    ), report.problems

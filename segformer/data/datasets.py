@@ -702,6 +702,12 @@ def check_values_of(dataset: SegmentationDataset, index: int, tally: ClassTally 
         hint = f'if {first} marks unlabelled pixels, add "map": {{"{first}": 255}} to {where} (or map it to a class)'
     if not reduced and int(bad.max()) == dataset.num_labels and 0 in values:
         hint += "; if 0 means 'other' and the classes are 1..K (ADE20K style), pass --reduce-labels"
+    numbered = all(name == f"class_{i}" for i, name in dataset.id2label.items())
+    if kind == "hf" and numbered and first > last:  # (numbered classes: counted on the training split's masks)
+        hint = (
+            f"the classes were numbered 0..{last} from the training split's masks (no labels.json): if the value(s) "
+            f"are classes too, name every class in {where}; " + hint
+        )
     stored = f"1..{last + 1} (reduced labels: stored k is class k - 1)" if reduced else f"0..{last}"
     return [f"{mask_path}: label value(s) {shown} outside {stored}: {hint}"]
 
