@@ -4,6 +4,7 @@ and bad files fail with one clear reason."""
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -126,6 +127,14 @@ def test_bad_files_fail_with_one_reason(tmp_path, picture):
     assert np.array_equal(np.asarray(open_image(data)), picture)  # bytes decode like files
     with pytest.raises(ImageError, match="empty file"):
         open_image(b"")
+    if hasattr(os, "mkfifo"):  # (it was "empty file": audit)
+        os.mkfifo(tmp_path / "pipe.png")
+        with pytest.raises(ImageError, match=r"not a regular file \(a pipe, socket or device\)"):
+            open_image(tmp_path / "pipe.png")
+    with pytest.raises(ImageError, match="^no such file, and no file matches it as a pattern$"):
+        open_image(tmp_path / "*.xyz")
+    with pytest.raises(ImageError, match="^no such file$"):
+        open_image(tmp_path / "missing.png")
     with pytest.raises(ImageError, match="not an image"):
         open_image(b"plain text, not a picture")
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
@@ -135,3 +144,24 @@ def test_bad_files_fail_with_one_reason(tmp_path, picture):
         open_image(data, max_pixels=1000)  # 40 x 56 = 2,240 pixels
     with pytest.raises(ImageError, match="no such file"):
         open_image(tmp_path / "missing.png")
+
+
+def test_a_corrupt_exif_block_is_one_line_naming_the_file(tmp_path, caplog, recwarn):
+    """Pillow's "Corrupt EXIF data" warning printed its source line and named no file (audit): one line naming
+    the file, and the picture as stored."""
+    import io
+
+    from segformer.images import load_image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((20, 30, 3), 90, np.uint8)).save(buffer, format="JPEG")
+    data = buffer.getvalue()
+    path = tmp_path / "badexif.jpg"
+    path.write_bytes(data[:2] + b"\xff\xe1\x00\x10Exif\x00\x00MM\x00*\xff\xff\xff\xff" + data[2:])
+    with caplog.at_level("WARNING", logger="segformer"):
+        image = load_image(path)
+    assert image.size == (30, 20)
+    assert [m for m in caplog.messages if "EXIF" in m] == [
+        f"{path}: corrupt EXIF data; read as stored, no orientation applied"
+    ]
+    assert not [w for w in recwarn if "EXIF" in str(w.message)]
