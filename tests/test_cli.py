@@ -48,6 +48,9 @@ def test_scales_parse_alike_everywhere(form):
 def test_bad_scales_are_a_usage_error(capsys):
     code, _, err = run_cli(capsys, "eval", "--data", "d", "--model", "m", "--scales", "0,1")
     assert code == 2 and "scales must be positive" in err and "Traceback" not in err
+    for bad in ("nan", "1,inf"):  # (nan passed the option's check and was refused later, without the option's name)
+        code, _, err = run_cli(capsys, "predict", "x.png", "--output", "o", "--scales", bad)
+        assert code == 2 and f"argument --scales: scales must be positive finite numbers, got '{bad}'" in err, err
 
 
 def _broken_train(cfg):

@@ -5,6 +5,7 @@ they share, and the inference options that ``segformer eval``, ``predict``, ``se
 from __future__ import annotations
 
 import argparse
+import math
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -18,8 +19,8 @@ def scales_arg(text: str) -> list[float]:
         values = [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected numbers such as 0.75,1,1.25, got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"scales must be positive numbers, got {text!r}")
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):  # (nan passed here: audit)
+        raise argparse.ArgumentTypeError(f"scales must be positive finite numbers, got {text!r}")
     return values
 
 
