@@ -416,10 +416,23 @@ def leave_stops_to_the_main_process(worker_id: int) -> None:
     """A DataLoader ``worker_init_fn``: the worker ignores SIGTERM. Slurm, docker stop and systemd signal every
     process of a job; a worker that died of it made the main process's clean stop end in "DataLoader worker is
     killed by signal: Terminated" and a traceback (audit). The main process stops, then shuts its workers down
-    (and a worker whose main process is gone exits by itself)."""
+    (and a worker whose main process is gone exits by itself). A main process that stops while it takes a batch's
+    shared memory from the worker leaves the worker's sharing thread (multiprocessing's resource sharer) with a
+    reset connection: that thread's error is the stop, not a fault, and is not printed (it followed the clean stop
+    message with a 20-line traceback, once in a while)."""
     import signal
+    import threading
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    previous = threading.excepthook
+
+    def quiet_about_a_gone_reader(args: Any) -> None:
+        thread = getattr(args, "thread", None)
+        if issubclass(args.exc_type, ConnectionError) and thread is not None and "_serve" in thread.name:
+            return
+        previous(args)
+
+    threading.excepthook = quiet_about_a_gone_reader
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
