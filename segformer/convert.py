@@ -98,10 +98,20 @@ def load_original_checkpoint(
     — it can run arbitrary code, so use it only for files from a source you trust.
     """
     path = Path(path)
+    if path.is_dir():  # (it said "no such file": audit)
+        raise ConversionError(
+            f"{path}: a folder; convert reads an original .pth file (a save_pretrained folder is no original: it "
+            "loads as it is, --model FOLDER)"
+        )
     if not path.is_file():
         raise ConversionError(f"{path}: no such file")
     with path.open("rb") as f:
         magic = f.read(4)
+    if path.suffix == ".safetensors":
+        raise ConversionError(
+            f"{path}: a safetensors file, as Transformers and this package save; it needs no conversion: load "
+            "its folder as it is (--model FOLDER)"
+        )
     if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):  # torch's zip format or a pickle
         raise ConversionError(f"{path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)")
     try:
@@ -118,7 +128,10 @@ def load_original_checkpoint(
             "--unsafe-pickle (Python: unsafe_pickle=True), which can run code stored in the file"
         ) from None
     except Exception as exc:  # truncated archives, EOF, bad magic numbers
-        raise ConversionError(f"{path}: not a PyTorch checkpoint ({first_line(exc)})") from None
+        reason = first_line(exc)
+        if magic.startswith(b"PK\x03\x04") and isinstance(exc, OSError):  # (a cut archive: "[Errno 22] ...")
+            reason = f"a damaged or truncated torch.save archive: {reason}"
+        raise ConversionError(f"{path}: not a PyTorch checkpoint ({reason})") from None
     meta: dict[str, Any] = {}
     if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
         meta = dict(data["meta"]) if isinstance(data.get("meta"), Mapping) else {}

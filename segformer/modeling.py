@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import logging
 import math
 import platform
 import sys
@@ -1747,19 +1748,32 @@ def load_segmentation_model(name_or_path: Any, **kwargs: Any) -> SegformerForSem
     nvidia/mit-b0, an image classifier) is a ValueError, where from_pretrained would warn and leave the head
     random. Without ``kwargs``, a checkpoint whose config.json is missing or does not fit its weights is reported in
     command-line words (:func:`segformer.hub.for_command_line`)."""
+    held: list[logging.LogRecord] = []  # the loader's warnings, said only where the model is used (below)
+
+    class Hold(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            held.append(record)
+            return False
+
+    hold, logger = Hold(), logging.getLogger("segformer")
+    logger.addFilter(hold)
     try:
         model, info = SegformerForSemanticSegmentation.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
     except CheckpointError as exc:
         if kwargs:
             raise
         raise for_command_line(exc) from None
+    finally:
+        logger.removeFilter(hold)
     missing_head = sorted(k for k in info["missing_keys"] if k.startswith("decode_head."))
-    if missing_head:
+    if missing_head:  # (without "newly initialised ... train the model before use" first: two lines, one wrong)
         architectures = ", ".join(model.config.architectures or []) or "no decode head"
         raise ValueError(
             f"{name_or_path}: not a segmentation checkpoint ({architectures}; {len(missing_head)} decode-head "
             "weights missing): use a SegformerForSemanticSegmentation checkpoint, e.g. one from segformer train"
         )
+    for record in held:
+        logger.handle(record)
     return model
 
 

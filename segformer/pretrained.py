@@ -97,12 +97,23 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 "are always loaded with weights_only=True (unpickling can run code): re-save it as a state dict of "
                 "tensors or as safetensors"
             ) from None
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first_line(exc)})") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_load_reason(exc)})") from None
     if isinstance(data, Mapping) and "state_dict" in data and isinstance(data["state_dict"], Mapping):
         data = data["state_dict"]  # {"meta", "state_dict"} files of the original code
     if not isinstance(data, Mapping) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise CheckpointError(f"{path}: does not hold a state dict of tensors")
     return dict(data)
+
+
+def _load_reason(exc: BaseException) -> str:
+    """What torch.load's error says about the file: the safe unpickler's own reason ("Unsupported operand 181")
+    rather than its first line, whose advice to re-run with weights_only=False (unsafe, and for a damaged file
+    useless) the package never follows (audit)."""
+    text = str(exc)
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|Check the documentation|$)", text, re.DOTALL)
+    if found and found.group(1).strip():
+        return f"damaged or not a PyTorch file: {first_line(found.group(1).strip())}"
+    return first_line(exc)
 
 
 def check_variant(variant: Any) -> None:

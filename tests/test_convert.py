@@ -228,7 +228,20 @@ def test_errors_name_the_problem(tmp_path, seg_model):
     save_original(tmp_path / "missing_norm.pth", missing)
     with pytest.raises(ConversionError, match=r"missing weights for segformer\.encoder\.layer_norm\.2\.weight"):
         convert_checkpoint(tmp_path / "missing_norm.pth", tmp_path / "o7", num_attention_heads=HEADS)
-    for name in ("o1", "o2", "o3", "o4", "o5", "o6", "o7"):
+    # what no original is (audit): a save_pretrained folder, its safetensors, a torch.save archive cut short
+    seg_model.save_pretrained(tmp_path / "saved")
+    with pytest.raises(ConversionError, match=r"saved: a folder; convert reads an original \.pth file"):
+        convert_checkpoint(tmp_path / "saved", tmp_path / "o8")
+    with pytest.raises(ConversionError, match=r"model\.safetensors: a safetensors file, .*needs no conversion"):
+        convert_checkpoint(tmp_path / "saved" / "model.safetensors", tmp_path / "o8")
+    whole = (tmp_path / "good.pth").read_bytes()
+    for cut in (5_000, 20_000, len(whole) // 2):
+        if cut < len(whole):
+            (tmp_path / "cut.pth").write_bytes(whole[:cut])
+            with pytest.raises(ConversionError, match=r"cut\.pth: not a PyTorch checkpoint \(") as raised:
+                convert_checkpoint(tmp_path / "cut.pth", tmp_path / "o8")
+            assert "Errno 22" not in str(raised.value) or "damaged or truncated" in str(raised.value)
+    for name in ("o1", "o2", "o3", "o4", "o5", "o6", "o7", "o8"):
         assert not (tmp_path / name).exists()  # nothing is written for a failed conversion
 
 

@@ -159,13 +159,16 @@ def test_an_opset_beyond_the_exporter_is_one_line(tmp_path, model, capsys):
     assert not (tmp_path / "m.onnx").exists()
 
 
-def test_cli_export_refuses_a_classification_checkpoint(tmp_path, capsys):
+def test_cli_export_refuses_a_classification_checkpoint(tmp_path, capsys, caplog):
+    """One line: the refusal, without the loader's "newly initialised ... train the model before use" first."""
     from segformer import SegformerForImageClassification
 
     SegformerForImageClassification(tiny_config(num_labels=3)).save_pretrained(tmp_path / "cls")
-    code, _, err = run_cli(capsys, "export", tmp_path / "cls", "--onnx", tmp_path / "c.onnx", "--size", "64", "64")
+    with caplog.at_level("WARNING", logger="segformer"):
+        code, _, err = run_cli(capsys, "export", tmp_path / "cls", "--onnx", tmp_path / "c.onnx", "--size", "64", "64")
     assert code == 2 and "not a segmentation checkpoint (SegformerForImageClassification" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "c.onnx").exists()
+    assert not [m for m in caplog.messages if "newly initialised" in m], caplog.messages
 
 
 @pytest.mark.output

@@ -188,6 +188,22 @@ def test_corrupt_safetensors(saved):
         load_state_dict(path)
 
 
+def test_a_damaged_pickle_says_what_the_safe_unpickler_found(saved, tmp_path):
+    """A damaged pytorch_model.bin repeated torch's advice to re-run with weights_only=False, which this package
+    never does (and which could not read a damaged file either: audit): the unpickler's own reason instead."""
+    import shutil
+
+    _, path = saved
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(path / "config.json", bad / "config.json")
+    (bad / "pytorch_model.bin").write_bytes(b"\x80\x04garbage")
+    reason = r"not a readable PyTorch checkpoint \(damaged or not a PyTorch file: "
+    with pytest.raises(CheckpointError, match=reason) as e:
+        SegformerForSemanticSegmentation.from_pretrained(bad, weights_only=False)
+    assert "weights_only" not in str(e.value) and "\n" not in str(e.value)
+
+
 def test_config_with_bad_fields(saved):
     _, path = saved
     config = json.loads((path / "config.json").read_text())
