@@ -22,14 +22,12 @@ command line) reads them through this module, so one picture gives the same pixe
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import io
-import logging
 import os
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -100,7 +98,7 @@ def open_image(source: str | os.PathLike | bytes, max_pixels: int | None = DEFAU
         # data must raise instead of being padded with grey.
         Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = None, False
         try:
-            with warnings.catch_warnings(), _exif_warnings(str(source) if isinstance(path, Path) else "image"):
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 try:
                     img = Image.open(path, formats=_raster_formats())
@@ -129,22 +127,6 @@ def open_image(source: str | os.PathLike | bytes, max_pixels: int | None = DEFAU
         finally:
             Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
     return img
-
-
-@contextlib.contextmanager
-def _exif_warnings(name: str) -> Iterator[None]:
-    """Pillow's "Corrupt EXIF data" warnings in the block as one line naming the file ``name`` (it printed its own
-    source line and named no file: audit); other warnings pass on as they were."""
-    with warnings.catch_warnings(record=True) as raised:
-        warnings.simplefilter("always")
-        yield
-    for w in raised:
-        if "EXIF" in str(w.message):
-            logging.getLogger("segformer").warning(f"{name}: corrupt EXIF data; read as stored, no orientation applied")
-            break
-    for w in raised:
-        if "EXIF" not in str(w.message):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 @functools.lru_cache(maxsize=1)
@@ -332,11 +314,10 @@ def load_image(source: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXEL
 def upright(image: Image.Image) -> Image.Image:
     """A copy of ``image`` turned by its EXIF orientation (as stored without one, or with a broken EXIF block: the
     picture as stored is better than none); it keeps the file format, which :func:`to_rgb` reads mode I by."""
-    with _exif_warnings(getattr(image, "filename", "") or "image"):
-        try:
-            turned = ImageOps.exif_transpose(image)  # (a copy, Pillow >= 9.4)
-        except Exception:
-            turned = image.copy()
+    try:
+        turned = ImageOps.exif_transpose(image)  # (a copy, Pillow >= 9.4)
+    except Exception:
+        turned = image.copy()
     turned.format = image.format
     return turned
 

@@ -144,24 +144,3 @@ def test_bad_files_fail_with_one_reason(tmp_path, picture):
         open_image(data, max_pixels=1000)  # 40 x 56 = 2,240 pixels
     with pytest.raises(ImageError, match="no such file"):
         open_image(tmp_path / "missing.png")
-
-
-def test_a_corrupt_exif_block_is_one_line_naming_the_file(tmp_path, caplog, recwarn):
-    """Pillow's "Corrupt EXIF data" warning printed its source line and named no file (audit): one line naming
-    the file, and the picture as stored."""
-    import io
-
-    from segformer.images import load_image
-
-    buffer = io.BytesIO()
-    Image.fromarray(np.full((20, 30, 3), 90, np.uint8)).save(buffer, format="JPEG")
-    data = buffer.getvalue()
-    path = tmp_path / "badexif.jpg"
-    path.write_bytes(data[:2] + b"\xff\xe1\x00\x10Exif\x00\x00MM\x00*\xff\xff\xff\xff" + data[2:])
-    with caplog.at_level("WARNING", logger="segformer"):
-        image = load_image(path)
-    assert image.size == (30, 20)
-    assert [m for m in caplog.messages if "EXIF" in m] == [
-        f"{path}: corrupt EXIF data; read as stored, no orientation applied"
-    ]
-    assert not [w for w in recwarn if "EXIF" in str(w.message)]
