@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from .backends import CompiledModel, OnnxRuntimeModel, config_identity, hash_state
-from .distributed import all_gather_objects, is_distributed
+from .distributed import all_gather_objects, barrier, is_distributed
 from .fileio import TEMPORARY_NAME, atomic_save_image, atomic_write, atomic_write_text
 from .hub import first_line
 from .images import IMAGE_EXTENSIONS, ImageError
@@ -71,16 +71,15 @@ def collect_images(
     rather than a link's, in one warning line each. Output folders left out are said in one warning line each,
     unless ``quiet`` (a first look for usage errors)."""
     found: dict[Path, tuple[Path, Path]] = {}  # resolved path → (the path as given, relative output path)
+    names: dict[Path, list[tuple[Path, Path]]] = {}  # resolved path → every name a folder or glob reached it by
     skip = None if exclude is None else Path(exclude).expanduser().resolve()
     left_out: set[Path] = set()  # output folders a glob's matches lay in
-    aliases: list[tuple[Path, Path]] = []  # (a link not taken, the path of the same file that was)
     in_own: list[Path] = []  # images in this run's own output folder that no run wrote (left out: said once)
-    own_marked = skip is not None and (skip / OUTPUT_MARKER).exists()
 
     def take(f: Path, root: Path, rel: Path) -> bool:
-        """Keep image file ``f`` of a folder or glob below ``root`` unless it lies in the excluded folder, where
-        that is strictly inside ``root`` (an output folder that is the input folder itself: _check_outputs); True
-        where it was kept. A link to nothing with an image's name is kept too, to be reported as such."""
+        """Keep image file ``f`` of a folder or glob below ``root`` unless it lies in the excluded folder (the
+        run's output folder; where that is the input folder itself or holds it, _check_outputs guards the inputs);
+        True where it was kept. A link to nothing with an image's name is kept too, to be reported as such."""
         if f.suffix.lower() not in IMAGE_EXTENSIONS:
             return False
         if not f.is_file():
@@ -88,20 +87,15 @@ def collect_images(
                 found.setdefault(f, (f, rel))
             return False
         resolved = f.resolve()
-        if skip is None or skip == root or not skip.is_relative_to(root) or not resolved.is_relative_to(skip):
-            kept = found.get(resolved)
-            if kept is None:
-                found[resolved] = (f, rel)
-            elif os.path.normpath(kept[0]) != os.path.normpath(f):  # the same file by two names: taken once
-                if kept[0].is_symlink() and not f.is_symlink():  # (by its own name, not a link's)
-                    found[resolved], kept = (f, rel), (kept[0], f)
-                else:
-                    kept = (f, kept[0])
-                aliases.append(kept)
-            return True
-        if not _written_by_a_run(f, own_marked):
-            in_own.append(f)
-        return False
+        if skip is not None and skip != root and not root.is_relative_to(skip) and resolved.is_relative_to(skip):
+            if not _written_by_a_run(f, True):  # (a run's own files there are no photos)
+                in_own.append(f)
+            return False
+        found.setdefault(resolved, (f, rel))
+        reached = names.setdefault(resolved, [])
+        if all(os.path.normpath(g) != os.path.normpath(f) for g, _ in reached):
+            reached.append((f, rel))
+        return True
 
     for item in inputs:
         text = os.fspath(item)
@@ -118,13 +112,17 @@ def collect_images(
             root = base.resolve()
             for f in matches:
                 below = f.parent.resolve()  # (what a walk leaves out, a glob leaves out: earlier runs' outputs)
-                marked = next((d for d in [below, *below.parents] if d.is_relative_to(root) and d != root
-                               and (d / OUTPUT_MARKER).exists()), None)  # fmt: skip
+                marks = [d for d in [below, *below.parents] if d.is_relative_to(root) and (d / OUTPUT_MARKER).exists()]
+                marked = next((d for d in marks if d != root), None)  # an output folder inside the pattern's base
                 if marked is not None and marked not in left_out:  # (one line per folder, as a walk says it)
                     left_out.add(marked)
                     if marked != skip and not quiet:  # (named as the pattern wrote it, as a walk names it)
                         _say_left_out(base / marked.relative_to(root))
-                if marked is not None or _is_run_output(f):
+                if marked is not None:
+                    if marked == skip and f.suffix.lower() in IMAGE_EXTENSIONS and not _written_by_a_run(f, True):
+                        in_own.append(f)
+                    continue
+                if marks and _written_by_a_run(f, True):  # (the base is an output folder: its files, any depth)
                     continue
                 take(f, root, f.relative_to(base) if f.is_relative_to(base) else Path(f.name))
             if not matches:  # reported as missing, as a missing file is (not dropped)
@@ -133,56 +131,68 @@ def collect_images(
             found.setdefault(path.resolve() if path.exists() else path, (path, Path(path.name)))
     if not any(given.exists() and not given.is_dir() for given, _ in found.values()):
         raise ValueError(f"no images found in {', '.join(os.fspath(i) for i in inputs) or 'the inputs'}")
-    if not quiet:
-        for link, taken in aliases:
-            logger.warning(f"{link}: the same file as {taken}, segmented once, as {taken}")
-        if in_own:
-            first, more = in_own[0], f" and {len(in_own) - 1} more" if len(in_own) > 1 else ""
-            them = "them" if more else "it"
-            where = f"in this run's output folder ({exclude})"
-            logger.warning(f"{first}{more}: left out, {where}; pass {them} separately to segment {them}")
+    for resolved, reached in names.items():  # a file reached by two names: under the one with fewest links
+        if len(reached) > 1:
+            found[resolved] = kept = min(reached, key=lambda name: (_links_in(name[0]), str(name[0])))
+            for other, _ in reached:
+                if other != kept[0] and not quiet:
+                    logger.warning(f"{other}: the same file as {kept[0]}, segmented once, as {kept[0]}")
+    if in_own and not quiet:
+        first, more = in_own[0], f" and {len(in_own) - 1} more" if len(in_own) > 1 else ""
+        them = "them" if more else "it"
+        where = f"in this run's output folder ({exclude})"
+        logger.warning(f"{first}{more}: left out, {where}; pass {them} separately to segment {them}")
     return sorted(found.values(), key=lambda pair: str(pair[0]))
+
+
+def _links_in(path: Path) -> int:
+    """How many of the components of ``path`` (made absolute, not resolved) are symbolic links."""
+    absolute = Path(os.path.abspath(path))
+    return sum(1 for p in (absolute, *absolute.parents) if p.is_symlink())
 
 
 def _folder_files(folder: Path, recursive: bool, own: Path | None = None, quiet: bool = False) -> list[Path]:
     """The files (and links) in ``folder``, sorted, with ``recursive`` those in its sub-folders too, following
     links to folders (``**`` in a glob follows them too; Path.glob's walk did not) but never into a folder twice
-    (a link back up), and leaving out hidden names (a name or a folder starting with ".": .ipynb_checkpoints/) and
-    what earlier runs wrote (:func:`_is_run_output`: a sub-folder that is a run's output folder, and a run's files
-    in a folder that is also its input). ``own``: this run's output folder (resolved), walked all the same
-    (:func:`collect_images` leaves its files out, and names those no run wrote); ``quiet``: the other output
-    folders are left out without a word."""
+    (a link back up; a folder and a link to it beside each other: the folder by its own name first, the link left
+    out in one line), and leaving out hidden names (a name or a folder starting with ".": .ipynb_checkpoints/) and
+    what earlier runs wrote (:func:`_written_by_a_run`: a sub-folder that is a run's output folder, and a run's
+    files, at any depth, in an output folder that is also the input). ``own``: this run's output folder
+    (resolved), walked all the same (:func:`collect_images` leaves its files out, and names those no run wrote);
+    ``quiet``: the other output folders and folders reached twice are left out without a word."""
     if not recursive:
         marked = (folder / OUTPUT_MARKER).exists()
         return sorted(f for f in folder.iterdir() if not f.name.startswith(".") and not f.is_dir() and not
-                      (marked and _is_run_output(f)))  # fmt: skip
-    out, seen = [], set()
+                      (marked and _written_by_a_run(f, True)))  # fmt: skip
+    out, seen, marked_tops = [], {}, set()
     for top, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(top)
         marked_below = top != os.fspath(folder) and os.path.exists(os.path.join(top, OUTPUT_MARKER))
         if real in seen or (marked_below and Path(real) != own):
-            if real not in seen and not quiet:
-                _say_left_out(top)
+            if not quiet:
+                if real in seen:
+                    logger.warning(f"{top}: the same folder as {seen[real]}, walked once, there")
+                else:
+                    _say_left_out(top)
             dirs[:] = []
             continue
-        seen.add(real)
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        marked = OUTPUT_MARKER in files  # (the folder's marker, looked for once, not once per file)
+        seen[real] = top
+        kept = sorted(d for d in dirs if not d.startswith("."))  # (a folder before a link to one: its own name)
+        dirs[:] = [d for d in kept if not os.path.islink(os.path.join(top, d))] + [
+            d for d in kept if os.path.islink(os.path.join(top, d))
+        ]
+        # a run's files are left out at any depth below a marked folder (sub-folders of the output hold none)
+        marked = OUTPUT_MARKER in files or os.path.dirname(top) in marked_tops
+        if marked:
+            marked_tops.add(top)
         out += [Path(top) / name for name in files
-                if not name.startswith(".") and not (marked and _is_run_output(Path(top) / name))]  # fmt: skip
+                if not name.startswith(".") and not (marked and _written_by_a_run(Path(top) / name, True))]  # fmt: skip
     return sorted(out)
 
 
 def _say_left_out(folder: str | os.PathLike) -> None:
     """The one line a folder walk or a glob says about an earlier run's output folder it leaves out."""
     logger.warning(f"{folder}: left out, an output folder of segformer predict ({OUTPUT_MARKER})")
-
-
-def _is_run_output(f: Path) -> bool:
-    """Whether ``f`` is a file a run of segformer predict wrote into a folder holding its marker (the output
-    folder also being an input, or walked again): its legend and summaries, overlays and side images, and label
-    maps (the PNGs recording their source image). Elsewhere nothing is left out by its name."""
-    return (f.parent / OUTPUT_MARKER).exists() and _written_by_a_run(f, True)
 
 
 def _written_by_a_run(f: Path, marked: bool) -> bool:
@@ -268,9 +278,11 @@ def _check_outputs(items: list[tuple[Path, Path]], stems: list[Path], outputs: _
     → photo.v1.png, a.jpg's overlay → an input a_overlay.jpg) or is written for two inputs (a.jpg's overlay and
     a_overlay.png's label map): every output path once, none an input."""
     owner: dict[Path, str] = {(outputs.folder / name).resolve(): "the run's summary" for name in _RUN_FILES}
+    shown = {key: outputs.folder / key.name for key in owner}  # resolved → as the user's --output names it
     for (src, _), stem in zip(items, stems, strict=True):
         for path in outputs.paths(stem).values():
             key = path.resolve()
+            shown[key] = path
             if key in owner:
                 raise ValueError(f"{src}: its output {path.name} would also be written for {owner[key]}; rename it")
             owner[key] = str(src)
@@ -279,13 +291,22 @@ def _check_outputs(items: list[tuple[Path, Path]], stems: list[Path], outputs: _
             made_for = owner[src.resolve()]
             what = "its own output" if made_for == str(src) else f"an output of {made_for}"
             raise ValueError(f"{src}: this input would be overwritten by {what}; choose another --output folder")
-    marked = (outputs.folder / OUTPUT_MARKER).exists()
-    foreign = [p for p in owner if os.path.lexists(p) and not _written_by_a_run(p, marked)]
-    if foreign:  # (a photo, a user's file: a run replaces only what runs wrote)
+    # A run replaces only what runs wrote (a photo, a user's file where an output would go: refused). Label maps
+    # record their source; the other files count as a run's in its output folder: one holding the marker, or
+    # one copied without it that holds a run's label map. An empty file holds nothing to lose.
+    existing = [p for p in shown if os.path.lexists(p)]
+    for path in existing:
+        if path.is_dir():
+            raise ValueError(f"{shown[path]}: a folder is where an output would go; choose another --output folder")
+    labels = {p for p in existing if p.name.endswith(".png") and _written_by_a_run(p, False)}
+    marked = (outputs.folder / OUTPUT_MARKER).exists() or bool(labels)
+    foreign = [p for p in existing
+               if p.exists() and p.stat().st_size and p not in labels and not _written_by_a_run(p, marked)]  # fmt: skip
+    if foreign:
         more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
         raise ValueError(
-            f"{foreign[0]}{more}: a file segformer predict did not write is where an output would go; move it or "
-            "choose another --output folder"
+            f"{shown[foreign[0]]}{more}: a file segformer predict did not write (or cannot read) is where an output "
+            "would go; move it or choose another --output folder"
         )
 
 
@@ -442,6 +463,7 @@ def predict_to_folder(
         raise ValueError(f"{out}: the output must be a folder, and this is a file; choose another --output")
     outputs = _Outputs(out, overlay_format, side_by_side_image, save_probs)
     _check_outputs(items, stems, outputs)
+    barrier()  # (under torchrun: every rank has looked at the folder before any writes to it)
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0 and not (out / OUTPUT_MARKER).exists():
         atomic_write_text(

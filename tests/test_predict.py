@@ -852,13 +852,14 @@ def test_a_file_no_run_wrote_is_never_overwritten(checkpoint, tmp_path, caplog):
     (photos / "s").mkdir()
     Image.fromarray(_noise(40, 56, seed=31)).save(photos / "s" / "a.png")  # a photo where a.png's label map goes
     before = (photos / "s" / "a.png").read_bytes()
-    with pytest.raises(ValueError, match=r"s/a\.png: a file segformer predict did not write is where an output"):
+    refused = r"s/a\.png: a file segformer predict did not write \(or cannot read\) is where an output"
+    with pytest.raises(ValueError, match=refused):
         predict_to_folder(predictor, [photos], photos / "s", recursive=True, progress=False)
     assert (photos / "s" / "a.png").read_bytes() == before and not (photos / "s" / ".segformer-predict").exists()
     elsewhere = tmp_path / "out"
     elsewhere.mkdir()
     (elsewhere / "a_overlay.jpg").write_bytes(b"a user's file")  # no marker: not a run's overlay
-    with pytest.raises(ValueError, match="a_overlay.jpg: a file segformer predict did not write"):
+    with pytest.raises(ValueError, match=r"out/a_overlay\.jpg: a file segformer predict did not write"):
         predict_to_folder(predictor, [photos / "a.png"], elsewhere, progress=False)
     (elsewhere / "a_overlay.jpg").unlink()
     predict_to_folder(predictor, [photos / "a.png"], elsewhere, progress=False)
@@ -876,6 +877,10 @@ def test_a_file_no_run_wrote_is_never_overwritten(checkpoint, tmp_path, caplog):
     caplog.clear()
     with caplog.at_level("WARNING", logger="segformer"):  # the second run: its own outputs are no such images
         predict_to_folder(predictor, [photos], photos / "s", recursive=True, progress=False)
+    assert [m for m in caplog.messages if "left out" in m] == said
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="segformer"):  # a glob says it too (it left them out silently: review)
+        predict_to_folder(predictor, [str(photos / "**" / "*.png")], photos / "s", progress=False)
     assert [m for m in caplog.messages if "left out" in m] == said
 
 
@@ -907,3 +912,71 @@ def test_probabilities_on_a_full_disk_say_so():
     with pytest.raises(OSError) as raised:
         _write_npy("/dev/full", np.zeros((4, 64, 64), np.float16))
     assert raised.value.errno == errno.ENOSPC
+
+
+def test_an_output_folder_in_its_inputs_leaves_its_own_files_out_at_any_depth(checkpoint, tmp_path):
+    """Output folder = input folder with -r: a second run segmented the first one's label maps and overlays in
+    sub-folders as photos (the marker is at the top only), and a third stopped on a name clash (review audit). An
+    output folder that is a link inside the inputs to a folder outside them could not be run twice."""
+    predictor = SegformerPredictor(checkpoint, device="cpu", mode="whole")
+    tree = tmp_path / "tree"
+    for f in (*_photos(tree, n=1), *_photos(tree / "sub", n=2)):  # (JPEGs: PNG photos would be overwritten)
+        Image.open(f).save(f.with_suffix(".jpg"))
+        f.unlink()
+    for _ in range(3):
+        report = predict_to_folder(predictor, [tree], tree, recursive=True, progress=False)
+        assert sorted(str(Path(r.image).relative_to(tree)) for r in report.records) == [
+            "p0.jpg", "sub/p0.jpg", "sub/p1.jpg"
+        ]  # fmt: skip
+        assert all(r.status == "ok" for r in report.records)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (tree / "out").symlink_to(outside)
+    for skip in (False, False, True):
+        report = predict_to_folder(predictor, [tree], tree / "out", recursive=True, skip_existing=skip,
+                                   progress=False)  # fmt: skip
+        assert len(report.records) == 3 and not report.failures
+
+
+def test_a_folder_reached_by_two_names_is_walked_under_its_own(checkpoint, tmp_path, caplog):
+    """A link to a folder beside it: the walk took the link's name (sorted first) and the real folder got no
+    outputs, without a word (review audit). The real folder by its own name, the link left out in one line; a
+    chain of links names the file itself."""
+    d = tmp_path / "d"
+    d.mkdir()
+    _photos(d / "real", n=1)
+    (d / "a_link").symlink_to("real")
+    (d / "real" / "l1.png").symlink_to("p0.png")
+    (d / "real" / "l2.png").symlink_to("l1.png")
+    predictor = SegformerPredictor(checkpoint, device="cpu", mode="whole")
+    with caplog.at_level("WARNING", logger="segformer"):
+        report = predict_to_folder(predictor, [d], tmp_path / "out", recursive=True, progress=False)
+    assert [str(Path(r.image).relative_to(d)) for r in report.records] == ["real/p0.png"]
+    said = sorted(m for m in caplog.messages if "same f" in m)
+    real = d / "real" / "p0.png"
+    assert said == [
+        f"{d / 'a_link'}: the same folder as {d / 'real'}, walked once, there",
+        *(f"{d / 'real' / name}: the same file as {real}, segmented once, as {real}" for name in ("l1.png", "l2.png")),
+    ]
+
+
+def test_outputs_copied_without_the_marker_empty_ones_and_folders_in_the_way(checkpoint, tmp_path):
+    """Outputs copied without the hidden marker (cp out/* elsewhere) are still a run's (its label maps say so); an
+    empty file holds nothing to lose; a folder where an output goes is named as a folder (review audit)."""
+    predictor = SegformerPredictor(checkpoint, device="cpu", mode="whole")
+    photos = _photos(tmp_path / "in", n=2)
+    predict_to_folder(predictor, photos, tmp_path / "out", progress=False)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in (tmp_path / "out").iterdir():
+        if not f.name.startswith("."):
+            (copy / f.name).write_bytes(f.read_bytes())
+    report = predict_to_folder(predictor, photos, copy, skip_existing=True, progress=False)
+    assert [r.status for r in report.records] == ["skipped", "skipped"]
+    (copy / "p0.png").write_bytes(b"")  # (a write cut short by a power loss)
+    report = predict_to_folder(predictor, photos, copy, skip_existing=True, progress=False)
+    assert sorted(r.status for r in report.records) == ["ok", "skipped"]
+    (copy / "p1_overlay.jpg").unlink()
+    (copy / "p1_overlay.jpg").mkdir()
+    with pytest.raises(ValueError, match=r"copy/p1_overlay\.jpg: a folder is where an output would go"):
+        predict_to_folder(predictor, photos, copy, progress=False)
