@@ -363,12 +363,12 @@ class SegformerPredictor:
     def predict(
         self, images: ImageInput | Sequence[ImageInput], *, return_probs: bool = False
     ) -> Segmentation | list[Segmentation]:
-        """One image → a :class:`Segmentation`; a list (or a 4-D array / tensor, a batch of images) → a list.
-        Raises :class:`ImageError` (naming the image) for the first input that cannot be segmented. A list's
-        images share one set of full-resolution work areas, as :meth:`predict_iter`'s do
-        (:func:`segformer.inference.reuse_work_areas`)."""
+        """One image → a :class:`Segmentation`; a list, a tuple or an iterator such as a generator (or a 4-D array /
+        tensor, a batch of images) → a list. Raises :class:`ImageError` (naming the image) for the first input that
+        cannot be segmented. A list's images share one set of full-resolution work areas, as :meth:`predict_iter`'s
+        do (:func:`segformer.inference.reuse_work_areas`)."""
         batch = isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4
-        single = not batch and not isinstance(images, (list, tuple))
+        single = not batch and not isinstance(images, (list, tuple, Iterator))  # (a generator: audit)
         items = [images] if single else list(images)
         out: list[Segmentation] = []
         for source, result in self.predict_iter(items, return_probs=return_probs):

@@ -305,6 +305,8 @@ def test_predictor_from_python(checkpoint, images):
     one_by_one = SegformerPredictor(model, device="cpu", mode="whole", batch_size=1).predict(sources)
     for a, b in zip(results, one_by_one):
         assert np.array_equal(a.labels, b.labels)
+    generated = predictor.predict(s for s in sources[:2])  # an iterator is a list too (it was "image 0": audit)
+    assert [r.size for r in generated] == sizes[:2]
     with pytest.raises(ImageError, match=r"tiny\.png: image is 12x10, smaller than the minimum of 29"):
         predictor.predict(d / "tiny.png")
     # predict_iter reports bad files in order and goes on.
