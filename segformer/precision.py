@@ -38,7 +38,8 @@ def reduced_precision_problem(
     onednn_fp16: bool | None = None,
     cuda_bf16: bool | None = None,
 ) -> str | None:
-    """None when ``dtype`` runs natively on ``device``; else one line saying why it would be emulated.
+    """None when ``dtype`` runs natively on ``device`` and pays there; else one line saying why it would be
+    emulated (or, float16 on a CPU, why it is slower than float32 all the same).
 
     float32 and float64 always run natively. CUDA: float16 always, bfloat16 where the GPU has bf16 arithmetic
     (``cuda_bf16``; default ``torch.cuda.is_bf16_supported(including_emulation=False)``). MPS: as given. CPU:
@@ -47,8 +48,9 @@ def reduced_precision_problem(
     ``torch.backends.cpu.get_cpu_capability()``, lowered by ATEN_CPU_CAPABILITY) and oneDNN's bf16 path
     (``onednn_bf16``, default ``torch.ops.mkldnn._is_mkldnn_bf16_supported()``, off under
     ONEDNN_MAX_CPU_ISA=AVX2); float16 likewise with avx512_fp16 / amx_fp16 (asimdhp on ARM) and oneDNN's fp16
-    path. Every machine fact is a parameter (read from this machine when None), so the rule can be tested for
-    any CPU.
+    path — and where it has them, float16 still takes longer than float32 on a CPU (PyTorch's float16 kernels;
+    this package's fast paths are float32 and bfloat16), so a CPU float16 request always gets a reason. Every
+    machine fact is a parameter (read from this machine when None), so the rule can be tested for any CPU.
     """
     dev = torch.device(device)
     if dtype in (torch.float32, torch.float64) or dev.type not in ("cpu", "cuda"):
@@ -82,6 +84,11 @@ def reduced_precision_problem(
         return f"PyTorch runs its {capability} kernels here (ATEN_CPU_CAPABILITY?), which emulate {name}"
     if not onednn:
         return f"oneDNN has no native {name} path here (ONEDNN_MAX_CPU_ISA?)"
+    if dtype == torch.float16:  # (native, yet no faster: an audit on an AVX512-FP16 Xeon)
+        return (
+            "slower than float32 here, even with the CPU's float16 arithmetic (the fast CPU paths compute in "
+            "float32 and bfloat16; 1.2-1.4x float32's time on an AVX512-FP16 Xeon)"
+        )
     return None
 
 

@@ -38,11 +38,11 @@ BF16, FP16 = torch.bfloat16, torch.float16
 
 @pytest.mark.parametrize(
     "machine, bf16, fp16",
-    [(SAPPHIRE_RAPIDS, None, None),
+    [(SAPPHIRE_RAPIDS, None, "slower than float32 here, even with the CPU's float16 arithmetic"),
      (ZEN4, None, "no float16 arithmetic (no amx_fp16/avx512_fp16)"),
      (SKYLAKE_X, "no bfloat16 arithmetic (no amx_bf16/avx512_bf16)", "no float16 arithmetic"),
      (HASWELL, "no bfloat16 arithmetic", "no float16 arithmetic"),
-     (GRAVITON3, None, None),
+     (GRAVITON3, None, "slower than float32 here"),
      # Zen 4 with ATEN_CPU_CAPABILITY=avx2: the hardware has bf16, torch's kernels do not use it
      ({**ZEN4, "cpu_capability": "AVX2"}, "PyTorch runs its AVX2 kernels", "no float16 arithmetic"),
      # Zen 4 with ONEDNN_MAX_CPU_ISA=AVX2: oneDNN's convolutions and matmuls would emulate it

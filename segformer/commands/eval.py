@@ -77,8 +77,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--amp",
         choices=["none", "bf16", "fp16"],
         default="none",
-        help="autocast dtype (default none); only where the device computes in it (a GPU; a CPU with AVX-512-BF16 "
-        "or AMX for bf16), else one line says so and it runs in float32, which is faster there",
+        help="autocast dtype (default none); only where the device computes in it and it pays (a GPU; bf16 on a CPU "
+        "with AVX-512-BF16 or AMX; fp16 not on a CPU), else one line says so and it runs in float32, faster there",
     )
     p.add_argument(
         "--int8",

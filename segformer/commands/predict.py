@@ -93,9 +93,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--dtype",
         choices=("float32", "float16", "bfloat16", "int8"),
         default="float32",
-        help="model dtype (float32). float16 / bfloat16 only where the device computes in them (a GPU; a CPU "
-        "with AVX-512-BF16 or AMX for bfloat16): elsewhere they would be emulated, several times slower, so "
-        "the run says so in one line and uses float32. int8 (CPU): the encoder's linear layers dynamically "
+        help="model dtype (float32). float16 / bfloat16 only where the device computes in them and they pay (a "
+        "GPU; bfloat16 on a CPU with AVX-512-BF16 or AMX; float16 never on a CPU, where it is slower than float32): "
+        "elsewhere the run says so in one line and uses float32. int8 (CPU): the encoder's linear layers dynamically "
         "quantised, 3-21%% less time than float32 at 512x512 (least on an AVX2-only CPU), <0.5%% of pixels changed",
     )
     add_backend_arguments(p)  # --backend pytorch|onnxruntime, --compile

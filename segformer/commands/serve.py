@@ -95,8 +95,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=("float32", "float16", "bfloat16", "int8"),
         default="float32",
         help="model dtype, as segformer predict's: float32 (default); float16 / bfloat16 where the device computes "
-        "in them (else float32, said in one line); int8 (CPU): the encoder's linear layers dynamically quantised. "
-        "An ONNX file runs in the precision it was exported in",
+        "in them and they pay (float16 not on a CPU; else float32, said in one line); int8 (CPU): the encoder's "
+        "linear layers dynamically quantised. An ONNX file runs in the precision it was exported in",
     )
     add_backend_arguments(p)  # --backend pytorch|onnxruntime, --compile, as segformer predict
     p.add_argument("--max-batch", type=positive_int, default=8, help="images per batch of the worker (8)")
