@@ -6,10 +6,12 @@
     ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python bench/...
 
 Latency: one (1, 3, S, S) input (S = --size, 512), every case run in turn, round after round (interleaved, so
-that drifts in machine load hit all alike); the median of the rounds and its ratio to fp32, and the fastest
-round (on a machine other jobs load, the least disturbed one) and its ratio to fp32's fastest. --eval-amp: the
-evaluation loop with and without bf16 autocast, per image (on --data, or on synthetic --size images). Agreement (--data:
-a folder data set's val split, whole-image mode): the share of pixels whose predicted class differs from fp32's.
+that drifts in machine load hit all alike; each round starts one case later, so that no case always runs after
+the same one: fp32 right after onnxruntime took 9-14% longer); the median of the rounds and its ratio to fp32,
+and the fastest round (on a machine other jobs load, the least disturbed one) and its ratio to fp32's fastest.
+--eval-amp: the evaluation loop with and without bf16 autocast, per image (on --data, or on synthetic --size
+images). Agreement (--data: a folder data set's val split, whole-image mode): the share of pixels whose predicted
+class differs from fp32's.
 Use a trained checkpoint for agreement: random weights have near-ties everywhere. The header says which kernels
 torch runs (ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS and ONEDNN_MAX_CPU_ISA cap them) and what
 segformer.inference.select_dtype makes of a bf16 / fp16 request here. Raw results: bench/RESULTS_int8.txt.
@@ -83,8 +85,10 @@ def latency(runs: dict[str, Callable], size: int, rounds: int) -> None:
     with torch.inference_mode():
         for run in runs.values():
             run(x)  # warm-up
-        for _ in range(rounds):
-            for name, run in runs.items():
+        names = list(runs)
+        for r in range(rounds):  # each round starts one case later: no case always follows the same one (fp32
+            for name in names[r % len(names) :] + names[: r % len(names)]:  # after onnxruntime ran 9-14% slower)
+                run = runs[name]
                 start = time.perf_counter()
                 run(x)
                 times[name].append(time.perf_counter() - start)

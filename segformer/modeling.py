@@ -751,6 +751,12 @@ class SegformerEncoder(nn.Module):
             and not _capturing_graph()
         )
 
+    def _largest_stage_macs(self, pixel_values: torch.Tensor) -> int:
+        """:meth:`_stage_macs` of the largest stage for ``pixel_values`` (B, C, H, W), from the config alone."""
+        c, b = self.config, pixel_values.shape[0]
+        sizes = stage_sizes(c, *pixel_values.shape[-2:])
+        return max(b * h * w * d * d * r for (h, w), d, r in zip(sizes, c.hidden_sizes, c.mlp_ratios, strict=True))
+
     def _stage_macs(self, i: int, x: torch.Tensor) -> int:
         """Multiply-adds of stage ``i``'s largest matrix product (the Mix-FFN's first linear) for input ``x``."""
         c = self.config
@@ -1520,6 +1526,12 @@ class SegformerForSemanticSegmentation(SegformerPreTrainedModel):
         check_pixel_values(pixel_values, self.config)
         if self.config.num_labels < 1:
             raise ValueError(f"semantic segmentation needs num_labels >= 1, the config has {self.config.num_labels}")
+        head = self.decode_head
+        if _bf16_does_not_pay(head, head.classifier.weight, self.segformer.encoder._largest_stage_macs(pixel_values)):
+            # every encoder stage too small for bf16 to pay: the head alone in bf16 saved less than autocast's own
+            # costs (b0 at 128×128: 1.01-1.06× fp32's time), so the whole forward runs in fp32, autocast off
+            with _autocast_disabled("cpu"):
+                return self.forward(pixel_values.float(), labels, output_attentions, output_hidden_states, return_dict)
         chunk = self._cpu_chunk(pixel_values) if not (output_attentions or output_hidden_states) else 0
         if 0 < chunk < pixel_values.shape[0]:
             stages, attentions, logits, batch = [], [], None, pixel_values.shape[0]

@@ -780,6 +780,27 @@ def _bf16_outputs(fn) -> tuple[torch.Tensor, int]:
     return result, count
 
 
+def test_bf16_autocast_runs_all_in_float32_where_no_encoder_stage_pays(monkeypatch):
+    """Where every encoder stage is below modeling._BF16_MIN_MACS the whole forward runs in fp32, the head too
+    even where its own product is above the bound: the head alone in bf16 saved less than autocast's costs
+    (b0 at 128×128 on an AMX Xeon: 1.01-1.06× fp32's time). The logits are fp32's, bit for bit."""
+    model = randomize_(SegformerForSemanticSegmentation(tiny_config(**BF16_WIDTHS, num_labels=400)), seed=7).eval()
+    x = torch.randn(2, 3, 64, 96)
+    largest = model.segformer.encoder._largest_stage_macs(x)
+    assert largest == max(model.segformer.encoder._stage_macs(0, x), largest)  # (stage 1 is the largest here)
+    head = 16 * 24 * model.config.decoder_hidden_size * 400  # the head's largest product, one image
+    assert head > largest
+    monkeypatch.setattr(modeling, "_BF16_MIN_MACS", largest + 1)  # every stage below, the head above
+    with torch.no_grad():
+        exact = model(x).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, low = _bf16_outputs(lambda: model(x).logits)
+    assert low == 0 and torch.equal(logits, exact)
+    monkeypatch.setattr(modeling, "_BF16_MIN_MACS", largest)  # stage 1 pays: the head's own rule again
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _bf16_outputs(lambda: model(x).logits)[1] > 0
+
+
 def test_bf16_autocast_runs_float32_where_bf16_does_not_pay(monkeypatch):
     """Under CPU bf16 autocast, inference runs each part of the model (an encoder stage, the folded head) whose
     largest product is below modeling._BF16_MIN_MACS multiply-adds in float32, where bf16's per-call costs
