@@ -516,8 +516,9 @@ def _check_against_model(
     expected: Mapping[str, torch.Tensor],
     names: Mapping[str, str],
 ) -> None:
-    for key, tensor in converted.items():
-        source = names.get(key, key)
+    order = {k: i for i, k in enumerate(expected)}  # the model's own order: a stage's widths before the head's
+    for key in sorted(converted, key=lambda k: order.get(k, -1)):  # (unknown keys first; it blamed the head: audit)
+        tensor, source = converted[key], names.get(key, key)
         if key not in expected:
             raise ConversionError(f"{path}: unknown key {source!r} (no {key} in the inferred architecture)")
         if tensor.shape != expected[key].shape:

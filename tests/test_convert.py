@@ -220,6 +220,10 @@ def test_errors_name_the_problem(tmp_path, seg_model):
     save_original(tmp_path / "good.pth", good)
     with pytest.raises(ConversionError, match=r"'backbone\.patch_embed1\.proj\.weight'.*\(8, 3, 7, 7\)"):
         convert_checkpoint(tmp_path / "good.pth", tmp_path / "o4", variant="b0")
+    head_first = dict(sorted(good.items(), key=lambda item: not item[0].startswith("decode_head")))
+    save_original(tmp_path / "head_first.pth", head_first)  # (the file's order blamed the head's fuse: audit)
+    with pytest.raises(ConversionError, match=r"'backbone\.patch_embed1\.proj\.weight'.*\(8, 3, 7, 7\)"):
+        convert_checkpoint(tmp_path / "head_first.pth", tmp_path / "o4", variant="b0")
     with pytest.raises(ConversionError, match="linear_pred.weight: holds 5 classes but num_labels=6"):
         convert_checkpoint(tmp_path / "good.pth", tmp_path / "o5", num_labels=6, num_attention_heads=HEADS)
     with pytest.raises(ConversionError, match="--num-heads"):
