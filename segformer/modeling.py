@@ -1761,9 +1761,12 @@ def load_segmentation_model(name_or_path: Any, **kwargs: Any) -> SegformerForSem
     random. Without ``kwargs``, a checkpoint whose config.json is missing or does not fit its weights is reported in
     command-line words (:func:`segformer.hub.for_command_line`)."""
     held: list[logging.LogRecord] = []  # the loader's warnings, said only where the model is used (below)
+    loading = threading.get_ident()
 
     class Hold(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
+            if record.thread != loading:  # (other threads' lines pass as they come)
+                return True
             held.append(record)
             return False
 
