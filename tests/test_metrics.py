@@ -128,7 +128,13 @@ def test_a_one_label_model_is_evaluated_on_two_classes(tmp_path, capsys):
         capsys, "eval", "--data", tmp_path / "d", "--model", tmp_path / "m", "--json", tmp_path / "r.json"
     )
     assert code == 0, err
-    assert json.loads((tmp_path / "r.json").read_text())["mIoU"] == pytest.approx(expected["mIoU"])
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["mIoU"] == pytest.approx(expected["mIoU"])
+    assert saved["amp"] == "none" and "amp_fallback_reason" not in saved  # what it was computed in (audit)
+    code, out, err = run_cli(capsys, "eval", "--data", tmp_path / "d", "--model", tmp_path / "m", "--json",
+                             tmp_path / "r.json", "--amp", "fp16")  # fmt: skip
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert code == 0 and saved["amp"] == "none" and saved["amp_fallback_reason"].startswith("float16 on cpu: ")
     # the protocol is printed and saved; --no-flip turns off the flip the checkpoint's inference_config.json asks for
     (tmp_path / "m" / "inference_config.json").write_text('{"mode": "whole", "flip": true}')
     for extra, words, flip in (([], "images, whole, flip\n", True), (["--no-flip"], "images, whole\n", False)):

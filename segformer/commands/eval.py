@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="evaluate a checkpoint: per-class IoU, mIoU, aAcc, mAcc",
         description="Evaluate a segmentation checkpoint on a data set's split. Prints a per-class table and, "
         'with --json, writes {"mIoU", "aAcc", "mAcc", "IoU": {class: value}, "Acc": {class: value}, "num_pixels", '
-        '"num_images", "inference": the options used} (fractions in [0, 1]; IoU null for a class absent from both '
+        '"num_images", "inference": the options used, "amp": the autocast that ran (and "amp_fallback_reason" where '
+        "it was not the one asked for)} (fractions in [0, 1]; IoU null for a class absent from both "
         "labels and predictions, Acc null for one absent from the labels). Runs under torchrun too (images split "
         "over ranks). "
         "--corruptions adds a robustness study (the paper's Cityscapes-C: the images corrupted on the fly, "
@@ -195,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
     from segformer.distributed import cleanup, init_distributed
     from segformer.evaluate import eval_options, evaluate, load_model_for_eval
     from segformer.fileio import atomic_write_text, check_output_file
+    from segformer.inference import effective_amp
     from segformer.metrics import format_table, metrics_to_json
     from segformer.run_files import load_inference_options, stored_reduce_labels
 
@@ -321,6 +323,10 @@ def run(args: argparse.Namespace) -> int:
                 print(f"wrote {output / 'robustness.json'}{heatmap}", file=sys.stderr)
             if args.json:
                 saved = {**metrics_to_json(metrics), "inference": options.to_dict()}
+                ran, reason = effective_amp(args.amp, info.device)  # what the numbers were computed in (audit)
+                saved["amp"] = ran
+                if reason is not None:
+                    saved["amp_fallback_reason"] = reason
                 if args.int8:
                     saved["dtype"] = "int8"
                 if result is not None:
