@@ -753,16 +753,19 @@ class SegformerEncoder(nn.Module):
 
     def _largest_stage_macs(self, pixel_values: torch.Tensor) -> int:
         """:meth:`_stage_macs` of the largest stage for ``pixel_values`` (B, C, H, W), from the config alone."""
-        c, b = self.config, pixel_values.shape[0]
-        sizes = stage_sizes(c, *pixel_values.shape[-2:])
-        return max(b * h * w * d * d * r for (h, w), d, r in zip(sizes, c.hidden_sizes, c.mlp_ratios, strict=True))
+        sizes = stage_sizes(self.config, *pixel_values.shape[-2:])
+        return max(self._ffn_macs(i, pixel_values.shape[0], h, w) for i, (h, w) in enumerate(sizes))
 
     def _stage_macs(self, i: int, x: torch.Tensor) -> int:
         """Multiply-adds of stage ``i``'s largest matrix product (the Mix-FFN's first linear) for input ``x``."""
-        c = self.config
-        k, s, d = c.patch_sizes[i], c.strides[i], c.hidden_sizes[i]
+        k, s = self.config.patch_sizes[i], self.config.strides[i]
         h, w = (conv_out(n, k, s, k // 2) for n in x.shape[-2:])  # the patch embedding's output size
-        return x.shape[0] * h * w * d * d * c.mlp_ratios[i]
+        return self._ffn_macs(i, x.shape[0], h, w)
+
+    def _ffn_macs(self, i: int, batch: int, h: int, w: int) -> int:
+        """Multiply-adds of stage ``i``'s first Mix-FFN linear over ``batch`` grids of h × w tokens: B·N·C·rC."""
+        d = self.config.hidden_sizes[i]
+        return batch * h * w * d * d * self.config.mlp_ratios[i]
 
 
 # ---------------------------------------------------------------------------------------- decode head
@@ -1300,12 +1303,17 @@ def _rows_linear(
     rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype | None
 ) -> torch.Tensor:
     """:func:`_linear` of 2-D ``rows`` whose operands are already in the fast path's ``dtype`` (None: none)."""
-    # below _ONEDNN_MIN_MACS, oneDNN's overhead outweighs BLAS's fp32 GEMM; bf16 has no BLAS (PyTorch's own
-    # bf16 matmul calls oneDNN too, through more layers): oneDNN's matmul at every size
-    large = rows.shape[0] * weight.shape[0] * weight.shape[1] >= _ONEDNN_MIN_MACS or dtype == torch.bfloat16
-    if large and dtype is not None and _LINEAR_POINTWISE and torch.backends.mkldnn.enabled:
+    if _onednn_matmul(rows, weight, dtype):
         return torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
     return F.linear(rows, weight, bias)
+
+
+def _onednn_matmul(rows: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype | None) -> bool:
+    """Whether :func:`_rows_linear` runs oneDNN's matmul for ``rows`` times ``weight``ᵀ in the fast path's
+    ``dtype`` (None: none): below _ONEDNN_MIN_MACS, oneDNN's overhead outweighs BLAS's fp32 GEMM; bf16 has no
+    BLAS (PyTorch's own bf16 matmul calls oneDNN too, through more layers): oneDNN's matmul at every size."""
+    large = rows.shape[0] * weight.shape[0] * weight.shape[1] >= _ONEDNN_MIN_MACS or dtype == torch.bfloat16
+    return large and dtype is not None and _LINEAR_POINTWISE and torch.backends.mkldnn.enabled
 
 
 def _rows_linear_add(
@@ -1315,8 +1323,7 @@ def _rows_linear_add(
     ``residual``. Where :func:`_rows_linear` runs oneDNN's matmul, the sum is its epilogue: the same two fp32
     roundings in the same order (the product plus bias, then plus the residual: the same bits, tested), one pass
     fewer over the output and no separate output tensor."""
-    large = rows.shape[0] * weight.shape[0] * weight.shape[1] >= _ONEDNN_MIN_MACS
-    if large and _LINEAR_BINARY and torch.backends.mkldnn.enabled and residual.is_contiguous():
+    if _LINEAR_BINARY and residual.is_contiguous() and _onednn_matmul(rows, weight, torch.float32):
         flat = residual.view(-1, weight.shape[0])
         return torch.ops.mkldnn._linear_pointwise.binary(rows, flat, weight, bias, "add").view(residual.shape)
     return residual + _rows_linear(rows, weight, bias, torch.float32).view(residual.shape)

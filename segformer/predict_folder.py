@@ -178,9 +178,7 @@ def _folder_files(folder: Path, recursive: bool, own: Path | None = None, quiet:
             continue
         seen[real] = top
         kept = sorted(d for d in dirs if not d.startswith("."))  # (a folder before a link to one: its own name)
-        dirs[:] = [d for d in kept if not os.path.islink(os.path.join(top, d))] + [
-            d for d in kept if os.path.islink(os.path.join(top, d))
-        ]
+        dirs[:] = sorted(kept, key=lambda d: os.path.islink(os.path.join(top, d)))  # (stable: names sorted within)
         # a run's files are left out at any depth below a marked folder (sub-folders of the output hold none)
         marked = OUTPUT_MARKER in files or os.path.dirname(top) in marked_tops
         if marked:

@@ -222,7 +222,8 @@ def run(args: argparse.Namespace) -> int:
 
     from segformer.backends import is_onnx_file
 
-    if is_onnx_file(args.model):  # (a file segformer export wrote: onnxruntime on the CPU, as it is)
+    onnx = is_onnx_file(args.model)
+    if onnx:  # (a file segformer export wrote: onnxruntime on the CPU, as it is)
         flags = (
             ("--backend pytorch", args.backend == "pytorch"),
             ("--compile", args.compile),
@@ -243,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
         if args.dataset == "auto" and info.is_main:
             note_detected_layout(args.data, kind)
         # where a checkpoint keeps its label rules: its files, or an ONNX file's metadata
-        source = "its metadata" if is_onnx_file(args.model) else "its preprocessor_config.json"
+        source = "its metadata" if onnx else "its preprocessor_config.json"
         if args.reduce_labels is None and kind in ("folder", "hf") and stored_reduce_labels(args.model):
             args.reduce_labels = True  # (the masks' 0 was ignored and k became k - 1 in training: so here)
             print(
@@ -259,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
             if info.is_main:
                 print(
                     f"segformer eval: {args.model} was trained with mask value {ignored} read as unlabelled "
-                    f"({'its metadata' if is_onnx_file(args.model) else 'its labels.json'}): evaluating so "
+                    f"({'its metadata' if onnx else 'its labels.json'}): evaluating so "
                     "(--ignore-index N sets another)",
                     file=sys.stderr,
                 )
