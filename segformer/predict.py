@@ -42,7 +42,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .backends import BACKENDS, is_onnx_file, load_onnx_file, quantize_int8, runtime_model
+from .backends import BACKENDS, OnnxRuntimeModel, is_onnx_file, load_onnx_file, quantize_int8, runtime_model
 from .hub import CheckpointError
 from .images import (
     DEFAULT_MAX_PIXELS,
@@ -220,7 +220,14 @@ class SegformerPredictor:
             raise ValueError("dtype int8 runs on the eager pytorch backend (no onnxruntime, no compile)")
         if (backend == "onnxruntime" or _is_int8(dtype)) and (device is None or str(device) == "auto"):
             device = "cpu"  # onnxruntime and dynamic quantisation run on the CPU here
-        self.model = runtime_model(load_model(model, device=device, dtype=dtype), backend, compile=compile)
+        net = load_model(model, device=device, dtype=dtype)
+        # the weights' precision as they run (a reduced precision the device would only emulate fell back to float32)
+        self.precision: str = (
+            "int8" if _is_int8(dtype)
+            else net.weights_dtype if isinstance(net, OnnxRuntimeModel)
+            else str(next(net.parameters()).dtype).removeprefix("torch.")
+        )  # fmt: skip
+        self.model = runtime_model(net, backend, compile=compile)
         self.backend = backend
         self.model_name = str(model) if not isinstance(model, nn.Module) else type(model).__name__
         self.batch_size, self.max_pixels = batch_size, max_pixels

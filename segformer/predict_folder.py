@@ -234,6 +234,7 @@ class RunReport:
     records: list[ImageRecord]
     output: Path
     class_names: list[str]
+    run: dict[str, Any] = field(default_factory=dict)  # what made the outputs (:func:`_run_facts`)
 
     @property
     def failures(self) -> list[ImageRecord]:
@@ -379,6 +380,25 @@ def _maker_stamp(predictor: SegformerPredictor, alpha: float) -> str:
     return json.dumps(stamp, sort_keys=True)
 
 
+def _run_facts(predictor: SegformerPredictor, alpha: float, world_size: int) -> dict[str, Any]:
+    """What made a run's outputs, as summary.json records it: the model as given, the backend, the weights'
+    precision as they ran (a reduced precision the device would only emulate ran as float32), the device and the
+    number of processes, the inference options and the overlays' blend."""
+    from . import __version__
+
+    compiled = isinstance(predictor.model, CompiledModel)
+    return {
+        "model": predictor.model_name,
+        "backend": predictor.backend + (" compiled" if compiled else ""),
+        "precision": predictor.precision,
+        "device": str(predictor.device),
+        "processes": world_size,
+        "options": predictor.options.to_dict(),
+        "alpha": alpha,
+        "segformer": __version__,
+    }
+
+
 def _read_labels(path: Path) -> tuple[np.ndarray, dict[str, Any]] | None:
     """The label map at ``path`` and its PNG's text chunks, or None: missing or unreadable."""
     try:
@@ -484,7 +504,7 @@ def predict_to_folder(
     )
 
     merged = sorted(_gather(records), key=lambda t: t[0])
-    report = RunReport([r for _, r in merged], out, predictor.class_names)
+    report = RunReport([r for _, r in merged], out, predictor.class_names, _run_facts(predictor, alpha, world_size))
     if rank == 0:
         write_summary(report, predictor.palette)
         if report.redone:
@@ -631,7 +651,8 @@ def _write_outputs(
 
 def write_summary(report: RunReport, palette: np.ndarray) -> None:
     """``summary.csv`` (one row per image and present class; failed images one row with the error),
-    ``summary.json`` (per image every present class with pixels and percent; run totals) and ``legend.png``
+    ``summary.json`` (what made the run, :func:`_run_facts`; per image every present class with pixels and
+    percent; run totals) and ``legend.png``
     (every class of the model) in ``report.output``."""
     names, out = report.class_names, report.output
     images, rows = [], []
@@ -669,6 +690,7 @@ def write_summary(report: RunReport, palette: np.ndarray) -> None:
     counts = {s: sum(r.status == s for r in report.records) for s in ("ok", "skipped", "failed")}
     all_px = int(totals.sum())
     summary = {
+        "run": report.run,
         "images": images,
         "totals": {"images": len(report.records), **counts},
         "classes": [

@@ -591,6 +591,33 @@ def test_segment_refuses_options_beside_a_ready_predictor_and_int8_copies(checkp
     assert not any("quantized" in type(m).__module__ for m in model.modules())
 
 
+def test_summary_json_records_what_made_the_run(checkpoint, tmp_path):
+    """summary.json says which model, backend, precision (as it ran: bfloat16 falls back to float32 on a CPU that
+    would only emulate it), device and options made the outputs, so two folders can be told apart."""
+    from segformer import __version__
+    from segformer.precision import reduced_precision_problem
+
+    photo = tmp_path / "p.png"
+    Image.fromarray(_noise(40, 48)).save(photo)
+    bf16 = "float32" if reduced_precision_problem(torch.bfloat16, "cpu") else "bfloat16"
+    for dtype, precision in (("float32", "float32"), ("bfloat16", bf16), ("int8", "int8")):
+        predictor = SegformerPredictor(checkpoint, device="cpu", dtype=dtype, mode="slide", crop_size=32, stride=24)
+        out = tmp_path / dtype
+        predict_to_folder(predictor, [photo], out, alpha=0.3, progress=False)
+        run = json.loads((out / "summary.json").read_text())["run"]
+        assert run == {
+            "model": str(checkpoint),
+            "backend": "pytorch",
+            "precision": precision,
+            "device": "cpu",
+            "processes": 1,
+            "options": predictor.options.to_dict(),
+            "alpha": 0.3,
+            "segformer": __version__,
+        }, dtype
+        assert run["options"]["mode"] == "slide" and run["options"]["crop_size"] == [32, 32]
+
+
 # ---------------------------------------------------------------------------------------------- --skip-existing
 def _photos(folder: Path, n: int = 3) -> list[Path]:
     folder.mkdir()

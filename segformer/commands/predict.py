@@ -44,7 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Segment images and write, per image, NAME.png (palette PNG, pixel value = class id; 16-bit "
             "grayscale with more than 256 classes) and NAME_overlay.jpg (colours over the image), optionally "
             "NAME_side.jpg and NAME_probs.npy; for the run summary.csv, summary.json (class areas in pixels "
-            "and percent per image) and legend.png. Unreadable, truncated, non-image, too small or too large "
+            "and percent per image; the model, backend, precision and options that ran) and legend.png. "
+            "Unreadable, truncated, non-image, too small or too large "
             "files are reported and skipped; the exit code is then 1. Under torchrun the images are shared "
             "out across the processes."
         ),
