@@ -112,7 +112,7 @@ def evaluate(
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     count = len(dataset) if max_images is None else min(len(dataset), max_images)
     indices = list(range(get_rank(), count, get_world_size()))  # no padding: each image counted once
-    from .data.datasets import leave_stops_to_the_main_process
+    from .data.datasets import leave_stops_to_the_main_process, workers_stopped_on_error
 
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(dataset, indices),
@@ -124,11 +124,12 @@ def evaluate(
     cm = ConfusionMatrix(dataset.num_labels, dataset.ignore_index, device=device)
     from tqdm import tqdm
 
-    bar = tqdm(loader, desc="eval", disable=not progress or get_rank() != 0 or not sys.stderr.isatty(), leave=False)
+    quiet = not progress or get_rank() != 0 or not sys.stderr.isatty()
     # One autocast region for the whole loop: autocast keeps the weights it casts until its outermost region
     # ends, so they are cast once, not once per image (per image, the casts made bf16 slower than fp32 at 128²).
     # One set of full-resolution work areas for the whole loop, too.
-    with reuse_work_areas(), autocast(device, amp):
+    with workers_stopped_on_error(iter(loader)) as batches, reuse_work_areas(), autocast(device, amp):
+        bar = tqdm(batches, total=len(loader), desc="eval", disable=quiet, leave=False)
         for position, (pixels, labels) in enumerate(bar):
             pred = predict_labels(net, pixels.to(device), options, output_size=tuple(labels.shape[-2:]))
             with torch.autocast(device.type, enabled=False):  # (the counting and the caller's hook: as written)

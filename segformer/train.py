@@ -44,7 +44,13 @@ from .data.build import (
     note_detected_layout,
     warn_class_coverage,
 )
-from .data.datasets import ClassTally, MissingSplitError, SegmentationDataset, leave_stops_to_the_main_process
+from .data.datasets import (
+    ClassTally,
+    MissingSplitError,
+    SegmentationDataset,
+    leave_stops_to_the_main_process,
+    workers_stopped_on_error,
+)
 from .data.statistics import class_tally, median_frequency_weights
 from .data.transforms import eval_transform, train_transform
 from .distributed import (
@@ -746,33 +752,34 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         progress=cfg.progress,
     )
     end = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
-    batches = iter(loader)
     # the last evaluation and its step; on a resume the one metrics.jsonl kept (a card then names it, as it would
     # have had the run not been interrupted)
     metrics_step, metrics = log.last_evaluation if log.last_evaluation is not None else (None, None)
-    while run.step < end:
-        loss, lr = train_step(
-            model,
-            batches,
-            optim,
-            cfg,
-            info,
-            step=run.step + 1,
-            last_dir=output / "last",
-            class_weights=data.class_weights,
-            amp=precision[0],
-        )
-        run.step += 1
-        log.step(run.step, loss, lr, write=run.step % cfg.log_every == 0 or run.step == end)
-        if data.val_set is not None and ((cfg.eval_every and run.step % cfg.eval_every == 0) or run.step == cfg.steps):
-            metrics = evaluate_and_checkpoint(net, data, cfg, info, run, log, output / "best", precision=precision)
-            metrics_step = run.step
-        if run.step % cfg.save_every == 0 or run.step == end:
-            files = shareable_files(
-                cfg, data, run.step, metrics_to_json(metrics) if metrics else None, precision=precision,
-                metrics_step=metrics_step,
-            )  # fmt: skip
-            save_last(output / "last", net, optim, run, info, files)
+    with workers_stopped_on_error(iter(loader)) as batches:
+        while run.step < end:
+            loss, lr = train_step(
+                model,
+                batches,
+                optim,
+                cfg,
+                info,
+                step=run.step + 1,
+                last_dir=output / "last",
+                class_weights=data.class_weights,
+                amp=precision[0],
+            )
+            run.step += 1
+            log.step(run.step, loss, lr, write=run.step % cfg.log_every == 0 or run.step == end)
+            evaluate_now = (cfg.eval_every and run.step % cfg.eval_every == 0) or run.step == cfg.steps
+            if data.val_set is not None and evaluate_now:
+                metrics = evaluate_and_checkpoint(net, data, cfg, info, run, log, output / "best", precision=precision)
+                metrics_step = run.step
+            if run.step % cfg.save_every == 0 or run.step == end:
+                files = shareable_files(
+                    cfg, data, run.step, metrics_to_json(metrics) if metrics else None, precision=precision,
+                    metrics_step=metrics_step,
+                )  # fmt: skip
+                save_last(output / "last", net, optim, run, info, files)
     log.close(metrics)
     best = output / "best"
     if not best.is_dir() and resume_dir is not None:  # resumed into a new folder: the best so far is the old run's

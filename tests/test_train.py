@@ -991,3 +991,89 @@ for target in (_serve, other):
     done = subprocess.run([PY, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert "ConnectionResetError" not in done.stderr and "ValueError: a real fault" in done.stderr, done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.output
+def test_a_data_error_found_by_a_loader_worker_ends_the_command(data, tiny_json, tmp_path):
+    """A mask a DataLoader worker found bad (the data check off) printed its one line, then train and eval never
+    ended (audit: 14 minutes): the workers ignored SIGTERM, also the interpreter's own at exit, and the iterator
+    the error's traceback held was freed after the workers' queues had closed. Both now end with exit code 2."""
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(data, bad)
+    mask = sorted((bad / "annotations" / "train").glob("*.png"))[1]
+    Image.fromarray(np.full((64, 64), 9, np.uint8)).save(mask)  # 9: outside the 4 classes, no ignore rule
+    shutil.copy(mask, bad / "annotations" / "val" / sorted(p.name for p in (bad / "annotations" / "val").iterdir())[0])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["--data", str(bad), "--check-data", "off", "--workers", "2", "--device", "cpu"]
+    train_cmd = [PY, "-m", "segformer", "train", *common, "--model", str(tiny_json), "--steps", "20",
+                 "--batch-size", "4", "--crop", "48", "48", "--eval-every", "0", "--no-progress",
+                 "--output", str(tmp_path / "run")]  # fmt: skip
+    done = subprocess.run(train_cmd, capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"segformer train: error: {mask}: label value(s) 9 outside 0..3" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    model = tmp_path / "model"
+    SegformerForSemanticSegmentation(tiny_config(num_labels=4)).save_pretrained(model)
+    eval_cmd = [PY, "-m", "segformer", "eval", *common, "--model", str(model), "--mode", "whole"]
+    done = subprocess.run(eval_cmd, capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert done.returncode == 2 and "label value(s) 9 outside 0..3" in done.stderr, done.stderr[-2000:]
+
+
+def test_loader_workers_end_on_their_main_process_sigterm_only(tmp_path):
+    """The workers ignore the SIGTERM a job's stop sends every process (the main process stops them), but not
+    the main process's own: DataLoader's last resort at shutdown and multiprocessing's at interpreter exit send
+    it, and a worker ignoring those kept the main process waiting forever. An error in the loop tells the workers
+    to stop there and then (workers_stopped_on_error): they are gone when the error leaves the block."""
+    import signal
+    import time
+
+    from segformer.data.datasets import leave_stops_to_the_main_process, workers_stopped_on_error
+
+    if not hasattr(signal, "sigwaitinfo"):
+        pytest.skip("no signal.sigwaitinfo here (macOS, Windows): the workers ignore every SIGTERM")
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 64
+
+        def __getitem__(self, i: int) -> torch.Tensor:
+            if i == 6:
+                raise ValueError("item 6 is bad")
+            return torch.full((2,), float(i))
+
+    def alive(pid: int) -> bool:
+        deadline = time.monotonic() + 30  # (an exit takes milliseconds; a kept worker is still there at 30 s)
+        while time.monotonic() < deadline:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+                os.kill(pid, 0)
+            except (ChildProcessError, ProcessLookupError):
+                return False
+            time.sleep(0.05)
+        return True
+
+    loader = torch.utils.data.DataLoader(Items(), batch_size=2, num_workers=2, persistent_workers=True,
+                                         worker_init_fn=leave_stops_to_the_main_process)  # fmt: skip
+    batches = iter(loader)
+    next(batches)  # (the workers have run their init function)
+    first, second = (w.pid for w in batches._workers)
+    # from another process, as a job's stop sends it: ignored
+    subprocess.run(["kill", "-TERM", str(first)], check=True)
+    time.sleep(1.0)
+    os.kill(first, 0)  # still there (ProcessLookupError otherwise)
+    # from the main process: the worker ends
+    os.kill(second, signal.SIGTERM)
+    assert not alive(second)
+    batches._shutdown_workers()
+
+    loader = torch.utils.data.DataLoader(Items(), batch_size=2, num_workers=2,
+                                         worker_init_fn=leave_stops_to_the_main_process)  # fmt: skip
+    with pytest.raises(ValueError, match="item 6 is bad"):
+        with workers_stopped_on_error(iter(loader)) as batches:
+            pids = [w.pid for w in batches._workers]
+            for _ in batches:
+                pass
+    assert not any(w.is_alive() for w in batches._workers), pids

@@ -23,10 +23,11 @@ resumes, data-loader workers and process counts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -413,17 +414,27 @@ def _orientation(exif: bytes | None) -> int:
 
 
 def leave_stops_to_the_main_process(worker_id: int) -> None:
-    """A DataLoader ``worker_init_fn``: the worker ignores SIGTERM. Slurm, docker stop and systemd signal every
-    process of a job; a worker that died of it made the main process's clean stop end in "DataLoader worker is
-    killed by signal: Terminated" and a traceback (audit). The main process stops, then shuts its workers down
-    (and a worker whose main process is gone exits by itself). A main process that stops while it takes a batch's
-    shared memory from the worker leaves the worker's sharing thread (multiprocessing's resource sharer) with a
-    reset connection: that thread's error is the stop, not a fault, and is not printed (it followed the clean stop
-    message with a 20-line traceback, once in a while)."""
+    """A DataLoader ``worker_init_fn``: the worker ignores a SIGTERM that does not come from its main process.
+    Slurm, docker stop and systemd signal every process of a job; a worker that died of it made the main process's
+    clean stop end in "DataLoader worker is killed by signal: Terminated" and a traceback (audit). The main process
+    stops, then shuts its workers down (and a worker whose main process is gone exits by itself). A SIGTERM from
+    the main process itself (DataLoader's last resort at shutdown, multiprocessing's at interpreter exit) ends the
+    worker: ignoring that one too left the main process waiting for its workers forever after an error (audit:
+    a loader whose iterator was freed by the garbage collector never told its workers to stop). Where the
+    sender cannot be known (no ``signal.sigwaitinfo``: macOS, Windows), every SIGTERM is ignored.
+
+    A main process that stops while it takes a batch's shared memory from the worker leaves the worker's sharing
+    thread (multiprocessing's resource sharer) with a reset connection: that thread's error is the stop, not a
+    fault, and is not printed (it followed the clean stop message with a 20-line traceback, once in a while)."""
     import signal
     import threading
 
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "sigwaitinfo") and hasattr(signal, "pthread_sigmask"):
+        # SIGTERM blocked in this thread and the threads it starts, taken by one thread that reads its sender
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        threading.Thread(target=_end_on_the_main_process_sigterm, name="sigterm", daemon=True).start()
+    else:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     previous = threading.excepthook
 
     def quiet_about_a_gone_reader(args: Any) -> None:
@@ -433,6 +444,33 @@ def leave_stops_to_the_main_process(worker_id: int) -> None:
         previous(args)
 
     threading.excepthook = quiet_about_a_gone_reader
+
+
+@contextlib.contextmanager
+def workers_stopped_on_error(batches: Iterator[Any]) -> Iterator[Iterator[Any]]:
+    """Yields ``batches`` (a DataLoader's iterator); where an error leaves the block, the iterator's workers are
+    told to stop there and then. Left to the garbage collector (the error's traceback holds the iterator in a
+    cycle), they were told after their queues had closed: each waited out DataLoader's join timeout (5 s)."""
+    try:
+        yield batches
+    except BaseException:
+        shutdown = getattr(batches, "_shutdown_workers", None)  # (a single-process iterator has none)
+        if shutdown is not None:
+            shutdown()
+        raise
+
+
+def _end_on_the_main_process_sigterm() -> None:
+    """(A worker's thread, :func:`leave_stops_to_the_main_process`) Waits for SIGTERM: from the process that
+    started the worker, the worker ends at once; from anyone else, nothing happens."""
+    import multiprocessing
+    import signal
+
+    parent = multiprocessing.parent_process()
+    main_pid = parent.pid if parent is not None else os.getppid()
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == main_pid:
+            os._exit(0)  # (its main process is stopping it: nothing of the worker's is left to save)
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
@@ -802,6 +840,7 @@ __all__ = [
     "IGNORE_INDEX",
     "LabelSpec",
     "leave_stops_to_the_main_process",
+    "workers_stopped_on_error",
     "read_label_spec",
     "KINDS",
     "ClassTally",
