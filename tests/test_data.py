@@ -426,18 +426,25 @@ def _check_train_and_val(root: Path, capsys, check: str = "full") -> list[str]:
 
 def test_data_check_names_a_class_without_pixels_and_the_0_255_binary_mask_mistake(tmp_path, capsys):
     """Binary masks saved as 0/255 with classes background/object: 255 is the ignore index, so class 1 has no
-    pixel and would train to an IoU of n/a. The full check warns (it does not fail: small subsets lack rare
-    classes), names the class and the fix, for the training split only; a headers check reads no mask values
-    and says nothing."""
+    pixel and would train to an IoU of n/a. The full check fails (it only warned, and the run trained to the end
+    on background alone: audit): one class alone leaves nothing to tell apart; it names the fix. A headers check
+    reads no mask values and says nothing."""
     mask = np.zeros((16, 16), np.uint8)
     mask[4:12, 4:12] = 255
     root = _street(tmp_path, [mask, mask[::-1]], {"0": "background", "1": "object"})
-    lines = _check_train_and_val(root, capsys)
-    assert len(lines) == 1, lines
-    assert lines[0].startswith(f"warning: folder:{root}:train: class 1 'object' has no labelled pixel in the 2 masks")
-    assert lines[0].endswith('0/255 binary masks? 255 means ignored: add "map": {"255": 1} to labels.json to make it '
-                             "class 1")  # fmt: skip
+    with pytest.raises(ValueError, match="the data check failed"):
+        _check_train_and_val(root, capsys)
+    assert capsys.readouterr().err.splitlines() == [
+        f"folder:{root}:train: 1 problem(s) in 2 image/mask pairs:",
+        "  only class 0 'background' has labelled pixels in the 2 masks, so there is nothing to tell apart; 0/255 "
+        'binary masks? 255 means ignored: add "map": {"255": 1} to labels.json to make it class 1',
+    ]
     assert _check_train_and_val(root, capsys, check="headers") == []
+    # one class alone in masks of values 0 and 1 (no 255): the same problem, without the binary-mask hint
+    root3 = _street(tmp_path / "three", [np.zeros((16, 16), np.uint8)] * 2, ["road", "car", "sky"])
+    dataset, listing = build_dataset(root3, "train")
+    warnings, problems = class_coverage(dataset, check_dataset(dataset, listing).classes)
+    assert problems == ["only class 0 'road' has labelled pixels in the 2 masks, so there is nothing to tell apart"]
     # the fix it names: 255 is then class 1 (no longer ignored), and the check has nothing to say
     (root / "labels.json").write_text(json.dumps({"id2label": ["background", "object"], "map": {"255": 1}}))
     assert _check_train_and_val(root, capsys) == []
@@ -447,11 +454,13 @@ def test_data_check_names_a_class_without_pixels_and_the_0_255_binary_mask_mista
     with pytest.raises(ValueError, match='"map" sends 255 to a class, but reduce_labels makes 255 of every stored 0'):
         build_dataset(root, "train")
     # many classes without pixels: a few named, the rest counted; no binary-mask hint
-    root = _street(tmp_path / "many", [mask], [f"c{k}" for k in range(9)])
+    two = mask.copy()
+    two[:2] = 2
+    root = _street(tmp_path / "many", [two], [f"c{k}" for k in range(9)])
     dataset, listing = build_dataset(root, "train")
     warnings, problems = class_coverage(dataset, check_dataset(dataset, listing).classes)
-    assert warnings == ["8 classes have no labelled pixel in the 1 masks: 1 'c1', 2 'c2', 3 'c3', 4 'c4', 5 'c5' "
-                        "and 3 more"] and problems == []  # fmt: skip
+    assert warnings == ["7 classes have no labelled pixel in the 1 masks: 1 'c1', 3 'c3', 4 'c4', 5 'c5', 6 'c6' "
+                        "and 2 more"] and problems == []  # fmt: skip
 
 
 def test_class_weights_auto_says_what_the_full_check_would_about_absent_classes(tmp_path, capsys):

@@ -795,8 +795,9 @@ def class_coverage(dataset: SegmentationDataset, tally: ClassTally, *, shown: in
     """(warnings, problems), one line each, about what the masks of ``dataset`` hold (``tally``: its
     :class:`DatasetReport`'s ``classes``). Classes without a labelled pixel are a warning (small subsets lack
     rare classes), with the first ``shown`` named; so are masks ignored at every pixel. No labelled pixel of any
-    class is a problem: nothing to learn from or score. Binary masks saved as 0/255 (255 is the ignore index, so
-    every object pixel is ignored and class 1 has none) are named with their fix."""
+    class, or of one class alone, is a problem: nothing to learn from or score, nothing to tell apart. Binary masks
+    saved as 0/255 (255 is the ignore index, so every object pixel is ignored and class 1 has none: audit, they
+    trained to the end on background alone after a warning) are named with their fix."""
     n = tally.masks
     absent = [k for k in range(dataset.num_labels) if not tally.pixels[k]]
     if not n or (not absent and not tally.ignored_masks):
@@ -808,6 +809,20 @@ def class_coverage(dataset: SegmentationDataset, tally: ClassTally, *, shown: in
             else f" in the {n} masks ({tally.ignored_masks} of them ignored at every pixel)"
         )
         return [], [f"no class has a labelled pixel{where}, so there is nothing to learn from or score"]
+    spec = dataset.spec
+    binary = absent == [1] and dataset.num_labels == 2 and spec.palette is None and not spec.reduce_labels
+    hint = (
+        f'; 0/255 binary masks? {IGNORE_INDEX} means ignored: add "map": {{"{IGNORE_INDEX}": 1}} to labels.json to '
+        "make it class 1"
+        if binary and tally.ignored_pixels
+        else ""
+    )
+    if len(absent) == dataset.num_labels - 1:  # one class alone: a model of it predicts that class everywhere
+        (only,) = set(range(dataset.num_labels)) - set(absent)
+        return [], [
+            f"only class {only} {dataset.id2label[only]!r} has labelled pixels in the {n} masks, so there is nothing "
+            f"to tell apart{hint}"
+        ]
     warnings = []
     if absent:
         names = ", ".join(f"{k} {dataset.id2label[k]!r}" for k in absent[:shown])
@@ -817,13 +832,6 @@ def class_coverage(dataset: SegmentationDataset, tally: ClassTally, *, shown: in
             if len(absent) == 1
             else f"{len(absent)} classes have no labelled pixel in the {n} masks: {names}{more}"
         )
-        spec = dataset.spec
-        binary = absent == [1] and dataset.num_labels == 2 and spec.palette is None and not spec.reduce_labels
-        if binary and tally.ignored_pixels:
-            line += (
-                f'; 0/255 binary masks? {IGNORE_INDEX} means ignored: add "map": {{"{IGNORE_INDEX}": 1}} to '
-                "labels.json to make it class 1"
-            )
         warnings.append(line)
     if tally.ignored_masks:
         verb = "is" if tally.ignored_masks == 1 else "are"
