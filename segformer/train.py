@@ -41,7 +41,6 @@ from .data.build import (
     check_splits,
     detect_kind,
     label_options,
-    note_detected_layout,
     warn_class_coverage,
 )
 from .data.datasets import (
@@ -283,8 +282,6 @@ def build_data(cfg: TrainConfig, info: DistInfo) -> TrainData:
     """The training set with the recipe's augmentation (``cfg`` resolved by :func:`resolve_recipe`) and the
     validation set, checked as ``cfg.check_data`` says (every rank gets the main rank's verdict)."""
     kind = data_kind(cfg)
-    if cfg.dataset == "auto" and info.is_main:
-        note_detected_layout(cfg.data, kind)
     cfg = resolve_recipe(cfg, kind)[0]  # a no-op for a resolved cfg
     eval_opts = cfg.eval_inference_options(kind)  # a bad --eval-* option fails here, before any work
     transform = train_transform(

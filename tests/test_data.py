@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -576,21 +577,28 @@ def test_training_on_one_class_is_refused_before_any_step(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_own_data_taken_for_ade20k_by_its_layout_is_said(tmp_path, caplog):
-    """images/training without labels.json is read as ADE20K (150 classes, 0 ignored): one's own data so laid out
-    trained that without a word (audit). A folder that looks like no ADE20K release gets one line."""
-    from segformer.data.build import note_detected_layout
-
-    own = tmp_path / "mine"
-    (own / "images" / "training").mkdir(parents=True)
-    release = tmp_path / "ADEChallengeData2016"
-    (release / "images" / "training").mkdir(parents=True)
-    assert detect_kind(own) == detect_kind(release) == "ade20k"
-    with caplog.at_level("WARNING", logger="segformer"):
-        note_detected_layout(release, "ade20k")
-        assert caplog.messages == []
-        note_detected_layout(own, "ade20k")
-    assert len(caplog.messages) == 1 and caplog.messages[0].startswith(f"{own}: read as ADE20K")
+def test_own_data_laid_out_as_ade20k_asks_for_its_labels(tmp_path):
+    """images/training without labels.json was read as ADE20K by that layout alone (150 classes, 0 ignored, the
+    rest shifted by one), after one line (audit: one's own data so laid out trained to an mIoU of 0). Only a
+    release (named ADEChallengeData2016, or holding objectInfo150.txt) is ADE20K now; other data asks for its
+    labels.json, and names --dataset ade20k for a renamed copy of the release."""
+    image, mask = np.zeros((8, 8, 3), np.uint8), np.array([[0, 1, 2, 1] * 2] * 8, np.uint8)
+    for root in (tmp_path / "mine", tmp_path / "ADEChallengeData2016", tmp_path / "copy"):
+        for split in ("training", "validation"):
+            _save(root / "images" / split / "a.jpg", image)
+            _save(root / "annotations" / split / "a.png", mask)
+    (tmp_path / "copy" / "objectInfo150.txt").write_text("Idx\tRatio\tTrain\tVal\tName\n")
+    assert detect_kind(tmp_path / "mine") == "folder"
+    assert detect_kind(tmp_path / "ADEChallengeData2016") == detect_kind(tmp_path / "copy") == "ade20k"
+    labels = tmp_path / "mine" / "labels.json"
+    with pytest.raises(ValueError, match=re.escape(f"{labels}: missing (the folder layout needs labels.json holding "
+                                                   "id2label; for ADE20K itself, a copy under another name than "
+                                                   "ADEChallengeData2016: --dataset ade20k)")):  # fmt: skip
+        build_dataset(tmp_path / "mine", "train")
+    assert build_dataset(tmp_path / "mine", "train", kind="ade20k")[0].num_labels == 150
+    labels.write_text(json.dumps(["other", "road", "car"]))
+    dataset = build_dataset(tmp_path / "mine", "train")[0]
+    assert dataset.num_labels == 3 and dataset.read_mask(0)[0, :4].tolist() == [0, 1, 2, 1]  # as stored
 
 
 def test_a_negative_mask_value_gets_a_fix_that_works():
@@ -680,11 +688,11 @@ def test_value_hints_fit_the_layout_and_every_value(tmp_path):
     assert 'add "ignore_index": [7, 9] to labels.json (--ignore-index takes one value)' in line, line
     one, _ = build_dataset(folder(tmp_path / "one", [7]), "train")
     assert "pass --ignore-index 7" in check_values_of(one, 0)[0]
-    ade, _ = build_dataset(folder(tmp_path / "ade", [200], labels=False), "train")
+    ade, _ = build_dataset(folder(tmp_path / "ade", [200], labels=False), "train", kind="ade20k")
     [line] = check_values_of(ade, 0)
     assert line.endswith("if 200 marks unlabelled pixels, pass --ignore-index 200") and "map" not in line, line
     assert "value(s) 200 outside 1..150 (reduced labels" in line  # (it named 199, the reduced value)
-    ade2, _ = build_dataset(folder(tmp_path / "ade2", [200, 201], labels=False), "train")
+    ade2, _ = build_dataset(folder(tmp_path / "ade2", [200, 201], labels=False), "train", kind="ade20k")
     assert "these are no ade20k masks" in check_values_of(ade2, 0)[0]
     with pytest.raises(ValueError, match=r"^--labels .*missing\.json: no such file$"):
         build_dataset(tmp_path / "own", "train", labels=tmp_path / "missing.json")

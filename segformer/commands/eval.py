@@ -192,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
     import json
     import sys
 
-    from segformer.data.build import build_dataset, check_splits, detect_kind, label_options, note_detected_layout
+    from segformer.data.build import build_dataset, check_splits, detect_kind, label_options
     from segformer.distributed import cleanup, init_distributed
     from segformer.evaluate import eval_options, evaluate, load_model_for_eval
     from segformer.fileio import atomic_write_text, check_output_file
@@ -241,8 +241,6 @@ def run(args: argparse.Namespace) -> int:
     info = init_distributed(args.device)
     try:
         kind = detect_kind(args.data) if args.dataset == "auto" else args.dataset
-        if args.dataset == "auto" and info.is_main:
-            note_detected_layout(args.data, kind)
         # where a checkpoint keeps its label rules: its files, or an ONNX file's metadata
         source = "its metadata" if onnx else "its preprocessor_config.json"
         if args.reduce_labels is None and kind in ("folder", "hf") and stored_reduce_labels(args.model):

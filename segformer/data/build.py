@@ -4,7 +4,6 @@ dispatches between the layouts on disk (:mod:`segformer.data.datasets`) and Hugg
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
@@ -38,31 +37,23 @@ def label_options(source: object) -> dict[str, object]:
 
 
 def detect_kind(root: str | os.PathLike) -> str:
-    """ "cityscapes" when ``root`` has leftImg8bit/ and gtFine/, "ade20k" for ADEChallengeData2016 (no
-    labels.json, training/validation folders), "hf" for a Hugging Face dataset (a save_to_disk or parquet
-    folder, or a hub id), else "folder"."""
+    """ "cityscapes" when ``root`` has leftImg8bit/ and gtFine/, "ade20k" for an ADE20K release (images/training,
+    no labels.json, and the folder named ADEChallengeData2016 or holding objectInfo150.txt), "hf" for a Hugging
+    Face dataset (a save_to_disk or parquet folder, or a hub id), else "folder". (One's own data laid out as
+    images/training was read as ADE20K by that layout alone: 150 classes, its 0 ignored, the others shifted by one,
+    after one line: audit. It is a folder data set now, which asks for its labels.json.)"""
     if looks_like_hf_dataset(root):
         return "hf"
     root = Path(root)
     if (root / "leftImg8bit").is_dir() and (root / "gtFine").is_dir():
         return "cityscapes"
-    if not (root / "labels.json").exists() and (root / "images" / "training").is_dir():
+    if not (root / "labels.json").exists() and (root / "images" / "training").is_dir() and _ade20k_release(root):
         return "ade20k"
     return "folder"
 
 
-def note_detected_layout(root: str | os.PathLike, kind: str) -> None:
-    """One warning line where ``root`` was taken for ADE20K by its layout alone (images/training, no labels.json)
-    and looks like no ADE20K release (not named ADEChallengeData2016, no objectInfo150.txt): one's own data laid
-    out so trained ADE20K's 150 reduced classes, 0 ignored, without a word (audit)."""
-    root = Path(root)
-    if kind != "ade20k" or "ADEChallengeData2016" in root.resolve().parts or (root / "objectInfo150.txt").exists():
-        return
-    logging.getLogger("segformer").warning(
-        f"{root}: read as ADE20K (images/training without labels.json): its 150 classes, stored 0 ignored and "
-        "the others reduced by one; for your own classes put a labels.json beside images/ (or pass --dataset folder "
-        "--labels FILE)"
-    )
+def _ade20k_release(root: Path) -> bool:
+    return "ADEChallengeData2016" in root.resolve().parts or (root / "objectInfo150.txt").is_file()
 
 
 def build_dataset(
@@ -111,6 +102,11 @@ def build_dataset(
         spec_path = Path(labels) if labels is not None else root / "labels.json"
         if labels is not None and not spec_path.is_file():
             raise ValueError(f"--labels {labels}: no such file")
+        if labels is None and not spec_path.exists() and (root / "images" / "training").is_dir():
+            raise ValueError(  # (images/training: ADE20K's own folder names; a release is detected by its name)
+                f"{spec_path}: missing (the folder layout needs labels.json holding id2label; for ADE20K itself, "
+                "a copy under another name than ADEChallengeData2016: --dataset ade20k)"
+            )
         spec = read_label_spec(spec_path, ignore_index=ignore_index, reduce=reduce_labels)
     elif kind in ("ade20k", "cityscapes"):
         if labels is not None:
