@@ -345,6 +345,21 @@ def test_value_map_palette_and_reduce_labels(tmp_path):
     assert "--reduce-labels" in check_dataset(dataset, listing).problems[0]
     dataset, listing = build_dataset(root, "train", reduce_labels=True)
     assert check_dataset(dataset, listing).ok and dataset.read_mask(0)[0, ::8].tolist() == [255, 0, 1]
+    # classes 1..2 without any 0: --reduce-labels first (the --ignore-index 2 it offered alone dropped class 2 and
+    # shifted class 1 to 0, silently: audit)
+    root = _street(tmp_path / "c", [mask[:, 8:]], ["x", "y"])
+    [line] = check_dataset(*build_dataset(root, "train")).problems
+    assert line.endswith(
+        "label value(s) 2 outside 0..1: if the classes are stored as 1..2 (ADE20K style: 0 means 'other' and is "
+        'ignored), pass --reduce-labels; if 2 marks unlabelled pixels, pass --ignore-index 2 (or "ignore_index": 2 '
+        'in labels.json); to merge values into classes, add a "map" to it'
+    ), line
+    # 8-bit ids saved as 16-bit PNGs (× 257): named as such, not offered as values to ignore first
+    sixteen = np.array([[0, 257, 514]], np.uint16).repeat(8, 0).repeat(8, 1)
+    root = _street(tmp_path / "d", [sixteen], ["x", "y", "z"], rgb=True)  # (rgb: saved as given, 16-bit)
+    [line] = check_dataset(*build_dataset(root, "train")).problems
+    assert "label value(s) 257, 514 outside 0..2: 16-bit masks holding 8-bit class ids × 257? save them as 8-bit " \
+           "PNGs (value / 257); if they mark unlabelled pixels" in line, line  # fmt: skip
 
     # colour-coded masks, as annotation tools export them
     colours = np.array([[[128, 64, 128], [0, 0, 142], [0, 0, 0]]], np.uint8).repeat(8, 0).repeat(8, 1)

@@ -751,8 +751,15 @@ def check_values_of(dataset: SegmentationDataset, index: int, tally: ClassTally 
         )
     else:  # (an ignore index is a stored value >= 0: a negative one is mapped instead)
         hint = f'if {first} marks unlabelled pixels, add "map": {{"{first}": 255}} to {where} (or map it to a class)'
-    if not reduced and int(bad.max()) == dataset.num_labels and 0 in values:
-        hint += "; if 0 means 'other' and the classes are 1..K (ADE20K style), pass --reduce-labels"
+    if not reduced and int(bad.max()) == dataset.num_labels and not several:
+        # (first: a mask of classes 1..K, without a 0, was only told to ignore K: that drops the last class and
+        # shifts every other by one, silently: audit)
+        hint = (
+            f"if the classes are stored as 1..{last + 1} (ADE20K style: 0 means 'other' and is ignored), pass "
+            f"--reduce-labels; {hint}"
+        )
+    elif first >= 257 and all(int(v) % 257 == 0 for v in bad):
+        hint = f"16-bit masks holding 8-bit class ids × 257? save them as 8-bit PNGs (value / 257); {hint}"
     numbered = all(name == f"class_{i}" for i, name in dataset.id2label.items())
     if kind == "hf" and numbered and first > last:  # (numbered classes: counted on the training split's masks)
         hint = (
