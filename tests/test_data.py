@@ -776,3 +776,59 @@ def test_half_a_split_is_an_error_not_a_missing_split(tmp_path):
     assert str(caught.value).endswith("does not exist: add its masks, or remove val/ to go without this split")
     with pytest.raises(MissingSplitError):
         build_dataset(tmp_path, "train")  # (no train split at all: a missing split, as before)
+
+
+def test_layouts_other_than_the_folder_one_are_named_with_the_one_asked_for(tmp_path):
+    """Common other layouts got a bare "no train split" or advice that did not fit (audit): masks/ beside
+    images/ is read as annotations/; a training split without masks is not told to go without that split; images
+    directly in images/, or train/images, are named with the layout the folder reading expects; a TIFF mask is
+    left out as not PNG without JPEG's reason; names that differ in case alone are said so."""
+    from segformer.data.datasets import MissingSplitError
+
+    image, mask = np.zeros((8, 8, 3), np.uint8), np.array([[0, 1] * 4] * 8, np.uint8)
+    masks = tmp_path / "masks_folder"
+    for split in ("train", "val"):
+        _save(masks / "images" / split / "a.jpg", image)
+        _save(masks / "masks" / split / "a.png", mask)
+    (masks / "labels.json").write_text(json.dumps(["x", "y"]))
+    dataset, listing = build_dataset(masks, "train")
+    assert listing.pairs == [(masks / "images" / "train" / "a.jpg", masks / "masks" / "train" / "a.png")]
+    (masks / "annotations").mkdir()  # (annotations/ there: it is the one read)
+    with pytest.raises(ValueError, match=re.escape(f"{masks / 'images' / 'train'} is there but ")) as caught:
+        build_dataset(masks, "train")
+    assert str(caught.value).endswith("does not exist: add its masks"), caught.value
+
+    flat = tmp_path / "flat"
+    for i in range(3):
+        _save(flat / "images" / f"{i}.jpg", image)
+        _save(flat / "masks" / f"{i}.png", mask)
+    (flat / "labels.json").write_text(json.dumps(["x", "y"]))
+    with pytest.raises(MissingSplitError) as caught:
+        build_dataset(flat, "train")
+    assert str(caught.value).endswith(
+        f"({flat / 'images'} holds 3 image(s) directly: the folder layout is {flat / 'images' / 'train'}/ with "
+        f"{flat / 'annotations' / 'train'}/, one folder per split)"
+    ), caught.value
+    on_top = tmp_path / "on_top"
+    _save(on_top / "train" / "images" / "0.jpg", image)
+    _save(on_top / "train" / "masks" / "0.png", mask)
+    (on_top / "labels.json").write_text(json.dumps(["x", "y"]))
+    with pytest.raises(MissingSplitError) as caught:
+        build_dataset(on_top, "train")
+    assert str(caught.value).endswith(
+        f"(found {on_top / 'train' / 'images'}: the folder layout is {on_top / 'images' / 'train'}/ with "
+        f"{on_top / 'annotations' / 'train'}/)"
+    ), caught.value
+
+    tiff = _street(tmp_path / "tiff", [mask, mask], ["x", "y"])
+    Image.fromarray(mask).save(tiff / "annotations" / "train" / "1.tif")
+    (tiff / "annotations" / "train" / "1.png").unlink()
+    report = check_dataset(*build_dataset(tiff, "train"))
+    assert f"{tiff / 'annotations' / 'train' / '1.tif'}: not a PNG mask, left out (masks must be PNG: save it as " \
+           "one)" in report.problems, report.problems  # fmt: skip
+    case = _street(tmp_path / "case", [mask], ["x", "y"])
+    (case / "images" / "train" / "0.png").rename(case / "images" / "train" / "IMG.png")
+    (case / "annotations" / "train" / "0.png").rename(case / "annotations" / "train" / "img.png")
+    with pytest.raises(ValueError, match=re.escape(f"{case / 'annotations' / 'train' / 'img.png'}: names differ in "
+                                                   "case alone)")):  # fmt: skip
+        build_dataset(case, "train")

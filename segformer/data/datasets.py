@@ -44,6 +44,7 @@ from .transforms import eval_transform
 
 SPLIT_ALIASES = (("train", "training"), ("val", "validation"), ("test", "testing"))
 KINDS = ("folder", "ade20k", "cityscapes", "hf")
+_LOSSY = (".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".heic", ".heif", ".avif")  # (a WebP may be lossless: rare)
 
 
 # ------------------------------------------------------------------------------------------- listing
@@ -69,10 +70,13 @@ class Listing:
         if self.unpaired_images and self.unpaired_masks:  # (img_001.jpg with img_001_mask.png: said nothing)
             image = self.unpaired_images[0]
             expected = mask_dir / image.relative_to(image_dir).with_suffix(".png")
+            case = next((m for m in self.unpaired_masks if str(m).lower() == str(expected).lower()), None)
+            found = (
+                f"{case}: names differ in case alone" if case is not None else f"found e.g. {self.unpaired_masks[0]}"
+            )
             return (
                 f"; its {len(self.unpaired_images)} image(s) and {len(self.unpaired_masks)} mask(s) share no name: "
-                f"a mask has its image's path and name with .png ({image} pairs with {expected}; found e.g. "
-                f"{self.unpaired_masks[0]})"
+                f"a mask has its image's path and name with .png ({image} pairs with {expected}; {found})"
             )
         if self.unpaired_images:
             return f"; {mask_dir} holds no PNG masks"
@@ -86,9 +90,36 @@ class MissingSplitError(ValueError):
     that is there is a plain ValueError."""
 
 
+def _aliases(split: str) -> tuple[str, ...]:
+    """The folder names of ``split``: itself and its alias (train ↔ training, val ↔ validation, test ↔ testing)."""
+    return next((group for group in SPLIT_ALIASES if split in group), (split,))
+
+
+def _layout_hint(root: Path, split: str) -> str:
+    """What a folder without images/SPLIT holds instead, where it is a common other layout: images directly in
+    images/, or SPLIT/images (the split folders on top): said with the layout asked for (audit: a bare "no train
+    split" for both)."""
+    wanted = f"the folder layout is {root / 'images' / split}/ with {root / 'annotations' / split}/"
+    flat = root / "images"
+    if flat.is_dir():
+        count = sum(1 for p in flat.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if count:
+            return f" ({flat} holds {count} image(s) directly: {wanted}, one folder per split)"
+    on_top = next((root / n / "images" for n in _aliases(split) if (root / n / "images").is_dir()), None)
+    if on_top is not None:
+        return f" (found {on_top}: {wanted})"
+    return ""
+
+
+def _mask_folder(root: Path) -> str:
+    """annotations (ADE20K's name), or masks where a data set has that folder and no annotations/ (a common name:
+    the check said "annotations/train does not exist" beside masks/train: audit)."""
+    return "masks" if not (root / "annotations").exists() and (root / "masks").is_dir() else "annotations"
+
+
 def _split_dir(parent: Path, split: str) -> Path:
     """``parent/split`` or its alias (train ↔ training, val ↔ validation)."""
-    names = next((group for group in SPLIT_ALIASES if split in group), (split,))
+    names = _aliases(split)
     for name in names:
         if (parent / name).is_dir():
             return parent / name
@@ -121,15 +152,20 @@ def _files(root: Path, suffixes: tuple[str, ...], recursive: bool = False) -> li
 
 
 def list_folder(root: str | os.PathLike, split: str) -> Listing:
-    """Pairs of the folder layout (and ADE20K's): images/SPLIT/X.* with annotations/SPLIT/X.png, also in
-    subfolders (images/SPLIT/SUB/X.* with annotations/SPLIT/SUB/X.png)."""
+    """Pairs of the folder layout (and ADE20K's): images/SPLIT/X.* with annotations/SPLIT/X.png (masks/SPLIT where
+    the data set has masks/ and no annotations/), also in subfolders (images/SPLIT/SUB/X.* with
+    annotations/SPLIT/SUB/X.png)."""
     root = Path(root)
-    image_dir = _split_dir(root / "images", split)
     try:
-        mask_dir = _split_dir(root / "annotations", split)
+        image_dir = _split_dir(root / "images", split)
+    except MissingSplitError as exc:
+        raise MissingSplitError(f"{exc}{_layout_hint(root, split)}") from None
+    try:
+        mask_dir = _split_dir(root / _mask_folder(root), split)
     except MissingSplitError as exc:  # (half a split is a broken one, not a missing one: training went on without
-        raise ValueError(f"{image_dir} is there but {str(exc).split(': ', 1)[1]}: add its masks, or remove "  # eval
-                         f"{image_dir.name}/ to go without this split") from None  # fmt: skip
+        missing = str(exc).split(": ", 1)[1]  # eval; and removing the training split is no advice: audit)
+        other = "" if split in _aliases("train") else f", or remove {image_dir.name}/ to go without this split"
+        raise ValueError(f"{image_dir} is there but {missing}: add its masks{other}") from None
     images: dict[str, Path] = {}
     for p in _files(image_dir, IMAGE_EXTENSIONS, recursive=True):
         key = p.relative_to(image_dir).with_suffix("").as_posix()
@@ -785,7 +821,8 @@ def check_dataset(
         report.problems += [f"{p}: image without a mask" for p in listing.unpaired_images]
         report.problems += [f"{p}: mask without an image" for p in listing.unpaired_masks]
         report.problems += [
-            f"{p}: not a PNG mask, left out (masks must be PNG: a lossy format such as JPEG changes label values)"
+            f"{p}: not a PNG mask, left out (masks must be PNG: "
+            + ("a lossy format such as JPEG changes label values)" if p.suffix.lower() in _LOSSY else "save it as one)")
             for p in listing.not_png_masks
         ]
     tally = report.classes = ClassTally(np.zeros(dataset.num_labels, np.int64)) if check_values else None
