@@ -638,10 +638,17 @@ def test_a_mask_of_the_wrong_mode_is_named_once_and_not_called_unreadable(tmp_pa
     its mode is the problem, said once with the path."""
     root = _street(tmp_path, [np.zeros((8, 8), np.uint8)], ["a", "b"])
     mask = next((root / "annotations" / "train").glob("*.png"))
-    Image.fromarray(np.zeros((8, 8, 2), np.uint8), "LA").save(mask)
+    Image.fromarray(np.dstack([np.zeros((8, 8), np.uint8), np.ones((8, 8), np.uint8), np.zeros((8, 8), np.uint8)]),
+                    "RGB").save(mask)  # fmt: skip
     dataset, listing = build_dataset(root, "train")
     problems = check_dataset(dataset, listing).problems
-    assert f"{mask}: a mask must be a one-band image of class ids, got mode LA" in problems, problems
+    assert problems == [f'{mask}: a mask must be a one-band image of class ids, got mode RGB (colour-coded masks need '
+                        'a "palette" in labels.json)'], problems  # fmt: skip
+    # gray with an alpha band (GIMP saves so; it was refused, where RGBA with equal channels was read): the ids
+    ids = np.array([[0, 1] * 4] * 8, np.uint8)
+    Image.fromarray(np.dstack([ids, np.full((8, 8), 255, np.uint8)]), "LA").save(mask)
+    dataset, listing = build_dataset(root, "train")
+    assert check_dataset(dataset, listing).ok and np.array_equal(dataset.read_mask(0), ids)
 
 
 def test_map_keys_are_stored_values_also_with_reduced_labels(tmp_path):

@@ -535,12 +535,14 @@ def load_mask(path: str | os.PathLike, *, colours: bool = False) -> np.ndarray:
 
 def mask_values(im: Image.Image, *, colours: bool = False, where: str = "mask") -> np.ndarray:
     """A mask image → (H, W) values as stored (uint8, or int32 for 16-bit modes; an RGB image whose three
-    channels are equal gives one of them), or with ``colours`` and an RGB / RGBA / P image, (H, W, 3) uint8
-    colours; any other mode is a ValueError naming ``where``."""
-    if colours and im.mode in ("RGB", "RGBA", "P"):
+    channels are equal gives one of them; an alpha band is dropped), or with ``colours`` and an RGB / RGBA / P /
+    PA / LA image, (H, W, 3) uint8 colours; any other mode is a ValueError naming ``where``."""
+    if colours and im.mode in ("RGB", "RGBA", "P", "PA", "LA"):
         return np.asarray(im.convert("RGB"))
     if im.mode in ("P", "L", "1"):  # (a 1-bit mask holds ids 0 and 1; convert("L") would make the 1s 255)
         return np.asarray(im, dtype=np.uint8)
+    if im.mode in ("LA", "PA"):  # gray or palette with an alpha band (GIMP saves so): the ids, alpha dropped as
+        return np.asarray(im.getchannel(0), dtype=np.uint8)  # RGBA's is (refused: audit)
     if im.mode in ("I", "I;16", "I;16B", "I;16L"):
         return np.asarray(im, dtype=np.int32)
     if im.mode in ("RGB", "RGBA"):  # a one-band mask saved as RGB (cv2.imwrite of a gray array): its values
