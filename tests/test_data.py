@@ -839,3 +839,13 @@ def test_layouts_other_than_the_folder_one_are_named_with_the_one_asked_for(tmp_
     with pytest.raises(ValueError, match=re.escape(f"{case / 'annotations' / 'train' / 'img.png'}: names differ in "
                                                    "case alone)")):  # fmt: skip
         build_dataset(case, "train")
+
+
+def test_a_file_given_as_the_data_is_named_as_a_file(tmp_path):
+    """--data pairs.csv said "no such data directory" beside the file (audit)."""
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("image,mask\n")
+    with pytest.raises(ValueError, match=re.escape(f"{pairs}: a file, not a data directory (")):
+        build_dataset(pairs, "train")
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'none'}: no such data directory")):
+        build_dataset(tmp_path / "none", "train")

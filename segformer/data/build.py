@@ -93,6 +93,11 @@ def build_dataset(
         )
         return dataset, Listing()
     root = Path(root)
+    if root.exists() and not root.is_dir():  # (a CSV list of pairs, an archive: "no such directory" beside it)
+        raise ValueError(
+            f"{root}: a file, not a data directory (a folder with images/ and annotations/ split folders and "
+            "labels.json, a Cityscapes or ADE20K folder, or a Hugging Face dataset; lists of pairs are not read)"
+        )
     if not root.is_dir():
         raise ValueError(f"{root}: no such data directory")
     if kind == "auto":
