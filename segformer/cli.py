@@ -65,6 +65,7 @@ class UsageParser(argparse.ArgumentParser):
     ``arguments``: the command line being parsed, set by the entry point before it parses (:func:`parse`)."""
 
     arguments: list[str] = []
+    commands: dict[str, argparse.ArgumentParser] = {}  # (the top-level parser's: its commands' parsers)
 
     def error(self, message: str) -> NoReturn:
         dashed = [a for a in self.arguments if a.startswith("-") and a != "-" and os.path.lexists(a)]
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         if not info.name.startswith("_"):
             importlib.import_module(f"{commands.__name__}.{info.name}").register(sub)
+    parser.commands = sub.choices  # (each command's own parser: see parse)
     return parser
 
 
@@ -150,7 +152,13 @@ def describe(exc: BaseException) -> str:
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
     """``parser.parse_args(argv)`` with :class:`UsageParser` told the command line (for its hint)."""
     UsageParser.arguments = list(sys.argv[1:] if argv is None else map(str, argv))
-    return parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # (argparse said it in the top-level usage, without the command: `segformer predict ... 32 32`)
+        words, name = UsageParser.arguments, getattr(args, "command", None)
+        before = name in words and extra[0] in words[: words.index(name)]  # (`segformer --bogus synth d`: its own)
+        command = parser if before else getattr(parser, "commands", {}).get(name, parser)
+        command.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

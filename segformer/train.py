@@ -647,7 +647,8 @@ def _config_of(model: nn.Module) -> SegformerConfig:
 
 # ----------------------------------------------------------------------------------------- the run
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run the recipe. Returns {"step", "last", "best", "best_mIoU", "metrics" (the final evaluation or None)}.
+    """Run the recipe. Returns {"step", "steps", "last", "best", "best_mIoU", "best_step", "metrics" (the final
+    evaluation or None)}.
 
     Raises ValueError for bad options or data (problems listed on stderr first), TrainingDivergedError when
     the loss becomes NaN/inf. Call it once per process (torchrun starts one per GPU)."""
@@ -787,6 +788,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         "last": str(output / "last"),
         "best": str(best) if run.best_step is not None and best.is_dir() else None,
         "best_mIoU": run.best_mIoU if run.best_step is not None else None,
+        "best_step": run.best_step,
         "metrics": metrics,
     }
 

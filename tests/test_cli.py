@@ -545,3 +545,13 @@ def test_a_file_name_read_as_an_option_is_said_so(capsys, tmp_path, monkeypatch)
     with pytest.raises(SystemExit) as caught:
         train_main(["--data", "-dash.jpg"])
     assert caught.value.code == 2 and "(-dash.jpg was read as an option" in capsys.readouterr().err
+
+
+def test_a_stray_argument_is_refused_by_its_command(capsys):
+    """`segformer predict a.png --crop-size 32 32` was refused in the top-level usage ("segformer: error:
+    unrecognized arguments: 32"), without the command or its usage (audit)."""
+    code, _, err = run_cli(capsys, "predict", "a.png", "--crop-size", "32", "32", "--output", "o")
+    assert code == 2 and err.startswith("usage: segformer predict "), err
+    assert err.endswith("segformer predict: error: unrecognized arguments: 32\n"), err
+    code, _, err = run_cli(capsys, "--bogus", "synth", "d")
+    assert code == 2 and err.endswith("segformer: error: unrecognized arguments: --bogus\n"), err

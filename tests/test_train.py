@@ -672,6 +672,7 @@ def test_checkpoints_are_complete_and_shareable(data, tiny_json, tmp_path):
     result = train(_cfg(data, tiny_json, tmp_path / "run", steps=2, eval_every=2, eval_mode="slide",
                         eval_crop=(48, 48), eval_stride=(32, 32)))  # fmt: skip
     best, last = Path(result["best"]), Path(result["last"])
+    assert result["best_step"] == 2 and result["steps"] == 2
     for folder in (best, last):
         names = {p.name for p in folder.iterdir()}
         assert {"config.json", "model.safetensors", "preprocessor_config.json", "inference_config.json",
