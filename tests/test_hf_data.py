@@ -263,3 +263,32 @@ def test_a_class_only_the_validation_split_holds_asks_for_the_class_names(tmp_pa
         "labels.json): if the value(s) are classes too, name every class in a labels.json" in p
         for p in report.problems
     ), report.problems
+
+
+def test_masks_numbered_from_one_are_offered_reduce_labels(tmp_path):
+    """Masks of classes 1..K without a 0 and no labels.json: the classes are numbered 0..K from the masks, and
+    class_0 never occurs (it lowers mIoU as a dead class); the warning offers --reduce-labels (audit)."""
+    from segformer.data.build import warn_class_coverage
+
+    rng = np.random.default_rng(3)
+    root = tmp_path / "from_one"
+    split = _split(rng, 2).map(lambda row: {"annotation": Image.fromarray(np.asarray(row["annotation"]) + 1)})
+    datasets.DatasetDict({"train": split}).save_to_disk(str(root))
+    dataset, listing = build_dataset(root, "train")
+    assert dataset.id2label == {0: "class_0", 1: "class_1", 2: "class_2", 3: "class_3"}
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert warn_class_coverage(dataset, check_dataset(dataset, listing).classes) == []
+    assert (
+        err.getvalue()
+        .rstrip()
+        .endswith(
+            "class 0 'class_0' has no labelled pixel in the 2 masks; masks of classes 1..K without a 0 (ADE20K style)? "
+            "pass --reduce-labels"
+        )
+    ), err.getvalue()
+    reduced, _ = build_dataset(root, "train", reduce_labels=True)
+    assert reduced.num_labels == 3 and check_dataset(reduced).ok

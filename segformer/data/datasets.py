@@ -878,6 +878,9 @@ def class_coverage(dataset: SegmentationDataset, tally: ClassTally, *, shown: in
             if len(absent) == 1
             else f"{len(absent)} classes have no labelled pixel in the {n} masks: {names}{more}"
         )
+        numbered = all(name == f"class_{k}" for k, name in dataset.id2label.items())
+        if absent == [0] and numbered and not spec.reduce_labels:  # (classes counted from the masks: 1..K, no 0)
+            line += "; masks of classes 1..K without a 0 (ADE20K style)? pass --reduce-labels"
         warnings.append(line)
     if tally.ignored_masks:
         verb = "is" if tally.ignored_masks == 1 else "are"
