@@ -849,3 +849,20 @@ def test_a_file_given_as_the_data_is_named_as_a_file(tmp_path):
         build_dataset(pairs, "train")
     with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'none'}: no such data directory")):
         build_dataset(tmp_path / "none", "train")
+
+
+def test_files_with_the_same_problem_share_one_line_after_the_first():
+    """The data check repeated the same long hint for every file (audit: four identical lines per split, up to
+    50): the first file's line, then one line naming the others."""
+    from segformer.data.datasets import DatasetReport
+
+    hint = "label value(s) 3 outside 0..2: if 3 marks unlabelled pixels, pass --ignore-index 3"
+    problems = [f"m{i}.png: {hint}" for i in range(6)] + ["x.png: image without a mask"]
+    report = DatasetReport(num_pairs=9, problems=problems)
+    assert report.format().splitlines() == [
+        "7 problem(s) in 9 image/mask pairs:",
+        f"  m0.png: {hint}",
+        "  ... the same for 5 more: m1.png, m2.png, m3.png and 2 more",
+        "  x.png: image without a mask",
+    ]
+    assert report.format(limit=2).splitlines()[-1] == "  ... and 1 more line(s)"

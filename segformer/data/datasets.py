@@ -727,11 +727,22 @@ class DatasetReport:
     def ok(self) -> bool:
         return not self.problems
 
-    def format(self, limit: int = 50) -> str:
+    def format(self, limit: int = 50, shown: int = 3) -> str:
+        """The problems, one line each; files with the same problem (the text after "PATH: ") in one line after
+        the first's, with up to ``shown`` of their names (the same long hint was repeated for every file: audit);
+        ``limit`` lines at most."""
+        groups: dict[str, list[str]] = {}
+        for problem in self.problems:
+            path, sep, message = problem.partition(": ")
+            groups.setdefault(message if sep else problem, []).append(path if sep else "")
         lines = [f"{len(self.problems)} problem(s) in {self.num_pairs} image/mask pairs:"]
-        lines += [f"  {p}" for p in self.problems[:limit]]
-        if len(self.problems) > limit:
-            lines.append(f"  ... and {len(self.problems) - limit} more")
+        for message, paths in groups.items():
+            lines.append(f"  {paths[0]}: {message}" if paths[0] else f"  {message}")
+            if len(paths) > 1:
+                more = f" and {len(paths) - 1 - shown} more" if len(paths) - 1 > shown else ""
+                lines.append(f"  ... the same for {len(paths) - 1} more: {', '.join(paths[1 : 1 + shown])}{more}")
+        if len(lines) > limit + 1:
+            lines = [*lines[: limit + 1], f"  ... and {len(lines) - limit - 1} more line(s)"]
         return "\n".join(lines)
 
 
