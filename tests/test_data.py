@@ -800,7 +800,7 @@ def test_layouts_other_than_the_folder_one_are_named_with_the_one_asked_for(tmp_
     (masks / "labels.json").write_text(json.dumps(["x", "y"]))
     dataset, listing = build_dataset(masks, "train")
     assert listing.pairs == [(masks / "images" / "train" / "a.jpg", masks / "masks" / "train" / "a.png")]
-    (masks / "annotations").mkdir()  # (annotations/ there: it is the one read)
+    (masks / "annotations" / "val").mkdir(parents=True)  # (annotations/ with a split folder: it is the one read)
     with pytest.raises(ValueError, match=re.escape(f"{masks / 'images' / 'train'} is there but ")) as caught:
         build_dataset(masks, "train")
     assert str(caught.value).endswith("does not exist: add its masks"), caught.value
@@ -866,3 +866,33 @@ def test_files_with_the_same_problem_share_one_line_after_the_first():
         "  x.png: image without a mask",
     ]
     assert report.format(limit=2).splitlines()[-1] == "  ... and 1 more line(s)"
+
+
+def test_one_class_alone_stops_training_but_is_a_warning_in_evaluation(tmp_path, capsys):
+    """The one-class problem (nothing to tell apart) also refused `segformer eval` of a split that holds one class
+    (review: a background-only validation split was evaluated before). Evaluation warns; training stops. A
+    link named ADEChallengeData2016 to a renamed copy is the release; masks/ is read where annotations/ holds
+    no split folders (a COCO annotations/ of JSON files beside it)."""
+    mask = np.zeros((16, 16), np.uint8)
+    root = _street(tmp_path / "one", [mask, mask], ["background", "object"])
+    with pytest.raises(ValueError, match="the data check failed"):
+        check_splits([build_dataset(root, "val")], "full", root)
+    assert "only class 0 'background' has labelled pixels in the 2 masks, so there is nothing to tell apart" in (
+        capsys.readouterr().err
+    )
+    check_splits([build_dataset(root, "val")], "full", root, learning=False)
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: folder:{root}:val: only class 0 'background' has labelled pixels in the 2 masks: the other "
+        "classes are scored on false positives alone"
+    ]
+    copy = tmp_path / "ade_copy"
+    for split in ("training", "validation"):
+        _save(copy / "images" / split / "a.jpg", np.zeros((8, 8, 3), np.uint8))
+        _save(copy / "annotations" / split / "a.png", mask[:8, :8])
+    (tmp_path / "ADEChallengeData2016").symlink_to(copy)
+    assert detect_kind(tmp_path / "ADEChallengeData2016") == "ade20k" and detect_kind(copy) == "folder"
+    coco = _street(tmp_path / "coco", [mask, mask + 1], ["a", "b"])
+    (coco / "annotations").rename(coco / "masks")
+    (coco / "annotations").mkdir()
+    (coco / "annotations" / "instances_train.json").write_text("{}")
+    assert build_dataset(coco, "train")[1].pairs[0][1] == coco / "masks" / "train" / "0.png"

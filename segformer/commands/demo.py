@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
 
     model = SegformerForSemanticSegmentation.from_pretrained(best)
     val, _ = build_dataset(data, "val")
-    metrics = evaluate(model, val)  # (the training run printed this table already, at the best step)
+    metrics = evaluate(model, val)  # (the training run printed this table at the best step; its last is the last's)
 
     palette = make_palette(len(CLASSES))
     overlays = out / "overlays"

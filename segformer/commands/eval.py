@@ -262,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
                     "(--ignore-index N sets another)",
                     file=sys.stderr,
                 )
-        check_splits([(dataset, listing)], args.check_data, args.data)
+        check_splits([(dataset, listing)], args.check_data, args.data, learning=False)
         model = load_model_for_eval(args.model, info.device)
         if info.is_main:
             _note_other_names(model.config.id2label, dataset)

@@ -50,7 +50,7 @@ def _data_and_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--data",
         required=True,
-        help="data: a folder layout (images/, annotations/, labels.json), "
+        help="data: a folder layout (images/, annotations/ or masks/, labels.json), "
         "ADEChallengeData2016, Cityscapes, or a Hugging Face dataset (save_to_disk folder, parquet "
         "folder, hub id)",
     )

@@ -53,7 +53,9 @@ def detect_kind(root: str | os.PathLike) -> str:
 
 
 def _ade20k_release(root: Path) -> bool:
-    return "ADEChallengeData2016" in root.resolve().parts or (root / "objectInfo150.txt").is_file()
+    """Named ADEChallengeData2016 (as given, or where a link leads), or holding the release's objectInfo150.txt."""
+    named = "ADEChallengeData2016" in root.absolute().parts or "ADEChallengeData2016" in root.resolve().parts
+    return named or (root / "objectInfo150.txt").is_file()
 
 
 def build_dataset(
@@ -134,7 +136,7 @@ def build_dataset(
 
 
 def check_splits(
-    splits: list[tuple[SegmentationDataset | None, Listing | None]], check: str, data: object
+    splits: list[tuple[SegmentationDataset | None, Listing | None]], check: str, data: object, *, learning: bool = True
 ) -> ClassTally | None:
     """``--check-data`` (full, headers, off) for the (dataset, listing) of each split (None: no such split): the
     main rank reads the files and lists each problem on stderr, every rank follows its verdict; a ValueError
@@ -169,7 +171,7 @@ def check_splits(
                 )
             if position == 0 and report.classes is not None:
                 first = report.classes
-                report.problems += warn_class_coverage(dataset, first)
+                report.problems += warn_class_coverage(dataset, first, learning=learning)
             if not report.ok:
                 print(f"{dataset.name}: {report.format()}", file=sys.stderr)
                 ok = False
@@ -178,9 +180,9 @@ def check_splits(
     return first
 
 
-def warn_class_coverage(dataset: SegmentationDataset, tally: ClassTally) -> list[str]:
+def warn_class_coverage(dataset: SegmentationDataset, tally: ClassTally, *, learning: bool = True) -> list[str]:
     """Print :func:`class_coverage`'s warnings about ``dataset``'s masks on stderr; return its problems."""
-    warnings, problems = class_coverage(dataset, tally)
+    warnings, problems = class_coverage(dataset, tally, learning=learning)
     for warning in warnings:
         print(f"warning: {dataset.name}: {warning}", file=sys.stderr)
     return problems

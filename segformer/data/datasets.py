@@ -2,8 +2,9 @@
 
 Layouts (``split`` is "train", "val" or "test"; the folder names "training" / "validation" / "testing" work too):
 
-- folder: ``DIR/images/SPLIT/**/*.{jpg,png,...}`` and ``DIR/annotations/SPLIT/**/*.png`` paired by their path
-  below SPLIT without the extension (sub-folders included), and
+- folder: ``DIR/images/SPLIT/**/*.{jpg,png,...}`` and ``DIR/annotations/SPLIT/**/*.png`` (or ``DIR/masks/``
+  where annotations/ has no split folders) paired by their path below SPLIT without the extension (sub-folders
+  included), and
   ``DIR/labels.json`` = id2label (``{"0": "background", ...}`` or a list of names). Mask pixels are class ids;
   255 means "unlabelled" and is ignored by the loss and the metrics (unless a "map" sends it to a class).
   ``labels.json`` may also be an object ``{"id2label": ..., "ignore_index": 11, "map": {"12": 3, "13": 255},
@@ -112,9 +113,12 @@ def _layout_hint(root: Path, split: str) -> str:
 
 
 def _mask_folder(root: Path) -> str:
-    """annotations (ADE20K's name), or masks where a data set has that folder and no annotations/ (a common name:
-    the check said "annotations/train does not exist" beside masks/train: audit)."""
-    return "masks" if not (root / "annotations").exists() and (root / "masks").is_dir() else "annotations"
+    """annotations (ADE20K's name), or masks where a data set has that folder and annotations/ has no split
+    folders (a common name: the check said "annotations/train does not exist" beside masks/train: audit; a COCO
+    annotations/ of JSON files may sit beside it)."""
+    splits = [name for group in SPLIT_ALIASES for name in group]
+    annotated = any((root / "annotations" / name).is_dir() for name in splits)
+    return "masks" if not annotated and (root / "masks").is_dir() else "annotations"
 
 
 def _split_dir(parent: Path, split: str) -> Path:
@@ -848,13 +852,16 @@ def check_dataset(
     return report
 
 
-def class_coverage(dataset: SegmentationDataset, tally: ClassTally, *, shown: int = 5) -> tuple[list[str], list[str]]:
+def class_coverage(
+    dataset: SegmentationDataset, tally: ClassTally, *, shown: int = 5, learning: bool = True
+) -> tuple[list[str], list[str]]:
     """(warnings, problems), one line each, about what the masks of ``dataset`` hold (``tally``: its
     :class:`DatasetReport`'s ``classes``). Classes without a labelled pixel are a warning (small subsets lack
     rare classes), with the first ``shown`` named; so are masks ignored at every pixel. No labelled pixel of any
-    class, or of one class alone, is a problem: nothing to learn from or score, nothing to tell apart. Binary masks
-    saved as 0/255 (255 is the ignore index, so every object pixel is ignored and class 1 has none: audit, they
-    trained to the end on background alone after a warning) are named with their fix."""
+    class is a problem: nothing to learn from or score; so is one class alone in the masks a model ``learning``
+    from them (training, class weights): nothing to tell apart (a split evaluated may hold one class: a warning).
+    Binary masks saved as 0/255 (255 is the ignore index, so every object pixel is ignored and class 1 has none:
+    audit, they trained to the end on background alone after a warning) are named with their fix."""
     n = tally.masks
     absent = [k for k in range(dataset.num_labels) if not tally.pixels[k]]
     if not n or (not absent and not tally.ignored_masks):
@@ -874,12 +881,12 @@ def class_coverage(dataset: SegmentationDataset, tally: ClassTally, *, shown: in
         if binary and tally.ignored_pixels
         else ""
     )
-    if len(absent) == dataset.num_labels - 1:  # one class alone: a model of it predicts that class everywhere
+    if len(absent) == dataset.num_labels - 1 and dataset.num_labels > 1:  # one class alone: nothing to tell apart
         (only,) = set(range(dataset.num_labels)) - set(absent)
-        return [], [
-            f"only class {only} {dataset.id2label[only]!r} has labelled pixels in the {n} masks, so there is nothing "
-            f"to tell apart{hint}"
-        ]
+        line = f"only class {only} {dataset.id2label[only]!r} has labelled pixels in the {n} masks"
+        if learning:  # (a model learnt from them predicts that class everywhere)
+            return [], [f"{line}, so there is nothing to tell apart{hint}"]
+        return [f"{line}: the other classes are scored on false positives alone{hint}"], []
     warnings = []
     if absent:
         names = ", ".join(f"{k} {dataset.id2label[k]!r}" for k in absent[:shown])
