@@ -382,8 +382,10 @@ def _maker_stamp(predictor: SegformerPredictor, alpha: float) -> str:
 
 def _run_facts(predictor: SegformerPredictor, alpha: float, world_size: int) -> dict[str, Any]:
     """What made a run's outputs, as summary.json records it: the model as given, the backend, the weights'
-    precision as they ran (a reduced precision the device would only emulate ran as float32), the device and the
-    number of processes, the inference options and the overlays' blend."""
+    precision as they ran (a reduced precision the device would only emulate ran as float32), the device (rank
+    0's under torchrun) and the number of processes, the inference options and the overlays' blend. Outputs an
+    earlier run made and ``skip_existing`` kept came from the same model and options (their stamps say so), maybe
+    on another device or version."""
     from . import __version__
 
     compiled = isinstance(predictor.model, CompiledModel)
