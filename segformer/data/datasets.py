@@ -157,7 +157,7 @@ def _files(root: Path, suffixes: tuple[str, ...], recursive: bool = False) -> li
 
 def list_folder(root: str | os.PathLike, split: str) -> Listing:
     """Pairs of the folder layout (and ADE20K's): images/SPLIT/X.* with annotations/SPLIT/X.png (masks/SPLIT where
-    the data set has masks/ and no annotations/), also in subfolders (images/SPLIT/SUB/X.* with
+    annotations/ has no split folders: :func:`_mask_folder`), also in subfolders (images/SPLIT/SUB/X.* with
     annotations/SPLIT/SUB/X.png)."""
     root = Path(root)
     try:
