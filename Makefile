@@ -38,10 +38,12 @@ test-fast: $(STAMP)
 
 # The numerical tests again on the portable kernels, so that a tolerance tuned on one CPU fails here first (the
 # tests marked output, which check what a command prints, not numbers, run once, in `make test`).
-# torch 2.13's CPU wheel honours all three: ATEN_CPU_CAPABILITY picks ATen's own kernels (default = no
+# torch 2.13's CPU wheel honours all four: ATEN_CPU_CAPABILITY picks ATen's own kernels (default = no
 # AVX2/AVX-512 code), MKL_ENABLE_INSTRUCTIONS caps MKL's GEMMs at AVX2, ONEDNN_MAX_CPU_ISA caps oneDNN's
-# convolutions at AVX2. The last two change the summation order on an AVX-512 machine; the first alone does not.
-PORTABLE := ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
+# convolutions at AVX2, FBGEMM_ENABLE_INSTRUCTIONS caps fbgemm's int8 GEMMs (--dtype int8) at AVX2 (which none of
+# the others reach: 2.2x slower capped, measured). The last three change the summation order on an AVX-512
+# machine; the first alone does not.
+PORTABLE := ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2
 NUMERICAL := tests/test_modeling.py tests/test_oracle.py tests/test_processing.py tests/test_inference.py \
 	tests/test_export.py tests/test_train.py tests/test_backends.py tests/test_precision.py tests/test_devices.py
 test-portable: $(STAMP)
