@@ -13,7 +13,6 @@ Pictures (with matplotlib, ``pip install "segformer[plot]"``; without it one lin
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -28,14 +27,44 @@ from .metrics import format_table, metrics_to_json
 from .visualize import plot_text
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    """The process's peak memory so far: allocated tensor memory on CUDA / MPS, resident set size on the CPU."""
+def peak_memory_bytes(device: torch.device) -> int | None:
+    """The process's peak memory so far: allocated tensor memory on CUDA / MPS, resident set size on the CPU
+    (None where the system does not say: Windows has no ``resource`` module; its peak working set is read instead,
+    and None if that fails too)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     if device.type == "mps":
         return int(torch.mps.driver_allocated_memory())
+    try:
+        import resource
+    except ImportError:  # (Windows: an import at the top of the module made `segformer train` fail there)
+        return _windows_peak_working_set()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
+
+
+def _windows_peak_working_set() -> int | None:
+    """PeakWorkingSetSize of this process (GetProcessMemoryInfo), or None where that cannot be read."""
+    import ctypes
+
+    class Counters(ctypes.Structure):  # PROCESS_MEMORY_COUNTERS
+        _fields_ = [("cb", ctypes.c_ulong), ("PageFaultCount", ctypes.c_ulong)] + [
+            (name, ctypes.c_size_t)
+            for name in ("PeakWorkingSetSize", "WorkingSetSize", "QuotaPeakPagedPoolUsage", "QuotaPagedPoolUsage",
+                         "QuotaPeakNonPagedPoolUsage", "QuotaNonPagedPoolUsage", "PagefileUsage", "PeakPagefileUsage")
+        ]  # fmt: skip
+
+    try:
+        counters = Counters()
+        counters.cb = ctypes.sizeof(counters)
+        kernel32, psapi = ctypes.windll.kernel32, ctypes.windll.psapi  # type: ignore[attr-defined]
+        kernel32.GetCurrentProcess.restype = ctypes.c_void_p
+        handle = kernel32.GetCurrentProcess()
+        if not psapi.GetProcessMemoryInfo(ctypes.c_void_p(handle), ctypes.byref(counters), counters.cb):
+            return None
+        return int(counters.PeakWorkingSetSize)
+    except (AttributeError, OSError):  # (no windll: not Windows)
+        return None
 
 
 def _duration(seconds: float) -> str:
@@ -149,14 +178,14 @@ class RunLog:
             "sec_per_step": round(per_step, 4),
             "images_per_sec": round(self.batch_size / per_step, 2) if per_step > 0 else None,
             "eta_sec": round(per_step * (self.steps - step), 1),
-            "peak_mem_mb": round(peak_memory_bytes(self.device) / 2**20, 1),
+            "peak_mem_mb": round(peak / 2**20, 1) if (peak := peak_memory_bytes(self.device)) is not None else None,
         }
         self.record(record)
         if self.lines:
+            memory = f"  peak {peak / 2**30:.2f} GB" if peak is not None else ""
             self.message(
                 f"step {step}/{self.steps}  loss {loss:.4f}  lr {lr:.2e}  {per_step:.2f} s/step  "
-                f"{record['images_per_sec']} img/s  ETA {_duration(record['eta_sec'])}  "
-                f"peak {record['peak_mem_mb'] / 1024:.2f} GB"
+                f"{record['images_per_sec']} img/s  ETA {_duration(record['eta_sec'])}{memory}"
             )
 
     def evaluation(self, step: int, metrics: Mapping[str, Any]) -> None:

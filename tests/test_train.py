@@ -1078,3 +1078,18 @@ def test_loader_workers_end_on_their_main_process_sigterm_only(tmp_path):
             for _ in batches:
                 pass
     assert not any(w.is_alive() for w in batches._workers), pids
+
+
+def test_training_imports_and_logs_without_the_resource_module():
+    """train_log imported `resource` at the top: on Windows (no such module) `segformer train` failed on import.
+    Without it the peak memory of a CPU run is Windows' peak working set, or null where that cannot be read."""
+    script = """
+import sys
+sys.modules["resource"] = None  # (as on Windows: importing it raises ImportError)
+import torch
+import segformer.train
+from segformer.train_log import peak_memory_bytes
+print(peak_memory_bytes(torch.device("cpu")))
+"""
+    done = subprocess.run([PY, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0 and done.stdout.strip() == "None", done.stderr[-2000:]
