@@ -557,10 +557,28 @@ def quantize_int8(model: nn.Module) -> nn.Module:
         from torch.ao.quantization import quantize_dynamic
     except ImportError:
         raise RuntimeError("dtype int8 needs torch.ao.quantization.quantize_dynamic, which this torch lacks") from None
+    quantized = torch.backends.quantized
+    engine = quantized_engine(quantized.engine, quantized.supported_engines)
+    if engine != quantized.engine:
+        quantized.engine = engine
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch 2.10+ marks torch.ao.quantization deprecated (torchao replaces it)
         quantize_dynamic(model.float().segformer, {nn.Linear}, dtype=torch.qint8, inplace=True)
     return model
+
+
+def quantized_engine(current: str, supported: list[str]) -> str:
+    """The quantized engine int8 layers run on: ``current`` where it is one, else the first of x86, fbgemm, onednn
+    and qnnpack that this PyTorch build has (macOS wheels leave the engine "none": the first int8 product failed
+    with "Didn't find engine ... NoQEngine"; portability audit); a ValueError where it has none."""
+    if current != "none":
+        return current
+    usable = [engine for engine in ("x86", "fbgemm", "onednn", "qnnpack") if engine in supported]
+    if not usable:
+        raise ValueError(
+            f"dtype int8: this PyTorch build has no quantized engine ({', '.join(supported) or 'none'}): use float32"
+        )
+    return usable[0]
 
 
 # ----------------------------------------------------------------------------------------------- choice

@@ -149,6 +149,19 @@ def describe(exc: BaseException) -> str:
     return first_line(exc)
 
 
+def _printable_stdout() -> None:
+    """Characters stdout's encoding lacks are written as escapes, not a UnicodeEncodeError: Windows encodes a
+    redirected or piped stdout in its code page (cp1252), where "→" in --help and class names in other scripts
+    stopped `segformer --help` with a traceback and `segformer eval` before its --json (portability audit).
+    (stderr already escapes them.)"""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None and (sys.stdout.errors or "strict") == "strict":
+        try:
+            reconfigure(errors="backslashreplace")
+        except (ValueError, OSError):  # (a stream that cannot be reconfigured any more: left as it is)
+            pass
+
+
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
     """``parser.parse_args(argv)`` with :class:`UsageParser` told the command line (for its hint)."""
     UsageParser.arguments = list(sys.argv[1:] if argv is None else map(str, argv))
@@ -162,6 +175,7 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> arg
 
 
 def main(argv: list[str] | None = None) -> int:
+    _printable_stdout()
     args = parse(build_parser(), argv)
     return run_command(args.func, args, name=f"segformer {args.command}", debug=args.debug)
 

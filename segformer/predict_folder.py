@@ -707,7 +707,7 @@ def write_summary(report: RunReport, palette: np.ndarray) -> None:
     }
     atomic_write_text(out / SUMMARY_JSON, json.dumps(summary, indent=1) + "\n")
     buf = io.StringIO()
-    writer = csv.writer(buf)
+    writer = csv.writer(buf, lineterminator="\n")  # (text mode writes the platform's: "\r\n" gave "\r\r\n" on Windows)
     header = ["image", "label", "status", "width", "height", "class_id", "class_name", "pixels", "percent"]
     writer.writerow([*header, "error"])
     writer.writerows(rows)

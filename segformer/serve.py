@@ -1120,7 +1120,10 @@ def _bind(host: str, port: int) -> socket.socket:
         hint = f" (give the port with --port {tail})" if tail.isdigit() and name and name.count(":") == 0 else ""
         raise ValueError(f"cannot resolve --host {host!r}: {exc.strerror}{hint}") from None
     sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if os.name == "nt":  # (Windows' SO_REUSEADDR lets a second server take a port in use, without an error)
+        sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_EXCLUSIVEADDRUSE", socket.SO_REUSEADDR), 1)
+    else:  # (a restart binds at once, past the old connections' TIME_WAIT)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)
     except OSError as exc:

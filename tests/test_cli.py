@@ -555,3 +555,28 @@ def test_a_stray_argument_is_refused_by_its_command(capsys):
     assert err.endswith("segformer predict: error: unrecognized arguments: 32\n"), err
     code, _, err = run_cli(capsys, "--bogus", "synth", "d")
     assert code == 2 and err.endswith("segformer: error: unrecognized arguments: --bogus\n"), err
+
+
+def test_a_stdout_without_unicode_gets_escapes_not_a_traceback(tmp_path):
+    """Windows encodes a redirected stdout in its code page (cp1252): "→" in --help stopped `segformer --help`
+    with a UnicodeEncodeError traceback (portability audit); such characters are written as escapes now."""
+    import os
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONIOENCODING": "cp1252"}
+    done = subprocess.run([sys.executable, "-m", "segformer", "--help"], capture_output=True, env=env, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert done.returncode == 0 and b"Traceback" not in done.stderr, done.stderr[-2000:]
+    assert b"\\u2192" in done.stdout and b"predict" in done.stdout
+
+
+def test_int8_takes_a_quantized_engine_where_the_build_left_none():
+    """macOS wheels leave torch.backends.quantized.engine "none": the first int8 product failed with "Didn't find
+    engine ... NoQEngine" (portability audit). int8 picks one the build has, or says it has none."""
+    from segformer.backends import quantized_engine
+
+    assert quantized_engine("none", ["qnnpack", "none"]) == "qnnpack"
+    assert quantized_engine("none", ["qnnpack", "onednn", "x86", "fbgemm"]) == "x86"
+    assert quantized_engine("fbgemm", ["qnnpack", "fbgemm"]) == "fbgemm"  # (one already chosen stays)
+    with pytest.raises(ValueError, match=r"dtype int8: this PyTorch build has no quantized engine \(none\): use"):
+        quantized_engine("none", ["none"])
