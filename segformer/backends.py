@@ -36,6 +36,7 @@ import platform
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -474,6 +475,19 @@ def _load_package(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: loader.run([x])[0]  # one tensor in, one out (the call spec of _Logits)
 
 
+def _compiler_problem(exc: Exception) -> str:
+    """One line for a C++ toolchain that cannot build AOTInductor's code: what the compiler said last, and what to
+    install (the line was "CppCompileError: C++ compile error", the reason and the remedy cut off: audit)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    said = next((line for line in reversed(lines) if "error" in line.lower()), lines[-1] if lines else "")
+    said = said if len(lines) > 1 else said.partition(": ")[2] or said  # (one line: its own name left out)
+    remedy = {
+        "win32": "the MSVC Build Tools, and run from a Developer Command Prompt",
+        "darwin": "the Xcode command line tools and OpenMP (brew install libomp)",
+    }.get(sys.platform, "g++ (or set CXX to a C++ compiler)")
+    return f"--compile needs a working C++ compiler ({said[:300]}): install {remedy}, or run without --compile"
+
+
 class CompiledModel(nn.Module):
     """``model`` compiled ahead of time by AOTInductor (``torch.export`` + ``aoti_compile_and_package``), one
     package per input shape, cached in ``cache_dir`` (default :func:`cache_root`) ``/compiled/KEY/model.pt2``.
@@ -525,7 +539,13 @@ class CompiledModel(nn.Module):
                 from torch import _inductor
 
                 program = torch.export.export(_Logits(self.model), (x,))
-                _inductor.aoti_compile_and_package(program, package_path=str(tmp / "model.pt2"))
+                try:
+                    _inductor.aoti_compile_and_package(program, package_path=str(tmp / "model.pt2"))
+                except Exception as exc:
+                    toolchain = ("CppCompileError", "InvalidCxxCompiler")  # (Inductor wraps them in InductorError)
+                    if type(exc).__name__ not in toolchain and str(exc).partition(":")[0] not in toolchain:
+                        raise
+                    raise RuntimeError(_compiler_problem(exc)) from None
             return {"shape": list(shape), "dtype": str(x.dtype), "compile_seconds": time.perf_counter() - start}
 
         folder, hit = cached_entry(self.package_folder(x), build)

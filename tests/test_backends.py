@@ -409,3 +409,23 @@ def test_a_package_is_keyed_by_the_instructions_it_was_built_for(model, tmp_path
     assert (native[0] == capped[0]) == (native[1] == capped[1])
     if ":DEFAULT:" not in native[1]:  # (a CPU with vector code to lose: every x86-64 one with AVX2)
         assert native[0] != capped[0]
+
+
+@pytest.mark.slow
+def test_compile_without_a_compiler_says_what_to_install(tmp_path):
+    """Without a working C++ toolchain (Windows outside a Developer Command Prompt, macOS without OpenMP)
+    --compile ended in "CppCompileError: C++ compile error" or an InductorError naming the compiler setting,
+    the remedy cut off (portability audit): one line now says what the compiler said and what to install."""
+    model = SegformerForSemanticSegmentation(tiny_config(num_labels=3))
+    model.save_pretrained(tmp_path / "m")
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "a.png")
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "OMP_NUM_THREADS": "1",
+           "SEGFORMER_CACHE": str(tmp_path / "cache")}  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "segformer", "predict", str(tmp_path / "a.png"), "--model",
+                           str(tmp_path / "m"), "--output", str(tmp_path / "out"), "--compile", "--mode", "whole",
+                           "--no-progress"], capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("segformer predict: error: --compile needs a working C++ compiler (No working C++ "
+                           "compiler found") and line.endswith("or run without --compile"), line  # fmt: skip
+    assert "Traceback" not in done.stderr and not (tmp_path / "out" / "a.png").exists()
