@@ -233,8 +233,9 @@ class SegformerPredictor:
         self.batch_size, self.max_pixels = batch_size, max_pixels
         from .modeling import min_input_size
 
-        self.min_size = int(min_size) if min_size is not None else min_input_size(self.config)
-        check_crop_size(self.options, min_input_size(self.config))  # (before any output is written)
+        need = min_input_size(self.config)
+        self.min_size = int(min_size) if min_size is not None else need
+        check_crop_size(self.options, need)  # (before any output is written)
         k = self.config.num_labels
         # A one-label (binary) model predicts 0 = not the class, 1 = the class.
         self.num_classes = 2 if k == 1 else k

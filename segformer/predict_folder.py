@@ -366,18 +366,24 @@ def _maker_stamp(predictor: SegformerPredictor, alpha: float) -> str:
     net, h = predictor.model, hashlib.sha256()
     h.update(json.dumps(config_identity(predictor.config), sort_keys=True, default=str).encode())
     if isinstance(net, OnnxRuntimeModel):
-        backend = "onnxruntime"
         with open(net.path, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
     else:
-        backend = "pytorch compiled" if isinstance(net, CompiledModel) else "pytorch"
         hash_state(h, net.model if isinstance(net, CompiledModel) else net)
     # (the overlays' blend too: outputs of another --alpha are redone, not kept beside new ones; and the colours,
     # which a checkpoint's labels.json may set)
     h.update(np.ascontiguousarray(predictor.palette, dtype=np.uint8).tobytes())
-    stamp = {"alpha": alpha, "backend": backend, "model": h.hexdigest()[:16], "options": predictor.options.to_dict()}
+    stamp = {"alpha": alpha, "backend": _backend_name(net), "model": h.hexdigest()[:16],
+             "options": predictor.options.to_dict()}  # fmt: skip
     return json.dumps(stamp, sort_keys=True)
+
+
+def _backend_name(net: Any) -> str:
+    """What runs a predictor's model: "onnxruntime", "pytorch compiled" or "pytorch"."""
+    if isinstance(net, OnnxRuntimeModel):
+        return "onnxruntime"
+    return "pytorch compiled" if isinstance(net, CompiledModel) else "pytorch"
 
 
 def _run_facts(predictor: SegformerPredictor, alpha: float, world_size: int) -> dict[str, Any]:
@@ -388,10 +394,9 @@ def _run_facts(predictor: SegformerPredictor, alpha: float, world_size: int) -> 
     on another device or version."""
     from . import __version__
 
-    compiled = isinstance(predictor.model, CompiledModel)
     return {
         "model": predictor.model_name,
-        "backend": predictor.backend + (" compiled" if compiled else ""),
+        "backend": _backend_name(predictor.model),
         "precision": predictor.precision,
         "device": str(predictor.device),
         "processes": world_size,

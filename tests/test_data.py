@@ -805,27 +805,22 @@ def test_layouts_other_than_the_folder_one_are_named_with_the_one_asked_for(tmp_
         build_dataset(masks, "train")
     assert str(caught.value).endswith("does not exist: add its masks"), caught.value
 
-    flat = tmp_path / "flat"
+    flat, on_top = tmp_path / "flat", tmp_path / "on_top"
     for i in range(3):
         _save(flat / "images" / f"{i}.jpg", image)
         _save(flat / "masks" / f"{i}.png", mask)
-    (flat / "labels.json").write_text(json.dumps(["x", "y"]))
-    with pytest.raises(MissingSplitError) as caught:
-        build_dataset(flat, "train")
-    assert str(caught.value).endswith(
-        f"({flat / 'images'} holds 3 image(s) directly: the folder layout is {flat / 'images' / 'train'}/ with "
-        f"{flat / 'annotations' / 'train'}/, one folder per split)"
-    ), caught.value
-    on_top = tmp_path / "on_top"
     _save(on_top / "train" / "images" / "0.jpg", image)
     _save(on_top / "train" / "masks" / "0.png", mask)
-    (on_top / "labels.json").write_text(json.dumps(["x", "y"]))
-    with pytest.raises(MissingSplitError) as caught:
-        build_dataset(on_top, "train")
-    assert str(caught.value).endswith(
-        f"(found {on_top / 'train' / 'images'}: the folder layout is {on_top / 'images' / 'train'}/ with "
-        f"{on_top / 'annotations' / 'train'}/)"
-    ), caught.value
+    for root, found in (
+        (flat, f"{flat / 'images'} holds 3 image(s) directly: "),
+        (on_top, f"found {on_top / 'train' / 'images'}: "),
+    ):
+        (root / "labels.json").write_text(json.dumps(["x", "y"]))
+        with pytest.raises(MissingSplitError) as caught:
+            build_dataset(root, "train")
+        wanted = f"the folder layout is {root / 'images' / 'train'}/ with {root / 'annotations' / 'train'}/"
+        tail = ", one folder per split)" if root == flat else ")"
+        assert str(caught.value).endswith(f"({found}{wanted}{tail}"), caught.value
 
     tiff = _street(tmp_path / "tiff", [mask, mask], ["x", "y"])
     Image.fromarray(mask).save(tiff / "annotations" / "train" / "1.tif")

@@ -761,6 +761,12 @@ def distinct_counts(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.unique(flat, return_counts=True)
 
 
+def _numbered(id2label: Mapping[int, str]) -> bool:
+    """Whether the classes carry the names given to classes counted from the masks (class_0, class_1, ...: a
+    Hugging Face data set without a labels.json)."""
+    return all(name == f"class_{k}" for k, name in id2label.items())
+
+
 def check_values_of(dataset: SegmentationDataset, index: int, tally: ClassTally | None = None) -> list[str]:
     """Mask values of sample ``index`` that no rule of the label spec covers, with the option that would; the
     mask's classes are added to ``tally`` from the same read (no second pass)."""
@@ -813,8 +819,7 @@ def check_values_of(dataset: SegmentationDataset, index: int, tally: ClassTally 
         )
     elif first >= 257 and all(int(v) % 257 == 0 for v in bad):
         hint = f"16-bit masks holding 8-bit class ids × 257? save them as 8-bit PNGs (value / 257); {hint}"
-    numbered = all(name == f"class_{i}" for i, name in dataset.id2label.items())
-    if kind == "hf" and numbered and first > last:  # (numbered classes: counted on the training split's masks)
+    if kind == "hf" and _numbered(dataset.id2label) and first > last:  # (counted on the training split's masks)
         hint = (
             f"the classes were numbered 0..{last} from the training split's masks (no labels.json): if the value(s) "
             f"are classes too, name every class in {where}; " + hint
@@ -896,8 +901,7 @@ def class_coverage(
             if len(absent) == 1
             else f"{len(absent)} classes have no labelled pixel in the {n} masks: {names}{more}"
         )
-        numbered = all(name == f"class_{k}" for k, name in dataset.id2label.items())
-        if absent == [0] and numbered and not spec.reduce_labels:  # (classes counted from the masks: 1..K, no 0)
+        if absent == [0] and _numbered(dataset.id2label) and not spec.reduce_labels:  # (1..K counted, no 0)
             line += "; masks of classes 1..K without a 0 (ADE20K style)? pass --reduce-labels"
         warnings.append(line)
     if tally.ignored_masks:

@@ -18,6 +18,7 @@ ids, or colour-coded with a ``palette``.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -112,8 +113,6 @@ def _load(source: str | os.PathLike) -> Any:
 
 def _load_saved_splits(datasets: Any, path: Path) -> dict[str, Any]:
     """A save_to_disk DatasetDict, split by split (:func:`_load_saved_split`), as a dict of its splits."""
-    import json
-
     names = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8")).get("splits", [])
     return {name: _load_saved_split(datasets, path / name) for name in names}
 
@@ -122,8 +121,6 @@ def _load_saved_split(datasets: Any, path: Path) -> Any:
     """One save_to_disk split. A saved empty split has no data file, and ``datasets`` fails on it with an
     IndexError (which stopped even a run that wanted only the other split, in a traceback: audit); it is an
     empty Dataset of its features here, which the split's use then names as empty."""
-    import json
-
     state = json.loads((path / "state.json").read_text(encoding="utf-8")) if (path / "state.json").is_file() else {}
     if state.get("_data_files") == []:
         features = datasets.DatasetInfo.from_directory(str(path)).features
