@@ -114,25 +114,59 @@ def hf_pil_processor(transformers):
 U32 = 2.0**-24  # fp32 unit roundoff: one rounding moves a value by at most this fraction of it
 
 
-def series_depth(model: nn.Module, *args: torch.Tensor) -> int:
-    """How many rounded reductions a forward pass of ``model`` runs: every Linear, Conv2d and LayerNorm call,
-    plus the two reductions of each attention (query·key scores and the probability-weighted sum of values)."""
+def reductions(model: nn.Module, *args: torch.Tensor, backward: bool = False) -> list[int]:
+    """The length of every rounded reduction a forward pass of ``model`` runs in series (and, with ``backward``,
+    the ones its backward pass adds): each Linear, Conv2d and LayerNorm call, a training BatchNorm's batch
+    statistics, and each attention's three (query·key scores, the softmax's sum, probabilities·values)."""
     from segformer.modeling import SegformerEfficientSelfAttention
 
-    count, hooks = [0], []
+    lengths, hooks = [], []
 
-    def one(*_):
-        count[0] += 1
+    def linear(module, inputs, _):
+        rows = inputs[0].numel() // module.in_features
+        lengths.append(module.in_features)
+        if backward:  # the input's gradient sums over outputs, the weight's over rows
+            lengths.extend([module.out_features, rows])
 
-    def two(*_):
-        count[0] += 2
+    def conv(module, _, output):
+        window = module.kernel_size[0] * module.kernel_size[1]
+        lengths.append(module.in_channels // module.groups * window)
+        if backward:
+            lengths.extend([module.out_channels // module.groups * window, output.numel() // module.out_channels])
+
+    def layer_norm(module, inputs, _):
+        k = math.prod(module.normalized_shape)
+        lengths.append(k)
+        if backward:  # two row sums of the gradient, and the affine parameters' sums over rows
+            lengths.extend([k, inputs[0].numel() // k])
+
+    def batch_norm(module, inputs, _):
+        if module.training:  # in eval mode a per-channel affine map (no reduction)
+            rows = inputs[0].numel() // module.num_features
+            lengths.extend([rows, rows, rows] if backward else [rows])
+
+    def attention(module, args, _):
+        x, height, width = args[:3]
+        r, n = module.sr_ratio, x.shape[-2]
+        keys = n if r == 1 else (height // r) * (width // r)
+        lengths.extend([module.head_dim, keys, keys])
+        if backward:  # dV = Pᵀ·dO, dP = dO·Vᵀ, the softmax's row sums, dQ = dS·K, dK = dSᵀ·Q
+            lengths.extend([n, module.head_dim, keys, keys, n])
 
     for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d, nn.LayerNorm)):
-            hooks.append(module.register_forward_hook(one))
+        if isinstance(module, nn.Linear):
+            hooks.append(module.register_forward_hook(linear))
+        elif isinstance(module, nn.Conv2d):
+            hooks.append(module.register_forward_hook(conv))
+        elif isinstance(module, nn.LayerNorm):
+            hooks.append(module.register_forward_hook(layer_norm))
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            hooks.append(module.register_forward_hook(batch_norm))
         elif isinstance(module, SegformerEfficientSelfAttention):
-            hooks.append(module.register_forward_hook(two))
+            hooks.append(module.register_forward_hook(attention))
     fast = getattr(model, "fast_path", None)
+    moving = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    statistics = [(buffer, buffer.clone()) for m in moving for buffer in m.buffers()]  # a training pass moves them
     try:
         if fast is not None:  # counted on the plain path: fused and folded kernels skip the modules' hooks
             model.fast_path = False
@@ -141,20 +175,36 @@ def series_depth(model: nn.Module, *args: torch.Tensor) -> int:
     finally:
         if fast is not None:
             model.fast_path = fast
+        with torch.no_grad():
+            for buffer, value in statistics:
+                buffer.copy_(value)
         for hook in hooks:
             hook.remove()
-    return count[0]
+    return lengths
 
 
-def fp32_tol(depth: int) -> float:
-    """Error allowance of an fp32 forward pass with ``depth`` reductions in series, relative to its largest output.
+def fp32_tol(lengths: list[int]) -> float:
+    """Error allowance of an fp32 pass running reductions of ``lengths`` in series, relative to its largest output.
 
-    Each reduction adds a relative error of order u (BLAS and oneDNN sum in short blocks, so the length of one
-    sum barely matters; LayerNorm keeps errors relative); independent errors add in quadrature, u·sqrt(depth);
-    the largest of thousands of such errors sits near 4 sigma; and kernel families that block differently
-    (AVX-512, AVX2, the portable kernels) were measured up to 2.4x apart: 2 x 4 = 8 u sqrt(depth).
+    A sum of K random-sign terms grows as sqrt(j)·s over its j-th partial sum; each addition rounds by at most u
+    of it, so in any order (BLAS's blocks, oneDNN's, the portable kernels' running sums: blocking only shortens
+    the chains) the result's error is at most u·s·sqrt(K(K+1)/2) against a result of size s·sqrt(K): u·sqrt(K/2)
+    relative, plus 2u for its own rounding and the pointwise step after it (bias, activation, residual sum,
+    normalisation, upsampling: a convex sum). The normalised layers pass relative errors on with a gain near 1,
+    so independent errors add in quadrature along the series, u·sqrt(Σ (K/2 + 2)) of each layer's rms; the largest
+    of many outputs' errors sits within 4 sigma, and the largest output is at least the rms.
     """
-    return 8 * U32 * math.sqrt(depth)
+    return 4 * U32 * math.sqrt(sum(k / 2 + 2 for k in lengths))
+
+
+def rounded_once_tol(count: int, unit: float) -> float:
+    """Error allowance of a pass of ``count`` reductions in series whose operands are rounded to a format of unit
+    ``unit`` (bfloat16; int8's 2^-8 of a tensor's range) and whose products are summed in fp32, relative to its
+    largest output. Per reduction both operands, the result and the pointwise step after it round once: four
+    relative errors of at most ``unit`` whatever the length K (an operand's rounding errors, random in sign,
+    add up like the K products themselves; the fp32 sums' u32·sqrt(K/2) is negligible), in quadrature along the
+    series, 4 sigma as in :func:`fp32_tol`: 8·unit·sqrt(count)."""
+    return 4 * unit * math.sqrt(4 * count)
 
 
 def cross_entropy_tol(logit_err: float, loss: float) -> float:

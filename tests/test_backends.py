@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import U32, fp32_tol, randomize_, rel_err, run_cli, series_depth, tiny_config
+from conftest import U32, fp32_tol, randomize_, reductions, rel_err, run_cli, tiny_config
 from PIL import Image
 
 from segformer import SegformerForSemanticSegmentation
@@ -50,7 +50,7 @@ def ort(model, tmp_path_factory) -> OnnxRuntimeModel:
 def logits_tol(model, x: torch.Tensor) -> float:
     """Two implementations of the same graph (onnxruntime's kernels and PyTorch's), each within fp32_tol of the
     exact logits relative to the largest one."""
-    return 2 * fp32_tol(series_depth(model, x))
+    return 2 * fp32_tol(reductions(model, x))
 
 
 def probs_tol(model, inputs: list[torch.Tensor]) -> float:

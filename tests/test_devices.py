@@ -16,7 +16,7 @@ import json
 
 import pytest
 import torch
-from conftest import U32, cross_entropy_tol, fp32_tol, randomize_, rel_err, series_depth, short_run, tiny_config
+from conftest import U32, cross_entropy_tol, fp32_tol, randomize_, reductions, rel_err, short_run, tiny_config
 
 from segformer import SegformerConfig, SegformerForSemanticSegmentation
 from segformer.data import write_synthetic_dataset
@@ -106,18 +106,22 @@ MODES = {
 def test_inference_on_the_device_equals_float64_up_to_rounding(device, mode):
     """infer's probabilities and predict_labels' labels on each device against a float64 reference on the CPU.
 
-    Bound: each pass's logits are within fp32_tol(depth)·max|z| of exact (conftest's error model); bilinear
+    Bound: each pass's logits are within fp32_tol·max|z| of exact (conftest's error model); bilinear
     resizing and averaging are convex combinations (they cannot grow it); a softmax moves by at most twice the
     largest logit change (dp_k = p_k(dz_k - sum_j p_j dz_j)), plus its own rounding (8u). Labels must agree
     wherever the reference's top two classes are further apart than twice the logit bound."""
     reference, model = _tiny_pair()
     x = torch.randn(2, 3, 70, 90)
     opts = MODES[mode]
-    largest = [0.0]  # max |logit| over every forward pass the reference runs (scales, flips, windows)
-    hook = reference.register_forward_hook(lambda m, i, out: largest.append(out.logits.abs().max().item()))
+    passes = []  # the input and max |logit| of every forward pass the reference runs (scales, flips, windows)
+
+    def keep(module, args, kwargs, out):
+        passes.append(((args or list(kwargs.values()))[0].float(), out.logits.abs().max().item()))
+
+    hook = reference.register_forward_hook(keep, with_kwargs=True)
     exact = infer(reference, x.double(), opts)
     hook.remove()
-    z_err = fp32_tol(series_depth(model, x)) * max(largest)  # the depth is the same at every input size
+    z_err = max(fp32_tol(reductions(model, pixels)) for pixels, _ in passes) * max(top for _, top in passes)
     model.to(device)
     got = infer(model, x.to(device), opts)
     assert got.device.type == device.type and got.dtype == torch.float32

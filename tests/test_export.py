@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import U32, fp32_tol, randomize_, rel_err, run_cli, series_depth, tiny_config
+from conftest import U32, fp32_tol, randomize_, reductions, rel_err, run_cli, tiny_config
 
 from segformer import SegformerForSemanticSegmentation
 from segformer.export import FP16_TOLERANCE, check_folded_head, export_onnx
@@ -31,7 +31,7 @@ U16 = 2.0**-11  # fp16 unit roundoff
 def tol(model, x: torch.Tensor, unit: float = U32) -> float:
     """Two implementations (onnxruntime's kernels and ours), each within fp32_tol of exact; fp16 graphs have
     fp16's unit roundoff in place of fp32's."""
-    return 2 * fp32_tol(series_depth(model, x)) * unit / U32
+    return 2 * fp32_tol(reductions(model, x)) * unit / U32
 
 
 def run_onnx(path, x: torch.Tensor) -> torch.Tensor:

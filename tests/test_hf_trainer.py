@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import U32, cross_entropy_tol, fp32_tol, rel_err, series_depth, tiny_config
+from conftest import U32, cross_entropy_tol, fp32_tol, reductions, rel_err, tiny_config
 
 datasets = pytest.importorskip("datasets", reason="the Trainer tests need the dev extra")
 transformers = pytest.importorskip("transformers", reason="the Trainer tests need the dev extra")
@@ -97,11 +97,11 @@ def test_gradient_accumulation_averages_the_micro_batches(tmp_path, processor):
             p -= 0.5 * p.grad
     moved = [(a - b).abs().max().item() for a, b in zip(model.parameters(), reference.parameters(), strict=True)]
     start = SegformerForSemanticSegmentation(tiny_config(num_labels=3, **QUIET))
-    depth = 2 * series_depth(start.eval(), batch["pixel_values"])  # forward and backward
+    lengths = reductions(start.train(), batch["pixel_values"], backward=True)
     top_grad = max(p.grad.abs().max().item() for p in reference.parameters())
     top_weight = max(p.abs().max().item() for p in reference.parameters())
-    # lr x two fp32 gradients, each within fp32_tol(depth) of the largest; and each side's step rounds once (u |p|)
-    bound = sgd["learning_rate"] * 2 * fp32_tol(depth) * top_grad + 2 * U32 * top_weight
+    # lr x two fp32 gradients, each within fp32_tol of the largest; and each side's step rounds once (u |p|)
+    bound = sgd["learning_rate"] * 2 * fp32_tol(lengths) * top_grad + 2 * U32 * top_weight
     assert max(moved) <= bound, (max(moved), bound)
     # and the step was not a no-op (the comparison above would pass trivially)
     assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), start.state_dict().values()))
@@ -123,7 +123,7 @@ def test_evaluate_and_predict_match_the_model(tmp_path, processor):
     logits = predictions.predictions[0] if isinstance(predictions.predictions, tuple) else predictions.predictions
     assert logits.shape == (3, 3, 16, 16)
     # batches of 2 + 1 against one of 3 (other GEMM blockings): two fp32 passes, each within fp32_tol of its depth
-    tol = 2 * fp32_tol(series_depth(model, pixels))
+    tol = 2 * fp32_tol(reductions(model, pixels))
     assert rel_err(torch.from_numpy(logits), out.logits) <= tol
     # Trainer's eval loss: the mean of the batches' losses, weighted by their sizes (2 and 1), from the logits of two
     # fp32 passes (tol); each side's mean of [l0, l0, l1] rounds 3 more times (2 additions, 1 division)

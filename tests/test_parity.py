@@ -20,7 +20,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import numpy as np
 import pytest
 import torch
-from conftest import U32, fp32_tol, hf_pil_processor, randomize_, rel_err, series_depth, tiny_config
+from conftest import U32, fp32_tol, hf_pil_processor, randomize_, reductions, rel_err, tiny_config
 from PIL import Image
 
 import segformer
@@ -56,7 +56,7 @@ def hf_model(cls_name: str, **config):
 
 def same_outputs_tol(model, x) -> float:
     # each of two fp32 runs of the same computation lies within fp32_tol of the exact result: 2x between them
-    return 2 * fp32_tol(series_depth(model, x))
+    return 2 * fp32_tol(reductions(model, x))
 
 
 # ------------------------------------------------------------------------------- (2) torch.export, jit.trace

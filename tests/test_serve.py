@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import fp32_tol, randomize_, run_cli, series_depth, tiny_config
+from conftest import fp32_tol, randomize_, reductions, run_cli, tiny_config
 from PIL import Image
 from test_predict import _noise, _png_bomb
 
@@ -96,7 +96,7 @@ def labels_of(png: bytes) -> np.ndarray:
 
 def decided(predictor: SegformerPredictor, data: bytes) -> tuple[np.ndarray, np.ndarray]:
     """The predictor's own labels for an image, and where no other fp32 pass (another batch size: other kernel
-    blocking) can change them. Two fp32 passes each lie within fp32_tol(depth) x max|logit| of the exact logits
+    blocking) can change them. Two fp32 passes each lie within fp32_tol x max|logit| of the exact logits
     (conftest's error model), so they differ by at most twice that; the argmax can move only where the top two
     log-probabilities (the logits up to a per-pixel constant; bilinear upsampling is a convex combination, which
     cannot grow the error) are closer than twice the difference."""
@@ -104,7 +104,7 @@ def decided(predictor: SegformerPredictor, data: bytes) -> tuple[np.ndarray, np.
     x = torch.from_numpy(normalize(predictor.load(data)))[None]  # (1, 3, H, W)
     with torch.no_grad():
         top_logit = predictor.model(x).logits.abs().max().item()
-    bound = 2 * fp32_tol(series_depth(predictor.model, x)) * top_logit
+    bound = 2 * fp32_tol(reductions(predictor.model, x)) * top_logit
     logp = np.sort(np.log(np.clip(ref.probs, 1e-30, None)), axis=0)  # (K, H, W), ascending
     return ref.labels, (logp[-1] - logp[-2]) > 2 * bound
 
