@@ -281,10 +281,13 @@ def upsampled_argmax(probs: torch.Tensor, size: tuple[int, int], rows: int | Non
     return _upsampled_argmax(values, size, rows)
 
 
-def _upsampled_argmax(values: torch.Tensor, size: tuple[int, int], rows: int | None = None) -> torch.Tensor:
+def _upsampled_argmax(
+    values: torch.Tensor, size: tuple[int, int], rows: int | None = None, confidence: torch.Tensor | None = None
+) -> torch.Tensor:
     """(B, K, h, w) logits (or anything with their per-pixel argmax, such as log-probabilities) → (B, H, W) int64
     argmax of their bilinear upsampling to ``size``, in bands of ``rows`` output rows; K == 1: value > 0.
-    Equal to the argmax of F.interpolate's result except where two classes' values are within its rounding."""
+    Equal to the argmax of F.interpolate's result except where two classes' values are within its rounding.
+    With ``confidence`` (B, H, W) float32, each band's :func:`top_probability` is written into it as well."""
     height, width = size
     h = values.shape[-2]
     if rows is None:
@@ -301,7 +304,18 @@ def _upsampled_argmax(values: torch.Tensor, size: tuple[int, int], rows: int | N
         blend.sub_(top).mul_(wy[r0:r1].view(1, 1, -1, 1)).add_(top)  # (B, K, rows, W)
         del top
         out[:, r0:r1] = labels_from_probs(blend, threshold=0.0)  # blend holds logits: > 0 is p > 0.5
+        if confidence is not None:
+            confidence[:, r0:r1] = top_probability(blend)
     return out
+
+
+def top_probability(logits: torch.Tensor) -> torch.Tensor:
+    """(B, K, ...) logits → (B, ...) float32 confidence: the probability of the class the argmax picks, the
+    softmax's largest value (1 / Σ exp(z - max z)); for a one-label (sigmoid) model the probability of the label
+    that z > 0 gives, sigmoid(|z|)."""
+    if logits.shape[1] == 1:
+        return torch.sigmoid(logits[:, 0].float().abs())
+    return torch.softmax(logits.float(), dim=1).amax(dim=1)
 
 
 def _resize(t: torch.Tensor, size: tuple[int, int], out: torch.Tensor | None = None) -> torch.Tensor:
@@ -911,14 +925,75 @@ def predict_labels(
     labels = torch.empty((b, *out_size), dtype=torch.long, device=x.device)
     scratch = _scratch(x.device)
     for i in range(b):
-        if _composes(one, i, out_size):
-            _composed_labels(one, i, out_size, scratch, labels[i])
-        elif _banded(one, out_size, band_above):
-            (_, _, _, _, logits), size = one.windows[0], one.size
-            labels[i] = _upsampled_argmax(_resize(logits[i : i + 1], size), out_size)[0]
-        else:  # the argmax of the logits (> 0 for K == 1)
-            labels[i] = labels_from_probs(one.logits(i, out_size, scratch), threshold=0.0)[0]
+        _single_pass_labels(one, i, out_size, scratch, band_above, labels[i])
     return labels
+
+
+def _single_pass_labels(
+    one: _Pass,
+    i: int,
+    out_size: tuple[int, int],
+    scratch: _Scratch,
+    band_above: int | None,
+    out: torch.Tensor,
+    confidence: torch.Tensor | None = None,
+) -> None:
+    """Image ``i``'s labels of a single pass into ``out`` (H_out, W_out), as :func:`predict_labels` makes them,
+    and with ``confidence`` (H_out, W_out) float32 each pixel's :func:`top_probability` of the same logits."""
+    if _composes(one, i, out_size):
+        _composed_labels(one, i, out_size, scratch, out, confidence)
+    elif _banded(one, out_size, band_above):
+        (_, _, _, _, logits), size = one.windows[0], one.size
+        top = None if confidence is None else confidence[None]
+        out.copy_(_upsampled_argmax(_resize(logits[i : i + 1], size), out_size, confidence=top)[0])
+    else:  # the argmax of the logits (> 0 for K == 1)
+        logits = one.logits(i, out_size, scratch)
+        out.copy_(labels_from_probs(logits, threshold=0.0)[0])
+        if confidence is not None:  # in bands of rows: no softmax of the whole image besides its logits
+            rows = max(1, MMAP_THRESHOLD // (4 * logits.shape[1] * logits.shape[-1]))
+            for r0 in range(0, logits.shape[-2], rows):
+                confidence[r0 : r0 + rows] = top_probability(logits[..., r0 : r0 + rows, :])[0]
+
+
+@torch.no_grad()
+def predict_confidence(
+    model: nn.Module,
+    pixel_values: torch.Tensor,
+    options: InferenceOptions | None = None,
+    *,
+    output_size: tuple[int, int] | None = None,
+    band_above: int | None = None,
+    **keywords: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(labels, confidence): :func:`predict_labels`' (B, H_out, W_out) int64 labels and each pixel's confidence,
+    (B, H_out, W_out) float32: the probability :func:`infer` gives the class the pixel got (its largest; for a
+    one-label model that of the label, sigmoid(|z|)). Takes predict_labels' arguments.
+
+    Without (B, K, H_out, W_out) probabilities. A single pass (no scales, no flip) runs once and gives the labels
+    predict_labels gives, bit for bit, and the confidence of the same logits, in bands of rows: it holds what the
+    labels hold (on the CPU, through the composed resizes, bands: a 3000x4000 photo with 150 classes in "aligned"
+    mode holds no 7 GB of probabilities; where the labels take one image's logits, those). Several passes:
+    :func:`infer` image by image, the labels its argmax (they can differ from predict_labels' where two classes'
+    averaged probabilities are within rounding), holding one image's (K, H_out, W_out) probabilities."""
+    opts, net, x = _prepare(model, pixel_values, options, keywords)
+    b, (H, W) = x.shape[0], x.shape[-2:]
+    out_size = _check_pair(output_size, "output_size") if output_size is not None else (H, W)
+    labels = torch.empty((b, *out_size), dtype=torch.long, device=x.device)
+    confidence = torch.empty((b, *out_size), dtype=torch.float32, device=x.device)
+    if _pass_count(opts) > 1:
+        for i in range(b):
+            probs = infer(net, x[i : i + 1], opts, output_size=out_size)  # (1, K, H_out, W_out)
+            labels[i] = labels_from_probs(probs)[0]
+            binary = probs.shape[1] == 1
+            confidence[i] = probs[0, 0].where(labels[i] == 1, 1 - probs[0, 0]) if binary else probs[0].amax(0)
+            del probs
+        return labels, confidence
+    with _eval_mode(net):
+        one = next(_passes(net, x, opts))
+    scratch = _scratch(x.device)
+    for i in range(b):
+        _single_pass_labels(one, i, out_size, scratch, band_above, labels[i], confidence[i])
+    return labels, confidence
 
 
 def _labels_keeping_passes(
@@ -1094,29 +1169,46 @@ def _composes(one: _Pass, i: int, out_size: tuple[int, int]) -> bool:
     return one.count is None and one.size != out_size and not one.flipped and _maps_apply(one.windows[0][4][i])
 
 
-def _composed_labels(one: _Pass, i: int, out_size: tuple[int, int], scratch: _Scratch, out: torch.Tensor) -> None:
+def _composed_labels(
+    one: _Pass,
+    i: int,
+    out_size: tuple[int, int],
+    scratch: _Scratch,
+    out: torch.Tensor,
+    confidence: torch.Tensor | None = None,
+) -> None:
     """Image ``i``'s (H, W) labels into ``out``: the argmax of its logits taken to ``out_size`` as
     :meth:`_Pass.logits` takes them (to the padded input, cropped, then to ``out_size``), with each axis's two
-    resizes composed into one matrix (:func:`_labels_by_axis_maps`)."""
-    _labels_by_axis_maps(one.windows[0][4][i], *one.axis_chains(out_size), scratch, out)
+    resizes composed into one matrix (:func:`_labels_by_axis_maps`; ``confidence`` as there)."""
+    _labels_by_axis_maps(one.windows[0][4][i], *one.axis_chains(out_size), scratch, out, confidence)
 
 
 def _labels_by_axis_maps(
-    logits: torch.Tensor, rows: tuple[int, int, int], cols: tuple[int, int, int], scratch: _Scratch, out: torch.Tensor
+    logits: torch.Tensor,
+    rows: tuple[int, int, int],
+    cols: tuple[int, int, int],
+    scratch: _Scratch,
+    out: torch.Tensor,
+    confidence: torch.Tensor | None = None,
 ) -> None:
     """``out`` (H, W) ← the argmax over K of ``logits`` (K, h', w') taken along each axis through one matrix,
     :func:`_axis_map` of (h', *rows) and (w', *cols): bilinear to rows[0], the first rows[1] kept, bilinear to
     rows[2] = H where it differs (columns likewise), band by band (:func:`_mapped_bands`), with the argmax of each
     band. The same linear map as the resizes, rounded differently: labels differ from theirs only where two
     classes are within rounding of each other. Where every tap's source pixel ranks one class first
-    (:func:`_agreed_labels`) that class is the label, and the bands whose labels are all known are never made."""
+    (:func:`_agreed_labels`) that class is the label, and the bands whose labels are all known are never made
+    unless ``confidence`` (H, W) float32 asks for each pixel's :func:`top_probability` of the band's values too:
+    then every band is made, and the labels are the same."""
     maps, src = _axis_maps(logits, rows, cols, flip=False), _classes_last(logits)
     agreed = _agreed_labels(maps, src)  # known labels (>= 0), -1 where the taps disagree
     todo = None
     if agreed is not None:
         out.copy_(agreed)
         todo = agreed < 0
-    for r0, r1, values in _mapped_bands(maps, src, scratch, None if todo is None else todo.any(1).tolist()):
+    need = None if todo is None or confidence is not None else todo.any(1).tolist()
+    for r0, r1, values in _mapped_bands(maps, src, scratch, need):
+        if confidence is not None:
+            confidence[r0:r1] = torch.softmax(values, dim=-1).amax(dim=-1)
         if todo is None:
             out[r0:r1] = values.max(-1).indices
         else:
@@ -1328,11 +1420,13 @@ __all__ = [
     "effective_amp",
     "infer",
     "labels_from_probs",
+    "predict_confidence",
     "predict_labels",
     "reduced_precision_problem",
     "resized_labels",
     "resolve_options",
     "reuse_work_areas",
     "select_dtype",
+    "top_probability",
     "upsampled_argmax",
 ]

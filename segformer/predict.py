@@ -26,7 +26,8 @@ Choices worth knowing:
 - Labels alone are computed without the batch's (B, K, H, W) float32 probabilities
   (:func:`segformer.inference.predict_labels`: the model runs on the batch, the rest image by image; a huge
   photo in "aligned" mode is upsampled in row bands); ``return_probs=True`` returns those probabilities, so it
-  holds them.
+  holds them; ``return_confidence=True`` adds each pixel's top-class probability without them
+  (:func:`segformer.inference.predict_confidence`).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from .inference import (
     check_crop_size,
     infer,
     labels_from_probs,
+    predict_confidence,
     predict_labels,
     resolve_options,
     reuse_work_areas,
@@ -139,11 +141,14 @@ class Segmentation:
 
     labels: (H, W) class ids at the image's size (after EXIF orientation); uint8 for up to 256 classes,
     uint16 up to 65536, else int32. probs: (K, H, W) float32 class probabilities (K = num_labels; a one-label
-    sigmoid model gives (1, H, W), the probability of class 1), or None unless asked for.
+    sigmoid model gives (1, H, W), the probability of class 1), or None unless asked for. confidence: (H, W)
+    float32, each pixel's probability of the class it got (:func:`segformer.inference.predict_confidence`:
+    without the (K, H, W) probabilities), or None unless asked for.
     """
 
     labels: np.ndarray
     probs: np.ndarray | None = None
+    confidence: np.ndarray | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -302,12 +307,18 @@ class SegformerPredictor:
     # band_above).
     chunk_threshold: int = 1 << 26
 
-    def _run(self, images: list[Image.Image], return_probs: bool) -> list[Segmentation]:
+    def _run(self, images: list[Image.Image], return_probs: bool, return_confidence: bool) -> list[Segmentation]:
         """Same-size RGB images → one forward pass (through segformer.inference)."""
         batch = torch.stack([self.preprocess(im) for im in images]).to(self.device)  # (B, 3, H, W)
+        confidence = None
         if return_probs:
             probs = infer(self.model, batch, self.options)  # (B, K, H, W) float32 at the input size
             labels = labels_from_probs(probs)  # (B, H, W)
+            if return_confidence:
+                confidence = probs.amax(1) if probs.shape[1] > 1 else probs[:, 0].where(labels == 1, 1 - probs[:, 0])
+        elif return_confidence:  # the labels predict_labels gives, and no (B, K, H, W) probabilities
+            probs = None
+            labels, confidence = predict_confidence(self.model, batch, self.options, band_above=self.chunk_threshold)
         else:
             # Image by image at full resolution; a huge photo (7 GB of float32 logits for 150 classes at 12 MP)
             # without its full-size logits: through the composed resizes on the CPU, else in row bands from the
@@ -316,20 +327,26 @@ class SegformerPredictor:
             labels = predict_labels(self.model, batch, self.options, band_above=self.chunk_threshold)
         labels_np = labels.cpu().numpy().astype(self._labels_dtype())
         probs_np = probs.float().cpu().numpy() if probs is not None else None
-        return [Segmentation(labels_np[i], probs_np[i] if probs_np is not None else None) for i in range(len(images))]
+        top = confidence.float().cpu().numpy() if confidence is not None else None
+        return [
+            Segmentation(labels_np[i], None if probs_np is None else probs_np[i], None if top is None else top[i])
+            for i in range(len(images))
+        ]
 
     def predict_iter(
-        self, images: Iterable[ImageInput], *, return_probs: bool = False
+        self, images: Iterable[ImageInput], *, return_probs: bool = False, return_confidence: bool = False
     ) -> Iterator[tuple[ImageInput, Segmentation | ImageError]]:
         """Yield ``(source, Segmentation)`` for each input in order, or ``(source, ImageError)`` for one that
         cannot be read or is too small/large: a bad image never stops the others. The images share one set of
         full-resolution work areas (:class:`segformer.inference.WorkAreas`), kept by the iterator between images
         (b0, 150 classes, 640×480 photos, aligned: 285 instead of 527 ms per image)."""
-        for source, _, result in self.predict_iter_with_images(images, return_probs=return_probs):
+        for source, _, result in self.predict_iter_with_images(
+            images, return_probs=return_probs, return_confidence=return_confidence
+        ):
             yield source, result
 
     def predict_iter_with_images(
-        self, images: Iterable[ImageInput], *, return_probs: bool = False
+        self, images: Iterable[ImageInput], *, return_probs: bool = False, return_confidence: bool = False
     ) -> Iterator[tuple[ImageInput, Image.Image | None, Segmentation | ImageError]]:
         """:meth:`predict_iter` that also yields the decoded RGB image each result belongs to (as :meth:`load`
         gives it; None for a failure): ``(source, image, Segmentation | ImageError)``, in order."""
@@ -345,13 +362,17 @@ class SegformerPredictor:
                 loaded = exc
             window.append((source, loaded))
             if len(window) >= self.batch_size:
-                yield from self._run_window(window, return_probs, areas)
+                yield from self._run_window(window, return_probs, return_confidence, areas)
                 window = []
         if window:
-            yield from self._run_window(window, return_probs, areas)
+            yield from self._run_window(window, return_probs, return_confidence, areas)
 
     def _run_window(
-        self, window: list[tuple[ImageInput, Image.Image | ImageError]], return_probs: bool, areas: WorkAreas
+        self,
+        window: list[tuple[ImageInput, Image.Image | ImageError]],
+        return_probs: bool,
+        return_confidence: bool,
+        areas: WorkAreas,
     ) -> Iterator[tuple[ImageInput, Image.Image | None, Segmentation | ImageError]]:
         """One window of loaded images (or their errors) → results in order; same-size images share a pass."""
         results: dict[int, Segmentation | ImageError] = {}
@@ -363,13 +384,17 @@ class SegformerPredictor:
                 groups.setdefault(img.size, []).append(i)
         for idx in groups.values():
             with reuse_work_areas(areas):
-                outs = self._run([window[i][1] for i in idx], return_probs)  # type: ignore[misc]
+                outs = self._run([window[i][1] for i in idx], return_probs, return_confidence)  # type: ignore[misc]
             results.update(zip(idx, outs, strict=True))
         for i, (src, img) in enumerate(window):
             yield src, (img if isinstance(img, Image.Image) else None), results[i]
 
     def predict(
-        self, images: ImageInput | Sequence[ImageInput], *, return_probs: bool = False
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        *,
+        return_probs: bool = False,
+        return_confidence: bool = False,
     ) -> Segmentation | list[Segmentation]:
         """One image → a :class:`Segmentation`; a list, a tuple or an iterator such as a generator (or a 4-D array /
         tensor, a batch of images) → a list. Raises :class:`ImageError` (naming the image) for the first input that
@@ -379,7 +404,7 @@ class SegformerPredictor:
         single = not batch and not isinstance(images, (list, tuple, Iterator))  # (a generator: audit)
         items = [images] if single else list(images)
         out: list[Segmentation] = []
-        for source, result in self.predict_iter(items, return_probs=return_probs):
+        for source, result in self.predict_iter(items, return_probs=return_probs, return_confidence=return_confidence):
             if isinstance(result, ImageError):
                 if isinstance(source, (str, os.PathLike)):
                     raise ImageError(f"{source}: {result}")

@@ -79,7 +79,8 @@ access_log = logging.getLogger("segformer.serve.access")
 SERVE_EXTRA = 'pip install "segformer[serve]"'
 # A server's pixel limit: below segformer predict's (Pillow's 89.5 MP), since up to --max-queue decoded images
 # (3 bytes a pixel) wait in memory at once, besides those of the uploads being decoded; 40 MP still takes any phone
-# or DSLR photo.
+# or DSLR photo. (?probs=true adds 4 bytes a pixel for the confidence, never the K classes' probabilities, with a
+# single-pass protocol on the CPU: predict_confidence.)
 DEFAULT_MAX_PIXELS = 40_000_000
 
 
@@ -458,7 +459,7 @@ class Batcher:
             self.running_images += len(batch)
         outcomes: list[tuple[_Job, _Result | Exception]] = []
         try:
-            for want_probs in (False, True):  # probabilities cost memory: only the jobs that asked pay for them
+            for want_probs in (False, True):  # confidences cost a softmax: only the jobs that asked pay for them
                 group = [j for j in batch if j.probs == want_probs]
                 if group:
                     outcomes += self._segment(group, want_probs)
@@ -479,7 +480,8 @@ class Batcher:
         """Each job of a same-probs group with its result, or the exception its forward pass raised."""
         started = time.perf_counter()
         try:
-            results = [r for _, r in self.predictor.predict_iter([j.image for j in group], return_probs=want_probs)]
+            images = [j.image for j in group]  # (the confidence without the (K, H, W) probabilities)
+            results = [r for _, r in self.predictor.predict_iter(images, return_confidence=want_probs)]
         except Exception as exc:
             if len(group) > 1:  # one image must not fail the others: run each alone
                 return [outcome for job in group for outcome in self._segment([job], want_probs)]
@@ -511,15 +513,9 @@ def _png_bytes(labels: np.ndarray, palette: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _winning(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """(H, W) each pixel's winning (top class) probability. probs: (K, H, W); for a one-label (sigmoid) model
-    K = 1 and the winner of class 0 is 1 - p."""
-    return np.where(labels == 1, probs[0], 1 - probs[0]) if probs.shape[0] == 1 else probs.max(axis=0)
-
-
-def _confidence(labels: np.ndarray, probs: np.ndarray, num_classes: int) -> np.ndarray:
-    """(num_classes,) mean over each class's pixels of the winning probability (NaN where a class is absent)."""
-    top = _winning(labels, probs)
+def _confidence(labels: np.ndarray, top: np.ndarray, num_classes: int) -> np.ndarray:
+    """(num_classes,) mean over each class's pixels of ``top``, each pixel's winning (top class) probability
+    (NaN where a class is absent)."""
     flat = labels.reshape(-1).astype(np.intp)
     sums = np.bincount(flat, weights=top.reshape(-1).astype(np.float64), minlength=num_classes)[:num_classes]
     counts = np.bincount(flat, minlength=num_classes)[:num_classes]
@@ -527,11 +523,11 @@ def _confidence(labels: np.ndarray, probs: np.ndarray, num_classes: int) -> np.n
         return sums / counts
 
 
-def _confidence_png(labels: np.ndarray, probs: np.ndarray) -> bytes:
+def _confidence_png(top: np.ndarray) -> bytes:
     """The confidence map: each pixel's winning probability p as an 8-bit grayscale PNG, round(255 p)."""
-    top = np.rint(np.clip(_winning(labels, probs), 0.0, 1.0) * 255).astype(np.uint8)
+    gray = np.rint(np.clip(top, 0.0, 1.0) * 255).astype(np.uint8)
     buf = io.BytesIO()
-    Image.fromarray(top).save(buf, format="PNG")  # (uint8, 2-D: mode L)
+    Image.fromarray(gray).save(buf, format="PNG")  # (uint8, 2-D: mode L)
     return buf.getvalue()
 
 
@@ -847,8 +843,8 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
             return Response(buf.getvalue(), media_type="image/jpeg")
         counts = seg.areas(k)
         total = int(labels.size)
-        with_probs = want_probs and seg.probs is not None
-        confidence = _confidence(labels, seg.probs, k) if with_probs else None
+        with_probs = want_probs and seg.confidence is not None
+        confidence = _confidence(labels, seg.confidence, k) if with_probs else None
         classes = []
         for c in np.flatnonzero(counts).tolist():
             entry: dict[str, Any] = {
@@ -869,7 +865,7 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
             "label_png": base64.b64encode(_png_bytes(labels, palette)).decode("ascii"),
         }
         if with_probs:
-            body["confidence_png"] = base64.b64encode(_confidence_png(labels, seg.probs)).decode("ascii")
+            body["confidence_png"] = base64.b64encode(_confidence_png(seg.confidence)).decode("ascii")
         body |= {
             "model": name,
             "batch_size": result.batch_size,

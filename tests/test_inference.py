@@ -665,6 +665,40 @@ def test_image_by_image_equals_the_batched_definition(seg, seg_k1, size, kwargs,
     _check_against_reference(model, x, InferenceOptions(**kwargs), output_size, monkeypatch)
 
 
+@pytest.mark.parametrize("one_label", [False, True], ids=["softmax", "sigmoid"])
+@pytest.mark.parametrize("output_size", [None, (37, 50)], ids=["input-size", "output-size"])
+@pytest.mark.parametrize("size, kwargs", SIZES_AND_OPTIONS)
+def test_confidence_comes_with_the_labels_predict_labels_gives(seg, seg_k1, size, kwargs, output_size, one_label):
+    """predict_confidence: a single pass's labels are predict_labels' bit for bit (the server's page and
+    `segformer predict` write the same label map), several passes' are infer's argmax; each pixel's confidence is
+    the probability of its label, infer's where it takes infer's logits."""
+    model = seg_k1 if one_label else seg
+    x = torch.randn(3, 3, *size, generator=torch.Generator().manual_seed(2))
+    opts = InferenceOptions(**kwargs)
+    labels, confidence = inference.predict_confidence(model, x, opts, output_size=output_size)
+    out = output_size or tuple(x.shape[-2:])
+    assert labels.shape == confidence.shape == (3, *out) and confidence.dtype == torch.float32
+    if not opts.single_pass:  # infer image by image: its own numbers
+        for i in range(3):
+            probs = infer(model, x[i : i + 1], opts, output_size=output_size)
+            assert torch.equal(labels[i : i + 1], labels_from_probs(probs))
+            top = probs[:, 0].where(labels[i] == 1, 1 - probs[:, 0]) if one_label else probs.amax(1)
+            assert torch.equal(confidence[i : i + 1], top)
+        return
+    assert torch.equal(labels, predict_labels(model, x, opts, output_size=output_size))
+    if _composed(model, x, opts, output_size):
+        # the composed resizes' logits are within composed_tol of the float64 resizes'; a softmax's largest value
+        # moves by at most half the largest logit change (its Jacobian's rows have an L1 norm <= 1/2), plus its
+        # own rounding (8u)
+        exact = _exact_single_pass(model, x, opts, output_size)
+        want = exact.softmax(1).amax(1)
+        assert (confidence.double() - want).abs().max() <= 0.5 * composed_tol(model, x, opts, exact) + 8 * U32
+    else:  # infer's own logits: two softmax kernels' rounding (a few u each, 8u)
+        probs = infer(model, x, opts, output_size=output_size)
+        top = probs[:, 0].where(labels == 1, 1 - probs[:, 0]) if one_label else probs.amax(1)
+        assert (confidence - top).abs().max() <= 8 * U32
+
+
 def test_channels_last_logits_equal_the_batched_definition(seg, monkeypatch):
     """A model (or backend) whose logits come channels-last: resized by F.interpolate's kernel for that layout."""
 
@@ -781,7 +815,7 @@ from PIL import Image
 sys.path.insert(0, sys.argv[1])
 from conftest import tiny_config
 from segformer import SegformerForSemanticSegmentation
-from segformer.inference import infer, predict_labels
+from segformer.inference import infer, predict_confidence, predict_labels
 from segformer.predict import SegformerPredictor
 
 def kib(field):
@@ -801,6 +835,8 @@ cases = {
     "slide+tta": lambda: predict_labels(model, x, mode="slide", crop_size=48, stride=32, **tta),
     "predictor": lambda: predictor.predict(photos),  # aligned: 100x125 → 128x160 → 100x125
     "infer": lambda: infer(model, x, mode="whole"),
+    "confidence": lambda: predict_confidence(model, x, mode="whole"),
+    "predictor+confidence": lambda: predictor.predict(photos, return_confidence=True),
 }
 with torch.no_grad():  # the first forward of a shape fills oneDNN's primitive cache, for good: not measured
     for size in ((48, 60), (64, 80), (80, 100), (48, 48), (128, 160)):  # scales, windows, predictor
@@ -847,6 +883,10 @@ def test_labels_at_batch_8_never_hold_a_full_resolution_batch():
     # 100, 125): logits at 1/4 of the working size (1.64/16), one image's at the working size (1.64/8) and at the
     # output size (1/8): 0.43. (The old code: 2.7.)
     assert peaks["predictor"] * (64 * 80) / (100 * 125) < 1, peaks
+    # Labels and each pixel's confidence (what the server's ?probs=true answers): the labels' memory plus one
+    # image's softmax (1/8) and the (B, H, W) confidence (1/150): whole 0.32; the predictor's through the composed
+    # resizes in bands, as its labels. (Through infer's probabilities, as before: infer's 1.19, the predictor's 1.6.)
+    assert peaks["confidence"] < 0.5 and peaks["predictor+confidence"] * (64 * 80) / (100 * 125) < 1, peaks
 
 
 # ------------------------------------------------------------------- several passes: kept passes or a running sum

@@ -168,10 +168,10 @@ def test_segment_answers_the_predictors_labels_and_files(predictor, tmp_path):
 
 def test_probs_gives_each_class_its_mean_winning_probability(predictor):
     data = png_of(40, 56, 2)
-    ref = predictor.predict(data, return_probs=True)
+    ref = predictor.predict(data, return_confidence=True)
     with client(predictor) as c:
         body = c.post("/v1/segment?probs=true", content=data).json()
-    top = ref.probs.max(axis=0)
+    top = ref.confidence
     assert body["classes"]
     for entry in body["classes"]:
         mine = ref.labels == entry["id"]
@@ -182,12 +182,30 @@ def test_probs_gives_each_class_its_mean_winning_probability(predictor):
         assert 1 / K <= entry["confidence"] <= 1
 
 
+def test_probs_keeps_the_labels_segformer_predict_writes(tmp_path):
+    """?probs=true answers the label map of the plain request and of `segformer predict`, where rounded
+    probabilities tie: a one-label model whose logits are all within 6e-8 of 0, where sigmoid rounds to 0.5, so
+    that the argmax of the probabilities (p > 0.5) and of the logits (z > 0) differ wherever z > 0."""
+    model = randomize_(SegformerForSemanticSegmentation(tiny_config(num_labels=1)), seed=2).eval()
+    with torch.no_grad():
+        model.decode_head.classifier.weight.mul_(1e-9)
+        model.decode_head.classifier.bias.zero_()
+    one_label = SegformerPredictor(model, device="cpu")
+    data = png_of(40, 56, 2)
+    assert (one_label.predict(data).labels != one_label.predict(data, return_probs=True).labels).any()
+    with client(one_label) as c:
+        body = c.post("/v1/segment?probs=true", content=data).json()
+        plain = c.post("/v1/segment", content=data).json()
+    assert body["label_png"] == plain["label_png"]
+    assert np.array_equal(labels_of(base64.b64decode(body["label_png"])), one_label.predict(data).labels)
+
+
 def test_probs_adds_the_per_pixel_confidence_map(predictor):
     """?probs=true adds confidence_png: each pixel's winning probability as an 8-bit gray PNG (round(255 p)), whose
     mean over a class's pixels is that class's confidence; the other fields stay as they were, and without probs
     there is no map."""
     data = png_of(40, 56, 2)
-    ref = predictor.predict(data, return_probs=True)
+    ref = predictor.predict(data, return_confidence=True)
     with client(predictor) as c:
         body = c.post("/v1/segment?probs=true", content=data).json()
         plain = c.post("/v1/segment", content=data).json()
@@ -197,7 +215,7 @@ def test_probs_adds_the_per_pixel_confidence_map(predictor):
     with Image.open(io.BytesIO(base64.b64decode(body["confidence_png"]))) as img:
         assert img.format == "PNG" and img.mode == "L" and img.size == (56, 40)
         conf = np.asarray(img).astype(np.int64)
-    expected = np.rint(ref.probs.max(axis=0) * 255)
+    expected = np.rint(ref.confidence * 255)
     assert np.abs(conf - expected).max() <= 1  # (a rounding step, where another pass differs in the last bits)
     assert conf.min() >= int(255 / K) and conf.max() <= 255  # a winner has at least 1/K
     labels = labels_of(base64.b64decode(body["label_png"]))
