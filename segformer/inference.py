@@ -945,7 +945,7 @@ def _single_pass_labels(
     elif _banded(one, out_size, band_above):
         (_, _, _, _, logits), size = one.windows[0], one.size
         top = None if confidence is None else confidence[None]
-        out.copy_(_upsampled_argmax(_resize(logits[i : i + 1], size), out_size, confidence=top)[0])
+        out.copy_(_upsampled_argmax(_resize(logits[i : i + 1], size), out_size, None, top)[0])
     else:  # the argmax of the logits (> 0 for K == 1)
         logits = one.logits(i, out_size, scratch)
         out.copy_(labels_from_probs(logits, threshold=0.0)[0])
