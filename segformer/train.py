@@ -75,6 +75,7 @@ from .recipe import (
     TrainConfig,
     build_model,
     build_optimizer,
+    check_model,
     lr_factor,
     param_groups,
     resolve_recipe,
@@ -153,6 +154,9 @@ def check_ranges(cfg: TrainConfig) -> None:
         ("--warmup-ratio", cfg.warmup_ratio, unit(cfg.warmup_ratio), "in [0, 1]"),
         ("--poly-power", cfg.poly_power, 0 <= cfg.poly_power < math.inf, ">= 0 and finite"),
         ("--min-lr", cfg.min_lr, 0 <= cfg.min_lr <= cfg.lr, f"in [0, --lr {cfg.lr:g}] (the schedule decays to it)"),
+        ("--scale", cfg.scale, cfg.scale is None or (len(cfg.scale) == 2 and (all(s > 0 for s in cfg.scale)
+         or tuple(cfg.scale) == (0, 0))), "two positive sizes, or 0 0 (the images' own size)"),
+        ("--seed", cfg.seed, cfg.seed >= 0, ">= 0"),
         ("--crop", list(cfg.crop), len(cfg.crop) == 2 and all(c > 0 for c in cfg.crop), "two positive sizes"),
         ("--ratio-range", cfg.ratio_range, cfg.ratio_range is None or 0 < cfg.ratio_range[0] <= cfg.ratio_range[1],
          "LOW HIGH with 0 < LOW <= HIGH"),
@@ -665,6 +669,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     # under torchrun only rank 0 reports them (segformer.distributed.raised_on_every_rank).
     with every_rank_raises(ValueError):  # the options and the process count alone decide
         micro = check_config(cfg, info)
+        check_model(cfg.model)
     cfg, notes = resolve_recipe(cfg, data_kind(cfg))  # what the run uses, printed and kept in train_config.json
     with every_rank_raises(ValueError):
         check_ranges(cfg)
@@ -679,6 +684,11 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         raise ValueError(f"{output} already holds a run; pass --resume auto to continue it, or another --output")
     if resume_dir is None and cfg.resume == "auto" and (output / "last").is_dir():
         raise ValueError(f"{output / 'last'} has no {TRAINING_STATE}: it cannot be resumed (start a new --output)")
+    if resume_dir is None and (output / "best" / "eval.json").is_file():  # (a new run would replace that model)
+        raise ValueError(
+            f"{output} holds an earlier run's best/ checkpoint but no last/ to resume; pass another --output (or move "
+            "best/ away)"
+        )
     if resume_dir is None and cfg.resume == "auto":  # (the settings are then this command's, with their defaults)
         _log(f"--resume auto: no run in {output} to resume; starting a new one with this command's settings", info)
     if resume_dir is not None:

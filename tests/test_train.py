@@ -164,10 +164,61 @@ def test_sigterm_stops_a_run_cleanly_and_says_how_to_go_on(data, tiny_json, tmp_
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
-    assert f"segformer train: {run / 'last'} holds the run's last checkpoint; --resume auto continues from it" in err
+    step = int(torch.load(run / "last" / "training_state.pt", weights_only=True)["step"])
+    line = f"segformer train: {run / 'last'} holds the run's last checkpoint (step {step}); --resume auto continues"
+    assert line in err, err[-2000:]
     assert err.rstrip().endswith("segformer train: terminated (SIGTERM)"), err[-2000:]
     leftovers = [p.name for p in run.rglob("*") if p.name.endswith((".tmp", ".old"))]
     assert leftovers == [], leftovers
+
+
+@pytest.mark.slow
+@pytest.mark.output
+def test_sigterm_names_the_default_folder_of_a_run_without_output(data, tiny_json, tmp_path):
+    """A run started without --output (the default runs/segformer) or as --resume RUN/last (which continues in RUN)
+    ended on SIGTERM or Ctrl-C with "error: expected str, bytes or os.PathLike object, not NoneType", exit 2 (the
+    handler read --output, None there: audit). Now exit 143 and the line naming RUN/last and its step."""
+    import signal
+    import time
+
+    cmd = [PY, "-m", "segformer", "train", "--data", str(data), "--model", str(tiny_json), "--steps", "400",
+           "--save-every", "2", "--eval-every", "0", "--batch-size", "2", "--crop", "48", "48", "--workers", "0",
+           "--no-progress"]  # fmt: skip
+    last = tmp_path / "runs" / "segformer" / "last"
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while not (last / "training_state.pt").is_file() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    step = int(torch.load(last / "training_state.pt", weights_only=True)["step"])
+    shown = Path("runs") / "segformer" / "last"
+    assert f"segformer train: {shown} holds the run's last checkpoint (step {step}); --resume auto" in err, err[-2000:]
+
+
+def test_options_and_folders_a_run_refuses(data, tiny_json, tmp_path, capsys):
+    """Each refused with one line naming the option (audit: the first three trained silently, --seed -1 failed
+    late in numpy, --model b9 spent 30 s retrying the hub, a folder whose last/ was deleted had its best/ replaced
+    by the new run's)."""
+    base = ["train", "--data", data, "--steps", "1", "--batch-size", "2", "--crop", "48", "48", "--workers", "0",
+            "--no-progress", "--eval-every", "0"]  # fmt: skip
+    cases = [
+        (["--model", data / "labels.json"], "--model .*labels.json: not a SegFormer config.json"),
+        (["--model", tiny_json, "--scale", "-1", "-1"], "--scale must be two positive sizes, or 0 0"),
+        (["--model", tiny_json, "--seed", "-1"], "--seed must be >= 0, got -1"),
+        (["--model", "b9"], "--model b9: no such variant; the variants are b0, b1, b2, b3, b4, b5"),
+    ]
+    for extra, message in cases:
+        code, _, err = run_cli(capsys, *base, "--output", tmp_path / "run", *extra)
+        assert code == 2 and re.search(message, err) and err.count("\n") == 1, (extra, err)
+        assert not (tmp_path / "run" / "last").exists()
+    old = tmp_path / "old"
+    (old / "best").mkdir(parents=True)
+    (old / "best" / "eval.json").write_text('{"step": 25, "mIoU": 16.86}\n')
+    code, _, err = run_cli(capsys, *base, "--model", tiny_json, "--output", old)
+    assert code == 2 and "holds an earlier run's best/ checkpoint but no last/ to resume" in err, err
+    assert (old / "best" / "eval.json").read_text() == '{"step": 25, "mIoU": 16.86}\n'
 
 
 @pytest.mark.output
@@ -737,25 +788,26 @@ def test_the_run_records_the_precision_that_ran(data, tiny_json, tmp_path, monke
 def test_recipe_is_the_papers_for_ade_and_cityscapes_and_derived_for_own_data():
     from segformer.recipe import resolve_recipe
 
-    fields = ("scale", "warmup_steps", "head_lr_mult", "ratio_range", "photometric", "cat_max_ratio")
+    fields = ("scale", "lr", "warmup_steps", "head_lr_mult", "ratio_range", "photometric", "cat_max_ratio")
 
     def values(cfg):
         return tuple(getattr(cfg, f) for f in fields)
 
     for kind, scale in (("ade20k", (2048, 512)), ("cityscapes", (2048, 1024))):
         cfg, notes = resolve_recipe(TrainConfig(steps=600), kind)
-        assert values(cfg) == (scale, 1500, 10.0, (0.5, 2.0), True, 0.75)
-        assert all("the paper's recipe" in n for n in notes) and len(notes) == 6
+        assert values(cfg) == (scale, 6e-5, 1500, 10.0, (0.5, 2.0), True, 0.75)
+        assert all("the paper's recipe" in n for n in notes) and len(notes) == 7
     for kind in ("folder", "hf"):
         cfg, notes = resolve_recipe(TrainConfig(steps=600), kind)  # "b0": fresh weights, as the plain loop
-        assert values(cfg) == ((0, 0), 0, 1.0, (1.0, 1.0), False, 1.0)
-        assert all("own data, fresh weights" in n for n in notes)
+        # (lr 6e-4: at the fine-tuning 6e-5, fresh weights stayed at the majority class on thin structures: audit)
+        assert values(cfg) == ((0, 0), 6e-4, 0, 1.0, (1.0, 1.0), False, 1.0)
+        assert all("own data, fresh weights" in n for n in notes) and "lr 0.0006 (own data, fresh weights)" in notes
         # from a pretrained checkpoint: the paper's fine-tuning choices at the data's own scale, 10% warm-up
         cfg, notes = resolve_recipe(TrainConfig(steps=600, model="nvidia/mit-b0"), kind)
-        assert values(cfg) == ((0, 0), 60, 10.0, (0.5, 2.0), True, 0.75)
+        assert values(cfg) == ((0, 0), 6e-5, 60, 10.0, (0.5, 2.0), True, 0.75)
         long = resolve_recipe(TrainConfig(steps=160_000, model="nvidia/mit-b0"), kind)[0]
         assert long.warmup_steps == 1500  # bounded by the paper's
-    explicit = TrainConfig(steps=600, scale=(1024, 256), warmup_steps=5, head_lr_mult=3.0, photometric=True,
+    explicit = TrainConfig(steps=600, scale=(1024, 256), lr=1e-3, warmup_steps=5, head_lr_mult=3.0, photometric=True,
                            ratio_range=(0.8, 1.2), cat_max_ratio=0.5)  # fmt: skip
     resolved, notes = resolve_recipe(explicit, "folder")
     assert resolved == explicit and notes == []  # what the user set is kept
