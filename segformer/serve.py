@@ -199,9 +199,17 @@ ERROR_KINDS = {
     "too_many_pixels": "413: image over --max-pixels (decompression bomb)",
     "queue_full": "503: --max-queue images were waiting for the model",
     "uploads_full": "503: --max-uploads uploads were arriving",
+    "client_gone": "499: the client closed the connection while its image waited (a queued image is not run)",
     "timeout": "504: no answer from the model in time",
     "internal": "500: an error in the server or the model",
 }
+
+
+async def _disconnected(request: Any) -> None:
+    """Return once the client of ``request`` has closed its connection: the ASGI channel's http.disconnect. Awaited
+    once the body has been read, when nothing else arrives on the channel before the answer is sent."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 class Metrics:
@@ -669,8 +677,8 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
         log.exception("segformer serve: internal error")
         return error_response(500, "internal", f"internal error: {type(exc).__name__}: {first_line(exc)}")
 
-    # --- middleware: access log, metrics, request id, a few security headers (outermost, so it sees all)
-    app.add_middleware(_Observe, metrics=metrics, batcher=batcher)
+    # --- middleware: CORS, then (added last, so outermost: it sees every request, the CORS preflights too) the
+    # access log, metrics, request id and a few security headers
     if config.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -679,7 +687,9 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
             allow_origins=list(config.cors_origins),
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type"],
+            expose_headers=["Retry-After", "X-Request-ID"],  # (not CORS-safelisted: a page could not read them)
         )
+    app.add_middleware(_Observe, metrics=metrics, batcher=batcher)
 
     bearer = HTTPBearer(auto_error=False, description="Only when the server was started with --api-key: `Bearer KEY`.")
     expected_key = config.api_key.encode() if config.api_key is not None else None
@@ -974,14 +984,25 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
                 batcher.abandon()
         if not queued:  # the queue filled up while this upload arrived
             raise busy("queue_full")
+        answer_ready = asyncio.ensure_future(asyncio.wrap_future(job.future))
+        client_gone = asyncio.ensure_future(_disconnected(request))
         try:
-            result: _Result = await asyncio.wait_for(
-                asyncio.wrap_future(job.future), max(deadline - time.perf_counter(), 0.001)
+            await asyncio.wait(
+                (answer_ready, client_gone),
+                timeout=max(deadline - time.perf_counter(), 0.001),
+                return_when=asyncio.FIRST_COMPLETED,
             )
-        except asyncio.TimeoutError:
-            batcher.withdraw(job)
+        finally:
+            client_gone.cancel()
+        if not answer_ready.done():
+            answer_ready.cancel()
+            batcher.withdraw(job)  # (out of the queue, its place free at once, unless a worker has it already)
+            if client_gone.done() and not client_gone.cancelled():
+                raise ApiError(499, "client_gone", "the client closed the connection before the answer")
             reason = f"no answer from the model within {config.timeout:g} s (--timeout)"
-            raise ApiError(504, "timeout", reason) from None
+            raise ApiError(504, "timeout", reason)
+        try:
+            result: _Result = answer_ready.result()
         except Exception as exc:  # the forward pass of this image failed (alone: see Batcher._segment)
             log.error("segformer serve: inference failed", exc_info=exc)
             raise ApiError(500, "internal", f"inference failed: {type(exc).__name__}: {first_line(exc)}") from None

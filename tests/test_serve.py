@@ -429,7 +429,7 @@ def test_api_key_guards_the_api_routes_only(predictor):
         ServeConfig(api_key=" ")
 
 
-def test_cors_is_off_unless_an_origin_is_given(predictor):
+def test_cors_is_off_unless_an_origin_is_given(predictor, caplog):
     preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
     with client(predictor) as c:
         r = c.options("/v1/segment", headers=preflight)
@@ -437,11 +437,27 @@ def test_cors_is_off_unless_an_origin_is_given(predictor):
         assert (
             "access-control-allow-origin" not in c.get("/v1/model", headers={"Origin": "https://app.example"}).headers
         )
-    with client(predictor, cors_origins=("https://app.example",)) as c:
+    with (
+        client(predictor, cors_origins=("https://app.example",)) as c,
+        caplog.at_level("INFO", logger="segformer.serve.access"),
+    ):
         r = c.options("/v1/segment", headers=preflight)
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
         other = c.options("/v1/segment", headers={**preflight, "Origin": "https://evil.example"})
         assert other.headers.get("access-control-allow-origin") != "https://evil.example"
+        # a page on the origin can read the headers it needs (not CORS-safelisted: exposed by name)
+        answer = c.get("/v1/model", headers={"Origin": "https://app.example"})
+        exposed = {h.strip().lower() for h in answer.headers["access-control-expose-headers"].split(",")}
+        assert {"retry-after", "x-request-id"} <= exposed
+        counted = metric(
+            c.get("/metrics").text, "segformer_requests_total", method="OPTIONS", route="/v1/segment", status="200"
+        )
+    # the preflights pass the observing middleware as every request does (audit: no log line, no request id, no
+    # metric while CORS sat outside it)
+    records = [json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "segformer.serve.access"]
+    assert [(rec["method"], rec["status"]) for rec in records[:2]] == [("OPTIONS", 200), ("OPTIONS", 400)]
+    assert r.headers["x-request-id"] == records[0]["request_id"] and "x-request-id" in other.headers
+    assert counted >= 1
 
 
 def test_access_log_is_one_json_line_per_request(predictor, caplog):
@@ -798,6 +814,46 @@ def test_real_server_under_load_memory_and_graceful_shutdown(checkpoint, predict
         access = [json.loads(line) for line in server.lines if line.startswith("{")]
         assert len([a for a in access if a["path"] == "/v1/segment"]) == 200 + len(results) + 3
         assert {a["status"] for a in access} >= {200, 400, 413}
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_real_server_drops_the_images_of_clients_that_left(checkpoint):
+    """A client that closes its connection while its image is queued (the web page cancelling an upload) had the
+    image run anyway and the access log and metrics say 200 (audit). Now its request is logged 499 (client_gone)
+    and its image leaves the queue: the worker, busy with a large image meanwhile, runs only that one."""
+    import httpx
+
+    server = ServerProcess(checkpoint, "--mode", "whole", "--max-batch", "1")
+    try:
+        server.wait_ready()
+        images_before = metric(httpx.get(server.url + "/metrics").text, "segformer_images_total")
+        host, port = server.url.removeprefix("http://").split(":")
+        small = png_of(64, 64, 5)
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(httpx.post, server.url + "/v1/segment", content=png_of(2048, 2048, 4), timeout=120)
+            wait_for(lambda: metric(httpx.get(server.url + "/metrics").text, "segformer_batches_running") == 1,
+                     what="the large image's batch")  # fmt: skip
+            leaving = []
+            for _ in range(3):
+                s = socket.create_connection((host, int(port)))
+                s.sendall(b"POST /v1/segment HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                          + f"Content-Length: {len(small)}\r\n\r\n".encode() + small)  # fmt: skip
+                leaving.append(s)
+            wait_for(lambda: metric(httpx.get(server.url + "/metrics").text, "segformer_queue_depth") == 3,
+                     what="three queued images")  # fmt: skip
+            for s in leaving:
+                s.close()
+            wait_for(lambda: metric(httpx.get(server.url + "/metrics").text, "segformer_queue_depth") == 0,
+                     what="the queue to empty")  # fmt: skip
+            running = metric(httpx.get(server.url + "/metrics").text, "segformer_batches_running")
+            assert first.result().status_code == 200
+        text = httpx.get(server.url + "/metrics").text
+        assert running == 1  # the queue emptied while the large image still ran: withdrawn, not run
+        assert metric(text, "segformer_images_total") - images_before == 1
+        assert metric(text, "segformer_errors_total", kind="client_gone") == 3
+        wait_for(lambda: sum('"status": 499' in line for line in server.lines) == 3, what="three 499 log lines")
     finally:
         server.stop()
 
