@@ -115,6 +115,15 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return all_reduce_sum(tensor) / get_world_size() if is_distributed() else tensor
 
 
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is set on any process (so that every rank takes the same branch at the same step)."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int64, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def broadcast_flag(flag: bool, src: int = 0) -> bool:
     """``flag`` as decided by rank ``src`` (so that every rank takes the same branch, e.g. to stop together)."""
     if not is_distributed():
@@ -289,6 +298,7 @@ __all__ = [
     "all_gather_objects",
     "all_reduce_mean",
     "all_reduce_sum",
+    "any_rank",
     "barrier",
     "broadcast_buffers",
     "launched_rank_not_zero",

@@ -24,6 +24,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ from .distributed import (
     SyncBatchNorm,
     all_gather_objects,
     all_reduce_mean,
+    any_rank,
     barrier,
     broadcast_buffers,
     cleanup,
@@ -93,6 +95,7 @@ from .run_files import (
 from .train_log import RunLog
 from .train_state import (
     TRAINING_STATE,
+    StopRequests,
     StreamSampler,
     find_resume_dir,
     python_state_to_tuple,
@@ -763,7 +766,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     # the last evaluation and its step; on a resume the one metrics.jsonl kept (a card then names it, as it would
     # have had the run not been interrupted)
     metrics_step, metrics = log.last_evaluation if log.last_evaluation is not None else (None, None)
-    with workers_stopped_on_error(iter(loader)) as batches:
+    with workers_stopped_on_error(iter(loader)) as batches, StopRequests(announce=info.is_main) as stop:
         while run.step < end:
             loss, lr = train_step(
                 model,
@@ -777,17 +780,23 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
                 amp=precision[0],
             )
             run.step += 1
-            log.step(run.step, loss, lr, write=run.step % cfg.log_every == 0 or run.step == end)
+            # a stop asked for: after this step (on every rank the same), unless it is the last one (it ends anyway)
+            stopping = any_rank(stop.signum is not None) and run.step < end
+            log.step(run.step, loss, lr, write=run.step % cfg.log_every == 0 or run.step == end or stopping)
             evaluate_now = (cfg.eval_every and run.step % cfg.eval_every == 0) or run.step == cfg.steps
-            if data.val_set is not None and evaluate_now:
+            if data.val_set is not None and evaluate_now and not stopping:
                 metrics = evaluate_and_checkpoint(net, data, cfg, info, run, log, output / "best", precision=precision)
                 metrics_step = run.step
-            if run.step % cfg.save_every == 0 or run.step == end:
+            if run.step % cfg.save_every == 0 or run.step == end or stopping:
                 files = shareable_files(
                     cfg, data, run.step, metrics_to_json(metrics) if metrics else None, precision=precision,
                     metrics_step=metrics_step,
                 )  # fmt: skip
                 save_last(output / "last", net, optim, run, info, files)
+            if stopping:
+                if stop.signum is None:  # (another rank was signalled: this one stops as that signal would)
+                    stop.signum = signal.SIGTERM
+                stop.take_its_course()
     log.close(metrics)
     best = output / "best"
     if not best.is_dir() and resume_dir is not None:  # resumed into a new folder: the best so far is the old run's

@@ -9,9 +9,13 @@ DDP rank r takes consecutive blocks of the stream, so N processes see the same g
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
+import signal
+import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -138,8 +142,62 @@ def find_resume_dir(output: Path, resume: str | None) -> Path | None:
     return path
 
 
+class StopRequests:
+    """SIGINT and SIGTERM while a run trains ask it to stop at the end of the current step, with a checkpoint (an
+    interrupted run lost every step since its last periodic save, up to --save-every; and a Ctrl-C that Python
+    raised inside a garbage-collector callback was swallowed, the run going on to its end: audit). The same
+    signal again stops at once, as before; another one does not (torchrun's agent turns a Ctrl-C into SIGTERM for
+    its workers, and allows them 30 s). At the stop the signal takes its course: the handler installed before
+    (Python's KeyboardInterrupt, the command line's Terminated) or the default action. Installed from the main
+    thread only (elsewhere the signals act as before); a signal that was ignored stays ignored.
+
+    ``with StopRequests(announce) as stop:`` ... ``stop.signum`` (None until asked) ... ``stop.take_its_course()``.
+    """
+
+    def __init__(self, announce: bool = True) -> None:
+        self.announce = announce  # (under torchrun: rank 0 alone says it)
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                previous = signal.getsignal(signum)
+                if previous not in (signal.SIG_IGN, None):
+                    self._previous[signum] = previous
+                    signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if signum == self.signum:  # the same signal again: at once
+            self.take_its_course()
+        if self.signum is None:
+            self.signum = signum
+            if self.announce:  # (os.write: print could re-enter a write to stderr the signal interrupted)
+                name = signal.Signals(signum).name
+                line = f"segformer train: {name}: stopping after this step, with a checkpoint ({name} again: at once)"
+                with contextlib.suppress(OSError, ValueError):
+                    os.write(sys.stderr.fileno(), f"{line}\n".encode(errors="replace"))
+
+    def take_its_course(self) -> None:
+        """Let the signal asked for do what it would have done without this handler: raise (KeyboardInterrupt,
+        Terminated) or end the process."""
+        assert self.signum is not None
+        previous = self._previous.get(self.signum, signal.SIG_DFL)
+        self.__exit__()
+        if callable(previous):
+            previous(self.signum, None)
+        signal.raise_signal(self.signum)  # (SIG_DFL: the default action)
+
+
 __all__ = [
     "TRAINING_STATE",
+    "StopRequests",
     "StreamSampler",
     "find_resume_dir",
     "python_state_to_tuple",

@@ -174,6 +174,71 @@ def test_sigterm_stops_a_run_cleanly_and_says_how_to_go_on(data, tiny_json, tmp_
 
 @pytest.mark.slow
 @pytest.mark.output
+def test_a_stopped_run_checkpoints_its_last_step_and_resumes_exactly(data, tiny_json, tmp_path):
+    """SIGTERM (a pre-emption) or Ctrl-C stopped a run at once, so it lost every step since its last periodic save
+    (up to --save-every, 2000 by default: audit). Now the step in progress ends, last/ is written at it, and the
+    process exits as the signal says (143); a resume from there equals an uninterrupted run bit for bit."""
+    import signal
+    import time
+
+    common = ["--data", str(data), "--model", str(tiny_json), "--steps", "400", "--save-every", "1000",
+              "--eval-every", "0", "--batch-size", "2", "--crop", "48", "48", "--workers", "2", "--log-every", "1",
+              "--no-progress"]  # fmt: skip
+    run = tmp_path / "run"
+    proc = subprocess.Popen([PY, "-m", "segformer", "train", *common, "--output", str(run)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (
+        (run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3
+    ):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "segformer train: SIGTERM: stopping after this step, with a checkpoint" in err, err[-2000:]
+    step = int(torch.load(run / "last" / "training_state.pt", weights_only=True)["step"])
+    assert 3 <= step < 400 and f"holds the run's last checkpoint (step {step})" in err, err[-2000:]
+    logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1] == step  # (no step after the checkpoint: the stop came at a step's end)
+    resume = ["--data", str(data), "--resume", "auto", "--output", str(run), "--stop-at", str(step + 3)]
+    again = subprocess.run([PY, "-m", "segformer", "train", *resume], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    ref = tmp_path / "ref"
+    straight = subprocess.run([PY, "-m", "segformer", "train", *common, "--output", str(ref), "--stop-at",
+                               str(step + 3)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    a, b = _weights(run), _weights(ref)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.output
+def test_ctrl_c_in_a_terminal_stops_after_the_step_with_its_data_workers(data, tiny_json, tmp_path):
+    """A terminal's Ctrl-C signals the whole process group, the DataLoader workers too: they leave the stop to the
+    main process (a worker that died of it would fail the step being finished), which checkpoints and exits 130."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    cmd = [PY, "-m", "segformer", "train", "--data", str(data), "--model", str(tiny_json), "--steps", "400",
+           "--save-every", "1000", "--eval-every", "0", "--batch-size", "2", "--crop", "48", "48", "--workers", "2",
+           "--log-every", "1", "--no-progress", "--output", str(run)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (
+        (run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= 2
+    ):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    step = int(torch.load(run / "last" / "training_state.pt", weights_only=True)["step"])
+    assert f"holds the run's last checkpoint (step {step})" in err and "Traceback" not in err, err[-2000:]
+    assert err.rstrip().endswith("segformer train: interrupted"), err[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.output
 def test_sigterm_names_the_default_folder_of_a_run_without_output(data, tiny_json, tmp_path):
     """A run started without --output (the default runs/segformer) or as --resume RUN/last (which continues in RUN)
     ended on SIGTERM or Ctrl-C with "error: expected str, bytes or os.PathLike object, not NoneType", exit 2 (the

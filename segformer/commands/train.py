@@ -173,7 +173,11 @@ def _loop_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("loop")
     g.add_argument("--amp", choices=["none", "bf16", "fp16"], help="mixed precision (fp16 on CUDA only; default none)")
     g.add_argument("--eval-every", type=int, help="evaluate every N steps, 0: only at the end (default 16000)")
-    g.add_argument("--save-every", type=int, help="write last/ every N steps (default 2000)")
+    g.add_argument(
+        "--save-every",
+        type=int,
+        help="write last/ every N steps (default 2000), and at the step where Ctrl-C or SIGTERM stops the run",
+    )
     g.add_argument("--log-every", type=int, help="log the loss every N steps (default 50)")
     g.add_argument(
         "--max-eval-images",

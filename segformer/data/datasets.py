@@ -469,6 +469,9 @@ def leave_stops_to_the_main_process(worker_id: int) -> None:
     import signal
     import threading
 
+    # Ctrl-C reaches every process in the terminal's group: the main process decides (it stops after the current
+    # step, or at once on a second one: segformer.train_state.StopRequests) and then shuts its workers down.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if hasattr(signal, "sigwaitinfo") and hasattr(signal, "pthread_sigmask"):
         # SIGTERM blocked in this thread and the threads it starts, taken by one thread that reads its sender
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
