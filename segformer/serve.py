@@ -782,7 +782,8 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
                 if wait < left:
                     reason = f"the upload stalled: nothing arrived for {config.upload_idle_timeout:g} s"
                     raise ApiError(408, "upload_timeout", reason + " (--upload-idle-timeout)") from None
-                raise ApiError(408, "upload_timeout", "the upload did not arrive within --timeout") from None
+                reason = f"the upload did not arrive within {config.timeout:g} s (--timeout)"
+                raise ApiError(408, "upload_timeout", reason) from None
             except ClientDisconnect:
                 raise ApiError(400, "bad_request", "the client disconnected during the upload") from None
             size += len(chunk)
@@ -967,6 +968,8 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
         check_query(request)
         if probs and fmt != "json":
             raise ApiError(400, "bad_request", "probs=true needs format=json")
+        if "alpha" in request.query_params and fmt != "overlay":  # (it changed nothing there, without a word: audit)
+            raise ApiError(400, "bad_request", "alpha sets the overlay's opacity: it needs format=overlay")
         if (refused := batcher.admit()) is not None:
             raise busy(refused)
         submitted = False
@@ -1191,8 +1194,8 @@ def serve(
         def handle_exit(self, sig: int, frame: Any) -> None:
             if not self.should_exit:
                 log.info(
-                    f"segformer serve: shutting down ({batcher.waiting} request(s) waiting); in-flight "
-                    "requests finish first (Ctrl-C again forces the stop)"
+                    f"segformer serve: shutting down ({batcher.waiting} request(s) waiting, {batcher.running_images} "
+                    "image(s) being run); in-flight requests finish first (Ctrl-C again forces the stop)"
                 )
             elif sig == signal.SIGINT and not batcher.forced:  # uvicorn forces the stop on a second SIGINT
                 batcher.forced = True  # (a flag only: a signal handler takes no lock)

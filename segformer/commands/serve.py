@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
+import threading
 
 from . import (
     add_backend_arguments,
@@ -194,4 +196,11 @@ def run(args: argparse.Namespace) -> int:
         **backend,
     )
     serve(predictor, config, host=args.host, port=args.port, access_log=not args.no_access_log)
+    if any(t.name.startswith("segformer-inference-") and t.is_alive() for t in threading.enumerate()):
+        # An inference thread still busy after the stop's wait (a --compile warm-up compiling): the interpreter's
+        # exit would tear its modules down under it (audit: "terminate called without an active exception",
+        # SIGABRT, after a Ctrl-C during a b3 warm-up). The server is done; the process ends here.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
