@@ -11,8 +11,28 @@ from pathlib import Path
 from typing import Any
 
 # the temporary name atomic_write gives a file being written beside PATH: ".NAME.XXXXXXXX.tmp" (mkstemp's 8 random
-# characters); a killed process leaves it behind (segformer predict --skip-existing sweeps old ones)
+# characters); a killed process leaves it behind (segformer predict --skip-existing and a resumed training run
+# sweep them: remove_killed_writes)
 TEMPORARY_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
+def remove_killed_writes(folder: str | os.PathLike, older_than: float = 0.0) -> int:
+    """Remove the temporary files of :func:`atomic_write` that a killed process left anywhere in ``folder`` (a
+    SIGKILL gives it no chance to), those over ``older_than`` seconds old (another process writing there now keeps
+    its own). Returns how many went."""
+    import time
+
+    now, removed = time.time(), 0
+    for top, _, files in os.walk(folder):
+        for name in files:
+            path = Path(top) / name
+            try:
+                if TEMPORARY_NAME.fullmatch(name) and now - path.stat().st_mtime >= older_than:
+                    path.unlink()
+                    removed += 1
+            except OSError:
+                pass  # (gone meanwhile, or not ours to remove)
+    return removed
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:

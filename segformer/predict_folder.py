@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ from PIL import Image, PngImagePlugin
 
 from .backends import CompiledModel, OnnxRuntimeModel, config_identity, hash_state
 from .distributed import all_gather_objects, barrier, is_distributed
-from .fileio import TEMPORARY_NAME, atomic_save_image, atomic_write, atomic_write_text
+from .fileio import atomic_save_image, atomic_write, atomic_write_text, remove_killed_writes
 from .hub import first_line
 from .images import IMAGE_EXTENSIONS, ImageError
 from .predict import SegformerPredictor, Segmentation
@@ -526,19 +525,10 @@ _KILLED_AFTER = 600  # seconds: a write takes seconds at most; older temporaries
 
 
 def _sweep_killed_writes(out: Path) -> None:
-    """Remove the temporary files a killed run left in ``out`` (a SIGKILL gives atomic_write no chance to; a
-    probability file is megabytes), those over :data:`_KILLED_AFTER` old: another process writing into the folder
-    now (torchrun's ranks) keeps its own; one line says how many went."""
-    now, removed = time.time(), 0
-    for top, _, files in os.walk(out):
-        for name in files:
-            path = Path(top) / name
-            try:
-                if TEMPORARY_NAME.fullmatch(name) and now - path.stat().st_mtime > _KILLED_AFTER:
-                    path.unlink()
-                    removed += 1
-            except OSError:
-                pass  # (gone meanwhile, or not ours to remove)
+    """Remove the temporary files a killed run left in ``out`` (a probability file is megabytes), those over
+    :data:`_KILLED_AFTER` old: another process writing into the folder now (torchrun's ranks) keeps its own; one
+    line says how many went."""
+    removed = remove_killed_writes(out, _KILLED_AFTER)
     if removed:
         logger.warning(f"--skip-existing: removed {removed} temporary file(s) a killed run left in {out}")
 

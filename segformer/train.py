@@ -68,6 +68,7 @@ from .distributed import (
     warnings_from_rank_zero,
 )
 from .evaluate import evaluate
+from .fileio import remove_killed_writes
 from .hub import first_line
 from .inference import InferenceOptions, autocast, effective_amp, predict_labels, reuse_work_areas
 from .metrics import metrics_to_json
@@ -705,6 +706,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         check_resumed_config(cfg, stored)
         if info.is_main:
             restore_swapped(resume_dir.parent, "best")  # (best/ is the main rank's alone)
+            # a run killed while it wrote its curves or a sample (rank 0 alone writes them) left a temporary file
+            if removed := remove_killed_writes(resume_dir.parent):
+                _log(f"removed {removed} temporary file(s) a killed run left in {resume_dir.parent}", info)
     data = build_data(cfg, info)  # (with the evaluation protocol: its errors now, not after the training)
     if resume_dir is not None and stored.get("train_images") not in (None, len(data.train_set)):
         _log(
@@ -713,6 +717,13 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
             "samples follows their count)",
             info,
         )
+    if resume_dir is None:  # (audit: both ran without a word)
+        if cfg.batch_size > len(data.train_set):
+            _log(f"warning: --batch-size {cfg.batch_size} is more than the {len(data.train_set)} training images: "
+                 "each batch holds some of them more than once", info)  # fmt: skip
+        if cfg.warmup_steps and cfg.warmup_steps >= cfg.steps:
+            _log(f"warning: --warmup-steps {cfg.warmup_steps} is not shorter than --steps {cfg.steps}: the lr never "
+                 f"reaches --lr {cfg.lr:g}", info)  # fmt: skip
     labels = json.loads(json.dumps(data.train_set.spec.describe()))  # (as train_config.json holds it)
     stored_spec = stored.get("label_spec") if resume_dir is not None else None
     # (another class count: the model's check below says so in its words)

@@ -309,6 +309,34 @@ def test_resuming_on_a_data_set_of_another_size_is_warned_about(data, tiny_json,
 
 
 @pytest.mark.output
+def test_a_resume_removes_the_temporary_files_a_killed_run_left(data, tiny_json, tmp_path, capsys):
+    """kill -9 while rank 0 wrote its curves or a validation sample left ".curves.png.XXXXXXXX.tmp" in the run for
+    good (audit). A resume removes such files (this run is the folder's only writer), and says so."""
+    run = tmp_path / "run"
+    train(_cfg(data, tiny_json, run, stop_at=1))
+    (run / "val_samples").mkdir(exist_ok=True)
+    left = [run / ".curves.png.k1ll3d_9.tmp", run / "val_samples" / ".step_4.png.abcdefgh.tmp"]
+    for path in left:
+        path.write_bytes(b"half a PNG")
+    kept = run / "notes.tmp"  # (not a temporary name of atomic_write: not ours)
+    kept.write_text("mine")
+    capsys.readouterr()
+    train(_cfg(data, tiny_json, run, resume="auto", stop_at=2))
+    assert not any(path.exists() for path in left) and kept.read_text() == "mine"
+    assert f"removed 2 temporary file(s) a killed run left in {run}" in capsys.readouterr().err
+
+
+@pytest.mark.output
+def test_a_batch_above_the_data_and_a_warm_up_beyond_the_run_are_warned_about(data, tiny_json, tmp_path, capsys):
+    train(_cfg(data, tiny_json, tmp_path / "run", batch_size=16, warmup_steps=4, steps=4, stop_at=1))
+    err = capsys.readouterr().err
+    assert "warning: --batch-size 16 is more than the 12 training images: each batch holds some of them" in err
+    assert "warning: --warmup-steps 4 is not shorter than --steps 4: the lr never reaches --lr 0.001" in err
+    train(_cfg(data, tiny_json, tmp_path / "other", stop_at=1))
+    assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.output
 def test_stop_at_behind_the_run_and_max_eval_images_0_on_resume(data, tiny_json, tmp_path):
     """--stop-at below the run's step did nothing and exited 0, rewriting train_config.json with it; a run's
     --max-eval-images N could not be undone (0 was refused, and leaving it out inherits N) (audit)."""
