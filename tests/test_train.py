@@ -396,6 +396,34 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tiny_json, tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.output
+def test_torchrun_names_a_lost_process_and_where_to_resume(data, tiny_json, tmp_path):
+    """A worker killed under torchrun left the other ending on gloo's raw "[.../pair.cc:537] Read error ... GLHF!"
+    (audit). Its line now says that another process stopped and which checkpoint resumes the run."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "segformer.train",
+           "--data", str(data), "--model", str(tiny_json), "--steps", "400", "--save-every", "2", "--eval-every", "0",
+           "--batch-size", "4", "--crop", "48", "48", "--workers", "0", "--log-every", "1", "--no-progress",
+           "--output", str(run)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not (run / "last" / "training_state.pt").is_file():
+        time.sleep(0.05)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    os.kill(int(max(workers, key=int)), signal.SIGKILL)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode != 0
+    said = [line for line in err.splitlines() if line.startswith("segformer.train: error:")]
+    assert len(said) == 1 and "another process of the run stopped (" in said[0], err[-3000:]
+    assert re.search(r"holds the run's last checkpoint \(step \d+\); --resume auto continues the run$", said[0])
+
+
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one_process(data, tmp_path):
     """2 gloo processes × batch 2 == 1 process × batch 4: the same global batches (SyncBatchNorm on, dropout and
     drop-path off), gradients equal up to the all-reduce's summation order.

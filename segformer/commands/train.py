@@ -256,6 +256,28 @@ def _stored_settings(values: dict) -> dict:
     return settings
 
 
+def _lost_a_process(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective's error for a peer process that went away (killed, crashed): gloo's
+    connection errors, or a backend error of torch.distributed, under torchrun."""
+    from segformer.distributed import launched_by_torchrun
+
+    if not launched_by_torchrun():
+        return False
+    import torch.distributed as dist
+
+    lost = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
+    return isinstance(exc, getattr(dist, "DistBackendError", ())) or any(words in str(exc) for words in lost)
+
+
+def _first_words(exc: BaseException) -> str:
+    """The reason of a collective's error without its source path and advice: "Read error ...: Connection reset
+    by peer" out of "[.../pair.cc:537] Read error [127.0.0.1]:38078: Connection reset by peer. This is ..."."""
+    import re
+
+    text = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    return text.split(". ")[0]
+
+
 def _saved_step(last: Path) -> str:
     """ " (step N)" for a last/ checkpoint whose training state says its step, else ""."""
     import torch
@@ -284,6 +306,12 @@ def run(args: argparse.Namespace) -> int:
                   "continues from it", file=sys.stderr)  # fmt: skip
         raise
     except (ValueError, OSError, TypeError, RuntimeError) as exc:
+        if config is not None and _lost_a_process(exc):  # (audit: gloo's raw "Read error ... GLHF!" line alone)
+            last = Path(config.output) / "last"
+            where = f"; {last} holds the run's last checkpoint{_saved_step(last)}" if last.is_dir() else ""
+            raise RuntimeError(
+                f"another process of the run stopped ({_first_words(exc)}){where}; --resume auto continues the run"
+            ) from None
         if not reported_by_rank_zero(exc):
             raise  # one process, rank 0, or an error of this rank alone: its line (segformer.cli.run_command)
         # Under torchrun an error every rank raises alike (a NaN loss, a refused option) is printed by rank 0
