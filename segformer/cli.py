@@ -175,8 +175,12 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> arg
 
 
 def main(argv: list[str] | None = None) -> int:
-    _printable_stdout()
-    args = parse(build_parser(), argv)
+    try:  # (a Ctrl-C while the commands' modules load printed a 40-line traceback of imports: audit)
+        _printable_stdout()
+        args = parse(build_parser(), argv)
+    except KeyboardInterrupt:
+        print("segformer: interrupted", file=sys.stderr)
+        return 130
     return run_command(args.func, args, name=f"segformer {args.command}", debug=args.debug)
 
 

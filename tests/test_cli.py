@@ -580,3 +580,15 @@ def test_int8_takes_a_quantized_engine_where_the_build_left_none():
     assert quantized_engine("fbgemm", ["qnnpack", "fbgemm"]) == "fbgemm"  # (one already chosen stays)
     with pytest.raises(ValueError, match=r"dtype int8: this PyTorch build has no quantized engine \(none\): use"):
         quantized_engine("none", ["none"])
+
+
+def test_a_ctrl_c_before_the_command_runs_is_an_interrupt_not_a_traceback(monkeypatch, capsys):
+    """Ctrl-C while the commands' modules load (building the parser) printed a traceback of imports (audit)."""
+    from segformer import cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["predict", "--help"]) == 130
+    assert capsys.readouterr().err == "segformer: interrupted\n"
