@@ -16,7 +16,9 @@ NATIVE_FP16_FLAGS = frozenset({"avx512_fp16", "amx_fp16", "asimdhp"})
 
 
 def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
-    """The CPU's feature flags as Linux lists them (x86 "flags", ARM "Features" lines); empty elsewhere."""
+    """The CPU's feature flags as Linux lists them (x86 "flags", ARM "Features" lines). Without that file
+    (Windows, macOS), an x86 CPU's flags that matter here as PyTorch's cpuinfo library reports them
+    (:func:`_x86_flags_from_torch`: bfloat16 was never chosen on a Windows AMX machine); else empty."""
     try:
         with open(path, encoding="utf-8", errors="replace") as fh:
             for line in fh:
@@ -25,7 +27,27 @@ def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
                     return frozenset(value.split())
     except OSError:
         pass
-    return frozenset()
+    return _x86_flags_from_torch()
+
+
+# /proc/cpuinfo's name of each x86 flag, and torch.cpu's check of it (AMX-TILE: every AMX CPU has AMX-BF16 with it)
+_TORCH_CPU_CHECKS = {
+    "avx2": "_is_avx2_supported",
+    "avx512f": "_is_avx512_supported",
+    "avx512_bf16": "_is_avx512_bf16_supported",
+    "amx_bf16": "_is_amx_tile_supported",
+    "amx_fp16": "_is_amx_fp16_supported",
+}
+
+
+def _x86_flags_from_torch() -> frozenset[str]:
+    """The x86 flags of :data:`_TORCH_CPU_CHECKS` this CPU has, by PyTorch's checks (with "sse2", the mark of
+    an x86 list); empty where none holds (ARM) or PyTorch has no such checks."""
+    try:
+        found = {flag for flag, check in _TORCH_CPU_CHECKS.items() if getattr(torch.cpu, check, lambda: False)()}
+    except Exception:  # (a build without cpuinfo: nothing known, as before)
+        return frozenset()
+    return frozenset(found | {"sse2"}) if found else frozenset()
 
 
 def reduced_precision_problem(
@@ -75,7 +97,7 @@ def reduced_precision_problem(
         if onednn is None:
             onednn = torch.ops.mkldnn._is_mkldnn_fp16_supported()
     if not flags:
-        return f"cannot tell whether this CPU has {name} arithmetic (no /proc/cpuinfo)"
+        return f"cannot tell whether this CPU has {name} arithmetic (no /proc/cpuinfo, no x86 flags from PyTorch)"
     x86 = "sse2" in flags
     if not flags & wanted:
         listed = "/".join(sorted(f for f in wanted if f.startswith(("avx", "amx")) == x86))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import platform
 import subprocess
 import sys
 
@@ -99,7 +100,21 @@ def test_cpu_flags_reads_x86_and_arm_cpuinfo(tmp_path):
     arm.write_text("processor\t: 0\nFeatures\t: fp asimd asimdhp bf16\nCPU implementer\t: 0x41\n")
     assert cpu_flags(str(x86)) == {"fpu", "sse2", "avx2", "avx512_bf16"}
     assert cpu_flags(str(arm)) == {"fp", "asimd", "asimdhp", "bf16"}
-    assert cpu_flags(str(tmp_path / "missing")) == frozenset()
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="PyTorch's flag checks are x86's")
+def test_without_cpuinfo_the_x86_flags_come_from_pytorch(tmp_path):
+    """Windows and macOS have no /proc/cpuinfo: bfloat16 was never chosen there, even on an AMX CPU. PyTorch's own
+    checks (its cpuinfo library) stand in; on this x86 Linux machine they agree with /proc/cpuinfo flag by flag."""
+    from segformer.precision import _TORCH_CPU_CHECKS
+
+    listed = cpu_flags()
+    assert "sse2" in listed  # (this machine's file was read)
+    derived = cpu_flags(str(tmp_path / "missing"))
+    assert "sse2" in derived and "avx2" in derived
+    for flag in _TORCH_CPU_CHECKS:
+        assert (flag in derived) == (flag in listed), flag
+    assert reduced_precision_problem(BF16, "cpu", flags=derived) == reduced_precision_problem(BF16, "cpu")
 
 
 def test_autocast_and_the_predictor_follow_this_machine():
