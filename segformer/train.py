@@ -680,8 +680,6 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     # --amp as it runs here: a precision the device would only emulate becomes float32 (one warning line), and
     # train_config.json and the model cards say so next to what was asked for.
     precision = effective_amp(cfg.amp, info.device)
-    if notes:
-        _log("recipe: " + "; ".join(notes), info)
     output = Path(cfg.output)
     resume_dir = find_resume_dir(output, cfg.resume)
     if resume_dir is None and any((output / d / TRAINING_STATE).is_file() for d in ("last", ".last.old")):
@@ -733,6 +731,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
             f"{cfg.data}: its label rules differ from the run's ({', '.join(changed)}; labels.json or "
             "--labels/--ignore-index/--reduce-labels): resume with the run's own, or start a new --output"
         )
+    if notes:  # (after the checks of the options, the folder and the data: a refused run prints its error alone)
+        _log("recipe: " + "; ".join(notes), info)
 
     # ---- model, optimiser, where the run stands
     seed_everything(cfg.seed + info.rank)

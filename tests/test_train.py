@@ -278,6 +278,12 @@ def test_options_and_folders_a_run_refuses(data, tiny_json, tmp_path, capsys):
         code, _, err = run_cli(capsys, *base, "--output", tmp_path / "run", *extra)
         assert code == 2 and re.search(message, err) and err.count("\n") == 1, (extra, err)
         assert not (tmp_path / "run" / "last").exists()
+    # a data error alone too (the recipe line came before it: noticed in session 21)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_data = [empty if arg == data else arg for arg in base]
+    code, _, err = run_cli(capsys, *no_data, "--model", tiny_json, "--output", tmp_path / "r")
+    assert code == 2 and err.count("\n") == 1 and "recipe:" not in err, err
     old = tmp_path / "old"
     (old / "best").mkdir(parents=True)
     (old / "best" / "eval.json").write_text('{"step": 25, "mIoU": 16.86}\n')
