@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -247,22 +247,53 @@ class RunReport:
 
 
 # ----------------------------------------------------------------------------------------------- outputs
-def _output_stems(items: list[tuple[Path, Path]]) -> list[Path]:
-    """Relative output stems (no suffix). Inputs that share a stem (a.jpg, a.png) keep their extension
-    (a_jpg, a_png); a clash that remains is a ValueError naming both inputs."""
+def case_blind(folder: str | os.PathLike) -> bool:
+    """Whether the file system of ``folder`` (or of the nearest existing folder above it, where it will be made)
+    takes names that differ in case alone for one file, as macOS's and Windows' do by default: there Cat.png's
+    and cat.jpg's label maps, Cat.png and cat.png, would replace each other (portability audit). Probed with a
+    temporary file; where none can be made, the platform's default."""
+    import tempfile
+
+    place = Path(folder).absolute()
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".segformer-case-", suffix=".tmp", dir=place)
+    except OSError:
+        return sys.platform in ("darwin", "win32")
+    os.close(handle)
+    try:
+        name = os.path.basename(probe)
+        return os.path.exists(os.path.join(os.path.dirname(probe), name.upper()))
+    finally:
+        os.unlink(probe)
+
+
+def _name_key(blind: bool) -> Callable[[str | os.PathLike], Path]:
+    """The key under which a path names a file: itself, or on a case-blind file system its case-folded form."""
+    return (lambda p: Path(str(p).casefold())) if blind else Path
+
+
+def _output_stems(items: list[tuple[Path, Path]], blind: bool = False) -> list[Path]:
+    """Relative output stems (no suffix). Inputs that share a stem (a.jpg, a.png; on a case-blind file system,
+    :func:`case_blind`, also Cat.png, cat.jpg) keep their extension (a_jpg, a_png); a clash that remains is a
+    ValueError naming both inputs."""
+    key = _name_key(blind)
     plain = [rel.with_suffix("") for _, rel in items]
     counts: dict[Path, int] = {}
     for s in plain:
-        counts[s] = counts.get(s, 0) + 1
+        counts[key(s)] = counts.get(key(s), 0) + 1
     stems = [
-        s if counts[s] == 1 else rel.with_name(rel.name.replace(".", "_"))
+        s if counts[key(s)] == 1 else rel.with_name(rel.name.replace(".", "_"))
         for s, (_, rel) in zip(plain, items, strict=True)
     ]
-    seen: dict[Path, Path] = {}  # (a clash with the run's own files, legend.png: _check_outputs)
+    seen: dict[Path, tuple[Path, Path]] = {}  # (a clash with the run's own files, legend.png: _check_outputs)
     for stem, (src, _) in zip(stems, items, strict=True):
-        if stem in seen:
-            raise ValueError(f"{seen[stem]} and {src} would both be written as {stem}.png; pass them separately")
-        seen[stem] = src
+        if key(stem) in seen:
+            first, first_stem = seen[key(stem)]
+            case = " (names that differ in case alone are one file here)" if first_stem != stem else ""
+            raise ValueError(f"{first} and {src} would both be written as {stem}.png{case}; pass them separately")
+        seen[key(stem)] = (src, stem)
     return stems
 
 
@@ -271,22 +302,24 @@ OUTPUT_MARKER = ".segformer-predict"  # written into an output folder: walks of 
 _RUN_FILES = (SUMMARY_CSV, SUMMARY_JSON, LEGEND_PNG)  # what a run writes besides each image's files
 
 
-def _check_outputs(items: list[tuple[Path, Path]], stems: list[Path], outputs: _Outputs) -> None:
+def _check_outputs(items: list[tuple[Path, Path]], stems: list[Path], outputs: _Outputs, blind: bool = False) -> None:
     """ValueError, before anything is written, where a file the run would write is one of its inputs (photo.v1.png
     → photo.v1.png, a.jpg's overlay → an input a_overlay.jpg) or is written for two inputs (a.jpg's overlay and
-    a_overlay.png's label map): every output path once, none an input."""
-    owner: dict[Path, str] = {(outputs.folder / name).resolve(): "the run's summary" for name in _RUN_FILES}
-    shown = {key: outputs.folder / key.name for key in owner}  # resolved → as the user's --output names it
+    a_overlay.png's label map): every output path once, none an input; on a case-blind file system
+    (:func:`case_blind`) names that differ in case alone are one."""
+    name_key = _name_key(blind)
+    owner: dict[Path, str] = {name_key((outputs.folder / name).resolve()): "the run's summary" for name in _RUN_FILES}
+    shown = {key: outputs.folder / name for key, name in zip(owner, _RUN_FILES, strict=True)}  # → as --output names it
     for (src, _), stem in zip(items, stems, strict=True):
         for path in outputs.paths(stem).values():
-            key = path.resolve()
+            key = name_key(path.resolve())
             shown[key] = path
             if key in owner:
                 raise ValueError(f"{src}: its output {path.name} would also be written for {owner[key]}; rename it")
             owner[key] = str(src)
     for src, _ in items:
-        if src.resolve() in owner:
-            made_for = owner[src.resolve()]
+        if name_key(src.resolve()) in owner:
+            made_for = owner[name_key(src.resolve())]
             what = "its own output" if made_for == str(src) else f"an output of {made_for}"
             raise ValueError(f"{src}: this input would be overwritten by {what}; choose another --output folder")
     # A run replaces only what runs wrote (a photo, a user's file where an output would go: refused). Label maps
@@ -482,11 +515,12 @@ def predict_to_folder(
         raise ValueError(f"overlay_format must be 'jpg' or 'png', got {overlay_format!r}")
     out = Path(output)
     items = collect_images(inputs, recursive=recursive, exclude=output)
-    stems = _output_stems(items)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: the output must be a folder, and this is a file; choose another --output")
+    blind = case_blind(out)
+    stems = _output_stems(items, blind)
     outputs = _Outputs(out, overlay_format, side_by_side_image, save_probs)
-    _check_outputs(items, stems, outputs)
+    _check_outputs(items, stems, outputs, blind)
     barrier()  # (under torchrun: every rank has looked at the folder before any writes to it)
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0 and not (out / OUTPUT_MARKER).exists():

@@ -170,6 +170,33 @@ def test_predict_to_folder_keeps_clashing_names_apart(checkpoint, tmp_path):
         predict_to_folder(predictor, [src / "b", tmp_path / "c.png"], tmp_path / "out2", progress=False)
 
 
+def test_names_differing_in_case_alone_stay_apart_where_the_file_system_ignores_case(checkpoint, tmp_path, monkeypatch):
+    """On macOS's and Windows' default file systems Cat.png's and cat.jpg's label maps (Cat.png, cat.png) are one
+    file: one replaced the other (portability audit). There such inputs keep their extensions, and a clash left
+    (Cat.png and cat.png from two folders) is refused. The probe is real; this Linux file system tells case apart
+    (a case-insensitive one cannot be mounted here), so the folded rule runs with the probe's answer set."""
+    from segformer import predict_folder
+
+    assert predict_folder.case_blind(tmp_path) is predict_folder.case_blind(tmp_path / "not" / "yet") is False
+    assert not any(p.name.startswith(".segformer-case-") for p in tmp_path.rglob("*"))  # (the probe is removed)
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("Cat.png", "cat.jpg", "dog.png"):
+        Image.fromarray(_noise(32, 32)).save(src / name)
+    predictor = SegformerPredictor(checkpoint, device="cpu", mode="whole")
+    predict_to_folder(predictor, [src], tmp_path / "here", progress=False)  # (case kept apart: the plain names)
+    assert {"Cat.png", "cat.png", "dog.png"} <= {p.name for p in (tmp_path / "here").iterdir()}
+    monkeypatch.setattr(predict_folder, "case_blind", lambda folder: True)
+    predict_to_folder(predictor, [src], tmp_path / "there", progress=False)
+    written = sorted(p.name for p in (tmp_path / "there").glob("*.png"))
+    assert written == ["Cat_png.png", "cat_jpg.png", "dog.png", "legend.png"]
+    other = tmp_path / "other"
+    other.mkdir()
+    Image.fromarray(_noise(32, 32)).save(other / "cat.png")
+    with pytest.raises(ValueError, match=r"would both be written as cat_png.png \(names that differ in case alone"):
+        predict_to_folder(predictor, [src / "Cat.png", other / "cat.png"], tmp_path / "again", progress=False)
+
+
 def test_folders_follow_links_and_report_what_they_cannot_take(checkpoint, tmp_path):
     """Audit of real folders: --recursive skipped a linked sub-folder (a glob took it), a dangling link and an
     empty folder given as an input were dropped without a word, .jfif/.heic photos were not looked at, and an
