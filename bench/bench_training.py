@@ -11,6 +11,11 @@ For each data set (made here, deterministic in --seed, written once under OUTPUT
   shapes    background + 4 shape classes (disc, square, triangle, ring) in random colours and sizes, on a
             cluttered background (coloured low-frequency noise, random lines and specks, labelled background),
             images of random size 128-200 px.
+  thin      background + thin structures and small objects, strongly imbalanced (background ~92% of the pixels):
+            wire (1-3 long straight lines 3-5 px wide, in the colour opposite to the background's mean), crack
+            (1-3 dark curved random walks 3-5 px wide), spot (2-8 discs of radius 4-8 px in random colours), on a
+            textured background (smooth two-colour noise and 5-15 coloured square specks, labelled background),
+            images of random height 110-200 and width 90-259 px (many smaller than the crop: padded).
 
 it trains SegFormer-b0 from scratch twice, with the same number of steps, batch and base lr:
 
@@ -18,7 +23,8 @@ it trains SegFormer-b0 from scratch twice, with the same number of steps, batch 
          --batch-size 8 --crop 128 128 --lr 6e-4 --workers 0 --seed S --no-progress`` plus ``--extra``; the mIoU
          is the final evaluation it writes to O/metrics.jsonl (folder protocol: the whole image).
   plain  the 20-line loop: SegformerForSemanticSegmentation(SegformerConfig.from_variant("b0", num_labels=K)),
-         random crop (padded with 0 / ignore 255 when the image is smaller) + horizontal flip, ImageNet
+         random crop (padded with the ImageNet mean colour, i.e. 0 after normalisation as `segformer train` pads,
+         / ignore 255 when the image is smaller) + horizontal flip, ImageNet
          normalisation, AdamW(lr, weight_decay=0.01) on all parameters, lr decayed linearly to 0, CE loss
          (ignore 255) through the model's ``labels=``; evaluated on the whole val image (logits upsampled
          bilinearly to the image size, argmax), mIoU from one confusion matrix over the val set
@@ -42,7 +48,7 @@ forces it).
 How to run
 ----------
     .venv/bin/python bench/bench_training.py --quick                      # smoke: 150 steps, 120/30 images
-    .venv/bin/python bench/bench_training.py                              # 600 steps, 300/60 images, both sets
+    .venv/bin/python bench/bench_training.py                              # 600 steps, 300/60 images, all sets
     .venv/bin/python bench/bench_training.py --datasets textures --extra "--scale 0 0 --warmup-steps 60"
     .venv/bin/python bench/bench_training.py --only ours --extra "--head-lr-mult 1 --no-photometric"
     .venv/bin/python bench/bench_training.py --pretrain-on textures --datasets shapes   # fine-tuning
@@ -76,7 +82,7 @@ from segformer.metrics import ConfusionMatrix  # noqa: E402
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32) * 255
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32) * 255
-DATASETS = ("textures", "shapes")
+DATASETS = ("textures", "shapes", "thin")  # append only: a set's RNG stream is keyed by its index here
 FRESH_LR, FINE_TUNE_LR = 6e-4, 6e-5  # the default base lr from fresh weights, and from a checkpoint
 
 
@@ -181,9 +187,46 @@ def make_shape_sample(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]
     return np.asarray(img), np.asarray(msk)
 
 
+def make_thin_sample(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    h, w = int(rng.integers(110, 201)), int(rng.integers(90, 260))  # sizes and aspect ratios vary
+    a, b = _random_colour(rng), _random_colour(rng)
+    t = _smooth_noise(h, w, rng.uniform(6, 30), rng, channels=3)
+    background = a * (1 - t) + b * t + rng.normal(0, 12, (h, w, 3))
+    img = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8))
+    msk = Image.new("L", (w, h), 0)
+    di, dm = ImageDraw.Draw(img), ImageDraw.Draw(msk)
+    for _ in range(int(rng.integers(5, 16))):  # distractor specks, labelled background: drawn first, under the rest
+        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(1.5, 4)
+        di.rectangle([cx - r, cy - r, cx + r, cy + r], fill=tuple(int(v) for v in _random_colour(rng)))
+    mean = (a + b) / 2
+    for _ in range(int(rng.integers(1, 4))):  # wire: a long straight line across the image
+        x0, y0, theta = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0, math.pi)
+        d = max(h, w) * 1.5
+        pts = [x0 - d * math.cos(theta), y0 - d * math.sin(theta), x0 + d * math.cos(theta), y0 + d * math.sin(theta)]
+        colour = tuple(int(v) for v in np.clip(255 - mean + rng.normal(0, 30, 3), 0, 255))
+        width = int(rng.integers(3, 6))
+        di.line(pts, fill=colour, width=width), dm.line(pts, fill=1, width=width)
+    for _ in range(int(rng.integers(1, 4))):  # crack: a dark curved random walk
+        x, y, theta = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0, 2 * math.pi)
+        pts = [(x, y)]
+        for _ in range(int(rng.integers(8, 25))):
+            theta += rng.normal(0, 0.5)
+            x, y = x + 6 * math.cos(theta), y + 6 * math.sin(theta)
+            pts.append((x, y))
+        colour = tuple(int(v) for v in np.clip(mean * 0.25 + rng.normal(0, 10, 3), 0, 255))
+        width = int(rng.integers(3, 6))
+        di.line(pts, fill=colour, width=width, joint="curve"), dm.line(pts, fill=2, width=width, joint="curve")
+    for _ in range(int(rng.integers(2, 9))):  # spot: a small disc
+        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(4, 8)
+        box = [cx - r, cy - r, cx + r, cy + r]
+        di.ellipse(box, fill=tuple(int(v) for v in _random_colour(rng))), dm.ellipse(box, fill=3)
+    return np.asarray(img), np.asarray(msk)
+
+
 GENERATORS = {
     "textures": (make_texture_sample, ["coarse_stripes", "fine_stripes", "dots", "blotches"]),
     "shapes": (make_shape_sample, ["background", "disc", "square", "triangle", "ring"]),
+    "thin": (make_thin_sample, ["background", "wire", "crack", "spot"]),
 }
 
 
@@ -238,9 +281,13 @@ def majority_miou(val: list[tuple[np.ndarray, np.ndarray]], k: int) -> float:
 def random_crop_flip(image: np.ndarray, mask: np.ndarray, crop: tuple[int, int], rng: np.random.Generator):
     ch, cw = crop
     h, w = mask.shape
-    if h < ch or w < cw:  # pad: image 0 (after normalisation: the mean), mask ignore
+    if h < ch or w < cw:  # pad bottom/right: image the ImageNet mean colour (0 after normalisation, as segformer
+        # train pads: transforms.Pad after Normalize), mask ignore; float32 so that the mean is exact, not rounded
         ph, pw = max(ch - h, 0), max(cw - w, 0)
-        image = np.pad(image, ((0, ph), (0, pw), (0, 0)))
+        padded = np.empty((h + ph, w + pw, 3), np.float32)
+        padded[...] = IMAGENET_MEAN
+        padded[:h, :w] = image
+        image = padded
         mask = np.pad(mask, ((0, ph), (0, pw)), constant_values=255)
         h, w = mask.shape
     y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
