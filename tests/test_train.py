@@ -425,8 +425,12 @@ def test_torchrun_names_a_lost_process_and_where_to_resume(data, tiny_json, tmp_
     _, err = proc.communicate(timeout=180)
     assert proc.returncode != 0
     said = [line for line in err.splitlines() if line.startswith("segformer.train: error:")]
-    assert len(said) == 1 and "another process of the run stopped (" in said[0], err[-3000:]
-    assert re.search(r"holds the run's last checkpoint \(step \d+\); --resume auto continues the run$", said[0])
+    if said:  # (the usual order: the lost peer breaks a collective first)
+        assert len(said) == 1 and "another process of the run stopped (" in said[0], err[-3000:]
+        assert re.search(r"holds the run's last checkpoint \(step \d+\); --resume auto continues the run$", said[0])
+    else:  # torchrun's agent may SIGTERM this rank first: it stops as a terminated run does, naming the checkpoint
+        assert re.search(r"holds the run's last checkpoint \(step \d+\); --resume auto continues", err), err[-3000:]
+        assert "segformer.train: terminated (SIGTERM)" in err and "GLHF" not in err, err[-3000:]
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -307,6 +308,9 @@ def run(args: argparse.Namespace) -> int:
         raise
     except (ValueError, OSError, TypeError, RuntimeError) as exc:
         if config is not None and _lost_a_process(exc):  # (audit: gloo's raw "Read error ... GLHF!" line alone)
+            # torchrun's agent, seeing the lost process, sends this one SIGTERM any moment now: the run is ending
+            # with this error anyway, and the signal would cut the line short
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             last = Path(config.output) / "last"
             where = f"; {last} holds the run's last checkpoint{_saved_step(last)}" if last.is_dir() else ""
             raise RuntimeError(
