@@ -595,6 +595,11 @@ def train_step(
     return loss_value, optim.step()
 
 
+def _evaluates_at(step: int, cfg: TrainConfig) -> bool:
+    """Whether the run evaluates after ``step``: every --eval-every steps, and at the last one."""
+    return bool(cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps
+
+
 def evaluate_and_checkpoint(
     net: nn.Module,
     data: TrainData,
@@ -777,6 +782,12 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     # the last evaluation and its step; on a resume the one metrics.jsonl kept (a card then names it, as it would
     # have had the run not been interrupted)
     metrics_step, metrics = log.last_evaluation if log.last_evaluation is not None else (None, None)
+    missed = resume_dir is not None and _evaluates_at(run.step, cfg) and metrics_step != run.step
+    if data.val_set is not None and missed:
+        # a stop (StopRequests) came at this evaluation step before its evaluation: it runs now, as it would have
+        # (evaluations leave the training's random streams as they were: the run goes on as if never stopped)
+        metrics = evaluate_and_checkpoint(net, data, cfg, info, run, log, output / "best", precision=precision)
+        metrics_step = run.step
     with workers_stopped_on_error(iter(loader)) as batches, StopRequests(announce=info.is_main) as stop:
         while run.step < end:
             loss, lr = train_step(
@@ -794,8 +805,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
             # a stop asked for: after this step (on every rank the same), unless it is the last one (it ends anyway)
             stopping = any_rank(stop.signum is not None) and run.step < end
             log.step(run.step, loss, lr, write=run.step % cfg.log_every == 0 or run.step == end or stopping)
-            evaluate_now = (cfg.eval_every and run.step % cfg.eval_every == 0) or run.step == cfg.steps
-            if data.val_set is not None and evaluate_now and not stopping:
+            if data.val_set is not None and _evaluates_at(run.step, cfg) and not stopping:  # (a resume runs it)
                 metrics = evaluate_and_checkpoint(net, data, cfg, info, run, log, output / "best", precision=precision)
                 metrics_step = run.step
             if run.step % cfg.save_every == 0 or run.step == end or stopping:
@@ -808,6 +818,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
                 if stop.signum is None:  # (another rank was signalled: this one stops as that signal would)
                     stop.signum = signal.SIGTERM
                 stop.take_its_course()
+                break  # (a library caller's own handler that does not raise: the run returns at this step)
+        if stop.signum is not None and run.step == cfg.steps:
+            _log("segformer train: the stop came at the last step: the run ended as it would have", info)
     log.close(metrics)
     best = output / "best"
     if not best.is_dir() and resume_dir is not None:  # resumed into a new folder: the best so far is the old run's

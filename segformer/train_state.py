@@ -157,7 +157,8 @@ class StopRequests:
     def __init__(self, announce: bool = True) -> None:
         self.announce = announce  # (under torchrun: rank 0 alone says it)
         self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
+        self._previous: dict[int, Any] = {}  # the handlers found, kept after they are put back
+        self._installed = False
 
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():
@@ -166,12 +167,14 @@ class StopRequests:
                 if previous not in (signal.SIG_IGN, None):
                     self._previous[signum] = previous
                     signal.signal(signum, self._handle)
+            self._installed = True
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
-        self._previous.clear()
+        if self._installed:
+            for signum, previous in self._previous.items():
+                signal.signal(signum, previous)
+            self._installed = False
 
     def _handle(self, signum: int, frame: Any) -> None:
         if signum == self.signum:  # the same signal again: at once
@@ -185,14 +188,19 @@ class StopRequests:
                     os.write(sys.stderr.fileno(), f"{line}\n".encode(errors="replace"))
 
     def take_its_course(self) -> None:
-        """Let the signal asked for do what it would have done without this handler: raise (KeyboardInterrupt,
-        Terminated) or end the process."""
+        """Let the signal asked for do what it would have done without this handler: the handler installed before
+        (KeyboardInterrupt, Terminated; a library caller's own, which may only note it and return: then so does
+        this) or the default action, which ends the process."""
         assert self.signum is not None
-        previous = self._previous.get(self.signum, signal.SIG_DFL)
+        if self.signum not in self._previous:  # (never installed here, a thread: another process was signalled)
+            name = signal.Signals(self.signum).name
+            raise RuntimeError(f"another process of the run was stopped by {name}; this one stops with it")
+        previous = self._previous[self.signum]
         self.__exit__()
         if callable(previous):
             previous(self.signum, None)
-        signal.raise_signal(self.signum)  # (SIG_DFL: the default action)
+        else:
+            signal.raise_signal(self.signum)
 
 
 __all__ = [

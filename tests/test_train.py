@@ -211,6 +211,44 @@ def test_a_stopped_run_checkpoints_its_last_step_and_resumes_exactly(data, tiny_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_stop_at_an_evaluation_step_is_evaluated_on_resume_and_a_quiet_handler_gets_the_run_back(
+    data, tiny_json, tmp_path, monkeypatch
+):
+    """A library caller whose own SIGTERM handler only notes the signal: the run stops after the step with last/
+    written, calls that handler once and returns (the review audit: it was called twice per step, the run going
+    on). The stop came at an evaluation step (the signal is sent when step 4 ends; --eval-every 4), which it
+    skipped: the resume runs that evaluation first, so metrics, best/ and weights equal an uninterrupted run's."""
+    import signal
+
+    import segformer.train as program
+
+    real_step, noted = program.train_step, []
+
+    def step_then_signal(*args, step, **kwargs):  # (the timing alone: a real signal, at the end of step 4)
+        out = real_step(*args, step=step, **kwargs)
+        if step == 4 and not noted:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: noted.append(signum))
+    try:
+        monkeypatch.setattr(program, "train_step", step_then_signal)
+        stopped = train(_cfg(data, tiny_json, tmp_path / "run", steps=8, eval_every=4, save_every=100))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    monkeypatch.setattr(program, "train_step", real_step)
+    assert noted == [signal.SIGTERM] and stopped["step"] == 4 and stopped["best_step"] is None
+    assert torch.load(tmp_path / "run" / "last" / "training_state.pt", weights_only=True)["step"] == 4
+    resumed = train(_cfg(data, tiny_json, tmp_path / "run", steps=8, eval_every=4, save_every=100, resume="auto"))
+    straight = train(_cfg(data, tiny_json, tmp_path / "ref", steps=8, eval_every=4, save_every=100))
+    evaluated = [[r["step"] for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+                  if "eval/mIoU" in r] for run in ("run", "ref")]  # fmt: skip
+    assert evaluated[0] == evaluated[1] == [4, 8]
+    assert resumed["best_step"] == straight["best_step"] and resumed["best_mIoU"] == straight["best_mIoU"]
+    a, b = _weights(tmp_path / "run"), _weights(tmp_path / "ref")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.slow
 @pytest.mark.output
 def test_ctrl_c_in_a_terminal_stops_after_the_step_with_its_data_workers(data, tiny_json, tmp_path):
