@@ -995,6 +995,10 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
                 timeout=max(deadline - time.perf_counter(), 0.001),
                 return_when=asyncio.FIRST_COMPLETED,
             )
+        except asyncio.CancelledError:  # (this request's task cancelled: a forced stop) its image leaves the queue
+            answer_ready.cancel()
+            batcher.withdraw(job)
+            raise
         finally:
             client_gone.cancel()
         if not answer_ready.done():

@@ -186,13 +186,16 @@ def reductions(model: nn.Module, *args: torch.Tensor, backward: bool = False) ->
 def fp32_tol(lengths: list[int]) -> float:
     """Error allowance of an fp32 pass running reductions of ``lengths`` in series, relative to its largest output.
 
-    A sum of K random-sign terms grows as sqrt(j)·s over its j-th partial sum; each addition rounds by at most u
-    of it, so in any order (BLAS's blocks, oneDNN's, the portable kernels' running sums: blocking only shortens
-    the chains) the result's error is at most u·s·sqrt(K(K+1)/2) against a result of size s·sqrt(K): u·sqrt(K/2)
-    relative, plus 2u for its own rounding and the pointwise step after it (bias, activation, residual sum,
-    normalisation, upsampling: a convex sum). The normalised layers pass relative errors on with a gain near 1,
-    so independent errors add in quadrature along the series, u·sqrt(Σ (K/2 + 2)) of each layer's rms; the largest
-    of many outputs' errors sits within 4 sigma, and the largest output is at least the rms.
+    A sum of K random-sign terms grows as sqrt(j)·s over its j-th partial sum; each addition rounds by up to u of
+    it, with a sign of its own, so added one by one the result's error has a root mean square of at most
+    u·s·sqrt(K(K+1)/2) against a result of size s·sqrt(K): u·sqrt(K/2) relative (BLAS's blocks, oneDNN's, the
+    portable kernels' running sums only shorten the chains, so no kernel family needs a factor of its own), plus
+    2u for its own rounding and the pointwise step after it (bias, activation, residual sum, normalisation,
+    upsampling: a convex sum). The normalised layers pass relative errors on with a gain near 1, so independent
+    errors add in quadrature along the series, u·sqrt(Σ (K/2 + 2)) of each layer's rms; the largest of many
+    outputs' errors sits within 4 sigma, and the largest output is at least the rms. A statistical bound, not a
+    worst case; with ``backward`` the weight gradients' sums, which run side by side, are counted in series too
+    (an over-count).
     """
     return 4 * U32 * math.sqrt(sum(k / 2 + 2 for k in lengths))
 

@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers", reason="the oracle tests need
 pytestmark = pytest.mark.oracle
 
 # The product's promise (README): fp32 outputs within 1e-5 of Transformers', relative to the largest value. It is
-# tighter than what the error model (conftest.fp32_tol) guarantees in any summation order: 4u·sqrt(Σ (K/2 + 2))
+# tighter than what the error model (conftest.fp32_tol) allows for any summation order: 4u·sqrt(Σ (K/2 + 2))
 # per implementation over its reductions of length K, 2.7e-5 (b0, 126 reductions) to 8.9e-5 (b5, 740) at 67x93;
 # the kernels sum in blocks, far from that worst order: measured <= 1.6e-6 against float64 on AVX-512 and on the
 # portable kernels. The promise is checked as stated.
