@@ -144,14 +144,20 @@ def make_texture_sample(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarra
     return np.clip(image, 0, 255).astype(np.uint8), mask
 
 
-def make_shape_sample(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    h, w = (int(v) for v in rng.integers(128, 201, 2))
+def _two_colour_canvas(rng: np.random.Generator, h: int, w: int, cell: tuple[float, float], noise: float):
+    """A background blending two random colours through smooth noise of a cell size drawn from ``cell``, plus
+    Gaussian noise: (image, its empty mask, a drawer for each, the two colours' mean)."""
     a, b = _random_colour(rng), _random_colour(rng)
-    t = _smooth_noise(h, w, rng.uniform(20, 60), rng, channels=3)
-    background = a * (1 - t) + b * t + rng.normal(0, 10, (h, w, 3))
+    t = _smooth_noise(h, w, rng.uniform(*cell), rng, channels=3)
+    background = a * (1 - t) + b * t + rng.normal(0, noise, (h, w, 3))
     img = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8))
     msk = Image.new("L", (w, h), 0)
-    di, dm = ImageDraw.Draw(img), ImageDraw.Draw(msk)
+    return img, msk, ImageDraw.Draw(img), ImageDraw.Draw(msk), (a + b) / 2
+
+
+def make_shape_sample(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    h, w = (int(v) for v in rng.integers(128, 201, 2))
+    img, msk, di, dm, _ = _two_colour_canvas(rng, h, w, (20, 60), 10)
     for _ in range(int(rng.integers(10, 25))):  # clutter, labelled background
         colour = tuple(int(v) for v in _random_colour(rng))
         x0, y0 = rng.uniform(0, w), rng.uniform(0, h)
@@ -189,16 +195,10 @@ def make_shape_sample(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]
 
 def make_thin_sample(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     h, w = int(rng.integers(110, 201)), int(rng.integers(90, 260))  # sizes and aspect ratios vary
-    a, b = _random_colour(rng), _random_colour(rng)
-    t = _smooth_noise(h, w, rng.uniform(6, 30), rng, channels=3)
-    background = a * (1 - t) + b * t + rng.normal(0, 12, (h, w, 3))
-    img = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8))
-    msk = Image.new("L", (w, h), 0)
-    di, dm = ImageDraw.Draw(img), ImageDraw.Draw(msk)
+    img, msk, di, dm, mean = _two_colour_canvas(rng, h, w, (6, 30), 12)
     for _ in range(int(rng.integers(5, 16))):  # distractor specks, labelled background: drawn first, under the rest
         cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(1.5, 4)
         di.rectangle([cx - r, cy - r, cx + r, cy + r], fill=tuple(int(v) for v in _random_colour(rng)))
-    mean = (a + b) / 2
     for _ in range(int(rng.integers(1, 4))):  # wire: a long straight line across the image
         x0, y0, theta = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0, math.pi)
         d = max(h, w) * 1.5
