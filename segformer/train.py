@@ -61,6 +61,7 @@ from .distributed import (
     any_rank,
     barrier,
     broadcast_buffers,
+    broadcast_flag,
     cleanup,
     every_rank_raises,
     init_distributed,
@@ -782,7 +783,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     # the last evaluation and its step; on a resume the one metrics.jsonl kept (a card then names it, as it would
     # have had the run not been interrupted)
     metrics_step, metrics = log.last_evaluation if log.last_evaluation is not None else (None, None)
-    missed = resume_dir is not None and _evaluates_at(run.step, cfg) and metrics_step != run.step
+    # (in place: a run resumed elsewhere has no metrics.jsonl there; rank 0 alone reads it, and decides for all)
+    in_place = resume_dir is not None and resume_dir.parent.resolve() == output.resolve()
+    missed = broadcast_flag(in_place and _evaluates_at(run.step, cfg) and metrics_step != run.step)
     if data.val_set is not None and missed:
         # a stop (StopRequests) came at this evaluation step before its evaluation: it runs now, as it would have
         # (evaluations leave the training's random streams as they were: the run goes on as if never stopped)

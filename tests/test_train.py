@@ -472,6 +472,24 @@ def test_torchrun_names_a_lost_process_and_where_to_resume(data, tiny_json, tmp_
 
 
 @pytest.mark.slow
+def test_torchrun_resumes_at_an_evaluation_step_once(data, tiny_json, tmp_path):
+    """A resume at an evaluation step runs that evaluation if the stop skipped it: rank 0 alone reads the metrics
+    log, so it decides for every rank (deciding on each rank, as first written, hung: rank 1 saw no evaluation
+    record and evaluated alone). Stopped at step 2 after its evaluation, resumed to 4: evaluations [2, 4]."""
+    run = tmp_path / "run"
+    torchrun = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "segformer.train",
+                "--data", str(data), "--model", str(tiny_json), "--steps", "8", "--save-every", "2", "--eval-every",
+                "2", "--batch-size", "4", "--crop", "48", "48", "--workers", "0", "--no-progress",
+                "--output", str(run)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for extra in (["--stop-at", "2"], ["--stop-at", "4", "--resume", "auto"]):
+        done = subprocess.run([*torchrun, *extra], capture_output=True, text=True, env=env, timeout=240)
+        assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval/mIoU" in r] == [2, 4]
+
+
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one_process(data, tmp_path):
     """2 gloo processes × batch 2 == 1 process × batch 4: the same global batches (SyncBatchNorm on, dropout and
     drop-path off), gradients equal up to the all-reduce's summation order.
