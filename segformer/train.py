@@ -52,7 +52,7 @@ from .data.datasets import (
     workers_stopped_on_error,
 )
 from .data.statistics import class_tally, median_frequency_weights
-from .data.transforms import eval_transform, train_transform
+from .data.transforms import eval_transform, rescale_size, train_transform
 from .distributed import (
     DistInfo,
     SyncBatchNorm,
@@ -309,7 +309,7 @@ def build_data(cfg: TrainConfig, info: DistInfo) -> TrainData:
             'background and the object (for 0/255 masks: ["background", "object"] with "map": {"255": 1} in '
             "labels.json)"
         )
-    if info.is_main and tuple(cfg.scale) == (0, 0):
+    if info.is_main:
         _warn_crop_beyond_images(cfg, train_set)
     try:
         val_set, val_listing = build_dataset(cfg.data, "val", transform=eval_transform(), **labels)
@@ -341,6 +341,9 @@ def _warn_crop_beyond_images(cfg: TrainConfig, train_set: SegmentationDataset, s
             continue
     if not sizes:
         return
+    scaled_to = tuple(cfg.scale) != (0, 0)  # (--scale 10 10 made every sample padding without a word: audit)
+    if scaled_to:
+        sizes = [rescale_size(h, w, tuple(cfg.scale))[::-1] for w, h in sizes]  # (width, height) as rescaled
     width, height = max(w for w, _ in sizes), max(h for _, h in sizes)
     ratio = max(cfg.ratio_range) if cfg.ratio_range else 1.0
     crop_h, crop_w = cfg.crop
@@ -349,8 +352,9 @@ def _warn_crop_beyond_images(cfg: TrainConfig, train_set: SegmentationDataset, s
         return
     fit = (min(crop_h, -(-round(height * ratio) // 32) * 32), min(crop_w, -(-round(width * ratio) // 32) * 32))
     scaled = f", up to {round(width * ratio)}x{round(height * ratio)} at the random ratio" if ratio != 1 else ""
+    images = f"the training images at --scale {cfg.scale[0]} {cfg.scale[1]}" if scaled_to else "the training images"
     print(
-        f"warning: --crop {crop_h} {crop_w} is larger than the training images (at most {width} wide and {height} "
+        f"warning: --crop {crop_h} {crop_w} is larger than {images} (at most {width} wide and {height} "
         f"high{scaled}): at least {100 * (1 - covered):.0f}% of each sample is padding the loss ignores, time and "
         f"memory for nothing; --crop {fit[0]} {fit[1]} fits them",
         file=sys.stderr,

@@ -1153,6 +1153,12 @@ def test_a_crop_far_beyond_every_image_is_warned_about(data, tiny_json, tmp_path
     ) in err, err
     train(_cfg(data, tiny_json, tmp_path / "fits", steps=1, crop=(64, 64)))
     assert "--crop" not in capsys.readouterr().err
+    # an explicit --scale counts as the images are rescaled (--scale 10 10 ran on samples of padding: audit)
+    train(_cfg(data, tiny_json, tmp_path / "tiny-scale", steps=1, crop=(48, 48), scale=(10, 10), ratio_range=(1, 1)))
+    err = capsys.readouterr().err
+    assert "--crop 48 48 is larger than the training images at --scale 10 10 (at most 10 wide and 10 high)" in err
+    train(_cfg(data, tiny_json, tmp_path / "up", steps=1, crop=(48, 48), scale=(128, 128)))
+    assert "--crop" not in capsys.readouterr().err
 
 
 @pytest.mark.output
