@@ -309,13 +309,21 @@ def _upsampled_argmax(
     return out
 
 
-def top_probability(logits: torch.Tensor) -> torch.Tensor:
-    """(B, K, ...) logits → (B, ...) float32 confidence: the probability of the class the argmax picks, the
-    softmax's largest value (1 / Σ exp(z - max z)); for a one-label (sigmoid) model the probability of the label
-    that z > 0 gives, sigmoid(|z|)."""
-    if logits.shape[1] == 1:
-        return torch.sigmoid(logits[:, 0].float().abs())
-    return torch.softmax(logits.float(), dim=1).amax(dim=1)
+def top_probability(logits: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Logits with their K classes along ``dim`` (B, K, ... by default) → float32 confidence without that axis:
+    the probability of the class the argmax picks, the softmax's largest value (1 / Σ exp(z - max z)); for a
+    one-label (sigmoid) model the probability of the label that z > 0 gives, sigmoid(|z|)."""
+    if logits.shape[dim] == 1:
+        return torch.sigmoid(logits.squeeze(dim).float().abs())
+    return torch.softmax(logits.float(), dim=dim).amax(dim=dim)
+
+
+def label_probability(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, K, H, W) probabilities (:func:`infer`'s) and their (B, H, W) labels (:func:`labels_from_probs`) →
+    (B, H, W) the probability of each pixel's label: the largest; for a one-label model p or 1 - p."""
+    if probs.shape[1] == 1:
+        return probs[:, 0].where(labels == 1, 1 - probs[:, 0])
+    return probs.amax(1)
 
 
 def _resize(t: torch.Tensor, size: tuple[int, int], out: torch.Tensor | None = None) -> torch.Tensor:
@@ -983,9 +991,8 @@ def predict_confidence(
     if _pass_count(opts) > 1:
         for i in range(b):
             probs = infer(net, x[i : i + 1], opts, output_size=out_size)  # (1, K, H_out, W_out)
-            labels[i] = labels_from_probs(probs)[0]
-            binary = probs.shape[1] == 1
-            confidence[i] = probs[0, 0].where(labels[i] == 1, 1 - probs[0, 0]) if binary else probs[0].amax(0)
+            labels[i : i + 1] = labels_from_probs(probs)
+            confidence[i : i + 1] = label_probability(probs, labels[i : i + 1])
             del probs
         return labels, confidence
     with _eval_mode(net):
@@ -1208,7 +1215,7 @@ def _labels_by_axis_maps(
     need = None if todo is None or confidence is not None else todo.any(1).tolist()
     for r0, r1, values in _mapped_bands(maps, src, scratch, need):
         if confidence is not None:
-            confidence[r0:r1] = torch.softmax(values, dim=-1).amax(dim=-1)
+            confidence[r0:r1] = top_probability(values, dim=-1)
         if todo is None:
             out[r0:r1] = values.max(-1).indices
         else:
@@ -1419,6 +1426,7 @@ __all__ = [
     "cpu_flags",
     "effective_amp",
     "infer",
+    "label_probability",
     "labels_from_probs",
     "predict_confidence",
     "predict_labels",

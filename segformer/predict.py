@@ -61,6 +61,7 @@ from .inference import (
     WorkAreas,
     check_crop_size,
     infer,
+    label_probability,
     labels_from_probs,
     predict_confidence,
     predict_labels,
@@ -315,7 +316,7 @@ class SegformerPredictor:
             probs = infer(self.model, batch, self.options)  # (B, K, H, W) float32 at the input size
             labels = labels_from_probs(probs)  # (B, H, W)
             if return_confidence:
-                confidence = probs.amax(1) if probs.shape[1] > 1 else probs[:, 0].where(labels == 1, 1 - probs[:, 0])
+                confidence = label_probability(probs, labels)
         elif return_confidence:  # the labels predict_labels gives, and no (B, K, H, W) probabilities
             probs = None
             labels, confidence = predict_confidence(self.model, batch, self.options, band_above=self.chunk_threshold)

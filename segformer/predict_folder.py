@@ -318,8 +318,7 @@ def _check_outputs(items: list[tuple[Path, Path]], stems: list[Path], outputs: _
                 raise ValueError(f"{src}: its output {path.name} would also be written for {owner[key]}; rename it")
             owner[key] = str(src)
     for src, _ in items:
-        if name_key(src.resolve()) in owner:
-            made_for = owner[name_key(src.resolve())]
+        if (made_for := owner.get(name_key(src.resolve()))) is not None:
             what = "its own output" if made_for == str(src) else f"an output of {made_for}"
             raise ValueError(f"{src}: this input would be overwritten by {what}; choose another --output folder")
     # A run replaces only what runs wrote (a photo, a user's file where an output would go: refused). Label maps
