@@ -231,6 +231,30 @@ def test_augmentation_is_a_function_of_the_seed():
     assert changed > 0
 
 
+def test_a_plain_dataloader_augments_anew_every_epoch_and_follows_manual_seed(tmp_path):
+    """``dataset[i]`` in a user's own DataLoader loop: each epoch draws new augmentations (seeded by i alone, every
+    epoch was the same crop, flip and distortion), in the main process and in workers; torch.manual_seed repeats
+    a run; ``dataset[(i, seed)]`` stays a function of the seed."""
+    rng = np.random.default_rng(6)
+    for i in range(3):
+        _save(tmp_path / "images" / "train" / f"{i}.png", rng.integers(0, 256, (50, 70, 3), dtype=np.uint8))
+        _save(tmp_path / "annotations" / "train" / f"{i}.png", rng.integers(0, 3, (50, 70), dtype=np.uint8))
+    (tmp_path / "labels.json").write_text(json.dumps(["a", "b", "c"]))
+
+    def epochs(workers: int, seed: int) -> list[torch.Tensor]:
+        ds, _ = build_dataset(tmp_path, "train", transform=train_transform((32, 32), scale=None))
+        torch.manual_seed(seed)
+        loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=workers)
+        return [next(iter(loader))[0] for _ in range(2)]
+
+    for workers in (0, 2):
+        first, second = epochs(workers, 0)
+        assert not torch.equal(first, second), f"{workers} workers: the second epoch repeated the first"
+        assert all(torch.equal(a, b) for a, b in zip(epochs(workers, 0), (first, second)))
+    ds, _ = build_dataset(tmp_path, "train", transform=train_transform((32, 32), scale=None))
+    assert torch.equal(ds[(1, 5)][0], ds[(1, 5)][0])
+
+
 def test_synthetic_dataset_is_reproducible_and_not_a_colour_lookup(tmp_path):
     a = write_synthetic_dataset(tmp_path / "a", num_train=6, num_val=2, size=64, seed=3)
     b = write_synthetic_dataset(tmp_path / "b", num_train=6, num_val=2, size=64, seed=3)

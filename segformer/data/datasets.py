@@ -568,8 +568,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
     ``(pixel_values (3, H, W) float32, labels (H, W) int64)``.
 
     ``pairs``: (image path, mask path); ``labels``: a :class:`LabelSpec` (or plain id2label); ``transform``: a
-    paired transform ``(image, mask, rng) → tensors`` (default: normalise only). Without a seed, sample i is
-    augmented with seed i. Ignored pixels are :data:`IGNORE_INDEX` (255) in the labels it yields.
+    paired transform ``(image, mask, rng) → tensors`` (default: normalise only). ``dataset[(i, seed)]`` is
+    reproducible; ``dataset[i]`` is augmented anew at every access, from ``torch.initial_seed()`` (which a
+    DataLoader sets per worker and epoch, ``torch.manual_seed`` in the main process), i and the access count,
+    without drawing from torch's generator. Ignored pixels are
+    :data:`IGNORE_INDEX` (255) in the labels it yields.
     """
 
     def __init__(
@@ -586,6 +589,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.transform = transform or eval_transform()
         self.ignore_index = IGNORE_INDEX
         self.name = name
+        self.accesses = 0  # (by int index: each access its own augmentation draw)
 
     @property
     def num_labels(self) -> int:
@@ -672,7 +676,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return image, mask
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        index, seed = key if isinstance(key, tuple) else (key, key)
+        if isinstance(key, tuple):
+            index, seed = key
+        else:  # (seeded by the index alone, every epoch of a plain loader was the same draw)
+            self.accesses += 1
+            index, seed = key, np.random.SeedSequence([torch.initial_seed(), key % len(self), self.accesses])
         image, mask = self.read(index)
         self._refuse_uncovered(index, mask)
         return self.transform(image, mask, np.random.default_rng(seed))
