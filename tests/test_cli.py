@@ -325,7 +325,8 @@ sys.exit(run_command(lambda args: atomic_write({str(tmp_path / "model.onnx")!r},
 def test_eval_follows_a_checkpoint_trained_on_reduced_labels(capsys, tmp_path):
     """A model trained with --reduce-labels (0 ignored, k → k - 1) was evaluated on the stored values by a plain
     `segformer eval` (twice the mIoU, without a word: audit). Its preprocessor_config.json says so, and eval now
-    follows it, saying so; --no-reduce-labels still evaluates the stored values."""
+    follows it, saying so; --no-reduce-labels, or the data's labels.json saying "reduce_labels": false, still
+    evaluates the stored values."""
     import json
 
     from conftest import tiny_config
@@ -345,6 +346,13 @@ def test_eval_follows_a_checkpoint_trained_on_reduced_labels(capsys, tmp_path):
         results[flags] = json.loads((tmp_path / "m.json").read_text())
         assert ("trained on reduced labels" in err) == (flags == ()), (flags, err)
     assert results[()] == results[("--reduce-labels",)] != results[("--no-reduce-labels",)]
+    # the data's own "reduce_labels": false wins over the model's (a second reduction dropped class 0: audit)
+    spec = json.loads((data / "labels.json").read_text())
+    spec = spec if isinstance(spec, dict) and "id2label" in spec else {"id2label": spec}
+    (data / "labels.json").write_text(json.dumps({**spec, "reduce_labels": False}))
+    code, _, err = run_cli(capsys, "eval", "--data", data, "--model", model, "--json", tmp_path / "m.json")
+    assert code == 0 and 'labels.json says "reduce_labels": false: evaluating the stored values' in err, err
+    assert json.loads((tmp_path / "m.json").read_text()) == results[("--no-reduce-labels",)]
 
 
 def test_eval_and_predict_follow_the_label_rules_a_checkpoint_keeps(capsys, tmp_path):

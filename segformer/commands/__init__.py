@@ -127,13 +127,13 @@ def add_label_arguments(parser: argparse.ArgumentParser, *, evaluating: bool = F
         help='mask value meaning "unlabelled", ignored by the loss and the metrics, besides 255 which always '
         f'is (also "ignore_index" in labels.json{model})',
     )
-    reduce_default = "the model's own (its preprocessor_config.json), else " if evaluating else ""
+    reduce_default = ", else the model's own (its preprocessor_config.json)" if evaluating else ""
     parser.add_argument(
         "--reduce-labels",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="ADE20K's label reduction: mask value 0 means 'other' (ignored) and value k is class k-1 "
-        f'(default: on for ADE20K, else {reduce_default}labels.json\'s "reduce_labels", else off)',
+        f'(default: on for ADE20K, else labels.json\'s "reduce_labels"{reduce_default}, else off)',
     )
     parser.add_argument("--image-column", help="Hugging Face dataset: the image column (default: detected)")
     parser.add_argument("--label-column", help="Hugging Face dataset: the mask column (default: detected)")

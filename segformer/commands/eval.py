@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
@@ -188,6 +189,20 @@ def _stored_ignore_value(args: argparse.Namespace, dataset: object) -> int | Non
     return extra[0] if extra else None
 
 
+def _stated_reduce_labels(args: argparse.Namespace, kind: str) -> bool | None:
+    """The data's own word on label reduction: ``reduce_labels`` in the labels.json build_dataset reads (--labels,
+    else the one beside the data), None where it says nothing (or cannot be read: build_dataset says why)."""
+    if kind not in ("folder", "hf"):
+        return None
+    path = Path(args.labels) if args.labels is not None else Path(args.data) / "labels.json"
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError):
+        return None
+    stated = spec.get("reduce_labels") if isinstance(spec, dict) else None
+    return stated if isinstance(stated, bool) else None
+
+
 def run(args: argparse.Namespace) -> int:
     import json
     import sys
@@ -243,11 +258,19 @@ def run(args: argparse.Namespace) -> int:
         kind = detect_kind(args.data) if args.dataset == "auto" else args.dataset
         # where a checkpoint keeps its label rules: its files, or an ONNX file's metadata
         source = "its metadata" if onnx else "its preprocessor_config.json"
-        if args.reduce_labels is None and kind in ("folder", "hf") and stored_reduce_labels(args.model):
+        stated = _stated_reduce_labels(args, kind)
+        trained_reduced = args.reduce_labels is None and kind in ("folder", "hf") and stored_reduce_labels(args.model)
+        if trained_reduced and stated is None:
             args.reduce_labels = True  # (the masks' 0 was ignored and k became k - 1 in training: so here)
             print(
                 f"segformer eval: {args.model} was trained on reduced labels ({source}): evaluating so "
                 "(--no-reduce-labels evaluates the stored values)",
+                file=sys.stderr,
+            )
+        elif trained_reduced and not stated:  # (the data knows how its masks are stored: reducing again dropped
+            print(  # class 0 and shifted the rest)
+                f"segformer eval: {args.model} was trained on reduced labels ({source}); the data's labels.json "
+                'says "reduce_labels": false: evaluating the stored values',
                 file=sys.stderr,
             )
         dataset, listing = build_dataset(args.data, args.split, kind=kind, **label_options(args))
