@@ -75,6 +75,38 @@ def test_parquet_folder_named_columns_and_numbered_classes(tmp_path):
         build_dataset(tmp_path, "test")
 
 
+def test_a_folder_layout_with_a_parquet_table_inside_stays_a_folder_data_set(tmp_path):
+    """One statistics table in parquet beside images/ and annotations/ made the folder an imagefolder (images and
+    masks as separate rows, then a column error naming no layout: audit)."""
+    rng = np.random.default_rng(2)
+    for split in ("train", "val"):
+        for folder, array in (("images", rng.integers(0, 256, (8, 8, 3))), ("annotations", rng.integers(0, 2, (8, 8)))):
+            (tmp_path / folder / split).mkdir(parents=True)
+            Image.fromarray(array.astype(np.uint8)).save(tmp_path / folder / split / "a.png")
+    (tmp_path / "labels.json").write_text(json.dumps(["a", "b"]))
+    (tmp_path / "stats").mkdir()
+    _split(rng, 1).to_parquet(str(tmp_path / "stats" / "pixels.parquet"))
+    assert detect_kind(tmp_path) == "folder"
+    dataset, _ = build_dataset(tmp_path, "train")
+    assert len(dataset) == 1 and dataset.read(0)[1].shape == (8, 8)
+
+
+def test_an_empty_mask_cell_is_named_by_its_row(tmp_path):
+    """A None in an array mask column was a TypeError from inside NumPy, naming no row (audit)."""
+    features = datasets.Features(
+        {"image": datasets.Array3D((8, 8, 3), "uint8"), "label": datasets.Array2D((8, 8), "uint8")}
+    )
+    rows = {"image": [np.zeros((8, 8, 3), np.uint8)] * 2, "label": [np.ones((8, 8), np.uint8), None]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows, features=features)}).save_to_disk(
+        str(tmp_path / "d")
+    )
+    (tmp_path / "d" / "labels.json").write_text(json.dumps(["a", "b"]))
+    dataset, _ = build_dataset(tmp_path / "d", "train")
+    with pytest.raises(ValueError, match=r"d:train\[1\]\.label: empty \(None\)$"):
+        dataset.read(1)
+    assert [p.endswith("d:train[1].label: empty (None)") for p in check_dataset(dataset).problems] == [True]
+
+
 def test_a_class_id_column_is_no_mask(tmp_path):
     """An image classification set's integer label column is reported per row as not a mask, naming the option
     that picks the mask column (it crashed inside the data check)."""

@@ -68,7 +68,8 @@ def _require_datasets() -> Any:
 
 
 def looks_like_hf_dataset(source: str | os.PathLike) -> bool:
-    """A ``save_to_disk`` folder, a folder holding parquet files, or (not a path at all) a hub id."""
+    """A ``save_to_disk`` folder, a folder holding parquet files (but not the folder layout's images/ beside
+    annotations/ or masks/), or (not a path at all) a hub id."""
     path = Path(source)
     if not path.exists():
         text = str(source)
@@ -77,6 +78,8 @@ def looks_like_hf_dataset(source: str | os.PathLike) -> bool:
         return False
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
         return True
+    if (path / "images").is_dir() and any((path / d).is_dir() for d in ("annotations", "masks")):
+        return False  # (the folder layout: a stray parquet file, a statistics table, made it an imagefolder)
     return any(path.glob("*.parquet")) or any(path.glob("*/*.parquet"))
 
 
@@ -165,6 +168,8 @@ def _declared_dtype(feature: Any) -> np.dtype | None:
 
 def _mask_cell(cell: Any, where: str, dtype: np.dtype | None, *, colours: bool = False) -> np.ndarray:
     """A mask column's cell (an Image feature's picture, or an array / nested lists of ``dtype``) → its values."""
+    if cell is None:
+        raise ValueError(f"{where}: empty (None)")
     if isinstance(cell, Image.Image):
         if cell.format == "JPEG":  # (its compression makes other class ids at every border: the folder layout
             raise ValueError(  # refuses JPEG masks too)
@@ -227,6 +232,8 @@ class HFSegmentationDataset(SegmentationDataset):
 
     def _cell(self, index: int, column: str) -> Image.Image | np.ndarray:
         value = self._columns[column][int(index)][column]
+        if value is None:  # (an array column's empty cell: a TypeError inside NumPy named no row)
+            raise ValueError(f"{self.name}[{index}].{column}: empty (None)")
         if isinstance(value, dict) and ("bytes" in value or "path" in value):  # an undecoded Image feature
             import io
 
@@ -283,7 +290,10 @@ class HFSegmentationDataset(SegmentationDataset):
         try:
             image, mask = self._read_pair(index)
         except Exception as exc:
-            return [f"{self.name}[{index}]: unreadable ({str(exc).strip() or type(exc).__name__})"]
+            message = str(exc).strip() or type(exc).__name__
+            if message.startswith(f"{self.name}[{index}]."):  # (names its cell already: its own words)
+                return [message]
+            return [f"{self.name}[{index}]: unreadable ({message})"]
         problems = []
         mismatch = self._size_mismatch(index, image, mask)
         if mismatch is not None:
