@@ -131,6 +131,14 @@ def with_variant(filename: str, variant: str | None) -> str:
     return f"{stem}.{variant}.{ext}"
 
 
+def _adapter_error(where: str | os.PathLike) -> CheckpointError:
+    """A LoRA run's checkpoint holds the adapter alone, on top of the base model it was made from."""
+    return CheckpointError(
+        f"{where}: a PEFT adapter (adapter_config.json), not a whole model: load its base model, then "
+        f"peft.PeftModel.from_pretrained(base, {str(where)!r})"
+    )
+
+
 def find_weights(
     name_or_path: str | os.PathLike,
     *,
@@ -171,6 +179,8 @@ def find_weights(
             f"{name_or_path}: no weights file ({wanted}) is in the local hub cache and the hub cannot be reached "
             "(hub ids need network or a populated cache; pass a local directory made by save_pretrained instead)"
         )
+    if resolve_file(name_or_path, "adapter_config.json", required=False, **hub) is not None:
+        raise _adapter_error(name_or_path)
     raise CheckpointError(f"{name_or_path}: no weights found ({wanted})")
 
 
@@ -761,6 +771,8 @@ def _load_config(
     if config is None:
         folder = Path(name).expanduser() / subfolder if isinstance(name, (str, os.PathLike)) else None
         if folder is not None and folder.is_dir() and not (folder / "config.json").exists():
+            if (folder / "adapter_config.json").is_file():
+                raise _adapter_error(folder)
             # weights alone: e.g. a checkpoint of Transformers' Trainer, which saves only our models' state dict
             if any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")):
                 raise MissingConfigError(

@@ -63,6 +63,14 @@ def test_lora_trains_the_adapters_and_the_head_and_merges_exactly(tmp_path):
     with torch.no_grad():
         # the same weights (saved and loaded bit for bit), modules and kernels on the same input: the same logits
         assert torch.equal(loaded(pixel_values=x).logits, adapted)
+    # the adapter folder alone, with or without the base's config.json beside it (SaveConfigCallback writes one):
+    # "weights without config.json" / "no weights found" named neither the adapter nor how to load it (audit)
+    for with_config in (False, True):
+        if with_config:
+            fresh.config.save_pretrained(tmp_path / "adapter")
+        with pytest.raises(ValueError, match=r"a PEFT adapter \(adapter_config.json\), not a whole model: .* then "
+                           r"peft\.PeftModel\.from_pretrained\(base, '.*adapter'\)$"):  # fmt: skip
+            SegformerForSemanticSegmentation.from_pretrained(tmp_path / "adapter")
 
 
 QUIET = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0, classifier_dropout_prob=0.0)
