@@ -30,7 +30,8 @@ def rescale_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, 
 
 
 def resize_pair(image: np.ndarray, mask: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Resize to (height, width): the image bilinearly, the mask with NEAREST (no new class ids)."""
+    """Resize to (height, width): the image with PIL's bilinear filter (which averages when shrinking, where
+    mmseg's cv2 samples 2×2 pixels: kept, see README), the mask with NEAREST (no new class ids)."""
     h, w = size
     if image.shape[:2] == (h, w):
         return image, mask
