@@ -107,6 +107,29 @@ def test_an_empty_mask_cell_is_named_by_its_row(tmp_path):
     assert [p.endswith("d:train[1].label: empty (None)") for p in check_dataset(dataset).problems] == [True]
 
 
+def test_ade20k_as_the_hub_keeps_it_gets_its_classes_and_reduced_labels(tmp_path):
+    """scene_parse_150 (annotation beside scene_category) was read as 151 numbered classes with "other" trained
+    as class 0 (audit); it now gets ADE20K's 150 names with 0 ignored and k read as k - 1, as the release does."""
+    from segformer.labels import ADE20K_CLASSES
+
+    mask = np.array([[0, 1, 2], [150, 255, 3]], np.uint8)
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "annotation": datasets.Image(),
+            "scene_category": datasets.ClassLabel(names=["bathroom", "bedroom"]),
+        }
+    )
+    rows = {"image": [Image.fromarray(np.zeros((2, 3, 3), np.uint8))], "annotation": [Image.fromarray(mask)]}
+    table = datasets.Dataset.from_dict({**rows, "scene_category": [1]}, features=features)
+    datasets.DatasetDict({"train": table}).save_to_disk(str(tmp_path / "ade"))
+    dataset, _ = build_dataset(tmp_path / "ade", "train")
+    assert dataset.id2label == dict(enumerate(ADE20K_CLASSES))
+    assert dataset.read(0)[1].tolist() == [[255, 0, 1], [149, 255, 2]]
+    numbered, _ = build_dataset(tmp_path / "ade", "train", reduce_labels=False)  # (asked for: the stored values)
+    assert numbered.num_labels == 151 and numbered.read(0)[1].tolist() == mask.tolist()
+
+
 def test_a_class_id_column_is_no_mask(tmp_path):
     """An image classification set's integer label column is reported per row as not a mask, naming the option
     that picks the mask column (it crashed inside the data check)."""

@@ -12,7 +12,9 @@ Columns are detected (images: ``image``, ``pixel_values``, ``img``; masks: ``ann
 ``mask``, ``semantic_map``, ``segmentation``, ...) or named (``image_column``, ``label_column``); splits map
 ``train`` / ``val`` (``validation``, ``valid``, ``dev``) / ``test``. Class names come from a ``labels.json``
 (or ``id2label.json``) beside the data, or from ``labels=`` (the same formats as the folder layout's); without
-either, the classes are numbered 0..max mask value. Masks are the same as on disk: one-band images of class
+either, ADE20K's scene parsing set (``scene_parse_150``: an ``annotation`` beside a ``scene_category`` column) gets
+ADE20K's 150 classes with its labels reduced (0 "other" ignored), as the release does, and other data's classes are
+numbered 0..max mask value. Masks are the same as on disk: one-band images of class
 ids, or colour-coded with a ``palette``.
 """
 
@@ -27,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from ..images import array_to_rgb, to_rgb
+from ..labels import ADE20K_CLASSES
 from .datasets import (
     IGNORE_INDEX,
     ClassTally,
@@ -303,6 +306,13 @@ class HFSegmentationDataset(SegmentationDataset):
         return problems
 
 
+def _scene_parsing(table: Any, label_column: str) -> bool:
+    """ADE20K's scene parsing set as the hub keeps it (``scene_parse_150``): its annotation column beside the
+    scene_category class label that only that set has, with 150 classes counted from 1 (0: "other")."""
+    names = list(getattr(table, "column_names", None) or [])
+    return label_column == "annotation" and "scene_category" in names
+
+
 def _labels(
     source: str | os.PathLike,
     labels: str | os.PathLike | None,
@@ -321,6 +331,13 @@ def _labels(
     for path in candidates:
         if path.is_file() or labels is not None:
             return read_label_spec(path, ignore_index=ignore_index, reduce=reduce_labels)
+    if _scene_parsing(table, label_column) and reduce_labels is not False:
+        # ADE20K as the hub keeps it (scene_parse_150): 0 "other", 1..150 the classes, as the release's masks
+        ignores = (IGNORE_INDEX,) if ignore_index is None else tuple(sorted({IGNORE_INDEX, ignore_index}))
+        check_ignore_values(
+            ignores, dict(enumerate(ADE20K_CLASSES)), True, "or leave it out (ADE20K ignores 0 and 255)"
+        )
+        return LabelSpec(dict(enumerate(ADE20K_CLASSES)), ignore_values=ignores, reduce_labels=True)
     top = 0
     ignored = {IGNORE_INDEX, *([] if ignore_index is None else [ignore_index])}
     masks = table.select_columns([label_column])  # without decoding the images
