@@ -1,12 +1,15 @@
 """The web page of `segformer serve` in a real headless Chromium (Debian's, driven by Playwright): upload an image,
 read the overlay, the legend, the class under the cursor, the toggles, the downloads and the phone layout; then a
 real server that stalls (its process stopped with SIGSTOP): an upload replaced by another is cancelled, and one
-that gets no answer times out."""
+that gets no answer times out; failures made in the browser's network layer (Playwright's route: refused, not JSON,
+busy, no model description); a phone's touch, the keyboard, a transparent upload, and the API page under a reverse
+proxy's prefix."""
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import io
 import json
 import os
@@ -123,7 +126,7 @@ def test_page_segments_an_upload_in_headless_chromium(tmp_path):
             # Downloads: the label PNG is the server's (segformer predict's) file; the overlay a JPEG.
             with page.expect_download() as download:
                 page.locator("#dl-label").click()
-            assert download.value.suggested_filename == "street photo.png"
+            assert download.value.suggested_filename == "street photo_labels.png"  # (not the upload's own name)
             served = httpx.post(server.url + "/v1/segment?format=png", content=photo.read_bytes())
             assert Path(download.value.path()).read_bytes() == served.content
             with page.expect_download() as download:
@@ -161,7 +164,7 @@ def test_page_segments_an_upload_in_headless_chromium(tmp_path):
             page.evaluate(PASTE_NAMELESS, base64.b64encode(photo.read_bytes()).decode())
             page.wait_for_selector("body[data-state=done]", state="attached", timeout=60_000)
             assert page.locator("#status").inner_text() == f"the image: {len(present)} classes found"
-            assert page.get_attribute("#dl-label", "download") == "image.png"
+            assert page.get_attribute("#dl-label", "download") == "image_labels.png"
             assert all(r.startswith(server.url + "/") or r.startswith(("blob:", "data:")) for r in requests), requests
     finally:
         assert server.stop() == 0
@@ -210,14 +213,15 @@ def stalled(server: ServerProcess):
 
 
 @contextlib.contextmanager
-def chromium(tmp_path: Path, **options):
-    """A page in a fresh headless Chromium (Debian's, a new profile under `tmp_path`; `options`: the browser
-    context's, e.g. viewport) and the console errors and uncaught page errors it collects."""
+def chromium(tmp_path: Path, switches: tuple[str, ...] = (), **options):
+    """A page in a fresh headless Chromium (Debian's, a new profile under `tmp_path`; `switches`: more command-line
+    switches; `options`: the browser context's, e.g. viewport) and the console errors and uncaught page errors it
+    collects."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=ARGS, **options
+            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=ARGS + list(switches), **options
         )
         try:
             page = browser.new_page()
@@ -230,10 +234,11 @@ def chromium(tmp_path: Path, **options):
 
 
 @contextlib.contextmanager
-def open_page(tmp_path: Path, url: str):
-    """A fresh headless Chromium on `url`, once the page has read the model; yields (page, console errors, and the
-    segment requests as [url, outcome] with outcome None while in flight, "ok" or the browser's failure text)."""
-    with chromium(tmp_path) as (page, errors):
+def open_page(tmp_path: Path, url: str, **options):
+    """A fresh headless Chromium (`options`: chromium()'s) on `url`, once the page has read the model; yields (page,
+    console errors, and the segment requests as [url, outcome] with outcome None while in flight, "ok" or the
+    browser's failure text)."""
+    with chromium(tmp_path, **options) as (page, errors):
         posts: dict[object, list] = {}
         page.on("request", lambda r: r.method == "POST" and posts.setdefault(r, [r.url, None]))
         page.on("requestfinished", lambda r: r in posts and posts[r].__setitem__(1, "ok"))
@@ -593,3 +598,230 @@ def test_page_asks_for_the_api_key_in_words_for_its_user(tmp_path):
             assert errors == [unauthorized] * 2
     finally:
         assert server.stop() == 0
+
+
+@pytest.mark.slow
+def test_phone_swipe_over_the_image_scrolls_and_a_tall_image_fits_the_screen(tiny_server, tmp_path):
+    # On a phone (390 × 844, touch): a tall picture is at most 72 % of the screen's height (it was as wide as the
+    # screen, so taller than the screen), and a finger swiped up over it scrolls the page (the viewer kept every
+    # touch for itself).
+    tall = tmp_path / "tall.png"
+    Image.fromarray(_noise(240, 80, 3)).save(tall)
+    phone = {"viewport": {"width": 390, "height": 844}, "has_touch": True}
+    with open_page(tmp_path, tiny_server.url + "/", **phone) as (page, errors, _):
+        page.set_input_files("#file", str(tall))
+        page.wait_for_selector("body[data-state=done]", state="attached", timeout=60_000)
+        box = page.locator("#viewer").bounding_box()
+        assert box["height"] <= 0.72 * 844 + 1 and box["width"] == pytest.approx(box["height"] / 3, abs=1)
+        assert page.evaluate("document.documentElement.scrollHeight") > 844 + 200  # a page to scroll
+        x, y = box["x"] + box["width"] / 2, min(box["y"] + box["height"], 844) - 100  # over the picture
+        cdp = page.context.new_cdp_session(page)  # a finger's touches, as the browser gets them from the screen
+        cdp.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [{"x": x, "y": y}]})
+        for step in range(1, 11):
+            cdp.send("Input.dispatchTouchEvent", {"type": "touchMove", "touchPoints": [{"x": x, "y": y - 30 * step}]})
+        cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+        assert page.evaluate("window.scrollY") > 100
+        assert errors == []
+
+
+@pytest.mark.slow
+def test_page_hides_the_previous_result_on_a_network_error_or_an_answer_not_json(tiny_server, tmp_path):
+    # The request fails in the network, or something on the way (a proxy's login page) answers 200 in HTML: the
+    # message names the file and the previous image's result is hidden (it would read as this one's).
+    first, second = two_photos(tmp_path, "first.png", "second.png")
+    with open_page(tmp_path, tiny_server.url + "/") as (page, errors, _):
+        for failing, reason in (
+            (lambda route: route.abort("connectionrefused"), "cannot reach the server: Failed to fetch"),
+            (
+                lambda route: route.fulfill(status=200, content_type="text/html", body="<p>Sign in</p>"),
+                "could not show the result: the server's answer is not JSON (text/html)",
+            ),
+        ):
+            page.set_input_files("#file", str(first))
+            page.wait_for_selector("body[data-state=done]", state="attached", timeout=60_000)
+            assert page.locator("#result").is_visible()
+            page.route("**/v1/segment?*", failing)
+            page.set_input_files("#file", str(second))
+            page.wait_for_selector("body[data-state=error]", state="attached", timeout=20_000)
+            assert page.locator("#status").inner_text() == f"second.png: {reason}"
+            assert page.locator("#result").is_hidden()
+            page.unroute("**/v1/segment?*")
+        assert errors == ["Failed to load resource: net::ERR_CONNECTION_REFUSED"]
+
+
+@pytest.mark.slow
+def test_page_gives_up_on_a_model_description_that_never_comes(tiny_server, tmp_path):
+    # GET v1/model gets no answer (the browser's network layer holds it): after the page's timeout (?timeout=2) it
+    # says so, where it said "loading the model…" for ever; with the server answering again, an upload reads the
+    # model first, then is segmented.
+    photo = tmp_path / "photo.png"
+    Image.fromarray(_noise(96, 128, 5)).save(photo)
+    with chromium(tmp_path) as (page, errors):
+        held: list = []
+        page.route("**/v1/model", lambda route: held.append(route))  # never answered
+        page.goto(tiny_server.url + "/?timeout=2")
+        page.wait_for_selector("body[data-state=error]", state="attached", timeout=15_000)
+        assert page.locator("#status").inner_text() == "no answer from the server within 2 s"
+        assert len(held) == 1
+        page.unroute("**/v1/model")
+        page.set_input_files("#file", str(photo))
+        page.wait_for_selector("body[data-state=done]", state="attached", timeout=60_000)
+        assert page.locator("#status").inner_text().startswith("photo.png: ")
+        assert page.locator("#model").inner_text().startswith(f"tiny · custom · {K} classes")
+        assert errors == []
+
+
+# The photo canvas's pixels: (height, width, 4) RGBA.
+READ_BASE = READ_LAYER.replace('"layer"', '"base"')
+
+
+@pytest.mark.slow
+def test_transparent_pixels_show_the_colours_the_model_segments(tiny_server, tmp_path):
+    # An RGBA upload: the server drops the alpha and segments the colours stored under it; the page shows those
+    # colours, opaque (it drew the picture with its alpha over black: a transparent pixel showed black). Read back
+    # through WebGL they are exact; a browser without WebGL (--disable-3d-apis) shows the server's copy (its overlay
+    # at opacity 0, a JPEG: one more request).
+    rgb = _noise(96, 128, 7)
+    alpha = np.full((96, 128), 255, np.uint8)
+    alpha[:, :64], alpha[:48, 64:] = 0, 128
+    photo = tmp_path / "cutout.png"
+    Image.fromarray(np.dstack([rgb, alpha])).save(photo)
+    served = httpx.post(tiny_server.url + "/v1/segment?format=overlay&alpha=0", content=photo.read_bytes(), timeout=60)
+    with Image.open(io.BytesIO(served.content)) as img:
+        copy = np.asarray(img.convert("RGB"), np.int16)
+    for webgl in (True, False):
+        (tmp_path / str(webgl)).mkdir()
+        switches = () if webgl else ("--disable-3d-apis",)
+        with open_page(tmp_path / str(webgl), tiny_server.url + "/", switches=switches) as (page, errors, posts):
+            assert page.evaluate("!!document.createElement('canvas').getContext('webgl')") == webgl
+            page.set_input_files("#file", str(photo))
+            page.wait_for_selector("body[data-state=done]", state="attached", timeout=60_000)
+            got = page.evaluate(READ_BASE)
+            base = np.asarray(got["data"], np.uint8).reshape(got["h"], got["w"], 4)
+            assert (base[..., 3] == 255).all()
+            if webgl:
+                assert np.array_equal(base[..., :3], rgb)
+                assert len(posts) == 1
+            else:
+                assert np.abs(base[..., :3] - copy).max() <= 2  # (two JPEG decoders)
+                clear = alpha == 0  # there the JPEG's colours are the stored ones (up to its loss), not black
+                assert np.abs(base[..., :3] - rgb.astype(np.int16))[clear].mean() < rgb[clear].mean() / 3
+                assert [url.split("?")[1] for url, _ in posts.values()] == ["probs=true", "format=overlay&alpha=0"]
+            assert errors == []
+
+
+# Drop files (name and base64 PNG bytes) and text on the drop zone, as the page's drop handler receives them.
+DROP = """([files, text]) => {
+  const data = new DataTransfer();
+  for (const [name, b64] of files)
+    data.items.add(new File([Uint8Array.from(atob(b64), (c) => c.charCodeAt(0))], name, { type: "image/png" }));
+  if (text) data.setData("text/plain", text);
+  document.getElementById("drop").dispatchEvent(new DragEvent("drop", { bubbles: true, dataTransfer: data }));
+}"""
+
+
+@pytest.mark.slow
+def test_page_says_what_it_did_with_several_files_dropped_or_none(tiny_server, tmp_path):
+    # Two files dropped: the first is segmented and the messages say that only the first was; a drop of text (no
+    # file) says that it held no file, and the result shown stays.
+    first, second = two_photos(tmp_path, "first.png", "second.png")
+    files = [[p.name, base64.b64encode(p.read_bytes()).decode()] for p in (first, second)]
+    with open_page(tmp_path, tiny_server.url + "/") as (page, errors, posts):
+        page.evaluate(DROP, [files, ""])
+        page.wait_for_selector("body[data-state=done]", state="attached", timeout=60_000)
+        note = " (2 files dropped: only the first is segmented)"
+        status = page.locator("#status").inner_text()
+        assert status.startswith("first.png: ") and status.endswith(" found" + note), status
+        assert page.evaluate("window.seen.status")[0] == "Segmenting first.png…" + note
+        assert len(posts) == 1 and page.locator("#info").inner_text().startswith("128 × 96 px")
+        page.evaluate(DROP, [[], "some words"])
+        assert page.locator("#status").inner_text() == "The drop held no file: drop an image file, or choose one."
+        assert page.evaluate("document.body.dataset.state") == "done" and page.locator("#result").is_visible()
+        assert len(posts) == 1 and errors == []
+
+
+@pytest.mark.slow
+def test_page_says_when_a_busy_server_asks_to_wait(tiny_server, tmp_path):
+    # A 503 (the server's busy answer, as segformer serve words it) or a 429 with Retry-After: the message names the
+    # file and says in how many seconds to try again.
+    photo = tmp_path / "photo.png"
+    Image.fromarray(_noise(96, 128, 5)).save(photo)
+    busy = "the server is busy (4 images waiting for the model, --max-queue): retry later"
+    with open_page(tmp_path, tiny_server.url + "/") as (page, errors, _):
+        for status, headers, body, message in (
+            (503, {"Retry-After": "7"}, json.dumps({"detail": busy}), busy.replace("retry later", "try again in 7 s")),
+            (429, {"Retry-After": "30"}, "", "429 Too Many Requests: try again in 30 s"),
+        ):
+            answer = {"status": status, "headers": headers, "content_type": "application/json", "body": body}
+            page.route("**/v1/segment?*", functools.partial(lambda answer, route: route.fulfill(**answer), answer))
+            with page.expect_response("**/v1/segment?*") as response:
+                page.set_input_files("#file", str(photo))
+            assert response.value.status == status
+            page.wait_for_selector("body[data-state=error]", state="attached", timeout=10_000)
+            page.wait_for_function("() => !document.getElementById('status').textContent.startsWith('Segmenting')")
+            assert page.locator("#status").inner_text() == f"photo.png: {message}"
+            page.unroute("**/v1/segment?*")
+        assert len(errors) == 2, errors  # (the browser's "Failed to load resource" for each)
+
+
+@pytest.mark.slow
+def test_image_reads_from_the_keyboard_and_names_itself_to_a_screen_reader(tiny_server, tmp_path):
+    # Tab reaches the picture; the arrow keys move a probe that reads the class and confidence under it (a 32nd of
+    # the shorter side a press; with Shift, one pixel). The canvases have names; each class's mean confidence is
+    # text in the legend (it was a tooltip); the opacity is said once, by the slider (the <output> beside it, a live
+    # region, said it again).
+    photo = tmp_path / "photo.png"
+    Image.fromarray(_noise(120, 160, 11)).save(photo)
+    api, labels, _, _ = segmented(tiny_server, photo)
+    conf = confidence_of(api)
+    with open_page(tmp_path, tiny_server.url + "/") as (page, errors, _):
+        page.set_input_files("#file", str(photo))
+        page.wait_for_selector("body[data-state=done]", state="attached", timeout=60_000)
+        page.focus("#file")
+        page.keyboard.press("Tab")
+        assert page.evaluate("document.activeElement.id") == "viewer"
+
+        def reads(x: int, y: int) -> str:
+            c = int(labels[y, x])
+            return f"{NAMES[c]} (class {c}) at {x}, {y}, confidence {conf[y, x] / 255:.2f}"
+
+        assert page.locator("#hover").inner_text() == reads(80, 60)  # the centre, on focus
+        assert page.locator("#probe").is_visible()
+        page.keyboard.press("ArrowRight")
+        assert page.locator("#hover").inner_text() == reads(84, 60)  # 120 / 32 pixels on
+        page.keyboard.press("Shift+ArrowUp")
+        assert page.locator("#hover").inner_text() == reads(84, 59)
+        for _ in range(25):
+            page.keyboard.press("ArrowRight")
+        assert page.locator("#hover").inner_text() == reads(159, 59)  # (at the edge)
+        assert page.evaluate("window.scrollY") == 0  # the keys moved the probe, not the page
+
+        assert page.get_attribute("#base", "aria-label") == "photo.png, 160 × 120 px"
+        assert page.get_attribute("#layer", "aria-label") == "the class colours (see the legend)"
+        details = page.locator("#legend .detail")
+        assert details.count() == len(api["classes"]) and details.first.is_visible()
+        for text, entry in zip(details.all_inner_texts(), api["classes"]):
+            assert text == f"mean confidence {entry['confidence']:.2f} · {entry['pixels']:,} px"
+        page.locator("#opacity").fill("30")
+        slider = page.locator("#opacity")
+        assert slider.get_attribute("aria-valuetext") == "30 %"
+        assert page.locator("#opacity-out").inner_text() == "30 %"
+        assert "status" not in page.locator(".controls").aria_snapshot()  # the <output> is no live region now
+        assert errors == []
+
+
+@pytest.mark.slow
+def test_docs_curl_lines_keep_a_reverse_proxy_prefix(tiny_server, tmp_path):
+    # The API page under a prefix, as a reverse proxy serves it (here the browser's network layer forwards /seg/...
+    # to the server's /...): its curl lines are under /seg/ too, not at the host's root.
+    with chromium(tmp_path) as (page, errors):
+        page.route(
+            tiny_server.url + "/seg/**",
+            lambda route: route.fulfill(response=route.fetch(url=route.request.url.replace("/seg/", "/", 1))),
+        )
+        page.goto(tiny_server.url + "/seg/docs")
+        page.wait_for_selector("body[data-state=done]", state="attached", timeout=15_000)
+        curl = page.locator('.op[data-method="POST"][data-path="/v1/segment"] pre.curl').inner_text()
+        assert curl == f"curl -F file=@photo.jpg {tiny_server.url}/seg/v1/segment"
+        assert page.locator('.op[data-path="/healthz"] pre.curl').inner_text() == f"curl {tiny_server.url}/seg/healthz"
+        assert errors == []
