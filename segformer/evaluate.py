@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data.datasets import SegmentationDataset
+from .data.datasets import SegmentationDataset, reduced_hint
 from .distributed import get_rank, get_world_size, unwrap_model
 from .fileio import atomic_write_text
 from .inference import InferenceOptions, autocast, predict_labels, resolve_options, reuse_work_areas
@@ -103,8 +103,8 @@ def evaluate(
         )
     if k != dataset.num_labels and k != 1:
         raise ValueError(
-            f"the model predicts {k} classes but {dataset.name} has {dataset.num_labels}; evaluate a model "
-            "fine-tuned on this label set"
+            f"the model predicts {k} classes but {dataset.name} has {dataset.num_labels}; "
+            + (reduced_hint(dataset, k) or "evaluate a model fine-tuned on this label set")
         )
     if max_images is not None and max_images < 1:
         raise ValueError(f"max_images must be at least 1 (None: every image), got {max_images}")

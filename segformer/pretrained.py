@@ -131,11 +131,12 @@ def with_variant(filename: str, variant: str | None) -> str:
     return f"{stem}.{variant}.{ext}"
 
 
-def _adapter_error(where: str | os.PathLike) -> CheckpointError:
+def _adapter_error(where: str | os.PathLike, subfolder: str = "") -> CheckpointError:
     """A LoRA run's checkpoint holds the adapter alone, on top of the base model it was made from."""
+    inside = f", subfolder={subfolder!r}" if subfolder else ""
     return CheckpointError(
         f"{where}: a PEFT adapter (adapter_config.json), not a whole model: load its base model, then "
-        f"peft.PeftModel.from_pretrained(base, {str(where)!r})"
+        f"peft.PeftModel.from_pretrained(base, {str(where)!r}{inside})"
     )
 
 
@@ -180,7 +181,7 @@ def find_weights(
             "(hub ids need network or a populated cache; pass a local directory made by save_pretrained instead)"
         )
     if resolve_file(name_or_path, "adapter_config.json", required=False, **hub) is not None:
-        raise _adapter_error(name_or_path)
+        raise _adapter_error(name_or_path, subfolder)
     raise CheckpointError(f"{name_or_path}: no weights found ({wanted})")
 
 

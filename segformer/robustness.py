@@ -61,7 +61,7 @@ FORMAT = 1  # of robustness_partial.json
 
 
 class CorruptedDataset(torch.utils.data.Dataset):
-    """``dataset`` with every image under corruption ``name`` at ``severity``: item i is what ``dataset[i]``
+    """``dataset`` with every image under corruption ``name`` at ``severity``: item i is what ``dataset[(i, i)]``
     would be had its image been ``corrupt(image, name, severity, rng=corruption_rng(i, name, severity, seed))``.
 
     ``dataset`` must offer ``read(i)`` → (uint8 image (H, W, 3), mask) and ``transform`` (as

@@ -49,6 +49,7 @@ from .data.datasets import (
     MissingSplitError,
     SegmentationDataset,
     leave_stops_to_the_main_process,
+    reduced_hint,
     workers_stopped_on_error,
 )
 from .data.statistics import class_tally, median_frequency_weights
@@ -753,7 +754,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     if net.config.num_labels != data.train_set.num_labels:
         raise ValueError(
             f"{resume_dir}: the run's model predicts {net.config.num_labels} classes, the data has "
-            f"{data.train_set.num_labels} (--data {cfg.data}): resume on the run's own data"
+            f"{data.train_set.num_labels} (--data {cfg.data}): "
+            + (reduced_hint(data.train_set, net.config.num_labels) or "resume on the run's own data")
         )
     check_eval_size(net.config, data.eval_options)
     model, net = prepare_model(net, cfg, info)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from segformer.data import build_dataset, check_dataset, detect_kind, write_synthetic_dataset
 from segformer.data.build import check_splits
-from segformer.data.datasets import class_coverage
+from segformer.data.datasets import SegmentationDataset, class_coverage
 from segformer.data.synthetic import CLASSES
 from segformer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform
 
@@ -253,6 +253,22 @@ def test_a_plain_dataloader_augments_anew_every_epoch_and_follows_manual_seed(tm
         assert all(torch.equal(a, b) for a, b in zip(epochs(workers, 0), (first, second)))
     ds, _ = build_dataset(tmp_path, "train", transform=train_transform((32, 32), scale=None))
     assert torch.equal(ds[(1, 5)][0], ds[(1, 5)][0])
+    # persistent workers keep their torch seed across epochs: the access count alone makes the epochs differ
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, persistent_workers=True)
+    first, second = ([batch[0] for batch in loader] for _ in range(2))
+    assert not any(torch.equal(a, b) for a, b in zip(first, second)), "persistent workers repeated an epoch"
+    state = torch.get_rng_state()
+    ds[0]
+    assert torch.equal(torch.get_rng_state(), state), "dataset[i] drew from torch's generator"
+
+
+def test_an_empty_dataset_has_no_item_zero(tmp_path):
+    """dataset[0] of an empty set is an IndexError, and iterating it stops (the seed's ``key % len`` came first and
+    divided by zero: review)."""
+    empty = SegmentationDataset([], {0: "a", 1: "b"})
+    with pytest.raises(IndexError):
+        empty[0]
+    assert list(empty) == []  # (Python's old iteration protocol: __getitem__ from 0 until an IndexError)
 
 
 def test_synthetic_dataset_is_reproducible_and_not_a_colour_lookup(tmp_path):

@@ -107,27 +107,41 @@ def test_an_empty_mask_cell_is_named_by_its_row(tmp_path):
     assert [p.endswith("d:train[1].label: empty (None)") for p in check_dataset(dataset).problems] == [True]
 
 
-def test_ade20k_as_the_hub_keeps_it_gets_its_classes_and_reduced_labels(tmp_path):
-    """scene_parse_150 (annotation beside scene_category) was read as 151 numbered classes with "other" trained
-    as class 0 (audit); it now gets ADE20K's 150 names with 0 ignored and k read as k - 1, as the release does."""
+def test_ade20k_as_the_hub_keeps_it_gets_its_classes_and_reduced_labels(tmp_path, capsys):
+    """scene_parse_150 (annotation beside scene_category, ADE20K's hundreds of scene names) was read as 151
+    numbered classes with "other" trained as class 0 (audit); it now gets ADE20K's 150 names with 0 ignored and k
+    read as k - 1, as the release does, and says so. Another set with an annotation column and a few scene types
+    of its own keeps its numbered classes (it was read as ADE20K without a word: review)."""
+    from segformer.data.datasets import reduced_hint
     from segformer.labels import ADE20K_CLASSES
 
     mask = np.array([[0, 1, 2], [150, 255, 3]], np.uint8)
-    features = datasets.Features(
-        {
-            "image": datasets.Image(),
-            "annotation": datasets.Image(),
-            "scene_category": datasets.ClassLabel(names=["bathroom", "bedroom"]),
-        }
-    )
-    rows = {"image": [Image.fromarray(np.zeros((2, 3, 3), np.uint8))], "annotation": [Image.fromarray(mask)]}
-    table = datasets.Dataset.from_dict({**rows, "scene_category": [1]}, features=features)
-    datasets.DatasetDict({"train": table}).save_to_disk(str(tmp_path / "ade"))
-    dataset, _ = build_dataset(tmp_path / "ade", "train")
+
+    def save(scenes: list[str], name: str) -> Path:
+        features = datasets.Features(
+            {
+                "image": datasets.Image(),
+                "annotation": datasets.Image(),
+                "scene_category": datasets.ClassLabel(names=scenes),
+            }
+        )
+        rows = {"image": [Image.fromarray(np.zeros((2, 3, 3), np.uint8))], "annotation": [Image.fromarray(mask)]}
+        table = datasets.Dataset.from_dict({**rows, "scene_category": [1]}, features=features)
+        datasets.DatasetDict({"train": table}).save_to_disk(str(tmp_path / name))
+        return tmp_path / name
+
+    ade = save([f"scene_{i}" for i in range(300)], "ade")
+    dataset, _ = build_dataset(ade, "train")
     assert dataset.id2label == dict(enumerate(ADE20K_CLASSES))
     assert dataset.read(0)[1].tolist() == [[255, 0, 1], [149, 255, 2]]
-    numbered, _ = build_dataset(tmp_path / "ade", "train", reduce_labels=False)  # (asked for: the stored values)
+    assert "read as ADE20K's scene parsing set" in capsys.readouterr().err
+    # a model trained on the stored values (151 classes) is told the option that reads them
+    assert "--no-reduce-labels" in reduced_hint(dataset, 151) and reduced_hint(dataset, 150) is None
+    numbered, _ = build_dataset(ade, "train", reduce_labels=False)  # (asked for: the stored values)
     assert numbered.num_labels == 151 and numbered.read(0)[1].tolist() == mask.tolist()
+    rooms, _ = build_dataset(save(["bathroom", "bedroom"], "rooms"), "train")
+    assert rooms.num_labels == 151 and rooms.read(0)[1].tolist() == mask.tolist()
+    assert "ADE20K" not in capsys.readouterr().err
 
 
 def test_a_class_id_column_is_no_mask(tmp_path):

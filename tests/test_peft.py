@@ -71,6 +71,9 @@ def test_lora_trains_the_adapters_and_the_head_and_merges_exactly(tmp_path):
         with pytest.raises(ValueError, match=r"a PEFT adapter \(adapter_config.json\), not a whole model: .* then "
                            r"peft\.PeftModel\.from_pretrained\(base, '.*adapter'\)$"):  # fmt: skip
             SegformerForSemanticSegmentation.from_pretrained(tmp_path / "adapter")
+    # in a subfolder (its config.json beside it), the loading line names it (it left it out: review)
+    with pytest.raises(ValueError, match=r"from_pretrained\(base, '.*', subfolder='adapter'\)$"):
+        SegformerForSemanticSegmentation.from_pretrained(tmp_path, subfolder="adapter")
 
 
 QUIET = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0, classifier_dropout_prob=0.0)

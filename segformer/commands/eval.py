@@ -191,10 +191,16 @@ def _stored_ignore_value(args: argparse.Namespace, dataset: object) -> int | Non
 
 def _stated_reduce_labels(args: argparse.Namespace, kind: str) -> bool | None:
     """The data's own word on label reduction: ``reduce_labels`` in the labels.json build_dataset reads (--labels,
-    else the one beside the data), None where it says nothing (or cannot be read: build_dataset says why)."""
+    else the one beside the data; a Hugging Face dataset's id2label.json too), None where it says nothing (or
+    cannot be read: build_dataset says why)."""
     if kind not in ("folder", "hf"):
         return None
-    path = Path(args.labels) if args.labels is not None else Path(args.data) / "labels.json"
+    if args.labels is not None:
+        path = Path(args.labels)
+    else:  # (a Hugging Face dataset's folder may keep it as id2label.json: build_dataset reads either)
+        path = next((p for p in (Path(args.data) / n for n in ("labels.json", "id2label.json")) if p.is_file()), None)
+        if path is None or (path.name == "id2label.json" and kind != "hf"):
+            return None
     try:
         spec = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError):

@@ -570,8 +570,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
     ``pairs``: (image path, mask path); ``labels``: a :class:`LabelSpec` (or plain id2label); ``transform``: a
     paired transform ``(image, mask, rng) → tensors`` (default: normalise only). ``dataset[(i, seed)]`` is
     reproducible; ``dataset[i]`` is augmented anew at every access, from ``torch.initial_seed()`` (which a
-    DataLoader sets per worker and epoch, ``torch.manual_seed`` in the main process), i and the access count,
-    without drawing from torch's generator. Ignored pixels are
+    DataLoader sets per worker and epoch, ``torch.manual_seed`` in the main process), i and the access count
+    (``dataset.accesses``: a loop of one's own that resumes in one process restores it with torch's RNG state, or
+    it repeats the first epoch's draws), without drawing from torch's generator. Ignored pixels are
     :data:`IGNORE_INDEX` (255) in the labels it yields.
     """
 
@@ -676,12 +677,13 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return image, mask
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = key[0] if isinstance(key, tuple) else key
+        image, mask = self.read(index)  # (an IndexError first for a key out of range, an empty set's included)
         if isinstance(key, tuple):
-            index, seed = key
+            seed = key[1]
         else:  # (seeded by the index alone, every epoch of a plain loader was the same draw)
             self.accesses += 1
-            index, seed = key, np.random.SeedSequence([torch.initial_seed(), key % len(self), self.accesses])
-        image, mask = self.read(index)
+            seed = np.random.SeedSequence([torch.initial_seed(), index % len(self), self.accesses])
         self._refuse_uncovered(index, mask)
         return self.transform(image, mask, np.random.default_rng(seed))
 
@@ -770,6 +772,18 @@ def distinct_counts(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         values = np.flatnonzero(counts)
         return values, counts[values]
     return np.unique(flat, return_counts=True)
+
+
+def reduced_hint(dataset: SegmentationDataset, k: int) -> str | None:
+    """For a model of ``k`` classes on ``dataset`` read with label reduction, one class fewer: the option that reads
+    the stored values instead (a model trained on them, e.g. ADE20K's 151 stored values before the reduction was
+    the default for it); None otherwise."""
+    if dataset.spec.reduce_labels and k == dataset.num_labels + 1:
+        return (
+            "the data is read with label reduction (0 ignored, k is class k - 1): "
+            f"--no-reduce-labels reads its {k} stored values"
+        )
+    return None
 
 
 def _numbered(id2label: Mapping[int, str]) -> bool:

@@ -12,8 +12,9 @@ Columns are detected (images: ``image``, ``pixel_values``, ``img``; masks: ``ann
 ``mask``, ``semantic_map``, ``segmentation``, ...) or named (``image_column``, ``label_column``); splits map
 ``train`` / ``val`` (``validation``, ``valid``, ``dev``) / ``test``. Class names come from a ``labels.json``
 (or ``id2label.json``) beside the data, or from ``labels=`` (the same formats as the folder layout's); without
-either, ADE20K's scene parsing set (``scene_parse_150``: an ``annotation`` beside a ``scene_category`` column) gets
-ADE20K's 150 classes with its labels reduced (0 "other" ignored), as the release does, and other data's classes are
+either, ADE20K's scene parsing set (``scene_parse_150``: named so in the dataset's info, or an ``annotation`` beside a
+``scene_category`` class label of hundreds of scenes) gets ADE20K's 150 classes with its labels reduced (0 "other"
+ignored), as the release does, saying so on stderr, and other data's classes are
 numbered 0..max mask value. Masks are the same as on disk: one-band images of class
 ids, or colour-coded with a ``palette``.
 """
@@ -22,12 +23,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from ..distributed import get_rank
 from ..images import array_to_rgb, to_rgb
 from ..labels import ADE20K_CLASSES
 from .datasets import (
@@ -306,11 +309,23 @@ class HFSegmentationDataset(SegmentationDataset):
         return problems
 
 
+# ADE20K's scene categories number in the hundreds: a set's own few room or place types beside an annotation column
+# are not ADE20K's (the rule read such a set as ADE20K, its class 0 ignored, without a word: review)
+_ADE20K_MIN_SCENES = 100
+
+
 def _scene_parsing(table: Any, label_column: str) -> bool:
-    """ADE20K's scene parsing set as the hub keeps it (``scene_parse_150``): its annotation column beside the
-    scene_category class label that only that set has, with 150 classes counted from 1 (0: "other")."""
-    names = list(getattr(table, "column_names", None) or [])
-    return label_column == "annotation" and "scene_category" in names
+    """ADE20K's scene parsing set as the hub keeps it (``scene_parse_150``, 150 classes counted from 1, 0 "other"):
+    named so in its info, or its ``annotation`` column beside a ``scene_category`` class label of ADE20K's hundreds
+    of scene names."""
+    info = getattr(table, "info", None)
+    named = {str(getattr(info, key, "") or "") for key in ("builder_name", "dataset_name", "config_name")}
+    if label_column != "annotation":
+        return False
+    if "scene_parse_150" in named:
+        return True
+    scenes = (getattr(table, "features", None) or {}).get("scene_category")
+    return len(getattr(scenes, "names", None) or []) >= _ADE20K_MIN_SCENES
 
 
 def _labels(
@@ -337,6 +352,13 @@ def _labels(
         check_ignore_values(
             ignores, dict(enumerate(ADE20K_CLASSES)), True, "or leave it out (ADE20K ignores 0 and 255)"
         )
+        if get_rank() == 0:
+            print(
+                f"{name}: read as ADE20K's scene parsing set (scene_parse_150): its 150 classes, mask value 0 "
+                "ignored and k read as class k - 1; --no-reduce-labels keeps the stored values, a labels.json "
+                "beside the data names other classes",
+                file=sys.stderr,
+            )
         return LabelSpec(dict(enumerate(ADE20K_CLASSES)), ignore_values=ignores, reduce_labels=True)
     top = 0
     ignored = {IGNORE_INDEX, *([] if ignore_index is None else [ignore_index])}
