@@ -135,12 +135,23 @@ def test_ade20k_as_the_hub_keeps_it_gets_its_classes_and_reduced_labels(tmp_path
     assert dataset.id2label == dict(enumerate(ADE20K_CLASSES))
     assert dataset.read(0)[1].tolist() == [[255, 0, 1], [149, 255, 2]]
     assert "read as ADE20K's scene parsing set" in capsys.readouterr().err
+    build_dataset(ade, "train")  # (another split of the same data: said once, not per split)
+    assert "ADE20K" not in capsys.readouterr().err
     # a model trained on the stored values (151 classes) is told the option that reads them
     assert "--no-reduce-labels" in reduced_hint(dataset, 151) and reduced_hint(dataset, 150) is None
     numbered, _ = build_dataset(ade, "train", reduce_labels=False)  # (asked for: the stored values)
     assert numbered.num_labels == 151 and numbered.read(0)[1].tolist() == mask.tolist()
     rooms, _ = build_dataset(save(["bathroom", "bedroom"], "rooms"), "train")
     assert rooms.num_labels == 151 and rooms.read(0)[1].tolist() == mask.tolist()
+    # the set's name alone (kept through map and save_to_disk) without scene categories: e.g. its instance
+    # segmentation configuration, or masks of one's own made from it
+    rows = {"image": [Image.fromarray(np.zeros((2, 3, 3), np.uint8))], "annotation": [Image.fromarray(mask)]}
+    features = datasets.Features({"image": datasets.Image(), "annotation": datasets.Image()})
+    info = datasets.DatasetInfo(dataset_name="scene_parse_150", features=features)
+    table = datasets.Dataset.from_dict(rows, features=features, info=info)
+    datasets.DatasetDict({"train": table}).save_to_disk(str(tmp_path / "named"))
+    named, _ = build_dataset(tmp_path / "named", "train")
+    assert named.num_labels == 151 and named.read(0)[1].tolist() == mask.tolist()
     assert "ADE20K" not in capsys.readouterr().err
 
 

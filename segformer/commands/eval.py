@@ -189,24 +189,25 @@ def _stored_ignore_value(args: argparse.Namespace, dataset: object) -> int | Non
     return extra[0] if extra else None
 
 
-def _stated_reduce_labels(args: argparse.Namespace, kind: str) -> bool | None:
+def _stated_reduce_labels(args: argparse.Namespace, kind: str) -> tuple[bool | None, str]:
     """The data's own word on label reduction: ``reduce_labels`` in the labels.json build_dataset reads (--labels,
     else the one beside the data; a Hugging Face dataset's id2label.json too), None where it says nothing (or
-    cannot be read: build_dataset says why)."""
+    cannot be read: build_dataset says why); and that file's name, as the messages give it."""
     if kind not in ("folder", "hf"):
-        return None
+        return None, ""
     if args.labels is not None:
         path = Path(args.labels)
     else:  # (a Hugging Face dataset's folder may keep it as id2label.json: build_dataset reads either)
         path = next((p for p in (Path(args.data) / n for n in ("labels.json", "id2label.json")) if p.is_file()), None)
         if path is None or (path.name == "id2label.json" and kind != "hf"):
-            return None
+            return None, ""
+    where = f"--labels {path}" if args.labels is not None else f"the data's {path.name}"
     try:
         spec = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError):
-        return None
+        return None, where
     stated = spec.get("reduce_labels") if isinstance(spec, dict) else None
-    return stated if isinstance(stated, bool) else None
+    return (stated if isinstance(stated, bool) else None), where
 
 
 def run(args: argparse.Namespace) -> int:
@@ -264,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
         kind = detect_kind(args.data) if args.dataset == "auto" else args.dataset
         # where a checkpoint keeps its label rules: its files, or an ONNX file's metadata
         source = "its metadata" if onnx else "its preprocessor_config.json"
-        stated = _stated_reduce_labels(args, kind)
+        stated, stated_in = _stated_reduce_labels(args, kind)
         trained_reduced = args.reduce_labels is None and kind in ("folder", "hf") and stored_reduce_labels(args.model)
         if trained_reduced and stated is None:
             args.reduce_labels = True  # (the masks' 0 was ignored and k became k - 1 in training: so here)
@@ -275,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
             )
         elif trained_reduced and not stated:  # (the data knows how its masks are stored: reducing again dropped
             print(  # class 0 and shifted the rest)
-                f"segformer eval: {args.model} was trained on reduced labels ({source}); the data's labels.json "
+                f"segformer eval: {args.model} was trained on reduced labels ({source}); {stated_in} "
                 'says "reduce_labels": false: evaluating the stored values',
                 file=sys.stderr,
             )

@@ -570,9 +570,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
     ``pairs``: (image path, mask path); ``labels``: a :class:`LabelSpec` (or plain id2label); ``transform``: a
     paired transform ``(image, mask, rng) → tensors`` (default: normalise only). ``dataset[(i, seed)]`` is
     reproducible; ``dataset[i]`` is augmented anew at every access, from ``torch.initial_seed()`` (which a
-    DataLoader sets per worker and epoch, ``torch.manual_seed`` in the main process), i and the access count
-    (``dataset.accesses``: a loop of one's own that resumes in one process restores it with torch's RNG state, or
-    it repeats the first epoch's draws), without drawing from torch's generator. Ignored pixels are
+    DataLoader sets per worker and epoch, per worker once with persistent workers, ``torch.manual_seed`` in the
+    main process), i and the count of this copy's accesses (``dataset.accesses``: every ``dataset[i]`` moves it, a
+    preview's too; a loop without workers that resumes restores it with torch's RNG state, or it repeats the first
+    epoch's draws), without drawing from torch's generator. Ignored pixels are
     :data:`IGNORE_INDEX` (255) in the labels it yields.
     """
 

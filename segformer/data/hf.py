@@ -316,16 +316,17 @@ _ADE20K_MIN_SCENES = 100
 
 def _scene_parsing(table: Any, label_column: str) -> bool:
     """ADE20K's scene parsing set as the hub keeps it (``scene_parse_150``, 150 classes counted from 1, 0 "other"):
-    named so in its info, or its ``annotation`` column beside a ``scene_category`` class label of ADE20K's hundreds
-    of scene names."""
+    its ``annotation`` column beside a ``scene_category`` class label, the set named so in its info or that label of
+    ADE20K's hundreds of scene names. (Its instance_segmentation configuration has no scene_category.)"""
+    scenes = (getattr(table, "features", None) or {}).get("scene_category")
+    if label_column != "annotation" or scenes is None:
+        return False
     info = getattr(table, "info", None)
     named = {str(getattr(info, key, "") or "") for key in ("builder_name", "dataset_name", "config_name")}
-    if label_column != "annotation":
-        return False
-    if "scene_parse_150" in named:
-        return True
-    scenes = (getattr(table, "features", None) or {}).get("scene_category")
-    return len(getattr(scenes, "names", None) or []) >= _ADE20K_MIN_SCENES
+    return "scene_parse_150" in named or len(getattr(scenes, "names", None) or []) >= _ADE20K_MIN_SCENES
+
+
+_ANNOUNCED: set[str] = set()  # the data read as ADE20K this process has said so of (once, not per split)
 
 
 def _labels(
@@ -352,9 +353,10 @@ def _labels(
         check_ignore_values(
             ignores, dict(enumerate(ADE20K_CLASSES)), True, "or leave it out (ADE20K ignores 0 and 255)"
         )
-        if get_rank() == 0:
+        if get_rank() == 0 and str(source) not in _ANNOUNCED:
+            _ANNOUNCED.add(str(source))
             print(
-                f"{name}: read as ADE20K's scene parsing set (scene_parse_150): its 150 classes, mask value 0 "
+                f"{source}: read as ADE20K's scene parsing set (scene_parse_150): its 150 classes, mask value 0 "
                 "ignored and k read as class k - 1; --no-reduce-labels keeps the stored values, a labels.json "
                 "beside the data names other classes",
                 file=sys.stderr,
