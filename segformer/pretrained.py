@@ -763,6 +763,14 @@ class PreTrainedMixin:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _has_file(name: str | os.PathLike, filename: str, subfolder: str, hub: dict[str, Any]) -> bool:
+    """Whether ``name`` (a folder or hub id) has ``filename``, looked up without raising."""
+    try:
+        return resolve_file(name, filename, required=False, subfolder=subfolder, **hub) is not None
+    except (CheckpointError, OSError, ValueError):
+        return False
+
+
 def _load_config(
     config: Any, name: Any, subfolder: str, hub: dict[str, Any], overrides: dict[str, Any]
 ) -> SegformerConfig:
@@ -781,7 +789,12 @@ def _load_config(
                     "under Trainer with segformer.integrations.SaveConfigCallback",
                     where=str(folder),
                 )
-        return SegformerConfig.from_pretrained(name, subfolder=subfolder, **hub, **overrides)
+        try:
+            return SegformerConfig.from_pretrained(name, subfolder=subfolder, **hub, **overrides)
+        except CheckpointError:  # (e.g. an adapter pushed to the hub: adapter_config.json, no config.json)
+            if isinstance(name, (str, os.PathLike)) and _has_file(name, "adapter_config.json", subfolder, hub):
+                raise _adapter_error(name, subfolder) from None
+            raise
     if isinstance(config, (str, os.PathLike)):
         return SegformerConfig.from_pretrained(config, **hub, **overrides)
     if isinstance(config, Mapping) or callable(getattr(config, "to_dict", None)):

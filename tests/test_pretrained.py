@@ -266,6 +266,10 @@ try:
     SegformerForSemanticSegmentation.from_pretrained("acme/tiny-seg", revision="v2")
 except CheckpointError as e:
     print("uncached revision", e)
+try:
+    SegformerForSemanticSegmentation.from_pretrained("acme/lora")
+except CheckpointError as e:
+    print("adapter", e)
 """
 
 
@@ -280,6 +284,8 @@ def test_hub_id_from_a_populated_cache_offline(saved, tmp_path):
         cache, "acme/tiny-seg", {p.name: p.read_bytes() for p in (tmp_path / "older").iterdir()}, "1" * 40, "v1"
     )
     populate_hub_cache(cache, "acme/config-only", {"config.json": (path / "config.json").read_bytes()})
+    adapter = {"adapter_config.json": b'{"peft_type": "LORA"}', "adapter_model.safetensors": b""}
+    populate_hub_cache(cache, "acme/lora", adapter)  # (an adapter as pushed to the hub: no config.json)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "home")}
     out = subprocess.run([sys.executable, "-c", HUB_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -290,6 +296,8 @@ def test_hub_id_from_a_populated_cache_offline(saved, tmp_path):
     assert "is in the local hub cache and the hub cannot be reached" in out.stdout
     # a revision that is not cached is named (it read as if the repo were missing: audit)
     assert "uncached revision acme/tiny-seg: config.json at revision 'v2' is not in the local hub cache" in out.stdout
+    # an adapter's repo is named as one, as an adapter folder is (it said config.json is not cached: review)
+    assert "adapter acme/lora: a PEFT adapter (adapter_config.json), not a whole model" in out.stdout
 
 
 def test_atomic_write_errors_name_the_file_not_the_temporary_name(tmp_path):
@@ -532,6 +540,8 @@ def test_offline_weights_not_in_the_cache_says_so(saved, tmp_path):
     _, path = saved
     cache = tmp_path / "hub"
     populate_hub_cache(cache, "acme/config-only", {"config.json": (path / "config.json").read_bytes()})
+    adapter = {"adapter_config.json": b'{"peft_type": "LORA"}', "adapter_model.safetensors": b""}
+    populate_hub_cache(cache, "acme/lora", adapter)  # (an adapter as pushed to the hub: no config.json)
     with pytest.raises(CheckpointError, match=r"acme/config-only: no weights file \(model\.safetensors or .*\) is "
                                               r"in the local hub cache and the hub cannot be reached"):  # fmt: skip
         SegformerForSemanticSegmentation.from_pretrained("acme/config-only", cache_dir=cache, local_files_only=True)
