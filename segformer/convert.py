@@ -322,6 +322,7 @@ def infer_config(
         matched = _match_variant(fields)
         if matched is None and num_attention_heads is None:
             _refuse_damaged_variant(fields)
+        _refuse_missing_reductions(state, pre, fields["depths"], fields["sr_ratios"])  # (a variant: its shapes)
     if num_attention_heads is not None:
         heads = list(num_attention_heads)
     elif len(fields["hidden_sizes"]) == len(MIT_HEADS) and all(
@@ -379,6 +380,27 @@ def _match_variant(fields: Mapping[str, Any]) -> str | None:
             if fields.get("decoder_hidden_size", spec["decoder_hidden_size"]) == spec["decoder_hidden_size"]:
                 return name
     return None
+
+
+def _refuse_missing_reductions(state: Mapping[str, torch.Tensor], pre: str, depths: list, ratios: list) -> None:
+    """ConversionError where sequence-reduction layers are missing whatever the widths (a custom MiT's, with
+    ``--num-heads``, is not checked against a variant): a stage's ``attn.sr`` in some blocks and not others, or a
+    stage without reduction before one with it (MiT's ratios only fall: 8, 4, 2, 1). The ratio is read from
+    ``attn.sr.weight``, so a file without a stage's reduction layers converted into another model (audit)."""
+    for i, depth in enumerate(depths, start=1):
+        have = [f"{pre}block{i}.{j}.attn.sr.weight" in state for j in range(depth)]
+        if any(have) and not all(have):
+            raise ConversionError(
+                f"{pre}block{i}.{have.index(False)}.attn.sr.weight: missing while other blocks of stage {i} have "
+                "a sequence-reduction layer: a damaged checkpoint?"
+            )
+    for i in range(len(ratios) - 1):
+        if ratios[i] == 1 and ratios[i + 1] > 1:
+            raise ConversionError(
+                f"{pre}block{i + 1}.*.attn.sr.*: stage {i + 1} has no sequence-reduction layer but stage {i + 2} "
+                f"reduces by {ratios[i + 1]} (ratios {list(ratios)}; MiT's fall, 8, 4, 2, 1): are its attn.sr and "
+                "attn.norm keys missing from the file?"
+            )
 
 
 def _refuse_damaged_variant(fields: Mapping[str, Any]) -> None:

@@ -232,6 +232,16 @@ def test_errors_name_the_problem(tmp_path, seg_model):
     save_original(tmp_path / "missing_norm.pth", missing)
     with pytest.raises(ConversionError, match=r"missing weights for segformer\.encoder\.layer_norm\.2\.weight"):
         convert_checkpoint(tmp_path / "missing_norm.pth", tmp_path / "o7", num_attention_heads=HEADS)
+    # sequence-reduction layers missing: refused with --num-heads too (a custom width needs it, which skipped the
+    # variant check: stage 1 without its reduction converted as sr_ratios [1, 4, 2, 1], audit)
+    for gone, where in (
+        ("backbone.block1.0.attn.", r"stage 1 has no sequence-reduction layer but stage 2 reduces"),
+        ("backbone.block2.1.attn.", r"block2\.1\.attn\.sr\.weight: missing while other blocks"),
+    ):
+        cut = {k: v for k, v in good.items() if not k.startswith((gone + "sr.", gone + "norm."))}
+        save_original(tmp_path / "no_sr.pth", cut)
+        with pytest.raises(ConversionError, match=where):
+            convert_checkpoint(tmp_path / "no_sr.pth", tmp_path / "o9", num_attention_heads=HEADS)
     # what no original is (audit): a save_pretrained folder, its safetensors, a torch.save archive cut short
     seg_model.save_pretrained(tmp_path / "saved")
     with pytest.raises(ConversionError, match=r"saved: a folder; convert reads an original \.pth file"):
