@@ -12,10 +12,10 @@ Columns are detected (images: ``image``, ``pixel_values``, ``img``; masks: ``ann
 ``mask``, ``semantic_map``, ``segmentation``, ...) or named (``image_column``, ``label_column``); splits map
 ``train`` / ``val`` (``validation``, ``valid``, ``dev``) / ``test``. Class names come from a ``labels.json``
 (or ``id2label.json``) beside the data, or from ``labels=`` (the same formats as the folder layout's); without
-either, ADE20K's scene parsing set (``scene_parse_150``: named so in the dataset's info, or an ``annotation`` beside a
-``scene_category`` class label of hundreds of scenes) gets ADE20K's 150 classes with its labels reduced (0 "other"
-ignored), as the release does, saying so on stderr, and other data's classes are
-numbered 0..max mask value. Masks are the same as on disk: one-band images of class
+either, ADE20K's scene parsing set (``scene_parse_150``: an ``annotation`` beside a ``scene_category`` class
+label, the set named so in its info or that label of hundreds of scenes) gets ADE20K's 150 classes with its labels
+reduced (0 "other" ignored), as the release does, saying so on stderr, and other data's classes are numbered
+0..max mask value. Masks are the same as on disk: one-band images of class
 ids, or colour-coded with a ``palette``.
 """
 
