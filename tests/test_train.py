@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -261,7 +262,12 @@ def test_ctrl_c_in_a_terminal_stops_after_the_step_with_its_data_workers(data, t
     cmd = [PY, "-m", "segformer", "train", "--data", str(data), "--model", str(tiny_json), "--steps", "400",
            "--save-every", "1000", "--eval-every", "0", "--batch-size", "2", "--crop", "48", "48", "--workers", "2",
            "--log-every", "1", "--no-progress", "--output", str(run)]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # (as in a terminal, where SIGINT is not ignored: a suite started in the background by a shell without job
+    # control inherits it ignored, and an ignored SIGINT stays ignored in the run, as it should)
+    terminal = functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=terminal
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (
         (run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= 2
