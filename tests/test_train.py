@@ -209,7 +209,10 @@ def test_a_stopped_run_checkpoints_its_last_step_and_resumes_exactly(data, tiny_
                                str(step + 3)], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert straight.returncode == 0, straight.stderr[-2000:]
     a, b = _weights(run), _weights(ref)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys()
+    # (which tensors differ, and by how much: this once failed under a loaded CI and passed in 7 runs after)
+    differ = {k: float((a[k].double() - b[k].double()).abs().max()) for k in a if not torch.equal(a[k], b[k])}
+    assert not differ, f"stopped at step {step}: {len(differ)} of {len(a)} tensors differ: {differ}"
 
 
 def test_a_stop_at_an_evaluation_step_is_evaluated_on_resume_and_a_quiet_handler_gets_the_run_back(
