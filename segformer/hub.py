@@ -1,7 +1,9 @@
 """Finding files of a pretrained model: a local directory, or a Hugging Face hub id through its cache.
 
 Hub access goes through ``huggingface_hub`` and so honours its cache (``HF_HOME`` / ``HF_HUB_CACHE``),
-``revision``, ``subfolder`` and ``HF_HUB_OFFLINE=1``. Nothing here talks to the network when the files are cached.
+``revision``, ``subfolder`` and ``HF_HUB_OFFLINE=1``. A cached file is never downloaded again (online,
+huggingface_hub asks the hub whether it changed; offline it is used as is). A hub that cannot be reached costs
+huggingface_hub's retries (~23 s) once: the process's next look-ups in the following minute use the cache alone.
 :func:`push_folder` uploads what ``save_pretrained`` wrote (the ``push_to_hub`` of models, configs and processors).
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -82,8 +85,18 @@ def first_line(exc: BaseException) -> str:
 
 
 def _looks_like_hub_id(name: str) -> bool:
+    """``owner/name``: a bare name (a mistyped local folder, most often) is not looked up on the hub, which has no
+    SegFormer repo without an owner (a look-up costs a retrying minute when the hub cannot be reached: audit)."""
     parts = name.split("/")
-    return 1 <= len(parts) <= 2 and all(p and not p.startswith(".") for p in parts) and "\\" not in name
+    return len(parts) == 2 and all(p and not p.startswith(".") for p in parts) and "\\" not in name
+
+
+_UNREACHABLE_FOR = 60.0  # seconds during which a hub that could not be reached is not asked again
+_unreachable_since: float | None = None  # (time.monotonic() of the last failed look-up)
+
+
+def _hub_unreachable() -> bool:
+    return _unreachable_since is not None and time.monotonic() - _unreachable_since < _UNREACHABLE_FOR
 
 
 def resolve_file(
@@ -135,6 +148,8 @@ def resolve_file(
         raise CheckpointError(f"{name}: loading hub ids needs huggingface_hub (pip install huggingface_hub)") from exc
     shown = f"{subfolder}/{filename}" if subfolder else filename
     extra: dict[str, Any] = {} if proxies is None else {"proxies": proxies}
+    # (the hub could not be reached a moment ago: the cache alone, rather than another round of retries)
+    recently = not local_files_only and not force_download and _hub_unreachable()
     try:
         return Path(
             huggingface_hub.hf_hub_download(
@@ -143,19 +158,23 @@ def resolve_file(
                 subfolder=subfolder or None,
                 revision=revision,
                 cache_dir=cache_dir,
-                local_files_only=local_files_only,
+                local_files_only=local_files_only or recently,
                 token=token,
                 force_download=force_download,
                 **extra,
             )
         )
     except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: test it first
+        global _unreachable_since
+        if not local_files_only and not recently and not _offline():  # (a connection error, after its retries)
+            _unreachable_since = time.monotonic()
         if not required and _cached_as_absent(name, shown, revision, cache_dir):
             return None
         if not required and not raise_uncached and _repo_cached(name, revision, cache_dir):
             return None
         at = f" at revision {revision!r}" if revision not in (None, "main") else ""
         why = "local_files_only=True" if local_files_only else "the hub cannot be reached"
+        why += " (HF_HUB_OFFLINE is set)" if _offline() and not local_files_only else ""
         raise NotCachedError(
             f"{name}: {shown}{at} is not in the local hub cache and {why} "
             "(hub ids need network or a populated cache; pass a local directory made by save_pretrained instead)"

@@ -300,6 +300,52 @@ def test_hub_id_from_a_populated_cache_offline(saved, tmp_path):
     assert "adapter acme/lora: a PEFT adapter (adapter_config.json), not a whole model" in out.stdout
 
 
+UNREACHABLE_SCRIPT = """
+import time
+from segformer import SegformerForSemanticSegmentation, CheckpointError
+for name in ("nomodel", "acme/not-cached", "acme/tiny-seg"):
+    start = time.monotonic()
+    try:
+        model = SegformerForSemanticSegmentation.from_pretrained(name)
+        print(name, "loaded", model.config.num_labels, flush=True)
+    except CheckpointError as e:
+        print(name, "error", e, flush=True)
+    print(name, "seconds", round(time.monotonic() - start), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_an_unreachable_hub_costs_its_retries_once_and_a_bare_name_is_a_missing_folder(saved, tmp_path):
+    """Without network (and without HF_HUB_OFFLINE) a mistyped local folder (`--model nomodel`) was looked up on
+    the hub twice (config.json, then adapter_config.json), each paying huggingface_hub's ~23 s of retries, then
+    'not in the local hub cache' without 'no such directory' (audit). A bare name is a missing folder now, and a
+    hub id pays one round of retries: the look-ups after it use the cache alone. A real refused connection (a
+    closed port on 127.0.0.1) stands for the missing network."""
+    import socket
+
+    _, path = saved
+    cache = tmp_path / "hub"
+    populate_hub_cache(cache, "acme/tiny-seg", {p.name: p.read_bytes() for p in path.iterdir()})
+    with socket.socket() as s:  # (a port nothing listens on: bound, then closed)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env |= {"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "home")}
+    env |= {"NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+    out = subprocess.run([sys.executable, "-c", UNREACHABLE_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if " seconds " not in line)
+    seconds = {n: int(v) for n, _, v in (line.split(" ") for line in out.stdout.splitlines() if " seconds " in line)}
+    assert lines["nomodel"] == "error nomodel: no such directory (and not a hub id like 'nvidia/mit-b0')", out.stdout
+    assert seconds["nomodel"] < 5, out.stdout  # (no hub look-up at all)
+    assert lines["acme/not-cached"].startswith("error acme/not-cached: config.json is not in the local hub cache and "
+                                               "the hub cannot be reached"), out.stdout  # fmt: skip
+    assert out.stderr.count("[Retry 1/") == 1, out.stderr[-3000:]  # one round of retries (not its adapter's too)
+    assert lines["acme/tiny-seg"] == "loaded 4", out.stdout + out.stderr[-3000:]  # from the cache
+    assert seconds["acme/tiny-seg"] < 5, out.stdout  # (the hub failed a moment ago: not asked again)
+
+
 def test_atomic_write_errors_name_the_file_not_the_temporary_name(tmp_path):
     """A folder that cannot take the file (here: a file in its place) is one error naming the target; the
     temporary name beside it once made the message ('[Errno 2] ... .x.onnx.8twwep6f.tmp')."""
