@@ -185,6 +185,20 @@ def test_bad_window_sizes_are_a_usage_error(capsys):
         assert "expected" in capsys.readouterr().err
 
 
+def test_a_stride_larger_than_the_crop_names_the_flags_before_anything_is_read(capsys, tmp_path):
+    """The combination is checked where the options are made: eval made them after the data check and the model's
+    loading, and the message named the fields ("stride (600, 600) is larger than crop_size"), not the flags."""
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
+    missing = tmp_path / "no-model"  # (neither the data nor the model exist: the options are told first)
+    for argv in (["eval", "--data", tmp_path / "no-data", "--model", missing],
+                 ["predict", tmp_path / "x.png", "-o", tmp_path / "o", "--model", missing]):  # fmt: skip
+        code, _, err = run_cli(capsys, *argv, "--mode", "slide", "--crop", "100", "--stride", "200,50")
+        assert code == 2, err
+        assert "error: --stride (200, 50) is larger than --crop-size (100, 100): some pixels" in err, err
+
+
 def test_synth_device_and_report_mistakes_are_one_line(capsys, tmp_path):
     """synth into a folder that already holds files (its old images stayed, mixed with the new ones), a device
     string that is no device, an --report path that is a file (found only after the whole evaluation)."""
@@ -345,6 +359,10 @@ def test_eval_follows_a_checkpoint_trained_on_reduced_labels(capsys, tmp_path):
         assert code == 0, err
         results[flags] = json.loads((tmp_path / "m.json").read_text())
         assert ("trained on reduced labels" in err) == (flags == ()), (flags, err)
+        # --json records what was evaluated and the label decision taken (it held the metrics alone: audit)
+        assert results[flags]["labels"]["reduce_labels"] == (flags != ("--no-reduce-labels",)), flags
+        assert (results[flags]["model"], results[flags]["split"], results[flags]["dataset"]) == (str(model), "val",
+                                                                                               "folder")  # fmt: skip
     assert results[()] == results[("--reduce-labels",)] != results[("--no-reduce-labels",)]
     # the data's own "reduce_labels": false wins over the model's (a second reduction dropped class 0: audit)
     spec = json.loads((data / "labels.json").read_text())
@@ -389,6 +407,7 @@ def test_eval_and_predict_follow_the_label_rules_a_checkpoint_keeps(capsys, tmp_
         assert code == 0, err
         results[flags] = json.loads((tmp_path / "m.json").read_text())
         assert ("was trained with mask value 11 read as unlabelled" in err) == (flags == ()), (flags, err)
+        assert 11 in results[flags]["labels"]["ignore_values"], flags
     assert results[()] == results[("--ignore-index", "11")]
 
     default = SegformerPredictor(str(model), device="cpu").palette

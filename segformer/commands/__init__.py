@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -288,7 +289,12 @@ def inference_options_from_args(
     from segformer.inference import InferenceOptions
 
     given = inference_overrides(args, prefix)
-    options = (base if base is not None else InferenceOptions()).changed(**given)
+    try:
+        options = (base if base is not None else InferenceOptions()).changed(**given)
+    except ValueError as exc:  # (it names the fields: "stride (600, 600) is larger than crop_size (512, 512)")
+        fields = "|".join(_dests(prefix))
+        named = re.sub(rf"\b({fields})\b", lambda m: f"--{prefix}{m.group(1).replace('_', '-')}", str(exc))
+        raise ValueError(named) from None
     options.warn_unused(given, prefix)
     return options
 

@@ -25,9 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Evaluate a segmentation checkpoint on a data set's split. Prints a per-class table and, "
         'with --json, writes {"mIoU", "aAcc", "mAcc", "IoU": {class: value}, "Acc": {class: value}, "num_pixels", '
         '"num_images", "inference": the options used, "amp": the autocast that ran (and "amp_fallback_reason" where '
-        "it was not the one asked for)} (fractions in [0, 1]; IoU null for a class absent from both "
-        "labels and predictions, Acc null for one absent from the labels). Runs under torchrun too (images split "
-        "over ranks). "
+        'it was not the one asked for), "model", "data", "split", "dataset" (its kind) and "labels" (how the masks '
+        'were read: "num_labels", "reduce_labels", "ignore_values", "value_map")} (fractions in [0, 1]; IoU null '
+        "for a class absent from both labels and predictions, Acc null for one absent from the labels). Runs under "
+        "torchrun too (images split over ranks). "
         "--corruptions adds a robustness study (the paper's Cityscapes-C: the images corrupted on the fly, "
         "mIoU per corruption and severity, relative robustness, a heat map; resumable); --report DIR writes an "
         "HTML report with the confusion matrix, per-class IoU and the worst images.",
@@ -263,6 +264,9 @@ def run(args: argparse.Namespace) -> int:
     info = init_distributed(args.device)
     try:
         kind = detect_kind(args.data) if args.dataset == "auto" else args.dataset
+        # the checkpoint's own protocol (inference_config.json, written by segformer train), else the data set's;
+        # then the flags (checked here: a bad combination is told before the data and the model are read)
+        options = inference_options_from_args(args, base=load_inference_options(args.model) or eval_options(kind))
         # where a checkpoint keeps its label rules: its files, or an ONNX file's metadata
         source = "its metadata" if onnx else "its preprocessor_config.json"
         stated, stated_in = _stated_reduce_labels(args, kind)
@@ -311,10 +315,6 @@ def run(args: argparse.Namespace) -> int:
             from segformer.backends import runtime_model
 
             model = runtime_model(model, **backend)
-        # the checkpoint's own protocol (inference_config.json, written by segformer train), else the data set's;
-        # then the flags
-        base = load_inference_options(args.model) or eval_options(kind)
-        options = inference_options_from_args(args, base=base)
         common = dict(amp=args.amp, max_images=args.max_images, num_workers=args.workers, progress=True)
         details = result = None
         if args.report is not None:
@@ -352,6 +352,10 @@ def run(args: argparse.Namespace) -> int:
                 print(f"wrote {output / 'robustness.json'}{heatmap}", file=sys.stderr)
             if args.json:
                 saved = {**metrics_to_json(metrics), "inference": options.to_dict()}
+                # what was evaluated, and how its masks were read (the automatic label decisions above: audit)
+                spec = dataset.spec.describe()
+                saved |= {"model": str(args.model), "data": str(args.data), "split": args.split, "dataset": kind}
+                saved["labels"] = {k: spec[k] for k in ("num_labels", "reduce_labels", "ignore_values", "value_map")}
                 ran, reason = effective_amp(args.amp, info.device)  # what the numbers were computed in (audit)
                 saved["amp"] = ran
                 if reason is not None:
