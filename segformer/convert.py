@@ -129,8 +129,9 @@ def load_original_checkpoint(
         ) from None
     except Exception as exc:  # truncated archives, EOF, bad magic numbers
         reason = first_line(exc)
-        if magic.startswith(b"PK\x03\x04") and isinstance(exc, OSError):  # (a cut archive: "[Errno 22] ...")
-            reason = f"a damaged or truncated torch.save archive: {reason}"
+        # (a cut archive: "[Errno 22] Invalid argument", or torch's "failed finding central directory ...")
+        if magic.startswith(b"PK\x03\x04") and isinstance(exc, (OSError, RuntimeError)):
+            reason = f"a damaged or truncated torch.save archive: {reason.split('. ')[0]}"
         raise ConversionError(f"{path}: not a PyTorch checkpoint ({reason})") from None
     meta: dict[str, Any] = {}
     if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
@@ -266,6 +267,33 @@ def _rename(key: str, layout: str, prefix: str) -> str | None:
     return prefix + name if int(m[1]) >= 1 else None
 
 
+_BLOCK_BACK = {ours.replace("{kv}", kv): orig for orig, ours in _BLOCK.items() for kv in ("key", "value")}
+_HEAD_BACK = {ours: orig for orig, ours in _HEAD.items()}
+
+
+def _original_name(key: str, layout: str) -> str:
+    """The original key that our ``key`` comes from (:func:`_rename` backwards; ``key`` and ``value`` both from
+    ``attn.kv``), for a weight the file lacks: the user knows the file's names, not ours."""
+    key = key.removeprefix("segformer.")
+    if key.startswith("decode_head."):
+        rest = key[len("decode_head.") :]
+        if rest in _HEAD_BACK:
+            return "decode_head." + _HEAD_BACK[rest]
+        m = re.fullmatch(rf"linear_c\.(\d+)\.proj\.{_PARAM}", rest)
+        return f"decode_head.linear_c{int(m[1]) + 1}.proj.{m[2]}" if m else key
+    if key.startswith("classifier."):
+        return "head." + key[len("classifier.") :]
+    pre = "" if layout == "backbone" else "backbone."
+    if m := re.fullmatch(rf"encoder\.block\.(\d+)\.(\d+)\.(.+)\.{_PARAM}", key):
+        inner = _BLOCK_BACK.get(m[3])
+        return f"{pre}block{int(m[1]) + 1}.{m[2]}.{inner}.{m[4]}" if inner else key
+    if m := re.fullmatch(rf"encoder\.patch_embeddings\.(\d+)\.(proj|layer_norm)\.{_PARAM}", key):
+        return f"{pre}patch_embed{int(m[1]) + 1}.{'proj' if m[2] == 'proj' else 'norm'}.{m[3]}"
+    if m := re.fullmatch(rf"encoder\.layer_norm\.(\d+)\.{_PARAM}", key):
+        return f"{pre}norm{int(m[1]) + 1}.{m[2]}"
+    return key
+
+
 # -------------------------------------------------------------------------------------- architecture
 def infer_config(
     state: Mapping[str, torch.Tensor],
@@ -341,6 +369,11 @@ def infer_config(
     try:
         config = SegformerConfig(**fields, id2label=id2label, num_labels=None if id2label else labels)
     except ValueError as exc:
+        if num_attention_heads is not None and "num_attention_heads" in str(exc):  # (the option, not the file)
+            raise ConversionError(
+                f"num_attention_heads {heads} (CLI: --num-heads) does not fit the checkpoint's stages "
+                f"{fields['hidden_sizes']}: {exc}"
+            ) from None
         raise ConversionError(f"the checkpoint's shapes give an invalid config: {exc}") from None
     return config, matched
 
@@ -491,7 +524,7 @@ def convert_checkpoint(
     else:
         cls = SegformerModel
     model = cls(config)
-    _check_against_model(path, converted, model.state_dict(), sources)
+    _check_against_model(path, converted, model.state_dict(), sources, layout)
     model.load_state_dict(converted, strict=False)  # num_batches_tracked may be absent: keeps its 0
     model.eval()
     out = Path(output_dir)
@@ -537,6 +570,7 @@ def _check_against_model(
     converted: Mapping[str, torch.Tensor],
     expected: Mapping[str, torch.Tensor],
     names: Mapping[str, str],
+    layout: str,
 ) -> None:
     order = {k: i for i, k in enumerate(expected)}  # the model's own order: a stage's widths before the head's
     for key in sorted(converted, key=lambda k: order.get(k, -1)):  # (unknown keys first; it blamed the head: audit)
@@ -550,7 +584,8 @@ def _check_against_model(
                 f"{tuple(expected[key].shape)} (as {key})"
             )
     missing = [k for k in expected if k not in converted and not k.endswith("num_batches_tracked")]
-    if missing:
-        raise ConversionError(
-            f"{path}: missing weights for {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
-        )
+    if missing:  # (named as the file would name them: it named ours, audit)
+        first = [_original_name(k, layout) for k in missing]
+        first = list(dict.fromkeys(first))  # (attn.kv once for its key and value halves)
+        more = f" and {len(first) - 1} more" if len(first) > 1 else ""
+        raise ConversionError(f"{path}: missing {first[0]!r}{more} (as {missing[0]} in the inferred architecture)")
