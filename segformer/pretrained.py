@@ -213,7 +213,8 @@ def _weights_of_file(
         shards = [path]
     else:
         raise CheckpointError(
-            f"{path}: expected a model directory or a weights file (.safetensors, .bin, or a shards' .index.json)"
+            f"{path}: not a checkpoint: expected a model directory or a weights file (.safetensors, .bin, .pt, "
+            ".pth, or a shards' .index.json)"
         )
     safe = all(s.suffix == ".safetensors" for s in shards)
     if use_safetensors is True and not safe:
@@ -467,6 +468,12 @@ class PreTrainedMixin:
                 f"{name}: an ONNX file, not a checkpoint: one segformer export wrote runs as it is with segformer "
                 "predict/eval/serve --model FILE.onnx or SegformerPredictor(FILE.onnx); from_pretrained and training "
                 "take the checkpoint folder it was exported from"
+            )
+        if weights_file and not (Path(name).suffix in _WEIGHT_SUFFIXES or str(name).endswith(".index.json")):
+            # (--model data/labels.json was "weights without their config.json": audit)
+            raise CheckpointError(
+                f"{name}: not a checkpoint: expected a model directory or a weights file (.safetensors, .bin, .pt, "
+                ".pth, or a shards' .index.json)"
             )
         if weights_file and config is None:
             beside = Path(name).expanduser().parent / "config.json"

@@ -177,6 +177,16 @@ def test_directory_without_config(saved):
         SegformerForSemanticSegmentation.from_pretrained(path)
 
 
+def test_a_file_that_is_no_checkpoint_is_named_as_such(saved, tmp_path):
+    """A config.json or a data set's labels.json given as the model read as 'weights without config.json' (audit)."""
+    _, path = saved
+    (tmp_path / "labels.json").write_text('{"0": "a"}')
+    for name in (path / "config.json", tmp_path / "labels.json"):
+        with pytest.raises(CheckpointError, match=r"\.json: not a checkpoint: expected a model directory or a weights"):
+            SegformerForSemanticSegmentation.from_pretrained(name)
+    assert SegformerForSemanticSegmentation.from_pretrained(path / "model.safetensors").config.num_labels == 4
+
+
 def test_corrupt_safetensors(saved):
     _, path = saved
     data = (path / "model.safetensors").read_bytes()
@@ -547,7 +557,7 @@ def test_a_single_weights_file(saved, tmp_path):
     with pytest.raises(CheckpointError, match="use_safetensors=True but this is not a safetensors checkpoint"):
         SegformerForSemanticSegmentation.from_pretrained(elsewhere / "weights.bin", config=path, use_safetensors=True)
     (elsewhere / "notes.txt").write_text("hi")
-    with pytest.raises(CheckpointError, match=r"notes\.txt: expected a model directory or a weights file"):
+    with pytest.raises(CheckpointError, match=r"notes\.txt: not a checkpoint: expected a model directory"):
         SegformerForSemanticSegmentation.from_pretrained(elsewhere / "notes.txt", config=path)
     # The index of a sharded checkpoint, its shards beside it.
     model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
