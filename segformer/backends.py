@@ -392,7 +392,7 @@ def onnxruntime_model(
 
     The graph has dynamic batch, height and width (traced at ``export_size``), so one file serves every input
     size. The first export is verified by :func:`segformer.export.export_onnx`'s own check (onnxruntime against
-    PyTorch at another size and batch 2, at most 1e-4 relative in fp32). ``fp16``: float16 weights
+    PyTorch at another size and batch 2, within what fp32 rounding allows this model there). ``fp16``: float16 weights
     (LayerNorm and softmax in float32). Needs onnx and onnxruntime (one-line RuntimeError otherwise)."""
     _require_onnxruntime()
     from .export import DEFAULT_OPSET, export_onnx

@@ -9,9 +9,10 @@ output ``logits`` (B, num_labels, ceil(H/4), ceil(W/4)) float32. It is the model
 attention (ONNX opset >= 14) and the folded decode head (per-stage D×C_i matrices, no 4D-channel
 concatenation and no 1×1 fuse conv; see ``SegformerDecodeHead.folded``). Exporting is exact algebra, so the
 file is verified numerically: onnxruntime runs random input at a size other than the export size (batch 2
-when the axes are dynamic) and the largest difference relative to the largest PyTorch logit must stay
-within 1e-4 in fp32. The file is written atomically and only after it passed, so a failed export leaves
-nothing behind.
+when the axes are dynamic) and the largest difference relative to the largest PyTorch logit must stay within
+what fp32 rounding allows two correct evaluations of this model at that size (:func:`fp32_limit`: the error
+model of :mod:`segformer.error_model`: about 2e-5 for a tiny model, 6e-5 for b0, 1e-4 for b2, 2e-4 for b5). The file is
+written atomically and only after it passed, so a failed export leaves nothing behind.
 
 ``fp16=True`` stores the weights in float16 for GPU runtimes while LayerNorm and the attention softmax are
 computed in float32 (casts inside the graph), the guard against the float16 overflow that TensorRT-style
@@ -34,6 +35,7 @@ import contextlib
 import copy
 import functools
 import json
+import math
 import os
 import warnings
 from collections.abc import Iterator
@@ -45,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import modeling
+from .error_model import fp32_tolerance, reduction_lengths
 from .fileio import atomic_write
 from .hub import first_line
 from .modeling import SegformerEfficientSelfAttention, SegformerForSemanticSegmentation, min_input_size
@@ -57,7 +60,6 @@ except ImportError:  # (a torch without that private constant: the opsets this p
 MAX_OPSET = max(DEFAULT_OPSET, _EXPORTER_MAX)
 MIN_OPSET = 14  # scaled_dot_product_attention (the fused path) exports from here; below, explicit attention
 LOWEST_OPSET = 13  # the lowest the graph exports at: below, the exporter has no aten::unflatten (and dumps the graph)
-FP32_TOLERANCE = 1e-4
 # fp16 weights and activations against the fp32 PyTorch model: 3 significant digits of every matmul, summed
 # over ~20 layers, give ~1e-3 of the largest logit; 1e-2 leaves room without hiding a broken graph.
 FP16_TOLERANCE = 1e-2
@@ -81,7 +83,7 @@ class ExportReport:
     export_size: tuple[int, int]
     verify_shape: tuple[int, int, int, int] | None
     max_rel_diff: float | None
-    tolerance: float
+    tolerance: float | None  # (None: not verified numerically)
     verified: str  # "numeric", "structure" or "no" (verify=False)
     note: str = ""
 
@@ -93,7 +95,7 @@ class ExportReport:
             b, _, h, w = self.verify_shape
             return (
                 f"{head}; onnxruntime vs PyTorch at batch {b}, {h}x{w}: max relative difference "
-                f"{self.max_rel_diff:.2e} (limit {self.tolerance:.0e})"
+                f"{self.max_rel_diff:.2e} (limit {self.tolerance:.1e})"
             )
         if self.verified == "structure":
             return f"{head}; structure checked only: {self.note}"
@@ -252,6 +254,20 @@ def verify_onnx(
     return ((out.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()
 
 
+def fp32_limit(model: SegformerForSemanticSegmentation, shape: tuple[int, int, int, int]) -> float:
+    """How far onnxruntime's fp32 logits may be from PyTorch's at input ``shape``, relative to the largest: two
+    evaluations, each within the error model's bound for the reductions this model runs at that size
+    (:func:`~segformer.error_model.fp32_tolerance`): twice it."""
+    param = next(model.parameters())
+    probe = torch.zeros((1, *shape[1:]), device=param.device, dtype=param.dtype)  # (lengths: batch-independent)
+    was_training = model.training
+    model.eval()
+    try:
+        return 2 * fp32_tolerance(reduction_lengths(model, probe))
+    finally:
+        model.train(was_training)
+
+
 # batch, height and width free in the graph (the logits are a quarter of the input size, rounded up)
 DYNAMIC_AXES = {
     "pixel_values": {0: "batch", 2: "height", 3: "width"},
@@ -375,10 +391,11 @@ def export_onnx(
     the graph, else the graph only takes (1, C, height, width). ``opset``: ONNX opset (>= 13; 17 default).
     ``fp16``: float16 weights with LayerNorm and softmax in float32 (float32 input and output).
     ``verify``: run onnxruntime and compare (see the module docstring); raises RuntimeError when the
-    difference exceeds ``tolerance`` (default 1e-4 fp32, :data:`FP16_TOLERANCE` fp16), in which case no
-    file is written. ``options`` (an InferenceOptions), ``labels`` (a labels.json's text, checked here) and
-    ``reduce_labels``: the checkpoint's evaluation protocol and label rules, written into the file's metadata
-    (:func:`onnx_metadata`) with the config and the preprocessing. Returns an :class:`ExportReport`.
+    difference exceeds ``tolerance`` (default: :func:`fp32_limit` for fp32, :data:`FP16_TOLERANCE` for fp16),
+    in which case no file is written. ``options`` (an InferenceOptions), ``labels`` (a labels.json's text,
+    checked here) and ``reduce_labels``: the checkpoint's evaluation protocol and label rules, written into the
+    file's metadata (:func:`onnx_metadata`) with the config and the preprocessing. Returns an
+    :class:`ExportReport`.
     """
     _require_onnx()
     h, w, path = _check_export_arguments(model, path, size, opset)
@@ -387,7 +404,10 @@ def export_onnx(
 
         read_label_spec("labels.json", text=labels)
     config = model.config
-    tolerance = tolerance if tolerance is not None else (FP16_TOLERANCE if fp16 else FP32_TOLERANCE)
+    if tolerance is not None and not (isinstance(tolerance, (int, float)) and 0 < tolerance < math.inf):
+        raise ValueError(f"tolerance must be a positive number, got {tolerance!r}")
+    if tolerance is None and fp16:
+        tolerance = FP16_TOLERANCE
 
     graph = _prepare(model, fp16=fp16, opset=opset)
     device = next(model.parameters()).device
@@ -444,12 +464,15 @@ def export_onnx(
             report.verified = "structure"
             report.note = "onnxruntime's CPU provider has no float16 kernel for part of the graph; run it on a GPU"
             return
+        if report.tolerance is None:  # (fp32: what rounding allows two evaluations of this model at this size)
+            report.tolerance = fp32_limit(reference, shape)
         report.max_rel_diff = diff
         report.verified = "numeric"
-        if not diff <= tolerance:  # also catches NaN
+        if not diff <= report.tolerance:  # also catches NaN
+            derived = "" if tolerance is not None or fp16 else " (what fp32 rounding allows this model at that size)"
             raise RuntimeError(
                 f"ONNX export failed verification: max relative difference {diff:.3e} between onnxruntime "
-                f"and PyTorch at shape {shape} exceeds {tolerance:.0e}"
+                f"and PyTorch at shape {shape} exceeds {report.tolerance:.1e}{derived}"
             )
 
     atomic_write(path, write)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "segformer"
 LAYERS = {
-    "model": {"config", "modeling", "pretrained", "hub", "fileio", "labels", "allocator", "precision"},
+    "model": {"config", "modeling", "pretrained", "hub", "fileio", "labels", "allocator", "precision",
+              "error_model"},
     "library": {"images", "processing", "inference", "metrics", "distributed", "visualize", "data", "evaluate",
                 "predict", "convert", "export", "run_files", "corruptions", "robustness", "report",
                 "backends", "integrations"},

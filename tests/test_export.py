@@ -12,6 +12,7 @@ import torch
 from conftest import U32, fp32_tol, randomize_, reductions, rel_err, run_cli, tiny_config
 
 from segformer import SegformerForSemanticSegmentation
+from segformer.cli import build_parser
 from segformer.export import FP16_TOLERANCE, check_folded_head, export_onnx
 
 
@@ -109,6 +110,24 @@ def test_fp16_export_keeps_layernorm_and_softmax_in_fp32(tmp_path, model):
         assert rel_err(run_onnx(path, x), model(x).logits) <= tol(model, x, U16)  # float32 in and out
 
 
+def test_the_verification_limit_is_the_fp32_bound_of_the_model_at_its_size(tmp_path, model):
+    """The limit was 1e-4 for every model: above the error model's bound for two fp32 evaluations of a tiny model
+    (several times), below it for b5 (audit). It is that bound now, counted for the model at the verification's
+    size: twice fp32_tol, each evaluation within it."""
+    from segformer.export import fp32_limit
+
+    report = export_onnx(model, tmp_path / "m.onnx", size=(64, 96))
+    _, c, h, w = report.verify_shape
+    assert report.tolerance == 2 * fp32_tol(reductions(model, torch.zeros(1, c, h, w)))
+    assert report.max_rel_diff <= report.tolerance and f"(limit {report.tolerance:.1e})" in report.summary()
+    deeper = randomize_(SegformerForSemanticSegmentation(tiny_config(depths=[2, 4, 2, 2]))).eval()
+    assert fp32_limit(deeper, report.verify_shape) > report.tolerance  # (more reductions in series)
+    assert export_onnx(model, tmp_path / "s.onnx", size=(64, 96), tolerance=0.5).tolerance == 0.5
+    assert export_onnx(model, tmp_path / "n.onnx", size=(64, 96), verify=False).tolerance is None
+    with pytest.raises(ValueError, match="tolerance must be a positive number, got -1"):
+        export_onnx(model, tmp_path / "x.onnx", size=(64, 64), tolerance=-1)
+
+
 def test_failed_verification_is_loud_and_writes_nothing(tmp_path, model):
     with pytest.raises(RuntimeError, match="failed verification: max relative difference"):
         export_onnx(model, tmp_path / "x.onnx", size=(64, 64), tolerance=1e-12)
@@ -134,6 +153,14 @@ def test_cli_export(tmp_path, model, capsys):
     code, _, err = run_cli(capsys, "export", tmp_path / "nope", "--onnx", tmp_path / "n.onnx")
     assert code == 2 and err.startswith("segformer export: error: ")
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "n.onnx").exists()
+    # --tolerance: the limit a user sets (the default is the model's fp32 bound); a value it misses fails
+    args = [tmp_path / "model", "--onnx", tmp_path / "t.onnx", "--size", "64", "64"]
+    code, out, err = run_cli(capsys, "export", *args, "--tolerance", "0.25")
+    assert code == 0 and "(limit 2.5e-01)" in out, err
+    code, _, err = run_cli(capsys, "export", *args, "--tolerance", "1e-15")
+    assert code == 2 and "exceeds 1.0e-15" in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["export", "m", "--onnx", "x.onnx", "--tolerance", "0"])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -142,7 +169,7 @@ def test_a_half_precision_checkpoint_exports_as_float32(tmp_path, model, dtype):
     it failed on the trace input's dtype."""
     half = copy.deepcopy(model).to(dtype)
     report = export_onnx(half, tmp_path / "m.onnx", size=(64, 64))
-    assert report.verified == "numeric" and report.max_rel_diff <= 1e-4
+    assert report.verified == "numeric" and report.max_rel_diff <= report.tolerance
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         reference = copy.deepcopy(half).float()(x).logits
@@ -228,6 +255,7 @@ def test_an_exported_file_runs_as_the_model_with_its_metadata(tmp_path, capsys, 
         code, _, err = run_cli(capsys, "eval", "--data", data, "--model", model, "--json", tmp_path / "r.json", *flags)
         assert code == 0, err
         results.append(json.loads((tmp_path / "r.json").read_text()))
+        assert results[-1].pop("model") == str(model)  # (the rest is alike: metrics, protocol, label rules)
     assert results[0] == results[1]
 
     # what cannot run is one line naming the file

@@ -21,22 +21,13 @@ from . import (
     model_argument,
     non_negative_int,
     port_number,
+    positive_float,
     positive_int,
 )
 
 # segformer.serve.DEFAULT_MAX_PIXELS (a test checks): importing it here would load torch for --help.
 DEFAULT_MAX_PIXELS = 40_000_000
 API_KEY_ENV = "SEGFORMER_API_KEY"
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
 
 
 def _non_negative_float(text: str) -> float:
@@ -123,14 +114,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=positive_float,
         default=30.0,
         help="seconds from a request's arrival to the model's answer, else 504 (408 while its upload is still "
         "arriving) (30)",
     )
     p.add_argument(
         "--upload-idle-timeout",
-        type=_positive_float,
+        type=positive_float,
         default=10.0,
         help="seconds an upload may send nothing before it gets 408 and frees its upload place (10)",
     )
@@ -140,7 +131,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=1,
         help="inference threads running forward passes at the same time on the device (1)",
     )
-    p.add_argument("--max-upload-mb", type=_positive_float, default=20.0, help="larger uploads get 413 (20)")
+    p.add_argument("--max-upload-mb", type=positive_float, default=20.0, help="larger uploads get 413 (20)")
     p.add_argument(
         "--max-pixels",
         type=non_negative_int,
