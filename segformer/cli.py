@@ -68,6 +68,12 @@ class UsageParser(argparse.ArgumentParser):
     commands: dict[str, argparse.ArgumentParser] = {}  # (the top-level parser's: its commands' parsers)
 
     def error(self, message: str) -> NoReturn:
+        if "RANK" in os.environ:  # (under torchrun every rank parses the same command line: rank 0 says it, once)
+            from .distributed import launched_rank_not_zero, wait_for_rank_zero
+
+            if launched_rank_not_zero():
+                wait_for_rank_zero()
+                sys.exit(2)
         dashed = [a for a in self.arguments if a.startswith("-") and a != "-" and os.path.lexists(a)]
         if dashed:
             message += (

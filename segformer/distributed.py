@@ -168,6 +168,36 @@ def every_rank_raises(*types: type[BaseException]) -> Iterator[None]:
         raise
 
 
+class AnotherRankRefused(ValueError):
+    """What a rank raises when another rank's checks refused the run while its own passed."""
+
+
+@contextlib.contextmanager
+def errors_agreed(*types: type[BaseException]) -> Iterator[None]:
+    """A block of checks every rank runs on what it reads itself (the output folder, the data folder: alike on
+    every rank as a rule, though not by construction): rank 0's error, where it has one, is raised on every rank
+    and reported by rank 0 alone (:func:`raised_on_every_rank`); an error of other ranks alone is reported by
+    those ranks, rank 0 saying that another process refused the run. The block must hold no collective of its
+    own (a rank that raised would skip it). In one process: the block as it is."""
+    error: BaseException | None = None
+    try:
+        yield
+    except types as exc:
+        if not is_distributed():
+            raise
+        error = exc
+    if not is_distributed():
+        return
+    here = error is not None
+    if broadcast_flag(here):  # (rank 0's verdict)
+        raise raised_on_every_rank(error or AnotherRankRefused("rank 0 refused the run"))
+    if any_rank(here):
+        if error is not None:
+            raise error  # (this rank's own: it reports it)
+        other = AnotherRankRefused("another process of the run refused it (its error is printed above)")
+        raise other if get_rank() == 0 else raised_on_every_rank(other)
+
+
 def reported_by_rank_zero(exc: BaseException) -> bool:
     """True on a rank other than 0 of a launched run (RANK set, so also after the process group is gone) for an
     error marked by :func:`raised_on_every_rank`: rank 0 raised the same one and reports it, so this rank need
@@ -293,6 +323,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 __all__ = [
+    "AnotherRankRefused",
     "DistInfo",
     "SyncBatchNorm",
     "all_gather_objects",
@@ -304,6 +335,7 @@ __all__ = [
     "launched_rank_not_zero",
     "broadcast_flag",
     "cleanup",
+    "errors_agreed",
     "every_rank_raises",
     "get_rank",
     "get_world_size",

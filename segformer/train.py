@@ -64,6 +64,7 @@ from .distributed import (
     broadcast_buffers,
     broadcast_flag,
     cleanup,
+    errors_agreed,
     every_rank_raises,
     init_distributed,
     raised_on_every_rank,
@@ -130,19 +131,34 @@ def check_config(cfg: TrainConfig, info: DistInfo) -> int:
         raise ValueError("no data directory given (--data DIR)")
     if cfg.amp not in ("none", "bf16", "fp16"):
         raise ValueError(f"--amp must be none, bf16 or fp16, got {cfg.amp!r}")
-    if cfg.steps < 1 or cfg.accum_steps < 1 or cfg.batch_size < 1:
-        raise ValueError("--steps, --batch-size and --accum-steps must be positive")
+    for flag, value in (("--steps", cfg.steps), ("--batch-size", cfg.batch_size), ("--accum-steps", cfg.accum_steps)):
+        if value < 1:  # (one line named all three: audit)
+            raise ValueError(f"{flag} must be positive, got {value}")
     if cfg.check_data not in ("full", "headers", "off"):
         raise ValueError(f"--check-data must be full, headers or off, got {cfg.check_data!r}")
     per_step = info.world_size * cfg.accum_steps
     if cfg.batch_size % per_step:
+        fits = [n for n in range(1, cfg.batch_size + 1) if cfg.batch_size % (n * cfg.accum_steps) == 0]
+        resumed = (  # (a resume keeps the run's batch: "--batch-size 4" named a flag the command did not give)
+            f"; the resumed run's batch cannot change: resume it on {', '.join(map(str, fits[:8]))} process(es)"
+            if cfg.resume and _resumes(cfg)
+            else ""
+        )
         raise ValueError(
             f"--batch-size {cfg.batch_size} (the global batch) must be divisible by processes × accumulation "
-            f"steps = {info.world_size} × {cfg.accum_steps}"
+            f"steps = {info.world_size} × {cfg.accum_steps}{resumed}"
         )
     if cfg.amp == "fp16" and info.device.type != "cuda":
         raise ValueError("--amp fp16 needs a CUDA device (it relies on a gradient scaler); use --amp bf16 on CPU")
     return cfg.batch_size // per_step
+
+
+def _resumes(cfg: TrainConfig) -> bool:
+    """Whether ``cfg.resume`` finds a run to continue (whose settings it then took)."""
+    try:
+        return find_resume_dir(Path(cfg.output), cfg.resume) is not None
+    except ValueError:
+        return False
 
 
 def check_ranges(cfg: TrainConfig) -> None:
@@ -303,20 +319,24 @@ def build_data(cfg: TrainConfig, info: DistInfo) -> TrainData:
         photometric=cfg.photometric,
     )
     labels = dict(kind=kind, **label_options(cfg))
-    train_set, train_listing = build_dataset(cfg.data, "train", transform=transform, **labels)
-    if train_set.num_labels < 2:  # (it trained every step, then its evaluation refused a one-label model: audit)
-        raise ValueError(
-            f"--data {cfg.data}: one class ({train_set.id2label[0]!r}); segmentation needs two at least, e.g. "
-            'background and the object (for 0/255 masks: ["background", "object"] with "map": {"255": 1} in '
-            "labels.json)"
-        )
+    with errors_agreed(ValueError):  # (every rank reads the same folder: under torchrun its error is printed once)
+        train_set, train_listing = build_dataset(cfg.data, "train", transform=transform, **labels)
+        if train_set.num_labels < 2:  # (it trained every step, then its evaluation refused a one-label model: audit)
+            raise ValueError(
+                f"--data {cfg.data}: one class ({train_set.id2label[0]!r}); segmentation needs two at least, e.g. "
+                'background and the object (for 0/255 masks: ["background", "object"] with "map": {"255": 1} in '
+                "labels.json)"
+            )
+        try:
+            val_set, val_listing = build_dataset(cfg.data, "val", transform=eval_transform(), **labels)
+        except MissingSplitError as exc:  # (a val split that is there but broken is an error, not a warning)
+            val_set, val_listing, missing_val = None, None, exc
+        else:
+            missing_val = None
     if info.is_main:
         _warn_crop_beyond_images(cfg, train_set)
-    try:
-        val_set, val_listing = build_dataset(cfg.data, "val", transform=eval_transform(), **labels)
-    except MissingSplitError as exc:  # (a val split that is there but broken is an error, not a warning)
-        val_set, val_listing = None, None
-        _log(f"warning: no evaluation ({exc}); only last/ will be saved", info)
+    if missing_val is not None:
+        _log(f"warning: no evaluation ({missing_val}); only last/ will be saved", info)
     with every_rank_raises(ValueError):  # the main rank's verdict, on every rank
         tally = check_splits([(train_set, train_listing), (val_set, val_listing)], cfg.check_data, cfg.data)
     with every_rank_raises(ValueError):
@@ -463,7 +483,8 @@ def restore_state(resume_dir: Path, optim: Optimization, cfg: TrainConfig, info:
         rng["python"] = python_state_to_tuple(rng["python"])
         set_rng_state(rng)
     else:  # a different process count cannot continue the same dropout streams: reseed, say so
-        _log(f"warning: resuming {len(rngs)}-process state on {info.world_size} processes; RNG streams reseeded", info)
+        _log(f"warning: resuming {len(rngs)}-process state on {info.world_size} process(es); RNG streams reseeded",
+             info)  # fmt: skip
         seed_everything(cfg.seed + info.rank + run.step)
     _log(f"resumed from {resume_dir} at step {run.step}", info)
     return run
@@ -679,6 +700,34 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         cleanup()
 
 
+def _check_output(output: Path, cfg: TrainConfig) -> tuple[Path | None, dict[str, Any]]:
+    """(the checkpoint to resume from or None, its run's stored config or {}): ValueError for an --output that
+    cannot take this run (a file; another run, or an earlier run's best/, that it would overwrite)."""
+    if output.exists() and not output.is_dir():  # (it failed with "file exists" at the first save: audit)
+        raise ValueError(f"--output {output}: a file, not a folder")
+    resume_dir = find_resume_dir(output, cfg.resume)
+    if resume_dir is None and any((output / d / TRAINING_STATE).is_file() for d in ("last", ".last.old")):
+        raise ValueError(f"{output} already holds a run; pass --resume auto to continue it, or another --output")
+    if resume_dir is None and cfg.resume == "auto" and (output / "last").is_dir():
+        raise ValueError(f"{output / 'last'} has no {TRAINING_STATE}: it cannot be resumed (start a new --output)")
+    if resume_dir is None and (output / "best" / "eval.json").is_file():  # (a new run would replace that model)
+        raise ValueError(
+            f"{output} holds an earlier run's best/ checkpoint but no last/ to resume; pass another --output (or move "
+            "best/ away)"
+        )
+    if resume_dir is None:
+        return None, {}
+    elsewhere = output.resolve() != resume_dir.parent.resolve()
+    if elsewhere and any((output / d / TRAINING_STATE).is_file() for d in ("last", ".last.old")):
+        raise ValueError(
+            f"{output} already holds another run: resuming {resume_dir} there would overwrite it; pass "
+            f"--output {resume_dir.parent} to continue that run where it is, or a new --output"
+        )
+    stored = stored_run_config(resume_dir)
+    check_resumed_config(cfg, stored)
+    return resume_dir, stored
+
+
 def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     # Errors every rank raises alike (the options, the data check's verdict, a diverged loss) are marked so that
     # under torchrun only rank 0 reports them (segformer.distributed.raised_on_every_rank).
@@ -692,32 +741,15 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     # train_config.json and the model cards say so next to what was asked for.
     precision = effective_amp(cfg.amp, info.device)
     output = Path(cfg.output)
-    resume_dir = find_resume_dir(output, cfg.resume)
-    if resume_dir is None and any((output / d / TRAINING_STATE).is_file() for d in ("last", ".last.old")):
-        raise ValueError(f"{output} already holds a run; pass --resume auto to continue it, or another --output")
-    if resume_dir is None and cfg.resume == "auto" and (output / "last").is_dir():
-        raise ValueError(f"{output / 'last'} has no {TRAINING_STATE}: it cannot be resumed (start a new --output)")
-    if resume_dir is None and (output / "best" / "eval.json").is_file():  # (a new run would replace that model)
-        raise ValueError(
-            f"{output} holds an earlier run's best/ checkpoint but no last/ to resume; pass another --output (or move "
-            "best/ away)"
-        )
+    with errors_agreed(ValueError):  # (the folder as every rank sees it: under torchrun its error is printed once)
+        resume_dir, stored = _check_output(output, cfg)
     if resume_dir is None and cfg.resume == "auto":  # (the settings are then this command's, with their defaults)
         _log(f"--resume auto: no run in {output} to resume; starting a new one with this command's settings", info)
-    if resume_dir is not None:
-        elsewhere = output.resolve() != resume_dir.parent.resolve()
-        if elsewhere and any((output / d / TRAINING_STATE).is_file() for d in ("last", ".last.old")):
-            raise ValueError(
-                f"{output} already holds another run: resuming {resume_dir} there would overwrite it; pass "
-                f"--output {resume_dir.parent} to continue that run where it is, or a new --output"
-            )
-        stored = stored_run_config(resume_dir)
-        check_resumed_config(cfg, stored)
-        if info.is_main:
-            restore_swapped(resume_dir.parent, "best")  # (best/ is the main rank's alone)
-            # a run killed while it wrote its curves or a sample (rank 0 alone writes them) left a temporary file
-            if removed := remove_killed_writes(resume_dir.parent):
-                _log(f"removed {removed} temporary file(s) a killed run left in {resume_dir.parent}", info)
+    if resume_dir is not None and info.is_main:
+        restore_swapped(resume_dir.parent, "best")  # (best/ is the main rank's alone)
+        # a run killed while it wrote its curves or a sample (rank 0 alone writes them) left a temporary file
+        if removed := remove_killed_writes(resume_dir.parent):
+            _log(f"removed {removed} temporary file(s) a killed run left in {resume_dir.parent}", info)
     data = build_data(cfg, info)  # (with the evaluation protocol: its errors now, not after the training)
     if resume_dir is not None and stored.get("train_images") not in (None, len(data.train_set)):
         _log(

@@ -450,21 +450,25 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tiny_json, tmp_
 
 @pytest.mark.slow
 @pytest.mark.output
-def test_torchrun_names_a_lost_process_and_where_to_resume(data, tiny_json, tmp_path):
+@pytest.mark.parametrize("saved", [True, False], ids=["after-a-save", "before-any-save"])
+def test_torchrun_names_a_lost_process_and_where_to_resume(data, tiny_json, tmp_path, saved):
     """A worker killed under torchrun left the other ending on gloo's raw "[.../pair.cc:537] Read error ... GLHF!"
-    (audit). Its line now says that another process stopped and which checkpoint resumes the run."""
+    (audit). Its line now says that another process stopped and which checkpoint resumes the run; before any
+    checkpoint it said "--resume auto continues the run" too, which then started a new run with every default
+    (audit): it says that there is no checkpoint yet."""
     import signal
     import time
 
     run = tmp_path / "run"
     cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "segformer.train",
-           "--data", str(data), "--model", str(tiny_json), "--steps", "400", "--save-every", "2", "--eval-every", "0",
-           "--batch-size", "4", "--crop", "48", "48", "--workers", "0", "--log-every", "1", "--no-progress",
-           "--output", str(run)]  # fmt: skip
+           "--data", str(data), "--model", str(tiny_json), "--steps", "400", "--save-every", "2" if saved else "1000",
+           "--eval-every", "0", "--batch-size", "4", "--crop", "48", "48", "--workers", "0", "--log-every", "1",
+           "--no-progress", "--output", str(run)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and not (run / "last" / "training_state.pt").is_file():
+    started = (run / "last" / "training_state.pt") if saved else (run / "metrics.jsonl")
+    while time.monotonic() < deadline and not started.is_file():
         time.sleep(0.05)
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     assert len(workers) == 2, workers
@@ -472,7 +476,14 @@ def test_torchrun_names_a_lost_process_and_where_to_resume(data, tiny_json, tmp_
     _, err = proc.communicate(timeout=180)
     assert proc.returncode != 0
     said = [line for line in err.splitlines() if line.startswith("segformer.train: error:")]
-    if said:  # (the usual order: the lost peer breaks a collective first)
+    if not saved:
+        assert not (run / "last").exists()
+        if said:
+            assert len(said) == 1 and "another process of the run stopped (" in said[0], err[-3000:]
+            assert said[0].endswith("; no checkpoint was written yet: run the command again once the cause is mended")
+        else:  # (SIGTERM first, as below: without a checkpoint to name)
+            assert "segformer.train: terminated (SIGTERM)" in err and "--resume" not in err, err[-3000:]
+    elif said:  # (the usual order: the lost peer breaks a collective first)
         assert len(said) == 1 and "another process of the run stopped (" in said[0], err[-3000:]
         assert re.search(r"holds the run's last checkpoint \(step \d+\); --resume auto continues the run$", said[0])
     else:  # torchrun's agent may SIGTERM this rank first: it stops as a terminated run does, naming the checkpoint
@@ -607,6 +618,48 @@ def test_torchrun_without_sync_bn_records_the_metrics_of_the_saved_model(data, t
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["[1.0, 1.0, 1.0] 5"] * 2
 
 
+AGREED_SCRIPT = """
+import json, sys
+from segformer.distributed import cleanup, errors_agreed, get_rank, init_distributed, reported_by_rank_zero
+
+init_distributed("cpu")
+rank, outcomes = get_rank(), {}
+for case, raising in {"none": (), "rank 0": (0,), "rank 1": (1,), "both": (0, 1)}.items():
+    try:
+        with errors_agreed(ValueError):
+            if rank in raising:
+                raise ValueError(f"refused by rank {rank}")
+        outcomes[case] = "went on"
+    except ValueError as exc:
+        outcomes[case] = [type(exc).__name__, str(exc), "silent" if reported_by_rank_zero(exc) else "printed"]
+with open(f"{sys.argv[1]}/rank{rank}.json", "w") as f:
+    json.dump(outcomes, f)
+cleanup()  # (a process group left to the interpreter's exit can abort it: "terminate called without an ...")
+"""
+
+
+@pytest.mark.slow
+def test_checks_every_rank_runs_on_its_own_files_are_reported_once(tmp_path):
+    """errors_agreed under a real torchrun (2 gloo processes): rank 0's refusal is raised everywhere and printed
+    by rank 0 alone (an output folder that holds a run, a missing data folder: every rank printed them, audit);
+    a refusal of rank 1 alone is printed by rank 1, and rank 0 says that another process refused."""
+    script = tmp_path / "agreed.py"
+    script.write_text(AGREED_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert zero["none"] == one["none"] == "went on"
+    assert zero["rank 0"] == ["ValueError", "refused by rank 0", "printed"]
+    assert one["rank 0"] == ["AnotherRankRefused", "rank 0 refused the run", "silent"]
+    assert zero["rank 1"] == ["AnotherRankRefused", "another process of the run refused it (its error is printed "
+                              "above)", "printed"]  # fmt: skip
+    assert one["rank 1"] == ["ValueError", "refused by rank 1", "printed"]
+    assert zero["both"] == ["ValueError", "refused by rank 0", "printed"]
+    assert one["both"] == ["ValueError", "refused by rank 1", "silent"]  # (rank 0's is the one told)
+
+
 @pytest.mark.slow
 @pytest.mark.output
 def test_a_failure_every_rank_sees_is_reported_once_under_torchrun(data, tiny_json, tmp_path):
@@ -632,6 +685,18 @@ def test_a_failure_every_rank_sees_is_reported_once_under_torchrun(data, tiny_js
     assert refused.returncode != 0, output[-3000:]
     assert output.count("error: --batch-size 3 (the global batch) must be divisible") == 1, output[-3000:]
     assert re.search(root_cause, refused.stderr, flags=re.S)[1] == "0", refused.stderr[-2000:]
+    # what every rank reads alike, refused once (each was printed by every rank: audit): the command line, the
+    # data folder, an --output that is a file
+    (tmp_path / "a-file").write_text("not a folder")
+    for extra, said in (
+        (["--steps", "2", "--bogus"], "error: unrecognized arguments: --bogus"),
+        (["--steps", "2", "--data", str(tmp_path / "nowhere")], "nowhere: no such data directory"),
+        (["--steps", "2", "--output", str(tmp_path / "a-file")], "error: --output " + str(tmp_path / "a-file")),
+    ):
+        refused = subprocess.run([*torchrun, *common, *extra], capture_output=True, text=True, env=env, timeout=300)
+        output = refused.stdout + refused.stderr
+        assert refused.returncode != 0 and output.count(said) == 1, (extra, output[-3000:])
+        assert output.count("usage:") == ("--bogus" in extra), output[-3000:]  # (the usage once, with its error)
     # one process: its error as it was, exit status 2
     one = subprocess.run([PY, "-m", "segformer.train", *common, *diverge, "--output", str(tmp_path / "one")],
                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -75,6 +76,14 @@ def int_at_least(minimum: int):
 
 
 positive_int, non_negative_int = int_at_least(1), int_at_least(0)
+
+
+def path_arg(text: str) -> Path:
+    """argparse type: a path, not the empty string (``-o "$OUT"`` with OUT unset read as the current folder and
+    wrote there: audit)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return Path(text)
 
 
 def positive_float(text: str) -> float:

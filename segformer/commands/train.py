@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import add_inference_arguments, add_label_arguments, flatten
+from . import add_inference_arguments, add_label_arguments, flatten, path_arg
 
 if TYPE_CHECKING:
     from segformer.train import TrainConfig
@@ -46,6 +46,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _evaluation_during_training_arguments(p)
 
 
+def _folder(text: str) -> str:
+    """argparse type of --output: a path, kept as text (TrainConfig's, and train_config.json's, form)."""
+    return str(path_arg(text))
+
+
 def _data_and_model_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data and model")
     g.add_argument(
@@ -64,7 +69,7 @@ def _data_and_model_arguments(p: argparse.ArgumentParser) -> None:
         "id: an ImageNet encoder (nvidia/mit-b0) or a fine-tuned model (its head is re-initialised "
         "for a different label set: another number of classes, or other class names). Default: b0",
     )
-    g.add_argument("--output", help="run directory (default: runs/segformer)")
+    g.add_argument("--output", type=_folder, help="run directory (default: runs/segformer)")
     g.add_argument(
         "--resume",
         help="'auto' (continue the run in --output) or a run's last/ directory (continued in that run's folder "
@@ -312,10 +317,11 @@ def run(args: argparse.Namespace) -> int:
             # with this error anyway, and the signal would cut the line short
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             last = Path(config.output) / "last"
-            where = f"; {last} holds the run's last checkpoint{_saved_step(last)}" if last.is_dir() else ""
-            raise RuntimeError(
-                f"another process of the run stopped ({_first_words(exc)}){where}; --resume auto continues the run"
-            ) from None
+            if last.is_dir():
+                where = f"; {last} holds the run's last checkpoint{_saved_step(last)}; --resume auto continues the run"
+            else:  # (it promised a resume that then started a new run with every default: audit)
+                where = "; no checkpoint was written yet: run the command again once the cause is mended"
+            raise RuntimeError(f"another process of the run stopped ({_first_words(exc)}){where}") from None
         if not reported_by_rank_zero(exc):
             raise  # one process, rank 0, or an error of this rank alone: its line (segformer.cli.run_command)
         # Under torchrun an error every rank raises alike (a NaN loss, a refused option) is printed by rank 0
