@@ -161,6 +161,14 @@ class Segmentation:
         return np.bincount(self.labels.reshape(-1).astype(np.int64), minlength=num_classes)[:num_classes]
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """An allocation that failed: CUDA's OutOfMemoryError, the CPU allocator's and MPS's RuntimeError, MemoryError."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc)
+    return "can't allocate memory" in text or "out of memory" in text.lower()
+
+
 class SegformerPredictor:
     """Segments images with a SegFormer; numpy label maps at each image's original resolution out.
 
@@ -384,8 +392,22 @@ class SegformerPredictor:
             else:
                 groups.setdefault(img.size, []).append(i)
         for idx in groups.values():
-            with reuse_work_areas(areas):
-                outs = self._run([window[i][1] for i in idx], return_probs, return_confidence)  # type: ignore[misc]
+            try:
+                with reuse_work_areas(areas):
+                    outs = self._run([window[i][1] for i in idx], return_probs, return_confidence)  # type: ignore
+            except (RuntimeError, MemoryError) as exc:
+                if not _out_of_memory(exc):
+                    raise
+                if len(idx) > 1:  # (the batch did not fit: each image on its own)
+                    for i in idx:
+                        [(_, _, results[i])] = self._run_window([window[i]], return_probs, return_confidence, areas)
+                    continue
+                w, h = window[idx[0]][1].size  # type: ignore[union-attr]
+                # (a raw allocator message, naming neither the image nor the option, ended the run: audit)
+                outs = [ImageError(
+                    f"not enough memory to segment it ({w}x{h}, {self.options.describe()}): lower --scales or "
+                    "--max-pixels, or use --mode slide", too_large=True,
+                )]  # fmt: skip
             results.update(zip(idx, outs, strict=True))
         for i, (src, img) in enumerate(window):
             yield src, (img if isinstance(img, Image.Image) else None), results[i]

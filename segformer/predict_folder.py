@@ -291,8 +291,16 @@ def _output_stems(items: list[tuple[Path, Path]], blind: bool = False) -> list[P
     for stem, (src, _) in zip(stems, items, strict=True):
         if key(stem) in seen:
             first, first_stem = seen[key(stem)]
-            case = " (names that differ in case alone are one file here)" if first_stem != stem else ""
-            raise ValueError(f"{first} and {src} would both be written as {stem}.png{case}; pass them separately")
+            if first_stem != stem:
+                why = f"{stem}.png (names that differ in case alone are one file here)"
+            elif first.name == src.name:  # (one name in two folders: it named g0_png.png, as if the suffix told them
+                why = f"{Path(src.name).stem}.png"  # apart, which the user read as a bug: audit)
+            else:
+                why = f"{stem}.png"
+            raise ValueError(
+                f"{first} and {src} would both be written as {why}: give them separate --output folders, or their "
+                "common parent folder with --recursive (which keeps the sub-folders)"
+            )
         seen[key(stem)] = (src, stem)
     return stems
 
@@ -456,6 +464,12 @@ class _Outputs:
     side_by_side_image: bool = False
     save_probs: bool = False
 
+    def others(self, stem: Path) -> list[Path]:
+        """The files that runs with other options write for ``stem`` and this one does not."""
+        every = [f"{stem}_overlay.jpg", f"{stem}_overlay.png", f"{stem}_side.jpg", f"{stem}_probs.npy"]
+        mine = set(self.paths(stem).values())
+        return [q for q in (self.folder / name for name in every) if q not in mine]
+
     def paths(self, stem: Path) -> dict[str, Path]:
         p = {"label": self.folder / f"{stem}.png", "overlay": self.folder / f"{stem}_overlay.{self.overlay_format}"}
         if self.side_by_side_image:
@@ -618,6 +632,8 @@ def _segment_and_write(
     records: list[tuple[int, ImageRecord]] = []
     bar = tqdm(total=len(todo), unit="img", desc="segmenting", disable=not progress, file=sys.stderr)
     by_source = {src: (i, stem) for i, src, stem in todo}
+    inputs = {src.resolve() for src in by_source}
+    earlier = {i: leftovers for i, _, stem in todo if (leftovers := _leftovers(outputs, stem, inputs))}
     results = predictor.predict_iter_with_images([s for _, s, _ in todo], return_probs=outputs.save_probs)
     for src, image, result in results:
         i, stem = by_source[src]  # type: ignore[index]
@@ -641,11 +657,29 @@ def _segment_and_write(
         if rec.status == "failed":  # its outputs, an earlier run's or half of this one's, are not this run's
             for path in outputs.paths(stem).values():
                 path.unlink(missing_ok=True)
+        # what an earlier run with other options made for this image (its side-by-side, probabilities, overlay in
+        # the other format: another model's, beside this run's mask, audit), where its label map vouched for them
+        for path in earlier.get(i, ()):
+            path.unlink(missing_ok=True)
         rec.rank, rec.redone = rank, i in stale
         records.append((i, rec))
         bar.update(1)
     bar.close()
     return records
+
+
+def _leftovers(outputs: _Outputs, stem: Path, inputs: set[Path]) -> list[Path]:
+    """The files an earlier run with other options wrote for ``stem`` (:meth:`_Outputs.others`) that this run
+    does not write, where that run's label map, stamped with its source, vouches for them; never an input."""
+    found = [q for q in outputs.others(stem) if q.exists() and q.resolve() not in inputs]
+    if not found:
+        return []
+    try:
+        with Image.open(outputs.paths(stem)["label"]) as img:  # (the stamps precede the pixels: no decoding)
+            ours = _SOURCE_KEY in img.info
+    except Exception:
+        return []
+    return found if ours else []
 
 
 def _write_outputs(

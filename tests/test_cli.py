@@ -185,6 +185,20 @@ def test_bad_window_sizes_are_a_usage_error(capsys):
         assert "expected" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [["predict", "x.png", "-m", "m", "-o", ""], ["train", "--data", "d", "--output", ""],
+     ["eval", "--data", "d", "--model", "m", "--json", ""], ["export", "m", "--onnx", ""], ["synth", ""],
+     ["convert", "x.pth", ""], ["demo", "--output", " "]],
+)  # fmt: skip
+def test_an_empty_path_is_a_usage_error(capsys, argv):
+    """`-o "$OUT"` with OUT unset: argparse's Path("") is the current folder, where predict wrote its outputs and
+    its folder marker (audit)."""
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(argv)
+    assert exit_info.value.code == 2 and "expected a path, got an empty string" in capsys.readouterr().err
+
+
 def test_a_stride_larger_than_the_crop_names_the_flags_before_anything_is_read(capsys, tmp_path):
     """The combination is checked where the options are made: eval made them after the data check and the model's
     loading, and the message named the fields ("stride (600, 600) is larger than crop_size"), not the flags."""

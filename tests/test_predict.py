@@ -166,8 +166,48 @@ def test_predict_to_folder_keeps_clashing_names_apart(checkpoint, tmp_path):
     written = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.png"))
     assert written == ["a_jpg.png", "a_png.png", "b/c.png", "legend.png"]
     Image.fromarray(_noise(32, 32)).save(tmp_path / "c.png")  # same relative name from a second input
-    with pytest.raises(ValueError, match="would both be written as c.png"):
-        predict_to_folder(predictor, [src / "b", tmp_path / "c.png"], tmp_path / "out2", progress=False)
+    with pytest.raises(ValueError, match=r"would both be written as c\.png: give them separate --output folders"):
+        predict_to_folder(predictor, [src / "b", tmp_path / "c.png"], tmp_path / "out2", progress=False)  # (it
+        # named c_png.png, which neither would get: audit)
+
+
+def test_an_image_that_memory_cannot_take_fails_alone_naming_the_options(checkpoint, tmp_path):
+    """--scales 100 (a percentage meant) ended the run with the CPU allocator's raw message, naming neither the
+    image nor the option (audit). A real allocation of more than a petabyte (more than any address space), at
+    batch 2: each image is tried alone and fails with a line naming its size and the options (a predictor with
+    usual options then segments them, batched)."""
+    from segformer.images import ImageError
+
+    for name, size in (("a.png", 32), ("b.png", 32), ("c.png", 48)):
+        Image.fromarray(_noise(size, size)).save(tmp_path / name)
+    predictor = SegformerPredictor(checkpoint, device="cpu", mode="whole", scales=[300000], batch_size=2)
+    sources = [tmp_path / n for n in ("a.png", "b.png")]
+    results = [result for _, result in predictor.predict_iter(sources)]
+    assert all(isinstance(r, ImageError) and r.too_large for r in results), results
+    assert str(results[0]).startswith("not enough memory to segment it (32x32, whole, scales 300000): lower --scales")
+    fine = SegformerPredictor(checkpoint, device="cpu", mode="whole", batch_size=2)
+    assert [type(r).__name__ for _, r in fine.predict_iter([*sources, tmp_path / "c.png"])] == ["Segmentation"] * 3
+
+
+def test_a_rerun_with_other_options_leaves_no_earlier_extra_outputs(checkpoint, tmp_path):
+    """A run with --side-by-side, --save-probs and PNG overlays, then one without into the same folder: the first
+    run's side image, probabilities and PNG overlay stayed beside the second run's masks (another model's, in the
+    audit's case). They go now, where the image's label map, made by a run, vouches for them; a file of that kind
+    whose image has no such label map (a user's own) stays."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.fromarray(_noise(32, 32)).save(src / name)
+    predictor = SegformerPredictor(checkpoint, device="cpu", mode="whole")
+    predict_to_folder(predictor, [src], out, side_by_side_image=True, save_probs=True, overlay_format="png",
+                      progress=False)  # fmt: skip
+    first = {"a_side.jpg", "a_probs.npy", "a_overlay.png", "b_side.jpg", "b_probs.npy", "b_overlay.png"}
+    assert first <= {q.name for q in out.iterdir()}
+    (out / "mine_side.jpg").write_bytes(b"a user's file")  # (no mine.png label map of a run beside it)
+    report = predict_to_folder(predictor, [src], out, progress=False)
+    assert [r.status for r in report.records] == ["ok", "ok"]
+    names = {q.name for q in out.iterdir()}
+    assert not first & names and {"a.png", "a_overlay.jpg", "b.png", "b_overlay.jpg", "mine_side.jpg"} <= names
 
 
 def test_names_differing_in_case_alone_stay_apart_where_the_file_system_ignores_case(checkpoint, tmp_path, monkeypatch):

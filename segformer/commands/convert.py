@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from . import path_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,9 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
         epilog="example: segformer convert segformer.b0.512x512.ade.160k.pth segformer-b0-ade",
     )
-    p.add_argument("checkpoint", type=Path, help="the original .pth file")
+    p.add_argument("checkpoint", type=path_arg, help="the original .pth file")
     p.add_argument(
-        "output_dir", type=Path, help="directory to write: new, empty, or an earlier conversion (created if needed)"
+        "output_dir", type=path_arg, help="directory to write: new, empty, or an earlier conversion (created if needed)"
     )
     p.add_argument(
         "--variant",

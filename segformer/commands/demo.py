@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import positive_int
+from . import path_arg, positive_int
 
 # b0's widths with one block per stage and a narrower decoder: it learns the synthetic textures in a few
 # minutes on two CPU cores.
@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "validation split, write overlays (OUTPUT/overlays/val_00.png … val_05.png) and print the mIoU. About 6-8 "
         "minutes on two AVX2 CPU cores, about 4 on AVX-512 ones; longer on a busy machine.",
     )
-    p.add_argument("--output", type=Path, default=Path("demo_out"), help="output folder (default: demo_out)")
+    p.add_argument("--output", type=path_arg, default=Path("demo_out"), help="output folder (default: demo_out)")
     p.add_argument("--steps", type=positive_int, default=2400, help="training steps (default 2400)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--device", help="cpu, cuda, mps (default: cuda when available)")

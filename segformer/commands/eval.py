@@ -14,6 +14,7 @@ from . import (
     backend_arguments,
     inference_options_from_args,
     non_negative_int,
+    path_arg,
     positive_int,
 )
 
@@ -73,7 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--json",
-        type=Path,
+        type=path_arg,
         help='write the metrics to this JSON file (with --corruptions, the study too, under "robustness")',
     )
     p.add_argument(
@@ -121,7 +122,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     robust.add_argument(
         "--output",
-        type=Path,
+        type=path_arg,
         metavar="DIR",
         help="folder of the study: robustness_partial.json (every finished cell; a rerun resumes from it), "
         "robustness.json and the heat map robustness.png (default: the --report folder, else ./robustness)",
@@ -134,7 +135,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     robust.add_argument(
         "--report",
-        type=Path,
+        type=path_arg,
         metavar="DIR",
         help="write an evaluation report to DIR: report.html (opens offline) with the normalised confusion "
         "matrix, per-class IoU, the worst images (image | ground truth | prediction), metrics.json and, with "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import add_model_arguments, model_argument, positive_float
+from . import add_model_arguments, model_argument, path_arg, positive_float
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,7 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog="example: segformer export nvidia/segformer-b0-finetuned-ade-512-512 --onnx b0.onnx",
     )
     add_model_arguments(p, "model directory (save_pretrained) or hub id")
-    p.add_argument("--onnx", type=Path, required=True, metavar="OUT.onnx", help="the ONNX file to write (a .onnx name)")
+    p.add_argument(
+        "--onnx", type=path_arg, required=True, metavar="OUT.onnx", help="the ONNX file to write (a .onnx name)"
+    )
     p.add_argument(
         "--opset", type=int, default=17, help="ONNX opset, 13 or above (default: 17; >= 14 keeps fused attention)"
     )

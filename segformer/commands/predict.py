@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from . import (
     add_backend_arguments,
@@ -17,6 +16,7 @@ from . import (
     backend_arguments,
     inference_options_from_args,
     non_negative_int,
+    path_arg,
     positive_int,
 )
 
@@ -69,7 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="checkpoint directory (from save_pretrained or `segformer convert`), hub id, or an ONNX file "
         f"`segformer export` wrote (run by onnxruntime on the CPU) (default: {DEFAULT_MODEL})",
     )
-    p.add_argument("--output", "-o", type=Path, required=True, help="output folder (created if missing)")
+    p.add_argument("--output", "-o", type=path_arg, required=True, help="output folder (created if missing)")
     p.add_argument(
         "--recursive",
         "-r",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from . import path_arg
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -14,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "gradient backgrounds with shapes filled with stripes, checkerboards or dots in random colours, so "
         "classes must be learned from texture and shape.",
     )
-    p.add_argument("dir", type=Path, help="output directory")
+    p.add_argument("dir", type=path_arg, help="output directory")
     p.add_argument("--train", type=int, default=400, help="training images (default 400)")
     p.add_argument("--val", type=int, default=100, help="validation images (default 100)")
     p.add_argument("--size", type=int, default=96, help="image side in pixels (default 96, at least 32)")
@@ -23,8 +25,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from segformer.data.synthetic import CLASSES, write_synthetic_dataset
 
     folder = Path(args.dir)
