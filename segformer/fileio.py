@@ -66,9 +66,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
         raise
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+def atomic_write_text(path: str | os.PathLike, text: str, *, escape_bytes: bool = False) -> None:
     """``text`` as UTF-8; a file name that is not UTF-8 (read with Python's surrogate escapes) keeps its bytes,
-    so a summary names the file as it is on disk (it stopped a whole run: audit)."""
+    so a summary names the file as it is on disk (it stopped a whole run: audit), or with ``escape_bytes`` reads
+    ``\\xe9`` for the byte 0xE9 (a file that must stay valid UTF-8: a CSV table's readers refuse others)."""
+    if escape_bytes:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8", errors="surrogateescape"))
 
 

@@ -129,6 +129,9 @@ def collect_images(
         else:
             found.setdefault(path.resolve() if path.exists() else path, (path, Path(path.name)))
     if not any(given.exists() and not given.is_dir() for given, _ in found.values()):
+        missing = [os.fspath(i) for i in inputs if not Path(os.fspath(i)).expanduser().exists()]
+        if len(missing) == len(inputs) == 1 and not _has_magic(missing[0]):  # (it read as an empty folder: audit)
+            raise ValueError(f"{missing[0]}: no such file or folder")
         raise ValueError(f"no images found in {', '.join(os.fspath(i) for i in inputs) or 'the inputs'}")
     for resolved, reached in names.items():  # a file reached by two names: under the one with fewest links
         if len(reached) > 1:
@@ -773,7 +776,7 @@ def write_summary(report: RunReport, palette: np.ndarray) -> None:
     header = ["image", "label", "status", "width", "height", "class_id", "class_name", "pixels", "percent"]
     writer.writerow([*header, "error"])
     writer.writerows(rows)
-    atomic_write_text(out / SUMMARY_CSV, buf.getvalue())
+    atomic_write_text(out / SUMMARY_CSV, buf.getvalue(), escape_bytes=True)  # (pandas refused it: audit)
     _save(out / LEGEND_PNG, legend(names, palette), "PNG")
 
 

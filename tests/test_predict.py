@@ -153,6 +153,8 @@ def test_collect_images_folders_globs_and_name_clashes(images, tmp_path):
     assert sorted(named) == ["nope.png", "notes.jpg"]  # named files are taken whatever they hold
     with pytest.raises(ValueError, match="no images found"):
         collect_images([str(tmp_path / "*.png")])
+    with pytest.raises(ValueError, match=r"nope\.png: no such file or folder$"):  # (it said "no images found in"
+        collect_images([tmp_path / "nope.png"])  # it, as of an empty folder: audit)
 
 
 def test_predict_to_folder_keeps_clashing_names_apart(checkpoint, tmp_path):
@@ -268,7 +270,8 @@ def test_folders_follow_links_and_report_what_they_cannot_take(checkpoint, tmp_p
 
 def test_a_file_name_that_is_not_utf8_is_segmented_and_summarised(checkpoint, tmp_path):
     """A Latin-1 name (b"caf\\xe9.png") stopped the whole run at the summary with a codec error naming no file
-    (audit); the summary now names it by its bytes on disk."""
+    (audit); summary.json now names it by its bytes on disk (Python's surrogate escape), summary.csv as readable
+    UTF-8 text (its raw byte made the table unreadable to pandas and csv: audit)."""
     src = tmp_path / "in"
     src.mkdir()
     odd = os.fsdecode(os.fsencode(src) + b"/caf\xe9.png")
@@ -277,7 +280,10 @@ def test_a_file_name_that_is_not_utf8_is_segmented_and_summarised(checkpoint, tm
     report = predict_to_folder(SegformerPredictor(checkpoint, device="cpu"), [src], tmp_path / "out", progress=False)
     assert [r.status for r in report.records] == ["ok", "ok"]
     assert os.path.exists(os.fsencode(tmp_path / "out") + b"/caf\xe9.png")
-    assert b"/caf\xe9.png," in (tmp_path / "out" / "summary.csv").read_bytes()
+    table = (tmp_path / "out" / "summary.csv").read_text(encoding="utf-8")  # (strict: valid UTF-8)
+    assert "/caf\\xe9.png," in table
+    listed = [entry["image"] for entry in json.loads((tmp_path / "out" / "summary.json").read_text())["images"]]
+    assert odd in listed
     # lines end in "\n" as written in text mode (the csv module's "\r\n" became "\r\r\n" on Windows: audit)
     assert b"\r" not in (tmp_path / "out" / "summary.csv").read_bytes()
 

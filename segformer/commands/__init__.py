@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,9 @@ def scales_arg(text: str) -> list[float]:
     try:
         values = [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers such as 0.75,1,1.25, got {text!r}") from None
+        # (--scales 0.75 1 1.25 photo.jpg: the photo is taken as one more scale, the message alone was puzzling)
+        hint = ": a file; put the inputs before --scales, or end the scales with --" if os.path.exists(text) else ""
+        raise argparse.ArgumentTypeError(f"expected numbers such as 0.75,1,1.25, got {text!r}{hint}") from None
     if not values or not all(math.isfinite(v) and v > 0 for v in values):  # (nan passed here: audit)
         raise argparse.ArgumentTypeError(f"scales must be positive finite numbers, got {text!r}")
     return values
