@@ -96,7 +96,30 @@ _unreachable_since: float | None = None  # (time.monotonic() of the last failed 
 
 
 def _hub_unreachable() -> bool:
-    return _unreachable_since is not None and time.monotonic() - _unreachable_since < _UNREACHABLE_FOR
+    """Whether the hub failed a moment ago, or its host name does not resolve (no network: huggingface_hub would
+    retry a name that cannot resolve for ~23 s, with ten lines of log, before the same answer: audit). Through a
+    proxy the name is the proxy's to resolve: not looked up here."""
+    global _unreachable_since
+    if _unreachable_since is not None and time.monotonic() - _unreachable_since < _UNREACHABLE_FOR:
+        return True
+    proxied = any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+    if proxied:
+        return False
+    import socket
+    from urllib.parse import urlsplit
+
+    import huggingface_hub.constants
+
+    host = urlsplit(huggingface_hub.constants.ENDPOINT).hostname
+    try:
+        if host:
+            socket.getaddrinfo(host, None)
+    except (socket.gaierror, UnicodeError):  # (a name that does not resolve; an IP address always does)
+        _unreachable_since = time.monotonic()
+        return True
+    except OSError:
+        pass
+    return False
 
 
 def resolve_file(

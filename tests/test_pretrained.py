@@ -330,7 +330,8 @@ def test_an_unreachable_hub_costs_its_retries_once_and_a_bare_name_is_a_missing_
     the hub twice (config.json, then adapter_config.json), each paying huggingface_hub's ~23 s of retries, then
     'not in the local hub cache' without 'no such directory' (audit). A bare name is a missing folder now, and a
     hub id pays one round of retries: the look-ups after it use the cache alone. A real refused connection (a
-    closed port on 127.0.0.1) stands for the missing network."""
+    closed port on 127.0.0.1) stands for the missing network; a host name that does not resolve is not asked at
+    all."""
     import socket
 
     _, path = saved
@@ -354,6 +355,13 @@ def test_an_unreachable_hub_costs_its_retries_once_and_a_bare_name_is_a_missing_
     assert out.stderr.count("[Retry 1/") == 1, out.stderr[-3000:]  # one round of retries (not its adapter's too)
     assert lines["acme/tiny-seg"] == "loaded 4", out.stdout + out.stderr[-3000:]  # from the cache
     assert seconds["acme/tiny-seg"] < 5, out.stdout  # (the hub failed a moment ago: not asked again)
+    # a hub whose name does not resolve (no network at all): not asked, no round of retries (.invalid never resolves)
+    env["HF_ENDPOINT"] = "https://hub.invalid"
+    out = subprocess.run([sys.executable, "-c", UNREACHABLE_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert out.returncode == 0 and "Retry" not in out.stderr, out.stderr[-3000:]
+    assert "loaded 4" in out.stdout and "error acme/not-cached: config.json is not in the local hub cache" in out.stdout
+    assert all(int(line.rsplit(" ", 1)[1]) < 5 for line in out.stdout.splitlines() if " seconds " in line), out.stdout
 
 
 def test_atomic_write_errors_name_the_file_not_the_temporary_name(tmp_path):
