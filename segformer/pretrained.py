@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -599,7 +600,10 @@ class PreTrainedMixin:
         the directory exactly as it was. Only then are they renamed into place: the weights, the index, then
         config.json, and the weight files of the earlier save are removed. An old index whose shards are about to be
         replaced under the same names is removed first, so even a crash during the renames never leaves a mix of
-        old and new shards that loads."""
+        old and new shards that loads. A process killed outright (SIGKILL, power loss) between the weights' renames
+        and config.json's leaves the new weights under the old config.json (a model whose shapes changed then
+        fails to load with a shape error naming the folder) and its hidden folder, which the next save there
+        removes once it is ten minutes old."""
         directory = Path(save_directory)
         if directory.exists() and not directory.is_dir():
             raise ValueError(f"{directory}: exists and is not a directory")
@@ -640,6 +644,7 @@ class PreTrainedMixin:
                     pass
             raise
         shutil.rmtree(staging, ignore_errors=True)
+        _remove_killed_saves(directory)
         if push_to_hub:
             hub.setdefault("max_shard_size", max_shard_size)
             hub.setdefault("safe_serialization", safe_serialization)
@@ -858,6 +863,20 @@ def _apply_key_mapping(
 
 def _move(source: Path, target: Path) -> None:
     os.replace(source, target)
+
+
+_KILLED_SAVE_AFTER = 600.0  # seconds: a save's hidden folder older than this is a killed save's (another saves now)
+
+
+def _remove_killed_saves(directory: Path) -> None:
+    """Remove the hidden folders of saves that were killed before they could (see save_pretrained)."""
+    now = time.time()
+    for folder in directory.glob(".segformer-save-*.tmp"):
+        try:
+            if folder.is_dir() and now - folder.stat().st_mtime >= _KILLED_SAVE_AFTER:
+                shutil.rmtree(folder)
+        except OSError:
+            pass  # (gone meanwhile, or not ours to remove)
 
 
 def _commit_checkpoint(staging: Path, directory: Path, written: list[str], variant: str | None = None) -> None:

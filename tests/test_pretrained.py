@@ -245,6 +245,23 @@ def test_save_is_atomic_and_replaces_stale_weights(saved):
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
 
 
+def test_a_killed_saves_hidden_folder_goes_with_the_next_save_once_it_is_old(saved):
+    """A save killed outright leaves its hidden folder of new files (it stayed for good): the next save removes
+    one over ten minutes old and leaves a younger one (another process may be saving into the folder now)."""
+    import time
+
+    model, path = saved
+    old, young = path / ".segformer-save-killed.tmp", path / ".segformer-save-now.tmp"
+    for folder in (old, young):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half a checkpoint")
+    hour_ago = time.time() - 3600
+    os.utime(old, (hour_ago, hour_ago))
+    model.save_pretrained(path)
+    assert not old.exists() and young.is_dir()
+    assert sorted(p.name for p in path.iterdir()) == [young.name, "config.json", "model.safetensors"]
+
+
 # ------------------------------------------------------------------------------------ hub ids, offline
 def populate_hub_cache(cache, repo_id: str, files: dict[str, bytes], commit: str = "0" * 40, ref: str = "main") -> None:
     """Lay files out as huggingface_hub's cache does: models--org--name/{refs/main, snapshots/<commit>/...}."""
