@@ -291,6 +291,33 @@ def test_trains_and_evaluates_end_to_end(saved, tmp_path, capsys):
     assert "bright" in stdout and "mIoU" in stdout
 
 
+def test_eval_takes_reduce_labels_false_from_a_datasets_id2label_json(saved, tmp_path, capsys):
+    """A Hugging Face dataset's folder may keep its classes as id2label.json (as the hub's do): its
+    "reduce_labels": false wins over a checkpoint trained on reduced labels, as a folder's labels.json does, and
+    the line names that file (the path was untested: audit)."""
+    import shutil
+
+    from segformer import SegformerForSemanticSegmentation
+    from segformer.run_files import preprocessor_json
+
+    data = tmp_path / "data"
+    shutil.copytree(saved, data)
+    (data / "labels.json").unlink()
+    (data / "id2label.json").write_text(json.dumps({"id2label": ["border", "bright", "dark"], "reduce_labels": False}))
+    model = tmp_path / "model"
+    SegformerForSemanticSegmentation(tiny_config(num_labels=3)).save_pretrained(model)
+    (model / "preprocessor_config.json").write_text(preprocessor_json(size=None, reduce_labels=True))
+    report = tmp_path / "e.json"
+    code, _, err = run_cli(capsys, "eval", "--data", data, "--model", model, "--workers", "0", "--json", report)
+    assert code == 0, err[-2000:]
+    assert 'id2label.json says "reduce_labels": false: evaluating the stored values' in err, err
+    assert json.loads(report.read_text())["labels"]["reduce_labels"] is False
+    (data / "id2label.json").write_text(json.dumps(["border", "bright", "dark"]))  # (says nothing: the model's)
+    code, _, err = run_cli(capsys, "eval", "--data", data, "--model", model, "--workers", "0", "--json", report)
+    assert code == 0 and "was trained on reduced labels" in err and "says" not in err, err[-2000:]
+    assert json.loads(report.read_text())["labels"]["reduce_labels"] is True
+
+
 def test_processor_takes_a_datasets_column_as_a_batch():
     """``processor(ds["image"], ds["annotation"])``: a datasets 4.x column is a Sequence, not a list; it is a
     batch like the list of its items (Transformers' processor refuses it)."""
