@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -403,9 +404,12 @@ class SegformerPredictor:
                         [(_, _, results[i])] = self._run_window([window[i]], return_probs, return_confidence, areas)
                     continue
                 w, h = window[idx[0]][1].size  # type: ignore[union-attr]
+                asked = re.search(r"allocate (\d+) bytes", str(exc))  # (the CPU allocator's words)
+                gb = int(asked[1]) / 1e9 if asked else 0.0
+                more = f"; {gb:,.0f} GB asked at once" if gb >= 10 else f"; {gb:.2g} GB asked at once" if asked else ""
                 # (a raw allocator message, naming neither the image nor the option, ended the run: audit)
                 outs = [ImageError(
-                    f"not enough memory to segment it ({w}x{h}, {self.options.describe()}): lower --scales or "
+                    f"not enough memory to segment it ({w}x{h}, {self.options.describe()}{more}): lower --scales or "
                     "--max-pixels, or use --mode slide", too_large=True,
                 )]  # fmt: skip
             results.update(zip(idx, outs, strict=True))
