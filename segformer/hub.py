@@ -94,17 +94,22 @@ def _looks_like_hub_id(name: str) -> bool:
 
 _UNREACHABLE_FOR = 60.0  # seconds during which a hub that could not be reached is not asked again
 _unreachable_since: float | None = None  # (time.monotonic() of the last failed look-up)
+_resolved_at: float | None = None  # (time.monotonic() of the last host name that resolved)
 
 
 def _hub_unreachable() -> bool:
     """Whether the hub failed a moment ago, or its host name does not resolve (no network: huggingface_hub would
-    retry a name that cannot resolve for ~23 s, with ten lines of log, before the same answer: audit). Through a
-    proxy the name is the proxy's to resolve: not looked up here."""
-    global _unreachable_since
-    if _unreachable_since is not None and time.monotonic() - _unreachable_since < _UNREACHABLE_FOR:
+    retry a name that cannot resolve for ~23 s, with ten lines of log, before the same answer: audit). Offline
+    (HF_HUB_OFFLINE) and through a proxy (whose name it is to resolve) the name is not looked up; a lookup's answer
+    holds for a minute."""
+    global _unreachable_since, _resolved_at
+    now = time.monotonic()
+    if _unreachable_since is not None and now - _unreachable_since < _UNREACHABLE_FOR:
         return True
+    if _resolved_at is not None and now - _resolved_at < _UNREACHABLE_FOR:
+        return False
     proxied = any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
-    if proxied:
+    if proxied or _offline():
         return False
     import socket
     from urllib.parse import urlsplit
@@ -116,10 +121,11 @@ def _hub_unreachable() -> bool:
         if host:
             socket.getaddrinfo(host, None)
     except (socket.gaierror, UnicodeError):  # (a name that does not resolve; an IP address always does)
-        _unreachable_since = time.monotonic()
+        _unreachable_since = now
         return True
     except OSError:
         pass
+    _resolved_at = now
     return False
 
 
