@@ -319,7 +319,7 @@ def build_data(cfg: TrainConfig, info: DistInfo) -> TrainData:
         photometric=cfg.photometric,
     )
     labels = dict(kind=kind, **label_options(cfg))
-    with errors_agreed(ValueError):  # (every rank reads the same folder: under torchrun its error is printed once)
+    with errors_agreed(ValueError, OSError):  # (every rank reads the same folder: under torchrun, told once)
         train_set, train_listing = build_dataset(cfg.data, "train", transform=transform, **labels)
         if train_set.num_labels < 2:  # (it trained every step, then its evaluation refused a one-label model: audit)
             raise ValueError(
@@ -741,7 +741,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     # train_config.json and the model cards say so next to what was asked for.
     precision = effective_amp(cfg.amp, info.device)
     output = Path(cfg.output)
-    with errors_agreed(ValueError):  # (the folder as every rank sees it: under torchrun its error is printed once)
+    with errors_agreed(ValueError, OSError):  # (the folder as every rank sees it: under torchrun, told once)
         resume_dir, stored = _check_output(output, cfg)
     if resume_dir is None and cfg.resume == "auto":  # (the settings are then this command's, with their defaults)
         _log(f"--resume auto: no run in {output} to resume; starting a new one with this command's settings", info)
