@@ -794,7 +794,8 @@ def test_eval_under_torchrun_equals_one_process(data, tmp_path):
 @pytest.mark.output
 def test_eval_under_torchrun_prints_a_precision_fallback_as_one_process_does(data, tmp_path):
     """--amp bf16 on a CPU that would only emulate it falls back to float32 with one warning line: under torchrun
-    the line comes once (rank 0's), as in one process; on a CPU with native bf16 there is none."""
+    the line comes once (rank 0's), as in one process; on a CPU with native bf16 there is none. So does the line
+    of a checkpoint trained on reduced labels."""
     from segformer.inference import effective_amp
 
     model = tmp_path / "model"
@@ -809,6 +810,16 @@ def test_eval_under_torchrun_prints_a_precision_fallback_as_one_process_does(dat
     assert two.returncode == 0, two.stderr[-3000:]
     falls_back = effective_amp("bf16", "cpu")[1] is not None  # (this machine's verdict, as each rank's)
     assert two.stderr.count("which is faster here") == int(falls_back), two.stderr[-3000:]
+    # the label decision a checkpoint trained on reduced labels makes is said once too (every rank said it: notes)
+    from segformer.run_files import preprocessor_json
+
+    (model / "preprocessor_config.json").write_text(preprocessor_json(size=None, reduce_labels=True))
+    two = subprocess.run(
+        [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "segformer", *args[:-4]],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stderr.count("was trained on reduced labels (its preprocessor_config.json)") == 1, two.stderr[-3000:]
 
 
 @pytest.mark.slow

@@ -274,13 +274,14 @@ def run(args: argparse.Namespace) -> int:
         trained_reduced = args.reduce_labels is None and kind in ("folder", "hf") and stored_reduce_labels(args.model)
         if trained_reduced and stated is None:
             args.reduce_labels = True  # (the masks' 0 was ignored and k became k - 1 in training: so here)
-            print(
-                f"segformer eval: {args.model} was trained on reduced labels ({source}): evaluating so "
-                "(--no-reduce-labels evaluates the stored values)",
-                file=sys.stderr,
-            )
-        elif trained_reduced and not stated:  # (the data knows how its masks are stored: reducing again dropped
-            print(  # class 0 and shifted the rest)
+            if info.is_main:  # (under torchrun every rank took the decision alike, and said it: notes)
+                print(
+                    f"segformer eval: {args.model} was trained on reduced labels ({source}): evaluating so "
+                    "(--no-reduce-labels evaluates the stored values)",
+                    file=sys.stderr,
+                )
+        elif trained_reduced and not stated and info.is_main:  # (the data knows how its masks are stored:
+            print(  # reducing again dropped class 0 and shifted the rest)
                 f"segformer eval: {args.model} was trained on reduced labels ({source}); {stated_in} "
                 'says "reduce_labels": false: evaluating the stored values',
                 file=sys.stderr,
