@@ -195,22 +195,30 @@ def _say_left_out(folder: str | os.PathLike) -> None:
     logger.warning(f"{folder}: left out, an output folder of segformer predict ({OUTPUT_MARKER})")
 
 
-def _written_by_a_run(f: Path, marked: bool) -> bool:
-    """Whether ``f`` is a file a run of segformer predict wrote: a label map (a PNG recording its source image,
-    anywhere), or, in an output folder holding the marker (``marked``), a file named as a run names its others
-    (summaries, legend, overlays, side images, probabilities)."""
+def _written_by_a_run(f: Path, marked: bool, strict: bool = True) -> bool:
+    """Whether ``f`` is a file a run of segformer predict wrote: an image carrying a run's stamp (a label map
+    recording its source image, an overlay, side image or legend marked :data:`_OUTPUT_STAMP`), anywhere; in an
+    output folder holding the marker (``marked``), the summaries and probabilities, named as a run names them (no
+    photographs), and unless ``strict`` the images named as a run names them too (those of a version that did not
+    stamp them). Strict wherever the folder may hold the user's photographs (a walk of an input folder, an output
+    folder that holds inputs): a photo named car_side.jpg there is a photo, not a run's file."""
     if not f.is_file():
         return False
     name = f.name
-    if marked and (name in _RUN_FILES or name.endswith(("_overlay.jpg", "_overlay.png", "_side.jpg", "_probs.npy"))):
+    if marked and (name in (SUMMARY_CSV, SUMMARY_JSON) or name.endswith("_probs.npy")):
         return True
-    if f.suffix.lower() != ".png":
+    if marked and not strict and (name == LEGEND_PNG or name.endswith(("_overlay.jpg", "_overlay.png", "_side.jpg"))):
+        return True
+    if f.suffix.lower() not in (".png", ".jpg"):
         return False
     try:
-        with Image.open(f) as im:  # (a PNG's text chunks before its pixels: read at open)
-            return _SOURCE_KEY in im.info
+        with Image.open(f) as im:  # (a PNG's text chunks and a JPEG's comment precede the pixels: read at open)
+            info = im.info
     except Exception:
         return False
+    return (
+        _SOURCE_KEY in info or info.get(_OUTPUT_KEY) == _OUTPUT_STAMP or info.get("comment") == _OUTPUT_STAMP.encode()
+    )
 
 
 # ----------------------------------------------------------------------------------------------- records
@@ -341,14 +349,21 @@ def _check_outputs(items: list[tuple[Path, Path]], stems: list[Path], outputs: _
             raise ValueError(f"{shown[path]}: a folder is where an output would go; choose another --output folder")
     labels = {p for p in existing if p.name.endswith(".png") and _written_by_a_run(p, False)}
     marked = (outputs.folder / OUTPUT_MARKER).exists() or bool(labels)
-    foreign = [p for p in existing
-               if p.exists() and p.stat().st_size and p not in labels and not _written_by_a_run(p, marked)]  # fmt: skip
+    strict = _holds_inputs(outputs.folder, items)  # (then an unstamped car_side.jpg there may be a photo)
+    foreign = [p for p in existing if p.exists() and p.stat().st_size and p not in labels
+               and not _written_by_a_run(p, marked, strict)]  # fmt: skip
     if foreign:
         more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
         raise ValueError(
             f"{shown[foreign[0]]}{more}: a file segformer predict did not write (or cannot read) is where an output "
             "would go; move it or choose another --output folder"
         )
+
+
+def _holds_inputs(folder: Path, items: list[tuple[Path, Path]]) -> bool:
+    """Whether an input of the run lies in ``folder`` or below it (an output folder that is the input folder)."""
+    top = folder.resolve()
+    return any(src.resolve().is_relative_to(top) for src, _ in items)
 
 
 JPEG_MAX_SIDE = 65500  # libjpeg's limit on a side
@@ -383,6 +398,19 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 _SOURCE_KEY = "segformer:source"  # the label PNG's text chunk naming the image it was made from (--skip-existing)
+_OUTPUT_KEY = "segformer:output"  # the PNG text chunk (a JPEG: its comment) of a run's overlays, side images, legend
+_OUTPUT_STAMP = "segformer predict"  # its text: a run's file, not a user's photograph (_written_by_a_run)
+
+
+def _stamp(fmt: str) -> dict[str, Any]:
+    """The save parameters that mark an overlay, side image or legend in ``fmt`` ("JPEG" or "PNG") as a run's."""
+    if fmt == "JPEG":
+        return {"comment": _OUTPUT_STAMP.encode()}
+    info = PngImagePlugin.PngInfo()
+    info.add_text(_OUTPUT_KEY, _OUTPUT_STAMP)
+    return {"pnginfo": info}
+
+
 _MAKER_KEY = "segformer:maker"  # and the one naming what made it: model, backend, inference options
 
 
@@ -556,7 +584,15 @@ def predict_to_folder(
         found, todo, stale = _find_existing(mine, outputs, maker, predictor.num_classes, rank)
         records += found
     records += _segment_and_write(
-        predictor, todo, outputs, maker, stale, alpha=alpha, progress=progress and rank == 0, rank=rank
+        predictor,
+        todo,
+        outputs,
+        maker,
+        stale,
+        {src.resolve() for src, _ in items},
+        alpha=alpha,
+        progress=progress and rank == 0,
+        rank=rank,
     )
 
     merged = sorted(_gather(records), key=lambda t: t[0])
@@ -620,6 +656,7 @@ def _segment_and_write(
     outputs: _Outputs,
     maker: str,
     stale: set[int],
+    protected: set[Path],
     *,
     alpha: float,
     progress: bool,
@@ -629,14 +666,14 @@ def _segment_and_write(
     recorded, not raised, and the image's outputs are removed: an earlier run's (another model's, or made from the
     image before it broke) or the part this run wrote before a write failed, so that no mask in the folder
     disagrees with the run's legend and summary. The items in ``stale`` (indices) are redone: their outputs were
-    another model's or other options'."""
+    another model's or other options'. ``protected``: every input of the run (every rank's, resolved), never
+    removed."""
     from tqdm.auto import tqdm
 
     records: list[tuple[int, ImageRecord]] = []
     bar = tqdm(total=len(todo), unit="img", desc="segmenting", disable=not progress, file=sys.stderr)
     by_source = {src: (i, stem) for i, src, stem in todo}
-    inputs = {src.resolve() for src in by_source}
-    earlier = {i: leftovers for i, _, stem in todo if (leftovers := _leftovers(outputs, stem, inputs))}
+    earlier = {i: leftovers for i, _, stem in todo if (leftovers := _leftovers(outputs, stem, protected))}
     results = predictor.predict_iter_with_images([s for _, s, _ in todo], return_probs=outputs.save_probs)
     for src, image, result in results:
         i, stem = by_source[src]  # type: ignore[index]
@@ -671,10 +708,12 @@ def _segment_and_write(
     return records
 
 
-def _leftovers(outputs: _Outputs, stem: Path, inputs: set[Path]) -> list[Path]:
+def _leftovers(outputs: _Outputs, stem: Path, protected: set[Path]) -> list[Path]:
     """The files an earlier run with other options wrote for ``stem`` (:meth:`_Outputs.others`) that this run
-    does not write, where that run's label map, stamped with its source, vouches for them; never an input."""
-    found = [q for q in outputs.others(stem) if q.exists() and q.resolve() not in inputs]
+    does not write, where that run's label map, stamped with its source, vouches for them: the images among them
+    stamped as a run's (:func:`_written_by_a_run`, strict: a photo car_side.jpg beside car.jpg's label map is no
+    side image); never one of the ``protected`` inputs."""
+    found = [q for q in outputs.others(stem) if q.resolve() not in protected and _written_by_a_run(q, True)]
     if not found:
         return []
     try:
@@ -701,11 +740,11 @@ def _write_outputs(
     labels = result.labels
     blend = overlay(image, labels, palette, alpha)
     if overlay_format == "jpg":
-        _save(p["overlay"], blend, "JPEG", quality=92)
+        _save(p["overlay"], blend, "JPEG", quality=92, **_stamp("JPEG"))
     else:
-        _save(p["overlay"], blend, "PNG")
+        _save(p["overlay"], blend, "PNG", **_stamp("PNG"))
     if "side" in p:
-        _save(p["side"], side_by_side([image, colorize(labels, palette)]), "JPEG", quality=92)
+        _save(p["side"], side_by_side([image, colorize(labels, palette)]), "JPEG", quality=92, **_stamp("JPEG"))
     if "probs" in p and result.probs is not None:
         _save_npy(p["probs"], result.probs.astype(np.float16))
     stamp = PngImagePlugin.PngInfo()
@@ -777,7 +816,7 @@ def write_summary(report: RunReport, palette: np.ndarray) -> None:
     writer.writerow([*header, "error"])
     writer.writerows(rows)
     atomic_write_text(out / SUMMARY_CSV, buf.getvalue(), escape_bytes=True)  # (pandas refused it: audit)
-    _save(out / LEGEND_PNG, legend(names, palette), "PNG")
+    _save(out / LEGEND_PNG, legend(names, palette), "PNG", **_stamp("PNG"))
 
 
 __all__ = ["ImageRecord", "RunReport", "collect_images", "predict_to_folder", "write_summary"]

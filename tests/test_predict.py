@@ -1091,3 +1091,38 @@ def test_outputs_copied_without_the_marker_empty_ones_and_folders_in_the_way(che
     (copy / "p1_overlay.jpg").mkdir()
     with pytest.raises(ValueError, match=r"copy/p1_overlay\.jpg: a folder is where an output would go"):
         predict_to_folder(predictor, photos, copy, progress=False)
+
+
+def test_photos_in_an_output_folder_that_is_their_input_folder_are_never_lost(checkpoint, tmp_path):
+    """Output folder = input folder, holding car.jpg and a photo car_side.jpg: the second run took car_side.jpg
+    for car.jpg's side image (a run's name in a marked folder), left it out of the inputs and deleted it as a
+    leftover of other options (review audit). A run's overlays, side images and legend now carry a stamp; only
+    stamped files are a run's there, and no input of the run (any rank's) is ever removed."""
+    predictor = SegformerPredictor(checkpoint, device="cpu", mode="whole")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(_noise(32, 48, seed=5)).save(photos / "car.jpg")
+    Image.fromarray(_noise(40, 32, seed=6)).save(photos / "car_side.jpg")
+    before = (photos / "car_side.jpg").read_bytes()
+    for _ in range(3):
+        report = predict_to_folder(predictor, [photos], photos, progress=False)
+        assert sorted((Path(r.image).name, r.status) for r in report.records) == [("car.jpg", "ok"),
+                                                                                 ("car_side.jpg", "ok")]  # fmt: skip
+        assert (photos / "car_side.jpg").read_bytes() == before
+    with pytest.raises(ValueError, match=r"car_side\.jpg: this input would be overwritten by an output of .*car\.jpg"):
+        predict_to_folder(predictor, [photos], photos, side_by_side_image=True, progress=False)
+    assert (photos / "car_side.jpg").read_bytes() == before
+
+    # A run's own side image passed as an input, while the rank that handles car.jpg (rank 0 of 2) drops car.jpg's
+    # side image of an earlier run: it is an input of rank 1's, so it stays.
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    Image.fromarray(_noise(32, 48, seed=5)).save(src / "car.jpg")
+    predict_to_folder(predictor, [src], out, side_by_side_image=True, progress=False)
+    made = (out / "car_side.jpg").read_bytes()
+    report = predict_to_folder(predictor, [src / "car.jpg", out / "car_side.jpg"], out, rank=0, world_size=2,
+                               progress=False)  # fmt: skip
+    assert [Path(r.image).name for r in report.records] == ["car.jpg"]
+    assert (out / "car_side.jpg").read_bytes() == made
+    predict_to_folder(predictor, [src], out, progress=False)  # (not an input now: a leftover of other options)
+    assert not (out / "car_side.jpg").exists() and (out / "car.png").exists()
