@@ -138,9 +138,9 @@ def check_config(cfg: TrainConfig, info: DistInfo) -> int:
         raise ValueError(f"--check-data must be full, headers or off, got {cfg.check_data!r}")
     per_step = info.world_size * cfg.accum_steps
     if cfg.batch_size % per_step:
-        fits = [n for n in range(1, cfg.batch_size + 1) if cfg.batch_size % (n * cfg.accum_steps) == 0]
         resumed = (  # (a resume keeps the run's batch: "--batch-size 4" named a flag the command did not give)
-            f"; the resumed run's batch cannot change: resume it on {', '.join(map(str, fits[:8]))} process(es)"
+            "; the resumed run's batch cannot change: "
+            + _ways_to_split(cfg.batch_size, info.world_size, cfg.accum_steps)
             if cfg.resume and _resumes(cfg)
             else ""
         )
@@ -151,6 +151,20 @@ def check_config(cfg: TrainConfig, info: DistInfo) -> int:
     if cfg.amp == "fp16" and info.device.type != "cuda":
         raise ValueError("--amp fp16 needs a CUDA device (it relies on a gradient scaler); use --amp bf16 on CPU")
     return cfg.batch_size // per_step
+
+
+def _ways_to_split(batch: int, world_size: int, accum_steps: int) -> str:
+    """How a resumed run's global ``batch`` can be split (its processes × accumulation steps must divide it): the
+    process counts that fit these accumulation steps, the accumulation steps that fit these processes, or, where
+    neither does, the rule itself."""
+    procs = [n for n in range(1, batch + 1) if batch % (n * accum_steps) == 0][:8]
+    accums = [a for a in range(1, batch + 1) if batch % (world_size * a) == 0][:8]
+    ways = [f"resume it on {', '.join(map(str, procs))} process(es)"] if procs else []
+    if accums:
+        ways.append(f"with --accum-steps {' or '.join(map(str, accums))} on {world_size} process(es)")
+    if not ways:
+        return f"resume it on processes × --accum-steps that divide its batch {batch}"
+    return " or ".join(ways)
 
 
 def _resumes(cfg: TrainConfig) -> bool:

@@ -1123,6 +1123,11 @@ def test_resume_takes_the_runs_settings_and_refuses_other_ones(data, tiny_json, 
     code, err = cli(base, "--resume", "auto", "--steps", "8", "--crop", "32", "32")
     assert code == 2 and "--steps 8 (the run: 4)" in err and "--crop [32, 32] (the run: [48, 48])" in err
     assert json.loads((base / "train_config.json").read_text())["steps"] == 4  # nothing rewritten
+    # the run's batch 2 and other accumulation steps (the message listed no process count: "on  process(es)")
+    code, err = cli(base, "--resume", "auto", "--accum-steps", "3")
+    assert code == 2 and err.splitlines()[-1].endswith(
+        "the resumed run's batch cannot change: with --accum-steps 1 or 2 on 1 process(es)"
+    ), err[-500:]
     for name, damage, words in (
         ("no-state", lambda run: (run / "last" / "training_state.pt").unlink(), "has no training_state.pt"),
         ("empty-state", lambda run: (run / "last" / "training_state.pt").write_bytes(b""), "not a readable training"),
