@@ -393,18 +393,21 @@ class SegformerPredictor:
             else:
                 groups.setdefault(img.size, []).append(i)
         for idx in groups.values():
-            try:
+            failed = None  # the out-of-memory error's text: its traceback's frames hold the pass's tensors, so the
+            try:  # retry below runs once the except clause has dropped them
                 with reuse_work_areas(areas):
                     outs = self._run([window[i][1] for i in idx], return_probs, return_confidence)  # type: ignore
             except (RuntimeError, MemoryError) as exc:
                 if not _out_of_memory(exc):
                     raise
-                if len(idx) > 1:  # (the batch did not fit: each image on its own)
-                    for i in idx:
-                        [(_, _, results[i])] = self._run_window([window[i]], return_probs, return_confidence, areas)
-                    continue
+                failed = str(exc)
+            if failed is not None and len(idx) > 1:  # (the batch did not fit: each image on its own)
+                for i in idx:
+                    [(_, _, results[i])] = self._run_window([window[i]], return_probs, return_confidence, areas)
+                continue
+            if failed is not None:
                 w, h = window[idx[0]][1].size  # type: ignore[union-attr]
-                asked = re.search(r"allocate (\d+) bytes", str(exc))  # (the CPU allocator's words)
+                asked = re.search(r"allocate (\d+) bytes", failed)  # (the CPU allocator's words)
                 gb = int(asked[1]) / 1e9 if asked else 0.0
                 more = f"; {gb:,.0f} GB asked at once" if gb >= 10 else f"; {gb:.2g} GB asked at once" if asked else ""
                 # (a raw allocator message, naming neither the image nor the option, ended the run: audit)

@@ -193,6 +193,31 @@ def test_an_image_that_memory_cannot_take_fails_alone_naming_the_options(checkpo
     assert [type(r).__name__ for _, r in fine.predict_iter([*sources, tmp_path / "c.png"])] == ["Segmentation"] * 3
 
 
+def test_a_batch_that_memory_cannot_take_frees_its_tensors_before_each_image_is_tried_alone(checkpoint, tmp_path):
+    """The one-by-one retry of a batch that ran out of memory ran inside the except clause, whose traceback kept
+    the failed pass's tensors alive through every retry (review audit). The pass here allocates a tensor and then
+    fails as an allocator does; by the retries the tensor is gone."""
+    import weakref
+
+    for name in ("a.png", "b.png"):
+        Image.fromarray(_noise(32, 32)).save(tmp_path / name)
+    predictor = SegformerPredictor(checkpoint, device="cpu", mode="whole", batch_size=2)
+    real, held, alive = predictor._run, [], []
+
+    def run(images, *args):
+        if len(images) > 1:
+            work = torch.empty(1 << 20)  # (the pass's work, referenced from its frame only)
+            held.append(weakref.ref(work))
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 80000000000 bytes")
+        alive.append(held[0]() is not None)
+        return real(images, *args)
+
+    predictor._run = run
+    results = [result for _, result in predictor.predict_iter([tmp_path / "a.png", tmp_path / "b.png"])]
+    assert [type(r).__name__ for r in results] == ["Segmentation", "Segmentation"]
+    assert alive == [False, False]
+
+
 def test_a_rerun_with_other_options_leaves_no_earlier_extra_outputs(checkpoint, tmp_path):
     """A run with --side-by-side, --save-probs and PNG overlays, then one without into the same folder: the first
     run's side image, probabilities and PNG overlay stayed beside the second run's masks (another model's, in the
