@@ -97,10 +97,11 @@ _unreachable_since: float | None = None  # (time.monotonic() of the last failed 
 _resolved_at: float | None = None  # (time.monotonic() of the last host name that resolved)
 
 
-def _hub_unreachable() -> bool:
+def _hub_unreachable(proxies: dict[str, str] | None = None) -> bool:
     """Whether the hub failed a moment ago, or its host name does not resolve (no network: huggingface_hub would
     retry a name that cannot resolve for ~23 s, with ten lines of log, before the same answer: audit). Offline
-    (HF_HUB_OFFLINE) and through a proxy (whose name it is to resolve) the name is not looked up; a lookup's answer
+    (HF_HUB_OFFLINE) and through a proxy (``proxies``, or any the environment or the system settings name:
+    urllib's getproxies, the proxy's business to resolve the name) the name is not looked up; a lookup's answer
     holds for a minute."""
     global _unreachable_since, _resolved_at
     now = time.monotonic()
@@ -108,7 +109,9 @@ def _hub_unreachable() -> bool:
         return True
     if _resolved_at is not None and now - _resolved_at < _UNREACHABLE_FOR:
         return False
-    proxied = any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+    import urllib.request
+
+    proxied = bool(proxies) or any(v for k, v in urllib.request.getproxies().items() if k != "no")
     if proxied or _offline():
         return False
     import socket
@@ -179,7 +182,7 @@ def resolve_file(
     shown = f"{subfolder}/{filename}" if subfolder else filename
     extra: dict[str, Any] = {} if proxies is None else {"proxies": proxies}
     # (the hub could not be reached a moment ago: the cache alone, rather than another round of retries)
-    recently = not local_files_only and not force_download and _hub_unreachable()
+    recently = not local_files_only and not force_download and _hub_unreachable(proxies)
     try:
         return Path(
             huggingface_hub.hf_hub_download(

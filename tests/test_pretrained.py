@@ -357,7 +357,8 @@ def test_an_unreachable_hub_costs_its_retries_once_and_a_bare_name_is_a_missing_
     with socket.socket() as s:  # (a port nothing listens on: bound, then closed)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env = {k: v for k, v in os.environ.items()  # (a proxy in the environment would skip the host-name probe)
+           if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") and not k.lower().endswith("_proxy")}  # fmt: skip
     env |= {"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "home")}
     env |= {"NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
     out = subprocess.run([sys.executable, "-c", UNREACHABLE_SCRIPT], env=env, capture_output=True, text=True,
@@ -379,6 +380,35 @@ def test_an_unreachable_hub_costs_its_retries_once_and_a_bare_name_is_a_missing_
     assert out.returncode == 0 and "Retry" not in out.stderr, out.stderr[-3000:]
     assert "loaded 4" in out.stdout and "error acme/not-cached: config.json is not in the local hub cache" in out.stdout
     assert all(int(line.rsplit(" ", 1)[1]) < 5 for line in out.stdout.splitlines() if " seconds " in line), out.stdout
+
+
+def test_the_host_name_probe_leaves_proxied_hubs_to_their_proxy(monkeypatch):
+    """The probe that spares a machine without network huggingface_hub's retries looked the hub's name up itself
+    even where a proxy resolves it (http_proxy for an http endpoint, a proxies= argument, the system's settings),
+    so such users were told the hub cannot be reached (review audit). A real lookup of a name that never resolves
+    (.invalid): unreachable without a proxy, left to the proxy with one."""
+    import huggingface_hub.constants
+
+    from segformer import hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://hub.invalid")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    for key in [
+        k for k in os.environ if k.lower().endswith("_proxy") or k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    ]:
+        monkeypatch.delenv(key)
+
+    def fresh() -> None:  # (the probe's answers hold for a minute)
+        monkeypatch.setattr(hub, "_unreachable_since", None)
+        monkeypatch.setattr(hub, "_resolved_at", None)
+
+    fresh()
+    assert hub._hub_unreachable() is True
+    fresh()
+    assert hub._hub_unreachable({"http": "http://proxy.example:3128"}) is False
+    fresh()
+    monkeypatch.setenv("http_proxy", "http://proxy.example:3128")
+    assert hub._hub_unreachable() is False
 
 
 def test_atomic_write_errors_name_the_file_not_the_temporary_name(tmp_path):
