@@ -3,8 +3,9 @@
 Hub access goes through ``huggingface_hub`` and so honours its cache (``HF_HOME`` / ``HF_HUB_CACHE``),
 ``revision``, ``subfolder`` and ``HF_HUB_OFFLINE=1``. A cached file is never downloaded again (online,
 huggingface_hub asks the hub whether it changed; offline it is used as is). A hub that cannot be reached costs
-huggingface_hub's retries (~23 s) once: the process's next look-ups in the following minute use the cache alone; a
-hub whose host name does not resolve (no network) is not asked at all.
+huggingface_hub's retries (~23 s) at the first file that is not cached, once: the process's next look-ups in the
+following minute use the cache alone (a cached file before that costs one failed check, without retries); a hub
+whose host name does not resolve (no network) is not asked at all.
 :func:`push_folder` uploads what ``save_pretrained`` wrote (the ``push_to_hub`` of models, configs and processors).
 """
 
