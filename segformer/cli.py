@@ -68,7 +68,9 @@ class UsageParser(argparse.ArgumentParser):
     commands: dict[str, argparse.ArgumentParser] = {}  # (the top-level parser's: its commands' parsers)
 
     def error(self, message: str) -> NoReturn:
-        if "RANK" in os.environ:  # (under torchrun every rank parses the same command line: rank 0 says it, once)
+        # (under torchrun every rank parses the same command line: rank 0 says it, once; RANK alone, from another
+        # launcher or left in a shell, does not silence it: a line said twice beats a usage error said by no one)
+        if os.environ.get("TORCHELASTIC_RUN_ID"):
             from .distributed import launched_rank_not_zero, wait_for_rank_zero
 
             if launched_rank_not_zero():

@@ -637,3 +637,13 @@ def test_a_ctrl_c_before_the_command_runs_is_an_interrupt_not_a_traceback(monkey
     monkeypatch.setattr(cli, "build_parser", interrupted)
     assert cli.main(["predict", "--help"]) == 130
     assert capsys.readouterr().err == "segformer: interrupted\n"
+
+
+def test_a_usage_error_is_said_on_a_nonzero_rank_outside_torchrun(capsys, monkeypatch):
+    """RANK / WORLD_SIZE left in a shell (or set by a launcher other than torchrun) made a usage error exit 2 without
+    a word on a rank other than 0 (review audit): only under torchrun, whose rank 0 says it, is it left unsaid."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    code, _, err = run_cli(capsys, "predict", "--no-such-flag")
+    assert code == 2 and "segformer predict: error: " in err, err
