@@ -178,7 +178,9 @@ def errors_agreed(*types: type[BaseException]) -> Iterator[None]:
     every rank as a rule, though not by construction): rank 0's error, where it has one, is raised on every rank
     and reported by rank 0 alone (:func:`raised_on_every_rank`); an error of other ranks alone is reported by
     those ranks, rank 0 saying that another process refused the run. The block must hold no collective of its
-    own (a rank that raised would skip it). In one process: the block as it is."""
+    own (a rank that raised would skip it). An exception not of ``types`` leaves at once on the rank that raised
+    it, without the agreement: the other ranks wait in it until torchrun, seeing a worker fail, stops them (so
+    ``types`` names every error a check is expected to raise). In one process: the block as it is."""
     error: BaseException | None = None
     try:
         yield
