@@ -44,6 +44,10 @@ PT_WEIGHTS = "pytorch_model.bin"
 PT_INDEX = "pytorch_model.bin.index.json"
 _BENIGN_MISSING = re.compile(r"(^|\.)num_batches_tracked$")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_NOT_A_CHECKPOINT = (  # what a file that is neither a folder nor weights is told
+    "not a checkpoint: expected a model directory or a weights file (.safetensors, .bin, .pt, .pth, or a shards' "
+    ".index.json)"
+)
 
 
 def _saved_weights(variant: str | None) -> re.Pattern[str]:
@@ -213,10 +217,7 @@ def _weights_of_file(
     elif path.suffix in _WEIGHT_SUFFIXES:
         shards = [path]
     else:
-        raise CheckpointError(
-            f"{path}: not a checkpoint: expected a model directory or a weights file (.safetensors, .bin, .pt, "
-            ".pth, or a shards' .index.json)"
-        )
+        raise CheckpointError(f"{path}: {_NOT_A_CHECKPOINT}")
     safe = all(s.suffix == ".safetensors" for s in shards)
     if use_safetensors is True and not safe:
         raise CheckpointError(f"{path}: use_safetensors=True but this is not a safetensors checkpoint")
@@ -472,10 +473,7 @@ class PreTrainedMixin:
             )
         if weights_file and not (Path(name).suffix in _WEIGHT_SUFFIXES or str(name).endswith(".index.json")):
             # (--model data/labels.json was "weights without their config.json": audit)
-            raise CheckpointError(
-                f"{name}: not a checkpoint: expected a model directory or a weights file (.safetensors, .bin, .pt, "
-                ".pth, or a shards' .index.json)"
-            )
+            raise CheckpointError(f"{name}: {_NOT_A_CHECKPOINT}")
         if weights_file and config is None:
             beside = Path(name).expanduser().parent / "config.json"
             if not beside.is_file():
