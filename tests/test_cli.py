@@ -48,8 +48,8 @@ def test_scales_parse_alike_everywhere(form):
 def test_bad_scales_are_a_usage_error(capsys, tmp_path):
     (tmp_path / "photo.jpg").write_bytes(b"")  # (an input after --scales is read as one more scale: say so)
     code, _, err = run_cli(capsys, "predict", "-o", "o", "--scales", "0.75", "1", tmp_path / "photo.jpg")
-    assert code == 2 and err.rstrip().endswith("photo.jpg': a file; put the inputs before --scales, or end the "
-                                               "scales with --"), err  # fmt: skip
+    said = "photo.jpg': an existing path; put the inputs before --scales, or end the scales with --"
+    assert code == 2 and err.rstrip().endswith(said), err
     code, _, err = run_cli(capsys, "eval", "--data", "d", "--model", "m", "--scales", "0,1")
     assert code == 2 and "scales must be positive" in err and "Traceback" not in err
     for bad in ("nan", "1,inf"):  # (nan passed the option's check and was refused later, without the option's name)

@@ -161,6 +161,8 @@ def test_cli_export(tmp_path, model, capsys):
     assert code == 2 and "exceeds 1.0e-15" in err and len(err.strip().splitlines()) == 1, err
     with pytest.raises(SystemExit):
         build_parser().parse_args(["export", "m", "--onnx", "x.onnx", "--tolerance", "0"])
+    code, _, err = run_cli(capsys, "export", *args, "--tolerance", "0.25", "--no-verify")  # (ignored: review audit)
+    assert code == 2 and "--tolerance sets the comparison's limit, and --no-verify skips" in err, err
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

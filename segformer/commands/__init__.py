@@ -22,7 +22,11 @@ def scales_arg(text: str) -> list[float]:
         values = [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
         # (--scales 0.75 1 1.25 photo.jpg: the photo is taken as one more scale, the message alone was puzzling)
-        hint = ": a file; put the inputs before --scales, or end the scales with --" if os.path.exists(text) else ""
+        hint = (
+            ": an existing path; put the inputs before --scales, or end the scales with --"
+            if os.path.exists(text)
+            else ""
+        )
         raise argparse.ArgumentTypeError(f"expected numbers such as 0.75,1,1.25, got {text!r}{hint}") from None
     if not values or not all(math.isfinite(v) and v > 0 for v in values):  # (nan passed here: audit)
         raise argparse.ArgumentTypeError(f"scales must be positive finite numbers, got {text!r}")

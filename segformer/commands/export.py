@@ -78,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
     name = model_argument(args)
     if is_onnx_file(name):
         raise ValueError(f"{name}: already an ONNX file; export takes a checkpoint directory or hub id")
+    if args.no_verify and args.tolerance is not None:  # (a tolerance nothing compares against: said, not ignored)
+        raise ValueError("--tolerance sets the comparison's limit, and --no-verify skips the comparison: give one")
     if args.onnx.suffix.lower() != ".onnx":  # (predict/eval/serve know an ONNX model by its name)
         raise ValueError(f"--onnx {args.onnx}: give the file a .onnx name")
     labels = Path(name) / LABELS_FILE  # (a local checkpoint's protocol and label rules go into the metadata)
