@@ -257,6 +257,21 @@ def wait_until(page, condition, what: str, timeout: float = 20) -> None:
         page.wait_for_timeout(50)
 
 
+def choose_and_wait_for_the_upload(page, photo: Path, errors: list[str]) -> None:
+    """Choose ``photo`` in the page's file input and wait for its upload request to start; where none starts, the
+    failure says what the page showed (a CI run once waited 30 s for it, and said no more)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        with page.expect_request(lambda r: r.method == "POST", timeout=30_000):
+            page.set_input_files("#file", str(photo))
+    except PlaywrightTimeout:
+        shown = page.evaluate("[document.body.dataset.state, document.getElementById('status').textContent, "
+                              "typeof S === 'undefined' ? null : !!S.model]")  # fmt: skip
+        raise AssertionError(f"no upload of {photo.name} within 30 s: state, status, model loaded = {shown}; "
+                             f"console errors {errors}") from None  # fmt: skip
+
+
 @pytest.mark.slow
 def test_page_cancels_an_upload_replaced_by_another(tiny_server, tmp_path):
     # Image A is chosen while the server hangs, then image B: A's request is aborted in the browser (not left
@@ -265,13 +280,11 @@ def test_page_cancels_an_upload_replaced_by_another(tiny_server, tmp_path):
     with open_page(tmp_path, tiny_server.url + "/") as (page, errors, posts):
         assert page.evaluate("timeoutS") == 120  # the page's default upload timeout, as the README says
         with stalled(tiny_server):
-            with page.expect_request(lambda r: r.method == "POST"):
-                page.set_input_files("#file", str(first))
+            choose_and_wait_for_the_upload(page, first, errors)
             page.wait_for_selector("body[data-state=busy]", state="attached")
             assert page.locator("#status").inner_text() == "Segmenting first.png…"
             mark = page.evaluate("window.seen.status.length")
-            with page.expect_request(lambda r: r.method == "POST"):
-                page.set_input_files("#file", str(second))
+            choose_and_wait_for_the_upload(page, second, errors)
             assert page.locator("#status").inner_text() == "Segmenting second.png…"
             # The replaced request is cancelled at once, while the server still hangs.
             a = next(iter(posts))
