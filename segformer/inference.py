@@ -673,10 +673,29 @@ def _forward_pass(model: nn.Module, x: torch.Tensor, opts: InferenceOptions, fli
     return _Pass(windows, (H, W), (h, w), flipped, count)
 
 
+_SHRUNK_SAID: set[float] = set()  # the scales _say_shrunk has named in this process (one line each)
+
+
+def _say_shrunk(scale: float, size: tuple[int, int], scaled: tuple[int, int], need: int) -> None:
+    """One warning line per scale that shrinks an image below the model's minimum input (``--scales 1e-9`` ran
+    on a 1x1 image padded up, and gave a map without a word: notes): that pass sees padding, not the image."""
+    if scale in _SHRUNK_SAID:
+        return
+    _SHRUNK_SAID.add(scale)
+    (h, w), (sh, sw) = size, scaled
+    logging.getLogger("segformer").warning(
+        f"scale {scale:g} shrinks a {h}x{w} input to {sh}x{sw}, below the model's minimum input of {need} pixels a "
+        "side: that pass is padded up and sees little of the image (scales are factors: 0.5, not 50)"
+    )
+
+
 def _passes(model: nn.Module, x: torch.Tensor, opts: InferenceOptions) -> Iterator[_Pass]:
     """The passes of ``opts`` over the batch ``x`` (B, 3, H, W), in order: each scale, then its flipped copy."""
     H, W = x.shape[-2:]
-    for size in _pass_inputs(H, W, opts):
+    need = _min_side(model)
+    for scale, size in zip(opts.scales or (1.0,), _pass_inputs(H, W, opts), strict=True):
+        if min(size) < need <= min(H, W):
+            _say_shrunk(scale, (H, W), size, need)
         scaled = x if size == (H, W) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         for flipped in (False, True) if opts.flip else (False,):
             yield _forward_pass(model, scaled.flip(-1) if flipped else scaled, opts, flipped)

@@ -1436,3 +1436,22 @@ def test_sliding_windows_below_the_models_minimum_are_refused_up_front(seg, tmp_
     with pytest.raises(ValueError, match=message):
         SegformerPredictor(seg, device="cpu", **small)
     SegformerPredictor(seg, device="cpu", mode="slide", crop_size=(need, need), stride=(8, 8))  # the minimum itself
+
+
+def test_a_scale_that_shrinks_the_image_below_the_models_minimum_says_so(seg, caplog, monkeypatch):
+    """``--scales 1e-9`` (or 0.5 meant as 50) ran a 1x1 image padded up to the model's minimum and gave a label map
+    without a word (notes). One line per such scale; a scale that keeps the image above the minimum says nothing,
+    nor does an image already below it at scale 1 (padded as it always is)."""
+    monkeypatch.setattr(inference, "_SHRUNK_SAID", set())
+    need = min_input_size(seg.config)
+    x = torch.randn(1, 3, 2 * need, 3 * need)
+    with caplog.at_level("WARNING", logger="segformer"):
+        infer(seg, x, scales=[1.0, 0.75])
+        assert caplog.messages == []
+        infer(seg, x, scales=[1e-9, 1.0])
+        infer(seg, x, scales=[1e-9])
+        infer(seg, torch.randn(1, 3, need // 2, need), scales=[0.5])
+    assert caplog.messages == [
+        f"scale 1e-09 shrinks a {2 * need}x{3 * need} input to 1x1, below the model's minimum input of {need} pixels "
+        "a side: that pass is padded up and sees little of the image (scales are factors: 0.5, not 50)"
+    ]

@@ -23,10 +23,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "demo",
         help="end-to-end demo without downloads: synth → train → eval → overlays",
         description="Write the procedural data set (segformer synth), train a small SegFormer on it from random "
-        "weights (no download; on CUDA when available, else the CPU) with the demo's recipe (the paper's schedule at a higher lr, fewer steps), "
-        "evaluate its best checkpoint on the "
-        "validation split, write overlays (OUTPUT/overlays/val_00.png … val_05.png) and print the mIoU. About 6-8 "
-        "minutes on two AVX2 CPU cores, about 4 on AVX-512 ones; longer on a busy machine.",
+        "weights (no download; on CUDA when available, else the CPU) with the demo's recipe (the paper's schedule "
+        "at a higher lr, fewer steps), evaluate its best checkpoint on the validation split, write overlays "
+        "(OUTPUT/overlays/val_00.png … val_05.png) and print the mIoU. About 6-8 minutes on two AVX2 CPU cores, "
+        "about 4 on AVX-512 ones; longer on a busy machine.",
     )
     p.add_argument("--output", type=path_arg, default=Path("demo_out"), help="output folder (default: demo_out)")
     p.add_argument("--steps", type=positive_int, default=2400, help="training steps (default 2400)")
