@@ -1266,10 +1266,7 @@ def _upsample_by_phases(
     b, h, w, d = y.shape
     i0, i1 = rows if rows is not None else (0, h)
     n = i1 - i0
-    # the source rows i0 - 1 … i1 and columns -1 … w, edge pixels repeated: the kernel's clamp at the borders
-    row_index = torch.arange(i0 - 1, i1 + 1, device=y.device).clamp_(0, h - 1)
-    col_index = torch.arange(-1, w + 1, device=y.device).clamp_(0, w - 1)
-    padded = y.index_select(1, row_index).index_select(2, col_index)  # (B, n + 2, w + 2, D)
+    padded = _edge_padded(y, i0, i1)  # (B, n + 2, w + 2, D)
     wide = y.new_empty(b, n + 2, w, sw, d)  # (B, n + 2, W, D): rows still padded for the vertical pass
     for p in range(sw):
         offset = (p + 0.5) / sw - 0.5
@@ -1286,6 +1283,24 @@ def _upsample_by_phases(
         else:
             out_rows[:, :, p].add_(centre, alpha=1 - abs(offset)).add_(neighbour, alpha=abs(offset))
     return out
+
+
+def _edge_padded(y: torch.Tensor, i0: int, i1: int) -> torch.Tensor:
+    """Rows i0 - 1 … i1 and columns -1 … w of ``y`` (B, h, w, D), edge pixels repeated (the bilinear kernel's
+    clamp at the borders): a block copy and its edges, where index_select's gather over an outer axis ran at
+    a tenth of the memory's speed (stage 2 of b0 at 512²: ~1.5 ms of a ~100 ms forward on an AVX2 Zen 3)."""
+    b, h, w, d = y.shape
+    lo, hi = max(i0 - 1, 0), min(i1 + 1, h)  # the rows that exist
+    top = lo - (i0 - 1)  # 1 where row i0 - 1 is the repeated first row
+    padded = y.new_empty(b, i1 - i0 + 2, w + 2, d)
+    padded[:, top : top + hi - lo, 1 : w + 1] = y[:, lo:hi]
+    if top:
+        padded[:, 0, 1 : w + 1] = y[:, 0]
+    if i1 == h:
+        padded[:, -1, 1 : w + 1] = y[:, h - 1]
+    padded[:, :, 0] = padded[:, :, 1]
+    padded[:, :, w + 1] = padded[:, :, w]
+    return padded
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

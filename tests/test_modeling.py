@@ -356,6 +356,21 @@ def test_upsampling_by_phases_equals_the_bilinear_kernel(factors, size, accumula
         assert (band - ref[:, i0 * sh : i1 * sh]).abs().max() <= 8 * U32 * scale  # as above
 
 
+@pytest.mark.parametrize("size", [(1, 1), (5, 7), (1, 4), (6, 1)])
+def test_edge_padding_repeats_the_border_pixels_of_every_row_band(size):
+    """The upsampling's padded source (rows i0 - 1 … i1, columns -1 … w, borders repeated) is the gather of
+    those clamped rows and columns exactly, for every band of rows (the copies round nothing)."""
+    from segformer.modeling import _edge_padded
+
+    h, w = size
+    y = torch.randn(2, h, w, 3, generator=torch.Generator().manual_seed(h * 10 + w))
+    for i0 in range(h):
+        for i1 in range(i0 + 1, h + 1):
+            rows = torch.arange(i0 - 1, i1 + 1).clamp(0, h - 1)
+            cols = torch.arange(-1, w + 1).clamp(0, w - 1)
+            assert torch.equal(_edge_padded(y, i0, i1), y[:, rows][:, :, cols]), (i0, i1)
+
+
 def ops_run_fn(fn) -> tuple[torch.Tensor, list[str]]:
     """``fn()`` and the names of the operators it dispatched ("aten::gelu", "mkldnn::...")."""
     from torch.utils._python_dispatch import TorchDispatchMode
