@@ -98,7 +98,7 @@ _unreachable_since: float | None = None  # (time.monotonic() of the last failed 
 _resolved_at: float | None = None  # (time.monotonic() of the last host name that resolved)
 
 
-def _hub_unreachable(proxies: dict[str, str] | None = None) -> bool:
+def hub_unreachable(proxies: dict[str, str] | None = None) -> bool:
     """Whether the hub failed a moment ago, or its host name does not resolve (no network: huggingface_hub would
     retry a name that cannot resolve for ~23 s, with ten lines of log, before the same answer: audit). Offline
     (HF_HUB_OFFLINE) and through a proxy (``proxies``, or any the environment or the system settings name:
@@ -183,7 +183,7 @@ def resolve_file(
     shown = f"{subfolder}/{filename}" if subfolder else filename
     extra: dict[str, Any] = {} if proxies is None else {"proxies": proxies}
     # (the hub could not be reached a moment ago: the cache alone, rather than another round of retries)
-    recently = not local_files_only and not force_download and _hub_unreachable(proxies)
+    recently = not local_files_only and not force_download and hub_unreachable(proxies)
     try:
         return Path(
             huggingface_hub.hf_hub_download(

@@ -42,6 +42,7 @@ from .data.build import (
     check_splits,
     detect_kind,
     label_options,
+    protocol_kind,
     warn_class_coverage,
 )
 from .data.datasets import (
@@ -318,12 +319,19 @@ def data_kind(cfg: TrainConfig) -> str:
     return detect_kind(cfg.data) if cfg.dataset == "auto" else cfg.dataset
 
 
+def recipe_kind(cfg: TrainConfig, kind: str | None = None) -> str:
+    """The kind whose recipe and evaluation protocol the run takes: the data's (``kind``, default
+    :func:`data_kind`), ADE20K's for a Hugging Face copy of it (segformer.data.build.protocol_kind)."""
+    return protocol_kind(cfg.data, data_kind(cfg) if kind is None else kind, **label_options(cfg))
+
+
 def build_data(cfg: TrainConfig, info: DistInfo) -> TrainData:
     """The training set with the recipe's augmentation (``cfg`` resolved by :func:`resolve_recipe`) and the
     validation set, checked as ``cfg.check_data`` says (every rank gets the main rank's verdict)."""
     kind = data_kind(cfg)
-    cfg = resolve_recipe(cfg, kind)[0]  # a no-op for a resolved cfg
-    eval_opts = cfg.eval_inference_options(kind)  # a bad --eval-* option fails here, before any work
+    protocol = recipe_kind(cfg, kind)  # (scene_parse_150 is read as "hf" and trained and evaluated as "ade20k")
+    cfg = resolve_recipe(cfg, protocol)[0]  # a no-op for a resolved cfg
+    eval_opts = cfg.eval_inference_options(protocol)  # a bad --eval-* option fails here, before any work
     transform = train_transform(
         tuple(cfg.crop),
         scale=None if tuple(cfg.scale) == (0, 0) else tuple(cfg.scale),
@@ -748,7 +756,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     with every_rank_raises(ValueError):  # the options and the process count alone decide
         micro = check_config(cfg, info)
         check_model(cfg.model)
-    cfg, notes = resolve_recipe(cfg, data_kind(cfg))  # what the run uses, printed and kept in train_config.json
+    cfg, notes = resolve_recipe(cfg, recipe_kind(cfg))  # what the run uses, printed and kept in train_config.json
     with every_rank_raises(ValueError):
         check_ranges(cfg)
     # --amp as it runs here: a precision the device would only emulate becomes float32 (one warning line), and

@@ -155,6 +155,70 @@ def test_ade20k_as_the_hub_keeps_it_gets_its_classes_and_reduced_labels(tmp_path
     assert "ADE20K" not in capsys.readouterr().err
 
 
+def _scene_parsing_copy(root: Path, scenes: int = 300) -> Path:
+    """A small copy of scene_parse_150 as the hub keeps it: train and validation, an annotation beside a
+    scene_category class label of ``scenes`` names, ADE20K's stored values (0 "other", 1..150)."""
+    rng = np.random.default_rng(3)
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "annotation": datasets.Image(),
+            "scene_category": datasets.ClassLabel(names=[f"scene_{i}" for i in range(scenes)]),
+        }
+    )
+
+    def split(n: int):
+        masks = [rng.integers(0, 151, (40, 56), dtype=np.uint8) for _ in range(n)]
+        images = [rng.integers(0, 256, (40, 56, 3), dtype=np.uint8) for _ in range(n)]
+        rows = {"image": [Image.fromarray(a) for a in images], "annotation": [Image.fromarray(m) for m in masks]}
+        return datasets.Dataset.from_dict({**rows, "scene_category": [1] * n}, features=features)
+
+    datasets.DatasetDict({"train": split(2), "validation": split(2)}).save_to_disk(str(root))
+    return root
+
+
+def test_ade20k_as_the_hub_keeps_it_trains_and_evaluates_as_ade20k(tmp_path, capsys):
+    """scene_parse_150 is ADE20K: it trains with the paper's ADE20K recipe and is evaluated with its aligned
+    2048x512 protocol, as the release's folder is (it took own data's: whole images at their own size, so a hub
+    checkpoint evaluated on it was not comparable to the published mIoU: audit). A checkpoint's own protocol, the
+    flags, --no-reduce-labels (not read as ADE20K then) and a set of a few scene types of its own keep theirs."""
+    from segformer import SegformerForSemanticSegmentation
+    from segformer.data.build import protocol_kind
+
+    ade = _scene_parsing_copy(tmp_path / "ade")
+    assert protocol_kind(ade, "hf") == "ade20k" and protocol_kind(ade, "folder") == "folder"
+    assert protocol_kind(ade, "hf", reduce_labels=False) == "hf"  # (the stored values: numbered classes)
+    assert protocol_kind(_scene_parsing_copy(tmp_path / "rooms", scenes=3), "hf") == "hf"
+    assert protocol_kind(tmp_path / "missing", "hf") == "hf"  # (building it says why)
+    hub = tmp_path / "hub"  # a checkpoint as the hub keeps it: no inference_config.json
+    SegformerForSemanticSegmentation(tiny_config(num_labels=150)).save_pretrained(hub)
+
+    def evaluated(*flags) -> dict:
+        report = tmp_path / "e.json"
+        code, _, err = run_cli(capsys, "eval", "--data", ade, "--model", hub, "--workers", "0", "--json", report,
+                               *flags)  # fmt: skip
+        assert code == 0, err[-2000:]
+        return json.loads(report.read_text())["inference"]
+
+    options = evaluated()
+    assert (options["mode"], options["short_side"], options["long_side"]) == ("aligned", 512, 2048), options
+    assert evaluated("--mode", "whole")["mode"] == "whole"
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--data", ade, "--model", hub, "--output", run, "--steps", "1",
+                           "--batch-size", "2", "--crop", "32", "32", "--workers", "0", "--check-data", "headers",
+                           "--no-progress")  # fmt: skip
+    assert code == 0, err[-2000:]
+    recipe = json.loads((run / "train_config.json").read_text())
+    assert recipe["scale"] == [2048, 512] and recipe["ratio_range"] == [0.5, 2.0] and recipe["warmup_steps"] == 1500
+    assert "scale (2048, 512) (the paper's recipe)" in err, err[-2000:]
+    stored = json.loads((run / "last" / "inference_config.json").read_text())
+    assert stored["mode"] == "aligned", stored
+    # the run's own stored protocol is the one its checkpoint is evaluated with
+    (run / "last" / "inference_config.json").write_text(json.dumps({**stored, "mode": "whole"}))
+    code, _, err = run_cli(capsys, "eval", "--data", ade, "--model", run / "last", "--workers", "0")
+    assert code == 0 and "whole" in _, err[-2000:]
+
+
 def test_a_class_id_column_is_no_mask(tmp_path):
     """An image classification set's integer label column is reported per row as not a mask, naming the option
     that picks the mask column (it crashed inside the data check)."""
@@ -273,6 +337,44 @@ def test_hub_id_resolves_through_the_local_cache_offline(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["2", "label", "3"]
+
+
+def test_a_hub_id_without_network_takes_the_cache_at_once(tmp_path):
+    """Without network (a hub host name that does not resolve: .invalid) and without HF_HUB_OFFLINE, a data set's
+    hub id was first asked of the hub through datasets' retries (~25 s and six log lines) before the cache, and
+    a run asks twice (the ADE20K check before the build): a cached set loads from the cache without asking, an
+    absent one says the hub cannot be reached, and is answered so again without another look-up."""
+    repo = tmp_path / "hf" / "hub" / "datasets--someone--toy-seg"
+    snapshot = repo / "snapshots" / ("0" * 40) / "data"
+    snapshot.mkdir(parents=True)
+    _split(np.random.default_rng(2), 2, label="label").to_parquet(str(snapshot / "train-00000-of-00001.parquet"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy") and "OFFLINE" not in k}
+    env |= {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://hub.invalid"}
+    code = """
+import huggingface_hub
+from segformer.data.build import build_dataset, protocol_kind
+calls = []
+real = huggingface_hub.snapshot_download
+huggingface_hub.snapshot_download = lambda *a, **k: calls.append(k) or real(*a, **k)
+d, _ = build_dataset('someone/toy-seg', 'train')
+print(len(d), d.num_labels, [c.get('local_files_only') for c in calls])
+assert protocol_kind('someone/absent', 'hf') == 'hf'
+for _ in range(2):
+    try:
+        build_dataset('someone/absent', 'train')
+    except ValueError as exc:
+        print(exc)
+print(len(calls))
+"""
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[0] == "2 3 [True]", done.stdout
+    assert lines[1] == lines[2] and "(the hub cannot be reached)" in lines[1], done.stdout
+    assert lines[3] == "2", done.stdout  # (the absent id: the cache asked once, by the check; the builds remembered)
+    assert "thrown while requesting" not in done.stderr, done.stderr[-2000:]
 
 
 @pytest.mark.slow

@@ -403,12 +403,12 @@ def test_the_host_name_probe_leaves_proxied_hubs_to_their_proxy(monkeypatch):
         monkeypatch.setattr(hub, "_resolved_at", None)
 
     fresh()
-    assert hub._hub_unreachable() is True
+    assert hub.hub_unreachable() is True
     fresh()
-    assert hub._hub_unreachable({"http": "http://proxy.example:3128"}) is False
+    assert hub.hub_unreachable({"http": "http://proxy.example:3128"}) is False
     fresh()
     monkeypatch.setenv("http_proxy", "http://proxy.example:3128")
-    assert hub._hub_unreachable() is False
+    assert hub.hub_unreachable() is False
 
 
 def test_atomic_write_errors_name_the_file_not_the_temporary_name(tmp_path):

@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
     import json
     import sys
 
-    from segformer.data.build import build_dataset, check_splits, detect_kind, label_options
+    from segformer.data.build import build_dataset, check_splits, detect_kind, label_options, protocol_kind
     from segformer.distributed import cleanup, init_distributed
     from segformer.evaluate import eval_options, evaluate, load_model_for_eval
     from segformer.fileio import atomic_write_text, check_output_file
@@ -265,9 +265,12 @@ def run(args: argparse.Namespace) -> int:
     info = init_distributed(args.device)
     try:
         kind = detect_kind(args.data) if args.dataset == "auto" else args.dataset
-        # the checkpoint's own protocol (inference_config.json, written by segformer train), else the data set's;
-        # then the flags (checked here: a bad combination is told before the data and the model are read)
-        options = inference_options_from_args(args, base=load_inference_options(args.model) or eval_options(kind))
+        # the checkpoint's own protocol (inference_config.json, written by segformer train), else the data set's
+        # (ADE20K's for a Hugging Face copy of it: scene_parse_150); then the flags (checked here: a bad
+        # combination is told before the data and the model are read)
+        stored_protocol = load_inference_options(args.model)
+        protocol = kind if stored_protocol is not None else protocol_kind(args.data, kind, **label_options(args))
+        options = inference_options_from_args(args, base=stored_protocol or eval_options(protocol))
         # where a checkpoint keeps its label rules: its files, or an ONNX file's metadata
         source = "its metadata" if onnx else "its preprocessor_config.json"
         stated, stated_in = _stated_reduce_labels(args, kind)

@@ -137,8 +137,8 @@ def _augmentation_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         nargs=2,
         metavar=("LONG", "SHORT"),
-        help="resize target before the random ratio (default 2048 512 for ADE20K, 2048 1024 for Cityscapes, "
-        "0 0 for own data: the image's own size)",
+        help="resize target before the random ratio (default 2048 512 for ADE20K (also scene_parse_150), 2048 1024 "
+        "for Cityscapes, 0 0 for own data: the image's own size)",
     )
     g.add_argument(
         "--ratio-range",

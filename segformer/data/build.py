@@ -52,6 +52,20 @@ def detect_kind(root: str | os.PathLike) -> str:
     return "folder"
 
 
+def protocol_kind(root: str | os.PathLike, kind: str, **options: object) -> str:
+    """The data-set kind whose training recipe and evaluation protocol apply to ``root`` read as ``kind`` with
+    ``options`` (:data:`LABEL_OPTIONS`): ``kind`` itself, except a Hugging Face dataset read as ADE20K's scene
+    parsing set (scene_parse_150), which is ADE20K: "ade20k". (It trained and evaluated as own data, whole images
+    at their own size, so a paper checkpoint evaluated on it was not comparable to the published mIoU, nor to the
+    same checkpoint on the ADEChallengeData2016 folder: audit.)"""
+    if kind != "hf":
+        return kind
+    from .hf import reads_as_ade20k
+
+    keep = ("labels", "label_column", "reduce_labels")
+    return "ade20k" if reads_as_ade20k(root, **{k: v for k, v in options.items() if k in keep}) else kind
+
+
 def _ade20k_release(root: Path) -> bool:
     """Named ADEChallengeData2016 (as given, or where a link leads), or holding the release's objectInfo150.txt."""
     named = "ADEChallengeData2016" in root.absolute().parts or "ADEChallengeData2016" in root.resolve().parts
@@ -188,4 +202,12 @@ def warn_class_coverage(dataset: SegmentationDataset, tally: ClassTally, *, lear
     return problems
 
 
-__all__ = ["LABEL_OPTIONS", "build_dataset", "check_splits", "detect_kind", "label_options", "warn_class_coverage"]
+__all__ = [
+    "LABEL_OPTIONS",
+    "build_dataset",
+    "check_splits",
+    "detect_kind",
+    "label_options",
+    "protocol_kind",
+    "warn_class_coverage",
+]

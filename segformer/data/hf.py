@@ -6,7 +6,7 @@
 - a folder of parquet files (``train-00000-of-00001.parquet``, ``data/validation-*.parquet``, ... as the hub
   stores them);
 - a hub id (``scene_parse_150``, ``owner/name``), resolved through the local cache (``HF_DATASETS_OFFLINE=1``
-  / ``HF_HUB_OFFLINE=1`` work as usual).
+  / ``HF_HUB_OFFLINE=1`` work as usual; where the hub's host name does not resolve, the cache alone, at once).
 
 Columns are detected (images: ``image``, ``pixel_values``, ``img``; masks: ``annotation``, ``label``,
 ``mask``, ``semantic_map``, ``segmentation``, ...) or named (``image_column``, ``label_column``); splits map
@@ -14,7 +14,8 @@ Columns are detected (images: ``image``, ``pixel_values``, ``img``; masks: ``ann
 (or ``id2label.json``) beside the data, or from ``labels=`` (the same formats as the folder layout's); without
 either, ADE20K's scene parsing set (``scene_parse_150``: an ``annotation`` beside a ``scene_category`` class
 label, the set named so in its info or that label of hundreds of scenes) gets ADE20K's 150 classes with its labels
-reduced (0 "other" ignored), as the release does, saying so on stderr, and other data's classes are numbered
+reduced (0 "other" ignored), as the release does, saying so on stderr (being ADE20K, ``segformer train`` and
+``segformer eval`` give it ADE20K's recipe and protocol: :func:`reads_as_ade20k`), and other data's classes are numbered
 0..max mask value. Masks are the same as on disk: one-band images of class
 ids, or colour-coded with a ``palette``.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -104,20 +106,34 @@ def _load(source: str | os.PathLike) -> Any:
             return datasets.load_dataset(str(path))
     except (FileNotFoundError, ValueError, OSError) as exc:
         raise ValueError(f"{source}: cannot load as a Hugging Face dataset ({str(exc).splitlines()[0]})") from None
-    try:
-        return datasets.load_dataset(str(source))
-    except (FileNotFoundError, ValueError, ConnectionError, OSError) as exc:
-        first = str(exc).splitlines()[0]
+    failed = _failed_loads.get(str(source))
+    if failed is not None and time.monotonic() - failed[0] < _FAILED_LOAD_KEPT:
+        raise ValueError(failed[1])  # (asked a moment ago, by a check before the build: not its retries again)
+    from ..hub import hub_unreachable
+
+    if hub_unreachable():  # (no network: datasets would retry for ~25 s first; the cache alone)
+        first = "the hub cannot be reached"
+    else:
+        try:
+            return datasets.load_dataset(str(source))
+        except (FileNotFoundError, ValueError, ConnectionError, OSError) as exc:
+            first = str(exc).splitlines()[0]
     from huggingface_hub import snapshot_download
 
     try:
         local = snapshot_download(repo_id=str(source), repo_type="dataset", local_files_only=True)
     except Exception:
-        raise ValueError(
+        message = (
             f"{source}: not a local folder, and not loadable as a hub data set ({first}); offline, it must be in "
             "the Hugging Face cache"
-        ) from None
+        )
+        _failed_loads[str(source)] = (time.monotonic(), message)
+        raise ValueError(message) from None
     return datasets.load_dataset(local)
+
+
+_FAILED_LOAD_KEPT = 60.0  # seconds during which a hub id that could not be loaded is answered from memory
+_failed_loads: dict[str, tuple[float, str]] = {}  # hub id -> (time.monotonic() of the failure, its message)
 
 
 def _load_saved_splits(datasets: Any, path: Path) -> dict[str, Any]:
@@ -329,6 +345,31 @@ def _scene_parsing(table: Any, label_column: str) -> bool:
 _ANNOUNCED: set[str] = set()  # the data read as ADE20K this process has said so of (once, not per split)
 
 
+def reads_as_ade20k(
+    source: str | os.PathLike,
+    *,
+    labels: str | os.PathLike | None = None,
+    label_column: str | None = None,
+    reduce_labels: bool | None = None,
+) -> bool:
+    """Whether :func:`build_hf_dataset` reads ``source`` with these options as ADE20K's scene parsing set
+    (scene_parse_150: ADE20K's 150 classes, labels reduced): no labels file given or beside the data, labels not
+    kept as stored, and its ``annotation`` column beside ADE20K's ``scene_category``. Such data is ADE20K, so a
+    run trains and evaluates it as the paper does ADE20K (the data-set kind "ade20k"'s recipe and protocol), as
+    the release's folder would be. Data that cannot be read answers False (building it says why)."""
+    if labels is not None or reduce_labels is False:
+        return False
+    if Path(source).is_dir() and any((Path(source) / n).is_file() for n in ("labels.json", "id2label.json")):
+        return False
+    try:
+        data = _load(source)
+        table = data[next(iter(data.keys()))] if hasattr(data, "keys") else data
+        column = _column(list(table.column_names), label_column, LABEL_COLUMNS, "masks", source)
+    except (ValueError, StopIteration):
+        return False
+    return _scene_parsing(table, column)
+
+
 def _labels(
     source: str | os.PathLike,
     labels: str | os.PathLike | None,
@@ -406,4 +447,11 @@ def build_hf_dataset(
     return HFSegmentationDataset(table, image_col, label_col, spec, transform=transform, name=f"hf:{source}:{split}")
 
 
-__all__ = ["HFSegmentationDataset", "IMAGE_COLUMNS", "LABEL_COLUMNS", "build_hf_dataset", "looks_like_hf_dataset"]
+__all__ = [
+    "HFSegmentationDataset",
+    "IMAGE_COLUMNS",
+    "LABEL_COLUMNS",
+    "build_hf_dataset",
+    "looks_like_hf_dataset",
+    "reads_as_ade20k",
+]
