@@ -197,6 +197,7 @@ ERROR_KINDS = {
     "upload_timeout": "408: the upload did not arrive in time",
     "too_large": "413: upload over --max-upload-mb",
     "too_many_pixels": "413: image over --max-pixels (decompression bomb)",
+    "out_of_memory": "413: the image needs more memory than the device has at the server's inference options",
     "queue_full": "503: --max-queue images were waiting for the model",
     "uploads_full": "503: --max-uploads uploads were arriving",
     "client_gone": "499: the client closed the connection while its image waited (a queued image is not run)",
@@ -925,9 +926,9 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
             "probability as a base64 8-bit grayscale PNG (pixel value / 255). "
             "format=png returns that PNG, format=overlay a JPEG of the colours over the image. 400: not an "
             "image, truncated, empty, wrong content type, too small, an unknown or repeated parameter; 401: API key; "
-            "408: the upload stalled or did not arrive in time; 413: upload or pixel count over the limit; 500: the "
-            "forward pass failed; 503 (Retry-After): queue full or too many uploads arriving; 504: no answer within "
-            "the timeout."
+            "408: the upload stalled or did not arrive in time; 413: upload or pixel count over the limit, or the "
+            "image needs more memory than the device has at the server's options; 500: the forward pass failed; "
+            "503 (Retry-After): queue full or too many uploads arriving; 504: no answer within the timeout."
         ),
         openapi_extra={
             "requestBody": {
@@ -946,7 +947,7 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
             400: {"description": "bad input (one-line reason in `detail`)"},
             401: {"description": "missing or wrong API key"},
             408: {"description": "the upload stalled (--upload-idle-timeout) or did not arrive within --timeout"},
-            413: {"description": "upload or image too large"},
+            413: {"description": "upload or image too large (for the limits, or for the device's memory)"},
             500: {"description": "the forward pass failed"},
             503: {"description": "queue full or too many uploads arriving; see Retry-After"},
             504: {"description": "timed out waiting for the model"},
@@ -1010,6 +1011,9 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
             raise ApiError(504, "timeout", reason)
         try:
             result: _Result = answer_ready.result()
+        except ImageError as exc:  # (the predictor's: memory could not take this image at the server's options)
+            log.warning("segformer serve: %s", exc)
+            raise ApiError(413, "out_of_memory", str(exc)) from None
         except Exception as exc:  # the forward pass of this image failed (alone: see Batcher._segment)
             log.error("segformer serve: inference failed", exc_info=exc)
             raise ApiError(500, "internal", f"inference failed: {type(exc).__name__}: {first_line(exc)}") from None

@@ -582,6 +582,24 @@ def test_one_failing_image_does_not_fail_its_batch(predictor):
     assert statuses == [200, 500, 200] and "simulated device failure" in detail
 
 
+def test_an_image_memory_cannot_take_is_413_naming_its_size_and_the_options(checkpoint):
+    """An image whose pass the device's memory could not take was answered 500 "inference failed" (the
+    predictor's own line, which names the image's size and the options, sat in the exception). A real allocation
+    of more than a petabyte (scales 300000): 413, error kind out_of_memory, that line; a server at usual options
+    answers the same image."""
+    huge = SegformerPredictor(checkpoint, device="cpu", mode="whole", scales=[300000])
+    app = create_app(huge, ServeConfig(max_batch=8), warm_up=False)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        answer = c.post("/v1/segment", content=png_of(32, 40, 1), headers={"Content-Type": "image/png"})
+        metrics = c.get("/metrics").text
+    assert answer.status_code == 413, answer.text
+    detail = answer.json()["detail"]
+    assert re.match(r"not enough memory to segment it \(40x32, whole, scales 300000", detail), detail
+    assert metric(metrics, "segformer_errors_total", kind="out_of_memory") == 1
+    with client(SegformerPredictor(checkpoint, device="cpu", mode="whole")) as c:
+        assert c.post("/v1/segment", content=png_of(32, 40, 1)).status_code == 200
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_forward_passes_never_overlap_unless_workers_say_so(predictor, workers):
     model, lock = predictor.model, threading.Lock()
