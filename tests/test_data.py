@@ -341,7 +341,7 @@ def test_one_bit_masks_hold_ids_zero_and_one(tmp_path):
     assert check_dataset(dataset, listing).ok and np.array_equal(dataset.read_mask(0), mask.astype(np.int64))
 
 
-def test_folder_layout_pairs_files_in_subfolders(tmp_path):
+def test_folder_layout_pairs_files_in_subfolders(tmp_path, capsys):
     """images/SPLIT/SUB/X.* pairs with annotations/SPLIT/SUB/X.png (as Cityscapes' city folders): none is
     skipped, and a mask in another subfolder does not pair."""
     masks = [np.full((16, 16), i % 2, np.uint8) for i in range(4)]
@@ -356,6 +356,11 @@ def test_folder_layout_pairs_files_in_subfolders(tmp_path):
         "images/train/0.png", "images/train/1.png", "images/train/cityA/2.png"]  # fmt: skip
     assert [p.name for p in listing.unpaired_images] == ["3.png"] and [p.name for p in listing.unpaired_masks] == [
         "3.png"]  # fmt: skip
+    # with the data check off they are still left out, and said so (they were dropped without a word: audit)
+    assert check_splits([(dataset, listing)], "off", root) is None
+    err = capsys.readouterr().err
+    assert "2 file(s) without a partner or not a PNG mask left out, unchecked (--check-data off)" in err, err
+    assert str(listing.unpaired_images[0]) in err
 
 
 def test_a_labels_file_given_replaces_the_one_beside_the_data(tmp_path):

@@ -154,7 +154,7 @@ def check_splits(
 ) -> ClassTally | None:
     """``--check-data`` (full, headers, off) for the (dataset, listing) of each split (None: no such split): the
     main rank reads the files and lists each problem on stderr, every rank follows its verdict; a ValueError
-    naming ``data`` when a split has problems.
+    naming ``data`` when a split has problems ("off" reads nothing, and warns of the files the listing left out).
 
     The first split is the one the command learns from or scores (train's training split, eval's split): with
     "full", whose reading of every mask also counts its classes, its classes without a labelled pixel and its
@@ -166,7 +166,16 @@ def check_splits(
     weighs classes by it without reading the masks again), else None."""
     from ..distributed import broadcast_flag, get_rank
 
-    if check == "off":
+    if check == "off":  # (the listing is known already: what it leaves out is said, not dropped without a word)
+        for dataset, listing in splits:
+            unused = (listing.unpaired_images, listing.unpaired_masks, listing.not_png_masks) if listing else ()
+            left = [path for group in unused for path in group]
+            if left and dataset is not None and get_rank() == 0:
+                print(
+                    f"warning: {dataset.name}: {len(left)} file(s) without a partner or not a PNG mask left out, "
+                    f"unchecked (--check-data off), e.g. {left[0]}",
+                    file=sys.stderr,
+                )
         return None
     ok, first = True, None
     if get_rank() == 0:
