@@ -43,9 +43,10 @@ it rejects other float ranges.
 
 Segmentation maps: PIL images of one band (L, P, 1, I, I;16, F), 2-D arrays or tensors (a 3-D array is a
 batch of maps), or paths. Values must be non-negative integers; maps whose values exceed 255 are resized in
-PIL's 32-bit mode "I" (Transformers would fail). A map must have its image's size when ``do_resize`` is False;
-when resizing, it gets its image's output size, with a warning if its own size was another one (the labels may
-not line up: e.g. an image file turned upright by its EXIF orientation, a map drawn on its stored pixels).
+PIL's 32-bit mode "I" (Transformers would fail). When resizing, a map gets its image's output size; without
+(``do_resize=False``) it keeps its own size, as in Transformers (the loss upsamples the logits to it); either way a
+warning says so when its size was not its image's (the labels may not line up: e.g. an image file turned upright
+by its EXIF orientation, a map drawn on its stored pixels).
 
 ``size`` may be an int (square), a ``(width, height)`` tuple (the convention of the SegformerFeatureExtractor
 docs; note that Transformers >= 4.26 reads tuples as (height, width), so prefer dicts), ``{"height": h,
@@ -529,20 +530,21 @@ def _pil_resize_labels(labels: np.ndarray, height: int, width: int) -> np.ndarra
 def _check_map_size(
     labels: Any, image_hw: tuple[int, int], index: int, resize: bool = False, warned: bool = False
 ) -> bool:
-    """A map of another size than its image: a ValueError without resizing; with it, a warning (as Transformers,
-    both are resized to the output size, but the labels may not line up with the pixels: an image file turned
-    upright by its EXIF orientation with a map drawn on the stored pixels has the map's sides swapped), once per
-    call (``warned``: one was given). Returns whether a warning has been given."""
+    """A map of another size than its image: a warning, once per call (``warned``: one was given). As in
+    Transformers, with ``resize`` both are resized to the output size, and without it the map keeps its own size
+    (the loss upsamples the logits to the labels' size: labels at a finer resolution than their image work);
+    either way the labels may not line up with the pixels (an image file turned upright by its EXIF orientation
+    with a map drawn on the stored pixels has the map's sides swapped). Returns whether a warning has been given.
+    (Without resizing it was a ValueError here, where Transformers' processor passes the map on: spec audit.)"""
     map_hw, image_hw = tuple(labels.shape[-2:]), tuple(image_hw)
     if map_hw == image_hw:
         return warned
-    message = f"segmentation map {index} has size {map_hw} but its image has {image_hw}"
-    if not resize:
-        raise ValueError(f"{message}; with do_resize=False they must match")
     if warned:
         return True
+    message = f"segmentation map {index} has size {map_hw} but its image has {image_hw}"
     hint = " (sides swapped: an image file turned upright by its EXIF orientation?)" if map_hw == image_hw[::-1] else ""
-    warnings.warn(f"{message}{hint}; both are resized to the output size, so the labels may not line up", stacklevel=4)
+    done = "both are resized to the output size" if resize else "with do_resize=False the map keeps its own size"
+    warnings.warn(f"{message}{hint}; {done}, so the labels may not line up", stacklevel=4)
     return True
 
 
