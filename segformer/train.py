@@ -93,6 +93,7 @@ from .run_files import (
     LABELS_FILE,
     inference_json,
     labels_json,
+    load_inference_options,
     model_card,
     preprocessor_json,
     processor_size,
@@ -364,6 +365,20 @@ def build_data(cfg: TrainConfig, info: DistInfo) -> TrainData:
     with every_rank_raises(ValueError):
         weights = resolve_class_weights(cfg, train_set, info, tally)
     return TrainData(kind, train_set, val_set, eval_opts, weights)
+
+
+def _keep_the_runs_protocol(data: TrainData, resume_dir: Path, info: DistInfo) -> TrainData:
+    """``data`` evaluated as the resumed run was (the protocol ``resume_dir`` keeps in inference_config.json):
+    the data set's default may differ from the run's (``--data`` now another form of the same set, e.g.
+    scene_parse_150 for the ADE20K folder, or a version whose default changed), and its best/ would then be chosen
+    among mIoUs measured two ways. The run's own eval options are all that --resume takes, so the stored
+    protocol is the run's."""
+    stored = load_inference_options(resume_dir)
+    if stored is None or stored == data.eval_options:
+        return data
+    _log(f"evaluating with the run's protocol ({stored.describe()}, {resume_dir / INFERENCE_CONFIG}), not this "
+         f"data set's default ({data.eval_options.describe()})", info)  # fmt: skip
+    return dataclasses.replace(data, eval_options=stored)
 
 
 def _warn_crop_beyond_images(cfg: TrainConfig, train_set: SegmentationDataset, sample: int = 200) -> None:
@@ -773,6 +788,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         if removed := remove_killed_writes(resume_dir.parent):
             _log(f"removed {removed} temporary file(s) a killed run left in {resume_dir.parent}", info)
     data = build_data(cfg, info)  # (with the evaluation protocol: its errors now, not after the training)
+    if resume_dir is not None:
+        data = _keep_the_runs_protocol(data, resume_dir, info)
     if resume_dir is not None and stored.get("train_images") not in (None, len(data.train_set)):
         _log(
             f"warning: {cfg.data} has {len(data.train_set)} training pairs, the run started on "

@@ -253,6 +253,24 @@ def test_a_stop_at_an_evaluation_step_is_evaluated_on_resume_and_a_quiet_handler
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_resumed_run_evaluates_with_its_own_protocol(data, tiny_json, tmp_path, capsys):
+    """The eval protocol of a run is the data set's default unless --eval-* set one, and --resume takes the run's
+    options: a resume where the default is another (--data now another form of the same set, as scene_parse_150 of
+    the ADE20K folder, or another version's default) evaluated the rest of the run another way, its best/ chosen
+    among mIoUs measured two ways. The run's own protocol (last/inference_config.json) is kept, and said so."""
+    from segformer.inference import InferenceOptions
+
+    run = tmp_path / "run"
+    train(_cfg(data, tiny_json, run, steps=4, stop_at=2, eval_every=2))
+    own = InferenceOptions(mode="aligned", short_side=64, long_side=128)  # (as another default would have it)
+    (run / "last" / "inference_config.json").write_text(json.dumps(own.to_dict()))
+    capsys.readouterr()
+    train(_cfg(data, tiny_json, run, steps=4, eval_every=2, resume="auto"))
+    err = capsys.readouterr().err
+    assert f"evaluating with the run's protocol ({own.describe()}" in err, err
+    assert json.loads((run / "last" / "inference_config.json").read_text()) == own.to_dict()
+
+
 @pytest.mark.slow
 @pytest.mark.output
 def test_ctrl_c_in_a_terminal_stops_after_the_step_with_its_data_workers(data, tiny_json, tmp_path):
