@@ -98,8 +98,9 @@ class TrainConfig:
     progress: bool = True
 
     def eval_inference_options(self, kind: str) -> InferenceOptions:
-        """The eval_* fields over the protocol of data-set kind ``kind`` (see segformer.evaluate.eval_options),
-        validated: the one place where they become InferenceOptions."""
+        """The eval_* fields over the protocol of data-set kind ``kind`` (see segformer.evaluate.eval_options;
+        segformer.data.build.protocol_kind gives a Hugging Face copy of ADE20K "ade20k"), validated: the one place
+        where they become InferenceOptions."""
         given = dict(crop_size=self.eval_crop, stride=self.eval_stride, short_side=self.eval_short_side,
                      long_side=self.eval_long_side, align=self.eval_align)  # fmt: skip
         options = eval_options(kind, mode=self.eval_mode, scales=self.eval_scales, flip=self.eval_flip or None, **given)
@@ -145,16 +146,17 @@ def starts_fresh(model: str | SegformerConfig) -> bool:
 def resolve_recipe(cfg: TrainConfig, kind: str) -> tuple[TrainConfig, list[str]]:
     """``cfg`` with every field left None that depends on the data filled in, and one note per resolved field.
 
-    ADE20K and Cityscapes get the paper's recipe exactly. Own data (any other kind) gets the images at their
-    own scale (``scale`` (0, 0): the paper's 2048×512 resize is a 4x zoom of 128-pixel images, one the model
-    never sees at evaluation). From a pretrained checkpoint it keeps the paper's fine-tuning choices (head lr
-    x10 for the fresh head, the 0.5-2.0 random ratio, photometric distortion, the one-class crop retry) with a
+    ``kind``: the data set's protocol kind (:func:`segformer.data.build.protocol_kind`: "ade20k" for a Hugging Face
+    copy of ADE20K too). ADE20K and Cityscapes get the paper's recipe exactly. Own data (any other kind) gets the
+    images at their own scale (``scale`` (0, 0): the paper's 2048×512 resize is a 4x zoom of 128-pixel images, one
+    the model never sees at evaluation). From a pretrained checkpoint it keeps the paper's fine-tuning choices (head
+    lr x10 for the fresh head, the 0.5-2.0 random ratio, photometric distortion, the one-class crop retry) with a
     warm-up of 10% of the run (at most the paper's 1500 steps, longer than a short run). From fresh weights it
-    trains as the plain loop does, which measured better on short runs (bench/bench_training.py): lr 6e-4, ten
-    times the fine-tuning lr (at 6e-5 fresh weights stayed at the majority class for 300 steps on a set of thin
-    structures where 6e-4 learnt them: audit), one lr for head and encoder (both are new), no warm-up, uniform
-    random crops, and neither the random ratio nor the photometric distortion, which regularise a 160k-step
-    schedule. Every choice can be set explicitly.
+    trains as the plain loop does, which measured better on short runs (bench/bench_training.py): lr 6e-4, ten times
+    the fine-tuning lr (at 6e-5 fresh weights stayed at the majority class for 300 steps on a set of thin structures
+    where 6e-4 learnt them: audit), one lr for head and encoder (both are new), no warm-up, uniform random crops,
+    and neither the random ratio nor the photometric distortion, which regularise a 160k-step schedule. Every choice
+    can be set explicitly.
     """
     paper = kind in PAPER_SCALE
     fresh = starts_fresh(cfg.model)

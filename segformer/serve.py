@@ -197,7 +197,7 @@ ERROR_KINDS = {
     "upload_timeout": "408: the upload did not arrive in time",
     "too_large": "413: upload over --max-upload-mb",
     "too_many_pixels": "413: image over --max-pixels (decompression bomb)",
-    "out_of_memory": "413: the image needs more memory than the device has at the server's inference options",
+    "out_of_memory": "413: the image needed more memory than the device had free at the server's options",
     "queue_full": "503: --max-queue images were waiting for the model",
     "uploads_full": "503: --max-uploads uploads were arriving",
     "client_gone": "499: the client closed the connection while its image waited (a queued image is not run)",
@@ -1013,7 +1013,8 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
             result: _Result = answer_ready.result()
         except ImageError as exc:  # (the predictor's: memory could not take this image at the server's options)
             log.warning("segformer serve: %s", exc)
-            raise ApiError(413, "out_of_memory", str(exc)) from None
+            raise ApiError(413 if exc.too_large else 400, "out_of_memory" if exc.too_large else "bad_image",
+                           str(exc)) from None  # fmt: skip
         except Exception as exc:  # the forward pass of this image failed (alone: see Batcher._segment)
             log.error("segformer serve: inference failed", exc_info=exc)
             raise ApiError(500, "internal", f"inference failed: {type(exc).__name__}: {first_line(exc)}") from None

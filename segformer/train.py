@@ -309,7 +309,7 @@ def _log(msg: str, info: DistInfo) -> None:
 class TrainData:
     """The data sets of a run and the evaluation protocol of their kind."""
 
-    kind: str  # folder | ade20k | cityscapes
+    kind: str  # how the data is read: folder | ade20k | cityscapes | hf (eval_options: recipe_kind's protocol)
     train_set: SegmentationDataset
     val_set: SegmentationDataset | None  # None: no validation split, so no evaluation and no best/
     eval_options: InferenceOptions
@@ -326,11 +326,13 @@ def recipe_kind(cfg: TrainConfig, kind: str | None = None) -> str:
     return protocol_kind(cfg.data, data_kind(cfg) if kind is None else kind, **label_options(cfg))
 
 
-def build_data(cfg: TrainConfig, info: DistInfo) -> TrainData:
+def build_data(cfg: TrainConfig, info: DistInfo, protocol: str | None = None) -> TrainData:
     """The training set with the recipe's augmentation (``cfg`` resolved by :func:`resolve_recipe`) and the
-    validation set, checked as ``cfg.check_data`` says (every rank gets the main rank's verdict)."""
+    validation set, checked as ``cfg.check_data`` says (every rank gets the main rank's verdict). ``protocol``: the
+    kind whose recipe and evaluation protocol apply (default :func:`recipe_kind`, which may read the data)."""
     kind = data_kind(cfg)
-    protocol = recipe_kind(cfg, kind)  # (scene_parse_150 is read as "hf" and trained and evaluated as "ade20k")
+    # (scene_parse_150 is read as "hf" and trained and evaluated as "ade20k")
+    protocol = recipe_kind(cfg, kind) if protocol is None else protocol
     cfg = resolve_recipe(cfg, protocol)[0]  # a no-op for a resolved cfg
     eval_opts = cfg.eval_inference_options(protocol)  # a bad --eval-* option fails here, before any work
     transform = train_transform(
@@ -771,7 +773,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     with every_rank_raises(ValueError):  # the options and the process count alone decide
         micro = check_config(cfg, info)
         check_model(cfg.model)
-    cfg, notes = resolve_recipe(cfg, recipe_kind(cfg))  # what the run uses, printed and kept in train_config.json
+    protocol = recipe_kind(cfg)  # (a Hugging Face copy of ADE20K: "ade20k"; it reads the data's features)
+    cfg, notes = resolve_recipe(cfg, protocol)  # what the run uses, printed and kept in train_config.json
     with every_rank_raises(ValueError):
         check_ranges(cfg)
     # --amp as it runs here: a precision the device would only emulate becomes float32 (one warning line), and
@@ -787,7 +790,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         # a run killed while it wrote its curves or a sample (rank 0 alone writes them) left a temporary file
         if removed := remove_killed_writes(resume_dir.parent):
             _log(f"removed {removed} temporary file(s) a killed run left in {resume_dir.parent}", info)
-    data = build_data(cfg, info)  # (with the evaluation protocol: its errors now, not after the training)
+    data = build_data(cfg, info, protocol)  # (with the evaluation protocol: its errors now, not after the training)
     if resume_dir is not None:
         data = _keep_the_runs_protocol(data, resume_dir, info)
     if resume_dir is not None and stored.get("train_images") not in (None, len(data.train_set)):

@@ -339,41 +339,56 @@ def test_hub_id_resolves_through_the_local_cache_offline(tmp_path):
     assert done.stdout.split() == ["2", "label", "3"]
 
 
-def test_a_hub_id_without_network_takes_the_cache_at_once(tmp_path):
-    """Without network (a hub host name that does not resolve: .invalid) and without HF_HUB_OFFLINE, a data set's
-    hub id was first asked of the hub through datasets' retries (~25 s and six log lines) before the cache, and
-    a run asks twice (the ADE20K check before the build): a cached set loads from the cache without asking, an
-    absent one says the hub cannot be reached, and is answered so again without another look-up."""
-    repo = tmp_path / "hf" / "hub" / "datasets--someone--toy-seg"
+def test_a_hub_id_without_network_takes_the_caches_at_once(tmp_path):
+    """Without network (a hub host name that does not resolve: .invalid) and without an offline flag, a data set's
+    hub id was first asked of the hub through datasets' retries (~25 s and six log lines), and a run asks twice (the
+    ADE20K check before the build). Now datasets is asked offline: a set in the hub cache (a snapshot) and one only
+    in datasets' own cache (as an earlier online load leaves it) load without asking the hub; an absent one says
+    the hub cannot be reached, and loads once it is in the cache."""
+    hf = tmp_path / "hf"
+    repo = hf / "hub" / "datasets--someone--toy-seg"
     snapshot = repo / "snapshots" / ("0" * 40) / "data"
     snapshot.mkdir(parents=True)
     _split(np.random.default_rng(2), 2, label="label").to_parquet(str(snapshot / "train-00000-of-00001.parquet"))
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0" * 40)
     env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy") and "OFFLINE" not in k}
-    env |= {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://hub.invalid"}
-    code = """
-import huggingface_hub
+    env |= {"HF_HOME": str(hf), "HF_ENDPOINT": "http://hub.invalid"}
+    # datasets' own cache of someone/arrow-only, laid out as its load of a hub id writes it (name___config/...)
+    made = subprocess.run([sys.executable, "-c", f"""
+import datasets, glob, json, os, pathlib, shutil
+datasets.load_dataset("parquet", data_files={{"train": {str(snapshot / "train-00000-of-00001.parquet")!r}}})
+found = glob.glob(os.path.join(datasets.config.HF_DATASETS_CACHE, "parquet", "*", "*", "*"))
+[src] = [p for p in found if os.path.isdir(p)]
+version, digest = pathlib.Path(src).parts[-2:]
+dst = pathlib.Path(datasets.config.HF_DATASETS_CACHE, "someone___arrow-only", "default", version, digest)
+shutil.copytree(src, dst)
+info = json.loads((dst / "dataset_info.json").read_text())
+(dst / "dataset_info.json").write_text(json.dumps({{**info, "config_name": "default", "dataset_name": "arrow-only"}}))
+for f in dst.glob("parquet-*.arrow"):
+    f.rename(dst / f.name.replace("parquet-", "arrow-only-"))
+"""], env=env, capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert made.returncode == 0, made.stderr[-2000:]
+    code = f"""
+import shutil
 from segformer.data.build import build_dataset, protocol_kind
-calls = []
-real = huggingface_hub.snapshot_download
-huggingface_hub.snapshot_download = lambda *a, **k: calls.append(k) or real(*a, **k)
-d, _ = build_dataset('someone/toy-seg', 'train')
-print(len(d), d.num_labels, [c.get('local_files_only') for c in calls])
+for name in ('someone/toy-seg', 'someone/arrow-only'):
+    d, _ = build_dataset(name, 'train')
+    print(len(d), d.num_labels)
 assert protocol_kind('someone/absent', 'hf') == 'hf'
-for _ in range(2):
-    try:
-        build_dataset('someone/absent', 'train')
-    except ValueError as exc:
-        print(exc)
-print(len(calls))
+try:
+    build_dataset('someone/absent', 'train')
+except ValueError as exc:
+    print(exc)
+shutil.copytree({str(repo)!r}, {str(hf / "hub" / "datasets--someone--absent")!r})
+print(len(build_dataset('someone/absent', 'train')[0]))
 """
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.splitlines()
-    assert lines[0] == "2 3 [True]", done.stdout
-    assert lines[1] == lines[2] and "(the hub cannot be reached)" in lines[1], done.stdout
-    assert lines[3] == "2", done.stdout  # (the absent id: the cache asked once, by the check; the builds remembered)
+    assert lines[:2] == ["2 3", "2 3"], done.stdout
+    assert "someone/absent: not a local folder" in lines[2] and "(the hub cannot be reached)" in lines[2], lines
+    assert lines[3] == "2", done.stdout  # (cached since: it loads, no failure remembered)
     assert "thrown while requesting" not in done.stderr, done.stderr[-2000:]
 
 

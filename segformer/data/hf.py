@@ -6,7 +6,7 @@
 - a folder of parquet files (``train-00000-of-00001.parquet``, ``data/validation-*.parquet``, ... as the hub
   stores them);
 - a hub id (``scene_parse_150``, ``owner/name``), resolved through the local cache (``HF_DATASETS_OFFLINE=1``
-  / ``HF_HUB_OFFLINE=1`` work as usual; where the hub's host name does not resolve, the cache alone, at once).
+  / ``HF_HUB_OFFLINE=1`` work as usual; where the hub's host name does not resolve, the caches alone, at once).
 
 Columns are detected (images: ``image``, ``pixel_values``, ``img``; masks: ``annotation``, ``label``,
 ``mask``, ``semantic_map``, ``segmentation``, ...) or named (``image_column``, ``label_column``); splits map
@@ -22,10 +22,11 @@ ids, or colour-coded with a ``palette``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
-import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -106,34 +107,42 @@ def _load(source: str | os.PathLike) -> Any:
             return datasets.load_dataset(str(path))
     except (FileNotFoundError, ValueError, OSError) as exc:
         raise ValueError(f"{source}: cannot load as a Hugging Face dataset ({str(exc).splitlines()[0]})") from None
-    failed = _failed_loads.get(str(source))
-    if failed is not None and time.monotonic() - failed[0] < _FAILED_LOAD_KEPT:
-        raise ValueError(failed[1])  # (asked a moment ago, by a check before the build: not its retries again)
     from ..hub import hub_unreachable
 
-    if hub_unreachable():  # (no network: datasets would retry for ~25 s first; the cache alone)
-        first = "the hub cannot be reached"
-    else:
-        try:
+    # (no network: datasets would retry for ~25 s before its own cache; offline, it reads that cache at once)
+    unreachable = hub_unreachable()
+    try:
+        with _datasets_offline(datasets) if unreachable else contextlib.nullcontext():
             return datasets.load_dataset(str(source))
-        except (FileNotFoundError, ValueError, ConnectionError, OSError) as exc:
-            first = str(exc).splitlines()[0]
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as exc:
+        first = "the hub cannot be reached" if unreachable else str(exc).splitlines()[0]
     from huggingface_hub import snapshot_download
 
     try:
         local = snapshot_download(repo_id=str(source), repo_type="dataset", local_files_only=True)
     except Exception:
-        message = (
+        raise ValueError(
             f"{source}: not a local folder, and not loadable as a hub data set ({first}); offline, it must be in "
             "the Hugging Face cache"
-        )
-        _failed_loads[str(source)] = (time.monotonic(), message)
-        raise ValueError(message) from None
+        ) from None
     return datasets.load_dataset(local)
 
 
-_FAILED_LOAD_KEPT = 60.0  # seconds during which a hub id that could not be loaded is answered from memory
-_failed_loads: dict[str, tuple[float, str]] = {}  # hub id -> (time.monotonic() of the failure, its message)
+@contextlib.contextmanager
+def _datasets_offline(datasets: Any) -> Iterator[None]:
+    """``datasets`` in offline mode (as HF_DATASETS_OFFLINE=1 sets it) for the duration: its own cache, or its
+    answer that the data is not there, without asking the hub."""
+    config = datasets.config
+    saved = config.HF_HUB_OFFLINE, getattr(config, "HF_DATASETS_OFFLINE", None)
+    config.HF_HUB_OFFLINE = True
+    if saved[1] is not None:
+        config.HF_DATASETS_OFFLINE = True
+    try:
+        yield
+    finally:
+        config.HF_HUB_OFFLINE = saved[0]
+        if saved[1] is not None:
+            config.HF_DATASETS_OFFLINE = saved[1]
 
 
 def _load_saved_splits(datasets: Any, path: Path) -> dict[str, Any]:
@@ -365,7 +374,7 @@ def reads_as_ade20k(
         data = _load(source)
         table = data[next(iter(data.keys()))] if hasattr(data, "keys") else data
         column = _column(list(table.column_names), label_column, LABEL_COLUMNS, "masks", source)
-    except (ValueError, StopIteration):
+    except Exception:  # (whatever the load raises, the build raises again, and reports: under torchrun, once)
         return False
     return _scene_parsing(table, column)
 
