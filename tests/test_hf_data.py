@@ -139,8 +139,11 @@ def test_ade20k_as_the_hub_keeps_it_gets_its_classes_and_reduced_labels(tmp_path
     assert "ADE20K" not in capsys.readouterr().err
     # a model trained on the stored values (151 classes) is told the option that reads them
     assert "--no-reduce-labels" in reduced_hint(dataset, 151) and reduced_hint(dataset, 150) is None
-    numbered, _ = build_dataset(ade, "train", reduce_labels=False)  # (asked for: the stored values)
-    assert numbered.num_labels == 151 and numbered.read(0)[1].tolist() == mask.tolist()
+    # asked for: the stored values, 0 "other" and ADE20K's names after it (named without decoding every mask)
+    stored, _ = build_dataset(ade, "train", reduce_labels=False)
+    assert stored.num_labels == 151 and stored.read(0)[1].tolist() == mask.tolist()
+    assert stored.id2label[0] == "other" and stored.id2label[1] == ADE20K_CLASSES[0] and stored.id2label[150] == (
+        ADE20K_CLASSES[149])  # fmt: skip
     rooms, _ = build_dataset(save(["bathroom", "bedroom"], "rooms"), "train")
     assert rooms.num_labels == 151 and rooms.read(0)[1].tolist() == mask.tolist()
     # the set's name alone (kept through map and save_to_disk) without scene categories: e.g. its instance

@@ -14,7 +14,8 @@ Columns are detected (images: ``image``, ``pixel_values``, ``img``; masks: ``ann
 (or ``id2label.json``) beside the data, or from ``labels=`` (the same formats as the folder layout's); without
 either, ADE20K's scene parsing set (``scene_parse_150``: an ``annotation`` beside a ``scene_category`` class
 label, the set named so in its info or that label of hundreds of scenes) gets ADE20K's 150 classes with its labels
-reduced (0 "other" ignored), as the release does, saying so on stderr (being ADE20K, ``segformer train`` and
+reduced (0 "other" ignored; ``reduce_labels=False``: the stored 0..150, 0 named "other"), as the release does, saying
+so on stderr (being ADE20K, ``segformer train`` and
 ``segformer eval`` give it ADE20K's recipe and protocol: :func:`reads_as_ade20k`), and other data's classes are numbered
 0..max mask value. Masks are the same as on disk: one-band images of class
 ids, or colour-coded with a ``palette``.
@@ -412,6 +413,12 @@ def _labels(
                 file=sys.stderr,
             )
         return LabelSpec(dict(enumerate(ADE20K_CLASSES)), ignore_values=ignores, reduce_labels=True)
+    if _scene_parsing(table, label_column):  # (--no-reduce-labels: the stored values, 0 "other" and 1..150, named
+        # without decoding every mask to count them, which took minutes over its 20,000 training masks)
+        stored = {0: "other", **{k + 1: name for k, name in enumerate(ADE20K_CLASSES)}}
+        ignores = (IGNORE_INDEX,) if ignore_index is None else tuple(sorted({IGNORE_INDEX, ignore_index}))
+        check_ignore_values(ignores, stored, False, "or leave it out (255 is ignored)")
+        return LabelSpec(stored, ignore_values=ignores, reduce_labels=False)
     top = 0
     ignored = {IGNORE_INDEX, *([] if ignore_index is None else [ignore_index])}
     masks = table.select_columns([label_column])  # without decoding the images
