@@ -8,17 +8,16 @@
 - a hub id (``scene_parse_150``, ``owner/name``), resolved through the local cache (``HF_DATASETS_OFFLINE=1``
   / ``HF_HUB_OFFLINE=1`` work as usual; where the hub's host name does not resolve, the caches alone, at once).
 
-Columns are detected (images: ``image``, ``pixel_values``, ``img``; masks: ``annotation``, ``label``,
-``mask``, ``semantic_map``, ``segmentation``, ...) or named (``image_column``, ``label_column``); splits map
-``train`` / ``val`` (``validation``, ``valid``, ``dev``) / ``test``. Class names come from a ``labels.json``
-(or ``id2label.json``) beside the data, or from ``labels=`` (the same formats as the folder layout's); without
-either, ADE20K's scene parsing set (``scene_parse_150``: an ``annotation`` beside a ``scene_category`` class
-label, the set named so in its info or that label of hundreds of scenes) gets ADE20K's 150 classes with its labels
-reduced (0 "other" ignored; ``reduce_labels=False``: the stored 0..150, 0 named "other"), as the release does, saying
-so on stderr (being ADE20K, ``segformer train`` and
-``segformer eval`` give it ADE20K's recipe and protocol: :func:`reads_as_ade20k`), and other data's classes are numbered
-0..max mask value. Masks are the same as on disk: one-band images of class
-ids, or colour-coded with a ``palette``.
+Columns are detected (images: ``image``, ``pixel_values``, ``img``; masks: ``annotation``, ``label``, ``mask``,
+``semantic_map``, ``segmentation``, ...) or named (``image_column``, ``label_column``); splits map ``train`` /
+``val`` (``validation``, ``valid``, ``dev``) / ``test``. Class names come from a ``labels.json`` (or
+``id2label.json``) beside the data, or from ``labels=`` (the same formats as the folder layout's); without either,
+ADE20K's scene parsing set (``scene_parse_150``: an ``annotation`` beside a ``scene_category`` class label, the set
+named so in its info or that label of hundreds of scenes) gets ADE20K's 150 classes with its labels reduced (0
+"other" ignored; ``reduce_labels=False``: the stored 0..150, 0 named "other"), as the release does, saying so on
+stderr (being ADE20K, ``segformer train`` and ``segformer eval`` give it ADE20K's recipe and protocol:
+:func:`reads_as_ade20k`), and other data's classes are numbered 0..max mask value. Masks are the same as on disk:
+one-band images of class ids, or colour-coded with a ``palette``.
 """
 
 from __future__ import annotations
