@@ -196,16 +196,20 @@ def test_ade20k_as_the_hub_keeps_it_trains_and_evaluates_as_ade20k(tmp_path, cap
     hub = tmp_path / "hub"  # a checkpoint as the hub keeps it: no inference_config.json
     SegformerForSemanticSegmentation(tiny_config(num_labels=150)).save_pretrained(hub)
 
-    def evaluated(*flags) -> dict:
+    def evaluated(*flags) -> tuple[dict, dict, str]:
         report = tmp_path / "e.json"
         code, _, err = run_cli(capsys, "eval", "--data", ade, "--model", hub, "--workers", "0", "--json", report,
                                *flags)  # fmt: skip
         assert code == 0, err[-2000:]
-        return json.loads(report.read_text())["inference"]
+        saved = json.loads(report.read_text())
+        return saved["inference"], saved["protocol"], err
 
-    options = evaluated()
+    options, origin, err = evaluated()
     assert (options["mode"], options["short_side"], options["long_side"]) == ("aligned", 512, 2048), options
-    assert evaluated("--mode", "whole")["mode"] == "whole"
+    assert origin == {"from": "data", "kind": "ade20k", "flags": False}, origin
+    assert f"segformer eval: {ade} is ADE20K: evaluating with its protocol (aligned 512" in err, err
+    options, origin, err = evaluated("--mode", "whole")
+    assert options["mode"] == "whole" and origin["flags"] is True and "is ADE20K: evaluating" not in err
     run = tmp_path / "run"
     code, _, err = run_cli(capsys, "train", "--data", ade, "--model", hub, "--output", run, "--steps", "1",
                            "--batch-size", "2", "--crop", "32", "32", "--workers", "0", "--check-data", "headers",
@@ -218,8 +222,10 @@ def test_ade20k_as_the_hub_keeps_it_trains_and_evaluates_as_ade20k(tmp_path, cap
     assert stored["mode"] == "aligned", stored
     # the run's own stored protocol is the one its checkpoint is evaluated with
     (run / "last" / "inference_config.json").write_text(json.dumps({**stored, "mode": "whole"}))
-    code, _, err = run_cli(capsys, "eval", "--data", ade, "--model", run / "last", "--workers", "0")
-    assert code == 0 and "whole" in _, err[-2000:]
+    report = tmp_path / "last.json"
+    code, out, err = run_cli(capsys, "eval", "--data", ade, "--model", run / "last", "--workers", "0", "--json", report)
+    assert code == 0 and "whole" in out and "is ADE20K" not in err, err[-2000:]
+    assert json.loads(report.read_text())["protocol"] == {"from": "checkpoint", "flags": False}
 
 
 def test_a_class_id_column_is_no_mask(tmp_path):

@@ -13,6 +13,7 @@ from . import (
     add_label_arguments,
     backend_arguments,
     inference_options_from_args,
+    inference_overrides,
     non_negative_int,
     path_arg,
     positive_int,
@@ -212,6 +213,9 @@ def _stated_reduce_labels(args: argparse.Namespace, kind: str) -> tuple[bool | N
     return (stated if isinstance(stated, bool) else None), where
 
 
+_NAMES = {"ade20k": "ADE20K", "cityscapes": "Cityscapes"}  # (data-set kinds as the protocol line names them)
+
+
 def run(args: argparse.Namespace) -> int:
     import json
     import sys
@@ -271,6 +275,18 @@ def run(args: argparse.Namespace) -> int:
         stored_protocol = load_inference_options(args.model)
         protocol = kind if stored_protocol is not None else protocol_kind(args.data, kind, **label_options(args))
         options = inference_options_from_args(args, base=stored_protocol or eval_options(protocol))
+        given = bool(inference_overrides(args))
+        # where the protocol came from, for --json: the checkpoint's, the data set's (by kind), with the flags over it
+        origin = {"from": "checkpoint" if stored_protocol is not None else "data", "flags": given}
+        if stored_protocol is None:
+            origin["kind"] = protocol
+        if protocol != kind and stored_protocol is None and not given and info.is_main:  # (a default that is news)
+            print(
+                f"segformer eval: {args.data} is {_NAMES.get(protocol, protocol)}: evaluating with its protocol "
+                f"({options.describe()}); "
+                "--mode whole evaluates the images at their own size",
+                file=sys.stderr,
+            )
         # where a checkpoint keeps its label rules: its files, or an ONNX file's metadata
         source = "its metadata" if onnx else "its preprocessor_config.json"
         stated, stated_in = _stated_reduce_labels(args, kind)
@@ -356,7 +372,7 @@ def run(args: argparse.Namespace) -> int:
                 heatmap = " and robustness.png" if drawn else ' (no heat map: pip install "segformer[plot]")'
                 print(f"wrote {output / 'robustness.json'}{heatmap}", file=sys.stderr)
             if args.json:
-                saved = {**metrics_to_json(metrics), "inference": options.to_dict()}
+                saved = {**metrics_to_json(metrics), "inference": options.to_dict(), "protocol": origin}
                 # what was evaluated, and how its masks were read (the automatic label decisions above: audit)
                 spec = dataset.spec.describe()
                 saved |= {"model": str(args.model), "data": str(args.data), "split": args.split, "dataset": kind}
