@@ -283,8 +283,7 @@ def run(args: argparse.Namespace) -> int:
         if protocol != kind and stored_protocol is None and not given and info.is_main:  # (a default that is news)
             print(
                 f"segformer eval: {args.data} is {_NAMES.get(protocol, protocol)}: evaluating with its protocol "
-                f"({options.describe()}); "
-                "--mode whole evaluates the images at their own size",
+                f"({options.describe()}); --mode whole evaluates the images at their own size",
                 file=sys.stderr,
             )
         # where a checkpoint keeps its label rules: its files, or an ONNX file's metadata

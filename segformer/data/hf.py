@@ -133,16 +133,14 @@ def _datasets_offline(datasets: Any) -> Iterator[None]:
     """``datasets`` in offline mode (as HF_DATASETS_OFFLINE=1 sets it) for the duration: its own cache, or its
     answer that the data is not there, without asking the hub."""
     config = datasets.config
-    saved = config.HF_HUB_OFFLINE, getattr(config, "HF_DATASETS_OFFLINE", None)
-    config.HF_HUB_OFFLINE = True
-    if saved[1] is not None:
-        config.HF_DATASETS_OFFLINE = True
+    saved = {name: getattr(config, name) for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if hasattr(config, name)}
+    for name in saved:
+        setattr(config, name, True)
     try:
         yield
     finally:
-        config.HF_HUB_OFFLINE = saved[0]
-        if saved[1] is not None:
-            config.HF_DATASETS_OFFLINE = saved[1]
+        for name, value in saved.items():
+            setattr(config, name, value)
 
 
 def _load_saved_splits(datasets: Any, path: Path) -> dict[str, Any]:
@@ -366,9 +364,7 @@ def reads_as_ade20k(
     kept as stored, and its ``annotation`` column beside ADE20K's ``scene_category``. Such data is ADE20K, so a
     run trains and evaluates it as the paper does ADE20K (the data-set kind "ade20k"'s recipe and protocol), as
     the release's folder would be. Data that cannot be read answers False (building it says why)."""
-    if labels is not None or reduce_labels is False:
-        return False
-    if Path(source).is_dir() and any((Path(source) / n).is_file() for n in ("labels.json", "id2label.json")):
+    if reduce_labels is False or _labels_file(source, labels) is not None:
         return False
     try:
         data = _load(source)
@@ -377,6 +373,15 @@ def reads_as_ade20k(
     except Exception:  # (whatever the load raises, the build raises again, and reports: under torchrun, once)
         return False
     return _scene_parsing(table, column)
+
+
+def _labels_file(source: str | os.PathLike, labels: str | os.PathLike | None) -> Path | None:
+    """The labels file that names the classes: ``labels`` when given, else a labels.json or id2label.json beside
+    the data (a folder), else None."""
+    if labels is not None:
+        return Path(labels)
+    beside = [Path(source) / n for n in ("labels.json", "id2label.json")] if Path(source).is_dir() else []
+    return next((path for path in beside if path.is_file()), None)
 
 
 def _labels(
@@ -391,15 +396,17 @@ def _labels(
     """The label spec: ``labels`` (a labels.json), one beside the data, else numbered classes 0..max value."""
     if labels is not None and not Path(labels).is_file():
         raise ValueError(f"--labels {labels}: no such file")
-    candidates = [Path(labels)] if labels is not None else []
-    if Path(source).is_dir():
-        candidates += [Path(source) / "labels.json", Path(source) / "id2label.json"]
-    for path in candidates:
-        if path.is_file() or labels is not None:
-            return read_label_spec(path, ignore_index=ignore_index, reduce=reduce_labels)
-    if _scene_parsing(table, label_column) and reduce_labels is not False:
-        # ADE20K as the hub keeps it (scene_parse_150): 0 "other", 1..150 the classes, as the release's masks
+    path = _labels_file(source, labels)
+    if path is not None:
+        return read_label_spec(path, ignore_index=ignore_index, reduce=reduce_labels)
+    if _scene_parsing(table, label_column):  # ADE20K as the hub keeps it (scene_parse_150): 0 "other", 1..150
         ignores = (IGNORE_INDEX,) if ignore_index is None else tuple(sorted({IGNORE_INDEX, ignore_index}))
+        if reduce_labels is False:  # the stored values, named without decoding every mask to count them (which
+            # took minutes over its 20,000 training masks)
+            stored = {0: "other", **{k + 1: name for k, name in enumerate(ADE20K_CLASSES)}}
+            check_ignore_values(ignores, stored, False, "or leave it out (255 is ignored)")
+            return LabelSpec(stored, ignore_values=ignores, reduce_labels=False)
+        # reduced, as the release's masks are read
         check_ignore_values(
             ignores, dict(enumerate(ADE20K_CLASSES)), True, "or leave it out (ADE20K ignores 0 and 255)"
         )
@@ -412,12 +419,6 @@ def _labels(
                 file=sys.stderr,
             )
         return LabelSpec(dict(enumerate(ADE20K_CLASSES)), ignore_values=ignores, reduce_labels=True)
-    if _scene_parsing(table, label_column):  # (--no-reduce-labels: the stored values, 0 "other" and 1..150, named
-        # without decoding every mask to count them, which took minutes over its 20,000 training masks)
-        stored = {0: "other", **{k + 1: name for k, name in enumerate(ADE20K_CLASSES)}}
-        ignores = (IGNORE_INDEX,) if ignore_index is None else tuple(sorted({IGNORE_INDEX, ignore_index}))
-        check_ignore_values(ignores, stored, False, "or leave it out (255 is ignored)")
-        return LabelSpec(stored, ignore_values=ignores, reduce_labels=False)
     top = 0
     ignored = {IGNORE_INDEX, *([] if ignore_index is None else [ignore_index])}
     masks = table.select_columns([label_column])  # without decoding the images
