@@ -53,7 +53,7 @@ docs; note that Transformers >= 4.26 reads tuples as (height, width), so prefer 
 "width": w}``, ``{"shortest_edge": n}`` (the short side becomes n, the long one ``int(n * long / short)``) or
 ``{"shortest_edge": n, "longest_edge": m}`` (the same, unless the long side would exceed m: then it becomes m, or
 m - 1 through float rounding, as in Transformers).
-It is stored as a dict.
+It is stored as a dict whose keys also read as attributes (``size.height``, as Transformers 5's SizeDict).
 
 Four channels: with four ``image_mean`` / ``image_std`` values (models with ``num_channels=4``) images keep all
 four channels instead of becoming RGB, as Transformers does: 4-band PIL images (RGBA, CMYK, RGBX) and (H, W, 4) /
@@ -217,33 +217,46 @@ def _positive_int(value: Any, name: str) -> int:
     return int(value)
 
 
-def _normalize_size(size: Any) -> dict[str, int]:
+class SizeDict(dict):
+    """A processor's ``size``: a dict (``size["height"]``, saved as JSON as it is) whose keys are also read as
+    attributes, as Transformers 5's ``SizeDict`` is (``size.height``; a size field it does not hold is None)."""
+
+    _FIELDS = ("height", "width", "shortest_edge", "longest_edge", "max_height", "max_width")
+
+    def __getattr__(self, name: str) -> int | None:
+        if name in self._FIELDS:
+            return self.get(name)
+        raise AttributeError(f"size has no field {name!r} (fields: {', '.join(self._FIELDS)})")
+
+
+def _normalize_size(size: Any) -> SizeDict:
     """int → square; (width, height) → dict; {"height", "width"} or {"shortest_edge"} checked."""
+    if not isinstance(size, Mapping) and all(hasattr(size, f) for f in ("height", "width", "shortest_edge")):
+        size = {f: getattr(size, f, None) for f in SizeDict._FIELDS}  # (Transformers' SizeDict, not a Mapping)
     if isinstance(size, Mapping):
-        keys = set(size)
+        keys = {k for k, v in size.items() if v is not None}  # (Transformers' SizeDict lists absent fields as None)
         if keys == {"height", "width"}:
-            return {
-                "height": _positive_int(size["height"], "size height"),
-                "width": _positive_int(size["width"], "size width"),
-            }
+            return SizeDict(
+                height=_positive_int(size["height"], "size height"), width=_positive_int(size["width"], "size width")
+            )
         if keys == {"shortest_edge"}:
-            return {"shortest_edge": _positive_int(size["shortest_edge"], "size shortest_edge")}
+            return SizeDict(shortest_edge=_positive_int(size["shortest_edge"], "size shortest_edge"))
         if keys == {"shortest_edge", "longest_edge"}:
-            return {
-                "shortest_edge": _positive_int(size["shortest_edge"], "size shortest_edge"),
-                "longest_edge": _positive_int(size["longest_edge"], "size longest_edge"),
-            }
+            return SizeDict(
+                shortest_edge=_positive_int(size["shortest_edge"], "size shortest_edge"),
+                longest_edge=_positive_int(size["longest_edge"], "size longest_edge"),
+            )
         raise ValueError(
             "size must have keys {'height', 'width'}, {'shortest_edge'} or {'shortest_edge', 'longest_edge'}, got "
             f"{sorted(keys)}"
         )
     if isinstance(size, (tuple, list)) and len(size) == 2:
         width, height = size
-        return {"height": _positive_int(height, "size height"), "width": _positive_int(width, "size width")}
+        return SizeDict(height=_positive_int(height, "size height"), width=_positive_int(width, "size width"))
     if isinstance(size, (tuple, list)):
         raise ValueError(f"a size tuple must be (width, height), got {size!r}")
     side = _positive_int(size, "size")
-    return {"height": side, "width": side}
+    return SizeDict(height=side, width=side)
 
 
 def _normalize_resample(resample: Any) -> int:
@@ -295,6 +308,26 @@ def _merge_reduce_labels(options: dict[str, Any]) -> dict[str, Any]:
         old = options.pop("reduce_labels")
         options.setdefault("do_reduce_labels", old)
     return options
+
+
+# Per-call options of Transformers' image processors in general that SegFormer's has no step for: accepted, as
+# Transformers' SegFormer processor accepts and ignores them (a pipeline written for any model passes them), with
+# a warning where they ask for a step that does not happen (value: the setting that asks for something).
+_OTHER_STEPS = {"do_convert_rgb": False, "do_pad": True, "do_center_crop": True, "crop_size": None, "pad_size": None,
+                "default_to_square": None, "disable_grouping": None, "image_seq_length": None}  # fmt: skip
+
+
+def _without_other_steps(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` less :data:`_OTHER_STEPS`, with one warning naming those that asked for a step."""
+    asked = [f"{k}={options[k]!r}" for k, v in _OTHER_STEPS.items() if v is not None and k in options
+             and options[k] is not None and bool(options[k]) == v]  # fmt: skip
+    if asked:
+        warnings.warn(
+            f"{', '.join(asked)}: ignored: SegFormer's image processor has no centre crop or padding and always makes "
+            "images RGB (Transformers' ignores these too)",
+            stacklevel=4,
+        )
+    return {k: v for k, v in options.items() if k not in _OTHER_STEPS}
 
 
 # ----------------------------------------------------------------------------------- input reading
@@ -856,6 +889,7 @@ class SegformerImageProcessor:
     def _options(self, overrides: Mapping[str, Any]) -> _Options:
         """This processor's options with per-call ``overrides``, validated."""
         overrides = _merge_reduce_labels(overrides)
+        overrides = _without_other_steps(overrides)
         known = set(_Options.__dataclass_fields__)
         unknown = sorted(set(overrides) - known)
         if unknown:
@@ -915,7 +949,10 @@ class SegformerImageProcessor:
                 stacked batch of that framework.
             **overrides: any option of the constructor for this call only, plus ``input_data_format``
                 ("channels_first" / "channels_last": the layout of array inputs when it is ambiguous) and
-                ``device`` (with return_tensors="pt": where the tensors go).
+                ``device`` (with return_tensors="pt": where the tensors go). Options of Transformers' image
+                processors in general that SegFormer's has no step for (``do_convert_rgb``, ``do_pad``,
+                ``do_center_crop``, ``crop_size``, ...) are accepted and ignored, as Transformers does, with a
+                warning where they ask for a step (``do_center_crop=True``); other names are a TypeError.
 
         Returns:
             SegformerBatch with ``pixel_values`` float32 (B, 3, H, W) (or (B, H, W, 3) with channels_last)

@@ -297,6 +297,44 @@ def test_per_call_overrides(rng):
     assert p.size == {"height": 16, "width": 16}  # the processor itself is unchanged
 
 
+def test_size_reads_as_attributes_as_transformers_size_dict():
+    """Code written for Transformers 5 reads ``processor.size.height`` (its SizeDict); ours was a plain dict
+    (AttributeError: audit). It stays a dict for JSON and ``size["height"]``."""
+    p = SegformerImageProcessor(size={"shortest_edge": 20})
+    assert (p.size.shortest_edge, p.size.height, p.size["shortest_edge"]) == (20, None, 20)
+    assert SegformerImageProcessor(size=(64, 32)).size.width == 64
+    assert json.loads(json.dumps(p.size)) == {"shortest_edge": 20}
+    with pytest.raises(AttributeError, match="size has no field 'heigth'"):
+        p.size.heigth  # noqa: B018
+
+
+@pytest.mark.oracle
+def test_transformers_size_dict_is_taken():
+    from transformers.image_utils import SizeDict
+
+    assert SegformerImageProcessor(size=SizeDict(height=8, width=6)).size == {"height": 8, "width": 6}
+    assert SegformerImageProcessor(size=hf_processor(size={"shortest_edge": 30}).size).size == {"shortest_edge": 30}
+
+
+@pytest.mark.oracle
+def test_options_of_other_processors_are_ignored_as_transformers_does(rng):
+    """Per-call options Transformers' image processors share (do_pad, do_center_crop, do_convert_rgb, ...) were a
+    TypeError here; Transformers' SegFormer processor takes and ignores them (audit). A warning names those that
+    ask for a step that does not happen; a misspelt option is still an error."""
+    image = random_image(rng, 30, 40)
+    ours, theirs = SegformerImageProcessor(size=16), hf_processor(size={"height": 16, "width": 16})
+    other = dict(do_center_crop=True, crop_size={"height": 8, "width": 8}, do_pad=True, disable_grouping=True)
+    with pytest.warns(UserWarning, match=r"do_pad=True, do_center_crop=True: ignored"):
+        got = ours(image, return_tensors="np", **other).pixel_values
+    assert np.array_equal(got, ours(image, return_tensors="np").pixel_values)
+    assert np.abs(got - theirs(image, return_tensors="np", **other).pixel_values).max() <= PIXEL_TOL
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (asking for what happens anyway is not warned about)
+        ours(image, do_convert_rgb=True, do_pad=False, crop_size={"height": 8, "width": 8})
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['do_resise'\]"):
+        ours(image, do_resise=False)
+
+
 def test_channels_last_output(rng):
     images = [random_image(rng, 30, 40) for _ in range(2)]
     p = SegformerImageProcessor(size=(24, 20))
