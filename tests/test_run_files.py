@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from conftest import hf_pil_processor, randomize_, tiny_config
 from PIL import Image
 
-from segformer import SegformerForSemanticSegmentation
+from segformer import SegformerForSemanticSegmentation, SegformerImageProcessor
 from segformer.inference import InferenceOptions
 from segformer.run_files import (
     load_inference_options,
@@ -60,3 +61,30 @@ def test_transformers_pipeline_and_auto_processor_load_it(checkpoint):
     results = segmenter(image)
     assert results and {r["label"] for r in results} <= {"a", "b", "c"}
     assert all(r["mask"].size == (70, 50) for r in results)
+
+
+@pytest.mark.oracle
+def test_transformers_pipeline_takes_our_model_object_with_our_processor(checkpoint):
+    """Transformers' pipeline turns model outputs that are not its own ModelOutput class into plain dicts, which its
+    own processor's post-processing cannot read (``outputs.logits``: audit); ours reads them, so our model object
+    runs in the pipeline with our processor (README), and segments as the pipeline does on the checkpoint's path."""
+    transformers = pytest.importorskip("transformers", reason="the oracle tests need the dev extra (transformers)")
+    hf_pil_processor(transformers)
+    path, _ = checkpoint
+    model, processor = (
+        SegformerForSemanticSegmentation.from_pretrained(path),
+        SegformerImageProcessor.from_pretrained(path),
+    )
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (50, 70, 3), np.uint8))
+    ours = transformers.pipeline("image-segmentation", model=model, image_processor=processor, device="cpu")(image)
+    with torch.no_grad():
+        direct = model(**processor(image, return_tensors="pt"))
+    labels = processor.post_process_semantic_segmentation(direct, target_sizes=[(50, 70)])[0].numpy()
+    assert {r["label"] for r in ours} == {model.config.id2label[int(k)] for k in np.unique(labels)}
+    for r in ours:  # (the pipeline's masks are our own post-processing's, exactly)
+        k = model.config.label2id[r["label"]]
+        assert np.array_equal(np.asarray(r["mask"]) > 0, labels == k)
+    theirs = transformers.pipeline("image-segmentation", model=str(path), device="cpu")(image)
+    agree = sum(int(((np.asarray(a["mask"]) > 0) & (np.asarray(b["mask"]) > 0)).sum())
+                for a in ours for b in theirs if a["label"] == b["label"])  # fmt: skip
+    assert agree >= 0.99 * 50 * 70  # (logits within 1e-5 of Transformers': only near-ties may flip)
