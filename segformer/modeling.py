@@ -389,6 +389,34 @@ def _on_weight_copy(conv: nn.Module, x: torch.Tensor, fast: bool) -> bool:
     )
 
 
+def _strided_1x1_backward_on_cpu(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether ``conv`` is a 1x1 conv with a stride above 1 whose gradient autograd will compute on the CPU. On a
+    channels-last input, PyTorch 2.13's oneDNN (jit_avx2_1x1_convolution_bwd_weights) then writes past its buffer:
+    the process aborts ("double free or corruption"), segfaults, or goes on with a corrupted heap (audit, seen
+    under valgrind; plain ``nn.Conv2d(3, 8, 1, 2)`` on a channels-last input shows it). An NCHW input takes
+    another kernel. Patch embeddings of the published variants (7/3/3/3) are never 1x1."""
+    weight = getattr(conv, "weight", None)
+    return (
+        getattr(conv, "kernel_size", None) == (1, 1)
+        and getattr(conv, "stride", (1, 1)) != (1, 1)
+        and x.device.type == "cpu"
+        and torch.is_grad_enabled()
+        and (x.requires_grad or (weight is not None and weight.requires_grad))
+    )
+
+
+def _conv_nchw(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` with input and weight in NCHW strides. A 1x1 weight in channels-last strides (a model moved to
+    channels-last) counts as contiguous, so PyTorch would still choose the channels-last kernel: its standard-stride
+    copy is made (a differentiable clone). A conv that is not a plain, unhooked ``nn.Conv2d`` (an adapter's wrapper)
+    gets the NCHW input alone."""
+    x = x.contiguous()
+    if type(conv) is not nn.Conv2d or not _unhooked(conv) or conv.padding_mode != "zeros":
+        return conv(x)
+    weight = conv.weight.clone(memory_format=torch.contiguous_format)
+    return F.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
 class SegformerOverlapPatchEmbeddings(nn.Module):
     """Overlapping patch embedding: strided conv (padding k//2) → tokens → LayerNorm. (OverlapPatchEmbed.)"""
 
@@ -399,7 +427,10 @@ class SegformerOverlapPatchEmbeddings(nn.Module):
         self.fast_path = True  # CPU inference: the conv on a channels-last copy of its weight (_conv_channels_last)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        x = _conv_channels_last(self.proj, x, self.fast_path)  # (B, C, H', W')
+        if _strided_1x1_backward_on_cpu(self.proj, x):  # (NCHW input and weight: see there)
+            x = _conv_nchw(self.proj, x)
+        else:
+            x = _conv_channels_last(self.proj, x, self.fast_path)  # (B, C, H', W')
         height, width = x.shape[-2:]
         return self.layer_norm(map_to_tokens(x)), height, width  # (B, H'*W', C)
 

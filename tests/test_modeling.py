@@ -4,6 +4,8 @@ Needs no transformers; the oracle comparisons live in test_oracle.py."""
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -1317,3 +1319,61 @@ def test_losses_keep_float64_and_follow_a_swapped_classifier():
     swapped.decode_head.classifier = nn.Conv2d(swapped.config.decoder_hidden_size, 10, 1)
     loss = swapped(torch.randn(1, 3, 32, 32), labels=torch.full((1, 32, 32), 8)).loss
     assert torch.isfinite(loss)
+
+
+# A model whose third patch embedding is a 1x1 conv of stride 2 (audit's case: PyTorch 2.13's oneDNN AVX2 1x1
+# weight-gradient kernel writes past its buffer on channels-last input: abort, segfault or a corrupted heap).
+STRIDED_1X1 = dict(num_channels=1, depths=[2, 2, 2, 2], hidden_sizes=[6, 4, 24, 8], num_attention_heads=[3, 1, 3, 2],
+                   mlp_ratios=[2, 2, 4, 2], sr_ratios=[4, 3, 3, 1], patch_sizes=[7, 5, 1, 4], strides=[2, 4, 2, 1],
+                   decoder_hidden_size=8, hidden_act="silu")  # fmt: skip
+
+
+def test_a_strided_1x1_patch_embedding_trains_on_nchw_input_and_weight():
+    """The mechanism: in training, a strided 1x1 patch conv gets an NCHW input and a standard-stride weight, also
+    in a model moved to channels-last (whose 1x1 weights still count as contiguous), with the same gradients."""
+    quiet = dict(
+        drop_path_rate=0.0, classifier_dropout_prob=0.0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
+    model = SegformerForSemanticSegmentation(tiny_config(**STRIDED_1X1, **quiet))
+    model = keep_relu_off_its_kink_(randomize_(model)).train()
+    conv = model.segformer.encoder.patch_embeddings[2].proj
+    real, seen = F.conv2d, []
+
+    def spy(x, weight, *args):
+        if weight.shape == conv.weight.shape:
+            seen.append((x.is_contiguous(), weight.stride() == (weight.shape[1], 1, 1, 1)))
+        return real(x, weight, *args)
+
+    x, labels = torch.randn(2, 1, 75, 46), torch.randint(0, 5, (2, 25, 23))
+    grads = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        model.to(memory_format=layout).zero_grad()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(F, "conv2d", spy)
+            model(x, labels=labels).loss.backward()
+        assert seen == [(True, True)]
+        seen.clear()
+        grads.append(conv.weight.grad.clone())
+    # two fp32 backward passes (the other convs in two layouts), each within fp32_tol of exact
+    assert rel_err(grads[1], grads[0]) <= 2 * fp32_tol(reductions(model, x, backward=True))
+
+
+@pytest.mark.slow  # (a subprocess: ~10 s)
+def test_training_a_strided_1x1_patch_embedding_does_not_corrupt_memory():
+    """The audit's case end to end, in a process of its own with one thread (where the old code aborted or
+    segfaulted in two runs of three): five training steps, NCHW and channels-last models."""
+    script = f"""
+import torch, segformer
+torch.set_num_threads(1)
+torch.manual_seed(0)
+config = segformer.SegformerConfig(num_labels=5, **{STRIDED_1X1!r})
+for layout in (torch.contiguous_format, torch.channels_last):
+    model = segformer.SegformerForSemanticSegmentation(config).train().to(memory_format=layout)
+    for _ in range(5):
+        x, labels = torch.randn(2, 1, 75, 46), torch.randint(0, 5, (2, 25, 23))
+        model(x, labels=labels).loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+print("trained")
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "trained", (run.returncode, run.stderr[-2000:])
