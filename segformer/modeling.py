@@ -839,6 +839,11 @@ class SegformerDecodeHead(nn.Module):
         maps: list[torch.Tensor] = []
         for i, x in enumerate(hidden_states):
             if x.ndim == 3:
+                if not maps:
+                    raise ValueError(
+                        f"encoder hidden state {i} is token-shaped {tuple(x.shape)} with no (B, C, H, W) map before it "
+                        "to size it by: pass it as a map (segformer.modeling.tokens_to_map)"
+                    )
                 h, w = maps[-1].shape[-2:]
                 k, s = self.config.patch_sizes[i], self.config.strides[i]
                 x = tokens_to_map(x, conv_out(h, k, s, k // 2), conv_out(w, k, s, k // 2))
@@ -1562,6 +1567,13 @@ class SegformerForSemanticSegmentation(SegformerPreTrainedModel):
         self.decode_head = SegformerDecodeHead(config)
         self.post_init()
 
+    def _head_input(self, stages: list[torch.Tensor], pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """The stages for the head: a model of one stage kept token-shaped (``reshape_last_stage=False``) has no map
+        before it to size it by, so it becomes a map here, sized from the input (it was an IndexError: audit)."""
+        if len(stages) == 1 and stages[0].ndim == 3:
+            return [tokens_to_map(stages[0], *stage_sizes(self.config, *pixel_values.shape[-2:])[0])]
+        return stages
+
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -1592,12 +1604,13 @@ class SegformerForSemanticSegmentation(SegformerPreTrainedModel):
                 parts = self.segformer.encoder(
                     pixel_values[start : start + chunk], False, self.config.reshape_last_stage
                 )
-                logits = self.decode_head._forward_folded(self.decode_head._maps(parts[0]), logits, start, batch)
+                maps = self.decode_head._maps(self._head_input(parts[0], pixel_values))
+                logits = self.decode_head._forward_folded(maps, logits, start, batch)
         else:
             stages, attentions = self.segformer.encoder(
                 pixel_values, output_attentions, self.config.reshape_last_stage, contiguous_stages=output_hidden_states
             )
-            logits = self.decode_head(stages)
+            logits = self.decode_head(self._head_input(stages, pixel_values))
         loss = semantic_loss(logits, labels, self.config) if labels is not None else None
         out = SemanticSegmenterOutput(
             loss=loss,

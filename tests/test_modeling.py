@@ -149,6 +149,27 @@ def test_reshape_last_stage_false_works_with_every_head(cls):
         assert rel_err(a.logits, b.logits) <= tol
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_reshape_last_stage_false_with_one_stage_segments(training):
+    """One stage kept token-shaped has no map before it to size it by: the segmentation model was an IndexError
+    (audit); it sizes it from the input now. The head called alone says what it needs."""
+    config = dict(num_encoder_blocks=1, drop_path_rate=0.0, classifier_dropout_prob=0.0, hidden_dropout_prob=0.0)
+    flat = randomize_(SegformerForSemanticSegmentation(tiny_config(reshape_last_stage=False, **config)))
+    square = SegformerForSemanticSegmentation(tiny_config(**config))
+    square.load_state_dict(flat.state_dict())
+    flat.train(training), square.train(training)
+    x, labels = torch.randn(2, 3, 77, 101), torch.randint(0, 5, (2, 77, 101))
+    a, b = flat(x, labels=labels, output_hidden_states=True), square(x, labels=labels)
+    assert a.hidden_states[0].shape == (2, 20 * 26, 8)  # (B, N, C): the stage as asked for
+    # one network either way; only the last stage's layout differs, which may pick another kernel blocking
+    assert rel_err(a.logits, b.logits) <= 2 * fp32_tol(reductions(square, x))
+    if training:
+        a.loss.backward()
+        assert all(p.grad is not None for p in flat.decode_head.parameters())
+    with pytest.raises(ValueError, match=r"encoder hidden state 0 is token-shaped \(2, 520, 8\) with no"):
+        flat.decode_head([a.hidden_states[0]])
+
+
 # Losses against PyTorch's own functions on the same logits: one loss written two ways, a few roundings (u each)
 # of the loss apart. LOSS_RTOL = 16u.
 LOSS_RTOL = 16 * U32
