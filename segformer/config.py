@@ -132,6 +132,7 @@ class SegformerConfig:
     - ``chunk_size_feed_forward``: stored and written back like every Transformers config; SegFormer (there and
       here) does not use it.
     - ``reshape_last_stage``: return the last stage as (B, C, H, W) (True) or (B, H*W, C) (False).
+    - ``num_hidden_layers``: another name of ``num_encoder_blocks`` (read, set or passed), as in Transformers.
     - ``use_layer_norm_eps``: Transformers (and so the default here) gives every LayerNorm eps 1e-5 and stores
       ``layer_norm_eps`` without using it. True applies ``layer_norm_eps`` to the block and stage norms, as
       the original NVlabs code did (with 1e-6); logits then differ from Transformers by ~2e-4.
@@ -181,6 +182,7 @@ class SegformerConfig:
         chunk_size_feed_forward: int = 0,
         **kwargs: Any,
     ) -> None:
+        num_encoder_blocks = kwargs.pop("num_hidden_layers", num_encoder_blocks)  # (Transformers' alias: see below)
         self.num_channels = num_channels
         self.num_encoder_blocks = num_encoder_blocks
         self.depths = list(depths)
@@ -546,6 +548,16 @@ class SegformerConfig:
             revision=revision,
             create_pr=create_pr,
         )
+
+    @property
+    def num_hidden_layers(self) -> int:
+        """``num_encoder_blocks`` under the name Transformers' config maps to it (its ``attribute_map``), which
+        generic code reads (layer-wise tools, ``num_hidden_layers=`` in the constructor)."""
+        return self.num_encoder_blocks
+
+    @num_hidden_layers.setter
+    def num_hidden_layers(self, value: int) -> None:
+        self.num_encoder_blocks = value
 
     # ---------------------------------------------------------------------------------------- helpers
     def __getattr__(self, name: str) -> Any:

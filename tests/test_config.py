@@ -101,3 +101,22 @@ def test_bad_config_files_name_the_file(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ValueError, match="model_type is 'bert'"):
         SegformerConfig.from_pretrained(tmp_path)
+
+
+def test_num_hidden_layers_is_num_encoder_blocks_as_in_transformers():
+    """Transformers maps ``num_hidden_layers`` to ``num_encoder_blocks`` (its attribute_map), which generic code
+    reads; ours had no such attribute (audit)."""
+    c = SegformerConfig(num_hidden_layers=3)
+    assert c.num_encoder_blocks == c.num_hidden_layers == 3 and c.depths == [2, 2, 2]
+    c.num_hidden_layers = 2
+    assert c.num_encoder_blocks == 2 and "num_hidden_layers" not in c.to_dict()
+
+
+@pytest.mark.oracle
+def test_num_hidden_layers_reads_as_transformers_reads_it():
+    transformers = pytest.importorskip("transformers")
+    for kwargs in ({}, {"num_hidden_layers": 3}, {"num_encoder_blocks": 2, "depths": [1, 1]}):
+        ours, theirs = SegformerConfig(**kwargs), transformers.SegformerConfig(**kwargs)
+        assert (
+            ours.num_hidden_layers == theirs.num_hidden_layers == ours.num_encoder_blocks == theirs.num_encoder_blocks
+        )
