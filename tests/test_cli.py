@@ -331,9 +331,12 @@ def test_sigterm_cleans_up_what_a_command_was_writing(tmp_path):
     whose atomic write removes its temporary file as on Ctrl-C; one line, exit code 143. A real process, a real
     signal: the write below announces itself, then waits to be terminated."""
     import signal
+    import time
+    from pathlib import Path
 
     script = f"""
-import argparse, pathlib, sys, time
+import argparse, faulthandler, pathlib, signal, sys, time
+faulthandler.register(signal.SIGUSR1)  # (the test's diagnosis if the signal seems not to arrive)
 from segformer.cli import run_command
 from segformer.fileio import atomic_write
 
@@ -349,7 +352,15 @@ sys.exit(run_command(lambda args: atomic_write({str(tmp_path / "model.onnx")!r},
     assert proc.stdout.readline() == "writing\n"
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # (the write is under way)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    try:
+        _, err = proc.communicate(timeout=40)
+    except subprocess.TimeoutExpired:  # (once in a CI run, not reproduced: say where it was and what it blocked)
+        masks = [line for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines() if line.startswith("Sig")]
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        proc.kill()
+        ours = sorted(signal.pthread_sigmask(signal.SIG_BLOCK, []))  # (the mask the child inherited)
+        pytest.fail(f"no exit 40 s after SIGTERM; {masks}; this process blocks {ours}; {proc.communicate()[1][-3000:]}")
     assert proc.returncode == 128 + signal.SIGTERM and err == "segformer export: terminated (SIGTERM)\n", err
     assert list(tmp_path.iterdir()) == []
 
