@@ -7,7 +7,7 @@ artefacts cached across runs.
 >>> fast = runtime_model(model, compile=True)            # AOTInductor, one package per input shape, cached
 >>> net = load_onnx_file("b0.onnx")                      # a file `segformer export` wrote, run as it is
 
-Every backend is an ``nn.Module`` whose ``forward(pixel_values)`` takes (B, 3, H, W) float32 normalised images and
+Every backend is an ``nn.Module`` whose ``forward(pixel_values)`` takes (B, C, H, W) float32 normalised images and
 returns the logits (B, K, ceil(H/4), ceil(W/4)) as a torch tensor, with the model's ``config``: the inference
 modes of :mod:`segformer.inference` (whole, aligned, sliding window, multi-scale + flip) sit on top of it and do
 not know which one runs.
@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from .fileio import atomic_write_text
+from .modeling import check_pixel_values
 
 BACKENDS = ("pytorch", "onnxruntime")
 CACHE_ENV = "SEGFORMER_CACHE"
@@ -327,7 +328,9 @@ class OnnxRuntimeModel(nn.Module):
         return super().train(False)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) float → (B, K, ceil(H/4), ceil(W/4)) float32 logits on the CPU."""
+        """(B, C, H, W) float → (B, K, ceil(H/4), ceil(W/4)) float32 logits on the CPU; input the graph cannot
+        take (another channel count: a one-channel model's predict) is the one-line ValueError PyTorch's gives."""
+        check_pixel_values(pixel_values, self.config)
         x = pixel_values.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
         return torch.from_numpy(self.session.run(["logits"], {"pixel_values": x})[0])
 

@@ -5,13 +5,16 @@
 >>> print(report.summary())
 
 The graph has one input ``pixel_values`` (B, C, H, W) float32 (normalised as for the PyTorch model) and one
-output ``logits`` (B, num_labels, ceil(H/4), ceil(W/4)) float32. It is the model's eval fast path: fused
+output ``logits`` (B, num_labels, ceil(H/4), ceil(W/4)) float32 (stage 1's output size: a quarter for the
+published variants; the metadata says it for others). It is the model's eval fast path: fused
 attention (ONNX opset >= 14) and the folded decode head (per-stage D×C_i matrices, no 4D-channel
 concatenation and no 1×1 fuse conv; see ``SegformerDecodeHead.folded``). Exporting is exact algebra, so the
 file is verified numerically: onnxruntime runs random input at a size other than the export size (batch 2
 when the axes are dynamic) and the largest difference relative to the largest PyTorch logit must stay within
 what fp32 rounding allows two correct evaluations of this model at that size (:func:`fp32_limit`: the error
-model of :mod:`segformer.error_model`: about 2e-5 for a tiny model, 6e-5 for b0, 1e-4 for b2, 2e-4 for b5). The file is
+model of :mod:`segformer.error_model`: about 2e-5 for a tiny model, 6e-5 for b0, 1e-4 for b2, 2e-4 for b5), or, past
+that, onnxruntime's logits must be within twice PyTorch fp32's own distance from the model's float64 logits (weights
+far larger than a trained model's take both further; the report says so). The file is
 written atomically and only after it passed, so a failed export leaves nothing behind.
 
 ``fp16=True`` stores the weights in float16 for GPU runtimes while LayerNorm and the attention softmax are
@@ -42,6 +45,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -93,9 +97,10 @@ class ExportReport:
         head = f"wrote {self.path} (opset {self.opset}, {axes}, {kind})"
         if self.verified == "numeric":
             b, _, h, w = self.verify_shape
+            beyond = f"; {self.note}" if self.note else ""
             return (
                 f"{head}; onnxruntime vs PyTorch at batch {b}, {h}x{w}: max relative difference "
-                f"{self.max_rel_diff:.2e} (limit {self.tolerance:.1e})"
+                f"{self.max_rel_diff:.2e} (limit {self.tolerance:.1e}){beyond}"
             )
         if self.verified == "structure":
             return f"{head}; structure checked only: {self.note}"
@@ -177,6 +182,13 @@ def _prepare(model: SegformerForSemanticSegmentation, *, fp16: bool, opset: int)
     """A private eval-mode copy of the model set up for tracing (the caller's model is left as it was)."""
     model = copy.deepcopy(model).eval()
     model.float()  # (a float16 / bfloat16 checkpoint: the fp32 graph promised, or fp16 weights below, from fp32)
+    for name, module in list(model.named_modules()):  # (a model trained under torchrun with --sync-bn, in memory)
+        if type(module) is nn.SyncBatchNorm:
+            plain = nn.BatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
+                                   module.track_running_stats)  # fmt: skip
+            plain.load_state_dict(module.state_dict())
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, plain.eval())
     model.fast_path = True
     if opset < MIN_OPSET or fp16:
         # Below opset 14 there is no exporter for the fused kernel; in fp16 the explicit path is the one
@@ -198,6 +210,33 @@ def _prepare(model: SegformerForSemanticSegmentation, *, fp16: bool, opset: int)
     return _LogitsGraph(model, torch.float16 if fp16 else torch.float32)
 
 
+def _check_foldable(head: nn.Module) -> None:
+    """ValueError where the decode head cannot be exported folded (the export's promise: no concatenation, no big
+    fuse conv): a forward hook on one of its parts, or a part replaced by another type (an adapter, a quantised
+    layer). A SyncBatchNorm was made a BatchNorm2d by :func:`_prepare` (in eval mode they compute the same)."""
+    if head._parts_plain():
+        return
+    hooked = [n for n, m in head.named_modules() if n and (m._forward_hooks or m._forward_pre_hooks)]
+    built = {"linear_c": nn.ModuleList, "linear_fuse": nn.Conv2d, "batch_norm": nn.BatchNorm2d, "activation": nn.ReLU,
+             "dropout": nn.Dropout, "classifier": nn.Conv2d}  # fmt: skip
+    replaced = [f"{n} ({type(m).__name__})" for n, m in head.named_children() if type(m) is not built.get(n, type(m))]
+    replaced += [f"linear_c.{i}.proj ({type(m.proj).__name__})" for i, m in enumerate(head.linear_c)
+                 if type(getattr(m, "proj", None)) is not nn.Linear]  # fmt: skip
+    found = "; ".join(
+        filter(
+            None,
+            [
+                hooked and "forward hooks on " + ", ".join(f"decode_head.{n}" for n in hooked),
+                replaced and "replaced parts: " + ", ".join(f"decode_head.{r}" for r in replaced),
+            ],
+        )
+    )
+    raise ValueError(
+        f"the decode head cannot be exported folded ({found or 'its parts are not the plain modules'}): remove the "
+        "hooks, or merge or undo the replacement (an adapter's merge_and_unload), then export"
+    )
+
+
 def _verify_shape(config, size: tuple[int, int], dynamic: bool) -> tuple[int, int, int, int]:
     """Batch 2 at a size other than the export size when the axes are dynamic (odd sizes on purpose, to
     exercise ceil-mode strides and uneven resizing), else the export shape."""
@@ -210,17 +249,19 @@ def _verify_shape(config, size: tuple[int, int], dynamic: bool) -> tuple[int, in
     return (2, config.num_channels, max(vh, lo), max(vw, lo))
 
 
-def check_folded_head(onnx_path: str | os.PathLike, decoder_hidden_size: int, num_stages: int = 4) -> None:
+def check_folded_head(
+    onnx_path: str | os.PathLike, decoder_hidden_size: int, num_stages: int = 4, *, elsewhere: int = 0
+) -> None:
     """Raise RuntimeError if the graph holds the unfolded decode head: the (D, num_stages*D, 1, 1) weight of
-    the 1×1 fuse conv over the 4D-channel concatenation, which the folded head replaces (the encoder has no
-    1×1 convolutions, so the shape is unambiguous)."""
+    the 1×1 fuse conv over the 4D-channel concatenation, which the folded head replaces. ``elsewhere``: how many
+    of the model's other weights have that shape (a 1×1 patch embedding can: audit), which the graph holds too."""
     import onnx
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     d = decoder_hidden_size
     shapes = [tuple(t.dims) for t in graph.initializer]
     shapes += [tuple(a.t.dims) for n in graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
-    if (d, num_stages * d, 1, 1) in shapes:
+    if shapes.count((d, num_stages * d, 1, 1)) > elsewhere:
         raise RuntimeError(f"{onnx_path}: the exported decode head is not the folded one (found the fuse conv)")
 
 
@@ -254,6 +295,26 @@ def verify_onnx(
     return ((out.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()
 
 
+def _against_float64(
+    onnx_path: str | os.PathLike, model: SegformerForSemanticSegmentation, shape: tuple[int, int, int, int]
+) -> tuple[float, float]:
+    """(PyTorch fp32's, onnxruntime's) max relative difference from the model's float64 logits on
+    :func:`verify_onnx`'s input."""
+    import onnxruntime as ort
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))  # (verify_onnx's input)
+    exact = copy.deepcopy(model).cpu().double().eval()
+    fp32 = copy.deepcopy(model).cpu().float().eval()
+    with torch.no_grad():
+        ref, ours = exact(x.double()).logits, fp32(x).logits.double()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    theirs = torch.from_numpy(session.run(["logits"], {"pixel_values": x.numpy()})[0]).double()
+    scale = ref.abs().max().clamp_min(1e-30)
+    return ((ours - ref).abs().max() / scale).item(), ((theirs - ref).abs().max() / scale).item()
+
+
 def fp32_limit(model: SegformerForSemanticSegmentation, shape: tuple[int, int, int, int]) -> float:
     """How far onnxruntime's fp32 logits may be from PyTorch's at input ``shape``, relative to the largest: two
     evaluations, each within the error model's bound for the reductions this model runs at that size
@@ -285,7 +346,10 @@ def _check_export_arguments(
         raise ValueError(
             f"opset must be an integer from {LOWEST_OPSET} to {MAX_OPSET} (this torch's exporter), got {opset!r}"
         )
-    h, w = (int(s) for s in size)
+    side = (size, size) if isinstance(size, int) and not isinstance(size, bool) else size
+    if not (isinstance(side, (tuple, list)) and len(side) == 2 and all(_is_int(v) and v > 0 for v in side)):
+        raise ValueError(f"size must be (height, width) as two positive integers (or one, for a square), got {size!r}")
+    h, w = (int(v) for v in side)
     lo = min_input_size(model.config)
     if min(h, w) < lo:
         raise ValueError(f"export size {h}x{w} is too small: this model needs at least {lo}x{lo}")
@@ -295,6 +359,18 @@ def _check_export_arguments(
     if not path.parent.is_dir():
         raise ValueError(f"{path.parent}: no such directory")
     return h, w, path
+
+
+def _logits_size(config: object) -> str:
+    """The logits' height and width for an input of H x W: stage 1's patch embedding's output size."""
+    k, stride = config.patch_sizes[0], config.strides[0]
+    if k == 7 and stride == 4:
+        return "ceil(H/4), ceil(W/4)"
+    return f"floor((H + {2 * (k // 2)} - {k}) / {stride}) + 1, the same of W"
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def onnx_metadata(
@@ -316,6 +392,7 @@ def onnx_metadata(
     from . import __version__
     from .images import IMAGENET_MEAN, IMAGENET_STD
 
+    rgb = config.num_channels == 3
     meta = {
         "segformer.version": __version__,
         "segformer.config": config.to_json_string(),
@@ -325,13 +402,13 @@ def onnx_metadata(
             {
                 "name": "pixel_values",
                 "layout": "NCHW",
-                "channels": "RGB",
+                "channels": "RGB" if rgb else f"{config.num_channels} (see the checkpoint's preprocessor_config.json)",
                 "rescale_factor": 1 / 255,
-                "image_mean": list(IMAGENET_MEAN),
-                "image_std": list(IMAGENET_STD),
+                "image_mean": list(IMAGENET_MEAN) if rgb else None,  # (ImageNet's are RGB's)
+                "image_std": list(IMAGENET_STD) if rgb else None,
             }  # fmt: skip
         ),
-        "segformer.output": "logits (B, num_labels, ceil(H/4), ceil(W/4)): resize bilinearly (align_corners=False) "
+        "segformer.output": f"logits (B, num_labels, {_logits_size(config)}): resize bilinearly (align_corners=False) "
         "to the input size, then argmax over the classes",
     }
     if options is not None:
@@ -410,6 +487,7 @@ def export_onnx(
         tolerance = FP16_TOLERANCE
 
     graph = _prepare(model, fp16=fp16, opset=opset)
+    _check_foldable(graph.model.decode_head)
     device = next(model.parameters()).device
     graph.to(device)
     with torch.no_grad():
@@ -446,7 +524,9 @@ def export_onnx(
             entry.key, entry.value = key, value
         onnx.save(proto, tmp)
         onnx.checker.check_model(tmp)
-        check_folded_head(tmp, config.decoder_hidden_size, config.num_encoder_blocks)
+        fuse = (config.decoder_hidden_size, config.num_encoder_blocks * config.decoder_hidden_size, 1, 1)
+        elsewhere = sum(tuple(p.shape) == fuse for p in graph.model.segformer.parameters())
+        check_folded_head(tmp, config.decoder_hidden_size, config.num_encoder_blocks, elsewhere=elsewhere)
         if fp16:
             _check_fp16_structure(tmp)
         if not verify:
@@ -468,6 +548,15 @@ def export_onnx(
             report.tolerance = fp32_limit(reference, shape)
         report.max_rel_diff = diff
         report.verified = "numeric"
+        if not diff <= report.tolerance and tolerance is None and not fp16 and math.isfinite(diff):
+            # The error model bounds rounding for weights of a trained model's scale; larger ones (activations
+            # that cancel) can take both evaluations further from the exact logits (audit: weights 3/sqrt(fan_in),
+            # 8e-4 apart where the limit said 2e-5, onnxruntime the closer of the two). The exact logits decide.
+            ours, theirs = _against_float64(tmp, reference, shape)
+            if theirs <= 2 * ours + report.tolerance:
+                report.note = (f"beyond the error model's limit, as close to float64 logits as PyTorch's: "
+                               f"onnxruntime {theirs:.1e}, PyTorch fp32 {ours:.1e}")  # fmt: skip
+                return
         if not diff <= report.tolerance:  # also catches NaN
             derived = "" if tolerance is not None or fp16 else " (what fp32 rounding allows this model at that size)"
             raise RuntimeError(
@@ -475,7 +564,13 @@ def export_onnx(
                 f"and PyTorch at shape {shape} exceeds {report.tolerance:.1e}{derived}"
             )
 
-    atomic_write(path, write)
+    def write_naming_the_file(tmp: str) -> None:
+        try:
+            write(tmp)
+        except RuntimeError as exc:  # (the checks name the file they read: the temporary one, gone after this)
+            raise RuntimeError(str(exc).replace(tmp, str(path))) from exc
+
+    atomic_write(path, write_naming_the_file)
     return report
 
 

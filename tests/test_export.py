@@ -381,3 +381,100 @@ def test_serve_audit_points_on_onnx_models_and_colours(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"dtype float16 \(--dtype\) does not apply to it"):
         SegformerPredictor(str(path), dtype="float16")
     assert SegformerPredictor(str(path), dtype="float32").backend == "onnxruntime"
+
+
+def test_a_1x1_patch_embedding_of_the_fuse_convs_shape_exports(tmp_path):
+    """A stage-2 patch conv (16, 32, 1, 1) has the shape of the unfolded fuse conv of a two-stage head with D = 16:
+    the folded-head check took it for that conv and refused a good model (audit), also with verify=False."""
+    config = tiny_config(num_encoder_blocks=2, hidden_sizes=[32, 16], patch_sizes=[7, 1], strides=[4, 2])
+    model = randomize_(SegformerForSemanticSegmentation(config)).eval()
+    assert tuple(model.segformer.encoder.patch_embeddings[1].proj.weight.shape) == (16, 32, 1, 1)
+    report = export_onnx(model, tmp_path / "m.onnx", size=(64, 64))
+    assert report.verified == "numeric" and report.max_rel_diff <= report.tolerance and not report.note
+    model.fast_path = False  # (the plain head: its fuse conv, a second weight of that shape, is still found)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (torch.randn(1, 3, 64, 64),), str(tmp_path / "plain.onnx"), dynamo=False,
+                              input_names=["pixel_values"], output_names=["logits"])  # fmt: skip
+    finally:
+        model.fast_path = True
+    with pytest.raises(RuntimeError, match="not the folded one"):
+        check_folded_head(tmp_path / "plain.onnx", 16, 2, elsewhere=1)
+
+
+def test_a_hooked_head_is_refused_naming_the_hook_and_sync_batchnorm_exports(tmp_path, model):
+    """A forward hook on a head part (not exported, and the head then not foldable) was refused with a message
+    naming the export's temporary file (audit); it names the hook now. A SyncBatchNorm (a model trained with
+    --sync-bn, in memory) computes as BatchNorm2d in eval mode and exports as one."""
+    handle = model.decode_head.linear_fuse.register_forward_hook(lambda *args: None)
+    try:
+        with pytest.raises(ValueError, match=r"cannot be exported folded \(forward hooks on decode_head.linear_fuse\)"):
+            export_onnx(model, tmp_path / "h.onnx", size=(64, 64))
+    finally:
+        handle.remove()
+    assert list(tmp_path.iterdir()) == []
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model)).eval()
+    report = export_onnx(synced, tmp_path / "s.onnx", size=(64, 64))
+    assert report.verified == "numeric" and report.max_rel_diff <= report.tolerance
+
+
+def test_weights_far_larger_than_trained_ones_are_judged_against_float64(tmp_path, model, monkeypatch):
+    """Weights of 3/sqrt(fan_in) take fp32 logits further from exact than the error model's limit for trained
+    weights: the audit's model was refused (8e-4 where the limit said 2e-5, onnxruntime the closer of the two to
+    float64). Past the limit, the float64 logits decide: onnxruntime within twice PyTorch fp32's own distance."""
+    import math
+
+    import segformer.export as export
+
+    config = tiny_config(num_encoder_blocks=3, depths=[2, 1, 2], hidden_sizes=[4, 8, 16], num_attention_heads=[1, 1, 2],
+                         mlp_ratios=[4, 1, 3], sr_ratios=[4, 1, 2], patch_sizes=[2, 1, 4], strides=[1, 2, 2],
+                         decoder_hidden_size=8, hidden_act="laplace", num_labels=1)  # fmt: skip
+    large = SegformerForSemanticSegmentation(config).eval()
+    gen = torch.Generator().manual_seed(5021)
+    with torch.no_grad():
+        for p in large.parameters():
+            p.copy_(3 * torch.randn(p.shape, generator=gen) / math.sqrt(p[0].numel()) if p.ndim > 1 else p)
+    report = export_onnx(large, tmp_path / "large.onnx", size=(32, 32))  # (refused on the old code, here)
+    if report.max_rel_diff > report.tolerance:
+        assert report.note.startswith("beyond the error model's limit, as close to float64 logits as PyTorch's")
+    # the rule itself, on any machine: a limit nothing meets sends every export to the float64 logits
+    monkeypatch.setattr(export, "fp32_limit", lambda *args: 1e-12)
+    report = export_onnx(model, tmp_path / "m.onnx", size=(64, 64))
+    assert report.note.startswith("beyond the error model's limit") and "onnxruntime" in report.summary()
+    monkeypatch.setattr(export, "_against_float64", lambda *args: (1e-7, 1e-3))  # (onnxruntime far worse)
+    with pytest.raises(RuntimeError, match="failed verification"):
+        export_onnx(model, tmp_path / "bad.onnx", size=(64, 64))
+    with pytest.raises(RuntimeError, match="exceeds 1.0e-09"):  # an explicit tolerance is not arbitrated
+        export_onnx(model, tmp_path / "strict.onnx", size=(64, 64), tolerance=1e-9)
+    assert not (tmp_path / "bad.onnx").exists() and not (tmp_path / "strict.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    "size, message", [((64, 64, 3), r"\(64, 64, 3\)"), ((64.7, 64), r"\(64.7, 64\)"), ("64", "'64'"), (True, "True")]
+)
+def test_a_bad_size_is_one_line_naming_it(tmp_path, model, size, message):
+    with pytest.raises(ValueError, match=rf"size must be \(height, width\) as two positive integers .*got {message}"):
+        export_onnx(model, tmp_path / "m.onnx", size=size)
+    assert export_onnx(model, tmp_path / "sq.onnx", size=64, verify=False).export_size == (64, 64)
+
+
+def test_metadata_of_a_one_channel_model_and_its_output_size(tmp_path):
+    """The metadata said "RGB" with ImageNet's three means for any channel count, and ceil(H/4) for any stage-1
+    stride (audit); onnxruntime behind predict gave a traceback for a one-channel model where PyTorch gives one line."""
+    import json
+
+    from segformer.backends import OnnxRuntimeModel
+    from segformer.export import read_metadata
+
+    config = tiny_config(num_channels=1, strides=[2, 2, 2, 2])
+    model = randomize_(SegformerForSemanticSegmentation(config)).eval()
+    export_onnx(model, tmp_path / "g.onnx", size=(64, 64))
+    meta = read_metadata(tmp_path / "g.onnx")
+    stated = json.loads(meta["segformer.input"])
+    assert stated["channels"].startswith("1 ") and stated["image_mean"] is None and stated["image_std"] is None
+    assert "floor((H + 6 - 7) / 2) + 1" in meta["segformer.output"]
+    runner = OnnxRuntimeModel(tmp_path / "g.onnx", config)
+    assert runner(torch.randn(1, 1, 37, 53)).shape[-2:] == (19, 27)  # (what the metadata's formula says)
+    with pytest.raises(ValueError, match="pixel_values has 3 channels but the model expects 1"):
+        runner(torch.randn(1, 3, 37, 53))

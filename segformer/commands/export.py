@@ -14,13 +14,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="export a segmentation model to ONNX (verified with onnxruntime)",
         description=(
             "Export a SegformerForSemanticSegmentation (a save_pretrained directory or a hub id) to ONNX: "
-            "input 'pixel_values' (B, 3, H, W) float32, output 'logits' (B, num_labels, H/4, W/4) float32, "
+            "input 'pixel_values' (B, C, H, W) float32 (C: the model's channels, 3 RGB), output 'logits' "
+            "(B, num_labels, H/4, W/4) float32, "
             "with dynamic batch, height and width unless --static. The eval fast path (fused attention, "
             "folded decode head) is exported. The file is then run with onnxruntime on random input at "
             "another size (batch 2; with --static at the export shape) and compared with PyTorch; above what fp32 "
             "rounding allows two evaluations of this model at that size (relative to the largest logit: about 6e-5 "
             "for b0, 1e-4 for b2, 2e-4 for b5; --tolerance sets another) the export fails and nothing "
-            "is written. The file's metadata holds the "
+            "is written, unless onnxruntime is within twice PyTorch's own distance from float64 logits (weights "
+            "far larger than a trained model's: the report says so). The file's metadata holds the "
             "config (class names), the preprocessing, and a local checkpoint's evaluation protocol and label "
             "rules, so that `segformer predict/eval/serve --model FILE.onnx` run it as it is. Needs: pip install "
             "'segformer[onnx]'."
