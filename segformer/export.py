@@ -274,10 +274,7 @@ def verify_onnx(
 ) -> float:
     """Run the ONNX file with onnxruntime (CPU) and the PyTorch model on the same random (B, C, H, W) input;
     return max |onnx - torch| / max |torch| over the logits. Raises RuntimeError if the shapes differ."""
-    import onnxruntime as ort
-
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=gen)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     param = next(model.parameters())
     was_training = model.training
     model.eval()
@@ -286,13 +283,26 @@ def verify_onnx(
             ref = model(x.to(device=param.device, dtype=param.dtype)).logits.float().cpu()
     finally:
         model.train(was_training)
+    out = _onnxruntime_logits(onnx_path, x)
+    if out.shape != ref.shape:
+        raise RuntimeError(f"{onnx_path}: onnxruntime gave logits {tuple(out.shape)}, PyTorch {tuple(ref.shape)}")
+    return _relative_difference(out, ref)
+
+
+def _onnxruntime_logits(onnx_path: str | os.PathLike, x: torch.Tensor) -> torch.Tensor:
+    """The file's logits for ``x`` (CPU provider)."""
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.log_severity_level = 3  # shape-hint warnings for dynamic axes are expected
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    out = torch.from_numpy(session.run(["logits"], {"pixel_values": x.numpy()})[0])
-    if out.shape != ref.shape:
-        raise RuntimeError(f"{onnx_path}: onnxruntime gave logits {tuple(out.shape)}, PyTorch {tuple(ref.shape)}")
-    return ((out.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()
+    return torch.from_numpy(session.run(["logits"], {"pixel_values": x.numpy()})[0])
+
+
+def _relative_difference(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| / max |ref|, in float64."""
+    out, ref = out.double(), ref.double()
+    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
 def _against_float64(
@@ -300,19 +310,12 @@ def _against_float64(
 ) -> tuple[float, float]:
     """(PyTorch fp32's, onnxruntime's) max relative difference from the model's float64 logits on
     :func:`verify_onnx`'s input."""
-    import onnxruntime as ort
-
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))  # (verify_onnx's input)
     exact = copy.deepcopy(model).cpu().double().eval()
     fp32 = copy.deepcopy(model).cpu().float().eval()
     with torch.no_grad():
-        ref, ours = exact(x.double()).logits, fp32(x).logits.double()
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    theirs = torch.from_numpy(session.run(["logits"], {"pixel_values": x.numpy()})[0]).double()
-    scale = ref.abs().max().clamp_min(1e-30)
-    return ((ours - ref).abs().max() / scale).item(), ((theirs - ref).abs().max() / scale).item()
+        ref, ours = exact(x.double()).logits, fp32(x).logits
+    return _relative_difference(ours, ref), _relative_difference(_onnxruntime_logits(onnx_path, x), ref)
 
 
 def fp32_limit(model: SegformerForSemanticSegmentation, shape: tuple[int, int, int, int]) -> float:
