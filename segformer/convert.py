@@ -26,7 +26,10 @@ The renames (stage indices are 1-based there, 0-based here; block indices are 0-
 
 The architecture is read from the tensor shapes (hidden sizes, depths, sr ratios, MLP ratios, patch sizes,
 decoder width, label count) and mapped to b0…b5 where it matches :data:`segformer.config.VARIANTS`.
-Attention head counts are not visible in the weights: the MiT value (1, 2, 5, 8) is used unless given.
+Attention head counts are not visible in the weights: they come from ``num_attention_heads`` where given, else
+from the training config mmcv stores in the file's meta (``meta["config"]``: its backbone's ``num_heads``, or MiT's
+for a ``mit_b*`` class), else the MiT value (1, 2, 5, 8). Depths that config states are checked against the blocks
+the weights hold.
 Unknown keys, missing keys and shape conflicts raise :class:`ConversionError` naming the original key.
 """
 
@@ -35,6 +38,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,11 +119,17 @@ def load_original_checkpoint(
     if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):  # torch's zip format or a pickle
         raise ConversionError(f"{path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=not unsafe_pickle)
+        with warnings.catch_warnings():  # (torch warns of a pickle protocol it did not write: not our reader's line)
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            data = torch.load(path, map_location="cpu", weights_only=not unsafe_pickle)
     except pickle.UnpicklingError as exc:
         if unsafe_pickle or "weights only load failed" not in str(exc).lower():
             raise ConversionError(f"{path}: not a PyTorch checkpoint ({first_line(exc)})") from None
         reason = next((line.strip() for line in str(exc).splitlines() if "Unsupported" in line), "")
+        if "global" not in reason.lower() and not _torch_save_file(path, magic):
+            # (an opcode the weights-only reader lacks, in a file torch.save did not write: a plain pickle or random
+            # bytes, which --unsafe-pickle would not make a checkpoint; audit)
+            raise ConversionError(f"{path}: not a PyTorch checkpoint (a pickle torch.save did not write)") from None
         reason = reason.split(" was not an allowed global")[0].removeprefix("WeightsUnpickler error: ")
         reason = reason or "it holds Python objects"
         raise ConversionError(
@@ -148,6 +158,23 @@ def load_original_checkpoint(
     if all(k.startswith("module.") for k in state):  # saved from a DistributedDataParallel wrapper
         state = {k[len("module.") :]: v for k, v in state.items()}
     return state, meta
+
+
+def _torch_save_file(path: Path, magic: bytes) -> bool:
+    """Whether ``path`` is a torch.save file: its zip archive, or the legacy format, which opens with a pickled
+    magic number (read by an unpickler that loads no class, so no code in the file runs)."""
+    if magic.startswith(b"PK\x03\x04"):
+        return True
+
+    class _NoClasses(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            raise pickle.UnpicklingError(f"{module}.{name}")
+
+    try:
+        with path.open("rb") as f:
+            return _NoClasses(f).load() == torch.serialization.MAGIC_NUMBER
+    except Exception:  # noqa: BLE001 - anything unreadable is not the legacy format
+        return False
 
 
 # ------------------------------------------------------------------------------------------ renaming
@@ -198,6 +225,40 @@ def original_layout(state: Mapping[str, torch.Tensor]) -> str:
     raise ConversionError("not an original SegFormer checkpoint: no 'backbone.patch_embed1.proj.weight' key")
 
 
+# The rank of each original tensor, by what its key ends with (the first match counts): convs are 4-d (the
+# classifier linear_pred is a 1x1 conv), Linear weights 2-d, norms, biases and BatchNorm statistics 1-d.
+_RANKS = (
+    (re.compile(r".*num_batches_tracked"), 0),
+    (re.compile(r".*\.(bias|running_mean|running_var)"), 1),
+    (re.compile(r".*(^|\.)(norm\d*|norm[12]|attn\.norm|linear_fuse\.bn)\.weight"), 1),
+    (re.compile(r".*(patch_embed\d+\.proj|attn\.sr|dwconv\.dwconv|linear_fuse\.conv|linear_pred|conv_seg)\.weight"), 4),
+    (re.compile(r".*\.weight"), 2),
+)
+
+
+def _check_tensors(state: Mapping[str, torch.Tensor], layout: str) -> None:
+    """ConversionError naming the first key of the layout whose tensor cannot be what the original model held: a
+    rank other than its layer's, an empty dimension, a dtype that is not floating point (BatchNorm's step count
+    an integer), or a bias or BatchNorm statistic whose weight is missing (its shapes, not the missing weight,
+    were blamed: audit). The architecture is read from these shapes, which raised IndexError on a 0-d tensor."""
+    for key, tensor in state.items():
+        if not (_DROPPED.fullmatch(key) or _rename(key, layout, "") is not None):
+            continue  # (an unknown key: named as one by _convert)
+        rank = next(r for pattern, r in _RANKS if pattern.fullmatch(key))
+        shape = tuple(tensor.shape)
+        if tensor.ndim != rank or 0 in shape:
+            what = "an empty tensor" if 0 in shape else f"a {tensor.ndim}-d tensor"
+            raise ConversionError(f"{key}: {what} of shape {shape} where the original layer holds a {rank}-d one")
+        integer = rank == 0 and not tensor.is_floating_point() and not tensor.is_complex()
+        if not (tensor.is_floating_point() or integer):
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            raise ConversionError(f"{key}: a tensor of dtype {dtype}; the original weights are floating point")
+    for key in state:
+        for tail in (".bias", ".running_mean", ".running_var", ".num_batches_tracked"):
+            if key.endswith(tail) and key[: -len(tail)] + ".weight" not in state and not _DROPPED.fullmatch(key):
+                raise ConversionError(f"missing {key[: -len(tail)] + '.weight'!r} (the file holds its {key!r})")
+
+
 def convert_state_dict(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Rename original keys to ours (see the module docstring) → (converted state, dropped keys).
 
@@ -213,6 +274,7 @@ def convert_state_dict(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, tor
 def _convert(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str], dict[str, str]]:
     """convert_state_dict, plus our key → the original key it came from (for error messages)."""
     layout = original_layout(state)
+    _check_tensors(state, layout)
     with_head = layout == "segmentation" or (layout == "backbone" and "head.weight" in state)
     prefix = "segformer." if with_head else ""  # (a headless backbone becomes a SegformerModel, as a bare encoder)
     out: dict[str, torch.Tensor] = {}
@@ -312,14 +374,21 @@ def infer_config(
     ImageNet ``head``). ``variant`` ("b0"…"b5") fixes the architecture instead; the weights must then fit
     it (checked by :func:`convert_checkpoint`). ``num_labels`` must agree with the classifier when given.
     Label names: ``dataset`` ("ade20k" / "cityscapes"), else ``meta["CLASSES"]``, else ADE20K for 150 and
-    Cityscapes for 19 labels, else ``LABEL_i``. ``original_eps`` uses the original LayerNorm eps 1e-6 in
+    Cityscapes for 19 labels, else ``LABEL_i``. Head counts: ``num_attention_heads``, else what ``meta["config"]``
+    says (:func:`_meta_backbone`), else MiT's. ``original_eps`` uses the original LayerNorm eps 1e-6 in
     the block and stage norms (``use_layer_norm_eps=True``); the default 1e-5 matches Transformers.
     """
     layout = original_layout(state)
+    _check_tensors(state, layout)
     pre = "" if layout == "backbone" else "backbone."
     stages = []
     while f"{pre}patch_embed{len(stages) + 1}.proj.weight" in state:
         stages.append(state[f"{pre}patch_embed{len(stages) + 1}.proj.weight"])
+    named = [_stage_of(k.removeprefix(pre)) for k in state]
+    if max(named, default=0) > len(stages):  # (a later stage's keys without its patch embedding: audit)
+        raise ConversionError(
+            f"missing '{pre}patch_embed{len(stages) + 1}.proj.weight' (the file holds stage {max(named)}'s weights)"
+        )
     hidden = [int(w.shape[0]) for w in stages]
     fields: dict[str, Any] = dict(
         num_channels=int(stages[0].shape[1]),
@@ -351,8 +420,26 @@ def infer_config(
         if matched is None and num_attention_heads is None:
             _refuse_damaged_variant(fields)
         _refuse_missing_reductions(state, pre, fields["depths"], fields["sr_ratios"])  # (a variant: its shapes)
+    stated = _meta_backbone(meta or {})
+    if "depths" in stated and stated["depths"] != fields["depths"]:
+        raise ConversionError(
+            f"the file's meta config gives depths {stated['depths']} but its weights hold blocks for "
+            f"{fields['depths']}: are blocks missing from the file?"
+        )
+    if num_attention_heads is not None and len(num_attention_heads) != len(fields["hidden_sizes"]):
+        raise ConversionError(
+            f"num_attention_heads {list(num_attention_heads)} (CLI: --num-heads) has {len(num_attention_heads)} "
+            f"entries for the checkpoint's {len(fields['hidden_sizes'])} stages"
+        )
+    if num_attention_heads is not None and stated.get("num_heads", num_attention_heads) != list(num_attention_heads):
+        raise ConversionError(
+            f"num_attention_heads {list(num_attention_heads)} (CLI: --num-heads) contradicts the file's meta "
+            f"config, which trained with num_heads={stated['num_heads']}"
+        )
     if num_attention_heads is not None:
         heads = list(num_attention_heads)
+    elif "num_heads" in stated:  # (what the run trained with; MiT's default would be silently wrong: audit)
+        heads = stated["num_heads"]
     elif len(fields["hidden_sizes"]) == len(MIT_HEADS) and all(
         h % n == 0 for h, n in zip(fields["hidden_sizes"], MIT_HEADS, strict=True)
     ):
@@ -363,6 +450,8 @@ def infer_config(
             "attention heads is not stored in the weights; pass num_attention_heads (CLI: --num-heads)"
         )
     fields["num_attention_heads"] = heads
+    if matched is not None and variant is None and heads != list(MIT_HEADS):
+        matched = None  # (MiT's widths with other heads, as the meta config says: not that variant)
     if original_eps:
         fields.update(use_layer_norm_eps=True, layer_norm_eps=ORIGINAL_LAYER_NORM_EPS)
     id2label = _id2label(labels, dataset, meta or {}) if labels is not None else None
@@ -378,8 +467,43 @@ def infer_config(
     return config, matched
 
 
+def _stage_of(key: str) -> int:
+    """The 1-based stage a backbone key (without ``backbone.``) or a head's ``linear_c`` key belongs to; 0 for
+    none."""
+    m = re.match(r"(?:decode_head\.linear_c|patch_embed|block|norm)(\d+)\.", key)
+    return int(m[1]) if m else 0
+
+
+def _meta_backbone(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """What the mmseg config text stored in an original checkpoint's meta (``meta["config"]``, the training
+    config as Python source) says of the backbone: ``num_heads`` and ``depths`` where it spells them out, MiT's
+    heads where it names a ``mit_b*`` class (which fix them). Empty where the file has no such text."""
+    text = meta.get("config")
+    if not isinstance(text, str):
+        return {}
+    start = re.search(r"\bbackbone\s*=\s*dict\(", text)
+    if start is None:
+        return {}
+    depth, end = 1, start.end()
+    while end < len(text) and depth:  # the backbone's dict(...), nested parentheses included
+        depth += {"(": 1, ")": -1}.get(text[end], 0)
+        end += 1
+    body, found = text[start.end() : end], {}
+    for name in ("num_heads", "depths"):
+        m = re.search(rf"\b{name}\s*=\s*[\[(]([\d,\s]+)[\])]", body)
+        if m and m[1].strip(", "):
+            found[name] = [int(v) for v in m[1].replace(",", " ").split()]
+    if "num_heads" not in found and re.search(r"""\btype\s*=\s*['"]mit_b[0-5]['"]""", body):
+        found["num_heads"] = list(MIT_HEADS)
+    return found
+
+
 def _count_blocks(state: Mapping[str, torch.Tensor], prefix: str) -> int:
-    indices = {int(k[len(prefix) :].split(".", 1)[0]) for k in state if k.startswith(prefix)}
+    named = {k[len(prefix) :].split(".", 1)[0]: k for k in state if k.startswith(prefix)}
+    for text, key in named.items():
+        if not text.isdigit():  # (int() said "invalid literal for int()", naming nothing: audit)
+            raise ConversionError(f"unknown key {key!r}: block index {text!r} is not a number")
+    indices = {int(text) for text in named}
     if not indices or indices != set(range(len(indices))):
         raise ConversionError(f"{prefix}*: block indices {sorted(indices)} are not 0..n-1")
     return len(indices)

@@ -236,7 +236,7 @@ def test_errors_name_the_problem(tmp_path, seg_model):
         r"layer_norm\.2\.weight in",
     ):  # fmt: skip  (the file's name: it was ours alone, audit)
         convert_checkpoint(tmp_path / "missing_norm.pth", tmp_path / "o7", num_attention_heads=HEADS)
-    with pytest.raises(ConversionError, match=r"num_attention_heads \[1, 2, 5\] \(CLI: --num-heads\) does not fit"):
+    with pytest.raises(ConversionError, match=r"num_attention_heads \[1, 2, 5\] \(CLI: --num-heads\) has 3 entries"):
         convert_checkpoint(tmp_path / "good.pth", tmp_path / "o8", num_attention_heads=[1, 2, 5])  # (it blamed
         # the checkpoint's shapes: audit)
     # sequence-reduction layers missing: refused with --num-heads too (a custom width needs it, which skipped the
@@ -266,6 +266,143 @@ def test_errors_name_the_problem(tmp_path, seg_model):
             convert_checkpoint(tmp_path / "cut.pth", tmp_path / "o8")
     for name in ("o1", "o2", "o3", "o4", "o5", "o6", "o7", "o8"):
         assert not (tmp_path / name).exists()  # nothing is written for a failed conversion
+
+
+# (a key, what replaces its tensor or None to drop it, the one line that must name it) — the audit's damaged files:
+# these raised IndexError / ZeroDivisionError (a traceback from the CLI), named nothing, or blamed another key.
+DAMAGED = [
+    (
+        "backbone.patch_embed1.proj.weight",
+        torch.tensor(1.0),
+        r"proj\.weight: a 0-d tensor of shape \(\) where the original .* a 4-d one",
+    ),
+    (
+        "backbone.block1.0.mlp.fc1.weight",
+        torch.zeros(32),
+        r"fc1\.weight: a 1-d tensor of shape \(32,\) .* a 2-d one",
+    ),
+    (
+        "backbone.block1.0.attn.sr.weight",
+        torch.zeros(0, 8, 8, 8),
+        r"sr\.weight: an empty tensor of shape \(0, 8, 8, 8\)",
+    ),
+    (
+        "backbone.norm1.weight",
+        torch.ones(8, dtype=torch.complex64),
+        r"norm1\.weight: a tensor of dtype complex64",
+    ),
+    (
+        "backbone.norm1.weight",
+        torch.ones(8, dtype=torch.long),
+        r"norm1\.weight: a tensor of dtype int64",
+    ),
+    (
+        "decode_head.linear_pred.weight",
+        None,
+        r"missing 'decode_head\.linear_pred\.weight' \(the file holds its '.*pred\.bias'\)",
+    ),
+    (
+        "backbone.patch_embed4.proj.weight",
+        None,
+        r"missing 'backbone\.patch_embed4\.proj\.weight'",
+    ),
+    (
+        "backbone.block1.x.norm1.weight",
+        torch.ones(8),
+        r"unknown key 'backbone\.block1\.x\.norm1\.weight': block index 'x' is not",
+    ),
+]
+
+
+@pytest.mark.parametrize(("key", "tensor", "says"), DAMAGED, ids=[f"{k}-{i}" for i, (k, _, _) in enumerate(DAMAGED)])
+def test_a_damaged_tensor_is_named_in_one_line(tmp_path, seg_model, key, tensor, says):
+    state = original_segmentation(seg_model)
+    if tensor is None:
+        del state[key]
+    else:
+        state[key] = tensor
+    save_original(tmp_path / "damaged.pth", state)
+    with pytest.raises(ConversionError, match=says) as caught:
+        convert_checkpoint(tmp_path / "damaged.pth", tmp_path / "out", num_attention_heads=HEADS)
+    assert "\n" not in str(caught.value) and not (tmp_path / "out").exists()
+
+
+def test_num_heads_must_give_one_count_per_stage(tmp_path, seg_model):
+    save_original(tmp_path / "orig.pth", original_segmentation(seg_model))
+    for heads in ([1, 2, 3], [1, 2, 3, 4, 99]):  # (the fifth was dropped without a word: audit)
+        with pytest.raises(ConversionError, match=rf"has {len(heads)} entries for the checkpoint's 4 stages"):
+            convert_checkpoint(tmp_path / "orig.pth", tmp_path / "out", num_attention_heads=heads)
+
+
+# mmcv writes the training config into meta["config"] as Python source (Config.pretty_text), as here
+META_CONFIG = """norm_cfg = dict(type='SyncBN', requires_grad=True)
+model = dict(
+    type='EncoderDecoder',
+    pretrained=None,
+    backbone=dict(
+        type='MixVisionTransformer',
+        embed_dims=[8, 16, 24, 32],
+        num_heads=[1, 2, 3, 4],
+        mlp_ratios=[4, 4, 4, 4],
+        depths=[1, 2, 1, 1],
+        sr_ratios=[8, 4, 2, 1],
+        norm_layer=dict(type='LN', eps=1e-06)),
+    decode_head=dict(type='SegFormerHead', in_channels=[8, 16, 24, 32], num_classes=5,
+        decoder_params=dict(embed_dim=16), num_heads=[9, 9]))
+"""
+
+
+def test_the_meta_config_gives_the_heads_and_checks_the_depths(tmp_path, seg_model):
+    """Head counts are not in the weights: a file whose meta config states them converts with them (MiT's default
+    was used, silently wrong for a MixVisionTransformer of other heads: audit), an explicit --num-heads that
+    contradicts it is refused, and blocks missing from the weights that the config counts are named."""
+    from segformer.convert import _meta_backbone
+
+    state = original_segmentation(seg_model)
+    save_original(tmp_path / "orig.pth", state, {"config": META_CONFIG})
+    result = convert_checkpoint(tmp_path / "orig.pth", tmp_path / "out")
+    assert result.config.num_attention_heads == HEADS and result.variant is None
+    loaded = SegformerForSemanticSegmentation.from_pretrained(tmp_path / "out").eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, seg_model(x).logits)
+    with pytest.raises(
+        ConversionError, match=r"\[1, 2, 4, 4\] .* contradicts the file's meta config, .*\[1, 2, 3, 4\]"
+    ):
+        convert_checkpoint(tmp_path / "orig.pth", tmp_path / "o2", num_attention_heads=[1, 2, 4, 4])
+    cut = {k: v for k, v in state.items() if not k.startswith("backbone.block2.1.")}
+    save_original(tmp_path / "cut.pth", cut, {"config": META_CONFIG})
+    with pytest.raises(
+        ConversionError, match=r"meta config gives depths \[1, 2, 1, 1\] but its weights hold .*\[1, 1, 1, 1\]"
+    ):
+        convert_checkpoint(tmp_path / "cut.pth", tmp_path / "o3")
+    # the published configs name the backbone class, which fixes MiT's heads; the head's own dict is not read
+    assert _meta_backbone({"config": "model = dict(backbone=dict(type='mit_b2', style='pytorch'))"}) == {
+        "num_heads": [1, 2, 5, 8]
+    }
+    assert _meta_backbone({"config": "model = dict(decode_head=dict(num_heads=[3]))"}) == {}
+    assert _meta_backbone({"config": 3}) == {} and _meta_backbone({}) == {}
+
+
+def test_a_pickle_torch_save_did_not_write_is_not_a_checkpoint(tmp_path, seg_model):
+    """A plain pickle or bytes that open like one: not a checkpoint, in one line (it advised --unsafe-pickle, which
+    runs code and then failed anyway, after torch's two-line protocol warning: audit); a torch.save file of a newer
+    pickle protocol, which the weights-only reader cannot read, still gets the advice."""
+    import pickle
+    import warnings
+
+    (tmp_path / "list.pth").write_bytes(pickle.dumps([1, 2, 3], protocol=4))
+    (tmp_path / "bytes.pth").write_bytes(b"\x80" + bytes(range(256)) * 4)
+    torch.save({"state_dict": original_segmentation(seg_model)}, tmp_path / "p4.pth", pickle_protocol=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (torch's protocol warning would end the test)
+        for name in ("list.pth", "bytes.pth"):
+            with pytest.raises(ConversionError, match=rf"{name}: not a PyTorch checkpoint \(a pickle torch\.save did"):
+                load_original_checkpoint(tmp_path / name)
+        with pytest.raises(ConversionError, match="--unsafe-pickle"):
+            load_original_checkpoint(tmp_path / "p4.pth")
+    state, _ = load_original_checkpoint(tmp_path / "p4.pth", unsafe_pickle=True)
+    assert "backbone.block2.1.attn.kv.weight" in state
 
 
 class MmcvLikeObject:

@@ -37,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         nargs="+",
         metavar="N",
-        help="attention heads per stage, for non-MiT widths (default: 1 2 5 8)",
+        help="attention heads per stage (default: the file's meta config where it states them, else MiT's 1 2 5 8; "
+        "widths no MiT has, without such a config, need it)",
     )
     p.add_argument(
         "--original-eps",
