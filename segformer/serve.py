@@ -681,10 +681,8 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
     # --- middleware: CORS, then (added last, so outermost: it sees every request, the CORS preflights too) the
     # access log, metrics, request id and a few security headers
     if config.cors_origins:
-        from fastapi.middleware.cors import CORSMiddleware
-
         app.add_middleware(
-            CORSMiddleware,
+            _cors_middleware(),
             allow_origins=list(config.cors_origins),
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type"],
@@ -816,6 +814,9 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
                 if not parts and "file" in form:
                     reason = "the multipart part 'file' has no filename: send it as a file (curl -F file=@photo.jpg)"
                     raise ApiError(400, "bad_request", reason)
+                if not parts and _cut_short(body, request.headers.get("content-type", "")):
+                    reason = "the multipart body ends before its closing boundary: the upload was cut short"
+                    raise ApiError(400, "bad_request", reason)  # (it said "no file part": audit)
                 if not parts:
                     raise ApiError(400, "bad_request", "the multipart body has no file part: send the image as 'file'")
                 return await parts[0].read()
@@ -1042,6 +1043,19 @@ def create_app(predictor: SegformerPredictor, config: ServeConfig | None = None,
     return app
 
 
+def _boundary(content_type: str) -> str:
+    """The boundary parameter of a multipart Content-Type ("" where it has none)."""
+    return next((p.split("=", 1)[1].strip().strip('"') for p in content_type.split(";")[1:]
+                 if p.strip().lower().startswith("boundary=")), "")  # fmt: skip
+
+
+def _cut_short(body: bytes, content_type: str) -> bool:
+    """Whether a multipart ``body`` lacks its closing boundary (``--BOUNDARY--``): an upload cut short, whose
+    unfinished part the parser drops without a word."""
+    boundary = _boundary(content_type)
+    return bool(boundary) and b"--" + boundary.encode("latin-1") + b"--" not in body
+
+
 def _part_head_problem(body: bytes, content_type: str) -> str | None:
     """Which of python-multipart's limits on a part's head (header line length, header count) ``body`` breaks, or
     None: the parser reports a breach only as "Invalid multipart data"."""
@@ -1050,8 +1064,7 @@ def _part_head_problem(body: bytes, content_type: str) -> str | None:
     except ImportError:  # (python-multipart < 0.0.13: module "multipart", and no such limits)
         return None
     size, count = (getattr(multipart, f"DEFAULT_MAX_HEADER_{k}", None) for k in ("SIZE", "COUNT"))
-    boundary = next((p.split("=", 1)[1].strip().strip('"') for p in content_type.split(";")[1:]
-                     if p.strip().lower().startswith("boundary=")), "")  # fmt: skip
+    boundary = _boundary(content_type)
     if not boundary or size is None or count is None:
         return None
     for part in body.split(b"--" + boundary.encode("latin-1"))[1:]:
@@ -1061,6 +1074,25 @@ def _part_head_problem(body: bytes, content_type: str) -> str | None:
         if len(lines) > count:
             return f"a part has more than {count} header lines"
     return None
+
+
+def _cors_middleware() -> type:
+    """Starlette's CORS middleware, whose refused preflight answers in JSON as every other error here (it is
+    plain text there: "Disallowed CORS origin")."""
+    from fastapi.middleware.cors import CORSMiddleware
+    from fastapi.responses import JSONResponse
+
+    class _JsonCors(CORSMiddleware):
+        def preflight_response(self, request_headers: Any) -> Any:
+            answer = super().preflight_response(request_headers)
+            if answer.status_code < 400:
+                return answer
+            refused = answer.body.decode("utf-8", "replace").removeprefix("Disallowed CORS ")
+            detail = f"CORS preflight refused: this server (--cors) does not allow the request's {refused}"
+            headers = {k: v for k, v in answer.headers.items() if k.lower() not in ("content-length", "content-type")}
+            return JSONResponse({"detail": detail}, status_code=answer.status_code, headers=headers)
+
+    return _JsonCors
 
 
 class _Observe:

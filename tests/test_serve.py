@@ -268,6 +268,8 @@ def bad_uploads(tmp_path: Path, too_large: int = 300_000) -> list[tuple[str, byt
         ("PostScript", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nshowpage\n", {"Content-Type": "image/png"},
          400, "bad_image", "not an image"),  # (never handed to Ghostscript: not a raster format)
         ("broken multipart", b"--nope", {"Content-Type": "multipart/form-data"}, 400, "bad_request", "multipart"),
+        ("multipart cut short", _multipart("file", good)[0][:-200], {"Content-Type": text_type}, 400, "bad_request",
+         "ends before its closing boundary"),  # (it said "no file part": audit)
         ("long part header", long_name, {"Content-Type": text_type}, 400, "bad_request", "header line is over"),
         ("many part headers", many_heads, {"Content-Type": text_type}, 400, "bad_request", "more than 8 header"),
         ("too small", png_of(10, 12, 8), {"Content-Type": "image/png"}, 400, "bad_image", "minimum"),
@@ -452,6 +454,9 @@ def test_cors_is_off_unless_an_origin_is_given(predictor, caplog):
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
         other = c.options("/v1/segment", headers={**preflight, "Origin": "https://evil.example"})
         assert other.headers.get("access-control-allow-origin") != "https://evil.example"
+        assert other.status_code == 400 and other.json()["detail"] == (  # (plain text there: audit)
+            "CORS preflight refused: this server (--cors) does not allow the request's origin"
+        )
         # a page on the origin can read the headers it needs (not CORS-safelisted: exposed by name)
         answer = c.get("/v1/model", headers={"Origin": "https://app.example"})
         exposed = {h.strip().lower() for h in answer.headers["access-control-expose-headers"].split(",")}
