@@ -76,6 +76,35 @@ def _whole_number(v: Any) -> bool:
     return math.isfinite(f) and f.is_integer()
 
 
+def _check_scales(scales: Any) -> tuple[float, ...] | None:
+    """``scales`` as a tuple of positive finite floats (None or empty: None; one number: a one-scale tuple);
+    ValueError naming the option otherwise ("12" was read as scales 1 and 2, [True] as 1.0: audit)."""
+    if scales is None:
+        return None
+    if isinstance(scales, numbers.Real) or (isinstance(scales, torch.Tensor) and scales.ndim == 0):
+        scales = [scales]
+    values = None
+    if not isinstance(scales, (str, bytes)):
+        try:
+            values = list(scales)
+        except TypeError:
+            pass
+    numeric = values is not None and all(
+        not isinstance(v, (bool, str, bytes)) and (isinstance(v, numbers.Real) or _zero_dim(v)) for v in values
+    )
+    if not numeric:
+        raise ValueError(f"scales must be a list of positive numbers, got {scales!r}")
+    floats = tuple(float(v) for v in values)
+    if not all(math.isfinite(v) and v > 0 for v in floats):
+        raise ValueError(f"scales must be positive finite numbers, got {list(floats)}")
+    return floats or None
+
+
+def _zero_dim(v: Any) -> bool:
+    """A 0-d tensor or array of a real dtype (what indexing a tensor or array of scales gives)."""
+    return getattr(v, "ndim", None) == 0 and getattr(getattr(v, "dtype", None), "is_complex", False) is False
+
+
 # the options that one mode alone reads
 _MODE_FIELDS = {"slide": ("crop_size", "stride"), "aligned": ("short_side", "long_side", "align")}
 
@@ -110,11 +139,11 @@ class InferenceOptions:
             raise ValueError(f"stride {stride} is larger than crop_size {crop_size}: some pixels would be skipped")
         sides = {"short_side": self.short_side, "long_side": self.long_side, "align": self.align}
         for name, value in sides.items():
-            if int(value) != value or value < 1:
+            if not _whole_number(value) or float(value) < 1:  # (NaN, inf and None raised int()'s own errors: audit)
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        scales = None if self.scales is None or len(self.scales) == 0 else tuple(float(v) for v in self.scales)
-        if scales is not None and not all(math.isfinite(v) and v > 0 for v in scales):
-            raise ValueError(f"scales must be positive finite numbers, got {list(scales)}")
+        scales = _check_scales(self.scales)
+        if isinstance(self.flip, (str, bytes)) or self.flip not in (True, False):  # ("no" was True: audit)
+            raise ValueError(f"flip must be True or False, got {self.flip!r}")
         for name, value in (
             ("crop_size", crop_size),
             ("stride", stride),
@@ -274,7 +303,10 @@ def upsampled_argmax(probs: torch.Tensor, size: tuple[int, int], rows: int | Non
     K == 1 (sigmoid): logit > 0.
 
     For huge images: (B, K, H, W) float32 probabilities of a 12 MP photo with 150 classes take 7 GB. log p
-    differs from the logits by a per-pixel constant, so upsampling log p gives the argmax of the logits."""
+    differs from the logits by a per-pixel constant, so upsampling log p gives the argmax of the logits — up to
+    what probabilities keep: below 1e-30 (a class ~69 logits under a pixel's top) they count as 1e-30, so where
+    a class that far down on one source pixel leads on its neighbour, the border between the two may move (a
+    fraction of a pixel). :func:`predict_labels` upsamples the logits themselves and has no such limit."""
     binary = probs.shape[1] == 1
     p = probs.clamp(1e-30, 1 - 1e-7) if binary else probs.clamp_min(1e-30)
     values = p.log() - (-p).log1p() if binary else p.log()  # the logits, up to a per-pixel constant
@@ -780,12 +812,36 @@ def _prepare(
         shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
         raise ValueError(f"pixel_values must be a (batch, 3, height, width) tensor, got {shape}")
     net = unwrap_model(model)
+    _check_input(pixel_values, getattr(getattr(net, "config", None), "num_channels", None))
     check_crop_size(opts, _min_side(net))
     param = next(net.parameters(), None)
     x = pixel_values
     if param is not None:
         x = x.to(device=param.device, dtype=param.dtype if param.is_floating_point() else x.dtype)
     return opts, net, x
+
+
+def _check_input(pixel_values: torch.Tensor, channels: int | None) -> None:
+    """ValueError, naming the caller's shape, for a batch the passes cannot take (audit: an empty one failed in a
+    resize or a reshape; integers ran unnormalised into labels all 0, where the model's own forward refuses them; a
+    channel error named the padded width; one NaN or infinite pixel made every probability of its image NaN)."""
+    shape = tuple(pixel_values.shape)
+    if pixel_values.numel() == 0:
+        raise ValueError(f"pixel_values is empty (shape {shape})")
+    if not pixel_values.is_floating_point():
+        raise ValueError(
+            f"pixel_values must be floating point, got {pixel_values.dtype} (normalise images with "
+            "SegformerImageProcessor first)"
+        )
+    if channels is not None and shape[1] != channels:
+        raise ValueError(
+            f"pixel_values has {shape[1]} channels but the model expects {channels} (shape {shape}; channels go "
+            "in dimension 1)"
+        )
+    finite = torch.isfinite(pixel_values).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        image = int((~finite).nonzero()[0, 0])
+        raise ValueError(f"pixel_values holds NaN or infinite values (image {image} of the batch, shape {shape})")
 
 
 def check_crop_size(opts: InferenceOptions, need: int) -> None:

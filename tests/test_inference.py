@@ -1247,11 +1247,46 @@ def test_options_validate_with_the_messages_of_infer():
         (dict(stride=(16, "8")), "stride must be two positive integers"),
         (dict(scales=[1.0, float("nan")]), "scales must be positive finite numbers"),
         (dict(scales=[float("inf")]), "scales must be positive finite numbers"),
+        # read as something else, or refused in another library's words, before (audit)
+        (dict(scales="12"), "scales must be a list of positive numbers, got '12'"),
+        (dict(scales=[True]), r"scales must be a list of positive numbers, got \[True\]"),
+        (dict(flip="no"), "flip must be True or False, got 'no'"),
+        (dict(short_side=float("nan")), "short_side must be a positive integer, got nan"),
+        (dict(long_side=None), "long_side must be a positive integer, got None"),
     ):
         with pytest.raises(ValueError, match=message):
             InferenceOptions(**kwargs)
         with pytest.raises(ValueError, match=message):
             infer(PerPixel(), torch.randn(1, 3, 32, 32), **kwargs)
+
+
+def test_one_scale_may_be_a_number_and_scales_an_array():
+    import numpy as np
+
+    for one in (1.5, np.float64(1.5), torch.tensor(1.5)):
+        assert InferenceOptions(scales=one).scales == (1.5,)
+    assert InferenceOptions(scales=np.array([0.5, 1.0])).scales == (0.5, 1.0)
+    assert InferenceOptions(scales=torch.tensor([0.5, 1.0]), flip=np.bool_(True)).scales == (0.5, 1.0)
+
+
+def test_a_batch_the_passes_cannot_take_is_refused_naming_pixel_values(seg):
+    """(audit) One NaN pixel made every probability of its image NaN and its labels class 0; integers ran
+    unnormalised; an empty batch failed in a resize; a channels-last batch's error named the padded width."""
+    x = torch.randn(2, 3, 40, 50)
+    nan, inf = x.clone(), x.clone()
+    nan[1, 0, 3, 4], inf[0, 2, 0, 0] = float("nan"), float("inf")
+    for func in (infer, predict_labels, inference.predict_confidence):
+        for bad, message in (
+            (nan, r"pixel_values holds NaN or infinite values \(image 1 of the batch, shape \(2, 3, 40, 50\)\)"),
+            (inf, r"NaN or infinite values \(image 0 of the batch"),
+            ((x * 255).to(torch.uint8), "pixel_values must be floating point, got torch.uint8"),
+            (x[:, :, :0], r"pixel_values is empty \(shape \(2, 3, 0, 50\)\)"),
+            (x[:0], r"pixel_values is empty \(shape \(0, 3, 40, 50\)\)"),
+            (x[:1].permute(0, 2, 3, 1), r"has 40 channels but the model expects 3 \(shape \(1, 40, 50, 3\);"),
+        ):
+            for mode in ("whole", "aligned"):
+                with pytest.raises(ValueError, match=message):
+                    func(seg, bad, mode=mode)
 
 
 def test_sizes_may_be_numpy_scalars_or_0d_tensors():
