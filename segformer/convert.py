@@ -230,7 +230,7 @@ def original_layout(state: Mapping[str, torch.Tensor]) -> str:
 _RANKS = (
     (re.compile(r".*num_batches_tracked"), 0),
     (re.compile(r".*\.(bias|running_mean|running_var)"), 1),
-    (re.compile(r".*(^|\.)(norm\d*|norm[12]|attn\.norm|linear_fuse\.bn)\.weight"), 1),
+    (re.compile(r"(.*\.)?(norm\d*|linear_fuse\.bn)\.weight"), 1),  # (block norm1/2, attn.norm, stage norms)
     (re.compile(r".*(patch_embed\d+\.proj|attn\.sr|dwconv\.dwconv|linear_fuse\.conv|linear_pred|conv_seg)\.weight"), 4),
     (re.compile(r".*\.weight"), 2),
 )
