@@ -413,10 +413,12 @@ def _warn_crop_beyond_images(cfg: TrainConfig, train_set: SegmentationDataset, s
     fit = (min(crop_h, -(-round(height * ratio) // 32) * 32), min(crop_w, -(-round(width * ratio) // 32) * 32))
     scaled = f", up to {round(width * ratio)}x{round(height * ratio)} at the random ratio" if ratio != 1 else ""
     images = f"the training images at --scale {cfg.scale[0]} {cfg.scale[1]}" if scaled_to else "the training images"
+    # (sides in multiples of 32; where that is the crop given, no smaller crop is offered: it offered the same one)
+    offer = f"; --crop {fit[0]} {fit[1]} fits them" if fit != (crop_h, crop_w) else ""
     print(
         f"warning: --crop {crop_h} {crop_w} is larger than {images} (at most {width} wide and {height} "
         f"high{scaled}): at least {100 * (1 - covered):.0f}% of each sample is padding the loss ignores, time and "
-        f"memory for nothing; --crop {fit[0]} {fit[1]} fits them",
+        f"memory for nothing{offer}",
         file=sys.stderr,
     )
 

@@ -400,6 +400,17 @@ def test_eval_follows_a_checkpoint_trained_on_reduced_labels(capsys, tmp_path):
     code, _, err = run_cli(capsys, "eval", "--data", data, "--model", model, "--json", tmp_path / "m.json")
     assert code == 0 and 'labels.json says "reduce_labels": false: evaluating the stored values' in err, err
     assert json.loads((tmp_path / "m.json").read_text()) == results[("--no-reduce-labels",)]
+    # a palette's colours are the class ids: never reduced for a model trained on reduced labels (audit: red, class
+    # 0, was ignored and every other class shifted)
+    from argparse import Namespace
+
+    from segformer.commands.eval import _stated_reduce_labels
+
+    (data / "labels.json").write_text(json.dumps({**spec, "palette": {"0": [9, 9, 9]}}))
+    assert _stated_reduce_labels(Namespace(labels=None, data=data), "folder") == (
+        False,
+        "the data's labels.json has a palette, whose colours give the class ids",
+    )
 
 
 def test_eval_and_predict_follow_the_label_rules_a_checkpoint_keeps(capsys, tmp_path):

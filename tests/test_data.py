@@ -936,3 +936,64 @@ def test_one_class_alone_stops_training_but_is_a_warning_in_evaluation(tmp_path,
     (coco / "annotations").mkdir()
     (coco / "annotations" / "instances_train.json").write_text("{}")
     assert build_dataset(coco, "train")[1].pairs[0][1] == coco / "masks" / "train" / "0.png"
+
+
+def test_a_validation_split_without_a_labelled_pixel_fails_the_check(tmp_path, capsys):
+    """Training on labelled masks against a val split ignored at every pixel scored NaN at every evaluation and never
+    wrote best/, without a word (audit); the val split's classes are otherwise only the training split's concern."""
+    labelled = np.array([[0, 1, 2, 255]], np.uint8).repeat(16, 0).repeat(4, 1)
+    root = _street(tmp_path, [labelled, labelled], ["road", "car", "sky"])
+    for name in ("0.png", "1.png"):
+        _save(root / "annotations" / "val" / name, np.full((16, 16), 255, np.uint8))
+    with pytest.raises(ValueError, match="the data check failed"):
+        _check_train_and_val(root, capsys)
+    err = capsys.readouterr().err
+    assert f"folder:{root}:val" in err and "no class has a labelled pixel: all 2 masks are ignored" in err, err
+
+
+def test_a_palette_refuses_label_reduction(tmp_path):
+    """A palette gives the class ids; reducing them made the first colour ignored and shifted the rest (audit)."""
+    colours = np.array([[[200, 0, 0], [0, 200, 0], [0, 0, 200]]], np.uint8).repeat(16, 0).repeat(16, 1)
+    palette = {"0": [200, 0, 0], "1": [0, 200, 0], "2": [0, 0, 200]}
+    root = _street(tmp_path, [colours], {"id2label": ["road", "car", "sky"], "palette": palette}, rgb=True)
+    dataset, _ = build_dataset(root, "train")
+    assert dataset.read_mask(0)[0, ::16].tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match=r'its "palette" gives the class ids as they are; --reduce-labels would shift'):
+        build_dataset(root, "train", reduce_labels=True)
+    labels = {"id2label": ["road", "car", "sky"], "palette": palette, "reduce_labels": True}
+    (root / "labels.json").write_text(json.dumps(labels))
+    with pytest.raises(ValueError, match=r'"reduce_labels": true would shift them'):
+        build_dataset(root, "train")
+
+
+def test_a_stored_256_is_reported_with_reduced_labels_too(tmp_path):
+    """Reduction made a 16-bit mask's stray 256 the ignore value 255, so it vanished unreported (audit); it is
+    named as stored, as without the reduction."""
+    mask = np.array([[1, 2, 256]], np.uint16).repeat(16, 0).repeat(16, 1)
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        _save(tmp_path / "images" / split / "0.png", rng.integers(0, 256, (16, 48, 3), np.uint8))
+        (tmp_path / "annotations" / split).mkdir(parents=True)
+        Image.fromarray(mask).save(tmp_path / "annotations" / split / "0.png")
+    (tmp_path / "labels.json").write_text(json.dumps({"id2label": ["a", "b"], "reduce_labels": True}))
+    [line] = check_dataset(*build_dataset(tmp_path, "train")).problems
+    assert "label value(s) 256 outside 1..2 (reduced labels: stored k is class k - 1)" in line, line
+    dataset, _ = build_dataset(tmp_path, "train", ignore_index=256)
+    assert dataset.read_mask(0)[0, ::16].tolist() == [0, 1, 255]
+
+
+def test_linked_subfolders_of_a_split_are_read(tmp_path):
+    """rglob does not follow linked folders (Python < 3.13): a split's linked subfolders were dropped without a word
+    (audit); a link back up is walked once."""
+    masks = [np.full((16, 16), i % 2, np.uint8) for i in range(3)]
+    root = _street(tmp_path / "data", masks, ["a", "b"])
+    for kind in ("images", "annotations"):
+        elsewhere = tmp_path / "elsewhere" / kind
+        elsewhere.mkdir(parents=True)
+        (root / kind / "train" / "2.png").rename(elsewhere / "2.png")
+        (root / kind / "train" / "linked").symlink_to(elsewhere, target_is_directory=True)
+        (elsewhere / "loop").symlink_to(elsewhere, target_is_directory=True)
+    dataset, listing = build_dataset(root, "train")
+    assert [p[0].relative_to(root).as_posix() for p in dataset.pairs] == [
+        "images/train/0.png", "images/train/1.png", "images/train/linked/2.png"]  # fmt: skip
+    assert not listing.unpaired_images and not listing.unpaired_masks

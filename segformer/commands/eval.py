@@ -194,8 +194,9 @@ def _stored_ignore_value(args: argparse.Namespace, dataset: object) -> int | Non
 
 def _stated_reduce_labels(args: argparse.Namespace, kind: str) -> tuple[bool | None, str]:
     """The data's own word on label reduction: ``reduce_labels`` in the labels.json build_dataset reads (--labels,
-    else the one beside the data; a Hugging Face dataset's id2label.json too), None where it says nothing (or
-    cannot be read: build_dataset says why); and that file's name, as the messages give it."""
+    else the one beside the data; a Hugging Face dataset's id2label.json too), False where it has a palette (whose
+    colours are the class ids), None where it says nothing (or cannot be read: build_dataset says why); and what
+    that file says, as the messages give it."""
     if kind not in ("folder", "hf"):
         return None, ""
     if args.labels is not None:
@@ -210,7 +211,9 @@ def _stated_reduce_labels(args: argparse.Namespace, kind: str) -> tuple[bool | N
     except (OSError, ValueError):
         return None, where
     stated = spec.get("reduce_labels") if isinstance(spec, dict) else None
-    return (stated if isinstance(stated, bool) else None), where
+    if stated is None and isinstance(spec, dict) and "palette" in spec:
+        return False, f"{where} has a palette, whose colours give the class ids"
+    return (stated if isinstance(stated, bool) else None), f'{where} says "reduce_labels": {str(stated).lower()}'
 
 
 _NAMES = {"ade20k": "ADE20K", "cityscapes": "Cityscapes"}  # (data-set kinds as the protocol line names them)
@@ -300,8 +303,8 @@ def run(args: argparse.Namespace) -> int:
                 )
         elif trained_reduced and not stated and info.is_main:  # (the data knows how its masks are stored:
             print(  # reducing again dropped class 0 and shifted the rest)
-                f"segformer eval: {args.model} was trained on reduced labels ({source}); {stated_in} "
-                'says "reduce_labels": false: evaluating the stored values',
+                f"segformer eval: {args.model} was trained on reduced labels ({source}); {stated_in}: "
+                "evaluating the stored values",
                 file=sys.stderr,
             )
         dataset, listing = build_dataset(args.data, args.split, kind=kind, **label_options(args))

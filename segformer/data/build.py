@@ -160,7 +160,8 @@ def check_splits(
     "full", whose reading of every mask also counts its classes, its classes without a labelled pixel and its
     masks ignored at every pixel are warned about, and no labelled pixel at all is a problem
     (:func:`class_coverage`): a class that never occurs is silently never learnt, and masks that are 255 throughout
-    train at a loss of 0. The other splits are not: a small validation split may well lack rare classes.
+    train at a loss of 0. The other splits are only held to having a labelled pixel at all (a small validation
+    split may well lack rare classes).
 
     Returns the first split's :class:`ClassTally` on the main rank after a full check (``--class-weights auto``
     weighs classes by it without reading the masks again), else None."""
@@ -195,6 +196,9 @@ def check_splits(
             if position == 0 and report.classes is not None:
                 first = report.classes
                 report.problems += warn_class_coverage(dataset, first, learning=learning)
+            elif report.classes is not None:  # a split to score with no labelled pixel: every evaluation's mIoU
+                # would be NaN and best/ never written (it trained to the end without a word: audit)
+                report.problems += class_coverage(dataset, report.classes, learning=False)[1]
             if not report.ok:
                 print(f"{dataset.name}: {report.format()}", file=sys.stderr)
                 ok = False

@@ -145,7 +145,7 @@ def _pair_by_key(images: dict[str, Path], masks: dict[str, Path]) -> Listing:
 def _files(root: Path, suffixes: tuple[str, ...], recursive: bool = False) -> list[Path]:
     """The files under ``root`` with one of ``suffixes``, hidden ones left out. A broken symbolic link is kept:
     the data check then names it as unreadable, where leaving it out made its partner look unpaired."""
-    it = root.rglob("*") if recursive else root.iterdir()
+    it = _walk_files(root) if recursive else root.iterdir()
     return sorted(
         p
         for p in it
@@ -153,6 +153,20 @@ def _files(root: Path, suffixes: tuple[str, ...], recursive: bool = False) -> li
         and p.name.lower().endswith(suffixes)
         and not p.name.startswith(".")
     )
+
+
+def _walk_files(root: Path) -> Iterator[Path]:
+    """Every entry below ``root`` that is not a folder, through linked subfolders too (rglob leaves them out on
+    Python < 3.13: a linked subfolder's pairs were dropped without a word, audit); a folder reached twice, by a
+    link or a loop, is walked once."""
+    seen: set[str] = set()
+    for top, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        yield from (Path(top, name) for name in files)
 
 
 def list_folder(root: str | os.PathLike, split: str) -> Listing:
@@ -241,6 +255,9 @@ class LabelSpec:
         stored = values = mask.astype(np.int64)
         if self.reduce_labels:
             values = reduce_labels(values, IGNORE_INDEX)
+            above = stored > IGNORE_INDEX  # (no class: kept as stored for the check to report, as without the
+            if above.any():  # reduction; 256 became 255, the ignore value, and vanished unreported: audit)
+                values[above] = stored[above]
         if not self.value_map and self.ignore_values == (IGNORE_INDEX,):
             return values
         out = values.copy()
@@ -402,6 +419,9 @@ def read_label_spec(
             if tuple(colour) in palette:
                 raise ValueError(f'{path}: "palette" gives classes {palette[tuple(colour)]} and {class_id} one colour')
             palette[tuple(colour)] = class_id
+    if palette is not None and reduce_labels:  # (red, class 0, became ignored and green class 0: audit)
+        given = "--reduce-labels" if reduce else '"reduce_labels": true'
+        raise ValueError(f'{path}: its "palette" gives the class ids as they are; {given} would shift them: drop it')
     weights = extra.get("class_weights")
     if weights is not None:
         ok = isinstance(weights, list) and len(weights) == num
@@ -811,8 +831,8 @@ def check_values_of(dataset: SegmentationDataset, index: int, tally: ClassTally 
         shown = ", ".join(str(list(map(int, c))) for c in colours)
         return [f'{mask_path}: colour(s) {shown} not in the "palette" of labels.json']
     reduced = dataset.spec.reduce_labels
-    if reduced:  # (name the stored values, which the file holds and --ignore-index takes: it named the reduced)
-        bad = bad + 1
+    if reduced:  # (name the stored values, which the file holds and --ignore-index takes: it named the reduced;
+        bad = np.where(bad > IGNORE_INDEX, bad, bad + 1)  # those above 255 are kept as stored: to_train_ids)
     shown = ", ".join(str(int(v)) for v in bad[:8])
     first, several = int(bad[0]), len(bad) > 1
     kind = dataset.name.split(":", 1)[0]
