@@ -48,6 +48,7 @@ from torch import nn
 
 from .allocator import MMAP_THRESHOLD
 from .distributed import unwrap_model
+from .modeling import check_channels_and_dtype
 from .precision import cpu_flags, reduced_precision_problem
 
 MODES = ("whole", "aligned", "slide")
@@ -828,16 +829,7 @@ def _check_input(pixel_values: torch.Tensor, channels: int | None) -> None:
     shape = tuple(pixel_values.shape)
     if pixel_values.numel() == 0:
         raise ValueError(f"pixel_values is empty (shape {shape})")
-    if not pixel_values.is_floating_point():
-        raise ValueError(
-            f"pixel_values must be floating point, got {pixel_values.dtype} (normalise images with "
-            "SegformerImageProcessor first)"
-        )
-    if channels is not None and shape[1] != channels:
-        raise ValueError(
-            f"pixel_values has {shape[1]} channels but the model expects {channels} (shape {shape}; channels go "
-            "in dimension 1)"
-        )
+    check_channels_and_dtype(pixel_values, channels)  # (the model's own checks, on the caller's tensor)
     finite = torch.isfinite(pixel_values).flatten(1).all(dim=1)
     if not bool(finite.all()):
         image = int((~finite).nonzero()[0, 0])

@@ -272,6 +272,21 @@ def min_input_size(config: SegformerConfig) -> int:
         size += 1
 
 
+def check_channels_and_dtype(pixel_values: torch.Tensor, num_channels: int | None) -> None:
+    """One-line ValueError for a 4-D batch whose channel count (dimension 1) is not ``num_channels`` (None: any)
+    or that is not floating point (images not yet normalised)."""
+    if num_channels is not None and pixel_values.shape[1] != num_channels:
+        raise ValueError(
+            f"pixel_values has {pixel_values.shape[1]} channels but the model expects {num_channels} "
+            f"(shape {tuple(pixel_values.shape)}; channels go in dimension 1)"
+        )
+    if not pixel_values.is_floating_point():
+        raise ValueError(
+            f"pixel_values must be floating point, got {pixel_values.dtype} (normalise images with "
+            "SegformerImageProcessor first)"
+        )
+
+
 def check_pixel_values(pixel_values: Any, config: SegformerConfig) -> None:
     """Raise a one-line ValueError for input the encoder cannot take."""
     if not isinstance(pixel_values, torch.Tensor):
@@ -280,16 +295,7 @@ def check_pixel_values(pixel_values: Any, config: SegformerConfig) -> None:
         raise ValueError(
             f"pixel_values must be 4-D (batch, channels, height, width), got shape {tuple(pixel_values.shape)}"
         )
-    if pixel_values.shape[1] != config.num_channels:
-        raise ValueError(
-            f"pixel_values has {pixel_values.shape[1]} channels but the model expects {config.num_channels} "
-            f"(shape {tuple(pixel_values.shape)}; channels go in dimension 1)"
-        )
-    if not pixel_values.is_floating_point():
-        raise ValueError(
-            f"pixel_values must be floating point, got {pixel_values.dtype} (normalise images with "
-            "SegformerImageProcessor first)"
-        )
+    check_channels_and_dtype(pixel_values, config.num_channels)
     height, width = pixel_values.shape[-2:]
     for (h, w), sr in zip(stage_sizes(config, height, width), config.sr_ratios, strict=True):
         if min(h, w) < max(sr, 1):
